@@ -1,0 +1,33 @@
+// Package errdefs defines, once, the sentinel errors that every pagedkv package returns.
+//
+// The public packages re-export these values (vmm.ErrOutOfMemory is errdefs.ErrOutOfMemory), so
+// errors.Is works the same whichever package a caller imports. Driver errors from internal/cuda
+// match them through their Is method; raw CUresult codes never escape.
+package errdefs
+
+import "errors"
+
+var (
+	// ErrNoDriver reports that libcuda.so.1 could not be loaded or initialised.
+	ErrNoDriver = errors.New("pagedkv: CUDA driver not available")
+	// ErrNotSupported reports a feature the device or driver lacks (for example VMM).
+	ErrNotSupported = errors.New("pagedkv: not supported")
+	// ErrOutOfMemory reports that physical memory (device, host or budget) is exhausted.
+	ErrOutOfMemory = errors.New("pagedkv: out of memory")
+	// ErrInvalidArgument reports a malformed request: zero, negative or unaligned sizes and the like.
+	ErrInvalidArgument = errors.New("pagedkv: invalid argument")
+	// ErrOutOfRange reports an offset or range outside a reservation or arena.
+	ErrOutOfRange = errors.New("pagedkv: out of range")
+	// ErrAlreadyMapped reports a map request over pages that are already mapped.
+	ErrAlreadyMapped = errors.New("pagedkv: already mapped")
+	// ErrNotMapped reports an unmap or access of pages that are not mapped.
+	ErrNotMapped = errors.New("pagedkv: not mapped")
+	// ErrClosed reports use of an object after Close.
+	ErrClosed = errors.New("pagedkv: closed")
+	// ErrWrongDevice reports an object used with a device other than the one it belongs to.
+	ErrWrongDevice = errors.New("pagedkv: wrong device")
+	// ErrDriver reports a driver failure that has no more specific sentinel.
+	ErrDriver = errors.New("pagedkv: driver error")
+	// ErrInjected is the error a fault-injecting device returns by default.
+	ErrInjected = errors.New("pagedkv: injected fault")
+)

@@ -1,0 +1,38 @@
+// Package gputest gates tests that need a CUDA GPU.
+//
+// Require skips a test when no driver or device is present, and fails it instead when the
+// environment sets PAGEDKV_REQUIRE_GPU=1, so that a green run on the GPU machine proves the GPU
+// path ran.
+package gputest
+
+import (
+	"os"
+	"testing"
+
+	"github.com/pagedkv/pagedkv/internal/cuda"
+)
+
+// RequireEnv is the variable that turns a missing GPU from a skip into a failure.
+const RequireEnv = "PAGEDKV_REQUIRE_GPU"
+
+// Required reports whether the environment demands the GPU path.
+func Required() bool { return os.Getenv(RequireEnv) == "1" }
+
+// Require returns the ordinal of the first CUDA device, or skips (fails under
+// PAGEDKV_REQUIRE_GPU=1) when none can be used.
+func Require(tb testing.TB) int {
+	tb.Helper()
+	err := cuda.Load()
+	if err == nil {
+		var n int
+		n, err = cuda.DeviceCount()
+		if err == nil && n > 0 {
+			return 0
+		}
+	}
+	if Required() {
+		tb.Fatalf("%s=1 but no usable CUDA device: %v", RequireEnv, err)
+	}
+	tb.Skipf("no CUDA device (%v); set %s=1 to fail instead", err, RequireEnv)
+	return -1
+}
