@@ -28,6 +28,12 @@ var (
 	ErrWrongDevice = errors.New("pagedkv: wrong device")
 	// ErrDriver reports a driver failure that has no more specific sentinel.
 	ErrDriver = errors.New("pagedkv: driver error")
+	// ErrUnknownSequence reports a sequence id the manager does not hold.
+	ErrUnknownSequence = errors.New("pagedkv: unknown sequence")
+	// ErrSequenceExists reports an attempt to create a sequence id that is already live.
+	ErrSequenceExists = errors.New("pagedkv: sequence exists")
+	// ErrTooLarge reports a batch that does not fit the buffers it is written into.
+	ErrTooLarge = errors.New("pagedkv: does not fit")
 	// ErrInjected is the error a fault-injecting device returns by default.
 	ErrInjected = errors.New("pagedkv: injected fault")
 )

@@ -1,0 +1,105 @@
+package blocktable_test
+
+import (
+	"encoding/binary"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/gputest"
+	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+func TestMain(m *testing.M) { leakcheck.Main(m) }
+
+func TestVLLMRows(t *testing.T) {
+	v := blocktable.NewVLLM(2, 3, 0)
+	require.NoError(t, v.AppendRow([]int32{7}, 5))
+	require.NoError(t, v.AppendRow([]int32{1, 2, 3}, 40))
+	assert.Equal(t, []int32{7, 0, 0, 1, 2, 3}, v.Table())
+	assert.Equal(t, []int32{5, 40}, v.Lens())
+	err := v.AppendRow([]int32{1}, 1)
+	require.ErrorIs(t, err, blocktable.ErrTooLarge)
+	var se *blocktable.SizeError
+	require.ErrorAs(t, err, &se)
+	assert.Equal(t, 2, se.Cap)
+	v.Reset()
+	require.ErrorIs(t, v.AppendRow([]int32{1, 2, 3, 4}, 60), blocktable.ErrTooLarge)
+	assert.Zero(t, v.Rows)
+}
+
+func TestFlashInferRows(t *testing.T) {
+	f := blocktable.NewFlashInfer(3, 4, 16)
+	require.NoError(t, f.AppendRow([]int32{4, 5}, 17))
+	require.NoError(t, f.AppendRow([]int32{9}, 16))
+	require.NoError(t, f.AppendRow(nil, 0))
+	assert.Equal(t, []int32{0, 2, 3, 3}, f.Indptr)
+	assert.Equal(t, []int32{4, 5, 9}, f.Indices[:f.NNZ()])
+	assert.Equal(t, []int32{1, 16, 0}, f.LastPageLen)
+	f.Reset()
+	require.ErrorIs(t, f.AppendRow([]int32{1, 2, 3, 4, 5}, 70), blocktable.ErrTooLarge)
+}
+
+func i32(b []byte) []int32 {
+	out := make([]int32, len(b)/4)
+	for i := range out {
+		out[i] = int32(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return out
+}
+
+// Uploads land at addresses fixed at creation, so a captured CUDA graph sees each new batch.
+func TestDeviceTablesKeepTheirAddresses(t *testing.T) {
+	run := func(t *testing.T, dev vmm.Device) {
+		leakcheck.Check(t)
+		d, err := blocktable.NewDeviceTables(dev, 4, 8, 16)
+		require.NoError(t, err)
+		defer func() { require.NoError(t, d.Close()) }()
+		addrs := [6]vmm.Addr{d.BlockTables, d.SeqLens, d.SlotMapping, d.Indptr, d.Indices, d.LastPageLen}
+		for step := range 3 {
+			v := blocktable.NewVLLM(4, 8, -1)
+			require.NoError(t, v.AppendRow([]int32{int32(step), 11}, 20+step))
+			require.NoError(t, d.UploadVLLM(v, []int64{int64(step*16 + 3)}))
+			f := blocktable.NewFlashInfer(4, 32, 16)
+			require.NoError(t, f.AppendRow([]int32{int32(step), 11}, 20+step))
+			require.NoError(t, d.UploadFlashInfer(f))
+			require.Equal(t, addrs, [6]vmm.Addr{d.BlockTables, d.SeqLens, d.SlotMapping, d.Indptr, d.Indices, d.LastPageLen})
+
+			row := make([]byte, 4*8)
+			require.NoError(t, dev.CopyOut(row, d.BlockTables))
+			assert.Equal(t, []int32{int32(step), 11, -1, -1, -1, -1, -1, -1}, i32(row))
+			lens := make([]byte, 4)
+			require.NoError(t, dev.CopyOut(lens, d.SeqLens))
+			assert.Equal(t, []int32{int32(20 + step)}, i32(lens))
+			slot := make([]byte, 8)
+			require.NoError(t, dev.CopyOut(slot, d.SlotMapping))
+			assert.EqualValues(t, step*16+3, binary.LittleEndian.Uint64(slot))
+			ip := make([]byte, 8)
+			require.NoError(t, dev.CopyOut(ip, d.Indptr))
+			assert.Equal(t, []int32{0, 2}, i32(ip))
+			lp := make([]byte, 4)
+			require.NoError(t, dev.CopyOut(lp, d.LastPageLen))
+			assert.Equal(t, []int32{int32(4 + step)}, i32(lp))
+		}
+		big := blocktable.NewVLLM(4, 9, 0)
+		require.ErrorIs(t, d.UploadVLLM(big, nil), blocktable.ErrTooLarge)
+		_, err = blocktable.NewDeviceTables(dev, 0, 1, 1)
+		require.ErrorIs(t, err, vmm.ErrInvalidArgument)
+	}
+	t.Run("host", func(t *testing.T) {
+		dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+		require.NoError(t, err)
+		defer dev.Close()
+		run(t, dev)
+	})
+	t.Run("cuda", func(t *testing.T) {
+		ord := gputest.Require(t)
+		dev, err := vmm.NewCUDADevice(ord)
+		require.NoError(t, err)
+		defer dev.Close()
+		run(t, dev)
+	})
+}

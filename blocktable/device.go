@@ -1,0 +1,110 @@
+package blocktable
+
+import (
+	"fmt"
+	"unsafe"
+
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// DeviceTables keeps a batch's tables in device memory at fixed addresses: one mapping made at
+// creation and kept until Close, so a CUDA graph captured against these addresses stays valid
+// while the uploads change the contents. It owns its memory; it borrows the Device.
+//
+// Uploads are synchronous copies on the device's default stream (vmm.Device.CopyIn): when they
+// return, a kernel launched afterwards on any stream that synchronises with the default stream
+// sees the new tables.
+type DeviceTables struct {
+	pool *vmm.Pool
+	dev  vmm.Device
+
+	maxSeqs, maxBlocks, maxTokens, maxNNZ int
+
+	// Device addresses of the arrays; fixed for the life of the DeviceTables.
+	BlockTables, SeqLens, SlotMapping vmm.Addr // vLLM: int32 [maxSeqs*maxBlocks], int32 [maxSeqs], int64 [maxTokens]
+	Indptr, Indices, LastPageLen      vmm.Addr // FlashInfer: int32 [maxSeqs+1], int32 [maxSeqs*maxBlocks], int32 [maxSeqs]
+}
+
+// NewDeviceTables maps device memory for batches of up to maxSeqs sequences of up to maxBlocks
+// blocks each, and up to maxTokens new tokens per step.
+func NewDeviceTables(dev vmm.Device, maxSeqs, maxBlocks, maxTokens int) (*DeviceTables, error) {
+	if maxSeqs <= 0 || maxBlocks <= 0 || maxTokens <= 0 {
+		return nil, fmt.Errorf("device tables: %w: sizes %d, %d, %d must be positive", vmm.ErrInvalidArgument, maxSeqs, maxBlocks, maxTokens)
+	}
+	d := &DeviceTables{dev: dev, maxSeqs: maxSeqs, maxBlocks: maxBlocks, maxTokens: maxTokens, maxNNZ: maxSeqs * maxBlocks}
+	var off uint64
+	next := func(bytes int) uint64 { // 256-byte aligned, as kernels' vector loads like
+		o := off
+		off += (uint64(bytes) + 255) &^ 255
+		return o
+	}
+	oBT, oSL, oSM := next(4*d.maxNNZ), next(4*maxSeqs), next(8*maxTokens)
+	oIP, oIX, oLP := next(4*(maxSeqs+1)), next(4*d.maxNNZ), next(4*maxSeqs)
+	g := dev.Info().Granularity
+	size := (off + g - 1) / g * g
+	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
+	if err != nil {
+		return nil, fmt.Errorf("device tables: %w", err)
+	}
+	base, err := pool.Map(0, size)
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("device tables: %w", err)
+	}
+	d.pool = pool
+	d.BlockTables, d.SeqLens, d.SlotMapping = base+vmm.Addr(oBT), base+vmm.Addr(oSL), base+vmm.Addr(oSM)
+	d.Indptr, d.Indices, d.LastPageLen = base+vmm.Addr(oIP), base+vmm.Addr(oIX), base+vmm.Addr(oLP)
+	return d, nil
+}
+
+func bytesOf[T int32 | int64](s []T) []byte {
+	if len(s) == 0 {
+		return nil
+	}
+	return unsafe.Slice((*byte)(unsafe.Pointer(&s[0])), len(s)*int(unsafe.Sizeof(s[0])))
+}
+
+// UploadVLLM copies t's valid rows and slots into the device arrays. t.MaxBlocks must equal the
+// maxBlocks the tables were made for (the row stride kernels are told).
+func (d *DeviceTables) UploadVLLM(t *VLLM, slots []int64) error {
+	if t.MaxBlocks != d.maxBlocks {
+		return &SizeError{What: "vLLM row stride", Need: t.MaxBlocks, Cap: d.maxBlocks}
+	}
+	if t.Rows > d.maxSeqs {
+		return &SizeError{What: "vLLM rows", Need: t.Rows, Cap: d.maxSeqs}
+	}
+	if len(slots) > d.maxTokens {
+		return &SizeError{What: "slot_mapping", Need: len(slots), Cap: d.maxTokens}
+	}
+	for _, c := range []struct {
+		dst vmm.Addr
+		src []byte
+	}{{d.BlockTables, bytesOf(t.Table())}, {d.SeqLens, bytesOf(t.Lens())}, {d.SlotMapping, bytesOf(slots)}} {
+		if err := d.dev.CopyIn(c.dst, c.src); err != nil {
+			return fmt.Errorf("upload vLLM tables: %w", err)
+		}
+	}
+	return nil
+}
+
+// UploadFlashInfer copies f's valid entries into the device arrays.
+func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
+	if f.Rows > d.maxSeqs {
+		return &SizeError{What: "FlashInfer sequences", Need: f.Rows, Cap: d.maxSeqs}
+	}
+	if f.NNZ() > d.maxNNZ {
+		return &SizeError{What: "FlashInfer kv_indices", Need: f.NNZ(), Cap: d.maxNNZ}
+	}
+	for _, c := range []struct {
+		dst vmm.Addr
+		src []byte
+	}{{d.Indptr, bytesOf(f.Indptr[:f.Rows+1])}, {d.Indices, bytesOf(f.Indices[:f.NNZ()])}, {d.LastPageLen, bytesOf(f.LastPageLen[:f.Rows])}} {
+		if err := d.dev.CopyIn(c.dst, c.src); err != nil {
+			return fmt.Errorf("upload FlashInfer tables: %w", err)
+		}
+	}
+	return nil
+}
+
+// Close returns the device memory.
+func (d *DeviceTables) Close() error { return d.pool.Close() }

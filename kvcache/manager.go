@@ -1,0 +1,401 @@
+package kvcache
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/pagedkv/pagedkv/sequence"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// SeqID names a sequence; the runtime chooses it.
+type SeqID = sequence.ID
+
+// Manager maps sequences' tokens to KV blocks in an elastic arena on one device. It owns the
+// arena (a vmm.Pool: a virtual reservation with pages mapped on demand) and the sequences; it
+// borrows the Device, which must outlive it.
+//
+// Safe for concurrent use: every method takes one lock, which the hot path (an AppendTokens that
+// stays inside mapped pages) holds for tens of nanoseconds and allocates nothing under. Driver
+// calls of the background reserve goroutine happen outside that lock.
+//
+// Device work the manager does itself (copying a shared tail block on the first append after a
+// Fork) is synchronous on the device's default stream.
+type Manager struct {
+	mu     sync.Mutex
+	cfg    Config
+	dev    vmm.Device
+	pool   *vmm.Pool
+	base   vmm.Addr
+	bpp    int
+	arena  *arena
+	seqs   *sequence.Registry
+	closed bool
+
+	// scratch for AppendTokens' rollback, reused so the hot path does not allocate
+	newBlocks []int32
+	newPages  []int32
+
+	growMu   sync.Mutex // held by a whole reserve/trim cycle, and by Verify
+	inflight int        // pages being mapped or unmapped outside mu
+	wake     chan struct{}
+	stop     chan struct{}
+	done     chan struct{}
+	growErr  error // last error of the reserve goroutine
+
+	counters struct{ syncMaps, bgMaps, unmaps, cows uint64 }
+}
+
+// New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
+// virtual range (no physical memory yet) and starts the reserve goroutine unless
+// cfg.NoBackground.
+func New(dev vmm.Device, cfg Config) (*Manager, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	info := dev.Info()
+	cfg, err := cfg.withDefaults(info.Granularity, info.TotalMemory)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: cfg.Capacity, PageSize: cfg.PageSize})
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: %w", err)
+	}
+	m := &Manager{
+		cfg:   cfg,
+		dev:   dev,
+		pool:  pool,
+		base:  pool.Base(),
+		bpp:   cfg.BlocksPerPage(),
+		arena: newArena(pool.Pages(), cfg.BlocksPerPage()),
+		seqs:  sequence.NewRegistry(),
+		wake:  make(chan struct{}, 1),
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	if cfg.NoBackground {
+		close(m.done)
+	} else {
+		go m.reserveLoop()
+		m.kick()
+	}
+	return m, nil
+}
+
+// Config returns the configuration with its defaults filled in.
+func (m *Manager) Config() Config { return m.cfg }
+
+// Device returns the device the manager borrows.
+func (m *Manager) Device() vmm.Device { return m.dev }
+
+// Base returns the arena's base address. It never changes, so kernels and CUDA graphs may keep
+// it (and LayerBase) for the manager's life.
+func (m *Manager) Base() vmm.Addr { return m.base }
+
+// LayerBase returns the base of layer l's K (kv=0) or V (kv=1) view; block b of that view is at
+// LayerBase(l, kv) + b*Config().BlockStride().
+func (m *Manager) LayerBase(layer, kv int) vmm.Addr {
+	return m.base + vmm.Addr(m.cfg.LayerOffset(layer, kv))
+}
+
+// BlockAddr returns the address of layer l's K or V of block b.
+func (m *Manager) BlockAddr(layer, kv int, block int32) vmm.Addr {
+	return m.base + vmm.Addr(m.cfg.Offset(layer, kv, block))
+}
+
+func (m *Manager) usable(op string, seq SeqID) error {
+	if m.closed {
+		return &SequenceError{Op: op, Seq: seq, Err: ErrClosed}
+	}
+	return nil
+}
+
+// AddSequence creates an empty sequence. AppendTokens also creates a sequence on first use.
+func (m *Manager) AddSequence(seq SeqID) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("add", seq); err != nil {
+		return err
+	}
+	if _, ok := m.seqs.Get(seq); ok {
+		return &SequenceError{Op: "add", Seq: seq, Err: ErrSequenceExists}
+	}
+	m.seqs.Add(seq)
+	return nil
+}
+
+// AppendTokens adds n tokens to the sequence (creating it if it does not exist) and appends the
+// slot of each new token (block*BlockTokens + offset, vLLM's slot_mapping) to dst, which it
+// returns. Blocks come from the page of the sequence's last block while it has room, then from
+// the lowest page with room; a page is mapped only when no mapped page has a free block.
+//
+// If the sequence's last block is shared with a fork and has room, the first append copies it
+// to a block of its own (copy on write). On any error the manager is exactly as before (a
+// sequence created by this call is removed again, pages mapped by it are unmapped) and dst is
+// returned unchanged.
+func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("append", seq); err != nil {
+		return dst, err
+	}
+	if n < 0 {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{N: n}}
+	}
+	s, existed := m.seqs.Get(seq)
+	if !existed {
+		s = m.seqs.Add(seq)
+	}
+	if err := m.grow(s, n); err != nil {
+		if !existed {
+			m.seqs.Remove(s)
+		}
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
+	}
+	bt := m.cfg.BlockTokens
+	for t := s.Tokens; t < s.Tokens+n; t++ {
+		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
+	}
+	s.Tokens += n
+	if m.arena.free.Len() < m.cfg.ReservePages {
+		m.kick()
+	}
+	return dst, nil
+}
+
+// grow gives s the blocks that n more tokens need (and a private tail if its tail is shared),
+// all or nothing.
+func (m *Manager) grow(s *sequence.Sequence, n int) error {
+	bt := m.cfg.BlockTokens
+	need := sequence.BlocksFor(s.Tokens+n, bt) - len(s.Blocks)
+	cow := n > 0 && s.TailRoom(bt) > 0 && m.arena.refs(s.Blocks[len(s.Blocks)-1]) > 1
+	if cow {
+		need++
+	}
+	if need == 0 {
+		return nil
+	}
+	hint := int32(-1)
+	if len(s.Blocks) > 0 {
+		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
+	}
+	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
+	for range need {
+		p, ok := m.arena.pick(hint)
+		if !ok {
+			var err error
+			if p, err = m.mapPageLocked(); err != nil {
+				m.rollback()
+				return err
+			}
+			m.newPages = append(m.newPages, p)
+		}
+		b := m.arena.alloc(p)
+		m.newBlocks = append(m.newBlocks, b)
+		hint = p
+	}
+	blocks := m.newBlocks
+	if cow {
+		tail := s.Blocks[len(s.Blocks)-1]
+		if err := m.dev.Copy(m.BlockAddr(0, 0, blocks[0]), m.BlockAddr(0, 0, tail), m.cfg.BlockStride()); err != nil {
+			m.rollback()
+			return fmt.Errorf("copy shared tail block %d: %w", tail, err)
+		}
+		m.counters.cows++
+		m.arena.unref(tail)
+		s.Blocks[len(s.Blocks)-1] = blocks[0]
+		blocks = blocks[1:]
+	}
+	s.Blocks = append(s.Blocks, blocks...)
+	return nil
+}
+
+// rollback frees the blocks and unmaps the pages that a failed grow took.
+func (m *Manager) rollback() {
+	for _, b := range m.newBlocks {
+		m.arena.unref(b)
+	}
+	for _, p := range m.newPages {
+		if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+			// The page stays mapped and free: still consistent, and reused before any new map.
+			continue
+		}
+		m.counters.unmaps++
+		m.arena.setState(p, pageUnmapped)
+	}
+	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
+}
+
+// mapPageLocked maps the lowest unmapped page while holding mu (the slow path: the reserve ran
+// dry). It returns the page, mapped and entirely free.
+func (m *Manager) mapPageLocked() (int32, error) {
+	if err := m.checkLimit(); err != nil {
+		return 0, err
+	}
+	p, ok := m.arena.takeUnmapped()
+	if !ok {
+		return 0, &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
+	}
+	if _, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+		m.arena.setState(p, pageUnmapped)
+		return 0, err
+	}
+	m.counters.syncMaps++
+	m.arena.markMapped(p)
+	return p, nil
+}
+
+// checkLimit reports whether one more page fits under MemoryLimit.
+func (m *Manager) checkLimit() error {
+	if m.cfg.MemoryLimit == 0 {
+		return nil
+	}
+	used := uint64(m.arena.mapped+m.inflight) * m.cfg.PageSize
+	if used+m.cfg.PageSize > m.cfg.MemoryLimit {
+		free := uint64(0)
+		if m.cfg.MemoryLimit > used {
+			free = m.cfg.MemoryLimit - used
+		}
+		return &vmm.CapacityError{Need: m.cfg.PageSize, Free: free}
+	}
+	return nil
+}
+
+// FreeSequence drops the sequence and releases its blocks (a block shared with a fork lives on
+// in the fork). Entirely free pages stay mapped up to the high watermark; the reserve goroutine
+// unmaps the rest from the top of the arena.
+func (m *Manager) FreeSequence(seq SeqID) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("free", seq); err != nil {
+		return err
+	}
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return &SequenceError{Op: "free", Seq: seq, Err: ErrUnknownSequence}
+	}
+	for _, b := range s.Blocks {
+		m.arena.unref(b)
+	}
+	m.seqs.Remove(s)
+	if m.arena.free.Len() > m.cfg.HighWatermark {
+		m.kick()
+	}
+	return nil
+}
+
+// Fork creates dst as a copy of src that shares src's blocks by reference count. Full blocks
+// stay shared for the life of both; a shared partial tail block is copied by whichever sequence
+// appends to it first.
+func (m *Manager) Fork(src, dst SeqID) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("fork", src); err != nil {
+		return err
+	}
+	s, ok := m.seqs.Get(src)
+	if !ok {
+		return &SequenceError{Op: "fork", Seq: src, Err: ErrUnknownSequence}
+	}
+	if _, ok := m.seqs.Get(dst); ok {
+		return &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
+	}
+	d := m.seqs.Add(dst)
+	d.Tokens = s.Tokens
+	d.Blocks = append(d.Blocks, s.Blocks...)
+	for _, b := range d.Blocks {
+		m.arena.ref(b)
+	}
+	return nil
+}
+
+// Truncate drops the last n tokens of the sequence (rolling back rejected speculative tokens,
+// say) and releases the blocks that no longer hold any of its tokens.
+func (m *Manager) Truncate(seq SeqID, n int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("truncate", seq); err != nil {
+		return err
+	}
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: ErrUnknownSequence}
+	}
+	if n < 0 || n > s.Tokens {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{N: n, Max: s.Tokens}}
+	}
+	s.Tokens -= n
+	keep := sequence.BlocksFor(s.Tokens, m.cfg.BlockTokens)
+	for _, b := range s.Blocks[keep:] {
+		m.arena.unref(b)
+	}
+	s.Blocks = s.Blocks[:keep]
+	if m.arena.free.Len() > m.cfg.HighWatermark {
+		m.kick()
+	}
+	return nil
+}
+
+// Len returns the sequence's token count.
+func (m *Manager) Len(seq SeqID) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return 0, &SequenceError{Op: "len", Seq: seq, Err: ErrUnknownSequence}
+	}
+	return s.Tokens, nil
+}
+
+// Blocks appends the sequence's block ids, in token order, to dst.
+func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return dst, &SequenceError{Op: "blocks", Seq: seq, Err: ErrUnknownSequence}
+	}
+	return append(dst, s.Blocks...), nil
+}
+
+// Slots appends the slots of tokens [from, to) of the sequence to dst.
+func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: ErrUnknownSequence}
+	}
+	if from < 0 || to > s.Tokens || from > to {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{N: to, Max: s.Tokens}}
+	}
+	bt := m.cfg.BlockTokens
+	for t := from; t < to; t++ {
+		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
+	}
+	return dst, nil
+}
+
+// Close stops the reserve goroutine, drops every sequence and returns all memory to the device.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return fmt.Errorf("kvcache: close: %w", ErrClosed)
+	}
+	m.closed = true
+	m.mu.Unlock()
+	if !m.cfg.NoBackground {
+		close(m.stop)
+	}
+	<-m.done
+	m.growMu.Lock()
+	defer m.growMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.pool.Close(); err != nil {
+		return fmt.Errorf("kvcache: close: %w", err)
+	}
+	return nil
+}

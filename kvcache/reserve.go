@@ -1,0 +1,112 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+)
+
+// kick wakes the reserve goroutine without blocking. Called with mu held.
+func (m *Manager) kick() {
+	if m.cfg.NoBackground {
+		return
+	}
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (m *Manager) reserveLoop() {
+	defer close(m.done)
+	for {
+		select {
+		case <-m.stop:
+			return
+		case <-m.wake:
+			if err := m.settle(); err != nil {
+				m.mu.Lock()
+				m.growErr = err
+				m.mu.Unlock()
+			}
+		}
+	}
+}
+
+// Settle brings the mapped free pages to the watermarks now: it maps pages until ReservePages
+// entirely free pages are ready (within MemoryLimit and the device's memory) and unmaps the
+// highest free pages beyond HighWatermark. The reserve goroutine does the same in the
+// background; with NoBackground the caller decides when. Driver calls happen outside the
+// manager's lock, so appends proceed meanwhile.
+func (m *Manager) Settle() error {
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		return fmt.Errorf("kvcache: settle: %w", ErrClosed)
+	}
+	return m.settle()
+}
+
+func (m *Manager) settle() error {
+	m.growMu.Lock()
+	defer m.growMu.Unlock()
+	var errs []error
+	for {
+		m.mu.Lock()
+		if m.closed || m.arena.free.Len() >= m.cfg.ReservePages {
+			m.mu.Unlock()
+			break
+		}
+		if err := m.checkLimit(); err != nil {
+			m.mu.Unlock()
+			break // the limit is a bound, not a failure of the reserve
+		}
+		p, ok := m.arena.takeUnmapped()
+		if !ok {
+			m.mu.Unlock()
+			break
+		}
+		m.inflight++
+		m.mu.Unlock()
+
+		_, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize)
+
+		m.mu.Lock()
+		m.inflight--
+		if err != nil {
+			m.arena.setState(p, pageUnmapped)
+			m.mu.Unlock()
+			errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
+			break
+		}
+		m.counters.bgMaps++
+		m.arena.markMapped(p)
+		m.mu.Unlock()
+	}
+	for {
+		m.mu.Lock()
+		if m.closed || m.arena.free.Len() <= m.cfg.HighWatermark {
+			m.mu.Unlock()
+			break
+		}
+		p, _ := m.arena.free.Max()
+		m.arena.setState(p, pageInFlight)
+		m.inflight++
+		m.mu.Unlock()
+
+		err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize)
+
+		m.mu.Lock()
+		m.inflight--
+		if err != nil {
+			m.arena.markMapped(p)
+			m.mu.Unlock()
+			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", p, err))
+			break
+		}
+		m.counters.unmaps++
+		m.arena.setState(p, pageUnmapped)
+		m.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,60 @@
+package kvcache
+
+import "github.com/pagedkv/pagedkv/sequence"
+
+// Stats is a snapshot of a manager.
+type Stats struct {
+	Sequences     int
+	Tokens        int64 // over all sequences, shared tokens counted once per sequence
+	LiveBlocks    int   // distinct blocks in use
+	BlockRefs     int   // block references held by sequences (LiveBlocks + sharing)
+	BlocksPerPage int
+	PageBytes     uint64
+
+	MappedPages  int // pages with physical memory
+	FreePages    int // mapped pages with no block in use (the reserve)
+	PartialPages int // mapped pages with some blocks in use
+	FullPages    int // mapped pages with every block in use
+	MappedBytes  uint64
+
+	// PageOverhead is MappedPages / ceil(LiveBlocks / BlocksPerPage): 1 means no page holds
+	// memory the live blocks could do without (0 when there are no live blocks).
+	PageOverhead float64
+
+	SyncMaps       uint64 // pages an append had to map itself (the reserve was empty)
+	BackgroundMaps uint64 // pages the reserve goroutine (or Settle) mapped
+	Unmaps         uint64 // pages returned to the device
+	CopyOnWrites   uint64 // shared tail blocks copied on append
+	ReserveErr     error  // the reserve goroutine's last error, if any
+}
+
+// Stats returns a snapshot.
+func (m *Manager) Stats() Stats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := Stats{
+		Sequences:      m.seqs.Len(),
+		LiveBlocks:     m.arena.live,
+		BlocksPerPage:  m.bpp,
+		PageBytes:      m.cfg.PageSize,
+		MappedPages:    m.arena.mapped,
+		FreePages:      m.arena.free.Len(),
+		PartialPages:   m.arena.partial.Len(),
+		MappedBytes:    uint64(m.arena.mapped) * m.cfg.PageSize,
+		SyncMaps:       m.counters.syncMaps,
+		BackgroundMaps: m.counters.bgMaps,
+		Unmaps:         m.counters.unmaps,
+		CopyOnWrites:   m.counters.cows,
+		ReserveErr:     m.growErr,
+	}
+	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
+	m.seqs.All(func(q *sequence.Sequence) bool {
+		s.Tokens += int64(q.Tokens)
+		s.BlockRefs += len(q.Blocks)
+		return true
+	})
+	if s.LiveBlocks > 0 {
+		s.PageOverhead = float64(s.MappedPages) / float64((s.LiveBlocks+m.bpp-1)/m.bpp)
+	}
+	return s
+}

@@ -1,0 +1,81 @@
+// Package sequence holds per-sequence token and block state: how many tokens a sequence has
+// and which KV blocks hold them, in order. It knows nothing of memory or devices; kvcache owns
+// the Sequences and decides which blocks they get.
+//
+// Concurrency: none of these types are safe for concurrent use; kvcache guards them with its
+// lock.
+package sequence
+
+// ID names a sequence. The runtime chooses it (a request id, say).
+type ID uint64
+
+// Sequence is one sequence's state. Blocks[i] holds tokens [i*BlockTokens, (i+1)*BlockTokens);
+// len(Blocks) == BlocksFor(Tokens, BlockTokens) at all times.
+type Sequence struct {
+	ID     ID
+	Tokens int
+	Blocks []int32
+}
+
+// BlocksFor returns how many blocks of blockTokens tokens hold n tokens.
+func BlocksFor(n, blockTokens int) int { return (n + blockTokens - 1) / blockTokens }
+
+// TailRoom returns how many more tokens fit in the sequence's last block.
+func (s *Sequence) TailRoom(blockTokens int) int {
+	return len(s.Blocks)*blockTokens - s.Tokens
+}
+
+// Slot returns the slot of token t (vLLM's slot_mapping value): its block's id times
+// blockTokens plus its offset in the block. t must be < s.Tokens.
+func (s *Sequence) Slot(t, blockTokens int) int64 {
+	return int64(s.Blocks[t/blockTokens])*int64(blockTokens) + int64(t%blockTokens)
+}
+
+// Registry maps IDs to Sequences and recycles Sequence values and their block slices, so that
+// adding and removing sequences in steady state allocates nothing.
+type Registry struct {
+	m    map[ID]*Sequence
+	free []*Sequence
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry { return &Registry{m: make(map[ID]*Sequence)} }
+
+// Get returns the sequence with the given id.
+func (r *Registry) Get(id ID) (*Sequence, bool) {
+	s, ok := r.m[id]
+	return s, ok
+}
+
+// Add creates an empty sequence. The caller has checked that id is not present.
+func (r *Registry) Add(id ID) *Sequence {
+	var s *Sequence
+	if n := len(r.free); n > 0 {
+		s = r.free[n-1]
+		r.free = r.free[:n-1]
+	} else {
+		s = &Sequence{}
+	}
+	s.ID, s.Tokens, s.Blocks = id, 0, s.Blocks[:0]
+	r.m[id] = s
+	return s
+}
+
+// Remove forgets the sequence and keeps its storage for reuse. The caller must not use s after.
+func (r *Registry) Remove(s *Sequence) {
+	delete(r.m, s.ID)
+	s.Tokens, s.Blocks = 0, s.Blocks[:0]
+	r.free = append(r.free, s)
+}
+
+// Len returns the number of sequences.
+func (r *Registry) Len() int { return len(r.m) }
+
+// All calls fn for every sequence, in no particular order, until fn returns false.
+func (r *Registry) All(fn func(*Sequence) bool) {
+	for _, s := range r.m {
+		if !fn(s) {
+			return
+		}
+	}
+}

@@ -1,0 +1,42 @@
+package sequence
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestSequenceGeometry(t *testing.T) {
+	assert.Equal(t, 0, BlocksFor(0, 16))
+	assert.Equal(t, 1, BlocksFor(1, 16))
+	assert.Equal(t, 1, BlocksFor(16, 16))
+	assert.Equal(t, 2, BlocksFor(17, 16))
+	s := &Sequence{Tokens: 20, Blocks: []int32{7, 3}}
+	assert.Equal(t, 12, s.TailRoom(16))
+	assert.EqualValues(t, 7*16+5, s.Slot(5, 16))
+	assert.EqualValues(t, 3*16+3, s.Slot(19, 16))
+}
+
+func TestRegistryRecyclesWithoutAllocating(t *testing.T) {
+	r := NewRegistry()
+	s := r.Add(1)
+	s.Blocks = append(s.Blocks, 1, 2, 3)
+	s.Tokens = 40
+	got, ok := r.Get(1)
+	require.True(t, ok)
+	assert.Same(t, s, got)
+	r.Remove(s)
+	_, ok = r.Get(1)
+	assert.False(t, ok)
+	allocs := testing.AllocsPerRun(100, func() {
+		s := r.Add(2)
+		s.Blocks = append(s.Blocks, 9, 9, 9)
+		r.Remove(s)
+	})
+	assert.Zero(t, allocs)
+	s2 := r.Add(3)
+	assert.Zero(t, s2.Tokens)
+	assert.Empty(t, s2.Blocks)
+	assert.Equal(t, 1, r.Len())
+}
