@@ -38,6 +38,7 @@ type arena struct {
 	unmapped *btree.BTreeG[int32]
 	mapped   int // pages in state free, partial or full
 	live     int // blocks with refs > 0
+	shared   int // blocks with refs > 1
 }
 
 func less(a, b int32) bool { return a < b }
@@ -158,7 +159,13 @@ func (a *arena) alloc(p int32) int32 {
 }
 
 // ref adds a reference to block b.
-func (a *arena) ref(b int32) { a.pages[a.pageOf(b)].refs[int(b)%a.bpp]++ }
+func (a *arena) ref(b int32) {
+	r := &a.pages[a.pageOf(b)].refs[int(b)%a.bpp]
+	*r++
+	if *r == 2 {
+		a.shared++
+	}
+}
 
 // refs returns block b's reference count.
 func (a *arena) refs(b int32) int32 { return a.pages[a.pageOf(b)].refs[int(b)%a.bpp] }
@@ -169,6 +176,9 @@ func (a *arena) unref(b int32) {
 	pg := a.pages[p]
 	i := int(b) % a.bpp
 	pg.refs[i]--
+	if pg.refs[i] == 1 {
+		a.shared--
+	}
 	if pg.refs[i] > 0 {
 		return
 	}

@@ -147,11 +147,15 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	if !existed {
 		s = m.seqs.Add(seq)
 	}
-	if err := m.grow(s, n); err != nil {
-		if !existed {
-			m.seqs.Remove(s)
+	// The common decode step stays inside the last block and, unless a fork shares blocks, needs
+	// no block work at all.
+	if n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 {
+		if err := m.grow(s, n); err != nil {
+			if !existed {
+				m.seqs.Remove(s)
+			}
+			return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
 		}
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
 	bt := m.cfg.BlockTokens
 	for t := s.Tokens; t < s.Tokens+n; t++ {

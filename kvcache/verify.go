@@ -44,7 +44,7 @@ func (m *Manager) Verify() error {
 		}
 		return true
 	})
-	live, mapped := 0, 0
+	live, mapped, shared := 0, 0, 0
 	for p, pg := range a.pages {
 		p := int32(p)
 		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
@@ -89,6 +89,9 @@ func (m *Manager) Verify() error {
 			} else {
 				live++
 			}
+			if refs[b] > 1 {
+				shared++
+			}
 		}
 		if free != pg.free {
 			bad("page %d: free count %d, %d free bits", p, pg.free, free)
@@ -103,6 +106,9 @@ func (m *Manager) Verify() error {
 		if pg.state != want {
 			bad("page %d: state %d with %d of %d blocks free", p, pg.state, free, m.bpp)
 		}
+	}
+	if shared != a.shared {
+		bad("arena counts %d shared blocks, pages hold %d", a.shared, shared)
 	}
 	if live != a.live {
 		bad("arena counts %d live blocks, pages hold %d", a.live, live)
