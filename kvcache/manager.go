@@ -136,32 +136,49 @@ func (m *Manager) AddSequence(seq SeqID) error {
 // returned unchanged.
 func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	s, ok := m.seqs.Get(seq)
+	// The common decode step: an existing sequence whose last block has room, and no fork
+	// sharing blocks, needs no block work at all.
+	if !ok || n < 0 || n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 || m.closed {
+		dst, err := m.appendSlow(s, seq, n, dst)
+		m.mu.Unlock()
+		return dst, err
+	}
+	dst = m.appendSlots(s, n, dst)
+	m.mu.Unlock()
+	return dst, nil
+}
+
+// appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
+func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
+	bt := m.cfg.BlockTokens
+	for t := s.Tokens; t < s.Tokens+n; t++ {
+		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
+	}
+	s.Tokens += n
+	return dst
+}
+
+// appendSlow is AppendTokens when blocks must be found (or the request is bad). s is nil when
+// the sequence does not exist yet.
+func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64) ([]int64, error) {
 	if err := m.usable("append", seq); err != nil {
 		return dst, err
 	}
 	if n < 0 {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{N: n}}
 	}
-	s, existed := m.seqs.Get(seq)
+	existed := s != nil
 	if !existed {
 		s = m.seqs.Add(seq)
 	}
-	// The common decode step stays inside the last block and, unless a fork shares blocks, needs
-	// no block work at all.
-	if n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 {
-		if err := m.grow(s, n); err != nil {
-			if !existed {
-				m.seqs.Remove(s)
-			}
-			return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
+	if err := m.grow(s, n); err != nil {
+		if !existed {
+			m.seqs.Remove(s)
 		}
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
-	bt := m.cfg.BlockTokens
-	for t := s.Tokens; t < s.Tokens+n; t++ {
-		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
-	}
-	s.Tokens += n
+	dst = m.appendSlots(s, n, dst)
 	if m.arena.free.Len() < m.cfg.ReservePages {
 		m.kick()
 	}

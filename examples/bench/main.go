@@ -39,7 +39,7 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): vmm")
+	only := flag.String("only", "", "comma-separated sections to run (default all): vmm, growth, manager, churn")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -62,6 +62,9 @@ func main() {
 		run  func(vmm.Device, int) ([]Table, error)
 	}{
 		{"vmm", benchVMM},
+		{"growth", benchGrowth},
+		{"manager", benchManager},
+		{"churn", benchChurn},
 	}
 	for _, s := range sections {
 		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {
