@@ -138,24 +138,59 @@ func (a *arena) pick(hint int32) (int32, bool) {
 func (a *arena) alloc(p int32) int32 {
 	pg := a.pages[p]
 	for w, word := range pg.bits {
-		if word == 0 {
-			continue
+		if word != 0 {
+			b := p*int32(a.bpp) + int32(w*64+bits.TrailingZeros64(word))
+			a.take(b, 1)
+			return b
 		}
-		i := bits.TrailingZeros64(word)
-		pg.bits[w] &^= 1 << i
-		idx := w*64 + i
-		pg.refs[idx] = 1
-		pg.free--
-		a.live++
-		switch {
-		case pg.free == 0:
-			a.setState(p, pageFull)
-		case pg.state == pageFree:
-			a.setState(p, pagePartial)
-		}
-		return p*int32(a.bpp) + int32(idx)
 	}
 	panic("kvcache: alloc from a page with no free block")
+}
+
+// take marks free block b as held by refs sequences.
+func (a *arena) take(b int32, refs int32) {
+	p := a.pageOf(b)
+	pg := a.pages[p]
+	i := int(b) % a.bpp
+	pg.bits[i/64] &^= 1 << (i % 64)
+	pg.refs[i] = refs
+	pg.free--
+	a.live++
+	if refs > 1 {
+		a.shared++
+	}
+	switch {
+	case pg.free == 0:
+		a.setState(p, pageFull)
+	case pg.state == pageFree:
+		a.setState(p, pagePartial)
+	}
+}
+
+// drop frees block b whatever its reference count.
+func (a *arena) drop(b int32) {
+	p := a.pageOf(b)
+	pg := a.pages[p]
+	i := int(b) % a.bpp
+	if pg.refs[i] > 1 {
+		a.shared--
+	}
+	pg.refs[i] = 0
+	pg.bits[i/64] |= 1 << (i % 64)
+	pg.free++
+	a.live--
+	switch {
+	case pg.free == a.bpp:
+		a.setState(p, pageFree)
+	case pg.state == pageFull:
+		a.setState(p, pagePartial)
+	}
+}
+
+// move gives free block dst the references of block src and frees src.
+func (a *arena) move(src, dst int32) {
+	a.take(dst, a.refs(src))
+	a.drop(src)
 }
 
 // ref adds a reference to block b.
@@ -172,23 +207,16 @@ func (a *arena) refs(b int32) int32 { return a.pages[a.pageOf(b)].refs[int(b)%a.
 
 // unref drops a reference to block b and frees it at zero.
 func (a *arena) unref(b int32) {
-	p := a.pageOf(b)
-	pg := a.pages[p]
-	i := int(b) % a.bpp
-	pg.refs[i]--
-	if pg.refs[i] == 1 {
-		a.shared--
-	}
-	if pg.refs[i] > 0 {
+	r := &a.pages[a.pageOf(b)].refs[int(b)%a.bpp]
+	if *r > 1 {
+		*r--
+		if *r == 1 {
+			a.shared--
+		}
 		return
 	}
-	pg.bits[i/64] |= 1 << (i % 64)
-	pg.free++
-	a.live--
-	switch {
-	case pg.free == a.bpp:
-		a.setState(p, pageFree)
-	case pg.state == pageFull:
-		a.setState(p, pagePartial)
-	}
+	a.drop(b)
 }
+
+// liveIn returns the blocks in use on mapped page p.
+func (a *arena) liveIn(p int32) int { return a.bpp - a.pages[p].free }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/pagedkv/pagedkv/internal/churn"
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // churnConfig has 64 blocks per page, what the default 128 MiB page of a 32-layer, 8-KV-head,
@@ -55,4 +56,42 @@ func TestChurnPageOverhead(t *testing.T) {
 	st := m.Stats()
 	assert.Zero(t, st.LiveBlocks)
 	assert.LessOrEqual(t, st.MappedPages, 2, "after the trace only the high watermark of free pages stays mapped")
+}
+
+// After a churn trace, a compaction with no budget brings the mapped pages to exactly
+// ceil(live blocks / blocks per page) plus the reserve, and the device gets the rest back. On
+// the GPU it runs at full size: a 32-layer, 8-KV-head, 128-dim fp16 model with 128 MiB pages.
+func TestChurnThenCompact(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		cfg := churnConfig()
+		cfg.HighWatermark = 8
+		if dev.Info().Kind == vmm.MemoryDevice {
+			cfg = kvcache.Config{Layers: 32, KVHeads: 8, HeadDim: 128, ElemSize: 2, BlockTokens: 16,
+				Capacity: 64 << 30, ReservePages: 1, HighWatermark: 8, NoBackground: true}
+		} else if dev.Info().Granularity != 64<<10 {
+			dev = hostDevice(t, 64<<10)
+		}
+		m := newManager(t, dev, cfg)
+		res, err := churn.Run(m, churn.Options{
+			Sequences: 3000, Concurrent: 256, MedianTokens: 500, Sigma: 0.6, AbortRate: 0.001, Seed: 3,
+			Step: m.Settle, StopAfter: 2000,
+		})
+		require.NoError(t, err)
+		before := m.Stats()
+		free0, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		cr, err := m.Compact(kvcache.CompactOptions{})
+		require.NoError(t, err)
+		free1, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		st := m.Stats()
+		optimum := (st.LiveBlocks+st.BlocksPerPage-1)/st.BlocksPerPage + m.Config().ReservePages
+		t.Logf("%s: after %d steps %d sequences, %d live blocks in %d mapped pages (overhead %.3f); compaction moved %d blocks (%d MiB), released %d pages (%d MiB; device free +%d MiB); now %d pages, optimum %d",
+			dev.Info().Name, res.Steps, st.Sequences, st.LiveBlocks, before.MappedPages, before.PageOverhead, cr.BlocksMoved, cr.BytesMoved>>20,
+			cr.PagesReleased, uint64(cr.PagesReleased)*m.Config().PageSize>>20, (free1-free0)>>20, st.MappedPages, optimum)
+		require.Equal(t, optimum, st.MappedPages)
+		require.Positive(t, cr.PagesReleased)
+		assert.InDelta(t, float64(uint64(cr.PagesReleased)*m.Config().PageSize), float64(free1-free0), float64(dev.Info().Granularity))
+		require.NoError(t, m.Verify())
+	})
 }

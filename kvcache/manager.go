@@ -1,9 +1,11 @@
 package kvcache
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 
+	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -43,7 +45,9 @@ type Manager struct {
 	done     chan struct{}
 	growErr  error // last error of the reserve goroutine
 
-	counters struct{ syncMaps, bgMaps, unmaps, cows uint64 }
+	kern *kernels.Kernels // loaded by the first Compact
+
+	counters struct{ syncMaps, bgMaps, unmaps, cows, compactions, moved uint64 }
 }
 
 // New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
@@ -210,6 +214,7 @@ func (m *Manager) grow(s *sequence.Sequence, n int) error {
 				m.rollback()
 				return err
 			}
+			m.counters.syncMaps++
 			m.newPages = append(m.newPages, p)
 		}
 		b := m.arena.alloc(p)
@@ -249,7 +254,7 @@ func (m *Manager) rollback() {
 }
 
 // mapPageLocked maps the lowest unmapped page while holding mu (the slow path: the reserve ran
-// dry). It returns the page, mapped and entirely free.
+// dry, or a compaction tops the reserve up). It returns the page, mapped and entirely free.
 func (m *Manager) mapPageLocked() (int32, error) {
 	if err := m.checkLimit(); err != nil {
 		return 0, err
@@ -262,7 +267,6 @@ func (m *Manager) mapPageLocked() (int32, error) {
 		m.arena.setState(p, pageUnmapped)
 		return 0, err
 	}
-	m.counters.syncMaps++
 	m.arena.markMapped(p)
 	return p, nil
 }
@@ -415,7 +419,12 @@ func (m *Manager) Close() error {
 	defer m.growMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.pool.Close(); err != nil {
+	var errs []error
+	if m.kern != nil {
+		errs = append(errs, m.kern.Close())
+	}
+	errs = append(errs, m.pool.Close())
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
 	}
 	return nil

@@ -103,6 +103,7 @@ type harness struct {
 // shape is the part of Stats that is state, not history.
 func shape(s kvcache.Stats) kvcache.Stats {
 	s.SyncMaps, s.BackgroundMaps, s.Unmaps, s.CopyOnWrites, s.ReserveErr = 0, 0, 0, 0, nil
+	s.Compactions, s.BlocksMoved = 0, 0
 	return s
 }
 
@@ -131,10 +132,10 @@ func (h *harness) step(op, a, b, n byte) {
 	_, exists := h.ref.seqs[seq]
 	before := shape(h.m.Stats())
 	var err error
-	switch op % 6 {
+	switch op % 7 {
 	case 0, 1: // append n tokens (prefill) or 1 (decode)
 		cnt := int(n % 23)
-		if op%6 == 1 {
+		if op%7 == 1 {
 			cnt = 1
 		}
 		if n == 255 {
@@ -184,6 +185,18 @@ func (h *harness) step(op, a, b, n byte) {
 		}
 	case 5:
 		require.NoError(t, h.m.Settle())
+	case 6: // compact, with a budget of n blocks (0: none)
+		budget := uint64(n%8) * h.cfg.BlockStride()
+		res, err := h.m.Compact(kvcache.CompactOptions{MaxBytes: budget})
+		require.NoError(t, err)
+		if budget > 0 {
+			require.LessOrEqual(t, res.BytesMoved, budget)
+		} else {
+			st := h.m.Stats()
+			optimum := (st.LiveBlocks+st.BlocksPerPage-1)/st.BlocksPerPage + h.cfg.ReservePages
+			optimum = min(optimum, int(h.cfg.Capacity/h.cfg.PageSize))
+			require.Equal(t, optimum, st.MappedPages, "an unbounded compaction reaches the optimum")
+		}
 	}
 	if err != nil {
 		if errors.Is(err, kvcache.ErrOutOfMemory) {
@@ -191,7 +204,7 @@ func (h *harness) step(op, a, b, n byte) {
 		} else {
 			require.True(t, isExpected(err), "unexpected error kind: %v", err)
 		}
-		require.Equal(t, before, shape(h.m.Stats()), "a failed %d changed the manager", op%6)
+		require.Equal(t, before, shape(h.m.Stats()), "a failed %d changed the manager", op%7)
 	}
 	h.check()
 }
@@ -275,6 +288,7 @@ func FuzzManager(f *testing.F) {
 
 // TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically.
 func TestRandomTraces(t *testing.T) {
+	ooms, moved := 0, uint64(0)
 	for seed := range 8 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			dev := hostDevice(t, 32<<10)
@@ -287,15 +301,16 @@ func TestRandomTraces(t *testing.T) {
 			next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 			for range 600 {
 				op := next()
-				if op%6 == 0 && next()%2 == 0 {
+				if op%7 == 0 && next()%2 == 0 {
 					op = 1 // favour decode steps
 				}
 				h.step(op, next(), next(), next())
 			}
-			if seed%2 == 1 {
-				require.Positive(t, h.ooms, "the tight arena must run out of memory at times")
-			}
+			ooms += h.ooms
+			moved += h.m.Stats().BlocksMoved
 			require.Positive(t, h.m.Stats().CopyOnWrites+uint64(h.m.Stats().BlockRefs-h.m.Stats().LiveBlocks), "forks must be exercised")
 		})
 	}
+	require.Positive(t, ooms, "the tight arenas must run out of memory at times")
+	require.Positive(t, moved, "compactions must move blocks")
 }

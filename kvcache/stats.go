@@ -25,6 +25,8 @@ type Stats struct {
 	BackgroundMaps uint64 // pages the reserve goroutine (or Settle) mapped
 	Unmaps         uint64 // pages returned to the device
 	CopyOnWrites   uint64 // shared tail blocks copied on append
+	Compactions    uint64 // compactions that moved blocks
+	BlocksMoved    uint64 // blocks moved by compactions
 	ReserveErr     error  // the reserve goroutine's last error, if any
 }
 
@@ -45,6 +47,8 @@ func (m *Manager) Stats() Stats {
 		BackgroundMaps: m.counters.bgMaps,
 		Unmaps:         m.counters.unmaps,
 		CopyOnWrites:   m.counters.cows,
+		Compactions:    m.counters.compactions,
+		BlocksMoved:    m.counters.moved,
 		ReserveErr:     m.growErr,
 	}
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages

@@ -39,7 +39,7 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): vmm, growth, manager, churn")
+	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -61,6 +61,7 @@ func main() {
 		name string
 		run  func(vmm.Device, int) ([]Table, error)
 	}{
+		{"kernels", benchKernels},
 		{"vmm", benchVMM},
 		{"growth", benchGrowth},
 		{"manager", benchManager},

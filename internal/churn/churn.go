@@ -28,6 +28,10 @@ type Options struct {
 	Step func() error
 	// Measure, when set, sees the manager's stats at every measured step.
 	Measure func(kvcache.Stats)
+	// StopAfter, when positive, ends the trace after that many steps and leaves the running
+	// requests live (for compacting mid-trace); otherwise the trace runs to the end and frees
+	// everything.
+	StopAfter int
 }
 
 // Each step admits new requests, appends one token to every running request, measures, then
@@ -44,7 +48,8 @@ type Result struct {
 	P99Overhead    float64
 }
 
-// Run replays the trace on m, which must be empty, and frees every sequence at the end.
+// Run replays the trace on m, which must be empty, and frees every sequence at the end (unless
+// StopAfter ends it early).
 func Run(m *kvcache.Manager, o Options) (Result, error) {
 	rng := rand.New(rand.NewPCG(o.Seed, 0x5eed))
 	type req struct {
@@ -107,6 +112,9 @@ func Run(m *kvcache.Manager, o Options) (Result, error) {
 			}
 		}
 		res.Steps++
+		if o.StopAfter > 0 && res.Steps >= o.StopAfter {
+			break
+		}
 	}
 	if len(overheads) > 0 {
 		sum := 0.0

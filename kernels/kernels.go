@@ -1,0 +1,446 @@
+package kernels
+
+import (
+	"embed"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"unsafe"
+
+	"github.com/pagedkv/pagedkv/internal/cuda"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+//go:embed gen/kernels.ptx gen/kernels.sm_80.cubin gen/kernels.sm_90.cubin gen/MANIFEST
+var gen embed.FS
+
+// Stream is a CUstream handle; 0 is the legacy default stream. The Go implementation ignores it.
+type Stream uintptr
+
+// Image says which embedded image a CUDA module was loaded from.
+type Image string
+
+// The embedded images.
+const (
+	ImageSM90 Image = "kernels.sm_90.cubin"
+	ImageSM80 Image = "kernels.sm_80.cubin"
+	ImagePTX  Image = "kernels.ptx"
+	ImageGo   Image = "go" // no module: the Go implementation
+)
+
+// Kernels launches the operations on one device. Create it with For; Close it when done.
+type Kernels struct {
+	dev vmm.Device
+	mod *module // nil: the Go implementation
+
+	mu      sync.Mutex // guards the pair scratch
+	scratch *vmm.Pool
+	pairCap int
+}
+
+// module is a loaded CUDA module, shared by the Kernels of one context.
+type module struct {
+	ctx   *cuda.Context
+	mod   cuda.Module
+	image Image
+	refs  int
+	copyBlocks, writeKV, attention cuda.Function
+}
+
+var (
+	modMu   sync.Mutex
+	modules = map[*cuda.Context]*module{}
+)
+
+// For returns the kernels of dev: the CUDA kernels for a *vmm.CUDADevice (loading the module
+// into its context on first use), the Go implementation for any other device.
+func For(dev vmm.Device) (*Kernels, error) {
+	k := &Kernels{dev: dev}
+	if cd, ok := dev.(*vmm.CUDADevice); ok {
+		m, err := acquire(cd.Context())
+		if err != nil {
+			return nil, err
+		}
+		k.mod = m
+	}
+	return k, nil
+}
+
+// Image returns the image the kernels run from (ImageGo for the Go implementation).
+func (k *Kernels) Image() Image {
+	if k.mod == nil {
+		return ImageGo
+	}
+	return k.mod.image
+}
+
+func acquire(ctx *cuda.Context) (*module, error) {
+	modMu.Lock()
+	defer modMu.Unlock()
+	if m, ok := modules[ctx]; ok {
+		m.refs++
+		return m, nil
+	}
+	m, err := load(ctx)
+	if err != nil {
+		return nil, err
+	}
+	m.refs = 1
+	modules[ctx] = m
+	return m, nil
+}
+
+// imageFor picks the cubin for the device's architecture, PTX otherwise.
+func imageFor(ordinal int) Image {
+	major, err := cuda.DeviceAttribute(ordinal, cuda.AttrComputeCapabilityMajor)
+	if err != nil {
+		return ImagePTX
+	}
+	switch major {
+	case 9:
+		return ImageSM90
+	case 8:
+		return ImageSM80
+	}
+	return ImagePTX
+}
+
+// load loads the image for the context's GPU, falling back to PTX when the driver refuses the
+// cubin.
+func load(ctx *cuda.Context) (*module, error) {
+	img := imageFor(ctx.Ordinal())
+	m, err := loadImage(ctx, img)
+	if err != nil && img != ImagePTX && errors.Is(err, errNoBinary) {
+		m, err = loadImage(ctx, ImagePTX)
+	}
+	return m, err
+}
+
+var errNoBinary = errors.New("no binary for this GPU")
+
+func loadImage(ctx *cuda.Context, img Image) (*module, error) {
+	data, err := gen.ReadFile("gen/" + string(img))
+	if err != nil {
+		return nil, fmt.Errorf("kernels: %w", err)
+	}
+	if img == ImagePTX {
+		data = append(data, 0) // the driver reads PTX as a C string
+	}
+	mod, err := ctx.ModuleLoadData(data)
+	if err != nil {
+		var ce *cuda.Error
+		if errors.As(err, &ce) && (ce.Code == cuda.ErrorNoBinaryForGPU || ce.Code == cuda.ErrorInvalidImage) {
+			err = fmt.Errorf("%w: %w", errNoBinary, err)
+		}
+		return nil, fmt.Errorf("kernels: load %s: %w", img, err)
+	}
+	m := &module{ctx: ctx, mod: mod, image: img}
+	for _, f := range []struct {
+		fn   *cuda.Function
+		name string
+	}{{&m.copyBlocks, "copy_blocks"}, {&m.writeKV, "write_kv"}, {&m.attention, "paged_attention_decode"}} {
+		if *f.fn, err = ctx.ModuleGetFunction(mod, f.name); err != nil {
+			ctx.ModuleUnload(mod)
+			return nil, fmt.Errorf("kernels: %s: %w", f.name, err)
+		}
+	}
+	return m, nil
+}
+
+// LoadTime loads the module for dev's context from the given image into a fresh module and
+// unloads it again, for measuring cold load cost (the bench program). It is not needed for use.
+func LoadTime(dev *vmm.CUDADevice, img Image) error {
+	m, err := loadImage(dev.Context(), img)
+	if err != nil {
+		return err
+	}
+	return m.ctx.ModuleUnload(m.mod)
+}
+
+// Close releases the scratch buffer and the module reference; the last Kernels of a context
+// unloads the module.
+func (k *Kernels) Close() error {
+	var errs []error
+	k.mu.Lock()
+	if k.scratch != nil {
+		errs = append(errs, k.scratch.Close())
+		k.scratch = nil
+	}
+	k.mu.Unlock()
+	if k.mod != nil {
+		modMu.Lock()
+		k.mod.refs--
+		if k.mod.refs == 0 {
+			delete(modules, k.mod.ctx)
+			errs = append(errs, k.mod.ctx.ModuleUnload(k.mod.mod))
+		}
+		modMu.Unlock()
+		k.mod = nil
+	}
+	return errors.Join(errs...)
+}
+
+// Synchronize waits for the work queued on s.
+func (k *Kernels) Synchronize(s Stream) error {
+	if k.mod == nil {
+		return nil
+	}
+	return k.mod.ctx.StreamSynchronize(cuda.Stream(s))
+}
+
+func ptr(a vmm.Addr) unsafe.Pointer { p := uint64(a); return unsafe.Pointer(&p) }
+
+func i32(v int) unsafe.Pointer { x := int32(v); return unsafe.Pointer(&x) }
+
+func i64(v int64) unsafe.Pointer { return unsafe.Pointer(&v) }
+
+func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
+
+// CopyBlocks copies blocks of blockStride bytes within the arena at base: pairs holds
+// (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. Destinations must be distinct
+// and not be sources of other pairs. On CUDA it stages the pairs in device memory and launches
+// once per up to 128k pairs on s, returning once queued.
+func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
+	if len(pairs)%2 != 0 || blockStride == 0 || blockStride%16 != 0 {
+		return fmt.Errorf("kernels: copy blocks: %w: %d pair values, block stride %d (a multiple of 16)", vmm.ErrInvalidArgument, len(pairs), blockStride)
+	}
+	if k.mod == nil {
+		for i := 0; i < len(pairs); i += 2 {
+			src := base + vmm.Addr(uint64(pairs[i])*blockStride)
+			dst := base + vmm.Addr(uint64(pairs[i+1])*blockStride)
+			if err := k.dev.Copy(dst, src, blockStride); err != nil {
+				return fmt.Errorf("kernels: copy blocks: pair %d: %w", i/2, err)
+			}
+		}
+		return nil
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for len(pairs) > 0 {
+		n := min(len(pairs)/2, 1<<17)
+		scratch, err := k.pairScratch(n)
+		if err != nil {
+			return err
+		}
+		b := unsafe.Slice((*byte)(unsafe.Pointer(&pairs[0])), 16*n)
+		if err := k.mod.ctx.MemcpyHtoDAsync(cuda.DevicePtr(scratch), b, cuda.Stream(s)); err != nil {
+			return fmt.Errorf("kernels: copy blocks: stage pairs: %w", err)
+		}
+		if err := k.CopyBlocksDevice(s, base, scratch, n, blockStride); err != nil {
+			return err
+		}
+		pairs = pairs[2*n:]
+	}
+	return nil
+}
+
+// pairScratch returns device memory for n pairs, mapping it on first use.
+func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
+	if k.scratch == nil {
+		g := k.dev.Info().Granularity
+		size := (uint64(16<<17) + g - 1) / g * g
+		pool, err := vmm.NewPool(k.dev, vmm.PoolConfig{Capacity: size, PageSize: size})
+		if err != nil {
+			return 0, fmt.Errorf("kernels: pair scratch: %w", err)
+		}
+		if _, err := pool.Map(0, size); err != nil {
+			pool.Close()
+			return 0, fmt.Errorf("kernels: pair scratch: %w", err)
+		}
+		k.scratch = pool
+	}
+	return k.scratch.Base(), nil
+}
+
+// CopyBlocksDevice is CopyBlocks with the n pairs already in device memory at pairs (int64
+// [n,2]): nothing is staged, so it can be captured in a CUDA graph. The Go implementation reads
+// the pairs through the device.
+func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
+	if n == 0 {
+		return nil
+	}
+	if n < 0 || blockStride == 0 || blockStride%16 != 0 {
+		return fmt.Errorf("kernels: copy blocks: %w: %d pairs, block stride %d", vmm.ErrInvalidArgument, n, blockStride)
+	}
+	if k.mod == nil {
+		host := make([]byte, 16*n)
+		if err := k.dev.CopyOut(host, pairs); err != nil {
+			return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
+		}
+		p := make([]int64, 2*n)
+		for i := range p {
+			p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
+		}
+		return k.CopyBlocks(s, base, p, blockStride)
+	}
+	const threads = 256
+	vecs := blockStride / 16
+	chunks := (vecs + threads*8 - 1) / (threads * 8) // about 32 KiB per CTA
+	err := k.mod.ctx.LaunchKernel(k.mod.copyBlocks, [3]uint32{uint32(n), uint32(chunks), 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s),
+		[]unsafe.Pointer{ptr(base), ptr(pairs), i64(int64(blockStride))})
+	if err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	return nil
+}
+
+// WriteKV stores numTokens tokens' K and V of one layer: key and value hold numTokens rows of
+// tokenBytes (device addresses), slotMapping numTokens int64 slots (negative: skip); kBase and
+// vBase are the layer's K and V bases (kvcache.Manager.LayerBase). tokenBytes is a multiple of 16.
+func (k *Kernels) WriteKV(s Stream, kBase, vBase, key, value, slotMapping vmm.Addr, numTokens int, tokenBytes uint64, blockTokens int, blockStride uint64) error {
+	if numTokens < 0 || tokenBytes == 0 || tokenBytes%16 != 0 || blockTokens <= 0 {
+		return fmt.Errorf("kernels: write kv: %w: %d tokens of %d bytes (a multiple of 16), %d tokens per block", vmm.ErrInvalidArgument, numTokens, tokenBytes, blockTokens)
+	}
+	if numTokens == 0 {
+		return nil
+	}
+	if k.mod == nil {
+		slots := make([]byte, 8*numTokens)
+		if err := k.dev.CopyOut(slots, slotMapping); err != nil {
+			return fmt.Errorf("kernels: write kv: read slots: %w", err)
+		}
+		for t := range numTokens {
+			slot := int64(binary.LittleEndian.Uint64(slots[8*t:]))
+			if slot < 0 {
+				continue
+			}
+			off := vmm.Addr(uint64(slot/int64(blockTokens))*blockStride + uint64(slot%int64(blockTokens))*tokenBytes)
+			if err := k.dev.Copy(kBase+off, key+vmm.Addr(uint64(t)*tokenBytes), tokenBytes); err != nil {
+				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
+			}
+			if err := k.dev.Copy(vBase+off, value+vmm.Addr(uint64(t)*tokenBytes), tokenBytes); err != nil {
+				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
+			}
+		}
+		return nil
+	}
+	threads := uint32(min(256, (tokenBytes/16+31)/32*32))
+	err := k.mod.ctx.LaunchKernel(k.mod.writeKV, [3]uint32{uint32(numTokens), 1, 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s),
+		[]unsafe.Pointer{ptr(kBase), ptr(vBase), ptr(key), ptr(value), ptr(slotMapping),
+			i64(int64(tokenBytes)), i32(blockTokens), i64(int64(blockStride))})
+	if err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
+	}
+	return nil
+}
+
+// Attention describes one paged decode attention: for each sequence s and query head h,
+// Out[s,h,:] = softmax(Scale * Q[s,h,:] . K^T) V over the sequence's SeqLens[s] tokens, read
+// through BlockTables (vLLM: int32 [NumSeqs, MaxBlocks]). Q is fp16 [NumSeqs, NumHeads,
+// HeadDim], K and V fp16 in the arena layout of one layer (KBase, VBase, BlockStride,
+// BlockTokens, KVHeads), Out fp32 [NumSeqs, NumHeads, HeadDim]. All addresses are device
+// addresses.
+type Attention struct {
+	Out, Q, KBase, VBase, BlockTables, SeqLens vmm.Addr
+	NumSeqs, MaxBlocks                         int
+	NumHeads, KVHeads, HeadDim, BlockTokens    int
+	BlockStride                                uint64
+	Scale                                      float32
+}
+
+func (a Attention) validate() error {
+	if a.NumSeqs < 0 || a.MaxBlocks <= 0 || a.NumHeads <= 0 || a.KVHeads <= 0 || a.NumHeads%a.KVHeads != 0 ||
+		a.HeadDim <= 0 || a.HeadDim > 1024 || a.BlockTokens <= 0 || a.BlockStride == 0 {
+		return fmt.Errorf("kernels: attention: %w: %+v", vmm.ErrInvalidArgument, a)
+	}
+	return nil
+}
+
+// PagedAttention runs the reference decode attention on s.
+func (k *Kernels) PagedAttention(s Stream, a Attention) error {
+	if err := a.validate(); err != nil {
+		return err
+	}
+	if a.NumSeqs == 0 {
+		return nil
+	}
+	if k.mod == nil {
+		return k.attentionGo(a)
+	}
+	threads := uint32(max(128, (a.HeadDim+31)/32*32))
+	for threads&(threads-1) != 0 { // the tree reductions want a power of two
+		threads++
+	}
+	shmem := uint32(4 * (a.HeadDim + 2*int(threads)))
+	err := k.mod.ctx.LaunchKernel(k.mod.attention, [3]uint32{uint32(a.NumSeqs), uint32(a.NumHeads), 1}, [3]uint32{threads, 1, 1}, shmem, cuda.Stream(s),
+		[]unsafe.Pointer{ptr(a.Out), ptr(a.Q), ptr(a.KBase), ptr(a.VBase), ptr(a.BlockTables), ptr(a.SeqLens),
+			i32(a.MaxBlocks), i32(a.NumHeads), i32(a.KVHeads), i32(a.HeadDim), i32(a.BlockTokens),
+			i64(int64(a.BlockStride)), f32(a.Scale)})
+	if err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	return nil
+}
+
+// attentionGo is the Go implementation: the same math, in float32, reading through the device.
+func (k *Kernels) attentionGo(a Attention) error {
+	read := func(addr vmm.Addr, n int) ([]byte, error) {
+		b := make([]byte, n)
+		return b, k.dev.CopyOut(b, addr)
+	}
+	tables, err := read(a.BlockTables, 4*a.NumSeqs*a.MaxBlocks)
+	if err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	lens, err := read(a.SeqLens, 4*a.NumSeqs)
+	if err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	qb, err := read(a.Q, 2*a.NumSeqs*a.NumHeads*a.HeadDim)
+	if err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	out := make([]byte, 4*a.NumSeqs*a.NumHeads*a.HeadDim)
+	rowBytes := 2 * a.HeadDim
+	row := make([]byte, rowBytes)
+	half := func(b []byte, i int) float32 { return HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:])) }
+	group := a.NumHeads / a.KVHeads
+	for s := range a.NumSeqs {
+		n := int(int32(binary.LittleEndian.Uint32(lens[4*s:])))
+		for h := range a.NumHeads {
+			kvh := h / group
+			scores := make([]float32, n)
+			m := float32(math.Inf(-1))
+			for t := range n {
+				blk := int64(int32(binary.LittleEndian.Uint32(tables[4*(s*a.MaxBlocks+t/a.BlockTokens):])))
+				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%a.BlockTokens)*a.KVHeads+kvh)*rowBytes))
+				if err := k.dev.CopyOut(row, a.KBase+off); err != nil {
+					return fmt.Errorf("kernels: attention: %w", err)
+				}
+				dot := float32(0)
+				for d := range a.HeadDim {
+					dot += half(qb, (s*a.NumHeads+h)*a.HeadDim+d) * half(row, d)
+				}
+				scores[t] = dot * a.Scale
+				m = max(m, scores[t])
+			}
+			acc := make([]float32, a.HeadDim)
+			sum := float32(0)
+			for t := range n {
+				p := float32(math.Exp(float64(scores[t] - m)))
+				sum += p
+				blk := int64(int32(binary.LittleEndian.Uint32(tables[4*(s*a.MaxBlocks+t/a.BlockTokens):])))
+				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%a.BlockTokens)*a.KVHeads+kvh)*rowBytes))
+				if err := k.dev.CopyOut(row, a.VBase+off); err != nil {
+					return fmt.Errorf("kernels: attention: %w", err)
+				}
+				for d := range a.HeadDim {
+					acc[d] += p * half(row, d)
+				}
+			}
+			for d := range a.HeadDim {
+				v := float32(0)
+				if n > 0 {
+					v = acc[d] / sum
+				}
+				binary.LittleEndian.PutUint32(out[4*((s*a.NumHeads+h)*a.HeadDim+d):], math.Float32bits(v))
+			}
+		}
+	}
+	if err := k.dev.CopyIn(a.Out, out); err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,211 @@
+package kernels_test
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/internal/gputest"
+	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+func TestMain(m *testing.M) { leakcheck.Main(m) }
+
+func sha(t *testing.T, path string) string {
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}
+
+// The embedded PTX and cubins must have been made from the kernels.cu in the tree: regenerate
+// them with scripts/gen-kernels on the GPU machine when this fails.
+func TestGeneratedFilesAreFresh(t *testing.T) {
+	f, err := os.Open("gen/MANIFEST")
+	require.NoError(t, err)
+	defer f.Close()
+	outputs := 0
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		w := strings.Fields(sc.Text())
+		switch {
+		case len(w) >= 4 && w[0] == "source":
+			require.Equal(t, w[3], sha(t, "kernels.cu"), "kernels.cu changed since gen/ was made: run scripts/gen-kernels")
+		case len(w) >= 4 && w[0] == "output":
+			require.Equal(t, w[3], sha(t, "gen/"+w[1]), "gen/%s does not match MANIFEST", w[1])
+			outputs++
+		}
+	}
+	assert.Equal(t, 3, outputs)
+	ptx, err := os.ReadFile("gen/kernels.ptx")
+	require.NoError(t, err)
+	first, _, _ := bytes.Cut(ptx, []byte("\n"))
+	assert.Contains(t, string(first), sha(t, "kernels.cu"), "the PTX header names its source hash")
+	assert.Contains(t, string(first), "nvcc -ptx")
+}
+
+func TestHalf(t *testing.T) {
+	cases := map[float32]uint16{0: 0, 1: 0x3c00, -2: 0xc000, 65504: 0x7bff, 0.5: 0x3800,
+		float32(math.Ldexp(1, -24)): 0x0001, float32(math.Ldexp(1, -14)): 0x0400, 1e-9: 0, 70000: 0x7c00,
+		1 + float32(math.Ldexp(1, -11)): 0x3c00, 1 + 3*float32(math.Ldexp(1, -11)): 0x3c02}
+	for f, h := range cases {
+		assert.Equal(t, h, kernels.HalfFromFloat32(f), "%g", f)
+	}
+	for h := range 0x7c00 { // every finite positive half round-trips
+		f := kernels.HalfToFloat32(uint16(h))
+		require.Equal(t, uint16(h), kernels.HalfFromFloat32(f), "%#x -> %g", h, f)
+		require.Equal(t, uint16(h)|0x8000, kernels.HalfFromFloat32(-f))
+	}
+	assert.True(t, math.IsNaN(float64(kernels.HalfToFloat32(kernels.HalfFromFloat32(float32(math.NaN()))))))
+}
+
+// backends runs fn on the host (the Go implementation) and on the GPU (the CUDA kernels).
+func backends(t *testing.T, fn func(t *testing.T, dev vmm.Device, k *kernels.Kernels)) {
+	run := func(t *testing.T, dev vmm.Device) {
+		k, err := kernels.For(dev)
+		require.NoError(t, err)
+		t.Cleanup(func() { // after the pools the test maps (cleanups run last-in first-out)
+			require.NoError(t, k.Close())
+			require.NoError(t, dev.Close())
+		})
+		fn(t, dev, k)
+	}
+	t.Run("host", func(t *testing.T) {
+		leakcheck.Check(t)
+		dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+		require.NoError(t, err)
+		run(t, dev)
+	})
+	t.Run("cuda", func(t *testing.T) {
+		ord := gputest.Require(t)
+		leakcheck.Check(t)
+		dev, err := vmm.NewCUDADevice(ord)
+		require.NoError(t, err)
+		run(t, dev)
+	})
+}
+
+// mapped returns a pool of size bytes, all mapped, closed with the test.
+func mapped(t *testing.T, dev vmm.Device, size uint64) vmm.Addr {
+	g := dev.Info().Granularity
+	size = (size + g - 1) / g * g
+	p, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, p.Close()) })
+	a, err := p.Map(0, size)
+	require.NoError(t, err)
+	return a
+}
+
+func pattern(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, 1))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func TestCopyBlocks(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride, nblocks = 64 << 10, 64
+		base := mapped(t, dev, stride*nblocks)
+		for b := range nblocks {
+			require.NoError(t, dev.CopyIn(base+vmm.Addr(b*stride), pattern(uint64(b), stride)))
+		}
+		pairs := []int64{3, 40, 0, 63, 17, 18, 5, 6} // 5->6 reads a block another pair does not write
+		require.NoError(t, k.CopyBlocks(0, base, pairs, stride))
+		require.NoError(t, k.Synchronize(0))
+		want := map[int]uint64{40: 3, 63: 0, 18: 17, 6: 5}
+		got := make([]byte, stride)
+		for b := range nblocks {
+			src, moved := want[b]
+			if !moved {
+				src = uint64(b)
+			}
+			require.NoError(t, dev.CopyOut(got, base+vmm.Addr(b*stride)))
+			require.True(t, bytes.Equal(pattern(src, stride), got), "block %d", b)
+		}
+		require.ErrorIs(t, k.CopyBlocks(0, base, []int64{1}, stride), vmm.ErrInvalidArgument)
+		require.ErrorIs(t, k.CopyBlocks(0, base, pairs, 100), vmm.ErrInvalidArgument)
+	})
+}
+
+func TestWriteKV(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const tokenBytes, blockTokens, layers = 256, 4, 2
+		const blockBytes = tokenBytes * blockTokens
+		const stride = 2 * layers * blockBytes
+		arena := mapped(t, dev, 16*stride)
+		require.NoError(t, dev.Memset(arena, 0, 16*stride))
+		slots := []int64{5, -1, 12, 0, 63}
+		n := len(slots)
+		stage := mapped(t, dev, uint64(2*n*tokenBytes+8*n))
+		key, value, slotAddr := stage, stage+vmm.Addr(n*tokenBytes), stage+vmm.Addr(2*n*tokenBytes)
+		require.NoError(t, dev.CopyIn(key, pattern(1, n*tokenBytes)))
+		require.NoError(t, dev.CopyIn(value, pattern(2, n*tokenBytes)))
+		sb := make([]byte, 8*n)
+		for i, s := range slots {
+			binary.LittleEndian.PutUint64(sb[8*i:], uint64(s))
+		}
+		require.NoError(t, dev.CopyIn(slotAddr, sb))
+		const layer = 1
+		kBase, vBase := arena+vmm.Addr(2*layer*blockBytes), arena+vmm.Addr((2*layer+1)*blockBytes)
+		require.NoError(t, k.WriteKV(0, kBase, vBase, key, value, slotAddr, n, tokenBytes, blockTokens, stride))
+		require.NoError(t, k.Synchronize(0))
+		got := make([]byte, tokenBytes)
+		written := 0
+		for i, s := range slots {
+			if s < 0 {
+				continue
+			}
+			off := vmm.Addr(s/blockTokens*stride + s%blockTokens*tokenBytes)
+			require.NoError(t, dev.CopyOut(got, kBase+off))
+			require.Equal(t, pattern(1, n*tokenBytes)[i*tokenBytes:(i+1)*tokenBytes], got, "K of token %d", i)
+			require.NoError(t, dev.CopyOut(got, vBase+off))
+			require.Equal(t, pattern(2, n*tokenBytes)[i*tokenBytes:(i+1)*tokenBytes], got, "V of token %d", i)
+			written++
+		}
+		// Nothing else changed: the arena holds exactly 2*written non-zero token rows.
+		all := make([]byte, 16*stride)
+		require.NoError(t, dev.CopyOut(all, arena))
+		rows := 0
+		for r := 0; r < len(all); r += tokenBytes {
+			if !bytes.Equal(all[r:r+tokenBytes], make([]byte, tokenBytes)) {
+				rows++
+			}
+		}
+		assert.Equal(t, 2*written, rows)
+		require.ErrorIs(t, k.WriteKV(0, kBase, vBase, key, value, slotAddr, 1, 100, 4, stride), vmm.ErrInvalidArgument)
+	})
+}
+
+func TestModuleLoadedOncePerContext(t *testing.T) {
+	ord := gputest.Require(t)
+	dev, err := vmm.NewCUDADevice(ord)
+	require.NoError(t, err)
+	defer dev.Close()
+	a, err := kernels.For(dev)
+	require.NoError(t, err)
+	b, err := kernels.For(dev)
+	require.NoError(t, err)
+	assert.Equal(t, kernels.ImageSM90, a.Image(), "an H100 runs the sm_90 cubin")
+	assert.True(t, kernels.SameModule(a, b))
+	require.NoError(t, a.Close())
+	require.NoError(t, b.Close())
+	for _, img := range []kernels.Image{kernels.ImageSM90, kernels.ImagePTX} {
+		require.NoError(t, kernels.LoadTime(dev, img), "%s loads", img)
+	}
+}

@@ -1,0 +1,182 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/sequence"
+)
+
+// CompactOptions bound one compaction.
+type CompactOptions struct {
+	// MaxBytes bounds the bytes of block data moved (0: no bound). Source pages are evacuated
+	// whole, sparsest first, while they fit.
+	MaxBytes uint64
+	// Stream is the stream the block copies run on; Compact waits for it before returning.
+	Stream kernels.Stream
+}
+
+// CompactResult says what a compaction did.
+type CompactResult struct {
+	BlocksMoved   int
+	BytesMoved    uint64
+	PagesReleased int // pages returned to the device
+}
+
+// Compact moves live blocks out of the sparsest and highest pages into the free blocks of the
+// pages worth keeping (the ceil(live/blocks-per-page) pages holding the most live blocks, so the
+// fewest bytes move), copies them with one copy_blocks launch on opts.Stream, rewrites the block
+// tables of the sequences holding them, and returns the emptied pages to the device, keeping
+// Config.ReservePages free pages mapped. Sequences keep their tokens; only block ids change.
+// Without a byte budget the arena ends at the optimum: ceil(live blocks / blocks per page) pages
+// plus the reserve.
+//
+// Call it between steps: kernels still reading the old block ids, or tables exported before,
+// must be finished or re-exported afterwards. Appends wait while it runs. If the copy fails
+// nothing has changed; if returning a page fails the compaction stands and the error says so.
+func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
+	m.growMu.Lock()
+	defer m.growMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var res CompactResult
+	if m.closed {
+		return res, fmt.Errorf("kvcache: compact: %w", ErrClosed)
+	}
+	pairs := m.planCompaction(opts.MaxBytes)
+	if len(pairs) > 0 {
+		k, err := m.kernelsLocked()
+		if err != nil {
+			return res, fmt.Errorf("kvcache: compact: %w", err)
+		}
+		if err := k.CopyBlocks(opts.Stream, m.base, pairs, m.cfg.BlockStride()); err != nil {
+			return res, fmt.Errorf("kvcache: compact: %w", err)
+		}
+		if err := k.Synchronize(opts.Stream); err != nil {
+			return res, fmt.Errorf("kvcache: compact: %w", err)
+		}
+		moved := make(map[int32]int32, len(pairs)/2)
+		for i := 0; i < len(pairs); i += 2 {
+			src, dst := int32(pairs[i]), int32(pairs[i+1])
+			m.arena.move(src, dst)
+			moved[src] = dst
+		}
+		m.seqs.All(func(s *sequence.Sequence) bool {
+			for i, b := range s.Blocks {
+				if nb, ok := moved[b]; ok {
+					s.Blocks[i] = nb
+				}
+			}
+			return true
+		})
+		res.BlocksMoved = len(pairs) / 2
+		res.BytesMoved = uint64(res.BlocksMoved) * m.cfg.BlockStride()
+		m.counters.compactions++
+		m.counters.moved += uint64(res.BlocksMoved)
+	}
+	released, err := m.trimLocked(m.cfg.ReservePages)
+	res.PagesReleased = released
+	if err != nil {
+		return res, fmt.Errorf("kvcache: compact: %w", err)
+	}
+	return res, nil
+}
+
+// planCompaction returns the (src, dst) block pairs of a compaction, changing nothing.
+func (m *Manager) planCompaction(maxBytes uint64) []int64 {
+	a := m.arena
+	type pageLive struct {
+		page int32
+		live int
+	}
+	var used []pageLive
+	for p, pg := range a.pages {
+		if pg != nil && (pg.state == pagePartial || pg.state == pageFull) {
+			used = append(used, pageLive{int32(p), a.liveIn(int32(p))})
+		}
+	}
+	keep := (a.live + m.bpp - 1) / m.bpp
+	// Keep the pages with the most live blocks (the lowest among equals).
+	slices.SortFunc(used, func(x, y pageLive) int {
+		if x.live != y.live {
+			return y.live - x.live
+		}
+		return int(x.page - y.page)
+	})
+	keepers, sources := used[:keep], used[keep:]
+	slices.SortFunc(keepers, func(x, y pageLive) int { return int(x.page - y.page) })
+	// Evacuate the sparsest pages first, the highest among equals.
+	slices.SortFunc(sources, func(x, y pageLive) int {
+		if x.live != y.live {
+			return x.live - y.live
+		}
+		return int(y.page - x.page)
+	})
+	var pairs []int64
+	var budget uint64
+	ki, slot := 0, 0 // next destination: keepers[ki], block slot >= slot
+	nextDst := func() int32 {
+		for ; ki < len(keepers); ki, slot = ki+1, 0 {
+			pg := a.pages[keepers[ki].page]
+			for ; slot < m.bpp; slot++ {
+				if pg.bits[slot/64]&(1<<(slot%64)) != 0 {
+					slot++
+					return keepers[ki].page*int32(m.bpp) + int32(slot-1)
+				}
+			}
+		}
+		panic("kvcache: compaction ran out of destination blocks")
+	}
+	for _, src := range sources {
+		cost := uint64(src.live) * m.cfg.BlockStride()
+		if maxBytes > 0 && budget+cost > maxBytes {
+			break
+		}
+		budget += cost
+		pg := a.pages[src.page]
+		for i := range m.bpp {
+			if pg.refs[i] > 0 {
+				pairs = append(pairs, int64(src.page)*int64(m.bpp)+int64(i), int64(nextDst()))
+			}
+		}
+	}
+	return pairs
+}
+
+// trimLocked unmaps free pages from the top until target remain, then maps pages until target
+// are ready or memory runs out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
+func (m *Manager) trimLocked(target int) (int, error) {
+	released := 0
+	for m.arena.free.Len() > target {
+		p, _ := m.arena.free.Max()
+		if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+			return released, fmt.Errorf("return page %d: %w", p, err)
+		}
+		m.counters.unmaps++
+		m.arena.setState(p, pageUnmapped)
+		released++
+	}
+	for m.arena.free.Len() < target {
+		if _, err := m.mapPageLocked(); err != nil {
+			if errors.Is(err, ErrOutOfMemory) {
+				break // the reserve is bounded by memory, like the reserve goroutine's
+			}
+			return released, fmt.Errorf("top up the reserve: %w", err)
+		}
+	}
+	return released, nil
+}
+
+// kernelsLocked returns the device's kernels, loading them on first use.
+func (m *Manager) kernelsLocked() (*kernels.Kernels, error) {
+	if m.kern == nil {
+		k, err := kernels.For(m.dev)
+		if err != nil {
+			return nil, err
+		}
+		m.kern = k
+	}
+	return m.kern, nil
+}
