@@ -15,7 +15,8 @@
 // mapping[2i+1], every layer's K and V at once since a block is contiguous. Grid: (n_pairs,
 // chunks); each CTA copies a chunk of one block with 16-byte loads. block_stride is a multiple
 // of 16 and base is 16-byte aligned (the arena is page aligned). Pairs must not overlap in
-// destination or read a destination of another pair.
+// destination or read a destination of another pair. Each thread issues four independent 16-byte
+// loads before its stores, so small batches keep enough bytes in flight.
 extern "C" __global__ void copy_blocks(char *base, const int64_t *mapping, int64_t block_stride) {
     const int64_t src = mapping[2 * blockIdx.x];
     const int64_t dst = mapping[2 * blockIdx.x + 1];
@@ -25,8 +26,18 @@ extern "C" __global__ void copy_blocks(char *base, const int64_t *mapping, int64
     const int64_t chunk = (n + gridDim.y - 1) / gridDim.y;
     const int64_t begin = blockIdx.y * chunk;
     const int64_t end = begin + chunk < n ? begin + chunk : n;
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-        d[i] = s[i];
+    for (int64_t i = begin + threadIdx.x; i < end; i += 4 * (int64_t)blockDim.x) {
+        uint4 r[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int64_t j = i + u * (int64_t)blockDim.x;
+            if (j < end) r[u] = s[j];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int64_t j = i + u * (int64_t)blockDim.x;
+            if (j < end) d[j] = r[u];
+        }
     }
 }
 
