@@ -36,9 +36,10 @@ type arena struct {
 	free     *btree.BTreeG[int32]
 	partial  *btree.BTreeG[int32]
 	unmapped *btree.BTreeG[int32]
-	mapped   int // pages in state free, partial or full
-	live     int // blocks with refs > 0
-	shared   int // blocks with refs > 1
+	mapped   int    // pages in state free, partial or full
+	live     int    // blocks with refs > 0
+	shared   int    // blocks with refs > 1
+	gen      uint64 // mapped/unmapped transitions so far
 }
 
 func less(a, b int32) bool { return a < b }
@@ -81,6 +82,7 @@ func (a *arena) setState(p int32, s pageState) {
 		a.partial.ReplaceOrInsert(p)
 	}
 	if isMapped := s >= pageFree; isMapped != wasMapped {
+		a.gen++
 		if isMapped {
 			a.mapped++
 		} else {

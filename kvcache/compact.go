@@ -41,10 +41,15 @@ func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 	defer m.growMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var res CompactResult
 	if m.closed {
-		return res, fmt.Errorf("kvcache: compact: %w", ErrClosed)
+		return CompactResult{}, fmt.Errorf("kvcache: compact: %w", ErrClosed)
 	}
+	return m.compactLocked(opts, m.cfg.ReservePages)
+}
+
+// compactLocked compacts with growMu and mu held and leaves keepFree free pages mapped.
+func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResult, error) {
+	var res CompactResult
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
 		k, err := m.kernelsLocked()
@@ -76,7 +81,7 @@ func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 		m.counters.compactions++
 		m.counters.moved += uint64(res.BlocksMoved)
 	}
-	released, err := m.trimLocked(m.cfg.ReservePages)
+	released, err := m.trimLocked(keepFree)
 	res.PagesReleased = released
 	if err != nil {
 		return res, fmt.Errorf("kvcache: compact: %w", err)
@@ -149,16 +154,16 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 // are ready or memory runs out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
 func (m *Manager) trimLocked(target int) (int, error) {
 	released := 0
-	for m.arena.free.Len() > target {
+	for !m.static && m.arena.free.Len() > target {
 		p, _ := m.arena.free.Max()
-		if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+		if err := m.unmapPage(p); err != nil {
 			return released, fmt.Errorf("return page %d: %w", p, err)
 		}
 		m.counters.unmaps++
 		m.arena.setState(p, pageUnmapped)
 		released++
 	}
-	for m.arena.free.Len() < target {
+	for !m.static && !m.asleep && m.arena.free.Len() < target {
 		if _, err := m.mapPageLocked(); err != nil {
 			if errors.Is(err, ErrOutOfMemory) {
 				break // the reserve is bounded by memory, like the reserve goroutine's

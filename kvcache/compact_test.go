@@ -138,7 +138,9 @@ func checkAttention(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache
 	out := make([]byte, 4*qElems)
 	require.NoError(t, dev.CopyOut(out, outAddr))
 
-	h := func(b []byte, i int) float64 { return float64(kernels.HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:]))) }
+	h := func(b []byte, i int) float64 {
+		return float64(kernels.HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:])))
+	}
 	worst := 0.0
 	for si, id := range ids {
 		n, _ := m.Len(id)

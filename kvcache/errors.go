@@ -15,6 +15,9 @@ var (
 	ErrInvalidArgument = errdefs.ErrInvalidArgument
 	ErrClosed          = errdefs.ErrClosed
 	ErrTooLarge        = errdefs.ErrTooLarge
+	ErrExists          = errdefs.ErrExists
+	ErrNotFound        = errdefs.ErrNotFound
+	ErrAsleep          = errdefs.ErrAsleep
 )
 
 // SequenceError reports an operation on one sequence that failed; it unwraps to the cause

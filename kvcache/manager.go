@@ -47,6 +47,14 @@ type Manager struct {
 
 	kern *kernels.Kernels // loaded by the first Compact
 
+	member        *vmm.BudgetMember // set when the manager belongs to a SharedPool
+	shared        *SharedPool
+	name          string
+	static        bool         // over external memory: every page mapped from the start, never unmapped
+	external      vmm.External // the memory of a static manager
+	asleep        bool
+	compactOthers bool // reclaim by compacting other models when the budget is spent
+
 	counters struct{ syncMaps, bgMaps, unmaps, cows, compactions, moved uint64 }
 }
 
@@ -54,6 +62,12 @@ type Manager struct {
 // virtual range (no physical memory yet) and starts the reserve goroutine unless
 // cfg.NoBackground.
 func New(dev vmm.Device, cfg Config) (*Manager, error) {
+	return newManager(dev, cfg, nil)
+}
+
+// newManager binds cfg to dev; join, if set, attaches the manager to a shared budget before the
+// reserve goroutine starts.
+func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -66,17 +80,13 @@ func New(dev vmm.Device, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: %w", err)
 	}
-	m := &Manager{
-		cfg:   cfg,
-		dev:   dev,
-		pool:  pool,
-		base:  pool.Base(),
-		bpp:   cfg.BlocksPerPage(),
-		arena: newArena(pool.Pages(), cfg.BlocksPerPage()),
-		seqs:  sequence.NewRegistry(),
-		wake:  make(chan struct{}, 1),
-		stop:  make(chan struct{}),
-		done:  make(chan struct{}),
+	m := newManagerOn(dev, cfg, pool.Base(), pool.Pages())
+	m.pool = pool
+	if join != nil {
+		if err := join(m); err != nil {
+			pool.Close()
+			return nil, err
+		}
 	}
 	if cfg.NoBackground {
 		close(m.done)
@@ -85,6 +95,21 @@ func New(dev vmm.Device, cfg Config) (*Manager, error) {
 		m.kick()
 	}
 	return m, nil
+}
+
+// newManagerOn returns a manager over an arena of npages pages at base, with nothing mapped.
+func newManagerOn(dev vmm.Device, cfg Config, base vmm.Addr, npages int) *Manager {
+	return &Manager{
+		cfg:   cfg,
+		dev:   dev,
+		base:  base,
+		bpp:   cfg.BlocksPerPage(),
+		arena: newArena(npages, cfg.BlocksPerPage()),
+		seqs:  sequence.NewRegistry(),
+		wake:  make(chan struct{}, 1),
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
 }
 
 // Config returns the configuration with its defaults filled in.
@@ -143,7 +168,7 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	s, ok := m.seqs.Get(seq)
 	// The common decode step: an existing sequence whose last block has room, and no fork
 	// sharing blocks, needs no block work at all.
-	if !ok || n < 0 || n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 || m.closed {
+	if !ok || n < 0 || n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 || m.closed || m.asleep {
 		dst, err := m.appendSlow(s, seq, n, dst)
 		m.mu.Unlock()
 		return dst, err
@@ -168,6 +193,9 @@ func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 
 func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64) ([]int64, error) {
 	if err := m.usable("append", seq); err != nil {
 		return dst, err
+	}
+	if m.asleep {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrAsleep}
 	}
 	if n < 0 {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{N: n}}
@@ -243,7 +271,7 @@ func (m *Manager) rollback() {
 		m.arena.unref(b)
 	}
 	for _, p := range m.newPages {
-		if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+		if err := m.unmapPage(p); err != nil {
 			// The page stays mapped and free: still consistent, and reused before any new map.
 			continue
 		}
@@ -263,12 +291,52 @@ func (m *Manager) mapPageLocked() (int32, error) {
 	if !ok {
 		return 0, &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
 	}
-	if _, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+	if err := m.mapPage(p, true); err != nil {
 		m.arena.setState(p, pageUnmapped)
 		return 0, err
 	}
 	m.arena.markMapped(p)
 	return p, nil
+}
+
+// mapPage backs page p with memory: it takes the page's bytes from the shared budget, if any
+// (reclaiming from other models when reclaim is set), then maps it in the pool.
+func (m *Manager) mapPage(p int32, reclaim bool) error {
+	if m.static {
+		return &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
+	}
+	if m.member != nil {
+		var err error
+		if reclaim {
+			err = m.member.Acquire(m.cfg.PageSize, m.compactOthers)
+		} else {
+			err = m.member.TryAcquire(m.cfg.PageSize)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if _, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+		if m.member != nil {
+			m.member.Release(m.cfg.PageSize)
+		}
+		return err
+	}
+	return nil
+}
+
+// unmapPage returns page p's memory to the device and the budget.
+func (m *Manager) unmapPage(p int32) error {
+	if m.static {
+		return fmt.Errorf("kvcache: %w: static memory is never unmapped", ErrInvalidArgument)
+	}
+	if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
+		return err
+	}
+	if m.member != nil {
+		m.member.Release(m.cfg.PageSize)
+	}
+	return nil
 }
 
 // checkLimit reports whether one more page fits under MemoryLimit.
@@ -423,7 +491,12 @@ func (m *Manager) Close() error {
 	if m.kern != nil {
 		errs = append(errs, m.kern.Close())
 	}
-	errs = append(errs, m.pool.Close())
+	if !m.static {
+		errs = append(errs, m.pool.Close())
+	}
+	if m.member != nil {
+		m.member.Leave()
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
 	}

@@ -53,7 +53,7 @@ func (m *Manager) settle() error {
 	var errs []error
 	for {
 		m.mu.Lock()
-		if m.closed || m.arena.free.Len() >= m.cfg.ReservePages {
+		if m.closed || m.static || m.asleep || m.arena.free.Len() >= m.cfg.ReservePages {
 			m.mu.Unlock()
 			break
 		}
@@ -69,14 +69,16 @@ func (m *Manager) settle() error {
 		m.inflight++
 		m.mu.Unlock()
 
-		_, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize)
+		err := m.mapPage(p, false) // the reserve never takes memory from other models
 
 		m.mu.Lock()
 		m.inflight--
 		if err != nil {
 			m.arena.setState(p, pageUnmapped)
 			m.mu.Unlock()
-			errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
+			if !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
+				errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
+			}
 			break
 		}
 		m.counters.bgMaps++
@@ -85,7 +87,7 @@ func (m *Manager) settle() error {
 	}
 	for {
 		m.mu.Lock()
-		if m.closed || m.arena.free.Len() <= m.cfg.HighWatermark {
+		if m.closed || m.static || m.arena.free.Len() <= m.cfg.HighWatermark {
 			m.mu.Unlock()
 			break
 		}
@@ -94,7 +96,7 @@ func (m *Manager) settle() error {
 		m.inflight++
 		m.mu.Unlock()
 
-		err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize)
+		err := m.unmapPage(p)
 
 		m.mu.Lock()
 		m.inflight--

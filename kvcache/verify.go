@@ -62,7 +62,7 @@ func (m *Manager) Verify() error {
 			bad("page %d in flight while the reserve goroutine is idle", p)
 		}
 		isMapped := pg.state >= pageFree
-		if isMapped != m.pool.IsMapped(uint64(p)*m.cfg.PageSize, m.cfg.PageSize) {
+		if !m.static && isMapped != m.pool.IsMapped(uint64(p)*m.cfg.PageSize, m.cfg.PageSize) {
 			bad("page %d: arena says mapped=%v, the pool disagrees", p, isMapped)
 		}
 		if !isMapped {
@@ -113,8 +113,18 @@ func (m *Manager) Verify() error {
 	if live != a.live {
 		bad("arena counts %d live blocks, pages hold %d", a.live, live)
 	}
-	if mapped != a.mapped || mapped != m.pool.Stats().MappedPages {
-		bad("mapped pages: arena counts %d, pages say %d, pool has %d", a.mapped, mapped, m.pool.Stats().MappedPages)
+	poolPages := a.mapped
+	if !m.static {
+		poolPages = m.pool.Stats().MappedPages
+	}
+	if mapped != a.mapped || mapped != poolPages {
+		bad("mapped pages: arena counts %d, pages say %d, pool has %d", a.mapped, mapped, poolPages)
+	}
+	if m.static && mapped != len(a.pages) {
+		bad("static memory: %d of %d pages mapped", mapped, len(a.pages))
+	}
+	if m.member != nil && m.member.Used() != uint64(mapped+m.inflight)*m.cfg.PageSize {
+		bad("budget: member holds %d bytes for %d mapped pages", m.member.Used(), mapped)
 	}
 	if m.inflight != 0 {
 		bad("%d pages in flight while the reserve goroutine is idle", m.inflight)

@@ -19,6 +19,8 @@ var (
 	ErrWrongDevice     = errdefs.ErrWrongDevice
 	ErrDriver          = errdefs.ErrDriver
 	ErrInjected        = errdefs.ErrInjected
+	ErrExists          = errdefs.ErrExists
+	ErrNotFound        = errdefs.ErrNotFound
 )
 
 // CapacityError reports an allocation that did not fit: Need bytes were asked for and Free

@@ -32,6 +32,12 @@ var (
 	ErrUnknownSequence = errors.New("pagedkv: unknown sequence")
 	// ErrSequenceExists reports an attempt to create a sequence id that is already live.
 	ErrSequenceExists = errors.New("pagedkv: sequence exists")
+	// ErrExists reports a name (of a model, say) that is already registered.
+	ErrExists = errors.New("pagedkv: already exists")
+	// ErrNotFound reports a name that is not registered.
+	ErrNotFound = errors.New("pagedkv: not found")
+	// ErrAsleep reports an append to a manager put to sleep; Wake it first.
+	ErrAsleep = errors.New("pagedkv: asleep")
 	// ErrTooLarge reports a batch that does not fit the buffers it is written into.
 	ErrTooLarge = errors.New("pagedkv: does not fit")
 	// ErrInjected is the error a fault-injecting device returns by default.

@@ -1,0 +1,67 @@
+package kvcache
+
+import "github.com/pagedkv/pagedkv/vmm"
+
+// Layout says where block b of layer l lives inside the regions a manager lists, for transfer
+// engines that move blocks by address (NIXL, RDMA).
+type Layout struct {
+	Base        vmm.Addr // arena base: block 0, layer 0, K
+	BlockStride uint64   // distance between consecutive block ids
+	BlockBytes  uint64   // one layer's K (or V) of one block
+	TokenBytes  uint64   // one token's K (or V) in one layer
+	Layers      int
+	BlockTokens int
+}
+
+// Addr returns the address of layer l's K (kv=0) or V (kv=1) of block b.
+func (l Layout) Addr(layer, kv int, block int32) vmm.Addr {
+	return l.Base + vmm.Addr(uint64(block)*l.BlockStride+uint64(2*layer+kv)*l.BlockBytes)
+}
+
+// Layout returns the manager's block layout.
+func (m *Manager) Layout() Layout {
+	return Layout{
+		Base: m.base, BlockStride: m.cfg.BlockStride(), BlockBytes: m.cfg.BlockBytes(),
+		TokenBytes: m.cfg.TokenBytes(), Layers: m.cfg.Layers, BlockTokens: m.cfg.BlockTokens,
+	}
+}
+
+// Regions appends to dst the memory the manager's blocks live in, as registrable regions: each
+// maximal run of mapped pages for an elastic manager (which changes as pages are mapped and
+// unmapped: compare MapGeneration to know when to register again), the external memory for a
+// static one.
+func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	info := m.dev.Info()
+	if m.static {
+		return append(dst, m.external.Regions()...)
+	}
+	start := int32(-1)
+	flush := func(end int32) {
+		if start >= 0 {
+			dst = append(dst, vmm.Region{
+				Addr: m.base + vmm.Addr(uint64(start)*m.cfg.PageSize), Len: uint64(end-start) * m.cfg.PageSize,
+				DeviceID: info.Ordinal, Kind: info.Kind,
+			})
+			start = -1
+		}
+	}
+	for p, pg := range m.arena.pages {
+		mapped := pg != nil && pg.state >= pageFree
+		if mapped && start < 0 {
+			start = int32(p)
+		} else if !mapped {
+			flush(int32(p))
+		}
+	}
+	flush(int32(len(m.arena.pages)))
+	return dst
+}
+
+// MapGeneration counts the pages mapped and unmapped so far: when it changes, the regions have.
+func (m *Manager) MapGeneration() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.arena.gen
+}

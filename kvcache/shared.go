@@ -1,0 +1,270 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// SharedConfig configures a SharedPool.
+type SharedConfig struct {
+	// Limit is the physical bytes all models together may map.
+	Limit uint64
+	// CompactOnPressure lets a model that needs memory, once the other models' free reserves are
+	// taken, compact another model to free whole pages (a copy of that model's scattered blocks:
+	// milliseconds on a GPU). Without it only free pages are taken.
+	CompactOnPressure bool
+}
+
+// SharedPool puts several models' managers, one per model, on one device under one physical
+// limit. Each model has its own arena (its own virtual reservation, so no model's blocks ever
+// alias another's); the pages they map draw on one vmm.Budget. When a model needs a page and the
+// budget is spent, free pages in other models' reserves are reclaimed first, then (with
+// CompactOnPressure) other models are compacted, and only then does the append fail with
+// ErrOutOfMemory. The limit can change at run time. Safe for concurrent use; the SharedPool owns
+// the managers it registers and the Device is borrowed.
+type SharedPool struct {
+	dev    vmm.Device
+	budget *vmm.Budget
+	cfg    SharedConfig
+
+	mu     sync.Mutex
+	models map[string]*Manager
+	closed bool
+}
+
+// NewShared returns an empty shared pool on dev.
+func NewShared(dev vmm.Device, cfg SharedConfig) (*SharedPool, error) {
+	if cfg.Limit == 0 {
+		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
+	}
+	return &SharedPool{dev: dev, budget: vmm.NewBudget(cfg.Limit), cfg: cfg, models: make(map[string]*Manager)}, nil
+}
+
+// Register creates the manager of a model: cfg.Capacity is its virtual capacity (it costs no
+// physical memory); the pages it maps count against the shared limit. Names are unique
+// (ErrExists).
+func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrClosed)
+	}
+	if _, ok := s.models[name]; ok {
+		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
+	}
+	m, err := newManager(s.dev, cfg, func(m *Manager) error {
+		member, err := s.budget.Join(name, m)
+		if err != nil {
+			return err
+		}
+		m.member, m.shared, m.name, m.compactOthers = member, s, name, s.cfg.CompactOnPressure
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: register %q: %w", name, err)
+	}
+	s.models[name] = m
+	return m, nil
+}
+
+// Model returns the manager registered under name (ErrNotFound otherwise).
+func (s *SharedPool) Model(name string) (*Manager, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.models[name]
+	if !ok {
+		return nil, fmt.Errorf("kvcache: model %q: %w", name, ErrNotFound)
+	}
+	return m, nil
+}
+
+// Unregister closes the model's manager, which returns all its memory to the device and the
+// budget.
+func (s *SharedPool) Unregister(name string) error {
+	s.mu.Lock()
+	m, ok := s.models[name]
+	if ok {
+		delete(s.models, name)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrNotFound)
+	}
+	return m.Close()
+}
+
+// LimitReport says how far a change of the limit got.
+type LimitReport struct {
+	Limit uint64
+	Used  uint64 // bytes the models hold after shrinking
+	// Shortfall is Used - Limit when the models' live data needs more than the new limit (they
+	// keep it; no new page is mapped until usage falls under the limit), else 0.
+	Shortfall uint64
+}
+
+// SetLimit changes the shared limit. Lowering it below what the models hold shrinks them: free
+// pages are returned first, then the models are compacted, as far as their live data allows.
+// A negative limit is ErrInvalidArgument and changes nothing.
+func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
+	if limit <= 0 {
+		return LimitReport{}, fmt.Errorf("kvcache: set limit %d: %w", limit, ErrInvalidArgument)
+	}
+	used := s.budget.SetLimit(uint64(limit))
+	r := LimitReport{Limit: uint64(limit), Used: used}
+	if used > uint64(limit) {
+		r.Shortfall = used - uint64(limit)
+	}
+	return r, nil
+}
+
+// ModelStats is one model's share.
+type ModelStats struct {
+	Name         string
+	VirtualBytes uint64 // its arena's reservation
+	Stats
+}
+
+// SharedStats is a snapshot of the pool.
+type SharedStats struct {
+	Limit, Used uint64
+	Models      []ModelStats // by name
+}
+
+// Stats returns the global and per-model figures.
+func (s *SharedPool) Stats() SharedStats {
+	s.mu.Lock()
+	ms := make([]*Manager, 0, len(s.models))
+	for _, m := range s.models {
+		ms = append(ms, m)
+	}
+	s.mu.Unlock()
+	st := SharedStats{Limit: s.budget.Limit(), Used: s.budget.Used()}
+	for _, m := range ms {
+		st.Models = append(st.Models, ModelStats{Name: m.name, VirtualBytes: m.cfg.Capacity, Stats: m.Stats()})
+	}
+	slices.SortFunc(st.Models, func(a, b ModelStats) int {
+		if a.Name < b.Name {
+			return -1
+		}
+		if a.Name > b.Name {
+			return 1
+		}
+		return 0
+	})
+	return st
+}
+
+// Close unregisters every model.
+func (s *SharedPool) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("kvcache: shared pool: %w", ErrClosed)
+	}
+	s.closed = true
+	ms := s.models
+	s.models = nil
+	s.mu.Unlock()
+	var errs []error
+	for _, m := range ms {
+		errs = append(errs, m.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Reclaim implements vmm.Reclaimer for the shared budget: it unmaps free pages (from the top)
+// until need bytes are returned, and with compact first compacts the live blocks so that whole
+// pages come free. With wait false it returns 0 at once if the manager is busy. A sleeping or
+// standalone manager may be asked too.
+func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
+	if wait {
+		m.growMu.Lock()
+		m.mu.Lock()
+	} else {
+		if !m.growMu.TryLock() {
+			return 0
+		}
+		if !m.mu.TryLock() {
+			m.growMu.Unlock()
+			return 0
+		}
+	}
+	defer m.growMu.Unlock()
+	defer m.mu.Unlock()
+	if m.closed || m.static {
+		return 0
+	}
+	freed := m.unmapFreeLocked(need)
+	if freed < need && compact && m.arena.live > 0 {
+		if _, err := m.compactLocked(CompactOptions{}, m.arena.free.Len()); err == nil {
+			freed += m.unmapFreeLocked(need - freed)
+		}
+	}
+	return freed
+}
+
+// unmapFreeLocked unmaps free pages from the top until need bytes are returned or none is left.
+func (m *Manager) unmapFreeLocked(need uint64) uint64 {
+	freed := uint64(0)
+	for freed < need && m.arena.free.Len() > 0 {
+		p, _ := m.arena.free.Max()
+		if err := m.unmapPage(p); err != nil {
+			break
+		}
+		m.counters.unmaps++
+		m.arena.setState(p, pageUnmapped)
+		freed += m.cfg.PageSize
+	}
+	return freed
+}
+
+// SleepResult says what Sleep returned.
+type SleepResult struct {
+	CompactResult
+	PagesMapped int // pages still mapped for live data
+}
+
+// Sleep returns every page the manager does not need for its live data: it compacts the live
+// blocks into the fewest pages and unmaps every free page, and with no live sequences that is
+// everything. Until Wake, appends fail with ErrAsleep and no reserve is kept; frees, forks,
+// truncates and exports still work. Static memory is never returned.
+func (m *Manager) Sleep() (SleepResult, error) {
+	m.growMu.Lock()
+	defer m.growMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return SleepResult{}, fmt.Errorf("kvcache: sleep: %w", ErrClosed)
+	}
+	m.asleep = true
+	res, err := m.compactLocked(CompactOptions{}, 0)
+	r := SleepResult{CompactResult: res, PagesMapped: m.arena.mapped}
+	if err != nil {
+		return r, fmt.Errorf("kvcache: sleep: %w", err)
+	}
+	return r, nil
+}
+
+// Wake makes a sleeping manager usable again and refills its reserve in the background (or at
+// the next append or Settle with NoBackground).
+func (m *Manager) Wake() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return fmt.Errorf("kvcache: wake: %w", ErrClosed)
+	}
+	m.asleep = false
+	m.kick()
+	return nil
+}
+
+// Asleep reports whether the manager sleeps.
+func (m *Manager) Asleep() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.asleep
+}

@@ -1,0 +1,360 @@
+package kvcache_test
+
+import (
+	"encoding/binary"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/internal/burst"
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// modelData writes a pattern naming the model, sequence and token into every token of the given
+// sequences (layer 0 K and the last layer's V) and checks it back through the block tables.
+type modelData struct {
+	tag byte
+	m   *kvcache.Manager
+	dev vmm.Device
+}
+
+func (d modelData) addr(seq kvcache.SeqID, tok int, blocks []int32, layer, kv int) vmm.Addr {
+	c := d.m.Config()
+	return d.m.BlockAddr(layer, kv, blocks[tok/c.BlockTokens]) + vmm.Addr(uint64(tok%c.BlockTokens)*c.TokenBytes())
+}
+
+func (d modelData) value(seq kvcache.SeqID, tok int) []byte {
+	b := make([]byte, 16)
+	b[0] = d.tag
+	binary.LittleEndian.PutUint64(b[4:], uint64(seq))
+	binary.LittleEndian.PutUint32(b[12:], uint32(tok))
+	return b
+}
+
+func (d modelData) write(t *testing.T, seqs ...kvcache.SeqID) {
+	c := d.m.Config()
+	for _, s := range seqs {
+		blocks, err := d.m.Blocks(s, nil)
+		require.NoError(t, err)
+		n, _ := d.m.Len(s)
+		for tok := range n {
+			require.NoError(t, d.dev.CopyIn(d.addr(s, tok, blocks, 0, 0), d.value(s, tok)))
+			require.NoError(t, d.dev.CopyIn(d.addr(s, tok, blocks, c.Layers-1, 1), d.value(s, tok)))
+		}
+	}
+}
+
+func (d modelData) check(t *testing.T, seqs ...kvcache.SeqID) {
+	c := d.m.Config()
+	got := make([]byte, 16)
+	for _, s := range seqs {
+		blocks, err := d.m.Blocks(s, nil)
+		require.NoError(t, err)
+		n, _ := d.m.Len(s)
+		for tok := range n {
+			for _, lk := range [][2]int{{0, 0}, {c.Layers - 1, 1}} {
+				require.NoError(t, d.dev.CopyOut(got, d.addr(s, tok, blocks, lk[0], lk[1])))
+				require.Equal(t, d.value(s, tok), got, "model %c sequence %d token %d", d.tag, s, tok)
+			}
+		}
+	}
+}
+
+func sharedConfig() kvcache.Config { // 2 layers, 64 blocks of 16 tokens per 2 MiB page
+	return kvcache.Config{Layers: 2, KVHeads: 2, HeadDim: 128, ElemSize: 2, BlockTokens: 16,
+		PageSize: 2 << 20, Capacity: 64 * (2 << 20), ReservePages: 1, HighWatermark: 4, NoBackground: true}
+}
+
+func ids(from, n int) []kvcache.SeqID {
+	out := make([]kvcache.SeqID, n)
+	for i := range out {
+		out[i] = kvcache.SeqID(from + i)
+	}
+	return out
+}
+
+// Two models under one limit: a model short of memory takes the other's free reserve first,
+// then (with CompactOnPressure) compacts it; their blocks never alias; the limit, sleep, wake and
+// unregister give memory back that the device reports free.
+func TestSharedPool(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		const page = 2 << 20
+		free0, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 8 * page, CompactOnPressure: true})
+		require.NoError(t, err)
+		defer func() { require.NoError(t, sp.Close()) }()
+		a, err := sp.Register("llama", sharedConfig())
+		require.NoError(t, err)
+		b, err := sp.Register("qwen", sharedConfig())
+		require.NoError(t, err)
+		da, db := modelData{'A', a, dev}, modelData{'B', b, dev}
+
+		// A takes 6 pages with 24 sequences of 16 blocks (4 to a page), then every other
+		// sequence finishes: 3 pages' worth of holes, no free page.
+		for _, s := range ids(0, 24) {
+			_, err := a.AppendTokens(s, 16*16, nil)
+			require.NoError(t, err)
+		}
+		for _, s := range ids(0, 24) {
+			if s%2 == 1 {
+				require.NoError(t, a.FreeSequence(s))
+			}
+		}
+		liveA := []kvcache.SeqID{}
+		for _, s := range ids(0, 24) {
+			if s%2 == 0 {
+				liveA = append(liveA, s)
+			}
+		}
+		da.write(t, liveA...)
+		require.Equal(t, 6, a.Stats().MappedPages)
+
+		// B needs 4 pages: 2 are free under the limit, the other 2 come from compacting A.
+		_, err = b.AppendTokens(100, 4*64*16, nil)
+		require.NoError(t, err)
+		db.write(t, 100)
+		st := sp.Stats()
+		assert.LessOrEqual(t, st.Used, uint64(8*page))
+		assert.Equal(t, 4, st.Models[1].MappedPages, "qwen")
+		assert.Positive(t, st.Models[0].BlocksMoved, "llama was compacted to make room")
+		da.check(t, liveA...)
+		db.check(t, 100)
+		require.NoError(t, a.Verify())
+		require.NoError(t, b.Verify())
+
+		// The regions of the two models never overlap.
+		for _, ra := range a.Regions(nil) {
+			for _, rb := range b.Regions(nil) {
+				assert.True(t, ra.Addr+vmm.Addr(ra.Len) <= rb.Addr || rb.Addr+vmm.Addr(rb.Len) <= ra.Addr, "%v overlaps %v", ra, rb)
+			}
+		}
+
+		// Nothing left to reclaim: the error names what was asked and what is free.
+		before := shape(b.Stats())
+		_, err = b.AppendTokens(101, 8*64*16, nil)
+		var ce *vmm.CapacityError
+		require.ErrorAs(t, err, &ce)
+		require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+		assert.EqualValues(t, page, ce.Need)
+		require.Equal(t, before, shape(b.Stats()))
+		da.check(t, liveA...)
+		db.check(t, 100)
+
+		// Lowering the limit shrinks the models as far as their live data allows.
+		rep, err := sp.SetLimit(4 * page)
+		require.NoError(t, err)
+		assert.EqualValues(t, 4*page, rep.Limit)
+		st = sp.Stats()
+		assert.Equal(t, rep.Used, st.Used)
+		assert.Equal(t, rep.Used-rep.Limit, rep.Shortfall, "the live data needs more than 4 pages")
+		da.check(t, liveA...)
+		db.check(t, 100)
+		_, err = sp.SetLimit(16 * page)
+		require.NoError(t, err)
+
+		// Sleep returns what live data does not need, and everything when nothing is live.
+		require.NoError(t, b.FreeSequence(100))
+		sr, err := b.Sleep()
+		require.NoError(t, err)
+		assert.Zero(t, sr.PagesMapped)
+		_, err = b.AppendTokens(102, 1, nil)
+		require.ErrorIs(t, err, kvcache.ErrAsleep)
+		require.NoError(t, b.Wake())
+		_, err = b.AppendTokens(102, 1, nil)
+		require.NoError(t, err)
+		require.NoError(t, b.FreeSequence(102))
+		_, err = a.Sleep()
+		require.NoError(t, err)
+		assert.Equal(t, 3, a.Stats().MappedPages, "12 live sequences of 16 blocks fill exactly 3 pages")
+		da.check(t, liveA...)
+		require.NoError(t, a.Wake())
+
+		// Unregistering returns every page; the device reports all memory free again.
+		require.NoError(t, sp.Unregister("llama"))
+		require.NoError(t, sp.Unregister("qwen"))
+		assert.Zero(t, sp.Stats().Used)
+		free1, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		assert.InDelta(t, float64(free0), float64(free1), float64(dev.Info().Granularity))
+	})
+}
+
+func TestSharedPoolBadInput(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	_, err := kvcache.NewShared(dev, kvcache.SharedConfig{})
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 4 << 20})
+	require.NoError(t, err)
+	defer sp.Close()
+	_, err = sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	before := sp.Stats()
+	_, err = sp.Register("a", sharedConfig())
+	require.ErrorIs(t, err, kvcache.ErrExists)
+	_, err = sp.Model("b")
+	require.ErrorIs(t, err, kvcache.ErrNotFound)
+	require.ErrorIs(t, sp.Unregister("b"), kvcache.ErrNotFound)
+	_, err = sp.SetLimit(-1)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	bad := sharedConfig()
+	bad.Layers = 0
+	_, err = sp.Register("c", bad)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	require.Equal(t, before, sp.Stats())
+	require.NoError(t, sp.Close())
+	_, err = sp.Register("d", sharedConfig())
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+}
+
+// externalMemory maps size bytes the way a runtime would have (not through pagedkv's arena) and
+// returns them as External memory.
+func externalMemory(t *testing.T, dev vmm.Device, size uint64) vmm.External {
+	a := stageMem(t, dev, size)
+	return vmm.External{Addr: a, Size: size, Device: dev.Info().Ordinal, Kind: dev.Info().Kind}
+}
+
+// A static manager over memory handed in by the runtime has the same API (the reference traces
+// pass on it), never maps or unmaps, and leaves the memory alone on Close.
+func TestStaticManager(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		cfg := smallConfig()
+		mem := externalMemory(t, dev, 6*(2<<20)+12345)
+		m, err := kvcache.NewStatic(dev, cfg, mem)
+		require.NoError(t, err)
+		h := &harness{t: t, m: m, dev: dev, ref: newRef(cfg.BlockTokens), cfg: m.Config(), static: true}
+		x := uint32(99)
+		next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
+		for range 300 {
+			h.step(next(), next(), next(), next()|0x80)
+		}
+		st := m.Stats()
+		assert.Equal(t, 6, st.MappedPages)
+		assert.Zero(t, st.SyncMaps+st.BackgroundMaps+st.Unmaps, "static memory is never mapped or unmapped")
+		regions := m.Regions(nil)
+		require.Len(t, regions, 1)
+		assert.Equal(t, mem.Addr, regions[0].Addr)
+		require.NoError(t, m.Close())
+		// The memory is still the runtime's, intact and accessible.
+		require.NoError(t, dev.Memset(mem.Addr, 7, mem.Size))
+
+		_, err = kvcache.NewStatic(dev, cfg, vmm.External{Addr: mem.Addr, Size: 1 << 20})
+		var tse *kvcache.TooSmallError
+		require.ErrorAs(t, err, &tse)
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+		_, err = kvcache.NewStatic(dev, cfg, vmm.External{Addr: mem.Addr + 8, Size: 4 << 20})
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	})
+}
+
+func TestDescriptors(t *testing.T) {
+	dev := hostDevice(t, 32<<10)
+	m := newManager(t, dev, tinyConfig())
+	gen0 := m.MapGeneration()
+	for i := range 3 {
+		_, err := m.AppendTokens(kvcache.SeqID(i), 16, nil) // one page each
+		require.NoError(t, err)
+	}
+	require.Greater(t, m.MapGeneration(), gen0)
+	regions := m.Regions(nil)
+	require.Len(t, regions, 1, "three adjacent pages are one region")
+	assert.Equal(t, m.Base(), regions[0].Addr)
+	assert.Equal(t, 3*m.Config().PageSize, regions[0].Len)
+	addr, length, devID, kind := regions[0].NIXL()
+	assert.Equal(t, uint64(m.Base()), addr)
+	assert.Equal(t, 3*m.Config().PageSize, length)
+	assert.Zero(t, devID)
+	assert.Equal(t, "DRAM", kind)
+	require.NoError(t, m.FreeSequence(1))
+	require.NoError(t, m.Settle())
+	l := m.Layout()
+	blocks, _ := m.Blocks(2, nil)
+	assert.Equal(t, m.BlockAddr(0, 1, blocks[3]), l.Addr(0, 1, blocks[3]))
+}
+
+// The bursty two-model trace, CI-sized: with one shared elastic budget each model keeps at
+// least 1.5x more sequences live at its peak than with the same memory split in halves.
+func TestBurstySharedVsStatic(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	cfg := churnConfig() // 64 blocks of 16 tokens per 256 KiB page
+	cfg.Capacity = 256 * cfg.PageSize
+	const limit = 64 * (256 << 10)
+	opts := burst.Options{Phases: 4, PhaseSteps: 40, AdmitPerStep: 8, PromptTokens: 200}
+
+	mem := externalMemory(t, dev, limit)
+	half := vmm.External{Addr: mem.Addr, Size: limit / 2, Kind: mem.Kind}
+	other := vmm.External{Addr: mem.Addr + limit/2, Size: limit / 2, Kind: mem.Kind}
+	s1, err := kvcache.NewStatic(dev, cfg, half)
+	require.NoError(t, err)
+	s2, err := kvcache.NewStatic(dev, cfg, other)
+	require.NoError(t, err)
+	static, err := burst.Run([2]*kvcache.Manager{s1, s2}, opts)
+	require.NoError(t, err)
+	require.NoError(t, s1.Close())
+	require.NoError(t, s2.Close())
+
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: limit})
+	require.NoError(t, err)
+	defer sp.Close()
+	e1, err := sp.Register("a", cfg)
+	require.NoError(t, err)
+	e2, err := sp.Register("b", cfg)
+	require.NoError(t, err)
+	elastic, err := burst.Run([2]*kvcache.Manager{e1, e2}, opts)
+	require.NoError(t, err)
+	t.Logf("peak live sequences: static halves %v, shared elastic %v", static.PeakLive, elastic.PeakLive)
+	for i := range 2 {
+		assert.GreaterOrEqual(t, float64(elastic.PeakLive[i]), 1.5*float64(static.PeakLive[i]), "model %d", i)
+	}
+}
+
+// Models appending and freeing concurrently under a tight shared limit, with their reserve
+// goroutines on, reclaim from each other without deadlock and keep every invariant; the budget
+// accounts exactly each model's mapped pages.
+func TestSharedPoolConcurrent(t *testing.T) {
+	dev := hostDevice(t, 32<<10)
+	cfg := tinyConfig()
+	cfg.NoBackground = false
+	cfg.ReservePages = 2
+	cfg.Capacity = 256 * cfg.PageSize
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 40 * cfg.PageSize, CompactOnPressure: true})
+	require.NoError(t, err)
+	defer sp.Close()
+	models := make([]*kvcache.Manager, 2)
+	for i := range models {
+		models[i], err = sp.Register(string(rune('a'+i)), cfg)
+		require.NoError(t, err)
+	}
+	done := make(chan error, 8)
+	for w := range 8 {
+		go func() {
+			m := models[w%2]
+			var slots []int64
+			for i := range 400 {
+				id := kvcache.SeqID(w*100 + i%7)
+				var err error
+				if i%5 == 4 {
+					err = m.FreeSequence(id)
+				} else {
+					slots, err = m.AppendTokens(id, 1+i%11, slots[:0])
+				}
+				if err != nil && !errorsIsAny(err, kvcache.ErrUnknownSequence, kvcache.ErrOutOfMemory) {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range 8 {
+		require.NoError(t, <-done)
+	}
+	for _, m := range models {
+		require.NoError(t, m.Verify()) // includes: the budget holds exactly this model's mapped pages
+	}
+	assert.LessOrEqual(t, sp.Stats().Used, uint64(40*cfg.PageSize))
+	require.NoError(t, sp.Close())
+	assert.Zero(t, sp.Stats().Used, "closing returns everything to the budget")
+}

@@ -1,0 +1,205 @@
+package vmm
+
+import (
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+)
+
+// Reclaimer is what a Budget member implements so that the budget can take memory back from it
+// for another member.
+type Reclaimer interface {
+	// Reclaim gives back up to need bytes of memory the member holds but does not need for live
+	// data (its reserve of free pages), and with compact also what a compaction of its live data
+	// frees. It releases what it gives back through its BudgetMember and returns the bytes. With
+	// wait false it must not block on the member's locks (it is called while another member holds
+	// its own): it gives back nothing if the member is busy.
+	Reclaim(need uint64, compact, wait bool) uint64
+}
+
+// Budget is one limit on the physical memory that several owners map, one per model sharing a
+// GPU, say. Owners join as BudgetMembers and acquire bytes before mapping them; when the budget
+// is spent, Acquire first reclaims from the other members (their free reserves, then, if asked,
+// their compactions) before failing with a *CapacityError. The limit can change at run time.
+// Safe for concurrent use.
+type Budget struct {
+	mu      sync.Mutex
+	limit   uint64
+	used    uint64
+	members map[string]*BudgetMember
+}
+
+// BudgetMember is one owner's account in a Budget.
+type BudgetMember struct {
+	b    *Budget
+	name string
+	used uint64
+	r    Reclaimer
+	gone bool
+}
+
+// NewBudget returns a budget of limit bytes.
+func NewBudget(limit uint64) *Budget {
+	return &Budget{limit: limit, members: make(map[string]*BudgetMember)}
+}
+
+// Join adds a member. Names are unique (ErrExists otherwise).
+func (b *Budget) Join(name string, r Reclaimer) (*BudgetMember, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.members[name]; ok {
+		return nil, fmt.Errorf("budget: member %q: %w", name, ErrExists)
+	}
+	m := &BudgetMember{b: b, name: name, r: r}
+	b.members[name] = m
+	return m, nil
+}
+
+// Leave removes the member; whatever it still holds is released.
+func (m *BudgetMember) Leave() {
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	if m.gone {
+		return
+	}
+	m.b.used -= m.used
+	m.used = 0
+	m.gone = true
+	delete(m.b.members, m.name)
+}
+
+// Name returns the member's name.
+func (m *BudgetMember) Name() string { return m.name }
+
+// Used returns the bytes the member holds.
+func (m *BudgetMember) Used() uint64 {
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	return m.used
+}
+
+// TryAcquire takes n bytes if they are free now, reclaiming nothing.
+func (m *BudgetMember) TryAcquire(n uint64) error {
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	return m.takeLocked(n)
+}
+
+func (m *BudgetMember) takeLocked(n uint64) error {
+	b := m.b
+	if b.used+n > b.limit {
+		free := uint64(0)
+		if b.limit > b.used {
+			free = b.limit - b.used
+		}
+		return &CapacityError{Need: n, Free: free}
+	}
+	b.used += n
+	m.used += n
+	return nil
+}
+
+// Acquire takes n bytes, reclaiming from the other members when the budget is spent: first
+// their free reserves, then, with compact, their compactions. The caller may hold its own
+// locks: other members are asked without waiting for theirs. It fails with a *CapacityError
+// (ErrOutOfMemory) naming the bytes asked for and free.
+func (m *BudgetMember) Acquire(n uint64, compact bool) error {
+	err := m.TryAcquire(n)
+	if err == nil {
+		return nil
+	}
+	passes := []bool{false}
+	if compact {
+		passes = append(passes, true)
+	}
+	for _, withCompaction := range passes {
+		for attempt := range 3 { // a member busy in a short operation is asked again
+			m.b.reclaimFrom(m, n, withCompaction, false)
+			if err = m.TryAcquire(n); err == nil {
+				return nil
+			}
+			time.Sleep(time.Duration(attempt+1) * 20 * time.Microsecond)
+		}
+	}
+	return err
+}
+
+// Release returns n bytes.
+func (m *BudgetMember) Release(n uint64) {
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	if n > m.used {
+		n = m.used
+	}
+	m.used -= n
+	m.b.used -= n
+}
+
+// others returns the members other than skip, largest holders first.
+func (b *Budget) others(skip *BudgetMember) []*BudgetMember {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]*BudgetMember, 0, len(b.members))
+	for _, o := range b.members {
+		if o != skip {
+			out = append(out, o)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].used != out[j].used {
+			return out[i].used > out[j].used
+		}
+		return out[i].name < out[j].name
+	})
+	return out
+}
+
+// reclaimFrom asks the other members for the bytes that n more would exceed the limit by.
+func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) uint64 {
+	got := uint64(0)
+	for _, o := range b.others(skip) {
+		b.mu.Lock()
+		need := uint64(0)
+		if b.used+n > b.limit {
+			need = b.used + n - b.limit
+		}
+		b.mu.Unlock()
+		if need == 0 {
+			break
+		}
+		got += o.r.Reclaim(need, compact, wait)
+	}
+	return got
+}
+
+// Limit returns the limit.
+func (b *Budget) Limit() uint64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.limit
+}
+
+// Used returns the bytes held by all members.
+func (b *Budget) Used() uint64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used
+}
+
+// SetLimit changes the limit. Lowering it below what the members hold takes memory back from
+// them (reserves, then compactions), waiting for them as needed; what live data still needs
+// stays held, and the returned Used says how far it got (the limit is enforced on every new
+// Acquire either way).
+func (b *Budget) SetLimit(limit uint64) (used uint64) {
+	b.mu.Lock()
+	b.limit = limit
+	over := b.used > limit
+	b.mu.Unlock()
+	if over {
+		for _, compact := range []bool{false, true} {
+			b.reclaimFrom(nil, 0, compact, true)
+		}
+	}
+	return b.Used()
+}
