@@ -39,7 +39,7 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn")
+	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -66,6 +66,7 @@ func main() {
 		{"growth", benchGrowth},
 		{"manager", benchManager},
 		{"churn", benchChurn},
+		{"bursty", benchBursty},
 	}
 	for _, s := range sections {
 		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {

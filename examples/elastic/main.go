@@ -1,7 +1,14 @@
-// Command elastic is the elastic-pool quick start: reserve 128 GiB of virtual address space with
-// no physical memory behind it, map 1 GiB on demand, use it, unmap it, and print the physical
-// usage at each step. It runs on the GPU when a CUDA driver is present and on the host backend
-// otherwise; -device picks explicitly.
+// Command elastic holds the two quick starts of the seed designs, for real:
+//
+//   - single: reserve 128 GiB of virtual address space with no physical memory behind it, map
+//     1 GiB on demand, use it, unmap it, and print the physical usage at each step (the
+//     VirtualMemoryPool quick start).
+//   - multi: two models under one physical limit (the SharedMemoryPool quick start): one fills
+//     the limit, finishes half its requests, and the other takes the memory that frees, with
+//     per-model and global stats at each step.
+//
+// It runs on the GPU when a CUDA driver is present and on the host backend otherwise; -device
+// picks explicitly, -mode picks the quick start (both by default).
 package main
 
 import (
@@ -18,10 +25,22 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	capacity := flag.Uint64("capacity", 128, "virtual capacity to reserve, GiB")
 	mapGiB := flag.Uint64("map", 1, "memory to map on demand, GiB")
+	mode := flag.String("mode", "both", "single, multi or both")
+	limit := flag.Uint64("limit", 2, "multi: the shared physical limit, GiB")
 	flag.Parse()
-	if err := run(*device, *capacity<<30, *mapGiB<<30); err != nil {
-		log.SetFlags(0)
-		log.Fatalf("elastic: %v", err)
+	log.SetFlags(0)
+	if *mode == "single" || *mode == "both" {
+		if err := run(*device, *capacity<<30, *mapGiB<<30); err != nil {
+			log.Fatalf("elastic: %v", err)
+		}
+	}
+	if *mode == "multi" || *mode == "both" {
+		if *mode == "both" {
+			fmt.Println()
+		}
+		if err := runMulti(*device, *limit<<30); err != nil {
+			log.Fatalf("elastic: %v", err)
+		}
 	}
 }
 
