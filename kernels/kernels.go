@@ -42,10 +42,10 @@ type Kernels struct {
 
 // module is a loaded CUDA module, shared by the Kernels of one context.
 type module struct {
-	ctx   *cuda.Context
-	mod   cuda.Module
-	image Image
-	refs  int
+	ctx                            *cuda.Context
+	mod                            cuda.Module
+	image                          Image
+	refs                           int
 	copyBlocks, writeKV, attention cuda.Function
 }
 

@@ -268,7 +268,9 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	return false, nil
 }
 
-func isUnknown(err error) bool { return err != nil && strings.Contains(err.Error(), "unknown sequence") }
+func isUnknown(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "unknown sequence")
+}
 
 // turnOf prefills the user message and decodes the answer token by token.
 func (c *chat) turnOf(msg string) error {
