@@ -18,6 +18,7 @@ package main
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -177,6 +178,9 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 
 func (c *chat) close() error {
 	err := c.m.FreeSequence(c.seq)
+	if errors.Is(err, kvcache.ErrUnknownSequence) { // reset, and nothing said since
+		err = nil
+	}
 	for _, e := range []error{c.m.Close(), c.tables.Close(), c.stage.Close(), c.k.Close(), c.dev.Close()} {
 		if err == nil {
 			err = e
@@ -216,7 +220,7 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	case line == "/quit" || line == "/exit":
 		return true, nil
 	case line == "/reset":
-		if err := c.m.FreeSequence(c.seq); err != nil && !isUnknown(err) {
+		if err := c.m.FreeSequence(c.seq); err != nil && !errors.Is(err, kvcache.ErrUnknownSequence) {
 			return false, err
 		}
 		c.seq++
@@ -268,9 +272,6 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	return false, nil
 }
 
-func isUnknown(err error) bool {
-	return err != nil && strings.Contains(err.Error(), "unknown sequence")
-}
 
 // turnOf prefills the user message and decodes the answer token by token.
 func (c *chat) turnOf(msg string) error {
