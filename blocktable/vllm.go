@@ -15,6 +15,7 @@ type SizeError struct {
 	Need, Cap int
 }
 
+// Error describes the failure with its numbers.
 func (e *SizeError) Error() string {
 	return fmt.Sprintf("pagedkv: %s: need %d, capacity %d", e.What, e.Need, e.Cap)
 }

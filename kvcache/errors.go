@@ -28,6 +28,7 @@ type SequenceError struct {
 	Err error
 }
 
+// Error describes the failure with its numbers.
 func (e *SequenceError) Error() string {
 	return fmt.Sprintf("kvcache: %s sequence %d: %v", e.Op, e.Seq, e.Err)
 }
@@ -41,6 +42,7 @@ type CountError struct {
 	N, Max int
 }
 
+// Error describes the failure with its numbers.
 func (e *CountError) Error() string {
 	if e.N < 0 {
 		return fmt.Sprintf("pagedkv: invalid argument: count %d is negative", e.N)

@@ -12,6 +12,7 @@ type TooSmallError struct {
 	Size, Min uint64
 }
 
+// Error describes the failure with its numbers.
 func (e *TooSmallError) Error() string {
 	return fmt.Sprintf("pagedkv: invalid argument: %s of %d bytes is smaller than %d", e.What, e.Size, e.Min)
 }

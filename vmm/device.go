@@ -18,6 +18,7 @@ const (
 	MemoryHost
 )
 
+// String returns a readable form.
 func (k MemoryKind) String() string {
 	if k == MemoryHost {
 		return "host"

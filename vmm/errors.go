@@ -29,6 +29,7 @@ type CapacityError struct {
 	Need, Free uint64
 }
 
+// Error describes the failure with its numbers.
 func (e *CapacityError) Error() string {
 	return fmt.Sprintf("pagedkv: out of memory: need %d bytes, %d free", e.Need, e.Free)
 }
@@ -44,6 +45,7 @@ type AlignmentError struct {
 	Align uint64
 }
 
+// Error describes the failure with its numbers.
 func (e *AlignmentError) Error() string {
 	return fmt.Sprintf("pagedkv: %s %d is not a positive multiple of %d", e.What, e.Value, e.Align)
 }
@@ -57,6 +59,7 @@ type RangeError struct {
 	Offset, Size, Limit uint64
 }
 
+// Error describes the failure with its numbers.
 func (e *RangeError) Error() string {
 	return fmt.Sprintf("pagedkv: range [%d, %d) outside [0, %d)", e.Offset, e.Offset+e.Size, e.Limit)
 }

@@ -60,6 +60,7 @@ var resultNames = map[Result]string{
 }
 
 // String returns the cuda.h name of the code.
+// String returns a readable form.
 func (r Result) String() string {
 	if n, ok := resultNames[r]; ok {
 		return n
@@ -73,6 +74,7 @@ type Error struct {
 	Code Result
 }
 
+// Error describes the failure with its numbers.
 func (e *Error) Error() string {
 	return fmt.Sprintf("cuda: %s: %s (%d)", e.Call, e.Code, int32(e.Code))
 }

@@ -42,6 +42,7 @@ func Snapshot() Counts {
 	return c
 }
 
+// String returns a readable form.
 func (c Counts) String() string {
 	return fmt.Sprintf("%d %s, %d %s, %d %s", c[0], names[0], c[1], names[1], c[2], names[2])
 }
