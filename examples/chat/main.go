@@ -272,7 +272,6 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	return false, nil
 }
 
-
 // turnOf prefills the user message and decodes the answer token by token.
 func (c *chat) turnOf(msg string) error {
 	n := len(msg)
