@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
 	"github.com/pagedkv/pagedkv/kernels"
@@ -97,18 +98,6 @@ func backends(t *testing.T, fn func(t *testing.T, dev vmm.Device, k *kernels.Ker
 	})
 }
 
-// mapped returns a pool of size bytes, all mapped, closed with the test.
-func mapped(t *testing.T, dev vmm.Device, size uint64) vmm.Addr {
-	g := dev.Info().Granularity
-	size = (size + g - 1) / g * g
-	p, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, p.Close()) })
-	a, err := p.Map(0, size)
-	require.NoError(t, err)
-	return a
-}
-
 func pattern(seed uint64, n int) []byte {
 	r := rand.New(rand.NewPCG(seed, 1))
 	b := make([]byte, n)
@@ -121,7 +110,7 @@ func pattern(seed uint64, n int) []byte {
 func TestCopyBlocks(t *testing.T) {
 	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
 		const stride, nblocks = 64 << 10, 64
-		base := mapped(t, dev, stride*nblocks)
+		base := devtest.Mapped(t, dev, stride*nblocks)
 		for b := range nblocks {
 			require.NoError(t, dev.CopyIn(base+vmm.Addr(b*stride), pattern(uint64(b), stride)))
 		}
@@ -148,11 +137,11 @@ func TestWriteKV(t *testing.T) {
 		const tokenBytes, blockTokens, layers = 256, 4, 2
 		const blockBytes = tokenBytes * blockTokens
 		const stride = 2 * layers * blockBytes
-		arena := mapped(t, dev, 16*stride)
+		arena := devtest.Mapped(t, dev, 16*stride)
 		require.NoError(t, dev.Memset(arena, 0, 16*stride))
 		slots := []int64{5, -1, 12, 0, 63}
 		n := len(slots)
-		stage := mapped(t, dev, uint64(2*n*tokenBytes+8*n))
+		stage := devtest.Mapped(t, dev, uint64(2*n*tokenBytes+8*n))
 		key, value, slotAddr := stage, stage+vmm.Addr(n*tokenBytes), stage+vmm.Addr(2*n*tokenBytes)
 		require.NoError(t, dev.CopyIn(key, pattern(1, n*tokenBytes)))
 		require.NoError(t, dev.CopyIn(value, pattern(2, n*tokenBytes)))

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -32,18 +33,6 @@ func randomHalfs(r *rand.Rand, n int) []byte {
 	return b
 }
 
-// stageMem maps size bytes of device memory for staging, returned with the test.
-func stageMem(t *testing.T, dev vmm.Device, size uint64) vmm.Addr {
-	g := dev.Info().Granularity
-	size = (size + g - 1) / g * g
-	p, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, p.Close()) })
-	a, err := p.Map(0, size)
-	require.NoError(t, err)
-	return a
-}
-
 // writeAll writes every token's K and V of every layer with the write_kv kernel, staged through
 // device memory as a runtime would.
 func writeAll(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache.Manager, d *kvData, ids []kvcache.SeqID) {
@@ -61,7 +50,7 @@ func writeAll(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache.Manag
 		}
 	}
 	n := len(order)
-	stage := stageMem(t, dev, 2*uint64(n)*tb+8*uint64(n))
+	stage := devtest.Mapped(t, dev, 2*uint64(n)*tb+8*uint64(n))
 	key, value, slotAddr := stage, stage+vmm.Addr(uint64(n)*tb), stage+vmm.Addr(2*uint64(n)*tb)
 	sb := make([]byte, 8*n)
 	for i, s := range slots {
@@ -124,7 +113,7 @@ func checkAttention(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache
 	r := rand.New(rand.NewPCG(7, 7))
 	qElems := len(ids) * numHeads * c.HeadDim
 	q := randomHalfs(r, qElems)
-	buf := stageMem(t, dev, uint64(2*qElems+4*qElems))
+	buf := devtest.Mapped(t, dev, uint64(2*qElems+4*qElems))
 	qAddr, outAddr := buf, buf+vmm.Addr(2*qElems)
 	require.NoError(t, dev.CopyIn(qAddr, q))
 	scale := float32(1 / math.Sqrt(float64(c.HeadDim)))

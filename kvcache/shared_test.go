@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/internal/burst"
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -212,7 +213,7 @@ func TestSharedPoolBadInput(t *testing.T) {
 // externalMemory maps size bytes the way a runtime would have (not through pagedkv's arena) and
 // returns them as External memory.
 func externalMemory(t *testing.T, dev vmm.Device, size uint64) vmm.External {
-	a := stageMem(t, dev, size)
+	a := devtest.Mapped(t, dev, size)
 	return vmm.External{Addr: a, Size: size, Device: dev.Info().Ordinal, Kind: dev.Info().Kind}
 }
 
