@@ -98,7 +98,8 @@ type harness struct {
 	nextVal uint64
 	slots   []int64
 	ooms    int
-	static  bool // the manager is static: every page stays mapped
+	static  bool   // the manager is static: every page stays mapped
+	free0   uint64 // the device's free memory before the manager mapped anything
 }
 
 // shape is the part of Stats that is state, not history.
@@ -109,8 +110,10 @@ func shape(s kvcache.Stats) kvcache.Stats {
 }
 
 func newHarness(t testing.TB, dev vmm.Device, cfg kvcache.Config) *harness {
+	free0, _, err := dev.MemInfo()
+	require.NoError(t, err)
 	m := newManager(t, dev, cfg)
-	return &harness{t: t, m: m, dev: dev, ref: newRef(cfg.BlockTokens), cfg: m.Config()}
+	return &harness{t: t, m: m, dev: dev, ref: newRef(cfg.BlockTokens), cfg: m.Config(), free0: free0}
 }
 
 // tokenAddr is where the test writes token t's value: layer 0 K (and the last layer's V), at
@@ -220,6 +223,11 @@ func (h *harness) check() {
 	t := h.t
 	require.NoError(t, h.m.Verify())
 	st := h.m.Stats()
+	if !h.static { // page accounting equals what the device reports
+		free, _, err := h.dev.MemInfo()
+		require.NoError(t, err)
+		require.Equal(t, st.MappedBytes, h.free0-free, "mapped pages against the device's free memory")
+	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
 	toRef, toMgr := map[int32]int{}, map[int]int32{}

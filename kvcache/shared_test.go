@@ -144,9 +144,26 @@ func TestSharedPool(t *testing.T) {
 		da.check(t, liveA...)
 		db.check(t, 100)
 
-		// Lowering the limit shrinks the models as far as their live data allows.
+		// Half of A's requests finish, leaving holes; lowering the limit then shrinks the models
+		// (by compacting A) as far as their live data allows, and the device gets the memory back.
+		kept := liveA[:0]
+		for i, s := range liveA {
+			if i%2 == 1 {
+				require.NoError(t, a.FreeSequence(s))
+				continue
+			}
+			kept = append(kept, s)
+		}
+		liveA = kept
+		usedBefore := sp.Stats().Used
+		freeBefore, _, err := dev.MemInfo()
+		require.NoError(t, err)
 		rep, err := sp.SetLimit(4 * page)
 		require.NoError(t, err)
+		freeAfter, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		assert.Less(t, rep.Used, usedBefore, "something was returned")
+		assert.InDelta(t, float64(usedBefore-rep.Used), float64(freeAfter-freeBefore), float64(dev.Info().Granularity))
 		assert.EqualValues(t, 4*page, rep.Limit)
 		st = sp.Stats()
 		assert.Equal(t, rep.Used, st.Used)
@@ -158,9 +175,15 @@ func TestSharedPool(t *testing.T) {
 
 		// Sleep returns what live data does not need, and everything when nothing is live.
 		require.NoError(t, b.FreeSequence(100))
+		bMapped := b.Stats().MappedBytes
+		freeBefore, _, err = dev.MemInfo()
+		require.NoError(t, err)
 		sr, err := b.Sleep()
 		require.NoError(t, err)
 		assert.Zero(t, sr.PagesMapped)
+		freeAfter, _, err = dev.MemInfo()
+		require.NoError(t, err)
+		assert.InDelta(t, float64(bMapped), float64(freeAfter-freeBefore), float64(dev.Info().Granularity), "sleep returns an idle model's pages to the device")
 		_, err = b.AppendTokens(102, 1, nil)
 		require.ErrorIs(t, err, kvcache.ErrAsleep)
 		require.NoError(t, b.Wake())
@@ -169,7 +192,7 @@ func TestSharedPool(t *testing.T) {
 		require.NoError(t, b.FreeSequence(102))
 		_, err = a.Sleep()
 		require.NoError(t, err)
-		assert.Equal(t, 3, a.Stats().MappedPages, "12 live sequences of 16 blocks fill exactly 3 pages")
+		assert.Equal(t, 2, a.Stats().MappedPages, "6 live sequences of 16 blocks need 2 pages")
 		da.check(t, liveA...)
 		require.NoError(t, a.Wake())
 
