@@ -132,6 +132,7 @@ type chat struct {
 
 	answers, right int
 	slots          []int64
+	quiet          bool // the terminal already shows what the user typed
 }
 
 func newChat(device string, compact bool, background int) (*chat, error) {
@@ -199,6 +200,7 @@ func (c *chat) run(lines []string, w io.Writer) error {
 }
 
 func (c *chat) runInteractive(r io.Reader, w io.Writer) error {
+	c.quiet = true
 	sc := bufio.NewScanner(r)
 	for {
 		fmt.Fprint(w, "you> ")
@@ -236,7 +238,9 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		fmt.Fprintln(w, "-- the conversation is full; /reset to start another --")
 		return false, nil
 	}
-	fmt.Fprintf(w, "you> %s\n", line)
+	if !c.quiet {
+		fmt.Fprintf(w, "you> %s\n", line)
+	}
 	if err := c.turnOf(line); err != nil {
 		return false, err
 	}
