@@ -48,7 +48,6 @@ type Manager struct {
 	kern *kernels.Kernels // loaded by the first Compact
 
 	member        *vmm.BudgetMember // set when the manager belongs to a SharedPool
-	shared        *SharedPool
 	name          string
 	static        bool         // over external memory: every page mapped from the start, never unmapped
 	external      vmm.External // the memory of a static manager

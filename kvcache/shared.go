@@ -61,7 +61,7 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 		if err != nil {
 			return err
 		}
-		m.member, m.shared, m.name, m.compactOthers = member, s, name, s.cfg.CompactOnPressure
+		m.member, m.name, m.compactOthers = member, name, s.cfg.CompactOnPressure
 		return nil
 	})
 	if err != nil {
@@ -83,7 +83,8 @@ func (s *SharedPool) Model(name string) (*Manager, error) {
 }
 
 // Unregister closes the model's manager, which returns all its memory to the device and the
-// budget.
+// budget. Closing a registered manager directly returns its memory too; Unregister then only
+// forgets the name.
 func (s *SharedPool) Unregister(name string) error {
 	s.mu.Lock()
 	m, ok := s.models[name]
@@ -94,7 +95,15 @@ func (s *SharedPool) Unregister(name string) error {
 	if !ok {
 		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrNotFound)
 	}
-	return m.Close()
+	return closeModel(m)
+}
+
+// closeModel closes a registered manager; one the caller closed already is fine.
+func closeModel(m *Manager) error {
+	if err := m.Close(); err != nil && !errors.Is(err, ErrClosed) {
+		return err
+	}
+	return nil
 }
 
 // LimitReport says how far a change of the limit got.
@@ -171,7 +180,7 @@ func (s *SharedPool) Close() error {
 	s.mu.Unlock()
 	var errs []error
 	for _, m := range ms {
-		errs = append(errs, m.Close())
+		errs = append(errs, closeModel(m))
 	}
 	return errors.Join(errs...)
 }
