@@ -6,11 +6,33 @@ import (
 	"github.com/pagedkv/pagedkv/blocktable"
 )
 
+// rows is what both table formats take: one row per sequence.
+type rows interface {
+	Reset()
+	AppendRow(blocks []int32, tokens int) error
+}
+
 // ExportVLLM writes the block tables and lengths of seqs, in that order, as rows of t (vLLM's
 // block_tables and seq_lens). It allocates nothing. On an error t is left empty.
 func (m *Manager) ExportVLLM(seqs []SeqID, t *blocktable.VLLM) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.export(seqs, t)
+}
+
+// ExportFlashInfer writes the paged-KV CSR of seqs, in that order, into f (FlashInfer's
+// kv_indptr, kv_indices, kv_last_page_len). It allocates nothing. On an error f is left empty.
+func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if f.BlockTokens != m.cfg.BlockTokens {
+		f.Reset()
+		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: table made for %d tokens per block, the cache has %d", ErrInvalidArgument, f.BlockTokens, m.cfg.BlockTokens)}
+	}
+	return m.export(seqs, f)
+}
+
+func (m *Manager) export(seqs []SeqID, t rows) error {
 	t.Reset()
 	for _, id := range seqs {
 		s, ok := m.seqs.Get(id)
@@ -20,29 +42,6 @@ func (m *Manager) ExportVLLM(seqs []SeqID, t *blocktable.VLLM) error {
 		}
 		if err := t.AppendRow(s.Blocks, s.Tokens); err != nil {
 			t.Reset()
-			return &SequenceError{Op: "export", Seq: id, Err: err}
-		}
-	}
-	return nil
-}
-
-// ExportFlashInfer writes the paged-KV CSR of seqs, in that order, into f (FlashInfer's
-// kv_indptr, kv_indices, kv_last_page_len). It allocates nothing. On an error f is left empty.
-func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	f.Reset()
-	if f.BlockTokens != m.cfg.BlockTokens {
-		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: table made for %d tokens per block, the cache has %d", ErrInvalidArgument, f.BlockTokens, m.cfg.BlockTokens)}
-	}
-	for _, id := range seqs {
-		s, ok := m.seqs.Get(id)
-		if !ok {
-			f.Reset()
-			return &SequenceError{Op: "export", Seq: id, Err: ErrUnknownSequence}
-		}
-		if err := f.AppendRow(s.Blocks, s.Tokens); err != nil {
-			f.Reset()
 			return &SequenceError{Op: "export", Seq: id, Err: err}
 		}
 	}
