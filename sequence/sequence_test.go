@@ -40,3 +40,40 @@ func TestRegistryRecyclesWithoutAllocating(t *testing.T) {
 	assert.Empty(t, s2.Blocks)
 	assert.Equal(t, 1, r.Len())
 }
+
+// The lookup cache never answers with a removed or recycled sequence, whatever the ids collide on.
+func TestRegistryCacheStaysTrue(t *testing.T) {
+	r := NewRegistry()
+	live := map[ID]*Sequence{}
+	x := uint64(1)
+	for i := range 20000 {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		id := ID(x % 3000) // many collisions in a 4096-slot cache and in ids
+		if s, ok := live[id]; ok && i%3 != 0 {
+			got, ok := r.Get(id)
+			require.True(t, ok)
+			require.Same(t, s, got)
+			if i%2 == 0 {
+				r.Remove(s)
+				delete(live, id)
+				_, ok := r.Get(id)
+				require.False(t, ok)
+			}
+			continue
+		}
+		if _, ok := live[id]; !ok {
+			_, found := r.Get(id)
+			require.False(t, found, "id %d is not live", id)
+			s := r.Add(id)
+			live[id] = s
+		}
+	}
+	require.Equal(t, len(live), r.Len())
+	for id, s := range live {
+		got, ok := r.Get(id)
+		require.True(t, ok)
+		require.Same(t, s, got)
+	}
+}
