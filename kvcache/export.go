@@ -35,10 +35,10 @@ func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error
 func (m *Manager) export(seqs []SeqID, t rows) error {
 	t.Reset()
 	for _, id := range seqs {
-		s, ok := m.seqs.Get(id)
-		if !ok {
+		s, err := m.lookup("export", id)
+		if err != nil {
 			t.Reset()
-			return &SequenceError{Op: "export", Seq: id, Err: ErrUnknownSequence}
+			return err
 		}
 		if err := t.AppendRow(s.Blocks, s.Tokens); err != nil {
 			t.Reset()

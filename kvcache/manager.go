@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -132,6 +133,15 @@ func (m *Manager) BlockAddr(layer, kv int, block int32) vmm.Addr {
 	return m.base + vmm.Addr(m.cfg.Offset(layer, kv, block))
 }
 
+// lookup returns the sequence, or the *SequenceError naming op that an unknown one gets.
+func (m *Manager) lookup(op string, seq SeqID) (*sequence.Sequence, error) {
+	s, ok := m.seqs.Get(seq)
+	if !ok {
+		return nil, &SequenceError{Op: op, Seq: seq, Err: ErrUnknownSequence}
+	}
+	return s, nil
+}
+
 func (m *Manager) usable(op string, seq SeqID) error {
 	if m.closed {
 		return &SequenceError{Op: op, Seq: seq, Err: ErrClosed}
@@ -179,10 +189,7 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 
 // appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
 func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
-	bt := m.cfg.BlockTokens
-	for t := s.Tokens; t < s.Tokens+n; t++ {
-		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
-	}
+	dst = blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, s.Tokens, s.Tokens+n)
 	s.Tokens += n
 	return dst
 }
@@ -363,9 +370,9 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	if err := m.usable("free", seq); err != nil {
 		return err
 	}
-	s, ok := m.seqs.Get(seq)
-	if !ok {
-		return &SequenceError{Op: "free", Seq: seq, Err: ErrUnknownSequence}
+	s, err := m.lookup("free", seq)
+	if err != nil {
+		return err
 	}
 	for _, b := range s.Blocks {
 		m.arena.unref(b)
@@ -386,9 +393,9 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	if err := m.usable("fork", src); err != nil {
 		return err
 	}
-	s, ok := m.seqs.Get(src)
-	if !ok {
-		return &SequenceError{Op: "fork", Seq: src, Err: ErrUnknownSequence}
+	s, err := m.lookup("fork", src)
+	if err != nil {
+		return err
 	}
 	if _, ok := m.seqs.Get(dst); ok {
 		return &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
@@ -410,9 +417,9 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	if err := m.usable("truncate", seq); err != nil {
 		return err
 	}
-	s, ok := m.seqs.Get(seq)
-	if !ok {
-		return &SequenceError{Op: "truncate", Seq: seq, Err: ErrUnknownSequence}
+	s, err := m.lookup("truncate", seq)
+	if err != nil {
+		return err
 	}
 	if n < 0 || n > s.Tokens {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{N: n, Max: s.Tokens}}
@@ -433,9 +440,9 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 func (m *Manager) Len(seq SeqID) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s, ok := m.seqs.Get(seq)
-	if !ok {
-		return 0, &SequenceError{Op: "len", Seq: seq, Err: ErrUnknownSequence}
+	s, err := m.lookup("len", seq)
+	if err != nil {
+		return 0, err
 	}
 	return s.Tokens, nil
 }
@@ -444,9 +451,9 @@ func (m *Manager) Len(seq SeqID) (int, error) {
 func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s, ok := m.seqs.Get(seq)
-	if !ok {
-		return dst, &SequenceError{Op: "blocks", Seq: seq, Err: ErrUnknownSequence}
+	s, err := m.lookup("blocks", seq)
+	if err != nil {
+		return dst, err
 	}
 	return append(dst, s.Blocks...), nil
 }
@@ -455,18 +462,14 @@ func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s, ok := m.seqs.Get(seq)
-	if !ok {
-		return dst, &SequenceError{Op: "slots", Seq: seq, Err: ErrUnknownSequence}
+	s, err := m.lookup("slots", seq)
+	if err != nil {
+		return dst, err
 	}
 	if from < 0 || to > s.Tokens || from > to {
 		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{N: to, Max: s.Tokens}}
 	}
-	bt := m.cfg.BlockTokens
-	for t := from; t < to; t++ {
-		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
-	}
-	return dst, nil
+	return blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, from, to), nil
 }
 
 // Close stops the reserve goroutine, drops every sequence and returns all memory to the device.
