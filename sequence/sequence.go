@@ -25,12 +25,6 @@ func (s *Sequence) TailRoom(blockTokens int) int {
 	return len(s.Blocks)*blockTokens - s.Tokens
 }
 
-// Slot returns the slot of token t (vLLM's slot_mapping value): its block's id times
-// blockTokens plus its offset in the block. t must be < s.Tokens.
-func (s *Sequence) Slot(t, blockTokens int) int64 {
-	return int64(s.Blocks[t/blockTokens])*int64(blockTokens) + int64(t%blockTokens)
-}
-
 // Registry maps IDs to Sequences and recycles Sequence values and their block slices, so that
 // adding and removing sequences in steady state allocates nothing.
 //
