@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -15,8 +16,10 @@ import (
 
 func TestMain(m *testing.M) { leakcheck.Main(m) }
 
+func leakCheck(t *testing.T) { leakcheck.Check(t) }
+
 func TestVLLMRows(t *testing.T) {
-	v := blocktable.NewVLLM(2, 3, 0)
+	v := devtest.VLLM(t, 2, 3, 0)
 	require.NoError(t, v.AppendRow([]int32{7}, 5))
 	require.NoError(t, v.AppendRow([]int32{1, 2, 3}, 40))
 	assert.Equal(t, []int32{7, 0, 0, 1, 2, 3}, v.Table())
@@ -32,7 +35,7 @@ func TestVLLMRows(t *testing.T) {
 }
 
 func TestFlashInferRows(t *testing.T) {
-	f := blocktable.NewFlashInfer(3, 4, 16)
+	f := devtest.FlashInfer(t, 3, 4, 16)
 	require.NoError(t, f.AppendRow([]int32{4, 5}, 17))
 	require.NoError(t, f.AppendRow([]int32{9}, 16))
 	require.NoError(t, f.AppendRow(nil, 0))
@@ -60,10 +63,10 @@ func TestDeviceTablesKeepTheirAddresses(t *testing.T) {
 		defer func() { require.NoError(t, d.Close()) }()
 		addrs := [6]vmm.Addr{d.BlockTables, d.SeqLens, d.SlotMapping, d.Indptr, d.Indices, d.LastPageLen}
 		for step := range 3 {
-			v := blocktable.NewVLLM(4, 8, -1)
+			v := devtest.VLLM(t, 4, 8, -1)
 			require.NoError(t, v.AppendRow([]int32{int32(step), 11}, 20+step))
 			require.NoError(t, d.UploadVLLM(v, []int64{int64(step*16 + 3)}))
-			f := blocktable.NewFlashInfer(4, 32, 16)
+			f := devtest.FlashInfer(t, 4, 32, 16)
 			require.NoError(t, f.AppendRow([]int32{int32(step), 11}, 20+step))
 			require.NoError(t, d.UploadFlashInfer(f))
 			require.Equal(t, addrs, [6]vmm.Addr{d.BlockTables, d.SeqLens, d.SlotMapping, d.Indptr, d.Indices, d.LastPageLen})
@@ -84,7 +87,7 @@ func TestDeviceTablesKeepTheirAddresses(t *testing.T) {
 			require.NoError(t, dev.CopyOut(lp, d.LastPageLen))
 			assert.Equal(t, []int32{int32(4 + step)}, i32(lp))
 		}
-		big := blocktable.NewVLLM(4, 9, 0)
+		big := devtest.VLLM(t, 4, 9, 0)
 		require.ErrorIs(t, d.UploadVLLM(big, nil), blocktable.ErrTooLarge)
 		_, err = blocktable.NewDeviceTables(dev, 0, 1, 1)
 		require.ErrorIs(t, err, vmm.ErrInvalidArgument)

@@ -2,8 +2,10 @@ package blocktable
 
 import (
 	"fmt"
+	"sync"
 	"unsafe"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -13,10 +15,12 @@ import (
 //
 // Uploads are synchronous copies on the device's default stream (vmm.Device.CopyIn): when they
 // return, a kernel launched afterwards on any stream that synchronises with the default stream
-// sees the new tables.
+// sees the new tables. Safe for concurrent use; after Close every call returns ErrClosed.
 type DeviceTables struct {
-	pool *vmm.Pool
-	dev  vmm.Device
+	mu     sync.Mutex
+	pool   *vmm.Pool
+	dev    vmm.Device
+	closed bool
 
 	maxSeqs, maxBlocks, maxTokens, maxNNZ int
 
@@ -26,22 +30,38 @@ type DeviceTables struct {
 }
 
 // NewDeviceTables maps device memory for batches of up to maxSeqs sequences of up to maxBlocks
-// blocks each, and up to maxTokens new tokens per step.
+// blocks each, and up to maxTokens new tokens per step. Sizes that are not positive are a
+// *CountError (ErrInvalidArgument); tables of more than MaxEntries entries a *SizeError
+// (ErrTooLarge); a nil device ErrInvalidArgument.
 func NewDeviceTables(dev vmm.Device, maxSeqs, maxBlocks, maxTokens int) (*DeviceTables, error) {
-	if maxSeqs <= 0 || maxBlocks <= 0 || maxTokens <= 0 {
-		return nil, fmt.Errorf("device tables: %w: sizes %d, %d, %d must be positive", vmm.ErrInvalidArgument, maxSeqs, maxBlocks, maxTokens)
+	if dev == nil {
+		return nil, fmt.Errorf("device tables: %w: nil device", ErrInvalidArgument)
 	}
-	d := &DeviceTables{dev: dev, maxSeqs: maxSeqs, maxBlocks: maxBlocks, maxTokens: maxTokens, maxNNZ: maxSeqs * maxBlocks}
+	for _, c := range []struct {
+		what string
+		n    int
+	}{{"sequences", maxSeqs}, {"blocks per sequence", maxBlocks}, {"tokens per step", maxTokens}} {
+		if c.n <= 0 || c.n > MaxEntries {
+			return nil, fmt.Errorf("device tables: %w", &CountError{What: c.what, N: c.n, Max: MaxEntries})
+		}
+	}
+	nnz, err := entries("device tables", maxSeqs, maxBlocks)
+	if err != nil {
+		return nil, fmt.Errorf("device tables: %w", err)
+	}
+	d := &DeviceTables{dev: dev, maxSeqs: maxSeqs, maxBlocks: maxBlocks, maxTokens: maxTokens, maxNNZ: nnz}
 	var off uint64
 	next := func(bytes int) uint64 { // 256-byte aligned, as kernels' vector loads like
 		o := off
 		off += (uint64(bytes) + 255) &^ 255
 		return o
 	}
-	oBT, oSL, oSM := next(4*d.maxNNZ), next(4*maxSeqs), next(8*maxTokens)
-	oIP, oIX, oLP := next(4*(maxSeqs+1)), next(4*d.maxNNZ), next(4*maxSeqs)
-	g := dev.Info().Granularity
-	size := (off + g - 1) / g * g
+	oBT, oSL, oSM := next(4*nnz), next(4*maxSeqs), next(8*maxTokens)
+	oIP, oIX, oLP := next(4*(maxSeqs+1)), next(4*nnz), next(4*maxSeqs)
+	size, ok := checked.RoundUp(off, dev.Info().Granularity)
+	if !ok {
+		return nil, fmt.Errorf("device tables: %w: granularity %d", ErrInvalidArgument, dev.Info().Granularity)
+	}
 	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
 	if err != nil {
 		return nil, fmt.Errorf("device tables: %w", err)
@@ -64,9 +84,29 @@ func bytesOf[T int32 | int64](s []T) []byte {
 	return unsafe.Slice((*byte)(unsafe.Pointer(&s[0])), len(s)*int(unsafe.Sizeof(s[0])))
 }
 
+// lock locks open tables made by NewDeviceTables, or reports why not (then nothing is locked).
+func (d *DeviceTables) lock() error {
+	if d == nil || d.pool == nil {
+		return fmt.Errorf("device tables: %w: nil or not made by NewDeviceTables", ErrInvalidArgument)
+	}
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return fmt.Errorf("device tables: %w", ErrClosed)
+	}
+	return nil
+}
+
 // UploadVLLM copies t's valid rows and slots into the device arrays. t.MaxBlocks must equal the
 // maxBlocks the tables were made for (the row stride kernels are told).
 func (d *DeviceTables) UploadVLLM(t *VLLM, slots []int64) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := t.check(0); err != nil {
+		return fmt.Errorf("upload vLLM tables: %w", err)
+	}
 	if t.MaxBlocks != d.maxBlocks {
 		return &SizeError{What: "vLLM row stride", Need: t.MaxBlocks, Cap: d.maxBlocks}
 	}
@@ -89,16 +129,24 @@ func (d *DeviceTables) UploadVLLM(t *VLLM, slots []int64) error {
 
 // UploadFlashInfer copies f's valid entries into the device arrays.
 func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	if err := f.check(0); err != nil {
+		return fmt.Errorf("upload FlashInfer tables: %w", err)
+	}
 	if f.Rows > d.maxSeqs {
 		return &SizeError{What: "FlashInfer sequences", Need: f.Rows, Cap: d.maxSeqs}
 	}
-	if f.NNZ() > d.maxNNZ {
-		return &SizeError{What: "FlashInfer kv_indices", Need: f.NNZ(), Cap: d.maxNNZ}
+	nnz := f.NNZ()
+	if nnz > d.maxNNZ {
+		return &SizeError{What: "FlashInfer kv_indices", Need: nnz, Cap: d.maxNNZ}
 	}
 	for _, c := range []struct {
 		dst vmm.Addr
 		src []byte
-	}{{d.Indptr, bytesOf(f.Indptr[:f.Rows+1])}, {d.Indices, bytesOf(f.Indices[:f.NNZ()])}, {d.LastPageLen, bytesOf(f.LastPageLen[:f.Rows])}} {
+	}{{d.Indptr, bytesOf(f.Indptr[:f.Rows+1])}, {d.Indices, bytesOf(f.Indices[:nnz])}, {d.LastPageLen, bytesOf(f.LastPageLen[:f.Rows])}} {
 		if err := d.dev.CopyIn(c.dst, c.src); err != nil {
 			return fmt.Errorf("upload FlashInfer tables: %w", err)
 		}
@@ -106,5 +154,12 @@ func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
 	return nil
 }
 
-// Close returns the device memory.
-func (d *DeviceTables) Close() error { return d.pool.Close() }
+// Close returns the device memory; a second Close returns ErrClosed.
+func (d *DeviceTables) Close() error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.mu.Unlock()
+	d.closed = true
+	return d.pool.Close()
+}

@@ -1,6 +1,7 @@
 package blocktable_test
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/blocktable"
@@ -13,14 +14,25 @@ func Example() {
 		tokens int
 	}{{[]int32{4, 9}, 20}, {[]int32{2}, 16}}
 
-	v := blocktable.NewVLLM(2, 3, -1)
-	f := blocktable.NewFlashInfer(2, 6, 16)
+	v, err := blocktable.NewVLLM(2, 3, -1)
+	if err != nil {
+		panic(err)
+	}
+	f, err := blocktable.NewFlashInfer(2, 6, 16)
+	if err != nil {
+		panic(err)
+	}
 	for _, s := range seqs {
-		_ = v.AppendRow(s.blocks, s.tokens)
-		_ = f.AppendRow(s.blocks, s.tokens)
+		if err := errors.Join(v.AppendRow(s.blocks, s.tokens), f.AppendRow(s.blocks, s.tokens)); err != nil {
+			panic(err)
+		}
 	}
 	fmt.Println("block_tables", v.Table(), "seq_lens", v.Lens())
-	fmt.Println("slot_mapping of tokens 16..19:", blocktable.AppendSlots(nil, seqs[0].blocks, 16, 16, 20))
+	slots, err := blocktable.AppendSlots(nil, seqs[0].blocks, 16, 16, 20)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("slot_mapping of tokens 16..19:", slots)
 	fmt.Println("kv_indptr", f.Indptr[:f.Rows+1], "kv_indices", f.Indices[:f.NNZ()], "kv_last_page_len", f.LastPageLen[:f.Rows])
 	// Output:
 	// block_tables [4 9 -1 2 -1 -1] seq_lens [20 16]

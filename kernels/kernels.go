@@ -57,6 +57,9 @@ var (
 // For returns the kernels of dev: the CUDA kernels for a *vmm.CUDADevice (loading the module
 // into its context on first use), the Go implementation for any other device.
 func For(dev vmm.Device) (*Kernels, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("kernels: %w: nil device", vmm.ErrInvalidArgument)
+	}
 	k := &Kernels{dev: dev}
 	if cd, ok := dev.(*vmm.CUDADevice); ok {
 		m, err := acquire(cd.Context())
@@ -70,7 +73,7 @@ func For(dev vmm.Device) (*Kernels, error) {
 
 // Image returns the image the kernels run from (ImageGo for the Go implementation).
 func (k *Kernels) Image() Image {
-	if k.mod == nil {
+	if k == nil || k.mod == nil {
 		return ImageGo
 	}
 	return k.mod.image
@@ -123,7 +126,7 @@ var errNoBinary = errors.New("no binary for this GPU")
 func loadImage(ctx *cuda.Context, img Image) (*module, error) {
 	data, err := gen.ReadFile("gen/" + string(img))
 	if err != nil {
-		return nil, fmt.Errorf("kernels: %w", err)
+		return nil, fmt.Errorf("kernels: %w: no embedded image %q: %v", vmm.ErrInvalidArgument, img, err)
 	}
 	if img == ImagePTX {
 		data = append(data, 0) // the driver reads PTX as a C string
@@ -152,6 +155,9 @@ func loadImage(ctx *cuda.Context, img Image) (*module, error) {
 // LoadTime loads the module for dev's context from the given image into a fresh module and
 // unloads it again, for measuring cold load cost (the bench program). It is not needed for use.
 func LoadTime(dev *vmm.CUDADevice, img Image) error {
+	if dev.Context() == nil {
+		return fmt.Errorf("kernels: load time: %w: no CUDA device", vmm.ErrInvalidArgument)
+	}
 	m, err := loadImage(dev.Context(), img)
 	if err != nil {
 		return err
@@ -159,9 +165,15 @@ func LoadTime(dev *vmm.CUDADevice, img Image) error {
 	return m.ctx.ModuleUnload(m.mod)
 }
 
+// errNotMade is what every call on a nil Kernels, or one not made by For, returns.
+var errNotMade = fmt.Errorf("kernels: %w: nil kernels, or not made by For", vmm.ErrInvalidArgument)
+
 // Close releases the scratch buffer and the module reference; the last Kernels of a context
-// unloads the module.
+// unloads the module. Closing twice is a no-op.
 func (k *Kernels) Close() error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
 	var errs []error
 	k.mu.Lock()
 	if k.scratch != nil {
@@ -184,6 +196,9 @@ func (k *Kernels) Close() error {
 
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
 	if k.mod == nil {
 		return nil
 	}
@@ -203,8 +218,11 @@ func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 // and not be sources of other pairs. On CUDA it stages the pairs in device memory and launches
 // once per up to 128k pairs on s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
-	if len(pairs)%2 != 0 || blockStride == 0 || blockStride%16 != 0 {
-		return fmt.Errorf("kernels: copy blocks: %w: %d pair values, block stride %d (a multiple of 16)", vmm.ErrInvalidArgument, len(pairs), blockStride)
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
+	if err := checkStride(len(pairs)%2 == 0, blockStride); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
 	}
 	if k.mod == nil {
 		for i := 0; i < len(pairs); i += 2 {
@@ -256,24 +274,37 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 
 // CopyBlocksDevice is CopyBlocks with the n pairs already in device memory at pairs (int64
 // [n,2]): nothing is staged, so it can be captured in a CUDA graph. The Go implementation reads
-// the pairs through the device.
+// the pairs through the device, a chunk at a time. n may be at most MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
+	if n < 0 || n > MaxGridX {
+		return fmt.Errorf("kernels: copy blocks: %w", &vmm.RangeError{Offset: 0, Size: uint64(n), Limit: MaxGridX + 1})
+	}
+	if err := checkStride(true, blockStride); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
 	if n == 0 {
 		return nil
 	}
-	if n < 0 || blockStride == 0 || blockStride%16 != 0 {
-		return fmt.Errorf("kernels: copy blocks: %w: %d pairs, block stride %d", vmm.ErrInvalidArgument, n, blockStride)
-	}
 	if k.mod == nil {
-		host := make([]byte, 16*n)
-		if err := k.dev.CopyOut(host, pairs); err != nil {
-			return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
+		const chunk = 4096
+		host := make([]byte, 16*min(n, chunk))
+		p := make([]int64, 2*min(n, chunk))
+		for done := 0; done < n; done += chunk {
+			c := min(n-done, chunk)
+			if err := k.dev.CopyOut(host[:16*c], pairs+vmm.Addr(16*done)); err != nil {
+				return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
+			}
+			for i := range 2 * c {
+				p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
+			}
+			if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
+				return err
+			}
 		}
-		p := make([]int64, 2*n)
-		for i := range p {
-			p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
-		}
-		return k.CopyBlocks(s, base, p, blockStride)
+		return nil
 	}
 	const threads = 256
 	vecs := blockStride / 16
@@ -288,21 +319,27 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 
 // WriteKV stores numTokens tokens' K and V of one layer: key and value hold numTokens rows of
 // tokenBytes (device addresses), slotMapping numTokens int64 slots (negative: skip); kBase and
-// vBase are the layer's K and V bases (kvcache.Manager.LayerBase). tokenBytes is a multiple of 16.
+// vBase are the layer's K and V bases (kvcache.Manager.LayerBase). tokenBytes is a multiple of
+// 16 and at most MaxRowBytes; numTokens at most MaxGridX.
 func (k *Kernels) WriteKV(s Stream, kBase, vBase, key, value, slotMapping vmm.Addr, numTokens int, tokenBytes uint64, blockTokens int, blockStride uint64) error {
-	if numTokens < 0 || tokenBytes == 0 || tokenBytes%16 != 0 || blockTokens <= 0 {
-		return fmt.Errorf("kernels: write kv: %w: %d tokens of %d bytes (a multiple of 16), %d tokens per block", vmm.ErrInvalidArgument, numTokens, tokenBytes, blockTokens)
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
+	if numTokens < 0 || numTokens > MaxGridX || tokenBytes == 0 || tokenBytes%16 != 0 || tokenBytes > MaxRowBytes ||
+		blockTokens <= 0 || blockTokens > math.MaxInt32 {
+		return fmt.Errorf("kernels: write kv: %w: %d tokens (at most %d) of %d bytes (a multiple of 16, at most %d), %d tokens per block",
+			vmm.ErrInvalidArgument, numTokens, MaxGridX, tokenBytes, MaxRowBytes, blockTokens)
 	}
 	if numTokens == 0 {
 		return nil
 	}
 	if k.mod == nil {
-		slots := make([]byte, 8*numTokens)
-		if err := k.dev.CopyOut(slots, slotMapping); err != nil {
-			return fmt.Errorf("kernels: write kv: read slots: %w", err)
-		}
+		var slot8 [8]byte
 		for t := range numTokens {
-			slot := int64(binary.LittleEndian.Uint64(slots[8*t:]))
+			if err := k.dev.CopyOut(slot8[:], slotMapping+vmm.Addr(8*t)); err != nil {
+				return fmt.Errorf("kernels: write kv: read slot %d: %w", t, err)
+			}
+			slot := int64(binary.LittleEndian.Uint64(slot8[:]))
 			if slot < 0 {
 				continue
 			}
@@ -341,15 +378,20 @@ type Attention struct {
 }
 
 func (a Attention) validate() error {
-	if a.NumSeqs < 0 || a.MaxBlocks <= 0 || a.NumHeads <= 0 || a.KVHeads <= 0 || a.NumHeads%a.KVHeads != 0 ||
-		a.HeadDim <= 0 || a.HeadDim > 1024 || a.BlockTokens <= 0 || a.BlockStride == 0 {
+	if a.NumSeqs < 0 || a.NumSeqs > MaxGridX || a.MaxBlocks <= 0 || a.MaxBlocks > math.MaxInt32 ||
+		a.NumHeads <= 0 || a.NumHeads > MaxGridY || a.KVHeads <= 0 || a.NumHeads%a.KVHeads != 0 ||
+		a.HeadDim <= 0 || a.HeadDim > 1024 || a.BlockTokens <= 0 || a.BlockTokens > math.MaxInt32 || a.BlockStride == 0 {
 		return fmt.Errorf("kernels: attention: %w: %+v", vmm.ErrInvalidArgument, a)
 	}
 	return nil
 }
 
-// PagedAttention runs the reference decode attention on s.
+// PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
+// NumHeads at most MaxGridY.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
 	if err := a.validate(); err != nil {
 		return err
 	}
@@ -374,55 +416,65 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 	return nil
 }
 
-// attentionGo is the Go implementation: the same math, in float32, reading through the device.
+// attentionGo is the Go implementation: the same math in float32 with the same online softmax,
+// reading through the device one row at a time, so that its memory does not depend on the
+// sizes it is given.
 func (k *Kernels) attentionGo(a Attention) error {
-	read := func(addr vmm.Addr, n int) ([]byte, error) {
-		b := make([]byte, n)
-		return b, k.dev.CopyOut(b, addr)
-	}
-	tables, err := read(a.BlockTables, 4*a.NumSeqs*a.MaxBlocks)
-	if err != nil {
-		return fmt.Errorf("kernels: attention: %w", err)
-	}
-	lens, err := read(a.SeqLens, 4*a.NumSeqs)
-	if err != nil {
-		return fmt.Errorf("kernels: attention: %w", err)
-	}
-	qb, err := read(a.Q, 2*a.NumSeqs*a.NumHeads*a.HeadDim)
-	if err != nil {
-		return fmt.Errorf("kernels: attention: %w", err)
-	}
-	out := make([]byte, 4*a.NumSeqs*a.NumHeads*a.HeadDim)
 	rowBytes := 2 * a.HeadDim
-	row := make([]byte, rowBytes)
+	q, row := make([]byte, rowBytes), make([]byte, rowBytes)
+	out := make([]byte, 4*a.HeadDim)
+	acc := make([]float32, a.HeadDim)
+	var word [4]byte
+	read32 := func(addr vmm.Addr) (int32, error) {
+		err := k.dev.CopyOut(word[:], addr)
+		return int32(binary.LittleEndian.Uint32(word[:])), err
+	}
 	half := func(b []byte, i int) float32 { return HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:])) }
 	group := a.NumHeads / a.KVHeads
+	maxLen := int64(a.MaxBlocks) * int64(a.BlockTokens)
 	for s := range a.NumSeqs {
-		n := int(int32(binary.LittleEndian.Uint32(lens[4*s:])))
+		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
+		if err != nil {
+			return fmt.Errorf("kernels: attention: %w", err)
+		}
+		n := int64(max(n32, 0))
+		if n > maxLen {
+			return fmt.Errorf("kernels: attention: sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
+		}
+		rowOf := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
 		for h := range a.NumHeads {
 			kvh := h / group
-			scores := make([]float32, n)
-			m := float32(math.Inf(-1))
+			if err := k.dev.CopyOut(q, a.Q+vmm.Addr(int64(s*a.NumHeads+h)*int64(rowBytes))); err != nil {
+				return fmt.Errorf("kernels: attention: %w", err)
+			}
+			clear(acc)
+			m, sum := float32(math.Inf(-1)), float32(0)
+			var blk int32
 			for t := range n {
-				blk := int64(int32(binary.LittleEndian.Uint32(tables[4*(s*a.MaxBlocks+t/a.BlockTokens):])))
-				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%a.BlockTokens)*a.KVHeads+kvh)*rowBytes))
+				if t%int64(a.BlockTokens) == 0 {
+					if blk, err = read32(rowOf + vmm.Addr(4*(t/int64(a.BlockTokens)))); err != nil {
+						return fmt.Errorf("kernels: attention: %w", err)
+					}
+				}
+				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%int64(a.BlockTokens))*int64(a.KVHeads)+int64(kvh))*int64(rowBytes)))
 				if err := k.dev.CopyOut(row, a.KBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
 				}
 				dot := float32(0)
 				for d := range a.HeadDim {
-					dot += half(qb, (s*a.NumHeads+h)*a.HeadDim+d) * half(row, d)
+					dot += half(q, d) * half(row, d)
 				}
-				scores[t] = dot * a.Scale
-				m = max(m, scores[t])
-			}
-			acc := make([]float32, a.HeadDim)
-			sum := float32(0)
-			for t := range n {
-				p := float32(math.Exp(float64(scores[t] - m)))
+				score := dot * a.Scale
+				if score > m { // rescale what was accumulated under the old maximum
+					c := float32(math.Exp(float64(m - score)))
+					for d := range acc {
+						acc[d] *= c
+					}
+					sum *= c
+					m = score
+				}
+				p := float32(math.Exp(float64(score - m)))
 				sum += p
-				blk := int64(int32(binary.LittleEndian.Uint32(tables[4*(s*a.MaxBlocks+t/a.BlockTokens):])))
-				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%a.BlockTokens)*a.KVHeads+kvh)*rowBytes))
 				if err := k.dev.CopyOut(row, a.VBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
 				}
@@ -435,12 +487,31 @@ func (k *Kernels) attentionGo(a Attention) error {
 				if n > 0 {
 					v = acc[d] / sum
 				}
-				binary.LittleEndian.PutUint32(out[4*((s*a.NumHeads+h)*a.HeadDim+d):], math.Float32bits(v))
+				binary.LittleEndian.PutUint32(out[4*d:], math.Float32bits(v))
+			}
+			if err := k.dev.CopyIn(a.Out+vmm.Addr(int64(s*a.NumHeads+h)*int64(4*a.HeadDim)), out); err != nil {
+				return fmt.Errorf("kernels: attention: %w", err)
 			}
 		}
 	}
-	if err := k.dev.CopyIn(a.Out, out); err != nil {
-		return fmt.Errorf("kernels: attention: %w", err)
+	return nil
+}
+
+// Launch limits: a grid's x dimension holds at most 2^31-1 blocks and its y dimension 65535;
+// MaxRowBytes bounds one token's row in WriteKV, MaxBlockStride a block in CopyBlocks (a grid
+// of 65535 chunks of 32 KiB).
+const (
+	MaxGridX       = math.MaxInt32
+	MaxGridY       = 65535
+	MaxRowBytes    = 1 << 20
+	MaxBlockStride = MaxGridY * 256 * 8 * 16
+)
+
+// checkStride reports a block stride CopyBlocks cannot copy (zero, not a multiple of 16, over
+// MaxBlockStride), or pairs that are not pairs.
+func checkStride(paired bool, blockStride uint64) error {
+	if !paired || blockStride == 0 || blockStride%16 != 0 || blockStride > MaxBlockStride {
+		return fmt.Errorf("%w: block stride %d (a multiple of 16 up to %d), whole pairs %v", vmm.ErrInvalidArgument, blockStride, uint64(MaxBlockStride), paired)
 	}
 	return nil
 }

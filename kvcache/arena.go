@@ -10,7 +10,7 @@ import (
 type pageState uint8
 
 const (
-	pageUnmapped pageState = iota // no physical memory; in arena.unmapped
+	pageUnmapped pageState = iota // no physical memory; in arena.unmapped, or never used (nil)
 	pageInFlight                  // being mapped or unmapped by the reserve goroutine; in no index
 	pageFree                      // mapped, every block free; in arena.free
 	pagePartial                   // mapped, some blocks free; in arena.partial
@@ -30,9 +30,15 @@ type page struct {
 // data drifts to the bottom of the arena and whole pages at the top come free to be returned.
 // It knows nothing of devices; the Manager maps and unmaps the pages it names. Not safe for
 // concurrent use.
+//
+// Pages are used lowest first, so the pages never used yet are exactly [fresh, len(pages)):
+// they have no state (nil) and are in no index, and the unmapped index holds only pages used
+// before and unmapped since. So the arena's memory and set-up time follow the pages in use,
+// not the size of the reservation.
 type arena struct {
 	bpp      int
 	pages    []*page
+	fresh    int32 // first page never used
 	free     *btree.BTreeG[int32]
 	partial  *btree.BTreeG[int32]
 	unmapped *btree.BTreeG[int32]
@@ -51,9 +57,6 @@ func newArena(npages, bpp int) *arena {
 		free:     btree.NewG(32, less),
 		partial:  btree.NewG(32, less),
 		unmapped: btree.NewG(32, less),
-	}
-	for p := range npages {
-		a.unmapped.ReplaceOrInsert(int32(p))
 	}
 	return a
 }
@@ -93,21 +96,21 @@ func (a *arena) setState(p int32, s pageState) {
 
 // takeUnmapped claims the lowest unmapped page for mapping (state in flight).
 func (a *arena) takeUnmapped() (int32, bool) {
-	p, ok := a.unmapped.Min()
+	p, ok := a.unmapped.Min() // always below fresh
 	if !ok {
-		return 0, false
+		if int(a.fresh) == len(a.pages) {
+			return 0, false
+		}
+		p = a.fresh
+		a.fresh++
+		a.pages[p] = &page{bits: make([]uint64, (a.bpp+63)/64), refs: make([]int32, a.bpp)}
 	}
-	a.ensure(p)
 	a.setState(p, pageInFlight)
 	return p, true
 }
 
-// ensure allocates page p's block state on first use.
-func (a *arena) ensure(p int32) {
-	if a.pages[p] == nil {
-		a.pages[p] = &page{bits: make([]uint64, (a.bpp+63)/64), refs: make([]int32, a.bpp)}
-	}
-}
+// unmappedPages returns how many pages have no memory (used before, or never).
+func (a *arena) unmappedPages() int { return a.unmapped.Len() + len(a.pages) - int(a.fresh) }
 
 // mapped marks page p (in flight) as mapped and entirely free.
 func (a *arena) markMapped(p int32) {

@@ -37,6 +37,9 @@ type CompactResult struct {
 // must be finished or re-exported afterwards. Appends wait while it runs. If the copy fails
 // nothing has changed; if returning a page fails the compaction stands and the error says so.
 func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
+	if !m.made() {
+		return CompactResult{}, notMadeCall("compact")
+	}
 	m.growMu.Lock()
 	defer m.growMu.Unlock()
 	m.mu.Lock()

@@ -103,7 +103,7 @@ func checkAttention(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache
 		b, _ := m.Blocks(id, nil)
 		maxBlocks = max(maxBlocks, len(b))
 	}
-	vt := blocktable.NewVLLM(len(ids), maxBlocks, -1)
+	vt := devtest.VLLM(t, len(ids), maxBlocks, -1)
 	require.NoError(t, m.ExportVLLM(ids, vt))
 	tables, err := blocktable.NewDeviceTables(dev, len(ids), maxBlocks, 1)
 	require.NoError(t, err)

@@ -2,7 +2,9 @@ package kvcache
 
 import (
 	"fmt"
+	"math"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -32,8 +34,9 @@ type Config struct {
 	ElemSize    int // bytes per element (2 for fp16/bf16)
 	BlockTokens int // tokens per block (vLLM's block_size)
 
-	// Capacity is the virtual size of the arena in bytes; 0 means 4x the device's memory. It
-	// costs no physical memory.
+	// Capacity is the virtual size of the arena in bytes, rounded up to whole pages; 0 means 4x
+	// the device's memory, clamped to MaxPages pages and MaxBlocks blocks. It costs no physical
+	// memory.
 	Capacity uint64
 	// PageSize is the mapping unit in bytes; 0 means 2*Layers*granularity (one granule per layer
 	// and K|V, as a per-layer allocator would map). It must be a multiple of the device
@@ -53,47 +56,123 @@ type Config struct {
 	NoBackground bool
 }
 
-// Validate checks the geometry; the error matches vmm.ErrInvalidArgument.
+// Limits of one arena; Validate and New enforce them.
+const (
+	// MaxBlocks is the most blocks one arena holds: block ids are int32 in every table format.
+	MaxBlocks = math.MaxInt32
+	// MaxPages bounds the pages of one arena (2 TiB of 2 MiB pages), so that its bookkeeping stays
+	// small whatever Capacity says. A default Capacity is clamped to it.
+	MaxPages = 1 << 20
+	// MaxSequenceTokens is the most tokens one sequence may hold: seq_lens are int32.
+	MaxSequenceTokens = math.MaxInt32
+	// MaxBlockStride bounds BlockStride (1 TiB): a block bigger than that is a mistake, and the
+	// bound keeps every address computation of a valid arena far from overflowing.
+	MaxBlockStride = 1 << 40
+)
+
+// ConfigError reports a Config setting, or a size derived from the settings, that cannot be
+// used: Field names it, Value is what it is (nil where computing it overflowed) and Reason what
+// it must be. It matches ErrInvalidArgument.
+type ConfigError struct {
+	Field  string
+	Value  any
+	Reason string
+}
+
+// Error describes the failure with its numbers.
+func (e *ConfigError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	if e.Value == nil {
+		return fmt.Sprintf("pagedkv: invalid argument: kvcache config: %s overflows: %s", e.Field, e.Reason)
+	}
+	return fmt.Sprintf("pagedkv: invalid argument: kvcache config: %s = %v: %s", e.Field, e.Value, e.Reason)
+}
+
+// Is reports whether target is ErrInvalidArgument.
+func (e *ConfigError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
+
+// Validate checks the geometry and the settings that need no device; the error is a
+// *ConfigError (ErrInvalidArgument) or a *vmm.AlignmentError. Every size the Config derives
+// (TokenBytes, BlockBytes, BlockStride, BlocksPerPage) is exact for a Config that passes it.
 func (c Config) Validate() error {
 	for _, f := range []struct {
 		name string
 		v    int
 	}{{"Layers", c.Layers}, {"KVHeads", c.KVHeads}, {"HeadDim", c.HeadDim}, {"ElemSize", c.ElemSize}, {"BlockTokens", c.BlockTokens}} {
-		if f.v <= 0 {
-			return fmt.Errorf("kvcache config: %w: %s = %d must be positive", ErrInvalidArgument, f.name, f.v)
+		if f.v <= 0 || f.v > math.MaxInt32 {
+			return &ConfigError{Field: f.name, Value: f.v, Reason: fmt.Sprintf("must lie in [1, %d]", math.MaxInt32)}
 		}
+	}
+	if _, ok := checked.MulN(MaxBlockStride, 2, c.Layers, c.BlockTokens, c.KVHeads, c.HeadDim, c.ElemSize); !ok {
+		return &ConfigError{Field: "BlockStride", Reason: fmt.Sprintf("2*Layers*BlockTokens*KVHeads*HeadDim*ElemSize must be at most %d", uint64(MaxBlockStride))}
 	}
 	if c.PageSize != 0 && c.PageSize%c.BlockStride() != 0 {
 		return fmt.Errorf("kvcache config: %w", &vmm.AlignmentError{What: "page size", Value: c.PageSize, Align: c.BlockStride()})
 	}
+	if c.PageSize != 0 && c.PageSize/c.BlockStride() > MaxBlocks {
+		return &ConfigError{Field: "PageSize", Value: c.PageSize, Reason: fmt.Sprintf("holds more than %d blocks", MaxBlocks)}
+	}
 	if c.HighWatermark < 0 {
-		return fmt.Errorf("kvcache config: %w: HighWatermark = %d", ErrInvalidArgument, c.HighWatermark)
+		return &ConfigError{Field: "HighWatermark", Value: c.HighWatermark, Reason: "must not be negative"}
 	}
 	return nil
 }
 
-// withDefaults fills the zero settings for a device of the given granularity and memory.
+// withDefaults fills the zero settings for a device of the given granularity and memory, and
+// checks what depends on them: the page size against the granularity, and the arena's pages and
+// blocks against MaxPages and MaxBlocks (an explicit Capacity beyond them is an error, a
+// default one is clamped).
 func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
+	if gran == 0 {
+		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be positive"}
+	}
 	if c.PageSize == 0 {
-		c.PageSize = 2 * uint64(c.Layers) * gran
+		ps, ok := checked.Mul(2*uint64(c.Layers), gran)
+		if !ok {
+			return c, &ConfigError{Field: "PageSize (default 2*Layers*granularity)", Reason: "set PageSize"}
+		}
+		c.PageSize = ps
 		if c.PageSize%c.BlockStride() != 0 {
-			return c, fmt.Errorf("kvcache config: %w: the default page size %d holds no whole number of %d-byte blocks; set PageSize",
-				ErrInvalidArgument, c.PageSize, c.BlockStride())
+			return c, &ConfigError{Field: "PageSize (default 2*Layers*granularity)", Value: c.PageSize,
+				Reason: fmt.Sprintf("holds no whole number of %d-byte blocks; set PageSize", c.BlockStride())}
+		}
+		if c.PageSize/c.BlockStride() > MaxBlocks {
+			return c, &ConfigError{Field: "PageSize (default 2*Layers*granularity)", Value: c.PageSize, Reason: fmt.Sprintf("holds more than %d blocks; set PageSize", MaxBlocks)}
 		}
 	}
 	if c.PageSize%gran != 0 {
 		return c, fmt.Errorf("kvcache config: %w", &vmm.AlignmentError{What: "page size", Value: c.PageSize, Align: gran})
 	}
+	bpp := c.PageSize / c.BlockStride()
+	maxPages := min(uint64(MaxPages), MaxBlocks/bpp)
 	if c.Capacity == 0 {
-		c.Capacity = 4 * devMem
+		capacity, ok := checked.Mul(4, devMem)
+		if !ok {
+			capacity = math.MaxUint64
+		}
+		c.Capacity = min(capacity/c.PageSize, maxPages) * c.PageSize
+		if c.Capacity == 0 {
+			c.Capacity = c.PageSize
+		}
 	}
-	c.Capacity = (c.Capacity + c.PageSize - 1) / c.PageSize * c.PageSize
+	pages := c.Capacity / c.PageSize
+	if c.Capacity%c.PageSize != 0 {
+		pages++
+	}
+	if pages > maxPages {
+		return c, &ConfigError{Field: "Capacity", Value: c.Capacity,
+			Reason: fmt.Sprintf("needs %d pages of %d bytes; an arena has at most %d pages and %d blocks", pages, c.PageSize, MaxPages, MaxBlocks)}
+	}
+	c.Capacity = pages * c.PageSize
 	switch {
 	case c.ReservePages == 0:
 		c.ReservePages = 1
 	case c.ReservePages < 0:
 		c.ReservePages = 0
 	}
+	c.ReservePages = min(c.ReservePages, int(pages))
 	if c.HighWatermark == 0 {
 		c.HighWatermark = 2*c.ReservePages + 2
 	}
@@ -102,6 +181,9 @@ func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
 	}
 	return c, nil
 }
+
+// The sizes below are exact for a Config that passed Validate. On any other Config they are
+// unchecked arithmetic: they never panic, and may wrap.
 
 // TokenBytes returns the bytes of one token's K (or V) in one layer.
 func (c Config) TokenBytes() uint64 { return uint64(c.KVHeads * c.HeadDim * c.ElemSize) }
@@ -112,13 +194,25 @@ func (c Config) BlockBytes() uint64 { return uint64(c.BlockTokens) * c.TokenByte
 // BlockStride returns the distance between consecutive blocks: all layers' K and V of one block.
 func (c Config) BlockStride() uint64 { return 2 * uint64(c.Layers) * c.BlockBytes() }
 
-// BlocksPerPage returns how many blocks one page holds (PageSize must be set).
-func (c Config) BlocksPerPage() int { return int(c.PageSize / c.BlockStride()) }
+// BlocksPerPage returns how many blocks one page holds (0 while PageSize is not set).
+func (c Config) BlocksPerPage() int {
+	stride := c.BlockStride()
+	if stride == 0 {
+		return 0
+	}
+	return int(min(c.PageSize/stride, MaxBlocks))
+}
 
 // LayerOffset returns the offset of layer l's K (kv=0) or V (kv=1) within every block.
+//
+// Address arithmetic (LayerOffset, Offset, and Manager.LayerBase, Manager.BlockAddr and
+// Layout.Addr built on them) is unchecked, like unsafe.Add: these are called in launch code
+// for every layer, and a layer outside [0, Layers), a kv other than 0 or 1, or a block outside
+// the arena gives an address outside the arena, which the host backend's data calls refuse
+// with ErrNotMapped and a kernel would fault on. They never panic.
 func (c Config) LayerOffset(layer, kv int) uint64 { return uint64(2*layer+kv) * c.BlockBytes() }
 
-// Offset returns the arena offset of layer l's K or V of block b.
+// Offset returns the arena offset of layer l's K or V of block b (unchecked; see LayerOffset).
 func (c Config) Offset(layer, kv int, block int32) uint64 {
 	return uint64(block)*c.BlockStride() + c.LayerOffset(layer, kv)
 }

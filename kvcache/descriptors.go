@@ -13,13 +13,17 @@ type Layout struct {
 	BlockTokens int
 }
 
-// Addr returns the address of layer l's K (kv=0) or V (kv=1) of block b.
+// Addr returns the address of layer l's K (kv=0) or V (kv=1) of block b. Its arithmetic is
+// unchecked, like unsafe.Add (see Config.LayerOffset).
 func (l Layout) Addr(layer, kv int, block int32) vmm.Addr {
 	return l.Base + vmm.Addr(uint64(block)*l.BlockStride+uint64(2*layer+kv)*l.BlockBytes)
 }
 
-// Layout returns the manager's block layout.
+// Layout returns the manager's block layout (the zero Layout for a nil manager).
 func (m *Manager) Layout() Layout {
+	if !m.made() {
+		return Layout{}
+	}
 	return Layout{
 		Base: m.base, BlockStride: m.cfg.BlockStride(), BlockBytes: m.cfg.BlockBytes(),
 		TokenBytes: m.cfg.TokenBytes(), Layers: m.cfg.Layers, BlockTokens: m.cfg.BlockTokens,
@@ -31,6 +35,9 @@ func (m *Manager) Layout() Layout {
 // unmapped: compare MapGeneration to know when to register again), the external memory for a
 // static one.
 func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
+	if !m.made() {
+		return dst
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	info := m.dev.Info()
@@ -61,6 +68,9 @@ func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
 
 // MapGeneration counts the pages mapped and unmapped so far: when it changes, the regions have.
 func (m *Manager) MapGeneration() uint64 {
+	if !m.made() {
+		return 0
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.arena.gen

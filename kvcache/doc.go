@@ -17,8 +17,11 @@
 // and unmaps free pages beyond Config.HighWatermark from the top.
 //
 // Errors: every failing call returns a *SequenceError (or a plain error for whole-manager calls)
-// wrapping a sentinel (ErrUnknownSequence, ErrSequenceExists, ErrInvalidArgument, ErrClosed) or a
-// *vmm.CapacityError matching ErrOutOfMemory, and leaves the manager exactly as it was.
+// wrapping a sentinel (ErrUnknownSequence, ErrSequenceExists, ErrInvalidArgument, ErrClosed,
+// ErrAsleep), a *CountError, or a *BlocksError that matches ErrTooLarge (the request can never
+// fit) or wraps ErrOutOfMemory (it does not fit now), and leaves the manager exactly as it was.
+// No method panics on any argument, a nil or zero Manager included; the limits (MaxBlocks,
+// MaxSequenceTokens, MaxPages, MaxBlockStride) are checked where numbers enter.
 //
 // Concurrency: Manager is safe for concurrent use. Its hot path (an append inside the last
 // block) takes one lock and allocates nothing. Device work the manager does itself is

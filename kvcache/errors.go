@@ -3,6 +3,7 @@ package kvcache
 import (
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/sequence"
 )
@@ -30,25 +31,70 @@ type SequenceError struct {
 
 // Error describes the failure with its numbers.
 func (e *SequenceError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("kvcache: %s sequence %d: %v", e.Op, e.Seq, e.Err)
 }
 
 // Unwrap returns the cause.
-func (e *SequenceError) Unwrap() error { return e.Err }
+func (e *SequenceError) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.Err
+}
 
-// CountError reports a token count that is negative or larger than allowed; it matches
-// ErrInvalidArgument.
-type CountError struct {
-	N, Max int
+// CountError reports a count that is negative or larger than allowed; it matches
+// ErrInvalidArgument. It is the same type as blocktable.CountError.
+type CountError = errdefs.CountError
+
+// BlocksError reports an append whose blocks cannot be had: Tokens more tokens for a sequence
+// of SeqTokens need Blocks more blocks (Bytes of arena memory). Free is how many blocks the
+// manager could give now (free blocks of mapped pages, and of the pages its own limits still
+// let it map; a shared budget may reclaim more from other models), Max how many the arena can
+// ever hold.
+//
+// It matches ErrTooLarge when the request can never succeed (Blocks > Max, the sequence would
+// pass MaxSequenceTokens, or Tokens is over blocktable.MaxSlots; Err is nil then), and
+// otherwise wraps the cause, which matches
+// ErrOutOfMemory (a *vmm.CapacityError) or is a driver failure.
+type BlocksError struct {
+	Tokens, SeqTokens int
+	Blocks            int
+	Bytes             uint64
+	Free, Max         int
+	Err               error
 }
 
 // Error describes the failure with its numbers.
-func (e *CountError) Error() string {
-	if e.N < 0 {
-		return fmt.Sprintf("pagedkv: invalid argument: count %d is negative", e.N)
+func (e *BlocksError) Error() string {
+	if e == nil {
+		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: invalid argument: count %d exceeds %d", e.N, e.Max)
+	if e.Err == nil {
+		if e.Tokens > MaxSequenceTokens-e.SeqTokens {
+			return fmt.Sprintf("pagedkv: does not fit: %d more tokens (%d blocks, %d bytes) for a sequence of %d pass the %d a sequence may hold; the arena holds at most %d blocks",
+				e.Tokens, e.Blocks, e.Bytes, e.SeqTokens, MaxSequenceTokens, e.Max)
+		}
+		if e.Tokens > blocktable.MaxSlots {
+			return fmt.Sprintf("pagedkv: does not fit: %d tokens in one append, more than %d (%d blocks, %d bytes; the arena holds at most %d blocks)",
+				e.Tokens, blocktable.MaxSlots, e.Blocks, e.Bytes, e.Max)
+		}
+		return fmt.Sprintf("pagedkv: does not fit: %d tokens need %d blocks (%d bytes); the arena holds at most %d blocks",
+			e.Tokens, e.Blocks, e.Bytes, e.Max)
+	}
+	return fmt.Sprintf("%d tokens need %d blocks (%d bytes), %d can be had now, %d at most: %v",
+		e.Tokens, e.Blocks, e.Bytes, e.Free, e.Max, e.Err)
 }
 
-// Is reports whether target is ErrInvalidArgument.
-func (e *CountError) Is(target error) bool { return target == ErrInvalidArgument }
+// Is reports whether target is ErrTooLarge, for a request that can never succeed.
+func (e *BlocksError) Is(target error) bool { return e != nil && e.Err == nil && target == ErrTooLarge }
+
+// Unwrap returns the cause (nil for a request that can never succeed).
+func (e *BlocksError) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.Err
+}

@@ -35,7 +35,7 @@ func Example() {
 	// Decode one token each, then export the tables in vLLM's layout.
 	slots, _ = m.AppendTokens(7, 1, slots[:0])
 	slots, _ = m.AppendTokens(8, 1, slots)
-	t := blocktable.NewVLLM(2, 4, -1)
+	t, _ := blocktable.NewVLLM(2, 4, -1)
 	_ = m.ExportVLLM([]kvcache.SeqID{7, 8}, t)
 	fmt.Println("block_tables:", t.Table())
 	fmt.Println("seq_lens:", t.Lens(), "slot_mapping:", slots)

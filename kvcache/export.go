@@ -13,16 +13,30 @@ type rows interface {
 }
 
 // ExportVLLM writes the block tables and lengths of seqs, in that order, as rows of t (vLLM's
-// block_tables and seq_lens). It allocates nothing. On an error t is left empty.
+// block_tables and seq_lens). It allocates nothing. On an error t is left empty; a nil t is
+// ErrInvalidArgument.
 func (m *Manager) ExportVLLM(seqs []SeqID, t *blocktable.VLLM) error {
+	if !m.made() {
+		return notMade("export", 0)
+	}
+	if t == nil {
+		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: nil vLLM table", ErrInvalidArgument)}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.export(seqs, t)
 }
 
 // ExportFlashInfer writes the paged-KV CSR of seqs, in that order, into f (FlashInfer's
-// kv_indptr, kv_indices, kv_last_page_len). It allocates nothing. On an error f is left empty.
+// kv_indptr, kv_indices, kv_last_page_len). It allocates nothing. On an error f is left empty;
+// a nil f is ErrInvalidArgument.
 func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error {
+	if !m.made() {
+		return notMade("export", 0)
+	}
+	if f == nil {
+		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: nil FlashInfer table", ErrInvalidArgument)}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if f.BlockTokens != m.cfg.BlockTokens {
@@ -34,6 +48,9 @@ func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error
 
 func (m *Manager) export(seqs []SeqID, t rows) error {
 	t.Reset()
+	if err := m.usable("export", 0); err != nil {
+		return err
+	}
 	for _, id := range seqs {
 		s, err := m.lookup("export", id)
 		if err != nil {

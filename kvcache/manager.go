@@ -3,9 +3,11 @@ package kvcache
 import (
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -55,12 +57,15 @@ type Manager struct {
 	asleep        bool
 	compactOthers bool // reclaim by compacting other models when the budget is spent
 
+	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
+
 	counters struct{ syncMaps, bgMaps, unmaps, cows, compactions, moved uint64 }
 }
 
 // New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
 // virtual range (no physical memory yet) and starts the reserve goroutine unless
-// cfg.NoBackground.
+// cfg.NoBackground. A nil device is ErrInvalidArgument; a Config that cannot be used is a
+// *ConfigError.
 func New(dev vmm.Device, cfg Config) (*Manager, error) {
 	return newManager(dev, cfg, nil)
 }
@@ -68,6 +73,9 @@ func New(dev vmm.Device, cfg Config) (*Manager, error) {
 // newManager binds cfg to dev; join, if set, attaches the manager to a shared budget before the
 // reserve goroutine starts.
 func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("kvcache: new: %w: nil device", ErrInvalidArgument)
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -99,37 +107,81 @@ func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager
 
 // newManagerOn returns a manager over an arena of npages pages at base, with nothing mapped.
 func newManagerOn(dev vmm.Device, cfg Config, base vmm.Addr, npages int) *Manager {
+	bpp := cfg.BlocksPerPage()
+	maxPages := npages
+	if cfg.MemoryLimit > 0 {
+		maxPages = min(npages, int(min(cfg.MemoryLimit/cfg.PageSize, MaxPages)))
+	}
 	return &Manager{
-		cfg:   cfg,
-		dev:   dev,
-		base:  base,
-		bpp:   cfg.BlocksPerPage(),
-		arena: newArena(npages, cfg.BlocksPerPage()),
-		seqs:  sequence.NewRegistry(),
-		wake:  make(chan struct{}, 1),
-		stop:  make(chan struct{}),
-		done:  make(chan struct{}),
+		cfg:       cfg,
+		dev:       dev,
+		base:      base,
+		bpp:       bpp,
+		arena:     newArena(npages, bpp),
+		seqs:      sequence.NewRegistry(),
+		wake:      make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
+		maxBlocks: maxPages * bpp,
 	}
 }
 
-// Config returns the configuration with its defaults filled in.
-func (m *Manager) Config() Config { return m.cfg }
+// made reports whether m is a manager made by New, NewStatic or SharedPool.Register. Every
+// method checks it first, so a nil or zero Manager gets an error (or a zero result), never a
+// panic.
+func (m *Manager) made() bool { return m != nil && m.arena != nil }
+
+// errNotMade is the cause of every call on a nil or zero Manager.
+var errNotMade = fmt.Errorf("%w: nil manager, or one not made by New", ErrInvalidArgument)
+
+// notMade is the error of a sequence call on a nil or zero Manager.
+func notMade(op string, seq SeqID) error { return &SequenceError{Op: op, Seq: seq, Err: errNotMade} }
+
+// notMadeCall is the error of a whole-manager call on a nil or zero Manager.
+func notMadeCall(op string) error { return fmt.Errorf("kvcache: %s: %w", op, errNotMade) }
+
+// Config returns the configuration with its defaults filled in (the zero Config for a nil
+// manager).
+func (m *Manager) Config() Config {
+	if !m.made() {
+		return Config{}
+	}
+	return m.cfg
+}
 
 // Device returns the device the manager borrows.
-func (m *Manager) Device() vmm.Device { return m.dev }
+func (m *Manager) Device() vmm.Device {
+	if !m.made() {
+		return nil
+	}
+	return m.dev
+}
 
 // Base returns the arena's base address. It never changes, so kernels and CUDA graphs may keep
 // it (and LayerBase) for the manager's life.
-func (m *Manager) Base() vmm.Addr { return m.base }
+func (m *Manager) Base() vmm.Addr {
+	if !m.made() {
+		return 0
+	}
+	return m.base
+}
 
 // LayerBase returns the base of layer l's K (kv=0) or V (kv=1) view; block b of that view is at
-// LayerBase(l, kv) + b*Config().BlockStride().
+// LayerBase(l, kv) + b*Config().BlockStride(). Its arithmetic is unchecked, like unsafe.Add
+// (see Config.LayerOffset): arguments outside the geometry give an address outside the arena.
 func (m *Manager) LayerBase(layer, kv int) vmm.Addr {
+	if !m.made() {
+		return 0
+	}
 	return m.base + vmm.Addr(m.cfg.LayerOffset(layer, kv))
 }
 
-// BlockAddr returns the address of layer l's K or V of block b.
+// BlockAddr returns the address of layer l's K or V of block b. Its arithmetic is unchecked,
+// like unsafe.Add (see Config.LayerOffset).
 func (m *Manager) BlockAddr(layer, kv int, block int32) vmm.Addr {
+	if !m.made() {
+		return 0
+	}
 	return m.base + vmm.Addr(m.cfg.Offset(layer, kv, block))
 }
 
@@ -151,6 +203,9 @@ func (m *Manager) usable(op string, seq SeqID) error {
 
 // AddSequence creates an empty sequence. AppendTokens also creates a sequence on first use.
 func (m *Manager) AddSequence(seq SeqID) error {
+	if !m.made() {
+		return notMade("add", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("add", seq); err != nil {
@@ -159,7 +214,9 @@ func (m *Manager) AddSequence(seq SeqID) error {
 	if _, ok := m.seqs.Get(seq); ok {
 		return &SequenceError{Op: "add", Seq: seq, Err: ErrSequenceExists}
 	}
-	m.seqs.Add(seq)
+	if _, err := m.seqs.Add(seq); err != nil {
+		return &SequenceError{Op: "add", Seq: seq, Err: err}
+	}
 	return nil
 }
 
@@ -171,25 +228,34 @@ func (m *Manager) AddSequence(seq SeqID) error {
 // If the sequence's last block is shared with a fork and has room, the first append copies it
 // to a block of its own (copy on write). On any error the manager is exactly as before (a
 // sequence created by this call is removed again, pages mapped by it are unmapped) and dst is
-// returned unchanged.
+// returned unchanged. A negative n is a *CountError; an append that can never fit (more blocks
+// than the arena holds, a sequence longer than MaxSequenceTokens, or more than
+// blocktable.MaxSlots tokens in one call) is a *BlocksError matching ErrTooLarge; one that does
+// not fit now a *BlocksError wrapping ErrOutOfMemory.
 func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
+	if !m.made() {
+		return dst, notMade("append", seq)
+	}
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
 	// The common decode step: an existing sequence whose last block has room, and no fork
-	// sharing blocks, needs no block work at all.
-	if !ok || n < 0 || n > s.TailRoom(m.cfg.BlockTokens) || m.arena.shared > 0 || m.closed || m.asleep {
-		dst, err := m.appendSlow(s, seq, n, dst)
+	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
+	// overflow here).
+	if ok && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep {
+		dst = m.appendSlots(s, n, dst)
 		m.mu.Unlock()
-		return dst, err
+		return dst, nil
 	}
-	dst = m.appendSlots(s, n, dst)
-	m.mu.Unlock()
-	return dst, nil
+	defer m.mu.Unlock()
+	return m.appendSlow(s, seq, n, dst)
 }
 
 // appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
 func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
-	dst = blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, s.Tokens, s.Tokens+n)
+	bt := m.cfg.BlockTokens
+	for t := s.Tokens; t < s.Tokens+n; t++ {
+		dst = append(dst, int64(s.Blocks[t/bt])*int64(bt)+int64(t%bt))
+	}
 	s.Tokens += n
 	return dst
 }
@@ -204,13 +270,20 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrAsleep}
 	}
 	if n < 0 {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{N: n}}
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "tokens", N: n}}
+	}
+	need, cow := m.blocksNeeded(s, n)
+	if err := m.checkFits(s, n, need); err != nil {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
 	existed := s != nil
 	if !existed {
-		s = m.seqs.Add(seq)
+		var err error
+		if s, err = m.seqs.Add(seq); err != nil {
+			return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
+		}
 	}
-	if err := m.grow(s, n); err != nil {
+	if err := m.grow(s, n, need, cow); err != nil {
 		if !existed {
 			m.seqs.Remove(s)
 		}
@@ -223,18 +296,70 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 	return dst, nil
 }
 
-// grow gives s the blocks that n more tokens need (and a private tail if its tail is shared),
-// all or nothing.
-func (m *Manager) grow(s *sequence.Sequence, n int) error {
-	bt := m.cfg.BlockTokens
-	need := sequence.BlocksFor(s.Tokens+n, bt) - len(s.Blocks)
-	cow := n > 0 && s.TailRoom(bt) > 0 && m.arena.refs(s.Blocks[len(s.Blocks)-1]) > 1
-	if cow {
-		need++
+// blocksNeeded returns the blocks n more tokens of s (nil: a new sequence) need beyond those it
+// holds, counting a private copy of a shared tail (cow). Nothing overflows, whatever n.
+func (m *Manager) blocksNeeded(s *sequence.Sequence, n int) (need int, cow bool) {
+	if s == nil {
+		return sequence.BlocksFor(n, m.cfg.BlockTokens), false
 	}
+	bt := m.cfg.BlockTokens
+	need = sequence.BlocksFor(n-s.TailRoom(bt), bt) // exact for any n: TailRoom is in [0, bt)
+	if n > 0 && s.TailRoom(bt) > 0 && m.arena.refs(s.Blocks[len(s.Blocks)-1]) > 1 {
+		need, cow = need+1, true
+	}
+	return need, cow
+}
+
+// checkFits returns a *BlocksError (ErrTooLarge) when n more tokens of s (nil: a new sequence),
+// which need blocks more blocks, can never fit: the sequence would pass MaxSequenceTokens, the
+// call would append more than blocktable.MaxSlots, or the arena has fewer blocks.
+func (m *Manager) checkFits(s *sequence.Sequence, n, need int) error {
+	tokens := 0
+	if s != nil {
+		tokens = s.Tokens
+	}
+	if n > MaxSequenceTokens-tokens || need > m.maxBlocks || n > blocktable.MaxSlots {
+		bytes, ok := checked.Mul(uint64(need), m.cfg.BlockStride())
+		if !ok {
+			bytes = math.MaxUint64
+		}
+		return &BlocksError{Tokens: n, SeqTokens: tokens, Blocks: need, Bytes: bytes, Max: m.maxBlocks}
+	}
+	return nil
+}
+
+// freeBlocks returns the blocks the manager could hand out now without other models' memory:
+// free blocks of mapped pages, and those of the pages MemoryLimit still lets it map.
+func (m *Manager) freeBlocks() int {
+	a := m.arena
+	mappable := a.unmappedPages()
+	if m.static {
+		mappable = 0
+	}
+	if m.cfg.MemoryLimit > 0 {
+		room := m.maxBlocks/m.bpp - a.mapped - m.inflight
+		mappable = max(0, min(mappable, room))
+	}
+	return a.mapped*m.bpp - a.live + mappable*m.bpp
+}
+
+// grow gives s the need blocks that n more tokens need (with cow, the first is a private copy
+// of its shared tail), all or nothing. A failure is a *BlocksError with the numbers, wrapping
+// the cause.
+func (m *Manager) grow(s *sequence.Sequence, n, need int, cow bool) error {
 	if need == 0 {
 		return nil
 	}
+	if err := m.allocate(s, need, cow); err != nil {
+		return &BlocksError{Tokens: n, SeqTokens: s.Tokens, Blocks: need, Bytes: uint64(need) * m.cfg.BlockStride(),
+			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err}
+	}
+	return nil
+}
+
+// allocate gives s need more blocks, the first of them a private copy of its shared tail when
+// cow is set, all or nothing.
+func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	hint := int32(-1)
 	if len(s.Blocks) > 0 {
 		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
@@ -365,6 +490,9 @@ func (m *Manager) checkLimit() error {
 // in the fork). Entirely free pages stay mapped up to the high watermark; the reserve goroutine
 // unmaps the rest from the top of the arena.
 func (m *Manager) FreeSequence(seq SeqID) error {
+	if !m.made() {
+		return notMade("free", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("free", seq); err != nil {
@@ -388,6 +516,9 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 // stay shared for the life of both; a shared partial tail block is copied by whichever sequence
 // appends to it first.
 func (m *Manager) Fork(src, dst SeqID) error {
+	if !m.made() {
+		return notMade("fork", src)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("fork", src); err != nil {
@@ -400,7 +531,10 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	if _, ok := m.seqs.Get(dst); ok {
 		return &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
 	}
-	d := m.seqs.Add(dst)
+	d, err := m.seqs.Add(dst)
+	if err != nil {
+		return &SequenceError{Op: "fork", Seq: dst, Err: err}
+	}
 	d.Tokens = s.Tokens
 	d.Blocks = append(d.Blocks, s.Blocks...)
 	for _, b := range d.Blocks {
@@ -412,6 +546,9 @@ func (m *Manager) Fork(src, dst SeqID) error {
 // Truncate drops the last n tokens of the sequence (rolling back rejected speculative tokens,
 // say) and releases the blocks that no longer hold any of its tokens.
 func (m *Manager) Truncate(seq SeqID, n int) error {
+	if !m.made() {
+		return notMade("truncate", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("truncate", seq); err != nil {
@@ -422,7 +559,7 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 		return err
 	}
 	if n < 0 || n > s.Tokens {
-		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{N: n, Max: s.Tokens}}
+		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
 	}
 	s.Tokens -= n
 	keep := sequence.BlocksFor(s.Tokens, m.cfg.BlockTokens)
@@ -438,8 +575,14 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 
 // Len returns the sequence's token count.
 func (m *Manager) Len(seq SeqID) (int, error) {
+	if !m.made() {
+		return 0, notMade("len", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable("len", seq); err != nil {
+		return 0, err
+	}
 	s, err := m.lookup("len", seq)
 	if err != nil {
 		return 0, err
@@ -449,8 +592,14 @@ func (m *Manager) Len(seq SeqID) (int, error) {
 
 // Blocks appends the sequence's block ids, in token order, to dst.
 func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
+	if !m.made() {
+		return dst, notMade("blocks", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable("blocks", seq); err != nil {
+		return dst, err
+	}
 	s, err := m.lookup("blocks", seq)
 	if err != nil {
 		return dst, err
@@ -458,22 +607,40 @@ func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 	return append(dst, s.Blocks...), nil
 }
 
-// Slots appends the slots of tokens [from, to) of the sequence to dst.
+// Slots appends the slots of tokens [from, to) of the sequence to dst. A range outside
+// [0, Len) is a *CountError, and dst comes back unchanged.
 func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
+	if !m.made() {
+		return dst, notMade("slots", seq)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable("slots", seq); err != nil {
+		return dst, err
+	}
 	s, err := m.lookup("slots", seq)
 	if err != nil {
 		return dst, err
 	}
-	if from < 0 || to > s.Tokens || from > to {
-		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{N: to, Max: s.Tokens}}
+	if from < 0 || from > to {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{What: "first token", N: from, Max: to}}
 	}
-	return blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, from, to), nil
+	if to > s.Tokens {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{What: "end token", N: to, Max: s.Tokens}}
+	}
+	out, err := blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, from, to)
+	if err != nil {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: err}
+	}
+	return out, nil
 }
 
 // Close stops the reserve goroutine, drops every sequence and returns all memory to the device.
+// A second Close returns ErrClosed.
 func (m *Manager) Close() error {
+	if !m.made() {
+		return notMadeCall("close")
+	}
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()

@@ -2,6 +2,8 @@ package kvcache_test
 
 import (
 	"fmt"
+	"math"
+	"math/bits"
 	"sync"
 	"testing"
 
@@ -9,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -119,8 +122,13 @@ func TestBadInputChangesNothing(t *testing.T) {
 		want error
 	}{
 		{"negative append", func() error { _, err := m.AppendTokens(1, -1, nil); return err }, kvcache.ErrInvalidArgument},
-		{"append past capacity", func() error { _, err := m.AppendTokens(1, 100, nil); return err }, kvcache.ErrOutOfMemory},
-		{"append to new sequence past capacity", func() error { _, err := m.AppendTokens(9, 100, nil); return err }, kvcache.ErrOutOfMemory},
+		{"append past what is free", func() error { _, err := m.AppendTokens(1, 30, nil); return err }, kvcache.ErrOutOfMemory},
+		{"append to new sequence past what is free", func() error { _, err := m.AppendTokens(9, 25, nil); return err }, kvcache.ErrOutOfMemory},
+		{"append past the arena", func() error { _, err := m.AppendTokens(1, 100, nil); return err }, kvcache.ErrTooLarge},
+		{"append to new sequence past the arena", func() error { _, err := m.AppendTokens(9, 33, nil); return err }, kvcache.ErrTooLarge},
+		{"append past a sequence's length", func() error { _, err := m.AppendTokens(1, math.MaxInt, nil); return err }, kvcache.ErrTooLarge},
+		{"append past a new sequence's length", func() error { _, err := m.AppendTokens(9, math.MaxInt, nil); return err }, kvcache.ErrTooLarge},
+		{"append 2^40", func() error { _, err := m.AppendTokens(9, 1<<40, nil); return err }, kvcache.ErrTooLarge},
 		{"free unknown", func() error { return m.FreeSequence(7) }, kvcache.ErrUnknownSequence},
 		{"fork unknown", func() error { return m.Fork(7, 8) }, kvcache.ErrUnknownSequence},
 		{"fork onto existing", func() error { return m.Fork(1, 2) }, kvcache.ErrSequenceExists},
@@ -138,9 +146,24 @@ func TestBadInputChangesNothing(t *testing.T) {
 		if c.want == kvcache.ErrInvalidArgument && c.name != "slots out of range" {
 			require.ErrorAs(t, err, &ce, c.name)
 		}
+		if c.want == kvcache.ErrOutOfMemory || c.want == kvcache.ErrTooLarge {
+			var be *kvcache.BlocksError
+			require.ErrorAs(t, err, &be, c.name)
+			assert.Equal(t, 8, be.Max, "%s: the arena's blocks", c.name)
+			assert.Positive(t, be.Blocks, c.name)
+			if hi, lo := bits.Mul64(uint64(be.Blocks), cfg.BlockStride()); hi == 0 {
+				assert.Equal(t, lo, be.Bytes, c.name)
+			} else {
+				assert.Equal(t, uint64(math.MaxUint64), be.Bytes, "%s: bytes saturate, never wrap", c.name)
+			}
+		}
 		if c.want == kvcache.ErrOutOfMemory {
 			require.ErrorAs(t, err, &capErr, c.name)
 			assert.Equal(t, cfg.PageSize, capErr.Need)
+			require.NotErrorIs(t, err, kvcache.ErrTooLarge, c.name)
+		}
+		if c.want == kvcache.ErrTooLarge {
+			require.NotErrorIs(t, err, kvcache.ErrOutOfMemory, c.name)
 		}
 		require.Equal(t, before, shape(m.Stats()), c.name)
 		got, _ := m.Blocks(1, nil)
@@ -221,7 +244,7 @@ func TestTracesOnBackends(t *testing.T) {
 		x := uint32(12345)
 		next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 		for range 300 {
-			h.step(next(), next(), next(), next()|0x80)
+			h.step(next(), next(), next(), arg{n: next() | 0x80})
 		}
 		require.Positive(t, h.m.Stats().CopyOnWrites)
 	})
@@ -283,13 +306,13 @@ func TestExports(t *testing.T) {
 	b10, _ := m.Blocks(10, nil)
 	b20, _ := m.Blocks(20, nil)
 
-	v := blocktable.NewVLLM(4, 4, -1)
+	v := devtest.VLLM(t, 4, 4, -1)
 	require.NoError(t, m.ExportVLLM([]kvcache.SeqID{20, 10}, v))
 	assert.Equal(t, 2, v.Rows)
 	assert.Equal(t, []int32{b20[0], -1, -1, -1, b10[0], b10[1], b10[2], -1}, v.Table())
 	assert.Equal(t, []int32{4, 9}, v.Lens())
 
-	f := blocktable.NewFlashInfer(4, 16, 4)
+	f := devtest.FlashInfer(t, 4, 16, 4)
 	require.NoError(t, m.ExportFlashInfer([]kvcache.SeqID{10, 20}, f))
 	assert.Equal(t, []int32{0, 3, 4}, f.Indptr[:3])
 	assert.Equal(t, []int32{b10[0], b10[1], b10[2], b20[0]}, f.Indices[:f.NNZ()])
@@ -298,13 +321,15 @@ func TestExports(t *testing.T) {
 	slots, err := m.Slots(10, 7, 9, nil)
 	require.NoError(t, err)
 	assert.Equal(t, []int64{int64(b10[1])*4 + 3, int64(b10[2]) * 4}, slots)
-	assert.Equal(t, slots, blocktable.AppendSlots(nil, b10, 4, 7, 9))
+	want, err := blocktable.AppendSlots(nil, b10, 4, 7, 9)
+	require.NoError(t, err)
+	assert.Equal(t, slots, want)
 
 	require.ErrorIs(t, m.ExportVLLM([]kvcache.SeqID{10, 99}, v), kvcache.ErrUnknownSequence)
 	assert.Zero(t, v.Rows, "a failed export leaves the table empty")
-	small := blocktable.NewVLLM(4, 2, 0)
+	small := devtest.VLLM(t, 4, 2, 0)
 	require.ErrorIs(t, m.ExportVLLM([]kvcache.SeqID{10}, small), kvcache.ErrTooLarge)
-	require.ErrorIs(t, m.ExportFlashInfer([]kvcache.SeqID{10}, blocktable.NewFlashInfer(4, 16, 16)), kvcache.ErrInvalidArgument)
+	require.ErrorIs(t, m.ExportFlashInfer([]kvcache.SeqID{10}, devtest.FlashInfer(t, 4, 16, 16)), kvcache.ErrInvalidArgument)
 
 	allocs := testing.AllocsPerRun(50, func() {
 		_ = m.ExportVLLM([]kvcache.SeqID{20, 10}, v)
@@ -320,4 +345,72 @@ func errorsIsAny(err error, targets ...error) bool {
 		}
 	}
 	return false
+}
+
+// The ways a new user broke the manager from outside (issue 9): each is now a typed error with
+// the numbers, changes nothing, and leaves the manager usable.
+func TestNoInputBreaksTheManager(t *testing.T) {
+	dev := hostDevice(t, 32<<10)
+	m := newManager(t, dev, tinyConfig())
+	_, err := m.AppendTokens(1, 10, nil)
+	require.NoError(t, err)
+	before := shape(m.Stats())
+	usable := func(name string) {
+		t.Helper()
+		require.Equal(t, before, shape(m.Stats()), name)
+		n, err := m.Len(1)
+		require.NoError(t, err, "%s: the lock was released", name)
+		require.Equal(t, 10, n, name)
+		require.NoError(t, m.Verify(), name)
+	}
+
+	// MaxInt tokens on an existing sequence: no wrap-around of its length.
+	_, err = m.AppendTokens(1, math.MaxInt, nil)
+	var be *kvcache.BlocksError
+	require.ErrorIs(t, err, kvcache.ErrTooLarge)
+	require.ErrorAs(t, err, &be)
+	assert.Equal(t, math.MaxInt, be.Tokens)
+	assert.Equal(t, 10, be.SeqTokens)
+	usable("MaxInt on an existing sequence")
+	slots, err := m.AppendTokens(1, 1, nil) // the next append works (it panicked before)
+	require.NoError(t, err)
+	require.Len(t, slots, 1)
+	require.NoError(t, m.Truncate(1, 1))
+
+	// MaxInt on a sequence that does not exist: no panic, no held lock, no sequence left behind.
+	_, err = m.AppendTokens(2, math.MaxInt, nil)
+	require.ErrorIs(t, err, kvcache.ErrTooLarge)
+	_, err = m.Len(2)
+	require.ErrorIs(t, err, kvcache.ErrUnknownSequence)
+	usable("MaxInt on a new sequence")
+
+	// 2^40 tokens: too large, not "out of memory now", with what was asked and what the arena holds.
+	_, err = m.AppendTokens(3, 1<<40, nil)
+	require.ErrorIs(t, err, kvcache.ErrTooLarge)
+	require.NotErrorIs(t, err, kvcache.ErrOutOfMemory)
+	require.ErrorAs(t, err, &be)
+	assert.Equal(t, 1<<40, be.Tokens)
+	assert.Equal(t, 1<<40/4, be.Blocks)
+	assert.Equal(t, uint64(1<<40/4)*tinyConfig().BlockStride(), be.Bytes)
+	assert.Equal(t, 64*4, be.Max, "64 pages of 4 blocks")
+	usable("2^40 tokens")
+
+	// A nil table.
+	require.ErrorIs(t, m.ExportVLLM([]kvcache.SeqID{1}, nil), kvcache.ErrInvalidArgument)
+	require.ErrorIs(t, m.ExportFlashInfer([]kvcache.SeqID{1}, nil), kvcache.ErrInvalidArgument)
+	usable("nil tables")
+
+	// An absurd geometry: a *ConfigError, not a divide by zero.
+	for _, c := range []kvcache.Config{
+		{Layers: 1 << 30, KVHeads: 1, HeadDim: 1 << 30, ElemSize: 2, BlockTokens: 16},
+		{Layers: math.MaxInt, KVHeads: math.MaxInt, HeadDim: math.MaxInt, ElemSize: math.MaxInt, BlockTokens: math.MaxInt},
+		{Layers: 2, KVHeads: 2, HeadDim: 64, ElemSize: 2, BlockTokens: 16, Capacity: math.MaxUint64},
+	} {
+		_, err := kvcache.New(dev, c)
+		var ce *kvcache.ConfigError
+		require.ErrorAs(t, err, &ce, "%+v", c)
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	}
+	_, err = kvcache.New(nil, tinyConfig())
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
 }

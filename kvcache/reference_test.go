@@ -4,11 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -125,27 +127,75 @@ func (h *harness) tokenAddr(slot int64, layer, kv int) vmm.Addr {
 
 func isExpected(err error) bool {
 	return errors.Is(err, kvcache.ErrUnknownSequence) || errors.Is(err, kvcache.ErrSequenceExists) ||
-		errors.Is(err, kvcache.ErrInvalidArgument)
+		errors.Is(err, kvcache.ErrInvalidArgument) || errors.Is(err, kvcache.ErrTooLarge)
 }
 
-// step applies one operation. An out-of-memory error must leave the manager as it was, which
+// arg is a step's count: small (a byte, as most steps use) or wide (any int64, drawn from the
+// whole range: negative, huge, MinInt, MaxInt).
+type arg struct {
+	n    byte
+	wide int64
+	full bool
+}
+
+// small returns a count of op's usual range from the byte, or the wide value.
+func (x arg) count(mod int) int {
+	if x.full {
+		return int(x.wide)
+	}
+	return int(x.n) % mod
+}
+
+// tooLarge reports whether appending cnt tokens to seq can never succeed, by the reference:
+// more than a call may append, a sequence longer than MaxSequenceTokens, or more blocks than
+// the arena has.
+func (h *harness) tooLarge(seq kvcache.SeqID, cnt int) bool {
+	bt := h.cfg.BlockTokens
+	tokens, blocks, cow := 0, 0, 0
+	if s, ok := h.ref.seqs[seq]; ok {
+		tokens, blocks = len(s.tokens), len(s.blocks)
+		if room := blocks*bt - tokens; room > 0 && cnt > 0 && h.ref.refs[s.blocks[blocks-1]] > 1 {
+			cow = 1
+		}
+	}
+	room := blocks*bt - tokens
+	need := cow
+	if cnt > room {
+		need += (cnt - room + bt - 1) / bt
+	}
+	arenaBlocks := int(h.cfg.Capacity/h.cfg.PageSize) * h.m.Stats().BlocksPerPage
+	return cnt > blocktable.MaxSlots || cnt > kvcache.MaxSequenceTokens-tokens || need > arenaBlocks
+}
+
+// step applies one operation. A failed operation must leave the manager as it was, which
 // check then confirms against the unchanged reference.
-func (h *harness) step(op, a, b, n byte) {
+func (h *harness) step(op, a, b byte, x arg) {
 	t := h.t
 	seq, other := kvcache.SeqID(a%8), kvcache.SeqID(b%8)
 	_, exists := h.ref.seqs[seq]
 	before := shape(h.m.Stats())
+	n := x.n
 	var err error
 	switch op % 7 {
 	case 0, 1: // append n tokens (prefill) or 1 (decode)
-		cnt := int(n % 23)
-		if op%7 == 1 {
+		cnt := x.count(23)
+		if op%7 == 1 && !x.full {
 			cnt = 1
 		}
-		if n == 255 {
+		if n == 255 && !x.full {
 			cnt = -1
 		}
 		h.slots, err = h.m.AppendTokens(seq, cnt, h.slots[:0])
+		switch {
+		case cnt < 0:
+			require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "append %d", cnt)
+		case h.tooLarge(seq, cnt):
+			require.ErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d can never fit", cnt, seq)
+			require.NotErrorIs(t, err, kvcache.ErrOutOfMemory)
+		case err != nil:
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "append %d to %d", cnt, seq)
+			require.NotErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d fits the arena", cnt, seq)
+		}
 		if err == nil {
 			require.Len(t, h.slots, cnt)
 			vals := make([]uint64, cnt)
@@ -158,8 +208,6 @@ func (h *harness) step(op, a, b, n byte) {
 				require.NoError(t, h.dev.CopyIn(h.tokenAddr(s, h.cfg.Layers-1, 1), buf[:]))
 			}
 			h.ref.append(seq, vals)
-		} else {
-			require.True(t, cnt < 0 || errors.Is(err, kvcache.ErrOutOfMemory), "append %d to %d: %v", cnt, seq, err)
 		}
 	case 2:
 		err = h.m.Fork(seq, other)
@@ -171,9 +219,9 @@ func (h *harness) step(op, a, b, n byte) {
 			require.Error(t, err)
 		}
 	case 3:
-		cnt := int(n % 9)
+		cnt := x.count(9)
 		err = h.m.Truncate(seq, cnt)
-		if exists && cnt <= len(h.ref.seqs[seq].tokens) {
+		if exists && cnt >= 0 && cnt <= len(h.ref.seqs[seq].tokens) {
 			require.NoError(t, err)
 			h.ref.truncate(seq, cnt)
 		} else {
@@ -191,6 +239,9 @@ func (h *harness) step(op, a, b, n byte) {
 		require.NoError(t, h.m.Settle())
 	case 6: // compact, with a budget of n blocks (0: none)
 		budget := uint64(n%8) * h.cfg.BlockStride()
+		if x.full {
+			budget = uint64(x.wide)
+		}
 		res, err := h.m.Compact(kvcache.CompactOptions{MaxBytes: budget})
 		require.NoError(t, err)
 		if budget > 0 {
@@ -278,6 +329,15 @@ func FuzzManager(f *testing.F) {
 		0, 3, 0, 22, 0, 3, 0, 22, 0, 3, 0, 22, 0, 3, 0, 22, 0, 3, 0, 22, 0, 3, 0, 22, 4, 3, 0, 0, 5, 0, 0, 0})
 	f.Add([]byte{0, 0, 0, 255, 3, 5, 0, 1, 2, 5, 5, 0, 4, 6, 0, 0})
 	f.Add([]byte{0, 0, 0, 22, 0, 1, 0, 22, 2, 1, 2, 0, 1, 2, 0, 0, 0, 3, 0, 22, 0, 4, 0, 22, 0, 5, 0, 22, 1})
+	// Wide counts: the extremes of the int range after a few ordinary steps.
+	for _, w := range []int64{math.MaxInt64, math.MinInt64, -1, 1 << 40, math.MaxInt32, math.MaxInt32 + 1,
+		blocktable.MaxSlots + 1, 64 * 4 * 4, 64*4*4 + 1, 6 * 4 * 4, 6*4*4 + 1} {
+		for _, op := range []byte{0, 3, 6} {
+			seed := []byte{0, 1, 0, 9, 2, 1, 2, 0, op, 1, 0, 0xf8}
+			seed = binary.LittleEndian.AppendUint64(seed, uint64(w))
+			f.Add(append(seed, 0, 1, 0, 3, 4, 1, 0, 0))
+		}
+	}
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		dev := hostDevice(t, 32<<10)
 		cfg := tinyConfig()
@@ -285,8 +345,14 @@ func FuzzManager(f *testing.F) {
 			cfg.Capacity = 6 * cfg.PageSize // tight: appends run out of memory
 		}
 		h := newHarness(t, dev, cfg)
-		for i := 0; i+3 < len(ops) && i < 4*300; i += 4 {
-			h.step(ops[i], ops[i+1], ops[i+2], ops[i+3])
+		for i, steps := 0, 0; i+3 < len(ops) && steps < 300; steps++ {
+			op, a, b, x := ops[i], ops[i+1], ops[i+2], arg{n: ops[i+3]}
+			i += 4
+			if x.n >= 0xf8 && i+8 <= len(ops) { // a wide count follows: any int64
+				x.wide, x.full = int64(binary.LittleEndian.Uint64(ops[i:])), true
+				i += 8
+			}
+			h.step(op, a, b, x)
 		}
 		for id := range h.ref.seqs {
 			require.NoError(t, h.m.FreeSequence(id))
@@ -316,7 +382,14 @@ func TestRandomTraces(t *testing.T) {
 				if op%7 == 0 && next()%2 == 0 {
 					op = 1 // favour decode steps
 				}
-				h.step(op, next(), next(), next())
+				a, b, x := next(), next(), arg{n: next()}
+				if x.n >= 0xf8 { // now and then a count from the whole int range
+					x.wide, x.full = int64(uint64(next())<<56|uint64(next())<<32|uint64(next())<<8|uint64(next())), true
+					if next()%2 == 0 {
+						x.wide >>= next() % 64
+					}
+				}
+				h.step(op, a, b, x)
 			}
 			ooms += h.ooms
 			moved += h.m.Stats().BlocksMoved

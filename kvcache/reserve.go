@@ -38,6 +38,9 @@ func (m *Manager) reserveLoop() {
 // background; with NoBackground the caller decides when. Driver calls happen outside the
 // manager's lock, so appends proceed meanwhile.
 func (m *Manager) Settle() error {
+	if !m.made() {
+		return notMadeCall("settle")
+	}
 	m.mu.Lock()
 	closed := m.closed
 	m.mu.Unlock()

@@ -38,6 +38,9 @@ type SharedPool struct {
 
 // NewShared returns an empty shared pool on dev.
 func NewShared(dev vmm.Device, cfg SharedConfig) (*SharedPool, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("kvcache: shared pool: %w: nil device", ErrInvalidArgument)
+	}
 	if cfg.Limit == 0 {
 		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
 	}
@@ -48,6 +51,9 @@ func NewShared(dev vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 // physical memory); the pages it maps count against the shared limit. Names are unique
 // (ErrExists).
 func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
+	if err := s.check("register " + name); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -73,8 +79,14 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 
 // Model returns the manager registered under name (ErrNotFound otherwise).
 func (s *SharedPool) Model(name string) (*Manager, error) {
+	if err := s.check("model " + name); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return nil, fmt.Errorf("kvcache: model %q: %w", name, ErrClosed)
+	}
 	m, ok := s.models[name]
 	if !ok {
 		return nil, fmt.Errorf("kvcache: model %q: %w", name, ErrNotFound)
@@ -86,6 +98,9 @@ func (s *SharedPool) Model(name string) (*Manager, error) {
 // budget. Closing a registered manager directly returns its memory too; Unregister then only
 // forgets the name.
 func (s *SharedPool) Unregister(name string) error {
+	if err := s.check("unregister " + name); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	m, ok := s.models[name]
 	if ok {
@@ -119,8 +134,17 @@ type LimitReport struct {
 // pages are returned first, then the models are compacted, as far as their live data allows.
 // A negative limit is ErrInvalidArgument and changes nothing.
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
+	if err := s.check("set limit"); err != nil {
+		return LimitReport{}, err
+	}
 	if limit <= 0 {
 		return LimitReport{}, fmt.Errorf("kvcache: set limit %d: %w", limit, ErrInvalidArgument)
+	}
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return LimitReport{}, fmt.Errorf("kvcache: set limit: %w", ErrClosed)
 	}
 	used := s.budget.SetLimit(uint64(limit))
 	r := LimitReport{Limit: uint64(limit), Used: used}
@@ -145,6 +169,9 @@ type SharedStats struct {
 
 // Stats returns the global and per-model figures.
 func (s *SharedPool) Stats() SharedStats {
+	if s.check("stats") != nil {
+		return SharedStats{}
+	}
 	s.mu.Lock()
 	ms := make([]*Manager, 0, len(s.models))
 	for _, m := range s.models {
@@ -167,8 +194,19 @@ func (s *SharedPool) Stats() SharedStats {
 	return st
 }
 
-// Close unregisters every model.
+// check reports whether s is a pool made by NewShared.
+func (s *SharedPool) check(op string) error {
+	if s == nil || s.budget == nil {
+		return fmt.Errorf("kvcache: shared pool: %s: %w: nil pool, or one not made by NewShared", op, ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Close unregisters every model; a second Close returns ErrClosed.
 func (s *SharedPool) Close() error {
+	if err := s.check("close"); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -190,6 +228,9 @@ func (s *SharedPool) Close() error {
 // pages come free. With wait false it returns 0 at once if the manager is busy. A sleeping or
 // standalone manager may be asked too.
 func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
+	if !m.made() {
+		return 0
+	}
 	if wait {
 		m.growMu.Lock()
 		m.mu.Lock()
@@ -242,6 +283,9 @@ type SleepResult struct {
 // everything. Until Wake, appends fail with ErrAsleep and no reserve is kept; frees, forks,
 // truncates and exports still work. Static memory is never returned.
 func (m *Manager) Sleep() (SleepResult, error) {
+	if !m.made() {
+		return SleepResult{}, notMadeCall("sleep")
+	}
 	m.growMu.Lock()
 	defer m.growMu.Unlock()
 	m.mu.Lock()
@@ -261,6 +305,9 @@ func (m *Manager) Sleep() (SleepResult, error) {
 // Wake makes a sleeping manager usable again and refills its reserve in the background (or at
 // the next append or Settle with NoBackground).
 func (m *Manager) Wake() error {
+	if !m.made() {
+		return notMadeCall("wake")
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -273,6 +320,9 @@ func (m *Manager) Wake() error {
 
 // Asleep reports whether the manager sleeps.
 func (m *Manager) Asleep() bool {
+	if !m.made() {
+		return false
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.asleep

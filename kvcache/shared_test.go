@@ -252,7 +252,7 @@ func TestStaticManager(t *testing.T) {
 		x := uint32(99)
 		next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 		for range 300 {
-			h.step(next(), next(), next(), next()|0x80)
+			h.step(next(), next(), next(), arg{n: next() | 0x80})
 		}
 		st := m.Stats()
 		assert.Equal(t, 6, st.MappedPages)

@@ -2,7 +2,9 @@ package kvcache
 
 import (
 	"fmt"
+	"math"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -14,30 +16,51 @@ type TooSmallError struct {
 
 // Error describes the failure with its numbers.
 func (e *TooSmallError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("pagedkv: invalid argument: %s of %d bytes is smaller than %d", e.What, e.Size, e.Min)
 }
 
 // Is reports whether target is ErrInvalidArgument.
-func (e *TooSmallError) Is(target error) bool { return target == ErrInvalidArgument }
+func (e *TooSmallError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
 
 // NewStatic returns a manager over memory it does not own: mem, handed in by the runtime, is
 // laid out as whole pages of the arena from mem.Addr (the tail that is no whole page is not
 // used). It has the same API as an elastic manager, with no VMM: every page is usable from the
 // start, nothing is ever mapped or unmapped (compaction still packs blocks, but returns nothing),
 // and Close frees nothing. mem.Addr must be 256-byte aligned, and mem must hold at least one
-// page (a *TooSmallError otherwise). It is also the baseline elastic mode is measured against.
+// page (a *TooSmallError otherwise). PageSize 0 means one block per page, or as many blocks per
+// page as keep the arena within MaxPages. It is also the baseline elastic mode is measured
+// against.
 func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("kvcache: static memory: %w: nil device", ErrInvalidArgument)
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if cfg.PageSize == 0 {
-		cfg.PageSize = cfg.BlockStride() // no mapping unit: the finest page there is
+	if _, ok := checked.Add(uint64(mem.Addr), mem.Size); !ok {
+		return nil, fmt.Errorf("kvcache: static memory: %w", &vmm.RangeError{Offset: uint64(mem.Addr), Size: mem.Size, Limit: math.MaxUint64})
 	}
-	cfg.Capacity = mem.Size / cfg.PageSize * cfg.PageSize
-	cfg.ReservePages, cfg.HighWatermark, cfg.NoBackground = 0, int(mem.Size/cfg.PageSize), true
+	stride := cfg.BlockStride()
+	blocks := mem.Size / stride
+	if blocks > MaxBlocks {
+		return nil, &ConfigError{Field: "static memory size", Value: mem.Size,
+			Reason: fmt.Sprintf("holds %d blocks of %d bytes; an arena holds at most %d", blocks, stride, MaxBlocks)}
+	}
+	if cfg.PageSize == 0 { // no mapping unit: the finest page that keeps the bookkeeping bounded
+		cfg.PageSize = stride * max(1, (blocks+MaxPages-1)/MaxPages)
+	}
 	if mem.Size < cfg.PageSize {
 		return nil, fmt.Errorf("kvcache: static memory: %w", &TooSmallError{What: "static memory", Size: mem.Size, Min: cfg.PageSize})
 	}
+	if pages := mem.Size / cfg.PageSize; pages > MaxPages {
+		return nil, &ConfigError{Field: "PageSize", Value: cfg.PageSize,
+			Reason: fmt.Sprintf("static memory of %d bytes makes %d pages, more than %d", mem.Size, pages, MaxPages)}
+	}
+	cfg.Capacity = mem.Size / cfg.PageSize * cfg.PageSize
+	cfg.ReservePages, cfg.HighWatermark, cfg.NoBackground = 0, int(mem.Size/cfg.PageSize), true
 	if mem.Addr%256 != 0 {
 		return nil, fmt.Errorf("kvcache: static memory at %#x: %w: not 256-byte aligned", uint64(mem.Addr), ErrInvalidArgument)
 	}

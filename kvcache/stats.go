@@ -30,8 +30,11 @@ type Stats struct {
 	ReserveErr     error  // the reserve goroutine's last error, if any
 }
 
-// Stats returns a snapshot.
+// Stats returns a snapshot (the zero Stats for a nil manager).
 func (m *Manager) Stats() Stats {
+	if !m.made() {
+		return Stats{}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := Stats{

@@ -15,6 +15,9 @@ import (
 // exactly the pages the pool has mapped. It waits for the reserve goroutine to finish a cycle.
 // Tests call it after every step; it costs O(blocks + pages).
 func (m *Manager) Verify() error {
+	if !m.made() {
+		return notMadeCall("verify")
+	}
 	m.growMu.Lock()
 	defer m.growMu.Unlock()
 	m.mu.Lock()
@@ -48,9 +51,12 @@ func (m *Manager) Verify() error {
 	for p, pg := range a.pages {
 		p := int32(p)
 		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
+		if (pg == nil) != (p >= a.fresh) {
+			bad("page %d: state allocated %v, first page never used %d", p, pg != nil, a.fresh)
+		}
 		if pg == nil {
-			if !inUnmapped || inFree || inPartial {
-				bad("never-mapped page %d: in unmapped %v, free %v, partial %v", p, inUnmapped, inFree, inPartial)
+			if inUnmapped || inFree || inPartial {
+				bad("never-used page %d: in unmapped %v, free %v, partial %v", p, inUnmapped, inFree, inPartial)
 			}
 			continue
 		}

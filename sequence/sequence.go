@@ -2,9 +2,18 @@
 // and which KV blocks hold them, in order. It knows nothing of memory or devices; kvcache owns
 // the Sequences and decides which blocks they get.
 //
+// No function or method panics on any argument, nil receivers included: a nil *Registry is an
+// empty one that refuses additions, and arithmetic on counts never wraps.
+//
 // Concurrency: none of these types are safe for concurrent use; kvcache guards them with its
 // lock.
 package sequence
+
+import (
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+)
 
 // ID names a sequence. The runtime chooses it (a request id, say).
 type ID uint64
@@ -17,11 +26,26 @@ type Sequence struct {
 	Blocks []int32
 }
 
-// BlocksFor returns how many blocks of blockTokens tokens hold n tokens.
-func BlocksFor(n, blockTokens int) int { return (n + blockTokens - 1) / blockTokens }
+// BlocksFor returns how many blocks of blockTokens tokens hold n tokens: ceil(n/blockTokens),
+// computed without overflow for any n. It is 0 when n or blockTokens is not positive.
+func BlocksFor(n, blockTokens int) int {
+	if n <= 0 || blockTokens <= 0 {
+		return 0
+	}
+	q := n / blockTokens
+	if n%blockTokens != 0 {
+		q++
+	}
+	return q
+}
 
-// TailRoom returns how many more tokens fit in the sequence's last block.
+// TailRoom returns how many more tokens fit in the sequence's last block (0 for a nil
+// sequence). For a sequence kvcache keeps, len(Blocks) == BlocksFor(Tokens, blockTokens), so
+// the result lies in [0, blockTokens).
 func (s *Sequence) TailRoom(blockTokens int) int {
+	if s == nil {
+		return 0
+	}
 	return len(s.Blocks)*blockTokens - s.Tokens
 }
 
@@ -48,6 +72,9 @@ func NewRegistry() *Registry { return &Registry{m: make(map[ID]*Sequence)} }
 
 // Get returns the sequence with the given id.
 func (r *Registry) Get(id ID) (*Sequence, bool) {
+	if r == nil {
+		return nil, false
+	}
 	slot := cacheSlot(id)
 	if s := r.cache[slot]; s != nil && s.ID == id {
 		return s, true
@@ -59,8 +86,15 @@ func (r *Registry) Get(id ID) (*Sequence, bool) {
 	return s, ok
 }
 
-// Add creates an empty sequence. The caller has checked that id is not present.
-func (r *Registry) Add(id ID) *Sequence {
+// Add creates an empty sequence. An id that is present already gets an error matching
+// ErrSequenceExists (errdefs), and nothing changes.
+func (r *Registry) Add(id ID) (*Sequence, error) {
+	if r == nil || r.m == nil {
+		return nil, fmt.Errorf("sequence: add %d: %w: nil registry (use NewRegistry)", id, errdefs.ErrInvalidArgument)
+	}
+	if _, ok := r.Get(id); ok {
+		return nil, fmt.Errorf("sequence: add %d: %w", id, errdefs.ErrSequenceExists)
+	}
 	var s *Sequence
 	if n := len(r.free); n > 0 {
 		s = r.free[n-1]
@@ -71,24 +105,38 @@ func (r *Registry) Add(id ID) *Sequence {
 	s.ID, s.Tokens, s.Blocks = id, 0, s.Blocks[:0]
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s
-	return s
+	return s, nil
 }
 
-// Remove forgets the sequence and keeps its storage for reuse. The caller must not use s after.
-func (r *Registry) Remove(s *Sequence) {
+// Remove forgets the sequence and keeps its storage for reuse; the caller must not use s after.
+// It reports false, changing nothing, when s is not a sequence of this registry.
+func (r *Registry) Remove(s *Sequence) bool {
+	if r == nil || s == nil || r.m[s.ID] != s {
+		return false
+	}
 	if slot := cacheSlot(s.ID); r.cache[slot] == s {
 		r.cache[slot] = nil
 	}
 	delete(r.m, s.ID)
 	s.Tokens, s.Blocks = 0, s.Blocks[:0]
 	r.free = append(r.free, s)
+	return true
 }
 
 // Len returns the number of sequences.
-func (r *Registry) Len() int { return len(r.m) }
+func (r *Registry) Len() int {
+	if r == nil {
+		return 0
+	}
+	return len(r.m)
+}
 
-// All calls fn for every sequence, in no particular order, until fn returns false.
+// All calls fn for every sequence, in no particular order, until fn returns false. A nil fn
+// is a no-op.
 func (r *Registry) All(fn func(*Sequence) bool) {
+	if r == nil || fn == nil {
+		return
+	}
 	for _, s := range r.m {
 		if !fn(s) {
 			return

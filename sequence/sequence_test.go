@@ -1,6 +1,9 @@
 package sequence
 
 import (
+	"math"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -18,7 +21,8 @@ func TestSequenceGeometry(t *testing.T) {
 
 func TestRegistryRecyclesWithoutAllocating(t *testing.T) {
 	r := NewRegistry()
-	s := r.Add(1)
+	s, err := r.Add(1)
+	require.NoError(t, err)
 	s.Blocks = append(s.Blocks, 1, 2, 3)
 	s.Tokens = 40
 	got, ok := r.Get(1)
@@ -28,12 +32,13 @@ func TestRegistryRecyclesWithoutAllocating(t *testing.T) {
 	_, ok = r.Get(1)
 	assert.False(t, ok)
 	allocs := testing.AllocsPerRun(100, func() {
-		s := r.Add(2)
+		s, _ := r.Add(2)
 		s.Blocks = append(s.Blocks, 9, 9, 9)
 		r.Remove(s)
 	})
 	assert.Zero(t, allocs)
-	s2 := r.Add(3)
+	s2, err := r.Add(3)
+	require.NoError(t, err)
 	assert.Zero(t, s2.Tokens)
 	assert.Empty(t, s2.Blocks)
 	assert.Equal(t, 1, r.Len())
@@ -64,7 +69,8 @@ func TestRegistryCacheStaysTrue(t *testing.T) {
 		if _, ok := live[id]; !ok {
 			_, found := r.Get(id)
 			require.False(t, found, "id %d is not live", id)
-			s := r.Add(id)
+			s, err := r.Add(id)
+			require.NoError(t, err)
 			live[id] = s
 		}
 	}
@@ -74,4 +80,40 @@ func TestRegistryCacheStaysTrue(t *testing.T) {
 		require.True(t, ok)
 		require.Same(t, s, got)
 	}
+}
+
+// Counts never wrap, and a registry refuses what would corrupt it, changing nothing.
+func TestNoInputBreaksIt(t *testing.T) {
+	assert.Equal(t, 0, BlocksFor(-1, 16))
+	assert.Equal(t, 0, BlocksFor(5, 0))
+	assert.Equal(t, 0, BlocksFor(5, -16))
+	assert.Equal(t, math.MaxInt/16+1, BlocksFor(math.MaxInt, 16), "no overflow at the top of the range")
+	assert.Equal(t, 1, BlocksFor(math.MaxInt, math.MaxInt))
+	var nilSeq *Sequence
+	assert.Zero(t, nilSeq.TailRoom(16))
+
+	r := NewRegistry()
+	s, err := r.Add(5)
+	require.NoError(t, err)
+	s.Tokens, s.Blocks = 3, append(s.Blocks, 4)
+	_, err = r.Add(5)
+	require.ErrorIs(t, err, errdefs.ErrSequenceExists)
+	got, _ := r.Get(5)
+	assert.Same(t, s, got)
+	assert.Equal(t, 3, got.Tokens, "a refused Add leaves the live sequence alone")
+	assert.False(t, r.Remove(&Sequence{ID: 5}), "a sequence of another registry is not removed")
+	assert.False(t, r.Remove(nil))
+	assert.Equal(t, 1, r.Len())
+	r.All(nil)
+
+	var nr *Registry
+	_, ok := nr.Get(1)
+	assert.False(t, ok)
+	_, err = nr.Add(1)
+	require.ErrorIs(t, err, errdefs.ErrInvalidArgument)
+	_, err = (&Registry{}).Add(1)
+	require.ErrorIs(t, err, errdefs.ErrInvalidArgument)
+	assert.False(t, nr.Remove(s))
+	assert.Zero(t, nr.Len())
+	nr.All(func(*Sequence) bool { t.Fatal("nil registry has no sequences"); return false })
 }

@@ -1,10 +1,14 @@
 package vmm
 
 import (
+	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/pagedkv/pagedkv/internal/checked"
 )
 
 // Reclaimer is what a Budget member implements so that the budget can take memory back from it
@@ -44,8 +48,14 @@ func NewBudget(limit uint64) *Budget {
 	return &Budget{limit: limit, members: make(map[string]*BudgetMember)}
 }
 
-// Join adds a member. Names are unique (ErrExists otherwise).
+// Join adds a member. Names are unique (ErrExists otherwise); r may not be nil.
 func (b *Budget) Join(name string, r Reclaimer) (*BudgetMember, error) {
+	if b == nil || b.members == nil {
+		return nil, fmt.Errorf("budget: join %q: %w: nil budget, or one not made by NewBudget", name, ErrInvalidArgument)
+	}
+	if r == nil {
+		return nil, fmt.Errorf("budget: join %q: %w: nil reclaimer", name, ErrInvalidArgument)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if _, ok := b.members[name]; ok {
@@ -56,8 +66,16 @@ func (b *Budget) Join(name string, r Reclaimer) (*BudgetMember, error) {
 	return m, nil
 }
 
-// Leave removes the member; whatever it still holds is released.
+// made reports whether m was made by Budget.Join.
+func (m *BudgetMember) made() bool { return m != nil && m.b != nil }
+
+var errMemberNotMade = fmt.Errorf("budget: %w: nil member, or one not made by Join", ErrInvalidArgument)
+
+// Leave removes the member; whatever it still holds is released. Leaving twice is a no-op.
 func (m *BudgetMember) Leave() {
+	if !m.made() {
+		return
+	}
 	m.b.mu.Lock()
 	defer m.b.mu.Unlock()
 	if m.gone {
@@ -70,25 +88,40 @@ func (m *BudgetMember) Leave() {
 }
 
 // Name returns the member's name.
-func (m *BudgetMember) Name() string { return m.name }
+func (m *BudgetMember) Name() string {
+	if !m.made() {
+		return ""
+	}
+	return m.name
+}
 
 // Used returns the bytes the member holds.
 func (m *BudgetMember) Used() uint64 {
+	if !m.made() {
+		return 0
+	}
 	m.b.mu.Lock()
 	defer m.b.mu.Unlock()
 	return m.used
 }
 
-// TryAcquire takes n bytes if they are free now, reclaiming nothing.
+// TryAcquire takes n bytes if they are free now, reclaiming nothing. A member that left gets
+// ErrClosed.
 func (m *BudgetMember) TryAcquire(n uint64) error {
+	if !m.made() {
+		return errMemberNotMade
+	}
 	m.b.mu.Lock()
 	defer m.b.mu.Unlock()
+	if m.gone {
+		return fmt.Errorf("budget: member %q left: %w", m.name, ErrClosed)
+	}
 	return m.takeLocked(n)
 }
 
 func (m *BudgetMember) takeLocked(n uint64) error {
 	b := m.b
-	if b.used+n > b.limit {
+	if over(b.used, n, b.limit) > 0 {
 		free := uint64(0)
 		if b.limit > b.used {
 			free = b.limit - b.used
@@ -106,8 +139,8 @@ func (m *BudgetMember) takeLocked(n uint64) error {
 // (ErrOutOfMemory) naming the bytes asked for and free.
 func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 	err := m.TryAcquire(n)
-	if err == nil {
-		return nil
+	if err == nil || !errors.Is(err, ErrOutOfMemory) {
+		return err
 	}
 	passes := []bool{false}
 	if compact {
@@ -125,8 +158,11 @@ func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 	return err
 }
 
-// Release returns n bytes.
+// Release returns n bytes (at most what the member holds).
 func (m *BudgetMember) Release(n uint64) {
+	if !m.made() {
+		return
+	}
 	m.b.mu.Lock()
 	defer m.b.mu.Unlock()
 	if n > m.used {
@@ -160,10 +196,7 @@ func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) u
 	got := uint64(0)
 	for _, o := range b.others(skip) {
 		b.mu.Lock()
-		need := uint64(0)
-		if b.used+n > b.limit {
-			need = b.used + n - b.limit
-		}
+		need := over(b.used, n, b.limit)
 		b.mu.Unlock()
 		if need == 0 {
 			break
@@ -173,8 +206,26 @@ func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) u
 	return got
 }
 
+// over returns how far used+n exceeds limit (0 if it does not), computed without wrapping.
+func over(used, n, limit uint64) uint64 {
+	if used > limit {
+		s, ok := checked.Add(used-limit, n)
+		if !ok {
+			return math.MaxUint64
+		}
+		return s
+	}
+	if n > limit-used {
+		return n - (limit - used)
+	}
+	return 0
+}
+
 // Limit returns the limit.
 func (b *Budget) Limit() uint64 {
+	if b == nil {
+		return 0
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.limit
@@ -182,6 +233,9 @@ func (b *Budget) Limit() uint64 {
 
 // Used returns the bytes held by all members.
 func (b *Budget) Used() uint64 {
+	if b == nil {
+		return 0
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.used
@@ -192,6 +246,9 @@ func (b *Budget) Used() uint64 {
 // stays held, and the returned Used says how far it got (the limit is enforced on every new
 // Acquire either way).
 func (b *Budget) SetLimit(limit uint64) (used uint64) {
+	if b == nil {
+		return 0
+	}
 	b.mu.Lock()
 	b.limit = limit
 	over := b.used > limit

@@ -46,14 +46,26 @@ func NewCUDADevice(ordinal int) (*CUDADevice, error) {
 }
 
 // Context returns the driver context, for the packages of this module that launch kernels.
-func (d *CUDADevice) Context() *cuda.Context { return d.ctx }
+func (d *CUDADevice) Context() *cuda.Context {
+	if d == nil {
+		return nil
+	}
+	return d.ctx
+}
 
 // Info describes the GPU.
-func (d *CUDADevice) Info() DeviceInfo { return d.info }
+func (d *CUDADevice) Info() DeviceInfo {
+	if d == nil {
+		return DeviceInfo{}
+	}
+	return d.info
+}
 
 // Reserve is cuMemAddressReserve.
 func (d *CUDADevice) Reserve(size uint64) (Addr, error) {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkSize(size); err != nil {
 		return 0, fmt.Errorf("reserve: %w", err)
@@ -68,7 +80,9 @@ func (d *CUDADevice) Reserve(size uint64) (Addr, error) {
 
 // FreeReservation is cuMemAddressFree.
 func (d *CUDADevice) FreeReservation(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkFreeReservation(a, size); err != nil {
 		return err
@@ -82,7 +96,9 @@ func (d *CUDADevice) FreeReservation(a Addr, size uint64) error {
 
 // Create is cuMemCreate of pinned device memory.
 func (d *CUDADevice) Create(size uint64) (Handle, error) {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkSize(size); err != nil {
 		return 0, fmt.Errorf("create: %w", err)
@@ -100,7 +116,9 @@ func (d *CUDADevice) Create(size uint64) (Handle, error) {
 
 // Release is cuMemRelease.
 func (d *CUDADevice) Release(h Handle) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if _, err := d.l.handle(h); err != nil {
 		return fmt.Errorf("release: %w", err)
@@ -114,7 +132,9 @@ func (d *CUDADevice) Release(h Handle) error {
 
 // Map is cuMemMap of the whole handle.
 func (d *CUDADevice) Map(a Addr, size uint64, h Handle) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if _, err := d.l.checkMap(a, size, h); err != nil {
 		return fmt.Errorf("map: %w", err)
@@ -128,7 +148,9 @@ func (d *CUDADevice) Map(a Addr, size uint64, h Handle) error {
 
 // SetAccess is cuMemSetAccess granting this device read-write access.
 func (d *CUDADevice) SetAccess(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	ms, err := d.l.mappingsIn(a, size)
 	if err != nil {
@@ -143,7 +165,9 @@ func (d *CUDADevice) SetAccess(a Addr, size uint64) error {
 
 // Unmap is cuMemUnmap.
 func (d *CUDADevice) Unmap(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	ms, err := d.l.mappingsIn(a, size)
 	if err != nil {
@@ -158,36 +182,72 @@ func (d *CUDADevice) Unmap(a Addr, size uint64) error {
 
 // MemInfo is cuMemGetInfo: free and total memory of the whole GPU, all processes included.
 func (d *CUDADevice) MemInfo() (free, total uint64, err error) {
+	if err := d.open(); err != nil {
+		return 0, 0, fmt.Errorf("mem info: %w", err)
+	}
 	return d.ctx.MemGetInfo()
 }
 
 // Memset is cuMemsetD8.
 func (d *CUDADevice) Memset(dst Addr, v byte, n uint64) error {
+	if err := d.open(); err != nil {
+		return fmt.Errorf("memset: %w", err)
+	}
 	return d.ctx.MemsetD8(cuda.DevicePtr(dst), v, n)
 }
 
 // CopyIn is cuMemcpyHtoD.
 func (d *CUDADevice) CopyIn(dst Addr, src []byte) error {
+	if err := d.open(); err != nil {
+		return fmt.Errorf("copy in: %w", err)
+	}
 	return d.ctx.MemcpyHtoD(cuda.DevicePtr(dst), src)
 }
 
 // CopyOut is cuMemcpyDtoH.
 func (d *CUDADevice) CopyOut(dst []byte, src Addr) error {
+	if err := d.open(); err != nil {
+		return fmt.Errorf("copy out: %w", err)
+	}
 	return d.ctx.MemcpyDtoH(dst, cuda.DevicePtr(src))
 }
 
 // Copy is cuMemcpyDtoD.
 func (d *CUDADevice) Copy(dst, src Addr, n uint64) error {
+	if err := d.open(); err != nil {
+		return fmt.Errorf("copy: %w", err)
+	}
 	return d.ctx.MemcpyDtoD(cuda.DevicePtr(dst), cuda.DevicePtr(src), n)
 }
 
 // Close releases the primary context; it fails while reservations, handles or mappings live.
 func (d *CUDADevice) Close() error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkClose(); err != nil {
 		return err
 	}
 	d.l.closed = true
 	return d.ctx.Release()
+}
+
+// lock locks the device's ledger, or reports a nil or zero device (then nothing is locked).
+func (d *CUDADevice) lock() error {
+	if d == nil || d.l == nil {
+		return fmt.Errorf("device: %w: nil device, or one not made by its constructor", ErrInvalidArgument)
+	}
+	d.l.mu.Lock()
+	return nil
+}
+
+// open reports a nil, zero or closed device. The data calls check it without holding the
+// ledger's lock through the copy, so copies run alongside mapping calls.
+func (d *CUDADevice) open() error {
+	if err := d.lock(); err != nil {
+		return err
+	}
+	defer d.l.mu.Unlock()
+	return d.l.usable()
 }

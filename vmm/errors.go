@@ -21,6 +21,7 @@ var (
 	ErrInjected        = errdefs.ErrInjected
 	ErrExists          = errdefs.ErrExists
 	ErrNotFound        = errdefs.ErrNotFound
+	ErrTooLarge        = errdefs.ErrTooLarge
 )
 
 // CapacityError reports an allocation that did not fit: Need bytes were asked for and Free
@@ -31,11 +32,14 @@ type CapacityError struct {
 
 // Error describes the failure with its numbers.
 func (e *CapacityError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("pagedkv: out of memory: need %d bytes, %d free", e.Need, e.Free)
 }
 
 // Is reports whether target is ErrOutOfMemory.
-func (e *CapacityError) Is(target error) bool { return target == ErrOutOfMemory }
+func (e *CapacityError) Is(target error) bool { return e != nil && target == ErrOutOfMemory }
 
 // AlignmentError reports a size or offset that is zero or not a multiple of Align. It matches
 // ErrInvalidArgument.
@@ -47,11 +51,14 @@ type AlignmentError struct {
 
 // Error describes the failure with its numbers.
 func (e *AlignmentError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("pagedkv: %s %d is not a positive multiple of %d", e.What, e.Value, e.Align)
 }
 
 // Is reports whether target is ErrInvalidArgument.
-func (e *AlignmentError) Is(target error) bool { return target == ErrInvalidArgument }
+func (e *AlignmentError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
 
 // RangeError reports a request [Offset, Offset+Size) that does not lie within [0, Limit). It
 // matches ErrOutOfRange.
@@ -61,11 +68,14 @@ type RangeError struct {
 
 // Error describes the failure with its numbers.
 func (e *RangeError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("pagedkv: range [%d, %d) outside [0, %d)", e.Offset, e.Offset+e.Size, e.Limit)
 }
 
 // Is reports whether target is ErrOutOfRange.
-func (e *RangeError) Is(target error) bool { return target == ErrOutOfRange }
+func (e *RangeError) Is(target error) bool { return e != nil && target == ErrOutOfRange }
 
 func checkAligned(what string, v, align uint64) error {
 	if v == 0 || align == 0 || v%align != 0 {

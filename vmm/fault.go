@@ -40,33 +40,67 @@ type fault struct {
 	err   error
 }
 
-// InjectFaults wraps dev. The wrapper does not own dev: closing it closes dev.
+// InjectFaults wraps dev. The wrapper does not own dev: closing it closes dev. Wrapping nil
+// gives a device whose every call fails with ErrInvalidArgument.
 func InjectFaults(dev Device) *FaultDevice {
 	return &FaultDevice{Device: dev, calls: make(map[Op]int), fail: make(map[Op]fault)}
 }
 
+// ops is every operation a FaultDevice can fail.
+var ops = map[Op]bool{OpReserve: true, OpFreeReservation: true, OpCreate: true, OpRelease: true, OpMap: true,
+	OpSetAccess: true, OpUnmap: true, OpMemInfo: true, OpMemset: true, OpCopyIn: true, OpCopyOut: true, OpCopy: true}
+
+// plan checks a planned fault; the caller holds f.mu.
+func (f *FaultDevice) plan(op Op, n int) error {
+	if !ops[op] {
+		return fmt.Errorf("fault device: %w: unknown operation %q", ErrInvalidArgument, op)
+	}
+	if n < 1 {
+		return fmt.Errorf("fault device: %w: call %d of %s (1 is the next)", ErrInvalidArgument, n, op)
+	}
+	return nil
+}
+
 // FailNth makes the nth call of op from now on (1 = the next) return err (ErrInjected if nil).
-func (f *FaultDevice) FailNth(op Op, n int, err error) {
+// An unknown op or an n below 1 is ErrInvalidArgument, and nothing is planned.
+func (f *FaultDevice) FailNth(op Op, n int, err error) error {
+	if f == nil || f.calls == nil {
+		return errFaultNotMade
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if perr := f.plan(op, n); perr != nil {
+		return perr
+	}
 	if err == nil {
 		err = ErrInjected
 	}
 	f.fail[op] = fault{nth: f.calls[op] + n, err: err}
+	return nil
 }
 
-// FailAlways makes every call of op fail until Clear.
-func (f *FaultDevice) FailAlways(op Op, err error) {
+// FailAlways makes every call of op fail until Clear. An unknown op is ErrInvalidArgument.
+func (f *FaultDevice) FailAlways(op Op, err error) error {
+	if f == nil || f.calls == nil {
+		return errFaultNotMade
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if perr := f.plan(op, 1); perr != nil {
+		return perr
+	}
 	if err == nil {
 		err = ErrInjected
 	}
 	f.fail[op] = fault{every: true, err: err}
+	return nil
 }
 
 // Clear removes every planned fault.
 func (f *FaultDevice) Clear() {
+	if f == nil || f.calls == nil {
+		return
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	clear(f.fail)
@@ -74,12 +108,36 @@ func (f *FaultDevice) Clear() {
 
 // Calls returns how many times op was called, failed calls included.
 func (f *FaultDevice) Calls(op Op) int {
+	if f == nil || f.calls == nil {
+		return 0
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.calls[op]
 }
 
+var errFaultNotMade = fmt.Errorf("fault device: %w: nil device, or one not made by InjectFaults", ErrInvalidArgument)
+
+// Info describes the wrapped device (the zero DeviceInfo if there is none).
+func (f *FaultDevice) Info() DeviceInfo {
+	if f == nil || f.Device == nil {
+		return DeviceInfo{}
+	}
+	return f.Device.Info()
+}
+
+// Close closes the wrapped device.
+func (f *FaultDevice) Close() error {
+	if f == nil || f.Device == nil {
+		return errFaultNotMade
+	}
+	return f.Device.Close()
+}
+
 func (f *FaultDevice) enter(op Op) error {
+	if f == nil || f.calls == nil || f.Device == nil {
+		return errFaultNotMade
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls[op]++

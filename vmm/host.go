@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"fmt"
+	"math"
 	"sync/atomic"
 	"unsafe"
 
@@ -40,13 +41,16 @@ func NewHostDevice(opts HostOptions) (*HostDevice, error) {
 	if opts.Granularity == 0 {
 		opts.Granularity = 2 << 20
 	}
+	if opts.Granularity > 1<<40 {
+		return nil, fmt.Errorf("host device: %w: granularity %d is over 1 TiB", ErrInvalidArgument, opts.Granularity)
+	}
 	if opts.Granularity%uint64(unix.Getpagesize()) != 0 {
 		return nil, &AlignmentError{What: "granularity", Value: opts.Granularity, Align: uint64(unix.Getpagesize())}
 	}
 	if opts.Capacity == 0 {
 		var si unix.Sysinfo_t
 		if err := unix.Sysinfo(&si); err != nil {
-			return nil, fmt.Errorf("host device: sysinfo: %w", err)
+			return nil, fmt.Errorf("host device: sysinfo: %w: %v", ErrDriver, err)
 		}
 		opts.Capacity = uint64(si.Totalram) * uint64(si.Unit)
 	}
@@ -55,18 +59,26 @@ func NewHostDevice(opts HostOptions) (*HostDevice, error) {
 
 // Info describes the host device.
 func (d *HostDevice) Info() DeviceInfo {
+	if d == nil {
+		return DeviceInfo{}
+	}
 	return DeviceInfo{Name: "host", Kind: MemoryHost, Granularity: d.opts.Granularity, TotalMemory: d.opts.Capacity}
 }
 
 // Reserve reserves size bytes of address space, aligned to the granularity, with no memory.
 func (d *HostDevice) Reserve(size uint64) (Addr, error) {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkSize(size); err != nil {
 		return 0, fmt.Errorf("reserve: %w", err)
 	}
 	// Over-reserve by one granule and trim, so the reservation is aligned like cuMemAddressReserve's.
 	g := d.opts.Granularity
+	if size > math.MaxInt-g {
+		return 0, fmt.Errorf("reserve %d bytes: %w", size, &CapacityError{Need: size, Free: math.MaxInt - g})
+	}
 	raw, err := unix.MmapPtr(-1, 0, nil, uintptr(size+g), unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 	if err != nil {
 		return 0, fmt.Errorf("reserve %d bytes: %w: %v", size, ErrOutOfMemory, err)
@@ -87,14 +99,16 @@ func (d *HostDevice) Reserve(size uint64) (Addr, error) {
 
 // FreeReservation unmaps the reservation's address space.
 func (d *HostDevice) FreeReservation(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkFreeReservation(a, size); err != nil {
 		return err
 	}
 	r, _ := d.l.res.Get(span{addr: a})
 	if err := unix.MunmapPtr(r.base, uintptr(size)); err != nil {
-		return fmt.Errorf("free reservation: munmap: %w", err)
+		return fmt.Errorf("free reservation: munmap: %w: %v", ErrDriver, err)
 	}
 	d.l.commitFreeReservation(a)
 	return nil
@@ -103,17 +117,19 @@ func (d *HostDevice) FreeReservation(a Addr, size uint64) error {
 // Create makes a memfd of size bytes. It fails with a *CapacityError when the device's capacity
 // would be exceeded.
 func (d *HostDevice) Create(size uint64) (Handle, error) {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return 0, err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkSize(size); err != nil {
 		return 0, fmt.Errorf("create: %w", err)
 	}
-	if d.l.physical+size > d.opts.Capacity {
+	if d.l.physical > d.opts.Capacity || size > d.opts.Capacity-d.l.physical {
 		return 0, fmt.Errorf("create: %w", &CapacityError{Need: size, Free: d.opts.Capacity - d.l.physical})
 	}
 	fd, err := unix.MemfdCreate("pagedkv", unix.MFD_CLOEXEC)
-	if err != nil {
-		return 0, fmt.Errorf("create: memfd_create: %w", err)
+	if err != nil { // EMFILE, ENFILE, ENOMEM: the host ran out of what a handle needs
+		return 0, fmt.Errorf("create: memfd_create: %w: %v", ErrOutOfMemory, err)
 	}
 	if err := unix.Ftruncate(fd, int64(size)); err != nil {
 		unix.Close(fd)
@@ -127,13 +143,15 @@ func (d *HostDevice) Create(size uint64) (Handle, error) {
 
 // Release closes the handle's memfd.
 func (d *HostDevice) Release(h Handle) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if _, err := d.l.handle(h); err != nil {
 		return fmt.Errorf("release: %w", err)
 	}
 	if err := unix.Close(d.fds[h]); err != nil {
-		return fmt.Errorf("release: close: %w", err)
+		return fmt.Errorf("release: close: %w: %v", ErrDriver, err)
 	}
 	delete(d.fds, h)
 	d.l.commitRelease(h)
@@ -142,7 +160,9 @@ func (d *HostDevice) Release(h Handle) error {
 
 // Map maps the memfd behind h at a with no access.
 func (d *HostDevice) Map(a Addr, size uint64, h Handle) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	r, err := d.l.checkMap(a, size, h)
 	if err != nil {
@@ -158,14 +178,16 @@ func (d *HostDevice) Map(a Addr, size uint64, h Handle) error {
 
 // SetAccess makes whole mappings readable and writable.
 func (d *HostDevice) SetAccess(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	ms, err := d.l.mappingsIn(a, size)
 	if err != nil {
 		return fmt.Errorf("set access: %w", err)
 	}
 	if err := unix.Mprotect(d.bytes(a, size), unix.PROT_READ|unix.PROT_WRITE); err != nil {
-		return fmt.Errorf("set access: mprotect: %w", err)
+		return fmt.Errorf("set access: mprotect: %w: %v", ErrDriver, err)
 	}
 	d.l.commitAccess(ms)
 	return nil
@@ -173,7 +195,9 @@ func (d *HostDevice) SetAccess(a Addr, size uint64) error {
 
 // Unmap puts a PROT_NONE reservation back over whole mappings.
 func (d *HostDevice) Unmap(a Addr, size uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	ms, err := d.l.mappingsIn(a, size)
 	if err != nil {
@@ -182,7 +206,7 @@ func (d *HostDevice) Unmap(a Addr, size uint64) error {
 	r, _ := containing(d.l.res, a, size)
 	p := unsafe.Add(r.base, uint64(a-r.addr))
 	if _, err := unix.MmapPtr(-1, 0, p, uintptr(size), unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED|unix.MAP_NORESERVE); err != nil {
-		return fmt.Errorf("unmap: mmap: %w", err)
+		return fmt.Errorf("unmap: mmap: %w: %v", ErrDriver, err)
 	}
 	d.l.commitUnmap(ms)
 	return nil
@@ -190,20 +214,27 @@ func (d *HostDevice) Unmap(a Addr, size uint64) error {
 
 // MemInfo returns the capacity left and the capacity.
 func (d *HostDevice) MemInfo() (free, total uint64, err error) {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return 0, 0, err
+	}
 	defer d.l.mu.Unlock()
 	return d.opts.Capacity - d.l.physical, d.opts.Capacity, nil
 }
 
 // bytes returns the process memory behind [a, a+n); the caller has checked a lies in a reservation.
 func (d *HostDevice) bytes(a Addr, n uint64) []byte {
+	if n == 0 { // an empty range need not lie in any reservation
+		return nil
+	}
 	r, _ := containing(d.l.res, a, n)
 	return unsafe.Slice((*byte)(unsafe.Add(r.base, uint64(a-r.addr))), n)
 }
 
 // Memset sets n bytes at dst to v.
 func (d *HostDevice) Memset(dst Addr, v byte, n uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkAccessible(dst, n); err != nil {
 		return fmt.Errorf("memset: %w", err)
@@ -221,7 +252,9 @@ func (d *HostDevice) Memset(dst Addr, v byte, n uint64) error {
 
 // CopyIn copies src to dst.
 func (d *HostDevice) CopyIn(dst Addr, src []byte) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkAccessible(dst, uint64(len(src))); err != nil {
 		return fmt.Errorf("copy in: %w", err)
@@ -232,7 +265,9 @@ func (d *HostDevice) CopyIn(dst Addr, src []byte) error {
 
 // CopyOut copies len(dst) bytes from src.
 func (d *HostDevice) CopyOut(dst []byte, src Addr) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkAccessible(src, uint64(len(dst))); err != nil {
 		return fmt.Errorf("copy out: %w", err)
@@ -243,7 +278,9 @@ func (d *HostDevice) CopyOut(dst []byte, src Addr) error {
 
 // Copy copies n bytes from src to dst (the ranges may overlap).
 func (d *HostDevice) Copy(dst, src Addr, n uint64) error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkAccessible(src, n); err != nil {
 		return fmt.Errorf("copy: source: %w", err)
@@ -257,11 +294,22 @@ func (d *HostDevice) Copy(dst, src Addr, n uint64) error {
 
 // Close gives the device up; it fails while reservations, handles or mappings live.
 func (d *HostDevice) Close() error {
-	d.l.mu.Lock()
+	if err := d.lock(); err != nil {
+		return err
+	}
 	defer d.l.mu.Unlock()
 	if err := d.l.checkClose(); err != nil {
 		return err
 	}
 	d.l.closed = true
+	return nil
+}
+
+// lock locks the device's ledger, or reports a nil or zero device (then nothing is locked).
+func (d *HostDevice) lock() error {
+	if d == nil || d.l == nil {
+		return fmt.Errorf("device: %w: nil device, or one not made by its constructor", ErrInvalidArgument)
+	}
+	d.l.mu.Lock()
 	return nil
 }

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"fmt"
+	"math"
 	"sync"
 	"unsafe"
 
@@ -52,6 +53,9 @@ func newLedger(gran uint64) *ledger {
 }
 
 func (l *ledger) usable() error {
+	if l == nil {
+		return fmt.Errorf("device: %w: nil device, or one not made by its constructor", ErrInvalidArgument)
+	}
 	if l.closed {
 		return fmt.Errorf("device: %w", ErrClosed)
 	}
@@ -136,9 +140,20 @@ func (l *ledger) commitMap(a Addr, size uint64, h Handle) {
 	leakcheck.Add(leakcheck.Mapping, 1)
 }
 
+// checkWraps reports a range [a, a+n) that wraps around the address space.
+func checkWraps(a Addr, n uint64) error {
+	if a+Addr(n) < a {
+		return &RangeError{Offset: uint64(a), Size: n, Limit: math.MaxUint64}
+	}
+	return nil
+}
+
 // mappingsIn returns the mappings [a, a+size) covers, which must be whole and gap-free.
 func (l *ledger) mappingsIn(a Addr, size uint64) ([]span, error) {
 	if err := l.usable(); err != nil {
+		return nil, err
+	}
+	if err := checkWraps(a, size); err != nil {
 		return nil, err
 	}
 	var out []span
@@ -216,6 +231,9 @@ func (l *ledger) checkAccessible(a Addr, n uint64) error {
 	}
 	if n == 0 {
 		return nil
+	}
+	if err := checkWraps(a, n); err != nil {
+		return err
 	}
 	next := a
 	l.maps.DescendLessOrEqual(span{addr: a}, func(s span) bool {

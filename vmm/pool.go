@@ -3,10 +3,12 @@ package vmm
 import (
 	"errors"
 	"fmt"
-	"math/bits"
+	"math"
 	"sync"
 
 	"github.com/google/btree"
+
+	"github.com/pagedkv/pagedkv/internal/checked"
 )
 
 // PoolConfig describes an elastic pool: a large virtual reservation that physical pages are
@@ -51,14 +53,15 @@ type PoolStats struct {
 // candle-cuda-vmm's VirtualMemoryPool, with typed errors and all-or-nothing operations.
 //
 // The pool owns its reservation, every handle it created and every mapping it made; Close
-// returns them all. It borrows the Device, which must outlive it. Safe for concurrent use.
+// returns them all. It borrows the Device, which must outlive it. Its bookkeeping is one B-tree
+// entry per mapping, whatever the size of the reservation. Safe for concurrent use; a nil Pool,
+// or one not made by NewPool, returns ErrInvalidArgument.
 type Pool struct {
 	mu      sync.Mutex
 	dev     Device
 	base    Addr
 	page    uint64
 	npages  int
-	mapped  []uint64              // bit per page
 	extents *btree.BTreeG[extent] // mappings by first page
 	cache   map[int][]Handle      // unmapped handles by size in pages
 	cached  struct {
@@ -79,6 +82,9 @@ type extent struct {
 
 // NewPool reserves cfg.Capacity bytes on dev. Nothing is mapped yet.
 func NewPool(dev Device, cfg PoolConfig) (*Pool, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("new pool: %w: nil device", ErrInvalidArgument)
+	}
 	gran := dev.Info().Granularity
 	page := cfg.PageSize
 	if page == 0 {
@@ -90,8 +96,11 @@ func NewPool(dev Device, cfg PoolConfig) (*Pool, error) {
 	if cfg.Capacity == 0 {
 		return nil, fmt.Errorf("new pool: %w", &AlignmentError{What: "capacity", Value: 0, Align: page})
 	}
-	npages := (cfg.Capacity + page - 1) / page
-	size := npages * page
+	size, ok := checked.RoundUp(cfg.Capacity, page)
+	if !ok || size/page > math.MaxInt32 {
+		return nil, fmt.Errorf("new pool: %w: capacity %d is more than %d pages of %d bytes", ErrTooLarge, cfg.Capacity, math.MaxInt32, page)
+	}
+	npages := size / page
 	base, err := dev.Reserve(size)
 	if err != nil {
 		return nil, fmt.Errorf("new pool: %w", err)
@@ -101,27 +110,65 @@ func NewPool(dev Device, cfg PoolConfig) (*Pool, error) {
 		base:    base,
 		page:    page,
 		npages:  int(npages),
-		mapped:  make([]uint64, (npages+63)/64),
 		extents: btree.NewG(16, func(a, b extent) bool { return a.first < b.first }),
 		cache:   make(map[int][]Handle),
 		limit:   cfg.CacheLimit,
 	}, nil
 }
 
-// Device returns the device the pool borrows.
-func (p *Pool) Device() Device { return p.dev }
+// made reports whether p was made by NewPool; every method checks it first.
+func (p *Pool) made() bool { return p != nil && p.dev != nil }
+
+var errPoolNotMade = fmt.Errorf("pool: %w: nil pool, or one not made by NewPool", ErrInvalidArgument)
+
+// Device returns the device the pool borrows (nil for a nil pool).
+func (p *Pool) Device() Device {
+	if !p.made() {
+		return nil
+	}
+	return p.dev
+}
 
 // Base returns the address of the first byte of the reservation. It never changes.
-func (p *Pool) Base() Addr { return p.base }
+func (p *Pool) Base() Addr {
+	if !p.made() {
+		return 0
+	}
+	return p.base
+}
 
 // Capacity returns the reserved virtual bytes.
-func (p *Pool) Capacity() uint64 { return uint64(p.npages) * p.page }
+func (p *Pool) Capacity() uint64 {
+	if !p.made() {
+		return 0
+	}
+	return uint64(p.npages) * p.page
+}
 
 // PageSize returns the mapping unit.
-func (p *Pool) PageSize() uint64 { return p.page }
+func (p *Pool) PageSize() uint64 {
+	if !p.made() {
+		return 0
+	}
+	return p.page
+}
 
 // Pages returns the number of pages in the reservation.
-func (p *Pool) Pages() int { return p.npages }
+func (p *Pool) Pages() int {
+	if !p.made() {
+		return 0
+	}
+	return p.npages
+}
+
+// lock locks a pool made by NewPool, or reports that it was not (then nothing is locked).
+func (p *Pool) lock() error {
+	if !p.made() {
+		return errPoolNotMade
+	}
+	p.mu.Lock()
+	return nil
+}
 
 // pageRange validates [offset, offset+size) and returns it in pages.
 func (p *Pool) pageRange(offset, size uint64) (first, n int, err error) {
@@ -145,7 +192,9 @@ func (p *Pool) pageRange(offset, size uint64) (first, n int, err error) {
 // byte) and returns its address. offset and size are multiples of the page size. A cached
 // handle of the same size is used when there is one. On any error nothing has changed.
 func (p *Pool) Map(offset, size uint64) (Addr, error) {
-	p.mu.Lock()
+	if err := p.lock(); err != nil {
+		return 0, err
+	}
 	defer p.mu.Unlock()
 	first, n, err := p.pageRange(offset, size)
 	if err != nil {
@@ -166,7 +215,7 @@ func (p *Pool) Map(offset, size uint64) (Addr, error) {
 		p.counters.hits++
 	}
 	p.extents.ReplaceOrInsert(extent{first: first, count: n, h: h})
-	p.setMapped(first, n, true)
+	p.setMapped(n, true)
 	return a, nil
 }
 
@@ -233,7 +282,9 @@ func (p *Pool) cacheHandle(h Handle, pages int) {
 // error of Unmap: the handle stays cached, counted in Stats().ReleaseFailures, and Trim or Close
 // try again.
 func (p *Pool) Unmap(offset, size uint64) error {
-	p.mu.Lock()
+	if err := p.lock(); err != nil {
+		return err
+	}
 	defer p.mu.Unlock()
 	first, n, err := p.pageRange(offset, size)
 	if err != nil {
@@ -251,7 +302,7 @@ func (p *Pool) Unmap(offset, size uint64) error {
 	}
 	for _, e := range exts {
 		p.extents.Delete(e)
-		p.setMapped(e.first, e.count, false)
+		p.setMapped(e.count, false)
 		bytes := uint64(e.count) * p.page
 		keep := p.cached.b+bytes <= p.limit
 		// A release failure keeps the handle cached and counts it; see the doc comment.
@@ -312,37 +363,51 @@ func (p *Pool) wholeExtents(first, n int) ([]extent, error) {
 // IsMapped reports whether every page of [offset, offset+size) is mapped. Invalid ranges are
 // not mapped.
 func (p *Pool) IsMapped(offset, size uint64) bool {
-	p.mu.Lock()
+	if p.lock() != nil {
+		return false
+	}
 	defer p.mu.Unlock()
 	first, n, err := p.pageRange(offset, size)
 	if err != nil {
 		return false
 	}
-	for i := first; i < first+n; i++ {
-		if p.mapped[i/64]&(1<<(i%64)) == 0 {
+	// The mappings that cover pages [first, first+n) must follow each other without a gap.
+	next := first
+	p.extents.DescendLessOrEqual(extent{first: first}, func(e extent) bool {
+		if e.first+e.count > first {
+			next = e.first + e.count
+		}
+		return false
+	})
+	if next == first {
+		return false
+	}
+	p.extents.AscendRange(extent{first: next}, extent{first: first + n}, func(e extent) bool {
+		if e.first != next {
 			return false
 		}
-	}
-	return true
+		next = e.first + e.count
+		return true
+	})
+	return next >= first+n
 }
 
+// anyMapped reports whether a mapping overlaps pages [first, first+n).
 func (p *Pool) anyMapped(first, n int) bool {
-	for i := first; i < first+n; i++ {
-		if p.mapped[i/64]&(1<<(i%64)) != 0 {
-			return true
-		}
-	}
-	return false
+	overlap := false
+	p.extents.DescendLessOrEqual(extent{first: first}, func(e extent) bool {
+		overlap = e.first+e.count > first
+		return false
+	})
+	p.extents.AscendRange(extent{first: first}, extent{first: first + n}, func(extent) bool {
+		overlap = true
+		return false
+	})
+	return overlap
 }
 
-func (p *Pool) setMapped(first, n int, on bool) {
-	for i := first; i < first+n; i++ {
-		if on {
-			p.mapped[i/64] |= 1 << (i % 64)
-		} else {
-			p.mapped[i/64] &^= 1 << (i % 64)
-		}
-	}
+// setMapped counts n pages mapped or unmapped.
+func (p *Pool) setMapped(n int, on bool) {
 	if on {
 		p.nmapped += n
 	} else {
@@ -354,7 +419,9 @@ func (p *Pool) setMapped(first, n int, on bool) {
 // so that the next count Maps of that size pay only map + access. Precreated handles do not
 // count against CacheLimit. On error the handles made by this call are released again.
 func (p *Pool) Precreate(size uint64, count int) error {
-	p.mu.Lock()
+	if err := p.lock(); err != nil {
+		return err
+	}
 	defer p.mu.Unlock()
 	if _, _, err := p.pageRange(0, size); err != nil {
 		return fmt.Errorf("pool precreate: %w", err)
@@ -363,7 +430,7 @@ func (p *Pool) Precreate(size uint64, count int) error {
 		return fmt.Errorf("pool precreate: %w: count %d", ErrInvalidArgument, count)
 	}
 	pages := int(size / p.page)
-	made := make([]Handle, 0, count)
+	var made []Handle // count may be anything; memory runs out long before MaxInt handles
 	for range count {
 		h, err := p.dev.Create(size)
 		if err != nil {
@@ -390,7 +457,9 @@ func (p *Pool) Precreate(size uint64, count int) error {
 
 // Trim releases every cached handle. Handles the driver refuses to release stay cached.
 func (p *Pool) Trim() error {
-	p.mu.Lock()
+	if err := p.lock(); err != nil {
+		return err
+	}
 	defer p.mu.Unlock()
 	if p.closed {
 		return fmt.Errorf("pool trim: %w", ErrClosed)
@@ -423,7 +492,9 @@ func (p *Pool) trim() error {
 
 // Stats returns a snapshot of the pool.
 func (p *Pool) Stats() PoolStats {
-	p.mu.Lock()
+	if p.lock() != nil {
+		return PoolStats{}
+	}
 	defer p.mu.Unlock()
 	s := PoolStats{
 		VirtualBytes:    p.Capacity(),
@@ -448,25 +519,29 @@ func (p *Pool) Stats() PoolStats {
 	return s
 }
 
-// MappedPages calls fn for each mapped page index, in increasing order.
+// MappedPages calls fn for each mapped page index, in increasing order, until fn returns
+// false. A nil fn is a no-op.
 func (p *Pool) MappedPages(fn func(page int) bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for w, word := range p.mapped {
-		for word != 0 {
-			b := bits.TrailingZeros64(word)
-			if !fn(w*64 + b) {
-				return
-			}
-			word &^= 1 << b
-		}
+	if fn == nil || p.lock() != nil {
+		return
 	}
+	defer p.mu.Unlock()
+	p.extents.Ascend(func(e extent) bool {
+		for i := e.first; i < e.first+e.count; i++ {
+			if !fn(i) {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // Close unmaps everything, releases every handle and frees the reservation. It tries every step
 // even when one fails and returns all failures; the pool is closed afterwards either way.
 func (p *Pool) Close() error {
-	p.mu.Lock()
+	if err := p.lock(); err != nil {
+		return err
+	}
 	defer p.mu.Unlock()
 	if p.closed {
 		return fmt.Errorf("pool close: %w", ErrClosed)
@@ -487,7 +562,6 @@ func (p *Pool) Close() error {
 		return true
 	})
 	p.extents.Clear(false)
-	clear(p.mapped)
 	p.nmapped = 0
 	if err := p.trim(); err != nil {
 		errs = append(errs, err)

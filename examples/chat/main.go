@@ -156,6 +156,10 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 	if err != nil {
 		return nil, err
 	}
+	vt, err := blocktable.NewVLLM(1, maxBlocks, -1)
+	if err != nil {
+		return nil, err
+	}
 	g := dev.Info().Granularity
 	stage, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: g, PageSize: g})
 	if err != nil {
@@ -167,7 +171,7 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 	}
 	row := uint64(2 * headDim)
 	c := &chat{
-		dev: dev, m: m, k: k, tables: tables, vt: blocktable.NewVLLM(1, maxBlocks, -1), stage: stage, compact: compact,
+		dev: dev, m: m, k: k, tables: tables, vt: vt, stage: stage, compact: compact,
 		keys: base, vals: base + vmm.Addr(maxMessage*row), slotBuf: base + vmm.Addr(2*maxMessage*row),
 		q: base + vmm.Addr(2*maxMessage*row+8*maxMessage), out: base + vmm.Addr(2*maxMessage*row+8*maxMessage+row),
 		seq: 1, bgNext: 1 << 32, rng: rand.New(rand.NewPCG(42, 42)), bgCount: background,

@@ -76,11 +76,17 @@ type Error struct {
 
 // Error describes the failure with its numbers.
 func (e *Error) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
 	return fmt.Sprintf("cuda: %s: %s (%d)", e.Call, e.Code, int32(e.Code))
 }
 
 // Is matches the sentinel of internal/errdefs that the code stands for.
 func (e *Error) Is(target error) bool {
+	if e == nil {
+		return false
+	}
 	switch target {
 	case errdefs.ErrDriver:
 		return true

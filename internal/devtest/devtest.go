@@ -1,9 +1,10 @@
-// Package devtest holds helpers for tests that need device memory outside any arena.
+// Package devtest holds helpers for tests: device memory outside any arena, and tables.
 package devtest
 
 import (
 	"testing"
 
+	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -28,4 +29,24 @@ func Mapped(tb testing.TB, dev vmm.Device, size uint64) vmm.Addr {
 		tb.Fatal(err)
 	}
 	return a
+}
+
+// VLLM returns a vLLM table of maxSeqs rows of maxBlocks, failing the test if it cannot be made.
+func VLLM(tb testing.TB, maxSeqs, maxBlocks int, pad int32) *blocktable.VLLM {
+	tb.Helper()
+	v, err := blocktable.NewVLLM(maxSeqs, maxBlocks, pad)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+// FlashInfer returns a FlashInfer table, failing the test if it cannot be made.
+func FlashInfer(tb testing.TB, maxSeqs, maxBlocks, blockTokens int) *blocktable.FlashInfer {
+	tb.Helper()
+	f, err := blocktable.NewFlashInfer(maxSeqs, maxBlocks, blockTokens)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return f
 }

@@ -5,7 +5,10 @@
 // match them through their Is method; raw CUresult codes never escape.
 package errdefs
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 var (
 	// ErrNoDriver reports that libcuda.so.1 could not be loaded or initialised.
@@ -38,8 +41,35 @@ var (
 	ErrNotFound = errors.New("pagedkv: not found")
 	// ErrAsleep reports an append to a manager put to sleep; Wake it first.
 	ErrAsleep = errors.New("pagedkv: asleep")
-	// ErrTooLarge reports a batch that does not fit the buffers it is written into.
+	// ErrTooLarge reports a request that can never fit: a batch larger than the buffers it is
+	// written into, an append larger than the whole arena or than a sequence may grow, a size
+	// whose arithmetic would overflow.
 	ErrTooLarge = errors.New("pagedkv: does not fit")
 	// ErrInjected is the error a fault-injecting device returns by default.
 	ErrInjected = errors.New("pagedkv: injected fault")
 )
+
+// CountError reports a count (of tokens, pairs, rows, ...) that is negative or larger than
+// allowed; it matches ErrInvalidArgument. Public packages re-export it as a type alias.
+type CountError struct {
+	What   string // what was counted; "" reads as "count"
+	N, Max int
+}
+
+// Error describes the failure with its numbers.
+func (e *CountError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	what := e.What
+	if what == "" {
+		what = "count"
+	}
+	if e.N < 0 {
+		return fmt.Sprintf("pagedkv: invalid argument: %s %d is negative", what, e.N)
+	}
+	return fmt.Sprintf("pagedkv: invalid argument: %s %d exceeds %d", what, e.N, e.Max)
+}
+
+// Is reports whether target is ErrInvalidArgument.
+func (e *CountError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }

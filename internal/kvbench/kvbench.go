@@ -198,7 +198,10 @@ func exportSetup(b *testing.B, live int) (*env, []kvcache.SeqID) {
 // ExportVLLM times exporting the vLLM block table of 256 sequences of 256 blocks.
 func ExportVLLM(b *testing.B, live int) {
 	e, ids := exportSetup(b, live)
-	t := blocktable.NewVLLM(Batch, 256, 0)
+	t, err := blocktable.NewVLLM(Batch, 256, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
 	b.ReportAllocs()
 	for b.Loop() {
 		if err := e.m.ExportVLLM(ids, t); err != nil {
@@ -210,7 +213,10 @@ func ExportVLLM(b *testing.B, live int) {
 // ExportFlashInfer times exporting FlashInfer's CSR of 256 sequences of 256 blocks.
 func ExportFlashInfer(b *testing.B, live int) {
 	e, ids := exportSetup(b, live)
-	f := blocktable.NewFlashInfer(Batch, Batch*256, e.bt)
+	f, err := blocktable.NewFlashInfer(Batch, Batch*256, e.bt)
+	if err != nil {
+		b.Fatal(err)
+	}
 	b.ReportAllocs()
 	for b.Loop() {
 		if err := e.m.ExportFlashInfer(ids, f); err != nil {
