@@ -17,3 +17,19 @@ func BenchmarkManager(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkPrefixStart times starting a 4,096-token prompt that is cached whole, with the keys
+// given and hashed (targets: 10 and 60 us).
+func BenchmarkPrefixStart(b *testing.B) {
+	b.Run("keys", func(b *testing.B) { kvbench.StartCached(b, true) })
+	b.Run("hash", func(b *testing.B) { kvbench.StartCached(b, false) })
+}
+
+// BenchmarkPrefixDecode times the decode step with ids (0% hits: every block hashed, cached and
+// later evicted) against AppendTokens (target: at most 50 ns per token more, 0 allocs).
+func BenchmarkPrefixDecode(b *testing.B) {
+	for _, live := range kvbench.LiveCounts {
+		b.Run(fmt.Sprintf("count/live=%d", live), func(b *testing.B) { kvbench.Decode(b, live, false) })
+		b.Run(fmt.Sprintf("ids/live=%d", live), func(b *testing.B) { kvbench.Decode(b, live, true) })
+	}
+}

@@ -33,6 +33,11 @@ type CompactResult struct {
 // Without a byte budget the arena ends at the optimum: ceil(live blocks / blocks per page) pages
 // plus the reserve.
 //
+// Prefix-cached blocks, held or idle, count as live and move with their keys: packing them is
+// what keeps the cache from pinning pages. Idle cached blocks beyond what
+// Config.PrefixCacheBytes allows are evicted first, whole pages at a time, since copying blocks
+// the bound would drop costs bandwidth and saves nothing.
+//
 // Call it between steps: kernels still reading the old block ids, or tables exported before,
 // must be finished or re-exported afterwards. Appends wait while it runs. If the copy fails
 // nothing has changed; if returning a page fails the compaction stands and the error says so.
@@ -53,6 +58,8 @@ func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 // compactLocked compacts with growMu and mu held and leaves keepFree free pages mapped.
 func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResult, error) {
 	var res CompactResult
+	// Cached blocks the bound would drop anyway are evicted, not copied.
+	m.dropOverBound(keepFree)
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
 		k, err := m.kernelsLocked()
@@ -86,6 +93,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	}
 	released, err := m.trimLocked(keepFree)
 	res.PagesReleased = released
+	m.publish()
 	if err != nil {
 		return res, fmt.Errorf("kvcache: compact: %w", err)
 	}
@@ -105,7 +113,7 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 			used = append(used, pageLive{int32(p), a.liveIn(int32(p))})
 		}
 	}
-	keep := (a.live + m.bpp - 1) / m.bpp
+	keep := (a.live + a.idle + m.bpp - 1) / m.bpp // cached blocks are data: packed, with their keys
 	// Keep the pages with the most live blocks (the lowest among equals).
 	slices.SortFunc(used, func(x, y pageLive) int {
 		if x.live != y.live {
@@ -145,7 +153,7 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 		budget += cost
 		pg := a.pages[src.page]
 		for i := range m.bpp {
-			if pg.refs[i] > 0 {
+			if pg.bits[i/64]&(1<<(i%64)) == 0 { // held or idle cached
 				pairs = append(pairs, int64(src.page)*int64(m.bpp)+int64(i), int64(nextDst()))
 			}
 		}
@@ -153,11 +161,12 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 	return pairs
 }
 
-// trimLocked unmaps free pages from the top until target remain, then maps pages until target
-// are ready or memory runs out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
+// trimLocked brings the idle pages to target: it unmaps free pages from the top (and evicts
+// cache-only pages beyond the bound), then maps pages until target are ready or memory runs
+// out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
 func (m *Manager) trimLocked(target int) (int, error) {
 	released := 0
-	for !m.static && m.arena.free.Len() > target {
+	for !m.static && (m.arena.free.Len() > 0 && m.spare() > target || m.dropOverBound(target) > 0) {
 		p, _ := m.arena.free.Max()
 		if err := m.unmapPage(p); err != nil {
 			return released, fmt.Errorf("return page %d: %w", p, err)
@@ -166,8 +175,8 @@ func (m *Manager) trimLocked(target int) (int, error) {
 		m.arena.setState(p, pageUnmapped)
 		released++
 	}
-	for !m.static && !m.asleep && m.arena.free.Len() < target {
-		if _, err := m.mapPageLocked(); err != nil {
+	for !m.static && !m.asleep && m.spare() < target {
+		if _, err := m.mapPageLocked(false); err != nil {
 			if errors.Is(err, ErrOutOfMemory) {
 				break // the reserve is bounded by memory, like the reserve goroutine's
 			}

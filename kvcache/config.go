@@ -51,6 +51,15 @@ type Config struct {
 	HighWatermark int
 	// MemoryLimit bounds the bytes of mapped pages; 0 means no bound but the device's memory.
 	MemoryLimit uint64
+	// PrefixCacheBytes is the memory the prefix cache may keep mapped for itself: whole pages
+	// holding only cached blocks no sequence uses, beyond the HighWatermark idle pages kept
+	// anyway. Growth does not take those pages while memory can be mapped; memory pressure
+	// (MemoryLimit, a shared budget, the device) does, before other models are asked. Cache
+	// beyond them lives only in otherwise-free memory (free slots of pages in use, the
+	// watermark's idle pages) and is evicted before a page is mapped; 0 means only that. Counted
+	// in pages, because memory goes back to the device by the page: a bound counted in blocks
+	// lets scattered blocks pin a page each (kvcached #359).
+	PrefixCacheBytes uint64
 	// NoBackground turns the reserve goroutine off: pages are mapped when an append needs one and
 	// the watermarks are applied by Settle. For deterministic tests and single-threaded use.
 	NoBackground bool

@@ -8,7 +8,9 @@ import (
 
 	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -59,7 +61,19 @@ type Manager struct {
 
 	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
 
-	counters struct{ syncMaps, bgMaps, unmaps, cows, compactions, moved uint64 }
+	// prefix cache (the key index is the arena's; see prefixcache.go)
+	feed    prefix.Feed
+	hasher  prefix.Hasher
+	pending []prefix.Event     // events of the operation under way, published when it succeeds
+	evicted []keyindex.Removed // evictions of the append under way, restored if it fails
+	probe   sequence.Sequence  // scratch of Admit
+	root0   prefix.Key         // root of the zero namespace
+	rootSet bool
+
+	counters struct {
+		syncMaps, bgMaps, unmaps, cows, compactions, moved uint64
+		queryTokens, hitTokens, stored, evictions          uint64
+	}
 }
 
 // New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
@@ -241,13 +255,30 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block has room, and no fork
 	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
 	// overflow here).
-	if ok && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep {
+	if ok && !s.Keyed && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
 	}
 	defer m.mu.Unlock()
-	return m.appendSlow(s, seq, n, dst)
+	out, err := m.appendSlow(s, seq, n, dst)
+	if err == nil && ok && s.Keyed && n > 0 { // tokens without ids: the sequence's later blocks cannot be keyed
+		s.ResetPrefix()
+	}
+	m.publish()
+	return out, err
+}
+
+// tailWritable reports whether the block the next token of s goes to may be written in place:
+// it is a fresh block, or a partial one that is not cached. A cached block is immutable: a tail
+// cut into one by Truncate is uncached before it is written (or copied, when others hold it).
+func (m *Manager) tailWritable(s *sequence.Sequence) bool {
+	bt := m.cfg.BlockTokens
+	if s.Tokens%bt == 0 {
+		return true
+	}
+	pg, i := m.arena.slot(s.Blocks[s.Tokens/bt])
+	return pg.entries == nil || pg.entries[i] == nil
 }
 
 // appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
@@ -289,8 +320,12 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 		}
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
+	if n > 0 && !m.tailWritable(s) { // a cached tail held by s alone (a shared one was copied)
+		k, _ := m.arena.uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
+		m.emitRemoved(k)
+	}
 	dst = m.appendSlots(s, n, dst)
-	if m.arena.free.Len() < m.cfg.ReservePages {
+	if m.spare() < m.cfg.ReservePages {
 		m.kick()
 	}
 	return dst, nil
@@ -340,7 +375,7 @@ func (m *Manager) freeBlocks() int {
 		room := m.maxBlocks/m.bpp - a.mapped - m.inflight
 		mappable = max(0, min(mappable, room))
 	}
-	return a.mapped*m.bpp - a.live + mappable*m.bpp
+	return a.mapped*m.bpp - a.live + mappable*m.bpp // free and idle blocks, and mappable ones
 }
 
 // grow gives s the need blocks that n more tokens need (with cow, the first is a private copy
@@ -350,7 +385,12 @@ func (m *Manager) grow(s *sequence.Sequence, n, need int, cow bool) error {
 	if need == 0 {
 		return nil
 	}
-	if err := m.allocate(s, need, cow); err != nil {
+	err := m.allocate(s, need, cow)
+	for _, r := range m.evicted { // committed (or restored by the rollback, which empties it)
+		m.arena.index.Recycle(r)
+	}
+	m.evicted = m.evicted[:0]
+	if err != nil {
 		return &BlocksError{Tokens: n, SeqTokens: s.Tokens, Blocks: need, Bytes: uint64(need) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err}
 	}
@@ -364,17 +404,18 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	if len(s.Blocks) > 0 {
 		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
 	}
-	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
+	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for range need {
 		p, ok := m.arena.pick(hint)
+		if !ok && m.evictSpare() { // cache in otherwise-free memory goes before a page is mapped
+			p, ok = m.arena.pick(hint)
+		}
 		if !ok {
 			var err error
-			if p, err = m.mapPageLocked(); err != nil {
+			if p, err = m.growPage(); err != nil {
 				m.rollback()
 				return err
 			}
-			m.counters.syncMaps++
-			m.newPages = append(m.newPages, p)
 		}
 		b := m.arena.alloc(p)
 		m.newBlocks = append(m.newBlocks, b)
@@ -396,11 +437,19 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	return nil
 }
 
-// rollback frees the blocks and unmaps the pages that a failed grow took.
+// rollback frees the blocks, restores the cached blocks evicted and unmaps the pages that a
+// failed grow took, and forgets the operation's events.
 func (m *Manager) rollback() {
 	for _, b := range m.newBlocks {
 		m.arena.unref(b)
 	}
+	for i := len(m.evicted) - 1; i >= 0; i-- {
+		m.arena.restore(m.evicted[i])
+		m.counters.evictions--
+	}
+	m.evicted = m.evicted[:0]
+	clear(m.pending)
+	m.pending = m.pending[:0]
 	for _, p := range m.newPages {
 		if err := m.unmapPage(p); err != nil {
 			// The page stays mapped and free: still consistent, and reused before any new map.
@@ -412,9 +461,40 @@ func (m *Manager) rollback() {
 	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
 }
 
+// growPage finds a page with room for an append when no mapped page has any: it maps one
+// within the manager's limits and the shared budget's headroom; when memory is short it evicts
+// the manager's own cached blocks (the whole protected cache included) before a shared budget
+// reclaims from other models, and only then fails. It returns a page with a free block.
+func (m *Manager) growPage() (int32, error) {
+	p, err := m.mapPageLocked(false)
+	if err == nil {
+		m.counters.syncMaps++
+		m.newPages = append(m.newPages, p)
+		return p, nil
+	}
+	if !errors.Is(err, ErrOutOfMemory) {
+		return 0, err
+	}
+	if m.evictForAlloc() {
+		if p, ok := m.arena.pick(-1); ok {
+			return p, nil
+		}
+	}
+	if m.member == nil {
+		return 0, err
+	}
+	if p, err = m.mapPageLocked(true); err != nil {
+		return 0, err
+	}
+	m.counters.syncMaps++
+	m.newPages = append(m.newPages, p)
+	return p, nil
+}
+
 // mapPageLocked maps the lowest unmapped page while holding mu (the slow path: the reserve ran
-// dry, or a compaction tops the reserve up). It returns the page, mapped and entirely free.
-func (m *Manager) mapPageLocked() (int32, error) {
+// dry, or a compaction tops the reserve up); with reclaim, a shared budget may take memory back
+// from other models. It returns the page, mapped and entirely free.
+func (m *Manager) mapPageLocked(reclaim bool) (int32, error) {
 	if err := m.checkLimit(); err != nil {
 		return 0, err
 	}
@@ -422,7 +502,7 @@ func (m *Manager) mapPageLocked() (int32, error) {
 	if !ok {
 		return 0, &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
 	}
-	if err := m.mapPage(p, true); err != nil {
+	if err := m.mapPage(p, reclaim); err != nil {
 		m.arena.setState(p, pageUnmapped)
 		return 0, err
 	}
@@ -502,11 +582,13 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	if err != nil {
 		return err
 	}
-	for _, b := range s.Blocks {
-		m.arena.unref(b)
+	// Last block first: cached blocks go idle tail first, so the tail is evicted before the
+	// prefix other prompts share (as vLLM frees).
+	for i := len(s.Blocks) - 1; i >= 0; i-- {
+		m.arena.unref(s.Blocks[i])
 	}
 	m.seqs.Remove(s)
-	if m.arena.free.Len() > m.cfg.HighWatermark {
+	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
 	return nil
@@ -537,6 +619,11 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	}
 	d.Tokens = s.Tokens
 	d.Blocks = append(d.Blocks, s.Blocks...)
+	if s.Keyed {
+		d.Keyed, d.Root, d.Adapter = true, s.Root, s.Adapter
+		d.IDs = append(d.IDs, s.IDs...)
+		d.Keys = append(d.Keys, s.Keys...)
+	}
 	for _, b := range d.Blocks {
 		m.arena.ref(b)
 	}
@@ -562,12 +649,17 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
 	}
 	s.Tokens -= n
-	keep := sequence.BlocksFor(s.Tokens, m.cfg.BlockTokens)
-	for _, b := range s.Blocks[keep:] {
-		m.arena.unref(b)
+	bt := m.cfg.BlockTokens
+	keep := sequence.BlocksFor(s.Tokens, bt)
+	for i := len(s.Blocks) - 1; i >= keep; i-- {
+		m.arena.unref(s.Blocks[i])
 	}
 	s.Blocks = s.Blocks[:keep]
-	if m.arena.free.Len() > m.cfg.HighWatermark {
+	if s.Keyed {
+		s.IDs = s.IDs[:s.Tokens]
+		s.Keys = s.Keys[:s.Tokens/bt]
+	}
+	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
 	return nil
@@ -666,6 +758,7 @@ func (m *Manager) Close() error {
 	if m.member != nil {
 		m.member.Leave()
 	}
+	m.feed.Close()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
 	}

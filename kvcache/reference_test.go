@@ -11,38 +11,70 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // refModel is the naive reference: a map of sequences to their token values and abstract block
 // lists, with no pages, no memory and no cleverness. Block ids are its own; the check is that a
 // one-to-one correspondence with the manager's ids exists.
+//
+// The prefix cache: a keyed sequence knows its token ids; when one of its blocks fills, the
+// model computes the block's key and caches the block under it unless the key is cached
+// already. A cached block no sequence holds is idle and stays, until the manager says (by its
+// events) that it was evicted: which block to evict is the manager's policy, what follows from
+// it is checked. A token's value is a hash of its namespace and every id up to it, so a block
+// shared by a wrong prefix hit reads wrong values.
 type refModel struct {
 	bt     int
 	seqs   map[kvcache.SeqID]*refSeq
-	refs   map[int]int
+	refs   map[int]int        // held blocks: their holders
+	idle   map[int]bool       // cached blocks nobody holds
+	cached map[prefix.Key]int // key -> block
+	keyOf  map[int]prefix.Key // block -> key, for cached blocks
+	stored []prefix.Key       // keys cached since the events were last checked
 	nextID int
+	hasher prefix.Hasher
 }
 
 type refSeq struct {
 	tokens []uint64 // the value written for each token
 	blocks []int
+	keyed  bool
+	root   prefix.Key
+	ids    []prefix.Token // when keyed
+	keys   []prefix.Key   // keys of its full blocks, when keyed
 }
 
 func newRef(bt int) *refModel {
-	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}}
+	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}, idle: map[int]bool{},
+		cached: map[prefix.Key]int{}, keyOf: map[int]prefix.Key{}}
 }
 
 func (r *refModel) newBlock() int { r.nextID++; r.refs[r.nextID] = 1; return r.nextID }
 
-func (r *refModel) append(id kvcache.SeqID, vals []uint64) {
+// value is the K/V a keyed token holds: a hash of its root and of every id up to it, chained
+// from the value of the token before it (0 for the first).
+func value(root prefix.Key, prev uint64, pos int, id prefix.Token) uint64 {
+	x := prev ^ binary.LittleEndian.Uint64(root[:8]) ^ uint64(pos)<<40 ^ uint64(uint32(id))*0x9e3779b97f4a7c15
+	x ^= x >> 31
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 29
+	return x | 1 // never 0, so an unwritten slot never matches
+}
+
+// appendVals adds tokens with the given values (count-only appends: the sequence is no longer
+// keyed) or, keyed, ids whose values follow from the chain.
+func (r *refModel) append(id kvcache.SeqID, vals []uint64, ids []prefix.Token, root prefix.Key) {
 	s, ok := r.seqs[id]
 	if !ok {
-		s = &refSeq{}
+		s = &refSeq{keyed: ids != nil, root: root}
 		r.seqs[id] = s
 	}
-	if len(vals) == 0 {
+	n := len(vals) + len(ids)
+	if n == 0 {
 		return
 	}
 	if len(s.tokens)%r.bt != 0 && r.refs[s.blocks[len(s.blocks)-1]] > 1 {
@@ -50,10 +82,80 @@ func (r *refModel) append(id kvcache.SeqID, vals []uint64) {
 		r.refs[old]--
 		s.blocks[len(s.blocks)-1] = r.newBlock()
 	}
-	s.tokens = append(s.tokens, vals...)
+	if ids == nil { // tokens without ids: the sequence is keyed no more
+		s.keyed, s.ids, s.keys = false, nil, nil
+		s.tokens = append(s.tokens, vals...)
+	} else {
+		for _, x := range ids {
+			prev := uint64(0)
+			if len(s.tokens) > 0 {
+				prev = s.tokens[len(s.tokens)-1]
+			}
+			s.tokens = append(s.tokens, value(s.root, prev, len(s.tokens), x))
+			s.ids = append(s.ids, x)
+		}
+	}
 	for len(s.blocks)*r.bt < len(s.tokens) {
 		s.blocks = append(s.blocks, r.newBlock())
 	}
+	r.store(s)
+}
+
+// store keys the keyed sequence's newly full blocks and caches those whose keys are new.
+func (r *refModel) store(s *refSeq) {
+	if !s.keyed {
+		return
+	}
+	for len(s.keys) < len(s.tokens)/r.bt {
+		i := len(s.keys)
+		parent := s.root
+		if i > 0 {
+			parent = s.keys[i-1]
+		}
+		k := r.hasher.Next(parent, s.ids[i*r.bt:(i+1)*r.bt])
+		s.keys = append(s.keys, k)
+		b := s.blocks[i]
+		if _, has := r.keyOf[b]; has {
+			continue
+		}
+		if _, dup := r.cached[k]; dup {
+			continue
+		}
+		r.cached[k], r.keyOf[b] = b, k
+		r.stored = append(r.stored, k)
+	}
+}
+
+// start is StartSequence: the longest cached prefix of whole blocks, at most len-1 tokens.
+func (r *refModel) start(id kvcache.SeqID, root prefix.Key, prompt []prefix.Token) int {
+	s := &refSeq{keyed: true, root: root}
+	r.seqs[id] = s
+	parent := root
+	for i := 0; len(prompt) > 0 && i < (len(prompt)-1)/r.bt; i++ {
+		k := r.hasher.Next(parent, prompt[i*r.bt:(i+1)*r.bt])
+		b, ok := r.cached[k]
+		if !ok {
+			break
+		}
+		if r.idle[b] {
+			delete(r.idle, b)
+			r.refs[b] = 1
+		} else {
+			r.refs[b]++
+		}
+		s.blocks = append(s.blocks, b)
+		s.keys = append(s.keys, k)
+		for j := i * r.bt; j < (i+1)*r.bt; j++ {
+			prev := uint64(0)
+			if j > 0 {
+				prev = s.tokens[j-1]
+			}
+			s.tokens = append(s.tokens, value(root, prev, j, prompt[j]))
+			s.ids = append(s.ids, prompt[j])
+		}
+		parent = k
+	}
+	return len(s.tokens)
 }
 
 func (r *refModel) free(id kvcache.SeqID) {
@@ -63,16 +165,30 @@ func (r *refModel) free(id kvcache.SeqID) {
 	delete(r.seqs, id)
 }
 
+// drop releases a reference: a cached block goes idle, another is gone.
 func (r *refModel) drop(b int) {
 	r.refs[b]--
 	if r.refs[b] == 0 {
 		delete(r.refs, b)
+		if _, ok := r.keyOf[b]; ok {
+			r.idle[b] = true
+		}
 	}
+}
+
+// removed applies a BlockRemoved key: an idle block is gone, a held one is no longer cached.
+func (r *refModel) removed(t testing.TB, k prefix.Key) {
+	b, ok := r.cached[k]
+	require.True(t, ok, "BlockRemoved for a key that is not cached")
+	delete(r.cached, k)
+	delete(r.keyOf, b)
+	delete(r.idle, b)
 }
 
 func (r *refModel) fork(src, dst kvcache.SeqID) {
 	s := r.seqs[src]
-	d := &refSeq{tokens: append([]uint64(nil), s.tokens...), blocks: append([]int(nil), s.blocks...)}
+	d := &refSeq{tokens: append([]uint64(nil), s.tokens...), blocks: append([]int(nil), s.blocks...),
+		keyed: s.keyed, root: s.root, ids: append([]prefix.Token(nil), s.ids...), keys: append([]prefix.Key(nil), s.keys...)}
 	for _, b := range d.blocks {
 		r.refs[b]++
 	}
@@ -87,6 +203,10 @@ func (r *refModel) truncate(id kvcache.SeqID, n int) {
 		r.drop(b)
 	}
 	s.blocks = s.blocks[:keep]
+	if s.keyed {
+		s.ids = s.ids[:len(s.tokens)]
+		s.keys = s.keys[:len(s.tokens)/r.bt]
+	}
 }
 
 // harness drives a manager and the reference with the same operations and checks them against
@@ -100,14 +220,19 @@ type harness struct {
 	nextVal uint64
 	slots   []int64
 	ooms    int
+	hits    int
 	static  bool   // the manager is static: every page stays mapped
 	free0   uint64 // the device's free memory before the manager mapped anything
+	sub     *prefix.Subscription
+	events  []prefix.Event
+	table   *blocktable.VLLM
 }
 
 // shape is the part of Stats that is state, not history.
 func shape(s kvcache.Stats) kvcache.Stats {
 	s.SyncMaps, s.BackgroundMaps, s.Unmaps, s.CopyOnWrites, s.ReserveErr = 0, 0, 0, 0, nil
 	s.Compactions, s.BlocksMoved = 0, 0
+	s.Prefix.QueryTokens, s.Prefix.HitTokens, s.Prefix.HitRate, s.Prefix.Stored, s.Prefix.Evictions = 0, 0, 0, 0, 0
 	return s
 }
 
@@ -115,7 +240,13 @@ func newHarness(t testing.TB, dev vmm.Device, cfg kvcache.Config) *harness {
 	free0, _, err := dev.MemInfo()
 	require.NoError(t, err)
 	m := newManager(t, dev, cfg)
-	return &harness{t: t, m: m, dev: dev, ref: newRef(cfg.BlockTokens), cfg: m.Config(), free0: free0}
+	return newHarnessOn(t, dev, m, false, free0)
+}
+
+func newHarnessOn(t testing.TB, dev vmm.Device, m *kvcache.Manager, static bool, free0 uint64) *harness {
+	sub, err := m.Subscribe(1 << 20)
+	require.NoError(t, err)
+	return &harness{t: t, m: m, dev: dev, ref: newRef(m.Config().BlockTokens), cfg: m.Config(), free0: free0, static: static, sub: sub}
 }
 
 // tokenAddr is where the test writes token t's value: layer 0 K (and the last layer's V), at
@@ -123,6 +254,76 @@ func newHarness(t testing.TB, dev vmm.Device, cfg kvcache.Config) *harness {
 func (h *harness) tokenAddr(slot int64, layer, kv int) vmm.Addr {
 	bt := int64(h.cfg.BlockTokens)
 	return h.m.BlockAddr(layer, kv, int32(slot/bt)) + vmm.Addr(uint64(slot%bt)*h.cfg.TokenBytes())
+}
+
+// write stores each token's value at its slot, as the runtime's write_kv would.
+func (h *harness) write(slots []int64, vals []uint64) {
+	require.Len(h.t, slots, len(vals))
+	var buf [8]byte
+	for i, s := range slots {
+		binary.LittleEndian.PutUint64(buf[:], vals[i])
+		require.NoError(h.t, h.dev.CopyIn(h.tokenAddr(s, 0, 0), buf[:]))
+		require.NoError(h.t, h.dev.CopyIn(h.tokenAddr(s, h.cfg.Layers-1, 1), buf[:]))
+	}
+}
+
+// fresh returns n new unique values, for tokens appended without ids.
+func (h *harness) fresh(n int) []uint64 {
+	vals := make([]uint64, n)
+	for i := range vals {
+		h.nextVal++
+		vals[i] = h.nextVal
+	}
+	return vals
+}
+
+// removals reads the manager's events and applies those that take blocks out of the cache
+// (they come, within one call, before any that store blocks); it keeps the BlockStored events
+// for stores.
+func (h *harness) removals() {
+	h.events = h.sub.Read(h.events)
+	kept := h.events[:0]
+	for _, e := range h.events {
+		switch e.Kind {
+		case prefix.BlockRemoved:
+			require.Equal(h.t, prefix.MediumGPU, e.Medium)
+			for _, k := range e.Keys {
+				h.ref.removed(h.t, k)
+			}
+		case prefix.AllBlocksCleared:
+			for b := range h.ref.idle {
+				delete(h.ref.idle, b)
+			}
+			clear(h.ref.cached)
+			clear(h.ref.keyOf)
+		case prefix.EventsLost:
+			h.t.Fatalf("events lost: %d", e.Lost)
+		default:
+			kept = append(kept, e)
+		}
+	}
+	h.events = kept
+}
+
+// stores checks that the BlockStored events announce exactly the blocks the reference cached,
+// in order, each key the hash of its parent and its tokens.
+func (h *harness) stores() {
+	var x prefix.Hasher
+	for _, e := range h.events {
+		require.Equal(h.t, prefix.BlockStored, e.Kind)
+		require.Len(h.t, e.Tokens, len(e.Keys)*h.cfg.BlockTokens)
+		require.Equal(h.t, h.cfg.BlockTokens, e.BlockSize)
+		parent := e.Parent
+		for i, k := range e.Keys {
+			require.Equal(h.t, x.Next(parent, e.Tokens[i*e.BlockSize:(i+1)*e.BlockSize]), k, "BlockStored key %d is the hash of its parent and tokens", i)
+			require.NotEmpty(h.t, h.ref.stored, "BlockStored for a block the reference did not cache")
+			require.Equal(h.t, h.ref.stored[0], k)
+			h.ref.stored = h.ref.stored[1:]
+			parent = k
+		}
+	}
+	require.Empty(h.t, h.ref.stored, "blocks cached without a BlockStored event")
+	h.events = h.events[:0]
 }
 
 func isExpected(err error) bool {
@@ -138,7 +339,7 @@ type arg struct {
 	full bool
 }
 
-// small returns a count of op's usual range from the byte, or the wide value.
+// count returns a count of op's usual range from the byte, or the wide value.
 func (x arg) count(mod int) int {
 	if x.full {
 		return int(x.wide)
@@ -167,49 +368,112 @@ func (h *harness) tooLarge(seq kvcache.SeqID, cnt int) bool {
 	return cnt > blocktable.MaxSlots || cnt > kvcache.MaxSequenceTokens-tokens || need > arenaBlocks
 }
 
+// prompt returns a prompt of family fam: a shared head (a system prompt) and a tail that
+// depends on seed, so that prompts share prefixes of every length.
+func prompt(fam, length int, seed byte) []prefix.Token {
+	p := make([]prefix.Token, length)
+	for i := range p {
+		if i < 6+4*fam {
+			p[i] = prefix.Token(100*fam + i)
+		} else {
+			p[i] = prefix.Token(int(seed)%3 + i%2)
+		}
+	}
+	return p
+}
+
+// checkAppend checks an append's error against the reference: a negative count is invalid,
+// one that can never fit is too large, any other failure is out of memory.
+func (h *harness) checkAppend(err error, seq kvcache.SeqID, cnt int) {
+	t := h.t
+	switch {
+	case cnt < 0:
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "append %d", cnt)
+	case h.tooLarge(seq, cnt):
+		require.ErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d can never fit", cnt, seq)
+		require.NotErrorIs(t, err, kvcache.ErrOutOfMemory)
+	case err != nil:
+		require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "append %d to %d", cnt, seq)
+		require.NotErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d fits the arena", cnt, seq)
+	}
+}
+
+// start starts seq with prompt p in namespace ns (giving the keys of half its blocks when
+// withKeys) and appends the rest of the prompt, checking the hit against the reference and
+// writing the values of the tokens appended. A start whose append runs out of memory leaves
+// the started sequence, as a runtime would see it.
+func (h *harness) start(seq kvcache.SeqID, ns prefix.Namespace, p []prefix.Token, withKeys bool) {
+	t := h.t
+	var keys []prefix.Key
+	if withKeys { // the keys precomputed, for some of the blocks
+		keys = prefix.Keys(nil, ns, h.cfg.BlockTokens, p)
+		keys = keys[:len(keys)/2]
+	}
+	hit, err := h.m.StartSequence(seq, kvcache.Prompt{Tokens: p, Namespace: ns, Keys: keys})
+	require.NoError(t, err)
+	root := prefix.Root(ns, h.cfg.BlockTokens)
+	require.Equal(t, h.ref.start(seq, root, p), hit, "cached prefix of a %d-token prompt", len(p))
+	h.hits += hit
+	rest := p[hit:]
+	h.slots, err = h.m.AppendTokenIDs(seq, rest, h.slots[:0])
+	h.checkAppend(err, seq, len(rest))
+	h.removals()
+	if err == nil {
+		h.ref.append(seq, nil, rest, root)
+		h.write(h.slots, h.ref.seqs[seq].tokens[hit:])
+	} else {
+		h.ooms++
+	}
+	h.stores()
+	h.check()
+}
+
+// The operations of a step.
+const (
+	opAppend = iota
+	opDecode
+	opFork
+	opTruncate
+	opFree
+	opSettle
+	opCompact
+	opStart
+	opAppendIDs
+	opDropCache
+	numOps
+)
+
 // step applies one operation. A failed operation must leave the manager as it was, which
 // check then confirms against the unchanged reference.
 func (h *harness) step(op, a, b byte, x arg) {
 	t := h.t
 	seq, other := kvcache.SeqID(a%8), kvcache.SeqID(b%8)
-	_, exists := h.ref.seqs[seq]
+	rs, exists := h.ref.seqs[seq]
 	before := shape(h.m.Stats())
 	n := x.n
 	var err error
-	switch op % 7 {
-	case 0, 1: // append n tokens (prefill) or 1 (decode)
+	kind := int(op) % numOps
+	if kind == opDropCache && n%8 != 0 { // dropping the cache is rare; starting prompts is not
+		kind = opStart
+	}
+	switch kind {
+	case opAppend, opDecode: // append n tokens (prefill) or 1 (decode), without ids
 		cnt := x.count(23)
-		if op%7 == 1 && !x.full {
+		if kind == opDecode && !x.full {
 			cnt = 1
 		}
 		if n == 255 && !x.full {
 			cnt = -1
 		}
 		h.slots, err = h.m.AppendTokens(seq, cnt, h.slots[:0])
-		switch {
-		case cnt < 0:
-			require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "append %d", cnt)
-		case h.tooLarge(seq, cnt):
-			require.ErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d can never fit", cnt, seq)
-			require.NotErrorIs(t, err, kvcache.ErrOutOfMemory)
-		case err != nil:
-			require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "append %d to %d", cnt, seq)
-			require.NotErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d fits the arena", cnt, seq)
-		}
+		h.checkAppend(err, seq, cnt)
+		h.removals()
 		if err == nil {
-			require.Len(t, h.slots, cnt)
-			vals := make([]uint64, cnt)
-			for i, s := range h.slots {
-				h.nextVal++
-				vals[i] = h.nextVal
-				var buf [8]byte
-				binary.LittleEndian.PutUint64(buf[:], h.nextVal)
-				require.NoError(t, h.dev.CopyIn(h.tokenAddr(s, 0, 0), buf[:]))
-				require.NoError(t, h.dev.CopyIn(h.tokenAddr(s, h.cfg.Layers-1, 1), buf[:]))
-			}
-			h.ref.append(seq, vals)
+			vals := h.fresh(cnt)
+			h.write(h.slots, vals)
+			h.ref.append(seq, vals, nil, prefix.Key{})
 		}
-	case 2:
+	case opFork:
 		err = h.m.Fork(seq, other)
 		_, dstExists := h.ref.seqs[other]
 		if exists && !dstExists {
@@ -218,16 +482,16 @@ func (h *harness) step(op, a, b byte, x arg) {
 		} else {
 			require.Error(t, err)
 		}
-	case 3:
+	case opTruncate:
 		cnt := x.count(9)
 		err = h.m.Truncate(seq, cnt)
-		if exists && cnt >= 0 && cnt <= len(h.ref.seqs[seq].tokens) {
+		if exists && cnt >= 0 && cnt <= len(rs.tokens) {
 			require.NoError(t, err)
 			h.ref.truncate(seq, cnt)
 		} else {
 			require.Error(t, err)
 		}
-	case 4:
+	case opFree:
 		err = h.m.FreeSequence(seq)
 		if exists {
 			require.NoError(t, err)
@@ -235,41 +499,83 @@ func (h *harness) step(op, a, b byte, x arg) {
 		} else {
 			require.ErrorIs(t, err, kvcache.ErrUnknownSequence)
 		}
-	case 5:
+	case opSettle:
 		require.NoError(t, h.m.Settle())
-	case 6: // compact, with a budget of n blocks (0: none)
+	case opCompact: // compact, with a budget of n blocks (0: none)
 		budget := uint64(n%8) * h.cfg.BlockStride()
 		if x.full {
 			budget = uint64(x.wide)
 		}
 		res, err := h.m.Compact(kvcache.CompactOptions{MaxBytes: budget})
 		require.NoError(t, err)
-		if budget > 0 {
+		st := h.m.Stats()
+		switch {
+		case budget > 0:
 			require.LessOrEqual(t, res.BytesMoved, budget)
-		} else {
-			st := h.m.Stats()
-			optimum := (st.LiveBlocks+st.BlocksPerPage-1)/st.BlocksPerPage + h.cfg.ReservePages
-			optimum = min(optimum, int(h.cfg.Capacity/h.cfg.PageSize))
-			if h.static {
-				optimum = int(h.cfg.Capacity / h.cfg.PageSize)
-			}
-			require.Equal(t, optimum, st.MappedPages, "an unbounded compaction reaches the optimum")
+		case h.static:
+			require.Equal(t, int(h.cfg.Capacity/h.cfg.PageSize), st.MappedPages)
+		default:
+			used := st.LiveBlocks + st.Prefix.IdleBlocks
+			require.Equal(t, (used+st.BlocksPerPage-1)/st.BlocksPerPage, st.MappedPages-st.FreePages,
+				"an unbounded compaction packs held and cached blocks densely")
+			require.LessOrEqual(t, st.FreePages, h.cfg.ReservePages)
 		}
+	case opStart: // start a sequence with a prompt that shares a head with others
+		ns := prefix.Namespace{}
+		if a&0x40 != 0 {
+			ns.Salt = "tenant"
+		}
+		if exists {
+			p := prompt(int(b)%3, int(n)%40, n)
+			_, err := h.m.StartSequence(seq, kvcache.Prompt{Tokens: p, Namespace: ns})
+			require.ErrorIs(t, err, kvcache.ErrSequenceExists)
+			break
+		}
+		h.start(seq, ns, prompt(int(b)%3, int(n)%40, n), n&0x80 != 0)
+		return // a failed append after a start keeps the started sequence: not a failed step
+	case opAppendIDs: // token ids from a small alphabet, so that blocks repeat across sequences
+		ids := make([]prefix.Token, int(n)%9)
+		for i := range ids {
+			ids[i] = prefix.Token((int(n)>>4 + i) % 3)
+		}
+		h.slots, err = h.m.AppendTokenIDs(seq, ids, h.slots[:0])
+		h.checkAppend(err, seq, len(ids))
+		h.removals()
+		if err == nil {
+			if exists && !rs.keyed { // a sequence that took tokens without ids stays unkeyed
+				vals := h.fresh(len(ids))
+				h.write(h.slots, vals)
+				h.ref.append(seq, vals, nil, prefix.Key{})
+			} else {
+				from := 0
+				if exists {
+					from = len(rs.tokens)
+				}
+				h.ref.append(seq, nil, ids, prefix.Root(prefix.Namespace{}, h.cfg.BlockTokens))
+				h.write(h.slots, h.ref.seqs[seq].tokens[from:])
+			}
+		}
+	case opDropCache:
+		_, err = h.m.DropCache()
+		require.NoError(t, err)
 	}
+	h.removals()
+	h.stores()
 	if err != nil {
 		if errors.Is(err, kvcache.ErrOutOfMemory) {
 			h.ooms++
 		} else {
 			require.True(t, isExpected(err), "unexpected error kind: %v", err)
 		}
-		require.Equal(t, before, shape(h.m.Stats()), "a failed %d changed the manager", op%7)
+		require.Equal(t, before, shape(h.m.Stats()), "a failed %d changed the manager", kind)
 	}
 	h.check()
 }
 
 // check compares the manager with the reference: the same sequences with the same token counts
-// and block counts, a one-to-one correspondence of block ids (so sharing is the same), every
-// token's value readable through the block table, and all the manager's invariants.
+// and block counts, a one-to-one correspondence of block ids (so sharing is the same), the same
+// cached and idle blocks, every token's value readable through the block table, and all the
+// manager's invariants.
 func (h *harness) check() {
 	t := h.t
 	require.NoError(t, h.m.Verify())
@@ -281,6 +587,8 @@ func (h *harness) check() {
 	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
+	require.Equal(t, len(h.ref.idle), st.Prefix.IdleBlocks, "idle cached blocks")
+	require.Equal(t, len(h.ref.cached), st.Prefix.CachedBlocks, "cached blocks")
 	toRef, toMgr := map[int32]int{}, map[int]int32{}
 	ids := make([]kvcache.SeqID, 0, len(h.ref.seqs))
 	for id := range h.ref.seqs {
@@ -306,14 +614,24 @@ func (h *harness) check() {
 			}
 			toRef[b], toMgr[rb] = rb, b
 		}
-		h.slots, err = h.m.Slots(id, 0, n, h.slots[:0])
-		require.NoError(t, err)
-		for i, s := range h.slots {
+	}
+	// Every token's value, read through the exported vLLM table as a kernel would.
+	if h.table == nil || h.table.MaxSeqs < len(ids) {
+		h.table = devtest.VLLM(t, 8, int(h.cfg.Capacity/h.cfg.BlockStride()), -1)
+	}
+	require.NoError(t, h.m.ExportVLLM(ids, h.table))
+	bt := h.cfg.BlockTokens
+	for row, id := range ids {
+		rs := h.ref.seqs[id]
+		require.EqualValues(t, len(rs.tokens), h.table.Lens()[row])
+		line := h.table.Table()[row*h.table.MaxBlocks : (row+1)*h.table.MaxBlocks]
+		for i, want := range rs.tokens {
+			slot := int64(line[i/bt])*int64(bt) + int64(i%bt)
 			for _, lk := range [][2]int{{0, 0}, {h.cfg.Layers - 1, 1}} {
 				var buf [8]byte
-				require.NoError(t, h.dev.CopyOut(buf[:], h.tokenAddr(s, lk[0], lk[1])))
-				require.Equal(t, rs.tokens[i], binary.LittleEndian.Uint64(buf[:]),
-					"sequence %d token %d (slot %d) layer %d kv %d", id, i, s, lk[0], lk[1])
+				require.NoError(t, h.dev.CopyOut(buf[:], h.tokenAddr(slot, lk[0], lk[1])))
+				require.Equal(t, want, binary.LittleEndian.Uint64(buf[:]),
+					"sequence %d token %d (slot %d) layer %d kv %d", id, i, slot, lk[0], lk[1])
 			}
 		}
 	}
@@ -344,6 +662,9 @@ func FuzzManager(f *testing.F) {
 		if len(ops)%2 == 1 {
 			cfg.Capacity = 6 * cfg.PageSize // tight: appends run out of memory
 		}
+		if len(ops)%3 == 0 {
+			cfg.PrefixCacheBytes = 3 * cfg.PageSize // the cache may keep pages of its own
+		}
 		h := newHarness(t, dev, cfg)
 		for i, steps := 0, 0; i+3 < len(ops) && steps < 300; steps++ {
 			op, a, b, x := ops[i], ops[i+1], ops[i+2], arg{n: ops[i+3]}
@@ -360,13 +681,15 @@ func FuzzManager(f *testing.F) {
 		require.NoError(t, h.m.Settle())
 		st := h.m.Stats()
 		require.Zero(t, st.LiveBlocks)
-		require.LessOrEqual(t, st.MappedPages, h.cfg.HighWatermark, "free pages beyond the high watermark are returned")
+		require.LessOrEqual(t, st.MappedPages, h.cfg.HighWatermark+int(h.cfg.PrefixCacheBytes/h.cfg.PageSize),
+			"idle pages beyond the high watermark and the cache's bound are returned")
+		require.LessOrEqual(t, st.FreePages, h.cfg.HighWatermark)
 	})
 }
 
 // TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically.
 func TestRandomTraces(t *testing.T) {
-	ooms, moved := 0, uint64(0)
+	ooms, moved, hits, evictions := 0, uint64(0), 0, uint64(0)
 	for seed := range 8 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			dev := hostDevice(t, 32<<10)
@@ -374,13 +697,16 @@ func TestRandomTraces(t *testing.T) {
 			if seed%2 == 1 {
 				cfg.Capacity = 6 * cfg.PageSize
 			}
+			if seed%4 >= 2 {
+				cfg.PrefixCacheBytes = 3 * cfg.PageSize
+			}
 			h := newHarness(t, dev, cfg)
 			x := uint32(seed*2654435761 + 1)
 			next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 			for range 600 {
 				op := next()
-				if op%7 == 0 && next()%2 == 0 {
-					op = 1 // favour decode steps
+				if int(op)%numOps == opAppend && next()%2 == 0 {
+					op = opDecode // favour decode steps
 				}
 				a, b, x := next(), next(), arg{n: next()}
 				if x.n >= 0xf8 { // now and then a count from the whole int range
@@ -392,10 +718,15 @@ func TestRandomTraces(t *testing.T) {
 				h.step(op, a, b, x)
 			}
 			ooms += h.ooms
+			hits += h.hits
 			moved += h.m.Stats().BlocksMoved
+			evictions += h.m.Stats().Prefix.Evictions
 			require.Positive(t, h.m.Stats().CopyOnWrites+uint64(h.m.Stats().BlockRefs-h.m.Stats().LiveBlocks), "forks must be exercised")
 		})
 	}
 	require.Positive(t, ooms, "the tight arenas must run out of memory at times")
 	require.Positive(t, moved, "compactions must move blocks")
+	t.Logf("%d out-of-memory steps, %d blocks moved, %d prompt tokens hit, %d cached blocks evicted", ooms, moved, hits, evictions)
+	require.Positive(t, hits, "prompts must hit the prefix cache")
+	require.Positive(t, evictions, "cached blocks must be evicted")
 }

@@ -32,9 +32,10 @@ func (m *Manager) reserveLoop() {
 	}
 }
 
-// Settle brings the mapped free pages to the watermarks now: it maps pages until ReservePages
-// entirely free pages are ready (within MemoryLimit and the device's memory) and unmaps the
-// highest free pages beyond HighWatermark. The reserve goroutine does the same in the
+// Settle brings the idle pages (free, or holding only idle cached blocks) to the watermarks
+// now: it maps pages until ReservePages are ready (within MemoryLimit and the device's memory)
+// and beyond HighWatermark unmaps the highest free pages, then evicts and unmaps the oldest
+// cache-only pages beyond what Config.PrefixCacheBytes allows. The reserve goroutine does the same in the
 // background; with NoBackground the caller decides when. Driver calls happen outside the
 // manager's lock, so appends proceed meanwhile.
 func (m *Manager) Settle() error {
@@ -56,7 +57,7 @@ func (m *Manager) settle() error {
 	var errs []error
 	for {
 		m.mu.Lock()
-		if m.closed || m.static || m.asleep || m.arena.free.Len() >= m.cfg.ReservePages {
+		if m.closed || m.static || m.asleep || m.spare() >= m.cfg.ReservePages {
 			m.mu.Unlock()
 			break
 		}
@@ -90,7 +91,10 @@ func (m *Manager) settle() error {
 	}
 	for {
 		m.mu.Lock()
-		if m.closed || m.static || m.arena.free.Len() <= m.cfg.HighWatermark {
+		if !m.closed && !m.static && m.dropOverBound(m.cfg.HighWatermark) > 0 {
+			m.publish()
+		}
+		if m.closed || m.static || m.arena.free.Len() == 0 || m.spare() <= m.cfg.HighWatermark {
 			m.mu.Unlock()
 			break
 		}

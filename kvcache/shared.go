@@ -254,13 +254,19 @@ func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
 			freed += m.unmapFreeLocked(need - freed)
 		}
 	}
+	m.publish()
 	return freed
 }
 
-// unmapFreeLocked unmaps free pages from the top until need bytes are returned or none is left.
+// unmapFreeLocked unmaps free pages from the top until need bytes are returned, then evicts and
+// unmaps cache-only pages, oldest first: another model's need outranks this one's cache.
 func (m *Manager) unmapFreeLocked(need uint64) uint64 {
 	freed := uint64(0)
-	for freed < need && m.arena.free.Len() > 0 {
+	for freed < need && (m.arena.free.Len() > 0 || m.arena.cacheOnly.Len() > 0) {
+		if m.arena.free.Len() == 0 {
+			pa, _ := m.arena.cacheOnly.Min()
+			m.evictPage(pa.page, false)
+		}
 		p, _ := m.arena.free.Max()
 		if err := m.unmapPage(p); err != nil {
 			break
@@ -278,9 +284,9 @@ type SleepResult struct {
 	PagesMapped int // pages still mapped for live data
 }
 
-// Sleep returns every page the manager does not need for its live data: it compacts the live
-// blocks into the fewest pages and unmaps every free page, and with no live sequences that is
-// everything. Until Wake, appends fail with ErrAsleep and no reserve is kept; frees, forks,
+// Sleep returns every page the manager does not need for its live data: it drops the prefix
+// cache, compacts the live blocks into the fewest pages and unmaps every free page, and with no
+// live sequences that is everything. Until Wake, appends fail with ErrAsleep and no reserve is kept; frees, forks,
 // truncates and exports still work. Static memory is never returned.
 func (m *Manager) Sleep() (SleepResult, error) {
 	if !m.made() {
@@ -294,6 +300,7 @@ func (m *Manager) Sleep() (SleepResult, error) {
 		return SleepResult{}, fmt.Errorf("kvcache: sleep: %w", ErrClosed)
 	}
 	m.asleep = true
+	m.dropCacheLocked()
 	res, err := m.compactLocked(CompactOptions{}, 0)
 	r := SleepResult{CompactResult: res, PagesMapped: m.arena.mapped}
 	if err != nil {

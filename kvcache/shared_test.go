@@ -248,7 +248,7 @@ func TestStaticManager(t *testing.T) {
 		mem := externalMemory(t, dev, 6*(2<<20)+12345)
 		m, err := kvcache.NewStatic(dev, cfg, mem)
 		require.NoError(t, err)
-		h := &harness{t: t, m: m, dev: dev, ref: newRef(cfg.BlockTokens), cfg: m.Config(), static: true}
+		h := newHarnessOn(t, dev, m, true, 0)
 		x := uint32(99)
 		next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 		for range 300 {

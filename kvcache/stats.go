@@ -6,7 +6,7 @@ import "github.com/pagedkv/pagedkv/sequence"
 type Stats struct {
 	Sequences     int
 	Tokens        int64 // over all sequences, shared tokens counted once per sequence
-	LiveBlocks    int   // distinct blocks in use
+	LiveBlocks    int   // distinct blocks sequences hold
 	BlockRefs     int   // block references held by sequences (LiveBlocks + sharing)
 	BlocksPerPage int
 	PageBytes     uint64
@@ -17,8 +17,8 @@ type Stats struct {
 	FullPages    int // mapped pages with every block in use
 	MappedBytes  uint64
 
-	// PageOverhead is MappedPages / ceil(LiveBlocks / BlocksPerPage): 1 means no page holds
-	// memory the live blocks could do without (0 when there are no live blocks).
+	// PageOverhead is MappedPages / ceil((LiveBlocks + idle cached blocks) / BlocksPerPage): 1
+	// means no page holds memory the blocks could do without (0 when there are none).
 	PageOverhead float64
 
 	SyncMaps       uint64 // pages an append had to map itself (the reserve was empty)
@@ -28,6 +28,8 @@ type Stats struct {
 	Compactions    uint64 // compactions that moved blocks
 	BlocksMoved    uint64 // blocks moved by compactions
 	ReserveErr     error  // the reserve goroutine's last error, if any
+
+	Prefix PrefixStats // the prefix cache
 }
 
 // Stats returns a snapshot (the zero Stats for a nil manager).
@@ -55,13 +57,23 @@ func (m *Manager) Stats() Stats {
 		ReserveErr:     m.growErr,
 	}
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
+	a := m.arena
+	s.Prefix = PrefixStats{
+		QueryTokens: m.counters.queryTokens, HitTokens: m.counters.hitTokens, Stored: m.counters.stored,
+		Evictions: m.counters.evictions, CachedBlocks: a.index.Len(), IdleBlocks: a.idle,
+		IdleBytes: uint64(a.idle) * m.cfg.BlockStride(), CacheOnlyPages: a.cacheOnly.Len(),
+		CacheOnlyBytes: uint64(a.cacheOnly.Len()) * m.cfg.PageSize,
+	}
+	if s.Prefix.QueryTokens > 0 {
+		s.Prefix.HitRate = float64(s.Prefix.HitTokens) / float64(s.Prefix.QueryTokens)
+	}
 	m.seqs.All(func(q *sequence.Sequence) bool {
 		s.Tokens += int64(q.Tokens)
 		s.BlockRefs += len(q.Blocks)
 		return true
 	})
-	if s.LiveBlocks > 0 {
-		s.PageOverhead = float64(s.MappedPages) / float64((s.LiveBlocks+m.bpp-1)/m.bpp)
+	if used := s.LiveBlocks + a.idle; used > 0 {
+		s.PageOverhead = float64(s.MappedPages) / float64((used+m.bpp-1)/m.bpp)
 	}
 	return s
 }

@@ -4,16 +4,20 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 )
 
 // Verify checks every invariant of the manager and returns what is broken (nil when all hold):
 // each sequence holds exactly the blocks its tokens need; every block's reference count equals
-// the number of sequences holding it; a block is free exactly when nobody holds it; every page's
-// free count, bitmap and index membership agree with its blocks; the free, partial and unmapped
-// indexes hold exactly the pages in those states; and the pages the arena counts as mapped are
-// exactly the pages the pool has mapped. It waits for the reserve goroutine to finish a cycle.
-// Tests call it after every step; it costs O(blocks + pages).
+// the number of sequences holding it; a block is free exactly when nobody holds it and it is
+// not cached, and idle exactly when nobody holds it and it is; every page's free and idle
+// counts, bitmap and index membership agree with its blocks; the free, partial, unmapped and
+// cache-only indexes hold exactly the pages in those states; the pages the arena counts as
+// mapped are exactly the pages the pool has mapped; the key index and the blocks' entries agree
+// both ways; and every keyed sequence's ids hash to its keys, with each of its cached blocks
+// cached under the key of the content it holds. It waits for the reserve goroutine to finish a
+// cycle. Tests call it after every step; it costs O(blocks + pages + keyed tokens).
 func (m *Manager) Verify() error {
 	if !m.made() {
 		return notMadeCall("verify")
@@ -32,9 +36,11 @@ func (m *Manager) Verify() error {
 		}
 	}
 	a := m.arena
+	bt := m.cfg.BlockTokens
 	refs := make(map[int32]int32)
+	var hasher prefix.Hasher
 	m.seqs.All(func(s *sequence.Sequence) bool {
-		if want := sequence.BlocksFor(s.Tokens, m.cfg.BlockTokens); len(s.Blocks) != want {
+		if want := sequence.BlocksFor(s.Tokens, bt); len(s.Blocks) != want {
 			bad("sequence %d: %d tokens in %d blocks, want %d", s.ID, s.Tokens, len(s.Blocks), want)
 		}
 		seen := make(map[int32]bool, len(s.Blocks))
@@ -45,9 +51,10 @@ func (m *Manager) Verify() error {
 			seen[b] = true
 			refs[b]++
 		}
+		m.verifyKeys(s, &hasher, bad)
 		return true
 	})
-	live, mapped, shared := 0, 0, 0
+	live, idle, mapped, shared, entries := 0, 0, 0, 0, 0
 	for p, pg := range a.pages {
 		p := int32(p)
 		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
@@ -73,34 +80,57 @@ func (m *Manager) Verify() error {
 		}
 		if !isMapped {
 			for i := range m.bpp {
-				if r := refs[p*int32(m.bpp)+int32(i)]; r != 0 {
-					bad("block %d on unmapped page %d is held %d times", p*int32(m.bpp)+int32(i), p, r)
+				b := p*int32(m.bpp) + int32(i)
+				if r := refs[b]; r != 0 {
+					bad("block %d on unmapped page %d is held %d times", b, p, r)
 				}
+				if a.entry(b) != nil {
+					bad("block %d on unmapped page %d is cached", b, p)
+				}
+			}
+			if pg.aged {
+				bad("unmapped page %d is in the cache-only index", p)
 			}
 			continue
 		}
 		mapped++
-		free := 0
+		free, pidle := 0, 0
+		newest := uint64(0)
 		for i := range m.bpp {
 			b := p*int32(m.bpp) + int32(i)
 			isFree := pg.bits[i/64]&(1<<(i%64)) != 0
+			e := a.entry(b)
 			if pg.refs[i] != refs[b] {
 				bad("block %d: reference count %d, held by %d sequences", b, pg.refs[i], refs[b])
 			}
-			if isFree != (refs[b] == 0) {
-				bad("block %d: free bit %v with %d holders", b, isFree, refs[b])
+			if isFree != (refs[b] == 0 && e == nil) {
+				bad("block %d: free bit %v with %d holders, cached %v", b, isFree, refs[b], e != nil)
 			}
-			if isFree {
+			if e != nil {
+				entries++
+				if a.index.Get(e.Key) != e || e.Block != b {
+					bad("block %d: its cache entry is not indexed under its key for it", b)
+				}
+				if e.Idle() != (refs[b] == 0) {
+					bad("block %d: entry idle %v with %d holders", b, e.Idle(), refs[b])
+				}
+			}
+			switch {
+			case isFree:
 				free++
-			} else {
+			case refs[b] == 0:
+				pidle++
+				idle++
+				newest = max(newest, e.LastUse)
+			default:
 				live++
 			}
 			if refs[b] > 1 {
 				shared++
 			}
 		}
-		if free != pg.free {
-			bad("page %d: free count %d, %d free bits", p, pg.free, free)
+		if free != pg.free || pidle != pg.idle {
+			bad("page %d: free/idle counts %d/%d, blocks say %d/%d", p, pg.free, pg.idle, free, pidle)
 		}
 		want := pagePartial
 		switch free {
@@ -112,12 +142,24 @@ func (m *Manager) Verify() error {
 		if pg.state != want {
 			bad("page %d: state %d with %d of %d blocks free", p, pg.state, free, m.bpp)
 		}
+		cacheOnly := pidle > 0 && free+pidle == m.bpp
+		if cacheOnly != (pg.aged && a.cacheOnly.Has(pageAge{pg.agedAt, p})) || cacheOnly && (pg.newest != newest || pg.agedAt != newest) {
+			bad("page %d: cache-only %v, indexed %v at %d, newest idle use %d (page says %d)", p, cacheOnly, pg.aged, pg.agedAt, newest, pg.newest)
+		}
 	}
 	if shared != a.shared {
 		bad("arena counts %d shared blocks, pages hold %d", a.shared, shared)
 	}
-	if live != a.live {
-		bad("arena counts %d live blocks, pages hold %d", a.live, live)
+	if live != a.live || idle != a.idle || idle != a.index.IdleLen() {
+		bad("held/idle blocks: arena counts %d/%d, pages hold %d/%d, the index %d idle", a.live, a.idle, live, idle, a.index.IdleLen())
+	}
+	if entries != a.index.Len() {
+		bad("the key index has %d entries, blocks hold %d", a.index.Len(), entries)
+	}
+	n := 0
+	a.cacheOnly.Ascend(func(pageAge) bool { n++; return true })
+	if n != a.cacheOnly.Len() {
+		bad("cache-only index miscounts")
 	}
 	poolPages := a.mapped
 	if !m.static {
@@ -136,4 +178,30 @@ func (m *Manager) Verify() error {
 		bad("%d pages in flight while the reserve goroutine is idle", m.inflight)
 	}
 	return errors.Join(errs...)
+}
+
+// verifyKeys checks keyed sequence s: its ids cover its tokens, its keys are the hash chain of
+// its full blocks' ids, and each of its full blocks that is cached is cached under its own key.
+// (A partial tail may be cached: a truncation cut into it, and it leaves the cache when it is
+// written.)
+func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad func(string, ...any)) {
+	bt := m.cfg.BlockTokens
+	if !s.Keyed {
+		return
+	}
+	if len(s.IDs) != s.Tokens || len(s.Keys) != s.Tokens/bt {
+		bad("sequence %d: %d tokens with %d ids and %d keys", s.ID, s.Tokens, len(s.IDs), len(s.Keys))
+		return
+	}
+	parent := s.Root
+	for i, k := range s.Keys {
+		if want := hasher.Next(parent, s.IDs[i*bt:(i+1)*bt]); k != want {
+			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
+			return
+		}
+		if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
+			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
+		}
+		parent = k
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/prefix"
 )
 
 // ID names a sequence. The runtime chooses it (a request id, say).
@@ -20,10 +21,29 @@ type ID uint64
 
 // Sequence is one sequence's state. Blocks[i] holds tokens [i*BlockTokens, (i+1)*BlockTokens);
 // len(Blocks) == BlocksFor(Tokens, BlockTokens) at all times.
+//
+// The prefix fields are kept for sequences whose token ids the manager knows (Keyed): IDs holds
+// the id of every token, Keys the key of every full block (len(Keys) == Tokens/BlockTokens),
+// each chained from the previous one and the first from Root.
 type Sequence struct {
 	ID     ID
 	Tokens int
 	Blocks []int32
+
+	Keyed   bool
+	IDs     []prefix.Token
+	Keys    []prefix.Key
+	Root    prefix.Key
+	Adapter uint64
+}
+
+// ResetPrefix forgets the sequence's ids and keys (keeping their storage): it is no longer
+// keyed.
+func (s *Sequence) ResetPrefix() {
+	if s == nil {
+		return
+	}
+	s.Keyed, s.IDs, s.Keys, s.Root, s.Adapter = false, s.IDs[:0], s.Keys[:0], prefix.Key{}, 0
 }
 
 // BlocksFor returns how many blocks of blockTokens tokens hold n tokens: ceil(n/blockTokens),
@@ -103,6 +123,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 		s = &Sequence{}
 	}
 	s.ID, s.Tokens, s.Blocks = id, 0, s.Blocks[:0]
+	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s
 	return s, nil
@@ -119,6 +140,7 @@ func (r *Registry) Remove(s *Sequence) bool {
 	}
 	delete(r.m, s.ID)
 	s.Tokens, s.Blocks = 0, s.Blocks[:0]
+	s.ResetPrefix()
 	r.free = append(r.free, s)
 	return true
 }

@@ -158,6 +158,20 @@ func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 	return err
 }
 
+// Headroom returns the bytes the member could acquire now without reclaiming from others: the
+// budget's limit less what all members hold (0 when they hold it all, or more).
+func (m *BudgetMember) Headroom() uint64 {
+	if !m.made() {
+		return 0
+	}
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	if m.b.used >= m.b.limit {
+		return 0
+	}
+	return m.b.limit - m.b.used
+}
+
 // Release returns n bytes (at most what the member holds).
 func (m *BudgetMember) Release(n uint64) {
 	if !m.made() {

@@ -1,0 +1,184 @@
+// Package keyindex is the prefix cache's index from block keys to the blocks that hold them,
+// with the idle ones (cached, held by no sequence) in a list ordered by last use, so that
+// holding, releasing and evicting are O(1) and a failed operation's evictions can be undone
+// exactly. kvcache's arena owns the only Index; it is not safe for concurrent use.
+package keyindex
+
+import "github.com/pagedkv/pagedkv/prefix"
+
+// Entry is one cached block: its key and the block id that holds it. An entry is idle while no
+// sequence holds the block; only idle entries can be evicted. The Index owns entries and
+// recycles them: a caller keeps an *Entry only while it is indexed.
+type Entry struct {
+	Key   prefix.Key
+	Block int32
+	// LastUse orders idle entries: the Index's clock when the block was last released.
+	LastUse    uint64
+	idle       bool
+	prev, next *Entry // the idle list, oldest first
+}
+
+// Idle reports whether no sequence holds the entry's block.
+func (e *Entry) Idle() bool { return e.idle }
+
+// Removed is an entry Remove took out, with what Restore needs to put it back exactly: the
+// entry itself (not yet recycled) and its neighbours in the idle order.
+type Removed struct {
+	Key        prefix.Key
+	Block      int32
+	LastUse    uint64
+	Idle       bool
+	e          *Entry
+	prev, next *Entry
+}
+
+// Index maps keys to the entries of cached blocks, and keeps the idle ones in a list ordered by
+// last use (oldest first), so that holding, releasing and evicting are O(1). It allocates
+// nothing in steady state: entries are recycled, and the map keeps its storage. The zero Index
+// is not usable; call NewIndex. Not safe for concurrent use.
+type Index struct {
+	byKey      map[prefix.Key]*Entry
+	head, tail *Entry // idle list
+	nidle      int
+	clock      uint64
+	spare      []*Entry
+}
+
+// NewIndex returns an empty index.
+func NewIndex() *Index { return &Index{byKey: make(map[prefix.Key]*Entry)} }
+
+// Len returns the number of cached blocks, held or idle.
+func (x *Index) Len() int { return len(x.byKey) }
+
+// IdleLen returns the number of idle cached blocks.
+func (x *Index) IdleLen() int { return x.nidle }
+
+// Get returns the entry of key k, or nil.
+func (x *Index) Get(k prefix.Key) *Entry { return x.byKey[k] }
+
+// Add indexes block under k as held and returns its entry, or returns nil and changes nothing
+// when k is indexed already (another block holds the same content).
+func (x *Index) Add(k prefix.Key, block int32) *Entry {
+	if _, ok := x.byKey[k]; ok {
+		return nil
+	}
+	var e *Entry
+	if n := len(x.spare); n > 0 {
+		e, x.spare = x.spare[n-1], x.spare[:n-1]
+	} else {
+		e = new(Entry)
+	}
+	*e = Entry{Key: k, Block: block}
+	x.byKey[k] = e
+	return e
+}
+
+// unlink takes idle e out of the idle list.
+func (x *Index) unlink(e *Entry) {
+	if e.prev != nil {
+		e.prev.next = e.next
+	} else {
+		x.head = e.next
+	}
+	if e.next != nil {
+		e.next.prev = e.prev
+	} else {
+		x.tail = e.prev
+	}
+	e.prev, e.next = nil, nil
+	x.nidle--
+}
+
+// linkAfter puts idle e after p in the idle list (at the head when p is nil).
+func (x *Index) linkAfter(e, p *Entry) {
+	e.prev = p
+	if p == nil {
+		e.next, x.head = x.head, e
+	} else {
+		e.next, p.next = p.next, e
+	}
+	if e.next != nil {
+		e.next.prev = e
+	} else {
+		x.tail = e
+	}
+	x.nidle++
+}
+
+// Remove takes e out of the index (an eviction, or a block about to be overwritten) and
+// returns what Restore needs to undo it. The entry is recycled by Recycle, not before, so that
+// a Restore in the reverse order of the Removes puts everything back exactly.
+func (x *Index) Remove(e *Entry) Removed {
+	r := Removed{Key: e.Key, Block: e.Block, LastUse: e.LastUse, Idle: e.idle, e: e, prev: e.prev, next: e.next}
+	if e.idle {
+		x.unlink(e)
+	}
+	delete(x.byKey, e.Key)
+	return r
+}
+
+// Recycle lets the index reuse a removed entry's storage; r cannot be restored afterwards.
+func (x *Index) Recycle(r Removed) {
+	*r.e = Entry{}
+	x.spare = append(x.spare, r.e)
+}
+
+// Restore puts back what Remove took out, at its place in the idle order, and returns the
+// entry. Restores must come in the reverse order of the Removes they undo, with nothing else
+// changing the index in between.
+func (x *Index) Restore(r Removed) *Entry {
+	e := r.e
+	*e = Entry{Key: r.Key, Block: r.Block, LastUse: r.LastUse}
+	x.byKey[r.Key] = e
+	if r.Idle {
+		e.idle = true
+		x.linkAfter(e, r.prev)
+	}
+	return e
+}
+
+// Release marks e idle, as the most recently used: no sequence holds its block any more.
+func (x *Index) Release(e *Entry) {
+	if e.idle {
+		return
+	}
+	x.clock++
+	e.LastUse = x.clock
+	e.idle = true
+	x.linkAfter(e, x.tail)
+}
+
+// Hold marks idle e held again (a prefix hit).
+func (x *Index) Hold(e *Entry) {
+	if !e.idle {
+		return
+	}
+	x.unlink(e)
+	e.idle = false
+}
+
+// Oldest returns the least recently used idle entry, or nil.
+func (x *Index) Oldest() *Entry { return x.head }
+
+// AscendIdle calls fn for the idle entries from the least recently used until fn returns false.
+// fn must not change the index.
+func (x *Index) AscendIdle(fn func(*Entry) bool) {
+	for e := x.head; e != nil; e = e.next {
+		if !fn(e) {
+			return
+		}
+	}
+}
+
+// Each calls fn for every entry, in no particular order, until fn returns false. fn must not
+// change the index.
+func (x *Index) Each(fn func(*Entry) bool) {
+	for _, e := range x.byKey {
+		if !fn(e) {
+			return
+		}
+	}
+}
+
+// Clock returns the last-use clock: the LastUse the next released entry gets, minus one.
+func (x *Index) Clock() uint64 { return x.clock }

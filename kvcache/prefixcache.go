@@ -1,0 +1,477 @@
+package kvcache
+
+import (
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/internal/keyindex"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
+)
+
+// TokenID is a token id, as the runtime's tokenizer gives it.
+type TokenID = prefix.Token
+
+// Prompt is what StartSequence looks up in the prefix cache.
+type Prompt struct {
+	// Tokens are the prompt's token ids.
+	Tokens []TokenID
+	// Namespace separates tenants and adapters: blocks are shared only within one.
+	Namespace prefix.Namespace
+	// Keys, if set, are the keys of the prompt's leading full blocks as prefix.Keys computes them
+	// (a router may have them already), so that the lookup hashes nothing. They must belong to
+	// Tokens and Namespace; the manager does not recompute them to check. Blocks beyond len(Keys)
+	// are hashed.
+	Keys []prefix.Key
+}
+
+// PrefixStats are the prefix cache's figures.
+type PrefixStats struct {
+	QueryTokens uint64  // prompt tokens looked up by StartSequence
+	HitTokens   uint64  // of those, tokens found cached
+	HitRate     float64 // HitTokens / QueryTokens (0 before any query)
+	Stored      uint64  // blocks that became cached
+	Evictions   uint64  // cached blocks evicted (for room, for the bound, by DropCache or Sleep)
+	// CachedBlocks are the blocks in the key index, held or idle; IdleBlocks those no sequence
+	// holds, kept only for later hits.
+	CachedBlocks, IdleBlocks int
+	IdleBytes                uint64 // IdleBlocks * BlockStride
+	// CacheOnlyPages are mapped pages that hold idle cached blocks and nothing a sequence holds:
+	// the memory the cache alone keeps mapped (CacheOnlyBytes).
+	CacheOnlyPages int
+	CacheOnlyBytes uint64
+}
+
+// StartSequence creates sequence seq for a prompt: it finds the longest prefix of the prompt's
+// whole blocks that is cached in the prompt's namespace, shares those blocks with the sequence
+// (as Fork does: no copy), and returns how many tokens it found. The sequence then holds
+// exactly those tokens; the runtime computes K and V for the rest of the prompt and appends
+// them with AppendTokenIDs. The last prompt token is never taken from the cache (as in vLLM), so
+// at most len(Tokens)-1 tokens, rounded down to whole blocks, are found.
+//
+// A sequence started here is keyed: as its blocks fill through AppendTokenIDs they become
+// cached. An existing seq is ErrSequenceExists; a prompt over MaxSequenceTokens, or Keys for
+// more blocks than Tokens has, a *CountError. It allocates nothing once the sequence's storage
+// is warm.
+func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
+	if !m.made() {
+		return 0, notMade("start", seq)
+	}
+	bt := m.cfg.BlockTokens
+	if len(p.Tokens) > MaxSequenceTokens {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens}}
+	}
+	if full := len(p.Tokens) / bt; len(p.Keys) > full {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: full}}
+	}
+	root := prefix.Root(p.Namespace, bt) // outside the lock: it hashes
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("start", seq); err != nil {
+		return 0, err
+	}
+	if m.asleep {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: ErrAsleep}
+	}
+	if _, ok := m.seqs.Get(seq); ok {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: ErrSequenceExists}
+	}
+	s, err := m.seqs.Add(seq)
+	if err != nil {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
+	}
+	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
+	m.lookupPrefix(s, p, func(b int32) {
+		m.arena.hold(b)
+		s.Blocks = append(s.Blocks, b)
+	})
+	s.Tokens = len(s.Keys) * bt
+	s.IDs = append(s.IDs, p.Tokens[:s.Tokens]...)
+	m.counters.queryTokens += uint64(len(p.Tokens))
+	m.counters.hitTokens += uint64(s.Tokens)
+	return s.Tokens, nil
+}
+
+// lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
+// cached, appending their keys to s.Keys (s.Root is the chain's start) and calling hit with
+// each block.
+func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) {
+	bt := m.cfg.BlockTokens
+	maxBlocks := 0
+	if len(p.Tokens) > 0 {
+		maxBlocks = (len(p.Tokens) - 1) / bt
+	}
+	parent := s.Root
+	for i := range maxBlocks {
+		k := parent
+		if i < len(p.Keys) {
+			k = p.Keys[i]
+		} else {
+			k = m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
+		}
+		e := m.arena.index.Get(k)
+		if e == nil {
+			return
+		}
+		s.Keys = append(s.Keys, k)
+		hit(e.Block)
+		parent = k
+	}
+}
+
+// AppendTokenIDs is AppendTokens for tokens whose ids are known: it appends len(ids) tokens and
+// their slots to dst, and as the sequence's blocks fill they become cached under their keys
+// (a block whose key is cached already, in another block, stays uncached). A new sequence is
+// created keyed in the zero Namespace; use StartSequence for prompts. A sequence that took
+// tokens without ids (AppendTokens) is not keyed, and this appends like AppendTokens.
+//
+// The decode step (one id, no new block) takes the same fast path as AppendTokens; filling a
+// block hashes it (SHA-256 of its ids). Nothing allocates in steady state unless a
+// subscriber listens for events. Errors are AppendTokens'.
+func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64, error) {
+	if !m.made() {
+		return dst, notMade("append", seq)
+	}
+	n := len(ids)
+	m.mu.Lock()
+	s, ok := m.seqs.Get(seq)
+	if ok && s.Keyed && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
+		dst = m.appendSlots(s, n, dst)
+		s.IDs = append(s.IDs, ids...)
+		if s.Tokens/m.cfg.BlockTokens > len(s.Keys) {
+			m.storeBlocks(s)
+			m.publish()
+		}
+		m.mu.Unlock()
+		return dst, nil
+	}
+	defer m.mu.Unlock()
+	out, err := m.appendSlow(s, seq, n, dst)
+	if err != nil {
+		return out, err
+	}
+	if !ok { // created by this call: keyed in the zero namespace
+		s, _ = m.seqs.Get(seq)
+		s.Keyed, s.Root = true, m.rootZero()
+	}
+	if s.Keyed {
+		s.IDs = append(s.IDs, ids...)
+		m.storeBlocks(s)
+	}
+	m.publish()
+	return out, nil
+}
+
+// rootZero returns the root of the zero Namespace, computed once.
+func (m *Manager) rootZero() prefix.Key {
+	if !m.rootSet {
+		m.root0, m.rootSet = prefix.Root(prefix.Namespace{}, m.cfg.BlockTokens), true
+	}
+	return m.root0
+}
+
+// storeBlocks keys keyed s's blocks that have filled since the last call, and caches each
+// under its key unless the key is cached already.
+func (m *Manager) storeBlocks(s *sequence.Sequence) {
+	bt := m.cfg.BlockTokens
+	events := m.feed.Active()
+	run := -1 // start of the run of stored keys in s.Keys, for one BlockStored event
+	for len(s.Keys) < s.Tokens/bt {
+		i := len(s.Keys)
+		parent := s.Root
+		if i > 0 {
+			parent = s.Keys[i-1]
+		}
+		k := m.hasher.Next(parent, s.IDs[i*bt:(i+1)*bt])
+		s.Keys = append(s.Keys, k)
+		stored := m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
+		if stored {
+			m.counters.stored++
+			if run < 0 {
+				run = i
+			}
+		}
+		if events && run >= 0 && (!stored || len(s.Keys) == s.Tokens/bt) {
+			end := i
+			if stored {
+				end = i + 1
+			}
+			m.emitStored(s, run, end)
+			run = -1
+		}
+	}
+}
+
+// emitStored queues one BlockStored event for s's blocks [from, to).
+func (m *Manager) emitStored(s *sequence.Sequence, from, to int) {
+	bt := m.cfg.BlockTokens
+	parent := s.Root
+	if from > 0 {
+		parent = s.Keys[from-1]
+	}
+	m.pending = append(m.pending, prefix.Event{
+		Kind: prefix.BlockStored, Keys: append([]prefix.Key(nil), s.Keys[from:to]...), Parent: parent,
+		Tokens: append([]TokenID(nil), s.IDs[from*bt:to*bt]...), BlockSize: bt, Adapter: s.Adapter, Medium: prefix.MediumGPU,
+	})
+}
+
+// emitRemoved queues a BlockRemoved event for key k, joining it to the previous one when that
+// is a BlockRemoved too.
+func (m *Manager) emitRemoved(k prefix.Key) {
+	if !m.feed.Active() {
+		return
+	}
+	if n := len(m.pending); n > 0 && m.pending[n-1].Kind == prefix.BlockRemoved {
+		m.pending[n-1].Keys = append(m.pending[n-1].Keys, k)
+		return
+	}
+	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: []prefix.Key{k}, Medium: prefix.MediumGPU})
+}
+
+// publish delivers the events of the operation that just succeeded, in order, under the lock
+// (so that events of concurrent operations keep the order of their effects).
+func (m *Manager) publish() {
+	if len(m.pending) == 0 {
+		return
+	}
+	m.feed.Publish(m.pending...)
+	clear(m.pending)
+	m.pending = m.pending[:0]
+}
+
+// evictSpare evicts the oldest cache-only page when more are mapped than the bound protects:
+// cache in otherwise-free memory goes before a page is mapped. It reports whether it evicted.
+func (m *Manager) evictSpare() bool {
+	if m.arena.cacheOnly.Len() <= m.cachePagesAllowed() {
+		return false
+	}
+	pa, _ := m.arena.cacheOnly.Min()
+	m.evictPage(pa.page, true)
+	return true
+}
+
+// evictForAlloc makes room for one block when memory is short: it evicts the oldest cache-only
+// page whole (the page whose most recently used block is the oldest), so the block lands in a
+// page of its own and no page is left holding scattered cache; with no cache-only page, the
+// least recently used idle block. It records what it evicted in m.evicted (so that a failed
+// append restores it) and reports whether it evicted anything.
+func (m *Manager) evictForAlloc() bool {
+	if pa, ok := m.arena.cacheOnly.Min(); ok {
+		m.evictPage(pa.page, true)
+		return true
+	}
+	e := m.arena.index.Oldest()
+	if e == nil {
+		return false
+	}
+	m.evictBlock(e.Block, true)
+	return true
+}
+
+// evictPage evicts every idle block of page p; with undo, each is recorded in m.evicted.
+func (m *Manager) evictPage(p int32, undo bool) {
+	pg := m.arena.pages[p]
+	for i, e := range pg.entries {
+		if e != nil && e.Idle() {
+			m.evictBlock(p*int32(m.bpp)+int32(i), undo)
+		}
+	}
+}
+
+// evictBlock evicts idle block b.
+func (m *Manager) evictBlock(b int32, undo bool) {
+	r := m.arena.evict(b)
+	if undo {
+		m.evicted = append(m.evicted, r)
+	} else {
+		m.arena.index.Recycle(r)
+	}
+	m.counters.evictions++
+	m.emitRemoved(r.Key)
+}
+
+// cachePagesAllowed returns how many cache-only pages the bound protects: Config.PrefixCacheBytes
+// in whole pages.
+func (m *Manager) cachePagesAllowed() int {
+	return int(min(m.cfg.PrefixCacheBytes/m.cfg.PageSize, MaxPages))
+}
+
+// spare returns the mapped pages no sequence uses and no bound protects: free pages, and the
+// cache-only pages beyond those Config.PrefixCacheBytes protects (an append evicts those
+// before it maps a page). The watermarks count spare pages.
+func (m *Manager) spare() int {
+	return m.arena.free.Len() + max(0, m.arena.cacheOnly.Len()-m.cachePagesAllowed())
+}
+
+// dropOverBound evicts the oldest cache-only pages while more than keep spare pages are mapped
+// and no free page is left to return first; it returns the pages freed. Static memory is never
+// returned, so there the cache is bounded only by need.
+func (m *Manager) dropOverBound(keep int) int {
+	freed := 0
+	for !m.static && m.arena.free.Len() == 0 && m.spare() > keep {
+		pa, _ := m.arena.cacheOnly.Min()
+		m.evictPage(pa.page, false)
+		freed++
+	}
+	return freed
+}
+
+// DropCache empties the prefix cache: idle cached blocks are freed and held ones forget their
+// keys (their sequences keep them). Subscribers get AllBlocksCleared. It returns the blocks
+// freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
+// goroutine).
+func (m *Manager) DropCache() (int, error) {
+	if !m.made() {
+		return 0, notMadeCall("drop cache")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return 0, fmt.Errorf("kvcache: drop cache: %w", ErrClosed)
+	}
+	n := m.dropCacheLocked()
+	m.kick()
+	return n, nil
+}
+
+// dropCacheLocked empties the cache with mu held and returns the idle blocks it freed.
+func (m *Manager) dropCacheLocked() int {
+	a := m.arena
+	var idle, held []int32
+	a.index.Each(func(e *keyindex.Entry) bool {
+		if e.Idle() {
+			idle = append(idle, e.Block)
+		} else {
+			held = append(held, e.Block)
+		}
+		return true
+	})
+	for _, b := range idle {
+		a.index.Recycle(a.evict(b))
+		m.counters.evictions++
+	}
+	for _, b := range held {
+		a.uncache(b)
+	}
+	if m.feed.Active() && len(idle)+len(held) > 0 {
+		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
+	}
+	m.publish()
+	return len(idle)
+}
+
+// Subscribe returns a subscription to the manager's KV events (BlockStored, BlockRemoved,
+// AllBlocksCleared), delivered in the order of their effects. Its queue holds up to queue
+// events; a subscriber that falls further behind loses the queue and reads an EventsLost
+// event, after which it should rebuild its view from CachedKeys. The append path never waits
+// for a subscriber. Close the subscription when done; closing the manager closes it.
+func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
+	if !m.made() {
+		return nil, notMadeCall("subscribe")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, fmt.Errorf("kvcache: subscribe: %w", ErrClosed)
+	}
+	sub, err := m.feed.Subscribe(queue)
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: %w", err)
+	}
+	return sub, nil
+}
+
+// CachedKeys appends the keys of every cached block (held or idle), in no particular order, to
+// dst: a router's full view after EventsLost.
+func (m *Manager) CachedKeys(dst []prefix.Key) []prefix.Key {
+	if !m.made() {
+		return dst
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.arena.index.Each(func(e *keyindex.Entry) bool { dst = append(dst, e.Key); return true })
+	return dst
+}
+
+// Availability says how many blocks an append could get now.
+type Availability struct {
+	FreeBlocks int // free blocks of mapped pages
+	IdleBlocks int // cached blocks no sequence holds, evicted on demand
+	// MappableBlocks are the blocks of pages the manager may still map: within its arena and
+	// MemoryLimit, and in a shared pool the budget's headroom (what other models hold and could
+	// give back is not counted).
+	MappableBlocks int
+	Blocks         int // the sum
+	Tokens         int // Blocks * BlockTokens, for a new sequence
+}
+
+// Available says how many blocks (and tokens, for a new sequence) appends could get now
+// without failing, as vLLM's scheduler asks before admitting a request.
+func (m *Manager) Available() Availability {
+	if !m.made() {
+		return Availability{}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.availableLocked()
+}
+
+func (m *Manager) availableLocked() Availability {
+	a := m.arena
+	av := Availability{FreeBlocks: a.mapped*m.bpp - a.live - a.idle, IdleBlocks: a.idle}
+	if !m.static && !m.closed && !m.asleep {
+		pages := a.unmappedPages()
+		if m.cfg.MemoryLimit > 0 {
+			pages = max(0, min(pages, m.maxBlocks/m.bpp-a.mapped-m.inflight))
+		}
+		if m.member != nil {
+			pages = min(pages, int(min(m.member.Headroom()/m.cfg.PageSize, MaxPages)))
+		}
+		av.MappableBlocks = pages * m.bpp
+	}
+	av.Blocks = av.FreeBlocks + av.IdleBlocks + av.MappableBlocks
+	av.Tokens = av.Blocks * m.cfg.BlockTokens
+	return av
+}
+
+// Admission says what starting a prompt would take now.
+type Admission struct {
+	CachedTokens int          // tokens StartSequence would find cached
+	NeedBlocks   int          // blocks the rest of the prompt needs
+	Available    Availability // what appends could get, less the prompt's own idle cached blocks
+	Fits         bool         // NeedBlocks <= Available.Blocks
+}
+
+// Admit says, changing nothing, how much of prompt p is cached and whether the rest fits now:
+// what a scheduler checks before it admits a request. The answer holds until the next call
+// that changes the manager.
+func (m *Manager) Admit(p Prompt) (Admission, error) {
+	if !m.made() {
+		return Admission{}, notMadeCall("admit")
+	}
+	bt := m.cfg.BlockTokens
+	if len(p.Tokens) > MaxSequenceTokens || len(p.Keys) > len(p.Tokens)/bt {
+		return Admission{}, fmt.Errorf("kvcache: admit: %w", &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens})
+	}
+	root := prefix.Root(p.Namespace, bt)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return Admission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
+	}
+	probe := &m.probe // scratch: its Keys are reused
+	probe.Root, probe.Keys = root, probe.Keys[:0]
+	idleHits := 0
+	m.lookupPrefix(probe, p, func(b int32) {
+		if m.arena.refs(b) == 0 {
+			idleHits++
+		}
+	})
+	ad := Admission{CachedTokens: len(probe.Keys) * bt}
+	ad.NeedBlocks = sequence.BlocksFor(len(p.Tokens), bt) - len(probe.Keys)
+	ad.Available = m.availableLocked()
+	ad.Available.IdleBlocks -= idleHits
+	ad.Available.Blocks -= idleHits
+	ad.Available.Tokens = ad.Available.Blocks * bt
+	ad.Fits = ad.NeedBlocks <= ad.Available.Blocks
+	return ad, nil
+}

@@ -1,0 +1,44 @@
+package prefix
+
+import (
+	"reflect"
+	"testing"
+
+	"github.com/pagedkv/pagedkv/internal/apitest"
+)
+
+// TestAPIProperty calls every exported function and method of prefix with extreme arguments:
+// nothing panics and every error is typed.
+func TestAPIProperty(t *testing.T) {
+	s := &apitest.Suite{
+		Dir:   ".",
+		Funcs: []any{Root, Keys},
+		Types: []any{Key{}, (*Hasher)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
+		Values: func(t reflect.Type) []apitest.Maker {
+			val := func(x any) apitest.Maker {
+				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
+			}
+			switch t {
+			case reflect.TypeFor[*Hasher]():
+				return []apitest.Maker{val(&Hasher{})}
+			case reflect.TypeFor[*Feed]():
+				return []apitest.Maker{func() apitest.Object {
+					f := &Feed{}
+					_, _ = f.Subscribe(2)
+					return apitest.Object{V: reflect.ValueOf(f)}
+				}}
+			case reflect.TypeFor[*Subscription]():
+				return []apitest.Maker{func() apitest.Object {
+					var f Feed
+					s, _ := f.Subscribe(2)
+					f.Publish(Event{Kind: BlockStored}, Event{Kind: BlockStored}, Event{Kind: BlockStored})
+					return apitest.Object{V: reflect.ValueOf(s)}
+				}, val(&Subscription{})}
+			case reflect.TypeFor[Namespace]():
+				return []apitest.Maker{val(Namespace{Adapter: 1<<64 - 1, Salt: "s"})}
+			}
+			return nil
+		},
+	}
+	s.Check(t)
+}

@@ -1,0 +1,205 @@
+package prefix
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+)
+
+// EventKind says what an Event reports.
+type EventKind uint8
+
+// The events, after vLLM's KV events (vllm/distributed/kv_events.py), plus EventsLost.
+const (
+	// BlockStored: blocks became cached. Keys are in order, each the parent of the next; Parent is
+	// the parent of Keys[0] (a namespace Root for a sequence's first block); Tokens holds
+	// BlockSize tokens per key.
+	BlockStored EventKind = iota + 1
+	// BlockRemoved: blocks left the cache (evicted, or overwritten after a truncation).
+	BlockRemoved
+	// AllBlocksCleared: the whole cache was dropped.
+	AllBlocksCleared
+	// EventsLost: the subscriber fell behind by more than its queue, and Lost events were
+	// dropped; it should rebuild its view from the manager's cached keys.
+	EventsLost
+)
+
+// String names the kind as vLLM does.
+func (k EventKind) String() string {
+	switch k {
+	case BlockStored:
+		return "BlockStored"
+	case BlockRemoved:
+		return "BlockRemoved"
+	case AllBlocksCleared:
+		return "AllBlocksCleared"
+	case EventsLost:
+		return "EventsLost"
+	}
+	return fmt.Sprintf("EventKind(%d)", uint8(k))
+}
+
+// MediumGPU is the Medium of blocks in device memory.
+const MediumGPU = "GPU"
+
+// Event is one KV event. Its slices belong to the reader once read.
+type Event struct {
+	Kind      EventKind
+	Keys      []Key
+	Parent    Key
+	Tokens    []Token
+	BlockSize int
+	Adapter   uint64
+	Medium    string
+	Lost      uint64
+}
+
+// Feed delivers events to its subscriptions. The zero Feed is ready to use. Safe for
+// concurrent use.
+type Feed struct {
+	mu   sync.Mutex
+	subs []*Subscription
+	n    atomic.Int32
+}
+
+// Active reports whether anyone subscribes, so that a writer builds events only then.
+func (f *Feed) Active() bool { return f != nil && f.n.Load() > 0 }
+
+// Subscribe adds a subscription whose queue holds up to queue events (at least 1).
+func (f *Feed) Subscribe(queue int) (*Subscription, error) {
+	if f == nil {
+		return nil, fmt.Errorf("prefix: subscribe: %w: nil feed", errdefs.ErrInvalidArgument)
+	}
+	if queue < 1 {
+		return nil, fmt.Errorf("prefix: subscribe: %w", &errdefs.CountError{What: "queue length", N: queue, Max: 1 << 30})
+	}
+	s := &Subscription{f: f, max: queue, ready: make(chan struct{}, 1)}
+	f.mu.Lock()
+	f.subs = append(f.subs, s)
+	f.n.Store(int32(len(f.subs)))
+	f.mu.Unlock()
+	return s, nil
+}
+
+// Publish queues events, in order, on every subscription. It never blocks on a reader.
+func (f *Feed) Publish(events ...Event) {
+	if !f.Active() || len(events) == 0 {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, s := range f.subs {
+		s.push(events)
+	}
+}
+
+// Close closes every subscription.
+func (f *Feed) Close() {
+	if f == nil {
+		return
+	}
+	f.mu.Lock()
+	subs := f.subs
+	f.subs = nil
+	f.n.Store(0)
+	f.mu.Unlock()
+	for _, s := range subs {
+		s.close()
+	}
+}
+
+// Subscription is one reader's bounded queue of events. Policy: the writer never waits; when
+// the queue would pass its bound, the queued events are dropped and counted, and the next Read
+// returns an EventsLost event first. Safe for concurrent use.
+type Subscription struct {
+	f      *Feed
+	mu     sync.Mutex
+	queue  []Event
+	max    int
+	lost   uint64
+	ready  chan struct{}
+	closed bool
+}
+
+func (s *Subscription) push(events []Event) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	if len(s.queue)+len(events) > s.max {
+		s.lost += uint64(len(s.queue) + len(events))
+		clear(s.queue)
+		s.queue = s.queue[:0]
+	} else {
+		s.queue = append(s.queue, events...)
+	}
+	select {
+	case s.ready <- struct{}{}:
+	default:
+	}
+}
+
+// Ready returns a channel that receives when events (or a loss) are waiting to be read. It is
+// closed when the subscription is.
+func (s *Subscription) Ready() <-chan struct{} {
+	if s == nil {
+		c := make(chan struct{})
+		close(c)
+		return c
+	}
+	return s.ready
+}
+
+// Read appends the waiting events to dst, oldest first (an EventsLost first if events were
+// dropped), and returns it. It never blocks.
+func (s *Subscription) Read(dst []Event) []Event {
+	if s == nil {
+		return dst
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lost > 0 {
+		dst = append(dst, Event{Kind: EventsLost, Lost: s.lost})
+		s.lost = 0
+	}
+	dst = append(dst, s.queue...)
+	clear(s.queue)
+	s.queue = s.queue[:0]
+	return dst
+}
+
+// Close ends the subscription: nothing more is queued, and Ready's channel is closed. A second
+// Close returns ErrClosed.
+func (s *Subscription) Close() error {
+	if s == nil || s.f == nil {
+		return fmt.Errorf("prefix: subscription: %w: nil subscription", errdefs.ErrInvalidArgument)
+	}
+	s.f.mu.Lock()
+	for i, o := range s.f.subs {
+		if o == s {
+			s.f.subs = append(s.f.subs[:i], s.f.subs[i+1:]...)
+			break
+		}
+	}
+	s.f.n.Store(int32(len(s.f.subs)))
+	s.f.mu.Unlock()
+	if !s.close() {
+		return fmt.Errorf("prefix: subscription: %w", errdefs.ErrClosed)
+	}
+	return nil
+}
+
+// close marks s closed and closes its channel; it reports false if s was closed already.
+func (s *Subscription) close() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.closed = true
+	close(s.ready)
+	return true
+}

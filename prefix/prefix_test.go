@@ -1,0 +1,100 @@
+package prefix
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+)
+
+// The key is exactly SHA-256(parent || tokens as little-endian uint32), computed here without
+// the package's code, so a router can compute the same keys.
+func TestKeyFormula(t *testing.T) {
+	root := Root(Namespace{}, 4)
+	tokens := []Token{1, 2, 3, -1}
+	buf := append([]byte(nil), root[:]...)
+	for _, tk := range tokens {
+		buf = binary.LittleEndian.AppendUint32(buf, uint32(tk))
+	}
+	var x Hasher
+	assert.Equal(t, Key(sha256.Sum256(buf)), x.Next(root, tokens))
+
+	rb := []byte(rootTag)
+	for _, v := range []uint64{7, 3} {
+		rb = binary.LittleEndian.AppendUint64(rb, v)
+	}
+	rb = append(rb, "abc"...)
+	rb = binary.LittleEndian.AppendUint64(rb, 16)
+	assert.Equal(t, Key(sha256.Sum256(rb)), Root(Namespace{Adapter: 7, Salt: "abc"}, 16))
+	assert.Len(t, root.String(), 64)
+}
+
+// Namespaces and block sizes separate keys; equal prefixes give equal keys.
+func TestKeysChain(t *testing.T) {
+	tokens := make([]Token, 10)
+	for i := range tokens {
+		tokens[i] = Token(i * 7)
+	}
+	a := Keys(nil, Namespace{}, 4, tokens)
+	require.Len(t, a, 2, "two full blocks of 4 in 10 tokens")
+	b := Keys(nil, Namespace{}, 4, tokens[:8])
+	assert.Equal(t, a, b)
+	var x Hasher
+	assert.Equal(t, x.Next(a[0], tokens[4:8]), a[1], "each key chains from its parent")
+	for _, ns := range []Namespace{{Adapter: 1}, {Salt: "tenant-a"}, {Salt: "tenant-b"}} {
+		assert.NotEqual(t, a[0], Keys(nil, ns, 4, tokens)[0], "%+v", ns)
+	}
+	assert.NotEqual(t, a[0], Keys(nil, Namespace{}, 2, tokens)[1], "block size is part of the root")
+	assert.Empty(t, Keys(nil, Namespace{}, 0, tokens))
+	assert.Empty(t, Keys(nil, Namespace{}, -3, tokens))
+	assert.Zero(t, testing.AllocsPerRun(100, func() { _ = x.Next(a[0], tokens[:4]) }), "a warm Hasher allocates nothing")
+}
+
+func TestFeed(t *testing.T) {
+	var f Feed
+	assert.False(t, f.Active())
+	f.Publish(Event{Kind: BlockStored}) // nobody listens: nothing happens
+	_, err := f.Subscribe(0)
+	require.ErrorIs(t, err, errdefs.ErrInvalidArgument)
+	s, err := f.Subscribe(3)
+	require.NoError(t, err)
+	assert.True(t, f.Active())
+	f.Publish(Event{Kind: BlockStored, Keys: []Key{{1}}}, Event{Kind: BlockRemoved, Keys: []Key{{1}}})
+	<-s.Ready()
+	got := s.Read(nil)
+	require.Len(t, got, 2)
+	assert.Equal(t, BlockStored, got[0].Kind)
+	assert.Equal(t, BlockRemoved, got[1].Kind)
+	assert.Empty(t, s.Read(nil))
+
+	// A reader that falls behind loses the queue, and learns how much.
+	f.Publish(Event{Kind: BlockStored}, Event{Kind: BlockStored})
+	f.Publish(Event{Kind: BlockStored}, Event{Kind: BlockStored}) // 4 > 3: dropped with the 2 queued
+	f.Publish(Event{Kind: AllBlocksCleared})
+	got = s.Read(nil)
+	require.Len(t, got, 2)
+	assert.Equal(t, EventsLost, got[0].Kind)
+	assert.EqualValues(t, 4, got[0].Lost)
+	assert.Equal(t, AllBlocksCleared, got[1].Kind)
+
+	require.NoError(t, s.Close())
+	require.ErrorIs(t, s.Close(), errdefs.ErrClosed)
+	for range s.Ready() { // a signal may still be buffered; then the channel is closed
+	}
+	assert.False(t, f.Active())
+	f.Publish(Event{Kind: BlockStored}) // a subscriber gone: no effect
+	assert.Empty(t, s.Read(nil))
+	assert.Equal(t, "BlockRemoved", BlockRemoved.String())
+
+	var nilSub *Subscription
+	assert.Empty(t, nilSub.Read(nil))
+	require.ErrorIs(t, nilSub.Close(), errdefs.ErrInvalidArgument)
+	s2, _ := f.Subscribe(1)
+	f.Close()
+	for range s2.Ready() {
+	}
+}
