@@ -194,6 +194,20 @@ func (k *Kernels) Close() error {
 	return errors.Join(errs...)
 }
 
+// ScratchBytes returns the device memory the kernels hold for themselves: the pair staging
+// buffer CopyBlocks maps on its first CUDA launch (0 for the Go implementation), freed by Close.
+func (k *Kernels) ScratchBytes() uint64 {
+	if k == nil {
+		return 0
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.scratch == nil {
+		return 0
+	}
+	return k.scratch.Capacity()
+}
+
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
 	if k == nil || k.dev == nil {

@@ -583,7 +583,7 @@ func (h *harness) check() {
 	if !h.static { // page accounting equals what the device reports
 		free, _, err := h.dev.MemInfo()
 		require.NoError(t, err)
-		require.Equal(t, st.MappedBytes, h.free0-free, "mapped pages against the device's free memory")
+		require.Equal(t, st.MappedBytes+st.ScratchBytes, h.free0-free, "mapped pages against the device's free memory")
 	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)

@@ -16,6 +16,9 @@ type Stats struct {
 	PartialPages int // mapped pages with some blocks in use
 	FullPages    int // mapped pages with every block in use
 	MappedBytes  uint64
+	// ScratchBytes is device memory the manager holds beside the arena: the copy kernel's pair
+	// staging buffer, mapped by the first compaction on a GPU and kept until Close.
+	ScratchBytes uint64
 
 	// PageOverhead is MappedPages / ceil((LiveBlocks + idle cached blocks) / BlocksPerPage): 1
 	// means no page holds memory the blocks could do without (0 when there are none).
@@ -48,6 +51,7 @@ func (m *Manager) Stats() Stats {
 		FreePages:      m.arena.free.Len(),
 		PartialPages:   m.arena.partial.Len(),
 		MappedBytes:    uint64(m.arena.mapped) * m.cfg.PageSize,
+		ScratchBytes:   m.kern.ScratchBytes(),
 		SyncMaps:       m.counters.syncMaps,
 		BackgroundMaps: m.counters.bgMaps,
 		Unmaps:         m.counters.unmaps,
