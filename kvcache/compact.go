@@ -58,8 +58,9 @@ func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 // compactLocked compacts with growMu and mu held and leaves keepFree free pages mapped.
 func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResult, error) {
 	var res CompactResult
-	// Cached blocks the bound would drop anyway are evicted, not copied.
-	m.dropOverBound(keepFree)
+	// Cached blocks the bound would drop anyway are evicted first, not copied, so that what is
+	// packed stays packed.
+	m.dropExcess(keepFree)
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
 		k, err := m.kernelsLocked()
@@ -166,7 +167,7 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 // out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
 func (m *Manager) trimLocked(target int) (int, error) {
 	released := 0
-	for !m.static && (m.arena.free.Len() > 0 && m.spare() > target || m.dropOverBound(target) > 0) {
+	for !m.static && m.spare() > target && (m.arena.free.Len() > 0 || m.dropOverBound(target)) {
 		p, _ := m.arena.free.Max()
 		if err := m.unmapPage(p); err != nil {
 			return released, fmt.Errorf("return page %d: %w", p, err)

@@ -51,14 +51,14 @@ type Config struct {
 	HighWatermark int
 	// MemoryLimit bounds the bytes of mapped pages; 0 means no bound but the device's memory.
 	MemoryLimit uint64
-	// PrefixCacheBytes is the memory the prefix cache may keep mapped for itself: whole pages
-	// holding only cached blocks no sequence uses, beyond the HighWatermark idle pages kept
-	// anyway. Growth does not take those pages while memory can be mapped; memory pressure
-	// (MemoryLimit, a shared budget, the device) does, before other models are asked. Cache
-	// beyond them lives only in otherwise-free memory (free slots of pages in use, the
-	// watermark's idle pages) and is evicted before a page is mapped; 0 means only that. Counted
-	// in pages, because memory goes back to the device by the page: a bound counted in blocks
-	// lets scattered blocks pin a page each (kvcached #359).
+	// PrefixCacheBytes bounds the bytes of cached blocks no sequence holds (idle blocks, kept
+	// for prefix hits). Within it, growth maps memory rather than evicting them (while memory
+	// pressure — MemoryLimit, a shared budget, the device — still evicts them before other models
+	// are asked). Beyond it, idle blocks live only in otherwise-free memory: they are evicted
+	// before a page is mapped, and pages holding nothing else are evicted whole and returned.
+	// 0 means only otherwise-free memory. Eviction works by whole pages where it can, because
+	// memory goes back by the page: blocks evicted one by one from scattered pages return
+	// nothing (kvcached #359 pinned 4x its bound that way).
 	PrefixCacheBytes uint64
 	// NoBackground turns the reserve goroutine off: pages are mapped when an append needs one and
 	// the watermarks are applied by Settle. For deterministic tests and single-threaded use.

@@ -407,7 +407,7 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for range need {
 		p, ok := m.arena.pick(hint)
-		if !ok && m.evictSpare() { // cache in otherwise-free memory goes before a page is mapped
+		if !ok && m.evictExcess() { // cache beyond the bound goes before a page is mapped
 			p, ok = m.arena.pick(hint)
 		}
 		if !ok {

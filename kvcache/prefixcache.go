@@ -238,32 +238,39 @@ func (m *Manager) publish() {
 	m.pending = m.pending[:0]
 }
 
-// evictSpare evicts the oldest cache-only page when more are mapped than the bound protects:
-// cache in otherwise-free memory goes before a page is mapped. It reports whether it evicted.
-func (m *Manager) evictSpare() bool {
-	if m.arena.cacheOnly.Len() <= m.cachePagesAllowed() {
+// evictExcess makes room when more idle cached blocks are kept than the bound allows: the
+// excess lives in otherwise-free memory and goes before a page is mapped. It reports whether
+// it evicted.
+func (m *Manager) evictExcess() bool {
+	if m.arena.idle <= m.idleAllowed() {
 		return false
 	}
-	pa, _ := m.arena.cacheOnly.Min()
-	m.evictPage(pa.page, true)
-	return true
+	return m.evictForAlloc()
 }
 
-// evictForAlloc makes room for one block when memory is short: it evicts the oldest cache-only
-// page whole (the page whose most recently used block is the oldest), so the block lands in a
-// page of its own and no page is left holding scattered cache; with no cache-only page, the
-// least recently used idle block. It records what it evicted in m.evicted (so that a failed
-// append restores it) and reports whether it evicted anything.
-func (m *Manager) evictForAlloc() bool {
-	if pa, ok := m.arena.cacheOnly.Min(); ok {
-		m.evictPage(pa.page, true)
-		return true
-	}
+// nearTie is how close, as a fraction of the idle blocks' age span, a cache-only page's newest
+// block must be to the least recently used block for the whole page to go instead of it.
+const nearTie = 8 // 1/8
+
+// evictForAlloc makes room for one block: LRU by last use, with near-ties broken to empty a
+// whole page. It evicts the oldest cache-only page whole when its most recently used block is
+// nearly as old as the least recently used idle block (within 1/nearTie of the idle blocks'
+// age span), so the new block lands in a page of its own and no page is left holding scattered
+// cache; otherwise the least recently used block alone. It records what it evicted in
+// m.evicted (so that a failed append restores it) and reports whether it evicted anything.
+func (m *Manager) evictForAlloc() bool { return m.evictOne(true) }
+
+// evictOne evicts by evictForAlloc's rule, recording the evictions for undo when undo is set.
+func (m *Manager) evictOne(undo bool) bool {
 	e := m.arena.index.Oldest()
 	if e == nil {
 		return false
 	}
-	m.evictBlock(e.Block, true)
+	if pa, ok := m.arena.cacheOnly.Min(); ok && pa.newest-e.LastUse <= (m.arena.index.Clock()-e.LastUse)/nearTie {
+		m.evictPage(pa.page, undo)
+		return true
+	}
+	m.evictBlock(e.Block, undo)
 	return true
 }
 
@@ -289,30 +296,39 @@ func (m *Manager) evictBlock(b int32, undo bool) {
 	m.emitRemoved(r.Key)
 }
 
-// cachePagesAllowed returns how many cache-only pages the bound protects: Config.PrefixCacheBytes
-// in whole pages.
-func (m *Manager) cachePagesAllowed() int {
-	return int(min(m.cfg.PrefixCacheBytes/m.cfg.PageSize, MaxPages))
+// idleAllowed returns how many idle cached blocks the bound keeps: Config.PrefixCacheBytes in
+// blocks.
+func (m *Manager) idleAllowed() int {
+	return int(min(m.cfg.PrefixCacheBytes/m.cfg.BlockStride(), MaxBlocks))
 }
 
-// spare returns the mapped pages no sequence uses and no bound protects: free pages, and the
-// cache-only pages beyond those Config.PrefixCacheBytes protects (an append evicts those
-// before it maps a page). The watermarks count spare pages.
+// spare returns the pages' worth of room an append can have without mapping: free pages, and
+// the idle blocks beyond the bound, wherever they are (an append evicts those before it maps).
+// The watermarks count spare pages: the reserve maps none while the excess can serve, and
+// trimming returns the excess that sits on cache-only pages.
 func (m *Manager) spare() int {
-	return m.arena.free.Len() + max(0, m.arena.cacheOnly.Len()-m.cachePagesAllowed())
+	return m.arena.free.Len() + (max(0, m.arena.idle-m.idleAllowed())+m.bpp-1)/m.bpp
 }
 
-// dropOverBound evicts the oldest cache-only pages while more than keep spare pages are mapped
-// and no free page is left to return first; it returns the pages freed. Static memory is never
-// returned, so there the cache is bounded only by need.
-func (m *Manager) dropOverBound(keep int) int {
-	freed := 0
-	for !m.static && m.arena.free.Len() == 0 && m.spare() > keep {
-		pa, _ := m.arena.cacheOnly.Min()
-		m.evictPage(pa.page, false)
-		freed++
+// dropOverBound evicts idle blocks beyond the bound, in evictForAlloc's order (LRU, near-ties
+// emptying a whole page), while more than keep spare pages are mapped and no free page is left
+// to return first: the cache beyond the bound is spare memory, returned like free pages beyond
+// the watermark, and within the watermark kept (an append takes it before mapping). It stops
+// once a page is free, for the caller to unmap, and reports whether one is. Static memory is
+// never returned, so there the cache is bounded only by need.
+func (m *Manager) dropOverBound(keep int) bool {
+	for !m.static && m.arena.free.Len() == 0 && m.spare() > keep && m.arena.idle > m.idleAllowed() {
+		m.evictOne(false)
 	}
-	return freed
+	return !m.static && m.arena.free.Len() > 0
+}
+
+// dropExcess evicts idle blocks beyond the bound, in evictForAlloc's order, until at most keep
+// pages' worth of them remain; compaction calls it before packing.
+func (m *Manager) dropExcess(keep int) {
+	for !m.static && (m.arena.idle-m.idleAllowed()+m.bpp-1)/m.bpp > keep {
+		m.evictOne(false)
+	}
 }
 
 // DropCache empties the prefix cache: idle cached blocks are freed and held ones forget their

@@ -681,9 +681,10 @@ func FuzzManager(f *testing.F) {
 		require.NoError(t, h.m.Settle())
 		st := h.m.Stats()
 		require.Zero(t, st.LiveBlocks)
-		require.LessOrEqual(t, st.MappedPages, h.cfg.HighWatermark+int(h.cfg.PrefixCacheBytes/h.cfg.PageSize),
-			"idle pages beyond the high watermark and the cache's bound are returned")
-		require.LessOrEqual(t, st.FreePages, h.cfg.HighWatermark)
+		require.LessOrEqual(t, st.FreePages, h.cfg.HighWatermark, "free pages beyond the high watermark are returned")
+		require.LessOrEqual(t, st.Prefix.IdleBlocks, int(h.cfg.PrefixCacheBytes/h.cfg.BlockStride())+h.cfg.HighWatermark*st.BlocksPerPage,
+			"the cache keeps its bound, and beyond it at most the watermark's spare pages")
+		require.Equal(t, st.MappedPages, st.FreePages+st.Prefix.CacheOnlyPages, "every other page went back")
 	})
 }
 

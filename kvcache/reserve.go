@@ -91,7 +91,8 @@ func (m *Manager) settle() error {
 	}
 	for {
 		m.mu.Lock()
-		if !m.closed && !m.static && m.dropOverBound(m.cfg.HighWatermark) > 0 {
+		if !m.closed && !m.static {
+			m.dropOverBound(m.cfg.HighWatermark)
 			m.publish()
 		}
 		if m.closed || m.static || m.arena.free.Len() == 0 || m.spare() <= m.cfg.HighWatermark {

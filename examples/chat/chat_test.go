@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -49,4 +51,37 @@ func TestChatSameOnGPU(t *testing.T) {
 	gpu := transcript(t, "cuda", true, 24)
 	require.Equal(t, host, gpu)
 	require.Equal(t, host, transcript(t, "cuda", false, 24))
+}
+
+// Each turn re-sends the whole conversation, and from the second turn of a conversation on all
+// of the previous request (its prompt and answer) comes from the prefix cache in whole blocks,
+// blocks that compaction moved between turns included, while the answers, read through those
+// blocks, stay right.
+func TestChatReusesTheCache(t *testing.T) {
+	c, err := newChat("host", true, 8)
+	require.NoError(t, err)
+	var out bytes.Buffer
+	require.NoError(t, c.run(demo, &out))
+	require.NoError(t, c.close())
+	require.Equal(t, c.answers, c.right)
+	re := regexp.MustCompile(`prompt (\d+) tokens, (\d+) from the cache`)
+	prev, answer, turns := 0, 0, 0 // the previous request's tokens; this turn's answer
+	for _, l := range strings.Split(out.String(), "\n") {
+		switch {
+		case strings.HasPrefix(l, "-- reset"):
+			prev = 0
+		case strings.HasPrefix(l, "bot> "):
+			answer = len(l) - len("bot> ")
+		}
+		m := re.FindStringSubmatch(l)
+		if m == nil {
+			continue
+		}
+		prompt, _ := strconv.Atoi(m[1])
+		cached, _ := strconv.Atoi(m[2])
+		require.Equal(t, prev/16*16, cached, "the previous request, in whole blocks: %s", l)
+		prev = prompt + answer
+		turns++
+	}
+	require.Equal(t, c.answers, turns)
 }

@@ -1,9 +1,11 @@
-// Command chat is a chat loop over pagedkv, written the way a Go runtime would drive it: each
-// user turn appends the prompt's tokens to the conversation's sequence and writes their K and V
-// (write_kv), then decodes token by token (AppendTokens(seq, 1), write_kv, attention through the
-// exported block table, sample). The conversation's sequence lives across turns; /reset frees it
-// and starts another; other traffic comes and goes between turns, and the cache is compacted
-// between turns, so the conversation's blocks really move.
+// Command chat is a chat loop over pagedkv, written the way a Go runtime would drive it with
+// prefix caching: each user turn is a request that re-sends the whole conversation, as chat
+// APIs do. StartSequence finds the part already in the cache (everything up to the previous
+// answer, in whole blocks), the rest is appended with its ids and its K and V written
+// (write_kv), then the answer is decoded token by token (AppendTokenIDs(seq, [id]), write_kv,
+// attention through the exported block table, sample), and the request ends. Other traffic
+// comes and goes between turns and the cache is compacted, so the cached blocks really move;
+// /reset starts another conversation.
 //
 // The model (model.go) is tiny and deterministic but reads everything it says out of the cache,
 // so a wrong block table shows up as wrong text. The loop checks each answer against the text
@@ -18,7 +20,6 @@ package main
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -119,7 +120,10 @@ type chat struct {
 	out     vmm.Addr
 	compact bool
 
-	seq       kvcache.SeqID
+	seq       kvcache.SeqID // this turn's request
+	conv      int           // conversation number (/reset starts the next)
+	hist      []token       // the conversation so far, every token with its place
+	cached    int           // tokens of this turn's prompt found in the cache
 	turn      int
 	prevFirst int // length of the first part of the previous answer
 	prevText  string
@@ -131,6 +135,7 @@ type chat struct {
 	bgCount int
 
 	answers, right int
+	promptLen      int
 	slots          []int64
 	quiet          bool // the terminal already shows what the user typed
 }
@@ -143,6 +148,7 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 	m, err := kvcache.New(dev, kvcache.Config{
 		Layers: layers, KVHeads: 1, HeadDim: headDim, ElemSize: 2, BlockTokens: 16,
 		PageSize: dev.Info().Granularity, Capacity: 1 << 30, ReservePages: 1, HighWatermark: 2, NoBackground: true,
+		PrefixCacheBytes: 4 * dev.Info().Granularity, // room for the conversations' history
 	})
 	if err != nil {
 		return nil, err
@@ -174,7 +180,7 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 		dev: dev, m: m, k: k, tables: tables, vt: vt, stage: stage, compact: compact,
 		keys: base, vals: base + vmm.Addr(maxMessage*row), slotBuf: base + vmm.Addr(2*maxMessage*row),
 		q: base + vmm.Addr(2*maxMessage*row+8*maxMessage), out: base + vmm.Addr(2*maxMessage*row+8*maxMessage+row),
-		seq: 1, bgNext: 1 << 32, rng: rand.New(rand.NewPCG(42, 42)), bgCount: background,
+		bgNext: 1 << 32, rng: rand.New(rand.NewPCG(42, 42)), bgCount: background,
 	}
 	fmt.Printf("pagedkv chat on %s (kernels: %s); %d layers, block 16 tokens, page %d MiB\n\n",
 		dev.Info().Name, k.Image(), layers, m.Config().PageSize>>20)
@@ -182,10 +188,7 @@ func newChat(device string, compact bool, background int) (*chat, error) {
 }
 
 func (c *chat) close() error {
-	err := c.m.FreeSequence(c.seq)
-	if errors.Is(err, kvcache.ErrUnknownSequence) { // reset, and nothing said since
-		err = nil
-	}
+	var err error
 	for _, e := range []error{c.m.Close(), c.tables.Close(), c.stage.Close(), c.k.Close(), c.dev.Close()} {
 		if err == nil {
 			err = e
@@ -226,19 +229,16 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	case line == "/quit" || line == "/exit":
 		return true, nil
 	case line == "/reset":
-		if err := c.m.FreeSequence(c.seq); err != nil && !errors.Is(err, kvcache.ErrUnknownSequence) {
-			return false, err
-		}
-		c.seq++
+		c.conv++
+		c.hist = c.hist[:0]
 		c.turn, c.prevFirst, c.prevText = 0, 0, ""
-		fmt.Fprintf(w, "-- reset: conversation %d starts --\n", c.seq)
+		fmt.Fprintf(w, "-- reset: conversation %d starts --\n", c.conv+1)
 		return false, nil
 	}
 	if len(line) > maxMessage/2 {
 		line = line[:maxMessage/2]
 	}
-	n, _ := c.m.Len(c.seq)
-	if n+4*len(line)+64 > maxTokens {
+	if len(c.hist)+4*len(line)+64 > maxTokens {
 		fmt.Fprintln(w, "-- the conversation is full; /reset to start another --")
 		return false, nil
 	}
@@ -272,31 +272,57 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		moved = fmt.Sprintf("compaction moved %d blocks, released %d pages", res.BlocksMoved, res.PagesReleased)
 	}
 	st := c.m.Stats()
-	n, _ = c.m.Len(c.seq)
-	blocks, _ := c.m.Blocks(c.seq, nil)
-	fmt.Fprintf(w, "     [%s; %d tokens in %d blocks; arena: %d sequences, %d pages mapped, %.1f MiB physical; %s]\n",
-		verdict, n, len(blocks), st.Sequences, st.MappedPages, float64(st.MappedBytes)/(1<<20), moved)
+	fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; arena: %d sequences, %d pages mapped, %.1f MiB physical, %d blocks cached; %s]\n",
+		verdict, c.promptLen, c.cached, st.Sequences, st.MappedPages, float64(st.MappedBytes)/(1<<20), st.Prefix.CachedBlocks, moved)
 	c.turn++
 	return false, nil
 }
 
-// turnOf prefills the user message and decodes the answer token by token.
+// token is one token of the conversation: its character and its place, which its K and V
+// depend on.
+type token struct {
+	turn, who, index int
+	ch               byte
+}
+
+// id is the token's id, what the prefix cache keys blocks by: the character, its role and its
+// turn, as a chat template's role and turn markers would make them. Equal ids at equal places
+// mean equal K and V, which is what makes a cached block valid for another request.
+func (t token) id() kvcache.TokenID {
+	return kvcache.TokenID(int(t.ch) | t.who<<8 | t.turn<<9 | 1<<30)
+}
+
+// turnOf runs one turn as one request: the whole conversation as the prompt (the cached part
+// found, the rest prefilled), the answer decoded token by token, then the request ends.
 func (c *chat) turnOf(msg string) error {
 	n := len(msg)
+	for i := range n {
+		c.hist = append(c.hist, token{turn: c.turn, who: userTok, index: i, ch: msg[i]})
+	}
+	ids := make([]kvcache.TokenID, len(c.hist))
+	for i, t := range c.hist {
+		ids[i] = t.id()
+	}
+	c.seq++
 	var err error
-	c.slots, err = c.m.AppendTokens(c.seq, n, c.slots[:0])
-	if err != nil {
+	if c.cached, err = c.m.StartSequence(c.seq, kvcache.Prompt{Tokens: ids}); err != nil {
 		return err
 	}
-	keys := make([]byte, 0, n*2*headDim)
-	vals := make([]byte, 0, n*2*headDim)
-	for i := range n {
-		keys = append(keys, key(c.turn, userTok, i)...)
-		vals = append(vals, value(msg[i])...)
+	c.promptLen = len(ids)
+	if c.slots, err = c.m.AppendTokenIDs(c.seq, ids[c.cached:], c.slots[:0]); err != nil {
+		return err
+	}
+	rest := c.hist[c.cached:]
+	keys := make([]byte, 0, len(rest)*2*headDim)
+	vals := make([]byte, 0, len(rest)*2*headDim)
+	for _, t := range rest {
+		keys = append(keys, key(t.turn, t.who, t.index)...)
+		vals = append(vals, value(t.ch)...)
 	}
 	if err := c.writeKV(c.slots, keys, vals); err != nil {
 		return err
 	}
+	defer c.m.FreeSequence(c.seq) // the request ends; its blocks stay cached for the next turn
 	c.answer = c.answer[:0]
 	for i := range n { // the message reversed, case swapped: read from layer 0
 		ch, err := c.attend(0, key(c.turn, userTok, n-1-i))
@@ -331,14 +357,16 @@ func (c *chat) turnOf(msg string) error {
 
 // emit appends a generated token to the sequence and writes its K and V.
 func (c *chat) emit(ch byte) error {
+	t := token{turn: c.turn, who: botTok, index: len(c.answer), ch: ch}
 	var err error
-	c.slots, err = c.m.AppendTokens(c.seq, 1, c.slots[:0])
+	c.slots, err = c.m.AppendTokenIDs(c.seq, []kvcache.TokenID{t.id()}, c.slots[:0])
 	if err != nil {
 		return err
 	}
-	if err := c.writeKV(c.slots, key(c.turn, botTok, len(c.answer)), value(ch)); err != nil {
+	if err := c.writeKV(c.slots, key(t.turn, t.who, t.index), value(ch)); err != nil {
 		return err
 	}
+	c.hist = append(c.hist, t)
 	c.answer = append(c.answer, ch)
 	return nil
 }

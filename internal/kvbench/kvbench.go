@@ -35,13 +35,15 @@ type env struct {
 	bpp int
 }
 
-func setup(b *testing.B, live int) *env {
+func setup(b *testing.B, live int) *env { return setupWith(b, live, Config()) }
+
+func setupWith(b *testing.B, live int, cfg kvcache.Config) *env {
 	b.Helper()
 	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10, Capacity: 1 << 40})
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := kvcache.New(dev, Config())
+	m, err := kvcache.New(dev, cfg)
 	if err != nil {
 		b.Fatal(err)
 	}

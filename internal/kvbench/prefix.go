@@ -14,7 +14,9 @@ const PromptTokens = 4096
 // found: the last token is always computed), the prompt's keys given when withKeys, hashed
 // otherwise. The FreeSequence that ends each iteration is not timed.
 func StartCached(b *testing.B, withKeys bool) {
-	e := setup(b, 0)
+	cfg := Config()
+	cfg.PrefixCacheBytes = PromptTokens / uint64(cfg.BlockTokens) * cfg.BlockStride() // the prompt stays cached
+	e := setupWith(b, 0, cfg)
 	p := make([]prefix.Token, PromptTokens)
 	for i := range p {
 		p[i] = prefix.Token(i*7919 + 13)

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/pagedkv/pagedkv/internal/chattrace"
+	"github.com/pagedkv/pagedkv/internal/kvbench"
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// prefixConfig is the trace's geometry: 16-token blocks of 4 KiB, 64 to a 256 KiB page (the
+// blocks per page of a 32-layer model's default page, scaled down in bytes).
+func prefixConfig(cacheBytes uint64) kvcache.Config {
+	return kvcache.Config{Layers: 1, KVHeads: 1, HeadDim: 64, ElemSize: 2, BlockTokens: 16,
+		PageSize: 256 << 10, Capacity: 16384 * (256 << 10), ReservePages: 1, HighWatermark: 2,
+		NoBackground: true, PrefixCacheBytes: cacheBytes}
+}
+
+// benchPrefix replays the multi-turn chat trace against the manager and against a plain LRU
+// over blocks (the yardstick), at cache bounds of 10%, 25% and 50% of the working set, and times
+// the prefix cache's hot paths.
+func benchPrefix(_ vmm.Device, scale int) ([]Table, error) {
+	o := chattrace.Issue()
+	if scale == 0 {
+		o.Conversations, o.Concurrent = 200, 32
+	}
+	cfg := prefixConfig(0)
+	bt, stride := cfg.BlockTokens, cfg.BlockStride()
+	bpp := int(cfg.PageSize / stride)
+	// The working set: the blocks the running conversations' contexts need at the peak; the
+	// trace gives it whatever the cache does. An unbounded LRU also gives the hit rate of a cache
+	// that never evicts.
+	ideal, err := chattrace.Run(chattrace.NewLRU(bt, bpp, 1<<30), o, bt)
+	if err != nil {
+		return nil, err
+	}
+	ws := ideal.PeakWorkingBlock
+	t := Table{
+		Title: "Prefix cache on a multi-turn chat trace: pagedkv against a plain LRU over blocks",
+		Note: fmt.Sprintf("%d conversations of %d-%d turns (%d-%d user and %d-%d answer tokens a turn) over %d system prompts of %d-%d tokens, "+
+			"%d running at once; 16-token blocks, %d to a page; working set %d blocks (%.0f MiB). The yardstick evicts the least recently "+
+			"used idle block beyond the bound (vLLM's order, kvcached's cap) and allocates lowest first. 'end' is after every request has "+
+			"ended: pages mapped / (ceil(cached blocks / blocks per page) + 1 reserve page). A cache that never evicts hits %.1f%%.",
+			o.Conversations, o.MinTurns, o.MaxTurns, o.MinUser, o.MaxUser, o.MinAnswer, o.MaxAnswer, o.SystemPrompts, o.MinSystem, o.MaxSystem,
+			o.Concurrent, bpp, ws, float64(uint64(ws)*stride)/(1<<20), 100*ideal.HitRate()),
+		Columns: []string{"bound", "policy", "hit rate", "vs LRU", "peak mapped MiB", "end: cached blocks", "end: mapped pages", "end: pages / optimum"},
+	}
+	for _, pct := range []int{10, 25, 50} {
+		capBlocks := ws * pct / 100
+		lru := chattrace.NewLRU(bt, bpp, capBlocks)
+		lr, err := chattrace.Run(lru, o, bt)
+		if err != nil {
+			return nil, err
+		}
+		_, lidle := lru.Blocks()
+		ratio := func(pages, cached int) string {
+			return fmt.Sprintf("%.3f", float64(pages)/float64((cached+bpp-1)/bpp+1))
+		}
+		t.Rows = append(t.Rows, []string{fmt.Sprintf("%d%%", pct), "LRU over blocks (yardstick)", fmt.Sprintf("%.2f%%", 100*lr.HitRate()), "1.000",
+			fmt.Sprintf("%.0f", float64(uint64(lr.PeakMappedPages)*cfg.PageSize)/(1<<20)), fmt.Sprint(lidle), fmt.Sprint(lru.MappedPages()),
+			ratio(lru.MappedPages(), lidle)})
+
+		dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10, Capacity: 1 << 40})
+		if err != nil {
+			return nil, err
+		}
+		m, err := kvcache.New(dev, prefixConfig(uint64(capBlocks)*stride))
+		if err != nil {
+			return nil, err
+		}
+		pr, err := chattrace.Run(&chattrace.Manager{M: m, Settle: true}, o, bt)
+		if err != nil {
+			return nil, err
+		}
+		st := m.Stats()
+		endSettled := []string{fmt.Sprint(st.Prefix.IdleBlocks), fmt.Sprint(st.MappedPages), ratio(st.MappedPages, st.Prefix.IdleBlocks)}
+		if _, err := m.Compact(kvcache.CompactOptions{}); err != nil {
+			return nil, err
+		}
+		cs := m.Stats()
+		t.Rows = append(t.Rows, []string{fmt.Sprintf("%d%%", pct), "pagedkv", fmt.Sprintf("%.2f%%", 100*pr.HitRate()),
+			fmt.Sprintf("%.3f", pr.HitRate()/lr.HitRate()), fmt.Sprintf("%.0f", float64(uint64(pr.PeakMappedPages)*cfg.PageSize)/(1<<20)),
+			endSettled[0], endSettled[1], endSettled[2]})
+		t.Rows = append(t.Rows, []string{fmt.Sprintf("%d%%", pct), "pagedkv, then Compact", "", "", "",
+			fmt.Sprint(cs.Prefix.IdleBlocks), fmt.Sprint(cs.MappedPages), ratio(cs.MappedPages, cs.Prefix.IdleBlocks)})
+		if err := m.Close(); err != nil {
+			return nil, err
+		}
+		if err := dev.Close(); err != nil {
+			return nil, err
+		}
+	}
+
+	hot := Table{
+		Title:   "Prefix cache hot paths (host backend)",
+		Note:    "A 4,096-token prompt cached whole (255 blocks found); the decode step of 256 sequences with ids at a 0% hit rate (every block hashed, cached and later evicted) against AppendTokens.",
+		Columns: []string{"operation", "measured", "target", "allocs/op"},
+	}
+	for _, c := range []struct {
+		name, target string
+		fn           func(*testing.B)
+	}{
+		{"StartSequence, keys given", "<= 10 us", func(b *testing.B) { kvbench.StartCached(b, true) }},
+		{"StartSequence, hashing", "<= 60 us", func(b *testing.B) { kvbench.StartCached(b, false) }},
+	} {
+		r := testing.Benchmark(c.fn)
+		hot.Rows = append(hot.Rows, []string{c.name, fmt.Sprintf("%.1f us", float64(r.T.Nanoseconds())/float64(r.N)/1e3), c.target, fmt.Sprint(r.AllocsPerOp())})
+	}
+	count := testing.Benchmark(func(b *testing.B) { kvbench.Decode(b, 1024, false) })
+	ids := testing.Benchmark(func(b *testing.B) { kvbench.Decode(b, 1024, true) })
+	perTok := func(r testing.BenchmarkResult) float64 { return float64(r.T.Nanoseconds()) / float64(r.N) }
+	hot.Rows = append(hot.Rows,
+		[]string{"decode, AppendTokens", fmt.Sprintf("%.1f ns/token", perTok(count)), "", fmt.Sprint(count.AllocsPerOp())},
+		[]string{"decode, AppendTokenIDs", fmt.Sprintf("%.1f ns/token (+%.1f)", perTok(ids), perTok(ids)-perTok(count)), "<= +50 ns/token", fmt.Sprint(ids.AllocsPerOp())})
+	return []Table{t, hot}, nil
+}
