@@ -231,7 +231,7 @@ func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
 		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared},
-		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{},
+		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{},
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,

@@ -63,14 +63,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	m.dropExcess(keepFree)
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
-		k, err := m.kernelsLocked()
-		if err != nil {
-			return res, fmt.Errorf("kvcache: compact: %w", err)
-		}
-		if err := k.CopyBlocks(opts.Stream, m.base, pairs, m.cfg.BlockStride()); err != nil {
-			return res, fmt.Errorf("kvcache: compact: %w", err)
-		}
-		if err := k.Synchronize(opts.Stream); err != nil {
+		if err := m.back.copyBlocks(opts.Stream, pairs); err != nil {
 			return res, fmt.Errorf("kvcache: compact: %w", err)
 		}
 		moved := make(map[int32]int32, len(pairs)/2)
@@ -185,16 +178,4 @@ func (m *Manager) trimLocked(target int) (int, error) {
 		}
 	}
 	return released, nil
-}
-
-// kernelsLocked returns the device's kernels, loading them on first use.
-func (m *Manager) kernelsLocked() (*kernels.Kernels, error) {
-	if m.kern == nil {
-		k, err := kernels.For(m.dev)
-		if err != nil {
-			return nil, err
-		}
-		m.kern = k
-	}
-	return m.kern, nil
 }

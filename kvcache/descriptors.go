@@ -40,17 +40,13 @@ func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	info := m.dev.Info()
 	if m.static {
-		return append(dst, m.external.Regions()...)
+		return m.back.regions(dst, 0, int32(len(m.arena.pages)))
 	}
 	start := int32(-1)
 	flush := func(end int32) {
 		if start >= 0 {
-			dst = append(dst, vmm.Region{
-				Addr: m.base + vmm.Addr(uint64(start)*m.cfg.PageSize), Len: uint64(end-start) * m.cfg.PageSize,
-				DeviceID: info.Ordinal, Kind: info.Kind,
-			})
+			dst = m.back.regions(dst, start, end-start)
 			start = -1
 		}
 	}

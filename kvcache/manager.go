@@ -9,7 +9,6 @@ import (
 	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/keyindex"
-	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -18,9 +17,11 @@ import (
 // SeqID names a sequence; the runtime chooses it.
 type SeqID = sequence.ID
 
-// Manager maps sequences' tokens to KV blocks in an elastic arena on one device. It owns the
-// arena (a vmm.Pool: a virtual reservation with pages mapped on demand) and the sequences; it
-// borrows the Device, which must outlive it.
+// Manager maps sequences' tokens to KV blocks in an elastic arena. It is a thin coordinator:
+// the block bookkeeping (the arena of pages and blocks, the sequences, the prefix cache) knows
+// nothing of devices, and the memory behind the arena is its backing (backing.go: one elastic
+// device, static runtime-owned memory, or several devices in lockstep). It owns the arena, the
+// sequences and the backing's resources; it borrows the Devices, which must outlive it.
 //
 // Safe for concurrent use: every method takes one lock, which the hot path (an AppendTokens that
 // stays inside mapped pages) holds for tens of nanoseconds and allocates nothing under. Driver
@@ -31,8 +32,9 @@ type SeqID = sequence.ID
 type Manager struct {
 	mu     sync.Mutex
 	cfg    Config
-	dev    vmm.Device
-	pool   *vmm.Pool
+	back   backing
+	static bool       // the backing never maps or unmaps (runtime-owned memory)
+	dev    vmm.Device // the first shard's device and base (the only ones, on one device)
 	base   vmm.Addr
 	bpp    int
 	arena  *arena
@@ -50,14 +52,9 @@ type Manager struct {
 	done     chan struct{}
 	growErr  error // last error of the reserve goroutine
 
-	kern *kernels.Kernels // loaded by the first Compact
-
-	member        *vmm.BudgetMember // set when the manager belongs to a SharedPool
-	name          string
-	static        bool         // over external memory: every page mapped from the start, never unmapped
-	external      vmm.External // the memory of a static manager
-	asleep        bool
-	compactOthers bool // reclaim by compacting other models when the budget is spent
+	name   string // in a SharedPool
+	shared bool   // a SharedPool's member: its budget may reclaim from other models
+	asleep bool
 
 	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
 
@@ -84,9 +81,9 @@ func New(dev vmm.Device, cfg Config) (*Manager, error) {
 	return newManager(dev, cfg, nil)
 }
 
-// newManager binds cfg to dev; join, if set, attaches the manager to a shared budget before the
-// reserve goroutine starts.
-func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager, error) {
+// newManager binds cfg to dev; join, if set, attaches the manager's backing to a shared budget
+// before the reserve goroutine starts.
+func newManager(dev vmm.Device, cfg Config, join func(*Manager, *elastic) error) (*Manager, error) {
 	if dev == nil {
 		return nil, fmt.Errorf("kvcache: new: %w: nil device", ErrInvalidArgument)
 	}
@@ -98,15 +95,14 @@ func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager
 	if err != nil {
 		return nil, err
 	}
-	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: cfg.Capacity, PageSize: cfg.PageSize})
+	e, err := newElastic(dev, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("kvcache: %w", err)
+		return nil, err
 	}
-	m := newManagerOn(dev, cfg, pool.Base(), pool.Pages())
-	m.pool = pool
+	m := newManagerOn(dev, cfg, e, e.pool.Pages())
 	if join != nil {
-		if err := join(m); err != nil {
-			pool.Close()
+		if err := join(m, e); err != nil {
+			e.close()
 			return nil, err
 		}
 	}
@@ -119,8 +115,8 @@ func newManager(dev vmm.Device, cfg Config, join func(*Manager) error) (*Manager
 	return m, nil
 }
 
-// newManagerOn returns a manager over an arena of npages pages at base, with nothing mapped.
-func newManagerOn(dev vmm.Device, cfg Config, base vmm.Addr, npages int) *Manager {
+// newManagerOn returns a manager over an arena of npages pages behind b, with nothing mapped.
+func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	bpp := cfg.BlocksPerPage()
 	maxPages := npages
 	if cfg.MemoryLimit > 0 {
@@ -128,8 +124,10 @@ func newManagerOn(dev vmm.Device, cfg Config, base vmm.Addr, npages int) *Manage
 	}
 	return &Manager{
 		cfg:       cfg,
+		back:      b,
+		static:    !b.returnsMemory(),
 		dev:       dev,
-		base:      base,
+		base:      b.shards()[0].Base,
 		bpp:       bpp,
 		arena:     newArena(npages, bpp),
 		seqs:      sequence.NewRegistry(),
@@ -169,6 +167,15 @@ func (m *Manager) Device() vmm.Device {
 		return nil
 	}
 	return m.dev
+}
+
+// Shards describes each device's share of the cache, in device order: one shard holding every
+// layer and head on a single device. The slice is the caller's.
+func (m *Manager) Shards() []Shard {
+	if !m.made() {
+		return nil
+	}
+	return m.back.shards()
 }
 
 // Base returns the arena's base address. It never changes, so kernels and CUDA graphs may keep
@@ -424,7 +431,7 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	blocks := m.newBlocks
 	if cow {
 		tail := s.Blocks[len(s.Blocks)-1]
-		if err := m.dev.Copy(m.BlockAddr(0, 0, blocks[0]), m.BlockAddr(0, 0, tail), m.cfg.BlockStride()); err != nil {
+		if err := m.back.copyBlock(blocks[0], tail); err != nil {
 			m.rollback()
 			return fmt.Errorf("copy shared tail block %d: %w", tail, err)
 		}
@@ -480,7 +487,7 @@ func (m *Manager) growPage() (int32, error) {
 			return p, nil
 		}
 	}
-	if m.member == nil {
+	if !m.shared {
 		return 0, err
 	}
 	if p, err = m.mapPageLocked(true); err != nil {
@@ -510,45 +517,12 @@ func (m *Manager) mapPageLocked(reclaim bool) (int32, error) {
 	return p, nil
 }
 
-// mapPage backs page p with memory: it takes the page's bytes from the shared budget, if any
-// (reclaiming from other models when reclaim is set), then maps it in the pool.
-func (m *Manager) mapPage(p int32, reclaim bool) error {
-	if m.static {
-		return &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
-	}
-	if m.member != nil {
-		var err error
-		if reclaim {
-			err = m.member.Acquire(m.cfg.PageSize, m.compactOthers)
-		} else {
-			err = m.member.TryAcquire(m.cfg.PageSize)
-		}
-		if err != nil {
-			return err
-		}
-	}
-	if _, err := m.pool.Map(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
-		if m.member != nil {
-			m.member.Release(m.cfg.PageSize)
-		}
-		return err
-	}
-	return nil
-}
+// mapPage backs page p with memory on every device: from the shared budget, if any (with
+// reclaim, taking memory back from other models), then mapped.
+func (m *Manager) mapPage(p int32, reclaim bool) error { return m.back.mapPage(p, reclaim) }
 
-// unmapPage returns page p's memory to the device and the budget.
-func (m *Manager) unmapPage(p int32) error {
-	if m.static {
-		return fmt.Errorf("kvcache: %w: static memory is never unmapped", ErrInvalidArgument)
-	}
-	if err := m.pool.Unmap(uint64(p)*m.cfg.PageSize, m.cfg.PageSize); err != nil {
-		return err
-	}
-	if m.member != nil {
-		m.member.Release(m.cfg.PageSize)
-	}
-	return nil
-}
+// unmapPage returns page p's memory to the devices and the budget.
+func (m *Manager) unmapPage(p int32) error { return m.back.unmapPage(p) }
 
 // checkLimit reports whether one more page fits under MemoryLimit.
 func (m *Manager) checkLimit() error {
@@ -748,18 +722,8 @@ func (m *Manager) Close() error {
 	defer m.growMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var errs []error
-	if m.kern != nil {
-		errs = append(errs, m.kern.Close())
-	}
-	if !m.static {
-		errs = append(errs, m.pool.Close())
-	}
-	if m.member != nil {
-		m.member.Leave()
-	}
 	m.feed.Close()
-	if err := errors.Join(errs...); err != nil {
+	if err := m.back.close(); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
 	}
 	return nil

@@ -439,8 +439,8 @@ func (m *Manager) availableLocked() Availability {
 		if m.cfg.MemoryLimit > 0 {
 			pages = max(0, min(pages, m.maxBlocks/m.bpp-a.mapped-m.inflight))
 		}
-		if m.member != nil {
-			pages = min(pages, int(min(m.member.Headroom()/m.cfg.PageSize, MaxPages)))
+		if room, ok := m.back.headroom(); ok {
+			pages = min(pages, int(min(room/m.cfg.PageSize, MaxPages)))
 		}
 		av.MappableBlocks = pages * m.bpp
 	}

@@ -62,12 +62,13 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 	if _, ok := s.models[name]; ok {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
 	}
-	m, err := newManager(s.dev, cfg, func(m *Manager) error {
+	m, err := newManager(s.dev, cfg, func(m *Manager, e *elastic) error {
 		member, err := s.budget.Join(name, m)
 		if err != nil {
 			return err
 		}
-		m.member, m.name, m.compactOthers = member, name, s.cfg.CompactOnPressure
+		e.member, e.compactOthers = member, s.cfg.CompactOnPressure
+		m.name, m.shared = name, true
 		return nil
 	})
 	if err != nil {

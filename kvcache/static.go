@@ -5,6 +5,7 @@ import (
 	"math"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -64,13 +65,65 @@ func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
 	if mem.Addr%256 != 0 {
 		return nil, fmt.Errorf("kvcache: static memory at %#x: %w: not 256-byte aligned", uint64(mem.Addr), ErrInvalidArgument)
 	}
-	m := newManagerOn(dev, cfg, mem.Addr, int(mem.Size/cfg.PageSize))
-	m.static = true
-	m.external = mem
+	m := newManagerOn(dev, cfg, &static{dev: dev, cfg: cfg, mem: mem}, int(mem.Size/cfg.PageSize))
 	for p := range m.arena.pages {
 		m.arena.takeUnmapped()
 		m.arena.markMapped(int32(p))
 	}
 	close(m.done)
 	return m, nil
+}
+
+// static backs an arena with memory the runtime owns: every page is usable from the start, and
+// nothing is mapped, unmapped or freed.
+type static struct {
+	dev  vmm.Device
+	cfg  Config
+	mem  vmm.External
+	kern *kernels.Kernels
+}
+
+func (s *static) mapPage(int32, bool) error {
+	return &vmm.CapacityError{Need: s.cfg.PageSize, Free: 0} // every page is mapped already
+}
+
+func (s *static) unmapPage(int32) error {
+	return fmt.Errorf("kvcache: %w: static memory is never unmapped", ErrInvalidArgument)
+}
+
+func (s *static) returnsMemory() bool { return false }
+
+func (s *static) copyBlock(dst, src int32) error {
+	return copyBlock(s.dev, s.mem.Addr, s.cfg.BlockStride(), dst, src)
+}
+
+func (s *static) copyBlocks(st kernels.Stream, pairs []int64) error {
+	return copyBlocks(&s.kern, s.dev, s.mem.Addr, s.cfg.BlockStride(), st, pairs)
+}
+
+// regions returns the runtime's memory whole, whatever run is asked for.
+func (s *static) regions(dst []vmm.Region, _, _ int32) []vmm.Region {
+	return append(dst, s.mem.Regions()...)
+}
+
+func (s *static) shards() []Shard {
+	return []Shard{{Device: s.dev, Base: s.mem.Addr, Layers: [2]int{0, s.cfg.Layers}, KVHeads: [2]int{0, s.cfg.KVHeads}, Config: s.cfg}}
+}
+
+func (s *static) headroom() (uint64, bool) { return 0, false }
+
+func (s *static) scratchBytes() uint64 { return s.kern.ScratchBytes() }
+
+func (s *static) check(mapped []int32, _ int) []string {
+	if n := int(s.cfg.Capacity / s.cfg.PageSize); len(mapped) != n {
+		return []string{fmt.Sprintf("static memory: %d of %d pages mapped", len(mapped), n)}
+	}
+	return nil
+}
+
+func (s *static) close() error {
+	if s.kern != nil {
+		return s.kern.Close()
+	}
+	return nil
 }

@@ -51,7 +51,7 @@ func (m *Manager) Stats() Stats {
 		FreePages:      m.arena.free.Len(),
 		PartialPages:   m.arena.partial.Len(),
 		MappedBytes:    uint64(m.arena.mapped) * m.cfg.PageSize,
-		ScratchBytes:   m.kern.ScratchBytes(),
+		ScratchBytes:   m.back.scratchBytes(),
 		SyncMaps:       m.counters.syncMaps,
 		BackgroundMaps: m.counters.bgMaps,
 		Unmaps:         m.counters.unmaps,

@@ -55,6 +55,7 @@ func (m *Manager) Verify() error {
 		return true
 	})
 	live, idle, mapped, shared, entries := 0, 0, 0, 0, 0
+	var mappedList []int32
 	for p, pg := range a.pages {
 		p := int32(p)
 		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
@@ -75,8 +76,8 @@ func (m *Manager) Verify() error {
 			bad("page %d in flight while the reserve goroutine is idle", p)
 		}
 		isMapped := pg.state >= pageFree
-		if !m.static && isMapped != m.pool.IsMapped(uint64(p)*m.cfg.PageSize, m.cfg.PageSize) {
-			bad("page %d: arena says mapped=%v, the pool disagrees", p, isMapped)
+		if isMapped {
+			mappedList = append(mappedList, p)
 		}
 		if !isMapped {
 			for i := range m.bpp {
@@ -161,18 +162,11 @@ func (m *Manager) Verify() error {
 	if n != a.cacheOnly.Len() {
 		bad("cache-only index miscounts")
 	}
-	poolPages := a.mapped
-	if !m.static {
-		poolPages = m.pool.Stats().MappedPages
+	if mapped != a.mapped {
+		bad("mapped pages: arena counts %d, pages say %d", a.mapped, mapped)
 	}
-	if mapped != a.mapped || mapped != poolPages {
-		bad("mapped pages: arena counts %d, pages say %d, pool has %d", a.mapped, mapped, poolPages)
-	}
-	if m.static && mapped != len(a.pages) {
-		bad("static memory: %d of %d pages mapped", mapped, len(a.pages))
-	}
-	if m.member != nil && m.member.Used() != uint64(mapped+m.inflight)*m.cfg.PageSize {
-		bad("budget: member holds %d bytes for %d mapped pages", m.member.Used(), mapped)
+	for _, s := range m.back.check(mappedList, m.inflight) {
+		bad("%s", s)
 	}
 	if m.inflight != 0 {
 		bad("%d pages in flight while the reserve goroutine is idle", m.inflight)

@@ -1,0 +1,145 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// elastic backs an arena on one device with a vmm.Pool: a virtual reservation whose pages are
+// mapped on demand, each page index one driver mapping that grows every layer the device
+// holds. In a SharedPool each page is first acquired from the budget.
+type elastic struct {
+	dev           vmm.Device
+	cfg           Config // this device's geometry, defaults filled
+	pool          *vmm.Pool
+	member        *vmm.BudgetMember // set when the manager belongs to a SharedPool
+	compactOthers bool              // reclaim by compacting other models when the budget is spent
+	kern          *kernels.Kernels  // loaded by the first copyBlocks
+	layers, heads [2]int
+}
+
+// newElastic reserves the arena of cfg (defaults filled) on dev.
+func newElastic(dev vmm.Device, cfg Config) (*elastic, error) {
+	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: cfg.Capacity, PageSize: cfg.PageSize})
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: %w", err)
+	}
+	return &elastic{dev: dev, cfg: cfg, pool: pool, layers: [2]int{0, cfg.Layers}, heads: [2]int{0, cfg.KVHeads}}, nil
+}
+
+func (e *elastic) mapPage(p int32, reclaim bool) error {
+	page := e.cfg.PageSize
+	if e.member != nil {
+		var err error
+		if reclaim {
+			err = e.member.Acquire(page, e.compactOthers)
+		} else {
+			err = e.member.TryAcquire(page)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if _, err := e.pool.Map(uint64(p)*page, page); err != nil {
+		if e.member != nil {
+			e.member.Release(page)
+		}
+		return err
+	}
+	return nil
+}
+
+func (e *elastic) unmapPage(p int32) error {
+	if err := e.pool.Unmap(uint64(p)*e.cfg.PageSize, e.cfg.PageSize); err != nil {
+		return err
+	}
+	if e.member != nil {
+		e.member.Release(e.cfg.PageSize)
+	}
+	return nil
+}
+
+func (e *elastic) returnsMemory() bool { return true }
+
+func (e *elastic) copyBlock(dst, src int32) error {
+	return copyBlock(e.dev, e.pool.Base(), e.cfg.BlockStride(), dst, src)
+}
+
+// copyBlock copies one block of a device's arena at base, synchronously.
+func copyBlock(dev vmm.Device, base vmm.Addr, stride uint64, dst, src int32) error {
+	return dev.Copy(base+vmm.Addr(uint64(dst)*stride), base+vmm.Addr(uint64(src)*stride), stride)
+}
+
+func (e *elastic) copyBlocks(s kernels.Stream, pairs []int64) error {
+	return copyBlocks(&e.kern, e.dev, e.pool.Base(), e.cfg.BlockStride(), s, pairs)
+}
+
+// copyBlocks loads *kern on first use and copies the pairs of a device's arena with one launch,
+// waiting for it.
+func copyBlocks(kern **kernels.Kernels, dev vmm.Device, base vmm.Addr, stride uint64, s kernels.Stream, pairs []int64) error {
+	if *kern == nil {
+		k, err := kernels.For(dev)
+		if err != nil {
+			return err
+		}
+		*kern = k
+	}
+	if err := (*kern).CopyBlocks(s, base, pairs, stride); err != nil {
+		return err
+	}
+	return (*kern).Synchronize(s)
+}
+
+func (e *elastic) regions(dst []vmm.Region, first, n int32) []vmm.Region {
+	info := e.dev.Info()
+	return append(dst, vmm.Region{
+		Addr: e.pool.Base() + vmm.Addr(uint64(first)*e.cfg.PageSize), Len: uint64(n) * e.cfg.PageSize,
+		DeviceID: info.Ordinal, Kind: info.Kind,
+	})
+}
+
+func (e *elastic) shards() []Shard {
+	return []Shard{{Device: e.dev, Base: e.pool.Base(), Layers: e.layers, KVHeads: e.heads, Config: e.cfg}}
+}
+
+func (e *elastic) headroom() (uint64, bool) {
+	if e.member == nil {
+		return 0, false
+	}
+	return e.member.Headroom(), true
+}
+
+func (e *elastic) scratchBytes() uint64 { return e.kern.ScratchBytes() }
+
+func (e *elastic) check(mapped []int32, inflight int) []string {
+	var bad []string
+	want := make(map[int32]bool, len(mapped))
+	for _, p := range mapped {
+		want[p] = true
+		if !e.pool.IsMapped(uint64(p)*e.cfg.PageSize, e.cfg.PageSize) {
+			bad = append(bad, fmt.Sprintf("%s: page %d is mapped in the arena, not in the pool", e.dev.Info().Name, p))
+		}
+	}
+	if n := e.pool.Stats().MappedPages; n != len(mapped) {
+		bad = append(bad, fmt.Sprintf("%s: the pool has %d pages mapped, the arena %d", e.dev.Info().Name, n, len(mapped)))
+	}
+	if e.member != nil && e.member.Used() != uint64(len(mapped)+inflight)*e.cfg.PageSize {
+		bad = append(bad, fmt.Sprintf("%s: budget member holds %d bytes for %d mapped pages", e.dev.Info().Name, e.member.Used(), len(mapped)))
+	}
+	return bad
+}
+
+func (e *elastic) close() error {
+	var errs []error
+	if e.kern != nil {
+		errs = append(errs, e.kern.Close())
+	}
+	errs = append(errs, e.pool.Close())
+	if e.member != nil {
+		e.member.Leave()
+	}
+	return errors.Join(errs...)
+}
