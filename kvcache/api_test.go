@@ -1,6 +1,7 @@
 package kvcache_test
 
 import (
+	"errors"
 	"math"
 	"reflect"
 	"testing"
@@ -117,6 +118,21 @@ func apiManagers() []apitest.Maker {
 			}
 			return m, func() error { _ = m.Close(); return pool.Close() }
 		}),
+		func() apitest.Object { // on two devices, heads split
+			dev, closeDev := apiDevice()
+			dev2, closeDev2 := apiDevice()
+			c := apiConfig()
+			c.KVHeads, c.PageSize = 4, 2*c.PageSize // a 32 KiB page on each device
+			c.Capacity = 16 * c.PageSize
+			m, err := kvcache.NewMulti([]vmm.Device{dev, dev2}, c, kvcache.Split{TensorParallel: 2})
+			if err != nil {
+				panic(err)
+			}
+			o := managerObject(func(vmm.Device) (*kvcache.Manager, func() error) { return m, m.Close })()
+			closeM := o.Close
+			o.Close = func() error { _ = closeM(); return errors.Join(closeDev(), closeDev2()) }
+			return o
+		},
 		func() apitest.Object { // closed
 			dev, closeDev := apiDevice()
 			m, err := kvcache.New(dev, apiConfig())
@@ -170,6 +186,22 @@ func apiValues(t reflect.Type) []apitest.Maker {
 			dev, closeDev := apiDevice()
 			return apitest.Object{V: reflect.ValueOf(&dev).Elem(), Close: closeDev}
 		}}
+	case reflect.TypeFor[[]vmm.Device]():
+		two := func(same bool) apitest.Maker {
+			return func() apitest.Object {
+				dev, closeDev := apiDevice()
+				dev2, closeDev2 := apiDevice()
+				devs := []vmm.Device{dev, dev2}
+				if same {
+					devs[1] = dev
+				}
+				return apitest.Object{V: reflect.ValueOf(devs), Close: func() error { return errors.Join(closeDev(), closeDev2()) }}
+			}
+		}
+		return []apitest.Maker{two(false), two(true), val([]vmm.Device{nil, nil})}
+	case reflect.TypeFor[kvcache.Split]():
+		return []apitest.Maker{val(kvcache.Split{TensorParallel: 2}), val(kvcache.Split{PipelineParallel: 2}),
+			val(kvcache.Split{TensorParallel: -2, PipelineParallel: -1}), val(kvcache.Split{TensorParallel: math.MaxInt, PipelineParallel: math.MaxInt})}
 	case reflect.TypeFor[kvcache.Config]():
 		big := kvcache.Config{Layers: 1 << 30, KVHeads: 1, HeadDim: 1 << 30, ElemSize: 2, BlockTokens: 16}
 		maxed := kvcache.Config{Layers: math.MaxInt, KVHeads: math.MaxInt, HeadDim: math.MaxInt, ElemSize: math.MaxInt, BlockTokens: math.MaxInt,
@@ -187,7 +219,8 @@ func apiValues(t reflect.Type) []apitest.Maker {
 		return []apitest.Maker{val(kvcache.CompactOptions{MaxBytes: math.MaxUint64}), val(kvcache.CompactOptions{MaxBytes: 1}),
 			val(kvcache.CompactOptions{MaxBytes: 8 << 10})}
 	case reflect.TypeFor[kvcache.SharedConfig]():
-		return []apitest.Maker{val(kvcache.SharedConfig{Limit: math.MaxUint64, CompactOnPressure: true}), val(kvcache.SharedConfig{Limit: 1})}
+		return []apitest.Maker{val(kvcache.SharedConfig{Limit: math.MaxUint64, CompactOnPressure: true}), val(kvcache.SharedConfig{Limit: 1}),
+			val(kvcache.SharedConfig{Limit: 8 << 20, Split: kvcache.Split{TensorParallel: 2}})}
 	case reflect.TypeFor[vmm.External]():
 		return []apitest.Maker{val(vmm.External{Addr: 1 << 40, Size: math.MaxUint64}), val(vmm.External{Addr: 256, Size: 1 << 30}),
 			val(vmm.External{Addr: math.MaxUint64 - 255, Size: 1 << 20})}
@@ -230,7 +263,7 @@ func apiValues(t reflect.Type) []apitest.Maker {
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared},
+		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti},
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{},
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil)},
 		Values:   apiValues,

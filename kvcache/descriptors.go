@@ -19,14 +19,16 @@ func (l Layout) Addr(layer, kv int, block int32) vmm.Addr {
 	return l.Base + vmm.Addr(uint64(block)*l.BlockStride+uint64(2*layer+kv)*l.BlockBytes)
 }
 
-// Layout returns the manager's block layout (the zero Layout for a nil manager).
+// Layout returns the manager's block layout (the zero Layout for a nil manager; on several
+// devices the first device's: Shards gives each device's).
 func (m *Manager) Layout() Layout {
 	if !m.made() {
 		return Layout{}
 	}
+	g := m.geom
 	return Layout{
-		Base: m.base, BlockStride: m.cfg.BlockStride(), BlockBytes: m.cfg.BlockBytes(),
-		TokenBytes: m.cfg.TokenBytes(), Layers: m.cfg.Layers, BlockTokens: m.cfg.BlockTokens,
+		Base: m.base, BlockStride: g.BlockStride(), BlockBytes: g.BlockBytes(),
+		TokenBytes: g.TokenBytes(), Layers: g.Layers, BlockTokens: g.BlockTokens,
 	}
 }
 

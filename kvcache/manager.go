@@ -34,8 +34,9 @@ type Manager struct {
 	cfg    Config
 	back   backing
 	static bool       // the backing never maps or unmaps (runtime-owned memory)
-	dev    vmm.Device // the first shard's device and base (the only ones, on one device)
+	dev    vmm.Device // the first shard's device, base and geometry (the only ones, on one device)
 	base   vmm.Addr
+	geom   Config
 	bpp    int
 	arena  *arena
 	seqs   *sequence.Registry
@@ -128,6 +129,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		static:    !b.returnsMemory(),
 		dev:       dev,
 		base:      b.shards()[0].Base,
+		geom:      b.shards()[0].Config,
 		bpp:       bpp,
 		arena:     newArena(npages, bpp),
 		seqs:      sequence.NewRegistry(),
@@ -190,20 +192,22 @@ func (m *Manager) Base() vmm.Addr {
 // LayerBase returns the base of layer l's K (kv=0) or V (kv=1) view; block b of that view is at
 // LayerBase(l, kv) + b*Config().BlockStride(). Its arithmetic is unchecked, like unsafe.Add
 // (see Config.LayerOffset): arguments outside the geometry give an address outside the arena.
+// On several devices it is the first device's (layers and heads of its share, its stride):
+// use Shards for each device's.
 func (m *Manager) LayerBase(layer, kv int) vmm.Addr {
 	if !m.made() {
 		return 0
 	}
-	return m.base + vmm.Addr(m.cfg.LayerOffset(layer, kv))
+	return m.base + vmm.Addr(m.geom.LayerOffset(layer, kv))
 }
 
-// BlockAddr returns the address of layer l's K or V of block b. Its arithmetic is unchecked,
-// like unsafe.Add (see Config.LayerOffset).
+// BlockAddr returns the address of layer l's K or V of block b (the first device's, on
+// several). Its arithmetic is unchecked, like unsafe.Add (see Config.LayerOffset).
 func (m *Manager) BlockAddr(layer, kv int, block int32) vmm.Addr {
 	if !m.made() {
 		return 0
 	}
-	return m.base + vmm.Addr(m.cfg.Offset(layer, kv, block))
+	return m.base + vmm.Addr(m.geom.Offset(layer, kv, block))
 }
 
 // lookup returns the sequence, or the *SequenceError naming op that an unknown one gets.

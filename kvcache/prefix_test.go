@@ -46,45 +46,51 @@ func TestPrefixCacheOnBackends(t *testing.T) {
 		// 16 tokens per block, 8 blocks per 2 MiB page, 32 pages: conversations span pages.
 		cfg := kvcache.Config{Layers: 2, KVHeads: 8, HeadDim: 256, ElemSize: 2, BlockTokens: 16,
 			PageSize: 2 << 20, Capacity: 32 * (2 << 20), NoBackground: true, PrefixCacheBytes: 16 * (2 << 20)}
-		h := newHarness(t, dev, cfg)
-		bt := cfg.BlockTokens
-		for turn := range 3 {
-			for c := range 4 {
-				seq := kvcache.SeqID(c)
-				p := conversation(c, turn)
-				before := h.hits
-				h.start(seq, prefix.Namespace{}, p, c%2 == 1)
-				hit := h.hits - before
-				switch {
-				case turn > 0: // the whole of the previous turn's sequence is cached
-					prev := len(conversation(c, turn-1)) + len(answer(c, turn-1))
-					assert.Equal(t, min(prev, len(p)-1)/bt*bt, hit, "conversation %d turn %d", c, turn)
-				case c >= 2: // the first turn shares the system prompt with conversation c-2
-					assert.Equal(t, 100/bt*bt, hit, "conversation %d's system prompt", c)
-				default:
-					assert.Zero(t, hit)
-				}
-				for _, id := range answer(c, turn) { // decode, one token at a time
-					h.slots, _ = h.m.AppendTokenIDs(seq, []prefix.Token{id}, h.slots[:0])
-					h.removals()
-					s := h.ref.seqs[seq]
-					h.ref.append(seq, nil, []prefix.Token{id}, s.root)
-					h.write(h.slots, s.tokens[len(s.tokens)-1:])
-					h.stores()
-				}
-				h.step(opAppend, byte(4+c%4), 0, arg{n: 22}) // traffic between the conversations' blocks
-				h.step(opAppend, byte(4+c%4), 0, arg{n: 22})
-			}
-			for c := range 8 { // the traffic ends too, leaving holes that compaction closes
-				h.step(opFree, byte(c), 0, arg{})
-			}
-			h.step(opCompact, 0, 0, arg{})
-		}
-		st := h.m.Stats()
-		assert.Positive(t, st.Prefix.HitRate)
-		assert.Zero(t, st.Prefix.Evictions, "the cache had room for everything")
-		assert.Positive(t, st.BlocksMoved, "compactions moved cached blocks")
+		conversations(t, newHarness(t, dev, cfg))
 	})
+}
+
+// conversations plays three turns of four conversations (two sharing each system prompt) with
+// traffic between them and a compaction after each turn, checking every hit exactly and every
+// token's data (on every device's share) through the exported table.
+func conversations(t *testing.T, h *harness) {
+	bt := h.cfg.BlockTokens
+	for turn := range 3 {
+		for c := range 4 {
+			seq := kvcache.SeqID(c)
+			p := conversation(c, turn)
+			before := h.hits
+			h.start(seq, prefix.Namespace{}, p, c%2 == 1)
+			hit := h.hits - before
+			switch {
+			case turn > 0: // the whole of the previous turn's sequence is cached
+				prev := len(conversation(c, turn-1)) + len(answer(c, turn-1))
+				assert.Equal(t, min(prev, len(p)-1)/bt*bt, hit, "conversation %d turn %d", c, turn)
+			case c >= 2: // the first turn shares the system prompt with conversation c-2
+				assert.Equal(t, 100/bt*bt, hit, "conversation %d's system prompt", c)
+			default:
+				assert.Zero(t, hit)
+			}
+			for _, id := range answer(c, turn) { // decode, one token at a time
+				h.slots, _ = h.m.AppendTokenIDs(seq, []prefix.Token{id}, h.slots[:0])
+				h.removals()
+				s := h.ref.seqs[seq]
+				h.ref.append(seq, nil, []prefix.Token{id}, s.root)
+				h.write(h.slots, s.tokens[len(s.tokens)-1:])
+				h.stores()
+			}
+			h.step(opAppend, byte(4+c%4), 0, arg{n: 22}) // traffic between the conversations' blocks
+			h.step(opAppend, byte(4+c%4), 0, arg{n: 22})
+		}
+		for c := range 8 { // the traffic ends too, leaving holes that compaction closes
+			h.step(opFree, byte(c), 0, arg{})
+		}
+		h.step(opCompact, 0, 0, arg{})
+	}
+	st := h.m.Stats()
+	assert.Positive(t, st.Prefix.HitRate)
+	assert.Zero(t, st.Prefix.Evictions, "the cache had room for everything")
+	assert.Positive(t, st.BlocksMoved, "compactions moved cached blocks")
 }
 
 // An append that evicts cached blocks and then fails to map a page leaves the manager exactly

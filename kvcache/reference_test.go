@@ -222,10 +222,14 @@ type harness struct {
 	ooms    int
 	hits    int
 	static  bool   // the manager is static: every page stays mapped
-	free0   uint64 // the device's free memory before the manager mapped anything
+	free0   uint64 // the devices' free memory before the manager mapped anything
+	shards  []kvcache.Shard
 	sub     *prefix.Subscription
 	events  []prefix.Event
 	table   *blocktable.VLLM
+	// noMemCheck skips comparing mapped bytes with the devices' free memory (managers that share
+	// their devices).
+	noMemCheck bool
 }
 
 // shape is the part of Stats that is state, not history.
@@ -243,17 +247,52 @@ func newHarness(t testing.TB, dev vmm.Device, cfg kvcache.Config) *harness {
 	return newHarnessOn(t, dev, m, false, free0)
 }
 
+// newMultiHarness drives a manager over several devices.
+func newMultiHarness(t testing.TB, devs []vmm.Device, cfg kvcache.Config, split kvcache.Split) *harness {
+	free0 := freeOf(t, devs)
+	m, err := kvcache.NewMulti(devs, cfg, split)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close()) })
+	return newHarnessOn(t, devs[0], m, false, free0)
+}
+
+// freeOf returns the free memory of the devices together.
+func freeOf(t testing.TB, devs []vmm.Device) uint64 {
+	total := uint64(0)
+	for _, d := range devs {
+		free, _, err := d.MemInfo()
+		require.NoError(t, err)
+		total += free
+	}
+	return total
+}
+
+// devices returns the manager's devices.
+func (h *harness) devices() []vmm.Device {
+	var devs []vmm.Device
+	for _, s := range h.shards {
+		devs = append(devs, s.Device)
+	}
+	return devs
+}
+
 func newHarnessOn(t testing.TB, dev vmm.Device, m *kvcache.Manager, static bool, free0 uint64) *harness {
 	sub, err := m.Subscribe(1 << 20)
 	require.NoError(t, err)
-	return &harness{t: t, m: m, dev: dev, ref: newRef(m.Config().BlockTokens), cfg: m.Config(), free0: free0, static: static, sub: sub}
+	return &harness{t: t, m: m, dev: dev, ref: newRef(m.Config().BlockTokens), cfg: m.Config(), free0: free0, static: static, sub: sub,
+		shards: m.Shards()}
 }
 
-// tokenAddr is where the test writes token t's value: layer 0 K (and the last layer's V), at
-// the token's offset in its block.
-func (h *harness) tokenAddr(slot int64, layer, kv int) vmm.Addr {
+// tokenAddrs are where the test writes a token's value, on every device's share: its first
+// layer's K and its last layer's V, at the token's offset in its block.
+func (h *harness) tokenAddrs(slot int64, fn func(dev vmm.Device, a vmm.Addr)) {
 	bt := int64(h.cfg.BlockTokens)
-	return h.m.BlockAddr(layer, kv, int32(slot/bt)) + vmm.Addr(uint64(slot%bt)*h.cfg.TokenBytes())
+	b, off := int32(slot/bt), uint64(slot%bt)
+	for _, s := range h.shards {
+		at := vmm.Addr(off * s.Config.TokenBytes())
+		fn(s.Device, s.BlockAddr(s.Layers[0], 0, b)+at)
+		fn(s.Device, s.BlockAddr(s.Layers[1]-1, 1, b)+at)
+	}
 }
 
 // write stores each token's value at its slot, as the runtime's write_kv would.
@@ -262,8 +301,7 @@ func (h *harness) write(slots []int64, vals []uint64) {
 	var buf [8]byte
 	for i, s := range slots {
 		binary.LittleEndian.PutUint64(buf[:], vals[i])
-		require.NoError(h.t, h.dev.CopyIn(h.tokenAddr(s, 0, 0), buf[:]))
-		require.NoError(h.t, h.dev.CopyIn(h.tokenAddr(s, h.cfg.Layers-1, 1), buf[:]))
+		h.tokenAddrs(s, func(dev vmm.Device, a vmm.Addr) { require.NoError(h.t, dev.CopyIn(a, buf[:])) })
 	}
 }
 
@@ -580,10 +618,9 @@ func (h *harness) check() {
 	t := h.t
 	require.NoError(t, h.m.Verify())
 	st := h.m.Stats()
-	if !h.static { // page accounting equals what the device reports
-		free, _, err := h.dev.MemInfo()
-		require.NoError(t, err)
-		require.Equal(t, st.MappedBytes+st.ScratchBytes, h.free0-free, "mapped pages against the device's free memory")
+	if !h.static && !h.noMemCheck { // page accounting equals what the device reports
+		free := freeOf(t, h.devices())
+		require.Equal(t, st.MappedBytes+st.ScratchBytes, h.free0-free, "mapped pages against the devices' free memory")
 	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
@@ -627,12 +664,12 @@ func (h *harness) check() {
 		line := h.table.Table()[row*h.table.MaxBlocks : (row+1)*h.table.MaxBlocks]
 		for i, want := range rs.tokens {
 			slot := int64(line[i/bt])*int64(bt) + int64(i%bt)
-			for _, lk := range [][2]int{{0, 0}, {h.cfg.Layers - 1, 1}} {
+			h.tokenAddrs(slot, func(dev vmm.Device, a vmm.Addr) {
 				var buf [8]byte
-				require.NoError(t, h.dev.CopyOut(buf[:], h.tokenAddr(slot, lk[0], lk[1])))
-				require.Equal(t, want, binary.LittleEndian.Uint64(buf[:]),
-					"sequence %d token %d (slot %d) layer %d kv %d", id, i, slot, lk[0], lk[1])
-			}
+				require.NoError(t, dev.CopyOut(buf[:], a))
+				require.Equal(t, want, binary.LittleEndian.Uint64(buf[:]), "sequence %d token %d (slot %d) on %s at %#x",
+					id, i, slot, dev.Info().Name, uint64(a))
+			})
 		}
 	}
 }
@@ -657,15 +694,7 @@ func FuzzManager(f *testing.F) {
 		}
 	}
 	f.Fuzz(func(t *testing.T, ops []byte) {
-		dev := hostDevice(t, 32<<10)
-		cfg := tinyConfig()
-		if len(ops)%2 == 1 {
-			cfg.Capacity = 6 * cfg.PageSize // tight: appends run out of memory
-		}
-		if len(ops)%3 == 0 {
-			cfg.PrefixCacheBytes = 3 * cfg.PageSize // the cache may keep pages of its own
-		}
-		h := newHarness(t, dev, cfg)
+		h := fuzzHarness(t, len(ops))
 		for i, steps := 0, 0; i+3 < len(ops) && steps < 300; steps++ {
 			op, a, b, x := ops[i], ops[i+1], ops[i+2], arg{n: ops[i+3]}
 			i += 4
@@ -688,20 +717,48 @@ func FuzzManager(f *testing.F) {
 	})
 }
 
-// TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically.
+// splits are the device layouts the suite runs on: one device, two (heads or layers divided)
+// and four (both).
+var splits = []kvcache.Split{{}, {TensorParallel: 2}, {PipelineParallel: 2}, {TensorParallel: 2, PipelineParallel: 2}}
+
+// fuzzHarness returns the harness a fuzz input of n bytes runs on: its length picks the number
+// of devices and their split, a tight arena and a cache bound, so the corpus covers them all.
+func fuzzHarness(t testing.TB, n int) *harness {
+	split := splits[n%len(splits)]
+	var cfg kvcache.Config
+	var h *harness
+	if split == (kvcache.Split{}) {
+		cfg = tinyConfig()
+	} else {
+		// 2 layers and 4 heads, 8 KiB blocks, 4 to a page across the devices (8-16 KiB each).
+		cfg = kvcache.Config{Layers: 2, KVHeads: 4, HeadDim: 64, ElemSize: 2, BlockTokens: 4,
+			PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true}
+	}
+	if n%2 == 1 {
+		cfg.Capacity = 6 * cfg.PageSize // tight: appends run out of memory
+	}
+	if n%3 == 0 {
+		cfg.PrefixCacheBytes = 3 * cfg.PageSize // the cache may keep pages of its own
+	}
+	if split == (kvcache.Split{}) {
+		h = newHarness(t, hostDevice(t, 32<<10), cfg)
+	} else {
+		devs := make([]vmm.Device, max(split.TensorParallel, 1)*max(split.PipelineParallel, 1))
+		for i := range devs {
+			devs[i] = hostDevice(t, 4<<10)
+		}
+		h = newMultiHarness(t, devs, cfg, split)
+	}
+	return h
+}
+
+// TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically, on
+// one, two and four devices.
 func TestRandomTraces(t *testing.T) {
 	ooms, moved, hits, evictions := 0, uint64(0), 0, uint64(0)
-	for seed := range 8 {
+	for seed := range 16 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
-			dev := hostDevice(t, 32<<10)
-			cfg := tinyConfig()
-			if seed%2 == 1 {
-				cfg.Capacity = 6 * cfg.PageSize
-			}
-			if seed%4 >= 2 {
-				cfg.PrefixCacheBytes = 3 * cfg.PageSize
-			}
-			h := newHarness(t, dev, cfg)
+			h := fuzzHarness(t, seed)
 			x := uint32(seed*2654435761 + 1)
 			next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 			for range 600 {

@@ -17,6 +17,9 @@ type SharedConfig struct {
 	// taken, compact another model to free whole pages (a copy of that model's scattered blocks:
 	// milliseconds on a GPU). Without it only free pages are taken.
 	CompactOnPressure bool
+	// Split divides every model's cache among the pool's devices (NewSharedMulti); Limit is then
+	// per device.
+	Split Split
 }
 
 // SharedPool puts several models' managers, one per model, on one device under one physical
@@ -27,9 +30,9 @@ type SharedConfig struct {
 // ErrOutOfMemory. The limit can change at run time. Safe for concurrent use; the SharedPool owns
 // the managers it registers and the Device is borrowed.
 type SharedPool struct {
-	dev    vmm.Device
-	budget *vmm.Budget
-	cfg    SharedConfig
+	devs    []vmm.Device
+	budgets []*vmm.Budget // one per device: the limit is per GPU
+	cfg     SharedConfig
 
 	mu     sync.Mutex
 	models map[string]*Manager
@@ -44,7 +47,29 @@ func NewShared(dev vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 	if cfg.Limit == 0 {
 		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
 	}
-	return &SharedPool{dev: dev, budget: vmm.NewBudget(cfg.Limit), cfg: cfg, models: make(map[string]*Manager)}, nil
+	return NewSharedMulti([]vmm.Device{dev}, cfg)
+}
+
+// NewSharedMulti returns an empty shared pool on several devices: every model registered is
+// divided among them by cfg.Split (see NewMulti), and each device has its own budget of
+// cfg.Limit bytes (a limit per GPU), reclaimed from the other models' shares on that device.
+func NewSharedMulti(devs []vmm.Device, cfg SharedConfig) (*SharedPool, error) {
+	if len(devs) == 0 || len(devs) != cfg.Split.devices() {
+		return nil, fmt.Errorf("kvcache: shared pool: %w: %d devices for a split of %d", ErrInvalidArgument, len(devs), cfg.Split.devices())
+	}
+	for i, d := range devs {
+		if d == nil {
+			return nil, fmt.Errorf("kvcache: shared pool: %w: device %d is nil", ErrInvalidArgument, i)
+		}
+	}
+	if cfg.Limit == 0 {
+		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
+	}
+	s := &SharedPool{devs: append([]vmm.Device(nil), devs...), cfg: cfg, models: make(map[string]*Manager)}
+	for range devs {
+		s.budgets = append(s.budgets, vmm.NewBudget(cfg.Limit))
+	}
+	return s, nil
 }
 
 // Register creates the manager of a model: cfg.Capacity is its virtual capacity (it costs no
@@ -62,15 +87,22 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 	if _, ok := s.models[name]; ok {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
 	}
-	m, err := newManager(s.dev, cfg, func(m *Manager, e *elastic) error {
-		member, err := s.budget.Join(name, m)
+	join := func(m *Manager, d int, e *elastic) error {
+		member, err := s.budgets[d].Join(name, m)
 		if err != nil {
 			return err
 		}
 		e.member, e.compactOthers = member, s.cfg.CompactOnPressure
 		m.name, m.shared = name, true
 		return nil
-	})
+	}
+	var m *Manager
+	var err error
+	if len(s.devs) == 1 {
+		m, err = newManager(s.devs[0], cfg, func(m *Manager, e *elastic) error { return join(m, 0, e) })
+	} else {
+		m, err = newMulti(s.devs, cfg, s.cfg.Split, join)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, err)
 	}
@@ -131,9 +163,10 @@ type LimitReport struct {
 	Shortfall uint64
 }
 
-// SetLimit changes the shared limit. Lowering it below what the models hold shrinks them: free
-// pages are returned first, then the models are compacted, as far as their live data allows.
-// A negative limit is ErrInvalidArgument and changes nothing.
+// SetLimit changes the shared limit (on several devices, each device's). Lowering it below what
+// the models hold shrinks them: free pages are returned first, then the models are compacted,
+// as far as their live data allows. The report gives the most any device uses. A limit that is
+// not positive is ErrInvalidArgument and changes nothing.
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if err := s.check("set limit"); err != nil {
 		return LimitReport{}, err
@@ -147,7 +180,10 @@ func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if closed {
 		return LimitReport{}, fmt.Errorf("kvcache: set limit: %w", ErrClosed)
 	}
-	used := s.budget.SetLimit(uint64(limit))
+	used := uint64(0)
+	for _, b := range s.budgets {
+		used = max(used, b.SetLimit(uint64(limit)))
+	}
 	r := LimitReport{Limit: uint64(limit), Used: used}
 	if used > uint64(limit) {
 		r.Shortfall = used - uint64(limit)
@@ -162,10 +198,18 @@ type ModelStats struct {
 	Stats
 }
 
-// SharedStats is a snapshot of the pool.
+// SharedStats is a snapshot of the pool. Limit and Used are per device: on several devices
+// Used is the most any device uses, and Devices gives each.
 type SharedStats struct {
 	Limit, Used uint64
+	Devices     []DeviceUse
 	Models      []ModelStats // by name
+}
+
+// DeviceUse is one device's budget in a shared pool.
+type DeviceUse struct {
+	Name        string
+	Limit, Used uint64
 }
 
 // Stats returns the global and per-model figures.
@@ -179,7 +223,11 @@ func (s *SharedPool) Stats() SharedStats {
 		ms = append(ms, m)
 	}
 	s.mu.Unlock()
-	st := SharedStats{Limit: s.budget.Limit(), Used: s.budget.Used()}
+	st := SharedStats{Limit: s.budgets[0].Limit()}
+	for i, b := range s.budgets {
+		st.Devices = append(st.Devices, DeviceUse{Name: s.devs[i].Info().Name, Limit: b.Limit(), Used: b.Used()})
+		st.Used = max(st.Used, b.Used())
+	}
 	for _, m := range ms {
 		st.Models = append(st.Models, ModelStats{Name: m.name, VirtualBytes: m.cfg.Capacity, Stats: m.Stats()})
 	}
@@ -197,7 +245,7 @@ func (s *SharedPool) Stats() SharedStats {
 
 // check reports whether s is a pool made by NewShared.
 func (s *SharedPool) check(op string) error {
-	if s == nil || s.budget == nil {
+	if s == nil || len(s.budgets) == 0 {
 		return fmt.Errorf("kvcache: shared pool: %s: %w: nil pool, or one not made by NewShared", op, ErrInvalidArgument)
 	}
 	return nil
@@ -249,7 +297,7 @@ func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
 	if m.closed || m.static {
 		return 0
 	}
-	freed := m.unmapFreeLocked(need)
+	freed := m.unmapFreeLocked(need) // bytes of one device: a budget is one device's
 	if freed < need && compact && m.arena.live > 0 {
 		if _, err := m.compactLocked(CompactOptions{}, m.arena.free.Len()); err == nil {
 			freed += m.unmapFreeLocked(need - freed)
@@ -274,7 +322,7 @@ func (m *Manager) unmapFreeLocked(need uint64) uint64 {
 		}
 		m.counters.unmaps++
 		m.arena.setState(p, pageUnmapped)
-		freed += m.cfg.PageSize
+		freed += m.geom.PageSize // a page index frees one page on every device
 	}
 	return freed
 }

@@ -7,6 +7,7 @@ package gputest
 
 import (
 	"os"
+	"strconv"
 	"testing"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
@@ -35,4 +36,31 @@ func Require(tb testing.TB) int {
 	}
 	tb.Skipf("no CUDA device (%v); set %s=1 to fail instead", err, RequireEnv)
 	return -1
+}
+
+// RequireNEnv is the variable that turns fewer than N GPUs from a skip into a failure for tests
+// that need several (PAGEDKV_REQUIRE_GPUS=2 on a two-GPU machine).
+const RequireNEnv = "PAGEDKV_REQUIRE_GPUS"
+
+// RequireN returns the ordinals of the first n CUDA devices, or skips when there are fewer (and
+// fails instead when PAGEDKV_REQUIRE_GPUS is n or more).
+func RequireN(tb testing.TB, n int) []int {
+	tb.Helper()
+	err := cuda.Load()
+	count := 0
+	if err == nil {
+		count, err = cuda.DeviceCount()
+	}
+	if err == nil && count >= n {
+		out := make([]int, n)
+		for i := range out {
+			out[i] = i
+		}
+		return out
+	}
+	if want, _ := strconv.Atoi(os.Getenv(RequireNEnv)); want >= n {
+		tb.Fatalf("%s=%d but %d CUDA devices usable (%v)", RequireNEnv, want, count, err)
+	}
+	tb.Skipf("needs %d CUDA devices, found %d (%v); set %s=%d to fail instead", n, count, err, RequireNEnv, n)
+	return nil
 }

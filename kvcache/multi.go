@@ -1,0 +1,239 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// Split says how a model's cache is divided across devices, as tensor and pipeline parallelism
+// divide the model: each device holds KVHeads/TensorParallel of the KV heads of
+// Layers/PipelineParallel of the layers, of every block. Device d is pipeline stage
+// d/TensorParallel and tensor rank d%TensorParallel. Both must divide evenly (vLLM requires KV
+// heads divisible by the tensor-parallel size too).
+type Split struct {
+	TensorParallel   int // devices the KV heads are divided among; 0 means 1
+	PipelineParallel int // devices the layers are divided among; 0 means 1
+}
+
+// devices returns the number of devices the split needs.
+func (s Split) devices() int { return max(s.TensorParallel, 1) * max(s.PipelineParallel, 1) }
+
+// NewMulti returns one manager over several devices in lockstep: one block table, one set of
+// sequences and one prefix cache, and on each device an arena laid out for its share of every
+// block (Split). Growing maps a page index on every device at once (a goroutine per device:
+// the driver serves different GPUs in parallel), compaction launches copy_blocks on each, and
+// any failure on one device rolls the others back, so the manager is as before. Shards gives
+// each device's layer bases and strides for its kernels; the exported tables serve them all.
+//
+// Config describes the whole model (its Layers and KVHeads); each device's page is chosen as
+// on one device, for its share, and every device must hold the same number of blocks per page.
+// Capacity and MemoryLimit count all devices together; 0 Capacity means 4x the smallest device's
+// memory on each. The devices are borrowed and must be distinct.
+func NewMulti(devs []vmm.Device, cfg Config, split Split) (*Manager, error) {
+	return newMulti(devs, cfg, split, nil)
+}
+
+// newMulti is NewMulti; join, if set, attaches each device's backing to its shared budget
+// before the reserve goroutine starts.
+func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, d int, e *elastic) error) (*Manager, error) {
+	tp, pp := max(split.TensorParallel, 1), max(split.PipelineParallel, 1)
+	if split.TensorParallel < 0 || split.PipelineParallel < 0 || len(devs) != tp*pp {
+		return nil, fmt.Errorf("kvcache: new multi: %w: %d devices for a split of %d x %d", ErrInvalidArgument, len(devs), tp, pp)
+	}
+	seen := map[vmm.Device]bool{}
+	for i, d := range devs {
+		if d == nil || seen[d] {
+			return nil, fmt.Errorf("kvcache: new multi: %w: device %d is nil or repeated", ErrInvalidArgument, i)
+		}
+		seen[d] = true
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Layers%pp != 0 || cfg.KVHeads%tp != 0 {
+		return nil, &ConfigError{Field: "Split", Value: split,
+			Reason: fmt.Sprintf("%d layers and %d KV heads must divide evenly among %d stages and %d ranks", cfg.Layers, cfg.KVHeads, pp, tp)}
+	}
+	n := len(devs)
+	part := cfg
+	part.Layers, part.KVHeads = cfg.Layers/pp, cfg.KVHeads/tp
+	part.Capacity, part.MemoryLimit = cfg.Capacity/uint64(n), 0
+	if cfg.PageSize != 0 {
+		part.PageSize = cfg.PageSize / uint64(n)
+	}
+	if err := part.Validate(); err != nil {
+		return nil, fmt.Errorf("kvcache: new multi: a device's share: %w", err)
+	}
+	parts := make([]Config, n)
+	pages := 0
+	for i, d := range devs {
+		info := d.Info()
+		c, err := part.withDefaults(info.Granularity, info.TotalMemory)
+		if err != nil {
+			return nil, fmt.Errorf("kvcache: new multi: device %d: %w", i, err)
+		}
+		if c.BlocksPerPage() != parts[0].BlocksPerPage() && i > 0 {
+			return nil, &ConfigError{Field: "PageSize", Value: c.PageSize,
+				Reason: fmt.Sprintf("device %d holds %d blocks per page, device 0 %d: set PageSize", i, c.BlocksPerPage(), parts[0].BlocksPerPage())}
+		}
+		parts[i] = c
+		if np := int(c.Capacity / c.PageSize); i == 0 || np < pages {
+			pages = np
+		}
+	}
+	back := &multi{}
+	for i, d := range devs {
+		c := parts[i]
+		c.Capacity = uint64(pages) * c.PageSize
+		e, err := newElastic(d, c)
+		if err != nil {
+			back.close()
+			return nil, fmt.Errorf("kvcache: new multi: device %d: %w", i, err)
+		}
+		stage, rank := i/tp, i%tp
+		e.layers = [2]int{stage * c.Layers, (stage + 1) * c.Layers}
+		e.heads = [2]int{rank * c.KVHeads, (rank + 1) * c.KVHeads}
+		back.parts = append(back.parts, e)
+	}
+	g := parts[0] // the whole model: every device's page of one index together
+	g.Layers, g.KVHeads = cfg.Layers, cfg.KVHeads
+	g.PageSize = parts[0].PageSize * uint64(n)
+	g.Capacity = uint64(pages) * g.PageSize
+	g.MemoryLimit = cfg.MemoryLimit
+	m := newManagerOn(devs[0], g, back, pages)
+	for d, e := range back.parts {
+		if join == nil {
+			break
+		}
+		if err := join(m, d, e); err != nil {
+			back.close()
+			return nil, err
+		}
+	}
+	if g.NoBackground {
+		close(m.done)
+	} else {
+		go m.reserveLoop()
+		m.kick()
+	}
+	return m, nil
+}
+
+// multi backs an arena on several devices in lockstep: every page index is mapped on all of
+// them or none, every block copied on each. Each device is an elastic backing for its share.
+type multi struct {
+	parts []*elastic
+}
+
+// each runs fn for every device at once, a goroutine per device, and returns the errors by
+// device (nil where it succeeded).
+func (mb *multi) each(fn func(i int, e *elastic) error) []error {
+	errs := make([]error, len(mb.parts))
+	var wg sync.WaitGroup
+	for i, e := range mb.parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = fn(i, e)
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+// undo runs back for every device where errs says the call succeeded, when it failed on any;
+// it returns the joined errors, device by device, with those of the undoing.
+func (mb *multi) undo(what string, errs []error, back func(e *elastic) error) error {
+	failed := false
+	for _, err := range errs {
+		failed = failed || err != nil
+	}
+	if !failed {
+		return nil
+	}
+	var all []error
+	for i, err := range errs {
+		if err != nil {
+			all = append(all, fmt.Errorf("%s on device %d (%s): %w", what, i, mb.parts[i].dev.Info().Name, err))
+		} else if uerr := back(mb.parts[i]); uerr != nil {
+			all = append(all, fmt.Errorf("undo %s on device %d: %w", what, i, uerr))
+		}
+	}
+	return errors.Join(all...)
+}
+
+func (mb *multi) mapPage(p int32, reclaim bool) error {
+	errs := mb.each(func(_ int, e *elastic) error { return e.mapPage(p, reclaim) })
+	return mb.undo("map", errs, func(e *elastic) error { return e.unmapPage(p) })
+}
+
+func (mb *multi) unmapPage(p int32) error {
+	errs := mb.each(func(_ int, e *elastic) error { return e.unmapPage(p) })
+	return mb.undo("unmap", errs, func(e *elastic) error { return e.mapPage(p, false) })
+}
+
+func (mb *multi) returnsMemory() bool { return true }
+
+func (mb *multi) copyBlock(dst, src int32) error {
+	return errors.Join(mb.each(func(_ int, e *elastic) error { return e.copyBlock(dst, src) })...)
+}
+
+// copyBlocks launches on every device at once. If any fails, nothing is undone: the copies
+// only wrote blocks that are free until the manager commits the moves, which it does not.
+func (mb *multi) copyBlocks(s kernels.Stream, pairs []int64) error {
+	return errors.Join(mb.each(func(_ int, e *elastic) error { return e.copyBlocks(s, pairs) })...)
+}
+
+func (mb *multi) regions(dst []vmm.Region, first, n int32) []vmm.Region {
+	for _, e := range mb.parts {
+		dst = e.regions(dst, first, n)
+	}
+	return dst
+}
+
+func (mb *multi) shards() []Shard {
+	out := make([]Shard, 0, len(mb.parts))
+	for _, e := range mb.parts {
+		out = append(out, e.shards()...)
+	}
+	return out
+}
+
+// headroom is that of the device with the least, scaled to a page index across all of them.
+func (mb *multi) headroom() (uint64, bool) {
+	least, any := uint64(0), false
+	for _, e := range mb.parts {
+		if h, ok := e.headroom(); ok && (!any || h/e.cfg.PageSize < least) {
+			least, any = h/e.cfg.PageSize, true
+		}
+	}
+	return least * mb.parts[0].cfg.PageSize * uint64(len(mb.parts)), any
+}
+
+func (mb *multi) scratchBytes() uint64 {
+	n := uint64(0)
+	for _, e := range mb.parts {
+		n += e.scratchBytes()
+	}
+	return n
+}
+
+func (mb *multi) check(mapped []int32, inflight int) []string {
+	var bad []string
+	for _, e := range mb.parts {
+		bad = append(bad, e.check(mapped, inflight)...)
+	}
+	return bad
+}
+
+func (mb *multi) close() error {
+	var errs []error
+	for _, e := range mb.parts {
+		errs = append(errs, e.close())
+	}
+	return errors.Join(errs...)
+}
