@@ -77,9 +77,21 @@ func (e *elastic) copyBlocks(s kernels.Stream, pairs []int64) error {
 	return copyBlocks(&e.kern, e.dev, e.pool.Base(), e.cfg.BlockStride(), s, pairs)
 }
 
-// copyBlocks loads *kern on first use and copies the pairs of a device's arena with one launch,
-// waiting for it.
+// launchCopy queues the copy of the pairs on s without waiting (e.kern is loaded then).
+func (e *elastic) launchCopy(s kernels.Stream, pairs []int64) error {
+	return launchCopy(&e.kern, e.dev, e.pool.Base(), e.cfg.BlockStride(), s, pairs)
+}
+
+// copyBlocks copies the pairs of a device's arena with one launch and waits for it.
 func copyBlocks(kern **kernels.Kernels, dev vmm.Device, base vmm.Addr, stride uint64, s kernels.Stream, pairs []int64) error {
+	if err := launchCopy(kern, dev, base, stride, s, pairs); err != nil {
+		return err
+	}
+	return (*kern).Synchronize(s)
+}
+
+// launchCopy loads *kern on first use and queues the copy of the pairs with one launch.
+func launchCopy(kern **kernels.Kernels, dev vmm.Device, base vmm.Addr, stride uint64, s kernels.Stream, pairs []int64) error {
 	if *kern == nil {
 		k, err := kernels.For(dev)
 		if err != nil {
@@ -87,10 +99,7 @@ func copyBlocks(kern **kernels.Kernels, dev vmm.Device, base vmm.Addr, stride ui
 		}
 		*kern = k
 	}
-	if err := (*kern).CopyBlocks(s, base, pairs, stride); err != nil {
-		return err
-	}
-	return (*kern).Synchronize(s)
+	return (*kern).CopyBlocks(s, base, pairs, stride)
 }
 
 func (e *elastic) regions(dst []vmm.Region, first, n int32) []vmm.Region {
