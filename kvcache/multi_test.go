@@ -114,8 +114,14 @@ func TestMultiFaults(t *testing.T) {
 
 // The steady-state append path makes no device call: appends inside blocks, on every device.
 func TestMultiAppendMakesNoDeviceCall(t *testing.T) {
-	devs := []vmm.Device{vmm.InjectFaults(hostDevice(t, 4<<10)), vmm.InjectFaults(hostDevice(t, 4<<10))}
-	m, err := kvcache.NewMulti(devs, multiConfig(), kvcache.Split{TensorParallel: 2})
+	appendMakesNoDeviceCall(t, vmm.InjectFaults(hostDevice(t, 4<<10)), vmm.InjectFaults(hostDevice(t, 4<<10)), multiConfig())
+}
+
+// appendMakesNoDeviceCall counts every device's calls (through fault devices that fail
+// nothing) across three decode steps of 8 sequences inside their blocks.
+func appendMakesNoDeviceCall(t *testing.T, d0, d1 *vmm.FaultDevice, cfg kvcache.Config) {
+	devs := []vmm.Device{d0, d1}
+	m, err := kvcache.NewMulti(devs, cfg, kvcache.Split{TensorParallel: 2})
 	require.NoError(t, err)
 	defer func() { require.NoError(t, m.Close()) }()
 	for s := range 8 {
@@ -180,6 +186,16 @@ func TestMultiOnGPUs(t *testing.T) {
 			conversationsOn(t, devs, split)
 		})
 	}
+	t.Run("no driver call on the append path", func(t *testing.T) {
+		d0, err := vmm.NewCUDADevice(ords[0])
+		require.NoError(t, err)
+		defer func() { require.NoError(t, d0.Close()) }()
+		d1, err := vmm.NewCUDADevice(ords[1])
+		require.NoError(t, err)
+		defer func() { require.NoError(t, d1.Close()) }()
+		appendMakesNoDeviceCall(t, vmm.InjectFaults(d0), vmm.InjectFaults(d1), kvcache.Config{Layers: 2, KVHeads: 4, HeadDim: 128,
+			ElemSize: 2, BlockTokens: 16, PageSize: 4 << 20, Capacity: 4 * (4 << 20), NoBackground: true})
+	})
 }
 
 // Two models share two devices, each model's heads divided between them, under a limit per
