@@ -32,7 +32,7 @@ func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
 		Funcs: []any{kernels.For, kernels.LoadTime, kernels.HalfFromFloat32, kernels.HalfToFloat32},
-		Types: []any{(*kernels.Kernels)(nil)},
+		Types: []any{(*kernels.Kernels)(nil), (*kernels.Mark)(nil)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			val := func(x any) apitest.Maker {
 				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }

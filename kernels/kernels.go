@@ -208,6 +208,58 @@ func (k *Kernels) ScratchBytes() uint64 {
 	return k.scratch.Capacity()
 }
 
+// Mark is a point in a stream's work: the work queued on the stream before it. The Go
+// implementation runs synchronously, so its marks are reached when made. Close a Mark when done.
+type Mark struct {
+	k  *Kernels
+	ev cuda.Event
+}
+
+// Mark records a point in s's work (a CUDA event on s).
+func (k *Kernels) Mark(s Stream) (*Mark, error) {
+	if k == nil || k.dev == nil {
+		return nil, errNotMade
+	}
+	if k.mod == nil {
+		return &Mark{k: k}, nil
+	}
+	ev, err := k.mod.ctx.EventCreate(cuda.EventDisableTiming)
+	if err != nil {
+		return nil, fmt.Errorf("kernels: mark: %w", err)
+	}
+	if err := k.mod.ctx.EventRecord(ev, cuda.Stream(s)); err != nil {
+		k.mod.ctx.EventDestroy(ev)
+		return nil, fmt.Errorf("kernels: mark: %w", err)
+	}
+	return &Mark{k: k, ev: ev}, nil
+}
+
+// Wait blocks until the work before the mark is done.
+func (mk *Mark) Wait() error {
+	if mk == nil || mk.ev == 0 {
+		return nil
+	}
+	return mk.k.mod.ctx.EventSynchronize(mk.ev)
+}
+
+// Done reports, without blocking, whether the work before the mark is done.
+func (mk *Mark) Done() (bool, error) {
+	if mk == nil || mk.ev == 0 {
+		return true, nil
+	}
+	return mk.k.mod.ctx.EventQuery(mk.ev)
+}
+
+// Close releases the mark's event; it does not wait for it.
+func (mk *Mark) Close() error {
+	if mk == nil || mk.ev == 0 {
+		return nil
+	}
+	err := mk.k.mod.ctx.EventDestroy(mk.ev)
+	mk.ev = 0
+	return err
+}
+
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
 	if k == nil || k.dev == nil {

@@ -72,7 +72,11 @@ func managerObject(build func(dev vmm.Device) (*kvcache.Manager, func() error)) 
 	}
 }
 
-func apiConfig() kvcache.Config { c := tinyConfig(); c.Capacity = 16 * c.PageSize; return c }
+func apiConfig() kvcache.Config {
+	c := tinyConfig()
+	c.Capacity, c.HostBlocks = 16*c.PageSize, 8
+	return c
+}
 
 func apiManagers() []apitest.Maker {
 	return []apitest.Maker{
@@ -112,7 +116,9 @@ func apiManagers() []apitest.Maker {
 			if err != nil {
 				panic(err)
 			}
-			m, err := kvcache.NewStatic(dev, apiConfig(), vmm.External{Addr: a, Size: pool.Capacity(), Kind: vmm.MemoryHost})
+			c := apiConfig()
+			c.HostBlocks = 0 // static memory has no host tier
+			m, err := kvcache.NewStatic(dev, c, vmm.External{Addr: a, Size: pool.Capacity(), Kind: vmm.MemoryHost})
 			if err != nil {
 				panic(err)
 			}
@@ -264,7 +270,7 @@ func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
 		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti},
-		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{},
+		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,

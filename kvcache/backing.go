@@ -30,6 +30,9 @@ type backing interface {
 	copyBlock(dst, src int32) error
 	// copyBlocks copies (src, dst) block pairs with one launch per device on stream s, and waits.
 	copyBlocks(s kernels.Stream, pairs []int64) error
+	// copyAsync queues the copy of (src, dst) block pairs with one launch per device on stream
+	// s, and returns a mark per device to wait on.
+	copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, error)
 	// regions appends the memory of pages [first, first+n), all mapped, as registrable regions.
 	regions(dst []vmm.Region, first, n int32) []vmm.Region
 	// shards describes each device's share, in device order.

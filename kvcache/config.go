@@ -60,6 +60,10 @@ type Config struct {
 	// memory goes back by the page: blocks evicted one by one from scattered pages return
 	// nothing (kvcached #359 pinned 4x its bound that way).
 	PrefixCacheBytes uint64
+	// HostBlocks is the size of the host tier in blocks: pinned host memory, mapped after the
+	// arena's pages in its reservation (whole pages of it), that SwapOut moves sequences' blocks
+	// to and SwapIn brings them back from. 0 means none.
+	HostBlocks int
 	// NoBackground turns the reserve goroutine off: pages are mapped when an append needs one and
 	// the watermarks are applied by Settle. For deterministic tests and single-threaded use.
 	NoBackground bool
@@ -126,6 +130,9 @@ func (c Config) Validate() error {
 	if c.HighWatermark < 0 {
 		return &ConfigError{Field: "HighWatermark", Value: c.HighWatermark, Reason: "must not be negative"}
 	}
+	if c.HostBlocks < 0 || c.HostBlocks > MaxBlocks {
+		return &ConfigError{Field: "HostBlocks", Value: c.HostBlocks, Reason: fmt.Sprintf("must lie in [0, %d]", MaxBlocks)}
+	}
 	return nil
 }
 
@@ -175,6 +182,10 @@ func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
 			Reason: fmt.Sprintf("needs %d pages of %d bytes; an arena has at most %d pages and %d blocks", pages, c.PageSize, MaxPages, MaxBlocks)}
 	}
 	c.Capacity = pages * c.PageSize
+	if hostPages := (uint64(c.HostBlocks) + bpp - 1) / bpp; (pages+hostPages)*bpp > MaxBlocks {
+		return c, &ConfigError{Field: "HostBlocks", Value: c.HostBlocks,
+			Reason: fmt.Sprintf("with the arena's %d blocks, more than the %d block ids there are", pages*bpp, MaxBlocks)}
+	}
 	switch {
 	case c.ReservePages == 0:
 		c.ReservePages = 1

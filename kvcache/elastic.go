@@ -19,15 +19,32 @@ type elastic struct {
 	compactOthers bool              // reclaim by compacting other models when the budget is spent
 	kern          *kernels.Kernels  // loaded by the first copyBlocks
 	layers, heads [2]int
+	hostPages     int // pages of pinned host memory after the arena's: the host tier
 }
 
-// newElastic reserves the arena of cfg (defaults filled) on dev.
+// newElastic reserves the arena of cfg (defaults filled) on dev, and maps its host tier
+// (cfg.HostBlocks, in whole pages) right after the arena's pages as one mapping, so that host
+// blocks have block ids past the device's and copy_blocks reaches them with the same base and
+// stride.
 func newElastic(dev vmm.Device, cfg Config) (*elastic, error) {
-	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: cfg.Capacity, PageSize: cfg.PageSize})
+	host := hostPagesOf(cfg)
+	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: cfg.Capacity + uint64(host)*cfg.PageSize, PageSize: cfg.PageSize})
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: %w", err)
 	}
-	return &elastic{dev: dev, cfg: cfg, pool: pool, layers: [2]int{0, cfg.Layers}, heads: [2]int{0, cfg.KVHeads}}, nil
+	if host > 0 {
+		if _, err := pool.MapHost(cfg.Capacity, uint64(host)*cfg.PageSize); err != nil {
+			pool.Close()
+			return nil, fmt.Errorf("kvcache: host tier of %d blocks: %w", cfg.HostBlocks, err)
+		}
+	}
+	return &elastic{dev: dev, cfg: cfg, pool: pool, layers: [2]int{0, cfg.Layers}, heads: [2]int{0, cfg.KVHeads}, hostPages: host}, nil
+}
+
+// hostPagesOf returns the pages the host tier of cfg takes.
+func hostPagesOf(cfg Config) int {
+	bpp := cfg.BlocksPerPage()
+	return (cfg.HostBlocks + bpp - 1) / bpp
 }
 
 func (e *elastic) mapPage(p int32, reclaim bool) error {
@@ -71,6 +88,17 @@ func (e *elastic) copyBlock(dst, src int32) error {
 // copyBlock copies one block of a device's arena at base, synchronously.
 func copyBlock(dev vmm.Device, base vmm.Addr, stride uint64, dst, src int32) error {
 	return dev.Copy(base+vmm.Addr(uint64(dst)*stride), base+vmm.Addr(uint64(src)*stride), stride)
+}
+
+func (e *elastic) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, error) {
+	if err := e.launchCopy(s, pairs); err != nil {
+		return nil, err
+	}
+	mk, err := e.kern.Mark(s)
+	if err != nil {
+		return nil, err
+	}
+	return []*kernels.Mark{mk}, nil
 }
 
 func (e *elastic) copyBlocks(s kernels.Stream, pairs []int64) error {
@@ -132,8 +160,11 @@ func (e *elastic) check(mapped []int32, inflight int) []string {
 			bad = append(bad, fmt.Sprintf("%s: page %d is mapped in the arena, not in the pool", e.dev.Info().Name, p))
 		}
 	}
-	if n := e.pool.Stats().MappedPages; n != len(mapped) {
+	if n := e.pool.Stats().MappedPages - e.hostPages; n != len(mapped) {
 		bad = append(bad, fmt.Sprintf("%s: the pool has %d pages mapped, the arena %d", e.dev.Info().Name, n, len(mapped)))
+	}
+	if e.hostPages > 0 && !e.pool.IsMapped(e.cfg.Capacity, uint64(e.hostPages)*e.cfg.PageSize) {
+		bad = append(bad, fmt.Sprintf("%s: the host tier is not mapped", e.dev.Info().Name))
 	}
 	if e.member != nil && e.member.Used() != uint64(len(mapped)+inflight)*e.cfg.PageSize {
 		bad = append(bad, fmt.Sprintf("%s: budget member holds %d bytes for %d mapped pages", e.dev.Info().Name, e.member.Used(), len(mapped)))

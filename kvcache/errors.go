@@ -19,6 +19,8 @@ var (
 	ErrExists          = errdefs.ErrExists
 	ErrNotFound        = errdefs.ErrNotFound
 	ErrAsleep          = errdefs.ErrAsleep
+	ErrSwapped         = errdefs.ErrSwapped
+	ErrNotSupported    = errdefs.ErrNotSupported
 )
 
 // SequenceError reports an operation on one sequence that failed; it unwraps to the cause

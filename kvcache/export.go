@@ -57,6 +57,10 @@ func (m *Manager) export(seqs []SeqID, t rows) error {
 			t.Reset()
 			return err
 		}
+		if s.Swapped {
+			t.Reset()
+			return &SequenceError{Op: "export", Seq: id, Err: ErrSwapped}
+		}
 		if err := t.AppendRow(s.Blocks, s.Tokens); err != nil {
 			t.Reset()
 			return &SequenceError{Op: "export", Seq: id, Err: err}

@@ -68,9 +68,12 @@ type Manager struct {
 	root0   prefix.Key         // root of the zero namespace
 	rootSet bool
 
+	host *hostTier // the host tier's blocks (nil without one)
+
 	counters struct {
 		syncMaps, bgMaps, unmaps, cows, compactions, moved uint64
 		queryTokens, hitTokens, stored, evictions          uint64
+		swapOuts, swapIns                                  uint64
 	}
 }
 
@@ -100,7 +103,7 @@ func newManager(dev vmm.Device, cfg Config, join func(*Manager, *elastic) error)
 	if err != nil {
 		return nil, err
 	}
-	m := newManagerOn(dev, cfg, e, e.pool.Pages())
+	m := newManagerOn(dev, cfg, e, int(cfg.Capacity/cfg.PageSize))
 	if join != nil {
 		if err := join(m, e); err != nil {
 			e.close()
@@ -123,7 +126,12 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	if cfg.MemoryLimit > 0 {
 		maxPages = min(npages, int(min(cfg.MemoryLimit/cfg.PageSize, MaxPages)))
 	}
+	var host *hostTier
+	if cfg.HostBlocks > 0 {
+		host = newHostTier(int32(npages*bpp), cfg.HostBlocks)
+	}
 	return &Manager{
+		host:      host,
 		cfg:       cfg,
 		back:      b,
 		static:    !b.returnsMemory(),
@@ -266,7 +274,7 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block has room, and no fork
 	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
 	// overflow here).
-	if ok && !s.Keyed && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
+	if ok && !s.Keyed && !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
@@ -313,6 +321,9 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 	}
 	if n < 0 {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "tokens", N: n}}
+	}
+	if s != nil && s.Swapped {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrSwapped}
 	}
 	need, cow := m.blocksNeeded(s, n)
 	if err := m.checkFits(s, n, need); err != nil {
@@ -397,10 +408,7 @@ func (m *Manager) grow(s *sequence.Sequence, n, need int, cow bool) error {
 		return nil
 	}
 	err := m.allocate(s, need, cow)
-	for _, r := range m.evicted { // committed (or restored by the rollback, which empties it)
-		m.arena.index.Recycle(r)
-	}
-	m.evicted = m.evicted[:0]
+	m.commitEvictions() // an error rolled them back (and emptied the list)
 	if err != nil {
 		return &BlocksError{Tokens: n, SeqTokens: s.Tokens, Blocks: need, Bytes: uint64(need) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err}
@@ -415,6 +423,30 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 	if len(s.Blocks) > 0 {
 		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
 	}
+	if err := m.takeBlocks(need, hint); err != nil {
+		return err
+	}
+	blocks := m.newBlocks
+	if cow {
+		tail := s.Blocks[len(s.Blocks)-1]
+		if err := m.back.copyBlock(blocks[0], tail); err != nil {
+			m.rollback()
+			return fmt.Errorf("copy shared tail block %d: %w", tail, err)
+		}
+		m.counters.cows++
+		m.arena.unref(tail)
+		s.Blocks[len(s.Blocks)-1] = blocks[0]
+		blocks = blocks[1:]
+	}
+	s.Blocks = append(s.Blocks, blocks...)
+	return nil
+}
+
+// takeBlocks takes need device blocks into m.newBlocks, each held once, near page hint (-1:
+// none): free blocks first, then cache beyond the bound, then mapped pages (growPage). On an
+// error it has rolled back; otherwise the caller commits (and recycles m.evicted) or calls
+// rollback.
+func (m *Manager) takeBlocks(need int, hint int32) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for range need {
 		p, ok := m.arena.pick(hint)
@@ -432,20 +464,15 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 		m.newBlocks = append(m.newBlocks, b)
 		hint = p
 	}
-	blocks := m.newBlocks
-	if cow {
-		tail := s.Blocks[len(s.Blocks)-1]
-		if err := m.back.copyBlock(blocks[0], tail); err != nil {
-			m.rollback()
-			return fmt.Errorf("copy shared tail block %d: %w", tail, err)
-		}
-		m.counters.cows++
-		m.arena.unref(tail)
-		s.Blocks[len(s.Blocks)-1] = blocks[0]
-		blocks = blocks[1:]
-	}
-	s.Blocks = append(s.Blocks, blocks...)
 	return nil
+}
+
+// commitEvictions lets the key index reuse what the operation evicted: it stands.
+func (m *Manager) commitEvictions() {
+	for _, r := range m.evicted {
+		m.arena.index.Recycle(r)
+	}
+	m.evicted = m.evicted[:0]
 }
 
 // rollback frees the blocks, restores the cached blocks evicted and unmaps the pages that a
@@ -563,7 +590,11 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	// Last block first: cached blocks go idle tail first, so the tail is evicted before the
 	// prefix other prompts share (as vLLM frees).
 	for i := len(s.Blocks) - 1; i >= 0; i-- {
-		m.arena.unref(s.Blocks[i])
+		if b := s.Blocks[i]; m.host.has(b) {
+			m.host.unref(b)
+		} else {
+			m.arena.unref(b)
+		}
 	}
 	m.seqs.Remove(s)
 	if m.spare() > m.cfg.HighWatermark {
@@ -587,6 +618,9 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	s, err := m.lookup("fork", src)
 	if err != nil {
 		return err
+	}
+	if s.Swapped {
+		return &SequenceError{Op: "fork", Seq: src, Err: ErrSwapped}
 	}
 	if _, ok := m.seqs.Get(dst); ok {
 		return &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
@@ -622,6 +656,9 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	s, err := m.lookup("truncate", seq)
 	if err != nil {
 		return err
+	}
+	if s.Swapped {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: ErrSwapped}
 	}
 	if n < 0 || n > s.Tokens {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
@@ -691,6 +728,9 @@ func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 	s, err := m.lookup("slots", seq)
 	if err != nil {
 		return dst, err
+	}
+	if s.Swapped {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: ErrSwapped}
 	}
 	if from < 0 || from > to {
 		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{What: "first token", N: from, Max: to}}

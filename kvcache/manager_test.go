@@ -236,17 +236,18 @@ func TestFaultDuringGrowth(t *testing.T) {
 	})
 }
 
-// Traces on both backends with the driver's granularity: the reference check reads every token
-// back through the block tables from device memory.
+// Traces on both backends with the driver's granularity, swaps to pinned host memory among
+// them: the reference check reads every token back through the block tables from device memory.
 func TestTracesOnBackends(t *testing.T) {
 	backends(t, func(t *testing.T, dev vmm.Device) {
-		h := newHarness(t, dev, smallConfig())
+		h := newHarness(t, dev, swapConfig())
 		x := uint32(12345)
 		next := func() byte { x ^= x << 13; x ^= x >> 17; x ^= x << 5; return byte(x) }
 		for range 300 {
 			h.step(next(), next(), next(), arg{n: next() | 0x80})
 		}
 		require.Positive(t, h.m.Stats().CopyOnWrites)
+		require.Positive(t, h.m.Stats().SwapIns)
 	})
 }
 

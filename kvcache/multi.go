@@ -194,6 +194,22 @@ func (mb *multi) copyBlocks(s kernels.Stream, pairs []int64) error {
 	return errors.Join(errs...)
 }
 
+func (mb *multi) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, error) {
+	var marks []*kernels.Mark
+	var errs []error
+	for _, e := range mb.parts {
+		mk, err := e.copyAsync(s, pairs)
+		marks, errs = append(marks, mk...), append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		for _, mk := range marks {
+			mk.Close()
+		}
+		return nil, err
+	}
+	return marks, nil
+}
+
 func (mb *multi) regions(dst []vmm.Region, first, n int32) []vmm.Region {
 	for _, e := range mb.parts {
 		dst = e.regions(dst, first, n)

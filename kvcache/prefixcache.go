@@ -134,7 +134,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	n := len(ids)
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
-	if ok && s.Keyed && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
+	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		s.IDs = append(s.IDs, ids...)
 		if s.Tokens/m.cfg.BlockTokens > len(s.Keys) {

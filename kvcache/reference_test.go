@@ -31,6 +31,7 @@ type refModel struct {
 	bt     int
 	seqs   map[kvcache.SeqID]*refSeq
 	refs   map[int]int        // held blocks: their holders
+	host   map[int]int        // host-tier blocks: their holders (swapped sequences)
 	idle   map[int]bool       // cached blocks nobody holds
 	cached map[prefix.Key]int // key -> block
 	keyOf  map[int]prefix.Key // block -> key, for cached blocks
@@ -40,16 +41,17 @@ type refModel struct {
 }
 
 type refSeq struct {
-	tokens []uint64 // the value written for each token
-	blocks []int
-	keyed  bool
-	root   prefix.Key
-	ids    []prefix.Token // when keyed
-	keys   []prefix.Key   // keys of its full blocks, when keyed
+	tokens  []uint64 // the value written for each token
+	blocks  []int
+	swapped bool
+	keyed   bool
+	root    prefix.Key
+	ids     []prefix.Token // when keyed
+	keys    []prefix.Key   // keys of its full blocks, when keyed
 }
 
 func newRef(bt int) *refModel {
-	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}, idle: map[int]bool{},
+	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}, host: map[int]int{}, idle: map[int]bool{},
 		cached: map[prefix.Key]int{}, keyOf: map[int]prefix.Key{}}
 }
 
@@ -160,9 +162,69 @@ func (r *refModel) start(id kvcache.SeqID, root prefix.Key, prompt []prefix.Toke
 
 func (r *refModel) free(id kvcache.SeqID) {
 	for _, b := range r.seqs[id].blocks {
+		if _, ok := r.host[b]; ok {
+			if r.host[b]--; r.host[b] == 0 {
+				delete(r.host, b)
+			}
+			continue
+		}
 		r.drop(b)
 	}
 	delete(r.seqs, id)
+}
+
+// holders counts the references of each block among the sequences.
+func (r *refModel) holders(ids []kvcache.SeqID) map[int]int {
+	count := map[int]int{}
+	for _, id := range ids {
+		for _, b := range r.seqs[id].blocks {
+			count[b]++
+		}
+	}
+	return count
+}
+
+// hostFree returns the host tier's free blocks.
+func (r *refModel) hostFree(capacity int) int { return capacity - len(r.host) }
+
+// swapOut moves every block of the sequences ids to a new host block, shared as it was among
+// them.
+func (r *refModel) swapOut(ids []kvcache.SeqID) {
+	count, moves := r.holders(ids), map[int]int{}
+	for b, c := range count {
+		r.nextID++
+		moves[b], r.host[r.nextID] = r.nextID, c
+	}
+	for _, id := range ids {
+		s := r.seqs[id]
+		for i, b := range s.blocks {
+			s.blocks[i] = moves[b]
+			r.drop(b)
+		}
+		s.swapped = true
+	}
+}
+
+// moving returns how many blocks swapping ids out moves.
+func (r *refModel) moving(ids []kvcache.SeqID) int { return len(r.holders(ids)) }
+
+// swapIn brings the sequences' host blocks back into new device blocks.
+func (r *refModel) swapIn(ids []kvcache.SeqID) {
+	count, moves := r.holders(ids), map[int]int{}
+	for b, c := range count {
+		r.nextID++
+		moves[b], r.refs[r.nextID] = r.nextID, c
+	}
+	for _, id := range ids {
+		s := r.seqs[id]
+		for i, b := range s.blocks {
+			s.blocks[i] = moves[b]
+			if r.host[b]--; r.host[b] == 0 {
+				delete(r.host, b)
+			}
+		}
+		s.swapped = false
+	}
 }
 
 // drop releases a reference: a cached block goes idle, another is gone.
@@ -366,7 +428,8 @@ func (h *harness) stores() {
 
 func isExpected(err error) bool {
 	return errors.Is(err, kvcache.ErrUnknownSequence) || errors.Is(err, kvcache.ErrSequenceExists) ||
-		errors.Is(err, kvcache.ErrInvalidArgument) || errors.Is(err, kvcache.ErrTooLarge)
+		errors.Is(err, kvcache.ErrInvalidArgument) || errors.Is(err, kvcache.ErrTooLarge) ||
+		errors.Is(err, kvcache.ErrSwapped) || errors.Is(err, kvcache.ErrNotSupported)
 }
 
 // arg is a step's count: small (a byte, as most steps use) or wide (any int64, drawn from the
@@ -420,13 +483,16 @@ func prompt(fam, length int, seed byte) []prefix.Token {
 	return p
 }
 
-// checkAppend checks an append's error against the reference: a negative count is invalid,
-// one that can never fit is too large, any other failure is out of memory.
+// checkAppend checks an append's error against the reference: a negative count is invalid, a
+// swapped-out sequence takes none, a count that can never fit is too large, any other failure
+// is out of memory.
 func (h *harness) checkAppend(err error, seq kvcache.SeqID, cnt int) {
 	t := h.t
-	switch {
+	switch s, ok := h.ref.seqs[seq]; {
 	case cnt < 0:
 		require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "append %d", cnt)
+	case ok && s.swapped: // whatever the count: the sequence takes none until swapped in
+		require.ErrorIs(t, err, kvcache.ErrSwapped, "append to swapped-out %d", seq)
 	case h.tooLarge(seq, cnt):
 		require.ErrorIs(t, err, kvcache.ErrTooLarge, "append %d to %d can never fit", cnt, seq)
 		require.NotErrorIs(t, err, kvcache.ErrOutOfMemory)
@@ -478,6 +544,8 @@ const (
 	opStart
 	opAppendIDs
 	opDropCache
+	opSwapOut
+	opSwapIn
 	numOps
 )
 
@@ -514,7 +582,7 @@ func (h *harness) step(op, a, b byte, x arg) {
 	case opFork:
 		err = h.m.Fork(seq, other)
 		_, dstExists := h.ref.seqs[other]
-		if exists && !dstExists {
+		if exists && !dstExists && !rs.swapped {
 			require.NoError(t, err)
 			h.ref.fork(seq, other)
 		} else {
@@ -523,7 +591,7 @@ func (h *harness) step(op, a, b byte, x arg) {
 	case opTruncate:
 		cnt := x.count(9)
 		err = h.m.Truncate(seq, cnt)
-		if exists && cnt >= 0 && cnt <= len(rs.tokens) {
+		if exists && cnt >= 0 && cnt <= len(rs.tokens) && !rs.swapped {
 			require.NoError(t, err)
 			h.ref.truncate(seq, cnt)
 		} else {
@@ -596,6 +664,41 @@ func (h *harness) step(op, a, b byte, x arg) {
 	case opDropCache:
 		_, err = h.m.DropCache()
 		require.NoError(t, err)
+	case opSwapOut: // one sequence, or two (which may share blocks)
+		ids := []kvcache.SeqID{seq}
+		if other != seq && n%2 == 0 {
+			ids = append(ids, other)
+		}
+		var sw *kvcache.Swap
+		sw, err = h.m.SwapOut(ids, 0)
+		ok := h.cfg.HostBlocks > 0
+		for _, id := range ids {
+			s, exists := h.ref.seqs[id]
+			ok = ok && exists && !s.swapped
+		}
+		switch {
+		case !ok:
+			require.Error(t, err)
+		case h.ref.moving(ids) > h.ref.hostFree(h.cfg.HostBlocks):
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "the host tier is full")
+		default:
+			require.NoError(t, err)
+			require.NoError(t, sw.Wait())
+			require.NoError(t, sw.Close())
+			h.ref.swapOut(ids)
+		}
+	case opSwapIn:
+		var sw *kvcache.Swap
+		sw, err = h.m.SwapIn([]kvcache.SeqID{seq}, 0)
+		if !exists || !rs.swapped || h.cfg.HostBlocks == 0 {
+			require.Error(t, err)
+		} else if err == nil {
+			require.NoError(t, sw.Wait())
+			require.NoError(t, sw.Close())
+			h.ref.swapIn([]kvcache.SeqID{seq})
+		} else {
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "swap in %d", seq)
+		}
 	}
 	h.removals()
 	h.stores()
@@ -624,6 +727,7 @@ func (h *harness) check() {
 	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
+	require.Equal(t, len(h.ref.host), st.HostBlocks-st.HostFreeBlocks, "host blocks held")
 	require.Equal(t, len(h.ref.idle), st.Prefix.IdleBlocks, "idle cached blocks")
 	require.Equal(t, len(h.ref.cached), st.Prefix.CachedBlocks, "cached blocks")
 	toRef, toMgr := map[int32]int{}, map[int]int32{}
@@ -652,10 +756,18 @@ func (h *harness) check() {
 			toRef[b], toMgr[rb] = rb, b
 		}
 	}
-	// Every token's value, read through the exported vLLM table as a kernel would.
+	// Every token's value, read through the exported vLLM table as a kernel would (a sequence
+	// swapped out is read after it comes back).
 	if h.table == nil || h.table.MaxSeqs < len(ids) {
 		h.table = devtest.VLLM(t, 8, int(h.cfg.Capacity/h.cfg.BlockStride()), -1)
 	}
+	onDevice := ids[:0:0]
+	for _, id := range ids {
+		if !h.ref.seqs[id].swapped {
+			onDevice = append(onDevice, id)
+		}
+	}
+	ids = onDevice
 	require.NoError(t, h.m.ExportVLLM(ids, h.table))
 	bt := h.cfg.BlockTokens
 	for row, id := range ids {
@@ -740,6 +852,9 @@ func fuzzHarness(t testing.TB, n int) *harness {
 	if n%3 == 0 {
 		cfg.PrefixCacheBytes = 3 * cfg.PageSize // the cache may keep pages of its own
 	}
+	if n%5 != 4 {
+		cfg.HostBlocks = 12 // a host tier of three pages' worth
+	}
 	if split == (kvcache.Split{}) {
 		h = newHarness(t, hostDevice(t, 32<<10), cfg)
 	} else {
@@ -755,7 +870,7 @@ func fuzzHarness(t testing.TB, n int) *harness {
 // TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically, on
 // one, two and four devices.
 func TestRandomTraces(t *testing.T) {
-	ooms, moved, hits, evictions := 0, uint64(0), 0, uint64(0)
+	ooms, moved, hits, evictions, swapOuts, swapIns := 0, uint64(0), 0, uint64(0), uint64(0), uint64(0)
 	for seed := range 16 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			h := fuzzHarness(t, seed)
@@ -779,12 +894,17 @@ func TestRandomTraces(t *testing.T) {
 			hits += h.hits
 			moved += h.m.Stats().BlocksMoved
 			evictions += h.m.Stats().Prefix.Evictions
+			swapOuts += h.m.Stats().SwapOuts
+			swapIns += h.m.Stats().SwapIns
 			require.Positive(t, h.m.Stats().CopyOnWrites+uint64(h.m.Stats().BlockRefs-h.m.Stats().LiveBlocks), "forks must be exercised")
 		})
 	}
 	require.Positive(t, ooms, "the tight arenas must run out of memory at times")
 	require.Positive(t, moved, "compactions must move blocks")
-	t.Logf("%d out-of-memory steps, %d blocks moved, %d prompt tokens hit, %d cached blocks evicted", ooms, moved, hits, evictions)
+	t.Logf("%d out-of-memory steps, %d blocks moved, %d prompt tokens hit, %d cached blocks evicted, %d blocks swapped out, %d in",
+		ooms, moved, hits, evictions, swapOuts, swapIns)
 	require.Positive(t, hits, "prompts must hit the prefix cache")
 	require.Positive(t, evictions, "cached blocks must be evicted")
+	require.Positive(t, swapOuts, "sequences must be swapped out")
+	require.Positive(t, swapIns, "sequences must be swapped in")
 }

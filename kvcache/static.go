@@ -41,6 +41,9 @@ func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if cfg.HostBlocks != 0 {
+		return nil, &ConfigError{Field: "HostBlocks", Value: cfg.HostBlocks, Reason: "static memory has no host tier"}
+	}
 	if _, ok := checked.Add(uint64(mem.Addr), mem.Size); !ok {
 		return nil, fmt.Errorf("kvcache: static memory: %w", &vmm.RangeError{Offset: uint64(mem.Addr), Size: mem.Size, Limit: math.MaxUint64})
 	}
@@ -99,6 +102,17 @@ func (s *static) copyBlock(dst, src int32) error {
 
 func (s *static) copyBlocks(st kernels.Stream, pairs []int64) error {
 	return copyBlocks(&s.kern, s.dev, s.mem.Addr, s.cfg.BlockStride(), st, pairs)
+}
+
+func (s *static) copyAsync(st kernels.Stream, pairs []int64) ([]*kernels.Mark, error) {
+	if err := launchCopy(&s.kern, s.dev, s.mem.Addr, s.cfg.BlockStride(), st, pairs); err != nil {
+		return nil, err
+	}
+	mk, err := s.kern.Mark(st)
+	if err != nil {
+		return nil, err
+	}
+	return []*kernels.Mark{mk}, nil
 }
 
 // regions returns the runtime's memory whole, whatever run is asked for.

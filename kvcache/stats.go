@@ -33,6 +33,10 @@ type Stats struct {
 	ReserveErr     error  // the reserve goroutine's last error, if any
 
 	Prefix PrefixStats // the prefix cache
+
+	HostBlocks, HostFreeBlocks int    // the host tier's blocks, and how many are free
+	SwappedSequences           int    // sequences swapped out to the host tier
+	SwapOuts, SwapIns          uint64 // blocks swapped out and in
 }
 
 // Stats returns a snapshot (the zero Stats for a nil manager).
@@ -74,8 +78,13 @@ func (m *Manager) Stats() Stats {
 	m.seqs.All(func(q *sequence.Sequence) bool {
 		s.Tokens += int64(q.Tokens)
 		s.BlockRefs += len(q.Blocks)
+		if q.Swapped {
+			s.SwappedSequences++
+		}
 		return true
 	})
+	s.HostBlocks, s.HostFreeBlocks = m.host.blocks(), m.host.freeBlocks()
+	s.SwapOuts, s.SwapIns = m.counters.swapOuts, m.counters.swapIns
 	if used := s.LiveBlocks + a.idle; used > 0 {
 		s.PageOverhead = float64(s.MappedPages) / float64((used+m.bpp-1)/m.bpp)
 	}

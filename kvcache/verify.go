@@ -165,6 +165,29 @@ func (m *Manager) Verify() error {
 	if mapped != a.mapped {
 		bad("mapped pages: arena counts %d, pages say %d", a.mapped, mapped)
 	}
+	if h := m.host; h != nil { // the host tier: held exactly by the swapped sequences' references
+		freeHost := make(map[int32]bool, len(h.free))
+		for _, b := range h.free {
+			if freeHost[b] || !h.has(b) {
+				bad("host block %d listed free twice, or not a host block", b)
+			}
+			freeHost[b] = true
+		}
+		for i, r := range h.refs {
+			b := h.first + int32(i)
+			if r != refs[b] || (r == 0) != freeHost[b] {
+				bad("host block %d: %d holders counted, %d references, free %v", b, r, refs[b], freeHost[b])
+			}
+		}
+	}
+	m.seqs.All(func(s *sequence.Sequence) bool {
+		for _, b := range s.Blocks {
+			if m.host.has(b) != s.Swapped {
+				bad("sequence %d (swapped out %v) holds block %d (on the host %v)", s.ID, s.Swapped, b, m.host.has(b))
+			}
+		}
+		return true
+	})
 	for _, s := range m.back.check(mappedList, m.inflight) {
 		bad("%s", s)
 	}
@@ -193,7 +216,9 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad fu
 			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
 			return
 		}
-		if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
+		if m.host.has(s.Blocks[i]) {
+			// a host block is not cached: swapped-out content leaves the cache's reach
+		} else if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
 			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
 		}
 		parent = k

@@ -30,6 +30,10 @@ type Sequence struct {
 	Tokens int
 	Blocks []int32
 
+	// Swapped is set while the sequence's blocks are in the host tier: Blocks holds host block
+	// ids then (and the ids of blocks it shares with sequences that stayed on the device).
+	Swapped bool
+
 	Keyed   bool
 	IDs     []prefix.Token
 	Keys    []prefix.Key
@@ -122,7 +126,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks = id, 0, s.Blocks[:0]
+	s.ID, s.Tokens, s.Blocks, s.Swapped = id, 0, s.Blocks[:0], false
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s

@@ -114,6 +114,27 @@ func (d *CUDADevice) Create(size uint64) (Handle, error) {
 	return Handle(h), nil
 }
 
+// CreateHost is cuMemCreate of pinned host memory (a host location): mapped into a
+// reservation and granted to this GPU, the GPU reaches it by address.
+func (d *CUDADevice) CreateHost(size uint64) (Handle, error) {
+	if err := d.lock(); err != nil {
+		return 0, fmt.Errorf("create host: %w", err)
+	}
+	defer d.l.mu.Unlock()
+	if err := d.l.checkSize(size); err != nil {
+		return 0, fmt.Errorf("create host: %w", err)
+	}
+	if g, err := d.ctx.HostGranularity(); err != nil || g == 0 || size%g != 0 {
+		return 0, fmt.Errorf("create host %d bytes: %w (host granularity %d: %v)", size, ErrNotSupported, g, err)
+	}
+	h, err := d.ctx.MemCreateHost(size)
+	if err != nil {
+		return 0, fmt.Errorf("create host %d bytes: %w", size, err)
+	}
+	d.l.commitCreateOn(Handle(h), size, true)
+	return Handle(h), nil
+}
+
 // Release is cuMemRelease.
 func (d *CUDADevice) Release(h Handle) error {
 	if err := d.lock(); err != nil {

@@ -35,6 +35,15 @@ type DeviceInfo struct {
 	TotalMemory uint64     // physical bytes the device can hand out
 }
 
+// HostAllocator is implemented by devices that can make pinned host memory mappable into their
+// reservations like device memory, so that the device reaches it by address: the host tier of
+// a KV cache. CreateHost allocates size bytes (a multiple of the granularity); Release frees
+// them. The CUDA backend uses cuMemCreate with a host location; the host backend a memfd, as
+// for any other memory (counted apart from its Capacity).
+type HostAllocator interface {
+	CreateHost(size uint64) (Handle, error)
+}
+
 // Device is the small hardware interface the rest of pagedkv is written against. It mirrors the
 // CUDA VMM calls one to one, so that the pool's bookkeeping, the fault injector and the tests
 // see exactly the sequence the driver sees.

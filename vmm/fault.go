@@ -13,6 +13,7 @@ const (
 	OpReserve         Op = "Reserve"
 	OpFreeReservation Op = "FreeReservation"
 	OpCreate          Op = "Create"
+	OpCreateHost      Op = "CreateHost"
 	OpRelease         Op = "Release"
 	OpMap             Op = "Map"
 	OpSetAccess       Op = "SetAccess"
@@ -47,7 +48,7 @@ func InjectFaults(dev Device) *FaultDevice {
 }
 
 // ops is every operation a FaultDevice can fail.
-var ops = map[Op]bool{OpReserve: true, OpFreeReservation: true, OpCreate: true, OpRelease: true, OpMap: true,
+var ops = map[Op]bool{OpReserve: true, OpFreeReservation: true, OpCreate: true, OpCreateHost: true, OpRelease: true, OpMap: true,
 	OpSetAccess: true, OpUnmap: true, OpMemInfo: true, OpMemset: true, OpCopyIn: true, OpCopyOut: true, OpCopy: true}
 
 // plan checks a planned fault; the caller holds f.mu.
@@ -176,6 +177,19 @@ func (f *FaultDevice) Create(size uint64) (Handle, error) {
 		return 0, err
 	}
 	return f.Device.Create(size)
+}
+
+// CreateHost fails as planned or calls the wrapped device, which must be a HostAllocator
+// (ErrNotSupported otherwise).
+func (f *FaultDevice) CreateHost(size uint64) (Handle, error) {
+	if err := f.enter(OpCreateHost); err != nil {
+		return 0, err
+	}
+	ha, ok := f.Device.(HostAllocator)
+	if !ok {
+		return 0, fmt.Errorf("create host: %w: %s has no host memory", ErrNotSupported, f.Device.Info().Name)
+	}
+	return ha.CreateHost(size)
 }
 
 // Release fails as planned or calls the wrapped device.

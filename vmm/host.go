@@ -127,6 +127,24 @@ func (d *HostDevice) Create(size uint64) (Handle, error) {
 	if d.l.physical > d.opts.Capacity || size > d.opts.Capacity-d.l.physical {
 		return 0, fmt.Errorf("create: %w", &CapacityError{Need: size, Free: d.opts.Capacity - d.l.physical})
 	}
+	return d.memfd(size, false)
+}
+
+// CreateHost makes a memfd of size bytes for the host tier: the same memory as Create's on
+// this backend, counted apart from the device's Capacity.
+func (d *HostDevice) CreateHost(size uint64) (Handle, error) {
+	if err := d.lock(); err != nil {
+		return 0, fmt.Errorf("create host: %w", err)
+	}
+	defer d.l.mu.Unlock()
+	if err := d.l.checkSize(size); err != nil {
+		return 0, fmt.Errorf("create host: %w", err)
+	}
+	return d.memfd(size, true)
+}
+
+// memfd makes a handle of size bytes; the caller holds the ledger lock and checked the size.
+func (d *HostDevice) memfd(size uint64, host bool) (Handle, error) {
 	fd, err := unix.MemfdCreate("pagedkv", unix.MFD_CLOEXEC)
 	if err != nil { // EMFILE, ENFILE, ENOMEM: the host ran out of what a handle needs
 		return 0, fmt.Errorf("create: memfd_create: %w: %v", ErrOutOfMemory, err)
@@ -137,7 +155,7 @@ func (d *HostDevice) Create(size uint64) (Handle, error) {
 	}
 	h := Handle(d.next.Add(1))
 	d.fds[h] = fd
-	d.l.commitCreate(h, size)
+	d.l.commitCreateOn(h, size, host)
 	return h, nil
 }
 

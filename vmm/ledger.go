@@ -21,7 +21,8 @@ type ledger struct {
 	res      *btree.BTreeG[span] // reservations
 	maps     *btree.BTreeG[span] // mappings
 	handles  map[Handle]*handleRec
-	physical uint64 // bytes of physical memory alive (handles not both released and unmapped)
+	physical uint64 // bytes of device memory alive (handles not both released and unmapped)
+	host     uint64 // bytes of host memory made by CreateHost alive
 	closed   bool
 }
 
@@ -40,6 +41,7 @@ type handleRec struct {
 	size     uint64
 	released bool
 	mapped   int
+	host     bool // made by CreateHost
 }
 
 func newLedger(gran uint64) *ledger {
@@ -194,9 +196,16 @@ func (l *ledger) commitUnmap(ms []span) {
 	}
 }
 
-func (l *ledger) commitCreate(h Handle, size uint64) {
-	l.handles[h] = &handleRec{size: size}
-	l.physical += size
+func (l *ledger) commitCreate(h Handle, size uint64) { l.commitCreateOn(h, size, false) }
+
+// commitCreateOn records a new handle of device or host memory.
+func (l *ledger) commitCreateOn(h Handle, size uint64, host bool) {
+	l.handles[h] = &handleRec{size: size, host: host}
+	if host {
+		l.host += size
+	} else {
+		l.physical += size
+	}
 	leakcheck.Add(leakcheck.Handle, 1)
 }
 
@@ -209,7 +218,11 @@ func (l *ledger) commitRelease(h Handle) {
 
 func (l *ledger) maybeFree(h Handle, rec *handleRec) {
 	if rec.released && rec.mapped == 0 {
-		l.physical -= rec.size
+		if rec.host {
+			l.host -= rec.size
+		} else {
+			l.physical -= rec.size
+		}
 		delete(l.handles, h)
 	}
 }

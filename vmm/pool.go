@@ -74,10 +74,12 @@ type Pool struct {
 	closed   bool
 }
 
-// extent is one driver mapping: pages [first, first+count) backed by handle h.
+// extent is one driver mapping: pages [first, first+count) backed by handle h (of host memory
+// when host).
 type extent struct {
 	first, count int
 	h            Handle
+	host         bool
 }
 
 // NewPool reserves cfg.Capacity bytes on dev. Nothing is mapped yet.
@@ -191,7 +193,14 @@ func (p *Pool) pageRange(offset, size uint64) (first, n int, err error) {
 // cuMemMap, one cuMemSetAccess, whatever the size: the cost of growing is per mapping, not per
 // byte) and returns its address. offset and size are multiples of the page size. A cached
 // handle of the same size is used when there is one. On any error nothing has changed.
-func (p *Pool) Map(offset, size uint64) (Addr, error) {
+func (p *Pool) Map(offset, size uint64) (Addr, error) { return p.mapRange(offset, size, false) }
+
+// MapHost is Map with pinned host memory (the device must be a HostAllocator; ErrNotSupported
+// otherwise): the device reaches it at the returned address like device memory. Host handles
+// are never cached: Unmap releases them.
+func (p *Pool) MapHost(offset, size uint64) (Addr, error) { return p.mapRange(offset, size, true) }
+
+func (p *Pool) mapRange(offset, size uint64, host bool) (Addr, error) {
 	if err := p.lock(); err != nil {
 		return 0, err
 	}
@@ -203,8 +212,18 @@ func (p *Pool) Map(offset, size uint64) (Addr, error) {
 	if p.anyMapped(first, n) {
 		return 0, fmt.Errorf("pool map [%d, %d): %w", offset, offset+size, ErrAlreadyMapped)
 	}
-	h, fromCache, err := p.takeHandle(n)
-	if err != nil {
+	var h Handle
+	fromCache := false
+	if host {
+		ha, ok := p.dev.(HostAllocator)
+		if !ok {
+			return 0, fmt.Errorf("pool map host: %w: %s has no host memory", ErrNotSupported, p.dev.Info().Name)
+		}
+		if h, err = ha.CreateHost(size); err != nil {
+			return 0, fmt.Errorf("pool map host: %w", err)
+		}
+		p.counters.creates++
+	} else if h, fromCache, err = p.takeHandle(n); err != nil {
 		return 0, fmt.Errorf("pool map: %w", err)
 	}
 	a := p.base + Addr(offset)
@@ -214,7 +233,7 @@ func (p *Pool) Map(offset, size uint64) (Addr, error) {
 	if fromCache {
 		p.counters.hits++
 	}
-	p.extents.ReplaceOrInsert(extent{first: first, count: n, h: h})
+	p.extents.ReplaceOrInsert(extent{first: first, count: n, h: h, host: host})
 	p.setMapped(n, true)
 	return a, nil
 }
@@ -304,7 +323,7 @@ func (p *Pool) Unmap(offset, size uint64) error {
 		p.extents.Delete(e)
 		p.setMapped(e.count, false)
 		bytes := uint64(e.count) * p.page
-		keep := p.cached.b+bytes <= p.limit
+		keep := !e.host && p.cached.b+bytes <= p.limit
 		// A release failure keeps the handle cached and counts it; see the doc comment.
 		_ = p.returnHandle(e.h, e.count, keep)
 	}

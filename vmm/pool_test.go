@@ -325,3 +325,41 @@ func TestPoolConcurrentUse(t *testing.T) {
 		assert.Zero(t, pool.Stats().MappedPages)
 	})
 }
+
+// Host memory maps into a reservation beside device memory and reads back through the device;
+// it is never cached, and a device without host memory says so.
+func TestPoolMapHost(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 4 * g, CacheLimit: 4 * g})
+		require.NoError(t, err)
+		defer func() { require.NoError(t, pool.Close()) }()
+		devFree, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		a, err := pool.MapHost(2*g, g)
+		require.NoError(t, err)
+		_, err = pool.Map(0, g) // device memory beside it
+		require.NoError(t, err)
+		writeProbes(t, dev, a, g, g)
+		require.NoError(t, dev.Copy(pool.Base(), a, 64), "the device copies host memory by address")
+		checkProbes(t, dev, a, g, g)
+		got := make([]byte, 64)
+		require.NoError(t, dev.CopyOut(got, pool.Base()))
+		assert.Equal(t, string(probe(g, 0, 0)), string(got[:len(probe(g, 0, 0))]))
+		free, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		assert.InDelta(t, float64(devFree-g), float64(free), float64(g)/2, "host memory is not device memory")
+		require.NoError(t, pool.Unmap(2*g, g))
+		assert.Zero(t, pool.Stats().CachedBytes, "a host handle is released, never cached")
+	})
+	f := vmm.InjectFaults(struct{ vmm.Device }{hostOnlyDevice(t)})
+	_, err := f.CreateHost(2 << 20)
+	require.ErrorIs(t, err, vmm.ErrNotSupported)
+}
+
+func hostOnlyDevice(t *testing.T) vmm.Device {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, dev.Close()) })
+	return dev
+}

@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -169,6 +170,26 @@ func (c *Context) MemCreate(size uint64) (MemHandle, error) {
 	return h, err
 }
 
+// MemCreateHost allocates size bytes of pinned host memory as a VMM handle (cuMemCreate with a
+// host location), to be mapped into a reservation like device memory; the device reaches it
+// once MemSetAccess grants it. size is a multiple of HostGranularity.
+func (c *Context) MemCreateHost(size uint64) (MemHandle, error) {
+	prop := hostProp()
+	var h MemHandle
+	err := c.do("cuMemCreate", procs.cuMemCreate,
+		uintptr(unsafe.Pointer(&h)), uintptr(size), uintptr(unsafe.Pointer(&prop)), 0)
+	return h, err
+}
+
+// HostGranularity returns the minimum granularity of MemCreateHost.
+func (c *Context) HostGranularity() (uint64, error) {
+	prop := hostProp()
+	var g uint64
+	err := c.do("cuMemGetAllocationGranularity", procs.cuMemGetAllocationGranularity,
+		uintptr(unsafe.Pointer(&g)), uintptr(unsafe.Pointer(&prop)), granularityMinimum)
+	return g, err
+}
+
 // MemRelease releases a handle made by MemCreate.
 func (c *Context) MemRelease(h MemHandle) error {
 	return c.do("cuMemRelease", procs.cuMemRelease, uintptr(h))
@@ -289,6 +310,17 @@ func (c *Context) EventElapsedTime(start, end Event) (float32, error) {
 	var ms float32
 	err := c.do("cuEventElapsedTime", procs.cuEventElapsedTime, uintptr(unsafe.Pointer(&ms)), uintptr(start), uintptr(end))
 	return ms, err
+}
+
+// EventQuery reports whether the work recorded before e has completed (CUDA_ERROR_NOT_READY
+// is false, not an error).
+func (c *Context) EventQuery(e Event) (bool, error) {
+	err := c.do("cuEventQuery", procs.cuEventQuery, uintptr(e))
+	var ce *Error
+	if errors.As(err, &ce) && ce.Code == ErrorNotReady {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // EventDestroy destroys an event.

@@ -17,7 +17,7 @@ var procs struct {
 	cuMemcpyHtoDAsync, cuMemcpyDtoHAsync                                  uintptr
 	cuStreamCreate, cuStreamDestroy, cuStreamSynchronize                  uintptr
 	cuEventCreate, cuEventRecord, cuEventSynchronize, cuEventElapsedTime  uintptr
-	cuEventDestroy                                                        uintptr
+	cuEventDestroy, cuEventQuery                                          uintptr
 	cuModuleLoadData, cuModuleUnload, cuModuleGetFunction, cuLaunchKernel uintptr
 	cuFuncGetAttribute                                                    uintptr
 }
@@ -71,6 +71,7 @@ func symbolTable() []symbol {
 		{&p.cuEventSynchronize, []string{"cuEventSynchronize"}},
 		{&p.cuEventElapsedTime, []string{"cuEventElapsedTime_v2", "cuEventElapsedTime"}},
 		{&p.cuEventDestroy, []string{"cuEventDestroy_v2"}},
+		{&p.cuEventQuery, []string{"cuEventQuery"}},
 		{&p.cuModuleLoadData, []string{"cuModuleLoadData"}},
 		{&p.cuModuleUnload, []string{"cuModuleUnload"}},
 		{&p.cuModuleGetFunction, []string{"cuModuleGetFunction"}},

@@ -22,6 +22,7 @@ type Function uintptr
 const (
 	memAllocationTypePinned      = 1
 	memLocationTypeDevice        = 1
+	memLocationTypeHost          = 2
 	memAccessFlagsProtReadWrite  = 3
 	memHandleTypeNone            = 0
 	granularityMinimum           = 0
@@ -64,6 +65,12 @@ type memAllocFlags struct {
 type memAccessDesc struct {
 	Location memLocation
 	Flags    int32
+}
+
+// hostProp describes a pinned host allocation (CU_MEM_LOCATION_TYPE_HOST: no particular NUMA
+// node; its id is ignored, and it can have no shareable handle).
+func hostProp() memAllocationProp {
+	return memAllocationProp{Type: memAllocationTypePinned, Location: memLocation{Type: memLocationTypeHost}}
 }
 
 func deviceProp(ordinal int) memAllocationProp {

@@ -73,3 +73,7 @@ func (e *CountError) Error() string {
 
 // Is reports whether target is ErrInvalidArgument.
 func (e *CountError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
+
+// ErrSwapped reports an operation a sequence swapped out to the host tier cannot take (an
+// append, a fork, a truncation, an export): SwapIn it first.
+var ErrSwapped = errors.New("pagedkv: sequence swapped out")
