@@ -38,6 +38,10 @@ type Kernels struct {
 	mu      sync.Mutex // guards the pair scratch
 	scratch *vmm.Pool
 	pairCap int
+	// read is recorded after every launch that reads the scratch, on its stream (readOn): a
+	// launch on another stream waits for it before overwriting the pairs.
+	read   cuda.Event
+	readOn Stream
 }
 
 // module is a loaded CUDA module, shared by the Kernels of one context.
@@ -176,6 +180,10 @@ func (k *Kernels) Close() error {
 	}
 	var errs []error
 	k.mu.Lock()
+	if k.read != 0 { // the last launch may still read the scratch
+		errs = append(errs, k.mod.ctx.EventSynchronize(k.read), k.mod.ctx.EventDestroy(k.read))
+		k.read = 0
+	}
 	if k.scratch != nil {
 		errs = append(errs, k.scratch.Close())
 		k.scratch = nil
@@ -308,6 +316,9 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 		if err != nil {
 			return err
 		}
+		if err := k.scratchFree(s); err != nil {
+			return err
+		}
 		b := unsafe.Slice((*byte)(unsafe.Pointer(&pairs[0])), 16*n)
 		if err := k.mod.ctx.MemcpyHtoDAsync(cuda.DevicePtr(scratch), b, cuda.Stream(s)); err != nil {
 			return fmt.Errorf("kernels: copy blocks: stage pairs: %w", err)
@@ -315,7 +326,31 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 		if err := k.CopyBlocksDevice(s, base, scratch, n, blockStride); err != nil {
 			return err
 		}
+		if err := k.mod.ctx.EventRecord(k.read, cuda.Stream(s)); err != nil {
+			return fmt.Errorf("kernels: copy blocks: %w", err)
+		}
+		k.readOn = s
 		pairs = pairs[2*n:]
+	}
+	return nil
+}
+
+// scratchFree makes s wait until the last launch that read the pair scratch (on another
+// stream) is done, so that s may overwrite it. The caller holds k.mu.
+func (k *Kernels) scratchFree(s Stream) error {
+	if k.read == 0 {
+		ev, err := k.mod.ctx.EventCreate(cuda.EventDisableTiming)
+		if err != nil {
+			return fmt.Errorf("kernels: copy blocks: %w", err)
+		}
+		k.read, k.readOn = ev, s
+		return nil
+	}
+	if s == k.readOn {
+		return nil // stream order already
+	}
+	if err := k.mod.ctx.StreamWaitEvent(cuda.Stream(s), k.read); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
 	}
 	return nil
 }

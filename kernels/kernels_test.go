@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/pagedkv/pagedkv/internal/cuda"
 	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
@@ -130,6 +131,50 @@ func TestCopyBlocks(t *testing.T) {
 		require.ErrorIs(t, k.CopyBlocks(0, base, []int64{1}, stride), vmm.ErrInvalidArgument)
 		require.ErrorIs(t, k.CopyBlocks(0, base, pairs, 100), vmm.ErrInvalidArgument)
 	})
+}
+
+// Copies queued back to back on two streams that do not wait for each other each copy their own
+// pairs: the second does not overwrite the pairs the first still reads.
+func TestCopyBlocksOnTwoStreams(t *testing.T) {
+	ord := gputest.Require(t)
+	leakcheck.Check(t)
+	dev, err := vmm.NewCUDADevice(ord)
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, dev.Close()) }()
+	defer func() { require.NoError(t, k.Close()) }()
+	ctx := dev.Context()
+	var streams [2]cuda.Stream
+	for i := range streams {
+		streams[i], err = ctx.StreamCreate(cuda.StreamNonBlocking)
+		require.NoError(t, err)
+		defer ctx.StreamDestroy(streams[i])
+	}
+	const stride, n = 64 << 10, 2048 // the first copy moves 128 MiB: long enough to overlap
+	base := devtest.Mapped(t, dev, 4*n*stride)
+	for b := range 4 * n {
+		require.NoError(t, dev.Memset(base+vmm.Addr(b*stride), byte(b%251), stride))
+	}
+	pairs := func(from int) []int64 { // blocks [from, from+n) to [from+n, from+2n)
+		p := make([]int64, 0, 2*n)
+		for i := range n {
+			p = append(p, int64(from+i), int64(from+n+i))
+		}
+		return p
+	}
+	require.NoError(t, k.CopyBlocks(kernels.Stream(streams[0]), base, pairs(0), stride))
+	require.NoError(t, k.CopyBlocks(kernels.Stream(streams[1]), base, pairs(2*n), stride))
+	for _, s := range streams {
+		require.NoError(t, k.Synchronize(kernels.Stream(s)))
+	}
+	got := make([]byte, 16)
+	for _, from := range []int{0, 2 * n} {
+		for i := range n {
+			require.NoError(t, dev.CopyOut(got, base+vmm.Addr((from+n+i)*stride+stride-16)))
+			require.Equal(t, bytes.Repeat([]byte{byte((from + i) % 251)}, 16), got, "block %d", from+n+i)
+		}
+	}
 }
 
 func TestWriteKV(t *testing.T) {

@@ -45,6 +45,7 @@ type Manager struct {
 	// scratch for AppendTokens' rollback, reused so the hot path does not allocate
 	newBlocks []int32
 	newPages  []int32
+	swap      swapScratch
 
 	growMu   sync.Mutex // held by a whole reserve/trim cycle, and by Verify
 	inflight int        // pages being mapped or unmapped outside mu

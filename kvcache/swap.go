@@ -3,7 +3,6 @@ package kvcache
 import (
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/sequence"
@@ -58,49 +57,74 @@ func (sw *Swap) Close() error {
 	return errors.Join(errs...)
 }
 
-// swapSet looks up seqs for a swap: each must exist, appear once, and be swapped or not as
-// want says. It returns the sequences, or a *SequenceError.
-func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) ([]*sequence.Sequence, error) {
+// swapScratch is what a swap plans with, kept by the manager so that a swap allocates little.
+type swapScratch struct {
+	set   []*sequence.Sequence
+	seen  map[SeqID]struct{}
+	pairs []int64         // (from, to) for each block copied
+	refs  []int32         // for each block copied, its references among the sequences
+	at    []int32         // for each block reference of the sequences, in order, its pair
+	first map[int32]int32 // for a block with several holders, its pair
+}
+
+// swapSet looks up seqs for a swap into m.swap.set: each must exist, appear once, and be
+// swapped out or not as swapped says. It returns a *SequenceError otherwise.
+func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	if err := m.usable(op, 0); err != nil {
-		return nil, err
+		return err
 	}
 	if m.host == nil {
-		return nil, &SequenceError{Op: op, Err: fmt.Errorf("%w: no host tier (Config.HostBlocks is 0)", ErrNotSupported)}
+		return &SequenceError{Op: op, Err: fmt.Errorf("%w: no host tier (Config.HostBlocks is 0)", ErrNotSupported)}
 	}
-	set := make([]*sequence.Sequence, 0, len(seqs))
-	for i, id := range seqs {
+	sc := &m.swap
+	if sc.seen == nil {
+		sc.seen, sc.first = map[SeqID]struct{}{}, map[int32]int32{}
+	}
+	clear(sc.seen)
+	sc.set = sc.set[:0]
+	for _, id := range seqs {
 		s, err := m.lookup(op, id)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if slices.Contains(seqs[:i], id) {
-			return nil, &SequenceError{Op: op, Seq: id, Err: fmt.Errorf("%w: listed twice", ErrInvalidArgument)}
+		if _, ok := sc.seen[id]; ok {
+			return &SequenceError{Op: op, Seq: id, Err: fmt.Errorf("%w: listed twice", ErrInvalidArgument)}
 		}
+		sc.seen[id] = struct{}{}
 		if s.Swapped != swapped {
 			err := error(ErrSwapped)
 			if swapped {
 				err = fmt.Errorf("%w: not swapped out", ErrInvalidArgument)
 			}
-			return nil, &SequenceError{Op: op, Seq: id, Err: err}
+			return &SequenceError{Op: op, Seq: id, Err: err}
 		}
-		set = append(set, s)
+		sc.set = append(sc.set, s)
 	}
-	return set, nil
+	return nil
 }
 
-// holders counts, for every block the sequences hold, how many of their references it has,
-// in the order the blocks come.
-func holders(set []*sequence.Sequence) (order []int32, count map[int32]int32) {
-	count = map[int32]int32{}
-	for _, s := range set {
-		for _, b := range s.Blocks {
-			if count[b] == 0 {
-				order = append(order, b)
+// plan lists the blocks of m.swap.set to copy, each once, in the order they come: a pair (b, 0)
+// for each, its references among the set, and for each reference its pair. holders(b) is b's
+// references in all; a block with one is held by its sequence alone, and needs no lookup.
+func (m *Manager) plan(holders func(b int32) int32) {
+	sc := &m.swap
+	sc.pairs, sc.refs, sc.at = sc.pairs[:0], sc.refs[:0], sc.at[:0]
+	clear(sc.first)
+	for _, q := range sc.set {
+		for _, b := range q.Blocks {
+			if holders(b) > 1 {
+				if k, ok := sc.first[b]; ok {
+					sc.refs[k]++
+					sc.at = append(sc.at, k)
+					continue
+				}
+				sc.first[b] = int32(len(sc.refs))
 			}
-			count[b]++
+			sc.at = append(sc.at, int32(len(sc.refs)))
+			sc.pairs = append(sc.pairs, int64(b), 0)
+			sc.refs = append(sc.refs, 1)
 		}
 	}
-	return order, count
 }
 
 // SwapOut moves the sequences' blocks to the host tier with one copy launch per device on
@@ -117,16 +141,12 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	set, err := m.swapSet("swap out", seqs, false)
-	if err != nil {
+	if err := m.swapSet("swap out", seqs, false); err != nil {
 		return nil, err
 	}
-	order, count := holders(set)
-	pairs := make([]int64, 0, 2*len(order)) // (device block, host block)
-	for _, b := range order {
-		pairs = append(pairs, int64(b), 0)
-	}
-	n := len(pairs) / 2
+	m.plan(m.arena.refs)
+	sc := &m.swap
+	n := len(sc.refs)
 	if n > m.host.freeBlocks() {
 		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.freeBlocks())*m.cfg.BlockStride()
 		return nil, &SequenceError{Op: "swap out", Seq: seqs[0], Err: &BlocksError{Blocks: n, Bytes: bytes, Free: m.host.freeBlocks(),
@@ -134,21 +154,21 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	// The host blocks the copy goes to are the next free ones, taken for real once it is queued.
 	free := m.host.free
-	for i := 1; i < len(pairs); i += 2 {
-		pairs[i] = int64(free[len(free)-1-i/2])
+	for k := range n {
+		sc.pairs[2*k+1] = int64(free[len(free)-1-k])
 	}
-	moves := make(map[int32]int32, n)
-	marks, err := m.back.copyAsync(s, pairs)
+	marks, err := m.back.copyAsync(s, sc.pairs)
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: swap out: %w", err)
 	}
-	for i := 0; i < len(pairs); i += 2 {
-		b := int32(pairs[i])
-		moves[b] = m.host.take(count[b])
+	for k := range n {
+		m.host.take(sc.refs[k]) // sc.pairs[2k+1], as the free list's order says
 	}
-	for _, q := range set {
+	j := 0
+	for _, q := range sc.set {
 		for i, b := range q.Blocks {
-			q.Blocks[i] = moves[b]
+			q.Blocks[i] = int32(sc.pairs[2*sc.at[j]+1])
+			j++
 			m.arena.unref(b)
 		}
 		q.Swapped = true
@@ -164,53 +184,51 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 // ids change: export the tables again) with one copy launch per device on stream s, and frees
 // the host blocks. A host block shared by several of the sequences is copied once and stays
 // shared; one also held by a sequence still out is copied again when that one comes in. Device
-// blocks come as for an append: free ones, evicted cache, mapped pages. All or nothing: an unknown sequence or one not swapped out, a device too full (a
-// *BlocksError wrapping ErrOutOfMemory) or a failed launch change nothing.
+// blocks come as for an append: free ones, evicted cache, mapped pages. All or nothing: an
+// unknown sequence or one not swapped out, a device too full (a *BlocksError wrapping
+// ErrOutOfMemory) or a failed launch change nothing.
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap in")
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	set, err := m.swapSet("swap in", seqs, true)
-	if err != nil {
+	if err := m.swapSet("swap in", seqs, true); err != nil {
 		return nil, err
 	}
-	hosts, count := holders(set)
-	if err := m.takeBlocks(len(hosts), -1); err != nil {
-		m.commitEvictions()
-		return nil, fmt.Errorf("kvcache: swap in: %w", &BlocksError{Blocks: len(hosts), Bytes: uint64(len(hosts)) * m.cfg.BlockStride(),
+	m.plan(m.host.refsOf)
+	sc := &m.swap
+	n := len(sc.refs)
+	if err := m.takeBlocks(n, -1); err != nil {
+		return nil, fmt.Errorf("kvcache: swap in: %w", &BlocksError{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err})
 	}
-	pairs := make([]int64, 0, 2*len(hosts))
-	for i, h := range hosts {
-		pairs = append(pairs, int64(h), int64(m.newBlocks[i]))
+	for k := range n {
+		sc.pairs[2*k+1] = int64(m.newBlocks[k])
 	}
-	marks, err := m.back.copyAsync(s, pairs)
+	marks, err := m.back.copyAsync(s, sc.pairs)
 	if err != nil {
 		m.rollback()
-		m.commitEvictions()
 		return nil, fmt.Errorf("kvcache: swap in: %w", err)
 	}
 	m.commitEvictions()
-	moves := make(map[int32]int32, len(hosts))
-	for i, h := range hosts {
-		d := m.newBlocks[i]
-		moves[h] = d
-		for range count[h] - 1 { // takeBlocks gave it one holder
-			m.arena.ref(d)
+	for k := range n {
+		for range sc.refs[k] - 1 { // takeBlocks gave it one holder
+			m.arena.ref(m.newBlocks[k])
 		}
 	}
-	for _, q := range set {
-		for i, b := range q.Blocks {
-			q.Blocks[i] = moves[b]
-			m.host.unref(b)
+	j := 0
+	for _, q := range sc.set {
+		for i, h := range q.Blocks {
+			q.Blocks[i] = m.newBlocks[sc.at[j]]
+			j++
+			m.host.unref(h)
 		}
 		q.Swapped = false
 	}
-	m.counters.swapIns += uint64(len(hosts))
+	m.counters.swapIns += uint64(n)
 	m.publish()
-	return &Swap{Blocks: len(hosts), Bytes: uint64(len(hosts)) * m.cfg.BlockStride(), marks: marks}, nil
+	return &Swap{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
 }
 
 // Swapped reports whether the sequence is swapped out.

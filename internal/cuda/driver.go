@@ -271,6 +271,31 @@ func (c *Context) MemcpyHtoDAsync(dst DevicePtr, src []byte, s Stream) error {
 	return c.do("cuMemcpyHtoDAsync_v2", procs.cuMemcpyHtoDAsync, uintptr(dst), uintptr(unsafe.Pointer(&src[0])), uintptr(len(src)), uintptr(s))
 }
 
+// MemAllocHost allocates size bytes of page-locked host memory that the device reaches by DMA
+// (cuMemAllocHost); the caller frees it with MemFreeHost. The memory is outside Go's heap.
+func (c *Context) MemAllocHost(size uint64) (HostPtr, error) {
+	var p HostPtr
+	err := c.do("cuMemAllocHost_v2", procs.cuMemAllocHost, uintptr(unsafe.Pointer(&p)), uintptr(size))
+	return p, err
+}
+
+// MemFreeHost frees memory from MemAllocHost.
+func (c *Context) MemFreeHost(p HostPtr) error {
+	return c.do("cuMemFreeHost", procs.cuMemFreeHost, uintptr(p))
+}
+
+// MemcpyDtoHAsyncPinned copies n bytes from device address src to page-locked host memory dst on
+// stream s (a DMA on a copy engine).
+func (c *Context) MemcpyDtoHAsyncPinned(dst HostPtr, src DevicePtr, n uint64, s Stream) error {
+	return c.do("cuMemcpyDtoHAsync_v2", procs.cuMemcpyDtoHAsync, uintptr(dst), uintptr(src), uintptr(n), uintptr(s))
+}
+
+// MemcpyHtoDAsyncPinned copies n bytes from page-locked host memory src to device address dst on
+// stream s.
+func (c *Context) MemcpyHtoDAsyncPinned(dst DevicePtr, src HostPtr, n uint64, s Stream) error {
+	return c.do("cuMemcpyHtoDAsync_v2", procs.cuMemcpyHtoDAsync, uintptr(dst), uintptr(src), uintptr(n), uintptr(s))
+}
+
 // StreamCreate creates a stream; the caller destroys it with StreamDestroy.
 func (c *Context) StreamCreate(flags uint32) (Stream, error) {
 	var s Stream
@@ -298,6 +323,11 @@ func (c *Context) EventCreate(flags uint32) (Event, error) {
 // EventRecord records e on stream s.
 func (c *Context) EventRecord(e Event, s Stream) error {
 	return c.do("cuEventRecord", procs.cuEventRecord, uintptr(e), uintptr(s))
+}
+
+// StreamWaitEvent makes the work queued on s after it wait for e, without blocking the host.
+func (c *Context) StreamWaitEvent(s Stream, e Event) error {
+	return c.do("cuStreamWaitEvent", procs.cuStreamWaitEvent, uintptr(s), uintptr(e), 0)
 }
 
 // EventSynchronize waits for e.

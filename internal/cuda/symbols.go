@@ -15,9 +15,10 @@ var procs struct {
 	cuMemsetD8, cuMemsetD8Async                                           uintptr
 	cuMemcpyHtoD, cuMemcpyDtoH, cuMemcpyDtoD, cuMemcpyDtoDAsync           uintptr
 	cuMemcpyHtoDAsync, cuMemcpyDtoHAsync                                  uintptr
+	cuMemAllocHost, cuMemFreeHost                                         uintptr
 	cuStreamCreate, cuStreamDestroy, cuStreamSynchronize                  uintptr
 	cuEventCreate, cuEventRecord, cuEventSynchronize, cuEventElapsedTime  uintptr
-	cuEventDestroy, cuEventQuery                                          uintptr
+	cuEventDestroy, cuEventQuery, cuStreamWaitEvent                       uintptr
 	cuModuleLoadData, cuModuleUnload, cuModuleGetFunction, cuLaunchKernel uintptr
 	cuFuncGetAttribute                                                    uintptr
 }
@@ -63,6 +64,8 @@ func symbolTable() []symbol {
 		{&p.cuMemcpyDtoDAsync, []string{"cuMemcpyDtoDAsync_v2"}},
 		{&p.cuMemcpyHtoDAsync, []string{"cuMemcpyHtoDAsync_v2"}},
 		{&p.cuMemcpyDtoHAsync, []string{"cuMemcpyDtoHAsync_v2"}},
+		{&p.cuMemAllocHost, []string{"cuMemAllocHost_v2"}},
+		{&p.cuMemFreeHost, []string{"cuMemFreeHost"}},
 		{&p.cuStreamCreate, []string{"cuStreamCreate"}},
 		{&p.cuStreamDestroy, []string{"cuStreamDestroy_v2"}},
 		{&p.cuStreamSynchronize, []string{"cuStreamSynchronize"}},
@@ -72,6 +75,7 @@ func symbolTable() []symbol {
 		{&p.cuEventElapsedTime, []string{"cuEventElapsedTime_v2", "cuEventElapsedTime"}},
 		{&p.cuEventDestroy, []string{"cuEventDestroy_v2"}},
 		{&p.cuEventQuery, []string{"cuEventQuery"}},
+		{&p.cuStreamWaitEvent, []string{"cuStreamWaitEvent"}},
 		{&p.cuModuleLoadData, []string{"cuModuleLoadData"}},
 		{&p.cuModuleUnload, []string{"cuModuleUnload"}},
 		{&p.cuModuleGetFunction, []string{"cuModuleGetFunction"}},

@@ -3,6 +3,10 @@ package cuda
 // DevicePtr is a CUdeviceptr: a virtual address in the unified address space.
 type DevicePtr uint64
 
+// HostPtr is the address of page-locked host memory from MemAllocHost: outside Go's heap, so an
+// integer, not a pointer Go's collector would follow.
+type HostPtr uintptr
+
 // MemHandle is a CUmemGenericAllocationHandle: a physical allocation made by cuMemCreate.
 type MemHandle uint64
 
