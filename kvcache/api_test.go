@@ -74,7 +74,7 @@ func managerObject(build func(dev vmm.Device) (*kvcache.Manager, func() error)) 
 
 func apiConfig() kvcache.Config {
 	c := tinyConfig()
-	c.Capacity, c.HostBlocks = 16*c.PageSize, 8
+	c.Capacity, c.HostBlocks, c.HostPrefixCache = 16*c.PageSize, 8, true
 	return c
 }
 
@@ -117,7 +117,7 @@ func apiManagers() []apitest.Maker {
 				panic(err)
 			}
 			c := apiConfig()
-			c.HostBlocks = 0 // static memory has no host tier
+			c.HostBlocks, c.HostPrefixCache = 0, false // static memory has no host tier
 			m, err := kvcache.NewStatic(dev, c, vmm.External{Addr: a, Size: pool.Capacity(), Kind: vmm.MemoryHost})
 			if err != nil {
 				panic(err)

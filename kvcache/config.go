@@ -64,6 +64,11 @@ type Config struct {
 	// arena's pages in its reservation (whole pages of it), that SwapOut moves sequences' blocks
 	// to and SwapIn brings them back from. 0 means none.
 	HostBlocks int
+	// HostPrefixCache keeps the prefix cache's blocks in the host tier too: blocks that go idle
+	// are written back to host blocks the swaps do not use, and a prompt whose prefix the
+	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
+	// HostBlocks.
+	HostPrefixCache bool
 	// NoBackground turns the reserve goroutine off: pages are mapped when an append needs one and
 	// the watermarks are applied by Settle. For deterministic tests and single-threaded use.
 	NoBackground bool
@@ -132,6 +137,9 @@ func (c Config) Validate() error {
 	}
 	if c.HostBlocks < 0 || c.HostBlocks > MaxBlocks {
 		return &ConfigError{Field: "HostBlocks", Value: c.HostBlocks, Reason: fmt.Sprintf("must lie in [0, %d]", MaxBlocks)}
+	}
+	if c.HostPrefixCache && c.HostBlocks == 0 {
+		return &ConfigError{Field: "HostPrefixCache", Value: true, Reason: "needs a host tier (HostBlocks)"}
 	}
 	return nil
 }

@@ -1,17 +1,29 @@
 package kvcache
 
-// hostTier is the bookkeeping of the host tier's blocks: which are free and how many swapped
-// sequences hold each. Its block ids are [first, first+n), past the arena's device blocks, in
-// the pages the backing maps with pinned host memory after the arena's. It knows nothing of
-// memory. Not safe for concurrent use.
+import (
+	"github.com/pagedkv/pagedkv/internal/keyindex"
+	"github.com/pagedkv/pagedkv/prefix"
+)
+
+// hostTier is the bookkeeping of the host tier's blocks. Its block ids are [first, first+n),
+// past the arena's device blocks, in the pages the backing maps with pinned host memory after
+// the arena's. A host block is free, held by swapped-out sequences (refs counts them), or holds
+// a cached block's content (an entry in cache, by last use). It knows nothing of memory. Not
+// safe for concurrent use.
 type hostTier struct {
 	first int32
 	refs  []int32
-	free  []int32 // free ids, the highest first, so that the lowest is taken first
+	free  []int32         // free ids, the highest first, so that the lowest is taken first
+	cache *keyindex.Index // host blocks holding cached content: all idle, least recently used first
+
+	// what reserve took, until commit or abort
+	taken   []int32
+	evicted []keyindex.Removed
+	nfree   int // of taken, the first nfree came from the free list
 }
 
 func newHostTier(first int32, n int) *hostTier {
-	h := &hostTier{first: first, refs: make([]int32, n), free: make([]int32, n)}
+	h := &hostTier{first: first, refs: make([]int32, n), free: make([]int32, n), cache: keyindex.NewIndex()}
 	for i := range n {
 		h.free[i] = first + int32(n-1-i)
 	}
@@ -21,14 +33,6 @@ func newHostTier(first int32, n int) *hostTier {
 // has reports whether b is a host block id.
 func (h *hostTier) has(b int32) bool {
 	return h != nil && b >= h.first && b < h.first+int32(len(h.refs))
-}
-
-// take returns a free host block, held refs times.
-func (h *hostTier) take(refs int32) int32 {
-	b := h.free[len(h.free)-1]
-	h.free = h.free[:len(h.free)-1]
-	h.refs[b-h.first] = refs
-	return b
 }
 
 // unref drops one holder of host block b, freeing it at none.
@@ -41,7 +45,8 @@ func (h *hostTier) unref(b int32) {
 // refsOf returns how many sequences hold host block b.
 func (h *hostTier) refsOf(b int32) int32 { return h.refs[b-h.first] }
 
-// blocks returns the host tier's blocks, and freeBlocks how many are free.
+// blocks returns the host tier's blocks; freeBlocks how many are free; available how many
+// reserve can take: the free ones and those the cache holds.
 func (h *hostTier) blocks() int {
 	if h == nil {
 		return 0
@@ -54,4 +59,73 @@ func (h *hostTier) freeBlocks() int {
 		return 0
 	}
 	return len(h.free)
+}
+
+func (h *hostTier) available() int {
+	if h == nil {
+		return 0
+	}
+	return len(h.free) + h.cache.Len()
+}
+
+// reserve takes n host blocks (n <= available()) into h.taken: free ones first, then the
+// cache's least recently used. Commit or abort it before the next reserve.
+func (h *hostTier) reserve(n int) {
+	h.taken, h.evicted = h.taken[:0], h.evicted[:0]
+	h.nfree = min(n, len(h.free))
+	for range h.nfree {
+		h.taken = append(h.taken, h.free[len(h.free)-1])
+		h.free = h.free[:len(h.free)-1]
+	}
+	for len(h.taken) < n {
+		r := h.cache.Remove(h.cache.Oldest())
+		h.evicted = append(h.evicted, r)
+		h.taken = append(h.taken, r.Block)
+	}
+}
+
+// abort puts back what reserve took, exactly.
+func (h *hostTier) abort() {
+	for i := len(h.evicted) - 1; i >= 0; i-- {
+		h.cache.Restore(h.evicted[i])
+	}
+	for i := h.nfree - 1; i >= 0; i-- {
+		h.free = append(h.free, h.taken[i])
+	}
+	h.taken, h.evicted, h.nfree = h.taken[:0], h.evicted[:0], 0
+}
+
+// commit lets reserve's evictions stand, calling removed with each key the cache lost.
+func (h *hostTier) commit(removed func(prefix.Key)) {
+	for _, r := range h.evicted {
+		removed(r.Key)
+		h.cache.Recycle(r)
+	}
+	h.evicted = h.evicted[:0]
+}
+
+// hold makes taken host block b held by refs swapped-out references.
+func (h *hostTier) hold(b int32, refs int32) { h.refs[b-h.first] = refs }
+
+// store makes taken host block b hold the content of key k, as the most recently used.
+func (h *hostTier) store(k prefix.Key, b int32) {
+	h.cache.Release(h.cache.Add(k, b))
+}
+
+// touch makes cached entry e the most recently used.
+func (h *hostTier) touch(e *keyindex.Entry) {
+	h.cache.Hold(e)
+	h.cache.Release(e)
+}
+
+// dropCache frees every host block the cache holds and returns their keys' count.
+func (h *hostTier) dropCache() int {
+	n := 0
+	for e := h.cache.Oldest(); e != nil; e = h.cache.Oldest() {
+		r := h.cache.Remove(e)
+		h.free = append(h.free, r.Block)
+		h.cache.Recycle(r)
+		n++
+	}
+	return n
 }

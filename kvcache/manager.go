@@ -75,7 +75,10 @@ type Manager struct {
 		syncMaps, bgMaps, unmaps, cows, compactions, moved uint64
 		queryTokens, hitTokens, stored, evictions          uint64
 		swapOuts, swapIns                                  uint64
+		hostHitTokens, hostStored, hostEvictions           uint64
+		hostFailures                                       uint64
 	}
+	lastCopy *Swap // the newest copy between the tiers on stream 0 (hostcache.go)
 }
 
 // New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
@@ -597,6 +600,8 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 			m.arena.unref(b)
 		}
 	}
+	m.writeBack(s)
+	m.publish()
 	m.seqs.Remove(s)
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
@@ -768,6 +773,7 @@ func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.feed.Close()
+	m.settleCopies()
 	if err := m.back.close(); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
 	}

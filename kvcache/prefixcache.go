@@ -39,6 +39,14 @@ type PrefixStats struct {
 	// the memory the cache alone keeps mapped (CacheOnlyBytes).
 	CacheOnlyPages int
 	CacheOnlyBytes uint64
+
+	// The host prefix cache (Config.HostPrefixCache). HostHitTokens are the HitTokens fetched
+	// from it; HostStored the blocks written back to it; HostEvictions the blocks it dropped
+	// (for room, a swap, or DropCache); HostCachedBlocks the host blocks it holds now.
+	// HostFailures counts write-backs and fetches given up on a failed driver call (the cache
+	// stays consistent; the runtime computes what a fetch did not bring).
+	HostHitTokens, HostStored, HostEvictions, HostFailures uint64
+	HostCachedBlocks                                       int
 }
 
 // StartSequence creates sequence seq for a prompt: it finds the longest prefix of the prompt's
@@ -84,11 +92,23 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 		m.arena.hold(b)
 		s.Blocks = append(s.Blocks, b)
 	})
+	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
+	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
 	s.Tokens = len(s.Keys) * bt
-	s.IDs = append(s.IDs, p.Tokens[:s.Tokens]...)
 	m.counters.queryTokens += uint64(len(p.Tokens))
 	m.counters.hitTokens += uint64(s.Tokens)
+	m.counters.hostHitTokens += uint64(fetched * bt)
+	m.publish()
 	return s.Tokens, nil
+}
+
+// maxPromptBlocks returns how many whole blocks of a prompt of n tokens a lookup may find: all
+// but the last token's.
+func maxPromptBlocks(n, bt int) int {
+	if n == 0 {
+		return 0
+	}
+	return (n - 1) / bt
 }
 
 // lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
@@ -96,10 +116,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 // each block.
 func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) {
 	bt := m.cfg.BlockTokens
-	maxBlocks := 0
-	if len(p.Tokens) > 0 {
-		maxBlocks = (len(p.Tokens) - 1) / bt
-	}
+	maxBlocks := maxPromptBlocks(len(p.Tokens), bt)
 	parent := s.Root
 	for i := range maxBlocks {
 		k := parent
@@ -203,6 +220,14 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 
 // emitStored queues one BlockStored event for s's blocks [from, to).
 func (m *Manager) emitStored(s *sequence.Sequence, from, to int) {
+	m.emitStoredOn(s, from, to, prefix.MediumGPU)
+}
+
+// emitStoredOn queues a BlockStored event for blocks [from, to) of s, stored on medium.
+func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string) {
+	if !m.feed.Active() {
+		return
+	}
 	bt := m.cfg.BlockTokens
 	parent := s.Root
 	if from > 0 {
@@ -210,21 +235,25 @@ func (m *Manager) emitStored(s *sequence.Sequence, from, to int) {
 	}
 	m.pending = append(m.pending, prefix.Event{
 		Kind: prefix.BlockStored, Keys: append([]prefix.Key(nil), s.Keys[from:to]...), Parent: parent,
-		Tokens: append([]TokenID(nil), s.IDs[from*bt:to*bt]...), BlockSize: bt, Adapter: s.Adapter, Medium: prefix.MediumGPU,
+		Tokens: append([]TokenID(nil), s.IDs[from*bt:to*bt]...), BlockSize: bt, Adapter: s.Adapter, Medium: medium,
 	})
 }
 
 // emitRemoved queues a BlockRemoved event for key k, joining it to the previous one when that
 // is a BlockRemoved too.
-func (m *Manager) emitRemoved(k prefix.Key) {
+func (m *Manager) emitRemoved(k prefix.Key) { m.emitRemovedOn(k, prefix.MediumGPU) }
+
+// emitRemovedOn queues a BlockRemoved event for key k leaving medium, joining it to the
+// previous event when that is a BlockRemoved on the same medium.
+func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 	if !m.feed.Active() {
 		return
 	}
-	if n := len(m.pending); n > 0 && m.pending[n-1].Kind == prefix.BlockRemoved {
+	if n := len(m.pending); n > 0 && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
 		m.pending[n-1].Keys = append(m.pending[n-1].Keys, k)
 		return
 	}
-	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: []prefix.Key{k}, Medium: prefix.MediumGPU})
+	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: []prefix.Key{k}, Medium: medium})
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock
@@ -286,6 +315,7 @@ func (m *Manager) evictPage(p int32, undo bool) {
 
 // evictBlock evicts idle block b.
 func (m *Manager) evictBlock(b int32, undo bool) {
+	m.settleCopies() // a write-back may still read b
 	r := m.arena.evict(b)
 	if undo {
 		m.evicted = append(m.evicted, r)
@@ -332,7 +362,8 @@ func (m *Manager) dropExcess(keep int) {
 }
 
 // DropCache empties the prefix cache: idle cached blocks are freed and held ones forget their
-// keys (their sequences keep them). Subscribers get AllBlocksCleared. It returns the blocks
+// keys (their sequences keep them), and the host prefix cache is emptied. Subscribers get
+// AllBlocksCleared (Medium "GPU", and "CPU" for the host cache). It returns the device blocks
 // freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
 // goroutine).
 func (m *Manager) DropCache() (int, error) {
@@ -345,6 +376,16 @@ func (m *Manager) DropCache() (int, error) {
 		return 0, fmt.Errorf("kvcache: drop cache: %w", ErrClosed)
 	}
 	n := m.dropCacheLocked()
+	if m.host != nil {
+		m.settleCopies()
+		if h := m.host.dropCache(); h > 0 {
+			m.counters.hostEvictions += uint64(h)
+			if m.feed.Active() {
+				m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})
+			}
+			m.publish()
+		}
+	}
 	m.kick()
 	return n, nil
 }

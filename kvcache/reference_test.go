@@ -28,16 +28,17 @@ import (
 // it is checked. A token's value is a hash of its namespace and every id up to it, so a block
 // shared by a wrong prefix hit reads wrong values.
 type refModel struct {
-	bt     int
-	seqs   map[kvcache.SeqID]*refSeq
-	refs   map[int]int        // held blocks: their holders
-	host   map[int]int        // host-tier blocks: their holders (swapped sequences)
-	idle   map[int]bool       // cached blocks nobody holds
-	cached map[prefix.Key]int // key -> block
-	keyOf  map[int]prefix.Key // block -> key, for cached blocks
-	stored []prefix.Key       // keys cached since the events were last checked
-	nextID int
-	hasher prefix.Hasher
+	bt         int
+	seqs       map[kvcache.SeqID]*refSeq
+	refs       map[int]int         // held blocks: their holders
+	host       map[int]int         // host-tier blocks: their holders (swapped sequences)
+	hostCached map[prefix.Key]bool // keys the host prefix cache holds (as its events say)
+	idle       map[int]bool        // cached blocks nobody holds
+	cached     map[prefix.Key]int  // key -> block
+	keyOf      map[int]prefix.Key  // block -> key, for cached blocks
+	stored     []prefix.Key        // keys cached since the events were last checked
+	nextID     int
+	hasher     prefix.Hasher
 }
 
 type refSeq struct {
@@ -51,7 +52,7 @@ type refSeq struct {
 }
 
 func newRef(bt int) *refModel {
-	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}, host: map[int]int{}, idle: map[int]bool{},
+	return &refModel{bt: bt, seqs: map[kvcache.SeqID]*refSeq{}, refs: map[int]int{}, host: map[int]int{}, hostCached: map[prefix.Key]bool{}, idle: map[int]bool{},
 		cached: map[prefix.Key]int{}, keyOf: map[int]prefix.Key{}}
 }
 
@@ -238,6 +239,52 @@ func (r *refModel) drop(b int) {
 	}
 }
 
+// hostHits returns how many blocks of prompt after sequence id's device hit the host cache
+// holds in a row (none the device holds): what StartSequence fetches when the device has room.
+func (r *refModel) hostHits(id kvcache.SeqID, prompt []prefix.Token) int {
+	s := r.seqs[id]
+	parent := s.root
+	if len(s.keys) > 0 {
+		parent = s.keys[len(s.keys)-1]
+	}
+	n := 0
+	for i := len(s.keys); len(prompt) > 0 && i < (len(prompt)-1)/r.bt; i++ {
+		k := r.hasher.Next(parent, prompt[i*r.bt:(i+1)*r.bt])
+		if _, on := r.cached[k]; on || !r.hostCached[k] {
+			break
+		}
+		n++
+		parent = k
+	}
+	return n
+}
+
+// fetch appends to started sequence id the n blocks of prompt the host cache gave: new device
+// blocks, cached under their keys.
+func (r *refModel) fetch(id kvcache.SeqID, prompt []prefix.Token, n int) {
+	s := r.seqs[id]
+	for range n {
+		i := len(s.keys)
+		parent := s.root
+		if i > 0 {
+			parent = s.keys[i-1]
+		}
+		k := r.hasher.Next(parent, prompt[i*r.bt:(i+1)*r.bt])
+		b := r.newBlock()
+		s.blocks, s.keys = append(s.blocks, b), append(s.keys, k)
+		r.cached[k], r.keyOf[b] = b, k
+		r.stored = append(r.stored, k)
+		for j := i * r.bt; j < (i+1)*r.bt; j++ {
+			prev := uint64(0)
+			if j > 0 {
+				prev = s.tokens[j-1]
+			}
+			s.tokens = append(s.tokens, value(s.root, prev, j, prompt[j]))
+			s.ids = append(s.ids, prompt[j])
+		}
+	}
+}
+
 // removed applies a BlockRemoved key: an idle block is gone, a held one is no longer cached.
 func (r *refModel) removed(t testing.TB, k prefix.Key) {
 	b, ok := r.cached[k]
@@ -384,19 +431,39 @@ func (h *harness) removals() {
 	h.events = h.sub.Read(h.events)
 	kept := h.events[:0]
 	for _, e := range h.events {
-		switch e.Kind {
-		case prefix.BlockRemoved:
+		switch {
+		case e.Medium == prefix.MediumCPU: // the host cache
+			require.True(h.t, h.cfg.HostPrefixCache, "a host cache event without a host cache")
+			switch e.Kind {
+			case prefix.BlockStored: // a write-back of blocks that went idle on the device
+				for _, k := range e.Keys {
+					b, ok := h.ref.cached[k]
+					require.True(h.t, ok && h.ref.idle[b], "a write-back of a block not idle in the device cache")
+					require.False(h.t, h.ref.hostCached[k], "a write-back of a block the host holds")
+					h.ref.hostCached[k] = true
+				}
+			case prefix.BlockRemoved:
+				for _, k := range e.Keys {
+					require.True(h.t, h.ref.hostCached[k], "a host BlockRemoved for a key the host does not hold")
+					delete(h.ref.hostCached, k)
+				}
+			case prefix.AllBlocksCleared:
+				clear(h.ref.hostCached)
+			default:
+				h.t.Fatalf("host cache event %v", e.Kind)
+			}
+		case e.Kind == prefix.BlockRemoved:
 			require.Equal(h.t, prefix.MediumGPU, e.Medium)
 			for _, k := range e.Keys {
 				h.ref.removed(h.t, k)
 			}
-		case prefix.AllBlocksCleared:
+		case e.Kind == prefix.AllBlocksCleared:
 			for b := range h.ref.idle {
 				delete(h.ref.idle, b)
 			}
 			clear(h.ref.cached)
 			clear(h.ref.keyOf)
-		case prefix.EventsLost:
+		case e.Kind == prefix.EventsLost:
 			h.t.Fatalf("events lost: %d", e.Lost)
 		default:
 			kept = append(kept, e)
@@ -513,10 +580,17 @@ func (h *harness) start(seq kvcache.SeqID, ns prefix.Namespace, p []prefix.Token
 		keys = prefix.Keys(nil, ns, h.cfg.BlockTokens, p)
 		keys = keys[:len(keys)/2]
 	}
+	failures := h.m.Stats().Prefix.HostFailures
 	hit, err := h.m.StartSequence(seq, kvcache.Prompt{Tokens: p, Namespace: ns, Keys: keys})
 	require.NoError(t, err)
 	root := prefix.Root(ns, h.cfg.BlockTokens)
-	require.Equal(t, h.ref.start(seq, root, p), hit, "cached prefix of a %d-token prompt", len(p))
+	onDevice := h.ref.start(seq, root, p)
+	onHost := h.ref.hostHits(seq, p)
+	if hit != onDevice { // the host cache's blocks follow, unless the device had no room
+		require.Equal(t, onDevice+onHost*h.cfg.BlockTokens, hit, "cached prefix of a %d-token prompt, %d blocks of it on the host", len(p), onHost)
+		h.ref.fetch(seq, p, onHost)
+	}
+	require.Equal(t, failures, h.m.Stats().Prefix.HostFailures, "no fetch fails on a working device")
 	h.hits += hit
 	rest := p[hit:]
 	h.slots, err = h.m.AppendTokenIDs(seq, rest, h.slots[:0])
@@ -727,7 +801,8 @@ func (h *harness) check() {
 	}
 	require.Equal(t, len(h.ref.seqs), st.Sequences)
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
-	require.Equal(t, len(h.ref.host), st.HostBlocks-st.HostFreeBlocks, "host blocks held")
+	require.Equal(t, len(h.ref.host)+len(h.ref.hostCached), st.HostBlocks-st.HostFreeBlocks, "host blocks held or cached")
+	require.Equal(t, len(h.ref.hostCached), st.Prefix.HostCachedBlocks, "host cache")
 	require.Equal(t, len(h.ref.idle), st.Prefix.IdleBlocks, "idle cached blocks")
 	require.Equal(t, len(h.ref.cached), st.Prefix.CachedBlocks, "cached blocks")
 	toRef, toMgr := map[int32]int{}, map[int]int32{}
@@ -854,6 +929,9 @@ func fuzzHarness(t testing.TB, n int) *harness {
 	}
 	if n%5 != 4 {
 		cfg.HostBlocks = 12 // a host tier of three pages' worth
+		if n%4 < 2 {        // and, with a host prefix cache, six
+			cfg.HostBlocks, cfg.HostPrefixCache = 24, true
+		}
 	}
 	if split == (kvcache.Split{}) {
 		h = newHarness(t, hostDevice(t, 32<<10), cfg)
@@ -871,6 +949,7 @@ func fuzzHarness(t testing.TB, n int) *harness {
 // one, two and four devices.
 func TestRandomTraces(t *testing.T) {
 	ooms, moved, hits, evictions, swapOuts, swapIns := 0, uint64(0), 0, uint64(0), uint64(0), uint64(0)
+	var hostStored, hostHits, hostEvictions uint64
 	for seed := range 16 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			h := fuzzHarness(t, seed)
@@ -896,6 +975,9 @@ func TestRandomTraces(t *testing.T) {
 			evictions += h.m.Stats().Prefix.Evictions
 			swapOuts += h.m.Stats().SwapOuts
 			swapIns += h.m.Stats().SwapIns
+			hostStored += h.m.Stats().Prefix.HostStored
+			hostHits += h.m.Stats().Prefix.HostHitTokens
+			hostEvictions += h.m.Stats().Prefix.HostEvictions
 			require.Positive(t, h.m.Stats().CopyOnWrites+uint64(h.m.Stats().BlockRefs-h.m.Stats().LiveBlocks), "forks must be exercised")
 		})
 	}
@@ -907,4 +989,8 @@ func TestRandomTraces(t *testing.T) {
 	require.Positive(t, evictions, "cached blocks must be evicted")
 	require.Positive(t, swapOuts, "sequences must be swapped out")
 	require.Positive(t, swapIns, "sequences must be swapped in")
+	t.Logf("host cache: %d blocks written back, %d prompt tokens fetched, %d blocks dropped", hostStored, hostHits, hostEvictions)
+	require.Positive(t, hostStored, "idle blocks must be written back to the host cache")
+	require.Positive(t, hostHits, "prompts must hit the host cache")
+	require.Positive(t, hostEvictions, "the host cache must drop blocks")
 }

@@ -71,6 +71,11 @@ func (m *Manager) Stats() Stats {
 		Evictions: m.counters.evictions, CachedBlocks: a.index.Len(), IdleBlocks: a.idle,
 		IdleBytes: uint64(a.idle) * m.cfg.BlockStride(), CacheOnlyPages: a.cacheOnly.Len(),
 		CacheOnlyBytes: uint64(a.cacheOnly.Len()) * m.cfg.PageSize,
+		HostHitTokens:  m.counters.hostHitTokens, HostStored: m.counters.hostStored, HostEvictions: m.counters.hostEvictions,
+		HostFailures: m.counters.hostFailures,
+	}
+	if m.host != nil {
+		s.Prefix.HostCachedBlocks = m.host.cache.Len()
 	}
 	if s.Prefix.QueryTokens > 0 {
 		s.Prefix.HitRate = float64(s.Prefix.HitTokens) / float64(s.Prefix.QueryTokens)

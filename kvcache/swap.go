@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -64,6 +65,7 @@ type swapScratch struct {
 	pairs []int64         // (from, to) for each block copied
 	refs  []int32         // for each block copied, its references among the sequences
 	at    []int32         // for each block reference of the sequences, in order, its pair
+	keys  []prefix.Key    // the keys of the blocks a host-cache hit fetches
 	first map[int32]int32 // for a block with several holders, its pair
 }
 
@@ -147,22 +149,23 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	m.plan(m.arena.refs)
 	sc := &m.swap
 	n := len(sc.refs)
-	if n > m.host.freeBlocks() {
-		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.freeBlocks())*m.cfg.BlockStride()
-		return nil, &SequenceError{Op: "swap out", Seq: seqs[0], Err: &BlocksError{Blocks: n, Bytes: bytes, Free: m.host.freeBlocks(),
+	if n > m.host.available() {
+		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.available())*m.cfg.BlockStride()
+		return nil, &SequenceError{Op: "swap out", Seq: seqs[0], Err: &BlocksError{Blocks: n, Bytes: bytes, Free: m.host.available(),
 			Max: m.host.blocks(), Err: &vmm.CapacityError{Need: bytes, Free: free}}}
 	}
-	// The host blocks the copy goes to are the next free ones, taken for real once it is queued.
-	free := m.host.free
-	for k := range n {
-		sc.pairs[2*k+1] = int64(free[len(free)-1-k])
+	m.host.reserve(n) // free host blocks first, then the host cache's least recently used
+	for k, h := range m.host.taken {
+		sc.pairs[2*k+1] = int64(h)
 	}
 	marks, err := m.back.copyAsync(s, sc.pairs)
 	if err != nil {
+		m.host.abort()
 		return nil, fmt.Errorf("kvcache: swap out: %w", err)
 	}
-	for k := range n {
-		m.host.take(sc.refs[k]) // sc.pairs[2k+1], as the free list's order says
+	m.host.commit(m.emitHostRemoved)
+	for k, h := range m.host.taken {
+		m.host.hold(h, sc.refs[k])
 	}
 	j := 0
 	for _, q := range sc.set {
@@ -174,6 +177,7 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 		q.Swapped = true
 	}
 	m.counters.swapOuts += uint64(n)
+	m.publish()
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 )
@@ -165,7 +166,7 @@ func (m *Manager) Verify() error {
 	if mapped != a.mapped {
 		bad("mapped pages: arena counts %d, pages say %d", a.mapped, mapped)
 	}
-	if h := m.host; h != nil { // the host tier: held exactly by the swapped sequences' references
+	if h := m.host; h != nil { // the host tier: each block free, held by swapped sequences, or cached
 		freeHost := make(map[int32]bool, len(h.free))
 		for _, b := range h.free {
 			if freeHost[b] || !h.has(b) {
@@ -173,10 +174,29 @@ func (m *Manager) Verify() error {
 			}
 			freeHost[b] = true
 		}
+		cachedHost := make(map[int32]bool, h.cache.Len())
+		idle := 0
+		h.cache.Each(func(e *keyindex.Entry) bool {
+			if !h.has(e.Block) || cachedHost[e.Block] || !e.Idle() || h.cache.Get(e.Key) != e {
+				bad("host cache entry for block %d: not a host block, cached twice, held, or not indexed under its key", e.Block)
+			}
+			cachedHost[e.Block] = true
+			return true
+		})
+		h.cache.AscendIdle(func(*keyindex.Entry) bool { idle++; return true })
+		if idle != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
+			bad("host cache: %d entries, %d in its LRU list (on %v)", h.cache.Len(), idle, m.cfg.HostPrefixCache)
+		}
 		for i, r := range h.refs {
 			b := h.first + int32(i)
-			if r != refs[b] || (r == 0) != freeHost[b] {
-				bad("host block %d: %d holders counted, %d references, free %v", b, r, refs[b], freeHost[b])
+			states := 0
+			for _, in := range []bool{r > 0, freeHost[b], cachedHost[b]} {
+				if in {
+					states++
+				}
+			}
+			if r != refs[b] || states != 1 {
+				bad("host block %d: %d holders counted, %d references, free %v, cached %v", b, r, refs[b], freeHost[b], cachedHost[b])
 			}
 		}
 	}

@@ -41,8 +41,12 @@ func (k EventKind) String() string {
 	return fmt.Sprintf("EventKind(%d)", uint8(k))
 }
 
-// MediumGPU is the Medium of blocks in device memory.
-const MediumGPU = "GPU"
+// MediumGPU is the Medium of blocks in device memory, MediumCPU of blocks in the host tier's
+// pinned memory (as vLLM's KV events name them).
+const (
+	MediumGPU = "GPU"
+	MediumCPU = "CPU"
+)
 
 // Event is one KV event. Its slices belong to the reader once read.
 type Event struct {
