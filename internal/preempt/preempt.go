@@ -31,6 +31,7 @@ const (
 	HostCache
 )
 
+// String names the policy as the bench tables do.
 func (p Policy) String() string {
 	return [...]string{"preempt by free (recompute)", "preempt by swap", "free + host prefix cache"}[p]
 }
