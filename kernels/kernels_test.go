@@ -140,10 +140,10 @@ func TestCopyBlocksOnTwoStreams(t *testing.T) {
 	leakcheck.Check(t)
 	dev, err := vmm.NewCUDADevice(ord)
 	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, dev.Close()) }) // last: after the mapping below is gone
 	k, err := kernels.For(dev)
 	require.NoError(t, err)
-	defer func() { require.NoError(t, dev.Close()) }()
-	defer func() { require.NoError(t, k.Close()) }()
+	t.Cleanup(func() { require.NoError(t, k.Close()) })
 	ctx := dev.Context()
 	var streams [2]cuda.Stream
 	for i := range streams {

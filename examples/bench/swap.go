@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
+	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -27,8 +28,9 @@ func benchSwap(dev vmm.Device, scale int) ([]Table, error) {
 		Note: fmt.Sprintf("SwapOut / SwapIn of 64 sequences x 64 blocks, wall time from the call to Swap.Wait returning (bookkeeping, "+
 			"the pairs' upload and one copy_blocks launch), p50 of %d after a warm-up, as GB/s of block bytes. Yardsticks in the same "+
 			"run: one async memcpy of the same total bytes between the arena and page-locked host memory (cuMemAllocHost), and one "+
-			"memcpy per block from the blocks' own addresses.", n),
-		Columns: []string{"block", "direction", "swap GB/s", "one memcpy GB/s", "swap / one memcpy", "per-block memcpy GB/s", "swap / per-block"},
+			"memcpy per block from the blocks' own addresses. 'copy_blocks alone': the same pairs through the kernel without the "+
+			"manager (pairs' upload, launch, wait).", n),
+		Columns: []string{"block", "direction", "swap GB/s", "copy_blocks alone GB/s", "one memcpy GB/s", "swap / one memcpy", "per-block memcpy GB/s", "swap / per-block"},
 	}
 	for _, layers := range []int{1, 4, 16} { // 16, 64 and 256 KiB blocks
 		rows, err := swapRows(dev, layers, n)
@@ -195,6 +197,37 @@ func swapRows(dev vmm.Device, layers, n int) ([][]string, error) {
 			return mv.wait()
 		}
 	}
+	// The copy alone: the same pairs through a kernels.Kernels of its own (the pairs' upload, one
+	// launch, its wait), without the manager's bookkeeping. The host tier's blocks follow the
+	// arena's, and are all free now.
+	k, err := kernels.For(dev)
+	if err != nil {
+		return nil, err
+	}
+	defer k.Close()
+	hostFirst := int64(m.Config().Capacity / stride)
+	pairs := func(out bool) []int64 {
+		p := make([]int64, 0, 2*len(blocks))
+		for i, b := range blocks {
+			if out {
+				p = append(p, int64(b), hostFirst+int64(i))
+			} else {
+				p = append(p, hostFirst+int64(i), int64(b))
+			}
+		}
+		return p
+	}
+	copyOnly := func(p []int64) func() error {
+		return func() error { return errors2(k.CopyBlocks(0, base, p, stride), k.Synchronize(0)) }
+	}
+	kernOut, err := timeIt(copyOnly(pairs(true)))
+	if err != nil {
+		return nil, err
+	}
+	kernIn, err := timeIt(copyOnly(pairs(false)))
+	if err != nil {
+		return nil, err
+	}
 	perOut, err := timeIt(perBlock(true))
 	if err != nil {
 		return nil, err
@@ -204,12 +237,13 @@ func swapRows(dev vmm.Device, layers, n int) ([][]string, error) {
 		return nil, err
 	}
 	gbs := func(d time.Duration) float64 { return float64(total) / d.Seconds() / 1e9 }
-	row := func(dir string, swap, one, per sample) []string {
-		return []string{fmt.Sprintf("%d KiB", stride>>10), dir, fmt.Sprintf("%.1f", gbs(swap.p50())), fmt.Sprintf("%.1f", gbs(one.p50())),
+	row := func(dir string, swap, kern, one, per sample) []string {
+		return []string{fmt.Sprintf("%d KiB", stride>>10), dir, fmt.Sprintf("%.1f", gbs(swap.p50())), fmt.Sprintf("%.1f", gbs(kern.p50())),
+			fmt.Sprintf("%.1f", gbs(one.p50())),
 			fmt.Sprintf("%.0f%%", 100*float64(one.p50())/float64(swap.p50())), fmt.Sprintf("%.2f", gbs(per.p50())),
 			fmt.Sprintf("%.1fx", float64(per.p50())/float64(swap.p50()))}
 	}
-	return [][]string{row("out (device to host)", outS, oneOut, perOut), row("in (host to device)", inS, oneIn, perIn)}, nil
+	return [][]string{row("out (device to host)", outS, kernOut, oneOut, perOut), row("in (host to device)", inS, kernIn, oneIn, perIn)}, nil
 }
 
 // errors2 returns the first of two errors.
