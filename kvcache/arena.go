@@ -194,6 +194,21 @@ func (a *arena) alloc(p int32) int32 {
 	panic("kvcache: alloc from a page with no free block")
 }
 
+// allocAll takes every block of free page p, in order, each with one reference, and appends
+// them to dst: what BlocksPerPage calls of alloc would do.
+func (a *arena) allocAll(p int32, dst []int32) []int32 {
+	pg := a.pages[p]
+	for i := range a.bpp {
+		pg.refs[i] = 1
+		dst = append(dst, p*int32(a.bpp)+int32(i))
+	}
+	clear(pg.bits)
+	pg.free = 0
+	a.live += a.bpp
+	a.restate(p)
+	return dst
+}
+
 // occupy clears free block b's bit; the caller accounts for what it now holds.
 func (a *arena) occupy(b int32) {
 	p := a.pageOf(b)

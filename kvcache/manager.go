@@ -452,7 +452,7 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 // rollback.
 func (m *Manager) takeBlocks(need int, hint int32) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
-	for range need {
+	for len(m.newBlocks) < need {
 		p, ok := m.arena.pick(hint)
 		if !ok && m.evictExcess() { // cache beyond the bound goes before a page is mapped
 			p, ok = m.arena.pick(hint)
@@ -464,9 +464,12 @@ func (m *Manager) takeBlocks(need int, hint int32) error {
 				return err
 			}
 		}
-		b := m.arena.alloc(p)
-		m.newBlocks = append(m.newBlocks, b)
 		hint = p
+		if need-len(m.newBlocks) >= m.bpp && m.arena.pages[p].free == m.bpp {
+			m.newBlocks = m.arena.allocAll(p, m.newBlocks) // what bpp allocs would take, at once
+			continue
+		}
+		m.newBlocks = append(m.newBlocks, m.arena.alloc(p))
 	}
 	return nil
 }
