@@ -1,6 +1,7 @@
 package kvcache_test
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -33,35 +34,57 @@ func longPrompt(fam, blocks, bt int) []prefix.Token {
 // copies them back into device blocks, and every token reads back right through the table.
 func TestHostPrefixCache(t *testing.T) {
 	backends(t, func(t *testing.T, dev vmm.Device) {
-		h := newHarness(t, dev, hostCacheConfig())
-		m, bt := h.m, h.cfg.BlockTokens
-		p := longPrompt(1, 40, bt)
-		h.start(1, prefix.Namespace{}, p, false)
-		h.step(opFree, 1, 0, arg{}) // its 40 full blocks go idle, and are written back
-		st := m.Stats()
-		require.EqualValues(t, 40, st.Prefix.HostStored)
-		require.Equal(t, 40, st.Prefix.HostCachedBlocks)
-		require.Equal(t, 40, st.Prefix.IdleBlocks)
-
-		for s := byte(2); s < 5; s++ { // 120 blocks of other work evict the device's copy
-			h.step(opAppend, s, 0, exactly(40*bt))
-		}
-		require.Zero(t, m.Stats().Prefix.IdleBlocks, "the device cache gave its blocks up")
-		require.Equal(t, 40, m.Stats().Prefix.HostCachedBlocks, "the host keeps them")
-		for s := byte(2); s < 5; s++ {
-			h.step(opFree, s, 0, arg{})
-		}
-
-		h.start(5, prefix.Namespace{}, p, false) // checks the hit and every token's value
-		st = m.Stats()
-		assert.EqualValues(t, 40*bt, st.Prefix.HostHitTokens, "the whole prefix came from the host")
-		assert.Zero(t, st.Prefix.HostFailures)
-		assert.Equal(t, 40, st.Prefix.CachedBlocks, "and is cached on the device again")
-
-		h.start(6, prefix.Namespace{}, p, false) // now a device hit: nothing more from the host
-		assert.EqualValues(t, 40*bt, m.Stats().Prefix.HostHitTokens)
-		h.step(opDecode, 6, 0, arg{n: 1})
+		hostCacheScenario(t, newHarness(t, dev, hostCacheConfig()))
 	})
+}
+
+// The same on two devices (host memory in CI), KV heads or layers divided.
+func TestHostPrefixCacheMulti(t *testing.T) {
+	for _, split := range []kvcache.Split{{TensorParallel: 2}, {PipelineParallel: 2}} {
+		t.Run(fmt.Sprintf("%+v", split), func(t *testing.T) {
+			devs := []vmm.Device{hostDevice(t, 2<<20), hostDevice(t, 2<<20)}
+			hostCacheScenario(t, newMultiHarness(t, devs, multiHostCacheConfig(), split))
+		})
+	}
+}
+
+// multiHostCacheConfig is hostCacheConfig's geometry for two devices: 64 blocks to a page
+// index of 2 MiB on each device, two page indexes, a host tier of two.
+func multiHostCacheConfig() kvcache.Config {
+	return kvcache.Config{Layers: 2, KVHeads: 4, HeadDim: 128, ElemSize: 2, BlockTokens: 16,
+		PageSize: 4 << 20, Capacity: 2 * (4 << 20), NoBackground: true, HostBlocks: 128, HostPrefixCache: true}
+}
+
+// hostCacheScenario runs a 40-block prompt, evicts it from the device with 120 blocks of other
+// work, and starts it again: h's arena holds 128 blocks, its host tier 128.
+func hostCacheScenario(t *testing.T, h *harness) {
+	m, bt := h.m, h.cfg.BlockTokens
+	p := longPrompt(1, 40, bt)
+	h.start(1, prefix.Namespace{}, p, false)
+	h.step(opFree, 1, 0, arg{}) // its 40 full blocks go idle, and are written back
+	st := m.Stats()
+	require.EqualValues(t, 40, st.Prefix.HostStored)
+	require.Equal(t, 40, st.Prefix.HostCachedBlocks)
+	require.Equal(t, 40, st.Prefix.IdleBlocks)
+
+	for s := byte(2); s < 5; s++ { // 120 blocks of other work evict the device's copy
+		h.step(opAppend, s, 0, exactly(40*bt))
+	}
+	require.Zero(t, m.Stats().Prefix.IdleBlocks, "the device cache gave its blocks up")
+	require.Equal(t, 40, m.Stats().Prefix.HostCachedBlocks, "the host keeps them")
+	for s := byte(2); s < 5; s++ {
+		h.step(opFree, s, 0, arg{})
+	}
+
+	h.start(5, prefix.Namespace{}, p, false) // checks the hit and every token's value
+	st = m.Stats()
+	assert.EqualValues(t, 40*bt, st.Prefix.HostHitTokens, "the whole prefix came from the host")
+	assert.Zero(t, st.Prefix.HostFailures)
+	assert.Equal(t, 40, st.Prefix.CachedBlocks, "and is cached on the device again")
+
+	h.start(6, prefix.Namespace{}, p, false) // now a device hit: nothing more from the host
+	assert.EqualValues(t, 40*bt, m.Stats().Prefix.HostHitTokens)
+	h.step(opDecode, 6, 0, arg{n: 1})
 }
 
 // A prefix partly on the device and partly on the host: the device's blocks are shared, the

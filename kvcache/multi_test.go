@@ -153,12 +153,24 @@ func appendMakesNoDeviceCall(t *testing.T, d0, d1 *vmm.FaultDevice, cfg kvcache.
 // exported table, across compactions (one copy_blocks launch per device).
 func conversationsOn(t *testing.T, devs []vmm.Device, split kvcache.Split) {
 	// 2 layers, 8 heads of 256 dims: 256 KiB blocks, 16 to a page index (2 MiB on each device).
+	// A host tier of two page indexes, which is also a host prefix cache.
 	cfg := kvcache.Config{Layers: 2, KVHeads: 8, HeadDim: 256, ElemSize: 2, BlockTokens: 16,
-		PageSize: 4 << 20, Capacity: 24 * (4 << 20), NoBackground: true, PrefixCacheBytes: 8 * (4 << 20)}
+		PageSize: 4 << 20, Capacity: 24 * (4 << 20), NoBackground: true, PrefixCacheBytes: 8 * (4 << 20),
+		HostBlocks: 32, HostPrefixCache: true}
 	h := newMultiHarness(t, devs, cfg, split)
 	conversations(t, h)
+	// Swaps on every device: two sequences out together (their blocks to both devices' host
+	// tiers), then back one at a time, every token checked through the table.
+	for s := byte(5); s < 8; s++ {
+		h.step(opAppend, s, 0, exactly(40))
+	}
+	h.step(opSwapOut, 5, 6, arg{n: 2})
+	h.step(opSwapIn, 5, 0, arg{})
+	h.step(opSwapIn, 6, 0, arg{})
 	st := h.m.Stats()
-	t.Logf("%+v: %d compactions moved %d blocks; %d page indexes mapped; %d prompt tokens hit", split, st.Compactions, st.BlocksMoved, st.MappedPages, h.hits)
+	require.Positive(t, st.SwapIns)
+	t.Logf("%+v: %d compactions moved %d blocks; %d page indexes mapped; %d prompt tokens hit (%d from the host); %d blocks swapped out and in",
+		split, st.Compactions, st.BlocksMoved, st.MappedPages, h.hits, st.Prefix.HostHitTokens, st.SwapOuts)
 }
 
 // The multi-turn scenario on two host devices, heads or layers divided.
@@ -186,6 +198,17 @@ func TestMultiOnGPUs(t *testing.T) {
 			conversationsOn(t, devs, split)
 		})
 	}
+	t.Run("host prefix cache", func(t *testing.T) {
+		leakcheck.Check(t)
+		devs := make([]vmm.Device, 2)
+		for i, o := range ords {
+			d, err := vmm.NewCUDADevice(o)
+			require.NoError(t, err)
+			t.Cleanup(func() { require.NoError(t, d.Close()) })
+			devs[i] = d
+		}
+		hostCacheScenario(t, newMultiHarness(t, devs, multiHostCacheConfig(), kvcache.Split{TensorParallel: 2}))
+	})
 	t.Run("no driver call on the append path", func(t *testing.T) {
 		d0, err := vmm.NewCUDADevice(ords[0])
 		require.NoError(t, err)
