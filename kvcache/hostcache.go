@@ -98,12 +98,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 		parent = s.Keys[from-1]
 	}
 	for i := from; i < maxBlocks; i++ {
-		k := parent
-		if i < len(p.Keys) {
-			k = p.Keys[i]
-		} else {
-			k = m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
-		}
+		k := m.promptKey(p, i, parent)
 		e := m.host.cache.Get(k)
 		if e == nil || m.arena.index.Get(k) != nil {
 			break

@@ -59,6 +59,30 @@ func TestMultiShards(t *testing.T) {
 	require.ErrorAs(t, err, &ce, "4 heads do not divide among 3")
 }
 
+// faultyHostDevices returns n host devices (4 KiB granularity) behind fault injectors, as
+// devices and as injectors.
+func faultyHostDevices(t *testing.T, n int) ([]vmm.Device, []*vmm.FaultDevice) {
+	devs := make([]vmm.Device, n)
+	faults := make([]*vmm.FaultDevice, n)
+	for i := range devs {
+		faults[i] = vmm.InjectFaults(hostDevice(t, 4<<10))
+		devs[i] = faults[i]
+	}
+	return devs, faults
+}
+
+// cudaDevices opens the CUDA devices of ordinals ords, closed when the test ends.
+func cudaDevices(t *testing.T, ords []int) []vmm.Device {
+	devs := make([]vmm.Device, len(ords))
+	for i, o := range ords {
+		d, err := vmm.NewCUDADevice(o)
+		require.NoError(t, err)
+		t.Cleanup(func() { require.NoError(t, d.Close()) })
+		devs[i] = d
+	}
+	return devs
+}
+
 // A fault on device k of N, during growth, compaction or the reserve's refill after Wake,
 // leaves every device and the manager exactly as before, and it works afterwards.
 func TestMultiFaults(t *testing.T) {
@@ -66,12 +90,7 @@ func TestMultiFaults(t *testing.T) {
 		n := max(split.TensorParallel, 1) * max(split.PipelineParallel, 1)
 		for k := range n {
 			t.Run(fmt.Sprintf("%dx%d/device%d", max(split.TensorParallel, 1), max(split.PipelineParallel, 1), k), func(t *testing.T) {
-				devs := make([]vmm.Device, n)
-				faults := make([]*vmm.FaultDevice, n)
-				for i := range devs {
-					faults[i] = vmm.InjectFaults(hostDevice(t, 4<<10))
-					devs[i] = faults[i]
-				}
+				devs, faults := faultyHostDevices(t, n)
 				h := newMultiHarness(t, devs, multiConfig(), split)
 				m := h.m
 				for s := range 8 { // two pages of one-block sequences, every other one freed:
@@ -188,26 +207,12 @@ func TestMultiOnGPUs(t *testing.T) {
 	for _, split := range []kvcache.Split{{TensorParallel: 2}, {PipelineParallel: 2}} {
 		t.Run(fmt.Sprintf("%+v", split), func(t *testing.T) {
 			leakcheck.Check(t)
-			devs := make([]vmm.Device, 2)
-			for i, o := range ords {
-				d, err := vmm.NewCUDADevice(o)
-				require.NoError(t, err)
-				t.Cleanup(func() { require.NoError(t, d.Close()) })
-				devs[i] = d
-			}
-			conversationsOn(t, devs, split)
+			conversationsOn(t, cudaDevices(t, ords), split)
 		})
 	}
 	t.Run("host prefix cache", func(t *testing.T) {
 		leakcheck.Check(t)
-		devs := make([]vmm.Device, 2)
-		for i, o := range ords {
-			d, err := vmm.NewCUDADevice(o)
-			require.NoError(t, err)
-			t.Cleanup(func() { require.NoError(t, d.Close()) })
-			devs[i] = d
-		}
-		hostCacheScenario(t, newMultiHarness(t, devs, multiHostCacheConfig(), kvcache.Split{TensorParallel: 2}))
+		hostCacheScenario(t, newMultiHarness(t, cudaDevices(t, ords), multiHostCacheConfig(), kvcache.Split{TensorParallel: 2}))
 	})
 	t.Run("no driver call on the append path", func(t *testing.T) {
 		d0, err := vmm.NewCUDADevice(ords[0])

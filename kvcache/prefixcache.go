@@ -111,6 +111,16 @@ func maxPromptBlocks(n, bt int) int {
 	return (n - 1) / bt
 }
 
+// promptKey returns the key of p's block i, whose parent key is parent: given in p.Keys, or
+// hashed.
+func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
+	if i < len(p.Keys) {
+		return p.Keys[i]
+	}
+	bt := m.cfg.BlockTokens
+	return m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
+}
+
 // lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
 // cached, appending their keys to s.Keys (s.Root is the chain's start) and calling hit with
 // each block.
@@ -119,12 +129,7 @@ func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) 
 	maxBlocks := maxPromptBlocks(len(p.Tokens), bt)
 	parent := s.Root
 	for i := range maxBlocks {
-		k := parent
-		if i < len(p.Keys) {
-			k = p.Keys[i]
-		} else {
-			k = m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
-		}
+		k := m.promptKey(p, i, parent)
 		e := m.arena.index.Get(k)
 		if e == nil {
 			return

@@ -190,43 +190,39 @@ func (r *refModel) hostFree(capacity int) int { return capacity - len(r.host) }
 
 // swapOut moves every block of the sequences ids to a new host block, shared as it was among
 // them.
-func (r *refModel) swapOut(ids []kvcache.SeqID) {
+func (r *refModel) swapOut(ids []kvcache.SeqID) { r.move(ids, true) }
+
+// swapIn brings the sequences' host blocks back into new device blocks.
+func (r *refModel) swapIn(ids []kvcache.SeqID) { r.move(ids, false) }
+
+// move gives every block of the sequences ids a new block on the other tier (the host when
+// out), held by the same references, and drops the old ones.
+func (r *refModel) move(ids []kvcache.SeqID, out bool) {
+	to, from := r.refs, r.host
+	if out {
+		to, from = r.host, r.refs
+	}
 	count, moves := r.holders(ids), map[int]int{}
 	for b, c := range count {
 		r.nextID++
-		moves[b], r.host[r.nextID] = r.nextID, c
+		moves[b], to[r.nextID] = r.nextID, c
 	}
 	for _, id := range ids {
 		s := r.seqs[id]
 		for i, b := range s.blocks {
 			s.blocks[i] = moves[b]
-			r.drop(b)
+			if out {
+				r.drop(b) // a cached block goes idle
+			} else if from[b]--; from[b] == 0 {
+				delete(from, b)
+			}
 		}
-		s.swapped = true
+		s.swapped = out
 	}
 }
 
 // moving returns how many blocks swapping ids out moves.
 func (r *refModel) moving(ids []kvcache.SeqID) int { return len(r.holders(ids)) }
-
-// swapIn brings the sequences' host blocks back into new device blocks.
-func (r *refModel) swapIn(ids []kvcache.SeqID) {
-	count, moves := r.holders(ids), map[int]int{}
-	for b, c := range count {
-		r.nextID++
-		moves[b], r.refs[r.nextID] = r.nextID, c
-	}
-	for _, id := range ids {
-		s := r.seqs[id]
-		for i, b := range s.blocks {
-			s.blocks[i] = moves[b]
-			if r.host[b]--; r.host[b] == 0 {
-				delete(r.host, b)
-			}
-		}
-		s.swapped = false
-	}
-}
 
 // drop releases a reference: a cached block goes idle, another is gone.
 func (r *refModel) drop(b int) {

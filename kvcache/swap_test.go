@@ -191,12 +191,7 @@ func TestSwapFaults(t *testing.T) {
 		n := max(split.TensorParallel, 1) * max(split.PipelineParallel, 1)
 		for k := range n {
 			t.Run(fmt.Sprintf("%dx%d/device%d", max(split.TensorParallel, 1), max(split.PipelineParallel, 1), k), func(t *testing.T) {
-				devs := make([]vmm.Device, n)
-				faults := make([]*vmm.FaultDevice, n)
-				for i := range devs {
-					faults[i] = vmm.InjectFaults(hostDevice(t, 4<<10))
-					devs[i] = faults[i]
-				}
+				devs, faults := faultyHostDevices(t, n)
 				cfg := multiConfig()
 				cfg.HostBlocks = 16
 				h := newMultiHarness(t, devs, cfg, split)

@@ -32,6 +32,43 @@ func Issue() Options {
 		MinTurns: 4, MaxTurns: 8, MinUser: 50, MaxUser: 300, MinAnswer: 100, MaxAnswer: 400, Seed: 1}
 }
 
+// Source draws a trace's sizes and fresh token ids, in the order a replay asks for them: the
+// same seed gives the same trace.
+type Source struct {
+	rng  *rand.Rand
+	next prefix.Token
+}
+
+// NewSource returns the source of trace o.
+func NewSource(o Options) *Source {
+	return &Source{rng: rand.New(rand.NewPCG(o.Seed, 0x5eed)), next: 1}
+}
+
+// Between returns a size drawn uniformly from [lo, hi].
+func (s *Source) Between(lo, hi int) int { return lo + s.rng.IntN(hi-lo+1) }
+
+// IntN returns an index drawn uniformly from [0, n).
+func (s *Source) IntN(n int) int { return s.rng.IntN(n) }
+
+// Fresh returns n token ids never returned before.
+func (s *Source) Fresh(n int) []prefix.Token {
+	t := make([]prefix.Token, n)
+	for i := range t {
+		t[i] = s.next
+		s.next++
+	}
+	return t
+}
+
+// Systems draws trace o's system prompts.
+func (s *Source) Systems(o Options) [][]prefix.Token {
+	systems := make([][]prefix.Token, o.SystemPrompts)
+	for i := range systems {
+		systems[i] = s.Fresh(s.Between(o.MinSystem, o.MaxSystem))
+	}
+	return systems
+}
+
 // Cache is what the trace drives: a prefix cache over blocks.
 type Cache interface {
 	// Start begins a request for prompt and returns how many of its tokens were cached.
@@ -81,21 +118,9 @@ type conversation struct {
 // ends with its request freed, a conversation after its last turn, and another takes its
 // place.
 func Run(c Cache, o Options, blockTokens int) (Result, error) {
-	rng := rand.New(rand.NewPCG(o.Seed, 0x5eed))
-	between := func(lo, hi int) int { return lo + rng.IntN(hi-lo+1) }
-	systems := make([][]prefix.Token, o.SystemPrompts)
-	next := prefix.Token(1)
-	fresh := func(n int) []prefix.Token {
-		t := make([]prefix.Token, n)
-		for i := range t {
-			t[i] = next
-			next++
-		}
-		return t
-	}
-	for i := range systems {
-		systems[i] = fresh(between(o.MinSystem, o.MaxSystem))
-	}
+	src := NewSource(o)
+	between, fresh, rng := src.Between, src.Fresh, src
+	systems := src.Systems(o)
 	var res Result
 	started := 0
 	slots := make([]*conversation, o.Concurrent)

@@ -9,7 +9,6 @@ package preempt
 import (
 	"errors"
 	"fmt"
-	"math/rand/v2"
 
 	"github.com/pagedkv/pagedkv/internal/chattrace"
 	"github.com/pagedkv/pagedkv/kvcache"
@@ -66,26 +65,14 @@ type conversation struct {
 // Run replays trace o on m (a fresh manager) under policy p. m's Config says whether its host
 // tier and host prefix cache are on; the policy only decides what a preemption does.
 func Run(m *kvcache.Manager, p Policy, o chattrace.Options) (Result, error) {
-	rng := rand.New(rand.NewPCG(o.Seed, 0x5eed))
-	between := func(lo, hi int) int { return lo + rng.IntN(hi-lo+1) }
-	next := prefix.Token(1)
-	fresh := func(n int) []prefix.Token {
-		t := make([]prefix.Token, n)
-		for i := range t {
-			t[i] = next
-			next++
-		}
-		return t
-	}
-	systems := make([][]prefix.Token, o.SystemPrompts)
-	for i := range systems {
-		systems[i] = fresh(between(o.MinSystem, o.MaxSystem))
-	}
+	src := chattrace.NewSource(o)
+	between, fresh := src.Between, src.Fresh
+	systems := src.Systems(o)
 	// Every conversation is drawn up front, so that every policy replays the same trace
 	// whatever order its scheduling meets them in.
 	convs := make([]*conversation, o.Conversations)
 	for i := range convs {
-		cv := &conversation{history: append([]prefix.Token(nil), systems[rng.IntN(len(systems))]...)}
+		cv := &conversation{history: append([]prefix.Token(nil), systems[src.IntN(len(systems))]...)}
 		for range between(o.MinTurns, o.MaxTurns) {
 			cv.users = append(cv.users, fresh(between(o.MinUser, o.MaxUser)))
 			cv.answers = append(cv.answers, between(o.MinAnswer, o.MaxAnswer))
