@@ -15,7 +15,7 @@ type elastic struct {
 	dev           vmm.Device
 	cfg           Config // this device's geometry, defaults filled
 	pool          *vmm.Pool
-	member        *vmm.BudgetMember // set when the manager belongs to a SharedPool
+	member        account           // set when the manager belongs to a SharedPool
 	compactOthers bool              // reclaim by compacting other models when the budget is spent
 	kern          *kernels.Kernels  // loaded by the first copyBlocks
 	layers, heads [2]int

@@ -31,7 +31,7 @@ type SharedConfig struct {
 // the managers it registers and the Device is borrowed.
 type SharedPool struct {
 	devs    []vmm.Device
-	budgets []*vmm.Budget // one per device: the limit is per GPU
+	budgets []budget // one per device: the limit is per GPU
 	cfg     SharedConfig
 
 	mu     sync.Mutex
@@ -67,7 +67,7 @@ func NewSharedMulti(devs []vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 	}
 	s := &SharedPool{devs: append([]vmm.Device(nil), devs...), cfg: cfg, models: make(map[string]*Manager)}
 	for range devs {
-		s.budgets = append(s.budgets, vmm.NewBudget(cfg.Limit))
+		s.budgets = append(s.budgets, procBudget{vmm.NewBudget(cfg.Limit)})
 	}
 	return s, nil
 }
@@ -88,7 +88,7 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
 	}
 	join := func(m *Manager, d int, e *elastic) error {
-		member, err := s.budgets[d].Join(name, m)
+		member, err := s.budgets[d].join(name, m)
 		if err != nil {
 			return err
 		}
