@@ -15,9 +15,9 @@ type elastic struct {
 	dev           vmm.Device
 	cfg           Config // this device's geometry, defaults filled
 	pool          *vmm.Pool
-	member        account           // set when the manager belongs to a SharedPool
-	compactOthers bool              // reclaim by compacting other models when the budget is spent
-	kern          *kernels.Kernels  // loaded by the first copyBlocks
+	member        account          // set when the manager belongs to a SharedPool
+	compactOthers bool             // reclaim by compacting other models when the budget is spent
+	kern          *kernels.Kernels // loaded by the first copyBlocks
 	layers, heads [2]int
 	hostPages     int // pages of pinned host memory after the arena's: the host tier
 }
