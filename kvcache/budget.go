@@ -1,10 +1,13 @@
 package kvcache
 
-import "github.com/pagedkv/pagedkv/vmm"
+import (
+	"github.com/pagedkv/pagedkv/ledger"
+	"github.com/pagedkv/pagedkv/vmm"
+)
 
 // account is one model's share of a budget on one device: every page its elastic backing maps
 // is acquired here first and released after the unmap. A *vmm.BudgetMember is one inside a
-// process.
+// process, a *ledger.Member one across processes.
 type account interface {
 	Acquire(n uint64, compact bool) error
 	TryAcquire(n uint64) error
@@ -15,7 +18,7 @@ type account interface {
 }
 
 // budget is the limit a SharedPool's models on one device share: a *vmm.Budget inside one
-// process (procBudget).
+// process (procBudget), or a ledger file across processes (ledgerBudget).
 type budget interface {
 	// join opens m's account under name; m is asked to give memory back through Reclaim.
 	join(name string, m *Manager) (account, error)
@@ -30,3 +33,41 @@ type budget interface {
 type procBudget struct{ *vmm.Budget }
 
 func (b procBudget) join(name string, m *Manager) (account, error) { return b.Join(name, m) }
+
+// ledgerBudget is a budget shared with other processes through a ledger file.
+type ledgerBudget struct {
+	l            *ledger.Ledger
+	allowCompact bool
+}
+
+func (b ledgerBudget) join(name string, m *Manager) (account, error) {
+	return b.l.Join(name, ledgerHolder{m}, ledger.JoinOptions{AllowCompact: b.allowCompact})
+}
+
+func (b ledgerBudget) SetLimit(limit uint64) uint64 {
+	if r, err := b.l.SetLimit(limit); err == nil {
+		return r.Used
+	}
+	return b.l.Used()
+}
+
+func (b ledgerBudget) Limit() uint64 { return b.l.Limit() }
+func (b ledgerBudget) Used() uint64  { return b.l.Used() }
+
+// ledgerHolder answers other processes' requests for a manager.
+type ledgerHolder struct{ m *Manager }
+
+func (h ledgerHolder) Reclaim(need uint64, compact, wait bool) uint64 {
+	return h.m.Reclaim(need, compact, wait)
+}
+
+func (h ledgerHolder) DropCache() { h.m.DropCache() }
+
+func (h ledgerHolder) Usage() ledger.Usage {
+	s := h.m.Stats()
+	return ledger.Usage{
+		Sequences: s.Sequences, LiveBlocks: s.LiveBlocks, MappedPages: s.MappedPages,
+		QueryTokens: s.Prefix.QueryTokens, HitTokens: s.Prefix.HitTokens, CachedBlocks: s.Prefix.CachedBlocks,
+		PageOverhead: s.PageOverhead,
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -20,6 +21,13 @@ type SharedConfig struct {
 	// Split divides every model's cache among the pool's devices (NewSharedMulti); Limit is then
 	// per device.
 	Split Split
+	// Ledger, when set, shares the limit with the models of other processes on the same GPU:
+	// every model registered joins the ledger as a member under its name (unique over all
+	// processes), the ledger's limit replaces Limit (which may then be 0), pages are acquired
+	// from it, and other processes short of memory ask this pool's models for their free and
+	// cached pages (and with CompactOnPressure, for a compaction). The pool borrows the ledger:
+	// close the pool before the ledger. One device only: a ledger is one GPU's.
+	Ledger *ledger.Ledger
 }
 
 // SharedPool puts several models' managers, one per model, on one device under one physical
@@ -44,7 +52,7 @@ func NewShared(dev vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 	if dev == nil {
 		return nil, fmt.Errorf("kvcache: shared pool: %w: nil device", ErrInvalidArgument)
 	}
-	if cfg.Limit == 0 {
+	if cfg.Limit == 0 && cfg.Ledger == nil {
 		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
 	}
 	return NewSharedMulti([]vmm.Device{dev}, cfg)
@@ -62,10 +70,20 @@ func NewSharedMulti(devs []vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 			return nil, fmt.Errorf("kvcache: shared pool: %w: device %d is nil", ErrInvalidArgument, i)
 		}
 	}
+	s := &SharedPool{devs: append([]vmm.Device(nil), devs...), cfg: cfg, models: make(map[string]*Manager)}
+	if cfg.Ledger != nil {
+		if len(devs) != 1 {
+			return nil, fmt.Errorf("kvcache: shared pool: %w: a ledger is one GPU's, the pool has %d devices", ErrInvalidArgument, len(devs))
+		}
+		if _, err := cfg.Ledger.Snapshot(); err != nil {
+			return nil, fmt.Errorf("kvcache: shared pool: %w", err)
+		}
+		s.budgets = []budget{ledgerBudget{l: cfg.Ledger, allowCompact: cfg.CompactOnPressure}}
+		return s, nil
+	}
 	if cfg.Limit == 0 {
 		return nil, fmt.Errorf("kvcache: shared pool: %w: zero limit", ErrInvalidArgument)
 	}
-	s := &SharedPool{devs: append([]vmm.Device(nil), devs...), cfg: cfg, models: make(map[string]*Manager)}
 	for range devs {
 		s.budgets = append(s.budgets, procBudget{vmm.NewBudget(cfg.Limit)})
 	}

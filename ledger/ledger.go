@@ -1,0 +1,317 @@
+package ledger
+
+import (
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// Sentinel errors, shared with the rest of pagedkv.
+var (
+	ErrInvalidArgument = errdefs.ErrInvalidArgument
+	ErrOutOfMemory     = errdefs.ErrOutOfMemory
+	ErrClosed          = errdefs.ErrClosed
+	ErrExists          = errdefs.ErrExists
+	ErrNotFound        = errdefs.ErrNotFound
+)
+
+// MaxMembers is how many members a ledger holds at once, over all processes.
+const MaxMembers = 64
+
+// MaxName is the longest member name, in bytes.
+const MaxName = 63
+
+// File layout. Every field is naturally aligned and read and written atomically, so a process
+// that dies mid-update leaves no torn value.
+const (
+	magic   = 0x4c564b4445474150 // "PAGEDKVL"
+	version = 1
+
+	hMagic, hVersion, hLimit, hDevice = 0, 8, 16, 24
+	headerSize                        = 256
+
+	sState, sPID, sFlags, sReqSeq, sAckSeq, sReqKind = 0, 4, 8, 12, 16, 20
+	sReqNeed, sAckGot, sMapped, sJoined              = 24, 32, 40, 48
+	sUsage                                           = 56 // usageFields uint64s
+	sName                                            = 160
+	slotSize                                         = 256
+
+	fileSize = headerSize + MaxMembers*slotSize
+)
+
+const (
+	stateFree = 0
+	stateLive = 1
+
+	flagCompact = 1 // the member lets others ask it to compact
+)
+
+// Options configures Open.
+type Options struct {
+	// Limit is the bytes all members together may map. It is used when Open creates the ledger
+	// (then it must be positive) and ignored when the ledger exists: its limit changes only
+	// through SetLimit (pagedkvctl limit).
+	Limit uint64
+	// DeviceBytes is the GPU's memory, recorded when the ledger has none yet, so that limits can
+	// be given in percent. 0 leaves it unknown.
+	DeviceBytes uint64
+	// RequestTimeout bounds how long one request to another process waits for its answer (a
+	// process that is stopped, or compacting a large cache); 0 means 2 s.
+	RequestTimeout time.Duration
+	// Mode is the file's permission bits when Open creates it; 0 means 0600.
+	Mode os.FileMode
+}
+
+// Ledger is one process's handle on a ledger file. Safe for concurrent use; Close releases the
+// mapping, the descriptors and every member still joined through it.
+type Ledger struct {
+	path    string
+	fd      int
+	mem     []byte
+	timeout time.Duration
+
+	mu         sync.Mutex          // with the ledger's file lock: goroutines of one handle share one lock owner
+	reqMu      sync.Mutex          // one mailbox conversation at a time from this handle
+	local      [MaxMembers]*Member // guarded by mu
+	responders sync.WaitGroup      // the members' responder goroutines: Close waits for them
+	closed     atomic.Bool
+	closeMu    sync.RWMutex // held for reading while the mapping is in use; Close takes it for writing
+}
+
+// Open maps the ledger at path, creating it (with opts.Limit) if it does not exist. Processes
+// open the same path to share the limit; the path is usually under /dev/shm.
+func Open(path string, opts Options) (*Ledger, error) {
+	if path == "" {
+		return nil, fmt.Errorf("ledger: open: %w: empty path", ErrInvalidArgument)
+	}
+	mode := opts.Mode
+	if mode == 0 {
+		mode = 0o600
+	}
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, uint32(mode.Perm()))
+	if err != nil {
+		return nil, fmt.Errorf("ledger: open %s: %w", path, err)
+	}
+	l := &Ledger{path: path, fd: fd, timeout: opts.RequestTimeout}
+	if l.timeout <= 0 {
+		l.timeout = 2 * time.Second
+	}
+	if err := ofdLock(fd, lockLedger, unix.F_WRLCK, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("ledger: open %s: lock: %w", path, err)
+	}
+	err = l.initLocked(opts)
+	ofdLock(fd, lockLedger, unix.F_UNLCK, false)
+	if err != nil {
+		if l.mem != nil {
+			unix.Munmap(l.mem)
+		}
+		unix.Close(fd)
+		return nil, fmt.Errorf("ledger: open %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// initLocked sizes, maps and (for a new file) formats the ledger; the ledger lock is held.
+func (l *Ledger) initLocked(opts Options) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(l.fd, &st); err != nil {
+		return err
+	}
+	if st.Size != 0 && st.Size != fileSize {
+		return fmt.Errorf("%w: %d bytes, a ledger has %d", ErrInvalidArgument, st.Size, fileSize)
+	}
+	if st.Size == 0 {
+		if err := unix.Ftruncate(l.fd, fileSize); err != nil {
+			return err
+		}
+	}
+	mem, err := unix.Mmap(l.fd, 0, fileSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	l.mem = mem
+	switch m := atomic.LoadUint64(l.u64(hMagic)); {
+	case m == 0: // new, or its creator died before finishing: format it
+		if opts.Limit == 0 {
+			return fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+		}
+		clear(l.mem)
+		atomic.StoreUint64(l.u64(hLimit), opts.Limit)
+		atomic.StoreUint64(l.u64(hDevice), opts.DeviceBytes)
+		atomic.StoreUint32(l.u32(hVersion), version)
+		atomic.StoreUint64(l.u64(hMagic), magic) // last: the ledger is whole from here on
+	case m != magic || atomic.LoadUint32(l.u32(hVersion)) != version:
+		return fmt.Errorf("%w: not a pagedkv ledger (magic %#x, version %d; want %#x, %d)", ErrInvalidArgument,
+			m, atomic.LoadUint32(l.u32(hVersion)), uint64(magic), version)
+	default:
+		if atomic.LoadUint64(l.u64(hDevice)) == 0 && opts.DeviceBytes != 0 {
+			atomic.StoreUint64(l.u64(hDevice), opts.DeviceBytes)
+		}
+	}
+	return nil
+}
+
+// Path returns the ledger file's path.
+func (l *Ledger) Path() string {
+	if l == nil {
+		return ""
+	}
+	return l.path
+}
+
+func (l *Ledger) u64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&l.mem[off])) }
+func (l *Ledger) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&l.mem[off])) }
+
+func (l *Ledger) s64(slot, off int) *uint64 { return l.u64(headerSize + slot*slotSize + off) }
+func (l *Ledger) s32(slot, off int) *uint32 { return l.u32(headerSize + slot*slotSize + off) }
+
+// use makes sure l is open and keeps its mapping in place until done is called.
+func (l *Ledger) use(op string) (done func(), err error) {
+	if l == nil || l.mem == nil {
+		return nil, fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
+	}
+	l.closeMu.RLock()
+	if l.closed.Load() {
+		l.closeMu.RUnlock()
+		return nil, fmt.Errorf("ledger: %s: %w", op, ErrClosed)
+	}
+	return l.closeMu.RUnlock, nil
+}
+
+// lock takes the ledger lock: the handle's mutex, then the file lock. It fails only when the
+// kernel runs out of lock records (ENOLCK).
+func (l *Ledger) lock() error {
+	l.mu.Lock()
+	if err := ofdLock(l.fd, lockLedger, unix.F_WRLCK, true); err != nil {
+		l.mu.Unlock()
+		return fmt.Errorf("ledger: lock %s: %w", l.path, err)
+	}
+	return nil
+}
+
+func (l *Ledger) unlock() {
+	ofdLock(l.fd, lockLedger, unix.F_UNLCK, false)
+	l.mu.Unlock()
+}
+
+// Limit returns the limit in bytes (0 for a closed or nil ledger).
+func (l *Ledger) Limit() uint64 {
+	done, err := l.use("limit")
+	if err != nil {
+		return 0
+	}
+	defer done()
+	return atomic.LoadUint64(l.u64(hLimit))
+}
+
+// DeviceBytes returns the GPU memory recorded in the ledger (0 when unknown).
+func (l *Ledger) DeviceBytes() uint64 {
+	done, err := l.use("device bytes")
+	if err != nil {
+		return 0
+	}
+	defer done()
+	return atomic.LoadUint64(l.u64(hDevice))
+}
+
+// Used returns the bytes all members hold, dead ones not yet reaped included. It reads without
+// the lock, so under concurrent acquisitions it is a moment's estimate; Members is exact.
+func (l *Ledger) Used() uint64 {
+	done, err := l.use("used")
+	if err != nil {
+		return 0
+	}
+	defer done()
+	return l.usedLocked()
+}
+
+func (l *Ledger) usedLocked() uint64 {
+	sum := uint64(0)
+	for i := range MaxMembers {
+		if atomic.LoadUint32(l.s32(i, sState)) == stateLive {
+			sum += atomic.LoadUint64(l.s64(i, sMapped))
+		}
+	}
+	return sum
+}
+
+// reapLocked frees the slots of members whose process died: marked live, liveness byte not
+// held. It returns their names. Slots of this handle's own members are never reaped.
+func (l *Ledger) reapLocked() []string {
+	var dead []string
+	for i := range MaxMembers {
+		if atomic.LoadUint32(l.s32(i, sState)) != stateLive || l.local[i] != nil {
+			continue
+		}
+		held, err := ofdHeld(l.fd, lockLiveBase+int64(i))
+		if err != nil || held {
+			continue
+		}
+		dead = append(dead, l.nameOf(i))
+		l.clearSlot(i)
+	}
+	return dead
+}
+
+// clearSlot frees slot i (the ledger lock is held).
+func (l *Ledger) clearSlot(i int) {
+	atomic.StoreUint32(l.s32(i, sState), stateFree)
+	atomic.StoreUint64(l.s64(i, sMapped), 0)
+	atomic.StoreUint32(l.s32(i, sPID), 0)
+	clear(l.mem[headerSize+i*slotSize+sName : headerSize+(i+1)*slotSize])
+}
+
+func (l *Ledger) nameOf(i int) string {
+	b := l.mem[headerSize+i*slotSize+sName : headerSize+i*slotSize+sName+MaxName+1]
+	n := 0
+	for n < len(b) && b[n] != 0 {
+		n++
+	}
+	return string(b[:n])
+}
+
+// Close leaves every member still joined through this handle and unmaps the ledger; the file
+// stays for the other processes. A second Close returns ErrClosed.
+func (l *Ledger) Close() error {
+	if l == nil || l.mem == nil {
+		return fmt.Errorf("ledger: close: %w: nil ledger, or one not made by Open", ErrInvalidArgument)
+	}
+	if l.closed.Load() {
+		return fmt.Errorf("ledger: close: %w", ErrClosed)
+	}
+	for i := range MaxMembers {
+		l.mu.Lock()
+		m := l.local[i]
+		l.mu.Unlock()
+		if m != nil {
+			m.Leave()
+		}
+	}
+	l.responders.Wait()
+	l.closeMu.Lock()
+	defer l.closeMu.Unlock()
+	if l.closed.Swap(true) {
+		return fmt.Errorf("ledger: close: %w", ErrClosed)
+	}
+	err := unix.Munmap(l.mem)
+	if cerr := unix.Close(l.fd); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("ledger: close: %w", err)
+	}
+	return nil
+}
+
+// CapacityError is the error of an acquisition the limit cannot hold: vmm's, with the bytes
+// asked for and free.
+type CapacityError = vmm.CapacityError
