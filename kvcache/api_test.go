@@ -3,12 +3,15 @@ package kvcache_test
 import (
 	"errors"
 	"math"
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 
 	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/apitest"
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -225,8 +228,25 @@ func apiValues(t reflect.Type) []apitest.Maker {
 		return []apitest.Maker{val(kvcache.CompactOptions{MaxBytes: math.MaxUint64}), val(kvcache.CompactOptions{MaxBytes: 1}),
 			val(kvcache.CompactOptions{MaxBytes: 8 << 10})}
 	case reflect.TypeFor[kvcache.SharedConfig]():
+		withLedger := func(closed bool) apitest.Maker {
+			return func() apitest.Object {
+				dir, err := os.MkdirTemp("", "kvcache-api")
+				if err != nil {
+					panic(err)
+				}
+				l, err := ledger.Open(filepath.Join(dir, "l"), ledger.Options{Limit: 8 << 20})
+				if err != nil {
+					panic(err)
+				}
+				if closed {
+					l.Close()
+				}
+				return apitest.Object{V: reflect.ValueOf(kvcache.SharedConfig{Ledger: l, CompactOnPressure: true}),
+					Close: func() error { l.Close(); return os.RemoveAll(dir) }}
+			}
+		}
 		return []apitest.Maker{val(kvcache.SharedConfig{Limit: math.MaxUint64, CompactOnPressure: true}), val(kvcache.SharedConfig{Limit: 1}),
-			val(kvcache.SharedConfig{Limit: 8 << 20, Split: kvcache.Split{TensorParallel: 2}})}
+			val(kvcache.SharedConfig{Limit: 8 << 20, Split: kvcache.Split{TensorParallel: 2}}), withLedger(false), withLedger(true)}
 	case reflect.TypeFor[vmm.External]():
 		return []apitest.Maker{val(vmm.External{Addr: 1 << 40, Size: math.MaxUint64}), val(vmm.External{Addr: 256, Size: 1 << 30}),
 			val(vmm.External{Addr: math.MaxUint64 - 255, Size: 1 << 20})}

@@ -8,11 +8,15 @@ import (
 
 	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/internal/proctest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
-func TestMain(m *testing.M) { leakcheck.Main(m) }
+func TestMain(m *testing.M) {
+	proctest.Main(map[string]proctest.Role{"grow": growRole})
+	leakcheck.Main(m)
+}
 
 // tinyConfig is a geometry small enough to exercise page boundaries constantly: 4 tokens per
 // block of 4 KiB per layer and K|V, 8 KiB per block, 4 blocks per 32 KiB page.

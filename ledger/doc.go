@@ -39,5 +39,6 @@
 //
 // A *Ledger is safe for concurrent use; it owns the file mapping and descriptors until Close.
 // A *Member belongs to the Ledger it joined; Leave releases its slot. Holders (the managers)
-// are called from the member's responder goroutine and must be safe for concurrent use.
+// are called from the member's two goroutines (one answers requests, one publishes Usage every
+// half second) and must be safe for concurrent use.
 package ledger

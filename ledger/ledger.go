@@ -1,6 +1,7 @@
 package ledger
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -98,7 +99,7 @@ func Open(path string, opts Options) (*Ledger, error) {
 	}
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, uint32(mode.Perm()))
 	if err != nil {
-		return nil, fmt.Errorf("ledger: open %s: %w", path, err)
+		return nil, fmt.Errorf("ledger: open %s: %w", path, osError(err))
 	}
 	l := &Ledger{path: path, fd: fd, timeout: opts.RequestTimeout}
 	if l.timeout <= 0 {
@@ -106,7 +107,7 @@ func Open(path string, opts Options) (*Ledger, error) {
 	}
 	if err := ofdLock(fd, lockLedger, unix.F_WRLCK, true); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("ledger: open %s: lock: %w", path, err)
+		return nil, fmt.Errorf("ledger: open %s: lock: %w", path, osError(err))
 	}
 	err = l.initLocked(opts)
 	ofdLock(fd, lockLedger, unix.F_UNLCK, false)
@@ -115,7 +116,7 @@ func Open(path string, opts Options) (*Ledger, error) {
 			unix.Munmap(l.mem)
 		}
 		unix.Close(fd)
-		return nil, fmt.Errorf("ledger: open %s: %w", path, err)
+		return nil, fmt.Errorf("ledger: open %s: %w", path, osError(err))
 	}
 	return l, nil
 }
@@ -193,7 +194,7 @@ func (l *Ledger) lock() error {
 	l.mu.Lock()
 	if err := ofdLock(l.fd, lockLedger, unix.F_WRLCK, true); err != nil {
 		l.mu.Unlock()
-		return fmt.Errorf("ledger: lock %s: %w", l.path, err)
+		return fmt.Errorf("ledger: lock %s: %w", l.path, osError(err))
 	}
 	return nil
 }
@@ -307,9 +308,28 @@ func (l *Ledger) Close() error {
 		err = cerr
 	}
 	if err != nil {
-		return fmt.Errorf("ledger: close: %w", err)
+		return fmt.Errorf("ledger: close: %w", osError(err))
 	}
 	return nil
+}
+
+// osError gives an error of the OS a pagedkv sentinel: ErrNotFound for a missing file,
+// ErrOutOfMemory for memory, disk or lock records exhausted, ErrInvalidArgument for the rest (a
+// directory, a file without permission, a descriptor already closed). Errors that carry a
+// sentinel already pass unchanged.
+func osError(err error) error {
+	for _, s := range []error{ErrInvalidArgument, ErrOutOfMemory, ErrNotFound, ErrClosed, ErrExists} {
+		if errors.Is(err, s) {
+			return err
+		}
+	}
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%w: %w", ErrNotFound, err)
+	case errors.Is(err, unix.ENOMEM), errors.Is(err, unix.ENOSPC), errors.Is(err, unix.ENOLCK):
+		return fmt.Errorf("%w: %w", ErrOutOfMemory, err)
+	}
+	return fmt.Errorf("%w: %w", ErrInvalidArgument, err)
 }
 
 // CapacityError is the error of an acquisition the limit cannot hold: vmm's, with the bytes

@@ -276,9 +276,10 @@ func TestTwoHandles(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
 	require.Zero(t, ha.Usage().CachedBlocks)
-	s, err = b.Snapshot()
-	require.NoError(t, err)
-	require.Zero(t, s.Members[0].Usage.CachedBlocks, "a published its usage after the request")
+	require.Eventually(t, func() bool {
+		s, err := b.Snapshot()
+		return err == nil && s.Members[0].Usage.CachedBlocks == 0
+	}, 5*time.Second, time.Millisecond, "a publishes its usage soon after a request")
 	_, err = b.DropCache("nobody")
 	require.ErrorIs(t, err, ledger.ErrNotFound)
 
@@ -327,9 +328,10 @@ func TestAcrossProcesses(t *testing.T) {
 	n, err := l.DropCache("other")
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
-	s, err := l.Snapshot()
-	require.NoError(t, err)
-	require.Zero(t, s.Members[0].Usage.CachedBlocks)
+	require.Eventually(t, func() bool {
+		s, err := l.Snapshot()
+		return err == nil && s.Members[0].Usage.CachedBlocks == 0
+	}, 5*time.Second, time.Millisecond, "the other publishes its usage soon after a request")
 
 	m.Release(20 * unit)
 	r, err := l.SetLimit(10 * unit)

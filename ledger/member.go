@@ -85,6 +85,8 @@ type Member struct {
 	mu        sync.RWMutex // read-held by calls that use the slot; Leave takes it to free the slot
 	leaveOnce sync.Once
 	left      atomic.Bool
+	kick      chan struct{} // a request was served: publish the usage
+	stop      chan struct{} // closed by Leave
 }
 
 // mailbox request kinds (the low byte of the kind word) and flags.
@@ -96,7 +98,7 @@ const (
 	reqWait    = 1 << 9
 )
 
-// usageEvery is how often an idle member republishes its usage.
+// usageEvery is how often a member republishes its usage.
 const usageEvery = 500 * time.Millisecond
 
 // Join adds a member under name (1 to MaxName bytes, unique among live members of the ledger,
@@ -131,7 +133,7 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 			}
 		}
 	}
-	m := &Member{l: l, name: name, h: h}
+	m := &Member{l: l, name: name, h: h, kick: make(chan struct{}, 1), stop: make(chan struct{})}
 	if opts.AllowCompact {
 		m.flags = flagCompact
 	}
@@ -143,7 +145,7 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 		// dies, and the ledger descriptor (which reaps) sees it as another owner's.
 		fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(l.fd), unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return nil, fmt.Errorf("ledger: join %q: reopen: %w", name, err)
+			return nil, fmt.Errorf("ledger: join %q: reopen: %w", name, osError(err))
 		}
 		if err := ofdLock(fd, lockLiveBase+int64(i), unix.F_WRLCK, false); err != nil {
 			unix.Close(fd) // a member of this slot is still leaving: try the next
@@ -152,7 +154,8 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 		m.slot, m.live = i, fd
 		l.fillSlot(i, name, m.flags)
 		l.local[i] = m
-		l.responders.Add(1)
+		l.responders.Add(2)
+		go m.publishLoop()
 		go m.respond(atomic.LoadUint32(l.s32(i, sReqSeq))) // requests from here on are ours
 		return m, nil
 	}
@@ -369,6 +372,7 @@ func (m *Member) Leave() {
 		m.mu.Lock()
 		m.left.Store(true)
 		m.mu.Unlock()
+		close(m.stop)
 		atomic.AddUint32(l.s32(m.slot, sReqSeq), 1) // the responder sees left and ends
 		wake(l.s32(m.slot, sReqSeq))
 		if err := l.lock(); err == nil {
@@ -402,28 +406,22 @@ func (m *Member) publish() {
 	}
 }
 
-// respond serves the member's mailbox from request served+1 on, until the member leaves,
-// publishing its usage every usageEvery while idle.
+// respond serves the member's mailbox from request served+1 on, until the member leaves. It
+// never waits for the holder's locks on its own (Usage is read by publishLoop): the holder's
+// own goroutines may be waiting for another process that is waiting for this answer.
 func (m *Member) respond(served uint32) {
 	defer m.l.responders.Done()
 	l, i := m.l, m.slot
 	reqSeq, ackSeq := l.s32(i, sReqSeq), l.s32(i, sAckSeq)
-	m.publish()
-	next := time.Now().Add(usageEvery)
 	for !m.left.Load() {
 		seq := atomic.LoadUint32(reqSeq)
 		if seq == served {
-			if now := time.Now(); !now.Before(next) {
-				m.publish()
-				next = now.Add(usageEvery)
-			}
-			wait(reqSeq, seq, time.Until(next))
+			wait(reqSeq, seq, time.Second)
 			continue
 		}
 		kind := atomic.LoadUint32(l.s32(i, sReqKind))
 		need := atomic.LoadUint64(l.s64(i, sReqNeed))
 		got := m.serve(kind, need)
-		m.publish()
 		m.mu.RLock()
 		if !m.left.Load() { // else the slot may be another member's by now
 			atomic.StoreUint64(l.s64(i, sAckGot), got)
@@ -432,6 +430,27 @@ func (m *Member) respond(served uint32) {
 		}
 		m.mu.RUnlock()
 		served = seq
+		select {
+		case m.kick <- struct{}{}: // what it gave back shows in its usage soon
+		default:
+		}
+	}
+}
+
+// publishLoop publishes the holder's usage every usageEvery, and soon after each request it
+// served, until the member leaves.
+func (m *Member) publishLoop() {
+	defer m.l.responders.Done()
+	t := time.NewTicker(usageEvery)
+	defer t.Stop()
+	for {
+		m.publish()
+		select {
+		case <-m.stop:
+			return
+		case <-m.kick:
+		case <-t.C:
+		}
 	}
 }
 
