@@ -69,6 +69,9 @@ type Options struct {
 	RequestTimeout time.Duration
 	// Mode is the file's permission bits when Open creates it; 0 means 0600.
 	Mode os.FileMode
+	// MustExist opens only a ledger that exists (ErrNotFound otherwise): what tools that
+	// watch or steer one (pagedkvctl) want, so that a mistyped path creates nothing.
+	MustExist bool
 }
 
 // Ledger is one process's handle on a ledger file. Safe for concurrent use; Close releases the
@@ -97,7 +100,11 @@ func Open(path string, opts Options) (*Ledger, error) {
 	if mode == 0 {
 		mode = 0o600
 	}
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, uint32(mode.Perm()))
+	flags := unix.O_RDWR | unix.O_CLOEXEC
+	if !opts.MustExist {
+		flags |= unix.O_CREAT
+	}
+	fd, err := unix.Open(path, flags, uint32(mode.Perm()))
 	if err != nil {
 		return nil, fmt.Errorf("ledger: open %s: %w", path, osError(err))
 	}
@@ -126,6 +133,9 @@ func (l *Ledger) initLocked(opts Options) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(l.fd, &st); err != nil {
 		return err
+	}
+	if opts.MustExist && st.Size == 0 {
+		return fmt.Errorf("%w: an empty file, not a ledger", ErrNotFound)
 	}
 	if st.Size != 0 && st.Size != fileSize {
 		return fmt.Errorf("%w: %d bytes, a ledger has %d", ErrInvalidArgument, st.Size, fileSize)

@@ -1,0 +1,220 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/internal/proctest"
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+func TestMain(m *testing.M) {
+	proctest.Main(map[string]proctest.Role{"serve": serve})
+	os.Exit(m.Run())
+}
+
+const page = 2 << 20
+
+// serve is a serving process: joined to the ledger at args[0] as model args[1] on the host
+// backend, it holds args[2] pages of live sequences, one page of idle prefix-cached blocks and
+// a reserve of args[3] free pages, says "ready", then answers "grow" (append whole pages until
+// the limit refuses) and "mapped" until stdin ends.
+func serve(args []string, in *bufio.Scanner, out io.Writer) error {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	l, err := ledger.Open(args[0], ledger.Options{})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	live, _ := strconv.Atoi(args[2])
+	reserve, _ := strconv.Atoi(args[3])
+	m, err := pool.Register(args[1], kvcache.Config{Layers: 2, KVHeads: 2, HeadDim: 128, ElemSize: 2, BlockTokens: 16,
+		PageSize: page, Capacity: 64 * page, NoBackground: true, ReservePages: reserve})
+	if err != nil {
+		return err
+	}
+	next := kvcache.SeqID(0)
+	grow := func() error {
+		for ; ; next++ {
+			if _, err := m.AppendTokens(next, 1024, nil); err != nil { // 64 blocks: one page
+				return err
+			}
+			if int(next)+1 == live {
+				next++
+				return nil
+			}
+		}
+	}
+	if err := grow(); err != nil {
+		return err
+	}
+	prompt := make([]kvcache.TokenID, 64)
+	for i := range prompt {
+		prompt[i] = kvcache.TokenID(i + 1)
+	}
+	if _, err := m.StartSequence(9999, kvcache.Prompt{Tokens: prompt}); err != nil {
+		return err
+	}
+	if _, err := m.AppendTokenIDs(9999, prompt, nil); err != nil {
+		return err
+	}
+	if err := m.FreeSequence(9999); err != nil { // its 4 blocks stay cached, idle
+		return err
+	}
+	if err := m.Settle(); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "ready")
+	for in.Scan() {
+		switch in.Text() {
+		case "grow":
+			live = 1 << 20
+			fmt.Fprintln(out, "grown", grow())
+		case "mapped":
+			fmt.Fprintln(out, "mapped", m.Stats().MappedBytes)
+		}
+	}
+	return nil
+}
+
+func ctl(t *testing.T, path string, args ...string) string {
+	t.Helper()
+	var out bytes.Buffer
+	require.NoError(t, run(append([]string{"-ledger", path}, args...), &out, nil), "pagedkvctl %v", args)
+	return out.String()
+}
+
+func list(t *testing.T, path string) listOut {
+	t.Helper()
+	var o listOut
+	require.NoError(t, json.Unmarshal([]byte(ctl(t, path, "-json", "list")), &o))
+	return o
+}
+
+func member(o listOut, name string) memberJSON {
+	for _, m := range o.Members {
+		if m.Name == name {
+			return m
+		}
+	}
+	return memberJSON{}
+}
+
+// Two serving processes under one ledger, steered by pagedkvctl: list shows both, drop-cache
+// empties one's prefix cache, a lowered limit takes their free pages back and binds both when
+// they grow again, top redraws.
+func TestTwoServingProcesses(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ledger")
+	l, err := ledger.Open(path, ledger.Options{Limit: 32 * page, DeviceBytes: 128 << 20})
+	require.NoError(t, err)
+	defer l.Close()
+	a := proctest.Start(t, "serve", path, "llama", "5", "3")
+	b := proctest.Start(t, "serve", path, "qwen", "5", "3")
+	a.Expect("ready", 30*time.Second)
+	b.Expect("ready", 30*time.Second)
+
+	var o listOut
+	require.Eventually(t, func() bool { // usage is published every half second
+		o = list(t, path)
+		return member(o, "llama").CachedBlocks == 4 && member(o, "qwen").CachedBlocks == 4
+	}, 5*time.Second, 10*time.Millisecond)
+	require.Len(t, o.Members, 2)
+	require.Equal(t, uint64(32*page), o.LimitBytes)
+	for _, name := range []string{"llama", "qwen"} {
+		m := member(o, name)
+		require.Greater(t, m.MappedBytes, uint64(6*page), "%s: 5 live pages, 1 page of cached blocks, a reserve", name)
+		require.Equal(t, 5*64, m.LiveBlocks)
+		require.NotZero(t, m.PID)
+	}
+	text := ctl(t, path, "list")
+	require.Contains(t, text, fmt.Sprintf("limit 64.0 MiB   used %.1f MiB (%.0f%%)   members 2   device 128.0 MiB",
+		float64(o.UsedBytes)/(1<<20), 100*float64(o.UsedBytes)/float64(64<<20)))
+	require.Contains(t, text, "llama")
+
+	require.Contains(t, ctl(t, path, "drop-cache", "llama"), "asked 1 member")
+	require.Eventually(t, func() bool { return member(list(t, path), "llama").CachedBlocks == 0 }, 5*time.Second, 10*time.Millisecond)
+	require.Equal(t, 4, member(list(t, path), "qwen").CachedBlocks, "only llama was asked")
+
+	require.Contains(t, ctl(t, path, "limit", "24M"), "limit 24.0 MiB, used")
+	o = list(t, path)
+	require.Equal(t, uint64(24<<20), o.LimitBytes)
+	require.LessOrEqual(t, o.UsedBytes, uint64(24<<20), "both gave back their free and cached pages")
+	a.Send("grow")
+	b.Send("grow")
+	require.Contains(t, a.Expect("grown ", time.Minute), "out of memory")
+	require.Contains(t, b.Expect("grown ", time.Minute), "out of memory")
+	a.Send("mapped")
+	b.Send("mapped")
+	ma, err := strconv.ParseUint(a.Expect("mapped ", 10*time.Second), 10, 64)
+	require.NoError(t, err)
+	mb, err := strconv.ParseUint(b.Expect("mapped ", 10*time.Second), 10, 64)
+	require.NoError(t, err)
+	t.Logf("after the limit fell to 24 MiB and both grew: llama %d MiB, qwen %d MiB", ma>>20, mb>>20)
+	require.Equal(t, uint64(24<<20), ma+mb, "together they fill the new limit, and no more")
+	require.GreaterOrEqual(t, min(ma, mb), uint64(5*page), "each keeps its live pages")
+
+	var r ledger.LimitReport
+	var out bytes.Buffer
+	require.NoError(t, run([]string{"-ledger", path, "-json", "limit", "50%"}, &out, nil))
+	require.NoError(t, json.Unmarshal(out.Bytes(), &r))
+	require.Equal(t, uint64(64<<20), r.Limit)
+
+	screen := ctl(t, path, "top", "-n", "2", "-i", "10ms")
+	require.Equal(t, 2, strings.Count(screen, "\x1b[H\x1b[2J"), "two frames")
+	require.Contains(t, screen, "qwen")
+	require.Contains(t, screen, "PAGE OVERHEAD")
+
+	a.Close()
+	b.Close()
+	require.Empty(t, list(t, path).Members)
+	require.NoError(t, l.Check())
+}
+
+func TestBadInput(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ledger")
+	var out bytes.Buffer
+	err := run([]string{"-ledger", path, "list"}, &out, nil)
+	require.ErrorIs(t, err, ledger.ErrNotFound, "pagedkvctl never creates a ledger")
+	_, statErr := os.Stat(path)
+	require.True(t, os.IsNotExist(statErr))
+	l, err := ledger.Open(path, ledger.Options{Limit: 1 << 30})
+	require.NoError(t, err)
+	defer l.Close()
+	for _, args := range [][]string{{}, {"frobnicate"}, {"limit"}, {"limit", "0"}, {"limit", "-5G"}, {"limit", "12X"},
+		{"limit", "18446744073709551615T"}, {"limit", "50%"}, {"limit", "101%"}, {"top", "-i", "0s"}, {"drop-cache", "a", "b"},
+		{"drop-cache", "nobody"}, {"-nosuchflag", "list"}} {
+		err := run(append([]string{"-ledger", path}, args...), &out, nil)
+		require.Error(t, err, "%v", args)
+	}
+	require.Equal(t, uint64(1<<30), l.Limit(), "no refused command changed the limit")
+}
+
+func TestParseLimit(t *testing.T) {
+	for in, want := range map[string]uint64{"1073741824": 1 << 30, "512K": 512 << 10, "512m": 512 << 20, "40G": 40 << 30, "1T": 1 << 40, "25%": 1 << 30, "100%": 4 << 30} {
+		got, err := parseLimit(in, 4<<30)
+		require.NoError(t, err, in)
+		require.Equal(t, want, got, in)
+	}
+}
