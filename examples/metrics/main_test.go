@@ -1,0 +1,74 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// scrape fetches /metrics and returns each sample line's value by its series.
+func scrape(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(url + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	out := map[string]float64{}
+	sc := bufio.NewScanner(strings.NewReader(string(body)))
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		require.NoError(t, err, line)
+		out[line[:i]] = v
+	}
+	return out
+}
+
+// The example's /metrics, scraped over HTTP, reports what the pool's Stats say.
+func TestScrapeMetrics(t *testing.T) {
+	for _, withLedger := range []bool{false, true} {
+		o := options{models: []string{"llama", "qwen"}, limit: 64 << 20, seed: 3}
+		if withLedger {
+			o.ledger = filepath.Join(t.TempDir(), "ledger")
+		}
+		s, err := newServer(o)
+		require.NoError(t, err)
+		for range 300 {
+			require.NoError(t, s.step())
+		}
+		srv := httptest.NewServer(s.handler())
+		got := scrape(t, srv.URL)
+		srv.Close()
+		st := s.pool.Stats()
+		require.Len(t, st.Models, 2)
+		for _, m := range st.Models {
+			lbl := `{model="` + m.Name + `",pool="shared"}`
+			require.Positive(t, m.MappedBytes)
+			require.Equal(t, float64(m.MappedBytes), got["pagedkv_mapped_bytes"+lbl], m.Name)
+			require.Equal(t, float64(m.Sequences), got["pagedkv_sequences"+lbl], m.Name)
+			require.Equal(t, float64(m.LiveBlocks), got["pagedkv_live_blocks"+lbl], m.Name)
+			require.Positive(t, got[`pagedkv_prefix_hit_tokens_total{model="`+m.Name+`",pool="shared",tier="gpu"}`], "shared system prompts hit")
+			require.Equal(t, float64(m.Prefix.QueryTokens), got["pagedkv_prefix_query_tokens_total"+lbl])
+		}
+		require.Equal(t, float64(64<<20), got[`pagedkv_limit_bytes{pool="shared"}`])
+		require.Equal(t, float64(st.Used), got[`pagedkv_used_bytes{pool="shared"}`])
+		if withLedger {
+			require.Equal(t, float64(st.Used), got[`pagedkv_ledger_used_bytes{ledger="gpu0"}`])
+			require.Equal(t, float64(64<<20), got[`pagedkv_ledger_limit_bytes{ledger="gpu0"}`])
+		}
+		s.close()
+	}
+}

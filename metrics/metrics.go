@@ -1,0 +1,227 @@
+// Package metrics exports pagedkv's figures to Prometheus: a Collector over managers, shared
+// pools and ledgers, registered like any other (prometheus.MustRegister, or a Registry of your
+// own), with the usual names (pagedkv_mapped_bytes, pagedkv_prefix_hit_tokens_total, ...).
+//
+// It lives apart so that importing kvcache never pulls in the Prometheus client. A scrape reads
+// each object's Stats (one short lock per manager); the collector borrows what it is given and
+// never closes it: Remove an object before closing it.
+package metrics
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
+)
+
+// Collector is a prometheus.Collector of pagedkv objects, each under a name unique in the
+// collector. Safe for concurrent use.
+type Collector struct {
+	mu       sync.Mutex
+	managers map[string]*kvcache.Manager
+	pools    map[string]*kvcache.SharedPool
+	ledgers  map[string]*ledger.Ledger
+}
+
+// NewCollector returns an empty collector.
+func NewCollector() *Collector {
+	return &Collector{managers: map[string]*kvcache.Manager{}, pools: map[string]*kvcache.SharedPool{}, ledgers: map[string]*ledger.Ledger{}}
+}
+
+func (c *Collector) add(name string, nilObj bool, put func()) error {
+	if c == nil || c.managers == nil {
+		return fmt.Errorf("metrics: add %q: %w: nil collector, or one not made by NewCollector", name, errdefs.ErrInvalidArgument)
+	}
+	if name == "" || nilObj {
+		return fmt.Errorf("metrics: add %q: %w: empty name or nil object", name, errdefs.ErrInvalidArgument)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, m := c.managers[name]
+	_, p := c.pools[name]
+	_, l := c.ledgers[name]
+	if m || p || l {
+		return fmt.Errorf("metrics: add %q: %w", name, errdefs.ErrExists)
+	}
+	put()
+	return nil
+}
+
+// AddManager exports a manager's Stats under model=name.
+func (c *Collector) AddManager(name string, m *kvcache.Manager) error {
+	return c.add(name, m == nil, func() { c.managers[name] = m })
+}
+
+// AddSharedPool exports a shared pool's limit and use under pool=name, and each of its models'
+// Stats under model=<the model's name>, pool=name.
+func (c *Collector) AddSharedPool(name string, p *kvcache.SharedPool) error {
+	return c.add(name, p == nil, func() { c.pools[name] = p })
+}
+
+// AddLedger exports a ledger's limit and each member's mapped bytes (all processes) under
+// ledger=name.
+func (c *Collector) AddLedger(name string, l *ledger.Ledger) error {
+	return c.add(name, l == nil, func() { c.ledgers[name] = l })
+}
+
+// Remove forgets the object added under name (ErrNotFound if none).
+func (c *Collector) Remove(name string) error {
+	if c == nil || c.managers == nil {
+		return fmt.Errorf("metrics: remove %q: %w: nil collector", name, errdefs.ErrInvalidArgument)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, m := c.managers[name]
+	_, p := c.pools[name]
+	_, l := c.ledgers[name]
+	if !m && !p && !l {
+		return fmt.Errorf("metrics: remove %q: %w", name, errdefs.ErrNotFound)
+	}
+	delete(c.managers, name)
+	delete(c.pools, name)
+	delete(c.ledgers, name)
+	return nil
+}
+
+type desc struct {
+	d     *prometheus.Desc
+	typ   prometheus.ValueType
+	value func(s *kvcache.Stats) float64
+	extra []string // constant label values after model and pool
+}
+
+var modelLabels = []string{"model", "pool"}
+
+func gauge(name, help string, f func(s *kvcache.Stats) float64) desc {
+	return desc{prometheus.NewDesc(name, help, modelLabels, nil), prometheus.GaugeValue, f, nil}
+}
+
+func counter(name, help string, f func(s *kvcache.Stats) float64) desc {
+	return desc{prometheus.NewDesc(name, help, modelLabels, nil), prometheus.CounterValue, f, nil}
+}
+
+// labelled shares one Desc among several series told apart by one more label.
+func labelled(typ prometheus.ValueType, name, help, label string, values map[string]func(s *kvcache.Stats) float64) []desc {
+	d := prometheus.NewDesc(name, help, append(slices.Clone(modelLabels), label), nil)
+	keys := make([]string, 0, len(values))
+	for k := range values {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	out := make([]desc, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, desc{d, typ, values[k], []string{k}})
+	}
+	return out
+}
+
+// managerDescs are the series of one manager, read from its Stats.
+var managerDescs = slices.Concat(
+	[]desc{
+		gauge("pagedkv_mapped_bytes", "Physical memory the manager's arena has mapped.", func(s *kvcache.Stats) float64 { return float64(s.MappedBytes) }),
+		gauge("pagedkv_scratch_bytes", "Device memory held beside the arena (the copy kernel's staging buffer).", func(s *kvcache.Stats) float64 { return float64(s.ScratchBytes) }),
+		gauge("pagedkv_sequences", "Sequences the manager holds.", func(s *kvcache.Stats) float64 { return float64(s.Sequences) }),
+		gauge("pagedkv_live_blocks", "Distinct blocks sequences hold.", func(s *kvcache.Stats) float64 { return float64(s.LiveBlocks) }),
+		gauge("pagedkv_page_overhead_ratio", "Mapped pages over the pages live and idle cached blocks need (1 is none wasted).", func(s *kvcache.Stats) float64 { return s.PageOverhead }),
+		counter("pagedkv_page_unmaps_total", "Pages returned to the device.", func(s *kvcache.Stats) float64 { return float64(s.Unmaps) }),
+		counter("pagedkv_copy_on_writes_total", "Shared tail blocks copied on append.", func(s *kvcache.Stats) float64 { return float64(s.CopyOnWrites) }),
+		counter("pagedkv_compactions_total", "Compactions that moved blocks.", func(s *kvcache.Stats) float64 { return float64(s.Compactions) }),
+		counter("pagedkv_blocks_moved_total", "Blocks moved by compactions.", func(s *kvcache.Stats) float64 { return float64(s.BlocksMoved) }),
+		counter("pagedkv_prefix_query_tokens_total", "Prompt tokens looked up in the prefix cache.", func(s *kvcache.Stats) float64 { return float64(s.Prefix.QueryTokens) }),
+		counter("pagedkv_prefix_evictions_total", "Cached blocks evicted from device memory.", func(s *kvcache.Stats) float64 { return float64(s.Prefix.Evictions) }),
+		gauge("pagedkv_swapped_sequences", "Sequences swapped out to the host tier.", func(s *kvcache.Stats) float64 { return float64(s.SwappedSequences) }),
+	},
+	labelled(prometheus.GaugeValue, "pagedkv_pages", "Mapped pages by how many of their blocks are in use.", "state", map[string]func(s *kvcache.Stats) float64{
+		"free": func(s *kvcache.Stats) float64 { return float64(s.FreePages) }, "partial": func(s *kvcache.Stats) float64 { return float64(s.PartialPages) },
+		"full": func(s *kvcache.Stats) float64 { return float64(s.FullPages) },
+	}),
+	labelled(prometheus.CounterValue, "pagedkv_page_maps_total", "Pages mapped: by an append itself (sync) or ahead of need (background).", "path", map[string]func(s *kvcache.Stats) float64{
+		"sync": func(s *kvcache.Stats) float64 { return float64(s.SyncMaps) }, "background": func(s *kvcache.Stats) float64 { return float64(s.BackgroundMaps) },
+	}),
+	labelled(prometheus.CounterValue, "pagedkv_prefix_hit_tokens_total", "Prompt tokens found in the prefix cache, by the tier they came from.", "tier", map[string]func(s *kvcache.Stats) float64{
+		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HitTokens - s.Prefix.HostHitTokens) }, "host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostHitTokens) },
+	}),
+	labelled(prometheus.GaugeValue, "pagedkv_prefix_cached_blocks", "Blocks in the prefix cache, by tier.", "tier", map[string]func(s *kvcache.Stats) float64{
+		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.CachedBlocks) }, "host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostCachedBlocks) },
+	}),
+	labelled(prometheus.CounterValue, "pagedkv_swap_blocks_total", "Blocks swapped to and from the host tier.", "direction", map[string]func(s *kvcache.Stats) float64{
+		"out": func(s *kvcache.Stats) float64 { return float64(s.SwapOuts) }, "in": func(s *kvcache.Stats) float64 { return float64(s.SwapIns) },
+	}),
+	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier, all and free.", "state", map[string]func(s *kvcache.Stats) float64{
+		"total": func(s *kvcache.Stats) float64 { return float64(s.HostBlocks) }, "free": func(s *kvcache.Stats) float64 { return float64(s.HostFreeBlocks) },
+	}),
+)
+
+var (
+	poolLimit     = prometheus.NewDesc("pagedkv_limit_bytes", "The physical limit a shared pool's models share (per device).", []string{"pool"}, nil)
+	poolUsed      = prometheus.NewDesc("pagedkv_used_bytes", "Bytes a shared pool's models hold (the most on any device).", []string{"pool"}, nil)
+	ledgerLimit   = prometheus.NewDesc("pagedkv_ledger_limit_bytes", "The limit the processes of a ledger share.", []string{"ledger"}, nil)
+	ledgerUsed    = prometheus.NewDesc("pagedkv_ledger_used_bytes", "Bytes all members of a ledger hold, over all processes.", []string{"ledger"}, nil)
+	ledgerMembers = prometheus.NewDesc("pagedkv_ledger_member_mapped_bytes", "Bytes one member of a ledger holds.", []string{"ledger", "member", "pid"}, nil)
+)
+
+// Describe sends every series' description.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	seen := map[*prometheus.Desc]bool{}
+	for _, d := range managerDescs {
+		if !seen[d.d] {
+			seen[d.d] = true
+			ch <- d.d
+		}
+	}
+	for _, d := range []*prometheus.Desc{poolLimit, poolUsed, ledgerLimit, ledgerUsed, ledgerMembers} {
+		ch <- d
+	}
+}
+
+// Collect reads every object's figures.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	if c == nil || c.managers == nil {
+		return
+	}
+	c.mu.Lock()
+	managers, pools, ledgers := clone(c.managers), clone(c.pools), clone(c.ledgers)
+	c.mu.Unlock()
+	emit := func(model, pool string, s *kvcache.Stats) {
+		for _, d := range managerDescs {
+			ch <- prometheus.MustNewConstMetric(d.d, d.typ, d.value(s), append([]string{model, pool}, d.extra...)...)
+		}
+	}
+	for name, m := range managers {
+		s := m.Stats()
+		emit(name, "", &s)
+	}
+	for name, p := range pools {
+		st := p.Stats()
+		ch <- prometheus.MustNewConstMetric(poolLimit, prometheus.GaugeValue, float64(st.Limit), name)
+		ch <- prometheus.MustNewConstMetric(poolUsed, prometheus.GaugeValue, float64(st.Used), name)
+		for i := range st.Models {
+			emit(st.Models[i].Name, name, &st.Models[i].Stats)
+		}
+	}
+	for name, l := range ledgers {
+		s, err := l.Snapshot()
+		if err != nil {
+			continue // closed: nothing to report
+		}
+		ch <- prometheus.MustNewConstMetric(ledgerLimit, prometheus.GaugeValue, float64(s.Limit), name)
+		ch <- prometheus.MustNewConstMetric(ledgerUsed, prometheus.GaugeValue, float64(s.Used), name)
+		for _, m := range s.Members {
+			ch <- prometheus.MustNewConstMetric(ledgerMembers, prometheus.GaugeValue, float64(m.Mapped), name, m.Name, strconv.Itoa(m.PID))
+		}
+	}
+}
+
+func clone[V any](m map[string]V) map[string]V {
+	out := make(map[string]V, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}

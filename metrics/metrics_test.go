@@ -1,0 +1,91 @@
+package metrics_test
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
+	"github.com/pagedkv/pagedkv/metrics"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+func cfg() kvcache.Config {
+	return kvcache.Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4, PageSize: 2 << 20, Capacity: 16 << 20, NoBackground: true}
+}
+
+func TestCollector(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer dev.Close()
+	m, err := kvcache.New(dev, cfg())
+	require.NoError(t, err)
+	defer m.Close()
+	_, err = m.AppendTokens(1, 1000, nil)
+	require.NoError(t, err)
+	l, err := ledger.Open(filepath.Join(t.TempDir(), "l"), ledger.Options{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer l.Close()
+	pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+	require.NoError(t, err)
+	defer pool.Close()
+	pm, err := pool.Register("qwen", cfg())
+	require.NoError(t, err)
+	_, err = pm.AppendTokens(1, 10, nil)
+	require.NoError(t, err)
+
+	c := metrics.NewCollector()
+	require.NoError(t, c.AddManager("llama", m))
+	require.NoError(t, c.AddSharedPool("shared", pool))
+	require.NoError(t, c.AddLedger("gpu0", l))
+	require.ErrorIs(t, c.AddManager("llama", m), kvcache.ErrExists)
+	require.ErrorIs(t, c.AddLedger("", l), kvcache.ErrInvalidArgument)
+	require.ErrorIs(t, c.AddSharedPool("x", nil), kvcache.ErrInvalidArgument)
+	require.ErrorIs(t, c.Remove("nobody"), kvcache.ErrNotFound)
+	var nilC *metrics.Collector
+	require.ErrorIs(t, nilC.AddManager("a", m), kvcache.ErrInvalidArgument)
+
+	problems, err := testutil.CollectAndLint(c)
+	require.NoError(t, err)
+	require.Empty(t, problems, "names, units and help follow Prometheus' conventions")
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(c), "descriptions match what is collected")
+	_, err = reg.Gather()
+	require.NoError(t, err)
+
+	want := `
+# HELP pagedkv_mapped_bytes Physical memory the manager's arena has mapped.
+# TYPE pagedkv_mapped_bytes gauge
+pagedkv_mapped_bytes{model="llama",pool=""} LLAMA
+pagedkv_mapped_bytes{model="qwen",pool="shared"} QWEN
+# HELP pagedkv_ledger_member_mapped_bytes Bytes one member of a ledger holds.
+# TYPE pagedkv_ledger_member_mapped_bytes gauge
+pagedkv_ledger_member_mapped_bytes{ledger="gpu0",member="qwen",pid="PID"} QWEN
+`
+	want = strings.NewReplacer("PID", strconv.Itoa(os.Getpid()), "LLAMA", strconv.FormatUint(m.Stats().MappedBytes, 10),
+		"QWEN", strconv.FormatUint(pm.Stats().MappedBytes, 10)).Replace(want)
+	require.NotZero(t, m.Stats().MappedBytes)
+	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(want), "pagedkv_mapped_bytes", "pagedkv_ledger_member_mapped_bytes"))
+	require.NoError(t, c.Remove("llama"))
+	require.Equal(t, 1, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+}
+
+// The core packages never pull in the Prometheus client: only this package does.
+func TestCoreDoesNotImportPrometheus(t *testing.T) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go tool to list dependencies")
+	}
+	out, err := exec.Command(goTool, "list", "-deps", "../vmm", "../kvcache", "../ledger", "../blocktable", "../sequence", "../kernels", "../prefix").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Contains(t, string(out), "github.com/pagedkv/pagedkv/kvcache")
+	require.NotContains(t, string(out), "prometheus")
+}
