@@ -36,10 +36,16 @@ type Report struct {
 }
 
 func main() {
+	if spec := os.Getenv(admitChildEnv); spec != "" {
+		if err := admitChild(spec); err != nil {
+			log.Fatalf("bench: admission child: %v", err)
+		}
+		return
+	}
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, swap, preempt")
+	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, swap, preempt, admit")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -71,6 +77,7 @@ func main() {
 		{"multi", benchMulti},
 		{"swap", benchSwap},
 		{"preempt", benchPreempt},
+		{"admit", benchAdmit},
 	}
 	for _, s := range sections {
 		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {
