@@ -73,8 +73,9 @@ type server struct {
 	models []*model
 	reg    *prometheus.Registry
 
-	mu  sync.Mutex // one step at a time
-	rng *rand.Rand
+	mu     sync.Mutex // one step at a time; close waits for the step under way
+	closed bool
+	rng    *rand.Rand
 }
 
 // model is one model's running requests.
@@ -136,6 +137,9 @@ func newServer(o options) (s *server, err error) {
 func (s *server) step() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
 	for _, md := range s.models {
 		if s.rng.IntN(4) == 0 {
 			sys := s.rng.IntN(systemPrompts)
@@ -188,6 +192,9 @@ func (s *server) handler() http.Handler {
 }
 
 func (s *server) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
 	if s.pool != nil {
 		s.pool.Close()
 	}
