@@ -173,3 +173,35 @@ func TestLedgerTwoProcesses(t *testing.T) {
 		run(t, "cuda", dev)
 	})
 }
+
+// A driver call failing while a model of a ledger-backed pool grows (create, map, set access)
+// leaves the ledger holding exactly the model's mapped pages, and the model consistent.
+func TestLedgerFaults(t *testing.T) {
+	for _, op := range []vmm.Op{vmm.OpCreate, vmm.OpMap, vmm.OpSetAccess} {
+		t.Run(string(op), func(t *testing.T) {
+			dev := vmm.InjectFaults(hostDevice(t, 2<<20))
+			l, err := ledger.Open(filepath.Join(t.TempDir(), "ledger"), ledger.Options{Limit: 8 << 21})
+			require.NoError(t, err)
+			defer l.Close()
+			pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+			require.NoError(t, err)
+			defer pool.Close()
+			m, err := pool.Register("m", smallConfig())
+			require.NoError(t, err)
+			_, err = m.AppendTokens(1, pageTokens, nil)
+			require.NoError(t, err)
+			require.NoError(t, dev.FailAlways(op, nil))
+			seq := kvcache.SeqID(2)
+			for ; err == nil; seq++ { // until an append needs a page the driver will not give
+				_, err = m.AppendTokens(seq, pageTokens, nil)
+			}
+			require.ErrorIs(t, err, vmm.ErrInjected)
+			require.Equal(t, m.Stats().MappedBytes, l.Used(), "the ledger got back what the failed map acquired")
+			require.NoError(t, m.Verify())
+			dev.Clear()
+			_, err = m.AppendTokens(seq, pageTokens, nil)
+			require.NoError(t, err)
+			require.Equal(t, m.Stats().MappedBytes, l.Used())
+		})
+	}
+}

@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"encoding/binary"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -10,6 +11,7 @@ import (
 	"github.com/pagedkv/pagedkv/internal/burst"
 	"github.com/pagedkv/pagedkv/internal/devtest"
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -80,11 +82,29 @@ func ids(from, n int) []kvcache.SeqID {
 // then (with CompactOnPressure) compacts it; their blocks never alias; the limit, sleep, wake and
 // unregister give memory back that the device reports free.
 func TestSharedPool(t *testing.T) {
+	for _, viaLedger := range []bool{false, true} {
+		name := "one process"
+		if viaLedger {
+			name = "ledger"
+		}
+		t.Run(name, func(t *testing.T) { testSharedPool(t, viaLedger) })
+	}
+}
+
+// testSharedPool runs the shared-pool suite with an in-process budget or through a ledger.
+func testSharedPool(t *testing.T, viaLedger bool) {
 	backends(t, func(t *testing.T, dev vmm.Device) {
 		const page = 2 << 20
 		free0, _, err := dev.MemInfo()
 		require.NoError(t, err)
-		sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 8 * page, CompactOnPressure: true})
+		cfg := kvcache.SharedConfig{Limit: 8 * page, CompactOnPressure: true}
+		if viaLedger {
+			l, err := ledger.Open(filepath.Join(t.TempDir(), "ledger"), ledger.Options{Limit: 8 * page})
+			require.NoError(t, err)
+			defer l.Close()
+			cfg = kvcache.SharedConfig{Ledger: l, CompactOnPressure: true}
+		}
+		sp, err := kvcache.NewShared(dev, cfg)
 		require.NoError(t, err)
 		defer func() { require.NoError(t, sp.Close()) }()
 		a, err := sp.Register("llama", sharedConfig())
