@@ -12,8 +12,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/gputest"
-	"github.com/pagedkv/pagedkv/internal/leakcheck"
 	"github.com/pagedkv/pagedkv/internal/proctest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
@@ -163,14 +161,12 @@ func TestLedgerTwoProcesses(t *testing.T) {
 		require.Equal(t, uint64(limit), s.Used)
 		require.NoError(t, l.Check())
 	}
-	t.Run("host", func(t *testing.T) { run(t, "host", hostDevice(t, 2<<20)) })
-	t.Run("cuda", func(t *testing.T) {
-		ord := gputest.Require(t)
-		leakcheck.Check(t)
-		dev, err := vmm.NewCUDADevice(ord)
-		require.NoError(t, err)
-		t.Cleanup(func() { require.NoError(t, dev.Close()) })
-		run(t, "cuda", dev)
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		backend := "host"
+		if dev.Info().Kind == vmm.MemoryDevice {
+			backend = "cuda"
+		}
+		run(t, backend, dev)
 	})
 }
 

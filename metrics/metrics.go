@@ -43,14 +43,19 @@ func (c *Collector) add(name string, nilObj bool, put func()) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, m := c.managers[name]
-	_, p := c.pools[name]
-	_, l := c.ledgers[name]
-	if m || p || l {
+	if c.has(name) {
 		return fmt.Errorf("metrics: add %q: %w", name, errdefs.ErrExists)
 	}
 	put()
 	return nil
+}
+
+// has reports whether an object is added under name (c.mu is held).
+func (c *Collector) has(name string) bool {
+	_, m := c.managers[name]
+	_, p := c.pools[name]
+	_, l := c.ledgers[name]
+	return m || p || l
 }
 
 // AddManager exports a manager's Stats under model=name.
@@ -77,10 +82,7 @@ func (c *Collector) Remove(name string) error {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, m := c.managers[name]
-	_, p := c.pools[name]
-	_, l := c.ledgers[name]
-	if !m && !p && !l {
+	if !c.has(name) {
 		return fmt.Errorf("metrics: remove %q: %w", name, errdefs.ErrNotFound)
 	}
 	delete(c.managers, name)
