@@ -83,3 +83,114 @@ func secondDevice(dev vmm.Device) (vmm.Device, error) {
 	}
 	return vmm.NewCUDADevice(info.Ordinal + 1)
 }
+
+// benchMultiCalls times growing by one page (cuMemCreate + cuMemMap + cuMemSetAccess of 128 MiB)
+// and shrinking by one (cuMemUnmap + cuMemRelease) on one device alone, on two one after the
+// other, and on two at once from a goroutine per device: whether the driver calls of two GPUs
+// overlap when one Go process makes them. Each condition runs its own loop of pages.
+func benchMultiCalls(dev vmm.Device, scale int) ([]Table, error) {
+	second, err := secondDevice(dev)
+	if err != nil {
+		return []Table{{Title: "Driver calls on two devices", Note: "skipped: " + err.Error()}}, nil
+	}
+	defer second.Close()
+	n := 40
+	if scale == 0 {
+		n = 4
+	}
+	const size = 128 << 20
+	devs := []vmm.Device{dev, second}
+	bases := make([]vmm.Addr, 2)
+	for i, d := range devs {
+		if bases[i], err = d.Reserve(uint64(n) * size); err != nil {
+			return nil, err
+		}
+		defer d.FreeReservation(bases[i], uint64(n)*size)
+	}
+	handles := make([][]vmm.Handle, 2)
+	for d := range handles {
+		handles[d] = make([]vmm.Handle, n)
+	}
+	grow := func(d, i int) error {
+		h, err := devs[d].Create(size)
+		if err != nil {
+			return err
+		}
+		handles[d][i] = h
+		a := bases[d] + vmm.Addr(i*size)
+		if err := devs[d].Map(a, size, h); err != nil {
+			return err
+		}
+		return devs[d].SetAccess(a, size)
+	}
+	shrink := func(d, i int) error {
+		if err := devs[d].Unmap(bases[d]+vmm.Addr(i*size), size); err != nil {
+			return err
+		}
+		return devs[d].Release(handles[d][i])
+	}
+	// run times fn over n pages: on device 0, on both in turn, or on both at once.
+	run := func(fn func(d, i int) error, how string) (sample, error) {
+		var s sample
+		for i := range n {
+			t0 := time.Now()
+			switch how {
+			case "alone":
+				if err := fn(0, i); err != nil {
+					return nil, err
+				}
+			case "in turn":
+				for d := range 2 {
+					if err := fn(d, i); err != nil {
+						return nil, err
+					}
+				}
+			case "at once":
+				errs := make(chan error, 2)
+				for d := range 2 {
+					go func() { errs <- fn(d, i) }()
+				}
+				if e1, e2 := <-errs, <-errs; e1 != nil || e2 != nil {
+					return nil, fmt.Errorf("at once: %v, %v", e1, e2)
+				}
+			}
+			s = append(s, time.Since(t0))
+		}
+		return s, nil
+	}
+	t := Table{
+		Title: "Growing and shrinking by one 128 MiB page: one device, two in turn, two at once",
+		Note: fmt.Sprintf("%d pages per condition, p50 (mean) in µs. Grow: cuMemCreate + cuMemMap + cuMemSetAccess; shrink: cuMemUnmap + "+
+			"cuMemRelease. 'At once': a goroutine per device for each page.", n),
+		Columns: []string{"", "device 0 alone", "two in turn", "two at once", "in turn / alone", "at once / alone"},
+	}
+	var res [2][3]sample
+	for k, how := range []string{"alone", "in turn", "at once"} {
+		if res[0][k], err = run(grow, how); err != nil {
+			return nil, err
+		}
+		if how == "alone" { // device 1 too, so that shrink alone has the same state to undo
+			for i := range n {
+				if err := grow(1, i); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if res[1][k], err = run(shrink, how); err != nil {
+			return nil, err
+		}
+		if how == "alone" {
+			for i := range n {
+				if err := shrink(1, i); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	for r, name := range []string{"grow", "shrink"} {
+		cell := func(s sample) string { return fmt.Sprintf("%s (%s)", us(s.p50()), us(s.mean())) }
+		t.Rows = append(t.Rows, []string{name, cell(res[r][0]), cell(res[r][1]), cell(res[r][2]),
+			ratio(res[r][1].p50(), res[r][0].p50()), ratio(res[r][2].p50(), res[r][0].p50())})
+	}
+	return []Table{t}, nil
+}
