@@ -30,9 +30,12 @@ static double now(void){ struct timespec t; clock_gettime(CLOCK_MONOTONIC,&t); r
 static void* run(void* p){ Arg* a=p; CK(cuCtxSetCurrent(ctx[a->dev])); CUdeviceptr base; CK(cuMemAddressReserve(&base,SZ*N,0,0,0));
   Prop pr; memset(&pr,0,sizeof pr); pr.type=1; pr.loc.type=1; pr.loc.id=a->dev; Access ac={{1,a->dev},3};
   for(int i=0;i<N;i++){ pthread_barrier_wait(&bar); double t0=now(); CUhandle h;
-    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev])); CK(cuMemCreate(&h,SZ,&pr,0));
-    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev])); CK(cuMemMap(base+i*SZ,SZ,0,h,0));
-    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev])); CK(cuMemSetAccess(base+i*SZ,SZ,&ac,1));
+    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev]));
+    CK(cuMemCreate(&h,SZ,&pr,0));
+    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev]));
+    CK(cuMemMap(base+i*SZ,SZ,0,h,0));
+    if(setcur) CK(cuCtxSetCurrent(ctx[a->dev]));
+    CK(cuMemSetAccess(base+i*SZ,SZ,&ac,1));
     double t1=now(); a->grow[i]=t1-t0; pthread_barrier_wait(&bar); t1=now();
     CK(cuMemUnmap(base+i*SZ,SZ)); CK(cuMemRelease(h)); a->shrink[i]=now()-t1; }
   return 0; }
