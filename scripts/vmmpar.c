@@ -47,7 +47,8 @@ int main(int argc,char**argv){ void* l=dlopen("libcuda.so.1",RTLD_NOW); if(!l){p
   CK(cuInit(0)); for(int d=0;d<2;d++){ CUdevice dv; CK(cuDeviceGet(&dv,d)); CK(cuDevicePrimaryCtxRetain(&ctx[d],dv)); }
   for(setcur=0; setcur<2; setcur++) for(int both=0;both<2;both++) for(int rep=0;rep<2;rep++){
     int n=both?2:1; pthread_barrier_init(&bar,0,n); pthread_t th[2]; Arg a[2]={{0},{1}};
-    for(int t=0;t<n;t++) pthread_create(&th[t],0,run,&a[t]); for(int t=0;t<n;t++) pthread_join(th[t],0);
+    for(int t=0;t<n;t++) pthread_create(&th[t],0,run,&a[t]);
+    for(int t=0;t<n;t++) pthread_join(th[t],0);
     printf("setcur-per-call=%d %s rep %d: grow p50 %.1f us (dev0) %.1f (dev1); shrink %.1f / %.1f\n", setcur, both?"both at once":"dev0 alone", rep,
       med(a[0].grow), both?med(a[1].grow):0, med(a[0].shrink), both?med(a[1].shrink):0); }
   return 0; }
