@@ -28,11 +28,11 @@ type Snapshot struct {
 
 // Snapshot reaps members whose process died and returns the limit and every member.
 func (l *Ledger) Snapshot() (Snapshot, error) {
-	done, err := l.use("snapshot")
+	err := l.enter("snapshot")
 	if err != nil {
 		return Snapshot{}, err
 	}
-	defer done()
+	defer l.exit()
 	if err := l.lock(); err != nil {
 		return Snapshot{}, err
 	}
@@ -77,11 +77,11 @@ type LimitReport struct {
 // it to compact, waiting for each (at most the request timeout for one in another process).
 // A limit of 0 is ErrInvalidArgument and changes nothing.
 func (l *Ledger) SetLimit(limit uint64) (LimitReport, error) {
-	done, err := l.use("set limit")
+	err := l.enter("set limit")
 	if err != nil {
 		return LimitReport{}, err
 	}
-	defer done()
+	defer l.exit()
 	if limit == 0 {
 		return LimitReport{}, fmt.Errorf("ledger: set limit: %w: zero", ErrInvalidArgument)
 	}
@@ -119,11 +119,10 @@ func (l *Ledger) DropCache(name string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	done, err := l.use("drop cache")
-	if err != nil {
+	if err := l.enter("drop cache"); err != nil {
 		return 0, err
 	}
-	defer done()
+	defer l.exit()
 	n := 0
 	for _, mi := range s.Members {
 		if name == "" || mi.Name == name {
@@ -140,11 +139,11 @@ func (l *Ledger) DropCache(name string) (int, error) {
 // Check verifies the ledger's invariants under its lock: slots are free or live, a free slot
 // holds no bytes, live names are valid and unique. Tests call it after concurrent use.
 func (l *Ledger) Check() error {
-	done, err := l.use("check")
+	err := l.enter("check")
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer l.exit()
 	if err := l.lock(); err != nil {
 		return err
 	}

@@ -185,18 +185,20 @@ func (l *Ledger) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&l.mem[o
 func (l *Ledger) s64(slot, off int) *uint64 { return l.u64(headerSize + slot*slotSize + off) }
 func (l *Ledger) s32(slot, off int) *uint32 { return l.u32(headerSize + slot*slotSize + off) }
 
-// use makes sure l is open and keeps its mapping in place until done is called.
-func (l *Ledger) use(op string) (done func(), err error) {
+// enter makes sure l is open and keeps its mapping in place until exit.
+func (l *Ledger) enter(op string) error {
 	if l == nil || l.mem == nil {
-		return nil, fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
+		return fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
 	}
 	l.closeMu.RLock()
 	if l.closed.Load() {
 		l.closeMu.RUnlock()
-		return nil, fmt.Errorf("ledger: %s: %w", op, ErrClosed)
+		return fmt.Errorf("ledger: %s: %w", op, ErrClosed)
 	}
-	return l.closeMu.RUnlock, nil
+	return nil
 }
+
+func (l *Ledger) exit() { l.closeMu.RUnlock() }
 
 // lock takes the ledger lock: the handle's mutex, then the file lock. It fails only when the
 // kernel runs out of lock records (ENOLCK).
@@ -216,32 +218,32 @@ func (l *Ledger) unlock() {
 
 // Limit returns the limit in bytes (0 for a closed or nil ledger).
 func (l *Ledger) Limit() uint64 {
-	done, err := l.use("limit")
+	err := l.enter("limit")
 	if err != nil {
 		return 0
 	}
-	defer done()
+	defer l.exit()
 	return atomic.LoadUint64(l.u64(hLimit))
 }
 
 // DeviceBytes returns the GPU memory recorded in the ledger (0 when unknown).
 func (l *Ledger) DeviceBytes() uint64 {
-	done, err := l.use("device bytes")
+	err := l.enter("device bytes")
 	if err != nil {
 		return 0
 	}
-	defer done()
+	defer l.exit()
 	return atomic.LoadUint64(l.u64(hDevice))
 }
 
 // Used returns the bytes all members hold, dead ones not yet reaped included. It reads without
 // the lock, so under concurrent acquisitions it is a moment's estimate; Members is exact.
 func (l *Ledger) Used() uint64 {
-	done, err := l.use("used")
+	err := l.enter("used")
 	if err != nil {
 		return 0
 	}
-	defer done()
+	defer l.exit()
 	return l.usedLocked()
 }
 

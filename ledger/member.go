@@ -110,11 +110,11 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 	if h == nil {
 		return nil, fmt.Errorf("ledger: join %q: %w: nil holder", name, ErrInvalidArgument)
 	}
-	done, err := l.use("join " + name)
+	err := l.enter("join " + name)
 	if err != nil {
 		return nil, err
 	}
-	defer done()
+	defer l.exit()
 	if err := l.lock(); err != nil {
 		return nil, err
 	}
@@ -185,32 +185,36 @@ func (m *Member) Name() string {
 	return m.name
 }
 
-// use is Ledger.use for a member that has not left.
-func (m *Member) use(op string) (func(), error) {
+// enter is Ledger.enter for a member that has not left; exit undoes it.
+func (m *Member) enter(op string) error {
 	if m == nil || m.l == nil {
-		return nil, fmt.Errorf("ledger: %s: %w: nil member, or one not made by Join", op, ErrInvalidArgument)
+		return fmt.Errorf("ledger: %s: %w: nil member, or one not made by Join", op, ErrInvalidArgument)
 	}
 	m.mu.RLock()
 	if m.left.Load() {
 		m.mu.RUnlock()
-		return nil, fmt.Errorf("ledger: %s: member %q left: %w", op, m.name, ErrClosed)
+		return fmt.Errorf("ledger: %s: member %q left: %w", op, m.name, ErrClosed)
 	}
-	done, err := m.l.use(op)
-	if err != nil {
+	if err := m.l.enter(op); err != nil {
 		m.mu.RUnlock()
-		return nil, err
+		return err
 	}
-	return func() { done(); m.mu.RUnlock() }, nil
+	return nil
+}
+
+func (m *Member) exit() {
+	m.l.exit()
+	m.mu.RUnlock()
 }
 
 // TryAcquire takes n bytes if the limit has room for them now, asking nothing of anyone. It
 // fails with a *CapacityError (ErrOutOfMemory) naming the bytes asked for and free.
 func (m *Member) TryAcquire(n uint64) error {
-	done, err := m.use("acquire")
+	err := m.enter("acquire")
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer m.exit()
 	return m.tryAcquire(n)
 }
 
@@ -237,11 +241,11 @@ func (m *Member) tryAcquire(n uint64) error {
 // that allow it to compact. The caller may hold its own locks: members are asked not to wait
 // for theirs. It fails with a *CapacityError when they cannot make room.
 func (m *Member) Acquire(n uint64, compact bool) error {
-	done, err := m.use("acquire")
+	err := m.enter("acquire")
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer m.exit()
 	if err = m.tryAcquire(n); err == nil || !errors.Is(err, ErrOutOfMemory) {
 		return err
 	}
@@ -315,11 +319,11 @@ func (l *Ledger) others(skip int) ([]int, error) {
 
 // Release returns n bytes (at most what the member holds). Safe after Leave (a no-op then).
 func (m *Member) Release(n uint64) {
-	done, err := m.use("release")
+	err := m.enter("release")
 	if err != nil {
 		return
 	}
-	defer done()
+	defer m.exit()
 	w := m.l.s64(m.slot, sMapped)
 	for {
 		cur := atomic.LoadUint64(w)
@@ -331,22 +335,22 @@ func (m *Member) Release(n uint64) {
 
 // Used returns the bytes the member holds.
 func (m *Member) Used() uint64 {
-	done, err := m.use("used")
+	err := m.enter("used")
 	if err != nil {
 		return 0
 	}
-	defer done()
+	defer m.exit()
 	return atomic.LoadUint64(m.l.s64(m.slot, sMapped))
 }
 
 // Headroom returns the bytes the member could acquire now without asking anyone (an estimate
 // read without the lock).
 func (m *Member) Headroom() uint64 {
-	done, err := m.use("headroom")
+	err := m.enter("headroom")
 	if err != nil {
 		return 0
 	}
-	defer done()
+	defer m.exit()
 	used, limit := m.l.usedLocked(), atomic.LoadUint64(m.l.u64(hLimit))
 	if used >= limit {
 		return 0
@@ -364,11 +368,11 @@ func (m *Member) Leave() {
 	}
 	m.leaveOnce.Do(func() {
 		l := m.l
-		done, err := l.use("leave")
+		err := l.enter("leave")
 		if err != nil {
 			return // the ledger closed: Close left every member first
 		}
-		defer done()
+		defer l.exit()
 		m.mu.Lock()
 		m.left.Store(true)
 		m.mu.Unlock()
