@@ -129,13 +129,17 @@ func envOr(key, def string) string {
 func parseLimit(s string, device uint64) (uint64, error) {
 	if pct, ok := strings.CutSuffix(s, "%"); ok {
 		p, err := strconv.ParseFloat(pct, 64)
-		if err != nil || p <= 0 || p > 100 {
+		if err != nil || !(p > 0 && p <= 100) { // NaN too
 			return 0, fmt.Errorf("limit %q: a percentage is in (0, 100]", s)
 		}
 		if device == 0 {
 			return 0, fmt.Errorf("limit %q: the ledger does not know the device's memory (ledger.Options.DeviceBytes); give bytes", s)
 		}
-		return uint64(p / 100 * float64(device)), nil
+		v := min(uint64(p/100*float64(device)), device) // float rounding may overshoot by one ulp
+		if v == 0 {
+			return 0, fmt.Errorf("limit %q: %v%% of %d bytes is no byte", s, p, device)
+		}
+		return v, nil
 	}
 	mult := uint64(1)
 	if i := strings.IndexAny(s, "KMGTkmgt"); i == len(s)-1 && i > 0 {

@@ -203,7 +203,7 @@ func TestBadInput(t *testing.T) {
 	require.NoError(t, err)
 	defer l.Close()
 	for _, args := range [][]string{{}, {"frobnicate"}, {"limit"}, {"limit", "0"}, {"limit", "-5G"}, {"limit", "12X"},
-		{"limit", "18446744073709551615T"}, {"limit", "50%"}, {"limit", "101%"}, {"top", "-i", "0s"}, {"drop-cache", "a", "b"},
+		{"limit", "18446744073709551615T"}, {"limit", "50%"}, {"limit", "101%"}, {"limit", "NaN%"}, {"top", "-i", "0s"}, {"drop-cache", "a", "b"},
 		{"drop-cache", "nobody"}, {"-nosuchflag", "list"}} {
 		err := run(append([]string{"-ledger", path}, args...), &out, nil)
 		require.Error(t, err, "%v", args)
@@ -217,4 +217,31 @@ func TestParseLimit(t *testing.T) {
 		require.NoError(t, err, in)
 		require.Equal(t, want, got, in)
 	}
+}
+
+// FuzzParseLimit: any string either parses to a positive size that fits in uint64 (a plain
+// integer to itself, a suffixed one to its multiple, a percentage to at most the device) or is
+// refused; nothing panics or wraps.
+func FuzzParseLimit(f *testing.F) {
+	for _, s := range []string{"1", "40G", "512m", "50%", "100%", "0", "-1", "18446744073709551615", "16777216T", "1e3%", "%", "G", "", "NaN%", "nan%", "Inf%", "1e-300%", "0x1p-2%"} {
+		f.Add(s, uint64(4<<30))
+	}
+	f.Fuzz(func(t *testing.T, s string, device uint64) {
+		v, err := parseLimit(s, device)
+		if err != nil {
+			return
+		}
+		require.Positive(t, v, "%q", s)
+		if strings.HasSuffix(s, "%") {
+			require.LessOrEqual(t, v, device, "%q of %d", s, device)
+			return
+		}
+		if n, err := strconv.ParseUint(s, 10, 64); err == nil {
+			require.Equal(t, n, v, "%q", s)
+			return
+		}
+		unit := map[byte]uint64{'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}[s[len(s)-1]&^0x20]
+		require.NotZero(t, unit, "%q parsed without a known suffix", s)
+		require.Zero(t, v%unit, "%q", s)
+	})
 }
