@@ -136,8 +136,9 @@ func (l *Ledger) DropCache(name string) (int, error) {
 	return n, nil
 }
 
-// Check verifies the ledger's invariants under its lock: slots are free or live, a free slot
-// holds no bytes, live names are valid and unique. Tests call it after concurrent use.
+// Check reaps members whose process died, then verifies the ledger's invariants under its lock:
+// slots are free or live, a free slot holds no bytes, live names are valid and unique. Tests
+// call it after concurrent use.
 func (l *Ledger) Check() error {
 	err := l.enter("check")
 	if err != nil {
@@ -148,6 +149,7 @@ func (l *Ledger) Check() error {
 		return err
 	}
 	defer l.unlock()
+	l.reapLocked()
 	var names []string
 	for i := range MaxMembers {
 		switch st := atomic.LoadUint32(l.s32(i, sState)); st {

@@ -275,12 +275,13 @@ func (l *Ledger) reapLocked() []string {
 	return dead
 }
 
-// clearSlot frees slot i (the ledger lock is held).
+// clearSlot frees slot i (the ledger lock is held), its state last: a process that dies midway
+// leaves a live slot whose owner is gone, which the next reap frees.
 func (l *Ledger) clearSlot(i int) {
-	atomic.StoreUint32(l.s32(i, sState), stateFree)
 	atomic.StoreUint64(l.s64(i, sMapped), 0)
 	atomic.StoreUint32(l.s32(i, sPID), 0)
 	clear(l.mem[headerSize+i*slotSize+sName : headerSize+(i+1)*slotSize])
+	atomic.StoreUint32(l.s32(i, sState), stateFree)
 }
 
 func (l *Ledger) nameOf(i int) string {
