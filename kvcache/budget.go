@@ -61,6 +61,10 @@ func (h ledgerHolder) Reclaim(need uint64, compact, wait bool) uint64 {
 	return h.m.Reclaim(need, compact, wait)
 }
 
+func (h ledgerHolder) TryReclaim(need uint64, compact bool) (uint64, bool) {
+	return h.m.TryReclaim(need, compact)
+}
+
 func (h ledgerHolder) DropCache() { h.m.DropCache() }
 
 func (h ledgerHolder) Usage() ledger.Usage {

@@ -295,25 +295,36 @@ func (s *SharedPool) Close() error {
 // pages come free. With wait false it returns 0 at once if the manager is busy. A sleeping or
 // standalone manager may be asked too.
 func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
+	freed, _ := m.reclaim(need, compact, wait)
+	return freed
+}
+
+// TryReclaim implements vmm.TryReclaimer: Reclaim without waiting, reporting whether the
+// manager was busy (so that the budget asks again) rather than out of memory to give.
+func (m *Manager) TryReclaim(need uint64, compact bool) (freed uint64, busy bool) {
+	return m.reclaim(need, compact, false)
+}
+
+func (m *Manager) reclaim(need uint64, compact, wait bool) (uint64, bool) {
 	if !m.made() {
-		return 0
+		return 0, false
 	}
 	if wait {
 		m.growMu.Lock()
 		m.mu.Lock()
 	} else {
 		if !m.growMu.TryLock() {
-			return 0
+			return 0, true
 		}
 		if !m.mu.TryLock() {
 			m.growMu.Unlock()
-			return 0
+			return 0, true
 		}
 	}
 	defer m.growMu.Unlock()
 	defer m.mu.Unlock()
 	if m.closed || m.static {
-		return 0
+		return 0, false
 	}
 	freed := m.unmapFreeLocked(need) // bytes of one device: a budget is one device's
 	if freed < need && compact && m.arena.live > 0 {
@@ -322,7 +333,7 @@ func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
 		}
 	}
 	m.publish()
-	return freed
+	return freed, false
 }
 
 // unmapFreeLocked unmaps free pages from the top until need bytes are returned, then evicts and

@@ -50,3 +50,38 @@ func BenchmarkAcquireRelease(b *testing.B) {
 	b.ReportMetric(ns/budgetNs, "x_budget")
 	b.ReportMetric(100*ns/50000, "%_of_50µs_map")
 }
+
+// BenchmarkAcquireRefused is an acquisition the limit refuses while another member (through its
+// mailbox, as in another process) has nothing to give: what an engine pays each time it tries
+// to admit a request that does not fit. Both passes (free pages, then compaction) ask it once.
+func BenchmarkAcquireRefused(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "l")
+	a, err := ledger.Open(path, ledger.Options{Limit: 4 * unit})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer a.Close()
+	o, err := ledger.Open(path, ledger.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer o.Close()
+	full, err := a.Join("full", &holder{}, ledger.JoinOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := full.Acquire(4*unit, false); err != nil {
+		b.Fatal(err)
+	}
+	m, err := o.Join("asker", &holder{}, ledger.JoinOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := m.Acquire(unit, true); err == nil {
+			b.Fatal("acquired beyond the limit")
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N), "µs/refusal")
+}

@@ -50,6 +50,11 @@ func (h *holder) Reclaim(need uint64, compact, wait bool) uint64 {
 	return give
 }
 
+// TryReclaim is Reclaim that is never busy (its lock is held only for a moment).
+func (h *holder) TryReclaim(need uint64, compact bool) (uint64, bool) {
+	return h.Reclaim(need, compact, false), false
+}
+
 func (h *holder) DropCache() {
 	h.mu.Lock()
 	defer h.mu.Unlock()

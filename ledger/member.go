@@ -22,7 +22,8 @@ import (
 // goroutine when another process asks, and must be safe for concurrent use.
 type Holder interface {
 	// Reclaim gives back up to need bytes, as vmm.Reclaimer describes; compact is false unless
-	// the member joined with AllowCompact.
+	// the member joined with AllowCompact. A holder that is also a vmm.TryReclaimer is asked
+	// again only when it was busy.
 	vmm.Reclaimer
 	// DropCache empties the holder's prefix cache (pagedkvctl drop-cache).
 	DropCache()
@@ -471,8 +472,8 @@ func (m *Member) serve(kind uint32, need uint64) uint64 {
 		}
 		got := uint64(0)
 		for attempt := range 3 { // a holder busy in a short operation is asked again
-			got += m.h.Reclaim(need-got, compact, false)
-			if got >= need {
+			freed, busy := vmm.ReclaimNow(m.h, need-got, compact)
+			if got += freed; got >= need || !busy {
 				break
 			}
 			time.Sleep(time.Duration(attempt+1) * 20 * time.Microsecond)

@@ -251,7 +251,7 @@ func apiValues(t reflect.Type) []apitest.Maker {
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{NewHostDevice, NewCUDADevice, Open, Probe, Supported, NewPool, NewBudget, InjectFaults},
+		Funcs: []any{NewHostDevice, NewCUDADevice, Open, Probe, Supported, NewPool, NewBudget, InjectFaults, ReclaimNow},
 		Types: []any{(*HostDevice)(nil), (*CUDADevice)(nil), (*FaultDevice)(nil), (*Pool)(nil), (*Budget)(nil),
 			(*BudgetMember)(nil), MemoryKind(0), External{}, Region{},
 			(*CapacityError)(nil), (*AlignmentError)(nil), (*RangeError)(nil)},

@@ -22,6 +22,27 @@ type Reclaimer interface {
 	Reclaim(need uint64, compact, wait bool) uint64
 }
 
+// TryReclaimer is a Reclaimer that can say it was busy: TryReclaim gives back what it can
+// without waiting for the member's locks, and reports busy when it could not take them. A
+// budget asks a busy member again after a short pause and moves on at once from one that had
+// nothing to give; a plain Reclaimer asked without waiting is treated as possibly busy.
+type TryReclaimer interface {
+	Reclaimer
+	TryReclaim(need uint64, compact bool) (freed uint64, busy bool)
+}
+
+// ReclaimNow asks r for up to need bytes without waiting for its locks, and reports whether it
+// may have been busy (always, for a Reclaimer that is not a TryReclaimer). A nil r gives nothing.
+func ReclaimNow(r Reclaimer, need uint64, compact bool) (freed uint64, busy bool) {
+	if r == nil {
+		return 0, false
+	}
+	if t, ok := r.(TryReclaimer); ok {
+		return t.TryReclaim(need, compact)
+	}
+	return r.Reclaim(need, compact, false), true
+}
+
 // Budget is one limit on the physical memory that several owners map, one per model sharing a
 // GPU, say. Owners join as BudgetMembers and acquire bytes before mapping them; when the budget
 // is spent, Acquire first reclaims from the other members (their free reserves, then, if asked,
@@ -148,9 +169,12 @@ func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 	}
 	for _, withCompaction := range passes {
 		for attempt := range 3 { // a member busy in a short operation is asked again
-			m.b.reclaimFrom(m, n, withCompaction, false)
+			_, busy := m.b.reclaimFrom(m, n, withCompaction, false)
 			if err = m.TryAcquire(n); err == nil {
 				return nil
+			}
+			if !busy {
+				break // nobody had more to give
 			}
 			time.Sleep(time.Duration(attempt+1) * 20 * time.Microsecond)
 		}
@@ -205,9 +229,9 @@ func (b *Budget) others(skip *BudgetMember) []*BudgetMember {
 	return out
 }
 
-// reclaimFrom asks the other members for the bytes that n more would exceed the limit by.
-func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) uint64 {
-	got := uint64(0)
+// reclaimFrom asks the other members for the bytes that n more would exceed the limit by, and
+// reports whether one of them may have been too busy to answer (only without wait).
+func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) (got uint64, busy bool) {
 	for _, o := range b.others(skip) {
 		b.mu.Lock()
 		need := over(b.used, n, b.limit)
@@ -215,9 +239,14 @@ func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) u
 		if need == 0 {
 			break
 		}
-		got += o.r.Reclaim(need, compact, wait)
+		if wait {
+			got += o.r.Reclaim(need, compact, true)
+			continue
+		}
+		freed, wasBusy := ReclaimNow(o.r, need, compact)
+		got, busy = got+freed, busy || wasBusy
 	}
-	return got
+	return got, busy
 }
 
 // over returns how far used+n exceeds limit (0 if it does not), computed without wrapping.
