@@ -181,9 +181,10 @@ type LimitReport struct {
 	Shortfall uint64
 }
 
-// SetLimit changes the shared limit (on several devices, each device's). Lowering it below what
-// the models hold shrinks them: free pages are returned first, then the models are compacted,
-// as far as their live data allows. The report gives the most any device uses. A limit that is
+// SetLimit changes the shared limit (on several devices, each device's; with a Ledger, the
+// ledger's, for every process at once). Lowering it below what the models hold shrinks them:
+// free pages are returned first, then the models are compacted, as far as their live data
+// allows (through a ledger, only the models of pools with CompactOnPressure are compacted). The report gives the most any device uses. A limit that is
 // not positive is ErrInvalidArgument and changes nothing.
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if err := s.check("set limit"); err != nil {
