@@ -8,7 +8,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/internal/admit"
-	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -33,16 +32,7 @@ func TestAdmitAcrossProcesses(t *testing.T) {
 	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10})
 	require.NoError(t, err)
 	defer dev.Close()
-	var thirds []*kvcache.Manager
-	for range o.Models {
-		c := cfg
-		c.MemoryLimit = limit / uint64(o.Models)
-		m, err := kvcache.New(dev, c)
-		require.NoError(t, err)
-		defer m.Close()
-		thirds = append(thirds, m)
-	}
-	static, err := admit.Run(thirds, o)
+	static, err := admit.RunShares(dev, cfg, limit, o)
 	require.NoError(t, err)
 	res, err := admitAcrossProcesses(o, limit)
 	require.NoError(t, err)

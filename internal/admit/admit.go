@@ -16,6 +16,7 @@ import (
 	"slices"
 
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // Options shape the trace.
@@ -207,4 +208,25 @@ func poisson(rng *rand.Rand, lambda float64) int {
 		}
 		k++
 	}
+}
+
+// RunShares replays the trace on one manager per model on dev, each limited to an equal share
+// of limit (cfg.MemoryLimit = limit/Models): the memory split statically, mapped on demand.
+func RunShares(dev vmm.Device, cfg kvcache.Config, limit uint64, o Options) (Result, error) {
+	var ms []*kvcache.Manager
+	defer func() {
+		for _, m := range ms {
+			m.Close()
+		}
+	}()
+	for range o.Models {
+		c := cfg
+		c.MemoryLimit = limit / uint64(o.Models)
+		m, err := kvcache.New(dev, c)
+		if err != nil {
+			return Result{}, err
+		}
+		ms = append(ms, m)
+	}
+	return Run(ms, o)
 }

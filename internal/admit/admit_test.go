@@ -28,16 +28,7 @@ func TestStaticVersusShared(t *testing.T) {
 	defer dev.Close()
 	cfg := config()
 	cfg.Capacity = limit
-	var static []*kvcache.Manager
-	for range o.Models {
-		c := cfg
-		c.MemoryLimit = limit / uint64(o.Models)
-		m, err := kvcache.New(dev, c)
-		require.NoError(t, err)
-		defer m.Close()
-		static = append(static, m)
-	}
-	sres, err := admit.Run(static, o)
+	sres, err := admit.RunShares(dev, cfg, limit, o)
 	require.NoError(t, err)
 
 	pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: limit, CompactOnPressure: true})
