@@ -168,8 +168,11 @@ var (
 	ledgerMembers = prometheus.NewDesc("pagedkv_ledger_member_mapped_bytes", "Bytes one member of a ledger holds.", []string{"ledger", "member", "pid"}, nil)
 )
 
-// Describe sends every series' description.
+// Describe sends every series' description (nothing to a nil channel).
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	if ch == nil {
+		return
+	}
 	seen := map[*prometheus.Desc]bool{}
 	for _, d := range managerDescs {
 		if !seen[d.d] {
@@ -182,9 +185,10 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
-// Collect reads every object's figures.
+// Collect reads every object's figures (nothing for a nil collector or channel; a closed
+// ledger is skipped, a closed manager reports what it held last).
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
-	if c == nil || c.managers == nil {
+	if c == nil || c.managers == nil || ch == nil {
 		return
 	}
 	c.mu.Lock()
