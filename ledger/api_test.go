@@ -107,8 +107,13 @@ func apiValues(t reflect.Type) []apitest.Maker {
 // nothing panics, every error is typed, a failed call changes nothing, the ledger's invariants
 // hold after every call, and no lock stays held.
 func TestAPIProperty(t *testing.T) {
+	src, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(t.TempDir()) // Open("a") creates ./a: not in the source tree
 	s := &apitest.Suite{
-		Dir:      ".",
+		Dir:      src,
 		Funcs:    []any{ledger.Open},
 		Types:    []any{(*ledger.Ledger)(nil), (*ledger.Member)(nil), ledger.Usage{}},
 		Values:   apiValues,
