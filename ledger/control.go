@@ -90,7 +90,7 @@ func (l *Ledger) SetLimit(limit uint64) (LimitReport, error) {
 	}
 	atomic.StoreUint64(l.u64(hLimit), limit)
 	l.unlock()
-	if l.usedLocked() > limit {
+	if l.sumMapped() > limit {
 		others, err := l.others(-1)
 		if err != nil {
 			return LimitReport{}, err
@@ -105,7 +105,7 @@ func (l *Ledger) SetLimit(limit uint64) (LimitReport, error) {
 			}
 		}
 	}
-	r := LimitReport{Limit: limit, Used: l.usedLocked()}
+	r := LimitReport{Limit: limit, Used: l.sumMapped()}
 	if r.Used > limit {
 		r.Shortfall = r.Used - limit
 	}

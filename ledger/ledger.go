@@ -244,10 +244,12 @@ func (l *Ledger) Used() uint64 {
 		return 0
 	}
 	defer l.exit()
-	return l.usedLocked()
+	return l.sumMapped()
 }
 
-func (l *Ledger) usedLocked() uint64 {
+// sumMapped adds up the live slots' bytes with atomic reads: exact under the ledger lock, a
+// moment's estimate without it.
+func (l *Ledger) sumMapped() uint64 {
 	sum := uint64(0)
 	for i := range MaxMembers {
 		if atomic.LoadUint32(l.s32(i, sState)) == stateLive {

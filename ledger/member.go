@@ -1,6 +1,7 @@
 package ledger
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
@@ -13,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -225,13 +227,9 @@ func (m *Member) tryAcquire(n uint64) error {
 		return err
 	}
 	defer l.unlock()
-	used, limit := l.usedLocked(), atomic.LoadUint64(l.u64(hLimit))
-	if used > limit || n > limit-used {
-		free := uint64(0)
-		if limit > used {
-			free = limit - used
-		}
-		return &CapacityError{Need: n, Free: free}
+	used, limit := l.sumMapped(), atomic.LoadUint64(l.u64(hLimit))
+	if checked.Over(used, n, limit) > 0 {
+		return &CapacityError{Need: n, Free: limit - min(used, limit)}
 	}
 	atomic.AddUint64(l.s64(m.slot, sMapped), n)
 	return nil
@@ -279,17 +277,7 @@ func (m *Member) Acquire(n uint64, compact bool) error {
 // shortfall returns how far n more bytes would exceed the limit now (an estimate read without
 // the lock).
 func (l *Ledger) shortfall(n uint64) uint64 {
-	used, limit := l.usedLocked(), atomic.LoadUint64(l.u64(hLimit))
-	if used >= limit {
-		if s := used - limit + n; s >= n {
-			return s
-		}
-		return math.MaxUint64
-	}
-	if n > limit-used {
-		return n - (limit - used)
-	}
-	return 0
+	return checked.Over(l.sumMapped(), n, atomic.LoadUint64(l.u64(hLimit)))
 }
 
 // others reaps dead members and returns the other live slots, largest holders first.
@@ -305,15 +293,8 @@ func (l *Ledger) others(skip int) ([]int, error) {
 			out = append(out, i)
 		}
 	}
-	slices.SortStableFunc(out, func(a, b int) int {
-		ma, mb := atomic.LoadUint64(l.s64(a, sMapped)), atomic.LoadUint64(l.s64(b, sMapped))
-		switch {
-		case ma > mb:
-			return -1
-		case ma < mb:
-			return 1
-		}
-		return 0
+	slices.SortStableFunc(out, func(a, b int) int { // largest first
+		return cmp.Compare(atomic.LoadUint64(l.s64(b, sMapped)), atomic.LoadUint64(l.s64(a, sMapped)))
 	})
 	return out, nil
 }
@@ -352,7 +333,7 @@ func (m *Member) Headroom() uint64 {
 		return 0
 	}
 	defer m.exit()
-	used, limit := m.l.usedLocked(), atomic.LoadUint64(m.l.u64(hLimit))
+	used, limit := m.l.sumMapped(), atomic.LoadUint64(m.l.u64(hLimit))
 	if used >= limit {
 		return 0
 	}

@@ -3,7 +3,6 @@ package vmm
 import (
 	"errors"
 	"fmt"
-	"math"
 	"sort"
 	"sync"
 	"time"
@@ -142,7 +141,7 @@ func (m *BudgetMember) TryAcquire(n uint64) error {
 
 func (m *BudgetMember) takeLocked(n uint64) error {
 	b := m.b
-	if over(b.used, n, b.limit) > 0 {
+	if checked.Over(b.used, n, b.limit) > 0 {
 		free := uint64(0)
 		if b.limit > b.used {
 			free = b.limit - b.used
@@ -234,7 +233,7 @@ func (b *Budget) others(skip *BudgetMember) []*BudgetMember {
 func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) (got uint64, busy bool) {
 	for _, o := range b.others(skip) {
 		b.mu.Lock()
-		need := over(b.used, n, b.limit)
+		need := checked.Over(b.used, n, b.limit)
 		b.mu.Unlock()
 		if need == 0 {
 			break
@@ -247,21 +246,6 @@ func (b *Budget) reclaimFrom(skip *BudgetMember, n uint64, compact, wait bool) (
 		got, busy = got+freed, busy || wasBusy
 	}
 	return got, busy
-}
-
-// over returns how far used+n exceeds limit (0 if it does not), computed without wrapping.
-func over(used, n, limit uint64) uint64 {
-	if used > limit {
-		s, ok := checked.Add(used-limit, n)
-		if !ok {
-			return math.MaxUint64
-		}
-		return s
-	}
-	if n > limit-used {
-		return n - (limit - used)
-	}
-	return 0
 }
 
 // Limit returns the limit.

@@ -20,6 +20,22 @@ func Add(a, b uint64) (uint64, bool) {
 	return s, carry == 0
 }
 
+// Over returns how far used+n exceeds limit (0 if it does not), saturating at MaxUint64
+// instead of wrapping: the bytes a budget must find before it can grant n more.
+func Over(used, n, limit uint64) uint64 {
+	if used > limit {
+		s, ok := Add(used-limit, n)
+		if !ok {
+			return math.MaxUint64
+		}
+		return s
+	}
+	if n > limit-used {
+		return n - (limit - used)
+	}
+	return 0
+}
+
 // MulN multiplies every factor; ok is false if any factor is negative or the product exceeds
 // max. An empty product is 1.
 func MulN(max uint64, factors ...int) (uint64, bool) {

@@ -45,3 +45,14 @@ func TestChecked(t *testing.T) {
 	_, ok = RoundUp(5, 0)
 	assert.False(t, ok)
 }
+
+func TestOver(t *testing.T) {
+	for _, c := range []struct{ used, n, limit, want uint64 }{
+		{0, 0, 0, 0}, {0, 5, 10, 0}, {5, 5, 10, 0}, {5, 6, 10, 1}, {10, 1, 10, 1}, {12, 3, 10, 5},
+		{0, math.MaxUint64, 10, math.MaxUint64 - 10}, {math.MaxUint64, 1, 0, math.MaxUint64}, {math.MaxUint64, math.MaxUint64, 5, math.MaxUint64},
+	} {
+		if got := Over(c.used, c.n, c.limit); got != c.want {
+			t.Errorf("Over(%d, %d, %d) = %d, want %d", c.used, c.n, c.limit, got, c.want)
+		}
+	}
+}
