@@ -9,6 +9,7 @@ package metrics
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"sync"
@@ -192,7 +193,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	c.mu.Lock()
-	managers, pools, ledgers := clone(c.managers), clone(c.pools), clone(c.ledgers)
+	managers, pools, ledgers := maps.Clone(c.managers), maps.Clone(c.pools), maps.Clone(c.ledgers)
 	c.mu.Unlock()
 	emit := func(model, pool string, s *kvcache.Stats) {
 		for _, d := range managerDescs {
@@ -222,12 +223,4 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(ledgerMembers, prometheus.GaugeValue, float64(m.Mapped), name, m.Name, strconv.Itoa(m.PID))
 		}
 	}
-}
-
-func clone[V any](m map[string]V) map[string]V {
-	out := make(map[string]V, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
