@@ -35,19 +35,19 @@ type DeviceTables struct {
 // (ErrTooLarge); a nil device ErrInvalidArgument.
 func NewDeviceTables(dev vmm.Device, maxSeqs, maxBlocks, maxTokens int) (*DeviceTables, error) {
 	if dev == nil {
-		return nil, fmt.Errorf("device tables: %w: nil device", ErrInvalidArgument)
+		return nil, fmt.Errorf("blocktable: device tables: %w: nil device", ErrInvalidArgument)
 	}
 	for _, c := range []struct {
 		what string
 		n    int
 	}{{"sequences", maxSeqs}, {"blocks per sequence", maxBlocks}, {"tokens per step", maxTokens}} {
 		if c.n <= 0 || c.n > MaxEntries {
-			return nil, fmt.Errorf("device tables: %w", &CountError{What: c.what, N: c.n, Max: MaxEntries})
+			return nil, fmt.Errorf("blocktable: device tables: %w", &CountError{What: c.what, N: c.n, Max: MaxEntries})
 		}
 	}
 	nnz, err := entries("device tables", maxSeqs, maxBlocks)
 	if err != nil {
-		return nil, fmt.Errorf("device tables: %w", err)
+		return nil, fmt.Errorf("blocktable: device tables: %w", err)
 	}
 	d := &DeviceTables{dev: dev, maxSeqs: maxSeqs, maxBlocks: maxBlocks, maxTokens: maxTokens, maxNNZ: nnz}
 	var off uint64
@@ -60,16 +60,16 @@ func NewDeviceTables(dev vmm.Device, maxSeqs, maxBlocks, maxTokens int) (*Device
 	oIP, oIX, oLP := next(4*(maxSeqs+1)), next(4*nnz), next(4*maxSeqs)
 	size, ok := checked.RoundUp(off, dev.Info().Granularity)
 	if !ok {
-		return nil, fmt.Errorf("device tables: %w: granularity %d", ErrInvalidArgument, dev.Info().Granularity)
+		return nil, fmt.Errorf("blocktable: device tables: %w: granularity %d", ErrInvalidArgument, dev.Info().Granularity)
 	}
 	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: size, PageSize: size})
 	if err != nil {
-		return nil, fmt.Errorf("device tables: %w", err)
+		return nil, fmt.Errorf("blocktable: device tables: %w", err)
 	}
 	base, err := pool.Map(0, size)
 	if err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("device tables: %w", err)
+		return nil, fmt.Errorf("blocktable: device tables: %w", err)
 	}
 	d.pool = pool
 	d.BlockTables, d.SeqLens, d.SlotMapping = base+vmm.Addr(oBT), base+vmm.Addr(oSL), base+vmm.Addr(oSM)
@@ -87,12 +87,12 @@ func bytesOf[T int32 | int64](s []T) []byte {
 // lock locks open tables made by NewDeviceTables, or reports why not (then nothing is locked).
 func (d *DeviceTables) lock() error {
 	if d == nil || d.pool == nil {
-		return fmt.Errorf("device tables: %w: nil or not made by NewDeviceTables", ErrInvalidArgument)
+		return fmt.Errorf("blocktable: device tables: %w: nil or not made by NewDeviceTables", ErrInvalidArgument)
 	}
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		return fmt.Errorf("device tables: %w", ErrClosed)
+		return fmt.Errorf("blocktable: device tables: %w", ErrClosed)
 	}
 	return nil
 }
@@ -105,23 +105,23 @@ func (d *DeviceTables) UploadVLLM(t *VLLM, slots []int64) error {
 	}
 	defer d.mu.Unlock()
 	if err := t.check(0); err != nil {
-		return fmt.Errorf("upload vLLM tables: %w", err)
+		return fmt.Errorf("blocktable: upload vLLM tables: %w", err)
 	}
 	if t.MaxBlocks != d.maxBlocks {
-		return &SizeError{What: "vLLM row stride", Need: t.MaxBlocks, Cap: d.maxBlocks}
+		return fmt.Errorf("blocktable: upload vLLM tables: %w", &SizeError{What: "vLLM row stride", Need: t.MaxBlocks, Cap: d.maxBlocks})
 	}
 	if t.Rows > d.maxSeqs {
-		return &SizeError{What: "vLLM rows", Need: t.Rows, Cap: d.maxSeqs}
+		return fmt.Errorf("blocktable: upload vLLM tables: %w", &SizeError{What: "vLLM rows", Need: t.Rows, Cap: d.maxSeqs})
 	}
 	if len(slots) > d.maxTokens {
-		return &SizeError{What: "slot_mapping", Need: len(slots), Cap: d.maxTokens}
+		return fmt.Errorf("blocktable: upload vLLM tables: %w", &SizeError{What: "slot_mapping", Need: len(slots), Cap: d.maxTokens})
 	}
 	for _, c := range []struct {
 		dst vmm.Addr
 		src []byte
 	}{{d.BlockTables, bytesOf(t.Table())}, {d.SeqLens, bytesOf(t.Lens())}, {d.SlotMapping, bytesOf(slots)}} {
 		if err := d.dev.CopyIn(c.dst, c.src); err != nil {
-			return fmt.Errorf("upload vLLM tables: %w", err)
+			return fmt.Errorf("blocktable: upload vLLM tables: %w", err)
 		}
 	}
 	return nil
@@ -134,21 +134,21 @@ func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
 	}
 	defer d.mu.Unlock()
 	if err := f.check(0); err != nil {
-		return fmt.Errorf("upload FlashInfer tables: %w", err)
+		return fmt.Errorf("blocktable: upload FlashInfer tables: %w", err)
 	}
 	if f.Rows > d.maxSeqs {
-		return &SizeError{What: "FlashInfer sequences", Need: f.Rows, Cap: d.maxSeqs}
+		return fmt.Errorf("blocktable: upload FlashInfer tables: %w", &SizeError{What: "FlashInfer sequences", Need: f.Rows, Cap: d.maxSeqs})
 	}
 	nnz := f.NNZ()
 	if nnz > d.maxNNZ {
-		return &SizeError{What: "FlashInfer kv_indices", Need: nnz, Cap: d.maxNNZ}
+		return fmt.Errorf("blocktable: upload FlashInfer tables: %w", &SizeError{What: "FlashInfer kv_indices", Need: nnz, Cap: d.maxNNZ})
 	}
 	for _, c := range []struct {
 		dst vmm.Addr
 		src []byte
 	}{{d.Indptr, bytesOf(f.Indptr[:f.Rows+1])}, {d.Indices, bytesOf(f.Indices[:nnz])}, {d.LastPageLen, bytesOf(f.LastPageLen[:f.Rows])}} {
 		if err := d.dev.CopyIn(c.dst, c.src); err != nil {
-			return fmt.Errorf("upload FlashInfer tables: %w", err)
+			return fmt.Errorf("blocktable: upload FlashInfer tables: %w", err)
 		}
 	}
 	return nil

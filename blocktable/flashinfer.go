@@ -53,15 +53,15 @@ func (f *FlashInfer) Reset() {
 // check reports whether the fields describe a consistent table of Rows rows with room for more.
 func (f *FlashInfer) check(more int) error {
 	if f == nil {
-		return fmt.Errorf("blocktable: %w: nil FlashInfer table", ErrInvalidArgument)
+		return fmt.Errorf("%w: nil FlashInfer table", ErrInvalidArgument)
 	}
 	if f.Rows < 0 || f.BlockTokens <= 0 || f.BlockTokens > MaxTokens || len(f.Indptr) == 0 ||
 		len(f.LastPageLen) < len(f.Indptr)-1 || f.Rows >= len(f.Indptr) {
-		return fmt.Errorf("blocktable: %w: FlashInfer table with %d rows, %d tokens per block, buffers %d/%d/%d (make tables with NewFlashInfer)",
+		return fmt.Errorf("%w: FlashInfer table with %d rows, %d tokens per block, buffers %d/%d/%d (make tables with NewFlashInfer)",
 			ErrInvalidArgument, f.Rows, f.BlockTokens, len(f.Indptr), len(f.Indices), len(f.LastPageLen))
 	}
 	if start := f.Indptr[f.Rows]; start < 0 || int(start) > len(f.Indices) {
-		return fmt.Errorf("blocktable: %w: kv_indptr[%d] = %d outside kv_indices of %d", ErrInvalidArgument, f.Rows, start, len(f.Indices))
+		return fmt.Errorf("%w: kv_indptr[%d] = %d outside kv_indices of %d", ErrInvalidArgument, f.Rows, start, len(f.Indices))
 	}
 	if f.Rows+more >= len(f.Indptr) {
 		return &SizeError{What: "FlashInfer sequences", Need: f.Rows + more, Cap: len(f.Indptr) - 1}
@@ -75,7 +75,7 @@ func (f *FlashInfer) check(more int) error {
 // unchanged.
 func (f *FlashInfer) AppendRow(blocks []int32, tokens int) error {
 	if err := f.check(1); err != nil {
-		return err
+		return fmt.Errorf("blocktable: FlashInfer row: %w", err)
 	}
 	if tokens < 0 || tokens > MaxTokens || sequence.BlocksFor(tokens, f.BlockTokens) != len(blocks) {
 		return fmt.Errorf("blocktable: FlashInfer row of %d blocks of %d tokens: %w", len(blocks), f.BlockTokens,
@@ -83,7 +83,7 @@ func (f *FlashInfer) AppendRow(blocks []int32, tokens int) error {
 	}
 	start := int(f.Indptr[f.Rows])
 	if len(blocks) > len(f.Indices)-start {
-		return &SizeError{What: "FlashInfer kv_indices", Need: start + len(blocks), Cap: len(f.Indices)}
+		return fmt.Errorf("blocktable: FlashInfer row: %w", &SizeError{What: "kv_indices", Need: start + len(blocks), Cap: len(f.Indices)})
 	}
 	copy(f.Indices[start:], blocks)
 	f.Indptr[f.Rows+1] = int32(start + len(blocks))

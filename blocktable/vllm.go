@@ -43,7 +43,7 @@ func (e *SizeError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: %s: need %d, capacity %d", e.What, e.Need, e.Cap)
+	return fmt.Sprintf("%s: need %d, capacity %d", e.What, e.Need, e.Cap)
 }
 
 // Is reports whether target is ErrTooLarge.
@@ -106,17 +106,17 @@ func (t *VLLM) Reset() {
 // check reports whether the table's fields describe buffers that hold rows + more rows.
 func (t *VLLM) check(more int) error {
 	if t == nil {
-		return fmt.Errorf("blocktable: %w: nil vLLM table", ErrInvalidArgument)
+		return fmt.Errorf("%w: nil vLLM table", ErrInvalidArgument)
 	}
 	if t.Rows < 0 || t.MaxBlocks < 0 || t.MaxSeqs < 0 {
-		return fmt.Errorf("blocktable: %w: vLLM table with %d rows of %d, stride %d", ErrInvalidArgument, t.Rows, t.MaxSeqs, t.MaxBlocks)
+		return fmt.Errorf("%w: vLLM table with %d rows of %d, stride %d", ErrInvalidArgument, t.Rows, t.MaxSeqs, t.MaxBlocks)
 	}
 	if t.Rows+more > t.MaxSeqs {
 		return &SizeError{What: "vLLM block table rows", Need: t.Rows + more, Cap: t.MaxSeqs}
 	}
 	need, ok := checked.MulN(math.MaxInt, t.Rows+more, t.MaxBlocks)
 	if !ok || uint64(len(t.BlockTables)) < need || len(t.SeqLens) < t.Rows+more {
-		return fmt.Errorf("blocktable: %w: vLLM buffers of %d and %d entries cannot hold %d rows of stride %d (make tables with NewVLLM)",
+		return fmt.Errorf("%w: vLLM buffers of %d and %d entries cannot hold %d rows of stride %d (make tables with NewVLLM)",
 			ErrInvalidArgument, len(t.BlockTables), len(t.SeqLens), t.Rows+more, t.MaxBlocks)
 	}
 	return nil
@@ -127,13 +127,13 @@ func (t *VLLM) check(more int) error {
 // length or one over MaxTokens a *CountError. On any error the table is unchanged.
 func (t *VLLM) AppendRow(blocks []int32, tokens int) error {
 	if err := t.check(1); err != nil {
-		return err
+		return fmt.Errorf("blocktable: vLLM row: %w", err)
 	}
 	if len(blocks) > t.MaxBlocks {
-		return &SizeError{What: "vLLM block table row", Need: len(blocks), Cap: t.MaxBlocks}
+		return fmt.Errorf("blocktable: vLLM row: %w", &SizeError{What: "blocks of the row", Need: len(blocks), Cap: t.MaxBlocks})
 	}
 	if tokens < 0 || tokens > MaxTokens {
-		return &CountError{What: "sequence length", N: tokens, Max: MaxTokens}
+		return fmt.Errorf("blocktable: vLLM row: %w", &CountError{What: "sequence length", N: tokens, Max: MaxTokens})
 	}
 	row := t.BlockTables[t.Rows*t.MaxBlocks : (t.Rows+1)*t.MaxBlocks]
 	n := copy(row, blocks)

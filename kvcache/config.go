@@ -103,9 +103,9 @@ func (e *ConfigError) Error() string {
 		return "<nil>"
 	}
 	if e.Value == nil {
-		return fmt.Sprintf("pagedkv: invalid argument: kvcache config: %s overflows: %s", e.Field, e.Reason)
+		return fmt.Sprintf("invalid argument: kvcache config: %s overflows: %s", e.Field, e.Reason)
 	}
-	return fmt.Sprintf("pagedkv: invalid argument: kvcache config: %s = %v: %s", e.Field, e.Value, e.Reason)
+	return fmt.Sprintf("invalid argument: kvcache config: %s = %v: %s", e.Field, e.Value, e.Reason)
 }
 
 // Is reports whether target is ErrInvalidArgument.

@@ -76,14 +76,14 @@ func (e *BlocksError) Error() string {
 	}
 	if e.Err == nil {
 		if e.Tokens > MaxSequenceTokens-e.SeqTokens {
-			return fmt.Sprintf("pagedkv: does not fit: %d more tokens (%d blocks, %d bytes) for a sequence of %d pass the %d a sequence may hold; the arena holds at most %d blocks",
+			return fmt.Sprintf("does not fit: %d more tokens (%d blocks, %d bytes) for a sequence of %d pass the %d a sequence may hold; the arena holds at most %d blocks",
 				e.Tokens, e.Blocks, e.Bytes, e.SeqTokens, MaxSequenceTokens, e.Max)
 		}
 		if e.Tokens > blocktable.MaxSlots {
-			return fmt.Sprintf("pagedkv: does not fit: %d tokens in one append, more than %d (%d blocks, %d bytes; the arena holds at most %d blocks)",
+			return fmt.Sprintf("does not fit: %d tokens in one append, more than %d (%d blocks, %d bytes; the arena holds at most %d blocks)",
 				e.Tokens, blocktable.MaxSlots, e.Blocks, e.Bytes, e.Max)
 		}
-		return fmt.Sprintf("pagedkv: does not fit: %d tokens need %d blocks (%d bytes); the arena holds at most %d blocks",
+		return fmt.Sprintf("does not fit: %d tokens need %d blocks (%d bytes); the arena holds at most %d blocks",
 			e.Tokens, e.Blocks, e.Bytes, e.Max)
 	}
 	return fmt.Sprintf("%d tokens need %d blocks (%d bytes), %d can be had now, %d at most: %v",

@@ -20,7 +20,7 @@ func (e *TooSmallError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: invalid argument: %s of %d bytes is smaller than %d", e.What, e.Size, e.Min)
+	return fmt.Sprintf("invalid argument: %s of %d bytes is smaller than %d", e.What, e.Size, e.Min)
 }
 
 // Is reports whether target is ErrInvalidArgument.

@@ -229,7 +229,7 @@ func (m *Member) tryAcquire(n uint64) error {
 	defer l.unlock()
 	used, limit := l.sumMapped(), atomic.LoadUint64(l.u64(hLimit))
 	if checked.Over(used, n, limit) > 0 {
-		return &CapacityError{Need: n, Free: limit - min(used, limit)}
+		return fmt.Errorf("ledger: member %q: %w", m.name, &CapacityError{Need: n, Free: limit - min(used, limit)})
 	}
 	atomic.AddUint64(l.s64(m.slot, sMapped), n)
 	return nil

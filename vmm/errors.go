@@ -35,7 +35,7 @@ func (e *CapacityError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: out of memory: need %d bytes, %d free", e.Need, e.Free)
+	return fmt.Sprintf("out of memory: need %d bytes, %d free", e.Need, e.Free)
 }
 
 // Is reports whether target is ErrOutOfMemory.
@@ -54,7 +54,7 @@ func (e *AlignmentError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: %s %d is not a positive multiple of %d", e.What, e.Value, e.Align)
+	return fmt.Sprintf("%s %d is not a positive multiple of %d", e.What, e.Value, e.Align)
 }
 
 // Is reports whether target is ErrInvalidArgument.
@@ -71,7 +71,7 @@ func (e *RangeError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
-	return fmt.Sprintf("pagedkv: range [%d, %d) outside [0, %d)", e.Offset, e.Offset+e.Size, e.Limit)
+	return fmt.Sprintf("range [%d, %d) outside [0, %d)", e.Offset, e.Offset+e.Size, e.Limit)
 }
 
 // Is reports whether target is ErrOutOfRange.

@@ -49,6 +49,22 @@ func Typed(err error) bool {
 	return false
 }
 
+// layers are the names with which an error text opens a layer ("kvcache: append sequence 2: ...").
+var layers = []string{"kvcache", "vmm", "blocktable", "sequence", "prefix", "kernels", "ledger", "metrics", "cuda", "pagedkv"}
+
+// Text checks what an error says: it names each layer once ("kvcache: append sequence 2: ...",
+// not "kvcache: ...: kvcache: ...") and never says "pagedkv:" (a sentinel's text is its meaning
+// alone; the package that returns it names itself).
+func Text(err error) error {
+	text := err.Error()
+	for _, l := range layers {
+		if n := strings.Count(" "+text, " "+l+": "); n > 1 || (l == "pagedkv" && n > 0) {
+			return fmt.Errorf("error text %q names %q %d times", text, l, n)
+		}
+	}
+	return nil
+}
+
 // Object is a value under test that has state: the receiver of the methods being called.
 type Object struct {
 	V reflect.Value // the value passed as receiver or argument
@@ -247,6 +263,9 @@ func (s *Suite) callOnce(t *testing.T, name string, fn reflect.Value, method boo
 		rep.Errors++
 		if !Typed(err) {
 			t.Fatalf("%s returned an untyped error: %v", desc(), err)
+		}
+		if terr := Text(err); terr != nil {
+			t.Fatalf("%s: %v", desc(), terr)
 		}
 		if before != nil {
 			if after := objs[0].State(); !reflect.DeepEqual(before, after) {

@@ -12,41 +12,41 @@ import (
 
 var (
 	// ErrNoDriver reports that libcuda.so.1 could not be loaded or initialised.
-	ErrNoDriver = errors.New("pagedkv: CUDA driver not available")
+	ErrNoDriver = errors.New("CUDA driver not available")
 	// ErrNotSupported reports a feature the device or driver lacks (for example VMM).
-	ErrNotSupported = errors.New("pagedkv: not supported")
+	ErrNotSupported = errors.New("not supported")
 	// ErrOutOfMemory reports that physical memory (device, host or budget) is exhausted.
-	ErrOutOfMemory = errors.New("pagedkv: out of memory")
+	ErrOutOfMemory = errors.New("out of memory")
 	// ErrInvalidArgument reports a malformed request: zero, negative or unaligned sizes and the like.
-	ErrInvalidArgument = errors.New("pagedkv: invalid argument")
+	ErrInvalidArgument = errors.New("invalid argument")
 	// ErrOutOfRange reports an offset or range outside a reservation or arena.
-	ErrOutOfRange = errors.New("pagedkv: out of range")
+	ErrOutOfRange = errors.New("out of range")
 	// ErrAlreadyMapped reports a map request over pages that are already mapped.
-	ErrAlreadyMapped = errors.New("pagedkv: already mapped")
+	ErrAlreadyMapped = errors.New("already mapped")
 	// ErrNotMapped reports an unmap or access of pages that are not mapped.
-	ErrNotMapped = errors.New("pagedkv: not mapped")
+	ErrNotMapped = errors.New("not mapped")
 	// ErrClosed reports use of an object after Close.
-	ErrClosed = errors.New("pagedkv: closed")
+	ErrClosed = errors.New("closed")
 	// ErrWrongDevice reports an object used with a device other than the one it belongs to.
-	ErrWrongDevice = errors.New("pagedkv: wrong device")
+	ErrWrongDevice = errors.New("wrong device")
 	// ErrDriver reports a driver failure that has no more specific sentinel.
-	ErrDriver = errors.New("pagedkv: driver error")
+	ErrDriver = errors.New("driver error")
 	// ErrUnknownSequence reports a sequence id the manager does not hold.
-	ErrUnknownSequence = errors.New("pagedkv: unknown sequence")
+	ErrUnknownSequence = errors.New("unknown sequence")
 	// ErrSequenceExists reports an attempt to create a sequence id that is already live.
-	ErrSequenceExists = errors.New("pagedkv: sequence exists")
+	ErrSequenceExists = errors.New("sequence exists")
 	// ErrExists reports a name (of a model, say) that is already registered.
-	ErrExists = errors.New("pagedkv: already exists")
+	ErrExists = errors.New("already exists")
 	// ErrNotFound reports a name that is not registered.
-	ErrNotFound = errors.New("pagedkv: not found")
+	ErrNotFound = errors.New("not found")
 	// ErrAsleep reports an append to a manager put to sleep; Wake it first.
-	ErrAsleep = errors.New("pagedkv: asleep")
+	ErrAsleep = errors.New("asleep")
 	// ErrTooLarge reports a request that can never fit: a batch larger than the buffers it is
 	// written into, an append larger than the whole arena or than a sequence may grow, a size
 	// whose arithmetic would overflow.
-	ErrTooLarge = errors.New("pagedkv: does not fit")
+	ErrTooLarge = errors.New("does not fit")
 	// ErrInjected is the error a fault-injecting device returns by default.
-	ErrInjected = errors.New("pagedkv: injected fault")
+	ErrInjected = errors.New("injected fault")
 )
 
 // CountError reports a count (of tokens, pairs, rows, ...) that is negative or larger than
@@ -66,9 +66,9 @@ func (e *CountError) Error() string {
 		what = "count"
 	}
 	if e.N < 0 {
-		return fmt.Sprintf("pagedkv: invalid argument: %s %d is negative", what, e.N)
+		return fmt.Sprintf("invalid argument: %s %d is negative", what, e.N)
 	}
-	return fmt.Sprintf("pagedkv: invalid argument: %s %d exceeds %d", what, e.N, e.Max)
+	return fmt.Sprintf("invalid argument: %s %d exceeds %d", what, e.N, e.Max)
 }
 
 // Is reports whether target is ErrInvalidArgument.
@@ -76,4 +76,4 @@ func (e *CountError) Is(target error) bool { return e != nil && target == ErrInv
 
 // ErrSwapped reports an operation a sequence swapped out to the host tier cannot take (an
 // append, a fork, a truncation, an export): SwapIn it first.
-var ErrSwapped = errors.New("pagedkv: sequence swapped out")
+var ErrSwapped = errors.New("sequence swapped out")
