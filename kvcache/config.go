@@ -194,6 +194,10 @@ func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
 		return c, &ConfigError{Field: "HostBlocks", Value: c.HostBlocks,
 			Reason: fmt.Sprintf("with the arena's %d blocks, more than the %d block ids there are", pages*bpp, MaxBlocks)}
 	}
+	if c.MemoryLimit > 0 && c.MemoryLimit < c.PageSize {
+		return c, &ConfigError{Field: "MemoryLimit", Value: c.MemoryLimit,
+			Reason: fmt.Sprintf("is less than one page of %d bytes (PageSize), so the arena could hold no block", c.PageSize)}
+	}
 	switch {
 	case c.ReservePages == 0:
 		c.ReservePages = 1

@@ -66,7 +66,10 @@ type BlocksError struct {
 	Blocks            int
 	Bytes             uint64
 	Free, Max         int
-	Err               error
+	// Bound names the setting that makes Max what it is ("Capacity 4194304 bytes",
+	// "MemoryLimit 2097152 bytes"), so that an arena too small says which knob to turn.
+	Bound string
+	Err   error
 }
 
 // Error describes the failure with its numbers.
@@ -76,18 +79,26 @@ func (e *BlocksError) Error() string {
 	}
 	if e.Err == nil {
 		if e.Tokens > MaxSequenceTokens-e.SeqTokens {
-			return fmt.Sprintf("does not fit: %d more tokens (%d blocks, %d bytes) for a sequence of %d pass the %d a sequence may hold; the arena holds at most %d blocks",
-				e.Tokens, e.Blocks, e.Bytes, e.SeqTokens, MaxSequenceTokens, e.Max)
+			return fmt.Sprintf("does not fit: %d more tokens (%d blocks, %d bytes) for a sequence of %d pass the %d a sequence may hold",
+				e.Tokens, e.Blocks, e.Bytes, e.SeqTokens, MaxSequenceTokens)
 		}
 		if e.Tokens > blocktable.MaxSlots {
-			return fmt.Sprintf("does not fit: %d tokens in one append, more than %d (%d blocks, %d bytes; the arena holds at most %d blocks)",
-				e.Tokens, blocktable.MaxSlots, e.Blocks, e.Bytes, e.Max)
+			return fmt.Sprintf("does not fit: %d tokens in one append, more than %d (%d blocks, %d bytes)",
+				e.Tokens, blocktable.MaxSlots, e.Blocks, e.Bytes)
 		}
-		return fmt.Sprintf("does not fit: %d tokens need %d blocks (%d bytes); the arena holds at most %d blocks",
-			e.Tokens, e.Blocks, e.Bytes, e.Max)
+		return fmt.Sprintf("does not fit: %d tokens need %d blocks (%d bytes); the arena holds at most %d blocks%s",
+			e.Tokens, e.Blocks, e.Bytes, e.Max, e.bound())
 	}
-	return fmt.Sprintf("%d tokens need %d blocks (%d bytes), %d can be had now, %d at most: %v",
-		e.Tokens, e.Blocks, e.Bytes, e.Free, e.Max, e.Err)
+	return fmt.Sprintf("%d tokens need %d blocks (%d bytes), %d can be had now, %d at most%s: %v",
+		e.Tokens, e.Blocks, e.Bytes, e.Free, e.Max, e.bound(), e.Err)
+}
+
+// bound is the text that names Bound, if set.
+func (e *BlocksError) bound() string {
+	if e.Bound == "" {
+		return ""
+	}
+	return " (" + e.Bound + ")"
 }
 
 // Is reports whether target is ErrTooLarge, for a request that can never succeed.

@@ -17,10 +17,10 @@ type rows interface {
 // ErrInvalidArgument.
 func (m *Manager) ExportVLLM(seqs []SeqID, t *blocktable.VLLM) error {
 	if !m.made() {
-		return notMade("export", 0)
+		return notMadeCall("export")
 	}
 	if t == nil {
-		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: nil vLLM table", ErrInvalidArgument)}
+		return fmt.Errorf("kvcache: export: %w: nil vLLM table", ErrInvalidArgument)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -32,24 +32,24 @@ func (m *Manager) ExportVLLM(seqs []SeqID, t *blocktable.VLLM) error {
 // a nil f is ErrInvalidArgument.
 func (m *Manager) ExportFlashInfer(seqs []SeqID, f *blocktable.FlashInfer) error {
 	if !m.made() {
-		return notMade("export", 0)
+		return notMadeCall("export")
 	}
 	if f == nil {
-		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: nil FlashInfer table", ErrInvalidArgument)}
+		return fmt.Errorf("kvcache: export: %w: nil FlashInfer table", ErrInvalidArgument)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if f.BlockTokens != m.cfg.BlockTokens {
 		f.Reset()
-		return &SequenceError{Op: "export", Err: fmt.Errorf("%w: table made for %d tokens per block, the cache has %d", ErrInvalidArgument, f.BlockTokens, m.cfg.BlockTokens)}
+		return fmt.Errorf("kvcache: export: %w: FlashInfer table made for %d tokens per block, the cache has %d", ErrInvalidArgument, f.BlockTokens, m.cfg.BlockTokens)
 	}
 	return m.export(seqs, f)
 }
 
 func (m *Manager) export(seqs []SeqID, t rows) error {
 	t.Reset()
-	if err := m.usable("export", 0); err != nil {
-		return err
+	if m.closed {
+		return fmt.Errorf("kvcache: export: %w", ErrClosed)
 	}
 	for _, id := range seqs {
 		s, err := m.lookup("export", id)

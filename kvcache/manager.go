@@ -384,9 +384,17 @@ func (m *Manager) checkFits(s *sequence.Sequence, n, need int) error {
 		if !ok {
 			bytes = math.MaxUint64
 		}
-		return &BlocksError{Tokens: n, SeqTokens: tokens, Blocks: need, Bytes: bytes, Max: m.maxBlocks}
+		return &BlocksError{Tokens: n, SeqTokens: tokens, Blocks: need, Bytes: bytes, Max: m.maxBlocks, Bound: m.bound()}
 	}
 	return nil
+}
+
+// bound names the setting that bounds the blocks the arena can ever hold (maxBlocks).
+func (m *Manager) bound() string {
+	if m.cfg.MemoryLimit > 0 && m.cfg.MemoryLimit < m.cfg.Capacity {
+		return fmt.Sprintf("MemoryLimit %d bytes", m.cfg.MemoryLimit)
+	}
+	return fmt.Sprintf("Capacity %d bytes", m.cfg.Capacity)
 }
 
 // freeBlocks returns the blocks the manager could hand out now without other models' memory:
@@ -415,7 +423,7 @@ func (m *Manager) grow(s *sequence.Sequence, n, need int, cow bool) error {
 	m.commitEvictions() // an error rolled them back (and emptied the list)
 	if err != nil {
 		return &BlocksError{Tokens: n, SeqTokens: s.Tokens, Blocks: need, Bytes: uint64(need) * m.cfg.BlockStride(),
-			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err}
+			Free: m.freeBlocks(), Max: m.maxBlocks, Bound: m.bound(), Err: err}
 	}
 	return nil
 }

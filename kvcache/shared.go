@@ -106,6 +106,10 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
 	}
 	join := func(m *Manager, d int, e *elastic) error {
+		if limit := s.budgets[d].Limit(); limit < m.cfg.PageSize {
+			return &ConfigError{Field: "SharedConfig.Limit", Value: limit,
+				Reason: fmt.Sprintf("is less than one page of %d bytes (PageSize), so the model could hold no block", m.cfg.PageSize)}
+		}
 		member, err := s.budgets[d].join(name, m)
 		if err != nil {
 			return err
