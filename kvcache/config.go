@@ -69,6 +69,20 @@ type Config struct {
 	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
 	// HostBlocks.
 	HostPrefixCache bool
+	// WaitForWrites makes a filled block a prefix hit for other sequences only once the runtime
+	// has said that its K/V is written (MarkWritten). Without it a block is cached the moment it
+	// fills, before the kernel that writes its K/V has run: a runtime that prefills in chunks, or
+	// runs requests on several goroutines or streams, must then order each sequence's writes
+	// before any later StartSequence of the same prefix (docs/integration.md, "When a block
+	// becomes a hit").
+	WaitForWrites bool
+	// Strict turns what the manager would otherwise do silently into errors: an append to a
+	// sequence that does not exist is ErrUnknownSequence (create it with AddSequence or
+	// StartSequence; without Strict the append creates it, so a late append after FreeSequence
+	// would quietly hold blocks again), and AppendTokens without ids on a keyed sequence is
+	// ErrNeedsTokenIDs (without Strict the sequence stops being cached from there on). Both are
+	// counted in Stats.Warnings either way.
+	Strict bool
 	// NoBackground turns the reserve goroutine off: pages are mapped when an append needs one and
 	// the watermarks are applied by Settle. For deterministic tests and single-threaded use.
 	NoBackground bool

@@ -20,6 +20,7 @@ var (
 	ErrNotFound        = errdefs.ErrNotFound
 	ErrAsleep          = errdefs.ErrAsleep
 	ErrSwapped         = errdefs.ErrSwapped
+	ErrNeedsTokenIDs   = errdefs.ErrNeedsTokenIDs
 	ErrNotSupported    = errdefs.ErrNotSupported
 )
 

@@ -77,6 +77,7 @@ type Manager struct {
 		swapOuts, swapIns                                  uint64
 		hostHitTokens, hostStored, hostEvictions           uint64
 		hostFailures                                       uint64
+		implicit, unkeyed, repeated                        uint64 // Stats.Warnings
 	}
 	lastCopy *Swap // the newest copy between the tiers on stream 0 (hostcache.go)
 }
@@ -238,7 +239,8 @@ func (m *Manager) usable(op string, seq SeqID) error {
 	return nil
 }
 
-// AddSequence creates an empty sequence. AppendTokens also creates a sequence on first use.
+// AddSequence creates an empty sequence. AppendTokens also creates a sequence on first use,
+// unless Config.Strict is set.
 func (m *Manager) AddSequence(seq SeqID) error {
 	if !m.made() {
 		return notMade("add", seq)
@@ -257,7 +259,8 @@ func (m *Manager) AddSequence(seq SeqID) error {
 	return nil
 }
 
-// AppendTokens adds n tokens to the sequence (creating it if it does not exist) and appends the
+// AppendTokens adds n tokens to the sequence (creating it if it does not exist, unless
+// Config.Strict is set: then that is ErrUnknownSequence) and appends the
 // slot of each new token (block*BlockTokens + offset, vLLM's slot_mapping) to dst, which it
 // returns. Blocks come from the page of the sequence's last block while it has room, then from
 // the lowest page with room; a page is mapped only when no mapped page has a free block.
@@ -284,9 +287,13 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 		return dst, nil
 	}
 	defer m.mu.Unlock()
+	if ok && s.Keyed && n > 0 && m.cfg.Strict && !m.closed {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrNeedsTokenIDs}
+	}
 	out, err := m.appendSlow(s, seq, n, dst)
 	if err == nil && ok && s.Keyed && n > 0 { // tokens without ids: the sequence's later blocks cannot be keyed
 		s.ResetPrefix()
+		m.counters.unkeyed++
 	}
 	m.publish()
 	return out, err
@@ -329,6 +336,9 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 	if s != nil && s.Swapped {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrSwapped}
 	}
+	if s == nil && m.cfg.Strict {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrUnknownSequence}
+	}
 	need, cow := m.blocksNeeded(s, n)
 	if err := m.checkFits(s, n, need); err != nil {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
@@ -351,6 +361,9 @@ func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64
 		m.emitRemoved(k)
 	}
 	dst = m.appendSlots(s, n, dst)
+	if !existed {
+		m.counters.implicit++
+	}
 	if m.spare() < m.cfg.ReservePages {
 		m.kick()
 	}
@@ -646,7 +659,7 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	if err != nil {
 		return &SequenceError{Op: "fork", Seq: dst, Err: err}
 	}
-	d.Tokens = s.Tokens
+	d.Tokens, d.Written = s.Tokens, s.Written
 	d.Blocks = append(d.Blocks, s.Blocks...)
 	if s.Keyed {
 		d.Keyed, d.Root, d.Adapter = true, s.Root, s.Adapter
@@ -681,6 +694,7 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
 	}
 	s.Tokens -= n
+	s.Written, s.Hit = min(s.Written, s.Tokens), 0
 	bt := m.cfg.BlockTokens
 	keep := sequence.BlocksFor(s.Tokens, bt)
 	for i := len(s.Blocks) - 1; i >= keep; i-- {
@@ -689,7 +703,7 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	s.Blocks = s.Blocks[:keep]
 	if s.Keyed {
 		s.IDs = s.IDs[:s.Tokens]
-		s.Keys = s.Keys[:s.Tokens/bt]
+		s.Keys = s.Keys[:min(len(s.Keys), s.Tokens/bt)]
 	}
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()

@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -95,6 +96,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
 	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
 	s.Tokens = len(s.Keys) * bt
+	s.Written, s.Hit = s.Tokens, s.Tokens
 	m.counters.queryTokens += uint64(len(p.Tokens))
 	m.counters.hitTokens += uint64(s.Tokens)
 	m.counters.hostHitTokens += uint64(fetched * bt)
@@ -159,7 +161,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		s.IDs = append(s.IDs, ids...)
-		if s.Tokens/m.cfg.BlockTokens > len(s.Keys) {
+		if m.keyable(s) > len(s.Keys) {
 			m.storeBlocks(s)
 			m.publish()
 		}
@@ -177,10 +179,70 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	}
 	if s.Keyed {
 		s.IDs = append(s.IDs, ids...)
+		m.checkRepeat(s, n)
 		m.storeBlocks(s)
 	}
 	m.publish()
 	return out, nil
+}
+
+// checkRepeat counts, on the first append of n > 0 ids after StartSequence found h tokens, an
+// append that starts with those h tokens again: the whole prompt appended instead of the part
+// after the hit (Prompt.Tokens[h:]), which doubles the prompt in the cache.
+func (m *Manager) checkRepeat(s *sequence.Sequence, n int) {
+	h := s.Hit
+	if h == 0 || n == 0 {
+		return
+	}
+	s.Hit = 0
+	if n >= h && len(s.IDs) >= 2*h && slices.Equal(s.IDs[h:2*h], s.IDs[:h]) {
+		m.counters.repeated++
+	}
+}
+
+// keyable returns how many of s's leading blocks may be keyed and cached: its full blocks, or,
+// under WaitForWrites, the full blocks whose K/V the runtime has reported written.
+func (m *Manager) keyable(s *sequence.Sequence) int {
+	n := s.Tokens
+	if m.cfg.WaitForWrites {
+		n = min(n, s.Written)
+	}
+	return n / m.cfg.BlockTokens
+}
+
+// MarkWritten tells the manager that the K/V of the sequence's first n tokens is written: the
+// kernels that write them have completed, or are ordered before every later reader (on one
+// stream). Under Config.WaitForWrites the sequence's full blocks become prefix hits for other
+// sequences only up to n; without it the call only records n. Reporting fewer tokens than
+// before changes nothing (the mark only moves forward until Truncate cuts it).
+//
+// An n outside [0, Len] is a *CountError, a swapped sequence ErrSwapped; either leaves
+// everything as it was. It allocates nothing unless a subscriber listens for events.
+func (m *Manager) MarkWritten(seq SeqID, n int) error {
+	if !m.made() {
+		return notMade("mark written", seq)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.usable("mark written", seq); err != nil {
+		return err
+	}
+	s, err := m.lookup("mark written", seq)
+	if err != nil {
+		return err
+	}
+	if s.Swapped {
+		return &SequenceError{Op: "mark written", Seq: seq, Err: ErrSwapped}
+	}
+	if n < 0 || n > s.Tokens {
+		return &SequenceError{Op: "mark written", Seq: seq, Err: &CountError{What: "written tokens", N: n, Max: s.Tokens}}
+	}
+	s.Written = max(s.Written, n)
+	if s.Keyed && m.keyable(s) > len(s.Keys) {
+		m.storeBlocks(s)
+		m.publish()
+	}
+	return nil
 }
 
 // rootZero returns the root of the zero Namespace, computed once.
@@ -197,7 +259,8 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 	bt := m.cfg.BlockTokens
 	events := m.feed.Active()
 	run := -1 // start of the run of stored keys in s.Keys, for one BlockStored event
-	for len(s.Keys) < s.Tokens/bt {
+	limit := m.keyable(s)
+	for len(s.Keys) < limit {
 		i := len(s.Keys)
 		parent := s.Root
 		if i > 0 {
@@ -212,7 +275,7 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 				run = i
 			}
 		}
-		if events && run >= 0 && (!stored || len(s.Keys) == s.Tokens/bt) {
+		if events && run >= 0 && (!stored || len(s.Keys) == limit) {
 			end := i
 			if stored {
 				end = i + 1

@@ -37,6 +37,23 @@ type Stats struct {
 	HostBlocks, HostFreeBlocks int    // the host tier's blocks, and how many are free
 	SwappedSequences           int    // sequences swapped out to the host tier
 	SwapOuts, SwapIns          uint64 // blocks swapped out and in
+
+	Warnings Warnings // what the runtime probably did not mean
+}
+
+// Warnings count calls that the manager serves, by design or without Config.Strict, but that a
+// runtime rarely means. Each is a bug to look for when it is not zero.
+type Warnings struct {
+	// ImplicitSequences are sequences an append created (AppendTokens or AppendTokenIDs of an id
+	// the manager did not hold): a late append after FreeSequence holds blocks again, unseen.
+	// Config.Strict makes them errors.
+	ImplicitSequences uint64
+	// UnkeyedAppends are appends without ids (AppendTokens) to a keyed sequence: its blocks stop
+	// being cached from there on. Config.Strict makes them errors.
+	UnkeyedAppends uint64
+	// RepeatedPrompts are first appends after a StartSequence hit of h tokens that begin with
+	// those h tokens again: the whole prompt appended instead of Prompt.Tokens[h:].
+	RepeatedPrompts uint64
 }
 
 // Stats returns a snapshot (the zero Stats for a nil manager).
@@ -63,6 +80,8 @@ func (m *Manager) Stats() Stats {
 		Compactions:    m.counters.compactions,
 		BlocksMoved:    m.counters.moved,
 		ReserveErr:     m.growErr,
+		Warnings: Warnings{ImplicitSequences: m.counters.implicit, UnkeyedAppends: m.counters.unkeyed,
+			RepeatedPrompts: m.counters.repeated},
 	}
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
 	a := m.arena

@@ -226,7 +226,7 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad fu
 	if !s.Keyed {
 		return
 	}
-	if len(s.IDs) != s.Tokens || len(s.Keys) != s.Tokens/bt {
+	if len(s.IDs) != s.Tokens || len(s.Keys) != m.keyable(s) || s.Written > s.Tokens {
 		bad("sequence %d: %d tokens with %d ids and %d keys", s.ID, s.Tokens, len(s.IDs), len(s.Keys))
 		return
 	}

@@ -23,8 +23,9 @@ type ID uint64
 // len(Blocks) == BlocksFor(Tokens, BlockTokens) at all times.
 //
 // The prefix fields are kept for sequences whose token ids the manager knows (Keyed): IDs holds
-// the id of every token, Keys the key of every full block (len(Keys) == Tokens/BlockTokens),
-// each chained from the previous one and the first from Root.
+// the id of every token, Keys the key of every full block that may be cached (every full block,
+// or those written, when kvcache waits for MarkWritten), each chained from the previous one and
+// the first from Root.
 type Sequence struct {
 	ID     ID
 	Tokens int
@@ -39,6 +40,13 @@ type Sequence struct {
 	Keys    []prefix.Key
 	Root    prefix.Key
 	Adapter uint64
+
+	// Written is how many of the first tokens have their K/V written, as the runtime reported
+	// (kvcache's MarkWritten); a block becomes a prefix hit for others only once written, when
+	// the manager is told to wait for it. Hit is what StartSequence found in the cache, until the
+	// first append after it (which should not append those tokens again).
+	Written int
+	Hit     int
 }
 
 // ResetPrefix forgets the sequence's ids and keys (keeping their storage): it is no longer
@@ -126,7 +134,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks, s.Swapped = id, 0, s.Blocks[:0], false
+	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit = id, 0, s.Blocks[:0], false, 0, 0
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s

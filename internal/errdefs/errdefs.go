@@ -74,6 +74,10 @@ func (e *CountError) Error() string {
 // Is reports whether target is ErrInvalidArgument.
 func (e *CountError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
 
+// ErrNeedsTokenIDs reports a count-only append (AppendTokens) to a keyed sequence under a strict
+// manager: its blocks are cached by their token ids, so append with AppendTokenIDs.
+var ErrNeedsTokenIDs = errors.New("keyed sequence needs token ids")
+
 // ErrSwapped reports an operation a sequence swapped out to the host tier cannot take (an
 // append, a fork, a truncation, an export): SwapIn it first.
 var ErrSwapped = errors.New("sequence swapped out")
