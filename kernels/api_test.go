@@ -5,7 +5,7 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/apitest"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/vmm"
 )

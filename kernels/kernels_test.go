@@ -16,9 +16,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
-	"github.com/pagedkv/pagedkv/internal/devtest"
-	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/internal/testutil/devtest"
+	"github.com/pagedkv/pagedkv/internal/testutil/gputest"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/vmm"
 )

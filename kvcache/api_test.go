@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/pagedkv/pagedkv/blocktable"
-	"github.com/pagedkv/pagedkv/internal/apitest"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"

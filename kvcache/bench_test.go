@@ -4,11 +4,11 @@ import (
 	"fmt"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/kvbench"
+	"github.com/pagedkv/pagedkv/internal/workload/kvbench"
 )
 
 // BenchmarkManager runs the manager's hot paths with 1,024 and 102,400 idle live sequences
-// beside a working batch of 256 (see internal/kvbench). The bench program prints the same
+// beside a working batch of 256 (see internal/workload/kvbench). The bench program prints the same
 // figures with their targets and the 100k/1k ratios.
 func BenchmarkManager(b *testing.B) {
 	for _, c := range kvbench.Cases {

@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/blocktable"
-	"github.com/pagedkv/pagedkv/internal/devtest"
+	"github.com/pagedkv/pagedkv/internal/testutil/devtest"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"

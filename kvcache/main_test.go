@@ -6,9 +6,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
-	"github.com/pagedkv/pagedkv/internal/proctest"
+	"github.com/pagedkv/pagedkv/internal/testutil/gputest"
+	"github.com/pagedkv/pagedkv/internal/testutil/proctest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )

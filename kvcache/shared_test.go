@@ -8,8 +8,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/burst"
-	"github.com/pagedkv/pagedkv/internal/devtest"
+	"github.com/pagedkv/pagedkv/internal/testutil/devtest"
+	"github.com/pagedkv/pagedkv/internal/workload/burst"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pagedkv/pagedkv/internal/apitest"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 	"github.com/pagedkv/pagedkv/ledger"
 )
 

@@ -17,7 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/proctest"
+	"github.com/pagedkv/pagedkv/internal/testutil/proctest"
 	"github.com/pagedkv/pagedkv/ledger"
 )
 

@@ -8,7 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/pagedkv/pagedkv/internal/apitest"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/metrics"

@@ -4,7 +4,7 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/apitest"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 )
 
 // TestAPIProperty calls every exported function and method of prefix with extreme arguments:

@@ -6,8 +6,8 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/apitest"
 	"github.com/pagedkv/pagedkv/internal/cuda"
+	"github.com/pagedkv/pagedkv/internal/testutil/apitest"
 )
 
 // ledgerState is a device's observable state: its reservations, mappings (with access) and

@@ -3,8 +3,8 @@ package vmm_test
 import (
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/gputest"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/internal/testutil/gputest"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 

@@ -7,7 +7,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/admit"
+	"github.com/pagedkv/pagedkv/internal/workload/admit"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 

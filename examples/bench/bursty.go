@@ -3,7 +3,7 @@ package main
 import (
 	"fmt"
 
-	"github.com/pagedkv/pagedkv/internal/burst"
+	"github.com/pagedkv/pagedkv/internal/workload/burst"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )

@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/churn"
-	"github.com/pagedkv/pagedkv/internal/kvbench"
+	"github.com/pagedkv/pagedkv/internal/workload/churn"
+	"github.com/pagedkv/pagedkv/internal/workload/kvbench"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -15,7 +15,7 @@ import (
 func benchManager(_ vmm.Device, scale int) ([]Table, error) {
 	t := Table{
 		Title: "Block manager hot paths (host backend, ns/op)",
-		Note: "A working batch of 256 sequences beside 1,024 or 102,400 idle live ones (internal/kvbench); " +
+		Note: "A working batch of 256 sequences beside 1,024 or 102,400 idle live ones (internal/workload/kvbench); " +
 			"64 blocks of 16 tokens per page. 'new page' times the append together with the Truncate that returns the page.",
 		Columns: []string{"operation", "1k live", "100k live", "100k / 1k", "target", "allocs/op"},
 	}

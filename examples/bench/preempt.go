@@ -3,8 +3,8 @@ package main
 import (
 	"fmt"
 
-	"github.com/pagedkv/pagedkv/internal/chattrace"
-	"github.com/pagedkv/pagedkv/internal/preempt"
+	"github.com/pagedkv/pagedkv/internal/workload/chattrace"
+	"github.com/pagedkv/pagedkv/internal/workload/preempt"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )

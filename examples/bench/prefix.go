@@ -4,8 +4,8 @@ import (
 	"fmt"
 	"testing"
 
-	"github.com/pagedkv/pagedkv/internal/chattrace"
-	"github.com/pagedkv/pagedkv/internal/kvbench"
+	"github.com/pagedkv/pagedkv/internal/workload/chattrace"
+	"github.com/pagedkv/pagedkv/internal/workload/kvbench"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )

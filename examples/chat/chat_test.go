@@ -9,7 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/gputest"
+	"github.com/pagedkv/pagedkv/internal/testutil/gputest"
 )
 
 // transcript runs turns of the demo on a device and returns the user and bot lines.

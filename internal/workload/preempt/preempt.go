@@ -10,7 +10,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/pagedkv/pagedkv/internal/chattrace"
+	"github.com/pagedkv/pagedkv/internal/workload/chattrace"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/prefix"
 )

@@ -5,6 +5,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,8 +15,9 @@ import (
 // struct fields of exported types aside) of every non-test file has a doc comment, either its
 // own or its declaration group's.
 func TestExportedIdentifiersAreDocumented(t *testing.T) {
-	root := "../.."
+	root := moduleRoot(t)
 	var missing []string
+	scanned := 0
 	fset := token.NewFileSet()
 	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -27,6 +29,7 @@ func TestExportedIdentifiersAreDocumented(t *testing.T) {
 		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
 			return nil
 		}
+		scanned++
 		f, err := parser.ParseFile(fset, path, nil, parser.ParseComments)
 		if err != nil {
 			return err
@@ -66,8 +69,29 @@ func TestExportedIdentifiersAreDocumented(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := os.Stat(filepath.Join(root, "kvcache", "manager.go")); err != nil || scanned < 50 {
+		t.Fatalf("scanned %d files under %s, not the module (%v)", scanned, root, err)
+	}
 	for _, m := range missing {
 		t.Errorf("undocumented: %s", m)
+	}
+}
+
+// moduleRoot returns the directory of go.mod, above the test's working directory.
+func moduleRoot(t *testing.T) string {
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		up := filepath.Dir(dir)
+		if up == dir {
+			t.Fatal("no go.mod above the test's directory")
+		}
+		dir = up
 	}
 }
 

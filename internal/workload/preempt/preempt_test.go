@@ -6,8 +6,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/pagedkv/pagedkv/internal/chattrace"
 	"github.com/pagedkv/pagedkv/internal/leakcheck"
+	"github.com/pagedkv/pagedkv/internal/workload/chattrace"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
 )
