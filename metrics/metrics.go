@@ -156,6 +156,11 @@ var managerDescs = slices.Concat(
 	labelled(prometheus.CounterValue, "pagedkv_swap_blocks_total", "Blocks swapped to and from the host tier.", "direction", map[string]func(s *kvcache.Stats) float64{
 		"out": func(s *kvcache.Stats) float64 { return float64(s.SwapOuts) }, "in": func(s *kvcache.Stats) float64 { return float64(s.SwapIns) },
 	}),
+	labelled(prometheus.CounterValue, "pagedkv_warnings_total", "Calls served that a runtime rarely means (kvcache.Warnings): appends that created a sequence, count-only appends to keyed sequences, prompts appended whole after a hit.", "kind", map[string]func(s *kvcache.Stats) float64{
+		"implicit_sequence": func(s *kvcache.Stats) float64 { return float64(s.Warnings.ImplicitSequences) },
+		"unkeyed_append":    func(s *kvcache.Stats) float64 { return float64(s.Warnings.UnkeyedAppends) },
+		"repeated_prompt":   func(s *kvcache.Stats) float64 { return float64(s.Warnings.RepeatedPrompts) },
+	}),
 	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier, all and free.", "state", map[string]func(s *kvcache.Stats) float64{
 		"total": func(s *kvcache.Stats) float64 { return float64(s.HostBlocks) }, "free": func(s *kvcache.Stats) float64 { return float64(s.HostFreeBlocks) },
 	}),

@@ -76,6 +76,14 @@ pagedkv_ledger_member_mapped_bytes{ledger="gpu0",member="qwen",pid="PID"} QWEN
 	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(want), "pagedkv_mapped_bytes", "pagedkv_ledger_member_mapped_bytes"))
 	require.NoError(t, c.Remove("llama"))
 	require.Equal(t, 1, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+	// The pool's model's first append created its sequence: one implicit sequence.
+	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(`
+# HELP pagedkv_warnings_total Calls served that a runtime rarely means (kvcache.Warnings): appends that created a sequence, count-only appends to keyed sequences, prompts appended whole after a hit.
+# TYPE pagedkv_warnings_total counter
+pagedkv_warnings_total{kind="implicit_sequence",model="qwen",pool="shared"} 1
+pagedkv_warnings_total{kind="repeated_prompt",model="qwen",pool="shared"} 0
+pagedkv_warnings_total{kind="unkeyed_append",model="qwen",pool="shared"} 0
+`), "pagedkv_warnings_total"))
 }
 
 // The core packages never pull in the Prometheus client: only this package does.
