@@ -13,11 +13,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	// The packages the snippets import. Importing them here makes go test compile them with this
@@ -214,6 +216,32 @@ func TestSnippetsCompile(t *testing.T) {
 	for _, e := range check(t, root, snippets) {
 		t.Error(e)
 	}
+}
+
+// Every example the docs name (`kvcache.ExampleManager_SwapOut`) exists in that package's tests.
+func TestDocsNameExistingExamples(t *testing.T) {
+	root := "../.."
+	docs, err := filepath.Glob(filepath.Join(root, "docs", "*.md"))
+	require.NoError(t, err)
+	named := regexp.MustCompile("`(\\w+)\\.(Example\\w*)`")
+	found := 0
+	for _, doc := range append(docs, filepath.Join(root, "README.md")) {
+		data, err := os.ReadFile(doc)
+		require.NoError(t, err)
+		for _, m := range named.FindAllStringSubmatch(string(data), -1) {
+			found++
+			tests, err := filepath.Glob(filepath.Join(root, m[1], "*_test.go"))
+			require.NoError(t, err)
+			ok := false
+			for _, f := range tests {
+				src, err := os.ReadFile(f)
+				require.NoError(t, err)
+				ok = ok || bytes.Contains(src, []byte("\nfunc "+m[2]+"() {"))
+			}
+			assert.True(t, ok, "%s names %s.%s, which does not exist", doc, m[1], m[2])
+		}
+	}
+	require.NotZero(t, found)
 }
 
 // The test would catch a snippet that stops compiling, and names its Markdown line.
