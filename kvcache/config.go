@@ -24,9 +24,9 @@ import (
 // with a per-layer base LayerBase(l, kv) = base + (2l+kv)*BlockBytes() and a block stride of
 // BlockStride() common to every layer; block ids are the same for every layer. A page of
 // PageSize bytes holds BlocksPerPage() whole blocks of every layer, so ONE driver mapping grows
-// every layer's K and V by one page index (see ../shared/FACTS.md: 31x cheaper than mapping 64
-// per-layer granules for a 32-layer model). Copying a block between ids is one contiguous copy
-// of BlockStride() bytes.
+// every layer's K and V by one page index: 31-36x cheaper than mapping 64 per-layer granules for
+// a 32-layer model on an H100 (docs/performance.md). Copying a block between ids is one
+// contiguous copy of BlockStride() bytes.
 type Config struct {
 	Layers      int // transformer layers
 	KVHeads     int // key/value heads per layer

@@ -7,7 +7,8 @@ import (
 )
 
 // CUDADevice is the CUDA backend: one GPU, driven through the driver's VMM API in the device's
-// primary context. Safe for concurrent use; the driver serialises the calls anyway (FACTS.md).
+// primary context. Safe for concurrent use; the driver serializes the calls anyway
+// (docs/performance.md).
 // Data calls are synchronous and use the legacy default stream.
 type CUDADevice struct {
 	ctx  *cuda.Context

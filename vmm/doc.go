@@ -10,8 +10,8 @@
 // range's base address never changes, so pointers into it stay valid while memory grows and
 // shrinks. A run of pages can be mapped as ONE driver mapping: on an H100 the cost of growing is
 // per mapping (about 35 µs), not per byte, so mapping a 32-layer model's page index as one
-// 128 MiB mapping instead of 64 of 2 MiB is 31 times faster (see ../shared/FACTS.md and
-// docs/performance.md). Pre-created handles take cuMemCreate off the hot path.
+// 128 MiB mapping instead of 64 of 2 MiB is 31-36 times faster (docs/performance.md).
+// Pre-created handles take cuMemCreate off the hot path.
 //
 // Errors are the sentinels of this package (ErrOutOfMemory, ErrInvalidArgument, ...) and the
 // struct errors CapacityError, AlignmentError and RangeError that match them; every operation

@@ -1,8 +1,8 @@
 package cuda
 
 // procs holds the resolved entry points. Each field is named after the plain cuda.h name; the
-// table below says which versioned symbol it is loaded from (FACTS.md: cuda.h #defines the
-// plain names to these versions, so dlsym must ask for the version).
+// table below says which versioned symbol it is loaded from (cuda.h #defines the plain names to
+// these versions, so dlsym must ask for the version).
 var procs struct {
 	cuInit, cuDriverGetVersion                                            uintptr
 	cuDeviceGet, cuDeviceGetCount, cuDeviceGetAttribute, cuDeviceGetName  uintptr

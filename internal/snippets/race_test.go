@@ -1,0 +1,5 @@
+//go:build race
+
+package snippets
+
+func init() { buildFlags = append(buildFlags, "-race") }
