@@ -68,6 +68,7 @@ var (
 	newTokens        []int           // for each sequence of batch, its tokens this step
 	next             []kvcache.TokenID // for each sequence of batch, the token it sampled
 	prompt           []kvcache.TokenID
+	cached           int // the tokens StartSequence found
 	tenant           string
 
 	slots  []int64 // the step's slot_mapping
@@ -193,13 +194,13 @@ func check(t *testing.T, root string, snippets []snippet) []string {
 			errs = append(errs, err.Error())
 		},
 	}
-	_, _ = conf.Check("github.com/pagedkv/pagedkv/internal/snippets/docs", fset, parsed, nil)
+	_, _ = conf.Check("github.com/pagedkv/pagedkv/internal/testutil/snippets/docs", fset, parsed, nil)
 	return errs
 }
 
 // Every ```go block of README.md and docs/*.md compiles, with the prelude above as its context.
 func TestSnippetsCompile(t *testing.T) {
-	root := "../.."
+	root := "../../.."
 	docs, err := filepath.Glob(filepath.Join(root, "docs", "*.md"))
 	require.NoError(t, err)
 	names := []string{"README.md"}
@@ -220,7 +221,7 @@ func TestSnippetsCompile(t *testing.T) {
 
 // Every example the docs name (`kvcache.ExampleManager_SwapOut`) exists in that package's tests.
 func TestDocsNameExistingExamples(t *testing.T) {
-	root := "../.."
+	root := "../../.."
 	docs, err := filepath.Glob(filepath.Join(root, "docs", "*.md"))
 	require.NoError(t, err)
 	named := regexp.MustCompile("`(\\w+)\\.(Example\\w*)`")
@@ -251,7 +252,7 @@ func TestSnippetsCheckFailsOnABrokenSnippet(t *testing.T) {
 		{file: "docs/x.md", line: 20, code: "m.NoSuchMethod()\n"},
 		{file: "docs/x.md", line: 30, code: "ok, err := m.Len(seq) // unused variables are fine\n"},
 	}
-	errs := check(t, "../..", broken)
+	errs := check(t, "../../..", broken)
 	require.Len(t, errs, 2, "%q", errs)
 	require.True(t, slices.ContainsFunc(errs, func(e string) bool { return strings.HasPrefix(e, "docs/x.md:10:") }), "%q", errs)
 	require.True(t, slices.ContainsFunc(errs, func(e string) bool { return strings.HasPrefix(e, "docs/x.md:20:") }), "%q", errs)
