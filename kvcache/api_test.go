@@ -278,7 +278,17 @@ func apiValues(t reflect.Type) []apitest.Maker {
 	case reflect.TypeFor[[]kvcache.SeqID]():
 		return []apitest.Maker{val([]kvcache.SeqID{1, 3}), val([]kvcache.SeqID{1, 1, 2}), val([]kvcache.SeqID{99}), val([]kvcache.SeqID{math.MaxUint64})}
 	case reflect.TypeFor[string]():
-		return []apitest.Maker{val("a"), val("b")}
+		return []apitest.Maker{val("a"), val("b"), val("gemma-3-27b")}
+	case reflect.TypeFor[kvcache.Geometry]():
+		var out []apitest.Maker
+		for _, name := range kvcache.Models() {
+			g, _ := kvcache.GeometryFor(name)
+			out = append(out, val(g))
+		}
+		bad, _ := kvcache.GeometryFor("gpt-oss-20b")
+		bad.Groups[0].Layers = append(bad.Groups[0].Layers, 1, math.MaxInt, math.MinInt)
+		bad.Groups[1].Window, bad.Groups[1].BlockTokens, bad.Groups[1].KScales = math.MaxInt, math.MinInt, []float32{float32(math.Inf(1))}
+		return append(out, val(bad), val(kvcache.Geometry{Layers: math.MaxInt, Groups: []kvcache.LayerGroup{{Layers: []int{0}}}}))
 	}
 	return nil
 }
@@ -289,9 +299,10 @@ func apiValues(t reflect.Type) []apitest.Maker {
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti},
+		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models},
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
-			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil)},
+			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil),
+			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,
 	}
