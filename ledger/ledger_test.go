@@ -395,3 +395,31 @@ func TestConcurrentAcquisitions(t *testing.T) {
 	require.Zero(t, s.Used)
 	require.NoError(t, l.Check())
 }
+
+// badNames break the naming rule: empty, 64 bytes, 5,000 NULs, invalid UTF-8, a control
+// character.
+var badNames = []string{"", strings.Repeat("x", 64), strings.Repeat("\x00", 5000), "bad\xffutf8", "new\nline"}
+
+// A name breaking the naming rule is refused with a *NameError naming the layer once, and the
+// ledger gets no member; a name of MaxName bytes joins.
+func TestJoinNames(t *testing.T) {
+	l := open(t, filepath.Join(t.TempDir(), "l"), 8*unit)
+	for _, name := range badNames {
+		_, err := l.Join(name, &holder{}, ledger.JoinOptions{})
+		var ne *ledger.NameError
+		require.ErrorAs(t, err, &ne, "%q", name)
+		require.ErrorIs(t, err, ledger.ErrInvalidArgument)
+		require.Equal(t, name, ne.Name)
+		require.True(t, strings.HasPrefix(err.Error(), "ledger: join: member name "), err.Error())
+		require.NotContains(t, err.Error(), "pagedkv:")
+		s, err := l.Snapshot()
+		require.NoError(t, err)
+		require.Empty(t, s.Members, "a refused name adds no member")
+	}
+	m, _ := join(t, l, strings.Repeat("x", ledger.MaxName))
+	s, err := l.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 1)
+	require.Equal(t, m.Name(), s.Members[0].Name)
+	require.NoError(t, l.Check())
+}
