@@ -52,6 +52,10 @@ func (e *SequenceError) Unwrap() error {
 // ErrInvalidArgument. It is the same type as blocktable.CountError.
 type CountError = errdefs.CountError
 
+// NameError reports a model name that breaks the naming rule (see SharedPool.Register); it
+// matches ErrInvalidArgument. It is the same type as ledger.NameError.
+type NameError = errdefs.NameError
+
 // BlocksError reports an append whose blocks cannot be had: Tokens more tokens for a sequence
 // of SeqTokens need Blocks more blocks (Bytes of arena memory). Free is how many blocks the
 // manager could give now (free blocks of mapped pages, and of the pages its own limits still

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -92,10 +93,14 @@ func NewSharedMulti(devs []vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 
 // Register creates the manager of a model: cfg.Capacity is its virtual capacity (it costs no
 // physical memory); the pages it maps count against the shared limit. Names are unique
-// (ErrExists).
+// (ErrExists). A name is 1 to 63 bytes of valid UTF-8 with no control character (a *NameError
+// otherwise), as a ledger member's is: a pool with a Ledger joins it under the model's name.
 func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
-	if err := s.check("register " + name); err != nil {
+	if err := s.check("register"); err != nil {
 		return nil, err
+	}
+	if err := names.Check("model", name); err != nil {
+		return nil, fmt.Errorf("kvcache: register: %w", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

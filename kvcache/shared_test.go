@@ -3,6 +3,7 @@ package kvcache_test
 import (
 	"encoding/binary"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -251,6 +252,49 @@ func TestSharedPoolBadInput(t *testing.T) {
 	require.NoError(t, sp.Close())
 	_, err = sp.Register("d", sharedConfig())
 	require.ErrorIs(t, err, kvcache.ErrClosed)
+}
+
+// A model name breaking the naming rule (empty, 64 bytes, 5,000 NULs, invalid UTF-8, a control
+// character) is refused with a *NameError that names the layer once, by a pool of its own and by
+// one on a ledger, and neither gets a model or member; a name of 63 bytes registers.
+func TestRegisterNames(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	for _, viaLedger := range []bool{false, true} {
+		cfg := kvcache.SharedConfig{Limit: 4 << 20}
+		var l *ledger.Ledger
+		if viaLedger {
+			var err error
+			l, err = ledger.Open(filepath.Join(t.TempDir(), "ledger"), ledger.Options{Limit: 4 << 20})
+			require.NoError(t, err)
+			defer l.Close()
+			cfg = kvcache.SharedConfig{Ledger: l}
+		}
+		sp, err := kvcache.NewShared(dev, cfg)
+		require.NoError(t, err)
+		defer sp.Close()
+		for _, name := range []string{"", strings.Repeat("x", 64), strings.Repeat("\x00", 5000), "bad\xffutf8", "new\nline"} {
+			_, err := sp.Register(name, sharedConfig())
+			var ne *kvcache.NameError
+			require.ErrorAs(t, err, &ne, "%q", name)
+			require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+			require.Equal(t, name, ne.Name)
+			require.True(t, strings.HasPrefix(err.Error(), "kvcache: register: model name "), err.Error())
+			require.NotContains(t, err.Error(), "ledger:")
+			require.NotContains(t, err.Error(), "pagedkv:")
+			require.Empty(t, sp.Stats().Models, "a refused name adds no model")
+			if viaLedger {
+				s, err := l.Snapshot()
+				require.NoError(t, err)
+				require.Empty(t, s.Members, "nor a ledger member")
+			}
+		}
+		good := strings.Repeat("x", 63)
+		_, err = sp.Register(good, sharedConfig())
+		require.NoError(t, err)
+		_, err = sp.Model(good)
+		require.NoError(t, err)
+		require.NoError(t, sp.Close())
+	}
 }
 
 // externalMemory maps size bytes the way a runtime would have (not through pagedkv's arena) and

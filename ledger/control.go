@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sync/atomic"
 	"time"
+
+	"github.com/pagedkv/pagedkv/internal/names"
 )
 
 // MemberInfo is one member as the ledger records it.
@@ -150,7 +152,7 @@ func (l *Ledger) Check() error {
 	}
 	defer l.unlock()
 	l.reapLocked()
-	var names []string
+	var seen []string
 	for i := range MaxMembers {
 		switch st := atomic.LoadUint32(l.s32(i, sState)); st {
 		case stateFree:
@@ -159,13 +161,13 @@ func (l *Ledger) Check() error {
 			}
 		case stateLive:
 			n := l.nameOf(i)
-			if n == "" || len(n) > MaxName {
-				return fmt.Errorf("ledger: slot %d is live with a bad name %q", i, n)
+			if err := names.Check("member", n); err != nil {
+				return fmt.Errorf("ledger: slot %d is live with a bad name: %w", i, err)
 			}
-			if slices.Contains(names, n) {
+			if slices.Contains(seen, n) {
 				return fmt.Errorf("ledger: name %q is live twice", n)
 			}
-			names = append(names, n)
+			seen = append(seen, n)
 		default:
 			return fmt.Errorf("ledger: slot %d in state %d", i, st)
 		}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -28,7 +29,11 @@ var (
 const MaxMembers = 64
 
 // MaxName is the longest member name, in bytes.
-const MaxName = 63
+const MaxName = names.Max
+
+// NameError reports a member name that breaks the naming rule; it matches ErrInvalidArgument.
+// It is the same type as kvcache.NameError.
+type NameError = errdefs.NameError
 
 // File layout. Every field is naturally aligned and read and written atomically, so a process
 // that dies mid-update leaves no torn value.

@@ -2,7 +2,9 @@ package ledger_test
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"math"
 	"math/rand/v2"
@@ -78,9 +80,16 @@ func join(t testing.TB, l *ledger.Ledger, name string) (*ledger.Member, *holder)
 	return m, h
 }
 
+// hang is how long a test waits for what must happen (a child's answer, a member's reply to a
+// request, a published usage) before it fails: a guard against a hang, long enough that a
+// loaded machine never reaches it. No test passes or fails by how fast something happens.
+const hang = time.Minute
+
+// open opens the ledger at path with a request timeout of hang: members asked for memory
+// always answer in time, however the processes are scheduled.
 func open(t testing.TB, path string, limit uint64) *ledger.Ledger {
 	t.Helper()
-	l, err := ledger.Open(path, ledger.Options{Limit: limit, RequestTimeout: 300 * time.Millisecond})
+	l, err := ledger.Open(path, ledger.Options{Limit: limit, RequestTimeout: hang})
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Close() })
 	return l
@@ -122,10 +131,13 @@ func hold(args []string, in *bufio.Scanner, out io.Writer) error {
 	return nil
 }
 
-// hammer acquires and releases 1-4 units iters times as name, holding at most 8 chunks,
-// checking under the ledger's lock that the members never hold more than the limit and that it
-// holds what it thinks; it reports "done ok fail".
-func hammer(args []string, _ *bufio.Scanner, out io.Writer) error {
+// hammer is one of the processes of TestConcurrentAcquisitions, joined to args[0] as args[1].
+// It takes a base share of 9 units and says "ready"; on "go" it asks once for 2 more units and
+// says "contended granted" or "contended refused"; on "run" it returns what it holds, then
+// acquires and releases 1-4 units args[2] times, holding at most 8 chunks, checking under the
+// ledger's lock that the members never hold more than the limit and that it holds what it
+// thinks. It reports "done ok fail". Its random choices are seeded by its name.
+func hammer(args []string, in *bufio.Scanner, out io.Writer) error {
 	path, name := args[0], args[1]
 	iters, _ := strconv.Atoi(args[2])
 	l, err := ledger.Open(path, ledger.Options{RequestTimeout: 300 * time.Millisecond})
@@ -137,12 +149,39 @@ func hammer(args []string, _ *bufio.Scanner, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	rng := rand.New(rand.NewPCG(uint64(os.Getpid()), 7))
+	held := uint64(9 * unit)
+	if err := m.Acquire(held, false); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "ready")
+	if err := expectLine(in, "go"); err != nil {
+		return err
+	}
+	switch err := m.Acquire(2*unit, true); {
+	case err == nil:
+		held += 2 * unit
+		fmt.Fprintln(out, "contended granted")
+	case errors.Is(err, ledger.ErrOutOfMemory):
+		fmt.Fprintln(out, "contended refused")
+	default:
+		return err
+	}
+	if err := expectLine(in, "run"); err != nil {
+		return err
+	}
+	m.Release(held)
+	seed := fnv.New64a()
+	seed.Write([]byte(name))
+	rng := rand.New(rand.NewPCG(seed.Sum64(), 7))
 	var chunks []uint64
-	held, ok, fail := uint64(0), 0, 0
+	held = 0
+	ok, fail := 0, 0
 	for i := range iters {
 		n := uint64(1+rng.IntN(4)) * unit
 		if err := m.Acquire(n, true); err != nil {
+			if !errors.Is(err, ledger.ErrOutOfMemory) {
+				return err
+			}
 			fail++
 		} else {
 			ok++
@@ -172,6 +211,17 @@ func hammer(args []string, _ *bufio.Scanner, out io.Writer) error {
 	}
 	m.Leave()
 	fmt.Fprintln(out, "done", ok, fail)
+	return nil
+}
+
+// expectLine reads the next line from the test and fails unless it is want.
+func expectLine(in *bufio.Scanner, want string) error {
+	if !in.Scan() {
+		return fmt.Errorf("stdin ended before %q: %v", want, in.Err())
+	}
+	if in.Text() != want {
+		return fmt.Errorf("got %q, want %q", in.Text(), want)
+	}
 	return nil
 }
 
@@ -284,7 +334,7 @@ func TestTwoHandles(t *testing.T) {
 	require.Eventually(t, func() bool {
 		s, err := b.Snapshot()
 		return err == nil && s.Members[0].Usage.CachedBlocks == 0
-	}, 5*time.Second, time.Millisecond, "a publishes its usage soon after a request")
+	}, hang, time.Millisecond, "a publishes its usage soon after a request")
 	_, err = b.DropCache("nobody")
 	require.ErrorIs(t, err, ledger.ErrNotFound)
 
@@ -304,7 +354,7 @@ func TestKilledMemberIsReaped(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l")
 	l := open(t, path, 32*unit)
 	child := proctest.Start(t, "hold", path, "victim", strconv.Itoa(24*unit), "0")
-	child.Expect("ready", 10*time.Second)
+	child.Expect("ready", hang)
 	m, _ := join(t, l, "survivor")
 	var ce *ledger.CapacityError
 	require.ErrorAs(t, m.Acquire(9*unit, true), &ce, "the victim holds 24 of 32 units")
@@ -324,11 +374,11 @@ func TestAcrossProcesses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l")
 	l := open(t, path, 32*unit)
 	child := proctest.Start(t, "hold", path, "other", strconv.Itoa(8*unit), strconv.Itoa(16*unit))
-	child.Expect("ready", 10*time.Second)
+	child.Expect("ready", hang)
 	m, _ := join(t, l, "me")
 	require.NoError(t, m.Acquire(20*unit, false), "8 free units, 12 from the other's reserve")
 	child.Send("used")
-	require.Equal(t, strconv.Itoa(12*unit), child.Expect("used ", 5*time.Second))
+	require.Equal(t, strconv.Itoa(12*unit), child.Expect("used ", hang))
 
 	n, err := l.DropCache("other")
 	require.NoError(t, err)
@@ -336,40 +386,46 @@ func TestAcrossProcesses(t *testing.T) {
 	require.Eventually(t, func() bool {
 		s, err := l.Snapshot()
 		return err == nil && s.Members[0].Usage.CachedBlocks == 0
-	}, 5*time.Second, time.Millisecond, "the other publishes its usage soon after a request")
+	}, hang, time.Millisecond, "the other publishes its usage soon after a request")
 
 	m.Release(20 * unit)
 	r, err := l.SetLimit(10 * unit)
 	require.NoError(t, err)
 	require.Equal(t, uint64(10*unit), r.Used, "the other gave back 2 of its 4 free units")
 	child.Send("acquire %d", unit)
-	require.Contains(t, child.Expect("acquire ", 5*time.Second), "out of memory", "the new limit binds the other process")
+	require.Contains(t, child.Expect("acquire ", hang), "out of memory", "the new limit binds the other process")
 	child.Close()
 	require.NoError(t, l.Check())
 }
 
-// A stopped process does not hang the others: its mailbox times out.
+// A stopped process does not hang the others: its mailbox times out. Once it runs again, it
+// answers.
 func TestStoppedMemberTimesOut(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l")
 	l := open(t, path, 8*unit)
 	child := proctest.Start(t, "hold", path, "sleeper", strconv.Itoa(4*unit), strconv.Itoa(4*unit))
-	child.Expect("ready", 10*time.Second)
+	child.Expect("ready", hang)
 	require.NoError(t, syscall.Kill(child.PID(), syscall.SIGSTOP))
 	require.Eventually(t, func() bool { // the signal is delivered asynchronously
 		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child.PID()))
 		return err == nil && strings.Contains(string(stat), ") T ")
-	}, 5*time.Second, time.Millisecond)
-	m, _ := join(t, l, "me")
-	err := m.Acquire(2*unit, false)
+	}, hang, time.Millisecond)
+	short, err := ledger.Open(path, ledger.Options{RequestTimeout: 100 * time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(func() { short.Close() })
+	impatient, _ := join(t, short, "impatient")
 	var ce *ledger.CapacityError
-	require.ErrorAs(t, err, &ce)
+	require.ErrorAs(t, impatient.Acquire(2*unit, false), &ce, "a stopped process cannot answer")
 	require.NoError(t, syscall.Kill(child.PID(), syscall.SIGCONT))
-	require.NoError(t, m.Acquire(2*unit, false), "awake, it gives back its free units")
+	patient, _ := join(t, l, "patient")
+	require.NoError(t, patient.Acquire(2*unit, false), "awake, it gives back its free units")
 }
 
-// Four processes acquire and release 1,000 times each under a limit they keep running into;
-// the ledger never lets them hold more than the limit, each holds what it thinks, and when
-// they are done the ledger is empty and whole.
+// Four processes contend for the limit on purpose: each holds 9 of 40 units, then all ask for
+// 2 more at once with nothing released in between, so exactly two are granted and two refused
+// whichever runs first. Then they acquire and release 1,000 times each, running into the limit
+// as the scheduler lets them; the ledger never lets them hold more than the limit, each holds
+// what it thinks, and when they are done the ledger is empty and whole.
 func TestConcurrentAcquisitions(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l")
 	l := open(t, path, 40*unit)
@@ -377,21 +433,73 @@ func TestConcurrentAcquisitions(t *testing.T) {
 	for i := range 4 {
 		kids = append(kids, proctest.Start(t, "hammer", path, fmt.Sprintf("p%d", i), "1000"))
 	}
+	for _, k := range kids {
+		k.Expect("ready", hang)
+	}
+	s, err := l.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 4)
+	require.Equal(t, uint64(36*unit), s.Used)
+
+	for _, k := range kids {
+		k.Send("go")
+	}
+	results := map[string]int{}
+	for _, k := range kids {
+		results[k.Expect("contended ", hang)]++
+	}
+	require.Equal(t, map[string]int{"granted": 2, "refused": 2}, results, "4 free units, four asks of 2")
+	s, err = l.Snapshot()
+	require.NoError(t, err)
+	require.Equal(t, uint64(40*unit), s.Used, "the limit is reached")
+
+	for _, k := range kids {
+		k.Send("run")
+	}
 	ok, fail := 0, 0
 	for _, k := range kids {
 		var o, f int
-		_, err := fmt.Sscan(k.Expect("done ", 2*time.Minute), &o, &f)
+		_, err := fmt.Sscan(k.Expect("done ", hang), &o, &f)
 		require.NoError(t, err)
+		require.Equal(t, 1000, o+f)
 		k.Close()
 		ok, fail = ok+o, fail+f
 	}
-	t.Logf("4 processes: %d acquisitions granted, %d refused at the limit", ok, fail)
-	require.Equal(t, 4000, ok+fail)
-	require.Positive(t, fail, "the limit was never reached: the test did not contend")
+	t.Logf("the loops: %d acquisitions granted, %d refused at the limit", ok, fail)
+	// The loops' first acquisition finds at most 31 units held (the others' shares of 11, 11
+	// and 9 at most: their own first acquisitions come later), so room for its 4 at most.
 	require.Positive(t, ok)
-	s, err := l.Snapshot()
+	s, err = l.Snapshot()
 	require.NoError(t, err)
 	require.Empty(t, s.Members)
 	require.Zero(t, s.Used)
+	require.NoError(t, l.Check())
+}
+
+// badNames break the naming rule: empty, 64 bytes, 5,000 NULs, invalid UTF-8, a control
+// character.
+var badNames = []string{"", strings.Repeat("x", 64), strings.Repeat("\x00", 5000), "bad\xffutf8", "new\nline"}
+
+// A name breaking the naming rule is refused with a *NameError naming the layer once, and the
+// ledger gets no member; a name of MaxName bytes joins.
+func TestJoinNames(t *testing.T) {
+	l := open(t, filepath.Join(t.TempDir(), "l"), 8*unit)
+	for _, name := range badNames {
+		_, err := l.Join(name, &holder{}, ledger.JoinOptions{})
+		var ne *ledger.NameError
+		require.ErrorAs(t, err, &ne, "%q", name)
+		require.ErrorIs(t, err, ledger.ErrInvalidArgument)
+		require.Equal(t, name, ne.Name)
+		require.True(t, strings.HasPrefix(err.Error(), "ledger: join: member name "), err.Error())
+		require.NotContains(t, err.Error(), "pagedkv:")
+		s, err := l.Snapshot()
+		require.NoError(t, err)
+		require.Empty(t, s.Members, "a refused name adds no member")
+	}
+	m, _ := join(t, l, strings.Repeat("x", ledger.MaxName))
+	s, err := l.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 1)
+	require.Equal(t, m.Name(), s.Members[0].Name)
 	require.NoError(t, l.Check())
 }

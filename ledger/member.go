@@ -16,6 +16,7 @@ import (
 
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -104,11 +105,12 @@ const (
 // usageEvery is how often a member republishes its usage.
 const usageEvery = 500 * time.Millisecond
 
-// Join adds a member under name (1 to MaxName bytes, unique among live members of the ledger,
-// over all processes: ErrExists otherwise). h is asked for memory when others need it.
+// Join adds a member under name, unique among live members of the ledger over all processes
+// (ErrExists otherwise). A name is 1 to MaxName bytes of valid UTF-8 with no control character
+// (a *NameError otherwise). h is asked for memory when others need it.
 func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) {
-	if len(name) == 0 || len(name) > MaxName || slices.Contains([]byte(name), 0) {
-		return nil, fmt.Errorf("ledger: join %q: %w: a name has 1 to %d bytes and no NUL", name, ErrInvalidArgument, MaxName)
+	if err := names.Check("member", name); err != nil {
+		return nil, fmt.Errorf("ledger: join: %w", err)
 	}
 	if h == nil {
 		return nil, fmt.Errorf("ledger: join %q: %w: nil holder", name, ErrInvalidArgument)

@@ -104,7 +104,7 @@ func apiValues(t reflect.Type) []apitest.Maker {
 			return apitest.Object{V: reflect.ValueOf((chan<- *prometheus.Desc)(make(chan *prometheus.Desc, 256)))}
 		}}
 	case reflect.TypeFor[string]():
-		return []apitest.Maker{val("m"), val("other")}
+		return []apitest.Maker{val("m"), val("other"), val(""), val("bad\xffutf8")}
 	}
 	return nil
 }

@@ -17,12 +17,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
 )
 
 // Collector is a prometheus.Collector of pagedkv objects, each under a name unique in the
-// collector. Safe for concurrent use.
+// collector. A name is a label value: 1 to 63 bytes of valid UTF-8 with no control character,
+// the rule of model names (a *kvcache.NameError otherwise). Safe for concurrent use.
 type Collector struct {
 	mu       sync.Mutex
 	managers map[string]*kvcache.Manager
@@ -35,17 +37,22 @@ func NewCollector() *Collector {
 	return &Collector{managers: map[string]*kvcache.Manager{}, pools: map[string]*kvcache.SharedPool{}, ledgers: map[string]*ledger.Ledger{}}
 }
 
-func (c *Collector) add(name string, nilObj bool, put func()) error {
+// add puts an object under name, a label value (model, pool or ledger, as what says), after
+// checking the collector, the name and the object.
+func (c *Collector) add(what, name string, nilObj bool, put func()) error {
 	if c == nil || c.managers == nil {
-		return fmt.Errorf("metrics: add %q: %w: nil collector, or one not made by NewCollector", name, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("metrics: add %s: %w: nil collector, or one not made by NewCollector", what, errdefs.ErrInvalidArgument)
 	}
-	if name == "" || nilObj {
-		return fmt.Errorf("metrics: add %q: %w: empty name or nil object", name, errdefs.ErrInvalidArgument)
+	if err := names.Check(what, name); err != nil {
+		return fmt.Errorf("metrics: add: %w", err)
+	}
+	if nilObj {
+		return fmt.Errorf("metrics: add %s %q: %w: nil object", what, name, errdefs.ErrInvalidArgument)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.has(name) {
-		return fmt.Errorf("metrics: add %q: %w", name, errdefs.ErrExists)
+		return fmt.Errorf("metrics: add %s %q: %w", what, name, errdefs.ErrExists)
 	}
 	put()
 	return nil
@@ -61,19 +68,19 @@ func (c *Collector) has(name string) bool {
 
 // AddManager exports a manager's Stats under model=name.
 func (c *Collector) AddManager(name string, m *kvcache.Manager) error {
-	return c.add(name, m == nil, func() { c.managers[name] = m })
+	return c.add("model", name, m == nil, func() { c.managers[name] = m })
 }
 
 // AddSharedPool exports a shared pool's limit and use under pool=name, and each of its models'
 // Stats under model=<the model's name>, pool=name.
 func (c *Collector) AddSharedPool(name string, p *kvcache.SharedPool) error {
-	return c.add(name, p == nil, func() { c.pools[name] = p })
+	return c.add("pool", name, p == nil, func() { c.pools[name] = p })
 }
 
 // AddLedger exports a ledger's limit and each member's mapped bytes (all processes) under
 // ledger=name.
 func (c *Collector) AddLedger(name string, l *ledger.Ledger) error {
-	return c.add(name, l == nil, func() { c.ledgers[name] = l })
+	return c.add("ledger", name, l == nil, func() { c.ledgers[name] = l })
 }
 
 // Remove forgets the object added under name (ErrNotFound if none).

@@ -97,3 +97,39 @@ func TestCoreDoesNotImportPrometheus(t *testing.T) {
 	require.Contains(t, string(out), "github.com/pagedkv/pagedkv/kvcache")
 	require.NotContains(t, string(out), "prometheus")
 }
+
+// A name breaking the naming rule (it would be a label value) is refused with a *NameError by
+// every Add, and the collector collects nothing for it; a good name is added.
+func TestAddNames(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer dev.Close()
+	m, err := kvcache.New(dev, cfg())
+	require.NoError(t, err)
+	defer m.Close()
+	pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer pool.Close()
+	l, err := ledger.Open(filepath.Join(t.TempDir(), "l"), ledger.Options{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer l.Close()
+	c := metrics.NewCollector()
+	adds := map[string]func(name string) error{
+		"model":  func(name string) error { return c.AddManager(name, m) },
+		"pool":   func(name string) error { return c.AddSharedPool(name, pool) },
+		"ledger": func(name string) error { return c.AddLedger(name, l) },
+	}
+	for what, add := range adds {
+		for _, name := range []string{"", strings.Repeat("x", 64), strings.Repeat("\x00", 5000), "bad\xffutf8", "new\nline"} {
+			err := add(name)
+			var ne *kvcache.NameError
+			require.ErrorAs(t, err, &ne, "%s %q", what, name)
+			require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+			require.True(t, strings.HasPrefix(err.Error(), "metrics: add: "+what+" name "), err.Error())
+			require.Zero(t, testutil.CollectAndCount(c), "a refused name adds nothing")
+		}
+	}
+	require.NoError(t, c.AddManager("llama", m))
+	require.NoError(t, c.AddLedger("gpu0", l))
+	require.Equal(t, 1, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+}

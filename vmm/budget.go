@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/internal/names"
 )
 
 // Reclaimer is what a Budget member implements so that the budget can take memory back from it
@@ -68,10 +69,14 @@ func NewBudget(limit uint64) *Budget {
 	return &Budget{limit: limit, members: make(map[string]*BudgetMember)}
 }
 
-// Join adds a member. Names are unique (ErrExists otherwise); r may not be nil.
+// Join adds a member. Names are unique (ErrExists otherwise) and are 1 to 63 bytes of valid
+// UTF-8 with no control character (a *NameError otherwise); r may not be nil.
 func (b *Budget) Join(name string, r Reclaimer) (*BudgetMember, error) {
 	if b == nil || b.members == nil {
-		return nil, fmt.Errorf("budget: join %q: %w: nil budget, or one not made by NewBudget", name, ErrInvalidArgument)
+		return nil, fmt.Errorf("budget: join: %w: nil budget, or one not made by NewBudget", ErrInvalidArgument)
+	}
+	if err := names.Check("member", name); err != nil {
+		return nil, fmt.Errorf("budget: join: %w", err)
 	}
 	if r == nil {
 		return nil, fmt.Errorf("budget: join %q: %w: nil reclaimer", name, ErrInvalidArgument)

@@ -24,6 +24,10 @@ var (
 	ErrTooLarge        = errdefs.ErrTooLarge
 )
 
+// NameError reports a member name that breaks the naming rule (see Budget.Join); it matches
+// ErrInvalidArgument. It is the same type as kvcache.NameError and ledger.NameError.
+type NameError = errdefs.NameError
+
 // CapacityError reports an allocation that did not fit: Need bytes were asked for and Free
 // bytes were available. It matches ErrOutOfMemory.
 type CapacityError struct {

@@ -3,12 +3,14 @@
 // and their prefix caches.
 //
 //	pagedkvctl [-ledger PATH] [-json] list
-//	pagedkvctl [-ledger PATH] [-json] limit BYTES|PCT%     (40G, 512M, 1073741824, 50%)
+//	pagedkvctl [-ledger PATH] [-json] [-timeout 2s] limit BYTES|PCT%     (40G, 512M, 1073741824, 50%)
 //	pagedkvctl [-ledger PATH] top [-n N] [-i 1s]
-//	pagedkvctl [-ledger PATH] [-json] drop-cache [MEMBER]
+//	pagedkvctl [-ledger PATH] [-json] [-timeout 2s] drop-cache [MEMBER]
 //
 // The ledger path defaults to $PAGEDKV_LEDGER, else /dev/shm/pagedkv. pagedkvctl never creates
-// a ledger: the serving processes do.
+// a ledger: the serving processes do. -timeout bounds the wait for each member asked to give
+// back memory or drop its cache; a member that does not answer in time (a stopped process) is
+// skipped.
 package main
 
 import (
@@ -41,7 +43,7 @@ func main() {
 // DefaultLedger is the ledger path used without -ledger and $PAGEDKV_LEDGER.
 const DefaultLedger = "/dev/shm/pagedkv"
 
-var errUsage = errors.New("usage: pagedkvctl [-ledger PATH] [-json] list | limit BYTES|PCT% | top [-n N] [-i DUR] | drop-cache [MEMBER]")
+var errUsage = errors.New("usage: pagedkvctl [-ledger PATH] [-json] [-timeout DUR] list | limit BYTES|PCT% | top [-n N] [-i DUR] | drop-cache [MEMBER]")
 
 // run carries out one command line, writing to out; top stops at done.
 func run(args []string, out io.Writer, done <-chan struct{}) error {
@@ -49,10 +51,11 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 	fs.SetOutput(io.Discard)
 	path := fs.String("ledger", envOr("PAGEDKV_LEDGER", DefaultLedger), "the ledger file")
 	asJSON := fs.Bool("json", false, "print JSON, for scripts")
-	if err := fs.Parse(args); err != nil || fs.NArg() == 0 {
+	timeout := fs.Duration("timeout", 2*time.Second, "how long to wait for each member's answer")
+	if err := fs.Parse(args); err != nil || fs.NArg() == 0 || *timeout <= 0 {
 		return errUsage
 	}
-	l, err := ledger.Open(*path, ledger.Options{MustExist: true})
+	l, err := ledger.Open(*path, ledger.Options{MustExist: true, RequestTimeout: *timeout})
 	if err != nil {
 		return err
 	}

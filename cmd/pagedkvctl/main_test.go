@@ -38,7 +38,7 @@ func serve(args []string, in *bufio.Scanner, out io.Writer) error {
 		return err
 	}
 	defer dev.Close()
-	l, err := ledger.Open(args[0], ledger.Options{})
+	l, err := ledger.Open(args[0], ledger.Options{RequestTimeout: hang}) // the other always answers in time
 	if err != nil {
 		return err
 	}
@@ -99,10 +99,16 @@ func serve(args []string, in *bufio.Scanner, out io.Writer) error {
 	return nil
 }
 
+// hang is how long a test waits for what must happen (a child's answer, a member's reply to a
+// request, a published usage) before it fails: a guard against a hang, long enough that a
+// loaded machine never reaches it.
+const hang = time.Minute
+
+// ctl runs pagedkvctl on the ledger at path, waiting up to hang for each member's answer.
 func ctl(t *testing.T, path string, args ...string) string {
 	t.Helper()
 	var out bytes.Buffer
-	require.NoError(t, run(append([]string{"-ledger", path}, args...), &out, nil), "pagedkvctl %v", args)
+	require.NoError(t, run(append([]string{"-ledger", path, "-timeout", hang.String()}, args...), &out, nil), "pagedkvctl %v", args)
 	return out.String()
 }
 
@@ -132,14 +138,14 @@ func TestTwoServingProcesses(t *testing.T) {
 	defer l.Close()
 	a := proctest.Start(t, "serve", path, "llama", "5", "3")
 	b := proctest.Start(t, "serve", path, "qwen", "5", "3")
-	a.Expect("ready", 30*time.Second)
-	b.Expect("ready", 30*time.Second)
+	a.Expect("ready", hang)
+	b.Expect("ready", hang)
 
 	var o listOut
 	require.Eventually(t, func() bool { // usage is published every half second
 		o = list(t, path)
 		return member(o, "llama").CachedBlocks == 4 && member(o, "qwen").CachedBlocks == 4
-	}, 5*time.Second, 10*time.Millisecond)
+	}, hang, 10*time.Millisecond)
 	require.Len(t, o.Members, 2)
 	require.Equal(t, uint64(32*page), o.LimitBytes)
 	for _, name := range []string{"llama", "qwen"} {
@@ -154,7 +160,7 @@ func TestTwoServingProcesses(t *testing.T) {
 	require.Contains(t, text, "llama")
 
 	require.Contains(t, ctl(t, path, "drop-cache", "llama"), "asked 1 member")
-	require.Eventually(t, func() bool { return member(list(t, path), "llama").CachedBlocks == 0 }, 5*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return member(list(t, path), "llama").CachedBlocks == 0 }, hang, 10*time.Millisecond)
 	require.Equal(t, 4, member(list(t, path), "qwen").CachedBlocks, "only llama was asked")
 
 	require.Contains(t, ctl(t, path, "limit", "24M"), "limit 24.0 MiB, used")
@@ -163,13 +169,13 @@ func TestTwoServingProcesses(t *testing.T) {
 	require.LessOrEqual(t, o.UsedBytes, uint64(24<<20), "both gave back their free and cached pages")
 	a.Send("grow")
 	b.Send("grow")
-	require.Contains(t, a.Expect("grown ", time.Minute), "out of memory")
-	require.Contains(t, b.Expect("grown ", time.Minute), "out of memory")
+	require.Contains(t, a.Expect("grown ", hang), "out of memory")
+	require.Contains(t, b.Expect("grown ", hang), "out of memory")
 	a.Send("mapped")
 	b.Send("mapped")
-	ma, err := strconv.ParseUint(a.Expect("mapped ", 10*time.Second), 10, 64)
+	ma, err := strconv.ParseUint(a.Expect("mapped ", hang), 10, 64)
 	require.NoError(t, err)
-	mb, err := strconv.ParseUint(b.Expect("mapped ", 10*time.Second), 10, 64)
+	mb, err := strconv.ParseUint(b.Expect("mapped ", hang), 10, 64)
 	require.NoError(t, err)
 	t.Logf("after the limit fell to 24 MiB and both grew: llama %d MiB, qwen %d MiB", ma>>20, mb>>20)
 	require.Equal(t, uint64(24<<20), ma+mb, "together they fill the new limit, and no more")
@@ -177,7 +183,7 @@ func TestTwoServingProcesses(t *testing.T) {
 
 	var r ledger.LimitReport
 	var out bytes.Buffer
-	require.NoError(t, run([]string{"-ledger", path, "-json", "limit", "50%"}, &out, nil))
+	require.NoError(t, run([]string{"-ledger", path, "-json", "-timeout", hang.String(), "limit", "50%"}, &out, nil))
 	require.NoError(t, json.Unmarshal(out.Bytes(), &r))
 	require.Equal(t, uint64(64<<20), r.Limit)
 
@@ -204,7 +210,7 @@ func TestBadInput(t *testing.T) {
 	defer l.Close()
 	for _, args := range [][]string{{}, {"frobnicate"}, {"limit"}, {"limit", "0"}, {"limit", "-5G"}, {"limit", "12X"},
 		{"limit", "18446744073709551615T"}, {"limit", "50%"}, {"limit", "101%"}, {"limit", "NaN%"}, {"top", "-i", "0s"}, {"drop-cache", "a", "b"},
-		{"drop-cache", "nobody"}, {"-nosuchflag", "list"}} {
+		{"drop-cache", "nobody"}, {"-nosuchflag", "list"}, {"-timeout", "0s", "list"}, {"-timeout", "-1s", "list"}} {
 		err := run(append([]string{"-ledger", path}, args...), &out, nil)
 		require.Error(t, err, "%v", args)
 	}

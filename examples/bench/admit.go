@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/pagedkv/pagedkv/internal/workload/admit"
 	"github.com/pagedkv/pagedkv/kvcache"
@@ -32,8 +33,8 @@ func admitConfig() (kvcache.Config, uint64) {
 // delay before admission, in engine steps, for three models with bursty, out-of-phase arrivals,
 // each request admitted only when its prompt fits. Static thirds (static managers over thirds of
 // one region), one SharedPool in one process, and three processes under one ledger (the bench
-// program re-executed, stepped in lockstep). It runs on the host backend: the delays count
-// steps, which the device does not change.
+// program re-executed, stepped in lockstep, one process after another). It runs on the host
+// backend: the delays count steps, which the device does not change.
 func benchAdmit(_ vmm.Device, scale int) ([]Table, error) {
 	o := admit.Default()
 	if scale == 0 {
@@ -97,7 +98,7 @@ func benchAdmit(_ vmm.Device, scale int) ([]Table, error) {
 		Note: fmt.Sprintf("host backend, CI size: %d MiB for all models, 64 blocks of 16 tokens per 256 KiB page; %d steps, each model busy "+
 			"in turn for %d steps (%.2f arrivals/step, %.2f when quiet), prompts %d-%d tokens, outputs %d-%d; a request is admitted "+
 			"first come first served when its whole prompt fits, a running one that cannot grow is preempted (freed, queued first). "+
-			"Static: thirds of one region. Shared: one SharedPool. Across processes: one process per model, one ledger, stepped in lockstep.",
+			"Static: thirds of one region. Shared: one SharedPool. Across processes: one process per model, one ledger, stepped in lockstep (one process after another).",
 			limit>>20, o.Steps, o.PhaseSteps, o.BusyRate, o.QuietRate, o.PromptMin, o.PromptMax, o.OutputMin, o.OutputMax),
 		Columns: []string{"memory", "admitted", "never admitted", "preemptions", "p50", "p99", "mean", "static mean / mean"},
 	}
@@ -112,8 +113,9 @@ func benchAdmit(_ vmm.Device, scale int) ([]Table, error) {
 	return []Table{t}, nil
 }
 
-// admitAcrossProcesses runs each model of the trace in a process of its own, under one ledger,
-// sending every process each step and waiting for all before the next.
+// admitAcrossProcesses runs each model of the trace in a process of its own, under one ledger.
+// Each step goes to one process after another, each answering before the next is sent, so
+// which model gets a page never depends on how the OS schedules the processes.
 func admitAcrossProcesses(o admit.Options, limit uint64) (admit.Result, error) {
 	dir, err := os.MkdirTemp("", "pagedkv-admit")
 	if err != nil {
@@ -161,10 +163,8 @@ func admitAcrossProcesses(o admit.Options, limit uint64) (admit.Result, error) {
 	}
 	var reports []admitReport
 	for s := range o.Steps + 1 { // the last line asks for the report
-		for _, k := range kids {
+		for _, k := range kids { // in turn, as one pool steps its models: the same run on every machine
 			fmt.Fprintln(k.in, s)
-		}
-		for _, k := range kids {
 			if !k.out.Scan() {
 				return admit.Result{}, fmt.Errorf("a model's process ended at step %d", s)
 			}
@@ -211,7 +211,9 @@ func admitChild(spec string) error {
 		return err
 	}
 	defer dev.Close()
-	l, err := ledger.Open(path, ledger.Options{})
+	// The others wait on stdin while this process steps, so they answer its requests at once;
+	// the long timeout only guards against a hang, and a loaded machine never changes the run.
+	l, err := ledger.Open(path, ledger.Options{RequestTimeout: time.Minute})
 	if err != nil {
 		return err
 	}

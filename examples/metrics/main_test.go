@@ -49,6 +49,9 @@ func TestScrapeMetrics(t *testing.T) {
 		for range 300 {
 			require.NoError(t, s.step())
 		}
+		for _, m := range s.models { // the reserve goroutines are done: the scrape and Stats agree
+			require.NoError(t, m.m.Settle())
+		}
 		srv := httptest.NewServer(s.handler())
 		got := scrape(t, srv.URL)
 		srv.Close()

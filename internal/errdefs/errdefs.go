@@ -81,3 +81,33 @@ var ErrNeedsTokenIDs = errors.New("keyed sequence needs token ids")
 // ErrSwapped reports an operation a sequence swapped out to the host tier cannot take (an
 // append, a fork, a truncation, an export): SwapIn it first.
 var ErrSwapped = errors.New("sequence swapped out")
+
+// NameError reports a name (of a model, a ledger member, a metrics object) that breaks the
+// naming rule of internal/names; it matches ErrInvalidArgument. Public packages re-export it as
+// a type alias. Its text quotes at most the name's first bytes, so a huge name stays readable.
+type NameError struct {
+	What   string // whose name: "model", "member", ...; "" reads as "a"
+	Name   string // the name as given
+	Reason string // what is wrong with it: "is empty", "is not valid UTF-8", ...
+}
+
+// Error describes the name and what is wrong with it, without naming a layer: the caller's
+// wrapping names its own.
+func (e *NameError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	what := e.What
+	if what == "" {
+		what = "a"
+	}
+	const shown = 24
+	q := fmt.Sprintf("%q", e.Name)
+	if len(e.Name) > shown {
+		q = fmt.Sprintf("%q... (%d bytes)", e.Name[:shown], len(e.Name))
+	}
+	return fmt.Sprintf("%s name %s %s", what, q, e.Reason)
+}
+
+// Is reports whether target is ErrInvalidArgument.
+func (e *NameError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
