@@ -365,6 +365,19 @@ func (a *arena) hold(b int32) {
 	a.reage(a.pageOf(b))
 }
 
+// unhold undoes hold of block b, which was idle after prev in the LRU order (its entry's Prev
+// then): b is idle again, at its place. Undo holds in reverse order, after the evictions since.
+func (a *arena) unhold(b int32, prev *keyindex.Entry) {
+	pg, i := a.slot(b)
+	pg.refs[i] = 0
+	pg.idle++
+	a.live--
+	a.idle++
+	a.index.Unhold(a.entry(b), prev)
+	pg.stale = true
+	a.reage(a.pageOf(b))
+}
+
 // evict forgets idle block b's entry and frees it; it returns what the index took out, so that
 // restore can undo it (until the caller recycles it).
 func (a *arena) evict(b int32) keyindex.Removed {

@@ -28,11 +28,12 @@ import (
 func (m *Manager) hostCaching() bool { return m.host != nil && m.cfg.HostPrefixCache }
 
 // writeBack copies the idle cached blocks of keyed sequence s that the host does not hold yet
-// to host blocks; FreeSequence calls it after releasing s's blocks. A failed launch leaves the
-// host cache as it was (counted in PrefixStats.HostFailures): the cache is an optimisation,
-// and the sequence is freed regardless.
+// to host blocks; FreeSequence calls it after releasing s's blocks (a swapped-out sequence's:
+// the device blocks it kept). A failed launch leaves the host cache as it was (counted in
+// PrefixStats.HostFailures): the cache is an optimisation, and the sequence is freed
+// regardless.
 func (m *Manager) writeBack(s *sequence.Sequence) {
-	if !m.hostCaching() || !s.Keyed || s.Swapped {
+	if !m.hostCaching() || !s.Keyed {
 		return
 	}
 	sc := &m.swap
@@ -43,6 +44,9 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 			break
 		}
 		b := s.Blocks[i]
+		if m.host.has(b) { // swapped out: its copy on the host is freed
+			continue
+		}
 		e := m.arena.entry(b)
 		if e == nil || !e.Idle() || e.Key != k || m.host.cache.Get(k) != nil {
 			continue

@@ -728,7 +728,8 @@ func (m *Manager) Len(seq SeqID) (int, error) {
 	return s.Tokens, nil
 }
 
-// Blocks appends the sequence's block ids, in token order, to dst.
+// Blocks appends the sequence's block ids, in token order, to dst. A swapped-out sequence's are
+// host block ids (past the arena's), and the ids of the device blocks it kept (see SwapOut).
 func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 	if !m.made() {
 		return dst, notMade("blocks", seq)

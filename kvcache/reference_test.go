@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"testing"
 
@@ -188,41 +189,92 @@ func (r *refModel) holders(ids []kvcache.SeqID) map[int]int {
 // hostFree returns the host tier's free blocks.
 func (r *refModel) hostFree(capacity int) int { return capacity - len(r.host) }
 
-// swapOut moves every block of the sequences ids to a new host block, shared as it was among
-// them.
-func (r *refModel) swapOut(ids []kvcache.SeqID) { r.move(ids, true) }
-
-// swapIn brings the sequences' host blocks back into new device blocks.
-func (r *refModel) swapIn(ids []kvcache.SeqID) { r.move(ids, false) }
-
-// move gives every block of the sequences ids a new block on the other tier (the host when
-// out), held by the same references, and drops the old ones.
-func (r *refModel) move(ids []kvcache.SeqID, out bool) {
-	to, from := r.refs, r.host
-	if out {
-		to, from = r.host, r.refs
-	}
-	count, moves := r.holders(ids), map[int]int{}
+// swapOut moves the sequences ids to the host: each of their blocks that no sequence on the
+// device holds gets a new host block, shared as it was among them and with the sequences out
+// already that kept it; a block a sequence on the device holds stays, held by them all.
+func (r *refModel) swapOut(ids []kvcache.SeqID) {
+	count, moves := r.leaving(ids), map[int]int{}
 	for b, c := range count {
 		r.nextID++
-		moves[b], to[r.nextID] = r.nextID, c
+		moves[b], r.host[r.nextID] = r.nextID, c
 	}
-	for _, id := range ids {
-		s := r.seqs[id]
+	for _, s := range r.seqs {
 		for i, b := range s.blocks {
-			s.blocks[i] = moves[b]
-			if out {
+			if h, ok := moves[b]; ok {
+				s.blocks[i] = h
 				r.drop(b) // a cached block goes idle
-			} else if from[b]--; from[b] == 0 {
-				delete(from, b)
 			}
 		}
-		s.swapped = out
+	}
+	for _, id := range ids {
+		r.seqs[id].swapped = true
 	}
 }
 
-// moving returns how many blocks swapping ids out moves.
-func (r *refModel) moving(ids []kvcache.SeqID) int { return len(r.holders(ids)) }
+// leaving returns the device blocks of the sequences ids that swapping them out moves to the
+// host: those whose every holder is swapped out, with their holders' count.
+func (r *refModel) leaving(ids []kvcache.SeqID) map[int]int {
+	count := r.holders(ids)
+	for id, s := range r.seqs {
+		if !s.swapped || slices.Contains(ids, id) {
+			continue
+		}
+		for _, b := range s.blocks {
+			if _, ok := count[b]; ok {
+				count[b]++
+			}
+		}
+	}
+	for b, c := range count {
+		if _, on := r.refs[b]; !on || r.refs[b] != c {
+			delete(count, b) // a host block, or one a sequence on the device holds
+		}
+	}
+	return count
+}
+
+// swapIn brings the sequences' host blocks back: each host block, in the order the sequences
+// and their blocks come, is found in the device's cache when its first holder is keyed and its
+// key is cached there, else copied into a new device block.
+func (r *refModel) swapIn(ids []kvcache.SeqID) {
+	to := map[int]int{}
+	for _, id := range ids {
+		s := r.seqs[id]
+		for i, b := range s.blocks {
+			if _, out := r.host[b]; !out {
+				continue
+			}
+			d, ok := to[b]
+			if !ok {
+				if d, ok = r.cached[r.keyAt(s, i)]; !ok {
+					r.nextID++
+					d = r.nextID
+				}
+				to[b] = d
+			}
+			if r.idle[d] {
+				delete(r.idle, d)
+			}
+			r.refs[d]++
+			s.blocks[i] = d
+			if r.host[b]--; r.host[b] == 0 {
+				delete(r.host, b)
+			}
+		}
+		s.swapped = false
+	}
+}
+
+// keyAt returns the key of keyed s's full block i, or the zero key.
+func (r *refModel) keyAt(s *refSeq, i int) prefix.Key {
+	if !s.keyed || i >= len(s.keys) {
+		return prefix.Key{}
+	}
+	return s.keys[i]
+}
+
+// moving returns how many blocks swapping ids out copies.
+func (r *refModel) moving(ids []kvcache.SeqID) int { return len(r.leaving(ids)) }
 
 // drop releases a reference: a cached block goes idle, another is gone.
 func (r *refModel) drop(b int) {
@@ -326,6 +378,8 @@ type harness struct {
 	slots   []int64
 	ooms    int
 	hits    int
+	kept    int    // blocks swap-outs kept on the device
+	found   int    // blocks swap-ins found in the device's cache
 	static  bool   // the manager is static: every page stays mapped
 	free0   uint64 // the devices' free memory before the manager mapped anything
 	shards  []kvcache.Shard
@@ -755,6 +809,8 @@ func (h *harness) step(op, a, b byte, x arg) {
 			require.NoError(t, err)
 			require.NoError(t, sw.Wait())
 			require.NoError(t, sw.Close())
+			require.Equal(t, h.ref.moving(ids), sw.Blocks, "blocks copied out")
+			h.kept += sw.Kept
 			h.ref.swapOut(ids)
 		}
 	case opSwapIn:
@@ -765,6 +821,7 @@ func (h *harness) step(op, a, b byte, x arg) {
 		} else if err == nil {
 			require.NoError(t, sw.Wait())
 			require.NoError(t, sw.Close())
+			h.found += sw.Kept
 			h.ref.swapIn([]kvcache.SeqID{seq})
 		} else {
 			require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "swap in %d", seq)
@@ -944,7 +1001,7 @@ func fuzzHarness(t testing.TB, n int) *harness {
 // TestRandomTraces runs longer pseudo-random traces than the seed corpus, deterministically, on
 // one, two and four devices.
 func TestRandomTraces(t *testing.T) {
-	ooms, moved, hits, evictions, swapOuts, swapIns := 0, uint64(0), 0, uint64(0), uint64(0), uint64(0)
+	ooms, moved, hits, evictions, swapOuts, swapIns, kept, found := 0, uint64(0), 0, uint64(0), uint64(0), uint64(0), 0, 0
 	var hostStored, hostHits, hostEvictions uint64
 	for seed := range 16 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
@@ -971,6 +1028,8 @@ func TestRandomTraces(t *testing.T) {
 			evictions += h.m.Stats().Prefix.Evictions
 			swapOuts += h.m.Stats().SwapOuts
 			swapIns += h.m.Stats().SwapIns
+			kept += h.kept
+			found += h.found
 			hostStored += h.m.Stats().Prefix.HostStored
 			hostHits += h.m.Stats().Prefix.HostHitTokens
 			hostEvictions += h.m.Stats().Prefix.HostEvictions
@@ -985,6 +1044,9 @@ func TestRandomTraces(t *testing.T) {
 	require.Positive(t, evictions, "cached blocks must be evicted")
 	require.Positive(t, swapOuts, "sequences must be swapped out")
 	require.Positive(t, swapIns, "sequences must be swapped in")
+	t.Logf("swaps: %d blocks kept on the device by swap-outs, %d found in its cache by swap-ins", kept, found)
+	require.Positive(t, kept, "swap-outs must keep blocks sequences on the device share")
+	require.Positive(t, found, "swap-ins must find blocks in the device's cache")
 	t.Logf("host cache: %d blocks written back, %d prompt tokens fetched, %d blocks dropped", hostStored, hostHits, hostEvictions)
 	require.Positive(t, hostStored, "idle blocks must be written back to the host cache")
 	require.Positive(t, hostHits, "prompts must hit the host cache")

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
@@ -16,7 +17,8 @@ import (
 // swap (or after Wait). Close it when done.
 type Swap struct {
 	Blocks int    // blocks copied (a block shared by several of the sequences, once)
-	Bytes  uint64 // on every device together
+	Kept   int    // blocks not copied: kept on the device (SwapOut), or found in its prefix cache (SwapIn)
+	Bytes  uint64 // copied, on every device together
 	marks  []*kernels.Mark
 }
 
@@ -60,13 +62,27 @@ func (sw *Swap) Close() error {
 
 // swapScratch is what a swap plans with, kept by the manager so that a swap allocates little.
 type swapScratch struct {
-	set   []*sequence.Sequence
-	seen  map[SeqID]struct{}
-	pairs []int64         // (from, to) for each block copied
-	refs  []int32         // for each block copied, its references among the sequences
-	at    []int32         // for each block reference of the sequences, in order, its pair
-	keys  []prefix.Key    // the keys of the blocks a host-cache hit fetches
-	first map[int32]int32 // for a block with several holders, its pair
+	set  []*sequence.Sequence
+	seen map[SeqID]struct{}
+	// The plan: the distinct blocks of the set that a swap moves or finds, in the order they
+	// come. refs[k] are the references to blocks[k] it moves; dst[k] is where they go (-1: the
+	// block stays). at[j] is, for each block reference of the set in order, its k (-1: none).
+	blocks []int32
+	refs   []int32
+	dst    []int32
+	at     []int32
+	found  []foundBlock    // the cached device blocks a SwapIn holds, for its undo
+	pairs  []int64         // (from, to) for each block copied
+	keys   []prefix.Key    // the keys of the blocks a host-cache hit fetches
+	first  map[int32]int32 // for a block with several holders, its k
+}
+
+// foundBlock is a cached device block that SwapIn took a reference to, and how to undo it:
+// an idle block goes back after prev in the LRU order, a held one loses the reference.
+type foundBlock struct {
+	b    int32
+	idle bool
+	prev *keyindex.Entry
 }
 
 // swapSet looks up seqs for a swap into m.swap.set: each must exist, appear once, and be
@@ -105,15 +121,19 @@ func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	return nil
 }
 
-// plan lists the blocks of m.swap.set to copy, each once, in the order they come: a pair (b, 0)
-// for each, its references among the set, and for each reference its pair. holders(b) is b's
+// plan lists the blocks of m.swap.set on one tier (host: the host tier's, else the device's),
+// each once, in the order they come, with its references among the set. holders(b) is b's
 // references in all; a block with one is held by its sequence alone, and needs no lookup.
-func (m *Manager) plan(holders func(b int32) int32) {
+func (m *Manager) plan(host bool, holders func(b int32) int32) {
 	sc := &m.swap
-	sc.pairs, sc.refs, sc.at = sc.pairs[:0], sc.refs[:0], sc.at[:0]
+	sc.blocks, sc.refs, sc.at = sc.blocks[:0], sc.refs[:0], sc.at[:0]
 	clear(sc.first)
 	for _, q := range sc.set {
 		for _, b := range q.Blocks {
+			if m.host.has(b) != host {
+				sc.at = append(sc.at, -1)
+				continue
+			}
 			if holders(b) > 1 {
 				if k, ok := sc.first[b]; ok {
 					sc.refs[k]++
@@ -123,20 +143,33 @@ func (m *Manager) plan(holders func(b int32) int32) {
 				sc.first[b] = int32(len(sc.refs))
 			}
 			sc.at = append(sc.at, int32(len(sc.refs)))
-			sc.pairs = append(sc.pairs, int64(b), 0)
+			sc.blocks = append(sc.blocks, b)
 			sc.refs = append(sc.refs, 1)
 		}
 	}
 }
 
-// SwapOut moves the sequences' blocks to the host tier with one copy launch per device on
-// stream s, and gives up their device blocks: free again, or still held by the sequences that
-// share them, or cached and idle. A block shared by several of the sequences is copied once and
-// stays shared; one shared with a sequence that stays is copied, so that a swapped-out sequence
-// holds host blocks only. Until SwapIn the sequences take no append, fork, truncation or export
-// (ErrSwapped); FreeSequence frees them. All or nothing: an unknown or already swapped sequence,
-// a host tier too small (a *BlocksError wrapping ErrOutOfMemory) or a failed launch change
-// nothing.
+// copyPlanned queues the copy of m.swap.pairs on stream s; with none, it launches nothing.
+func (m *Manager) copyPlanned(s kernels.Stream) ([]*kernels.Mark, error) {
+	if len(m.swap.pairs) == 0 {
+		return nil, nil
+	}
+	return m.back.copyAsync(s, m.swap.pairs)
+}
+
+// SwapOut moves the sequences to the host tier, copying with one launch per device on stream s
+// only the blocks that leave the device: those no sequence on the device holds. A block that a
+// sequence staying on the device also holds is not copied: the swapped-out sequences keep their
+// references to it (it stays held, and shared, so nobody writes it in place), for as long as
+// they are out. Every other block is copied, a block shared among the sequences once, and
+// their device references are dropped: it goes free, or stays cached and idle for prefix hits
+// (and for SwapIn, which finds it by its key). A sequence already swapped out that kept a
+// reference to a block leaving now moves to the host copy too.
+//
+// Until SwapIn the sequences take no append, fork, truncation or export (ErrSwapped);
+// FreeSequence frees them. Blocks then lists host blocks and the device blocks kept. All or
+// nothing: an unknown or already swapped sequence, a host tier too small (a *BlocksError
+// wrapping ErrOutOfMemory) or a failed launch change nothing.
 func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap out")
@@ -146,51 +179,120 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if err := m.swapSet("swap out", seqs, false); err != nil {
 		return nil, err
 	}
-	m.plan(m.arena.refs)
+	m.plan(false, m.arena.refs)
 	sc := &m.swap
-	n := len(sc.refs)
+	away := m.countSwappedHolders()
+	n := 0
+	for k, b := range sc.blocks {
+		if m.arena.refs(b) == sc.refs[k] { // every holder is out: it leaves the device
+			n++
+		}
+	}
 	if n > m.host.available() {
 		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.available())*m.cfg.BlockStride()
 		return nil, &SequenceError{Op: "swap out", Seq: seqs[0], Err: &BlocksError{Blocks: n, Bytes: bytes, Free: m.host.available(),
 			Max: m.host.blocks(), Err: &vmm.CapacityError{Need: bytes, Free: free}}}
 	}
 	m.host.reserve(n) // free host blocks first, then the host cache's least recently used
-	for k, h := range m.host.taken {
-		sc.pairs[2*k+1] = int64(h)
+	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
+	for k, b := range sc.blocks {
+		h := int32(-1)
+		if m.arena.refs(b) == sc.refs[k] {
+			h = m.host.taken[len(sc.pairs)/2]
+			sc.pairs = append(sc.pairs, int64(b), int64(h))
+		}
+		sc.dst = append(sc.dst, h)
 	}
-	marks, err := m.back.copyAsync(s, sc.pairs)
+	marks, err := m.copyPlanned(s)
 	if err != nil {
 		m.host.abort()
 		return nil, fmt.Errorf("kvcache: swap out: %w", err)
 	}
 	m.host.commit(m.emitHostRemoved)
-	for k, h := range m.host.taken {
-		m.host.hold(h, sc.refs[k])
+	for k, h := range sc.dst {
+		if h >= 0 {
+			m.host.hold(h, sc.refs[k])
+		}
 	}
 	j := 0
 	for _, q := range sc.set {
-		for i, b := range q.Blocks {
-			q.Blocks[i] = int32(sc.pairs[2*sc.at[j]+1])
-			j++
-			m.arena.unref(b)
+		at := sc.at[j : j+len(q.Blocks)]
+		j += len(q.Blocks)
+		for i := len(q.Blocks) - 1; i >= 0; i-- { // the tail first, as FreeSequence releases
+			if h := sc.dst[at[i]]; h >= 0 {
+				m.arena.unref(q.Blocks[i])
+				q.Blocks[i] = h
+			}
 		}
 		q.Swapped = true
+	}
+	if away {
+		m.moveSwappedHolders()
 	}
 	m.counters.swapOuts += uint64(n)
 	m.publish()
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return &Swap{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
+	return &Swap{Blocks: n, Kept: len(sc.blocks) - n, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
 }
 
-// SwapIn brings the sequences' blocks back from the host tier into fresh device blocks (their
-// ids change: export the tables again) with one copy launch per device on stream s, and frees
-// the host blocks. A host block shared by several of the sequences is copied once and stays
-// shared; one also held by a sequence still out is copied again when that one comes in. Device
-// blocks come as for an append: free ones, evicted cache, mapped pages. All or nothing: an
-// unknown sequence or one not swapped out, a device too full (a *BlocksError wrapping
-// ErrOutOfMemory) or a failed launch change nothing.
+// countSwappedHolders adds to each planned block's references those of sequences swapped out
+// before, outside the set, that kept it on the device. It reports whether there were any. Only
+// a block some sequence outside the set holds can have them, so with none it looks no further.
+func (m *Manager) countSwappedHolders() bool {
+	sc := &m.swap
+	outside := false
+	for k, b := range sc.blocks {
+		outside = outside || m.arena.refs(b) > sc.refs[k]
+	}
+	if !outside {
+		return false
+	}
+	away := false
+	m.seqs.All(func(q *sequence.Sequence) bool {
+		if _, in := sc.seen[q.ID]; in || !q.Swapped {
+			return true
+		}
+		for _, b := range q.Blocks {
+			if k, ok := sc.first[b]; ok && !m.host.has(b) {
+				sc.refs[k]++
+				away = true
+			}
+		}
+		return true
+	})
+	return away
+}
+
+// moveSwappedHolders points the references countSwappedHolders counted at the host copies of
+// the blocks that left the device, and drops their device references.
+func (m *Manager) moveSwappedHolders() {
+	sc := &m.swap
+	m.seqs.All(func(q *sequence.Sequence) bool {
+		if _, in := sc.seen[q.ID]; in || !q.Swapped {
+			return true
+		}
+		for i, b := range q.Blocks {
+			if k, ok := sc.first[b]; ok && !m.host.has(b) && sc.dst[k] >= 0 {
+				m.arena.unref(b)
+				q.Blocks[i] = sc.dst[k]
+			}
+		}
+		return true
+	})
+}
+
+// SwapIn brings the sequences back from the host tier and frees their host blocks. A host
+// block whose content the device's prefix cache still holds (a keyed sequence's full block,
+// whose key is cached) is not copied: the sequence takes a reference to the cached block, as
+// StartSequence does on a hit. The others are copied into fresh device blocks with one launch
+// per device on stream s. Block ids change: export the tables again. A host block shared by
+// several of the sequences is brought in once and stays shared; one also held by a sequence
+// still out is brought in again when that one comes in. Device blocks come as for an append:
+// free ones, evicted cache, mapped pages. All or nothing: an unknown sequence or one not
+// swapped out, a device too full (a *BlocksError wrapping ErrOutOfMemory) or a failed launch
+// change nothing.
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap in")
@@ -200,39 +302,93 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if err := m.swapSet("swap in", seqs, true); err != nil {
 		return nil, err
 	}
-	m.plan(m.host.refsOf)
+	m.plan(true, m.host.refsOf)
 	sc := &m.swap
-	n := len(sc.refs)
+	m.findCached() // held before the blocks are taken, so that no eviction takes them
+	n := len(sc.blocks) - len(sc.found)
 	if err := m.takeBlocks(n, -1); err != nil {
+		m.unholdFound()
 		return nil, fmt.Errorf("kvcache: swap in: %w", &BlocksError{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err})
 	}
-	for k := range n {
-		sc.pairs[2*k+1] = int64(m.newBlocks[k])
+	sc.pairs = sc.pairs[:0]
+	for k, d := range sc.dst {
+		if d < 0 {
+			sc.pairs = append(sc.pairs, int64(sc.blocks[k]), int64(m.newBlocks[len(sc.pairs)/2]))
+		}
 	}
-	marks, err := m.back.copyAsync(s, sc.pairs)
+	marks, err := m.copyPlanned(s)
 	if err != nil {
 		m.rollback()
+		m.unholdFound()
 		return nil, fmt.Errorf("kvcache: swap in: %w", err)
 	}
 	m.commitEvictions()
-	for k := range n {
-		for range sc.refs[k] - 1 { // takeBlocks gave it one holder
-			m.arena.ref(m.newBlocks[k])
+	for k, c := 0, 0; k < len(sc.dst); k++ {
+		if sc.dst[k] < 0 {
+			sc.dst[k] = m.newBlocks[c]
+			c++
+		}
+		for range sc.refs[k] - 1 { // one reference is taken already
+			m.arena.ref(sc.dst[k])
 		}
 	}
 	j := 0
 	for _, q := range sc.set {
 		for i, h := range q.Blocks {
-			q.Blocks[i] = m.newBlocks[sc.at[j]]
+			if k := sc.at[j]; k >= 0 {
+				q.Blocks[i] = sc.dst[k]
+				m.host.unref(h)
+			}
 			j++
-			m.host.unref(h)
 		}
 		q.Swapped = false
 	}
 	m.counters.swapIns += uint64(n)
 	m.publish()
-	return &Swap{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
+	return &Swap{Blocks: n, Kept: len(sc.found), Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
+}
+
+// findCached sets m.swap.dst: for each planned host block that a keyed sequence of the set
+// holds as a full block whose key the device's prefix cache holds, the cached block, with one
+// reference taken (recorded in m.swap.found for unholdFound); -1 for the others. The key is
+// that of the block's first holder in the set.
+func (m *Manager) findCached() {
+	sc := &m.swap
+	sc.dst, sc.found = sc.dst[:0], sc.found[:0]
+	j := 0
+	for _, q := range sc.set {
+		for i := range q.Blocks {
+			k := sc.at[j]
+			j++
+			if k < 0 || int(k) < len(sc.dst) { // on the device, or planned at an earlier holder
+				continue
+			}
+			d := int32(-1)
+			if i < len(q.Keys) { // keyed, and block i is full
+				if e := m.arena.index.Get(q.Keys[i]); e != nil {
+					d = e.Block
+					sc.found = append(sc.found, foundBlock{b: d, idle: e.Idle(), prev: e.Prev()})
+					m.arena.hold(d)
+				}
+			}
+			sc.dst = append(sc.dst, d)
+		}
+	}
+}
+
+// unholdFound undoes findCached's references, the last first: the blocks are exactly as they
+// were, idle ones at their place in the LRU order.
+func (m *Manager) unholdFound() {
+	sc := &m.swap
+	for i := len(sc.found) - 1; i >= 0; i-- {
+		if f := sc.found[i]; f.idle {
+			m.arena.unhold(f.b, f.prev)
+		} else {
+			m.arena.unref(f.b)
+		}
+	}
+	sc.found = sc.found[:0]
 }
 
 // Swapped reports whether the sequence is swapped out.

@@ -157,6 +157,21 @@ func (x *Index) Hold(e *Entry) {
 	e.idle = false
 }
 
+// Prev returns the idle entry released just before idle e: nil when e is the least recently
+// used or held. Taken before a Hold, it is what Unhold needs to undo it.
+func (e *Entry) Prev() *Entry { return e.prev }
+
+// Unhold undoes the Hold that made e held, e having been idle after prev (its Prev then): e is
+// idle again at its place in the order, with its LastUse. Unholds come in the reverse order of
+// the Holds they undo, after every other change to the idle list since has been undone.
+func (x *Index) Unhold(e, prev *Entry) {
+	if e.idle {
+		return
+	}
+	e.idle = true
+	x.linkAfter(e, prev)
+}
+
 // Oldest returns the least recently used idle entry, or nil.
 func (x *Index) Oldest() *Entry { return x.head }
 

@@ -51,3 +51,39 @@ func TestIndex(t *testing.T) {
 		x.Recycle(x.Remove(e))
 	}), "entries are recycled")
 }
+
+// Holds undone in reverse order put every entry back at its place in the order, LastUse kept.
+func TestUnhold(t *testing.T) {
+	x := NewIndex()
+	var es []*Entry
+	for b := range 4 {
+		e := x.Add(prefix.Key{byte(b)}, int32(b))
+		x.Release(e)
+		es = append(es, e)
+	}
+	order := func() []int32 {
+		var o []int32
+		x.AscendIdle(func(e *Entry) bool { o = append(o, e.Block); return true })
+		return o
+	}
+	held := []*Entry{es[1], es[2], es[0]}
+	prevs := make([]*Entry, len(held))
+	for i, e := range held {
+		prevs[i] = e.Prev()
+		x.Hold(e)
+	}
+	require.Equal(t, []int32{3}, order())
+	r := x.Remove(es[3]) // an eviction between, undone first
+	x.Restore(r)
+	for i := len(held) - 1; i >= 0; i-- {
+		x.Unhold(held[i], prevs[i])
+	}
+	assert.Equal(t, []int32{0, 1, 2, 3}, order())
+	assert.Equal(t, 4, x.IdleLen())
+	for b, e := range es {
+		assert.EqualValues(t, b+1, e.LastUse)
+		assert.True(t, e.Idle())
+	}
+	x.Unhold(es[0], nil) // an idle entry: nothing to undo
+	assert.Equal(t, []int32{0, 1, 2, 3}, order())
+}
