@@ -301,7 +301,7 @@ func TestAPIProperty(t *testing.T) {
 		Dir:   ".",
 		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models},
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
-			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil),
+			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil), (*kvcache.SwapError)(nil),
 			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,

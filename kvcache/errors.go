@@ -21,6 +21,7 @@ var (
 	ErrAsleep          = errdefs.ErrAsleep
 	ErrSwapped         = errdefs.ErrSwapped
 	ErrNeedsTokenIDs   = errdefs.ErrNeedsTokenIDs
+	ErrNotClosed       = errdefs.ErrNotClosed
 	ErrNotSupported    = errdefs.ErrNotSupported
 )
 
@@ -111,6 +112,40 @@ func (e *BlocksError) Is(target error) bool { return e != nil && e.Err == nil &&
 
 // Unwrap returns the cause (nil for a request that can never succeed).
 func (e *BlocksError) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.Err
+}
+
+// SwapError reports a SwapOut or SwapIn that found no room: Seqs sequences needed Blocks blocks
+// (Bytes) copied into Where (the host tier, or the arena), which could give Free now and holds
+// at most Max. It wraps the cause, which matches ErrOutOfMemory.
+type SwapError struct {
+	Op        string // "swap out", "swap in"
+	Seqs      int
+	Blocks    int
+	Bytes     uint64
+	Free, Max int
+	Where     string
+	Err       error
+}
+
+// Error describes the failure with its numbers.
+func (e *SwapError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	seqs := "sequences"
+	if e.Seqs == 1 {
+		seqs = "sequence"
+	}
+	return fmt.Sprintf("kvcache: %s of %d %s: %d blocks (%d bytes) to copy into %s, %d can be had now, %d at most: %v",
+		e.Op, e.Seqs, seqs, e.Blocks, e.Bytes, e.Where, e.Free, e.Max, e.Err)
+}
+
+// Unwrap returns the cause.
+func (e *SwapError) Unwrap() error {
 	if e == nil {
 		return nil
 	}

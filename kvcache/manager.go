@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 
 	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/checked"
@@ -79,7 +80,8 @@ type Manager struct {
 		hostFailures                                       uint64
 		implicit, unkeyed, repeated                        uint64 // Stats.Warnings
 	}
-	lastCopy *Swap // the newest copy between the tiers on stream 0 (hostcache.go)
+	lastCopy  *Swap        // the newest copy between the tiers on stream 0 (hostcache.go)
+	openSwaps atomic.Int64 // Swaps returned and not closed (Stats.Warnings.OpenSwaps)
 }
 
 // New binds cfg to dev: it validates the geometry, fills the defaults, reserves the arena's
@@ -778,7 +780,8 @@ func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 }
 
 // Close stops the reserve goroutine, drops every sequence and returns all memory to the device.
-// A second Close returns ErrClosed.
+// A second Close returns ErrClosed. Swaps the runtime never closed make it return ErrNotClosed,
+// with their count, after it has closed all the same.
 func (m *Manager) Close() error {
 	if !m.made() {
 		return notMadeCall("close")
@@ -802,6 +805,9 @@ func (m *Manager) Close() error {
 	m.settleCopies()
 	if err := m.back.close(); err != nil {
 		return fmt.Errorf("kvcache: close: %w", err)
+	}
+	if n := m.openSwaps.Load(); n > 0 {
+		return fmt.Errorf("kvcache: close: %d swaps were never closed (their events stay allocated): %w", n, ErrNotClosed)
 	}
 	return nil
 }

@@ -54,6 +54,9 @@ type Warnings struct {
 	// RepeatedPrompts are first appends after a StartSequence hit of h tokens that begin with
 	// those h tokens again: the whole prompt appended instead of Prompt.Tokens[h:].
 	RepeatedPrompts uint64
+	// OpenSwaps are Swaps returned by SwapOut and SwapIn and not closed yet; Close reports
+	// them. A count that only grows is a leak.
+	OpenSwaps int64
 }
 
 // Stats returns a snapshot (the zero Stats for a nil manager).
@@ -81,7 +84,7 @@ func (m *Manager) Stats() Stats {
 		BlocksMoved:    m.counters.moved,
 		ReserveErr:     m.growErr,
 		Warnings: Warnings{ImplicitSequences: m.counters.implicit, UnkeyedAppends: m.counters.unkeyed,
-			RepeatedPrompts: m.counters.repeated},
+			RepeatedPrompts: m.counters.repeated, OpenSwaps: m.openSwaps.Load()},
 	}
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
 	a := m.arena

@@ -3,6 +3,7 @@ package kvcache
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/kernels"
@@ -20,6 +21,14 @@ type Swap struct {
 	Kept   int    // blocks not copied: kept on the device (SwapOut), or found in its prefix cache (SwapIn)
 	Bytes  uint64 // copied, on every device together
 	marks  []*kernels.Mark
+	open   *atomic.Int64 // the manager's count of swaps not closed
+	closed atomic.Bool
+}
+
+// newSwap returns the Swap of a copy of n blocks (kept: not copied), counted open until Close.
+func (m *Manager) newSwap(n, kept int, marks []*kernels.Mark) *Swap {
+	m.openSwaps.Add(1)
+	return &Swap{Blocks: n, Kept: kept, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks, open: &m.openSwaps}
 }
 
 // Wait blocks until the copy is done.
@@ -47,10 +56,15 @@ func (sw *Swap) Done() (bool, error) {
 	return true, nil
 }
 
-// Close releases the swap's events; it does not wait for the copy.
+// Close releases the swap's events; it does not wait for the copy (Wait first to know it is
+// done). A second Close does nothing. Every Swap must be closed: the manager counts those that
+// are not (Stats.Warnings.OpenSwaps), and its Close reports them.
 func (sw *Swap) Close() error {
-	if sw == nil {
+	if sw == nil || sw.closed.Swap(true) {
 		return nil
+	}
+	if sw.open != nil {
+		sw.open.Add(-1)
 	}
 	var errs []error
 	for _, mk := range sw.marks {
@@ -190,8 +204,8 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	if n > m.host.available() {
 		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.available())*m.cfg.BlockStride()
-		return nil, &SequenceError{Op: "swap out", Seq: seqs[0], Err: &BlocksError{Blocks: n, Bytes: bytes, Free: m.host.available(),
-			Max: m.host.blocks(), Err: &vmm.CapacityError{Need: bytes, Free: free}}}
+		return nil, &SwapError{Op: "swap out", Seqs: len(seqs), Blocks: n, Bytes: bytes, Free: m.host.available(),
+			Max: m.host.blocks(), Where: "the host tier", Err: &vmm.CapacityError{Need: bytes, Free: free}}
 	}
 	m.host.reserve(n) // free host blocks first, then the host cache's least recently used
 	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
@@ -234,7 +248,7 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return &Swap{Blocks: n, Kept: len(sc.blocks) - n, Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
+	return m.newSwap(n, len(sc.blocks)-n, marks), nil
 }
 
 // countSwappedHolders adds to each planned block's references those of sequences swapped out
@@ -308,8 +322,8 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	n := len(sc.blocks) - len(sc.found)
 	if err := m.takeBlocks(n, -1); err != nil {
 		m.unholdFound()
-		return nil, fmt.Errorf("kvcache: swap in: %w", &BlocksError{Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
-			Free: m.freeBlocks(), Max: m.maxBlocks, Err: err})
+		return nil, &SwapError{Op: "swap in", Seqs: len(seqs), Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
+			Free: m.freeBlocks(), Max: m.maxBlocks, Where: "the arena (" + m.bound() + ")", Err: err}
 	}
 	sc.pairs = sc.pairs[:0]
 	for k, d := range sc.dst {
@@ -346,7 +360,7 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	m.counters.swapIns += uint64(n)
 	m.publish()
-	return &Swap{Blocks: n, Kept: len(sc.found), Bytes: uint64(n) * m.cfg.BlockStride(), marks: marks}, nil
+	return m.newSwap(n, len(sc.found), marks), nil
 }
 
 // findCached sets m.swap.dst: for each planned host block that a keyed sequence of the set

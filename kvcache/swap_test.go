@@ -159,10 +159,10 @@ func TestSwapOutOfHostMemory(t *testing.T) {
 	before := shape(m.Stats())
 	_, err = m.SwapOut([]kvcache.SeqID{1}, 0)
 	require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
-	var be *kvcache.BlocksError
-	require.ErrorAs(t, err, &be)
-	assert.Equal(t, 3, be.Blocks)
-	assert.Equal(t, 2, be.Free)
+	var se *kvcache.SwapError
+	require.ErrorAs(t, err, &se)
+	assert.Equal(t, kvcache.SwapError{Op: "swap out", Seqs: 1, Blocks: 3, Bytes: 3 * 8 << 10, Free: 2, Max: 2, Where: "the host tier", Err: se.Err}, *se)
+	assert.Equal(t, "kvcache: swap out of 1 sequence: 3 blocks (24576 bytes) to copy into the host tier, 2 can be had now, 2 at most: out of memory: need 24576 bytes, 16384 free", err.Error())
 	require.Equal(t, before, shape(m.Stats()))
 	require.NoError(t, m.Verify())
 
@@ -467,4 +467,64 @@ func TestSwapInUndoesWhatItFound(t *testing.T) {
 			require.Equal(t, clean, run(true))
 		})
 	}
+}
+
+// A Swap never closed is counted, and the manager's Close reports it after closing all the same.
+func TestUnclosedSwapIsReported(t *testing.T) {
+	dev := hostDevice(t, 32<<10)
+	cfg := tinyConfig()
+	cfg.HostBlocks = 8
+	m, err := kvcache.New(dev, cfg)
+	require.NoError(t, err)
+	_, err = m.AppendTokens(1, 5, nil)
+	require.NoError(t, err)
+	out, err := m.SwapOut([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.EqualValues(t, 1, m.Stats().Warnings.OpenSwaps)
+	require.NoError(t, out.Close())
+	require.NoError(t, out.Close(), "a second Close does nothing")
+	require.Zero(t, m.Stats().Warnings.OpenSwaps, "counted once")
+	in, err := m.SwapIn([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.NoError(t, in.Wait())
+	require.EqualValues(t, 1, m.Stats().Warnings.OpenSwaps)
+	err = m.Close()
+	require.ErrorIs(t, err, kvcache.ErrNotClosed)
+	require.Equal(t, "kvcache: close: 1 swaps were never closed (their events stay allocated): not closed", err.Error())
+	require.ErrorIs(t, m.Close(), kvcache.ErrClosed, "it did close")
+	require.NoError(t, in.Close())
+}
+
+// Six sequences that do not fit back are named by their count, with the blocks they need.
+func TestSwapInOutOfMemoryNamesTheSet(t *testing.T) {
+	cfg := tinyConfig()
+	cfg.HostBlocks, cfg.MemoryLimit = 64, 2*cfg.PageSize // 8 device blocks
+	m := newManager(t, hostDevice(t, 32<<10), cfg)
+	ids := []kvcache.SeqID{1, 2, 3, 4, 5, 6}
+	for _, id := range ids[:4] {
+		_, err := m.AppendTokens(id, 8, nil) // two blocks each: the 8 blocks the limit allows
+		require.NoError(t, err)
+	}
+	out, err := m.SwapOut(ids[:4], 0)
+	require.NoError(t, err)
+	require.NoError(t, out.Close())
+	for _, id := range ids[4:] {
+		_, err := m.AppendTokens(id, 16, nil) // the device full again
+		require.NoError(t, err)
+	}
+	out, err = m.SwapOut(ids[4:], 0)
+	require.NoError(t, err)
+	require.NoError(t, out.Close())
+	_, err = m.AppendTokens(7, 32, nil)
+	require.NoError(t, err)
+	before := shape(m.Stats())
+	_, err = m.SwapIn(ids, 0)
+	require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+	var se *kvcache.SwapError
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, 6, se.Seqs)
+	require.Equal(t, 16, se.Blocks)
+	require.Contains(t, err.Error(), "kvcache: swap in of 6 sequences: 16 blocks (131072 bytes) to copy into the arena (MemoryLimit 65536 bytes), 0 can be had now, 8 at most: ")
+	require.Equal(t, before, shape(m.Stats()))
+	require.NoError(t, m.Verify())
 }

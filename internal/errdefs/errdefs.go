@@ -78,6 +78,10 @@ func (e *CountError) Is(target error) bool { return e != nil && target == ErrInv
 // manager: its blocks are cached by their token ids, so append with AppendTokenIDs.
 var ErrNeedsTokenIDs = errors.New("keyed sequence needs token ids")
 
+// ErrNotClosed reports objects the caller should have closed and did not (a manager's Swaps,
+// found by its Close).
+var ErrNotClosed = errors.New("not closed")
+
 // ErrSwapped reports an operation a sequence swapped out to the host tier cannot take (an
 // append, a fork, a truncation, an export): SwapIn it first.
 var ErrSwapped = errors.New("sequence swapped out")

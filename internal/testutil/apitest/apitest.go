@@ -36,7 +36,7 @@ var Sentinels = []error{
 	errdefs.ErrOutOfRange, errdefs.ErrAlreadyMapped, errdefs.ErrNotMapped, errdefs.ErrClosed,
 	errdefs.ErrWrongDevice, errdefs.ErrDriver, errdefs.ErrUnknownSequence, errdefs.ErrSequenceExists,
 	errdefs.ErrExists, errdefs.ErrNotFound, errdefs.ErrAsleep, errdefs.ErrTooLarge, errdefs.ErrInjected,
-	errdefs.ErrSwapped, errdefs.ErrNeedsTokenIDs,
+	errdefs.ErrSwapped, errdefs.ErrNeedsTokenIDs, errdefs.ErrNotClosed,
 }
 
 // Typed reports whether err matches one of Sentinels.
