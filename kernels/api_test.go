@@ -30,9 +30,10 @@ func TestAPIProperty(t *testing.T) {
 		return dev, base, func() error { _ = pool.Close(); return dev.Close() }
 	}
 	s := &apitest.Suite{
-		Dir:   ".",
-		Funcs: []any{kernels.For, kernels.LoadTime, kernels.HalfFromFloat32, kernels.HalfToFloat32},
-		Types: []any{(*kernels.Kernels)(nil), (*kernels.Mark)(nil)},
+		Dir: ".",
+		Funcs: []any{kernels.For, kernels.LoadTime, kernels.HalfFromFloat32, kernels.HalfToFloat32,
+			kernels.E4M3FromFloat32, kernels.E4M3ToFloat32, kernels.E5M2FromFloat32, kernels.E5M2ToFloat32},
+		Types: []any{(*kernels.Kernels)(nil), (*kernels.Mark)(nil), kernels.Format(0)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			val := func(x any) apitest.Maker {
 				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
