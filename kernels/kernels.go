@@ -46,11 +46,11 @@ type Kernels struct {
 
 // module is a loaded CUDA module, shared by the Kernels of one context.
 type module struct {
-	ctx                            *cuda.Context
-	mod                            cuda.Module
-	image                          Image
-	refs                           int
-	copyBlocks, writeKV, attention cuda.Function
+	ctx                                        *cuda.Context
+	mod                                        cuda.Module
+	image                                      Image
+	refs                                       int
+	copyBlocks, writeKV, writeKVFP8, attention cuda.Function
 }
 
 var (
@@ -147,7 +147,7 @@ func loadImage(ctx *cuda.Context, img Image) (*module, error) {
 	for _, f := range []struct {
 		fn   *cuda.Function
 		name string
-	}{{&m.copyBlocks, "copy_blocks"}, {&m.writeKV, "write_kv"}, {&m.attention, "paged_attention_decode"}} {
+	}{{&m.copyBlocks, "copy_blocks"}, {&m.writeKV, "write_kv"}, {&m.writeKVFP8, "write_kv_fp8"}, {&m.attention, "paged_attention_decode"}} {
 		if *f.fn, err = ctx.ModuleGetFunction(mod, f.name); err != nil {
 			ctx.ModuleUnload(mod)
 			return nil, fmt.Errorf("kernels: %s: %w", f.name, err)
@@ -418,73 +418,289 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 	return nil
 }
 
-// WriteKV stores numTokens tokens' K and V of one layer: key and value hold numTokens rows of
-// tokenBytes (device addresses), slotMapping numTokens int64 slots (negative: skip); kBase and
-// vBase are the layer's K and V bases (kvcache.Manager.LayerBase). tokenBytes is a multiple of
-// 16 and at most MaxRowBytes; numTokens at most MaxGridX.
+// WriteKV stores numTokens tokens' fp16 K and V of one layer: it is Write of the KVWrite with
+// these fields (Format FP16). key and value hold numTokens rows of tokenBytes, slotMapping
+// numTokens int64 slots (negative: skip); kBase and vBase are the layer's K and V bases
+// (kvcache.Manager.LayerBase). value and vBase both 0 write K only.
 func (k *Kernels) WriteKV(s Stream, kBase, vBase, key, value, slotMapping vmm.Addr, numTokens int, tokenBytes uint64, blockTokens int, blockStride uint64) error {
+	return k.Write(s, KVWrite{KBase: kBase, VBase: vBase, Key: key, Value: value, SlotMapping: slotMapping,
+		NumTokens: numTokens, RowBytes: tokenBytes, BlockTokens: blockTokens, BlockStride: blockStride})
+}
+
+// KVWrite describes one layer's write of new tokens' rows into the cache, what vLLM's
+// reshape_and_cache_flash does: token i's rows go to slot SlotMapping[i], that is to row
+// slot%BlockTokens of block slot/BlockTokens, at KBase (VBase) + block*BlockStride. The caller
+// owns every address; the write reads Key, Value and SlotMapping and writes only those rows.
+// The zero value of Format, KScale and VScale is an fp16 write. The kernels store 16 bytes at a
+// time (8 in fp8): KBase, VBase and BlockStride are aligned to that, Key and Value to 16 bytes,
+// SlotMapping to 8.
+type KVWrite struct {
+	// KBase and VBase are the layer's K and V bases (kvcache.Manager.LayerBase). VBase and Value
+	// both 0 write K only: MLA's latent rows, one per token and layer.
+	KBase, VBase vmm.Addr
+	// Key and Value hold NumTokens fp16 input rows of RowBytes each, one after another.
+	Key, Value vmm.Addr
+	// SlotMapping holds NumTokens int64 slots. A negative slot (padding) is skipped.
+	SlotMapping vmm.Addr
+	// NumTokens is at most MaxGridX.
+	NumTokens int
+	// RowBytes is one token's input row: a multiple of 16, at most MaxRowBytes. In the cache
+	// the row takes RowBytes in fp16 and RowBytes/2 in fp8.
+	RowBytes uint64
+	// BlockTokens is the tokens of a block. BlockStride is the distance between blocks and holds
+	// BlockTokens cache rows.
+	BlockTokens int
+	BlockStride uint64
+	// Format is the cache's element format. The fp8 formats store each element x of K as
+	// fp8(x/KScale) and of V as fp8(x/VScale), rounded to nearest even and saturated: the scales
+	// are then finite and positive. A scale that is not used (fp16, or V in a K-only write) is 0.
+	Format         Format
+	KScale, VScale float32
+}
+
+// kOnly reports a write of K alone.
+func (w KVWrite) kOnly() bool { return w.Value == 0 && w.VBase == 0 }
+
+// cacheRow returns the bytes a token's row takes in the cache.
+func (w KVWrite) cacheRow() uint64 { return w.RowBytes / 2 * uint64(w.Format.Bytes()) }
+
+// align returns the alignment of the cache rows' stores: 16 bytes in fp16, 8 in fp8.
+func (w KVWrite) align() uint64 { return 8 * uint64(w.Format.Bytes()) }
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{vmm.ErrInvalidArgument}, args...)...)
+}
+
+func (w KVWrite) validate() error {
+	if w.NumTokens < 0 || w.NumTokens > MaxGridX || w.RowBytes == 0 || w.RowBytes%16 != 0 || w.RowBytes > MaxRowBytes ||
+		w.BlockTokens <= 0 || w.BlockTokens > math.MaxInt32 {
+		return invalid("%d tokens (at most %d) of %d bytes (a multiple of 16, at most %d), %d tokens per block",
+			w.NumTokens, MaxGridX, w.RowBytes, MaxRowBytes, w.BlockTokens)
+	}
+	if w.Format.Bytes() == 0 {
+		return invalid("format %d is none of fp16, fp8_e4m3, fp8_e5m2", uint8(w.Format))
+	}
+	row, align := w.cacheRow(), w.align()
+	if w.BlockStride == 0 || w.BlockStride%align != 0 || w.BlockStride > math.MaxInt64 || uint64(w.BlockTokens)*row > w.BlockStride {
+		return invalid("block stride %d: a multiple of %d that holds %d %s rows of %d bytes", w.BlockStride, align, w.BlockTokens, w.Format, row)
+	}
+	if (w.Value == 0) != (w.VBase == 0) {
+		return invalid("value %#x and V base %#x: both 0 (K only) or neither", uint64(w.Value), uint64(w.VBase))
+	}
+	if w.KBase == 0 || w.Key == 0 || w.SlotMapping == 0 {
+		return invalid("K base %#x, key %#x, slot mapping %#x: none may be 0", uint64(w.KBase), uint64(w.Key), uint64(w.SlotMapping))
+	}
+	if uint64(w.KBase|w.VBase)%align != 0 || uint64(w.Key|w.Value)%16 != 0 || w.SlotMapping%8 != 0 {
+		return invalid("K base %#x and V base %#x (aligned to %d), key %#x and value %#x (to 16), slot mapping %#x (to 8): misaligned",
+			uint64(w.KBase), uint64(w.VBase), align, uint64(w.Key), uint64(w.Value), uint64(w.SlotMapping))
+	}
+	return checkScales(w.Format, w.KScale, w.VScale, !w.kOnly())
+}
+
+// checkScales reports fp8 scales that are not finite and positive, and scales given where none
+// is used: every scale in fp16, the V scale when no V is read or written.
+func checkScales(f Format, kScale, vScale float32, vUsed bool) error {
+	good := func(x float32, used bool) bool {
+		if !f.fp8() || !used {
+			return x == 0
+		}
+		return x > 0 && x <= math.MaxFloat32
+	}
+	if !good(kScale, true) || !good(vScale, vUsed) {
+		return invalid("%s with K scale %g and V scale %g: an fp8 scale in use is finite and positive, any other 0", f, kScale, vScale)
+	}
+	return nil
+}
+
+// Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
+// write_kv_fp8, returning once queued.
+func (k *Kernels) Write(s Stream, w KVWrite) error {
 	if k == nil || k.dev == nil {
 		return errNotMade
 	}
-	if numTokens < 0 || numTokens > MaxGridX || tokenBytes == 0 || tokenBytes%16 != 0 || tokenBytes > MaxRowBytes ||
-		blockTokens <= 0 || blockTokens > math.MaxInt32 {
-		return fmt.Errorf("kernels: write kv: %w: %d tokens (at most %d) of %d bytes (a multiple of 16, at most %d), %d tokens per block",
-			vmm.ErrInvalidArgument, numTokens, MaxGridX, tokenBytes, MaxRowBytes, blockTokens)
+	if err := w.validate(); err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
 	}
-	if numTokens == 0 {
+	if w.NumTokens == 0 {
 		return nil
 	}
 	if k.mod == nil {
-		var slot8 [8]byte
-		for t := range numTokens {
-			if err := k.dev.CopyOut(slot8[:], slotMapping+vmm.Addr(8*t)); err != nil {
-				return fmt.Errorf("kernels: write kv: read slot %d: %w", t, err)
-			}
-			slot := int64(binary.LittleEndian.Uint64(slot8[:]))
-			if slot < 0 {
-				continue
-			}
-			off := vmm.Addr(uint64(slot/int64(blockTokens))*blockStride + uint64(slot%int64(blockTokens))*tokenBytes)
-			if err := k.dev.Copy(kBase+off, key+vmm.Addr(uint64(t)*tokenBytes), tokenBytes); err != nil {
-				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
-			}
-			if err := k.dev.Copy(vBase+off, value+vmm.Addr(uint64(t)*tokenBytes), tokenBytes); err != nil {
-				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
-			}
-		}
-		return nil
+		return k.writeGo(w)
 	}
-	threads := uint32(min(256, (tokenBytes/16+31)/32*32))
-	err := k.mod.ctx.LaunchKernel(k.mod.writeKV, [3]uint32{uint32(numTokens), 1, 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s),
-		[]unsafe.Pointer{ptr(kBase), ptr(vBase), ptr(key), ptr(value), ptr(slotMapping),
-			i64(int64(tokenBytes)), i32(blockTokens), i64(int64(blockStride))})
+	threads := uint32(min(256, (w.RowBytes/16+31)/32*32))
+	args := []unsafe.Pointer{ptr(w.KBase), ptr(w.VBase), ptr(w.Key), ptr(w.Value), ptr(w.SlotMapping),
+		i64(int64(w.RowBytes)), i32(w.BlockTokens), i64(int64(w.BlockStride))}
+	fn := k.mod.writeKV
+	if w.Format.fp8() {
+		fn = k.mod.writeKVFP8
+		args = append(args, i32(int(w.Format)), f32(w.KScale), f32(w.VScale))
+	}
+	err := k.mod.ctx.LaunchKernel(fn, [3]uint32{uint32(w.NumTokens), 1, 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s), args)
 	if err != nil {
 		return fmt.Errorf("kernels: write kv: %w", err)
 	}
 	return nil
 }
 
+// writeGo is the Go implementation of Write: a device copy per row in fp16, a read, a
+// conversion and a write per row in fp8.
+func (k *Kernels) writeGo(w KVWrite) error {
+	row := w.cacheRow()
+	var in, out []byte
+	if w.Format.fp8() {
+		in, out = make([]byte, w.RowBytes), make([]byte, row)
+	}
+	var slot8 [8]byte
+	for t := range w.NumTokens {
+		if err := k.dev.CopyOut(slot8[:], w.SlotMapping+vmm.Addr(8*t)); err != nil {
+			return fmt.Errorf("kernels: write kv: read slot %d: %w", t, err)
+		}
+		slot := int64(binary.LittleEndian.Uint64(slot8[:]))
+		if slot < 0 {
+			continue
+		}
+		off := vmm.Addr(uint64(slot/int64(w.BlockTokens))*w.BlockStride + uint64(slot%int64(w.BlockTokens))*row)
+		for _, kv := range [2]struct {
+			dst, src vmm.Addr
+			scale    float32
+		}{{w.KBase, w.Key, w.KScale}, {w.VBase, w.Value, w.VScale}} {
+			if kv.dst == 0 {
+				continue // K only
+			}
+			src := kv.src + vmm.Addr(uint64(t)*w.RowBytes)
+			var err error
+			if w.Format == FP16 {
+				err = k.dev.Copy(kv.dst+off, src, row)
+			} else if err = k.dev.CopyOut(in, src); err == nil {
+				quantize(out, in, w.Format, kv.scale)
+				err = k.dev.CopyIn(kv.dst+off, out)
+			}
+			if err != nil {
+				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
+			}
+		}
+	}
+	return nil
+}
+
+// quantize stores the fp16 elements of in as fp8 of x/scale in out, the float32 division and
+// conversion that write_kv_fp8 does (and vLLM's scaled_convert).
+func quantize(out, in []byte, f Format, scale float32) {
+	for i := range out {
+		out[i] = f.encode(HalfToFloat32(binary.LittleEndian.Uint16(in[2*i:])) / scale)
+	}
+}
+
 // Attention describes one paged decode attention: for each sequence s and query head h,
-// Out[s,h,:] = softmax(Scale * Q[s,h,:] . K^T) V over the sequence's SeqLens[s] tokens, read
-// through BlockTables (vLLM: int32 [NumSeqs, MaxBlocks]). Q is fp16 [NumSeqs, NumHeads,
-// HeadDim], K and V fp16 in the arena layout of one layer (KBase, VBase, BlockStride,
-// BlockTokens, KVHeads), Out fp32 [NumSeqs, NumHeads, HeadDim]. All addresses are device
-// addresses.
+// Out[s,h,:] = softmax(Scale * Q[s,h,:] . K^T) V over the attended tokens of the sequence's
+// SeqLens[s], read through BlockTables (vLLM: int32 [NumSeqs, MaxBlocks]). Q is fp16 [NumSeqs,
+// NumHeads, HeadDim] and Out fp32 [NumSeqs, NumHeads, HeadDim] ([NumSeqs, NumHeads, LatentDim]
+// with MLA). K and V are in the arena layout of one layer (KBase, VBase, BlockStride,
+// BlockTokens): a token's row of KV head g starts (token*KVHeads + g)*HeadDim elements into its
+// block. All addresses are device addresses the caller owns, aligned to their elements (K and V
+// bases and BlockStride to the Format's element, BlockTables and SeqLens to 4 bytes).
+//
+// The fields after Scale select masks, fp8 and MLA; their zero value is full attention over fp16
+// K and V. Every field is validated: a combination that means nothing is ErrInvalidArgument.
 type Attention struct {
 	Out, Q, KBase, VBase, BlockTables, SeqLens vmm.Addr
 	NumSeqs, MaxBlocks                         int
 	NumHeads, KVHeads, HeadDim, BlockTokens    int
 	BlockStride                                uint64
 	Scale                                      float32
+
+	// Window > 0 is a sliding window: the query at position L-1 attends positions >= L-Window.
+	// Sinks > 0 keeps positions < Sinks attended as well (StreamingLLM's sink tokens; gpt-oss's
+	// sinks are learned per-head logits, which this does not model); it needs a Window.
+	Window, Sinks int
+	// Chunk > 0 is chunked attention (Llama 4): the query attends the positions of its own chunk,
+	// >= floor((L-1)/Chunk)*Chunk. Window and Chunk are not both set.
+	Chunk int
+	// Format is the format of K's and V's elements. An fp8 element v means v*KScale in K and
+	// v*VScale in V: the scales are then finite and positive. With FP16 both are 0.
+	Format         Format
+	KScale, VScale float32
+	// LatentDim > 0 selects MLA's absorbed form (DeepSeek): each token has one row of HeadDim
+	// elements at KBase, the latent (LatentDim elements) then its rope part, shared by all heads:
+	// KVHeads is 1 and VBase and VScale are 0. Q per head has HeadDim elements, already absorbed
+	// through W_UK; the score is Scale * q . row, and Out per head is the softmax-weighted sum of
+	// the rows' first LatentDim elements, to which the caller applies W_UV. In fp8, KScale
+	// dequantises the whole row.
+	LatentDim int
 }
 
 func (a Attention) validate() error {
 	if a.NumSeqs < 0 || a.NumSeqs > MaxGridX || a.MaxBlocks <= 0 || a.MaxBlocks > math.MaxInt32 ||
 		a.NumHeads <= 0 || a.NumHeads > MaxGridY || a.KVHeads <= 0 || a.NumHeads%a.KVHeads != 0 ||
-		a.HeadDim <= 0 || a.HeadDim > 1024 || a.BlockTokens <= 0 || a.BlockTokens > math.MaxInt32 || a.BlockStride == 0 {
-		return fmt.Errorf("kernels: attention: %w: %+v", vmm.ErrInvalidArgument, a)
+		a.HeadDim <= 0 || a.HeadDim > 1024 || a.BlockTokens <= 0 || a.BlockTokens > math.MaxInt32 ||
+		a.BlockStride == 0 || a.BlockStride > math.MaxInt64 {
+		return invalid("%d sequences (at most %d) of %d table blocks, %d heads (at most %d) over %d KV heads, head dim %d (at most 1024), %d tokens per block, block stride %d",
+			a.NumSeqs, MaxGridX, a.MaxBlocks, a.NumHeads, MaxGridY, a.KVHeads, a.HeadDim, a.BlockTokens, a.BlockStride)
+	}
+	if a.Window < 0 || a.Sinks < 0 || a.Chunk < 0 || max(a.Window, a.Sinks, a.Chunk) > math.MaxInt32 {
+		return invalid("window %d, sinks %d, chunk %d: each 0 to %d", a.Window, a.Sinks, a.Chunk, math.MaxInt32)
+	}
+	if a.Window > 0 && a.Chunk > 0 {
+		return invalid("window %d and chunk %d: at most one of them", a.Window, a.Chunk)
+	}
+	if a.Sinks > 0 && a.Window == 0 {
+		return invalid("%d sinks without a window: sinks keep tokens a window drops", a.Sinks)
+	}
+	esize := a.Format.Bytes()
+	if esize == 0 {
+		return invalid("format %d is none of fp16, fp8_e4m3, fp8_e5m2", uint8(a.Format))
+	}
+	mla := a.LatentDim != 0
+	if mla && (a.LatentDim < 0 || a.LatentDim > a.HeadDim || a.KVHeads != 1 || a.VBase != 0) {
+		return invalid("MLA latent dim %d in rows of %d with %d KV heads and V base %#x: the latent is 1 to the row, with 1 KV head and no V base",
+			a.LatentDim, a.HeadDim, a.KVHeads, uint64(a.VBase))
+	}
+	if err := checkScales(a.Format, a.KScale, a.VScale, !mla); err != nil {
+		return err
+	}
+	if a.Out == 0 || a.Q == 0 || a.KBase == 0 || (a.VBase == 0) != mla || a.BlockTables == 0 || a.SeqLens == 0 {
+		return invalid("out %#x, Q %#x, K base %#x, V base %#x, block tables %#x, seq lens %#x: 0 where an address is needed",
+			uint64(a.Out), uint64(a.Q), uint64(a.KBase), uint64(a.VBase), uint64(a.BlockTables), uint64(a.SeqLens))
+	}
+	e := vmm.Addr(esize)
+	if a.Out%4 != 0 || a.Q%2 != 0 || a.KBase%e != 0 || a.VBase%e != 0 || a.BlockStride%uint64(e) != 0 || (a.BlockTables|a.SeqLens)%4 != 0 {
+		return invalid("out %#x, block tables %#x, seq lens %#x (aligned to 4), Q %#x (to 2), K base %#x, V base %#x, block stride %d (to %d): misaligned",
+			uint64(a.Out), uint64(a.BlockTables), uint64(a.SeqLens), uint64(a.Q), uint64(a.KBase), uint64(a.VBase), a.BlockStride, esize)
 	}
 	return nil
+}
+
+// attnArgs are the values the kernel and the Go implementation compute with.
+type attnArgs struct {
+	vBase         vmm.Addr // V rows: KBase in MLA
+	vDim          int      // elements of V (and Out) per head: LatentDim in MLA
+	scale, vScale float32  // Scale with fp8's KScale folded in; VScale, KScale in MLA, 1 in fp16
+}
+
+func (a Attention) args() attnArgs {
+	r := attnArgs{vBase: a.VBase, vDim: a.HeadDim, scale: a.Scale, vScale: 1}
+	if a.LatentDim > 0 {
+		r.vBase, r.vDim = a.KBase, a.LatentDim
+	}
+	if a.Format.fp8() {
+		r.scale, r.vScale = a.Scale*a.KScale, a.VScale
+		if a.LatentDim > 0 {
+			r.vScale = a.KScale
+		}
+	}
+	return r
+}
+
+// span returns the attended positions of a sequence of n tokens: the ns sinks [0, ns) and the
+// tail [lo, n). Attended index j is position j below ns and lo+j-ns from there on.
+func (a Attention) span(n int64) (ns, lo int64) {
+	if a.Window > 0 && n > int64(a.Window) {
+		lo = n - int64(a.Window)
+	}
+	if a.Chunk > 0 && n > 0 {
+		lo = (n - 1) / int64(a.Chunk) * int64(a.Chunk)
+	}
+	return min(int64(a.Sinks), lo), lo
 }
 
 // PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
@@ -494,7 +710,7 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 		return errNotMade
 	}
 	if err := a.validate(); err != nil {
-		return err
+		return fmt.Errorf("kernels: attention: %w", err)
 	}
 	if a.NumSeqs == 0 {
 		return nil
@@ -507,10 +723,12 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 		threads++
 	}
 	shmem := uint32(4 * (a.HeadDim + 2*int(threads)))
+	r := a.args()
 	err := k.mod.ctx.LaunchKernel(k.mod.attention, [3]uint32{uint32(a.NumSeqs), uint32(a.NumHeads), 1}, [3]uint32{threads, 1, 1}, shmem, cuda.Stream(s),
-		[]unsafe.Pointer{ptr(a.Out), ptr(a.Q), ptr(a.KBase), ptr(a.VBase), ptr(a.BlockTables), ptr(a.SeqLens),
+		[]unsafe.Pointer{ptr(a.Out), ptr(a.Q), ptr(a.KBase), ptr(r.vBase), ptr(a.BlockTables), ptr(a.SeqLens),
 			i32(a.MaxBlocks), i32(a.NumHeads), i32(a.KVHeads), i32(a.HeadDim), i32(a.BlockTokens),
-			i64(int64(a.BlockStride)), f32(a.Scale)})
+			i64(int64(a.BlockStride)), f32(r.scale), i32(r.vDim), i32(a.Window), i32(a.Sinks), i32(a.Chunk),
+			i32(int(a.Format)), f32(r.vScale)})
 	if err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
 	}
@@ -521,18 +739,26 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 // reading through the device one row at a time, so that its memory does not depend on the
 // sizes it is given.
 func (k *Kernels) attentionGo(a Attention) error {
-	rowBytes := 2 * a.HeadDim
-	q, row := make([]byte, rowBytes), make([]byte, rowBytes)
-	out := make([]byte, 4*a.HeadDim)
-	acc := make([]float32, a.HeadDim)
+	r := a.args()
+	esize := a.Format.Bytes()
+	q, krow, vrow := make([]byte, 2*a.HeadDim), make([]byte, esize*a.HeadDim), make([]byte, esize*a.HeadDim)
+	out := make([]byte, 4*r.vDim)
+	acc := make([]float32, r.vDim)
 	var word [4]byte
 	read32 := func(addr vmm.Addr) (int32, error) {
 		err := k.dev.CopyOut(word[:], addr)
 		return int32(binary.LittleEndian.Uint32(word[:])), err
 	}
-	half := func(b []byte, i int) float32 { return HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:])) }
+	elem := func(b []byte, i int) float32 {
+		if a.Format == FP16 {
+			return HalfToFloat32(binary.LittleEndian.Uint16(b[2*i:]))
+		}
+		return a.Format.decode(b[i])
+	}
 	group := a.NumHeads / a.KVHeads
-	maxLen := int64(a.MaxBlocks) * int64(a.BlockTokens)
+	rowBytes := int64(esize * a.HeadDim)
+	bt := int64(a.BlockTokens)
+	maxLen := int64(a.MaxBlocks) * bt
 	for s := range a.NumSeqs {
 		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
 		if err != nil {
@@ -542,30 +768,38 @@ func (k *Kernels) attentionGo(a Attention) error {
 		if n > maxLen {
 			return fmt.Errorf("kernels: attention: sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
 		}
+		ns, lo := a.span(n)
+		count := ns + n - lo
 		rowOf := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
 		for h := range a.NumHeads {
-			kvh := h / group
-			if err := k.dev.CopyOut(q, a.Q+vmm.Addr(int64(s*a.NumHeads+h)*int64(rowBytes))); err != nil {
+			kvh := int64(h / group)
+			if err := k.dev.CopyOut(q, a.Q+vmm.Addr(int64(s*a.NumHeads+h)*int64(2*a.HeadDim))); err != nil {
 				return fmt.Errorf("kernels: attention: %w", err)
 			}
 			clear(acc)
 			m, sum := float32(math.Inf(-1)), float32(0)
 			var blk int32
-			for t := range n {
-				if t%int64(a.BlockTokens) == 0 {
-					if blk, err = read32(rowOf + vmm.Addr(4*(t/int64(a.BlockTokens)))); err != nil {
+			bi := int64(-1)
+			for j := range count {
+				t := j
+				if j >= ns {
+					t = lo + j - ns
+				}
+				if t/bt != bi {
+					bi = t / bt
+					if blk, err = read32(rowOf + vmm.Addr(4*bi)); err != nil {
 						return fmt.Errorf("kernels: attention: %w", err)
 					}
 				}
-				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64(((t%int64(a.BlockTokens))*int64(a.KVHeads)+int64(kvh))*int64(rowBytes)))
-				if err := k.dev.CopyOut(row, a.KBase+off); err != nil {
+				off := vmm.Addr(uint64(blk)*a.BlockStride + uint64((t%bt*int64(a.KVHeads)+kvh)*rowBytes))
+				if err := k.dev.CopyOut(krow, a.KBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
 				}
 				dot := float32(0)
 				for d := range a.HeadDim {
-					dot += half(q, d) * half(row, d)
+					dot += HalfToFloat32(binary.LittleEndian.Uint16(q[2*d:])) * elem(krow, d)
 				}
-				score := dot * a.Scale
+				score := dot * r.scale
 				if score > m { // rescale what was accumulated under the old maximum
 					c := float32(math.Exp(float64(m - score)))
 					for d := range acc {
@@ -576,21 +810,21 @@ func (k *Kernels) attentionGo(a Attention) error {
 				}
 				p := float32(math.Exp(float64(score - m)))
 				sum += p
-				if err := k.dev.CopyOut(row, a.VBase+off); err != nil {
+				if err := k.dev.CopyOut(vrow, r.vBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
 				}
-				for d := range a.HeadDim {
-					acc[d] += p * half(row, d)
+				for d := range r.vDim {
+					acc[d] += p * elem(vrow, d)
 				}
 			}
-			for d := range a.HeadDim {
+			for d := range r.vDim {
 				v := float32(0)
-				if n > 0 {
-					v = acc[d] / sum
+				if count > 0 {
+					v = acc[d] / sum * r.vScale
 				}
 				binary.LittleEndian.PutUint32(out[4*d:], math.Float32bits(v))
 			}
-			if err := k.dev.CopyIn(a.Out+vmm.Addr(int64(s*a.NumHeads+h)*int64(4*a.HeadDim)), out); err != nil {
+			if err := k.dev.CopyIn(a.Out+vmm.Addr(int64(s*a.NumHeads+h)*int64(4*r.vDim)), out); err != nil {
 				return fmt.Errorf("kernels: attention: %w", err)
 			}
 		}
