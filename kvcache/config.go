@@ -13,16 +13,19 @@ import (
 //
 // # Arena layout
 //
-// Block b holds, for every layer l and for K (kv=0) and V (kv=1), BlockTokens tokens of
-// KVHeads*HeadDim elements in NHD order ([block_size, num_kv_heads, head_dim]). All of a
-// block's data is contiguous, layers and K|V interleaved:
+// Block b holds, for every layer l, BlockTokens tokens of K (kv=0: KVHeads*HeadDim elements in
+// NHD order, [block_size, num_kv_heads, head_dim]) and then of V (kv=1: KVHeads*VHeadDim
+// elements; none when KOnly). All of a block's data is contiguous, layers and K|V interleaved:
 //
-//	Addr(l, kv, b) = base + b*BlockStride() + (2*l + kv)*BlockBytes()
-//	BlockStride()  = 2 * Layers * BlockBytes()
+//	Addr(l, kv, b) = base + b*BlockStride() + l*LayerStride() + kv*BlockBytes()
+//	LayerStride()  = BlockBytes() + VBlockBytes()
+//	BlockStride()  = Layers * LayerStride()
 //
 // So each layer sees the usual per-layer [num_blocks, block_size, num_kv_heads, head_dim] view,
-// with a per-layer base LayerBase(l, kv) = base + (2l+kv)*BlockBytes() and a block stride of
-// BlockStride() common to every layer; block ids are the same for every layer. A page of
+// with a per-layer base LayerBase(l, kv) and a block stride of BlockStride() common to every
+// layer; block ids are the same for every layer. (With V like K this is the familiar
+// (2l+kv)*BlockBytes().) A recurrent-state arena (StateBytes) holds one state per sequence
+// instead: a block is every layer's state, LayerStride() = StateBytes. A page of
 // PageSize bytes holds BlocksPerPage() whole blocks of every layer, so ONE driver mapping grows
 // every layer's K and V by one page index: 31-36x cheaper than mapping 64 per-layer granules for
 // a 32-layer model on an H100 (docs/performance.md). Copying a block between ids is one
@@ -33,6 +36,22 @@ type Config struct {
 	HeadDim     int // elements per head
 	ElemSize    int // bytes per element (2 for fp16/bf16)
 	BlockTokens int // tokens per block (vLLM's block_size)
+
+	// VHeadDim is V's elements per head where they differ from K's; 0 means HeadDim.
+	VHeadDim int
+	// KOnly stores K and no V (MLA's latent): VHeadDim must be 0, and kv=1 has no view.
+	KOnly bool
+	// Window, Sinks and Chunk say which earlier tokens the layers read, for a layer group that
+	// does not read them all (see LayerGroup): a sliding window of Window tokens and the first
+	// Sinks tokens, or the current chunk of Chunk tokens. Blocks that fall wholly out of reach
+	// as tokens are appended are freed; the sequence keeps their places as NullBlock. 0: full
+	// attention.
+	Window, Sinks, Chunk int
+	// StateBytes makes the arena one of recurrent states (Gated DeltaNet, Mamba): one block of
+	// StateBytes per layer for each sequence, taken by its first append and kept whatever its
+	// length; KVHeads, HeadDim, VHeadDim and ElemSize are then unused and BlockTokens is set to
+	// MaxSequenceTokens. A fork shares the state until either appends (which copies it).
+	StateBytes uint64
 
 	// Capacity is the virtual size of the arena in bytes, rounded up to whole pages; 0 means 4x
 	// the device's memory, clamped to MaxPages pages and MaxBlocks blocks. It costs no physical
@@ -129,6 +148,9 @@ func (e *ConfigError) Is(target error) bool { return e != nil && target == ErrIn
 // *ConfigError (ErrInvalidArgument) or a *vmm.AlignmentError. Every size the Config derives
 // (TokenBytes, BlockBytes, BlockStride, BlocksPerPage) is exact for a Config that passes it.
 func (c Config) Validate() error {
+	if c.StateBytes > 0 {
+		return c.validateState()
+	}
 	for _, f := range []struct {
 		name string
 		v    int
@@ -137,9 +159,48 @@ func (c Config) Validate() error {
 			return &ConfigError{Field: f.name, Value: f.v, Reason: fmt.Sprintf("must lie in [1, %d]", math.MaxInt32)}
 		}
 	}
-	if _, ok := checked.MulN(MaxBlockStride, 2, c.Layers, c.BlockTokens, c.KVHeads, c.HeadDim, c.ElemSize); !ok {
-		return &ConfigError{Field: "BlockStride", Reason: fmt.Sprintf("2*Layers*BlockTokens*KVHeads*HeadDim*ElemSize must be at most %d", uint64(MaxBlockStride))}
+	if c.VHeadDim < 0 || c.VHeadDim > math.MaxInt32 || c.KOnly && c.VHeadDim != 0 {
+		return &ConfigError{Field: "VHeadDim", Value: c.VHeadDim, Reason: fmt.Sprintf("must lie in [0, %d], and be 0 with KOnly", math.MaxInt32)}
 	}
+	if _, ok := checked.MulN(MaxBlockStride, c.Layers, c.BlockTokens, c.KVHeads, c.HeadDim+c.vHeadDim(), c.ElemSize); !ok {
+		return &ConfigError{Field: "BlockStride", Reason: fmt.Sprintf("Layers*BlockTokens*KVHeads*(HeadDim+VHeadDim)*ElemSize must be at most %d", uint64(MaxBlockStride))}
+	}
+	if err := c.validateReach(); err != nil {
+		return err
+	}
+	return c.validateArena()
+}
+
+// validateReach checks the window, sinks and chunk.
+func (c Config) validateReach() error {
+	switch {
+	case c.Window < 0 || c.Chunk < 0 || c.Sinks < 0:
+		return &ConfigError{Field: "Window/Sinks/Chunk", Value: fmt.Sprint(c.Window, "/", c.Sinks, "/", c.Chunk), Reason: "must not be negative"}
+	case c.Window > 0 && c.Chunk > 0:
+		return &ConfigError{Field: "Chunk", Value: c.Chunk, Reason: "a layer group has a sliding window or chunks, not both"}
+	case c.Sinks > 0 && c.Window == 0:
+		return &ConfigError{Field: "Sinks", Value: c.Sinks, Reason: "sink tokens belong to a sliding window"}
+	}
+	return nil
+}
+
+// validateState checks a recurrent-state arena: a state of StateBytes, a positive multiple of
+// 16 bytes, for each of Layers layers; no window.
+func (c Config) validateState() error {
+	if c.Layers <= 0 || c.Layers > math.MaxInt32 {
+		return &ConfigError{Field: "Layers", Value: c.Layers, Reason: fmt.Sprintf("must lie in [1, %d]", math.MaxInt32)}
+	}
+	if c.StateBytes%16 != 0 || c.StateBytes > MaxBlockStride/uint64(c.Layers) {
+		return &ConfigError{Field: "StateBytes", Value: c.StateBytes, Reason: fmt.Sprintf("a multiple of 16 bytes, at most %d over all %d layers", uint64(MaxBlockStride), c.Layers)}
+	}
+	if c.Window != 0 || c.Chunk != 0 || c.Sinks != 0 || c.KOnly || c.VHeadDim != 0 {
+		return &ConfigError{Field: "StateBytes", Value: c.StateBytes, Reason: "a recurrent state has no window, chunk, sinks or K/V layout"}
+	}
+	return c.validateArena()
+}
+
+// validateArena checks the settings that do not depend on what a block holds.
+func (c Config) validateArena() error {
 	if c.PageSize != 0 && c.PageSize%c.BlockStride() != 0 {
 		return fmt.Errorf("kvcache config: %w", &vmm.AlignmentError{What: "page size", Value: c.PageSize, Align: c.BlockStride()})
 	}
@@ -165,6 +226,9 @@ func (c Config) Validate() error {
 func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
 	if gran == 0 {
 		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be positive"}
+	}
+	if c.StateBytes > 0 {
+		c.BlockTokens = MaxSequenceTokens // one block, the state, whatever the length
 	}
 	if c.PageSize == 0 {
 		ps, ok := checked.Mul(2*uint64(c.Layers), gran)
@@ -231,14 +295,50 @@ func (c Config) withDefaults(gran, devMem uint64) (Config, error) {
 // The sizes below are exact for a Config that passed Validate. On any other Config they are
 // unchecked arithmetic: they never panic, and may wrap.
 
-// TokenBytes returns the bytes of one token's K (or V) in one layer.
-func (c Config) TokenBytes() uint64 { return uint64(c.KVHeads * c.HeadDim * c.ElemSize) }
+// TokenBytes returns the bytes of one token's K in one layer (0 in a recurrent-state arena).
+func (c Config) TokenBytes() uint64 {
+	if c.StateBytes > 0 {
+		return 0
+	}
+	return uint64(c.KVHeads) * uint64(c.HeadDim) * uint64(c.ElemSize)
+}
 
-// BlockBytes returns the bytes of one block's K (or V) in one layer.
+// VTokenBytes returns the bytes of one token's V in one layer (0 with KOnly).
+func (c Config) VTokenBytes() uint64 {
+	if c.StateBytes > 0 {
+		return 0
+	}
+	return uint64(c.KVHeads) * uint64(c.vHeadDim()) * uint64(c.ElemSize)
+}
+
+// vHeadDim is V's elements per head: VHeadDim, or HeadDim when that is 0, or none with KOnly.
+func (c Config) vHeadDim() int {
+	switch {
+	case c.KOnly:
+		return 0
+	case c.VHeadDim > 0:
+		return c.VHeadDim
+	}
+	return c.HeadDim
+}
+
+// BlockBytes returns the bytes of one block's K in one layer.
 func (c Config) BlockBytes() uint64 { return uint64(c.BlockTokens) * c.TokenBytes() }
 
-// BlockStride returns the distance between consecutive blocks: all layers' K and V of one block.
-func (c Config) BlockStride() uint64 { return 2 * uint64(c.Layers) * c.BlockBytes() }
+// VBlockBytes returns the bytes of one block's V in one layer (0 with KOnly).
+func (c Config) VBlockBytes() uint64 { return uint64(c.BlockTokens) * c.VTokenBytes() }
+
+// LayerStride returns the bytes of one layer within a block: its K and V, or its state.
+func (c Config) LayerStride() uint64 {
+	if c.StateBytes > 0 {
+		return c.StateBytes
+	}
+	return c.BlockBytes() + c.VBlockBytes()
+}
+
+// BlockStride returns the distance between consecutive blocks: all layers' K and V (or
+// states) of one block.
+func (c Config) BlockStride() uint64 { return uint64(c.Layers) * c.LayerStride() }
 
 // BlocksPerPage returns how many blocks one page holds (0 while PageSize is not set).
 func (c Config) BlocksPerPage() int {
@@ -256,7 +356,9 @@ func (c Config) BlocksPerPage() int {
 // for every layer, and a layer outside [0, Layers), a kv other than 0 or 1, or a block outside
 // the arena gives an address outside the arena, which the host backend's data calls refuse
 // with ErrNotMapped and a kernel would fault on. They never panic.
-func (c Config) LayerOffset(layer, kv int) uint64 { return uint64(2*layer+kv) * c.BlockBytes() }
+func (c Config) LayerOffset(layer, kv int) uint64 {
+	return uint64(layer)*c.LayerStride() + uint64(kv)*c.BlockBytes()
+}
 
 // Offset returns the arena offset of layer l's K or V of block b (unchecked; see LayerOffset).
 func (c Config) Offset(layer, kv int, block int32) uint64 {
