@@ -47,7 +47,16 @@ type Sequence struct {
 	// first append after it (which should not append those tokens again).
 	Written int
 	Hit     int
+
+	// Dropped is one past the last block freed because the layers can no longer read it (a
+	// sliding window's or an old chunk's); those blocks, after the sink tokens' blocks, are
+	// NullBlock in Blocks.
+	Dropped int
 }
+
+// NullBlock stands in Blocks for a block that was freed because no layer reads it any more
+// (out of a sliding window, or of an earlier chunk): it keeps the block's position.
+const NullBlock int32 = -1
 
 // ResetPrefix forgets the sequence's ids and keys (keeping their storage): it is no longer
 // keyed.
@@ -134,7 +143,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit = id, 0, s.Blocks[:0], false, 0, 0
+	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped = id, 0, s.Blocks[:0], false, 0, 0, 0
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s

@@ -1,0 +1,68 @@
+package kvcache
+
+import (
+	"github.com/pagedkv/pagedkv/sequence"
+)
+
+// NullBlock stands in a sequence's blocks (Blocks, the exported tables) for a block that was
+// freed because its layers can no longer read it: out of a sliding window, or of an earlier
+// chunk. Attention with the group's mask never reads it.
+const NullBlock = sequence.NullBlock
+
+// bounded reports whether the layers read only some earlier tokens (a window or chunks), so
+// that blocks fall out of reach.
+func (m *Manager) bounded() bool { return m.cfg.Window > 0 || m.cfg.Chunk > 0 }
+
+// reachFrom returns the first position the next token appended at length t reads, besides the
+// sink tokens: t+1-Window for a sliding window, the start of t's chunk for chunked attention,
+// 0 otherwise.
+func (m *Manager) reachFrom(t int) int {
+	switch {
+	case m.cfg.Window > 0:
+		return max(0, t+1-m.cfg.Window)
+	case m.cfg.Chunk > 0:
+		return t / m.cfg.Chunk * m.cfg.Chunk
+	}
+	return 0
+}
+
+// sinkBlocks returns the leading blocks that hold sink tokens and are never dropped.
+func (m *Manager) sinkBlocks() int { return sequence.BlocksFor(m.cfg.Sinks, m.cfg.BlockTokens) }
+
+// outOfReach returns the blocks [0, end) that lie wholly before what the next token of s reads.
+func (m *Manager) outOfReach(s *sequence.Sequence) int {
+	return m.reachFrom(s.Tokens) / m.cfg.BlockTokens
+}
+
+// reachMoved reports whether s has blocks to drop before its next append: the cheap test of the
+// append fast path.
+func (m *Manager) reachMoved(s *sequence.Sequence) bool {
+	return m.bounded() && m.outOfReach(s) > max(s.Dropped, m.sinkBlocks())
+}
+
+// dropOutOfReach frees the blocks of s that its layers can no longer read (a sliding window's
+// past, an old chunk), after the sink blocks, leaving NullBlock in their places. It runs when an
+// append commits, with the length before the append: the runtime's attention for the tokens it
+// appended reads back that far, and nothing further back is read again.
+func (m *Manager) dropOutOfReach(s *sequence.Sequence) {
+	if !m.bounded() {
+		return
+	}
+	end := min(m.outOfReach(s), len(s.Blocks))
+	for i := max(s.Dropped, m.sinkBlocks()); i < end; i++ {
+		if b := s.Blocks[i]; b != NullBlock {
+			m.arena.unref(b)
+			s.Blocks[i] = NullBlock
+		}
+	}
+	s.Dropped = max(s.Dropped, end)
+}
+
+// keptBlocks returns how many of s's blocks it holds (not NullBlock).
+func keptBlocks(s *sequence.Sequence, sinkBlocks int) int {
+	n := len(s.Blocks)
+	if s.Dropped > sinkBlocks {
+		n -= s.Dropped - sinkBlocks
+	}
+	return n
+}
