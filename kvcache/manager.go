@@ -453,9 +453,9 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 func (m *Manager) takeBlocks(need int, hint int32) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for len(m.newBlocks) < need {
-		p, ok := m.arena.pick(hint)
+		p, ok := m.arena.pick(hint, need-len(m.newBlocks))
 		if !ok && m.evictExcess() { // cache beyond the bound goes before a page is mapped
-			p, ok = m.arena.pick(hint)
+			p, ok = m.arena.pick(hint, need-len(m.newBlocks))
 		}
 		if !ok {
 			var err error
@@ -521,7 +521,7 @@ func (m *Manager) growPage() (int32, error) {
 		return 0, err
 	}
 	if m.evictForAlloc() {
-		if p, ok := m.arena.pick(-1); ok {
+		if p, ok := m.arena.pick(-1, 1); ok {
 			return p, nil
 		}
 	}
