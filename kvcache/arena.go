@@ -367,20 +367,38 @@ func (a *arena) unref(b int32) {
 	a.reage(a.pageOf(b))
 }
 
-// hold takes a reference to cached block b for a prefix hit: an idle block is held again.
-func (a *arena) hold(b int32) {
-	pg, i := a.slot(b)
-	if pg.refs[i] > 0 {
-		a.ref(b)
-		return
+// holdAll takes a reference to each of blocks, the cached blocks of a prefix hit: an idle block
+// is held again. A page is re-indexed once per run of its blocks, not once per block: reage reads
+// only its own page, and nothing reads the cache-only index in between.
+func (a *arena) holdAll(blocks []int32) {
+	bpp, last := int32(a.bpp), int32(-1)
+	var pg *page
+	for _, b := range blocks {
+		if p := b / bpp; p != last {
+			if last >= 0 {
+				a.reage(last)
+			}
+			last, pg = p, a.pages[p]
+		}
+		i := b % bpp
+		switch pg.refs[i] {
+		case 0:
+			pg.refs[i] = 1
+			pg.idle--
+			a.live++
+			a.idle--
+			a.index.Hold(pg.entries[i])
+			pg.stale = true
+		case 1:
+			pg.refs[i] = 2
+			a.shared++
+		default:
+			pg.refs[i]++
+		}
 	}
-	pg.refs[i] = 1
-	pg.idle--
-	a.live++
-	a.idle--
-	a.index.Hold(a.entry(b))
-	pg.stale = true
-	a.reage(a.pageOf(b))
+	if last >= 0 {
+		a.reage(last)
+	}
 }
 
 // evict forgets idle block b's entry and frees it; it returns what the index took out, so that
@@ -391,7 +409,9 @@ func (a *arena) evict(b int32) keyindex.Removed {
 	a.setEntry(b, nil)
 	pg.idle--
 	a.idle--
-	pg.stale = true
+	// The page's age is the newest use of its idle blocks. Evicting an older one leaves it as it
+	// was, which spares reage a scan of the page for every block evicted in LRU order.
+	pg.stale = pg.stale || r.LastUse >= pg.newest
 	a.vacate(b)
 	return r
 }

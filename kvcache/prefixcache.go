@@ -88,10 +88,8 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
 	}
 	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
-	m.lookupPrefix(s, p, func(b int32) {
-		m.arena.hold(b)
-		s.Blocks = append(s.Blocks, b)
-	})
+	m.lookupPrefix(s, p)
+	m.arena.holdAll(s.Blocks)
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
 	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
 	s.Tokens = len(s.Keys) * bt
@@ -122,11 +120,10 @@ func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
 }
 
 // lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
-// cached, appending their keys to s.Keys (s.Root is the chain's start) and calling hit with
-// each block.
-func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) {
-	bt := m.cfg.BlockTokens
-	maxBlocks := maxPromptBlocks(len(p.Tokens), bt)
+// cached, appending their keys to s.Keys (s.Root is the chain's start) and their blocks to
+// s.Blocks. It takes no reference to the blocks.
+func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt) {
+	maxBlocks := maxPromptBlocks(len(p.Tokens), m.cfg.BlockTokens)
 	parent := s.Root
 	for i := range maxBlocks {
 		k := m.promptKey(p, i, parent)
@@ -135,7 +132,7 @@ func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) 
 			return
 		}
 		s.Keys = append(s.Keys, k)
-		hit(e.Block)
+		s.Blocks = append(s.Blocks, e.Block)
 		parent = k
 	}
 }
@@ -520,14 +517,15 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	if m.closed {
 		return Admission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
 	}
-	probe := &m.probe // scratch: its Keys are reused
-	probe.Root, probe.Keys = root, probe.Keys[:0]
+	probe := &m.probe // scratch: its Keys and Blocks are reused
+	probe.Root, probe.Keys, probe.Blocks = root, probe.Keys[:0], probe.Blocks[:0]
+	m.lookupPrefix(probe, p)
 	idleHits := 0
-	m.lookupPrefix(probe, p, func(b int32) {
+	for _, b := range probe.Blocks {
 		if m.arena.refs(b) == 0 {
 			idleHits++
 		}
-	})
+	}
 	ad := Admission{CachedTokens: len(probe.Keys) * bt}
 	ad.NeedBlocks = sequence.BlocksFor(len(p.Tokens), bt) - len(probe.Keys)
 	ad.Available = m.availableLocked()
