@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -164,4 +165,11 @@ func TestTableAgainstMap(t *testing.T) {
 	}
 	check()
 	assert.Greater(t, len(x.byKey.slots), minSlots, "the table grew")
+}
+
+// An entry fills one cache line, so that touching it costs one miss (on 64-bit platforms).
+func TestEntrySize(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) == 8 {
+		assert.EqualValues(t, 64, unsafe.Sizeof(Entry{}))
+	}
 }
