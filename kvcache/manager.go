@@ -59,6 +59,7 @@ type Manager struct {
 	asleep bool
 
 	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
+	idleCap   int // idle cached blocks the bound keeps: Config.PrefixCacheBytes in blocks
 
 	// prefix cache (the key index is the arena's; see prefixcache.go)
 	feed    prefix.Feed
@@ -149,6 +150,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 		maxBlocks: maxPages * bpp,
+		idleCap:   int(min(cfg.PrefixCacheBytes/cfg.BlockStride(), MaxBlocks)),
 	}
 }
 

@@ -156,7 +156,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		s.IDs = append(s.IDs, ids...)
-		if s.Tokens/m.cfg.BlockTokens > len(s.Keys) {
+		if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens { // a block filled (no division per token)
 			m.storeBlocks(s)
 			m.publish()
 		}
@@ -330,9 +330,7 @@ func (m *Manager) evictBlock(b int32, undo bool) {
 
 // idleAllowed returns how many idle cached blocks the bound keeps: Config.PrefixCacheBytes in
 // blocks.
-func (m *Manager) idleAllowed() int {
-	return int(min(m.cfg.PrefixCacheBytes/m.cfg.BlockStride(), MaxBlocks))
-}
+func (m *Manager) idleAllowed() int { return m.idleCap }
 
 // spare returns the pages' worth of room an append can have without mapping: free pages, and
 // the idle blocks beyond the bound, wherever they are (an append evicts those before it maps).
