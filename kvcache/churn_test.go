@@ -27,7 +27,7 @@ func churnConfig() kvcache.Config {
 // 500 tokens, random frees, no compaction, 256 running at once (vLLM's default max_num_seqs; an
 // H100 holds about 1,000 such sequences of an 8B model). Mapped pages stay within 1.25x of the
 // pages the live blocks need (kvcached's page-aware allocator reaches 1.4x). With only 128
-// running the peaks are higher (about 1.34x at worst, 1.09x on average): fewer sequences per page
+// running the peaks are higher (about 1.23x at worst, 1.08x on average): fewer sequences per page
 // make the holes a finishing sequence leaves a larger share; docs/performance.md has both.
 func TestChurnPageOverhead(t *testing.T) {
 	if testing.Short() {

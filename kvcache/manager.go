@@ -60,6 +60,7 @@ type Manager struct {
 	asleep bool
 
 	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
+	idleCap   int // idle cached blocks the bound keeps: Config.PrefixCacheBytes in blocks
 
 	// prefix cache (the key index is the arena's; see prefixcache.go)
 	feed    prefix.Feed
@@ -152,6 +153,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 		maxBlocks: maxPages * bpp,
+		idleCap:   int(min(cfg.PrefixCacheBytes/cfg.BlockStride(), MaxBlocks)),
 	}
 }
 
@@ -476,9 +478,9 @@ func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
 func (m *Manager) takeBlocks(need int, hint int32) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for len(m.newBlocks) < need {
-		p, ok := m.arena.pick(hint)
+		p, ok := m.arena.pick(hint, need-len(m.newBlocks))
 		if !ok && m.evictExcess() { // cache beyond the bound goes before a page is mapped
-			p, ok = m.arena.pick(hint)
+			p, ok = m.arena.pick(hint, need-len(m.newBlocks))
 		}
 		if !ok {
 			var err error
@@ -544,7 +546,7 @@ func (m *Manager) growPage() (int32, error) {
 		return 0, err
 	}
 	if m.evictForAlloc() {
-		if p, ok := m.arena.pick(-1); ok {
+		if p, ok := m.arena.pick(-1, 1); ok {
 			return p, nil
 		}
 	}

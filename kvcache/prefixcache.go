@@ -89,10 +89,8 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
 	}
 	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
-	m.lookupPrefix(s, p, func(b int32) {
-		m.arena.hold(b)
-		s.Blocks = append(s.Blocks, b)
-	})
+	m.lookupPrefix(s, p)
+	m.arena.holdAll(s.Blocks)
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
 	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
 	s.Tokens = len(s.Keys) * bt
@@ -124,11 +122,10 @@ func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
 }
 
 // lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
-// cached, appending their keys to s.Keys (s.Root is the chain's start) and calling hit with
-// each block.
-func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) {
-	bt := m.cfg.BlockTokens
-	maxBlocks := maxPromptBlocks(len(p.Tokens), bt)
+// cached, appending their keys to s.Keys (s.Root is the chain's start) and their blocks to
+// s.Blocks. It takes no reference to the blocks.
+func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt) {
+	maxBlocks := maxPromptBlocks(len(p.Tokens), m.cfg.BlockTokens)
 	parent := s.Root
 	for i := range maxBlocks {
 		k := m.promptKey(p, i, parent)
@@ -137,7 +134,7 @@ func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, hit func(int32)) 
 			return
 		}
 		s.Keys = append(s.Keys, k)
-		hit(e.Block)
+		s.Blocks = append(s.Blocks, e.Block)
 		parent = k
 	}
 }
@@ -161,7 +158,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
 		dst = m.appendSlots(s, n, dst)
 		s.IDs = append(s.IDs, ids...)
-		if m.keyable(s) > len(s.Keys) {
+		if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
 			m.storeBlocks(s)
 			m.publish()
 		}
@@ -396,9 +393,7 @@ func (m *Manager) evictBlock(b int32, undo bool) {
 
 // idleAllowed returns how many idle cached blocks the bound keeps: Config.PrefixCacheBytes in
 // blocks.
-func (m *Manager) idleAllowed() int {
-	return int(min(m.cfg.PrefixCacheBytes/m.cfg.BlockStride(), MaxBlocks))
-}
+func (m *Manager) idleAllowed() int { return m.idleCap }
 
 // spare returns the pages' worth of room an append can have without mapping: free pages, and
 // the idle blocks beyond the bound, wherever they are (an append evicts those before it maps).
@@ -583,14 +578,15 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	if m.closed {
 		return Admission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
 	}
-	probe := &m.probe // scratch: its Keys are reused
-	probe.Root, probe.Keys = root, probe.Keys[:0]
+	probe := &m.probe // scratch: its Keys and Blocks are reused
+	probe.Root, probe.Keys, probe.Blocks = root, probe.Keys[:0], probe.Blocks[:0]
+	m.lookupPrefix(probe, p)
 	idleHits := 0
-	m.lookupPrefix(probe, p, func(b int32) {
+	for _, b := range probe.Blocks {
 		if m.arena.refs(b) == 0 {
 			idleHits++
 		}
-	})
+	}
 	ad := Admission{CachedTokens: len(probe.Keys) * bt}
 	ad.NeedBlocks = sequence.BlocksFor(len(p.Tokens), bt) - len(probe.Keys)
 	ad.Available = m.availableLocked()

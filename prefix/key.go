@@ -57,11 +57,16 @@ func (x *Hasher) Next(parent Key, tokens []Token) Key {
 	if x == nil {
 		x = new(Hasher)
 	}
-	x.buf = append(x.buf[:0], parent[:]...)
-	for _, t := range tokens {
-		x.buf = binary.LittleEndian.AppendUint32(x.buf, uint32(t))
+	n := len(parent) + 4*len(tokens)
+	if cap(x.buf) < n {
+		x.buf = make([]byte, n)
 	}
-	return sha256.Sum256(x.buf)
+	b := x.buf[:n]
+	copy(b, parent[:])
+	for i, t := range tokens {
+		binary.LittleEndian.PutUint32(b[len(parent)+4*i:], uint32(t))
+	}
+	return sha256.Sum256(b)
 }
 
 // Keys appends to dst the keys of the full blocks of tokens (len(tokens)/blockTokens of them)

@@ -1,7 +1,11 @@
 package keyindex
 
 import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -86,4 +90,122 @@ func TestUnhold(t *testing.T) {
 	}
 	x.Unhold(es[0], nil) // an idle entry: nothing to undo
 	assert.Equal(t, []int32{0, 1, 2, 3}, order())
+}
+
+// keys returns n keys as prefix.Keys makes them: SHA-256 chained over blocks of 16 tokens.
+func keys(n int) []prefix.Key {
+	toks := make([]prefix.Token, 16*n)
+	for i := range toks {
+		toks[i] = prefix.Token(i*7919 + 13)
+	}
+	return prefix.Keys(nil, prefix.Namespace{}, 16, toks)
+}
+
+// BenchmarkGet times a hit in an index of 256 and 65,536 cached blocks: the per-block cost of a
+// prefix lookup with the keys given.
+func BenchmarkGet(b *testing.B) {
+	for _, n := range []int{256, 65536} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			x, ks := NewIndex(), keys(n)
+			for i, k := range ks {
+				x.Add(k, int32(i))
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if x.Get(ks[i]) == nil {
+					b.Fatal("miss")
+				}
+				if i++; i == n {
+					i = 0
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkAddRemove times evicting the least recently used of 65,536 idle cached blocks and
+// caching a block again: what a prefix cache at a 0% hit rate does for every block.
+func BenchmarkAddRemove(b *testing.B) {
+	x := NewIndex()
+	for i, k := range keys(65536) {
+		x.Release(x.Add(k, int32(i)))
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		r := x.Remove(x.Oldest())
+		x.Recycle(r)
+		x.Release(x.Add(r.Key, r.Block))
+	}
+}
+
+// The table against a map, through Add, Remove, Restore and Recycle in random order, with keys
+// that share their first 8 bytes (so their probe runs collide whatever the seed) beside
+// ordinary ones: every key stays found, removed ones are gone, and Each sees exactly the set.
+func TestTableAgainstMap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	x, want := NewIndex(), map[prefix.Key]int32{}
+	var undo []Removed // removes not yet recycled, restored in reverse order
+	key := func() prefix.Key {
+		var k prefix.Key
+		if rng.IntN(2) == 0 {
+			k[0] = byte(rng.IntN(4)) // a few crowded first-8-byte groups
+		} else {
+			binary.LittleEndian.PutUint64(k[:8], rng.Uint64())
+		}
+		binary.LittleEndian.PutUint64(k[24:], rng.Uint64())
+		return k
+	}
+	check := func() {
+		require.Equal(t, len(want), x.Len())
+		for k, b := range want {
+			e := x.Get(k)
+			require.NotNil(t, e, "key %v lost", k)
+			require.Equal(t, b, e.Block)
+		}
+		seen := 0
+		x.Each(func(e *Entry) bool { seen++; require.Equal(t, want[e.Key], e.Block); return true })
+		require.Equal(t, len(want), seen)
+	}
+	for step := range 6000 {
+		switch op := rng.IntN(10); {
+		case op < 5 || len(want) == 0:
+			k := key()
+			_, had := want[k]
+			e := x.Add(k, int32(step))
+			require.Equal(t, had, e == nil)
+			if !had {
+				want[k] = int32(step)
+			}
+		case op < 8:
+			for k := range want { // the first in the map's random order
+				undo = append(undo, x.Remove(x.Get(k)))
+				delete(want, k)
+				break
+			}
+			require.Nil(t, x.Get(undo[len(undo)-1].Key))
+		case op < 9 && len(undo) > 0:
+			r := undo[len(undo)-1]
+			undo = undo[:len(undo)-1]
+			x.Restore(r)
+			want[r.Key] = r.Block
+		default:
+			for _, r := range undo {
+				x.Recycle(r)
+			}
+			undo = undo[:0]
+		}
+		if step%31 == 0 {
+			check()
+		}
+	}
+	check()
+	assert.Greater(t, len(x.byKey.slots), minSlots, "the table grew")
+}
+
+// An entry fills one cache line, so that touching it costs one miss (on 64-bit platforms).
+func TestEntrySize(t *testing.T) {
+	if unsafe.Sizeof(uintptr(0)) == 8 {
+		assert.EqualValues(t, 64, unsafe.Sizeof(Entry{}))
+	}
 }
