@@ -168,6 +168,9 @@ func (c Config) Validate() error {
 	if err := c.validateReach(); err != nil {
 		return err
 	}
+	if (c.Window > 0 || c.Chunk > 0) && c.HostBlocks > 0 {
+		return fmt.Errorf("kvcache config: %w: a host tier (HostBlocks %d) for a sliding-window or chunked group", ErrNotSupported, c.HostBlocks)
+	}
 	return c.validateArena()
 }
 

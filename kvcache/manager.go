@@ -285,7 +285,7 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block has room, and no fork
 	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
 	// overflow here).
-	if ok && !s.Keyed && !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
+	if ok && !s.Keyed && !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) && !m.reachMoved(s) {
 		dst = m.appendSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
@@ -328,50 +328,11 @@ func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 
 // appendSlow is AppendTokens when blocks must be found (or the request is bad). s is nil when
 // the sequence does not exist yet.
 func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64) ([]int64, error) {
-	if err := m.usable("append", seq); err != nil {
+	tx, err := m.prepareAppend(s, seq, n)
+	if err != nil {
 		return dst, err
 	}
-	if m.asleep {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrAsleep}
-	}
-	if n < 0 {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "tokens", N: n}}
-	}
-	if s != nil && s.Swapped {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrSwapped}
-	}
-	if s == nil && m.cfg.Strict {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrUnknownSequence}
-	}
-	need, cow := m.blocksNeeded(s, n)
-	if err := m.checkFits(s, n, need); err != nil {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
-	}
-	existed := s != nil
-	if !existed {
-		var err error
-		if s, err = m.seqs.Add(seq); err != nil {
-			return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
-		}
-	}
-	if err := m.grow(s, n, need, cow); err != nil {
-		if !existed {
-			m.seqs.Remove(s)
-		}
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: err}
-	}
-	if n > 0 && !m.tailWritable(s) { // a cached tail held by s alone (a shared one was copied)
-		k, _ := m.arena.uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
-		m.emitRemoved(k)
-	}
-	dst = m.appendSlots(s, n, dst)
-	if !existed {
-		m.counters.implicit++
-	}
-	if m.spare() < m.cfg.ReservePages {
-		m.kick()
-	}
-	return dst, nil
+	return tx.commit(dst), nil
 }
 
 // blocksNeeded returns the blocks n more tokens of s (nil: a new sequence) need beyond those it
@@ -427,48 +388,6 @@ func (m *Manager) freeBlocks() int {
 		mappable = max(0, min(mappable, room))
 	}
 	return a.mapped*m.bpp - a.live + mappable*m.bpp // free and idle blocks, and mappable ones
-}
-
-// grow gives s the need blocks that n more tokens need (with cow, the first is a private copy
-// of its shared tail), all or nothing. A failure is a *BlocksError with the numbers, wrapping
-// the cause.
-func (m *Manager) grow(s *sequence.Sequence, n, need int, cow bool) error {
-	if need == 0 {
-		return nil
-	}
-	err := m.allocate(s, need, cow)
-	m.commitEvictions() // an error rolled them back (and emptied the list)
-	if err != nil {
-		return &BlocksError{Tokens: n, SeqTokens: s.Tokens, Blocks: need, Bytes: uint64(need) * m.cfg.BlockStride(),
-			Free: m.freeBlocks(), Max: m.maxBlocks, Bound: m.bound(), Err: err}
-	}
-	return nil
-}
-
-// allocate gives s need more blocks, the first of them a private copy of its shared tail when
-// cow is set, all or nothing.
-func (m *Manager) allocate(s *sequence.Sequence, need int, cow bool) error {
-	hint := int32(-1)
-	if len(s.Blocks) > 0 {
-		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
-	}
-	if err := m.takeBlocks(need, hint); err != nil {
-		return err
-	}
-	blocks := m.newBlocks
-	if cow {
-		tail := s.Blocks[len(s.Blocks)-1]
-		if err := m.back.copyBlock(blocks[0], tail); err != nil {
-			m.rollback()
-			return fmt.Errorf("copy shared tail block %d: %w", tail, err)
-		}
-		m.counters.cows++
-		m.arena.unref(tail)
-		s.Blocks[len(s.Blocks)-1] = blocks[0]
-		blocks = blocks[1:]
-	}
-	s.Blocks = append(s.Blocks, blocks...)
-	return nil
 }
 
 // takeBlocks takes need device blocks into m.newBlocks, each held once, near page hint (-1:
@@ -622,7 +541,9 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	// Last block first: cached blocks go idle tail first, so the tail is evicted before the
 	// prefix other prompts share (as vLLM frees).
 	for i := len(s.Blocks) - 1; i >= 0; i-- {
-		if b := s.Blocks[i]; m.host.has(b) {
+		if b := s.Blocks[i]; b == NullBlock {
+			continue
+		} else if m.host.has(b) {
 			m.host.unref(b)
 		} else {
 			m.arena.unref(b)
@@ -663,7 +584,7 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	if err != nil {
 		return &SequenceError{Op: "fork", Seq: dst, Err: err}
 	}
-	d.Tokens, d.Written = s.Tokens, s.Written
+	d.Tokens, d.Written, d.Dropped = s.Tokens, s.Written, s.Dropped
 	d.Blocks = append(d.Blocks, s.Blocks...)
 	if s.Keyed {
 		d.Keyed, d.Root, d.Adapter = true, s.Root, s.Adapter
@@ -671,7 +592,9 @@ func (m *Manager) Fork(src, dst SeqID) error {
 		d.Keys = append(d.Keys, s.Keys...)
 	}
 	for _, b := range d.Blocks {
-		m.arena.ref(b)
+		if b != NullBlock {
+			m.arena.ref(b)
+		}
 	}
 	return nil
 }
@@ -696,6 +619,10 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	}
 	if n < 0 || n > s.Tokens {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
+	}
+	if keep := m.minLength(s); s.Tokens-n < keep {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{
+			What: fmt.Sprintf("tokens (the blocks before token %d are freed: out of reach)", s.Dropped*m.cfg.BlockTokens), N: n, Max: s.Tokens - keep}}
 	}
 	s.Tokens -= n
 	s.Written, s.Hit = min(s.Written, s.Tokens), 0
@@ -773,6 +700,9 @@ func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 	}
 	if to > s.Tokens {
 		return dst, &SequenceError{Op: "slots", Seq: seq, Err: &CountError{What: "end token", N: to, Max: s.Tokens}}
+	}
+	if i := firstDropped(s, from, to, m.cfg.BlockTokens); i >= 0 {
+		return dst, &SequenceError{Op: "slots", Seq: seq, Err: fmt.Errorf("%w: token %d is in block %d, freed (out of reach)", ErrInvalidArgument, i, i/m.cfg.BlockTokens)}
 	}
 	out, err := blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, from, to)
 	if err != nil {

@@ -95,6 +95,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
 	s.Tokens = len(s.Keys) * bt
 	s.Written, s.Hit = s.Tokens, s.Tokens
+	m.dropOutOfReach(s) // a window or chunk holds only what its next token reads
 	m.counters.queryTokens += uint64(len(p.Tokens))
 	m.counters.hitTokens += uint64(s.Tokens)
 	m.counters.hostHitTokens += uint64(fetched * bt)
@@ -155,7 +156,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	n := len(ids)
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
-	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) {
+	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) && !m.reachMoved(s) {
 		dst = m.appendSlots(s, n, dst)
 		s.IDs = append(s.IDs, ids...)
 		if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
@@ -265,7 +266,7 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 		}
 		k := m.hasher.Next(parent, s.IDs[i*bt:(i+1)*bt])
 		s.Keys = append(s.Keys, k)
-		stored := m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
+		stored := s.Blocks[i] != NullBlock && m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
 		if stored {
 			m.counters.stored++
 			if run < 0 {

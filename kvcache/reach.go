@@ -66,3 +66,30 @@ func keptBlocks(s *sequence.Sequence, sinkBlocks int) int {
 	}
 	return n
 }
+
+// minLength returns the shortest length s may be truncated to: one whose next token still reads
+// nothing that was dropped.
+func (m *Manager) minLength(s *sequence.Sequence) int {
+	if !m.bounded() || s.Dropped <= m.sinkBlocks() {
+		return 0
+	}
+	first := s.Dropped * m.cfg.BlockTokens // the first position still held after the sinks
+	if m.cfg.Window > 0 {
+		return first + m.cfg.Window - 1 // reachFrom(t) = t+1-Window must not fall below first
+	}
+	c := m.cfg.Chunk // reachFrom(t), t's chunk start, must not fall below first
+	return (first + c - 1) / c * c
+}
+
+// firstDropped returns the first token of [from, to) whose block s dropped, or -1.
+func firstDropped(s *sequence.Sequence, from, to, bt int) int {
+	if s.Dropped == 0 {
+		return -1
+	}
+	for i := from / bt; i < len(s.Blocks) && i*bt < to; i++ {
+		if s.Blocks[i] == NullBlock {
+			return max(from, i*bt)
+		}
+	}
+	return -1
+}

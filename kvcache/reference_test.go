@@ -41,6 +41,51 @@ type refModel struct {
 	nextID     int
 	hasher     prefix.Hasher
 	waitWrites bool // Config.WaitForWrites: blocks are keyed only up to a sequence's mark
+	// A sliding window (and sink tokens) or chunks: blocks out of reach are dropped (-1).
+	window, sinks, chunk int
+	outOfReach           int // blocks dropped so far
+}
+
+// reachFrom returns the first position the next token at length t reads, beside the sinks.
+func (r *refModel) reachFrom(t int) int {
+	switch {
+	case r.window > 0:
+		return max(0, t+1-r.window)
+	case r.chunk > 0:
+		return t / r.chunk * r.chunk
+	}
+	return 0
+}
+
+// sinkBlocks are the leading blocks of the sink tokens, never dropped.
+func (r *refModel) sinkBlocks() int { return (r.sinks + r.bt - 1) / r.bt }
+
+// dropReach drops the blocks of s that the next token, at length t, no longer reads.
+func (r *refModel) dropReach(s *refSeq, t int) {
+	if r.window == 0 && r.chunk == 0 {
+		return
+	}
+	end := min(r.reachFrom(t)/r.bt, len(s.blocks))
+	for i := max(s.dropped, r.sinkBlocks()); i < end; i++ {
+		if s.blocks[i] >= 0 {
+			r.drop(s.blocks[i])
+			s.blocks[i] = -1
+			r.outOfReach++
+		}
+	}
+	s.dropped = max(s.dropped, end)
+}
+
+// minLength is the shortest length s may be truncated to: its next token reads nothing dropped.
+func (r *refModel) minLength(s *refSeq) int {
+	if s.dropped <= r.sinkBlocks() {
+		return 0
+	}
+	first := s.dropped * r.bt
+	if r.window > 0 {
+		return first + r.window - 1
+	}
+	return (first + r.chunk - 1) / r.chunk * r.chunk
 }
 
 type refSeq struct {
@@ -52,6 +97,7 @@ type refSeq struct {
 	ids     []prefix.Token // when keyed
 	keys    []prefix.Key   // keys of its full blocks (the written ones, under waitWrites), when keyed
 	written int            // the tokens MarkWritten reported, and those found cached
+	dropped int            // blocks [sinkBlocks, dropped) are out of reach: -1
 }
 
 func newRef(bt int) *refModel {
@@ -80,13 +126,17 @@ func (r *refModel) append(id kvcache.SeqID, vals []uint64, ids []prefix.Token, r
 		r.seqs[id] = s
 	}
 	n := len(vals) + len(ids)
-	if n == 0 {
-		return
-	}
-	if len(s.tokens)%r.bt != 0 && r.refs[s.blocks[len(s.blocks)-1]] > 1 {
+	if n > 0 && len(s.tokens)%r.bt != 0 && r.refs[s.blocks[len(s.blocks)-1]] > 1 {
 		old := s.blocks[len(s.blocks)-1]
 		r.refs[old]--
 		s.blocks[len(s.blocks)-1] = r.newBlock()
+	}
+	for len(s.blocks)*r.bt < len(s.tokens)+n {
+		s.blocks = append(s.blocks, r.newBlock())
+	}
+	r.dropReach(s, len(s.tokens))
+	if n == 0 {
+		return
 	}
 	if ids == nil { // tokens without ids: the sequence is keyed no more
 		s.keyed, s.ids, s.keys = false, nil, nil
@@ -100,9 +150,6 @@ func (r *refModel) append(id kvcache.SeqID, vals []uint64, ids []prefix.Token, r
 			s.tokens = append(s.tokens, value(s.root, prev, len(s.tokens), x))
 			s.ids = append(s.ids, x)
 		}
-	}
-	for len(s.blocks)*r.bt < len(s.tokens) {
-		s.blocks = append(s.blocks, r.newBlock())
 	}
 	r.store(s)
 }
@@ -125,7 +172,7 @@ func (r *refModel) store(s *refSeq) {
 		k := r.hasher.Next(parent, s.ids[i*r.bt:(i+1)*r.bt])
 		s.keys = append(s.keys, k)
 		b := s.blocks[i]
-		if _, has := r.keyOf[b]; has {
+		if _, has := r.keyOf[b]; has || b < 0 {
 			continue
 		}
 		if _, dup := r.cached[k]; dup {
@@ -170,6 +217,9 @@ func (r *refModel) start(id kvcache.SeqID, root prefix.Key, prompt []prefix.Toke
 
 func (r *refModel) free(id kvcache.SeqID) {
 	for _, b := range r.seqs[id].blocks {
+		if b < 0 {
+			continue
+		}
 		if _, ok := r.host[b]; ok {
 			if r.host[b]--; r.host[b] == 0 {
 				delete(r.host, b)
@@ -350,10 +400,12 @@ func (r *refModel) removed(t testing.TB, k prefix.Key) {
 
 func (r *refModel) fork(src, dst kvcache.SeqID) {
 	s := r.seqs[src]
-	d := &refSeq{tokens: append([]uint64(nil), s.tokens...), blocks: append([]int(nil), s.blocks...), written: s.written,
+	d := &refSeq{tokens: append([]uint64(nil), s.tokens...), blocks: append([]int(nil), s.blocks...), written: s.written, dropped: s.dropped,
 		keyed: s.keyed, root: s.root, ids: append([]prefix.Token(nil), s.ids...), keys: append([]prefix.Key(nil), s.keys...)}
 	for _, b := range d.blocks {
-		r.refs[b]++
+		if b >= 0 {
+			r.refs[b]++
+		}
 	}
 	r.seqs[dst] = d
 }
@@ -454,7 +506,8 @@ func newHarnessOn(t testing.TB, dev vmm.Device, m *kvcache.Manager, static bool,
 	sub, err := m.Subscribe(1 << 20)
 	require.NoError(t, err)
 	ref := newRef(m.Config().BlockTokens)
-	ref.waitWrites = m.Config().WaitForWrites
+	c := m.Config()
+	ref.waitWrites, ref.window, ref.sinks, ref.chunk = c.WaitForWrites, c.Window, c.Sinks, c.Chunk
 	return &harness{t: t, m: m, dev: dev, ref: ref, cfg: m.Config(), free0: free0, static: static, sub: sub,
 		shards: m.Shards()}
 }
@@ -658,6 +711,7 @@ func (h *harness) start(seq kvcache.SeqID, ns prefix.Namespace, p []prefix.Token
 		h.ref.fetch(seq, p, onHost)
 	}
 	h.ref.seqs[seq].written = hit
+	h.ref.dropReach(h.ref.seqs[seq], hit)
 	require.Equal(t, failures, h.m.Stats().Prefix.HostFailures, "no fetch fails on a working device")
 	h.hits += hit
 	rest := p[hit:]
@@ -735,7 +789,7 @@ func (h *harness) step(op, a, b byte, x arg) {
 	case opTruncate:
 		cnt := x.count(9)
 		err = h.m.Truncate(seq, cnt)
-		if exists && cnt >= 0 && cnt <= len(rs.tokens) && !rs.swapped {
+		if exists && cnt >= 0 && cnt <= len(rs.tokens) && !rs.swapped && len(rs.tokens)-cnt >= h.ref.minLength(rs) {
 			require.NoError(t, err)
 			h.ref.truncate(seq, cnt)
 		} else {
@@ -913,6 +967,10 @@ func (h *harness) check() {
 		require.Len(t, blocks, len(rs.blocks), "sequence %d blocks", id)
 		for i, b := range blocks {
 			rb := rs.blocks[i]
+			if b == kvcache.NullBlock || rb < 0 {
+				require.Equal(t, rb < 0, b == kvcache.NullBlock, "block %d of sequence %d: dropped in one only", i, id)
+				continue
+			}
 			if x, ok := toRef[b]; ok {
 				require.Equal(t, rb, x, "block %d of sequence %d maps to two reference blocks", b, id)
 			}
@@ -941,6 +999,9 @@ func (h *harness) check() {
 		require.EqualValues(t, len(rs.tokens), h.table.Lens()[row])
 		line := h.table.Table()[row*h.table.MaxBlocks : (row+1)*h.table.MaxBlocks]
 		for i, want := range rs.tokens {
+			if line[i/bt] == kvcache.NullBlock {
+				continue // out of reach: nothing reads it
+			}
 			slot := int64(line[i/bt])*int64(bt) + int64(i%bt)
 			h.tokenAddrs(slot, func(dev vmm.Device, a vmm.Addr) {
 				var buf [8]byte
@@ -1025,6 +1086,12 @@ func fuzzHarness(t testing.TB, n int) *harness {
 			cfg.HostBlocks, cfg.HostPrefixCache = 24, true
 		}
 	}
+	switch n % 11 {
+	case 5: // a sliding window of 6 tokens with 2 sink tokens
+		cfg.Window, cfg.Sinks, cfg.HostBlocks, cfg.HostPrefixCache = 6, 2, 0, false
+	case 7: // chunks of 8 tokens
+		cfg.Chunk, cfg.HostBlocks, cfg.HostPrefixCache = 8, 0, false
+	}
 	if split == (kvcache.Split{}) {
 		h = newHarness(t, hostDevice(t, 32<<10), cfg)
 	} else {
@@ -1042,6 +1109,7 @@ func fuzzHarness(t testing.TB, n int) *harness {
 func TestRandomTraces(t *testing.T) {
 	ooms, moved, hits, evictions, swapOuts, swapIns, kept, found := 0, uint64(0), 0, uint64(0), uint64(0), uint64(0), 0, 0
 	var hostStored, hostHits, hostEvictions uint64
+	outOfReach := 0
 	for seed := range 16 {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			h := fuzzHarness(t, seed)
@@ -1063,6 +1131,7 @@ func TestRandomTraces(t *testing.T) {
 			}
 			ooms += h.ooms
 			hits += h.hits
+			outOfReach += h.ref.outOfReach
 			moved += h.m.Stats().BlocksMoved
 			evictions += h.m.Stats().Prefix.Evictions
 			swapOuts += h.m.Stats().SwapOuts
@@ -1076,6 +1145,8 @@ func TestRandomTraces(t *testing.T) {
 		})
 	}
 	require.Positive(t, ooms, "the tight arenas must run out of memory at times")
+	require.Positive(t, outOfReach, "windows and chunks must drop blocks")
+	t.Logf("%d blocks dropped out of a window or chunk", outOfReach)
 	require.Positive(t, moved, "compactions must move blocks")
 	t.Logf("%d out-of-memory steps, %d blocks moved, %d prompt tokens hit, %d cached blocks evicted, %d blocks swapped out, %d in",
 		ooms, moved, hits, evictions, swapOuts, swapIns)

@@ -104,7 +104,7 @@ func (m *Manager) Stats() Stats {
 	}
 	m.seqs.All(func(q *sequence.Sequence) bool {
 		s.Tokens += int64(q.Tokens)
-		s.BlockRefs += len(q.Blocks)
+		s.BlockRefs += keptBlocks(q, m.sinkBlocks())
 		if q.Swapped {
 			s.SwappedSequences++
 		}

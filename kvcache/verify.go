@@ -45,7 +45,16 @@ func (m *Manager) Verify() error {
 			bad("sequence %d: %d tokens in %d blocks, want %d", s.ID, s.Tokens, len(s.Blocks), want)
 		}
 		seen := make(map[int32]bool, len(s.Blocks))
-		for _, b := range s.Blocks {
+		for i, b := range s.Blocks {
+			if b == NullBlock {
+				if i < m.sinkBlocks() || i >= s.Dropped {
+					bad("sequence %d: block %d is dropped outside [%d, %d), its sinks' blocks and the reach", s.ID, i, m.sinkBlocks(), s.Dropped)
+				}
+				continue
+			}
+			if i >= m.sinkBlocks() && i < s.Dropped {
+				bad("sequence %d: block %d (%d) is held below its dropped mark %d", s.ID, i, b, s.Dropped)
+			}
 			if seen[b] {
 				bad("sequence %d holds block %d twice", s.ID, b)
 			}
@@ -236,8 +245,8 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad fu
 			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
 			return
 		}
-		if m.host.has(s.Blocks[i]) {
-			// a host block is not cached: swapped-out content leaves the cache's reach
+		if s.Blocks[i] == NullBlock || m.host.has(s.Blocks[i]) {
+			// dropped, or a host block, which is not cached: swapped-out content leaves the cache's reach
 		} else if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
 			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
 		}

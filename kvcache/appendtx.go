@@ -1,0 +1,136 @@
+package kvcache
+
+import (
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/sequence"
+)
+
+// appendTx is an append under way: its blocks are taken (m.newBlocks, pages mapped in
+// m.newPages, evictions in m.evicted) and nothing a caller sees has changed yet. commit makes it
+// happen; abort puts everything back. The manager's lock is held from prepareAppend to either,
+// so a manager has at most one in flight, and its scratch is the transaction's state. A Hybrid
+// prepares one in every group and commits them all or aborts them all.
+type appendTx struct {
+	m       *Manager
+	s       *sequence.Sequence
+	n, need int
+	cow     bool // the first new block is a private copy of the shared tail
+	created bool // the sequence was created by this append
+}
+
+// prepareAppend checks an append of n tokens to seq (s: nil when it does not exist) and takes
+// the blocks it needs. An error is a *SequenceError, and nothing has changed.
+func (m *Manager) prepareAppend(s *sequence.Sequence, seq SeqID, n int) (appendTx, error) {
+	if err := m.checkAppend(s, seq, n); err != nil {
+		return appendTx{}, err
+	}
+	need, cow := m.blocksNeeded(s, n)
+	if err := m.checkFits(s, n, need); err != nil {
+		return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+	}
+	tx := appendTx{m: m, s: s, n: n, need: need, cow: cow}
+	if s == nil {
+		var err error
+		if tx.s, err = m.seqs.Add(seq); err != nil {
+			return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+		}
+		tx.created = true
+	}
+	if err := tx.take(); err != nil {
+		if tx.created {
+			m.seqs.Remove(tx.s)
+		}
+		return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+	}
+	return tx, nil
+}
+
+// checkAppend returns the *SequenceError of an append that cannot be made whatever the memory:
+// a closed or sleeping manager, a negative count, a swapped-out sequence, an unknown one under
+// Strict.
+func (m *Manager) checkAppend(s *sequence.Sequence, seq SeqID, n int) error {
+	if err := m.usable("append", seq); err != nil {
+		return err
+	}
+	switch {
+	case m.asleep:
+		return &SequenceError{Op: "append", Seq: seq, Err: ErrAsleep}
+	case n < 0:
+		return &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "tokens", N: n}}
+	case s != nil && s.Swapped:
+		return &SequenceError{Op: "append", Seq: seq, Err: ErrSwapped}
+	case s == nil && m.cfg.Strict:
+		return &SequenceError{Op: "append", Seq: seq, Err: ErrUnknownSequence}
+	}
+	return nil
+}
+
+// take takes the transaction's blocks near the sequence's last one, and with cow copies the
+// shared tail into the first. A failure is a *BlocksError with the numbers, wrapping the cause;
+// the blocks are given back.
+func (tx *appendTx) take() error {
+	m, s := tx.m, tx.s
+	if tx.need == 0 {
+		return nil
+	}
+	hint := int32(-1)
+	if len(s.Blocks) > 0 {
+		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
+	}
+	err := m.takeBlocks(tx.need, hint)
+	if err == nil && tx.cow {
+		tail := s.Blocks[len(s.Blocks)-1]
+		if err = m.back.copyBlock(m.newBlocks[0], tail); err != nil {
+			m.rollback()
+			err = fmt.Errorf("copy shared tail block %d: %w", tail, err)
+		}
+	}
+	if err != nil {
+		return &BlocksError{Tokens: tx.n, SeqTokens: s.Tokens, Blocks: tx.need, Bytes: uint64(tx.need) * m.cfg.BlockStride(),
+			Free: m.freeBlocks(), Max: m.maxBlocks, Bound: m.bound(), Err: err}
+	}
+	return nil
+}
+
+// commit makes the append happen: the sequence gets its new blocks (the private copy of its
+// tail first), blocks it can no longer read are dropped, and the slots of the n tokens are
+// appended to dst.
+func (tx *appendTx) commit(dst []int64) []int64 {
+	m, s := tx.m, tx.s
+	if tx.need > 0 {
+		m.commitEvictions()
+		blocks := m.newBlocks
+		if tx.cow {
+			m.counters.cows++
+			m.arena.unref(s.Blocks[len(s.Blocks)-1])
+			s.Blocks[len(s.Blocks)-1] = blocks[0]
+			blocks = blocks[1:]
+		}
+		s.Blocks = append(s.Blocks, blocks...)
+	}
+	m.dropOutOfReach(s)
+	if tx.n > 0 && !m.tailWritable(s) { // a cached tail held by s alone (a shared one was copied)
+		k, _ := m.arena.uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
+		m.emitRemoved(k)
+	}
+	dst = m.appendSlots(s, tx.n, dst)
+	if tx.created {
+		m.counters.implicit++
+	}
+	if m.spare() < m.cfg.ReservePages {
+		m.kick()
+	}
+	return dst
+}
+
+// abort undoes a prepared append: its blocks, pages and evictions go back, and a sequence it
+// created is removed.
+func (tx *appendTx) abort() {
+	if tx.need > 0 {
+		tx.m.rollback()
+	}
+	if tx.created {
+		tx.m.seqs.Remove(tx.s)
+	}
+}
