@@ -31,7 +31,7 @@ type SeqID = sequence.ID
 // Device work the manager does itself (copying a shared tail block on the first append after a
 // Fork) is synchronous on the device's default stream.
 type Manager struct {
-	mu     sync.Mutex
+	mu     *sync.Mutex // its own, or the one of its Hybrid's groups
 	cfg    Config
 	back   backing
 	static bool       // the backing never maps or unmaps (runtime-owned memory)
@@ -139,6 +139,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		host = newHostTier(int32(npages*bpp), cfg.HostBlocks)
 	}
 	return &Manager{
+		mu:        new(sync.Mutex),
 		host:      host,
 		cfg:       cfg,
 		back:      b,
@@ -285,22 +286,46 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block has room, and no fork
 	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
 	// overflow here).
-	if ok && !s.Keyed && !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) && !m.reachMoved(s) {
+	if ok && !s.Keyed && m.fastAppend(s, n) {
 		dst = m.appendSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
 	}
 	defer m.mu.Unlock()
-	if ok && s.Keyed && n > 0 && m.cfg.Strict && !m.closed {
-		return dst, &SequenceError{Op: "append", Seq: seq, Err: ErrNeedsTokenIDs}
+	if err := m.checkCounts(s, seq, n); err != nil {
+		return dst, err
 	}
 	out, err := m.appendSlow(s, seq, n, dst)
-	if err == nil && ok && s.Keyed && n > 0 { // tokens without ids: the sequence's later blocks cannot be keyed
-		s.ResetPrefix()
-		m.counters.unkeyed++
+	if err == nil {
+		m.afterCounts(s, n)
 	}
 	m.publish()
 	return out, err
+}
+
+// fastAppend reports whether n more tokens of s need no block work at all: they fit its last
+// block, which is its own to write, and no block falls out of its reach. No count can overflow
+// then (n <= TailRoom < BlockTokens).
+func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
+	return !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep &&
+		m.tailWritable(s) && !m.reachMoved(s)
+}
+
+// checkCounts refuses, under Strict, tokens without ids for keyed sequence s (nil: none).
+func (m *Manager) checkCounts(s *sequence.Sequence, seq SeqID, n int) error {
+	if s != nil && s.Keyed && n > 0 && m.cfg.Strict && !m.closed {
+		return &SequenceError{Op: "append", Seq: seq, Err: ErrNeedsTokenIDs}
+	}
+	return nil
+}
+
+// afterCounts ends the caching of keyed sequence s (nil: one the append created) that took n > 0
+// tokens without ids: its later blocks cannot be keyed.
+func (m *Manager) afterCounts(s *sequence.Sequence, n int) {
+	if s != nil && s.Keyed && n > 0 {
+		s.ResetPrefix()
+		m.counters.unkeyed++
+	}
 }
 
 // tailWritable reports whether the block the next token of s goes to may be written in place:
@@ -538,6 +563,12 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	if err != nil {
 		return err
 	}
+	m.free(s)
+	return nil
+}
+
+// free drops sequence s and releases its blocks; the lock is held.
+func (m *Manager) free(s *sequence.Sequence) {
 	// Last block first: cached blocks go idle tail first, so the tail is evicted before the
 	// prefix other prompts share (as vLLM frees).
 	for i := len(s.Blocks) - 1; i >= 0; i-- {
@@ -555,7 +586,6 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return nil
 }
 
 // Fork creates dst as a copy of src that shares src's blocks by reference count. Full blocks
@@ -567,19 +597,34 @@ func (m *Manager) Fork(src, dst SeqID) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.usable("fork", src); err != nil {
-		return err
-	}
-	s, err := m.lookup("fork", src)
+	s, err := m.checkFork(src, dst)
 	if err != nil {
 		return err
 	}
+	return m.fork(s, dst)
+}
+
+// checkFork returns src, or the error of forking it to dst; the lock is held.
+func (m *Manager) checkFork(src, dst SeqID) (*sequence.Sequence, error) {
+	if err := m.usable("fork", src); err != nil {
+		return nil, err
+	}
+	s, err := m.lookup("fork", src)
+	if err != nil {
+		return nil, err
+	}
 	if s.Swapped {
-		return &SequenceError{Op: "fork", Seq: src, Err: ErrSwapped}
+		return nil, &SequenceError{Op: "fork", Seq: src, Err: ErrSwapped}
 	}
 	if _, ok := m.seqs.Get(dst); ok {
-		return &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
+		return nil, &SequenceError{Op: "fork", Seq: dst, Err: ErrSequenceExists}
 	}
+	return s, nil
+}
+
+// fork makes dst a copy of s sharing its blocks; the lock is held and checkFork passed. Only
+// the registry can refuse it (a nil one).
+func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 	d, err := m.seqs.Add(dst)
 	if err != nil {
 		return &SequenceError{Op: "fork", Seq: dst, Err: err}
@@ -607,23 +652,38 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.usable("truncate", seq); err != nil {
-		return err
-	}
-	s, err := m.lookup("truncate", seq)
+	s, err := m.checkTruncate(seq, n)
 	if err != nil {
 		return err
 	}
+	m.truncate(s, n)
+	return nil
+}
+
+// checkTruncate returns the sequence, or the error of truncating n tokens; the lock is held.
+func (m *Manager) checkTruncate(seq SeqID, n int) (*sequence.Sequence, error) {
+	if err := m.usable("truncate", seq); err != nil {
+		return nil, err
+	}
+	s, err := m.lookup("truncate", seq)
+	if err != nil {
+		return nil, err
+	}
 	if s.Swapped {
-		return &SequenceError{Op: "truncate", Seq: seq, Err: ErrSwapped}
+		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: ErrSwapped}
 	}
 	if n < 0 || n > s.Tokens {
-		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
+		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
 	}
 	if keep := m.minLength(s); s.Tokens-n < keep {
-		return &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{
+		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{
 			What: fmt.Sprintf("tokens (the blocks before token %d are freed: out of reach)", s.Dropped*m.cfg.BlockTokens), N: n, Max: s.Tokens - keep}}
 	}
+	return s, nil
+}
+
+// truncate drops the last n tokens of s; the lock is held and checkTruncate passed.
+func (m *Manager) truncate(s *sequence.Sequence, n int) {
 	s.Tokens -= n
 	s.Written, s.Hit = min(s.Written, s.Tokens), 0
 	bt := m.cfg.BlockTokens
@@ -639,7 +699,6 @@ func (m *Manager) Truncate(seq SeqID, n int) error {
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return nil
 }
 
 // Len returns the sequence's token count.

@@ -75,24 +75,40 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	root := prefix.Root(p.Namespace, bt) // outside the lock: it hashes
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.usable("start", seq); err != nil {
+	if err := m.checkStart(seq); err != nil {
 		return 0, err
 	}
+	return m.start(seq, p, root, maxPromptBlocks(len(p.Tokens), bt))
+}
+
+// checkStart returns the error of starting seq; the lock is held.
+func (m *Manager) checkStart(seq SeqID) error {
+	if err := m.usable("start", seq); err != nil {
+		return err
+	}
 	if m.asleep {
-		return 0, &SequenceError{Op: "start", Seq: seq, Err: ErrAsleep}
+		return &SequenceError{Op: "start", Seq: seq, Err: ErrAsleep}
 	}
 	if _, ok := m.seqs.Get(seq); ok {
-		return 0, &SequenceError{Op: "start", Seq: seq, Err: ErrSequenceExists}
+		return &SequenceError{Op: "start", Seq: seq, Err: ErrSequenceExists}
 	}
+	return nil
+}
+
+// start creates keyed sequence seq (root: its namespace's) holding the cached blocks of at most
+// maxBlocks of p's leading blocks; the lock is held and checkStart passed. Only the registry can
+// refuse it (a nil one).
+func (m *Manager) start(seq SeqID, p Prompt, root prefix.Key, maxBlocks int) (int, error) {
+	bt := m.cfg.BlockTokens
 	s, err := m.seqs.Add(seq)
 	if err != nil {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
 	}
 	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
-	m.lookupPrefix(s, p)
+	m.lookupPrefix(s, p, maxBlocks)
 	m.arena.holdAll(s.Blocks)
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
-	fetched := m.fetchHost(s, p, maxPromptBlocks(len(p.Tokens), bt))
+	fetched := m.fetchHost(s, p, maxBlocks)
 	s.Tokens = len(s.Keys) * bt
 	s.Written, s.Hit = s.Tokens, s.Tokens
 	m.dropOutOfReach(s) // a window or chunk holds only what its next token reads
@@ -122,11 +138,9 @@ func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
 	return m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
 }
 
-// lookupPrefix walks p's whole blocks (at most len(Tokens)-1 tokens of them) while they are
-// cached, appending their keys to s.Keys (s.Root is the chain's start) and their blocks to
+// lookupPrefix walks p's whole blocks (at most maxBlocks of them) while they are cached, appending their keys to s.Keys (s.Root is the chain's start) and their blocks to
 // s.Blocks. It takes no reference to the blocks.
-func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt) {
-	maxBlocks := maxPromptBlocks(len(p.Tokens), m.cfg.BlockTokens)
+func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, maxBlocks int) {
 	parent := s.Root
 	for i := range maxBlocks {
 		k := m.promptKey(p, i, parent)
@@ -156,32 +170,45 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	n := len(ids)
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
-	if ok && s.Keyed && !s.Swapped && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep && m.tailWritable(s) && !m.reachMoved(s) {
+	if ok && s.Keyed && m.fastAppend(s, n) {
 		dst = m.appendSlots(s, n, dst)
-		s.IDs = append(s.IDs, ids...)
-		if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
-			m.storeBlocks(s)
-			m.publish()
-		}
+		m.fastIDs(s, ids)
 		m.mu.Unlock()
 		return dst, nil
 	}
 	defer m.mu.Unlock()
-	out, err := m.appendSlow(s, seq, n, dst)
+	tx, err := m.prepareAppend(s, seq, n)
 	if err != nil {
-		return out, err
+		return dst, err
 	}
-	if !ok { // created by this call: keyed in the zero namespace
-		s, _ = m.seqs.Get(seq)
+	out := tx.commit(dst)
+	m.afterIDs(tx, ids)
+	m.publish()
+	return out, nil
+}
+
+// fastIDs records the ids of tokens the fast path appended to keyed s, and caches a block they
+// filled.
+func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID) {
+	s.IDs = append(s.IDs, ids...)
+	if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
+		m.storeBlocks(s)
+		m.publish()
+	}
+}
+
+// afterIDs records the ids of a committed append: a sequence it created is keyed in the zero
+// namespace, and a keyed one caches the blocks the ids filled.
+func (m *Manager) afterIDs(tx appendTx, ids []TokenID) {
+	s := tx.s
+	if tx.created {
 		s.Keyed, s.Root = true, m.rootZero()
 	}
 	if s.Keyed {
 		s.IDs = append(s.IDs, ids...)
-		m.checkRepeat(s, n)
+		m.checkRepeat(s, len(ids))
 		m.storeBlocks(s)
 	}
-	m.publish()
-	return out, nil
 }
 
 // checkRepeat counts, on the first append of n > 0 ids after StartSequence found h tokens, an
@@ -562,6 +589,15 @@ type Admission struct {
 	Fits         bool         // NeedBlocks <= Available.Blocks
 }
 
+// cachedRun returns how many of p's leading blocks (at most maxBlocks) are cached in a row,
+// taking nothing: what start would find. The lock is held.
+func (m *Manager) cachedRun(p Prompt, root prefix.Key, maxBlocks int) int {
+	probe := &m.probe
+	probe.Root, probe.Keys, probe.Blocks = root, probe.Keys[:0], probe.Blocks[:0]
+	m.lookupPrefix(probe, p, maxBlocks)
+	return len(probe.Keys)
+}
+
 // Admit says, changing nothing, how much of prompt p is cached and whether the rest fits now:
 // what a scheduler checks before it admits a request. The answer holds until the next call
 // that changes the manager.
@@ -581,7 +617,7 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	}
 	probe := &m.probe // scratch: its Keys and Blocks are reused
 	probe.Root, probe.Keys, probe.Blocks = root, probe.Keys[:0], probe.Blocks[:0]
-	m.lookupPrefix(probe, p)
+	m.lookupPrefix(probe, p, maxPromptBlocks(len(p.Tokens), bt))
 	idleHits := 0
 	for _, b := range probe.Blocks {
 		if m.arena.refs(b) == 0 {

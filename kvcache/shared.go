@@ -96,6 +96,12 @@ func NewSharedMulti(devs []vmm.Device, cfg SharedConfig) (*SharedPool, error) {
 // (ErrExists). A name is 1 to 63 bytes of valid UTF-8 with no control character (a *NameError
 // otherwise), as a ledger member's is: a pool with a Ledger joins it under the model's name.
 func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
+	return s.register(name, cfg, nil)
+}
+
+// register is Register; with mu, the model's manager takes mu as its lock (the groups of a
+// Hybrid share one).
+func (s *SharedPool) register(name string, cfg Config, mu *sync.Mutex) (*Manager, error) {
 	if err := s.check("register"); err != nil {
 		return nil, err
 	}
@@ -121,6 +127,9 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 		}
 		e.member, e.compactOthers = member, s.cfg.CompactOnPressure
 		m.name, m.shared = name, true
+		if mu != nil {
+			m.mu = mu // nothing has locked its own yet
+		}
 		return nil
 	}
 	var m *Manager
