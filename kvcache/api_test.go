@@ -75,6 +75,10 @@ func managerObject(build func(dev vmm.Device) (*kvcache.Manager, func() error)) 
 	}
 }
 
+func apiHybridConfig() kvcache.HybridConfig {
+	return kvcache.HybridConfig{Geometry: smallHybrid(true), Limit: 16 << 20, Capacity: 2 << 20, NoBackground: true}
+}
+
 func apiConfig() kvcache.Config {
 	c := tinyConfig()
 	c.Capacity, c.HostBlocks, c.HostPrefixCache = 16*c.PageSize, 8, true
@@ -279,6 +283,58 @@ func apiValues(t reflect.Type) []apitest.Maker {
 		return []apitest.Maker{val([]kvcache.SeqID{1, 3}), val([]kvcache.SeqID{1, 1, 2}), val([]kvcache.SeqID{99}), val([]kvcache.SeqID{math.MaxUint64})}
 	case reflect.TypeFor[string]():
 		return []apitest.Maker{val("a"), val("b"), val("gemma-3-27b")}
+	case reflect.TypeFor[*kvcache.Hybrid]():
+		made := func(closed bool) apitest.Maker {
+			return func() apitest.Object {
+				dev, closeDev := apiDevice()
+				h, err := kvcache.NewHybrid(dev, apiHybridConfig())
+				if err != nil {
+					panic(err)
+				}
+				dst := make([][]int64, h.Groups())
+				if _, err := h.AppendTokens(1, 10, dst); err != nil {
+					panic(err)
+				}
+				if err := h.Fork(1, 2); err != nil {
+					panic(err)
+				}
+				if _, err := h.AppendTokens(3, 40, dst); err != nil {
+					panic(err)
+				}
+				if closed {
+					_ = h.Close()
+				}
+				return apitest.Object{
+					V: reflect.ValueOf(h),
+					State: func() any {
+						var st []managerState
+						for g := range h.Groups() {
+							s := stateOf(h.Group(g))
+							s.Gen = 0 // a rolled-back page counts in MapGeneration
+							st = append(st, s)
+						}
+						return st
+					},
+					Check: func() error {
+						if closed {
+							return nil
+						}
+						return h.Verify()
+					},
+					Probe: func() { h.Stats() },
+					Close: func() error { _ = h.Close(); return closeDev() },
+				}
+			}
+		}
+		return []apitest.Maker{made(false), made(true), func() apitest.Object { return apitest.Object{V: reflect.ValueOf(&kvcache.Hybrid{})} }}
+	case reflect.TypeFor[kvcache.HybridConfig]():
+		bad := apiHybridConfig()
+		bad.Geometry.Groups[1].Window = 0
+		huge := apiHybridConfig()
+		huge.Capacity, huge.Limit = math.MaxUint64, math.MaxUint64
+		return []apitest.Maker{val(apiHybridConfig()), val(bad), val(huge), val(kvcache.HybridConfig{})}
+	case reflect.TypeFor[[][]int64]():
+		return []apitest.Maker{val(make([][]int64, 5)), val(make([][]int64, 2)), val([][]int64(nil))}
 	case reflect.TypeFor[kvcache.Geometry]():
 		var out []apitest.Maker
 		for _, name := range kvcache.Models() {
@@ -299,10 +355,11 @@ func apiValues(t reflect.Type) []apitest.Maker {
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models},
+		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models, kvcache.NewHybrid},
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil), (*kvcache.SwapError)(nil),
-			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil)},
+			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil),
+			(*kvcache.Hybrid)(nil), (*kvcache.GroupOpError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,
 	}

@@ -52,6 +52,11 @@ type Config struct {
 	// length; KVHeads, HeadDim, VHeadDim and ElemSize are then unused and BlockTokens is set to
 	// MaxSequenceTokens. A fork shares the state until either appends (which copies it).
 	StateBytes uint64
+	// BlockPadding is unused bytes at the end of every block, a multiple of 16, so that a page of
+	// whole granules holds whole blocks whatever a block's size (a layer group's arena, whose
+	// blocks are 4.3 MiB for DeepSeek's 61 MLA layers, pads them to 4.375 MiB: 16 to a 70 MiB
+	// page). 0 for none.
+	BlockPadding uint64
 
 	// Capacity is the virtual size of the arena in bytes, rounded up to whole pages; 0 means 4x
 	// the device's memory, clamped to MaxPages pages and MaxBlocks blocks. It costs no physical
@@ -204,6 +209,9 @@ func (c Config) validateState() error {
 
 // validateArena checks the settings that do not depend on what a block holds.
 func (c Config) validateArena() error {
+	if c.BlockPadding%16 != 0 || c.BlockPadding > MaxBlockStride/2 {
+		return &ConfigError{Field: "BlockPadding", Value: c.BlockPadding, Reason: fmt.Sprintf("a multiple of 16 bytes, at most %d", uint64(MaxBlockStride/2))}
+	}
 	if c.PageSize != 0 && c.PageSize%c.BlockStride() != 0 {
 		return fmt.Errorf("kvcache config: %w", &vmm.AlignmentError{What: "page size", Value: c.PageSize, Align: c.BlockStride()})
 	}
@@ -341,7 +349,7 @@ func (c Config) LayerStride() uint64 {
 
 // BlockStride returns the distance between consecutive blocks: all layers' K and V (or
 // states) of one block.
-func (c Config) BlockStride() uint64 { return uint64(c.Layers) * c.LayerStride() }
+func (c Config) BlockStride() uint64 { return uint64(c.Layers)*c.LayerStride() + c.BlockPadding }
 
 // BlocksPerPage returns how many blocks one page holds (0 while PageSize is not set).
 func (c Config) BlocksPerPage() int {

@@ -158,6 +158,13 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	}
 }
 
+// closedNow reports whether m is closed, under its lock.
+func (m *Manager) closedNow() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.closed
+}
+
 // made reports whether m is a manager made by New, NewStatic or SharedPool.Register. Every
 // method checks it first, so a nil or zero Manager gets an error (or a zero result), never a
 // panic.

@@ -249,25 +249,40 @@ func (m *Manager) MarkWritten(seq SeqID, n int) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.usable("mark written", seq); err != nil {
-		return err
-	}
-	s, err := m.lookup("mark written", seq)
+	s, err := m.checkMark(seq, n)
 	if err != nil {
 		return err
 	}
+	m.mark(s, n)
+	return nil
+}
+
+// checkMark returns the sequence, or the error of marking n of its tokens written; the lock is
+// held.
+func (m *Manager) checkMark(seq SeqID, n int) (*sequence.Sequence, error) {
+	if err := m.usable("mark written", seq); err != nil {
+		return nil, err
+	}
+	s, err := m.lookup("mark written", seq)
+	if err != nil {
+		return nil, err
+	}
 	if s.Swapped {
-		return &SequenceError{Op: "mark written", Seq: seq, Err: ErrSwapped}
+		return nil, &SequenceError{Op: "mark written", Seq: seq, Err: ErrSwapped}
 	}
 	if n < 0 || n > s.Tokens {
-		return &SequenceError{Op: "mark written", Seq: seq, Err: &CountError{What: "written tokens", N: n, Max: s.Tokens}}
+		return nil, &SequenceError{Op: "mark written", Seq: seq, Err: &CountError{What: "written tokens", N: n, Max: s.Tokens}}
 	}
+	return s, nil
+}
+
+// mark moves s's written mark to n and caches the blocks that became written; checkMark passed.
+func (m *Manager) mark(s *sequence.Sequence, n int) {
 	s.Written = max(s.Written, n)
 	if s.Keyed && m.keyable(s) > len(s.Keys) {
 		m.storeBlocks(s)
 		m.publish()
 	}
-	return nil
 }
 
 // rootZero returns the root of the zero Namespace, computed once.

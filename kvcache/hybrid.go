@@ -1,0 +1,618 @@
+package kvcache
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// HybridConfig configures a Hybrid: a model's Geometry and what every group's arena shares.
+type HybridConfig struct {
+	Geometry Geometry
+	// Limit bounds the physical bytes all groups map together (one budget); 0 means the
+	// device's memory.
+	Limit uint64
+	// Capacity is each group's virtual reservation in bytes (0: as Config.Capacity's default).
+	Capacity uint64
+	// PrefixCacheBytes bounds each group's idle cached blocks, as Config.PrefixCacheBytes.
+	PrefixCacheBytes uint64
+	// CompactOnPressure lets a group short of memory compact the others (SharedConfig's).
+	CompactOnPressure bool
+	// WaitForWrites, Strict and NoBackground apply to every group, as in Config.
+	WaitForWrites, Strict, NoBackground bool
+}
+
+// Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
+// groups (full attention, sliding windows, chunks, MLA latents, recurrent states), each its own
+// elastic arena with its own block size and block table, all under one physical budget. One
+// sequence id spans every group. Appends, starts, forks, truncations and frees act on every
+// group at once, all or nothing: a group that cannot take its part (out of memory, a driver
+// failing) leaves every group as it was.
+//
+// Group(i) returns group i's Manager, for what is read per group: its block table (ExportVLLM,
+// ExportFlashInfer, DeviceTables), Layout, Shards, Blocks, Slots, Stats. Change sequences through
+// the Hybrid, not through a group, or the groups disagree. Window and chunk groups drop blocks
+// that fall out of reach (NullBlock in their tables); a recurrent group holds one state block per
+// sequence (its table's one entry is the state's index), copied on the first append after a
+// fork.
+//
+// A prefix hit is the longest length every group serves, in whole blocks of every group: a
+// group of full attention or MLA needs all its blocks of the prefix, a window or chunk group the
+// blocks its next token reads, and a recurrent group a state at that position, which it never
+// keeps yet (no checkpoints): with a recurrent group, nothing hits.
+//
+// Safe for concurrent use: the groups share one lock, so a decode step across all of them takes
+// it once. The Hybrid owns its groups' managers and borrows the Device.
+type Hybrid struct {
+	geom   Geometry
+	pool   *SharedPool
+	groups []*Manager
+	mu     *sync.Mutex // every group's lock
+
+	// guarded by mu: the transactions of the operation under way, and scratch
+	txs     []appendTx
+	scratch []int64
+	roots   []prefix.Key
+}
+
+// NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
+// multiple of the device granularity that holds whole blocks, under one budget of cfg.Limit. An
+// unusable geometry is a *GroupError or *ConfigError.
+func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
+	if dev == nil {
+		return nil, fmt.Errorf("kvcache: hybrid: %w: nil device", ErrInvalidArgument)
+	}
+	g := cfg.Geometry
+	if err := g.Validate(); err != nil {
+		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
+	}
+	info := dev.Info()
+	limit := cfg.Limit
+	if limit == 0 {
+		limit = info.TotalMemory
+	}
+	pool, err := NewShared(dev, SharedConfig{Limit: limit, CompactOnPressure: cfg.CompactOnPressure})
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
+	}
+	h := &Hybrid{geom: cloneGeometry(g), pool: pool, mu: new(sync.Mutex)}
+	for i, grp := range g.Groups {
+		gc, err := groupConfig(grp, cfg, info.Granularity)
+		if err == nil {
+			var m *Manager
+			m, err = pool.register(groupName(i, grp), gc, h.mu)
+			h.groups = append(h.groups, m)
+		}
+		if err != nil {
+			_ = pool.Close()
+			return nil, &GroupOpError{Group: i, Name: grp.Name, Err: err}
+		}
+	}
+	h.txs = make([]appendTx, 0, len(h.groups))
+	h.roots = make([]prefix.Key, len(h.groups))
+	return h, nil
+}
+
+// groupName names group i's model in the pool (a valid, unique name).
+func groupName(i int, g LayerGroup) string {
+	return fmt.Sprintf("group-%d", i)
+}
+
+// cloneGeometry copies g's slices, so that the caller's changes do not reach the Hybrid.
+func cloneGeometry(g Geometry) Geometry {
+	out := g
+	out.Groups = make([]LayerGroup, len(g.Groups))
+	for i, grp := range g.Groups {
+		grp.Layers = append([]int(nil), grp.Layers...)
+		grp.KScales = append([]float32(nil), grp.KScales...)
+		grp.VScales = append([]float32(nil), grp.VScales...)
+		out.Groups[i] = grp
+	}
+	return out
+}
+
+// groupConfig returns the Config of group g's arena: its layers' K/V (or state) layout, its
+// window or chunk, and a page of whole granules holding a power of two of whole blocks, about
+// one granule per layer (the blocks padded to fit exactly: at most one granule a page wasted).
+func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
+	c := Config{
+		Layers: len(g.Layers), KVHeads: g.KVHeads, HeadDim: g.KHeadDim, ElemSize: g.DType.Size(), BlockTokens: g.BlockTokens,
+		KOnly: g.VHeadDim == 0, Capacity: hc.Capacity, PrefixCacheBytes: hc.PrefixCacheBytes,
+		WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
+	}
+	if g.VHeadDim != 0 && g.VHeadDim != g.KHeadDim {
+		c.VHeadDim = g.VHeadDim
+	}
+	switch g.Kind {
+	case SlidingWindow:
+		c.Window, c.Sinks = g.Window, g.Sinks
+	case ChunkedAttention:
+		c.Chunk = g.Window
+	case RecurrentState:
+		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, Capacity: hc.Capacity,
+			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground}
+	}
+	if gran == 0 || gran%16 != 0 {
+		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be a positive multiple of 16"}
+	}
+	stride := c.BlockStride()
+	target, ok := checked.Mul(uint64(c.Layers), gran)
+	if !ok {
+		return c, &ConfigError{Field: "PageSize", Reason: "one granule per layer overflows"}
+	}
+	n := uint64(1) // blocks a page: the largest power of two that fits the target, and divides a granule into 16-byte parts
+	for n*2*stride <= target && n*2 <= gran/16 {
+		n *= 2
+	}
+	page, ok := checked.Mul(n, stride)
+	if !ok || page > MaxBlockStride {
+		return c, &ConfigError{Field: "PageSize", Value: page, Reason: fmt.Sprintf("%d blocks of %d bytes", n, stride)}
+	}
+	page = (page + gran - 1) / gran * gran
+	c.PageSize, c.BlockPadding = page, page/n-stride
+	return c, c.Validate()
+}
+
+// made reports whether h is a Hybrid made by NewHybrid.
+func (h *Hybrid) made() bool { return h != nil && h.pool != nil }
+
+// errHybridNotMade is the cause of every call on a nil or zero Hybrid.
+var errHybridNotMade = fmt.Errorf("%w: nil hybrid, or one not made by NewHybrid", ErrInvalidArgument)
+
+// Geometry returns the model's geometry (a copy).
+func (h *Hybrid) Geometry() Geometry {
+	if !h.made() {
+		return Geometry{}
+	}
+	return cloneGeometry(h.geom)
+}
+
+// Groups returns how many layer groups the model has.
+func (h *Hybrid) Groups() int {
+	if !h.made() {
+		return 0
+	}
+	return len(h.groups)
+}
+
+// Group returns group i's manager (nil outside [0, Groups())): read its tables, layout and
+// statistics; change sequences through the Hybrid.
+func (h *Hybrid) Group(i int) *Manager {
+	if !h.made() || i < 0 || i >= len(h.groups) {
+		return nil
+	}
+	return h.groups[i]
+}
+
+// groupErr names the group an error came from.
+func (h *Hybrid) groupErr(i int, err error) error {
+	return &GroupOpError{Group: i, Name: h.geom.Groups[i].Name, Err: err}
+}
+
+// GroupOpError reports which layer group refused an operation of a Hybrid; it unwraps to the
+// group manager's error (a *SequenceError, a *BlocksError, ...).
+type GroupOpError struct {
+	Group int
+	Name  string
+	Err   error
+}
+
+// Error describes the failure.
+func (e *GroupOpError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	return fmt.Sprintf("kvcache: hybrid: layer group %d (%q): %s", e.Group, e.Name, strings.TrimPrefix(fmt.Sprint(e.Err), "kvcache: "))
+}
+
+// Unwrap returns the group's error.
+func (e *GroupOpError) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.Err
+}
+
+// AddSequence creates an empty sequence in every group.
+func (h *Hybrid) AddSequence(seq SeqID) error {
+	if !h.made() {
+		return &SequenceError{Op: "add", Seq: seq, Err: errHybridNotMade}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if err := m.usable("add", seq); err != nil {
+			return h.groupErr(i, err)
+		}
+		if _, ok := m.seqs.Get(seq); ok {
+			return h.groupErr(i, &SequenceError{Op: "add", Seq: seq, Err: ErrSequenceExists})
+		}
+	}
+	for i, m := range h.groups {
+		if _, err := m.seqs.Add(seq); err != nil {
+			for _, done := range h.groups[:i] {
+				s, _ := done.seqs.Get(seq)
+				done.seqs.Remove(s)
+			}
+			return h.groupErr(i, &SequenceError{Op: "add", Seq: seq, Err: err})
+		}
+	}
+	return nil
+}
+
+// AppendTokens adds n tokens to the sequence in every group and appends each attention group's
+// slots to dst[i] (a recurrent group's dst[i] is left as it is): dst must have Groups() entries,
+// which it returns. All or nothing: on an error (a *GroupOpError naming the group, wrapping what
+// that group's AppendTokens would return) every group and dst are as before. The decode step
+// takes the lock once and allocates nothing.
+func (h *Hybrid) AppendTokens(seq SeqID, n int, dst [][]int64) ([][]int64, error) {
+	return h.append(seq, n, nil, dst)
+}
+
+// AppendTokenIDs is AppendTokens for tokens whose ids are known (Manager.AppendTokenIDs in every
+// group: their blocks become cached as they fill).
+func (h *Hybrid) AppendTokenIDs(seq SeqID, ids []TokenID, dst [][]int64) ([][]int64, error) {
+	return h.append(seq, len(ids), ids, dst)
+}
+
+// append is AppendTokens (ids nil) and AppendTokenIDs.
+func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int64, error) {
+	if !h.made() {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: errHybridNotMade}
+	}
+	if len(dst) != len(h.groups) {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "slot lists", N: len(dst), Max: len(h.groups)}}
+	}
+	keyed := ids != nil
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.fast(seq, n, keyed) {
+		for i, m := range h.groups {
+			s, _ := m.seqs.Get(seq)
+			out := m.appendSlots(s, n, h.slotsOf(i, dst))
+			if keyed {
+				m.fastIDs(s, ids)
+			}
+			h.keep(i, dst, out)
+		}
+		return dst, nil
+	}
+	h.txs = h.txs[:0]
+	for i, m := range h.groups {
+		s, _ := m.seqs.Get(seq)
+		var err error
+		if !keyed {
+			err = m.checkCounts(s, seq, n)
+		}
+		var tx appendTx
+		if err == nil {
+			tx, err = m.prepareAppend(s, seq, n)
+		}
+		if err != nil {
+			for j := len(h.txs) - 1; j >= 0; j-- {
+				h.txs[j].abort()
+			}
+			return dst, h.groupErr(i, err)
+		}
+		h.txs = append(h.txs, tx)
+	}
+	for i, tx := range h.txs {
+		m := h.groups[i]
+		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
+		if keyed {
+			m.afterIDs(tx, ids)
+		} else if !tx.created {
+			m.afterCounts(tx.s, n)
+		}
+		m.publish()
+	}
+	return dst, nil
+}
+
+// fast reports whether every group can take n tokens of seq on its fast path (no block work).
+func (h *Hybrid) fast(seq SeqID, n int, keyed bool) bool {
+	for _, m := range h.groups {
+		s, ok := m.seqs.Get(seq)
+		if !ok || s.Keyed != keyed || !m.fastAppend(s, n) {
+			return false
+		}
+	}
+	return true
+}
+
+// slotsOf returns where group i's slots go: dst[i], or scratch for a recurrent group, whose
+// slots mean nothing.
+func (h *Hybrid) slotsOf(i int, dst [][]int64) []int64 {
+	if h.groups[i].cfg.StateBytes > 0 {
+		return h.scratch[:0]
+	}
+	return dst[i]
+}
+
+// keep stores group i's slots back into dst (or the scratch).
+func (h *Hybrid) keep(i int, dst [][]int64, out []int64) {
+	if h.groups[i].cfg.StateBytes > 0 {
+		h.scratch = out[:0]
+		return
+	}
+	dst[i] = out
+}
+
+// MarkWritten marks the K/V of the sequence's first n tokens written in every group (see
+// Manager.MarkWritten): each group checks first, then all mark.
+func (h *Hybrid) MarkWritten(seq SeqID, n int) error {
+	if !h.made() {
+		return &SequenceError{Op: "mark written", Seq: seq, Err: errHybridNotMade}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if _, err := m.checkMark(seq, n); err != nil {
+			return h.groupErr(i, err)
+		}
+	}
+	for _, m := range h.groups {
+		s, _ := m.checkMark(seq, n)
+		m.mark(s, n)
+	}
+	return nil
+}
+
+// StartSequence creates the sequence in every group for a prompt and returns the tokens found
+// cached: the longest prefix every group serves, in whole blocks of each (see Hybrid). The
+// runtime computes the rest and appends it with AppendTokenIDs.
+func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
+	if !h.made() {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: errHybridNotMade}
+	}
+	if len(p.Tokens) > MaxSequenceTokens {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens}}
+	}
+	for i, g := range h.geom.Groups {
+		if g.Kind != RecurrentState && len(p.Keys) > len(p.Tokens)/g.BlockTokens {
+			return 0, h.groupErr(i, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / g.BlockTokens}})
+		}
+	}
+	roots := make([]prefix.Key, len(h.groups)) // outside the lock: hashing
+	for i, m := range h.groups {
+		roots[i] = prefix.Root(p.Namespace, m.cfg.BlockTokens)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if err := m.checkStart(seq); err != nil {
+			return 0, h.groupErr(i, err)
+		}
+	}
+	hit := h.hitTokens(p, roots)
+	for i, m := range h.groups {
+		gp := p
+		if m.cfg.StateBytes > 0 || len(p.Keys) > 0 && h.geom.Groups[i].BlockTokens != h.keyBlockTokens() {
+			gp.Keys = nil // keys are computed for one block size
+		}
+		maxBlocks := hit / m.cfg.BlockTokens
+		if _, err := m.start(seq, gp, roots[i], maxBlocks); err != nil {
+			for _, done := range h.groups[:i] {
+				s, _ := done.seqs.Get(seq)
+				done.free(s)
+			}
+			return 0, h.groupErr(i, err)
+		}
+	}
+	return hit, nil
+}
+
+// keyBlockTokens is the block size Prompt.Keys are taken to be for: the first attention group's.
+func (h *Hybrid) keyBlockTokens() int {
+	for _, g := range h.geom.Groups {
+		if g.Kind != RecurrentState {
+			return g.BlockTokens
+		}
+	}
+	return 0
+}
+
+// hitTokens returns the longest prefix of p every group serves: the shortest of the groups'
+// cached runs, rounded down to whole blocks of every group; 0 with a recurrent group (it keeps
+// no states at block boundaries). The lock is held.
+func (h *Hybrid) hitTokens(p Prompt, roots []prefix.Key) int {
+	hit := max(0, len(p.Tokens)-1)
+	for i, m := range h.groups {
+		if m.cfg.StateBytes > 0 {
+			return 0
+		}
+		gp := p
+		if len(p.Keys) > 0 && h.geom.Groups[i].BlockTokens != h.keyBlockTokens() {
+			gp.Keys = nil
+		}
+		bt := m.cfg.BlockTokens
+		hit = min(hit, m.cachedRun(gp, roots[i], hit/bt)*bt)
+	}
+	for again := true; again; { // whole blocks of every group
+		again = false
+		for _, m := range h.groups {
+			if r := hit % m.cfg.BlockTokens; r != 0 {
+				hit -= r
+				again = true
+			}
+		}
+	}
+	return hit
+}
+
+// FreeSequence drops the sequence from every group.
+func (h *Hybrid) FreeSequence(seq SeqID) error {
+	if !h.made() {
+		return &SequenceError{Op: "free", Seq: seq, Err: errHybridNotMade}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if err := m.usable("free", seq); err != nil {
+			return h.groupErr(i, err)
+		}
+		if _, err := m.lookup("free", seq); err != nil {
+			return h.groupErr(i, err)
+		}
+	}
+	for _, m := range h.groups {
+		s, _ := m.seqs.Get(seq)
+		m.free(s)
+	}
+	return nil
+}
+
+// Fork creates dst as a copy of src in every group (sharing blocks; a recurrent state is copied
+// by the first append to either).
+func (h *Hybrid) Fork(src, dst SeqID) error {
+	if !h.made() {
+		return &SequenceError{Op: "fork", Seq: src, Err: errHybridNotMade}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if _, err := m.checkFork(src, dst); err != nil {
+			return h.groupErr(i, err)
+		}
+	}
+	for i, m := range h.groups {
+		s, _ := m.seqs.Get(src)
+		if err := m.fork(s, dst); err != nil {
+			for _, done := range h.groups[:i] {
+				d, _ := done.seqs.Get(dst)
+				done.free(d)
+			}
+			return h.groupErr(i, err)
+		}
+	}
+	return nil
+}
+
+// Truncate drops the last n tokens of the sequence in every group. A truncation back into
+// what a window or chunk group dropped is refused (a *GroupOpError wrapping a *CountError whose
+// Max is the most that may go).
+func (h *Hybrid) Truncate(seq SeqID, n int) error {
+	if !h.made() {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: errHybridNotMade}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, m := range h.groups {
+		if _, err := m.checkTruncate(seq, n); err != nil {
+			return h.groupErr(i, err)
+		}
+	}
+	for _, m := range h.groups {
+		s, _ := m.seqs.Get(seq)
+		m.truncate(s, n)
+	}
+	return nil
+}
+
+// Len returns the sequence's token count.
+func (h *Hybrid) Len(seq SeqID) (int, error) {
+	if !h.made() {
+		return 0, &SequenceError{Op: "len", Seq: seq, Err: errHybridNotMade}
+	}
+	return h.groups[0].Len(seq)
+}
+
+// Compact compacts every group (see Manager.Compact), with opts for each.
+func (h *Hybrid) Compact(opts CompactOptions) (CompactResult, error) {
+	if !h.made() {
+		return CompactResult{}, fmt.Errorf("kvcache: compact: %w", errHybridNotMade)
+	}
+	var sum CompactResult
+	for i, m := range h.groups {
+		r, err := m.Compact(opts)
+		if err != nil {
+			return sum, h.groupErr(i, err)
+		}
+		sum.BlocksMoved += r.BlocksMoved
+		sum.BytesMoved += r.BytesMoved
+		sum.PagesReleased += r.PagesReleased
+	}
+	return sum, nil
+}
+
+// HybridStats is a snapshot of every group, and what they map together.
+type HybridStats struct {
+	Groups      []Stats
+	MappedBytes uint64
+}
+
+// Stats returns each group's Stats and their mapped bytes together (the zero HybridStats for a
+// nil Hybrid). It allocates the Groups slice.
+func (h *Hybrid) Stats() HybridStats {
+	if !h.made() {
+		return HybridStats{}
+	}
+	var st HybridStats
+	for _, m := range h.groups {
+		s := m.Stats()
+		st.Groups = append(st.Groups, s)
+		st.MappedBytes += s.MappedBytes
+	}
+	return st
+}
+
+// Settle applies every group's watermarks now (Manager.Settle).
+func (h *Hybrid) Settle() error {
+	if !h.made() {
+		return fmt.Errorf("kvcache: settle: %w", errHybridNotMade)
+	}
+	for i, m := range h.groups {
+		if err := m.Settle(); err != nil {
+			return h.groupErr(i, err)
+		}
+	}
+	return nil
+}
+
+// Verify checks every group's invariants, and that the groups hold the same sequences with the
+// same lengths.
+func (h *Hybrid) Verify() error {
+	if !h.made() {
+		return fmt.Errorf("kvcache: verify: %w", errHybridNotMade)
+	}
+	if h.groups[0].closedNow() {
+		return fmt.Errorf("kvcache: verify: %w", ErrClosed)
+	}
+	var errs []error
+	for i, m := range h.groups {
+		if err := m.Verify(); err != nil {
+			errs = append(errs, h.groupErr(i, err))
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	first := h.groups[0]
+	for i, m := range h.groups[1:] {
+		if m.seqs.Len() != first.seqs.Len() {
+			errs = append(errs, fmt.Errorf("kvcache: verify: group %d holds %d sequences, group 0 %d", i+1, m.seqs.Len(), first.seqs.Len()))
+		}
+	}
+	first.seqs.All(func(s *sequence.Sequence) bool {
+		for i, m := range h.groups[1:] {
+			if o, ok := m.seqs.Get(s.ID); !ok || o.Tokens != s.Tokens {
+				errs = append(errs, fmt.Errorf("kvcache: verify: sequence %d: group %d disagrees with group 0 (%d tokens)", s.ID, i+1, s.Tokens))
+			}
+		}
+		return true
+	})
+	return errors.Join(errs...)
+}
+
+// Close releases every group's memory. A second Close returns ErrClosed.
+func (h *Hybrid) Close() error {
+	if !h.made() {
+		return fmt.Errorf("kvcache: close: %w", errHybridNotMade)
+	}
+	return h.pool.Close()
+}
