@@ -24,8 +24,10 @@ type HybridConfig struct {
 	PrefixCacheBytes uint64
 	// CompactOnPressure lets a group short of memory compact the others (SharedConfig's).
 	CompactOnPressure bool
-	// WaitForWrites, Strict and NoBackground apply to every group, as in Config.
+	// WaitForWrites, Strict and NoBackground apply to every group, as in Config, and so do
+	// ReservePages and HighWatermark (in each group's pages).
 	WaitForWrites, Strict, NoBackground bool
+	ReservePages, HighWatermark         int
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -59,6 +61,7 @@ type Hybrid struct {
 	txs     []appendTx
 	scratch []int64
 	roots   []prefix.Key
+	found   []*sequence.Sequence // the sequence in each group, as fast found them
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -95,6 +98,7 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 		}
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
+	h.found = make([]*sequence.Sequence, len(h.groups))
 	h.roots = make([]prefix.Key, len(h.groups))
 	return h, nil
 }
@@ -125,6 +129,7 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 		Layers: len(g.Layers), KVHeads: g.KVHeads, HeadDim: g.KHeadDim, ElemSize: g.DType.Size(), BlockTokens: g.BlockTokens,
 		KOnly: g.VHeadDim == 0, Capacity: hc.Capacity, PrefixCacheBytes: hc.PrefixCacheBytes,
 		WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
+		ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark,
 	}
 	if g.VHeadDim != 0 && g.VHeadDim != g.KHeadDim {
 		c.VHeadDim = g.VHeadDim
@@ -136,7 +141,8 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 		c.Chunk = g.Window
 	case RecurrentState:
 		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, Capacity: hc.Capacity,
-			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground}
+			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
+			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark}
 	}
 	if gran == 0 || gran%16 != 0 {
 		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be a positive multiple of 16"}
@@ -274,7 +280,7 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	defer h.mu.Unlock()
 	if h.fast(seq, n, keyed) {
 		for i, m := range h.groups {
-			s, _ := m.seqs.Get(seq)
+			s := h.found[i]
 			out := m.appendSlots(s, n, h.slotsOf(i, dst))
 			if keyed {
 				m.fastIDs(s, ids)
@@ -317,11 +323,12 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 
 // fast reports whether every group can take n tokens of seq on its fast path (no block work).
 func (h *Hybrid) fast(seq SeqID, n int, keyed bool) bool {
-	for _, m := range h.groups {
+	for i, m := range h.groups {
 		s, ok := m.seqs.Get(seq)
 		if !ok || s.Keyed != keyed || !m.fastAppend(s, n) {
 			return false
 		}
+		h.found[i] = s
 	}
 	return true
 }

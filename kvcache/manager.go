@@ -343,7 +343,7 @@ func (m *Manager) tailWritable(s *sequence.Sequence) bool {
 	if s.Tokens%bt == 0 {
 		return true
 	}
-	pg, i := m.arena.slot(s.Blocks[s.Tokens/bt])
+	pg, i := m.arena.slot(s.Blocks[s.Tokens/bt]) // during an append's commit, Blocks may be longer
 	return pg.entries == nil || pg.entries[i] == nil
 }
 

@@ -35,9 +35,20 @@ func (m *Manager) outOfReach(s *sequence.Sequence) int {
 }
 
 // reachMoved reports whether s has blocks to drop before its next append: the cheap test of the
-// append fast path.
+// append fast path (a length against NextDrop, which dropOutOfReach keeps).
 func (m *Manager) reachMoved(s *sequence.Sequence) bool {
-	return m.bounded() && m.outOfReach(s) > max(s.Dropped, m.sinkBlocks())
+	return m.bounded() && s.Tokens >= s.NextDrop
+}
+
+// nextDrop returns the length at which block i falls out of reach: the first t whose next token
+// reads nothing before block i+1.
+func (m *Manager) nextDrop(i int) int {
+	end := (i + 1) * m.cfg.BlockTokens
+	if m.cfg.Window > 0 {
+		return end + m.cfg.Window - 1 // reachFrom(t) = t+1-Window >= end
+	}
+	c := m.cfg.Chunk
+	return (end + c - 1) / c * c // t's chunk starts at or after end
 }
 
 // dropOutOfReach frees the blocks of s that its layers can no longer read (a sliding window's
@@ -56,6 +67,7 @@ func (m *Manager) dropOutOfReach(s *sequence.Sequence) {
 		}
 	}
 	s.Dropped = max(s.Dropped, end)
+	s.NextDrop = m.nextDrop(max(s.Dropped, m.sinkBlocks()))
 }
 
 // keptBlocks returns how many of s's blocks it holds (not NullBlock).

@@ -52,6 +52,9 @@ type Sequence struct {
 	// sliding window's or an old chunk's); those blocks, after the sink tokens' blocks, are
 	// NullBlock in Blocks.
 	Dropped int
+	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
+	// so that the append path tests a length, not a division.
+	NextDrop int
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
@@ -143,7 +146,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped = id, 0, s.Blocks[:0], false, 0, 0, 0
+	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped, s.NextDrop = id, 0, s.Blocks[:0], false, 0, 0, 0, 0
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s

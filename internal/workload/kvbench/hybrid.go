@@ -1,0 +1,120 @@
+package kvbench
+
+import (
+	"testing"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// HybridGeometry is the geometry of the hybrid benchmarks: the layout of Config (one layer, one
+// head of 64) in three groups of one layer each, full attention, a 128-token sliding window and
+// 8,192-token chunks, all in 16-token blocks.
+func HybridGeometry() kvcache.Geometry {
+	grp := func(name string, layer int, kind kvcache.AttentionKind, window int) kvcache.LayerGroup {
+		return kvcache.LayerGroup{Name: name, Layers: []int{layer}, Kind: kind, Window: window, KVHeads: 1, KHeadDim: 64, VHeadDim: 64,
+			DType: kvcache.F16, BlockTokens: 16}
+	}
+	return kvcache.Geometry{Model: "bench-hybrid", Layers: 3, Groups: []kvcache.LayerGroup{
+		grp("full", 0, kvcache.FullAttention, 0), grp("window", 1, kvcache.SlidingWindow, 128), grp("chunk", 2, kvcache.ChunkedAttention, 8192),
+	}}
+}
+
+// newHybrid returns a Hybrid of HybridGeometry on a host device, closed when b ends: each
+// group's page is Config's (64 blocks in 256 KiB), and so are the reserve and the watermark.
+func newHybrid(b *testing.B, prefixBytes uint64) *kvcache.Hybrid {
+	b.Helper()
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 256 << 10, Capacity: 1 << 40})
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := Config()
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: HybridGeometry(), Limit: 1 << 40, Capacity: c.Capacity,
+		PrefixCacheBytes: prefixBytes, ReservePages: c.ReservePages, HighWatermark: c.HighWatermark})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		if err := h.Close(); err != nil {
+			b.Error(err)
+		}
+		if err := dev.Close(); err != nil {
+			b.Error(err)
+		}
+	})
+	return h
+}
+
+// HybridDecode times the decode step of a batch of 256 sequences across the three groups of
+// HybridGeometry: one AppendTokens of the Hybrid, whose windows drop a block every 16 tokens.
+// Compare it with Decode(b, 0, false), the same step on one manager of one group. Every 1,024
+// tokens a sequence ends and another takes its place (untimed).
+func HybridDecode(b *testing.B) {
+	h := newHybrid(b, 0)
+	dst := make([][]int64, h.Groups())
+	step := func(s kvcache.SeqID) {
+		for g := range dst {
+			dst[g] = dst[g][:0]
+		}
+		var err error
+		if dst, err = h.AppendTokens(s, 1, dst); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for s := range Batch {
+		step(kvcache.SeqID(s))
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		step(kvcache.SeqID(i % Batch))
+		i++
+		if i == Batch*1024 {
+			b.StopTimer()
+			for s := range Batch {
+				if err := h.FreeSequence(kvcache.SeqID(s)); err != nil {
+					b.Fatal(err)
+				}
+				step(kvcache.SeqID(s))
+			}
+			i = 0
+			b.StartTimer()
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/token")
+}
+
+// HybridStartCached times StartSequence of a 4,096-token prompt cached whole in every group of
+// HybridGeometry (the keys given when withKeys); compare it with StartCached on one
+// full-attention manager.
+func HybridStartCached(b *testing.B, withKeys bool) {
+	h := newHybrid(b, 1<<30)
+	p := make([]prefix.Token, PromptTokens)
+	for i := range p {
+		p[i] = prefix.Token(i*7919 + 13)
+	}
+	if _, err := h.AppendTokenIDs(0, p, make([][]int64, h.Groups())); err != nil {
+		b.Fatal(err)
+	}
+	if err := h.FreeSequence(0); err != nil {
+		b.Fatal(err)
+	}
+	prompt := kvcache.Prompt{Tokens: p}
+	if withKeys {
+		prompt.Keys = prefix.Keys(nil, prefix.Namespace{}, 16, p)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		hit, err := h.StartSequence(1, prompt)
+		if err != nil || hit != PromptTokens-16 {
+			b.Fatalf("start: %d tokens hit, %v", hit, err)
+		}
+		b.StopTimer()
+		if err := h.FreeSequence(1); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e3, "us/start")
+}
