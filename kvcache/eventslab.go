@@ -47,8 +47,8 @@ func (s *eventSlab) appendKey(keys []prefix.Key, k prefix.Key) []prefix.Key {
 		s.k = append(s.k, k)
 		return s.k[n-len(keys) : n+1 : n+1]
 	}
-	if len(keys)+1 > cap(s.k)-n {
-		s.k = make([]prefix.Key, 0, max(slabKeys, len(keys)+1))
+	if len(keys)+1 > cap(s.k)-n { // room to double, so that a long run of removals copies O(n)
+		s.k = make([]prefix.Key, 0, max(slabKeys, 2*(len(keys)+1)))
 		n = 0
 	}
 	s.k = append(append(s.k, keys...), k)
