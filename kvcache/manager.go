@@ -66,6 +66,7 @@ type Manager struct {
 	feed    prefix.Feed
 	hasher  prefix.Hasher
 	pending []prefix.Event     // events of the operation under way, published when it succeeds
+	slab    eventSlab          // the pending events' keys and token ids
 	evicted []keyindex.Removed // evictions of the append under way, restored if it fails
 	probe   sequence.Sequence  // scratch of Admit
 	root0   prefix.Key         // root of the zero namespace

@@ -342,8 +342,8 @@ func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string
 		parent = s.Keys[from-1]
 	}
 	m.pending = append(m.pending, prefix.Event{
-		Kind: prefix.BlockStored, Keys: append([]prefix.Key(nil), s.Keys[from:to]...), Parent: parent,
-		Tokens: append([]TokenID(nil), s.IDs[from*bt:to*bt]...), BlockSize: bt, Adapter: s.Adapter, Medium: medium,
+		Kind: prefix.BlockStored, Keys: m.slab.keys(s.Keys[from:to]), Parent: parent, ParentIsRoot: from == 0,
+		Tokens: m.slab.tokens(s.IDs[from*bt : to*bt]), BlockSize: bt, Adapter: s.Adapter, Medium: medium,
 	})
 }
 
@@ -358,10 +358,10 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 		return
 	}
 	if n := len(m.pending); n > 0 && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
-		m.pending[n-1].Keys = append(m.pending[n-1].Keys, k)
+		m.pending[n-1].Keys = m.slab.appendKey(m.pending[n-1].Keys, k)
 		return
 	}
-	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: []prefix.Key{k}, Medium: medium})
+	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: m.slab.appendKey(nil, k), Medium: medium})
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock

@@ -12,8 +12,8 @@ import (
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{Root, Keys},
-		Types: []any{Key{}, (*Hasher)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
+		Funcs: []any{Root, Keys, VLLMNoneHash, VLLMKeys},
+		Types: []any{Key{}, (*Hasher)(nil), (*VLLMHasher)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			val := func(x any) apitest.Maker {
 				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
@@ -21,6 +21,10 @@ func TestAPIProperty(t *testing.T) {
 			switch t {
 			case reflect.TypeFor[*Hasher]():
 				return []apitest.Maker{val(&Hasher{})}
+			case reflect.TypeFor[*VLLMHasher]():
+				return []apitest.Maker{val(&VLLMHasher{})}
+			case reflect.TypeFor[VLLMExtra]():
+				return []apitest.Maker{val(VLLMExtra{LoRAName: "sql-lora", CacheSalt: "tenant"})}
 			case reflect.TypeFor[*Feed]():
 				return []apitest.Maker{func() apitest.Object {
 					f := &Feed{}

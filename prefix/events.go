@@ -58,6 +58,18 @@ type Event struct {
 	Adapter   uint64
 	Medium    string
 	Lost      uint64
+	// ParentIsRoot reports, for BlockStored, that Parent is a namespace Root: Keys[0] is a
+	// sequence's first block. vLLM sends no parent hash for such a block.
+	ParentIsRoot bool
+	// Group is the KV cache group of the blocks when HasGroup is set: models whose layers form
+	// several groups (hybrid attention) keep one block table per group. GroupKind names the
+	// group's attention ("full_attention", "sliding_window", as vLLM's kv_cache_spec_kind) and
+	// SlidingWindow is its window in tokens; "" and 0 when unknown. BlockStored carries all
+	// three, BlockRemoved the group alone.
+	Group         int
+	HasGroup      bool
+	GroupKind     string
+	SlidingWindow int
 }
 
 // Feed delivers events to its subscriptions. The zero Feed is ready to use. Safe for

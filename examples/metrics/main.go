@@ -1,8 +1,11 @@
 // Command metrics serves a small chat workload's KV-cache figures on /metrics for Prometheus,
 // on the host backend (no GPU needed): two models share one limit in a kvcache.SharedPool, or,
-// with -ledger, a limit shared with other processes (watch them with pagedkvctl top).
+// with -ledger, a limit shared with other processes (watch them with pagedkvctl top). With
+// -kv-events, each model also publishes its KV events in vLLM's wire format for a
+// KV-cache-aware router (see package kvevents), one batch per engine step.
 //
 //	go run ./examples/metrics -addr :9400
+//	go run ./examples/metrics -kv-events 'tcp://*:5557' # llama on 5557, qwen on 5558
 //	go run ./examples/metrics -ledger /dev/shm/pagedkv -models llama &
 //	go run ./examples/metrics -ledger /dev/shm/pagedkv -models qwen -addr :9401 &
 //	go run ./cmd/pagedkvctl -ledger /dev/shm/pagedkv top
@@ -16,6 +19,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -24,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/kvevents"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/metrics"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -35,8 +40,11 @@ func main() {
 	models := flag.String("models", "llama,qwen", "comma-separated model names")
 	limit := flag.Uint64("limit", 256<<20, "bytes all models may map (the ledger's, when it creates one)")
 	duration := flag.Duration("for", 0, "stop after this long (0: run until killed)")
+	kvEvents := flag.String("kv-events", "", "publish each model's KV events on this ZMQ endpoint, the port raised by the model's index (tcp://*:5557)")
 	flag.Parse()
-	s, err := newServer(options{models: strings.Split(*models, ","), limit: *limit, ledger: *ledgerPath, seed: uint64(os.Getpid())})
+	host, _ := os.Hostname()
+	s, err := newServer(options{models: strings.Split(*models, ","), limit: *limit, ledger: *ledgerPath, seed: uint64(os.Getpid()),
+		kvEvents: *kvEvents, pod: host})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -53,16 +61,23 @@ func main() {
 		time.AfterFunc(*duration, func() { srv.Close() })
 	}
 	fmt.Printf("serving %s on http://%s/metrics\n", *models, *addr)
+	for _, md := range s.models {
+		if md.pub != nil {
+			fmt.Printf("%s: KV events on %s, topic %s\n", md.name, md.pub.Addr(), md.pub.Topic())
+		}
+	}
 	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Fatal(err)
 	}
 }
 
 type options struct {
-	models []string
-	limit  uint64
-	ledger string
-	seed   uint64
+	models   []string
+	limit    uint64
+	ledger   string
+	seed     uint64
+	kvEvents string // endpoint of the first model's KV events ("": none)
+	pod      string // the pod name in the events' topic
 }
 
 // server is the workload and its exporter.
@@ -82,6 +97,7 @@ type server struct {
 type model struct {
 	name string
 	m    *kvcache.Manager
+	pub  *kvevents.Publisher // nil without -kv-events
 	live []kvcache.SeqID
 	next kvcache.SeqID
 }
@@ -124,12 +140,38 @@ func newServer(o options) (s *server, err error) {
 		if err != nil {
 			return nil, err
 		}
-		s.models = append(s.models, &model{name: name, m: m})
+		md := &model{name: name, m: m}
+		s.models = append(s.models, md)
+		if o.kvEvents != "" {
+			if md.pub, err = publish(m, o.kvEvents, len(s.models)-1, o.pod, name); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := s.reg.Register(col); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// publish starts the KV events publisher of model i, m, on endpoint with its port raised by i
+// (an ephemeral port "*" stays one), batches sent at the end of each step.
+func publish(m *kvcache.Manager, endpoint string, i int, pod, name string) (*kvevents.Publisher, error) {
+	if j := strings.LastIndexByte(endpoint, ':'); i > 0 && j >= 0 {
+		if port, err := strconv.Atoi(endpoint[j+1:]); err == nil {
+			endpoint = endpoint[:j+1] + strconv.Itoa(port+i)
+		}
+	}
+	sub, err := m.Subscribe(1 << 16)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := kvevents.Start(sub, kvevents.Config{Endpoint: endpoint, Pod: pod, Model: name, Batching: kvevents.EveryFlush})
+	if err != nil {
+		sub.Close()
+		return nil, err
+	}
+	return pub, nil
 }
 
 // step is one engine step for every model: maybe admit a request (its prompt starts with one of
@@ -180,6 +222,11 @@ func (s *server) step() error {
 				i--
 			}
 		}
+		if md.pub != nil { // the step's events, as one batch
+			if err := md.pub.Flush(); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -195,6 +242,11 @@ func (s *server) close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
+	for _, md := range s.models {
+		if md.pub != nil {
+			md.pub.Close()
+		}
+	}
 	if s.pool != nil {
 		s.pool.Close()
 	}

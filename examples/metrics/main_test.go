@@ -75,3 +75,20 @@ func TestScrapeMetrics(t *testing.T) {
 		s.close()
 	}
 }
+
+// With -kv-events every model publishes its events, one batch per step that cached or evicted.
+func TestKVEvents(t *testing.T) {
+	s, err := newServer(options{models: []string{"llama", "qwen"}, limit: 64 << 20, seed: 3,
+		kvEvents: "tcp://127.0.0.1:*", pod: "pod-0"})
+	require.NoError(t, err)
+	defer s.close()
+	for range 300 {
+		require.NoError(t, s.step())
+	}
+	for _, md := range s.models {
+		require.Equal(t, "kv@pod-0@"+md.name, md.pub.Topic())
+		st := md.pub.Stats()
+		require.Positive(t, st.Blocks, md.name)
+		require.LessOrEqual(t, st.Batches, uint64(300), "at most one batch a step")
+	}
+}

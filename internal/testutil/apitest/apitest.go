@@ -50,7 +50,7 @@ func Typed(err error) bool {
 }
 
 // layers are the names with which an error text opens a layer ("kvcache: append sequence 2: ...").
-var layers = []string{"kvcache", "vmm", "blocktable", "sequence", "prefix", "kernels", "ledger", "metrics", "cuda", "pagedkv"}
+var layers = []string{"kvcache", "vmm", "blocktable", "sequence", "prefix", "kernels", "ledger", "metrics", "kvevents", "cuda", "pagedkv"}
 
 // Text checks what an error says: it names each layer once ("kvcache: append sequence 2: ...",
 // not "kvcache: ...: kvcache: ...") and never says "pagedkv:" (a sentinel's text is its meaning

@@ -1,0 +1,246 @@
+package kvevents
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-zeromq/zmq4"
+	"github.com/go-zeromq/zmq4/transport"
+)
+
+// The publisher's sockets reach their peers through guarded connections, because go-zeromq
+// trusts its peers: it allocates whatever length a frame header declares (a peer can make the
+// process run out of memory or panic), indexes a READY command's properties without checking
+// their lengths (a panic), does each peer's handshake in its accept loop with no deadline (a
+// silent peer holds up every later one), and writes to each subscriber in turn with no deadline
+// (one that stops reading stalls all). A guarded connection reads ahead of the socket: it
+// passes the greeting and message bodies through, holds frame headers and whole commands until
+// checked, and cuts the peer off, as a closed connection, when a frame or message is longer than
+// a subscription or replay request can be, when a command is malformed, when the handshake takes
+// longer than handshakeTimeout, or when a write blocks longer than writeTimeout. The sockets
+// never receive more than subscriptions and replay requests, so the bounds cost nothing.
+
+// Bounds of the guarded connections.
+const (
+	maxFrame         = 64 << 10
+	maxMessage       = 256 << 10
+	handshakeTimeout = 5 * time.Second
+	writeTimeout     = 10 * time.Second
+)
+
+// The guarded transports, registered with go-zeromq under their own names.
+const (
+	guardTCP = "pagedkv+tcp"
+	guardIPC = "pagedkv+ipc"
+)
+
+var registerOnce sync.Once
+
+// registerGuard registers the guarded transports once per process.
+func registerGuard() {
+	registerOnce.Do(func() {
+		// The names are this package's own: registering them cannot collide.
+		_ = zmq4.RegisterTransport(guardTCP, guarded{network: "tcp", inner: transport.New("tcp")})
+		_ = zmq4.RegisterTransport(guardIPC, guarded{network: "unix", inner: transport.New("unix")})
+	})
+}
+
+// guardedEndpoint returns ep with its transport replaced by the guarded one.
+func guardedEndpoint(ep string) string {
+	for _, s := range []struct{ from, to string }{{"tcp://", guardTCP + "://"}, {"ipc://", guardIPC + "://"}} {
+		if len(ep) > len(s.from) && ep[:len(s.from)] == s.from {
+			return s.to + ep[len(s.from):]
+		}
+	}
+	return ep
+}
+
+// guarded is a go-zeromq transport whose connections are guards.
+type guarded struct {
+	network string
+	inner   transport.Transport
+}
+
+func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net.Conn, error) {
+	c, err := g.inner.Dial(ctx, d, addr)
+	if err != nil {
+		return nil, err
+	}
+	return newGuard(c), nil
+}
+
+func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) {
+	l, err := g.inner.Listen(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	return guardListener{l}, nil
+}
+
+func (g guarded) Addr(ep string) (string, error) { return g.inner.Addr(ep) }
+
+type guardListener struct{ net.Listener }
+
+func (l guardListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return newGuard(c), nil
+}
+
+// errCutOff ends a guarded connection. It wraps io.EOF so that go-zeromq drops the connection
+// as one the peer closed.
+var errCutOff = fmt.Errorf("kvevents: peer cut off: %w", io.EOF)
+
+// guard is a connection whose peer is checked as described above.
+type guard struct {
+	net.Conn
+	pending []byte      // checked bytes not yet read
+	body    int64       // bytes of the current message frame's body still to pass through
+	message int64       // bytes of the current message so far
+	greeted bool        // the greeting has been passed
+	ready   atomic.Bool // the peer's READY command has been passed: the handshake is done
+	hdr     [9]byte
+	cmd     []byte
+	timer   *time.Timer // closes the connection unless the handshake is done in time
+}
+
+func newGuard(c net.Conn) *guard {
+	g := &guard{Conn: c}
+	// Closing, not a deadline: go-zeromq leaves the connection of a failed handshake open, and
+	// nobody reads it again.
+	g.timer = time.AfterFunc(handshakeTimeout, func() {
+		if !g.ready.Load() {
+			_ = c.Close()
+		}
+	})
+	return g
+}
+
+// Read returns checked bytes.
+func (g *guard) Read(p []byte) (int, error) {
+	for len(g.pending) == 0 {
+		if g.body > 0 {
+			n, err := g.Conn.Read(p[:min(int64(len(p)), g.body)])
+			g.body -= int64(n)
+			return n, g.cut(err)
+		}
+		if err := g.next(); err != nil {
+			return 0, g.cut(err)
+		}
+	}
+	n := copy(p, g.pending)
+	g.pending = g.pending[n:]
+	return n, nil
+}
+
+// Write writes p within writeTimeout once the handshake is done, cutting the peer off when it
+// does not read.
+func (g *guard) Write(p []byte) (int, error) {
+	if g.ready.Load() {
+		_ = g.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	}
+	n, err := g.Conn.Write(p)
+	return n, g.cut(err)
+}
+
+// cut closes the connection on any error but a clean end, which it returns as io.EOF.
+func (g *guard) cut(err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	_ = g.Conn.Close()
+	if errors.Is(err, io.EOF) {
+		return err
+	}
+	return fmt.Errorf("%w (%v)", errCutOff, err)
+}
+
+// next reads the next unit from the peer (the greeting, a frame header, or a whole command),
+// checks it and queues it in pending.
+func (g *guard) next() error {
+	if !g.greeted {
+		g.greeted = true
+		g.pending = make([]byte, 64) // the ZMTP greeting: its signature and major version 3 or later
+		if _, err := io.ReadFull(g.Conn, g.pending); err != nil {
+			return err
+		}
+		if g.pending[0] != 0xff || g.pending[9]&1 != 1 || g.pending[10] < 3 {
+			return errCutOff
+		}
+		return nil
+	}
+	if _, err := io.ReadFull(g.Conn, g.hdr[:2]); err != nil {
+		return err
+	}
+	flags, n := g.hdr[0], 2
+	size := uint64(g.hdr[1])
+	if flags&0x02 != 0 { // a long frame: an 8-byte length
+		if _, err := io.ReadFull(g.Conn, g.hdr[2:9]); err != nil {
+			return err
+		}
+		size, n = binary.BigEndian.Uint64(g.hdr[1:9]), 9
+	}
+	if flags&^0x07 != 0 || size > maxFrame || uint64(g.message)+size > maxMessage {
+		return errCutOff
+	}
+	g.pending = g.hdr[:n]
+	if flags&0x04 == 0 { // a message frame: its body passes through
+		g.body = int64(size)
+		g.message += int64(size)
+		if flags&0x01 == 0 { // the message's last frame
+			g.message = 0
+		}
+		return nil
+	}
+	g.cmd = append(g.cmd[:0], g.hdr[:n]...)
+	g.cmd = append(g.cmd, make([]byte, size)...)
+	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
+		return err
+	}
+	if !checkCommand(g.cmd[n:]) {
+		return errCutOff
+	}
+	if !g.ready.Load() && commandName(g.cmd[n:]) == "READY" {
+		g.ready.Store(true)
+		g.timer.Stop()
+	}
+	g.pending = g.cmd
+	return nil
+}
+
+// commandName returns the name of a well-formed command.
+func commandName(body []byte) string { return string(body[1 : 1+body[0]]) }
+
+// checkCommand reports whether a command's body holds its name, and for READY properties
+// whose lengths fit, as go-zeromq assumes.
+func checkCommand(body []byte) bool {
+	if len(body) == 0 || int(body[0]) > len(body)-1 {
+		return false
+	}
+	if commandName(body) != "READY" {
+		return true
+	}
+	p := body[1+body[0]:]
+	for len(p) > 0 {
+		k := int(p[0])
+		if len(p) < 1+k+4 {
+			return false
+		}
+		v := binary.BigEndian.Uint32(p[1+k:])
+		p = p[1+k+4:]
+		if uint64(v) > uint64(len(p)) {
+			return false
+		}
+		p = p[v:]
+	}
+	return true
+}
