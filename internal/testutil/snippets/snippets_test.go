@@ -27,6 +27,7 @@ import (
 	_ "github.com/pagedkv/pagedkv/blocktable"
 	_ "github.com/pagedkv/pagedkv/kernels"
 	_ "github.com/pagedkv/pagedkv/kvcache"
+	_ "github.com/pagedkv/pagedkv/kvevents"
 	_ "github.com/pagedkv/pagedkv/ledger"
 	_ "github.com/pagedkv/pagedkv/metrics"
 	_ "github.com/pagedkv/pagedkv/prefix"
@@ -46,6 +47,7 @@ var imports = []string{
 	"github.com/pagedkv/pagedkv/blocktable",
 	"github.com/pagedkv/pagedkv/kernels",
 	"github.com/pagedkv/pagedkv/kvcache",
+	"github.com/pagedkv/pagedkv/kvevents",
 	"github.com/pagedkv/pagedkv/ledger",
 	"github.com/pagedkv/pagedkv/metrics",
 	"github.com/pagedkv/pagedkv/prefix",
