@@ -371,16 +371,18 @@ func (a *arena) unref(b int32) {
 // is held again. A page is re-indexed once per run of its blocks, not once per block: reage reads
 // only its own page, and nothing reads the cache-only index in between.
 func (a *arena) holdAll(blocks []int32) {
-	bpp, last := int32(a.bpp), int32(-1)
+	bpp, last, first := int32(a.bpp), int32(-1), int32(0) // first: page last's first block
 	var pg *page
 	for _, b := range blocks {
-		if p := b / bpp; p != last {
+		i := b - first
+		if last < 0 || i < 0 || i >= bpp { // another page: divide only then
 			if last >= 0 {
 				a.reage(last)
 			}
-			last, pg = p, a.pages[p]
+			last = b / bpp
+			pg, first = a.pages[last], last*bpp
+			i = b - first
 		}
-		i := b % bpp
 		switch pg.refs[i] {
 		case 0:
 			pg.refs[i] = 1

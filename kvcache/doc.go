@@ -7,9 +7,10 @@
 // (Config.Capacity) whose pages are mapped only as sequences grow. Config documents the arena
 // layout and the address formula; one page index grows every layer's K and V with one driver
 // mapping. Placement is sequence-aware: a sequence's next block goes into the page of its last
-// block while that has room, else into the lowest page with room, so long sequences fill pages
-// of their own, freeing them empties whole pages, and live data drifts to the bottom of the arena
-// where free pages at the top can be returned. Free and partially free pages are indexed in
+// block while that has room, else into the lowest page with room for all the blocks the append
+// still needs, else into the lowest page with room. So a prompt lands in one page, long
+// sequences fill pages of their own, freeing them empties whole pages, and live data drifts to
+// the bottom of the arena where free pages at the top can be returned. Free and partially free pages are indexed in
 // B-trees (github.com/google/btree).
 //
 // Elasticity: when no mapped page has a free block, a page is mapped; a background goroutine

@@ -102,7 +102,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 		parent = s.Keys[from-1]
 	}
 	for i := from; i < maxBlocks; i++ {
-		k := m.promptKey(p, i, parent)
+		k := m.promptKey(&p, i, parent)
 		e := m.host.cache.Get(k)
 		if e == nil || m.arena.index.Get(k) != nil {
 			break

@@ -130,7 +130,7 @@ func maxPromptBlocks(n, bt int) int {
 
 // promptKey returns the key of p's block i, whose parent key is parent: given in p.Keys, or
 // hashed.
-func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
+func (m *Manager) promptKey(p *Prompt, i int, parent prefix.Key) prefix.Key {
 	if i < len(p.Keys) {
 		return p.Keys[i]
 	}
@@ -143,7 +143,7 @@ func (m *Manager) promptKey(p Prompt, i int, parent prefix.Key) prefix.Key {
 func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, maxBlocks int) {
 	parent := s.Root
 	for i := range maxBlocks {
-		k := m.promptKey(p, i, parent)
+		k := m.promptKey(&p, i, parent)
 		e := m.arena.index.Get(k)
 		if e == nil {
 			return

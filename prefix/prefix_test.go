@@ -22,6 +22,10 @@ func TestKeyFormula(t *testing.T) {
 	}
 	var x Hasher
 	assert.Equal(t, Key(sha256.Sum256(buf)), x.Next(root, tokens))
+	native := littleEndian // both ways of writing the ids, whatever this machine is
+	littleEndian = !native
+	assert.Equal(t, Key(sha256.Sum256(buf)), x.Next(root, tokens))
+	littleEndian = native
 
 	rb := []byte(rootTag)
 	for _, v := range []uint64{7, 3} {

@@ -1,6 +1,8 @@
 package kvbench
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"testing"
 
 	"github.com/pagedkv/pagedkv/kvcache"
@@ -10,6 +12,15 @@ import (
 // PromptTokens is the prompt of the start benchmarks: 4,096 tokens, 256 blocks of 16.
 const PromptTokens = 4096
 
+// promptIDs returns the token ids of the start benchmarks' prompt.
+func promptIDs() []prefix.Token {
+	p := make([]prefix.Token, PromptTokens)
+	for i := range p {
+		p[i] = prefix.Token(i*7919 + 13)
+	}
+	return p
+}
+
 // StartCached times StartSequence of a 4,096-token prompt that is cached whole (255 blocks
 // found: the last token is always computed), the prompt's keys given when withKeys, hashed
 // otherwise. The FreeSequence that ends each iteration is not timed.
@@ -17,10 +28,7 @@ func StartCached(b *testing.B, withKeys bool) {
 	cfg := Config()
 	cfg.PrefixCacheBytes = PromptTokens / uint64(cfg.BlockTokens) * cfg.BlockStride() // the prompt stays cached
 	e := setupWith(b, 0, cfg)
-	p := make([]prefix.Token, PromptTokens)
-	for i := range p {
-		p[i] = prefix.Token(i*7919 + 13)
-	}
+	p := promptIDs()
 	if _, err := e.m.AppendTokenIDs(0, p, nil); err != nil {
 		b.Fatal(err)
 	}
@@ -44,6 +52,62 @@ func StartCached(b *testing.B, withKeys bool) {
 		b.StartTimer()
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e3, "us/start")
+}
+
+// The yardsticks of StartCached: what its two parts cost done the plainest way, measured in the
+// same run, so that a target can be a ratio that holds on any machine. Each iteration stops and
+// restarts the timer as StartCached's does, so both pay the same cost of the harness.
+
+// MapLookups is the yardstick of StartCached with keys given: a Go map from the prompt's block
+// keys to block ids, looked up once for each of the 255 blocks that StartSequence finds.
+func MapLookups(b *testing.B) {
+	keys := prefix.Keys(nil, prefix.Namespace{}, Config().BlockTokens, promptIDs())
+	keys = keys[:len(keys)-1] // the last block holds the last token, which is never found
+	index := make(map[prefix.Key]int32, len(keys))
+	for i, k := range keys {
+		index[k] = int32(i)
+	}
+	b.ReportAllocs()
+	sum := int64(0)
+	for b.Loop() {
+		for _, k := range keys {
+			sum += int64(index[k])
+		}
+		b.StopTimer()
+		b.StartTimer()
+	}
+	if want := int64(len(keys)*(len(keys)-1)/2) * int64(b.N); sum != want {
+		b.Fatalf("lookups summed to %d, want %d", sum, want)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e3, "us/op")
+}
+
+// HashBlocks is the yardstick of StartCached hashing: SHA-256 over each of the 255 blocks that
+// StartSequence finds, chained from the namespace's root as prefix.Keys does, done the plainest
+// way (append the parent key and the ids to a buffer, sha256.Sum256).
+func HashBlocks(b *testing.B) {
+	bt := Config().BlockTokens
+	p := promptIDs()
+	want := prefix.Keys(nil, prefix.Namespace{}, bt, p)[PromptTokens/bt-2]
+	root := prefix.Root(prefix.Namespace{}, bt)
+	var buf []byte
+	b.ReportAllocs()
+	for b.Loop() {
+		parent := root
+		for i := range PromptTokens/bt - 1 {
+			buf = append(buf[:0], parent[:]...)
+			for _, t := range p[i*bt : (i+1)*bt] {
+				buf = binary.LittleEndian.AppendUint32(buf, uint32(t))
+			}
+			parent = sha256.Sum256(buf)
+		}
+		if parent != want {
+			b.Fatal("the chain does not end at the key prefix.Keys gives")
+		}
+		b.StopTimer()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1e3, "us/op")
 }
 
 // Decode times the decode step of a batch of 256 sequences, one token each call, with ids
