@@ -152,15 +152,18 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 	if !ok {
 		return c, &ConfigError{Field: "PageSize", Reason: "one granule per layer overflows"}
 	}
-	n := uint64(1) // blocks a page: the largest power of two that fits the target, and divides a granule into 16-byte parts
-	for n*2*stride <= target && n*2 <= gran/16 {
-		n *= 2
+	// Blocks a page: a power of two (so a granule divides into 16-byte parts), the page about
+	// the target, or up to four times it where that wastes less of the last granule on padding.
+	n, page := uint64(1), (stride+gran-1)/gran*gran
+	for k := uint64(2); k*stride <= 4*target && k <= gran/16; k *= 2 {
+		p := (k*stride + gran - 1) / gran * gran
+		if k*stride <= target || (p-k*stride)*page < (page-n*stride)*p { // within the target, or less waste
+			n, page = k, p
+		}
 	}
-	page, ok := checked.Mul(n, stride)
-	if !ok || page > MaxBlockStride {
+	if page > MaxBlockStride {
 		return c, &ConfigError{Field: "PageSize", Value: page, Reason: fmt.Sprintf("%d blocks of %d bytes", n, stride)}
 	}
-	page = (page + gran - 1) / gran * gran
 	c.PageSize, c.BlockPadding = page, page/n-stride
 	return c, c.Validate()
 }

@@ -179,7 +179,7 @@ func TestHybridAllOrNothing(t *testing.T) {
 	for call := 1; call <= 100; call++ {
 		fd.Clear()
 		require.NoError(t, fd.FailNth(vmm.OpMap, call, nil))
-		_, err = h.AppendTokens(3, 400, make([][]int64, h.Groups())) // a new sequence: maps pages in every group
+		_, err = h.AppendTokens(3, 2000, make([][]int64, h.Groups())) // a new sequence: maps pages in every group
 		if err == nil {
 			break
 		}
