@@ -144,7 +144,11 @@ func TestTwoServingProcesses(t *testing.T) {
 	var o listOut
 	require.Eventually(t, func() bool { // usage is published every half second
 		o = list(t, path)
-		return member(o, "llama").CachedBlocks == 4 && member(o, "qwen").CachedBlocks == 4
+		settled := func(name string) bool { // the 4 cached blocks idle: published after the child's free
+			m := member(o, name)
+			return m.CachedBlocks == 4 && m.LiveBlocks == 5*64
+		}
+		return settled("llama") && settled("qwen")
 	}, hang, 10*time.Millisecond)
 	require.Len(t, o.Members, 2)
 	require.Equal(t, uint64(32*page), o.LimitBytes)
