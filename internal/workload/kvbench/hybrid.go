@@ -62,27 +62,7 @@ func HybridDecode(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	for s := range Batch {
-		step(kvcache.SeqID(s))
-	}
-	b.ReportAllocs()
-	i := 0
-	for b.Loop() {
-		step(kvcache.SeqID(i % Batch))
-		i++
-		if i == Batch*1024 {
-			b.StopTimer()
-			for s := range Batch {
-				if err := h.FreeSequence(kvcache.SeqID(s)); err != nil {
-					b.Fatal(err)
-				}
-				step(kvcache.SeqID(s))
-			}
-			i = 0
-			b.StartTimer()
-		}
-	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/token")
+	decodeLoop(b, step, h.FreeSequence)
 }
 
 // HybridStartCached times StartSequence of a 4,096-token prompt cached whole in every group of

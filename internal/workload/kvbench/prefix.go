@@ -133,6 +133,13 @@ func Decode(b *testing.B, live int, withIDs bool) {
 			b.Fatal(err)
 		}
 	}
+	decodeLoop(b, step, e.m.FreeSequence)
+}
+
+// decodeLoop times step on the sequences of the batch in turn, one token each call, after one
+// untimed step each; every 1,024 tokens a sequence ends (free) and another takes its place
+// (untimed). It reports ns/token.
+func decodeLoop(b *testing.B, step func(kvcache.SeqID), free func(kvcache.SeqID) error) {
 	for s := range Batch {
 		step(kvcache.SeqID(s))
 	}
@@ -144,7 +151,7 @@ func Decode(b *testing.B, live int, withIDs bool) {
 		if i == Batch*1024 {
 			b.StopTimer()
 			for s := range Batch {
-				if err := e.m.FreeSequence(kvcache.SeqID(s)); err != nil {
+				if err := free(kvcache.SeqID(s)); err != nil {
 					b.Fatal(err)
 				}
 				step(kvcache.SeqID(s))
