@@ -60,8 +60,8 @@ type Hybrid struct {
 	// guarded by mu: the transactions of the operation under way, and scratch
 	txs     []appendTx
 	scratch []int64
-	roots   []prefix.Key
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
+	finders []hitFinder          // each group's lookups during a start
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -99,7 +99,6 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
-	h.roots = make([]prefix.Key, len(h.groups))
 	return h, nil
 }
 
@@ -376,7 +375,9 @@ func (h *Hybrid) MarkWritten(seq SeqID, n int) error {
 
 // StartSequence creates the sequence in every group for a prompt and returns the tokens found
 // cached: the longest prefix every group serves, in whole blocks of each (see Hybrid). The
-// runtime computes the rest and appends it with AppendTokenIDs.
+// runtime computes the rest and appends it with AppendTokenIDs. The prompt's keys are computed
+// once for each block size (Prompt.Keys, when given, for the first attention group's), and
+// each group looks up only the blocks it needs: a window the blocks its next token reads.
 func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if !h.made() {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: errHybridNotMade}
@@ -384,14 +385,27 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if len(p.Tokens) > MaxSequenceTokens {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens}}
 	}
-	for i, g := range h.geom.Groups {
-		if g.Kind != RecurrentState && len(p.Keys) > len(p.Tokens)/g.BlockTokens {
-			return 0, h.groupErr(i, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / g.BlockTokens}})
-		}
+	keyBT := h.keyBlockTokens()
+	if keyBT > 0 && len(p.Keys) > len(p.Tokens)/keyBT {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / keyBT}}
 	}
-	roots := make([]prefix.Key, len(h.groups)) // outside the lock: hashing
+	// Outside the lock: hashing. One key chain for each block size.
+	roots := make([]prefix.Key, len(h.groups))
+	keys := make([][]prefix.Key, len(h.groups))
 	for i, m := range h.groups {
-		roots[i] = prefix.Root(p.Namespace, m.cfg.BlockTokens)
+		bt := m.cfg.BlockTokens
+		roots[i] = prefix.Root(p.Namespace, bt)
+		if m.cfg.StateBytes > 0 {
+			continue
+		}
+		for j := range i {
+			if h.groups[j].cfg.BlockTokens == bt && keys[j] != nil {
+				keys[i] = keys[j]
+			}
+		}
+		if keys[i] == nil {
+			keys[i] = promptKeys(p, roots[i], bt, keyBT)
+		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -400,14 +414,15 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			return 0, h.groupErr(i, err)
 		}
 	}
-	hit := h.hitTokens(p, roots)
+	if len(h.finders) < len(h.groups) {
+		h.finders = make([]hitFinder, len(h.groups))
+	}
 	for i, m := range h.groups {
-		gp := p
-		if m.cfg.StateBytes > 0 || len(p.Keys) > 0 && h.geom.Groups[i].BlockTokens != h.keyBlockTokens() {
-			gp.Keys = nil // keys are computed for one block size
-		}
-		maxBlocks := hit / m.cfg.BlockTokens
-		if _, err := m.start(seq, gp, roots[i], maxBlocks); err != nil {
+		h.finders[i].reset(m, keys[i])
+	}
+	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
+	for i, m := range h.groups {
+		if _, err := m.startFound(seq, p, roots[i], &h.finders[i], hit/m.cfg.BlockTokens); err != nil {
 			for _, done := range h.groups[:i] {
 				s, _ := done.seqs.Get(seq)
 				done.free(s)
@@ -428,28 +443,37 @@ func (h *Hybrid) keyBlockTokens() int {
 	return 0
 }
 
-// hitTokens returns the longest prefix of p every group serves: the shortest of the groups'
-// cached runs, rounded down to whole blocks of every group; 0 with a recurrent group (it keeps
-// no states at block boundaries). The lock is held.
-func (h *Hybrid) hitTokens(p Prompt, roots []prefix.Key) int {
-	hit := max(0, len(p.Tokens)-1)
-	for i, m := range h.groups {
-		if m.cfg.StateBytes > 0 {
-			return 0
-		}
-		gp := p
-		if len(p.Keys) > 0 && h.geom.Groups[i].BlockTokens != h.keyBlockTokens() {
-			gp.Keys = nil
-		}
-		bt := m.cfg.BlockTokens
-		hit = min(hit, m.cachedRun(gp, roots[i], hit/bt)*bt)
+// promptKeys returns the keys of p's whole blocks of bt tokens (root: the namespace's), at most
+// all but the last token's: p.Keys where they are for this block size, hashed beyond them.
+func promptKeys(p Prompt, root prefix.Key, bt, keyBT int) []prefix.Key {
+	n := maxPromptBlocks(len(p.Tokens), bt)
+	out := make([]prefix.Key, 0, n)
+	if bt == keyBT {
+		out = append(out, p.Keys[:min(len(p.Keys), n)]...)
 	}
-	for again := true; again; { // whole blocks of every group
-		again = false
-		for _, m := range h.groups {
-			if r := hit % m.cfg.BlockTokens; r != 0 {
-				hit -= r
-				again = true
+	var hasher prefix.Hasher
+	parent := root
+	if len(out) > 0 {
+		parent = out[len(out)-1]
+	}
+	for i := len(out); i < n; i++ {
+		parent = hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
+		out = append(out, parent)
+	}
+	return out
+}
+
+// agree returns the longest hit, at most limit tokens, that every group serves in whole blocks
+// of its own: each group in turn shortens it until none does (vLLM's coordinator rule). The
+// lock is held and h.finders are reset for the prompt.
+func (h *Hybrid) agree(limit int) int {
+	hit := limit
+	for changed := true; changed && hit > 0; {
+		changed = false
+		for i, m := range h.groups {
+			bt := m.cfg.BlockTokens
+			if got := h.finders[i].serves(hit/bt) * bt; got < hit {
+				hit, changed = got, true
 			}
 		}
 	}

@@ -309,3 +309,39 @@ func TestHybridRandomTrace(t *testing.T) {
 	require.Positive(t, refused, "truncations into a dropped window")
 	require.Positive(t, h.Group(4).Stats().CopyOnWrites, "a forked recurrent state copied by its first append")
 }
+
+// A window group serves a hit from the blocks its next token reads alone: with the prompt's
+// early blocks evicted (a full-attention group would find nothing), a window group finds the
+// whole prompt, and the hit holds only the window's blocks.
+func TestHybridWindowHit(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	g := smallHybrid(false)
+	g.Groups = g.Groups[1:2] // the window group alone: 32 tokens, 16-token blocks of 8 KiB
+	g.Groups[0].Layers, g.Groups[0].Sinks, g.Layers = []int{0}, 0, 1
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: 128 << 10, Capacity: 4 << 20, NoBackground: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	require.EqualValues(t, 64<<10, h.Group(0).Config().PageSize, "8 blocks a page, 2 pages under the limit")
+	p := promptOf(150, 9)
+	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	_, err = h.AppendTokenIDs(1, p, make([][]int64, 1))
+	require.NoError(t, err)
+	_, err = h.AppendTokenIDs(1, []kvcache.TokenID{7}, make([][]int64, 1)) // token 150 reads [119, 150]: blocks 0-6 go idle
+	require.NoError(t, err)
+	_, err = h.AppendTokens(3, 13*16, make([][]int64, 1)) // 6 free blocks and the 7 idle ones, oldest first
+	require.NoError(t, err)
+	require.EqualValues(t, 7, h.Group(0).Stats().Prefix.Evictions)
+	require.NoError(t, h.FreeSequence(3))
+	require.NoError(t, h.FreeSequence(1))
+	hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 144, hit, "token 144 reads [113, 144]: blocks 7 and 8 are cached")
+	require.Equal(t, 2, h.Group(0).Stats().LiveBlocks)
+	b, err := h.Group(0).Blocks(2, nil)
+	require.NoError(t, err)
+	require.Len(t, b, 9)
+	require.Equal(t, kvcache.NullBlock, b[6])
+	require.NotEqual(t, kvcache.NullBlock, b[7])
+	require.NoError(t, h.Verify())
+}

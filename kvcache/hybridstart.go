@@ -1,0 +1,117 @@
+package kvcache
+
+import (
+	"github.com/pagedkv/pagedkv/prefix"
+)
+
+// hitFinder finds, for one group of a Hybrid start, the longest prefix of a prompt the group
+// serves, looking each block's key up at most once: keys are the prompt's block keys (the
+// group's block size), found caches what the index said (-2: not asked yet, NullBlock: not
+// cached, else the block). The manager's lock is held.
+type hitFinder struct {
+	m     *Manager
+	keys  []prefix.Key
+	found []int32
+	run   int // leading blocks cached, for a group that needs them all (-1: not known yet)
+}
+
+// reset prepares f for keys, reusing its storage.
+func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
+	f.m, f.keys, f.run = m, keys, -1
+	f.found = f.found[:0]
+	for range keys {
+		f.found = append(f.found, -2)
+	}
+}
+
+// get returns block i of the prompt in the cache, or NullBlock.
+func (f *hitFinder) get(i int) int32 {
+	if f.found[i] == -2 {
+		f.found[i] = NullBlock
+		if e := f.m.arena.index.Get(f.keys[i]); e != nil {
+			f.found[i] = e.Block
+		}
+	}
+	return f.found[i]
+}
+
+// serves returns the largest hit, at most h blocks, the group can serve: the blocks its next
+// token reads (all of them for full attention; a window's or a chunk's, and the sink tokens'),
+// cached. A recurrent group serves none (it keeps no states at block boundaries).
+func (f *hitFinder) serves(h int) int {
+	m := f.m
+	switch {
+	case m.cfg.StateBytes > 0:
+		return 0
+	case !m.bounded():
+		if f.run < 0 {
+			f.run = 0
+			for f.run < len(f.keys) && f.get(f.run) != NullBlock {
+				f.run++
+			}
+		}
+		return min(h, f.run)
+	}
+	bt := m.cfg.BlockTokens
+	for h > 0 {
+		first := m.reachFrom(h*bt) / bt
+		missing := -1
+		for i := range min(m.sinkBlocks(), first) {
+			if f.get(i) == NullBlock {
+				missing = i
+				break
+			}
+		}
+		for i := h - 1; missing < 0 && i >= first; i-- { // every shorter hit reads block i too
+			if f.get(i) == NullBlock {
+				missing = i
+			}
+		}
+		if missing < 0 {
+			return h
+		}
+		h = missing
+	}
+	return 0
+}
+
+// startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
+// blocks its next token reads and the sink tokens' are held, the others NullBlock. The lock is
+// held, checkStart passed and f.serves(h) == h.
+func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder, h int) (int, error) {
+	if m.cfg.StateBytes > 0 || h == 0 {
+		return m.start(seq, Prompt{Tokens: p.Tokens, Namespace: p.Namespace}, root, 0)
+	}
+	s, err := m.seqs.Add(seq)
+	if err != nil {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
+	}
+	bt := m.cfg.BlockTokens
+	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
+	s.Keys = append(s.Keys, f.keys[:h]...)
+	first := 0
+	if m.bounded() {
+		first = m.reachFrom(h*bt) / bt
+	}
+	sinks := min(m.sinkBlocks(), first)
+	for i := range h {
+		if i >= sinks && i < first {
+			s.Blocks = append(s.Blocks, NullBlock)
+		} else {
+			s.Blocks = append(s.Blocks, f.get(i))
+		}
+	}
+	m.arena.holdAll(s.Blocks[:sinks])
+	m.arena.holdAll(s.Blocks[first:])
+	if first > m.sinkBlocks() {
+		s.Dropped = first
+	}
+	s.IDs = append(s.IDs, p.Tokens[:h*bt]...)
+	s.Tokens = h * bt
+	s.Written, s.Hit = s.Tokens, s.Tokens
+	m.dropOutOfReach(s) // drops nothing more; sets when the next block falls out
+	m.counters.queryTokens += uint64(len(p.Tokens))
+	m.counters.hitTokens += uint64(s.Tokens)
+	m.publish()
+	return s.Tokens, nil
+}
