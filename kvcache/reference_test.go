@@ -982,8 +982,12 @@ func (h *harness) check() {
 	}
 	// Every token's value, read through the exported vLLM table as a kernel would (a sequence
 	// swapped out is read after it comes back).
-	if h.table == nil || h.table.MaxSeqs < len(ids) {
-		h.table = devtest.VLLM(t, 8, int(h.cfg.Capacity/h.cfg.BlockStride()), -1)
+	rowBlocks := int(h.cfg.Capacity / h.cfg.BlockStride())
+	for _, id := range ids { // a window's sequence spans more block places than it holds
+		rowBlocks = max(rowBlocks, len(h.ref.seqs[id].blocks))
+	}
+	if h.table == nil || h.table.MaxSeqs < len(ids) || h.table.MaxBlocks < rowBlocks {
+		h.table = devtest.VLLM(t, 8, rowBlocks, -1)
 	}
 	onDevice := ids[:0:0]
 	for _, id := range ids {
