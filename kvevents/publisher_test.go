@@ -47,8 +47,10 @@ func TestReplayRecoversMissedBatches(t *testing.T) {
 		require.NoError(t, p.Flush())
 	}
 	seq, payload := s.recv(t, "kv@pod-1@llama")
-	require.Equal(t, uint64(5), seq, "the first batch the subscriber sees")
-	assert.Equal(t, int64(5), firstToken(t, payload))
+	// Which batch a new subscriber sees first depends on when its subscription reaches the
+	// publisher (ZMQ's slow joiner); what it missed, replay gives back.
+	require.LessOrEqual(t, seq, uint64(7), "a batch the subscriber sees")
+	assert.Equal(t, int64(seq), firstToken(t, payload))
 
 	seqs, payloads := replay(t, p, 0) // batches 0 and 1 have left the buffer of 6
 	require.Equal(t, []uint64{2, 3, 4, 5, 6, 7}, seqs)
