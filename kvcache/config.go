@@ -5,6 +5,7 @@ import (
 	"math"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -93,6 +94,11 @@ type Config struct {
 	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
 	// HostBlocks.
 	HostPrefixCache bool
+	// KeyScheme says how cached blocks are keyed: the zero value is pagedkv's SHA-256 chain
+	// (prefix.Root, prefix.Keys); with VLLM set, vLLM's sha256_cbor block hashes
+	// (prefix.VLLMKeys), so that a router sees one key space over vLLM and pagedkv replicas and
+	// its keys are accepted as Prompt.Keys. The KV events then carry vLLM's own block hashes.
+	KeyScheme prefix.Scheme
 	// WaitForWrites makes a filled block a prefix hit for other sequences only once the runtime
 	// has said that its K/V is written (MarkWritten). Without it a block is cached the moment it
 	// fills, before the kernel that writes its K/V has run: a runtime that prefills in chunks, or
@@ -226,6 +232,9 @@ func (c Config) validateArena() error {
 	}
 	if c.HostPrefixCache && c.HostBlocks == 0 {
 		return &ConfigError{Field: "HostPrefixCache", Value: true, Reason: "needs a host tier (HostBlocks)"}
+	}
+	if ks := c.KeyScheme; !ks.VLLM && (ks.Seed != "" || len(ks.LoRANames) > 0) {
+		return &ConfigError{Field: "KeyScheme", Value: ks.Seed, Reason: "a seed or LoRA names mean nothing without VLLM"}
 	}
 	return nil
 }

@@ -28,6 +28,9 @@ type HybridConfig struct {
 	// ReservePages and HighWatermark (in each group's pages).
 	WaitForWrites, Strict, NoBackground bool
 	ReservePages, HighWatermark         int
+	// KeyScheme keys every group's blocks (Config.KeyScheme); Prompt.Keys are for the first
+	// attention group's block size.
+	KeyScheme prefix.Scheme
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -128,7 +131,7 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 		Layers: len(g.Layers), KVHeads: g.KVHeads, HeadDim: g.KHeadDim, ElemSize: g.DType.Size(), BlockTokens: g.BlockTokens,
 		KOnly: g.VHeadDim == 0, Capacity: hc.Capacity, PrefixCacheBytes: hc.PrefixCacheBytes,
 		WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
-		ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark,
+		ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark, KeyScheme: hc.KeyScheme,
 	}
 	if g.VHeadDim != 0 && g.VHeadDim != g.KHeadDim {
 		c.VHeadDim = g.VHeadDim
@@ -141,7 +144,7 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 	case RecurrentState:
 		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, Capacity: hc.Capacity,
 			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
-			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark}
+			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark, KeyScheme: hc.KeyScheme}
 	}
 	if gran == 0 || gran%16 != 0 {
 		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be a positive multiple of 16"}
@@ -392,9 +395,10 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	// Outside the lock: hashing. One key chain for each block size.
 	roots := make([]prefix.Key, len(h.groups))
 	keys := make([][]prefix.Key, len(h.groups))
+	keyer := prefix.NewKeyer(h.groups[0].cfg.KeyScheme)
 	for i, m := range h.groups {
 		bt := m.cfg.BlockTokens
-		roots[i] = prefix.Root(p.Namespace, bt)
+		roots[i] = keyer.Root(p.Namespace, bt)
 		if m.cfg.StateBytes > 0 {
 			continue
 		}
@@ -404,7 +408,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			}
 		}
 		if keys[i] == nil {
-			keys[i] = promptKeys(p, roots[i], bt, keyBT)
+			keys[i] = promptKeys(keyer, p, roots[i], bt, keyBT)
 		}
 	}
 	h.mu.Lock()
@@ -445,19 +449,18 @@ func (h *Hybrid) keyBlockTokens() int {
 
 // promptKeys returns the keys of p's whole blocks of bt tokens (root: the namespace's), at most
 // all but the last token's: p.Keys where they are for this block size, hashed beyond them.
-func promptKeys(p Prompt, root prefix.Key, bt, keyBT int) []prefix.Key {
+func promptKeys(keyer *prefix.Keyer, p Prompt, root prefix.Key, bt, keyBT int) []prefix.Key {
 	n := maxPromptBlocks(len(p.Tokens), bt)
 	out := make([]prefix.Key, 0, n)
 	if bt == keyBT {
 		out = append(out, p.Keys[:min(len(p.Keys), n)]...)
 	}
-	var hasher prefix.Hasher
 	parent := root
 	if len(out) > 0 {
 		parent = out[len(out)-1]
 	}
 	for i := len(out); i < n; i++ {
-		parent = hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
+		parent = keyer.Next(p.Namespace, i, parent, p.Tokens[i*bt:(i+1)*bt])
 		out = append(out, parent)
 	}
 	return out

@@ -87,7 +87,7 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
 	}
 	bt := m.cfg.BlockTokens
-	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
+	s.Keyed, s.Root, s.Adapter, s.Salt = true, root, p.Namespace.Adapter, p.Namespace.Salt
 	s.Keys = append(s.Keys, f.keys[:h]...)
 	first := 0
 	if m.bounded() {

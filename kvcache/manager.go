@@ -64,7 +64,7 @@ type Manager struct {
 
 	// prefix cache (the key index is the arena's; see prefixcache.go)
 	feed    prefix.Feed
-	hasher  prefix.Hasher
+	keyer   *prefix.Keyer
 	pending []prefix.Event     // events of the operation under way, published when it succeeds
 	slab    eventSlab          // the pending events' keys and token ids
 	evicted []keyindex.Removed // evictions of the append under way, restored if it fails
@@ -141,6 +141,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	}
 	return &Manager{
 		mu:        new(sync.Mutex),
+		keyer:     prefix.NewKeyer(cfg.KeyScheme),
 		host:      host,
 		cfg:       cfg,
 		back:      b,
@@ -640,7 +641,7 @@ func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 	d.Tokens, d.Written, d.Dropped = s.Tokens, s.Written, s.Dropped
 	d.Blocks = append(d.Blocks, s.Blocks...)
 	if s.Keyed {
-		d.Keyed, d.Root, d.Adapter = true, s.Root, s.Adapter
+		d.Keyed, d.Root, d.Adapter, d.Salt = true, s.Root, s.Adapter, s.Salt
 		d.IDs = append(d.IDs, s.IDs...)
 		d.Keys = append(d.Keys, s.Keys...)
 	}

@@ -72,7 +72,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if full := len(p.Tokens) / bt; len(p.Keys) > full {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: full}}
 	}
-	root := prefix.Root(p.Namespace, bt) // outside the lock: it hashes
+	root := m.keyer.Root(p.Namespace, bt) // outside the lock: it may hash, and changes nothing
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.checkStart(seq); err != nil {
@@ -104,7 +104,7 @@ func (m *Manager) start(seq SeqID, p Prompt, root prefix.Key, maxBlocks int) (in
 	if err != nil {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: err}
 	}
-	s.Keyed, s.Root, s.Adapter = true, root, p.Namespace.Adapter
+	s.Keyed, s.Root, s.Adapter, s.Salt = true, root, p.Namespace.Adapter, p.Namespace.Salt
 	m.lookupPrefix(s, p, maxBlocks)
 	m.arena.holdAll(s.Blocks)
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
@@ -135,7 +135,7 @@ func (m *Manager) promptKey(p *Prompt, i int, parent prefix.Key) prefix.Key {
 		return p.Keys[i]
 	}
 	bt := m.cfg.BlockTokens
-	return m.hasher.Next(parent, p.Tokens[i*bt:(i+1)*bt])
+	return m.keyer.Next(p.Namespace, i, parent, p.Tokens[i*bt:(i+1)*bt])
 }
 
 // lookupPrefix walks p's whole blocks (at most maxBlocks of them) while they are cached, appending their keys to s.Keys (s.Root is the chain's start) and their blocks to
@@ -288,7 +288,7 @@ func (m *Manager) mark(s *sequence.Sequence, n int) {
 // rootZero returns the root of the zero Namespace, computed once.
 func (m *Manager) rootZero() prefix.Key {
 	if !m.rootSet {
-		m.root0, m.rootSet = prefix.Root(prefix.Namespace{}, m.cfg.BlockTokens), true
+		m.root0, m.rootSet = m.keyer.Root(prefix.Namespace{}, m.cfg.BlockTokens), true
 	}
 	return m.root0
 }
@@ -306,7 +306,7 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 		if i > 0 {
 			parent = s.Keys[i-1]
 		}
-		k := m.hasher.Next(parent, s.IDs[i*bt:(i+1)*bt])
+		k := m.keyer.Next(prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}, i, parent, s.IDs[i*bt:(i+1)*bt])
 		s.Keys = append(s.Keys, k)
 		stored := s.Blocks[i] != NullBlock && m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
 		if stored {
@@ -624,7 +624,7 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	if len(p.Tokens) > MaxSequenceTokens || len(p.Keys) > len(p.Tokens)/bt {
 		return Admission{}, fmt.Errorf("kvcache: admit: %w", &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens})
 	}
-	root := prefix.Root(p.Namespace, bt)
+	root := m.keyer.Root(p.Namespace, bt)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {

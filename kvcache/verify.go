@@ -39,7 +39,7 @@ func (m *Manager) Verify() error {
 	a := m.arena
 	bt := m.cfg.BlockTokens
 	refs := make(map[int32]int32)
-	var hasher prefix.Hasher
+	keyer := prefix.NewKeyer(m.cfg.KeyScheme)
 	m.seqs.All(func(s *sequence.Sequence) bool {
 		if want := sequence.BlocksFor(s.Tokens, bt); len(s.Blocks) != want {
 			bad("sequence %d: %d tokens in %d blocks, want %d", s.ID, s.Tokens, len(s.Blocks), want)
@@ -61,7 +61,7 @@ func (m *Manager) Verify() error {
 			seen[b] = true
 			refs[b]++
 		}
-		m.verifyKeys(s, &hasher, bad)
+		m.verifyKeys(s, keyer, bad)
 		return true
 	})
 	live, idle, mapped, shared, entries := 0, 0, 0, 0, 0
@@ -230,7 +230,7 @@ func (m *Manager) Verify() error {
 // its full blocks' ids, and each of its full blocks that is cached is cached under its own key.
 // (A partial tail may be cached: a truncation cut into it, and it leaves the cache when it is
 // written.)
-func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad func(string, ...any)) {
+func (m *Manager) verifyKeys(s *sequence.Sequence, keyer *prefix.Keyer, bad func(string, ...any)) {
 	bt := m.cfg.BlockTokens
 	if !s.Keyed {
 		return
@@ -241,7 +241,7 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, hasher *prefix.Hasher, bad fu
 	}
 	parent := s.Root
 	for i, k := range s.Keys {
-		if want := hasher.Next(parent, s.IDs[i*bt:(i+1)*bt]); k != want {
+		if want := keyer.Next(prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}, i, parent, s.IDs[i*bt:(i+1)*bt]); k != want {
 			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
 			return
 		}

@@ -12,8 +12,8 @@ import (
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{Root, Keys, VLLMNoneHash, VLLMKeys},
-		Types: []any{Key{}, (*Hasher)(nil), (*VLLMHasher)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
+		Funcs: []any{Root, Keys, VLLMNoneHash, VLLMKeys, NewKeyer},
+		Types: []any{Key{}, (*Hasher)(nil), (*VLLMHasher)(nil), (*Keyer)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			val := func(x any) apitest.Maker {
 				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
@@ -23,6 +23,10 @@ func TestAPIProperty(t *testing.T) {
 				return []apitest.Maker{val(&Hasher{})}
 			case reflect.TypeFor[*VLLMHasher]():
 				return []apitest.Maker{val(&VLLMHasher{})}
+			case reflect.TypeFor[*Keyer]():
+				return []apitest.Maker{val(&Keyer{}), val(NewKeyer(Scheme{VLLM: true, Seed: "0", LoRANames: map[uint64]string{1: "a"}}))}
+			case reflect.TypeFor[Scheme]():
+				return []apitest.Maker{val(Scheme{}), val(Scheme{VLLM: true, LoRANames: map[uint64]string{1<<64 - 1: "max"}})}
 			case reflect.TypeFor[VLLMExtra]():
 				return []apitest.Maker{val(VLLMExtra{LoRAName: "sql-lora", CacheSalt: "tenant"})}
 			case reflect.TypeFor[*Feed]():

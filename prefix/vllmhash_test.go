@@ -49,36 +49,6 @@ func TestVLLMHasherAllocs(t *testing.T) {
 	assert.Zero(t, testing.AllocsPerRun(100, func() { x.Next(Key{}, tokens, VLLMExtra{LoRAName: "l", CacheSalt: "s"}, true) }))
 }
 
-// vllmHashPy computes, from vLLM's definition (vllm/v1/core/kv_cache_utils.py: init_none_hash,
-// hash_block_tokens, generate_block_hash_extra_keys; vllm/utils/hashing.py: sha256_cbor), the
-// block hashes of each vector it reads as JSON, and prints them in hex.
-const vllmHashPy = `
-import hashlib, json, sys
-import cbor2
-
-def sha256_cbor(obj):
-    return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
-
-out = []
-for v in json.load(sys.stdin):
-    none_hash = sha256_cbor(v["seed"])
-    bs, toks = v["block_size"], v["tokens"]
-    parent, keys = None, []
-    for start in range(0, len(toks) - bs + 1, bs):
-        extra = []
-        if v["lora_name"] is not None:
-            extra.append(v["lora_name"])
-        if start == 0 and v["cache_salt"]:
-            extra.append(v["cache_salt"])
-        extra = tuple(extra) if extra else None
-        if not parent:
-            parent = none_hash
-        parent = sha256_cbor((parent, tuple(toks[start:start + bs]), extra))
-        keys.append(parent.hex())
-    out.append(keys)
-json.dump(out, sys.stdout)
-`
-
 // Block hashes equal vLLM's sha256_cbor computed in Python (hashlib and Debian's cbor2) from the
 // same tokens, on vectors with LoRA names and salts, and with every width of CBOR head: token
 // ids, lengths and counts below 24, to a byte, two bytes and four bytes, and negative ids.
@@ -111,7 +81,7 @@ func TestVLLMKeysMatchPython(t *testing.T) {
 	in, err := json.Marshal(vectors)
 	require.NoError(t, err)
 	var want [][]string
-	require.NoError(t, json.Unmarshal(pyclient.Run(t, time.Minute, vllmHashPy, in), &want))
+	require.NoError(t, json.Unmarshal(pyclient.Run(t, time.Minute, pyclient.VLLMHashPy, in), &want))
 	require.Len(t, want, len(vectors))
 	for i, v := range vectors {
 		extra := VLLMExtra{CacheSalt: v.CacheSalt}

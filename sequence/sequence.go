@@ -40,6 +40,7 @@ type Sequence struct {
 	Keys    []prefix.Key
 	Root    prefix.Key
 	Adapter uint64
+	Salt    string // the namespace's salt: a vLLM-keyed cache folds it into the first block's key
 
 	// Written is how many of the first tokens have their K/V written, as the runtime reported
 	// (kvcache's MarkWritten); a block becomes a prefix hit for others only once written, when
@@ -67,7 +68,7 @@ func (s *Sequence) ResetPrefix() {
 	if s == nil {
 		return
 	}
-	s.Keyed, s.IDs, s.Keys, s.Root, s.Adapter = false, s.IDs[:0], s.Keys[:0], prefix.Key{}, 0
+	s.Keyed, s.IDs, s.Keys, s.Root, s.Adapter, s.Salt = false, s.IDs[:0], s.Keys[:0], prefix.Key{}, 0, ""
 }
 
 // BlocksFor returns how many blocks of blockTokens tokens hold n tokens: ceil(n/blockTokens),
