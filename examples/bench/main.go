@@ -45,7 +45,7 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, multicalls, swap, preempt, admit, memory")
+	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, multicalls, swap, preempt, admit, memory, events")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -79,6 +79,7 @@ func main() {
 		{"swap", benchSwap},
 		{"preempt", benchPreempt},
 		{"memory", benchMemory},
+		{"events", benchEvents},
 		{"admit", benchAdmit},
 	}
 	for _, s := range sections {

@@ -1,0 +1,424 @@
+// Package eventbench measures the KV-event publisher (package kvevents) for its benchmarks and
+// the bench program: what a publisher attached to a manager costs the decode step, the block
+// events per second it sends, and the latency from the append that caches a block to a
+// subscriber's read of it.
+package eventbench
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"runtime"
+	"runtime/metrics"
+	"slices"
+	"time"
+
+	"github.com/go-zeromq/zmq4"
+
+	"github.com/pagedkv/pagedkv/internal/workload/kvbench"
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/kvevents"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// Decoder runs kvbench.Decode's step on a manager of its own: AppendTokenIDs of one new id to
+// each of 256 sequences in turn (a 0% hit rate: every block that fills is hashed, cached and,
+// once the batch restarts, evicted), beside live idle sequences; every 1,024 tokens of each
+// sequence the batch ends and starts again (untimed).
+type Decoder struct {
+	M     *kvcache.Manager
+	dev   vmm.Device
+	slots []int64
+	id    []prefix.Token
+	next  prefix.Token
+	i     int
+}
+
+// NewDecoder returns a Decoder with live idle one-block sequences beside the batch; background
+// runs the manager's reserve goroutine. Close it.
+func NewDecoder(live int, background bool) (*Decoder, error) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10, Capacity: 1 << 40})
+	if err != nil {
+		return nil, err
+	}
+	cfg := kvbench.Config()
+	cfg.NoBackground = !background
+	m, err := kvcache.New(dev, cfg)
+	if err != nil {
+		_ = dev.Close()
+		return nil, err
+	}
+	d := &Decoder{M: m, dev: dev, slots: make([]int64, 0, 64), id: make([]prefix.Token, 1), next: 1}
+	for i := range live {
+		if _, err := m.AppendTokens(kvcache.SeqID(1<<32+i), cfg.BlockTokens, nil); err != nil {
+			return nil, d.fail(err)
+		}
+	}
+	for s := range kvbench.Batch {
+		if err := d.append(s); err != nil {
+			return nil, d.fail(err)
+		}
+	}
+	return d, nil
+}
+
+func (d *Decoder) fail(err error) error {
+	_ = d.Close()
+	return err
+}
+
+// Poke returns a function that makes publisher p, attached to d's manager, send a batch: it
+// caches a block in a sequence of its own, frees it and flushes.
+func (d *Decoder) Poke(p *kvevents.Publisher) func() error {
+	const seq = kvcache.SeqID(1 << 40)
+	ids := make([]prefix.Token, d.M.Config().BlockTokens)
+	return func() error {
+		for i := range ids {
+			ids[i] = d.next
+			d.next++
+		}
+		if _, err := d.M.AppendTokenIDs(seq, ids, nil); err != nil {
+			return err
+		}
+		if err := d.M.FreeSequence(seq); err != nil {
+			return err
+		}
+		return p.Flush()
+	}
+}
+
+// Close closes the manager and its device.
+func (d *Decoder) Close() error {
+	err := d.M.Close()
+	if e := d.dev.Close(); err == nil {
+		err = e
+	}
+	return err
+}
+
+func (d *Decoder) append(s int) error {
+	d.id[0] = d.next
+	d.next++
+	var err error
+	d.slots, err = d.M.AppendTokenIDs(kvcache.SeqID(s), d.id, d.slots[:0])
+	return err
+}
+
+// Steps runs n decode steps and returns the time they took, the batch restarts excluded.
+func (d *Decoder) Steps(n int) (time.Duration, error) {
+	var took time.Duration
+	t0 := time.Now()
+	for range n {
+		if err := d.append(d.i % kvbench.Batch); err != nil {
+			return 0, err
+		}
+		d.i++
+		if d.i == kvbench.Batch*1024 {
+			took += time.Since(t0)
+			for s := range kvbench.Batch {
+				if err := d.M.FreeSequence(kvcache.SeqID(s)); err != nil {
+					return 0, err
+				}
+				if err := d.append(s); err != nil {
+					return 0, err
+				}
+			}
+			d.i = 0
+			t0 = time.Now()
+		}
+	}
+	return took + time.Since(t0), nil
+}
+
+// Mallocs returns the heap objects allocated so far by the whole process (runtime/metrics, which
+// does not stop the world as ReadMemStats does).
+func Mallocs() uint64 {
+	s := []metrics.Sample{{Name: "/gc/heap/allocs:objects"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// Subscriber is what listens to the publisher during Overhead.
+type Subscriber string
+
+// The subscribers Overhead measures with.
+const (
+	// Absent: nobody is connected; the publisher encodes and drops its batches.
+	Absent Subscriber = "absent"
+	// Stalled: a subscriber connected that never reads.
+	Stalled Subscriber = "stalled"
+	// Deferred: nobody connected, and the publisher sends only between the timed chunks: what
+	// the appending goroutine pays, without the publisher's own CPU time.
+	Deferred Subscriber = "deferred"
+)
+
+// Overhead is the decode step with a publisher attached against the same step without.
+type Overhead struct {
+	NsNone, NsWith         float64 // ns per token
+	Ratio, RatioMedian     float64 // with / none: over everything, and the median of the chunk pairs
+	AllocsNone, AllocsWith float64 // objects the whole process allocated per token
+}
+
+// MeasureOverhead times the decode step (ids, 1,024 live sequences) on two managers in the same
+// run, one with a publisher attached and one without, in pairs of 256-step chunks in
+// alternating order so that both see the same machine.
+func MeasureOverhead(sub Subscriber, pairs int) (Overhead, error) {
+	none, err := NewDecoder(1024, true)
+	if err != nil {
+		return Overhead{}, err
+	}
+	defer none.Close()
+	with, err := NewDecoder(1024, true)
+	if err != nil {
+		return Overhead{}, err
+	}
+	defer with.Close()
+	s, err := with.M.Subscribe(1 << 16)
+	if err != nil {
+		return Overhead{}, err
+	}
+	cfg := kvevents.Config{Endpoint: "tcp://127.0.0.1:*", ReplayEndpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m"}
+	if sub == Deferred {
+		cfg.Batching = kvevents.EveryFlush
+	}
+	p, err := kvevents.Start(s, cfg)
+	if err != nil {
+		return Overhead{}, err
+	}
+	defer p.Close()
+	if sub == Stalled {
+		z, err := Connect(p, false, with.Poke(p))
+		if err != nil {
+			return Overhead{}, err
+		}
+		defer z.Close()
+	}
+	const chunk = 256
+	var o Overhead
+	var tNone, tWith time.Duration
+	var aNone, aWith uint64
+	ratios := make([]float64, 0, pairs)
+	for i := range pairs {
+		var d [2]time.Duration
+		for k := range 2 {
+			dec, allocs := none, &aNone
+			if (i+k)%2 == 1 {
+				dec, allocs = with, &aWith
+			}
+			a0 := Mallocs()
+			took, err := dec.Steps(chunk)
+			if err != nil {
+				return o, err
+			}
+			*allocs += Mallocs() - a0
+			d[(i+k)%2] = took
+		}
+		tNone, tWith = tNone+d[0], tWith+d[1]
+		ratios = append(ratios, float64(d[1])/float64(d[0]))
+		if sub == Deferred {
+			if err := p.Flush(); err != nil {
+				return o, err
+			}
+		}
+	}
+	if st := p.Stats(); st.Blocks == 0 || st.Lost > 0 {
+		return o, fmt.Errorf("eventbench: the publisher sent %d blocks and lost %d events: not measuring what it says", st.Blocks, st.Lost)
+	}
+	slices.Sort(ratios)
+	tokens := float64(pairs * chunk)
+	o.NsNone, o.NsWith = float64(tNone.Nanoseconds())/tokens, float64(tWith.Nanoseconds())/tokens
+	o.Ratio, o.RatioMedian = float64(tWith)/float64(tNone), ratios[len(ratios)/2]
+	o.AllocsNone, o.AllocsWith = float64(aNone)/tokens, float64(aWith)/tokens
+	return o, nil
+}
+
+// Sub is a ZMQ SUB socket connected to a publisher.
+type Sub struct {
+	s   zmq4.Socket
+	got chan receipt
+}
+
+// receipt is a batch the subscriber received: its sequence number, and when.
+type receipt struct {
+	seq uint64
+	at  time.Time
+}
+
+// next returns the next batch received, or an error after 20 s without one.
+func (z *Sub) next() (receipt, error) {
+	select {
+	case r := <-z.got:
+		return r, nil
+	case <-time.After(20 * time.Second):
+		return receipt{}, fmt.Errorf("eventbench: no batch within 20 s")
+	}
+}
+
+// Connect connects a SUB socket to p's stream and returns once a batch has reached it (so that
+// nothing sent afterwards is lost to ZMQ's slow joiner): until then it calls poke, which must
+// make p send a batch. With read unset, nothing is read after that first batch.
+func Connect(p *kvevents.Publisher, read bool, poke func() error) (*Sub, error) {
+	z := &Sub{s: zmq4.NewSub(context.Background()), got: make(chan receipt, 1<<16)}
+	if err := z.s.Dial(p.Addr()); err != nil {
+		return nil, err
+	}
+	if err := z.s.SetOption(zmq4.OptionSubscribe, p.Topic()); err != nil {
+		_ = z.s.Close()
+		return nil, err
+	}
+	first := make(chan struct{})
+	go func() {
+		for i := 0; ; i++ {
+			m, err := z.s.Recv()
+			if err != nil {
+				return
+			}
+			if i == 0 {
+				close(first)
+				if !read {
+					return
+				}
+				continue
+			}
+			z.got <- receipt{seq: binary.BigEndian.Uint64(m.Frames[1]), at: time.Now()}
+		}
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := poke(); err != nil {
+			_ = z.s.Close()
+			return nil, err
+		}
+		select {
+		case <-first:
+			return z, nil
+		case <-time.After(time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			_ = z.s.Close()
+			return nil, fmt.Errorf("eventbench: no batch reached the subscriber within 20 s")
+		}
+	}
+}
+
+// Close closes the socket.
+func (z *Sub) Close() error { return z.s.Close() }
+
+// Throughput sends batches of 1,024 one-block BlockStored events of 16 tokens (a decode step's)
+// through a publisher to a subscriber in the same process, all on one core (GOMAXPROCS=1), and
+// returns the block events the subscriber received per second.
+func Throughput(batches int) (float64, error) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	const batch = 1024
+	events := make([]prefix.Event, batch)
+	tokens := make([]prefix.Token, 16*batch)
+	for i := range tokens {
+		tokens[i] = prefix.Token(i * 7919 % 151000)
+	}
+	keys := prefix.Keys(nil, prefix.Namespace{}, 16, tokens)
+	root := prefix.Root(prefix.Namespace{}, 16)
+	for i := range events {
+		events[i] = prefix.Event{Kind: prefix.BlockStored, Keys: keys[i : i+1], Parent: root, Tokens: tokens[16*i : 16*i+16],
+			BlockSize: 16, Medium: prefix.MediumGPU}
+		if i > 0 {
+			events[i].Parent = keys[i-1]
+		}
+	}
+	var f prefix.Feed
+	sub, err := f.Subscribe(1 << 20)
+	if err != nil {
+		return 0, err
+	}
+	p, err := kvevents.Start(sub, kvevents.Config{Endpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m", Batching: kvevents.EveryFlush})
+	if err != nil {
+		return 0, err
+	}
+	defer p.Close()
+	z, err := Connect(p, true, func() error { f.Publish(events[0]); return p.Flush() })
+	if err != nil {
+		return 0, err
+	}
+	defer z.Close()
+	received := 0
+	t0 := time.Now()
+	for sent := 1; sent <= batches; sent++ {
+		f.Publish(events...)
+		if err := p.Flush(); err != nil {
+			return 0, err
+		}
+		for ; sent-received > 64 || (sent == batches && received < batches); received++ { // at most 64 batches in flight
+			if _, err := z.next(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return float64(batches*batch) / time.Since(t0).Seconds(), nil
+}
+
+// Latency times n blocks, one at a time, from the AppendTokenIDs call that caches the block to
+// the subscriber's receipt of its batch, under batching, and returns the median and the 99th
+// percentile.
+func Latency(batching kvevents.Batching, n int) (p50, p99 time.Duration, err error) {
+	d, err := NewDecoder(0, true)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer d.Close()
+	sub, err := d.M.Subscribe(1 << 16)
+	if err != nil {
+		return 0, 0, err
+	}
+	p, err := kvevents.Start(sub, kvevents.Config{Endpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m", Batching: batching})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer p.Close()
+	z, err := Connect(p, true, d.Poke(p))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer z.Close()
+	ids := make([]prefix.Token, d.M.Config().BlockTokens)
+	lat := make([]time.Duration, 0, n)
+	seq := kvcache.SeqID(1 << 20)
+	for range n {
+		drain(z)
+		for i := range ids {
+			ids[i] = d.next
+			d.next++
+		}
+		t0 := time.Now()
+		if _, err := d.M.AppendTokenIDs(seq, ids, d.slots[:0]); err != nil {
+			return 0, 0, err
+		}
+		if batching == kvevents.EveryFlush {
+			if err := p.Flush(); err != nil {
+				return 0, 0, err
+			}
+		}
+		r, err := z.next()
+		if err != nil {
+			return 0, 0, err
+		}
+		lat = append(lat, r.at.Sub(t0))
+		if err := d.M.FreeSequence(seq); err != nil { // its eviction goes out later, and is drained
+			return 0, 0, err
+		}
+		seq++
+	}
+	slices.Sort(lat)
+	return lat[len(lat)/2], lat[len(lat)*99/100], nil
+}
+
+// drain waits for the batches in flight (the previous block's eviction, if sent) and discards
+// them, so that the next receipt is the next block's.
+func drain(z *Sub) {
+	for {
+		select {
+		case <-z.got:
+		case <-time.After(2 * time.Millisecond):
+			return
+		}
+	}
+}
