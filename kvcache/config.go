@@ -3,6 +3,7 @@ package kvcache
 import (
 	"fmt"
 	"math"
+	"time"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -99,6 +100,15 @@ type Config struct {
 	// (prefix.VLLMKeys), so that a router sees one key space over vLLM and pagedkv replicas and
 	// its keys are accepted as Prompt.Keys. The KV events then carry vLLM's own block hashes.
 	KeyScheme prefix.Scheme
+	// Tiers are stores below the host tier, fastest first (a local disk, then a store shared by
+	// replicas: packages tier/disk and tier/redis). Every block the host prefix cache stores is
+	// written to them behind the append path, and StartSequence looks in them, in order, for a
+	// prompt's blocks that neither the device nor the host holds (tiers.go). The manager
+	// borrows the stores: the caller closes them after the manager. Needs HostPrefixCache.
+	Tiers []Tier
+	// TierTimeout bounds each call to a tier; 0 means DefaultTierTimeout. A call that fails or
+	// passes it is a miss, counted in PrefixStats.Tiers.
+	TierTimeout time.Duration
 	// WaitForWrites makes a filled block a prefix hit for other sequences only once the runtime
 	// has said that its K/V is written (MarkWritten). Without it a block is cached the moment it
 	// fills, before the kernel that writes its K/V has run: a runtime that prefills in chunks, or
@@ -232,6 +242,17 @@ func (c Config) validateArena() error {
 	}
 	if c.HostPrefixCache && c.HostBlocks == 0 {
 		return &ConfigError{Field: "HostPrefixCache", Value: true, Reason: "needs a host tier (HostBlocks)"}
+	}
+	if len(c.Tiers) > 0 && !c.HostPrefixCache {
+		return &ConfigError{Field: "Tiers", Value: len(c.Tiers), Reason: "need the host prefix cache (HostPrefixCache), through which blocks move"}
+	}
+	for i, t := range c.Tiers {
+		if t.Store == nil {
+			return &ConfigError{Field: "Tiers", Value: i, Reason: "a nil Store"}
+		}
+	}
+	if c.TierTimeout < 0 {
+		return &ConfigError{Field: "TierTimeout", Value: c.TierTimeout, Reason: "must not be negative"}
 	}
 	if ks := c.KeyScheme; !ks.VLLM && (ks.Seed != "" || len(ks.LoRANames) > 0) {
 		return &ConfigError{Field: "KeyScheme", Value: ks.Seed, Reason: "a seed or LoRA names mean nothing without VLLM"}

@@ -71,7 +71,12 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 	m.host.commit(m.emitHostRemoved)
 	m.setLastCopy(&Swap{marks: marks})
 	for j := n - 1; j >= 0; j-- { // the tail first, so that the prefix is the most recently used
-		m.host.store(s.Keys[sc.at[j]], m.host.taken[j])
+		k, h := s.Keys[sc.at[j]], m.host.taken[j]
+		if m.tiers == nil {
+			m.host.store(k, h)
+		} else if e := m.host.cache.Add(k, h); !m.demote(s, int(sc.at[j]), e) {
+			m.host.cache.Release(e)
+		}
 	}
 	for j := 0; j < n; { // one BlockStored event for each run of consecutive blocks
 		r := j + 1

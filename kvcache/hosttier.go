@@ -14,7 +14,7 @@ type hostTier struct {
 	first int32
 	refs  []int32
 	free  []int32         // free ids, the highest first, so that the lowest is taken first
-	cache *keyindex.Index // host blocks holding cached content: all idle, least recently used first
+	cache *keyindex.Index // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
 
 	// what reserve took, until commit or abort
 	taken   []int32
@@ -65,7 +65,7 @@ func (h *hostTier) available() int {
 	if h == nil {
 		return 0
 	}
-	return len(h.free) + h.cache.Len()
+	return len(h.free) + h.cache.IdleLen()
 }
 
 // reserve takes n host blocks (n <= available()) into h.taken: free ones first, then the
@@ -112,8 +112,12 @@ func (h *hostTier) store(k prefix.Key, b int32) {
 	h.cache.Release(h.cache.Add(k, b))
 }
 
-// touch makes cached entry e the most recently used.
+// touch makes cached entry e the most recently used; an entry held for the tiers stays held
+// (it becomes the most recently used when they let it go).
 func (h *hostTier) touch(e *keyindex.Entry) {
+	if !e.Idle() {
+		return
+	}
 	h.cache.Hold(e)
 	h.cache.Release(e)
 }

@@ -72,7 +72,8 @@ type Manager struct {
 	root0   prefix.Key         // root of the zero namespace
 	rootSet bool
 
-	host *hostTier // the host tier's blocks (nil without one)
+	host  *hostTier  // the host tier's blocks (nil without one)
+	tiers *tierState // the stores below the host tier (nil without)
 
 	counters struct {
 		syncMaps, bgMaps, unmaps, cows, compactions, moved uint64
@@ -125,6 +126,7 @@ func newManager(dev vmm.Device, cfg Config, join func(*Manager, *elastic) error)
 		go m.reserveLoop()
 		m.kick()
 	}
+	m.startTiers()
 	return m, nil
 }
 
@@ -139,7 +141,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	if cfg.HostBlocks > 0 {
 		host = newHostTier(int32(npages*bpp), cfg.HostBlocks)
 	}
-	return &Manager{
+	m := &Manager{
 		mu:        new(sync.Mutex),
 		keyer:     prefix.NewKeyer(cfg.KeyScheme),
 		host:      host,
@@ -158,6 +160,8 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		maxBlocks: maxPages * bpp,
 		idleCap:   int(min(cfg.PrefixCacheBytes/cfg.BlockStride(), MaxBlocks)),
 	}
+	m.tiers = newTierState(m)
+	return m
 }
 
 // closedNow reports whether m is closed, under its lock.
@@ -793,6 +797,7 @@ func (m *Manager) Close() error {
 	}
 	m.closed = true
 	m.mu.Unlock()
+	m.stopTiers()
 	if !m.cfg.NoBackground {
 		close(m.stop)
 	}

@@ -53,6 +53,9 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if len(cfg.Tiers) > 0 {
+		return nil, &ConfigError{Field: "Tiers", Value: len(cfg.Tiers), Reason: "not supported across several devices yet (" + ErrNotSupported.Error() + ")"}
+	}
 	if cfg.Layers%pp != 0 || cfg.KVHeads%tp != 0 {
 		return nil, &ConfigError{Field: "Split", Value: split,
 			Reason: fmt.Sprintf("%d layers and %d KV heads must divide evenly among %d stages and %d ranks", cfg.Layers, cfg.KVHeads, pp, tp)}
@@ -119,6 +122,7 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 		go m.reserveLoop()
 		m.kick()
 	}
+	m.startTiers()
 	return m, nil
 }
 

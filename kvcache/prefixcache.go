@@ -48,6 +48,9 @@ type PrefixStats struct {
 	// stays consistent; the runtime computes what a fetch did not bring).
 	HostHitTokens, HostStored, HostEvictions, HostFailures uint64
 	HostCachedBlocks                                       int
+	// Tiers are the stores below the host tier (Config.Tiers), in order. Their hits reach the
+	// device as host hits: HitTokens and HostHitTokens count them too.
+	Tiers []TierStats
 }
 
 // StartSequence creates sequence seq for a prompt: it finds the longest prefix of the prompt's
@@ -73,6 +76,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: full}}
 	}
 	root := m.keyer.Root(p.Namespace, bt) // outside the lock: it may hash, and changes nothing
+	m.fetchTiers(p, root, maxPromptBlocks(len(p.Tokens), bt))
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.checkStart(seq); err != nil {

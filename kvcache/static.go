@@ -74,6 +74,7 @@ func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
 		m.arena.markMapped(int32(p))
 	}
 	close(m.done)
+	m.startTiers()
 	return m, nil
 }
 

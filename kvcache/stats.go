@@ -94,6 +94,7 @@ func (m *Manager) Stats() Stats {
 		IdleBytes: uint64(a.idle) * m.cfg.BlockStride(), CacheOnlyPages: a.cacheOnly.Len(),
 		CacheOnlyBytes: uint64(a.cacheOnly.Len()) * m.cfg.PageSize,
 		HostHitTokens:  m.counters.hostHitTokens, HostStored: m.counters.hostStored, HostEvictions: m.counters.hostEvictions,
+		Tiers:        m.tierStats(),
 		HostFailures: m.counters.hostFailures,
 	}
 	if m.host != nil {

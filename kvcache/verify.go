@@ -184,17 +184,20 @@ func (m *Manager) Verify() error {
 			freeHost[b] = true
 		}
 		cachedHost := make(map[int32]bool, h.cache.Len())
-		idle := 0
+		idle, held := 0, 0
+		if m.tiers != nil {
+			held = m.tiers.held // entries the tier goroutine reads: held, not in the LRU list
+		}
 		h.cache.Each(func(e *keyindex.Entry) bool {
-			if !h.has(e.Block) || cachedHost[e.Block] || !e.Idle() || h.cache.Get(e.Key) != e {
+			if !h.has(e.Block) || cachedHost[e.Block] || (!e.Idle() && held == 0) || h.cache.Get(e.Key) != e {
 				bad("host cache entry for block %d: not a host block, cached twice, held, or not indexed under its key", e.Block)
 			}
 			cachedHost[e.Block] = true
 			return true
 		})
 		h.cache.AscendIdle(func(*keyindex.Entry) bool { idle++; return true })
-		if idle != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
-			bad("host cache: %d entries, %d in its LRU list (on %v)", h.cache.Len(), idle, m.cfg.HostPrefixCache)
+		if idle+held != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
+			bad("host cache: %d entries, %d in its LRU list, %d held for the tiers (on %v)", h.cache.Len(), idle, held, m.cfg.HostPrefixCache)
 		}
 		for i, r := range h.refs {
 			b := h.first + int32(i)

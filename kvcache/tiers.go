@@ -1,0 +1,428 @@
+package kvcache
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/pagedkv/pagedkv/internal/keyindex"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
+	"github.com/pagedkv/pagedkv/tier"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// Tier is a store below the host tier as a manager uses it (Config.Tiers): a local disk
+// (package tier/disk) or a store shared by replicas (package tier/redis).
+type Tier struct {
+	Store  tier.Store
+	Medium string // the KV events' medium of blocks written to it: "DISK", "CLUSTER"
+}
+
+// TierStats is one tier's traffic, as the manager counts it, beside the store's own counters.
+type TierStats struct {
+	Medium    string
+	HitTokens uint64 // prompt tokens StartSequence found here (brought back through the host tier)
+	Stored    uint64 // blocks written to it
+	Failures  uint64 // calls that failed or passed TierTimeout: counted as misses, never as errors
+	Dropped   uint64 // blocks not written because the write-behind queue was full
+	Store     tier.Stats
+}
+
+// The stores below the host tier (Config.Tiers) see every block the host prefix cache stores:
+//
+//   - Write-behind: writeBack hands each block it copies to the host to the tier goroutine,
+//     holding its host entry so that nothing reuses the host block meanwhile. The goroutine
+//     waits for the copy, reads the host block, lets the entry go and puts the block in every
+//     tier, outside the manager's lock. A full queue drops the block (TierStats.Dropped): the
+//     append path never waits for a tier.
+//   - Fetch on a miss: StartSequence, before it takes the lock for the lookup, asks the tiers in
+//     order for the prompt's blocks that neither the device nor the host holds, each call
+//     bounded by TierTimeout, and writes what they return into host blocks of the host prefix
+//     cache. The lookup then brings them to the device as a host hit (fetchHost).
+//
+// A tier that is down, slow or full costs a miss, counted in TierStats.Failures, never an
+// error of the manager's call.
+const tierQueue = 64 // blocks waiting for the tier goroutine at most
+
+// tierState is what a manager keeps for its tiers (nil without).
+type tierState struct {
+	tiers []Tier
+	bytes int // one block's data: every shard's BlockStride, in shard order
+
+	// guarded by the manager's mu
+	queue    []demotion
+	held     int // host entries held for the tier goroutine: queued, or in its batch
+	counters []TierStats
+
+	wake chan struct{}
+	stop chan struct{}
+	done chan struct{}
+
+	// the tier goroutine's own
+	batch []demotion
+	bufs  [][]byte
+	out   []tier.Block
+
+	// fetchMu serialises StartSequence's fetches, which share these
+	fetchMu   chan struct{}
+	keyer     *prefix.Keyer
+	keys      []prefix.Key
+	fetchBufs [][]byte
+	runs      []fetchRun
+}
+
+// demotion is a block written back to the host, on its way to the tiers: its host entry is
+// held until the tier goroutine has read the block.
+type demotion struct {
+	e      *keyindex.Entry
+	block  int32
+	key    prefix.Key
+	parent prefix.Key
+	first  bool // the sequence's first block: its parent is the namespace's root
+	ns     prefix.Namespace
+}
+
+// fetchRun is a run of a prompt's blocks one tier returned: keys[from:to] from tiers[tier].
+type fetchRun struct{ tier, from, to int }
+
+// newTierState returns m's tier state for cfg.Tiers, or nil without tiers.
+func newTierState(m *Manager) *tierState {
+	if len(m.cfg.Tiers) == 0 {
+		return nil
+	}
+	t := &tierState{tiers: m.cfg.Tiers, counters: make([]TierStats, len(m.cfg.Tiers)),
+		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}), fetchMu: make(chan struct{}, 1),
+		keyer: prefix.NewKeyer(m.cfg.KeyScheme)}
+	for _, sh := range m.back.shards() {
+		t.bytes += int(sh.Config.BlockStride())
+	}
+	for i, tr := range t.tiers {
+		t.counters[i].Medium = tr.Medium
+	}
+	return t
+}
+
+// Fingerprint identifies the layout of this geometry's blocks as the tiers store them: open a
+// store (tier/disk, tier/redis) with it, so that a store shared by replicas of another model,
+// another geometry or another key scheme never serves their blocks as this one's K/V. It is
+// the same on every machine for the same settings.
+func (c Config) Fingerprint() tier.Fingerprint {
+	h := sha256.New()
+	var b [8]byte
+	put := func(v uint64) {
+		binary.LittleEndian.PutUint64(b[:], v)
+		h.Write(b[:])
+	}
+	h.Write([]byte("pagedkv blocks v1\x00"))
+	for _, v := range []int{c.Layers, c.KVHeads, c.HeadDim, c.vHeadDim(), c.ElemSize, c.BlockTokens, b2i(c.KOnly), b2i(c.KeyScheme.VLLM)} {
+		put(uint64(v))
+	}
+	put(c.StateBytes)
+	put(c.BlockPadding)
+	h.Write([]byte(c.KeyScheme.Seed))
+	var fp tier.Fingerprint
+	h.Sum(fp[:0])
+	return fp
+}
+
+func b2i(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// startTiers starts the tier goroutine.
+func (m *Manager) startTiers() {
+	if m.tiers != nil {
+		go m.tierLoop()
+	}
+}
+
+// stopTiers stops the tier goroutine and lets go of the host entries it still held; the lock
+// is not held.
+func (m *Manager) stopTiers() {
+	t := m.tiers
+	if t == nil {
+		return
+	}
+	close(t.stop)
+	<-t.done
+	m.mu.Lock()
+	for _, d := range t.queue {
+		m.host.cache.Release(d.e)
+	}
+	t.held -= len(t.queue)
+	t.queue = t.queue[:0]
+	m.mu.Unlock()
+}
+
+// demote queues a block writeBack just copied to host block e.Block for the tiers, holding e;
+// it reports false (and counts the drop) when the queue is full, and then e is not held. The
+// lock is held.
+func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) bool {
+	t := m.tiers
+	if len(t.queue) == tierQueue {
+		for j := range t.counters {
+			t.counters[j].Dropped++
+		}
+		return false
+	}
+	parent := s.Root
+	if i > 0 {
+		parent = s.Keys[i-1]
+	}
+	t.held++
+	t.queue = append(t.queue, demotion{e: e, block: e.Block, key: e.Key, parent: parent, first: i == 0,
+		ns: prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}})
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// tierLoop writes the queued blocks to the tiers until stopped.
+func (m *Manager) tierLoop() {
+	t := m.tiers
+	defer close(t.done)
+	for {
+		select {
+		case <-t.stop:
+			return
+		case <-t.wake:
+		}
+		m.mu.Lock()
+		m.settleCopies() // the write-backs' copies are done: the host blocks hold their content
+		t.batch = append(t.batch[:0], t.queue...)
+		t.queue = t.queue[:0]
+		m.mu.Unlock()
+		m.writeTiers(t.batch)
+	}
+}
+
+// writeTiers reads the held host blocks of batch, lets their entries go and puts them in
+// every tier. The lock is not held.
+func (m *Manager) writeTiers(batch []demotion) {
+	t := m.tiers
+	for len(t.bufs) < len(batch) {
+		t.bufs = append(t.bufs, make([]byte, t.bytes))
+	}
+	t.out = t.out[:0]
+	var readErr error
+	for i, d := range batch {
+		if err := m.readBlock(d.block, t.bufs[i]); err != nil {
+			readErr = err
+			break
+		}
+		t.out = append(t.out, tier.Block{NS: d.ns, Key: d.key, Parent: d.parent, Data: t.bufs[i]})
+	}
+	m.mu.Lock()
+	for _, d := range batch {
+		m.host.cache.Release(d.e)
+	}
+	t.held -= len(batch)
+	if readErr != nil {
+		m.counters.hostFailures++
+	}
+	m.mu.Unlock()
+	if len(t.out) == 0 {
+		return
+	}
+	for i, tr := range t.tiers {
+		err := m.tierCall(func(ctx context.Context) error { return tr.Store.Put(ctx, t.out) })
+		m.mu.Lock()
+		if err != nil {
+			t.counters[i].Failures++
+		} else {
+			t.counters[i].Stored += uint64(len(t.out))
+			for j := range t.out {
+				m.emitTierStored(batch[j], tr.Medium)
+			}
+			m.publish()
+		}
+		m.mu.Unlock()
+	}
+}
+
+// emitTierStored queues a BlockStored event for block d written to a tier. The event has no
+// token ids: the tier goroutine no longer has them (routers key by block hash).
+func (m *Manager) emitTierStored(d demotion, medium string) {
+	if !m.feed.Active() {
+		return
+	}
+	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockStored, Keys: m.slab.appendKey(nil, d.key), Parent: d.parent,
+		ParentIsRoot: d.first, BlockSize: m.cfg.BlockTokens, Adapter: d.ns.Adapter, Medium: medium})
+}
+
+// tierCall runs fn with a context bounded by TierTimeout.
+func (m *Manager) tierCall(fn func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), m.tierTimeout())
+	defer cancel()
+	return fn(ctx)
+}
+
+func (m *Manager) tierTimeout() time.Duration {
+	if m.cfg.TierTimeout > 0 {
+		return m.cfg.TierTimeout
+	}
+	return DefaultTierTimeout
+}
+
+// DefaultTierTimeout bounds each call to a tier when Config.TierTimeout is 0.
+const DefaultTierTimeout = 50 * time.Millisecond
+
+// readBlock copies block b's bytes (every shard's, in shard order) into dst.
+func (m *Manager) readBlock(b int32, dst []byte) error {
+	off := 0
+	for _, sh := range m.back.shards() {
+		n := int(sh.Config.BlockStride())
+		if err := sh.Device.CopyOut(dst[off:off+n], sh.Base+vmm.Addr(uint64(b)*uint64(n))); err != nil {
+			return fmt.Errorf("read block %d: %w", b, err)
+		}
+		off += n
+	}
+	return nil
+}
+
+// writeBlock copies src (every shard's bytes, in shard order) into block b.
+func (m *Manager) writeBlock(b int32, src []byte) error {
+	off := 0
+	for _, sh := range m.back.shards() {
+		n := int(sh.Config.BlockStride())
+		if err := sh.Device.CopyIn(sh.Base+vmm.Addr(uint64(b)*uint64(n)), src[off:off+n]); err != nil {
+			return fmt.Errorf("write block %d: %w", b, err)
+		}
+		off += n
+	}
+	return nil
+}
+
+// fetchTiers brings the blocks of prompt p (at most maxBlocks, root: its namespace's) that
+// neither the device nor the host holds, and that the tiers do, into the host prefix cache, so
+// that the lookup that follows finds them as host hits. One fetch runs at a time; the lock is
+// not held, and is taken twice: to find where the cached run ends, and to store what came
+// back. Failures are counted and cost only the blocks not found.
+func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
+	t := m.tiers
+	if t == nil || maxBlocks == 0 {
+		return
+	}
+	t.fetchMu <- struct{}{}
+	defer func() { <-t.fetchMu }()
+	bt := m.cfg.BlockTokens
+	t.keys = t.keys[:0]
+	parent := root
+	for i := range maxBlocks {
+		var key prefix.Key
+		if i < len(p.Keys) {
+			key = p.Keys[i]
+		} else {
+			key = t.keyer.Next(p.Namespace, i, parent, p.Tokens[i*bt:(i+1)*bt])
+		}
+		t.keys = append(t.keys, key)
+		parent = key
+	}
+	from, room := m.cachedAnywhere(t.keys)
+	if from == len(t.keys) || room == 0 {
+		return
+	}
+	end := min(len(t.keys), from+room)
+	for len(t.fetchBufs) < end-from {
+		t.fetchBufs = append(t.fetchBufs, make([]byte, t.bytes))
+	}
+	t.runs = t.runs[:0]
+	at := from
+	for i, tr := range t.tiers {
+		if at == end {
+			break
+		}
+		var n int
+		err := m.tierCall(func(ctx context.Context) error {
+			var err error
+			n, err = tr.Store.Get(ctx, p.Namespace, t.keys[at:end], t.fetchBufs[at-from:end-from])
+			return err
+		})
+		if err != nil {
+			m.mu.Lock()
+			t.counters[i].Failures++
+			m.mu.Unlock()
+		}
+		if n > 0 {
+			t.runs = append(t.runs, fetchRun{tier: i, from: at, to: at + n})
+			at += n
+		}
+	}
+	if at > from {
+		m.storeFetched(p, from, at)
+	}
+}
+
+// cachedAnywhere returns where the run of keys that the device or the host holds ends, and how
+// many host blocks a fetch could take now.
+func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return len(keys), 0
+	}
+	for end < len(keys) && (m.arena.index.Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
+		end++
+	}
+	return end, m.host.available()
+}
+
+// storeFetched writes the fetched blocks [from, to) of the tier state's keys into host blocks
+// and caches them there, the prefix the most recently used. Blocks the host or the device came
+// to hold meanwhile are skipped; what does not fit now is left.
+func (m *Manager) storeFetched(p Prompt, from, to int) {
+	t := m.tiers
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return
+	}
+	n := min(to-from, m.host.available())
+	if n == 0 {
+		return
+	}
+	m.host.reserve(n)
+	for j := range n {
+		if err := m.writeBlock(m.host.taken[j], t.fetchBufs[j]); err != nil {
+			m.host.abort()
+			m.counters.hostFailures++
+			return
+		}
+	}
+	m.host.commit(m.emitHostRemoved)
+	for j := n - 1; j >= 0; j-- {
+		if k := t.keys[from+j]; m.host.cache.Get(k) == nil {
+			m.host.store(k, m.host.taken[j])
+		} else {
+			m.host.free = append(m.host.free, m.host.taken[j]) // another fetch or a write-back got there first
+		}
+	}
+	for _, r := range t.runs {
+		if r.from < from+n {
+			t.counters[r.tier].HitTokens += uint64((min(r.to, from+n) - r.from) * m.cfg.BlockTokens)
+		}
+	}
+	m.publish()
+}
+
+// tierStats returns a copy of the tiers' counters, each with its store's; the lock is held.
+// The stores' Stats take only their own locks.
+func (m *Manager) tierStats() []TierStats {
+	t := m.tiers
+	if t == nil {
+		return nil
+	}
+	out := append([]TierStats(nil), t.counters...)
+	for i := range out {
+		out[i].Store = t.tiers[i].Store.Stats()
+	}
+	return out
+}

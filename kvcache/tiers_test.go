@@ -1,0 +1,270 @@
+package kvcache_test
+
+import (
+	"context"
+	"encoding/binary"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// memStore is a tier.Store in a map: encoded values under namespace and key, checked on every
+// read as the real tiers do. down makes every call fail, as a dead server would.
+type memStore struct {
+	fp   tier.Fingerprint
+	size int
+
+	mu     sync.Mutex
+	blocks map[string][]byte
+	down   bool
+	stats  tier.Stats
+}
+
+// newMemStore returns a store for blocks of fingerprint fp.
+func newMemStore(fp tier.Fingerprint) *memStore { return &memStore{fp: fp, blocks: map[string][]byte{}, size: -1} }
+
+func memKey(ns prefix.Namespace, k prefix.Key) string {
+	return string(binary.LittleEndian.AppendUint64(nil, ns.Adapter)) + ns.Salt + "\x00" + string(k[:])
+}
+
+func (s *memStore) Put(_ context.Context, blocks []tier.Block) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		s.stats.Failures++
+		return tier.ErrUnavailable
+	}
+	for _, b := range blocks {
+		v, err := tier.Encode(nil, s.fp, b)
+		if err != nil {
+			return err
+		}
+		s.size = len(b.Data)
+		s.blocks[memKey(b.NS, b.Key)] = v
+		s.stats.Puts++
+	}
+	return nil
+}
+
+func (s *memStore) Get(_ context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		s.stats.Failures++
+		return 0, tier.ErrUnavailable
+	}
+	for i, k := range keys {
+		v, ok := s.blocks[memKey(ns, k)]
+		if !ok {
+			s.stats.Misses++
+			return i, nil
+		}
+		data, err := tier.Check(v, s.fp, ns, k, len(dst[i]))
+		if err != nil {
+			s.stats.Corrupt++
+			delete(s.blocks, memKey(ns, k))
+			return i, nil
+		}
+		copy(dst[i], data)
+		s.stats.Gets++
+	}
+	return len(keys), nil
+}
+
+func (s *memStore) Has(_ context.Context, ns prefix.Namespace, keys []prefix.Key) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, k := range keys {
+		if _, ok := s.blocks[memKey(ns, k)]; !ok {
+			return i, nil
+		}
+	}
+	return len(keys), nil
+}
+
+func (s *memStore) Drop(_ context.Context, ns prefix.Namespace, keys []prefix.Key) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, k := range keys {
+		delete(s.blocks, memKey(ns, k))
+	}
+	return nil
+}
+
+func (s *memStore) Stats() tier.Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stats
+}
+
+func (s *memStore) Close() error { return nil }
+
+func (s *memStore) setDown(v bool) {
+	s.mu.Lock()
+	s.down = v
+	s.mu.Unlock()
+}
+
+func (s *memStore) corruptAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range s.blocks {
+		v[len(v)-1] ^= 0x40
+	}
+}
+
+// tierConfig is a small geometry with a host prefix cache of 8 blocks over store (nil: a new
+// memStore).
+func tierConfig(store tier.Store) kvcache.Config {
+	if store == nil {
+		store = newMemStore(tierConfig(newMemStore(tier.Fingerprint{})).Fingerprint())
+	}
+	return kvcache.Config{Layers: 2, KVHeads: 2, HeadDim: 64, ElemSize: 2, BlockTokens: 4,
+		PageSize: 64 << 10, Capacity: 16 * (64 << 10), NoBackground: true,
+		HostBlocks: 8, HostPrefixCache: true, Tiers: []kvcache.Tier{{Store: store, Medium: "DISK"}}}
+}
+
+// writeTokens stores token i's value (its id) at its slot in the first layer's K and the last
+// layer's V, as a runtime's write_kv would; readTokens reads them back.
+func writeTokens(t *testing.T, m *kvcache.Manager, seq kvcache.SeqID, ids []prefix.Token) {
+	slots, err := m.Slots(seq, 0, len(ids), nil)
+	require.NoError(t, err)
+	forTokenAddrs(m, slots, func(i int, dev vmm.Device, a vmm.Addr) {
+		require.NoError(t, dev.CopyIn(a, binary.LittleEndian.AppendUint64(nil, uint64(ids[i])+1)))
+	})
+}
+
+func readTokens(t *testing.T, m *kvcache.Manager, seq kvcache.SeqID, n int) []prefix.Token {
+	slots, err := m.Slots(seq, 0, n, nil)
+	require.NoError(t, err)
+	out := make([]prefix.Token, n)
+	forTokenAddrs(m, slots, func(i int, dev vmm.Device, a vmm.Addr) {
+		var b [8]byte
+		require.NoError(t, dev.CopyOut(b[:], a))
+		out[i] = prefix.Token(binary.LittleEndian.Uint64(b[:]) - 1)
+	})
+	return out
+}
+
+func forTokenAddrs(m *kvcache.Manager, slots []int64, fn func(i int, dev vmm.Device, a vmm.Addr)) {
+	bt := int64(m.Config().BlockTokens)
+	for i, slot := range slots {
+		b, off := int32(slot/bt), uint64(slot%bt)
+		for _, s := range m.Shards() {
+			at := vmm.Addr(off * s.Config.TokenBytes())
+			fn(i, s.Device, s.BlockAddr(s.Layers[0], 0, b)+at)
+			fn(i, s.Device, s.BlockAddr(s.Layers[1]-1, 1, b)+at)
+		}
+	}
+}
+
+// A replica's blocks reach a store below its host tier behind the append path, and another
+// replica (a second manager on its own device, sharing the store) finds them on a miss: the
+// prompt's K/V read back through its slots, counted as the tier's hits, announced in events
+// with the tier's medium.
+func TestTiersShareBlocksBetweenReplicas(t *testing.T) {
+	store := newMemStore(tierConfig(nil).Fingerprint())
+	a := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	events, err := a.Subscribe(1 << 10)
+	require.NoError(t, err)
+	ns := prefix.Namespace{Adapter: 2, Salt: "tenant"}
+	prompt := make([]prefix.Token, 30) // 7 whole blocks, the last token's block partial
+	for i := range prompt {
+		prompt[i] = prefix.Token(100 + i)
+	}
+	_, err = a.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: ns})
+	require.NoError(t, err)
+	_, err = a.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	writeTokens(t, a, 1, prompt)
+	require.NoError(t, a.FreeSequence(1)) // written back to the host, then to the store
+	require.Eventually(t, func() bool { return a.Stats().Prefix.Tiers[0].Stored == 7 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, a.Verify())
+	var disk int
+	for _, ev := range events.Read(nil) {
+		if ev.Kind == prefix.BlockStored && ev.Medium == "DISK" {
+			disk += len(ev.Keys)
+		}
+	}
+	assert.Equal(t, 7, disk, "one BlockStored on DISK per block written")
+
+	b := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: ns})
+	require.NoError(t, err)
+	assert.Equal(t, 28, hit, "every whole block before the last token's")
+	assert.Equal(t, prompt[:28], readTokens(t, b, 1, 28), "the K/V written on the other replica")
+	st := b.Stats().Prefix
+	assert.Equal(t, uint64(28), st.Tiers[0].HitTokens)
+	assert.Equal(t, uint64(28), st.HostHitTokens)
+	require.NoError(t, b.Verify())
+
+	// Another namespace finds nothing: the namespace is part of every stored block.
+	hit, err = b.StartSequence(2, kvcache.Prompt{Tokens: prompt, Namespace: prefix.Namespace{Adapter: 2, Salt: "other"}})
+	require.NoError(t, err)
+	assert.Zero(t, hit)
+
+	// Nor does a model of another geometry reading the same values through a store opened for
+	// it: the fingerprint in every stored block differs.
+	other := tierConfig(store)
+	other.HeadDim = 32
+	require.NotEqual(t, other.Fingerprint(), tierConfig(nil).Fingerprint())
+	view := newMemStore(other.Fingerprint())
+	view.blocks = store.blocks
+	other.Tiers = []kvcache.Tier{{Store: view, Medium: "DISK"}}
+	c := newManager(t, hostDevice(t, 64<<10), other)
+	hit, err = c.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: ns})
+	require.NoError(t, err)
+	assert.Zero(t, hit)
+	assert.Equal(t, uint64(1), view.Stats().Corrupt, "refused at the first block")
+}
+
+// A store that is down, or serves corrupt values, costs misses: StartSequence succeeds with
+// what the device and host hold, the failures are counted, and the manager stays consistent.
+func TestTiersFaultsAreMisses(t *testing.T) {
+	store := newMemStore(tierConfig(nil).Fingerprint())
+	a := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	prompt := make([]prefix.Token, 17)
+	for i := range prompt {
+		prompt[i] = prefix.Token(7 * i)
+	}
+	_, err := a.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.FreeSequence(1))
+	require.Eventually(t, func() bool { return a.Stats().Prefix.Tiers[0].Stored == 4 }, 10*time.Second, time.Millisecond)
+
+	store.setDown(true)
+	b := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	assert.Zero(t, hit)
+	assert.Equal(t, uint64(1), b.Stats().Prefix.Tiers[0].Failures)
+	require.NoError(t, b.FreeSequence(1))
+
+	store.setDown(false)
+	store.corruptAll()
+	hit, err = b.StartSequence(2, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	assert.Zero(t, hit, "a corrupt block is never served")
+	assert.Equal(t, uint64(1), store.Stats().Corrupt)
+	require.NoError(t, b.Verify())
+
+	// A writer whose store is down drops nothing on the floor of the manager: the host cache
+	// keeps its blocks and the failure is counted.
+	_, err = b.AppendTokenIDs(3, prompt, nil)
+	require.NoError(t, err)
+	store.setDown(true)
+	require.NoError(t, b.FreeSequence(3))
+	require.Eventually(t, func() bool { return b.Stats().Prefix.Tiers[0].Failures == 2 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, b.Verify())
+	hit, err = b.StartSequence(4, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	assert.Equal(t, 16, hit, "still a hit on the device")
+}
