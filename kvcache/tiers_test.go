@@ -171,8 +171,17 @@ func forTokenAddrs(m *kvcache.Manager, slots []int64, fn func(i int, dev vmm.Dev
 // prompt's K/V read back through its slots, counted as the tier's hits, announced in events
 // with the tier's medium.
 func TestTiersShareBlocksBetweenReplicas(t *testing.T) {
-	store := newMemStore(tierConfig(nil).Fingerprint())
-	a := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	backends(t, func(t *testing.T, dev vmm.Device) { shareBlocks(t, dev) })
+}
+
+func shareBlocks(t *testing.T, dev vmm.Device) {
+	cfg := func(store tier.Store) kvcache.Config {
+		c := tierConfig(store)
+		c.PageSize, c.Capacity = 2<<20, 4*(2<<20)
+		return c
+	}
+	store := newMemStore(cfg(nil).Fingerprint())
+	a := newManager(t, dev, cfg(store))
 	events, err := a.Subscribe(1 << 10)
 	require.NoError(t, err)
 	ns := prefix.Namespace{Adapter: 2, Salt: "tenant"}
@@ -196,7 +205,7 @@ func TestTiersShareBlocksBetweenReplicas(t *testing.T) {
 	}
 	assert.Equal(t, 7, disk, "one BlockStored on DISK per block written")
 
-	b := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
+	b := newManager(t, dev, cfg(store))
 	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: ns})
 	require.NoError(t, err)
 	assert.Equal(t, 28, hit, "every whole block before the last token's")
@@ -213,13 +222,13 @@ func TestTiersShareBlocksBetweenReplicas(t *testing.T) {
 
 	// Nor does a model of another geometry reading the same values through a store opened for
 	// it: the fingerprint in every stored block differs.
-	other := tierConfig(store)
+	other := cfg(store)
 	other.HeadDim = 32
-	require.NotEqual(t, other.Fingerprint(), tierConfig(nil).Fingerprint())
+	require.NotEqual(t, other.Fingerprint(), cfg(nil).Fingerprint())
 	view := newMemStore(other.Fingerprint())
 	view.blocks = store.blocks
 	other.Tiers = []kvcache.Tier{{Store: view, Medium: "DISK"}}
-	c := newManager(t, hostDevice(t, 64<<10), other)
+	c := newManager(t, dev, other)
 	hit, err = c.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: ns})
 	require.NoError(t, err)
 	assert.Zero(t, hit)
