@@ -3,9 +3,11 @@ package kvcache
 import (
 	"fmt"
 	"math"
+	"strings"
 	"time"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -249,6 +251,14 @@ func (c Config) validateArena() error {
 	for i, t := range c.Tiers {
 		if t.Store == nil {
 			return &ConfigError{Field: "Tiers", Value: i, Reason: "a nil Store"}
+		}
+		if err := names.Check("tier medium", t.Medium); err != nil {
+			return &ConfigError{Field: "Tiers", Value: t.Medium, Reason: fmt.Sprintf("tier %d: %v", i, err)}
+		}
+		for j := range i {
+			if strings.EqualFold(c.Tiers[j].Medium, t.Medium) {
+				return &ConfigError{Field: "Tiers", Value: t.Medium, Reason: fmt.Sprintf("tiers %d and %d share a medium", j, i)}
+			}
 		}
 	}
 	if c.TierTimeout < 0 {

@@ -12,6 +12,7 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -118,7 +119,11 @@ func counter(name, help string, f func(s *kvcache.Stats) float64) desc {
 
 // labelled shares one Desc among several series told apart by one more label.
 func labelled(typ prometheus.ValueType, name, help, label string, values map[string]func(s *kvcache.Stats) float64) []desc {
-	d := prometheus.NewDesc(name, help, append(slices.Clone(modelLabels), label), nil)
+	return labelledOn(prometheus.NewDesc(name, help, append(slices.Clone(modelLabels), label), nil), typ, values)
+}
+
+// labelledOn is labelled with the Desc d, whose labels are modelLabels and one more.
+func labelledOn(d *prometheus.Desc, typ prometheus.ValueType, values map[string]func(s *kvcache.Stats) float64) []desc {
 	keys := make([]string, 0, len(values))
 	for k := range values {
 		keys = append(keys, k)
@@ -154,8 +159,9 @@ var managerDescs = slices.Concat(
 	labelled(prometheus.CounterValue, "pagedkv_page_maps_total", "Pages mapped: by an append itself (sync) or ahead of need (background).", "path", map[string]func(s *kvcache.Stats) float64{
 		"sync": func(s *kvcache.Stats) float64 { return float64(s.SyncMaps) }, "background": func(s *kvcache.Stats) float64 { return float64(s.BackgroundMaps) },
 	}),
-	labelled(prometheus.CounterValue, "pagedkv_prefix_hit_tokens_total", "Prompt tokens found in the prefix cache, by the tier they came from.", "tier", map[string]func(s *kvcache.Stats) float64{
-		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HitTokens - s.Prefix.HostHitTokens) }, "host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostHitTokens) },
+	labelledOn(hitTokensDesc, prometheus.CounterValue, map[string]func(s *kvcache.Stats) float64{
+		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HitTokens - s.Prefix.HostHitTokens) },
+		"host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostHitTokens - min(s.Prefix.HostHitTokens, tierHits(s))) },
 	}),
 	labelled(prometheus.GaugeValue, "pagedkv_prefix_cached_blocks", "Blocks in the prefix cache, by tier.", "tier", map[string]func(s *kvcache.Stats) float64{
 		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.CachedBlocks) }, "host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostCachedBlocks) },
@@ -171,6 +177,32 @@ var managerDescs = slices.Concat(
 	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier, all and free.", "state", map[string]func(s *kvcache.Stats) float64{
 		"total": func(s *kvcache.Stats) float64 { return float64(s.HostBlocks) }, "free": func(s *kvcache.Stats) float64 { return float64(s.HostFreeBlocks) },
 	}),
+)
+
+// tierHits returns the prompt tokens the manager's tiers below the host found: they reach the
+// device through the host, so HostHitTokens counts them too.
+func tierHits(s *kvcache.Stats) uint64 {
+	var n uint64
+	for _, t := range s.Prefix.Tiers {
+		n += t.HitTokens
+	}
+	return n
+}
+
+// The series of the stores below the host tier (kvcache.Config.Tiers), one per tier, labelled
+// by its medium in lower case; hits share pagedkv_prefix_hit_tokens_total with the GPU and host.
+var (
+	tierLabels    = []string{"model", "pool", "tier"}
+	hitTokensDesc = prometheus.NewDesc("pagedkv_prefix_hit_tokens_total", "Prompt tokens found in the prefix cache, by the tier they came from.", tierLabels, nil)
+	tierDescs     = []struct {
+		d     *prometheus.Desc
+		value func(t *kvcache.TierStats) float64
+	}{
+		{prometheus.NewDesc("pagedkv_tier_stored_blocks_total", "Blocks written to a store below the host tier.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Stored) }},
+		{prometheus.NewDesc("pagedkv_tier_failures_total", "Calls to a store below the host tier that failed or timed out (each a miss).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Failures) }},
+		{prometheus.NewDesc("pagedkv_tier_dropped_blocks_total", "Blocks not written to a store below the host tier: its write-behind queue was full.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Dropped) }},
+		{prometheus.NewDesc("pagedkv_tier_corrupt_blocks_total", "Blocks a store below the host tier dropped because a check failed (checksum, header, another model).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Store.Corrupt) }},
+	}
 )
 
 var (
@@ -193,6 +225,9 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 			ch <- d.d
 		}
 	}
+	for _, d := range tierDescs {
+		ch <- d.d
+	}
 	for _, d := range []*prometheus.Desc{poolLimit, poolUsed, ledgerLimit, ledgerUsed, ledgerMembers} {
 		ch <- d
 	}
@@ -210,6 +245,14 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	emit := func(model, pool string, s *kvcache.Stats) {
 		for _, d := range managerDescs {
 			ch <- prometheus.MustNewConstMetric(d.d, d.typ, d.value(s), append([]string{model, pool}, d.extra...)...)
+		}
+		for i := range s.Prefix.Tiers {
+			t := &s.Prefix.Tiers[i]
+			name := strings.ToLower(t.Medium)
+			ch <- prometheus.MustNewConstMetric(hitTokensDesc, prometheus.CounterValue, float64(t.HitTokens), model, pool, name)
+			for _, d := range tierDescs {
+				ch <- prometheus.MustNewConstMetric(d.d, prometheus.CounterValue, d.value(t), model, pool, name)
+			}
 		}
 	}
 	for name, m := range managers {
