@@ -29,7 +29,9 @@ type memStore struct {
 }
 
 // newMemStore returns a store for blocks of fingerprint fp.
-func newMemStore(fp tier.Fingerprint) *memStore { return &memStore{fp: fp, blocks: map[string][]byte{}, size: -1} }
+func newMemStore(fp tier.Fingerprint) *memStore {
+	return &memStore{fp: fp, blocks: map[string][]byte{}, size: -1}
+}
 
 func memKey(ns prefix.Namespace, k prefix.Key) string {
 	return string(binary.LittleEndian.AppendUint64(nil, ns.Adapter)) + ns.Salt + "\x00" + string(k[:])

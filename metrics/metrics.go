@@ -161,7 +161,9 @@ var managerDescs = slices.Concat(
 	}),
 	labelledOn(hitTokensDesc, prometheus.CounterValue, map[string]func(s *kvcache.Stats) float64{
 		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HitTokens - s.Prefix.HostHitTokens) },
-		"host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostHitTokens - min(s.Prefix.HostHitTokens, tierHits(s))) },
+		"host": func(s *kvcache.Stats) float64 {
+			return float64(s.Prefix.HostHitTokens - min(s.Prefix.HostHitTokens, tierHits(s)))
+		},
 	}),
 	labelled(prometheus.GaugeValue, "pagedkv_prefix_cached_blocks", "Blocks in the prefix cache, by tier.", "tier", map[string]func(s *kvcache.Stats) float64{
 		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.CachedBlocks) }, "host": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostCachedBlocks) },
