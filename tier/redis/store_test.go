@@ -1,11 +1,14 @@
 package redis_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -516,4 +519,44 @@ func TestExtremeArguments(t *testing.T) {
 	require.ErrorIs(t, none.Close(), redis.ErrInvalidArgument)
 	require.Equal(t, tier.Stats{}, none.Stats())
 	require.Empty(t, none.Key(ns, keys[0]))
+}
+
+// Concurrent callers each see their own blocks intact (run with -race): the store shares its
+// connections and its Put buffers between them.
+func TestConcurrentUse(t *testing.T) {
+	srv := redistest.Start(t)
+	s := open(t, []string{srv.Addr}, nil)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Go(func() {
+			ns := prefix.Namespace{Adapter: uint64(g)}
+			blocks := chain(ns, byte(20+g), 6, blockBytes)
+			dst := buffers(6, blockBytes)
+			for range 10 {
+				if err := s.Put(ctx, blocks); err != nil {
+					errs <- err
+					return
+				}
+				n, err := s.Get(ctx, ns, keysOf(blocks), dst)
+				if err != nil || n != 6 {
+					errs <- fmt.Errorf("goroutine %d: got %d blocks: %v", g, n, err)
+					return
+				}
+				for i := range dst {
+					if !bytes.Equal(dst[i], blocks[i].Data) {
+						errs <- fmt.Errorf("goroutine %d: block %d differs", g, i)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.Equal(t, uint64(8*10*6), s.Stats().Gets)
 }
