@@ -37,11 +37,13 @@
 //
 // # Faults
 //
-// Every call runs under the caller's context and Options.Timeout, whichever ends first. A
-// server that is down, slow or refusing makes the call return a *CallError (tier.ErrUnavailable)
-// within that deadline, counted in Stats.Failures; the caller treats it as a miss. Open does
-// not connect: a store opened while the server is down answers with errors until the server
-// is back, then works without being reopened. Ping reports reachability. The client
+// Every call runs under the caller's context and Options.Timeout, whichever ends first. A server
+// that is down, slow or refusing makes the call return a *CallError (tier.ErrUnavailable) within
+// that deadline, counted in Stats.Failures; the caller treats it as a miss. In a cluster whose node
+// is down, Get and Has return the run of blocks before the first one that node held, with the
+// error, at once: the store does not retry, so a dead node does not spend every caller's deadline.
+// Open does not connect: a store opened while the server is down answers with errors until the
+// server is back, then works without being reopened. Ping reports reachability. The client
 // (go-redis) logs each failed dial through its process-wide logger; a program silences it with
 // go-redis's SetLogger.
 //

@@ -58,8 +58,13 @@ func Open(opt Options) (*Store, error) {
 		ContextTimeoutEnabled: true, // the call's deadline, not a fixed one, bounds each read
 		// One retry replaces a pooled connection the server dropped (a restart); a second
 		// would only spend the caller's deadline on a server that is down.
-		MaxRetries:               1,
-		DialerRetries:            1,
+		MaxRetries:    1,
+		DialerRetries: 1,
+		// In a cluster, no second round: a retried pipeline that runs out of time marks every
+		// command failed, the hits from live nodes included (go-redis v9.23 processPipeline).
+		// Without it a dead node's blocks fail at once, the run before them is served, and a
+		// MOVED reply (a resharding) is one failed call while the client reloads the slot map.
+		MaxRedirects:             -1,
 		DisableIdentity:          true, // no CLIENT SETINFO round trip on each new connection
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})

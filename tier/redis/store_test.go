@@ -560,3 +560,42 @@ func TestConcurrentUse(t *testing.T) {
 	}
 	require.Equal(t, uint64(8*10*6), s.Stats().Gets)
 }
+
+// A cluster node that dies takes its slots' blocks with it: Get serves the run up to the first
+// block it held and reports the failure, within the deadline.
+func TestClusterNodeKilled(t *testing.T) {
+	c := redistest.StartCluster(t, 3)
+	s := open(t, c.Addrs(), func(o *redis.Options) { o.Timeout = timeout })
+	ctx := context.Background()
+	ns := prefix.Namespace{Salt: "n"}
+	blocks := chain(ns, 30, 24, blockBytes)
+	require.NoError(t, s.Put(ctx, blocks))
+	dead := c.Nodes[1]
+	first := -1
+	for i, b := range blocks {
+		if dead.Do("EXISTS", s.Key(ns, b.Key)) == "1" { // other slots answer MOVED
+			first = i
+			break
+		}
+	}
+	require.GreaterOrEqual(t, first, 0, "the node holds none of the chain")
+
+	dead.Kill()
+	dst := buffers(len(blocks), blockBytes)
+	var n int
+	requireUnavailableWithin(t, "get", func() error {
+		var err error
+		n, err = s.Get(ctx, ns, keysOf(blocks), dst)
+		return err
+	})
+	require.Equal(t, first, n)
+	for i := range n {
+		require.Equal(t, blocks[i].Data, dst[i])
+	}
+	requireUnavailableWithin(t, "has", func() error {
+		var err error
+		n, err = s.Has(ctx, ns, keysOf(blocks))
+		return err
+	})
+	require.Equal(t, first, n)
+}
