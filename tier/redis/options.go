@@ -34,7 +34,8 @@ type Options struct {
 	// BlockBytes is the size of one block's data.
 	BlockBytes int
 	// Timeout bounds each call, dialing included; 0 means DefaultTimeout. The caller's context
-	// deadline applies too.
+	// deadline applies too. A Put moves its whole batch within it, so a slow link or large
+	// batches need more than the default.
 	Timeout time.Duration
 	// TTL expires stored blocks after this long; 0 keeps them until Redis evicts them.
 	TTL time.Duration
