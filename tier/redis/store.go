@@ -16,6 +16,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 
+	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/tier"
 )
@@ -141,7 +142,7 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 			return fmt.Errorf("tier/redis: put: %w", &SizeError{What: "blocks[" + strconv.Itoa(i) + "].Data", Unit: "bytes", Got: len(b.Data), Want: s.opt.BlockBytes})
 		}
 		if len(b.NS.Salt) > tier.MaxSalt {
-			return fmt.Errorf("tier/redis: put: %w", &SizeError{What: "blocks[" + strconv.Itoa(i) + "].NS.Salt", Unit: "bytes", Got: len(b.NS.Salt), Want: tier.MaxSalt})
+			return fmt.Errorf("tier/redis: put: %w", &errdefs.CountError{What: "blocks[" + strconv.Itoa(i) + "].NS.Salt bytes", N: len(b.NS.Salt), Max: tier.MaxSalt})
 		}
 		total += tier.HeaderSize(b.NS) + len(b.Data)
 	}
@@ -205,15 +206,13 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 		return 0, nil
 	}
 	tag := nsTag(ns)
-	names := make([]string, len(keys))
 	cmds := make([]*goredis.StringCmd, len(keys))
 	pipe := s.client.Pipeline()
 	for i, k := range keys {
-		names[i] = s.key(tag, k)
-		cmds[i] = pipe.Get(ctx, names[i])
+		cmds[i] = pipe.Get(ctx, s.key(tag, k))
 	}
 	_, _ = pipe.Exec(ctx) // each command's error is read below
-	n, err := s.copyRun(ctx, ns, keys, names, cmds, dst)
+	n, err := s.copyRun(ctx, ns, tag, keys, cmds, dst)
 	s.gets.Add(uint64(n))
 	s.getBytes.Add(uint64(n * s.opt.BlockBytes))
 	return n, err
@@ -221,7 +220,7 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 
 // copyRun checks and copies the leading run of replies, dropping a corrupt block where the run
 // ends.
-func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, names []string, cmds []*goredis.StringCmd, dst [][]byte) (int, error) {
+func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, keys []prefix.Key, cmds []*goredis.StringCmd, dst [][]byte) (int, error) {
 	for i, c := range cmds {
 		val, err := c.Result()
 		if errors.Is(err, goredis.Nil) {
@@ -236,7 +235,7 @@ func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, keys []prefix.
 		if err != nil {
 			s.corrupt.Add(1)
 			// Best effort: a block left behind is dropped again by the next reader.
-			_ = s.client.Del(ctx, names[i]).Err()
+			_ = s.client.Del(ctx, s.key(tag, keys[i])).Err()
 			return i, nil
 		}
 		copy(dst[i], data)
