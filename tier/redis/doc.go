@@ -1,0 +1,53 @@
+// Package redis is a tier.Store on Redis: a cluster tier that the replicas of a model share, so a
+// prefix one replica computed is a hit for the others.
+//
+// # Keys and values
+//
+// Each block is one Redis string:
+//
+//	pagedkv:v1:<model>:<fingerprint>:<adapter>-<salt hash>:<key>
+//
+// where <model> is Options.Model, <fingerprint> the first 8 bytes of Options.Fingerprint in hex,
+// <adapter> the namespace's adapter id in 16 hex digits, <salt hash> the first 8 bytes of the
+// SHA-256 of its salt in hex and <key> the block's 32-byte prefix key in hex. For example:
+//
+//	pagedkv:v1:llama-3-8b:9f86d081884c7d65:0000000000000000-e3b0c44298fc1c14:2c26b46b...
+//
+// The value is tier.Encode's output: the self-describing header, then the block's bytes. The
+// header repeats the full fingerprint, namespace and key, and a reader checks it with tier.Check
+// before serving a byte. The key's hashes only spread and separate; the header is the authority,
+// so a hash collision or a foreign writer is caught and dropped, never served.
+//
+// One key holds header and data together, where LMCache writes two (kv_bytes and metadata).
+// One key is written and read in one command, so a reader never sees one half of a pair
+// without the other, and an eviction never leaves a header without its data.
+//
+// Keys carry no hash tag ({...}). In a Redis Cluster each block's key hashes to its own slot,
+// so a long chain spreads over the nodes instead of loading one. A Get or Has pipelines one
+// command per key; the client groups the pipeline by node and sends the groups in parallel.
+//
+// # Bounds and eviction
+//
+// The store keeps no bound of its own: the operator sets Redis's maxmemory and an eviction
+// policy, allkeys-lru for a cache. A full server then evicts and a later Get misses. Under
+// maxmemory-policy noeviction a full server refuses writes: Put returns a *CallError matching
+// tier.ErrUnavailable and ErrOutOfMemory, counted in Stats.Failures, and what was stored stays
+// readable. Options.TTL optionally expires blocks as well. Stats.Evictions, Blocks and Bytes
+// stay 0: Redis counts its evictions server-wide (INFO stats), not per store.
+//
+// # Faults
+//
+// Every call runs under the caller's context and Options.Timeout, whichever ends first. A server
+// that is down, slow or refusing makes the call return a *CallError (tier.ErrUnavailable) within
+// that deadline, counted in Stats.Failures; the caller treats it as a miss. In a cluster whose node
+// is down, Get and Has return the run of blocks before the first one that node held, with the
+// error, at once: the store does not retry, so a dead node does not spend every caller's deadline.
+// Open does not connect: a store opened while the server is down answers with errors until the
+// server is back, then works without being reopened. Ping reports reachability. The client
+// (go-redis) logs each failed dial through its process-wide logger; a program silences it with
+// go-redis's SetLogger.
+//
+// # Concurrency
+//
+// A Store is safe for concurrent use. It owns its client's connections until Close.
+package redis

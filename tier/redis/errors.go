@@ -1,0 +1,74 @@
+package redis
+
+import (
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/tier"
+)
+
+// Sentinel errors a Store returns; each matches with errors.Is.
+var (
+	// ErrClosed reports a call after Close.
+	ErrClosed = tier.ErrClosed
+	// ErrUnavailable reports a server that did not answer in time, is down or refused the call.
+	ErrUnavailable = tier.ErrUnavailable
+	// ErrOutOfMemory reports a server that is full and evicts nothing (maxmemory-policy
+	// noeviction); it comes with ErrUnavailable.
+	ErrOutOfMemory = errdefs.ErrOutOfMemory
+	// ErrInvalidArgument reports invalid Options or a malformed call.
+	ErrInvalidArgument = tier.ErrInvalidArgument
+)
+
+// CallError reports a call the servers did not complete: a dial or I/O error, a deadline, an
+// error reply. It matches ErrUnavailable, and ErrOutOfMemory when Full; it unwraps to the
+// client's error (context.DeadlineExceeded for a deadline, for example).
+type CallError struct {
+	Op   string // "put", "get", "has", "drop" or "ping"
+	Keys int    // the keys the call asked for
+	Full bool   // the server answered OOM: it is full and evicts nothing
+	Err  error
+}
+
+// Error describes the failed call.
+func (e *CallError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	what := ErrUnavailable.Error()
+	if e.Full {
+		what = "server full"
+	}
+	return fmt.Sprintf("%s %d keys: %s: %v", e.Op, e.Keys, what, e.Err)
+}
+
+// Is reports whether target is ErrUnavailable, or ErrOutOfMemory for a full server.
+func (e *CallError) Is(target error) bool {
+	return e != nil && (target == ErrUnavailable || e.Full && target == ErrOutOfMemory)
+}
+
+// Unwrap returns the client's error.
+func (e *CallError) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.Err
+}
+
+// SizeError reports a buffer or a list of the wrong size; it matches ErrInvalidArgument.
+type SizeError struct {
+	What      string // "dst", "dst[3]", "blocks[2].Data", ...
+	Unit      string // "buffers", "bytes"
+	Got, Want int
+}
+
+// Error describes the size mismatch with its numbers.
+func (e *SizeError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	return fmt.Sprintf("invalid argument: %s has %d %s, want %d", e.What, e.Got, e.Unit, e.Want)
+}
+
+// Is reports whether target is ErrInvalidArgument.
+func (e *SizeError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }

@@ -1,0 +1,104 @@
+package redis
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/pagedkv/pagedkv/tier"
+)
+
+// DefaultTimeout is the deadline of one call when Options.Timeout is zero.
+const DefaultTimeout = 50 * time.Millisecond
+
+// maxBlockBytes bounds a block well below Redis's largest string (512 MiB, proto-max-bulk-len's
+// default), leaving room for the header.
+const maxBlockBytes = 256 << 20
+
+// maxModel bounds the model name that every key repeats.
+const maxModel = 128
+
+// Options configure a Store. It is plain data: Open validates it and keeps a copy.
+type Options struct {
+	// Addrs are the servers' host:port addresses: one for a single node, several for a Redis
+	// Cluster (the client discovers the rest of the cluster from any of them).
+	Addrs []string
+	// Cluster selects Redis Cluster even with a single address.
+	Cluster bool
+	// Username and Password authenticate to the servers (Redis ACL), where they require it.
+	Username, Password string
+	// Model names the model in every key: letters, digits and . _ - / only.
+	Model string
+	// Fingerprint is the model's block layout; blocks of another fingerprint are never served.
+	Fingerprint tier.Fingerprint
+	// BlockBytes is the size of one block's data.
+	BlockBytes int
+	// Timeout bounds each call, dialing included; 0 means DefaultTimeout. The caller's context
+	// deadline applies too. A Put moves its whole batch within it, so a slow link or large
+	// batches need more than the default.
+	Timeout time.Duration
+	// TTL expires stored blocks after this long; 0 keeps them until Redis evicts them.
+	TTL time.Duration
+}
+
+// OptionError reports an invalid Options field; it matches ErrInvalidArgument.
+type OptionError struct {
+	Field  string
+	Reason string
+}
+
+// Error describes the invalid field.
+func (e *OptionError) Error() string {
+	if e == nil {
+		return "<nil>"
+	}
+	return fmt.Sprintf("invalid argument: option %s: %s", e.Field, e.Reason)
+}
+
+// Is reports whether target is ErrInvalidArgument.
+func (e *OptionError) Is(target error) bool { return e != nil && target == ErrInvalidArgument }
+
+// Validate checks the options and returns an *OptionError for the first invalid field.
+func (o *Options) Validate() error {
+	if o == nil {
+		return &OptionError{Field: "Options", Reason: "nil"}
+	}
+	if len(o.Addrs) == 0 {
+		return &OptionError{Field: "Addrs", Reason: "empty: name at least one server"}
+	}
+	for i, a := range o.Addrs {
+		if a == "" || strings.ContainsAny(a, " \t\r\n") {
+			return &OptionError{Field: fmt.Sprintf("Addrs[%d]", i), Reason: fmt.Sprintf("%q is not host:port", a)}
+		}
+	}
+	if err := validModel(o.Model); err != nil {
+		return err
+	}
+	if o.Fingerprint == (tier.Fingerprint{}) {
+		return &OptionError{Field: "Fingerprint", Reason: "zero: derive it from the model's geometry"}
+	}
+	if o.BlockBytes <= 0 || o.BlockBytes > maxBlockBytes {
+		return &OptionError{Field: "BlockBytes", Reason: fmt.Sprintf("%d is not in [1, %d]", o.BlockBytes, maxBlockBytes)}
+	}
+	if o.Timeout < 0 {
+		return &OptionError{Field: "Timeout", Reason: fmt.Sprintf("%v is negative", o.Timeout)}
+	}
+	if o.TTL < 0 || (o.TTL > 0 && o.TTL < time.Millisecond) {
+		return &OptionError{Field: "TTL", Reason: fmt.Sprintf("%v is neither 0 nor at least 1ms", o.TTL)}
+	}
+	return nil
+}
+
+func validModel(m string) error {
+	if m == "" || len(m) > maxModel {
+		return &OptionError{Field: "Model", Reason: fmt.Sprintf("%d bytes, want 1 to %d", len(m), maxModel)}
+	}
+	for _, r := range m {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-/", r)
+		if !ok {
+			// Braces would make a hash tag and colons would blur the key's fields.
+			return &OptionError{Field: "Model", Reason: fmt.Sprintf("%q has %q: use letters, digits and . _ - /", m, r)}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,339 @@
+package redis
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	goredis "github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/pagedkv/pagedkv/internal/errdefs"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
+)
+
+// Store is a tier.Store on a Redis server or cluster. Open returns it; Close releases its
+// connections. It is safe for concurrent use.
+type Store struct {
+	opt     Options
+	timeout time.Duration
+	keyHead string // "pagedkv:v1:<model>:<fingerprint>:"
+	client  goredis.UniversalClient
+	closed  atomic.Bool
+	bufs    sync.Pool // *[]byte: a Put's encoded blocks, reused once the pipeline returns
+
+	puts, putBytes, gets, getBytes, misses, corrupt, failures atomic.Uint64
+}
+
+var _ tier.Store = (*Store)(nil)
+
+// Open validates opt and returns a Store for its servers. It does not connect: a server that is
+// down makes calls fail (and count) until it is back, and Ping reports whether it answers.
+func Open(opt Options) (*Store, error) {
+	if err := opt.Validate(); err != nil {
+		return nil, fmt.Errorf("tier/redis: open: %w", err)
+	}
+	opt.Addrs = append([]string(nil), opt.Addrs...)
+	s := &Store{opt: opt, timeout: opt.Timeout}
+	if s.timeout == 0 {
+		s.timeout = DefaultTimeout
+	}
+	s.keyHead = "pagedkv:v1:" + opt.Model + ":" + hex.EncodeToString(opt.Fingerprint[:8]) + ":"
+	s.client = goredis.NewUniversalClient(&goredis.UniversalOptions{
+		Addrs:                 opt.Addrs,
+		IsClusterMode:         opt.Cluster,
+		Username:              opt.Username,
+		Password:              opt.Password,
+		DialTimeout:           s.timeout,
+		ReadTimeout:           s.timeout,
+		WriteTimeout:          s.timeout,
+		ContextTimeoutEnabled: true, // the call's deadline, not a fixed one, bounds each read
+		// One retry replaces a pooled connection the server dropped (a restart); a second
+		// would only spend the caller's deadline on a server that is down.
+		MaxRetries:    1,
+		DialerRetries: 1,
+		// In a cluster, no second round: a retried pipeline that runs out of time marks every
+		// command failed, the hits from live nodes included (go-redis v9.23 processPipeline).
+		// Without it a dead node's blocks fail at once, the run before them is served, and a
+		// MOVED reply (a resharding) is one failed call while the client reloads the slot map.
+		MaxRedirects:             -1,
+		DisableIdentity:          true, // no CLIENT SETINFO round trip on each new connection
+		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+	})
+	return s, nil
+}
+
+// Key returns the Redis key under which the store keeps block k of namespace ns, for operators
+// and tools that inspect the server (the package doc describes the layout).
+func (s *Store) Key(ns prefix.Namespace, k prefix.Key) string {
+	if s == nil {
+		return ""
+	}
+	return s.key(nsTag(ns), k)
+}
+
+// nsTag is the namespace's part of a key: the adapter and a hash of the salt, so that a tenant's
+// salt never appears on the server in clear.
+func nsTag(ns prefix.Namespace) string {
+	sum := sha256.Sum256([]byte(ns.Salt))
+	var adapter [8]byte
+	binary.BigEndian.PutUint64(adapter[:], ns.Adapter)
+	b := make([]byte, 0, 33)
+	b = hex.AppendEncode(b, adapter[:])
+	b = append(b, '-')
+	b = hex.AppendEncode(b, sum[:8])
+	return string(b)
+}
+
+func (s *Store) key(tag string, k prefix.Key) string {
+	b := make([]byte, 0, len(s.keyHead)+len(tag)+1+2*len(k))
+	b = append(b, s.keyHead...)
+	b = append(b, tag...)
+	b = append(b, ':')
+	b = hex.AppendEncode(b, k[:])
+	return string(b)
+}
+
+// begin checks what every call needs and bounds the call by the store's timeout.
+func (s *Store) begin(ctx context.Context, op string) (context.Context, context.CancelFunc, error) {
+	switch {
+	case s == nil:
+		return nil, nil, fmt.Errorf("tier/redis: %s: %w: nil store", op, ErrInvalidArgument)
+	case ctx == nil:
+		return nil, nil, fmt.Errorf("tier/redis: %s: %w: nil context", op, ErrInvalidArgument)
+	case s.closed.Load():
+		return nil, nil, fmt.Errorf("tier/redis: %s: %w", op, ErrClosed)
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	return ctx, cancel, nil
+}
+
+// fail counts a failed call and wraps the client's error.
+func (s *Store) fail(op string, keys int, err error) error {
+	if s.closed.Load() && errors.Is(err, goredis.ErrClosed) {
+		return fmt.Errorf("tier/redis: %s: %w", op, ErrClosed)
+	}
+	s.failures.Add(1)
+	return fmt.Errorf("tier/redis: %w", &CallError{Op: op, Keys: keys, Full: goredis.IsOOMError(err), Err: err})
+}
+
+// Put stores the blocks with one pipelined SET each (with Options.TTL where set). Every block's
+// Data must be Options.BlockBytes long. A full server under noeviction refuses the SETs: Put
+// returns a *CallError (ErrOutOfMemory) and the blocks stored before stay. The store does not
+// keep blocks' memory after Put returns.
+func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
+	ctx, cancel, err := s.begin(ctx, "put")
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	total := 0
+	for i, b := range blocks {
+		if len(b.Data) != s.opt.BlockBytes {
+			return fmt.Errorf("tier/redis: put: %w", &SizeError{What: "blocks[" + strconv.Itoa(i) + "].Data", Unit: "bytes", Got: len(b.Data), Want: s.opt.BlockBytes})
+		}
+		if len(b.NS.Salt) > tier.MaxSalt {
+			return fmt.Errorf("tier/redis: put: %w", &errdefs.CountError{What: "blocks[" + strconv.Itoa(i) + "].NS.Salt bytes", N: len(b.NS.Salt), Max: tier.MaxSalt})
+		}
+		total += tier.HeaderSize(b.NS) + len(b.Data)
+	}
+	if len(blocks) == 0 {
+		return nil
+	}
+	bufp, _ := s.bufs.Get().(*[]byte)
+	if bufp == nil || cap(*bufp) < total {
+		bufp = new(make([]byte, 0, total))
+	}
+	defer s.bufs.Put(bufp)
+	buf := (*bufp)[:0]
+	pipe := s.client.Pipeline()
+	var tag string
+	for i, b := range blocks {
+		if i == 0 || b.NS != blocks[i-1].NS {
+			tag = nsTag(b.NS)
+		}
+		start := len(buf)
+		buf, _ = tier.Encode(buf, s.opt.Fingerprint, b) // the salt's length was checked above
+		pipe.Set(ctx, s.key(tag, b.Key), buf[start:], s.opt.TTL)
+	}
+	cmds, _ := pipe.Exec(ctx) // each command's error is read below
+	stored, firstErr := 0, error(nil)
+	for _, c := range cmds {
+		if c.Err() == nil {
+			stored++
+		} else if firstErr == nil {
+			firstErr = c.Err()
+		}
+	}
+	s.puts.Add(uint64(stored))
+	s.putBytes.Add(uint64(stored * s.opt.BlockBytes))
+	if firstErr != nil {
+		return s.fail("put", len(blocks), firstErr)
+	}
+	return nil
+}
+
+// Get copies the blocks of the leading run of keys held in namespace ns into dst and returns how
+// many it copied. dst needs a buffer of exactly Options.BlockBytes for each key. It reads every
+// key in one pipeline, so a caller that expects a long chain to miss early asks Has first. A
+// stored block that fails tier.Check ends the run: Get deletes it and counts it in
+// Stats.Corrupt. On a failure after a run of hits, Get returns that run's length with the error,
+// like io.Reader.
+func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	ctx, cancel, err := s.begin(ctx, "get")
+	if err != nil {
+		return 0, err
+	}
+	defer cancel()
+	if len(dst) < len(keys) {
+		return 0, fmt.Errorf("tier/redis: get: %w", &SizeError{What: "dst", Unit: "buffers", Got: len(dst), Want: len(keys)})
+	}
+	for i := range keys {
+		if len(dst[i]) != s.opt.BlockBytes {
+			return 0, fmt.Errorf("tier/redis: get: %w", &SizeError{What: "dst[" + strconv.Itoa(i) + "]", Unit: "bytes", Got: len(dst[i]), Want: s.opt.BlockBytes})
+		}
+	}
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	tag := nsTag(ns)
+	cmds := make([]*goredis.StringCmd, len(keys))
+	pipe := s.client.Pipeline()
+	for i, k := range keys {
+		cmds[i] = pipe.Get(ctx, s.key(tag, k))
+	}
+	_, _ = pipe.Exec(ctx) // each command's error is read below
+	n, err := s.copyRun(ctx, ns, tag, keys, cmds, dst)
+	s.gets.Add(uint64(n))
+	s.getBytes.Add(uint64(n * s.opt.BlockBytes))
+	return n, err
+}
+
+// copyRun checks and copies the leading run of replies, dropping a corrupt block where the run
+// ends.
+func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, keys []prefix.Key, cmds []*goredis.StringCmd, dst [][]byte) (int, error) {
+	for i, c := range cmds {
+		val, err := c.Result()
+		if errors.Is(err, goredis.Nil) {
+			s.misses.Add(1)
+			return i, nil
+		}
+		if err != nil {
+			return i, s.fail("get", len(keys), err)
+		}
+		// A read-only view of the reply: Check only reads, and copy leaves the string alone.
+		data, err := tier.Check(unsafe.Slice(unsafe.StringData(val), len(val)), s.opt.Fingerprint, ns, keys[i], s.opt.BlockBytes)
+		if err != nil {
+			s.corrupt.Add(1)
+			// Best effort: a block left behind is dropped again by the next reader.
+			_ = s.client.Del(ctx, s.key(tag, keys[i])).Err()
+			return i, nil
+		}
+		copy(dst[i], data)
+	}
+	return len(cmds), nil
+}
+
+// Has returns the length of the leading run of keys held in namespace ns, with one pipelined
+// EXISTS per key. It is a hint: Redis may evict a block before the Get that follows.
+func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) (int, error) {
+	ctx, cancel, err := s.begin(ctx, "has")
+	if err != nil {
+		return 0, err
+	}
+	defer cancel()
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	tag := nsTag(ns)
+	cmds := make([]*goredis.IntCmd, len(keys))
+	pipe := s.client.Pipeline()
+	for i, k := range keys {
+		cmds[i] = pipe.Exists(ctx, s.key(tag, k))
+	}
+	_, _ = pipe.Exec(ctx) // each command's error is read below
+	for i, c := range cmds {
+		held, err := c.Result()
+		if err != nil {
+			return i, s.fail("has", len(keys), err)
+		}
+		if held == 0 {
+			s.misses.Add(1)
+			return i, nil
+		}
+	}
+	return len(keys), nil
+}
+
+// Drop deletes the keys' blocks in namespace ns with one pipelined DEL per key; keys the store
+// does not hold are ignored.
+func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) error {
+	ctx, cancel, err := s.begin(ctx, "drop")
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	if len(keys) == 0 {
+		return nil
+	}
+	tag := nsTag(ns)
+	pipe := s.client.Pipeline()
+	for _, k := range keys {
+		pipe.Del(ctx, s.key(tag, k))
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return s.fail("drop", len(keys), err)
+	}
+	return nil
+}
+
+// Ping reports whether the servers answer within the store's timeout: nil, or a *CallError
+// (counted in Stats.Failures).
+func (s *Store) Ping(ctx context.Context) error {
+	ctx, cancel, err := s.begin(ctx, "ping")
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	if err := s.client.Ping(ctx).Err(); err != nil {
+		return s.fail("ping", 0, err)
+	}
+	return nil
+}
+
+// Stats returns the store's counters since Open. Evictions, Blocks, Bytes, LimitBytes and
+// Restored stay 0: Redis keeps those figures server-wide.
+func (s *Store) Stats() tier.Stats {
+	if s == nil {
+		return tier.Stats{}
+	}
+	return tier.Stats{
+		Puts: s.puts.Load(), PutBytes: s.putBytes.Load(),
+		Gets: s.gets.Load(), GetBytes: s.getBytes.Load(),
+		Misses: s.misses.Load(), Corrupt: s.corrupt.Load(), Failures: s.failures.Load(),
+	}
+}
+
+// Close releases the store's connections; calls after Close, a second Close included, return
+// ErrClosed. Blocks stay on the server.
+func (s *Store) Close() error {
+	if s == nil {
+		return fmt.Errorf("tier/redis: close: %w: nil store", ErrInvalidArgument)
+	}
+	if s.closed.Swap(true) {
+		return fmt.Errorf("tier/redis: close: %w", ErrClosed)
+	}
+	if err := s.client.Close(); err != nil {
+		return fmt.Errorf("tier/redis: close: %w", err)
+	}
+	return nil
+}
