@@ -23,6 +23,11 @@ type Options struct {
 	MinUser, MaxUser     int
 	MinAnswer, MaxAnswer int
 	Seed                 uint64
+	// A part of the trace: the steps before Skip generate their requests without the cache (a
+	// process started half-way, which rebuilds the conversations but not their cache), the
+	// figures count only steps from Count on (and from Skip), and the replay ends after Stop
+	// steps (0: at the end).
+	Skip, Count, Stop int
 }
 
 // Issue returns the trace of the prefix-cache issue: 2,000 conversations of 4-8 turns (50-300
@@ -133,9 +138,14 @@ func Run(c Cache, o Options, blockTokens int) (Result, error) {
 		slots[i] = newConversation()
 	}
 	request := uint64(0)
-	for active := true; active; res.Steps++ {
+	for active := true; active && (o.Stop == 0 || res.Steps < o.Stop); res.Steps++ {
 		active = false
 		held := 0
+		c := c
+		if res.Steps < o.Skip {
+			c = mute{}
+		}
+		counting := res.Steps >= max(o.Skip, o.Count)
 		for i, cv := range slots {
 			if cv == nil {
 				continue
@@ -149,9 +159,11 @@ func Run(c Cache, o Options, blockTokens int) (Result, error) {
 				if err != nil {
 					return res, fmt.Errorf("chattrace: start: %w", err)
 				}
-				res.Requests++
-				res.QueryTokens += int64(len(cv.history))
-				res.HitTokens += int64(hit)
+				if counting {
+					res.Requests++
+					res.QueryTokens += int64(len(cv.history))
+					res.HitTokens += int64(hit)
+				}
 				if err := c.Append(cv.request, cv.history[hit:]); err != nil {
 					return res, fmt.Errorf("chattrace: prefill: %w", err)
 				}
@@ -186,3 +198,12 @@ func Run(c Cache, o Options, blockTokens int) (Result, error) {
 	}
 	return res, nil
 }
+
+// mute is the cache of the steps a replay skips: it holds nothing.
+type mute struct{}
+
+func (mute) Start(uint64, []prefix.Token) (int, error) { return 0, nil }
+func (mute) Append(uint64, []prefix.Token) error       { return nil }
+func (mute) Free(uint64) error                         { return nil }
+func (mute) Blocks() (int, int)                        { return 0, 0 }
+func (mute) MappedPages() int                          { return 0 }
