@@ -56,6 +56,9 @@ type tierState struct {
 	queue    []demotion
 	held     int // host entries held for the tier goroutine: queued, or in its batch
 	counters []TierStats
+	queued   uint64        // blocks ever queued
+	settled  uint64        // of those, written or given up
+	progress chan struct{} // closed, and replaced, each time settled grows
 
 	wake chan struct{}
 	stop chan struct{}
@@ -95,6 +98,7 @@ func newTierState(m *Manager) *tierState {
 	}
 	t := &tierState{tiers: m.cfg.Tiers, counters: make([]TierStats, len(m.cfg.Tiers)),
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}), fetchMu: make(chan struct{}, 1),
+		progress: make(chan struct{}),
 		keyer: prefix.NewKeyer(m.cfg.KeyScheme)}
 	for _, sh := range m.back.shards() {
 		t.bytes += int(sh.Config.BlockStride())
@@ -156,7 +160,10 @@ func (m *Manager) stopTiers() {
 		m.host.cache.Release(d.e)
 	}
 	t.held -= len(t.queue)
+	t.settled += uint64(len(t.queue))
 	t.queue = t.queue[:0]
+	close(t.progress)
+	t.progress = make(chan struct{})
 	m.mu.Unlock()
 }
 
@@ -176,6 +183,7 @@ func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) bool {
 		parent = s.Keys[i-1]
 	}
 	t.held++
+	t.queued++
 	t.queue = append(t.queue, demotion{e: e, block: e.Block, key: e.Key, parent: parent, first: i == 0,
 		ns: prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}})
 	select {
@@ -201,7 +209,48 @@ func (m *Manager) tierLoop() {
 		t.queue = t.queue[:0]
 		m.mu.Unlock()
 		m.writeTiers(t.batch)
+		m.mu.Lock()
+		t.settled += uint64(len(t.batch))
+		close(t.progress)
+		t.progress = make(chan struct{})
+		m.mu.Unlock()
 	}
+}
+
+// SyncTiers waits until every block queued for the tiers (Config.Tiers) before the call has
+// been written to them or given up on, or until ctx is done (its error). A runtime calls it
+// before a planned exit, so that a restart finds what this process computed; without tiers it
+// returns at once.
+func (m *Manager) SyncTiers(ctx context.Context) error {
+	if !m.made() {
+		return notMadeCall("sync tiers")
+	}
+	if ctx == nil {
+		return fmt.Errorf("kvcache: sync tiers: %w: nil context", ErrInvalidArgument)
+	}
+	m.mu.Lock()
+	t := m.tiers
+	if t == nil {
+		m.mu.Unlock()
+		return nil
+	}
+	target := t.queued
+	for t.settled < target {
+		if m.closed {
+			m.mu.Unlock()
+			return fmt.Errorf("kvcache: sync tiers: %w", ErrClosed)
+		}
+		ch := t.progress
+		m.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("kvcache: sync tiers: %w", ctx.Err())
+		}
+		m.mu.Lock()
+	}
+	m.mu.Unlock()
+	return nil
 }
 
 // writeTiers reads the held host blocks of batch, lets their entries go and puts them in

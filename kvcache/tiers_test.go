@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -197,7 +196,8 @@ func shareBlocks(t *testing.T, dev vmm.Device) {
 	require.NoError(t, err)
 	writeTokens(t, a, 1, prompt)
 	require.NoError(t, a.FreeSequence(1)) // written back to the host, then to the store
-	require.Eventually(t, func() bool { return a.Stats().Prefix.Tiers[0].Stored == 7 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, a.SyncTiers(context.Background()))
+	require.Equal(t, uint64(7), a.Stats().Prefix.Tiers[0].Stored)
 	require.NoError(t, a.Verify())
 	var disk int
 	for _, ev := range events.Read(nil) {
@@ -249,7 +249,8 @@ func TestTiersFaultsAreMisses(t *testing.T) {
 	_, err := a.AppendTokenIDs(1, prompt, nil)
 	require.NoError(t, err)
 	require.NoError(t, a.FreeSequence(1))
-	require.Eventually(t, func() bool { return a.Stats().Prefix.Tiers[0].Stored == 4 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, a.SyncTiers(context.Background()))
+	require.Equal(t, uint64(4), a.Stats().Prefix.Tiers[0].Stored)
 
 	store.setDown(true)
 	b := newManager(t, hostDevice(t, 64<<10), tierConfig(store))
@@ -273,7 +274,8 @@ func TestTiersFaultsAreMisses(t *testing.T) {
 	require.NoError(t, err)
 	store.setDown(true)
 	require.NoError(t, b.FreeSequence(3))
-	require.Eventually(t, func() bool { return b.Stats().Prefix.Tiers[0].Failures == 2 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, b.SyncTiers(context.Background()))
+	require.Equal(t, uint64(2), b.Stats().Prefix.Tiers[0].Failures)
 	require.NoError(t, b.Verify())
 	hit, err = b.StartSequence(4, kvcache.Prompt{Tokens: prompt})
 	require.NoError(t, err)
