@@ -99,7 +99,7 @@ func newTierState(m *Manager) *tierState {
 	t := &tierState{tiers: m.cfg.Tiers, counters: make([]TierStats, len(m.cfg.Tiers)),
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}), fetchMu: make(chan struct{}, 1),
 		progress: make(chan struct{}),
-		keyer: prefix.NewKeyer(m.cfg.KeyScheme)}
+		keyer:    prefix.NewKeyer(m.cfg.KeyScheme)}
 	for _, sh := range m.back.shards() {
 		t.bytes += int(sh.Config.BlockStride())
 	}
