@@ -1,0 +1,179 @@
+package disk
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/pagedkv/pagedkv/tier"
+)
+
+// putTx is one Put in flight: the blocks it writes, each reserved in the index as a pending
+// entry, and how far its files got. The store holds no half-done Put; commit or rollback ends
+// it.
+type putTx struct {
+	s       *Store
+	blocks  []tier.Block
+	items   []putItem
+	renamed int // items whose file is under its final name; the others' are temporary
+}
+
+type putItem struct {
+	b int // index into blocks
+	e *entry
+}
+
+// Put stores blocks, each in its own file, skipping those the store holds or another Put is
+// writing. It writes every file first under a temporary name, then renames them all, then
+// commits them to the index and evicts the least recently used blocks over the limit. A
+// failure (an I/O error, ctx done) removes every file of this Put and leaves the index as it
+// was.
+func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
+	if err := s.checkPut(ctx, blocks); err != nil {
+		return fmt.Errorf("disk: put: %w", err)
+	}
+	if err := s.enter(); err != nil {
+		return fmt.Errorf("disk: put: %w", err)
+	}
+	defer s.calls.Done()
+	tx := s.reserve(blocks)
+	if len(tx.items) == 0 {
+		return nil
+	}
+	if err := tx.write(ctx); err != nil {
+		tx.rollback()
+		return s.failed(fmt.Errorf("disk: put: %w", err))
+	}
+	tx.commit()
+	return nil
+}
+
+// checkPut validates a Put's arguments; it changes nothing.
+func (s *Store) checkPut(ctx context.Context, blocks []tier.Block) error {
+	if ctx == nil {
+		return errNilContext
+	}
+	var need uint64
+	for i, b := range blocks {
+		if len(b.Data) != s.blockBytes {
+			return &SizeError{What: "block", Index: i, Len: len(b.Data), Want: s.blockBytes}
+		}
+		if len(b.NS.Salt) > tier.MaxSalt {
+			return &OptionError{Option: "salt length", Value: int64(len(b.NS.Salt)), Min: 0, Max: tier.MaxSalt}
+		}
+		need += uint64(recordSize(b.NS, s.blockBytes))
+	}
+	if need > s.limit {
+		return &FitError{Blocks: len(blocks), Need: need, Limit: s.limit}
+	}
+	return nil
+}
+
+// reserve enters a pending entry for every block that is neither held nor being written, and
+// marks the held ones recently used.
+func (s *Store) reserve(blocks []tier.Block) *putTx {
+	tx := &putTx{s: s, blocks: blocks}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, b := range blocks {
+		k := ikey{b.NS, b.Key}
+		if e := s.index[k]; e != nil {
+			if !e.pending {
+				s.order.touch(e)
+			}
+			continue
+		}
+		s.gen++
+		e := &entry{k: k, size: uint64(recordSize(b.NS, s.blockBytes)), gen: s.gen, pending: true}
+		s.index[k] = e
+		tx.items = append(tx.items, putItem{b: i, e: e})
+	}
+	return tx
+}
+
+// write makes every item's file: each under a temporary name, then all renamed.
+func (tx *putTx) write(ctx context.Context) error {
+	s := tx.s
+	buf := s.getBuf(tx.maxRecord())
+	defer s.putBuf(buf)
+	for _, it := range tx.items {
+		if err := ctxErr(ctx); err != nil {
+			return err
+		}
+		b := tx.blocks[it.b]
+		it.e.path = s.blockPath(b.NS, b.Key)
+		rec := (*buf)[:it.e.size]
+		enc, err := tier.Encode(rec[:0], s.fp, b)
+		if err != nil {
+			return err // checkPut has bounded the salt: not reached
+		}
+		clear(rec[len(enc):])
+		if err := s.io.write(it.e.path+tmpSuffix, rec); err != nil {
+			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		}
+	}
+	for _, it := range tx.items {
+		if err := s.io.rename(it.e.path+tmpSuffix, it.e.path); err != nil {
+			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		}
+		tx.renamed++
+	}
+	return nil
+}
+
+func (tx *putTx) maxRecord() int {
+	n := 0
+	for _, it := range tx.items {
+		n = max(n, int(it.e.size))
+	}
+	return n
+}
+
+// rollback deletes the files the Put made and its pending entries.
+func (tx *putTx) rollback() {
+	s := tx.s
+	for i, it := range tx.items {
+		if it.e.path == "" {
+			break // not reached
+		}
+		path := it.e.path
+		if i >= tx.renamed {
+			path += tmpSuffix
+		}
+		_ = s.io.remove(path) // a leftover is found by the next Open
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, it := range tx.items {
+		delete(s.index, it.e.k)
+	}
+}
+
+// commit makes the Put's blocks visible, most recently used, then evicts over the limit.
+func (tx *putTx) commit() {
+	s := tx.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, it := range tx.items {
+		it.e.pending = false
+		s.order.pushFront(it.e)
+		s.st.Blocks++
+		s.st.Bytes += it.e.size
+		s.st.Puts++
+		s.st.PutBytes += uint64(s.blockBytes)
+	}
+	s.evictOver()
+}
+
+// getBuf returns an aligned buffer of at least n bytes from the store's pool.
+func (s *Store) getBuf(n int) *[]byte {
+	if p, ok := s.bufs.Get().(*[]byte); ok {
+		if cap(*p) >= n {
+			*p = (*p)[:cap(*p)]
+			return p
+		}
+	}
+	b := alignedBuf(n)
+	return &b
+}
+
+func (s *Store) putBuf(p *[]byte) { s.bufs.Put(p) }
