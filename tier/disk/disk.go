@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -75,6 +77,7 @@ type Store struct {
 	gen    uint64
 	st     tier.Stats
 	ds     DiskStats
+	doomed []string // files of removed blocks, moved aside for reap to delete
 }
 
 // DiskStats are the counters a disk store keeps beside tier.Stats.
@@ -116,6 +119,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		return nil, fmt.Errorf("disk: open %s: %w", dir, err)
 	}
 	s.evictOver()
+	s.reap()
 	return s, nil
 }
 
@@ -218,16 +222,41 @@ func (s *Store) evictOver() {
 	}
 }
 
-// removeLocked forgets a committed entry and deletes its file. Deleting under mu orders it
-// before any later Put of the same key renames a new file there. A file that cannot be deleted
-// is counted as a failure and found again by the next Open.
+// removeLocked forgets a committed entry and renames its file out of the way, to a temporary
+// name of its own; reap deletes it after mu is released. Renaming under mu orders it before any
+// later Put of the key renames a new file to the name. A file that cannot be moved is counted
+// as a failure and found again by the next Open.
 func (s *Store) removeLocked(e *entry) {
 	s.order.remove(e)
 	delete(s.index, e.k)
 	s.st.Blocks--
 	s.st.Bytes -= e.size
-	if err := s.io.remove(e.path); err != nil {
+	doomed := e.path + "." + strconv.FormatUint(e.gen, 10) + tmpSuffix
+	switch err := s.io.rename(e.path, doomed); {
+	case err == nil:
+		s.doomed = append(s.doomed, doomed)
+	case !isNotExist(err):
 		s.st.Failures++
+	}
+}
+
+// reap deletes the files removeLocked moved aside, several at once: deleting a file frees its
+// blocks, which takes the filesystem's journal, so it is done outside mu.
+func (s *Store) reap() {
+	s.mu.Lock()
+	doomed := s.doomed
+	s.doomed = nil
+	s.mu.Unlock()
+	var failed atomic.Uint64
+	parallel(len(doomed), func(i int) {
+		if s.io.remove(doomed[i]) != nil {
+			failed.Add(1)
+		}
+	})
+	if n := failed.Load(); n > 0 {
+		s.mu.Lock()
+		s.st.Failures += n
+		s.mu.Unlock()
 	}
 }
 
@@ -267,6 +296,7 @@ func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key
 		return fmt.Errorf("disk: drop: %w", err)
 	}
 	defer s.calls.Done()
+	defer s.reap()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, k := range keys {

@@ -493,7 +493,7 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 			before := s.Stats()
 			filesBefore, _ := blockFiles(t, dir)
 
-			fault.Arm(c.op, c.n)
+			fault.Arm(c.op, c.n, "")
 			err = s.Put(ctx, chain(ns, 3, 14)) // would evict 2 of the old blocks
 			require.ErrorIs(t, err, disk.ErrFault)
 			require.ErrorIs(t, err, tier.ErrUnavailable)
@@ -521,9 +521,10 @@ func TestFailedReadKeepsTheBlock(t *testing.T) {
 	defer s.Close()
 	bs := chain(prefix.Namespace{}, 2, 15)
 	require.NoError(t, s.Put(ctx, bs))
-	fault.Arm("read", 2)
+	fault.Arm("read", 1, bs[1].Key.String())
 	n, err := s.Get(ctx, prefix.Namespace{}, keysOf(bs), dsts(2))
 	require.ErrorIs(t, err, tier.ErrUnavailable)
+	require.ErrorIs(t, err, disk.ErrFault)
 	assert.Equal(t, 1, n)
 	assert.Equal(t, uint64(1), s.Stats().Failures)
 	n, err = s.Get(ctx, prefix.Namespace{}, keysOf(bs), dsts(2))

@@ -2,32 +2,34 @@ package disk
 
 import (
 	"errors"
+	"strings"
 	"sync"
 )
 
 // ErrFault is the error a Fault returns.
 var ErrFault = errors.New("injected fault")
 
-// Fault fails the Nth call (counting from 1 after Arm) of one file operation: "write", "read",
-// "rename" or "remove".
+// Fault fails the Nth call (counting from 1 after Arm) of one file operation ("write", "read",
+// "rename" or "remove") on a path that contains match.
 type Fault struct {
 	inner fileIO
 	mu    sync.Mutex
 	op    string
 	n     int
+	match string
 }
 
-// Arm makes the nth next call of op fail.
-func (f *Fault) Arm(op string, n int) {
+// Arm makes the nth next call of op on a path containing match fail.
+func (f *Fault) Arm(op string, n int, match string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.op, f.n = op, n
+	f.op, f.n, f.match = op, n, match
 }
 
-func (f *Fault) hit(op string) error {
+func (f *Fault) hit(op, path string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.op != op || f.n == 0 {
+	if f.op != op || f.n == 0 || !strings.Contains(path, f.match) {
 		return nil
 	}
 	f.n--
@@ -39,28 +41,28 @@ func (f *Fault) hit(op string) error {
 }
 
 func (f *Fault) write(path string, rec []byte) error {
-	if err := f.hit("write"); err != nil {
+	if err := f.hit("write", path); err != nil {
 		return err
 	}
 	return f.inner.write(path, rec)
 }
 
 func (f *Fault) read(path string, buf []byte) (int, error) {
-	if err := f.hit("read"); err != nil {
+	if err := f.hit("read", path); err != nil {
 		return 0, err
 	}
 	return f.inner.read(path, buf)
 }
 
 func (f *Fault) rename(from, to string) error {
-	if err := f.hit("rename"); err != nil {
+	if err := f.hit("rename", from); err != nil {
 		return err
 	}
 	return f.inner.rename(from, to)
 }
 
 func (f *Fault) remove(path string) error {
-	if err := f.hit("remove"); err != nil {
+	if err := f.hit("remove", path); err != nil {
 		return err
 	}
 	return f.inner.remove(path)

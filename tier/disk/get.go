@@ -2,7 +2,10 @@ package disk
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/tier"
@@ -12,6 +15,8 @@ import (
 // returns how many it copied. Each file is read whole and checked (tier.Check) before its bytes
 // are copied: a block that fails is deleted, counted in Stats.Corrupt and ends the run. dst must
 // hold at least len(keys) slices of exactly Options.BlockBytes; the store keeps none of them.
+// Up to ioWorkers files are read at once; dst entries past the returned count may have been
+// written.
 func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
 	if err := s.checkGet(ctx, keys, dst); err != nil {
 		return 0, fmt.Errorf("disk: get: %w", err)
@@ -20,24 +25,84 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 		return 0, fmt.Errorf("disk: get: %w", err)
 	}
 	defer s.calls.Done()
-	if len(keys) == 0 {
-		return 0, nil
+	if err := ctxErr(ctx); err != nil {
+		return 0, s.failed(fmt.Errorf("disk: get: %w", err))
 	}
-	buf := s.getBuf(recordSize(ns, s.blockBytes))
-	defer s.putBuf(buf)
-	for i, k := range keys {
-		if err := ctxErr(ctx); err != nil {
-			return i, s.failed(fmt.Errorf("disk: get: %w", err))
+	reads := s.resolve(ns, keys)
+	parallel(len(reads), func(i int) {
+		r := &reads[i]
+		if r.err = ctxErr(ctx); r.err != nil {
+			return
 		}
-		ok, err := s.getOne(ns, k, *buf, dst[i])
-		if err != nil {
-			return i, s.failed(fmt.Errorf("disk: get: %w", err))
+		r.ok, r.err = s.readOne(ns, keys[i], r.path, dst[i])
+		if errors.Is(r.err, errCorrupt) {
+			r.corrupt, r.err = true, nil
 		}
-		if !ok {
-			return i, nil
+	})
+	defer s.reap()
+	return s.settle(ns, keys, reads)
+}
+
+// getRead is one file a Get reads: what the index said under mu, and what the read found.
+type getRead struct {
+	path    string
+	gen     uint64
+	ok      bool  // the block was read, checked and copied
+	corrupt bool  // the block failed its checks
+	err     error // an I/O error or ctx done: neither a miss nor corruption
+}
+
+// resolve returns the leading run of keys the index holds, marking them recently used, and
+// counts a miss where the run ends before the keys do.
+func (s *Store) resolve(ns prefix.Namespace, keys []prefix.Key) []getRead {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var reads []getRead
+	for _, k := range keys {
+		e := s.index[ikey{ns, k}]
+		if e == nil || e.pending {
+			s.st.Misses++
+			break
+		}
+		s.order.touch(e)
+		if reads == nil {
+			reads = make([]getRead, 0, len(keys))
+		}
+		reads = append(reads, getRead{path: e.path, gen: e.gen})
+	}
+	return reads
+}
+
+// settle ends a Get: the run is the reads that succeeded before the first that did not.
+// Blocks that failed their checks are forgotten wherever they are in the run.
+func (s *Store) settle(ns prefix.Namespace, keys []prefix.Key, reads []getRead) (int, error) {
+	run := len(reads)
+	var err error
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, r := range reads {
+		switch {
+		case r.ok:
+		case r.corrupt:
+			s.st.Corrupt++
+			s.forgetLocked(ns, keys[i], r.gen)
+		case r.err == nil: // the file is gone
+			if i < run {
+				s.st.Misses++
+			}
+			s.forgetLocked(ns, keys[i], r.gen)
+		}
+		if !r.ok && i < run {
+			run, err = i, r.err
 		}
 	}
-	return len(keys), nil
+	s.st.Gets += uint64(run)
+	s.st.GetBytes += uint64(run) * uint64(s.blockBytes)
+	if err != nil {
+		s.st.Failures++
+		return run, fmt.Errorf("disk: get: %w", err)
+	}
+	return run, nil
 }
 
 // checkGet validates a Get's arguments; it changes nothing.
@@ -56,56 +121,64 @@ func (s *Store) checkGet(ctx context.Context, keys []prefix.Key, dst [][]byte) e
 	return nil
 }
 
-// getOne reads, checks and copies one block. It reports false for a miss: a key the store does
-// not hold, a file gone, a block that failed its checks.
+// readOne reads, checks and copies one block. It reports false for a block that failed its
+// checks, or whose file is gone, with a nil error.
 //
 // The file is read outside mu. That is safe because a file under a block's final name is
 // always whole: an eviction deletes it (an open file stays readable, a later open fails with
 // ENOENT) and a later Put of the key renames a new whole file there.
-func (s *Store) getOne(ns prefix.Namespace, k prefix.Key, buf, dst []byte) (bool, error) {
-	s.mu.Lock()
-	e := s.index[ikey{ns, k}]
-	if e == nil || e.pending {
-		s.st.Misses++
-		s.mu.Unlock()
-		return false, nil
-	}
-	s.order.touch(e)
-	path, gen, size := e.path, e.gen, int(e.size)
-	s.mu.Unlock()
-
-	n, err := s.io.read(path, buf[:size])
+func (s *Store) readOne(ns prefix.Namespace, k prefix.Key, path string, dst []byte) (bool, error) {
+	size := recordSize(ns, s.blockBytes)
+	buf := s.getBuf(size)
+	defer s.putBuf(buf)
+	n, err := s.io.read(path, (*buf)[:size])
 	if isNotExist(err) {
-		s.lost(ns, k, gen, false)
 		return false, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 	}
-	data, err := tier.Check(buf[:min(n, tier.HeaderSize(ns)+s.blockBytes)], s.fp, ns, k, s.blockBytes)
+	data, err := tier.Check((*buf)[:min(n, tier.HeaderSize(ns)+s.blockBytes)], s.fp, ns, k, s.blockBytes)
 	if err != nil {
-		s.lost(ns, k, gen, true)
-		return false, nil
+		return false, errCorrupt
 	}
 	copy(dst, data)
-	s.mu.Lock()
-	s.st.Gets++
-	s.st.GetBytes += uint64(len(data))
-	s.mu.Unlock()
 	return true, nil
 }
 
-// lost forgets the block a Get found gone or corrupt, if the index still holds that same block
-// (not one a later Put stored under the key), and counts a miss or a corrupt block.
-func (s *Store) lost(ns prefix.Namespace, k prefix.Key, gen uint64, corrupt bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if corrupt {
-		s.st.Corrupt++
-	} else {
-		s.st.Misses++
-	}
-	if e := s.index[ikey{ns, k}]; e != nil && e.gen == gen {
+// errCorrupt marks, inside a Get, a block that failed its checks.
+var errCorrupt = tier.ErrCorrupt
+
+// forgetLocked forgets the block a Get found gone or corrupt, if the index still holds that
+// same block (not one a later Put stored under the key). The caller holds mu.
+func (s *Store) forgetLocked(ns prefix.Namespace, k prefix.Key, gen uint64) {
+	if e := s.index[ikey{ns, k}]; e != nil && e.gen == gen && !e.pending {
 		s.removeLocked(e)
 	}
+}
+
+// ioWorkers is how many files one call reads or writes at once: enough to keep a disk's queue
+// busy and to check one block while another is read.
+const ioWorkers = 4
+
+// parallel calls f(i) for every i below n, from up to ioWorkers goroutines, and returns when
+// all calls have.
+func parallel(n int, f func(i int)) {
+	w := min(n, ioWorkers)
+	if w <= 1 {
+		for i := range n {
+			f(i)
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range w {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				f(i)
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -1,8 +1,10 @@
 package disk
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"sync"
 
 	"github.com/pagedkv/pagedkv/tier"
 )
@@ -44,6 +46,7 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 		return s.failed(fmt.Errorf("disk: put: %w", err))
 	}
 	tx.commit()
+	s.reap()
 	return nil
 }
 
@@ -83,36 +86,36 @@ func (s *Store) reserve(blocks []tier.Block) *putTx {
 			continue
 		}
 		s.gen++
-		e := &entry{k: k, size: uint64(recordSize(b.NS, s.blockBytes)), gen: s.gen, pending: true}
+		e := &entry{k: k, path: s.blockPath(b.NS, b.Key), size: uint64(recordSize(b.NS, s.blockBytes)), gen: s.gen, pending: true}
 		s.index[k] = e
 		tx.items = append(tx.items, putItem{b: i, e: e})
 	}
 	return tx
 }
 
-// write makes every item's file: each under a temporary name, then all renamed.
+// write makes every item's file, up to ioWorkers at once, each under a temporary name; then it
+// renames them all.
 func (tx *putTx) write(ctx context.Context) error {
-	s := tx.s
-	buf := s.getBuf(tx.maxRecord())
-	defer s.putBuf(buf)
-	for _, it := range tx.items {
-		if err := ctxErr(ctx); err != nil {
-			return err
+	var mu sync.Mutex
+	var first error
+	parallel(len(tx.items), func(i int) {
+		mu.Lock()
+		stop := first != nil
+		mu.Unlock()
+		if stop {
+			return
 		}
-		b := tx.blocks[it.b]
-		it.e.path = s.blockPath(b.NS, b.Key)
-		rec := (*buf)[:it.e.size]
-		enc, err := tier.Encode(rec[:0], s.fp, b)
-		if err != nil {
-			return err // checkPut has bounded the salt: not reached
+		if err := tx.writeOne(ctx, tx.items[i]); err != nil {
+			mu.Lock()
+			first = cmp.Or(first, err)
+			mu.Unlock()
 		}
-		clear(rec[len(enc):])
-		if err := s.io.write(it.e.path+tmpSuffix, rec); err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
-		}
+	})
+	if first != nil {
+		return first
 	}
 	for _, it := range tx.items {
-		if err := s.io.rename(it.e.path+tmpSuffix, it.e.path); err != nil {
+		if err := tx.s.io.rename(it.e.path+tmpSuffix, it.e.path); err != nil {
 			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 		}
 		tx.renamed++
@@ -120,21 +123,30 @@ func (tx *putTx) write(ctx context.Context) error {
 	return nil
 }
 
-func (tx *putTx) maxRecord() int {
-	n := 0
-	for _, it := range tx.items {
-		n = max(n, int(it.e.size))
+// writeOne encodes one block into an aligned buffer, pads it and writes its temporary file.
+func (tx *putTx) writeOne(ctx context.Context, it putItem) error {
+	if err := ctxErr(ctx); err != nil {
+		return err
 	}
-	return n
+	s := tx.s
+	buf := s.getBuf(int(it.e.size))
+	defer s.putBuf(buf)
+	rec := (*buf)[:it.e.size]
+	enc, err := tier.Encode(rec[:0], s.fp, tx.blocks[it.b])
+	if err != nil {
+		return err // checkPut has bounded the salt: not reached
+	}
+	clear(rec[len(enc):])
+	if err := s.io.write(it.e.path+tmpSuffix, rec); err != nil {
+		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+	}
+	return nil
 }
 
 // rollback deletes the files the Put made and its pending entries.
 func (tx *putTx) rollback() {
 	s := tx.s
 	for i, it := range tx.items {
-		if it.e.path == "" {
-			break // not reached
-		}
 		path := it.e.path
 		if i >= tx.renamed {
 			path += tmpSuffix
