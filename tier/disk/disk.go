@@ -8,8 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -32,7 +32,11 @@ type Options struct {
 	Fingerprint tier.Fingerprint // the model whose blocks the store holds
 	BlockBytes  int              // the data bytes of every block, 1 to MaxBlockBytes
 	LimitBytes  uint64           // the bound on the files' bytes; at least one block's file
-	Mode        Mode             // the I/O mode; ModeAuto picks ModeDirect where it works
+	// SpareBytes of LimitBytes are kept in the files of evicted blocks, for later Puts to
+	// overwrite: a Put of up to SpareBytes creates and deletes no file. 0 keeps none; at most
+	// LimitBytes less one block's file.
+	SpareBytes uint64
+	Mode       Mode // the I/O mode; ModeAuto picks ModeDirect where it works
 }
 
 // recordSize returns the bytes of the file of a block of blockBytes in namespace ns.
@@ -49,6 +53,8 @@ func (o Options) validate(dir string) error {
 		return &OptionError{Option: "BlockBytes", Value: int64(o.BlockBytes), Min: 1, Max: MaxBlockBytes}
 	case o.LimitBytes < uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
 		return &OptionError{Option: "LimitBytes", Value: int64(o.LimitBytes), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
+	case o.SpareBytes > o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
+		return &OptionError{Option: "SpareBytes", Value: int64(min(o.SpareBytes, math.MaxInt64)), Max: int64(min(o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)), math.MaxInt64))}
 	case o.Mode < ModeAuto || o.Mode > ModeBuffered:
 		return &OptionError{Option: "Mode", Value: int64(o.Mode), Min: int64(ModeAuto), Max: int64(ModeBuffered)}
 	}
@@ -58,26 +64,29 @@ func (o Options) validate(dir string) error {
 // Store is a tier.Store over the files of one directory. It is safe for concurrent use. The
 // caller owns it from Open to Close; Close releases the directory's lock.
 type Store struct {
-	dir        string
-	fp         tier.Fingerprint
-	blockBytes int
-	limit      uint64
-	mode       Mode
-	io         fileIO
-	lockFD     int
-	bufs       sync.Pool // *[]byte: aligned read buffers
+	dir         string
+	fp          tier.Fingerprint
+	blockBytes  int
+	limit       uint64
+	spareTarget uint64
+	mode        Mode
+	io          fileIO
+	lockFD      int
+	bufs        sync.Pool // *[]byte: aligned read buffers
 
 	calls sync.WaitGroup // the calls in flight, which Close waits for
 
 	// mu guards the following.
-	mu     sync.Mutex
-	closed bool
-	index  map[ikey]*entry
-	order  lru
-	gen    uint64
-	st     tier.Stats
-	ds     DiskStats
-	doomed []string // files of removed blocks, moved aside for reap to delete
+	mu       sync.Mutex
+	closed   bool
+	index    map[ikey]*entry
+	order    lru
+	gen      uint64
+	st       tier.Stats
+	ds       DiskStats
+	spares   []spare  // the spare pool, oldest first
+	spareSeq uint64   // the last spare file's number
+	doomed   []string // spare files for reap to delete
 }
 
 // DiskStats are the counters a disk store keeps beside tier.Stats.
@@ -85,6 +94,8 @@ type DiskStats struct {
 	Mode          Mode   // the I/O mode in use: ModeDirect or ModeBuffered
 	DroppedAtOpen uint64 // files Open deleted: another model's, a bad header, a torn file
 	TmpRemoved    uint64 // unfinished writes Open deleted
+	SpareFiles    uint64 // files kept for reuse now (Options.SpareBytes)
+	SpareBytes    uint64 // their bytes; with Stats.Bytes, at most Options.LimitBytes
 }
 
 // Open opens the store in dir, creating the directory if need be, and rebuilds its index from
@@ -103,7 +114,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("disk: open: %w: %w", tier.ErrUnavailable, err)
 	}
-	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, lockFD: -1}
+	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareTarget: opt.SpareBytes, lockFD: -1}
 	s.index = make(map[ikey]*entry)
 	s.order.init()
 	s.st.LimitBytes = opt.LimitBytes
@@ -118,7 +129,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		_ = unix.Close(s.lockFD)
 		return nil, fmt.Errorf("disk: open %s: %w", dir, err)
 	}
-	s.evictOver()
+	s.settleSpaceLocked()
 	s.reap()
 	return s, nil
 }
@@ -209,39 +220,26 @@ func ctxErr(ctx context.Context) error {
 
 var errNilContext = &OptionError{Option: "ctx", Reason: "is nil"}
 
-// evictOver removes least recently used blocks until the store is within its limit. The
-// caller holds mu.
-func (s *Store) evictOver() {
-	for s.st.Bytes > s.limit {
-		e := s.order.oldest()
-		if e == nil {
-			return
-		}
-		s.removeLocked(e)
-		s.st.Evictions++
-	}
-}
-
-// removeLocked forgets a committed entry and renames its file out of the way, to a temporary
-// name of its own; reap deletes it after mu is released. Renaming under mu orders it before any
-// later Put of the key renames a new file to the name. A file that cannot be moved is counted
-// as a failure and found again by the next Open.
+// removeLocked forgets a committed entry and moves its file into the spare pool, to be reused
+// or deleted by settleSpaceLocked. Moving it under mu orders the move before any later Put of
+// the key renames a new file to the name. A file that cannot be moved is counted as a failure
+// and found again by the next Open.
 func (s *Store) removeLocked(e *entry) {
 	s.order.remove(e)
 	delete(s.index, e.k)
 	s.st.Blocks--
 	s.st.Bytes -= e.size
-	doomed := e.path + "." + strconv.FormatUint(e.gen, 10) + tmpSuffix
-	switch err := s.io.rename(e.path, doomed); {
+	to := s.nextSparePathLocked()
+	switch err := s.io.rename(e.path, to); {
 	case err == nil:
-		s.doomed = append(s.doomed, doomed)
+		s.addSpareLocked(to, e.size)
 	case !isNotExist(err):
 		s.st.Failures++
 	}
 }
 
-// reap deletes the files removeLocked moved aside, several at once: deleting a file frees its
-// blocks, which takes the filesystem's journal, so it is done outside mu.
+// reap deletes the spare files settleSpaceLocked let go, several at once: deleting a file frees
+// its blocks, which takes the filesystem's journal, so it is done outside mu.
 func (s *Store) reap() {
 	s.mu.Lock()
 	doomed := s.doomed
@@ -304,6 +302,7 @@ func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key
 			s.removeLocked(e)
 		}
 	}
+	s.settleSpaceLocked()
 	return nil
 }
 

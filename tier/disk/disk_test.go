@@ -75,14 +75,25 @@ func open(t *testing.T, dir string, o disk.Options) *disk.Store {
 	return s
 }
 
-// blockFiles returns the paths of the block files under dir (not LOCK, not the fan-out
-// directories), sorted, and the sum of their sizes.
+// blockFiles returns the paths of the files in the fan-out directories under dir, sorted, and
+// the sum of their sizes.
 func blockFiles(t *testing.T, dir string) ([]string, uint64) {
+	t.Helper()
+	return files(t, dir, func(p string) bool { return filepath.Dir(p) != dir && filepath.Base(filepath.Dir(p)) != "spare" })
+}
+
+// spareFiles returns the paths of the spare files under dir, sorted, and their bytes.
+func spareFiles(t *testing.T, dir string) ([]string, uint64) {
+	t.Helper()
+	return files(t, dir, func(p string) bool { return filepath.Dir(p) == filepath.Join(dir, "spare") })
+}
+
+func files(t *testing.T, dir string, want func(string) bool) ([]string, uint64) {
 	t.Helper()
 	var paths []string
 	var bytes uint64
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() || filepath.Dir(p) == dir {
+		if err != nil || d.IsDir() || !want(p) {
 			return err
 		}
 		info, err := d.Info()
@@ -371,6 +382,8 @@ func TestOptionsAreChecked(t *testing.T) {
 		{"zero limit", dir, disk.Options{BlockBytes: blockBytes}, "LimitBytes"},
 		{"limit under one block", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record - 1}, "LimitBytes"},
 		{"negative mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: -1}, "Mode"},
+		{"spare of the whole limit", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: record + 1}, "SpareBytes"},
+		{"huge spare", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: math.MaxUint64}, "SpareBytes"},
 		{"unknown mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: 3}, "Mode"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -475,28 +488,37 @@ func TestOneStorePerDirectory(t *testing.T) {
 	require.NoError(t, s.Close())
 }
 
-// A Put whose write or rename fails leaves the index and the directory exactly as before.
+// A Put whose write or rename fails leaves the index and the directory exactly as before, the
+// spare files it overwrote included (under their names; their bytes are not kept).
 func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	for _, c := range []struct {
 		op string
 		n  int
-	}{{"write", 1}, {"write", 2}, {"write", 3}, {"rename", 1}, {"rename", 2}, {"rename", 3}} {
+	}{{"write", 1}, {"write", 2}, {"write", 3}, {"rename", 1}, {"rename", 2}, {"rename", 3}, {"rename", 4}, {"rename", 5}} {
 		t.Run(c.op+"-"+string(rune('0'+c.n)), func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
-			s, fault, err := disk.OpenFaulty(dir, opts(4))
+			o := opts(6)
+			o.SpareBytes = 2 * record
+			s, fault, err := disk.OpenFaulty(dir, o)
 			require.NoError(t, err)
 			defer s.Close()
 			ns := prefix.Namespace{}
+			require.NoError(t, s.Put(ctx, chain(ns, 4, 17)))
 			old := chain(ns, 3, 13)
-			require.NoError(t, s.Put(ctx, old))
-			before := s.Stats()
+			require.NoError(t, s.Put(ctx, old)) // evicts 3: 2 spare files kept
+			require.Equal(t, uint64(2), s.DiskStats().SpareFiles)
+			before, dsBefore := s.Stats(), s.DiskStats()
 			filesBefore, _ := blockFiles(t, dir)
+			sparesBefore, _ := spareFiles(t, dir)
 
 			fault.Arm(c.op, c.n, "")
-			err = s.Put(ctx, chain(ns, 3, 14)) // would evict 2 of the old blocks
+			err = s.Put(ctx, chain(ns, 3, 14)) // 2 into spare files, 1 new; would evict 3
 			require.ErrorIs(t, err, disk.ErrFault)
 			require.ErrorIs(t, err, tier.ErrUnavailable)
+			assert.Equal(t, dsBefore, s.DiskStats())
+			sparesAfter, _ := spareFiles(t, dir)
+			assert.Equal(t, sparesBefore, sparesAfter)
 
 			after := s.Stats()
 			assert.Equal(t, before.Failures+1, after.Failures)
@@ -537,7 +559,9 @@ func TestFailedReadKeepsTheBlock(t *testing.T) {
 func TestConcurrentUse(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	s := open(t, dir, opts(10))
+	o := opts(10)
+	o.SpareBytes = 3 * record
+	s := open(t, dir, o)
 	nss := []prefix.Namespace{{}, {Salt: "b"}}
 	var wg sync.WaitGroup
 	for g := range 4 {
@@ -566,17 +590,23 @@ func TestConcurrentUse(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	st := s.Stats()
+	st, ds := s.Stats(), s.DiskStats()
 	files, onDisk := blockFiles(t, dir)
 	assert.Equal(t, onDisk, st.Bytes)
 	assert.Equal(t, uint64(len(files)), st.Blocks)
-	assert.LessOrEqual(t, st.Bytes, st.LimitBytes)
+	spares, spareBytes := spareFiles(t, dir)
+	assert.Equal(t, spareBytes, ds.SpareBytes)
+	assert.Equal(t, uint64(len(spares)), ds.SpareFiles)
+	assert.LessOrEqual(t, ds.SpareBytes, o.SpareBytes)
+	assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, st.LimitBytes)
+	assert.Positive(t, st.Evictions)
 	assert.Zero(t, st.Corrupt)
 	assert.Zero(t, st.Failures)
 	require.NoError(t, s.Close())
-	s = open(t, dir, opts(10))
+	s = open(t, dir, o)
 	defer s.Close()
 	assert.Equal(t, st.Blocks, s.Stats().Restored)
+	assert.Equal(t, ds.SpareFiles, s.DiskStats().SpareFiles)
 	assert.Zero(t, s.DiskStats().DroppedAtOpen)
 }
 
@@ -613,4 +643,47 @@ func TestModeFallsBackWhereDirectIsRefused(t *testing.T) {
 		t.Logf("%s: %s", root, want)
 		require.NoError(t, s.Close())
 	}
+}
+
+// Evicted and dropped blocks' files become spares, up to SpareBytes, within LimitBytes with the
+// blocks; a later Put overwrites them instead of making new files.
+func TestSpareFilesAreReused(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(6)
+	o.SpareBytes = 2 * record
+	s := open(t, dir, o)
+	ns := prefix.Namespace{Salt: "s"}
+	bs := chain(ns, 8, 18)
+	require.NoError(t, s.Put(ctx, bs[:4]))
+	assert.Zero(t, s.DiskStats().SpareFiles)
+	require.NoError(t, s.Put(ctx, bs[4:5])) // 5 blocks > 6-2: evicts 1 to the pool
+	check := func(blocks, spares uint64) {
+		t.Helper()
+		st, ds := s.Stats(), s.DiskStats()
+		assert.Equal(t, blocks, st.Blocks)
+		assert.Equal(t, spares, ds.SpareFiles)
+		_, onDisk := blockFiles(t, dir)
+		_, spareBytes := spareFiles(t, dir)
+		assert.Equal(t, st.Bytes, onDisk)
+		assert.Equal(t, ds.SpareBytes, spareBytes)
+		assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, o.LimitBytes)
+	}
+	check(4, 1)
+	require.NoError(t, s.Drop(ctx, ns, keysOf(bs[1:3])))
+	check(2, 2) // the pool holds at most 2: one spare deleted
+	require.NoError(t, s.Put(ctx, bs[5:8])) // 2 into spares, 1 new
+	check(4, 1)                              // and 1 evicted into the pool
+	dst := dsts(3)
+	n, err := s.Get(ctx, ns, keysOf(bs[5:8]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 3, n)
+	for i := range dst {
+		assert.Equal(t, bs[5+i].Data, dst[i])
+	}
+	assert.Equal(t, uint64(2), s.Stats().Evictions)
+	require.NoError(t, s.Close())
+	s = open(t, dir, o)
+	defer s.Close()
+	check(4, 1)
 }

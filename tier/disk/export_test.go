@@ -40,11 +40,11 @@ func (f *Fault) hit(op, path string) error {
 	return nil
 }
 
-func (f *Fault) write(path string, rec []byte) error {
+func (f *Fault) write(path string, rec []byte, overwrite bool) error {
 	if err := f.hit("write", path); err != nil {
 		return err
 	}
-	return f.inner.write(path, rec)
+	return f.inner.write(path, rec, overwrite)
 }
 
 func (f *Fault) read(path string, buf []byte) (int, error) {

@@ -96,6 +96,7 @@ func (s *Store) settle(ns prefix.Namespace, keys []prefix.Key, reads []getRead) 
 			run, err = i, r.err
 		}
 	}
+	s.settleSpaceLocked()
 	s.st.Gets += uint64(run)
 	s.st.GetBytes += uint64(run) * uint64(s.blockBytes)
 	if err != nil {

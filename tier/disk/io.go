@@ -54,10 +54,11 @@ func alignedBuf(n int) []byte {
 }
 
 // fileIO is the store's seam to the filesystem: every file the store writes, reads or removes
-// goes through it, so a test can fail any call. write makes a whole file, read fills buf from a
-// file's start and returns the bytes read (fewer at its end).
+// goes through it, so a test can fail any call. write makes a whole file, or overwrites an
+// existing file of the same size in place; read fills buf from a file's start and returns the
+// bytes read (fewer at its end).
 type fileIO interface {
-	write(path string, rec []byte) error
+	write(path string, rec []byte, overwrite bool) error
 	read(path string, buf []byte) (int, error)
 	rename(from, to string) error
 	remove(path string) error
@@ -73,8 +74,12 @@ func (o osIO) flags() int {
 	return unix.O_CLOEXEC
 }
 
-func (o osIO) write(path string, rec []byte) error {
-	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC|o.flags(), 0o644)
+func (o osIO) write(path string, rec []byte, overwrite bool) error {
+	flags := unix.O_WRONLY | unix.O_CREAT | unix.O_TRUNC
+	if overwrite {
+		flags = unix.O_WRONLY
+	}
+	fd, err := unix.Open(path, flags|o.flags(), 0o644)
 	if err != nil {
 		return &fs.PathError{Op: "create", Path: path, Err: err}
 	}
@@ -157,7 +162,7 @@ func (osIO) remove(path string) error {
 func probeDirect(dir string) (bool, error) {
 	path := dir + "/probe" + tmpSuffix
 	buf := alignedBuf(align)
-	err := osIO{direct: true}.write(path, buf)
+	err := osIO{direct: true}.write(path, buf, false)
 	if err == nil {
 		_, err = osIO{direct: true}.read(path, buf)
 	}

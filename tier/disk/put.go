@@ -13,15 +13,16 @@ import (
 // entry, and how far its files got. The store holds no half-done Put; commit or rollback ends
 // it.
 type putTx struct {
-	s       *Store
-	blocks  []tier.Block
-	items   []putItem
-	renamed int // items whose file is under its final name; the others' are temporary
+	s      *Store
+	blocks []tier.Block
+	items  []putItem
 }
 
 type putItem struct {
-	b int // index into blocks
-	e *entry
+	b     int    // index into blocks
+	e     *entry // its pending entry, whose path is the file's final name
+	spare string // the spare file it overwrites, or "" for a new file
+	stage int    // 0: no file yet, 1: under the temporary name, 2: under the final name
 }
 
 // Put stores blocks, each in its own file, skipping those the store holds or another Put is
@@ -88,7 +89,7 @@ func (s *Store) reserve(blocks []tier.Block) *putTx {
 		s.gen++
 		e := &entry{k: k, path: s.blockPath(b.NS, b.Key), size: uint64(recordSize(b.NS, s.blockBytes)), gen: s.gen, pending: true}
 		s.index[k] = e
-		tx.items = append(tx.items, putItem{b: i, e: e})
+		tx.items = append(tx.items, putItem{b: i, e: e, spare: s.takeSpareLocked(e.size)})
 	}
 	return tx
 }
@@ -105,7 +106,7 @@ func (tx *putTx) write(ctx context.Context) error {
 		if stop {
 			return
 		}
-		if err := tx.writeOne(ctx, tx.items[i]); err != nil {
+		if err := tx.writeOne(ctx, &tx.items[i]); err != nil {
 			mu.Lock()
 			first = cmp.Or(first, err)
 			mu.Unlock()
@@ -114,21 +115,30 @@ func (tx *putTx) write(ctx context.Context) error {
 	if first != nil {
 		return first
 	}
-	for _, it := range tx.items {
+	for i := range tx.items {
+		it := &tx.items[i]
 		if err := tx.s.io.rename(it.e.path+tmpSuffix, it.e.path); err != nil {
 			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 		}
-		tx.renamed++
+		it.stage = 2
 	}
 	return nil
 }
 
-// writeOne encodes one block into an aligned buffer, pads it and writes its temporary file.
-func (tx *putTx) writeOne(ctx context.Context, it putItem) error {
+// writeOne encodes one block into an aligned buffer, pads it and writes its temporary file: a
+// spare file renamed to the temporary name, or a new one.
+func (tx *putTx) writeOne(ctx context.Context, it *putItem) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 	s := tx.s
+	tmp := it.e.path + tmpSuffix
+	if it.spare != "" {
+		if err := s.io.rename(it.spare, tmp); err != nil {
+			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		}
+		it.stage = 1
+	}
 	buf := s.getBuf(int(it.e.size))
 	defer s.putBuf(buf)
 	rec := (*buf)[:it.e.size]
@@ -137,26 +147,39 @@ func (tx *putTx) writeOne(ctx context.Context, it putItem) error {
 		return err // checkPut has bounded the salt: not reached
 	}
 	clear(rec[len(enc):])
-	if err := s.io.write(it.e.path+tmpSuffix, rec); err != nil {
+	if err := s.io.write(tmp, rec, it.spare != ""); err != nil {
 		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 	}
+	it.stage = 1
 	return nil
 }
 
-// rollback deletes the files the Put made and its pending entries.
+// rollback returns the Put's spare files to the pool under their old names, deletes the new
+// files it made and forgets its pending entries.
 func (tx *putTx) rollback() {
 	s := tx.s
-	for i, it := range tx.items {
-		path := it.e.path
-		if i >= tx.renamed {
-			path += tmpSuffix
+	var back []spare
+	for _, it := range tx.items {
+		cur := it.e.path + tmpSuffix
+		if it.stage == 2 {
+			cur = it.e.path
 		}
-		_ = s.io.remove(path) // a leftover is found by the next Open
+		switch {
+		case it.spare == "":
+			_ = s.io.remove(cur) // a leftover is found by the next Open
+		case it.stage == 0 || s.io.rename(cur, it.spare) == nil:
+			back = append(back, spare{it.spare, it.e.size})
+		default:
+			_ = s.io.remove(cur)
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, it := range tx.items {
 		delete(s.index, it.e.k)
+	}
+	for _, sp := range back {
+		s.addSpareLocked(sp.path, sp.size)
 	}
 }
 
@@ -173,7 +196,7 @@ func (tx *putTx) commit() {
 		s.st.Puts++
 		s.st.PutBytes += uint64(s.blockBytes)
 	}
-	s.evictOver()
+	s.settleSpaceLocked()
 }
 
 // getBuf returns an aligned buffer of at least n bytes from the store's pool.

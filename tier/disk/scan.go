@@ -51,6 +51,9 @@ func (s *Store) scan() error {
 			}
 		}
 	}
+	if err := s.scanSpares(); err != nil {
+		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+	}
 	slices.SortFunc(kept, func(a, b found) int { return cmp.Compare(a.mtime, b.mtime) })
 	for _, f := range kept {
 		s.gen++
