@@ -81,7 +81,6 @@ type Store struct {
 	closed   bool
 	index    map[ikey]*entry
 	order    lru
-	gen      uint64
 	st       tier.Stats
 	ds       DiskStats
 	spares   []spare  // the spare pool, oldest first
@@ -221,9 +220,10 @@ func ctxErr(ctx context.Context) error {
 var errNilContext = &OptionError{Option: "ctx", Reason: "is nil"}
 
 // removeLocked forgets a committed entry and moves its file into the spare pool, to be reused
-// or deleted by settleSpaceLocked. Moving it under mu orders the move before any later Put of
-// the key renames a new file to the name. A file that cannot be moved is counted as a failure
-// and found again by the next Open.
+// or deleted by settleSpaceLocked; a file a Get reads now goes straight to reap instead, so that
+// no Put overwrites it under the reader. Moving it under mu orders the move before any later
+// Put of the key renames a new file to the name. A file that cannot be moved is counted as a
+// failure and found again by the next Open.
 func (s *Store) removeLocked(e *entry) {
 	s.order.remove(e)
 	delete(s.index, e.k)
@@ -231,6 +231,8 @@ func (s *Store) removeLocked(e *entry) {
 	s.st.Bytes -= e.size
 	to := s.nextSparePathLocked()
 	switch err := s.io.rename(e.path, to); {
+	case err == nil && e.readers > 0:
+		s.doomed = append(s.doomed, to)
 	case err == nil:
 		s.addSpareLocked(to, e.size)
 	case !isNotExist(err):

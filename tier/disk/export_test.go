@@ -17,6 +17,8 @@ type Fault struct {
 	op    string
 	n     int
 	match string
+	// OnRead, when set, runs before every read, outside the store's lock.
+	OnRead func(path string)
 }
 
 // Arm makes the nth next call of op on a path containing match fail.
@@ -48,6 +50,9 @@ func (f *Fault) write(path string, rec []byte, overwrite bool) error {
 }
 
 func (f *Fault) read(path string, buf []byte) (int, error) {
+	if f.OnRead != nil {
+		f.OnRead(path)
+	}
 	if err := f.hit("read", path); err != nil {
 		return 0, err
 	}

@@ -45,8 +45,8 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 
 // getRead is one file a Get reads: what the index said under mu, and what the read found.
 type getRead struct {
+	e       *entry // pinned: its readers count this read
 	path    string
-	gen     uint64
 	ok      bool  // the block was read, checked and copied
 	corrupt bool  // the block failed its checks
 	err     error // an I/O error or ctx done: neither a miss nor corruption
@@ -65,10 +65,11 @@ func (s *Store) resolve(ns prefix.Namespace, keys []prefix.Key) []getRead {
 			break
 		}
 		s.order.touch(e)
+		e.readers++
 		if reads == nil {
 			reads = make([]getRead, 0, len(keys))
 		}
-		reads = append(reads, getRead{path: e.path, gen: e.gen})
+		reads = append(reads, getRead{e: e, path: e.path})
 	}
 	return reads
 }
@@ -81,16 +82,17 @@ func (s *Store) settle(ns prefix.Namespace, keys []prefix.Key, reads []getRead) 
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, r := range reads {
+		r.e.readers--
 		switch {
 		case r.ok:
 		case r.corrupt:
 			s.st.Corrupt++
-			s.forgetLocked(ns, keys[i], r.gen)
+			s.forgetLocked(r.e)
 		case r.err == nil: // the file is gone
 			if i < run {
 				s.st.Misses++
 			}
-			s.forgetLocked(ns, keys[i], r.gen)
+			s.forgetLocked(r.e)
 		}
 		if !r.ok && i < run {
 			run, err = i, r.err
@@ -126,8 +128,9 @@ func (s *Store) checkGet(ctx context.Context, keys []prefix.Key, dst [][]byte) e
 // checks, or whose file is gone, with a nil error.
 //
 // The file is read outside mu. That is safe because a file under a block's final name is
-// always whole: an eviction deletes it (an open file stays readable, a later open fails with
-// ENOENT) and a later Put of the key renames a new whole file there.
+// always whole and never written again: an eviction moves it away (a later open fails with
+// ENOENT), to be deleted rather than reused while a Get reads it, and a later Put of the key
+// renames a new whole file to the name.
 func (s *Store) readOne(ns prefix.Namespace, k prefix.Key, path string, dst []byte) (bool, error) {
 	size := recordSize(ns, s.blockBytes)
 	buf := s.getBuf(size)
@@ -152,8 +155,8 @@ var errCorrupt = tier.ErrCorrupt
 
 // forgetLocked forgets the block a Get found gone or corrupt, if the index still holds that
 // same block (not one a later Put stored under the key). The caller holds mu.
-func (s *Store) forgetLocked(ns prefix.Namespace, k prefix.Key, gen uint64) {
-	if e := s.index[ikey{ns, k}]; e != nil && e.gen == gen && !e.pending {
+func (s *Store) forgetLocked(e *entry) {
+	if s.index[e.k] == e {
 		s.removeLocked(e)
 	}
 }

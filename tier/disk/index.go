@@ -16,8 +16,8 @@ type entry struct {
 	k          ikey
 	path       string // the block's file
 	size       uint64 // the file's bytes: header, data and padding
-	gen        uint64 // tells a block apart from a later one stored under the same key
 	pending    bool
+	readers    int    // Gets reading the file now: a removed file they read is not reused
 	prev, next *entry // LRU order, most recent after the root; nil while pending
 }
 

@@ -19,10 +19,10 @@ type putTx struct {
 }
 
 type putItem struct {
-	b     int    // index into blocks
-	e     *entry // its pending entry, whose path is the file's final name
-	spare string // the spare file it overwrites, or "" for a new file
-	stage int    // 0: no file yet, 1: under the temporary name, 2: under the final name
+	b       int    // index into blocks
+	e       *entry // its pending entry, whose path is the file's final name
+	spare   string // the spare file it overwrites, or "" for a new file
+	renamed bool   // its file is under its final name
 }
 
 // Put stores blocks, each in its own file, skipping those the store holds or another Put is
@@ -86,8 +86,7 @@ func (s *Store) reserve(blocks []tier.Block) *putTx {
 			}
 			continue
 		}
-		s.gen++
-		e := &entry{k: k, path: s.blockPath(b.NS, b.Key), size: uint64(recordSize(b.NS, s.blockBytes)), gen: s.gen, pending: true}
+		e := &entry{k: k, path: s.blockPath(b.NS, b.Key), size: uint64(recordSize(b.NS, s.blockBytes)), pending: true}
 		s.index[k] = e
 		tx.items = append(tx.items, putItem{b: i, e: e, spare: s.takeSpareLocked(e.size)})
 	}
@@ -117,28 +116,22 @@ func (tx *putTx) write(ctx context.Context) error {
 	}
 	for i := range tx.items {
 		it := &tx.items[i]
-		if err := tx.s.io.rename(it.e.path+tmpSuffix, it.e.path); err != nil {
+		if err := tx.s.io.rename(it.from(), it.e.path); err != nil {
 			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 		}
-		it.stage = 2
+		it.renamed = true
 	}
 	return nil
 }
 
-// writeOne encodes one block into an aligned buffer, pads it and writes its temporary file: a
-// spare file renamed to the temporary name, or a new one.
+// writeOne encodes one block into an aligned buffer, pads it and writes it: over a spare file,
+// in place, or into a new file under the temporary name. Neither is a block's final name, so a
+// crash leaves no half block under one.
 func (tx *putTx) writeOne(ctx context.Context, it *putItem) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 	s := tx.s
-	tmp := it.e.path + tmpSuffix
-	if it.spare != "" {
-		if err := s.io.rename(it.spare, tmp); err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
-		}
-		it.stage = 1
-	}
 	buf := s.getBuf(int(it.e.size))
 	defer s.putBuf(buf)
 	rec := (*buf)[:it.e.size]
@@ -147,11 +140,18 @@ func (tx *putTx) writeOne(ctx context.Context, it *putItem) error {
 		return err // checkPut has bounded the salt: not reached
 	}
 	clear(rec[len(enc):])
-	if err := s.io.write(tmp, rec, it.spare != ""); err != nil {
+	if err := s.io.write(it.from(), rec, it.spare != ""); err != nil {
 		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
 	}
-	it.stage = 1
 	return nil
+}
+
+// from returns where the item's file is written before it is renamed to its final name.
+func (it *putItem) from() string {
+	if it.spare != "" {
+		return it.spare
+	}
+	return it.e.path + tmpSuffix
 }
 
 // rollback returns the Put's spare files to the pool under their old names, deletes the new
@@ -160,14 +160,14 @@ func (tx *putTx) rollback() {
 	s := tx.s
 	var back []spare
 	for _, it := range tx.items {
-		cur := it.e.path + tmpSuffix
-		if it.stage == 2 {
+		cur := it.from()
+		if it.renamed {
 			cur = it.e.path
 		}
 		switch {
 		case it.spare == "":
 			_ = s.io.remove(cur) // a leftover is found by the next Open
-		case it.stage == 0 || s.io.rename(cur, it.spare) == nil:
+		case !it.renamed || s.io.rename(cur, it.spare) == nil:
 			back = append(back, spare{it.spare, it.e.size})
 		default:
 			_ = s.io.remove(cur)

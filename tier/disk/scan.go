@@ -56,8 +56,6 @@ func (s *Store) scan() error {
 	}
 	slices.SortFunc(kept, func(a, b found) int { return cmp.Compare(a.mtime, b.mtime) })
 	for _, f := range kept {
-		s.gen++
-		f.e.gen = s.gen
 		s.index[f.e.k] = f.e
 		s.order.pushFront(f.e)
 		s.st.Blocks++
