@@ -48,15 +48,15 @@ func recordSize(ns prefix.Namespace, blockBytes int) int {
 func (o Options) validate(dir string) error {
 	switch {
 	case dir == "":
-		return &OptionError{Option: "dir", Reason: "is empty"}
+		return &ArgumentError{Name: "dir", Reason: "is empty"}
 	case o.BlockBytes < 1 || o.BlockBytes > MaxBlockBytes:
-		return &OptionError{Option: "BlockBytes", Value: int64(o.BlockBytes), Min: 1, Max: MaxBlockBytes}
+		return &ArgumentError{Name: "BlockBytes", Value: int64(o.BlockBytes), Min: 1, Max: MaxBlockBytes}
 	case o.LimitBytes < uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
-		return &OptionError{Option: "LimitBytes", Value: int64(o.LimitBytes), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
+		return &ArgumentError{Name: "LimitBytes", Value: int64(o.LimitBytes), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
 	case o.SpareBytes > o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
-		return &OptionError{Option: "SpareBytes", Value: int64(min(o.SpareBytes, math.MaxInt64)), Max: int64(min(o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)), math.MaxInt64))}
+		return &ArgumentError{Name: "SpareBytes", Value: int64(min(o.SpareBytes, math.MaxInt64)), Max: int64(min(o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)), math.MaxInt64))}
 	case o.Mode < ModeAuto || o.Mode > ModeBuffered:
-		return &OptionError{Option: "Mode", Value: int64(o.Mode), Min: int64(ModeAuto), Max: int64(ModeBuffered)}
+		return &ArgumentError{Name: "Mode", Value: int64(o.Mode), Min: int64(ModeAuto), Max: int64(ModeBuffered)}
 	}
 	return nil
 }
@@ -191,6 +191,13 @@ func (s *Store) blockPath(ns prefix.Namespace, k prefix.Key) string {
 	return s.dir + "/" + hex.EncodeToString(k[:1]) + "/" + nsHash(ns) + "-" + k.String()
 }
 
+// made reports a Store made by Open. Every method checks it first, so a nil or zero Store gets
+// an error (or zero Stats), never a panic.
+func (s *Store) made() bool { return s != nil && s.index != nil }
+
+// errNotMade is the cause of every call on a nil or zero Store.
+var errNotMade = &ArgumentError{Name: "store", Reason: "nil, or not made by Open"}
+
 // enter admits a call unless the store is closed; the caller defers s.calls.Done.
 func (s *Store) enter() error {
 	s.mu.Lock()
@@ -217,7 +224,7 @@ func ctxErr(ctx context.Context) error {
 	return nil
 }
 
-var errNilContext = &OptionError{Option: "ctx", Reason: "is nil"}
+var errNilContext = &ArgumentError{Name: "ctx", Reason: "is nil"}
 
 // removeLocked forgets a committed entry and moves its file into the spare pool, to be reused
 // or deleted by settleSpaceLocked; a file a Get reads now goes straight to reap instead, so that
@@ -263,6 +270,9 @@ func (s *Store) reap() {
 // Has returns the length of the leading run of keys the store holds in namespace ns, and marks
 // them recently used. It reads no file.
 func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) (int, error) {
+	if !s.made() {
+		return 0, fmt.Errorf("disk: has: %w", errNotMade)
+	}
 	if ctx == nil {
 		return 0, fmt.Errorf("disk: has: %w", errNilContext)
 	}
@@ -289,6 +299,9 @@ func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key)
 // Drop removes the keys' blocks in namespace ns and deletes their files; keys it does not hold,
 // or that a Put is writing now, are ignored.
 func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) error {
+	if !s.made() {
+		return fmt.Errorf("disk: drop: %w", errNotMade)
+	}
 	if ctx == nil {
 		return fmt.Errorf("disk: drop: %w", errNilContext)
 	}
@@ -308,8 +321,11 @@ func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key
 	return nil
 }
 
-// Stats returns the store's counters since Open.
+// Stats returns the store's counters since Open (zero for a nil Store).
 func (s *Store) Stats() tier.Stats {
+	if !s.made() {
+		return tier.Stats{}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.st
@@ -317,6 +333,9 @@ func (s *Store) Stats() tier.Stats {
 
 // DiskStats returns the counters the disk store keeps beside Stats, and its I/O mode.
 func (s *Store) DiskStats() DiskStats {
+	if !s.made() {
+		return DiskStats{}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.ds
@@ -325,6 +344,9 @@ func (s *Store) DiskStats() DiskStats {
 // Close waits for the calls in flight, then releases the directory. Later calls return
 // tier.ErrClosed; the files stay for the next Open.
 func (s *Store) Close() error {
+	if !s.made() {
+		return fmt.Errorf("disk: close: %w", errNotMade)
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()

@@ -220,6 +220,15 @@ func TestNeverFitsIsRefused(t *testing.T) {
 	n, err := s.Has(ctx, prefix.Namespace{}, keysOf(bs))
 	require.NoError(t, err)
 	assert.Equal(t, 2, n, "a refused Put keeps what the store had")
+
+	// Spare files take their share of the limit.
+	o := opts(4)
+	o.SpareBytes = 2 * record
+	s2 := open(t, t.TempDir(), o)
+	defer s2.Close()
+	require.ErrorAs(t, s2.Put(ctx, bs), &fe)
+	assert.Equal(t, uint64(2*record), fe.Limit)
+	require.NoError(t, s2.Put(ctx, bs[:2]))
 }
 
 func TestWarmRestart(t *testing.T) {
@@ -389,10 +398,10 @@ func TestOptionsAreChecked(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			s, err := disk.Open(c.dir, c.o)
 			require.Nil(t, s)
-			var oe *disk.OptionError
+			var oe *disk.ArgumentError
 			require.ErrorAs(t, err, &oe)
 			require.ErrorIs(t, err, tier.ErrInvalidArgument)
-			assert.Equal(t, c.option, oe.Option)
+			assert.Equal(t, c.option, oe.Name)
 		})
 	}
 	s, err := disk.Open(dir, disk.Options{BlockBytes: blockBytes, LimitBytes: math.MaxUint64})
@@ -475,6 +484,21 @@ func TestBadCallsChangeNothing(t *testing.T) {
 	_, err = s.Has(ctx, ns, keys)
 	require.ErrorIs(t, err, tier.ErrClosed)
 	require.ErrorIs(t, s.Drop(ctx, ns, keys), tier.ErrClosed)
+}
+
+func TestNilStoreIsAnError(t *testing.T) {
+	ctx := context.Background()
+	for _, s := range []*disk.Store{nil, {}} {
+		require.ErrorIs(t, s.Put(ctx, chain(prefix.Namespace{}, 1, 20)), tier.ErrInvalidArgument)
+		_, err := s.Get(ctx, prefix.Namespace{}, nil, nil)
+		require.ErrorIs(t, err, tier.ErrInvalidArgument)
+		_, err = s.Has(ctx, prefix.Namespace{}, nil)
+		require.ErrorIs(t, err, tier.ErrInvalidArgument)
+		require.ErrorIs(t, s.Drop(ctx, prefix.Namespace{}, nil), tier.ErrInvalidArgument)
+		require.ErrorIs(t, s.Close(), tier.ErrInvalidArgument)
+		assert.Equal(t, tier.Stats{}, s.Stats())
+		assert.Equal(t, disk.DiskStats{}, s.DiskStats())
+	}
 }
 
 func TestOneStorePerDirectory(t *testing.T) {

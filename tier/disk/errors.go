@@ -17,30 +17,31 @@ var (
 	ErrLocked = fmt.Errorf("%w: directory held by another store", tier.ErrUnavailable)
 )
 
-// OptionError reports an Options field out of its range; it matches ErrInvalidArgument.
-type OptionError struct {
-	Option   string // the field: "BlockBytes", "LimitBytes", "Mode"
+// ArgumentError reports an argument out of its range, an Options field or a call's; it matches
+// ErrInvalidArgument.
+type ArgumentError struct {
+	Name     string // the argument: "BlockBytes", "LimitBytes", "ctx", "len(dst)", ...
 	Value    int64  // the value given
-	Min, Max int64  // the range the field takes, both inclusive; Max 0 for none
+	Min, Max int64  // the range it takes, both inclusive; Max 0 above a Min of 1 or more: none
 	Reason   string // set where no range applies: "is empty"
 }
 
-// Error describes the field, its value and its range.
-func (e *OptionError) Error() string {
+// Error describes the argument, its value and its range.
+func (e *ArgumentError) Error() string {
 	if e == nil {
 		return "<nil>"
 	}
 	if e.Reason != "" {
-		return fmt.Sprintf("invalid argument: %s: %s", e.Option, e.Reason)
+		return fmt.Sprintf("invalid argument: %s: %s", e.Name, e.Reason)
 	}
-	if e.Max == 0 {
-		return fmt.Sprintf("invalid argument: %s %d, want at least %d", e.Option, e.Value, e.Min)
+	if e.Max == 0 && e.Min > 0 {
+		return fmt.Sprintf("invalid argument: %s %d, want at least %d", e.Name, e.Value, e.Min)
 	}
-	return fmt.Sprintf("invalid argument: %s %d, want %d to %d", e.Option, e.Value, e.Min, e.Max)
+	return fmt.Sprintf("invalid argument: %s %d, want %d to %d", e.Name, e.Value, e.Min, e.Max)
 }
 
 // Is reports whether target is ErrInvalidArgument.
-func (e *OptionError) Is(target error) bool { return e != nil && target == tier.ErrInvalidArgument }
+func (e *ArgumentError) Is(target error) bool { return e != nil && target == tier.ErrInvalidArgument }
 
 // SizeError reports a block of the wrong size: a Put's Data or a Get's dst entry whose length
 // is not Options.BlockBytes. It matches ErrInvalidArgument.
@@ -67,7 +68,7 @@ func (e *SizeError) Is(target error) bool { return e != nil && target == tier.Er
 type FitError struct {
 	Blocks int
 	Need   uint64
-	Limit  uint64 // Options.LimitBytes
+	Limit  uint64 // the room for blocks: Options.LimitBytes less Options.SpareBytes
 }
 
 // Error describes the request and the bound.

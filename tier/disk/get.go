@@ -110,11 +110,14 @@ func (s *Store) settle(ns prefix.Namespace, keys []prefix.Key, reads []getRead) 
 
 // checkGet validates a Get's arguments; it changes nothing.
 func (s *Store) checkGet(ctx context.Context, keys []prefix.Key, dst [][]byte) error {
+	if !s.made() {
+		return errNotMade
+	}
 	if ctx == nil {
 		return errNilContext
 	}
 	if len(dst) < len(keys) {
-		return &OptionError{Option: "len(dst)", Value: int64(len(dst)), Min: int64(len(keys)), Reason: fmt.Sprintf("%d slices for %d keys", len(dst), len(keys))}
+		return &ArgumentError{Name: "len(dst)", Value: int64(len(dst)), Min: int64(len(keys)), Reason: fmt.Sprintf("%d slices for %d keys", len(dst), len(keys))}
 	}
 	for i := range keys {
 		if len(dst[i]) != s.blockBytes {

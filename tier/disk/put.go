@@ -53,6 +53,9 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 
 // checkPut validates a Put's arguments; it changes nothing.
 func (s *Store) checkPut(ctx context.Context, blocks []tier.Block) error {
+	if !s.made() {
+		return errNotMade
+	}
 	if ctx == nil {
 		return errNilContext
 	}
@@ -62,12 +65,12 @@ func (s *Store) checkPut(ctx context.Context, blocks []tier.Block) error {
 			return &SizeError{What: "block", Index: i, Len: len(b.Data), Want: s.blockBytes}
 		}
 		if len(b.NS.Salt) > tier.MaxSalt {
-			return &OptionError{Option: "salt length", Value: int64(len(b.NS.Salt)), Min: 0, Max: tier.MaxSalt}
+			return &ArgumentError{Name: "salt length", Value: int64(len(b.NS.Salt)), Min: 0, Max: tier.MaxSalt}
 		}
 		need += uint64(recordSize(b.NS, s.blockBytes))
 	}
-	if need > s.limit {
-		return &FitError{Blocks: len(blocks), Need: need, Limit: s.limit}
+	if room := s.limit - s.spareTarget; need > room {
+		return &FitError{Blocks: len(blocks), Need: need, Limit: room}
 	}
 	return nil
 }
