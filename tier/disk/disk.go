@@ -254,6 +254,9 @@ func (s *Store) reap() {
 	doomed := s.doomed
 	s.doomed = nil
 	s.mu.Unlock()
+	if len(doomed) == 0 {
+		return
+	}
 	var failed atomic.Uint64
 	parallel(len(doomed), func(i int) {
 		if s.io.remove(doomed[i]) != nil {
