@@ -26,10 +26,11 @@ type putItem struct {
 }
 
 // Put stores blocks, each in its own file, skipping those the store holds or another Put is
-// writing. It writes every file first under a temporary name, then renames them all, then
-// commits them to the index and evicts the least recently used blocks over the limit. A
-// failure (an I/O error, ctx done) removes every file of this Put and leaves the index as it
-// was.
+// writing. It writes every block over a spare file or into a new temporary file, up to
+// ioWorkers at once, then renames them all to the blocks' names, then commits them to the index
+// and evicts the least recently used blocks over the limit. A failure (an I/O error, ctx done)
+// gives back the spare files it took, under their names, deletes the files it made and leaves
+// the index as it was. The caller keeps blocks; the store copies their bytes.
 func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 	if err := s.checkPut(ctx, blocks); err != nil {
 		return fmt.Errorf("disk: put: %w", err)
@@ -96,8 +97,8 @@ func (s *Store) reserve(blocks []tier.Block) *putTx {
 	return tx
 }
 
-// write makes every item's file, up to ioWorkers at once, each under a temporary name; then it
-// renames them all.
+// write makes every item's file, up to ioWorkers at once, each under a name that is not a
+// block's; then it renames them all.
 func (tx *putTx) write(ctx context.Context) error {
 	var mu sync.Mutex
 	var first error
