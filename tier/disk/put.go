@@ -97,9 +97,24 @@ func (s *Store) reserve(blocks []tier.Block) *putTx {
 	return tx
 }
 
-// write makes every item's file, up to ioWorkers at once, each under a name that is not a
-// block's; then it renames them all.
+// write makes every item's file under a name that is not a block's, then renames them all to
+// their blocks' names.
 func (tx *putTx) write(ctx context.Context) error {
+	if err := tx.each(func(it *putItem) error { return tx.writeOne(ctx, it) }); err != nil {
+		return err
+	}
+	return tx.each(func(it *putItem) error {
+		if err := tx.s.io.rename(it.from(), it.e.path); err != nil {
+			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		}
+		it.renamed = true
+		return nil
+	})
+}
+
+// each calls f for every item, up to ioWorkers at once, and returns the first error. After an
+// error it starts no more calls.
+func (tx *putTx) each(f func(*putItem) error) error {
 	var mu sync.Mutex
 	var first error
 	parallel(len(tx.items), func(i int) {
@@ -109,23 +124,13 @@ func (tx *putTx) write(ctx context.Context) error {
 		if stop {
 			return
 		}
-		if err := tx.writeOne(ctx, &tx.items[i]); err != nil {
+		if err := f(&tx.items[i]); err != nil {
 			mu.Lock()
 			first = cmp.Or(first, err)
 			mu.Unlock()
 		}
 	})
-	if first != nil {
-		return first
-	}
-	for i := range tx.items {
-		it := &tx.items[i]
-		if err := tx.s.io.rename(it.from(), it.e.path); err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
-		}
-		it.renamed = true
-	}
-	return nil
+	return first
 }
 
 // writeOne encodes one block into an aligned buffer, pads it and writes it: over a spare file,
