@@ -10,8 +10,8 @@ import (
 // The host prefix cache (Config.HostPrefixCache) keeps cached blocks' content in the host tier
 // as well, so that the device cache's evictions lose nothing the host has room for:
 //
-//   - Write-back on release: when FreeSequence leaves a keyed sequence's cached blocks idle, the
-//     ones the host does not hold yet are copied to host blocks (free ones, else the host
+//   - Write-back on release: when FreeSequence releases a keyed sequence, its cached blocks
+//     that the host does not hold yet (idle now, or still shared) are copied to host blocks (free ones, else the host
 //     cache's least recently used) with one launch on the legacy default stream (stream 0), so
 //     the copy runs after the runtime's kernels that wrote them on blocking streams. Evicting
 //     a device block later costs no copy; it only waits for the last write-back if that is
@@ -47,8 +47,11 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		if m.host.has(b) { // swapped out: its copy on the host is freed
 			continue
 		}
+		// A cached block is full and never written again, so one still held by other
+		// sequences (a shared system prompt) is copied too: a prompt every running request
+		// shares would otherwise never reach the host, nor the tiers below it.
 		e := m.arena.entry(b)
-		if e == nil || !e.Idle() || e.Key != k || m.host.cache.Get(k) != nil {
+		if e == nil || e.Key != k || m.host.cache.Get(k) != nil {
 			continue
 		}
 		sc.pairs = append(sc.pairs, int64(b), 0)
@@ -74,8 +77,8 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		k, h := s.Keys[sc.at[j]], m.host.taken[j]
 		if m.tiers == nil {
 			m.host.store(k, h)
-		} else if e := m.host.cache.Add(k, h); !m.demote(s, int(sc.at[j]), e) {
-			m.host.cache.Release(e)
+		} else {
+			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
 	}
 	for j := 0; j < n; { // one BlockStored event for each run of consecutive blocks

@@ -27,7 +27,6 @@ type TierStats struct {
 	HitTokens uint64 // prompt tokens StartSequence found here (brought back through the host tier)
 	Stored    uint64 // blocks written to it
 	Failures  uint64 // calls that failed or passed TierTimeout: counted as misses, never as errors
-	Dropped   uint64 // blocks not written because the write-behind queue was full
 	Store     tier.Stats
 }
 
@@ -36,8 +35,7 @@ type TierStats struct {
 //   - Write-behind: writeBack hands each block it copies to the host to the tier goroutine,
 //     holding its host entry so that nothing reuses the host block meanwhile. The goroutine
 //     waits for the copy, reads the host block, lets the entry go and puts the block in every
-//     tier, outside the manager's lock. A full queue drops the block (TierStats.Dropped): the
-//     append path never waits for a tier.
+//     tier, outside the manager's lock: the append path never waits for a tier.
 //   - Fetch on a miss: StartSequence, before it takes the lock for the lookup, asks the tiers in
 //     order for the prompt's blocks that neither the device nor the host holds, each call
 //     bounded by TierTimeout, and writes what they return into host blocks of the host prefix
@@ -45,8 +43,10 @@ type TierStats struct {
 //
 // A tier that is down, slow or full costs a miss, counted in TierStats.Failures, never an
 // error of the manager's call.
-const tierQueue = 64 // blocks waiting for the tier goroutine at most
-
+//
+// The blocks waiting for the tier goroutine hold host blocks: the host tier is the staging
+// buffer. When the tiers fall behind, the host blocks they hold are not available to later
+// write-backs (which copy fewer blocks) nor to swaps: back-pressure, never a block dropped.
 // tierState is what a manager keeps for its tiers (nil without).
 type tierState struct {
 	tiers []Tier
@@ -167,17 +167,10 @@ func (m *Manager) stopTiers() {
 	m.mu.Unlock()
 }
 
-// demote queues a block writeBack just copied to host block e.Block for the tiers, holding e;
-// it reports false (and counts the drop) when the queue is full, and then e is not held. The
-// lock is held.
-func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) bool {
+// demote queues a block writeBack just copied to host block e.Block for the tiers, holding e.
+// The lock is held.
+func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) {
 	t := m.tiers
-	if len(t.queue) == tierQueue {
-		for j := range t.counters {
-			t.counters[j].Dropped++
-		}
-		return false
-	}
 	parent := s.Root
 	if i > 0 {
 		parent = s.Keys[i-1]
@@ -190,7 +183,6 @@ func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) bool {
 	case t.wake <- struct{}{}:
 	default:
 	}
-	return true
 }
 
 // tierLoop writes the queued blocks to the tiers until stopped.
@@ -282,20 +274,26 @@ func (m *Manager) writeTiers(batch []demotion) {
 		return
 	}
 	for i, tr := range t.tiers {
-		err := m.tierCall(func(ctx context.Context) error { return tr.Store.Put(ctx, t.out) })
-		m.mu.Lock()
-		if err != nil {
-			t.counters[i].Failures++
-		} else {
-			t.counters[i].Stored += uint64(len(t.out))
-			for j := range t.out {
-				m.emitTierStored(batch[j], tr.Medium)
+		for from := 0; from < len(t.out); from += tierPut {
+			to := min(from+tierPut, len(t.out))
+			err := m.tierCall(func(ctx context.Context) error { return tr.Store.Put(ctx, t.out[from:to]) })
+			m.mu.Lock()
+			if err != nil {
+				t.counters[i].Failures++
+			} else {
+				t.counters[i].Stored += uint64(to - from)
+				for j := from; j < to; j++ {
+					m.emitTierStored(batch[j], tr.Medium)
+				}
+				m.publish()
 			}
-			m.publish()
+			m.mu.Unlock()
 		}
-		m.mu.Unlock()
 	}
 }
+
+// tierPut is how many blocks one Put carries: each call has TierTimeout to finish.
+const tierPut = 16
 
 // emitTierStored queues a BlockStored event for block d written to a tier. The event has no
 // token ids: the tier goroutine no longer has them (routers key by block hash).

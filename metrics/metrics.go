@@ -202,7 +202,6 @@ var (
 	}{
 		{prometheus.NewDesc("pagedkv_tier_stored_blocks_total", "Blocks written to a store below the host tier.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Stored) }},
 		{prometheus.NewDesc("pagedkv_tier_failures_total", "Calls to a store below the host tier that failed or timed out (each a miss).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Failures) }},
-		{prometheus.NewDesc("pagedkv_tier_dropped_blocks_total", "Blocks not written to a store below the host tier: its write-behind queue was full.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Dropped) }},
 		{prometheus.NewDesc("pagedkv_tier_corrupt_blocks_total", "Blocks a store below the host tier dropped because a check failed (checksum, header, another model).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Store.Corrupt) }},
 	}
 )

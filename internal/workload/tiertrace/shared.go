@@ -54,7 +54,6 @@ func Shared(n int, addrs []string, cluster bool, seed uint64) (chattrace.Result,
 			sum.HitTokens += t.HitTokens
 			sum.Stored += t.Stored
 			sum.Failures += t.Failures
-			sum.Dropped += t.Dropped
 			sum.Store.Corrupt += t.Store.Corrupt
 		}
 		if err := r.M.Verify(); err != nil {

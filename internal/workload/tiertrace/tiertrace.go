@@ -18,20 +18,20 @@ import (
 )
 
 // Config is the geometry of the experiments: small blocks (16 tokens of one layer and one
-// head of 16, 1 KiB), a device arena of 8,192 blocks (the running conversations need up to about
-// 6,500), a host tier of 2,048; the tiers hold the
-// rest.
+// head of 16, 1 KiB), a device arena of 16,384 blocks (the conversations of Trace need up to
+// about 13,000 at its end), a host tier of 2,048; the tiers hold the rest.
 func Config() kvcache.Config {
 	return kvcache.Config{Layers: 1, KVHeads: 1, HeadDim: 16, ElemSize: 2, BlockTokens: 16,
-		PageSize: 64 << 10, Capacity: 1 << 30, MemoryLimit: 128 * (64 << 10),
+		PageSize: 64 << 10, Capacity: 1 << 30, MemoryLimit: 256 * (64 << 10),
 		HostBlocks: 2048, HostPrefixCache: true}
 }
 
-// Trace is the chat trace of the experiments: 240 conversations of 3-6 turns over 8 system
-// prompts of 300-1,200 tokens, 32 at once.
+// Trace is the chat trace of the experiments: 64 conversations, all running from the start, of
+// 8-12 turns over 8 system prompts of 300-1,200 tokens, so that half-way every conversation
+// has a long history: a process started again without it recomputes each one once.
 func Trace() chattrace.Options {
-	return chattrace.Options{Conversations: 240, Concurrent: 32, SystemPrompts: 8, MinSystem: 300, MaxSystem: 1200,
-		MinTurns: 3, MaxTurns: 6, MinUser: 30, MaxUser: 200, MinAnswer: 50, MaxAnswer: 200, Seed: 7}
+	return chattrace.Options{Conversations: 64, Concurrent: 64, SystemPrompts: 8, MinSystem: 300, MaxSystem: 1200,
+		MinTurns: 8, MaxTurns: 12, MinUser: 30, MaxUser: 200, MinAnswer: 50, MaxAnswer: 200, Seed: 7}
 }
 
 // Replica is a manager on a host device of its own, its tiers borrowed.
