@@ -9,16 +9,25 @@ import (
 	"github.com/pagedkv/pagedkv/tier/redis"
 )
 
-// Shared replays Trace on n replicas with requests routed at random (Seed), each with a cluster
-// tier on the Redis servers at addrs (none when addrs is empty; Redis Cluster with cluster),
-// each replica with a client of its own as separate processes would, and returns what the
-// trace saw, with the replicas' tier counters added up. Each replica writes its tier's queue
-// when a request ends (Checked.Sync).
-func Shared(n int, addrs []string, cluster bool, seed uint64) (chattrace.Result, kvcache.TierStats, error) {
+// Fleet is a set of replicas sharing a cluster tier.
+type Fleet struct {
+	Replicas int
+	Addrs    []string // the Redis servers; none: no cluster tier
+	Cluster  bool     // Redis Cluster
+	Seed     uint64   // of the routing
+	Before   func(started int)
+}
+
+// Shared replays Trace on f's replicas with requests routed at random, each with a cluster
+// tier on f's Redis servers and a client of its own, as separate processes would, and returns
+// what the trace saw, with the replicas' tier counters added up. Each replica writes its tier's
+// queue when a request ends (Checked.Sync).
+func Shared(f Fleet) (chattrace.Result, kvcache.TierStats, error) {
 	var res chattrace.Result
 	var sum kvcache.TierStats
+	n, addrs, cluster := f.Replicas, f.Addrs, f.Cluster
 	cfg := Config()
-	c := &Checked{Sync: len(addrs) > 0, Seed: seed}
+	c := &Checked{Sync: len(addrs) > 0, Seed: f.Seed, Before: f.Before}
 	var stores []*redis.Store
 	defer func() {
 		for _, r := range c.Replicas {

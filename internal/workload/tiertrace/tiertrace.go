@@ -74,11 +74,15 @@ type Checked struct {
 	// the answer, and a router does not hand it to another replica sooner.
 	Sync bool
 	Seed uint64
+	// Before, when set, is called before each request starts, with the requests started
+	// before it: where a test injects faults.
+	Before func(started int)
 
-	rng   *rand.Rand
-	route map[uint64]*Replica
-	slots []int64
-	buf   [8]byte
+	started int
+	rng     *rand.Rand
+	route   map[uint64]*Replica
+	slots   []int64
+	buf     [8]byte
 }
 
 func (c *Checked) of(id uint64) *Replica {
@@ -95,6 +99,10 @@ func (c *Checked) of(id uint64) *Replica {
 
 // Start implements chattrace.Cache.
 func (c *Checked) Start(id uint64, p []prefix.Token) (int, error) {
+	if c.Before != nil {
+		c.Before(c.started)
+	}
+	c.started++
 	r := c.of(id)
 	hit, err := r.M.StartSequence(kvcache.SeqID(id), kvcache.Prompt{Tokens: p})
 	if err != nil || hit == 0 {

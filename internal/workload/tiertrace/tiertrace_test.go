@@ -16,12 +16,12 @@ import (
 // read back intact; without the cluster tier they serve fewer.
 func TestSharedRedis(t *testing.T) {
 	srv := redistest.Start(t)
-	one, _, err := Shared(1, []string{srv.Addr}, false, 1)
+	one, _, err := Shared(Fleet{Replicas: 1, Addrs: []string{srv.Addr}, Seed: 1})
 	require.NoError(t, err)
 	srv.Do("FLUSHALL")
-	two, tiers, err := Shared(2, []string{srv.Addr}, false, 1)
+	two, tiers, err := Shared(Fleet{Replicas: 2, Addrs: []string{srv.Addr}, Seed: 1})
 	require.NoError(t, err)
-	alone, _, err := Shared(2, nil, false, 1)
+	alone, _, err := Shared(Fleet{Replicas: 2, Seed: 1})
 	require.NoError(t, err)
 	t.Logf("hit rate: one replica %.3f, two on Redis %.3f (%d tokens from Redis), two without %.3f; tier %+v",
 		one.HitRate(), two.HitRate(), tiers.HitTokens, alone.HitRate(), tiers)
@@ -50,4 +50,33 @@ func TestWarmRestart(t *testing.T) {
 	require.Equal(t, never.QueryTokens, again.QueryTokens, "the same requests")
 	assert.GreaterOrEqual(t, again.HitRate(), 0.95*never.HitRate())
 	assert.Less(t, cold.HitRate(), again.HitRate())
+}
+
+// Faults of the cluster tier leave the replicas correct, every hit's K/V read back intact, with
+// the faults counted: Redis full (a small maxmemory, evicting), killed mid-run and started
+// again, every stored value corrupted; and a 3-node Redis Cluster serves like one node.
+func TestSharedRedisFaults(t *testing.T) {
+	srv := redistest.Start(t, "--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
+	res, tiers, err := Shared(Fleet{Replicas: 2, Addrs: []string{srv.Addr}, Seed: 2, Before: func(started int) {
+		switch started {
+		case 150:
+			srv.Kill()
+		case 250:
+			srv.Restart()
+		case 400:
+			srv.Do("EVAL", "for _, k in ipairs(redis.call('KEYS', '*')) do redis.call('SETRANGE', k, 100, 'XYZ') end return 0", "0")
+		}
+	}})
+	require.NoError(t, err, "every hit read back intact")
+	t.Logf("hit rate %.3f; tier %+v", res.HitRate(), tiers)
+	assert.Positive(t, tiers.Failures, "calls to the dead server")
+	assert.Positive(t, tiers.Store.Corrupt, "corrupt values found and dropped")
+	assert.Positive(t, tiers.HitTokens)
+
+	cluster := redistest.StartCluster(t, 3)
+	res3, tiers3, err := Shared(Fleet{Replicas: 2, Addrs: cluster.Addrs(), Cluster: true, Seed: 1})
+	require.NoError(t, err)
+	t.Logf("Redis Cluster of 3: hit rate %.3f; tier %+v", res3.HitRate(), tiers3)
+	assert.Zero(t, tiers3.Failures)
+	assert.GreaterOrEqual(t, res3.HitRate(), 0.9)
 }
