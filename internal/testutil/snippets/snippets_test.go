@@ -31,6 +31,9 @@ import (
 	_ "github.com/pagedkv/pagedkv/ledger"
 	_ "github.com/pagedkv/pagedkv/metrics"
 	_ "github.com/pagedkv/pagedkv/prefix"
+	_ "github.com/pagedkv/pagedkv/tier"
+	_ "github.com/pagedkv/pagedkv/tier/disk"
+	_ "github.com/pagedkv/pagedkv/tier/redis"
 	_ "github.com/pagedkv/pagedkv/vmm"
 	_ "github.com/prometheus/client_golang/prometheus"
 )
@@ -51,6 +54,9 @@ var imports = []string{
 	"github.com/pagedkv/pagedkv/ledger",
 	"github.com/pagedkv/pagedkv/metrics",
 	"github.com/pagedkv/pagedkv/prefix",
+	"github.com/pagedkv/pagedkv/tier",
+	"github.com/pagedkv/pagedkv/tier/disk",
+	"github.com/pagedkv/pagedkv/tier/redis",
 	"github.com/pagedkv/pagedkv/vmm",
 	"github.com/prometheus/client_golang/prometheus",
 }
