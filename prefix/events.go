@@ -74,14 +74,23 @@ type Event struct {
 
 // Feed delivers events to its subscriptions. The zero Feed is ready to use. Safe for
 // concurrent use.
+//
+// Publishing takes no lock of the feed's: the subscriptions are an immutable slice, replaced
+// whole (under mu) when one is added or closed, so that the append path pays one lock, the
+// subscription's, per call that has events.
 type Feed struct {
-	mu   sync.Mutex
-	subs []*Subscription
-	n    atomic.Int32
+	mu   sync.Mutex // serialises changes to subs
+	subs atomic.Pointer[[]*Subscription]
 }
 
 // Active reports whether anyone subscribes, so that a writer builds events only then.
-func (f *Feed) Active() bool { return f != nil && f.n.Load() > 0 }
+func (f *Feed) Active() bool {
+	if f == nil {
+		return false
+	}
+	subs := f.subs.Load()
+	return subs != nil && len(*subs) > 0
+}
 
 // Subscribe adds a subscription whose queue holds up to queue events (at least 1).
 func (f *Feed) Subscribe(queue int) (*Subscription, error) {
@@ -93,20 +102,31 @@ func (f *Feed) Subscribe(queue int) (*Subscription, error) {
 	}
 	s := &Subscription{f: f, max: queue, ready: make(chan struct{}, 1)}
 	f.mu.Lock()
-	f.subs = append(f.subs, s)
-	f.n.Store(int32(len(f.subs)))
+	f.replace(func(subs []*Subscription) []*Subscription { return append(subs, s) })
 	f.mu.Unlock()
 	return s, nil
 }
 
+// replace sets the subscriptions to edit of a copy of them; f.mu is held.
+func (f *Feed) replace(edit func([]*Subscription) []*Subscription) {
+	var cur []*Subscription
+	if p := f.subs.Load(); p != nil {
+		cur = *p
+	}
+	next := edit(append([]*Subscription(nil), cur...))
+	f.subs.Store(&next)
+}
+
 // Publish queues events, in order, on every subscription. It never blocks on a reader.
 func (f *Feed) Publish(events ...Event) {
-	if !f.Active() || len(events) == 0 {
+	if f == nil || len(events) == 0 {
 		return
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, s := range f.subs {
+	subs := f.subs.Load()
+	if subs == nil {
+		return
+	}
+	for _, s := range *subs {
 		s.push(events)
 	}
 }
@@ -117,9 +137,11 @@ func (f *Feed) Close() {
 		return
 	}
 	f.mu.Lock()
-	subs := f.subs
-	f.subs = nil
-	f.n.Store(0)
+	var subs []*Subscription
+	if p := f.subs.Load(); p != nil {
+		subs = *p
+	}
+	f.subs.Store(nil)
 	f.mu.Unlock()
 	for _, s := range subs {
 		s.close()
@@ -129,32 +151,45 @@ func (f *Feed) Close() {
 // Subscription is one reader's bounded queue of events. Policy: the writer never waits; when
 // the queue would pass its bound, the queued events are dropped and counted, and the next Read
 // returns an EventsLost event first. Safe for concurrent use.
+//
+// A writer holds the subscription's lock only to append its events; a reader holds it only to
+// take the queue whole (it copies the events out after letting go), so that a reader copying
+// a long queue never makes the append path wait. Ready is signalled when the queue stops being
+// empty: a reader that drains it on every signal misses nothing.
 type Subscription struct {
 	f      *Feed
-	mu     sync.Mutex
+	mu     sync.Mutex // guards queue, lost, closed
 	queue  []Event
 	max    int
 	lost   uint64
 	ready  chan struct{}
 	closed bool
+
+	rmu   sync.Mutex // serialises readers, which share spare
+	spare []Event    // the queue a reader handed back, emptied, for the writers to fill next
 }
 
 func (s *Subscription) push(events []Event) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return
 	}
+	signal := len(s.queue) == 0 && s.lost == 0
 	if len(s.queue)+len(events) > s.max {
 		s.lost += uint64(len(s.queue) + len(events))
 		clear(s.queue)
 		s.queue = s.queue[:0]
+		signal = true
 	} else {
 		s.queue = append(s.queue, events...)
 	}
-	select {
-	case s.ready <- struct{}{}:
-	default:
+	s.mu.Unlock()
+	if signal {
+		select {
+		case s.ready <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -175,15 +210,19 @@ func (s *Subscription) Read(dst []Event) []Event {
 	if s == nil {
 		return dst
 	}
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.lost > 0 {
-		dst = append(dst, Event{Kind: EventsLost, Lost: s.lost})
-		s.lost = 0
+	q, lost := s.queue, s.lost
+	s.queue, s.lost = s.spare[:0], 0
+	s.spare = nil
+	s.mu.Unlock()
+	if lost > 0 {
+		dst = append(dst, Event{Kind: EventsLost, Lost: lost})
 	}
-	dst = append(dst, s.queue...)
-	clear(s.queue)
-	s.queue = s.queue[:0]
+	dst = append(dst, q...)
+	clear(q)
+	s.spare = q[:0]
 	return dst
 }
 
@@ -194,13 +233,14 @@ func (s *Subscription) Close() error {
 		return fmt.Errorf("prefix: subscription: %w: nil subscription", errdefs.ErrInvalidArgument)
 	}
 	s.f.mu.Lock()
-	for i, o := range s.f.subs {
-		if o == s {
-			s.f.subs = append(s.f.subs[:i], s.f.subs[i+1:]...)
-			break
+	s.f.replace(func(subs []*Subscription) []*Subscription {
+		for i, o := range subs {
+			if o == s {
+				return append(subs[:i], subs[i+1:]...)
+			}
 		}
-	}
-	s.f.n.Store(int32(len(s.f.subs)))
+		return subs
+	})
 	s.f.mu.Unlock()
 	if !s.close() {
 		return fmt.Errorf("prefix: subscription: %w", errdefs.ErrClosed)
