@@ -24,7 +24,7 @@ var tierSizes = []int{16 << 10, 256 << 10}
 // benchTiers measures the storage tiers below the host, whatever the device: a disk store's
 // and a Redis store's Put and Get throughput against yardsticks measured in the same run.
 func benchTiers(_ vmm.Device, iters int) ([]Table, error) {
-	rounds := 15
+	rounds := 21
 	if iters == 0 {
 		rounds = 3
 	}
@@ -70,7 +70,7 @@ func benchDiskTier(rounds int) (Table, error) {
 	}
 	t := Table{
 		Title: "Disk tier: disk.Store against a sequential write and read of the same bytes",
-		Note: fmt.Sprintf("Batches of %d blocks; a round moves about 8 MiB each way. Put writes new blocks (each evicting as many, whose files the next Put overwrites); Get reads one batch. "+
+		Note: fmt.Sprintf("Batches of %d blocks; a round moves about 32 MiB each way. Put writes new blocks (each evicting as many, whose files the next Put overwrites); Get reads one batch. "+
 			"Yardstick: the same padded records written over, or read from, one preallocated file, one call per record, with the store's flags (mode). "+
 			"Rounds alternate store and yardstick; medians of %d rounds, the ratio the median of the rounds' ratios. Goal: at least 0.80. Directory: %s.", tierbench.Batch, rounds, dir),
 		Columns: tierColumns,
@@ -93,7 +93,7 @@ func benchDiskTier(rounds int) (Table, error) {
 func benchRedisTier(rounds int) (Table, error) {
 	t := Table{
 		Title: "Cluster tier: redis.Store against raw pipelined SET and GET from the same client",
-		Note: fmt.Sprintf("Batches of %d blocks, one pipeline each, on a redis-server the bench starts on loopback; a round moves about 8 MiB each way. "+
+		Note: fmt.Sprintf("Batches of %d blocks, one pipeline each, on a redis-server the bench starts on loopback; a round moves about 32 MiB each way. "+
 			"Yardstick: pipelined SETs and GETs of values as long as the encoded blocks (header and data), through the store's own go-redis client (Store.Client). "+
 			"The store adds the encoding on Put and the checks and copy on Get. Medians of %d rounds, alternating. Goal: at least 0.80.", tierbench.Batch, rounds),
 		Columns: tierColumns,

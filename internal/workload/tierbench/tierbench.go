@@ -29,7 +29,7 @@ const Batch = 16
 
 // roundBytes is about how many bytes one round moves each way: enough batches of small blocks
 // that a round takes milliseconds, not microseconds.
-const roundBytes = 8 << 20
+const roundBytes = 32 << 20
 
 // Figure is one operation's throughput against its yardstick.
 type Figure struct {
