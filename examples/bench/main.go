@@ -45,7 +45,8 @@ func main() {
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
-	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, multicalls, swap, preempt, admit, memory, events")
+	only := flag.String("only", "", "comma-separated sections to run (default all): kernels, vmm, growth, manager, churn, bursty, prefix, multi, multicalls, swap, preempt, admit, memory, events, tiers")
+	flag.StringVar(&tierDir, "tier-dir", "", "the directory the tiers section's disk store uses (default: a temporary one under $TMPDIR)")
 	quick := flag.Bool("quick", false, "fewer iterations (a smoke test, not a measurement)")
 	flag.Parse()
 	log.SetFlags(0)
@@ -81,6 +82,7 @@ func main() {
 		{"memory", benchMemory},
 		{"events", benchEvents},
 		{"admit", benchAdmit},
+		{"tiers", benchTiers},
 	}
 	for _, s := range sections {
 		if *only != "" && !strings.Contains(","+*only+",", ","+s.name+",") {

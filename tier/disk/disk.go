@@ -12,6 +12,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -111,7 +112,13 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		return nil, fmt.Errorf("disk: open: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("disk: open: %w: %w", tier.ErrUnavailable, err)
+		var pe *fs.PathError
+		if errors.As(err, &pe) && pe.Err == syscall.ENOTDIR {
+			// dir, or a directory above it, is a file: a mistake in the configuration, not a
+			// fault that may pass.
+			return nil, fmt.Errorf("disk: open: %w", &ArgumentError{Name: "dir", Reason: pe.Path + " is a file, not a directory"})
+		}
+		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
 	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareTarget: opt.SpareBytes, lockFD: -1}
 	s.index = make(map[ikey]*entry)
@@ -137,7 +144,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 func (s *Store) lock() error {
 	fd, err := unix.Open(s.dir+"/"+lockName, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o644)
 	if err != nil {
-		return fmt.Errorf("%w: %w", tier.ErrUnavailable, &fs.PathError{Op: "open", Path: lockName, Err: err})
+		return ioError(&fs.PathError{Op: "open", Path: lockName, Err: err})
 	}
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		_ = unix.Close(fd)
@@ -155,7 +162,7 @@ func (s *Store) pickMode(m Mode, wrap func(fileIO) fileIO) error {
 	if m == ModeAuto || m == ModeDirect {
 		ok, err := probeDirect(s.dir)
 		if err != nil {
-			return fmt.Errorf("%w: probe O_DIRECT: %w", tier.ErrUnavailable, err)
+			return fmt.Errorf("probe O_DIRECT: %w", ioError(err))
 		}
 		if m == ModeDirect && !ok {
 			return fmt.Errorf("%w: O_DIRECT refused by the filesystem", ErrNotSupported)

@@ -2,6 +2,7 @@ package disk_test
 
 import (
 	"context"
+	"fmt"
 	"io/fs"
 	"math"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -513,13 +515,23 @@ func TestOneStorePerDirectory(t *testing.T) {
 }
 
 // A Put whose write or rename fails leaves the index and the directory exactly as before, the
-// spare files it overwrote included (under their names; their bytes are not kept).
+// spare files it overwrote included (under their names; their bytes are not kept). A full disk
+// or a read-only one is such a failure, with its own sentinel and its errno in the chain.
 func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	for _, c := range []struct {
-		op string
-		n  int
-	}{{"write", 1}, {"write", 2}, {"write", 3}, {"rename", 1}, {"rename", 2}, {"rename", 3}} {
-		t.Run(c.op+"-"+string(rune('0'+c.n)), func(t *testing.T) {
+		op    string
+		n     int
+		errno syscall.Errno // 0: disk.ErrFault
+		want  error
+	}{
+		{"write", 1, 0, disk.ErrFault}, {"write", 2, 0, disk.ErrFault}, {"write", 3, 0, disk.ErrFault},
+		{"rename", 1, 0, disk.ErrFault}, {"rename", 2, 0, disk.ErrFault}, {"rename", 3, 0, disk.ErrFault},
+		{"write", 1, syscall.ENOSPC, disk.ErrNoSpace}, {"write", 3, syscall.ENOSPC, disk.ErrNoSpace},
+		{"write", 2, syscall.EDQUOT, disk.ErrNoSpace},
+		{"write", 1, syscall.EROFS, disk.ErrReadOnly}, {"write", 3, syscall.EACCES, disk.ErrReadOnly},
+		{"rename", 2, syscall.EROFS, disk.ErrReadOnly},
+	} {
+		t.Run(fmt.Sprintf("%s-%d-%v", c.op, c.n, c.want), func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
 			o := opts(6)
@@ -536,9 +548,16 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 			filesBefore, _ := blockFiles(t, dir)
 			sparesBefore, _ := spareFiles(t, dir)
 
-			fault.Arm(c.op, c.n, "")
+			if c.errno == 0 {
+				fault.Arm(c.op, c.n, "")
+			} else {
+				fault.ArmErrno(c.op, c.n, "", c.errno)
+			}
 			err = s.Put(ctx, chain(ns, 3, 14)) // 2 into spare files, 1 new; would evict 3
-			require.ErrorIs(t, err, disk.ErrFault)
+			require.ErrorIs(t, err, c.want)
+			if c.errno != 0 {
+				require.ErrorIs(t, err, c.errno)
+			}
 			require.ErrorIs(t, err, tier.ErrUnavailable)
 			assert.Equal(t, dsBefore, s.DiskStats())
 			sparesAfter, _ := spareFiles(t, dir)

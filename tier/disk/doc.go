@@ -47,6 +47,15 @@
 // writing are not counted, so the disk may briefly hold the limit plus the Puts in flight. A
 // Put that could never fit returns a *FitError.
 //
+// # Faults
+//
+// A dir that is a file, or lies under one, is an *ArgumentError at Open. Every other failure of
+// the filesystem matches tier.ErrUnavailable and keeps its errno in the chain. A full disk or
+// quota (ENOSPC, EDQUOT) matches ErrNoSpace as well. A read-only mount or a directory without
+// write permission (EROFS, EACCES, EPERM) matches ErrReadOnly as well: at Open, which creates
+// LOCK and probes O_DIRECT, or later at a Put. A failed call is counted in Stats.Failures and
+// leaves the index and the block files as they were.
+//
 // # Concurrency
 //
 // A Store is safe for concurrent use. One mutex guards the index, the LRU order, the spare pool

@@ -1,7 +1,9 @@
 package disk
 
 import (
+	"errors"
 	"fmt"
+	"syscall"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/tier"
@@ -15,7 +17,28 @@ var (
 	ErrTooLarge = errdefs.ErrTooLarge
 	// ErrLocked reports a directory another open Store holds (in this process or another).
 	ErrLocked = fmt.Errorf("%w: directory held by another store", tier.ErrUnavailable)
+	// ErrNoSpace reports a write the filesystem refused for want of space or quota (ENOSPC,
+	// EDQUOT); it matches tier.ErrUnavailable too.
+	ErrNoSpace = fmt.Errorf("%w: no space left on the filesystem", tier.ErrUnavailable)
+	// ErrReadOnly reports a file the store may not create, write or rename (EROFS, EACCES,
+	// EPERM): a read-only filesystem or a directory without write permission. It matches
+	// tier.ErrUnavailable too.
+	ErrReadOnly = fmt.Errorf("%w: directory not writable", tier.ErrUnavailable)
 )
+
+// ioError wraps a failed file operation in the sentinel its errno names: ErrNoSpace,
+// ErrReadOnly, or tier.ErrUnavailable for any other. The errno stays in the chain (errors.Is
+// finds syscall.ENOSPC too).
+func ioError(err error) error {
+	cause := tier.ErrUnavailable
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		cause = ErrNoSpace
+	case errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		cause = ErrReadOnly
+	}
+	return fmt.Errorf("%w: %w", cause, err)
+}
 
 // ArgumentError reports an argument out of its range, an Options field or a call's; it matches
 // ErrInvalidArgument.

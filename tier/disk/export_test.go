@@ -2,8 +2,10 @@ package disk
 
 import (
 	"errors"
+	"io/fs"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // ErrFault is the error a Fault returns.
@@ -17,6 +19,7 @@ type Fault struct {
 	op    string
 	n     int
 	match string
+	err   error
 	// OnRead, when set, runs before every read, outside the store's lock.
 	OnRead func(path string)
 }
@@ -25,7 +28,15 @@ type Fault struct {
 func (f *Fault) Arm(op string, n int, match string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.op, f.n, f.match = op, n, match
+	f.op, f.n, f.match, f.err = op, n, match, ErrFault
+}
+
+// ArmErrno is Arm with the error the filesystem would give: errno in an *fs.PathError, as the
+// real file I/O returns it (ENOSPC from a full disk, EROFS from a read-only mount).
+func (f *Fault) ArmErrno(op string, n int, match string, errno syscall.Errno) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.op, f.n, f.match, f.err = op, n, match, errno
 }
 
 func (f *Fault) hit(op, path string) error {
@@ -37,7 +48,10 @@ func (f *Fault) hit(op, path string) error {
 	f.n--
 	if f.n == 0 {
 		f.op = ""
-		return ErrFault
+		if errno, ok := f.err.(syscall.Errno); ok {
+			return &fs.PathError{Op: op, Path: path, Err: errno}
+		}
+		return f.err
 	}
 	return nil
 }

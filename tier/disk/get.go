@@ -143,7 +143,7 @@ func (s *Store) readOne(ns prefix.Namespace, k prefix.Key, path string, dst []by
 		return false, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		return false, ioError(err)
 	}
 	data, err := tier.Check((*buf)[:min(n, tier.HeaderSize(ns)+s.blockBytes)], s.fp, ns, k, s.blockBytes)
 	if err != nil {

@@ -105,7 +105,7 @@ func (tx *putTx) write(ctx context.Context) error {
 	}
 	return tx.each(func(it *putItem) error {
 		if err := tx.s.io.rename(it.from(), it.e.path); err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+			return ioError(err)
 		}
 		it.renamed = true
 		return nil
@@ -150,7 +150,7 @@ func (tx *putTx) writeOne(ctx context.Context, it *putItem) error {
 	}
 	clear(rec[len(enc):])
 	if err := s.io.write(it.from(), rec, it.spare != ""); err != nil {
-		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		return ioError(err)
 	}
 	return nil
 }

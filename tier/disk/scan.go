@@ -26,11 +26,11 @@ func (s *Store) scan() error {
 	for i := range 256 {
 		sub := fmt.Sprintf("%s/%02x", s.dir, i)
 		if err := os.MkdirAll(sub, 0o755); err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+			return ioError(err)
 		}
 		ents, err := os.ReadDir(sub)
 		if err != nil {
-			return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+			return ioError(err)
 		}
 		for _, d := range ents {
 			path := sub + "/" + d.Name()
@@ -52,7 +52,7 @@ func (s *Store) scan() error {
 		}
 	}
 	if err := s.scanSpares(); err != nil {
-		return fmt.Errorf("%w: %w", tier.ErrUnavailable, err)
+		return ioError(err)
 	}
 	slices.SortFunc(kept, func(a, b found) int { return cmp.Compare(a.mtime, b.mtime) })
 	for _, f := range kept {

@@ -43,7 +43,10 @@
 // is down, Get and Has return the run of blocks before the first one that node held, with the
 // error, at once: the store does not retry, so a dead node does not spend every caller's deadline.
 // Open does not connect: a store opened while the server is down answers with errors until the
-// server is back, then works without being reopened. Ping reports reachability. The client
+// server is back, then works without being reopened. Ping reports reachability. A wrong
+// password is found the same way: every call fails with a *CallError matching ErrDenied (and
+// ErrUnavailable), counted. Options that cannot work (a URL that does not parse, a URL with
+// Addrs) are an *OptionError at Open. The client
 // (go-redis) logs each failed dial through its process-wide logger; a program silences it with
 // go-redis's SetLogger.
 //

@@ -1,6 +1,7 @@
 package redis
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
@@ -16,18 +17,23 @@ var (
 	// ErrOutOfMemory reports a server that is full and evicts nothing (maxmemory-policy
 	// noeviction); it comes with ErrUnavailable.
 	ErrOutOfMemory = errdefs.ErrOutOfMemory
+	// ErrDenied reports a server that refused the credentials (WRONGPASS, NOAUTH) or the
+	// command (NOPERM): a configuration to fix, not a fault that passes. It comes with
+	// ErrUnavailable.
+	ErrDenied = errors.New("access denied")
 	// ErrInvalidArgument reports invalid Options or a malformed call.
 	ErrInvalidArgument = tier.ErrInvalidArgument
 )
 
 // CallError reports a call the servers did not complete: a dial or I/O error, a deadline, an
-// error reply. It matches ErrUnavailable, and ErrOutOfMemory when Full; it unwraps to the
-// client's error (context.DeadlineExceeded for a deadline, for example).
+// error reply. It matches ErrUnavailable, ErrOutOfMemory when Full and ErrDenied when Denied;
+// it unwraps to the client's error (context.DeadlineExceeded for a deadline, for example).
 type CallError struct {
-	Op   string // "put", "get", "has", "drop" or "ping"
-	Keys int    // the keys the call asked for
-	Full bool   // the server answered OOM: it is full and evicts nothing
-	Err  error
+	Op     string // "put", "get", "has", "drop" or "ping"
+	Keys   int    // the keys the call asked for
+	Full   bool   // the server answered OOM: it is full and evicts nothing
+	Denied bool   // the server refused the credentials or the command
+	Err    error
 }
 
 // Error describes the failed call.
@@ -36,15 +42,19 @@ func (e *CallError) Error() string {
 		return "<nil>"
 	}
 	what := ErrUnavailable.Error()
-	if e.Full {
+	switch {
+	case e.Full:
 		what = "server full"
+	case e.Denied:
+		what = ErrDenied.Error()
 	}
 	return fmt.Sprintf("%s %d keys: %s: %v", e.Op, e.Keys, what, e.Err)
 }
 
-// Is reports whether target is ErrUnavailable, or ErrOutOfMemory for a full server.
+// Is reports whether target is ErrUnavailable, ErrOutOfMemory for a full server or ErrDenied
+// for refused credentials.
 func (e *CallError) Is(target error) bool {
-	return e != nil && (target == ErrUnavailable || e.Full && target == ErrOutOfMemory)
+	return e != nil && (target == ErrUnavailable || e.Full && target == ErrOutOfMemory || e.Denied && target == ErrDenied)
 }
 
 // Unwrap returns the client's error.

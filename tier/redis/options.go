@@ -1,9 +1,15 @@
 package redis
 
 import (
+	"crypto/tls"
+	"errors"
 	"fmt"
+	"net/url"
+	"slices"
 	"strings"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"github.com/pagedkv/pagedkv/tier"
 )
@@ -21,8 +27,14 @@ const maxModel = 128
 // Options configure a Store. It is plain data: Open validates it and keeps a copy.
 type Options struct {
 	// Addrs are the servers' host:port addresses: one for a single node, several for a Redis
-	// Cluster (the client discovers the rest of the cluster from any of them).
+	// Cluster (the client discovers the rest of the cluster from any of them). Give Addrs or
+	// URL, not both.
 	Addrs []string
+	// URL names the server instead of Addrs: redis://[user:password@]host:port[/db], or
+	// rediss:// for TLS. With Cluster, further nodes come as ?addr=host:port parameters and
+	// the database is 0. Other query parameters are refused: Timeout governs the client.
+	// Credentials go in the URL or in Username and Password, not in both.
+	URL string
 	// Cluster selects Redis Cluster even with a single address.
 	Cluster bool
 	// Username and Password authenticate to the servers (Redis ACL), where they require it.
@@ -63,8 +75,8 @@ func (o *Options) Validate() error {
 	if o == nil {
 		return &OptionError{Field: "Options", Reason: "nil"}
 	}
-	if len(o.Addrs) == 0 {
-		return &OptionError{Field: "Addrs", Reason: "empty: name at least one server"}
+	if _, err := o.endpoint(); err != nil {
+		return err
 	}
 	for i, a := range o.Addrs {
 		if a == "" || strings.ContainsAny(a, " \t\r\n") {
@@ -101,4 +113,67 @@ func validModel(m string) error {
 		}
 	}
 	return nil
+}
+
+// endpoint is where and how the client connects: from Addrs, Username and Password, or from
+// URL.
+type endpoint struct {
+	addrs              []string
+	username, password string
+	db                 int
+	tls                *tls.Config
+}
+
+// endpoint returns the servers and credentials the options name, or an *OptionError.
+func (o *Options) endpoint() (endpoint, error) {
+	switch {
+	case o.URL == "" && len(o.Addrs) == 0:
+		return endpoint{}, &OptionError{Field: "Addrs", Reason: "empty: name at least one server, or give URL"}
+	case o.URL == "":
+		return endpoint{addrs: o.Addrs, username: o.Username, password: o.Password}, nil
+	case len(o.Addrs) > 0:
+		return endpoint{}, &OptionError{Field: "URL", Reason: "given with Addrs: name the servers one way"}
+	}
+	u, err := url.Parse(o.URL)
+	if err != nil {
+		// url.Error repeats the URL, password included: keep only the reason.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return endpoint{}, &OptionError{Field: "URL", Reason: "does not parse: " + err.Error()}
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return endpoint{}, &OptionError{Field: "URL", Reason: fmt.Sprintf("scheme %q, want redis or rediss", u.Scheme)}
+	}
+	allowed := []string{"addr"}
+	if !o.Cluster {
+		allowed = []string{"db"}
+	}
+	for k := range u.Query() {
+		if !slices.Contains(allowed, k) {
+			return endpoint{}, &OptionError{Field: "URL", Reason: fmt.Sprintf("query parameter %q: only %s is taken", k, strings.Join(allowed, ", "))}
+		}
+	}
+	if u.User != nil && (o.Username != "" || o.Password != "") {
+		return endpoint{}, &OptionError{Field: "URL", Reason: "carries credentials and so do Username or Password: give them once"}
+	}
+	var e endpoint
+	if o.Cluster {
+		co, err := goredis.ParseClusterURL(o.URL)
+		if err != nil {
+			return endpoint{}, &OptionError{Field: "URL", Reason: "does not parse: " + err.Error()}
+		}
+		e = endpoint{addrs: co.Addrs, username: co.Username, password: co.Password, tls: co.TLSConfig}
+	} else {
+		so, err := goredis.ParseURL(o.URL)
+		if err != nil {
+			return endpoint{}, &OptionError{Field: "URL", Reason: "does not parse: " + err.Error()}
+		}
+		e = endpoint{addrs: []string{so.Addr}, username: so.Username, password: so.Password, db: so.DB, tls: so.TLSConfig}
+	}
+	if u.User == nil {
+		e.username, e.password = o.Username, o.Password
+	}
+	return e, nil
 }

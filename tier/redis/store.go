@@ -42,6 +42,7 @@ func Open(opt Options) (*Store, error) {
 	if err := opt.Validate(); err != nil {
 		return nil, fmt.Errorf("tier/redis: open: %w", err)
 	}
+	ep, _ := opt.endpoint() // Validate has checked it
 	opt.Addrs = append([]string(nil), opt.Addrs...)
 	s := &Store{opt: opt, timeout: opt.Timeout}
 	if s.timeout == 0 {
@@ -49,10 +50,12 @@ func Open(opt Options) (*Store, error) {
 	}
 	s.keyHead = "pagedkv:v1:" + opt.Model + ":" + hex.EncodeToString(opt.Fingerprint[:8]) + ":"
 	s.client = goredis.NewUniversalClient(&goredis.UniversalOptions{
-		Addrs:                 opt.Addrs,
+		Addrs:                 ep.addrs,
 		IsClusterMode:         opt.Cluster,
-		Username:              opt.Username,
-		Password:              opt.Password,
+		Username:              ep.username,
+		Password:              ep.password,
+		DB:                    ep.db,
+		TLSConfig:             ep.tls,
 		DialTimeout:           s.timeout,
 		ReadTimeout:           s.timeout,
 		WriteTimeout:          s.timeout,
@@ -70,6 +73,17 @@ func Open(opt Options) (*Store, error) {
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
 	return s, nil
+}
+
+// Client returns the go-redis client the store owns (nil for a nil store), so that a benchmark
+// or a tool measures or inspects the servers through the same connections: the bench program's
+// yardstick is pipelined raw SETs and GETs on it. The store still owns the client: the caller
+// neither closes it nor uses it after Close.
+func (s *Store) Client() goredis.UniversalClient {
+	if s == nil {
+		return nil
+	}
+	return s.client
 }
 
 // Key returns the Redis key under which the store keeps block k of namespace ns, for operators
@@ -123,7 +137,27 @@ func (s *Store) fail(op string, keys int, err error) error {
 		return fmt.Errorf("tier/redis: %s: %w", op, ErrClosed)
 	}
 	s.failures.Add(1)
-	return fmt.Errorf("tier/redis: %w", &CallError{Op: op, Keys: keys, Full: goredis.IsOOMError(err), Err: err})
+	denied := goredis.IsAuthError(err) || goredis.IsPermissionError(err)
+	return fmt.Errorf("tier/redis: %w", &CallError{Op: op, Keys: keys, Full: goredis.IsOOMError(err), Denied: denied, Err: err})
+}
+
+// exec runs a pipeline and returns its commands, each holding its reply or its error, which
+// the caller reads. A single node's client leaves every command unmarked when the connection
+// fails with a server's error reply (WRONGPASS to its AUTH): none ran, so each gets that error.
+func exec(ctx context.Context, pipe goredis.Pipeliner) []goredis.Cmder {
+	cmds, err := pipe.Exec(ctx)
+	if err == nil {
+		return cmds
+	}
+	for _, c := range cmds {
+		if c.Err() != nil {
+			return cmds
+		}
+	}
+	for _, c := range cmds {
+		c.SetErr(err)
+	}
+	return cmds
 }
 
 // Put stores the blocks with one pipelined SET each (with Options.TTL where set). Every block's
@@ -165,7 +199,7 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 		buf, _ = tier.Encode(buf, s.opt.Fingerprint, b) // the salt's length was checked above
 		pipe.Set(ctx, s.key(tag, b.Key), buf[start:], s.opt.TTL)
 	}
-	cmds, _ := pipe.Exec(ctx) // each command's error is read below
+	cmds := exec(ctx, pipe)
 	stored, firstErr := 0, error(nil)
 	for _, c := range cmds {
 		if c.Err() == nil {
@@ -211,7 +245,7 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 	for i, k := range keys {
 		cmds[i] = pipe.Get(ctx, s.key(tag, k))
 	}
-	_, _ = pipe.Exec(ctx) // each command's error is read below
+	exec(ctx, pipe)
 	n, err := s.copyRun(ctx, ns, tag, keys, cmds, dst)
 	s.gets.Add(uint64(n))
 	s.getBytes.Add(uint64(n * s.opt.BlockBytes))
@@ -260,7 +294,7 @@ func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key)
 	for i, k := range keys {
 		cmds[i] = pipe.Exists(ctx, s.key(tag, k))
 	}
-	_, _ = pipe.Exec(ctx) // each command's error is read below
+	exec(ctx, pipe)
 	for i, c := range cmds {
 		held, err := c.Result()
 		if err != nil {

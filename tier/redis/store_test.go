@@ -437,6 +437,15 @@ func TestOpenRejectsInvalidOptions(t *testing.T) {
 		{"Timeout", func(o *redis.Options) { o.Timeout = -1 }},
 		{"TTL", func(o *redis.Options) { o.TTL = time.Microsecond }},
 		{"TTL", func(o *redis.Options) { o.TTL = -time.Second }},
+		{"URL", func(o *redis.Options) { o.URL = "redis://127.0.0.1:1" }}, // and Addrs
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://u:pw@host:port" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://host:1/db" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://host:1/0/1" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "http://host:1" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "host:1" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://host:1?dial_timeout=1" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL, o.Password = nil, "redis://:a@host:1", "b" }},
+		{"URL", func(o *redis.Options) { o.Addrs, o.URL, o.Cluster = nil, "redis://host:1/?db=2", true }},
 	} {
 		opt := good
 		tc.edit(&opt)
@@ -446,7 +455,16 @@ func TestOpenRejectsInvalidOptions(t *testing.T) {
 		require.ErrorAs(t, err, &oe, tc.field)
 		require.Equal(t, tc.field, oe.Field)
 		require.Nil(t, s)
+		require.NotContains(t, err.Error(), "pw", "a password never reaches an error text")
 	}
+	for _, url := range []string{"redis://127.0.0.1:1", "rediss://u:p@[::1]:1/3", "redis://h:1?db=2"} {
+		opt := good
+		opt.Addrs, opt.URL = nil, url
+		require.NoError(t, opt.Validate(), url)
+	}
+	cluster := good
+	cluster.Addrs, cluster.URL, cluster.Cluster = nil, "redis://a:1?addr=b:2&addr=c:3", true
+	require.NoError(t, cluster.Validate())
 	var nilOpt *redis.Options
 	require.ErrorIs(t, nilOpt.Validate(), redis.ErrInvalidArgument)
 	s, err := redis.Open(good)
@@ -598,4 +616,50 @@ func TestClusterNodeKilled(t *testing.T) {
 		return err
 	})
 	require.Equal(t, first, n)
+}
+
+// A server that requires a password: the store opens (it does not connect), and every call
+// fails with ErrDenied (and ErrUnavailable), counted, until the store has the right password,
+// in Password or in a URL.
+func TestWrongPasswordIsDenied(t *testing.T) {
+	srv := redistest.Start(t, "--requirepass", "secret")
+	ctx := context.Background()
+	blocks := chain(prefix.Namespace{}, 5, 2, blockBytes)
+	for _, edit := range []func(*redis.Options){
+		func(o *redis.Options) { o.Password = "wrong" },
+		func(o *redis.Options) {},
+		func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://:wrong@"+srv.Addr },
+	} {
+		s := open(t, []string{srv.Addr}, edit)
+		err := s.Ping(ctx)
+		require.ErrorIs(t, err, redis.ErrDenied)
+		require.ErrorIs(t, err, redis.ErrUnavailable)
+		var ce *redis.CallError
+		require.ErrorAs(t, err, &ce)
+		assert.True(t, ce.Denied)
+		assert.NotContains(t, err.Error(), "wrong")
+		require.ErrorIs(t, s.Put(ctx, blocks), redis.ErrDenied)
+		n, err := s.Get(ctx, prefix.Namespace{}, keysOf(blocks), buffers(2, blockBytes))
+		require.ErrorIs(t, err, redis.ErrDenied)
+		assert.Zero(t, n)
+		assert.Equal(t, uint64(3), s.Stats().Failures)
+	}
+	for _, edit := range []func(*redis.Options){
+		func(o *redis.Options) { o.Password = "secret" },
+		func(o *redis.Options) { o.Addrs, o.URL = nil, "redis://:secret@"+srv.Addr },
+		func(o *redis.Options) { o.Addrs, o.URL, o.Password = nil, "redis://"+srv.Addr+"/1", "secret" },
+	} {
+		s := open(t, []string{srv.Addr}, edit)
+		require.NoError(t, s.Ping(ctx))
+		requireRun(t, s, blocks, 0)
+		require.NoError(t, s.Put(ctx, blocks))
+		requireRun(t, s, blocks, 2)
+		require.NoError(t, s.Drop(ctx, prefix.Namespace{}, keysOf(blocks)))
+		assert.Zero(t, s.Stats().Failures)
+	}
+	// The URL's database is the one written.
+	s := open(t, nil, func(o *redis.Options) { o.URL = "redis://:secret@" + srv.Addr + "/2" })
+	require.NoError(t, s.Put(ctx, blocks))
+	assert.Equal(t, "2", srv.Do("--no-auth-warning", "-a", "secret", "-n", "2", "DBSIZE"))
+	assert.Equal(t, "0", srv.Do("--no-auth-warning", "-a", "secret", "-n", "0", "DBSIZE"))
 }

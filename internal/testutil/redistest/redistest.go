@@ -133,7 +133,8 @@ func (s *Server) start() error {
 	return fmt.Errorf("redis-server on %s did not answer within %v", s.Addr, readyWithin)
 }
 
-// ping sends an inline PING and expects +PONG.
+// ping sends an inline PING and expects +PONG, or -NOAUTH from a server started with
+// --requirepass: either way it answers.
 func ping(addr string) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
@@ -148,7 +149,7 @@ func ping(addr string) error {
 	if err != nil {
 		return err
 	}
-	if !strings.HasPrefix(line, "+PONG") {
+	if !strings.HasPrefix(line, "+PONG") && !strings.HasPrefix(line, "-NOAUTH") {
 		return fmt.Errorf("PING answered %q", line)
 	}
 	return nil
