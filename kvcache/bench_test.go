@@ -34,5 +34,6 @@ func BenchmarkPrefixDecode(b *testing.B) {
 	for _, live := range kvbench.LiveCounts {
 		b.Run(fmt.Sprintf("count/live=%d", live), func(b *testing.B) { kvbench.Decode(b, live, false) })
 		b.Run(fmt.Sprintf("ids/live=%d", live), func(b *testing.B) { kvbench.Decode(b, live, true) })
+		b.Run(fmt.Sprintf("ids-subscribed/live=%d", live), func(b *testing.B) { kvbench.DecodeSubscribed(b, live) })
 	}
 }

@@ -14,9 +14,9 @@ import (
 
 // BenchmarkDecodeOverhead times kvbench.Decode's step with a publisher attached against the same
 // step without, in the same run (eventbench.MeasureOverhead): ns/token of each, their ratio
-// (goal: at most 1.05), the median of the chunk pairs' ratios, and the objects the whole process
-// allocated per token of each, the publisher's goroutines included. One op is a pair of 256-step
-// chunks.
+// (goal: at most 1.05), the median round's ratio, and the objects the whole process allocated
+// per token of each, the publisher's goroutines included. One op is a round: a warm-up and a
+// timed cycle of 262,144 steps on a fresh manager of each kind (run with -benchtime 7x).
 func BenchmarkDecodeOverhead(b *testing.B) {
 	for _, sub := range []eventbench.Subscriber{eventbench.Absent, eventbench.Stalled, eventbench.Deferred} {
 		b.Run(string(sub), func(b *testing.B) {

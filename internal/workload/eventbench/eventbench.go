@@ -155,83 +155,113 @@ const (
 
 // Overhead is the decode step with a publisher attached against the same step without.
 type Overhead struct {
-	NsNone, NsWith         float64 // ns per token
-	Ratio, RatioMedian     float64 // with / none: over everything, and the median of the chunk pairs
+	NsNone, NsWith         float64 // ns per token, over all rounds
+	Ratio, RatioMedian     float64 // with / without: over all rounds, and the median round's
 	AllocsNone, AllocsWith float64 // objects the whole process allocated per token
 }
 
-// MeasureOverhead times the decode step (ids, 1,024 live sequences) on two managers in the same
-// run, one with a publisher attached and one without, in pairs of 256-step chunks in
-// alternating order so that both see the same machine.
-func MeasureOverhead(sub Subscriber, pairs int) (Overhead, error) {
-	none, err := NewDecoder(1024, true)
-	if err != nil {
-		return Overhead{}, err
-	}
-	defer none.Close()
-	with, err := NewDecoder(1024, true)
-	if err != nil {
-		return Overhead{}, err
-	}
-	defer with.Close()
-	s, err := with.M.Subscribe(1 << 16)
-	if err != nil {
-		return Overhead{}, err
-	}
-	cfg := kvevents.Config{Endpoint: "tcp://127.0.0.1:*", ReplayEndpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m"}
-	if sub == Deferred {
-		cfg.Batching = kvevents.EveryFlush
-	}
-	p, err := kvevents.Start(s, cfg)
-	if err != nil {
-		return Overhead{}, err
-	}
-	defer p.Close()
-	if sub == Stalled {
-		z, err := Connect(p, false, with.Poke(p))
-		if err != nil {
-			return Overhead{}, err
-		}
-		defer z.Close()
-	}
-	const chunk = 256
+// Cycle is the decode steps between two restarts of the batch: 1,024 tokens of each sequence.
+const Cycle = kvbench.Batch * 1024
+
+// MeasureOverhead times the decode step (ids, 1,024 live sequences) on fresh managers, one
+// without a publisher and one with, in turn (the order alternating) for rounds rounds: each
+// manager runs a cycle untimed (after it, every block that fills evicts one) and then a timed
+// cycle, the batch restart left out. Fresh managers each round spread what a manager's own
+// memory layout does to its speed over both sides.
+func MeasureOverhead(sub Subscriber, rounds int) (Overhead, error) {
 	var o Overhead
-	var tNone, tWith time.Duration
-	var aNone, aWith uint64
-	ratios := make([]float64, 0, pairs)
-	for i := range pairs {
+	var t [2]time.Duration
+	var allocs [2]uint64
+	ratios := make([]float64, 0, rounds)
+	for r := range rounds {
 		var d [2]time.Duration
 		for k := range 2 {
-			dec, allocs := none, &aNone
-			if (i+k)%2 == 1 {
-				dec, allocs = with, &aWith
-			}
-			a0 := Mallocs()
-			took, err := dec.Steps(chunk)
+			with := (r+k)%2 == 1
+			took, a, err := decodeCycle(sub, with)
 			if err != nil {
 				return o, err
 			}
-			*allocs += Mallocs() - a0
-			d[(i+k)%2] = took
+			i := b2i(with)
+			d[i] = took
+			t[i] += took
+			allocs[i] += a
 		}
-		tNone, tWith = tNone+d[0], tWith+d[1]
 		ratios = append(ratios, float64(d[1])/float64(d[0]))
+	}
+	slices.Sort(ratios)
+	tokens := float64(rounds * Cycle)
+	o.NsNone, o.NsWith = float64(t[0].Nanoseconds())/tokens, float64(t[1].Nanoseconds())/tokens
+	o.Ratio, o.RatioMedian = float64(t[1])/float64(t[0]), ratios[len(ratios)/2]
+	o.AllocsNone, o.AllocsWith = float64(allocs[0])/tokens, float64(allocs[1])/tokens
+	return o, nil
+}
+
+func b2i(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// decodeCycle runs a warm-up cycle and a timed one on a fresh manager, with a publisher (and
+// sub's subscriber) attached when with is set, and returns the timed cycle's time and the
+// objects the process allocated meanwhile.
+func decodeCycle(sub Subscriber, with bool) (time.Duration, uint64, error) {
+	d, err := NewDecoder(1024, true)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer d.Close()
+	var p *kvevents.Publisher
+	if with {
+		s, err := d.M.Subscribe(1 << 16)
+		if err != nil {
+			return 0, 0, err
+		}
+		cfg := kvevents.Config{Endpoint: "tcp://127.0.0.1:*", ReplayEndpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m"}
 		if sub == Deferred {
-			if err := p.Flush(); err != nil {
-				return o, err
+			cfg.Batching = kvevents.EveryFlush
+		}
+		if p, err = kvevents.Start(s, cfg); err != nil {
+			return 0, 0, err
+		}
+		defer p.Close()
+		if sub == Stalled {
+			z, err := Connect(p, false, d.Poke(p))
+			if err != nil {
+				return 0, 0, err
+			}
+			defer z.Close()
+		}
+	}
+	// The warm-up cycle, then the timed one: under Deferred the publisher sends only between
+	// chunks of 4,096 steps, untimed.
+	var took time.Duration
+	var a uint64
+	for cycle := range 2 {
+		for done := 0; done < Cycle; done += 4096 {
+			a0 := Mallocs()
+			dt, err := d.Steps(4096)
+			if err != nil {
+				return 0, 0, err
+			}
+			if cycle == 1 {
+				took += dt
+				a += Mallocs() - a0
+			}
+			if p != nil && sub == Deferred {
+				if err := p.Flush(); err != nil {
+					return 0, 0, err
+				}
 			}
 		}
 	}
-	// A block of each sequence fills every 16 pairs: fewer measure no events at all.
-	if st := p.Stats(); (pairs >= 32 && st.Blocks == 0) || st.Lost > 0 {
-		return o, fmt.Errorf("eventbench: the publisher sent %d blocks and lost %d events: not measuring what it says", st.Blocks, st.Lost)
+	if p != nil {
+		if st := p.Stats(); st.Blocks == 0 || st.Lost > 0 {
+			return 0, 0, fmt.Errorf("eventbench: the publisher sent %d blocks and lost %d events: not measuring what it says", st.Blocks, st.Lost)
+		}
 	}
-	slices.Sort(ratios)
-	tokens := float64(pairs * chunk)
-	o.NsNone, o.NsWith = float64(tNone.Nanoseconds())/tokens, float64(tWith.Nanoseconds())/tokens
-	o.Ratio, o.RatioMedian = float64(tWith)/float64(tNone), ratios[len(ratios)/2]
-	o.AllocsNone, o.AllocsWith = float64(aNone)/tokens, float64(aWith)/tokens
-	return o, nil
+	return took, a, nil
 }
 
 // Sub is a ZMQ SUB socket connected to a publisher.

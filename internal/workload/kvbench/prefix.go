@@ -136,6 +136,37 @@ func Decode(b *testing.B, live int, withIDs bool) {
 	decodeLoop(b, step, e.m.FreeSequence)
 }
 
+// DecodeSubscribed is Decode with ids on a manager whose KV events are subscribed: the
+// subscription is drained every 4,096 steps, untimed, as a publisher's goroutine would. Its
+// difference from Decode(b, live, true) is what building and queueing the events costs the
+// append path.
+func DecodeSubscribed(b *testing.B, live int) {
+	e := setup(b, live)
+	sub, err := e.m.Subscribe(1 << 16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	slots := make([]int64, 0, 64)
+	id := make([]prefix.Token, 1)
+	next := prefix.Token(1)
+	var events []prefix.Event
+	n := 0
+	step := func(s kvcache.SeqID) {
+		id[0] = next
+		next++
+		var err error
+		if slots, err = e.m.AppendTokenIDs(s, id, slots[:0]); err != nil {
+			b.Fatal(err)
+		}
+		if n++; n%4096 == 0 {
+			b.StopTimer()
+			events = sub.Read(events[:0])
+			b.StartTimer()
+		}
+	}
+	decodeLoop(b, step, e.m.FreeSequence)
+}
+
 // decodeLoop times step on the sequences of the batch in turn, one token each call, after one
 // untimed step each; every 1,024 tokens a sequence ends (free) and another takes its place
 // (untimed). It reports ns/token.
