@@ -67,3 +67,32 @@ func TestEventsOwnTheirSlices(t *testing.T) {
 	assert.Equal(t, 400*9, stored)
 	assert.Greater(t, removed, 3000)
 }
+
+// While the subscriber has events it has not read, the manager holds later ones back and
+// publishes them in batches: a Read still returns every event of every call that returned
+// before it, in order, and a failed call in between drops none of the held ones.
+func TestHeldEventsReachTheNextRead(t *testing.T) {
+	m := newManager(t, hostDevice(t, 32<<10), tinyConfig())
+	sub, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	bt := m.Config().BlockTokens
+	var want []prefix.Key
+	for s := range 20 { // the first call's event waits unread: the next 19 are held back
+		ids := make([]prefix.Token, bt)
+		for i := range ids {
+			ids[i] = prefix.Token(100*s + i)
+		}
+		_, err := m.AppendTokenIDs(kvcache.SeqID(s), ids, nil)
+		require.NoError(t, err)
+		want = append(want, prefix.Keys(nil, prefix.Namespace{}, bt, ids)...)
+	}
+	_, err = m.AppendTokens(99, 1<<30, nil) // fails: does not fit
+	require.Error(t, err)
+	var got []prefix.Key
+	for _, ev := range sub.Read(nil) {
+		require.Equal(t, prefix.BlockStored, ev.Kind)
+		got = append(got, ev.Keys...)
+	}
+	assert.Equal(t, want, got)
+	assert.Empty(t, sub.Read(nil), "nothing twice")
+}

@@ -63,14 +63,15 @@ type Manager struct {
 	idleCap   int // idle cached blocks the bound keeps: Config.PrefixCacheBytes in blocks
 
 	// prefix cache (the key index is the arena's; see prefixcache.go)
-	feed    prefix.Feed
-	keyer   *prefix.Keyer
-	pending []prefix.Event     // events of the operation under way, published when it succeeds
-	slab    eventSlab          // the pending events' keys and token ids
-	evicted []keyindex.Removed // evictions of the append under way, restored if it fails
-	probe   sequence.Sequence  // scratch of Admit
-	root0   prefix.Key         // root of the zero namespace
-	rootSet bool
+	feed      prefix.Feed
+	keyer     *prefix.Keyer
+	pending   []prefix.Event     // events held back for the subscribers (the first committed), then those of the operation under way
+	committed int                // of pending, the events of operations that succeeded (publish)
+	slab      eventSlab          // the pending events' keys and token ids
+	evicted   []keyindex.Removed // evictions of the append under way, restored if it fails
+	probe     sequence.Sequence  // scratch of Admit
+	root0     prefix.Key         // root of the zero namespace
+	rootSet   bool
 
 	host  *hostTier  // the host tier's blocks (nil without one)
 	tiers *tierState // the stores below the host tier (nil without)
@@ -161,6 +162,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		idleCap:   int(min(cfg.PrefixCacheBytes/cfg.BlockStride(), MaxBlocks)),
 	}
 	m.tiers = newTierState(m)
+	m.feed.SetPull(m.pullEvents)
 	return m
 }
 
@@ -475,8 +477,8 @@ func (m *Manager) rollback() {
 		m.counters.evictions--
 	}
 	m.evicted = m.evicted[:0]
-	clear(m.pending)
-	m.pending = m.pending[:0]
+	clear(m.pending[m.committed:]) // the committed events held for the subscribers stay
+	m.pending = m.pending[:m.committed]
 	for _, p := range m.newPages {
 		if err := m.unmapPage(p); err != nil {
 			// The page stays mapped and free: still consistent, and reused before any new map.
@@ -806,6 +808,7 @@ func (m *Manager) Close() error {
 	defer m.growMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.flushEvents()
 	m.feed.Close()
 	m.settleCopies()
 	if err := m.back.close(); err != nil {

@@ -361,7 +361,7 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 	if !m.feed.Active() {
 		return
 	}
-	if n := len(m.pending); n > 0 && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
+	if n := len(m.pending); n > m.committed && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
 		m.pending[n-1].Keys = m.slab.appendKey(m.pending[n-1].Keys, k)
 		return
 	}
@@ -369,14 +369,39 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock
-// (so that events of concurrent operations keep the order of their effects).
+// (so that events of concurrent operations keep the order of their effects). While every
+// subscriber has events it has not read, up to holdEvents stay in m.pending, committed: the
+// subscriber's next Read pulls them (pullEvents), so the append path publishes in batches.
 func (m *Manager) publish() {
+	if len(m.pending) == 0 {
+		return
+	}
+	if len(m.pending) < holdEvents && m.feed.Waiting() {
+		m.committed = len(m.pending)
+		return
+	}
+	m.flushEvents()
+}
+
+// holdEvents bounds the committed events a manager holds back for its subscribers' next Read.
+const holdEvents = 256
+
+// flushEvents publishes every pending event; the lock is held and no operation is under way.
+func (m *Manager) flushEvents() {
 	if len(m.pending) == 0 {
 		return
 	}
 	m.feed.Publish(m.pending...)
 	clear(m.pending)
 	m.pending = m.pending[:0]
+	m.committed = 0
+}
+
+// pullEvents is the feed's pull: a subscriber's Read takes the events publish held back.
+func (m *Manager) pullEvents() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.flushEvents()
 }
 
 // evictExcess makes room when more idle cached blocks are kept than the bound allows: the

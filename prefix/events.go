@@ -81,6 +81,36 @@ type Event struct {
 type Feed struct {
 	mu   sync.Mutex // serialises changes to subs
 	subs atomic.Pointer[[]*Subscription]
+	pull atomic.Pointer[func()]
+}
+
+// SetPull makes every Read of the feed's subscriptions first call pull, which delivers (by
+// Publish) the events the writer holds back while every subscriber has some it has not read
+// (Waiting): the writer then publishes in batches, and a reader still gets everything written
+// before its Read. pull must not be called with a lock a writer holds while it publishes.
+func (f *Feed) SetPull(pull func()) {
+	if f != nil && pull != nil {
+		f.pull.Store(&pull)
+	}
+}
+
+// Waiting reports whether every subscription has events its reader has not read (or lost ones
+// it has not been told of): its reader was signalled and will Read, so a writer with a pull
+// function may hold back more events for that Read to pull.
+func (f *Feed) Waiting() bool {
+	if f == nil {
+		return false
+	}
+	subs := f.subs.Load()
+	if subs == nil || len(*subs) == 0 {
+		return false
+	}
+	for _, s := range *subs {
+		if !s.unread.Load() {
+			return false
+		}
+	}
+	return true
 }
 
 // Active reports whether anyone subscribes, so that a writer builds events only then.
@@ -167,6 +197,8 @@ type Subscription struct {
 
 	rmu   sync.Mutex // serialises readers, which share spare
 	spare []Event    // the queue a reader handed back, emptied, for the writers to fill next
+
+	unread atomic.Bool // events or a loss wait for the reader (Feed.Waiting)
 }
 
 func (s *Subscription) push(events []Event) {
@@ -184,6 +216,7 @@ func (s *Subscription) push(events []Event) {
 	} else {
 		s.queue = append(s.queue, events...)
 	}
+	s.unread.Store(true)
 	s.mu.Unlock()
 	if signal {
 		select {
@@ -210,12 +243,18 @@ func (s *Subscription) Read(dst []Event) []Event {
 	if s == nil {
 		return dst
 	}
+	if s.f != nil {
+		if pull := s.f.pull.Load(); pull != nil {
+			(*pull)()
+		}
+	}
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	s.mu.Lock()
 	q, lost := s.queue, s.lost
 	s.queue, s.lost = s.spare[:0], 0
 	s.spare = nil
+	s.unread.Store(false)
 	s.mu.Unlock()
 	if lost > 0 {
 		dst = append(dst, Event{Kind: EventsLost, Lost: lost})
