@@ -1,6 +1,7 @@
 package metrics_test
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,8 @@ import (
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/metrics"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier/disk"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -132,4 +135,50 @@ func TestAddNames(t *testing.T) {
 	require.NoError(t, c.AddManager("llama", m))
 	require.NoError(t, c.AddLedger("gpu0", l))
 	require.Equal(t, 1, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+}
+
+// The stores below the host tier get series of their own, labelled by medium: a disk tier's
+// hits share pagedkv_prefix_hit_tokens_total with the GPU and the host (which no longer counts
+// them), and its stored blocks and corrupt ones are counted.
+func TestTierSeries(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10})
+	require.NoError(t, err)
+	defer dev.Close()
+	c := kvcache.Config{Layers: 1, KVHeads: 1, HeadDim: 64, ElemSize: 2, BlockTokens: 16, PageSize: 64 << 10,
+		Capacity: 16 * (64 << 10), NoBackground: true, HostBlocks: 64, HostPrefixCache: true}
+	store, err := disk.Open(t.TempDir(), disk.Options{Fingerprint: c.Fingerprint(), BlockBytes: int(c.BlockStride()), LimitBytes: 64 << 20})
+	require.NoError(t, err)
+	defer store.Close()
+	c.Tiers = []kvcache.Tier{{Store: store, Medium: "DISK"}}
+	prompt := make([]prefix.Token, 65)
+	for i := range prompt {
+		prompt[i] = prefix.Token(i)
+	}
+	a, err := kvcache.New(dev, c)
+	require.NoError(t, err)
+	_, err = a.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.FreeSequence(1))
+	require.NoError(t, a.SyncTiers(context.Background()))
+	require.NoError(t, a.Close())
+	b, err := kvcache.New(dev, c) // a restart: only the disk holds the prompt
+	require.NoError(t, err)
+	defer b.Close()
+	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	require.Equal(t, 64, hit)
+
+	col := metrics.NewCollector()
+	require.NoError(t, col.AddManager("llama", b))
+	want := `
+# HELP pagedkv_prefix_hit_tokens_total Prompt tokens found in the prefix cache, by the tier they came from.
+# TYPE pagedkv_prefix_hit_tokens_total counter
+pagedkv_prefix_hit_tokens_total{model="llama",pool="",tier="disk"} 64
+pagedkv_prefix_hit_tokens_total{model="llama",pool="",tier="gpu"} 0
+pagedkv_prefix_hit_tokens_total{model="llama",pool="",tier="host"} 0
+`
+	require.NoError(t, testutil.CollectAndCompare(col, strings.NewReader(want), "pagedkv_prefix_hit_tokens_total"))
+	require.Equal(t, 3, testutil.CollectAndCount(col, "pagedkv_prefix_hit_tokens_total"))
+	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_stored_blocks_total"))
+	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_corrupt_blocks_total"))
 }
