@@ -58,7 +58,8 @@ type Hybrid struct {
 	geom   Geometry
 	pool   *SharedPool
 	groups []*Manager
-	mu     *sync.Mutex // every group's lock
+	mu     *sync.Mutex  // every group's lock
+	feed   *prefix.Feed // every group's KV events (Subscribe)
 
 	// guarded by mu: the transactions of the operation under way, and scratch
 	txs     []appendTx
@@ -102,6 +103,7 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
+	h.shareFeed()
 	return h, nil
 }
 

@@ -63,7 +63,8 @@ type Manager struct {
 	idleCap   int // idle cached blocks the bound keeps: Config.PrefixCacheBytes in blocks
 
 	// prefix cache (the key index is the arena's; see prefixcache.go)
-	feed      prefix.Feed
+	feed      *prefix.Feed // its own, or its Hybrid's, which every group publishes to
+	group     eventGroup   // what its events say of its layer group (a Hybrid's)
 	keyer     *prefix.Keyer
 	pending   []prefix.Event     // events held back for the subscribers (the first committed), then those of the operation under way
 	committed int                // of pending, the events of operations that succeeded (publish)
@@ -145,6 +146,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	m := &Manager{
 		mu:        new(sync.Mutex),
 		keyer:     prefix.NewKeyer(cfg.KeyScheme),
+		feed:      new(prefix.Feed),
 		host:      host,
 		cfg:       cfg,
 		back:      b,

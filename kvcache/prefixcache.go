@@ -345,10 +345,10 @@ func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string
 	if from > 0 {
 		parent = s.Keys[from-1]
 	}
-	m.pending = append(m.pending, prefix.Event{
+	m.pending = append(m.pending, m.group.stored(prefix.Event{
 		Kind: prefix.BlockStored, Keys: m.slab.keys(s.Keys[from:to]), Parent: parent, ParentIsRoot: from == 0,
 		Tokens: m.slab.tokens(s.IDs[from*bt : to*bt]), BlockSize: bt, Adapter: s.Adapter, Medium: medium,
-	})
+	}))
 }
 
 // emitRemoved queues a BlockRemoved event for key k, joining it to the previous one when that
@@ -365,7 +365,7 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 		m.pending[n-1].Keys = m.slab.appendKey(m.pending[n-1].Keys, k)
 		return
 	}
-	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockRemoved, Keys: m.slab.appendKey(nil, k), Medium: medium})
+	m.pending = append(m.pending, m.group.removed(prefix.Event{Kind: prefix.BlockRemoved, Keys: m.slab.appendKey(nil, k), Medium: medium}))
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock

@@ -1,0 +1,58 @@
+package kvcache_test
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+)
+
+// A Hybrid's KV events carry their layer group, as vLLM's do for hybrid models: every block
+// stored or removed names its group's index, a stored one the group's kind and, for a sliding
+// window, the window; each group keys its own blocks in its own block size.
+func TestHybridEventsCarryTheirGroup(t *testing.T) {
+	g := smallHybrid(true)
+	h := newHybrid(t, hostDevice(t, 64<<10), g)
+	sub, err := h.Subscribe(1 << 12)
+	require.NoError(t, err)
+	ids := make([]prefix.Token, 200)
+	for i := range ids {
+		ids[i] = prefix.Token(i + 1)
+	}
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(1, ids, dst)
+	require.NoError(t, err)
+	require.NoError(t, h.FreeSequence(1))
+	_, err = h.AppendTokenIDs(2, ids[:64], dst)
+	require.NoError(t, err)
+
+	kinds := []string{"full_attention", "sliding_window", "chunked_local_attention", "mla_attention", "mamba"}
+	stored := map[int]int{}
+	for _, ev := range sub.Read(nil) {
+		require.True(t, ev.HasGroup, "%v without its group", ev.Kind)
+		require.GreaterOrEqual(t, ev.Group, 0)
+		require.Less(t, ev.Group, len(g.Groups))
+		if ev.Kind != prefix.BlockStored {
+			continue
+		}
+		grp := g.Groups[ev.Group]
+		assert.Equal(t, kinds[ev.Group], ev.GroupKind)
+		assert.Equal(t, grp.BlockTokens, ev.BlockSize)
+		if grp.Kind == kvcache.SlidingWindow {
+			assert.Equal(t, grp.Window, ev.SlidingWindow)
+		} else {
+			assert.Zero(t, ev.SlidingWindow)
+		}
+		want := prefix.Keys(nil, prefix.Namespace{}, grp.BlockTokens, ids)
+		for j, k := range ev.Keys {
+			assert.Contains(t, want, k, "group %d key %d", ev.Group, j)
+		}
+		stored[ev.Group] += len(ev.Keys)
+	}
+	assert.Equal(t, 200/16, stored[0], "the full group stores every whole block")
+	assert.Equal(t, 200/32, stored[3], "the MLA group in its 32-token blocks")
+	assert.Zero(t, stored[4], "a recurrent state caches no blocks")
+}
