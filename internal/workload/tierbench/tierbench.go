@@ -141,7 +141,7 @@ func Disk(dir string, blockBytes, rounds int) (put, get Figure, err error) {
 	ctx := context.Background()
 	per := batchesPerRound(blockBytes)
 	rec := RecordSize(blockBytes)
-	s, err := disk.Open(dir+"/store", disk.Options{BlockBytes: blockBytes, LimitBytes: uint64(4 * per * Batch * rec), SpareBytes: uint64(per * Batch * rec)})
+	s, err := disk.Open(dir+"/store", disk.Options{BlockBytes: blockBytes, LimitBytes: uint64(4 * per * Batch * rec)})
 	if err != nil {
 		return put, get, err
 	}

@@ -1,0 +1,140 @@
+package disk
+
+import (
+	"fmt"
+)
+
+// segName returns the file of segment seq: 16 hex digits and ".seg".
+func (s *Store) segName(seq uint64) string { return fmt.Sprintf("%s/%016x.seg", s.dir, seq) }
+
+// isSegName reports whether name has the form segName gives, and its number.
+func isSegName(name string) (uint64, bool) {
+	var seq uint64
+	if len(name) != 16+4 || name[16:] != ".seg" {
+		return 0, false
+	}
+	for _, c := range name[:16] {
+		switch {
+		case c >= '0' && c <= '9':
+			seq = seq<<4 | uint64(c-'0')
+		case c >= 'a' && c <= 'f':
+			seq = seq<<4 | uint64(c-'a'+10)
+		default:
+			return 0, false
+		}
+	}
+	return seq, true
+}
+
+// tailLocked returns the segment appends go to, or nil. The caller holds mu.
+func (s *Store) tailLocked() *segment {
+	if len(s.segs) == 0 {
+		return nil
+	}
+	return s.segs[len(s.segs)-1]
+}
+
+// oldLocked reports whether segment g starts in the oldest quarter of the bytes the store
+// holds, and is not the tail: a Get of a block there gives it a second chance at the tail. The
+// caller holds mu.
+func (s *Store) oldLocked(g *segment) bool {
+	if len(s.segs) == 0 || g == s.tailLocked() {
+		return false
+	}
+	head := s.segs[0].base
+	return g.base < head+(s.next-head)/4
+}
+
+// forgetLocked removes key k, found at l, from the index. A segment left with no live record is
+// deleted, unless it is the tail. The caller holds mu.
+func (s *Store) forgetLocked(k ikey, l loc) {
+	delete(s.index, k)
+	s.st.Blocks--
+	s.ds.LiveBytes -= uint64(l.size)
+	l.seg.live--
+	if l.seg.live == 0 && l.seg != s.tailLocked() {
+		s.killLocked(l.seg)
+	}
+}
+
+// evictLocked deletes the oldest segments, and forgets their blocks, until the segments fit in
+// LimitBytes. The caller holds mu.
+func (s *Store) evictLocked() {
+	for s.st.Bytes > s.limit && len(s.segs) > 0 {
+		g := s.segs[0]
+		for _, k := range g.keys {
+			if l, ok := s.index[k]; ok && l.seg == g {
+				delete(s.index, k)
+				s.st.Blocks--
+				s.ds.LiveBytes -= uint64(l.size)
+				s.st.Evictions++
+			}
+		}
+		g.live = 0
+		s.killLocked(g)
+	}
+}
+
+// killLocked takes segment g out of the store: its bytes no longer count, and its file is
+// deleted by reap once no Get reads it. The caller holds mu and has forgotten g's blocks.
+func (s *Store) killLocked(g *segment) {
+	if g.dead {
+		return
+	}
+	g.dead = true
+	for i, h := range s.segs {
+		if h == g {
+			s.segs = append(s.segs[:i], s.segs[i+1:]...)
+			break
+		}
+	}
+	s.st.Bytes -= uint64(g.size)
+	s.ds.Segments--
+	g.keys = nil
+	if g.readers == 0 {
+		s.doomed = append(s.doomed, g)
+	}
+}
+
+// unpinLocked ends a Get's read of g. The caller holds mu.
+func (s *Store) unpinLocked(g *segment) {
+	g.readers--
+	if g.dead && g.readers == 0 {
+		s.doomed = append(s.doomed, g)
+	}
+}
+
+// reap closes and deletes the dead segments no Get reads. Deleting a file frees its blocks,
+// which takes the filesystem's journal, so it is done outside mu.
+func (s *Store) reap() {
+	s.mu.Lock()
+	doomed := s.doomed
+	s.doomed = nil
+	s.mu.Unlock()
+	var failed uint64
+	for _, g := range doomed {
+		_ = s.io.close(g.fd)
+		if s.io.remove(g.path) != nil {
+			failed++ // found again by the next Open
+		}
+	}
+	if failed > 0 {
+		s.mu.Lock()
+		s.st.Failures += failed
+		s.mu.Unlock()
+	}
+}
+
+// reapClose is reap, then closes the live segments' files, which stay on disk. Close and a
+// failed Open call it once no call is in flight.
+func (s *Store) reapClose() {
+	s.reap()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, g := range s.segs {
+		if g.fd >= 0 {
+			_ = s.io.close(g.fd)
+			g.fd = -1
+		}
+	}
+}
