@@ -26,7 +26,7 @@ var benchSizes = []struct {
 func openBench(b *testing.B, n int) *disk.Store {
 	b.Helper()
 	rec := tierbench.RecordSize(n)
-	s, err := disk.Open(b.TempDir(), disk.Options{BlockBytes: n, LimitBytes: uint64(4 * batch * rec)})
+	s, err := disk.Open(b.TempDir(), disk.Options{BlockBytes: n, LimitBytes: uint64(4 * batch * rec), SpareBytes: uint64(batch * rec)})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -31,8 +31,10 @@ type Options struct {
 	Fingerprint tier.Fingerprint // the model whose blocks the store holds
 	BlockBytes  int              // the data bytes of every block, 1 to MaxBlockBytes
 	LimitBytes  uint64           // the bound on the segments' bytes; at least one block's record
-	// SpareBytes is ignored. It sized a pool of files kept for reuse in the layout of one file
-	// per block; segments make it moot.
+	// SpareBytes of LimitBytes are kept in the files of evicted segments, for new segments to
+	// overwrite in place: writing over allocated blocks is faster than allocating them, and
+	// deleting a file costs the filesystem's journal. 0 keeps none; at most LimitBytes less one
+	// block's record.
 	SpareBytes uint64
 	// SegmentBytes is the size a segment file grows to before the next is started, rounded up
 	// to 4096. Eviction frees one whole segment at a time. 0 picks an eighth of LimitBytes,
@@ -55,6 +57,8 @@ func (o Options) validate(dir string) error {
 		return &ArgumentError{Name: "BlockBytes", Value: int64(o.BlockBytes), Min: 1, Max: MaxBlockBytes}
 	case o.LimitBytes < uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
 		return &ArgumentError{Name: "LimitBytes", Value: int64(min(o.LimitBytes, math.MaxInt64)), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
+	case o.SpareBytes > o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
+		return &ArgumentError{Name: "SpareBytes", Value: int64(min(o.SpareBytes, math.MaxInt64)), Max: int64(min(o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)), math.MaxInt64))}
 	case o.SegmentBytes > MaxSegmentBytes:
 		return &ArgumentError{Name: "SegmentBytes", Value: int64(min(o.SegmentBytes, math.MaxInt64)), Min: 0, Max: MaxSegmentBytes}
 	case o.Mode < ModeAuto || o.Mode > ModeBuffered:
@@ -78,6 +82,7 @@ type Store struct {
 	fp         tier.Fingerprint
 	blockBytes int
 	limit      uint64
+	spareLimit uint64
 	segBytes   int64
 	mode       Mode
 	io         fileIO
@@ -98,6 +103,7 @@ type Store struct {
 	closed bool
 	index  map[ikey]loc
 	segs   []*segment // the live segments, oldest first; the last is the tail
+	spares []*segment // the spare files, oldest first, open
 	seq    uint64     // the last segment's number
 	next   uint64     // bytes ever appended: the next segment's base
 	doomed []*segment // dead segments no Get reads, for reap to close and delete
@@ -112,6 +118,8 @@ type DiskStats struct {
 	TornAtOpen    uint64 // segments Open truncated at a torn record
 	Segments      uint64 // segment files now
 	LiveBytes     uint64 // the records the index points at; Stats.Bytes less dead records
+	SpareFiles    uint64 // evicted segments' files kept for reuse now (Options.SpareBytes)
+	SpareBytes    uint64 // their bytes; with Stats.Bytes, at most Options.LimitBytes
 }
 
 // Open opens the store in dir, creating the directory if need be, and rebuilds its index from
@@ -136,7 +144,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		}
 		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
-	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, segBytes: opt.segmentBytes(), lockFD: -1}
+	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1}
 	s.index = make(map[ikey]loc)
 	s.st.LimitBytes = opt.LimitBytes
 	if err := s.lock(); err != nil {

@@ -233,6 +233,15 @@ func TestNeverFitsIsRefused(t *testing.T) {
 	n, err := s.Has(ctx, prefix.Namespace{}, keysOf(bs))
 	require.NoError(t, err)
 	assert.Equal(t, 2, n, "a refused Put keeps what the store had")
+
+	// Spare files take their share of the limit.
+	o := opts(4)
+	o.SpareBytes = 2 * record
+	s2 := open(t, t.TempDir(), o)
+	defer s2.Close()
+	require.ErrorAs(t, s2.Put(ctx, bs), &fe)
+	assert.Equal(t, uint64(2*record), fe.Limit)
+	require.NoError(t, s2.Put(ctx, bs[:2]))
 }
 
 func TestWarmRestart(t *testing.T) {
@@ -421,6 +430,8 @@ func TestOptionsAreChecked(t *testing.T) {
 		{"zero limit", dir, disk.Options{BlockBytes: blockBytes}, "LimitBytes"},
 		{"limit under one block", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record - 1}, "LimitBytes"},
 		{"negative mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: -1}, "Mode"},
+		{"spare of the whole limit", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: record + 1}, "SpareBytes"},
+		{"huge spare", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: math.MaxUint64}, "SpareBytes"},
 		{"segment over max", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SegmentBytes: disk.MaxSegmentBytes + 1}, "SegmentBytes"},
 		{"huge segment", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SegmentBytes: math.MaxUint64}, "SegmentBytes"},
 		{"unknown mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: 3}, "Mode"},
@@ -542,8 +553,8 @@ func TestOneStorePerDirectory(t *testing.T) {
 	require.NoError(t, s.Close())
 }
 
-// A Put whose open or write fails leaves the index and the directory exactly as before: the
-// segments it made are deleted and the tail is cut back to its size. A full disk or a read-only
+// A Put whose rename or write fails leaves the index and the directory exactly as before: the
+// spare file it took is given back under its name and the tail is cut back to its size. A full disk or a read-only
 // one is such a failure, with its own sentinel and its errno in the chain.
 func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	for _, c := range []struct {
@@ -552,26 +563,27 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 		errno syscall.Errno // 0: disk.ErrFault
 		want  error
 	}{
-		{"write", 1, 0, disk.ErrFault}, {"write", 2, 0, disk.ErrFault}, {"open", 1, 0, disk.ErrFault},
+		{"write", 1, 0, disk.ErrFault}, {"write", 2, 0, disk.ErrFault}, {"rename", 1, 0, disk.ErrFault},
 		{"write", 1, syscall.ENOSPC, disk.ErrNoSpace}, {"write", 2, syscall.ENOSPC, disk.ErrNoSpace},
 		{"write", 2, syscall.EDQUOT, disk.ErrNoSpace},
 		{"write", 1, syscall.EROFS, disk.ErrReadOnly}, {"write", 2, syscall.EACCES, disk.ErrReadOnly},
-		{"open", 1, syscall.EROFS, disk.ErrReadOnly},
+		{"rename", 1, syscall.EROFS, disk.ErrReadOnly},
 	} {
 		t.Run(fmt.Sprintf("%s-%d-%v", c.op, c.n, c.want), func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
 			o := opts(6)
 			o.SegmentBytes = 2 * record
+			o.SpareBytes = 2 * record
 			s, fault, err := disk.OpenFaulty(dir, o)
 			require.NoError(t, err)
 			defer s.Close()
 			ns := prefix.Namespace{}
 			require.NoError(t, s.Put(ctx, chain(ns, 4, 17)))
 			old := chain(ns, 3, 13)
-			require.NoError(t, s.Put(ctx, old)) // evicts the first segment: the tail holds 1
+			require.NoError(t, s.Put(ctx, old)) // evicts 2 segments, 1 kept spare: the tail holds 1
 			before, dsBefore := s.Stats(), s.DiskStats()
-			require.Equal(t, uint64(2), before.Evictions)
+			require.Equal(t, uint64(1), dsBefore.SpareFiles)
 			filesBefore := sizes(t, dir)
 
 			if c.errno == 0 {
@@ -579,7 +591,7 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 			} else {
 				fault.ArmErrno(c.op, c.n, "", c.errno)
 			}
-			err = s.Put(ctx, chain(ns, 3, 14)) // 1 at the tail, 2 in a new segment
+			err = s.Put(ctx, chain(ns, 3, 14)) // 1 at the tail, 2 over the spare file
 			require.ErrorIs(t, err, c.want)
 			if c.errno != 0 {
 				require.ErrorIs(t, err, c.errno)
@@ -848,4 +860,50 @@ func TestDropSurvivesRestart(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, n, "the records after a dropped one are found")
 	assert.Equal(t, bs[2].Data, dst[0])
+}
+
+// Evicted segments' files become spares, up to SpareBytes, within LimitBytes with the segments;
+// a new segment overwrites one in place, and the older records past its end are not restored.
+func TestSpareFilesAreReused(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(6)
+	o.SegmentBytes = 2 * record
+	o.SpareBytes = 2 * record
+	s := open(t, dir, o)
+	ns := prefix.Namespace{Salt: "s"}
+	bs := chain(ns, 8, 43)
+	check := func(blocks, spares uint64) {
+		t.Helper()
+		st, ds := s.Stats(), s.DiskStats()
+		assert.Equal(t, blocks, st.Blocks)
+		assert.Equal(t, spares, ds.SpareFiles)
+		_, onDisk := segFiles(t, dir)
+		_, spareBytes := files(t, dir, func(p string) bool { return strings.HasSuffix(p, ".spare") })
+		assert.Equal(t, st.Bytes, onDisk)
+		assert.Equal(t, ds.SpareBytes, spareBytes)
+		assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, o.LimitBytes)
+	}
+	require.NoError(t, s.Put(ctx, bs[:4])) // [0 1] [2 3]
+	check(4, 0)
+	require.NoError(t, s.Put(ctx, bs[4:5])) // [4]: 5 records > 6-2 evicts [0 1], a spare now
+	check(3, 1)
+	require.NoError(t, s.Put(ctx, bs[5:6])) // [4 5]
+	check(4, 1)
+	require.NoError(t, s.Put(ctx, bs[6:7])) // [6] over the spare, whose record 1 lies past it
+	check(3, 1)                             // and [2 3] evicted into the pool
+	dst := dsts(1)
+	n, err := s.Get(ctx, ns, keysOf(bs[6:7]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, bs[6].Data, dst[0])
+	assert.Equal(t, uint64(4), s.Stats().Evictions)
+
+	require.NoError(t, s.Close())
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.Equal(t, uint64(3), s.Stats().Restored)
+	assert.False(t, has(t, s, ns, bs[1].Key), "a spare's older record is not restored")
+	assert.Zero(t, s.DiskStats().DroppedAtOpen)
+	check(3, 1)
 }

@@ -13,7 +13,7 @@ import (
 var ErrFault = errors.New("injected fault")
 
 // Fault fails the Nth call (counting from 1 after Arm) of one file operation ("open", "write",
-// "read", "truncate" or "remove") on a file whose path contains match. For "write" and "read"
+// "read", "truncate", "rename" (matched on its source) or "remove") on a file whose path contains match. For "write" and "read"
 // the path is followed by "@" and the offset: "@12288" matches a record at that offset.
 type Fault struct {
 	inner fileIO
@@ -98,6 +98,13 @@ func (f *Fault) truncate(fd int, path string, size int64) error {
 		return err
 	}
 	return f.inner.truncate(fd, path, size)
+}
+
+func (f *Fault) rename(from, to string) error {
+	if err := f.hit("rename", from); err != nil {
+		return err
+	}
+	return f.inner.rename(from, to)
 }
 
 func (f *Fault) close(fd int) error { return f.inner.close(fd) }

@@ -63,6 +63,7 @@ type fileIO interface {
 	write(fd int, path string, rec []byte, off int64) error
 	read(fd int, path string, buf []byte, off int64) (int, error)
 	truncate(fd int, path string, size int64) error
+	rename(from, to string) error
 	close(fd int) error
 	remove(path string) error
 }
@@ -139,6 +140,14 @@ func (o osIO) read(fd int, path string, buf []byte, at int64) (int, error) {
 func (osIO) truncate(fd int, path string, size int64) error {
 	if err := unix.Ftruncate(fd, size); err != nil {
 		return &fs.PathError{Op: "truncate", Path: path, Err: err}
+	}
+	return nil
+}
+
+// rename is rename(2). os.Rename would first stat the target, a system call more.
+func (osIO) rename(from, to string) error {
+	if err := unix.Rename(from, to); err != nil {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
 	}
 	return nil
 }

@@ -1,10 +1,10 @@
 package disk
 
 import (
+	"cmp"
 	"context"
 	"fmt"
-
-	"golang.org/x/sys/unix"
+	"sync"
 
 	"github.com/pagedkv/pagedkv/tier"
 )
@@ -22,10 +22,11 @@ type appendItem struct {
 
 // appendRun is the items an append writes into one segment with one write.
 type appendRun struct {
-	seg    *segment
-	fresh  bool // seg is made by this append
-	off    int64
-	lo, hi int // its items
+	seg     *segment
+	fresh   bool // seg is made by this append
+	renamed bool // seg's spare file is under seg's name
+	off     int64
+	lo, hi  int // its items
 }
 
 // Put stores blocks, skipping those the store holds. It appends their records to the tail
@@ -76,8 +77,8 @@ func (s *Store) checkPut(ctx context.Context, blocks []tier.Block) error {
 		}
 		need += uint64(recordSize(b.NS, s.blockBytes))
 	}
-	if need > s.limit {
-		return &FitError{Blocks: len(blocks), Need: need, Limit: s.limit}
+	if room := s.limit - s.spareLimit; need > room {
+		return &FitError{Blocks: len(blocks), Need: need, Limit: room}
 	}
 	return nil
 }
@@ -127,6 +128,13 @@ func (s *Store) plan(items []appendItem) ([]appendItem, []appendRun) {
 			}
 			seq++
 			seg, off, fresh = &segment{seq: seq, path: s.segName(seq), fd: -1, base: next}, 0, true
+			if n := len(s.spares); n > 0 {
+				sp := s.spares[n-1] // the newest: the likeliest to be in the disk's cache
+				s.spares = s.spares[:n-1]
+				s.ds.SpareFiles--
+				s.ds.SpareBytes -= uint64(sp.fsize)
+				seg.fd, seg.fsize, seg.spare = sp.fd, sp.fsize, sp.path
+			}
 		}
 		if len(runs) == 0 || runs[len(runs)-1].seg != seg {
 			runs = append(runs, appendRun{seg: seg, fresh: fresh, off: off, lo: i, hi: i})
@@ -147,12 +155,57 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 		return err
 	}
 	n := int(items[r.hi-1].at.off + items[r.hi-1].size - r.off)
-	if cap(s.wbuf) < n {
-		s.wbuf = alignedBuf(max(n, 2*cap(s.wbuf)))
+	if cap(s.wbuf) < n+align {
+		s.wbuf = alignedBuf(max(n+align, 2*cap(s.wbuf)))
 	}
 	buf := s.wbuf[:n]
-	for _, it := range items[r.lo:r.hi] {
-		rec := buf[it.at.off-r.off:][:it.size]
+	if r.off+int64(n) < r.seg.fsize {
+		// A reused file holds older records past the new ones: a zero page after them ends
+		// the segment for Open's scan. The next append overwrites it.
+		buf = s.wbuf[:n+align]
+		clear(buf[n:])
+	}
+	switch {
+	case r.fresh && r.seg.spare != "":
+		if err := s.io.rename(r.seg.spare, r.seg.path); err != nil {
+			return ioError(err)
+		}
+		r.renamed = true
+	case r.fresh:
+		fd, err := s.io.open(r.seg.path, true)
+		if err != nil {
+			return ioError(err)
+		}
+		r.seg.fd = fd
+	}
+	// A large run goes out as up to ioWorkers writes at once, each of a contiguous part that
+	// its goroutine encodes first: the disk sees a deeper queue, and encoding overlaps I/O.
+	parts := min(r.hi-r.lo, ioWorkers, max(1, n/minPartBytes))
+	var mu sync.Mutex
+	var first error
+	parallel(parts, func(p int) {
+		lo, hi := r.lo+(r.hi-r.lo)*p/parts, r.lo+(r.hi-r.lo)*(p+1)/parts
+		from, to := items[lo].at.off-r.off, items[hi-1].at.off+items[hi-1].size-r.off
+		if p == parts-1 {
+			to = int64(len(buf))
+		}
+		if err := s.writePart(r.seg, items[lo:hi], buf[from:to], r.off+from); err != nil {
+			mu.Lock()
+			first = cmp.Or(first, err)
+			mu.Unlock()
+		}
+	})
+	return first
+}
+
+// minPartBytes is the least a part of a run's write holds: below it, one write is cheaper.
+const minPartBytes = 512 << 10
+
+// writePart encodes items into buf, whose first byte goes to offset at of segment g, pads them
+// and writes buf.
+func (s *Store) writePart(g *segment, items []appendItem, buf []byte, at int64) error {
+	for _, it := range items {
+		rec := buf[it.at.off-at:][:it.size]
 		used := copy(rec, it.raw)
 		if it.blk != nil {
 			enc, err := tier.Encode(rec[:0], s.fp, *it.blk)
@@ -163,34 +216,40 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 		}
 		clear(rec[used:])
 	}
-	if r.fresh {
-		fd, err := s.io.open(r.seg.path, true)
-		if err != nil {
-			return ioError(err)
-		}
-		r.seg.fd = fd
-		// Allocating the segment's blocks up front, without changing its size, spares each
-		// append the allocation. Where the filesystem cannot, appends allocate as they go.
-		_ = unix.Fallocate(fd, unix.FALLOC_FL_KEEP_SIZE, 0, s.segBytes)
-	}
-	if err := s.io.write(r.seg.fd, r.seg.path, buf, r.off); err != nil {
+	if err := s.io.write(g.fd, g.path, buf, at); err != nil {
 		return ioError(err)
 	}
 	return nil
 }
 
-// undo deletes the segments a failed append made and cuts the tail back to its committed size,
-// so that no record of the append is found by the next Open. The caller holds wmu.
+// undo deletes the segments a failed append made, gives back the spare files it took, under
+// their names, and cuts the tail back to its committed size, so that no record of the append
+// is found by the next Open. The caller holds wmu.
 func (s *Store) undo(runs []appendRun) {
+	var back []*segment
 	for _, r := range runs {
+		g := r.seg
 		switch {
-		case r.fresh && r.seg.fd >= 0:
-			_ = s.io.close(r.seg.fd)
-			_ = s.io.remove(r.seg.path)
+		case r.fresh && g.spare != "":
+			if r.renamed && s.io.rename(g.path, g.spare) != nil {
+				_ = s.io.close(g.fd)
+				_ = s.io.remove(g.path)
+				continue
+			}
+			back = append(back, &segment{seq: g.seq, path: g.spare, fd: g.fd, fsize: g.fsize})
+		case r.fresh && g.fd >= 0:
+			_ = s.io.close(g.fd)
+			_ = s.io.remove(g.path)
 		case !r.fresh:
-			_ = s.io.truncate(r.seg.fd, r.seg.path, r.off) // a leftover fails its checks at Open
+			_ = s.io.truncate(g.fd, g.path, max(r.off, g.fsize))
 		}
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, g := range back {
+		s.addSpareLocked(g)
+	}
+	s.trimSparesLocked()
 }
 
 // publish commits a written append: new segments join the store, records enter the index, then
@@ -204,8 +263,12 @@ func (s *Store) publish(items []appendItem, runs []appendRun) {
 			s.ds.Segments++
 		}
 		end := items[r.hi-1].at.off + items[r.hi-1].size
-		s.st.Bytes += uint64(end - r.seg.size)
-		r.seg.size = end
+		fsize := max(end, r.seg.fsize)
+		if r.fresh {
+			r.seg.fsize = 0
+		}
+		s.st.Bytes += uint64(fsize - r.seg.fsize)
+		r.seg.size, r.seg.fsize = end, fsize
 		s.next = r.seg.base + uint64(end)
 	}
 	for _, it := range items {

@@ -17,13 +17,22 @@ func (s *Store) scan() error {
 	if err != nil {
 		return ioError(err)
 	}
-	var seqs []uint64
+	var seqs, spares []uint64
 	for _, d := range ents {
 		if seq, ok := isSegName(d.Name()); ok && d.Type().IsRegular() {
 			seqs = append(seqs, seq)
 		}
+		if seq, ok := isName(d.Name(), ".spare"); ok && d.Type().IsRegular() {
+			spares = append(spares, seq)
+		}
 	}
 	slices.Sort(seqs)
+	slices.Sort(spares)
+	for _, seq := range spares {
+		if err := s.scanSpare(seq); err != nil {
+			return ioError(err)
+		}
+	}
 	hdr := alignedBuf(align)
 	for _, seq := range seqs {
 		g := &segment{seq: seq, path: s.segName(seq), base: s.next}
@@ -34,10 +43,11 @@ func (s *Store) scan() error {
 		g.fd = fd
 		s.segs = append(s.segs, g) // closed by reapClose if the scan fails
 		s.ds.Segments++
-		s.seq = seq
+		s.seq = max(s.seq, seq)
 		if err := s.scanSegment(g, hdr); err != nil {
 			return ioError(err)
 		}
+		g.fsize = g.size
 		s.st.Bytes += uint64(g.size)
 		s.next += uint64(g.size)
 	}
@@ -65,6 +75,13 @@ func (s *Store) scanSegment(g *segment, hdr []byte) error {
 		h, err := s.header(g, off, hdr)
 		if err != nil {
 			return err
+		}
+		if h == nil && !slices.ContainsFunc(hdr, func(b byte) bool { return b != 0 }) {
+			// a zero page: the end of the records in a reused file
+			if err := s.io.truncate(g.fd, g.path, off); err != nil {
+				return err
+			}
+			break
 		}
 		size := int64(0)
 		if h != nil && h.DataLen <= MaxBlockBytes {
@@ -106,9 +123,29 @@ func (s *Store) scanSegment(g *segment, hdr []byte) error {
 	return nil
 }
 
+// scanSpare puts spare file seq into the pool at Open; evictLocked trims the pool to its
+// bound.
+func (s *Store) scanSpare(seq uint64) error {
+	path := s.spareName(seq)
+	fd, err := s.io.open(path, false)
+	if err != nil {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Size == 0 || st.Size%align != 0 {
+		_ = s.io.close(fd)
+		_ = s.io.remove(path)
+		return nil
+	}
+	s.seq = max(s.seq, seq)
+	s.addSpareLocked(&segment{seq: seq, path: path, fd: fd, fsize: st.Size})
+	return nil
+}
+
 // header reads and parses the header of the record at off in g, or returns nil where none
 // parses. An I/O error is returned.
 func (s *Store) header(g *segment, off int64, buf []byte) (*tier.Header, error) {
+	clear(buf)
 	n, err := s.io.read(g.fd, g.path, buf, off)
 	if err != nil {
 		return nil, err

@@ -7,10 +7,16 @@ import (
 // segName returns the file of segment seq: 16 hex digits and ".seg".
 func (s *Store) segName(seq uint64) string { return fmt.Sprintf("%s/%016x.seg", s.dir, seq) }
 
+// spareName returns the name a spare file takes: 16 hex digits and ".spare".
+func (s *Store) spareName(seq uint64) string { return fmt.Sprintf("%s/%016x.spare", s.dir, seq) }
+
 // isSegName reports whether name has the form segName gives, and its number.
-func isSegName(name string) (uint64, bool) {
+func isSegName(name string) (uint64, bool) { return isName(name, ".seg") }
+
+// isName reports whether name is 16 hex digits and then suffix, and the number.
+func isName(name, suffix string) (uint64, bool) {
 	var seq uint64
-	if len(name) != 16+4 || name[16:] != ".seg" {
+	if len(name) != 16+len(suffix) || name[16:] != suffix {
 		return 0, false
 	}
 	for _, c := range name[:16] {
@@ -58,9 +64,10 @@ func (s *Store) forgetLocked(k ikey, l loc) {
 }
 
 // evictLocked deletes the oldest segments, and forgets their blocks, until the segments fit in
-// LimitBytes. The caller holds mu.
+// LimitBytes less SpareBytes, then deletes spare files over SpareBytes or the limit. The
+// caller holds mu.
 func (s *Store) evictLocked() {
-	for s.st.Bytes > s.limit && len(s.segs) > 0 {
+	for s.st.Bytes > s.limit-s.spareLimit && len(s.segs) > 0 {
 		g := s.segs[0]
 		for _, k := range g.keys {
 			if l, ok := s.index[k]; ok && l.seg == g {
@@ -73,6 +80,41 @@ func (s *Store) evictLocked() {
 		g.live = 0
 		s.killLocked(g)
 	}
+	s.trimSparesLocked()
+}
+
+// trimSparesLocked deletes the oldest spare files until the spares fit in SpareBytes and,
+// with the segments, in LimitBytes. The caller holds mu.
+func (s *Store) trimSparesLocked() {
+	for len(s.spares) > 0 && (s.ds.SpareBytes > s.spareLimit || s.st.Bytes+s.ds.SpareBytes > s.limit) {
+		g := s.spares[0]
+		s.spares = s.spares[1:]
+		s.ds.SpareFiles--
+		s.ds.SpareBytes -= uint64(g.fsize)
+		s.doomed = append(s.doomed, g)
+	}
+}
+
+// addSpareLocked puts file g into the spare pool. The caller holds mu.
+func (s *Store) addSpareLocked(g *segment) {
+	s.spares = append(s.spares, g)
+	s.ds.SpareFiles++
+	s.ds.SpareBytes += uint64(g.fsize)
+}
+
+// retireLocked disposes of the file of dead segment g, which no Get reads: it becomes a spare
+// where the pool has room for it, else reap deletes it. Renaming it under mu orders the rename
+// before any later append that reuses it. The caller holds mu.
+func (s *Store) retireLocked(g *segment) {
+	if s.ds.SpareBytes+uint64(g.fsize) <= s.spareLimit && g.fd >= 0 {
+		name := s.spareName(g.seq)
+		if s.io.rename(g.path, name) == nil {
+			s.addSpareLocked(&segment{seq: g.seq, path: name, fd: g.fd, fsize: g.fsize})
+			return
+		}
+		s.st.Failures++
+	}
+	s.doomed = append(s.doomed, g)
 }
 
 // killLocked takes segment g out of the store: its bytes no longer count, and its file is
@@ -88,11 +130,11 @@ func (s *Store) killLocked(g *segment) {
 			break
 		}
 	}
-	s.st.Bytes -= uint64(g.size)
+	s.st.Bytes -= uint64(g.fsize)
 	s.ds.Segments--
 	g.keys = nil
 	if g.readers == 0 {
-		s.doomed = append(s.doomed, g)
+		s.retireLocked(g)
 	}
 }
 
@@ -100,11 +142,11 @@ func (s *Store) killLocked(g *segment) {
 func (s *Store) unpinLocked(g *segment) {
 	g.readers--
 	if g.dead && g.readers == 0 {
-		s.doomed = append(s.doomed, g)
+		s.retireLocked(g)
 	}
 }
 
-// reap closes and deletes the dead segments no Get reads. Deleting a file frees its blocks,
+// reap closes and deletes the dead segments no Get reads and the spare files let go. Deleting a file frees its blocks,
 // which takes the filesystem's journal, so it is done outside mu.
 func (s *Store) reap() {
 	s.mu.Lock()
@@ -125,13 +167,13 @@ func (s *Store) reap() {
 	}
 }
 
-// reapClose is reap, then closes the live segments' files, which stay on disk. Close and a
+// reapClose is reap, then closes the live segments' and spares' files, which stay on disk. Close and a
 // failed Open call it once no call is in flight.
 func (s *Store) reapClose() {
 	s.reap()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, g := range s.segs {
+	for _, g := range append(s.segs, s.spares...) {
 		if g.fd >= 0 {
 			_ = s.io.close(g.fd)
 			g.fd = -1
