@@ -197,8 +197,11 @@ const ioWorkers = 4
 
 // parallel calls f(i) for every i below n, from up to ioWorkers goroutines, and returns when
 // all calls have.
-func parallel(n int, f func(i int)) {
-	w := min(n, ioWorkers)
+func parallel(n int, f func(i int)) { parallelN(n, ioWorkers, f) }
+
+// parallelN is parallel with up to w goroutines.
+func parallelN(n, w int, f func(i int)) {
+	w = min(n, w)
 	if w <= 1 {
 		for i := range n {
 			f(i)

@@ -180,10 +180,10 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 	}
 	// A large run goes out as up to ioWorkers writes at once, each of a contiguous part that
 	// its goroutine encodes first: the disk sees a deeper queue, and encoding overlaps I/O.
-	parts := min(r.hi-r.lo, ioWorkers, max(1, n/minPartBytes))
+	parts := min(r.hi-r.lo, writeParts, max(1, n/minPartBytes))
 	var mu sync.Mutex
 	var first error
-	parallel(parts, func(p int) {
+	parallelN(parts, writeParts, func(p int) {
 		lo, hi := r.lo+(r.hi-r.lo)*p/parts, r.lo+(r.hi-r.lo)*(p+1)/parts
 		from, to := items[lo].at.off-r.off, items[hi-1].at.off+items[hi-1].size-r.off
 		if p == parts-1 {
@@ -198,8 +198,11 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 	return first
 }
 
+// writeParts is how many parts of a run are written at once, at most.
+const writeParts = 8
+
 // minPartBytes is the least a part of a run's write holds: below it, one write is cheaper.
-const minPartBytes = 512 << 10
+const minPartBytes = 256 << 10
 
 // writePart encodes items into buf, whose first byte goes to offset at of segment g, pads them
 // and writes buf.
