@@ -10,41 +10,40 @@
 // overwrite one in place instead of allocating a file. Other files are not the store's and are
 // left alone.
 //
-// A segment is a run of records with no gap and no file header, ended by the file's end or by
-// a page of 4096 zero bytes at a record's start (a segment made from a spare file holds the
-// spare's older bytes after it; the next append overwrites the zero page). Each record starts at an
-// offset that is a multiple of 4096: the block as tier.Encode lays it out (the self-describing
-// header, then the data), zero-padded to a multiple of 4096 bytes. A reader finds the records
-// from offset 0: it parses the header there (tier.ParseHeader), and the record's length is
-// header size plus the header's data length, rounded up to 4096; the next record starts after
-// it. The padding carries nothing. A record whose header fingerprint is ff ff ff ff, then 26
-// zero bytes, then ff ff, was dropped (Drop overwrites the fingerprint in place): its length
-// still leads to the next record, and nothing else in it counts.
+// A segment is a run of records with no gap and no file header, ended by the file's end or by a
+// page of 4096 zero bytes at a record's start (a segment made from a spare file holds the spare's
+// older bytes after it; the next append overwrites the zero page). Each record starts at an offset
+// that is a multiple of 4096: the block as tier.Encode lays it out (the self-describing header,
+// then the data), zero-padded to a multiple of 4096 bytes. A reader finds the records from offset
+// 0: it parses the header there (tier.ParseHeader), and the record's length is header size plus the
+// header's data length, rounded up to 4096; the next record starts after it. The padding carries
+// nothing. A record whose header fingerprint is ff ff ff ff, then 26 zero bytes, then ff ff, was
+// dropped (Drop overwrites the fingerprint in place): its length still leads to the next record,
+// and nothing else in it counts.
 //
-// A Put appends its records at the tail of the youngest segment. When the next record would
-// take a segment past Options.SegmentBytes, a new segment starts (a record larger than that
-// has a segment of its own). Records are never rewritten, except for the drop mark. A later
-// record of a namespace and key replaces an earlier one: the index maps each key to the last
-// record of it.
+// A Put appends its records at the tail of the youngest segment. When the next record would take a
+// segment past Options.SegmentBytes, a new segment starts (a record larger than that has a segment
+// of its own). Records are never rewritten in place, except for the drop mark; a Get's second
+// chance appends a copy. A later record of a namespace and key replaces an earlier one: the index
+// maps each key to the last record of it.
 //
-// Open reads every segment, oldest first, and rebuilds the index (a warm restart). It drops
-// and counts (DiskStats.DroppedAtOpen) the records of another fingerprint or block size. At a
-// header that does not parse, or a record whose bytes run past the file's end (a torn append),
-// it truncates the segment there (DiskStats.TornAtOpen): nothing after it can be found. At a
-// zero page it truncates the segment too, counting nothing. A segment left with no record the
-// index points at becomes a spare file or is deleted. Data checksums are checked on
-// every Get.
+// Open reads every segment, oldest first, and rebuilds the index (a warm restart). It drops and
+// counts (DiskStats.DroppedAtOpen) the records of another fingerprint or block size. At a header
+// that does not parse, or a record whose bytes run past the file's end (a torn append), it
+// truncates the segment there (DiskStats.TornAtOpen): nothing after it can be found. At a zero page
+// it truncates the segment too, counting nothing. A segment left with no record the index points at
+// becomes a spare file or is deleted. Data checksums are checked on every Get.
 //
 // # I/O
 //
-// Segments are written and read with O_DIRECT from buffers aligned to 4096 bytes, so cached
-// blocks do not crowd the page cache. Where the filesystem refuses O_DIRECT, a store opened
-// with ModeAuto writes through the page cache, calls fdatasync and drops the pages with
-// posix_fadvise(DONTNEED); DiskStats.Mode says which mode is in use. A direct write is not
-// followed by fdatasync: a block lost in a crash is a miss, and a torn one fails its checks. A
-// Put encodes its batch into one aligned buffer and writes it with one call per segment it
-// touches, split into one write per 512 KiB, up to 4 at once. A Get reads each
-// record with one call, up to 4 at once.
+// Segments are written and read with O_DIRECT from buffers aligned to 4096 bytes, so cached blocks
+// do not crowd the page cache. Where the filesystem refuses O_DIRECT, a store opened with ModeAuto
+// writes through the page cache, calls fdatasync and drops the pages with posix_fadvise(DONTNEED);
+// DiskStats.Mode says which mode is in use. A direct write is not followed by fdatasync: a block
+// lost in a crash is a miss, and a torn one fails its checks. A Put encodes its batch into one
+// aligned buffer and writes each segment's share of it in parts of at least 256 KiB, up to 8 at
+// once: one write where the batch is smaller. A Get reads each record with one call, up to 4 at
+// once.
 //
 // # Bound and eviction
 //

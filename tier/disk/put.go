@@ -178,7 +178,7 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 		}
 		r.seg.fd = fd
 	}
-	// A large run goes out as up to ioWorkers writes at once, each of a contiguous part that
+	// A large run goes out as up to writeParts writes at once, each of a contiguous part that
 	// its goroutine encodes first: the disk sees a deeper queue, and encoding overlaps I/O.
 	parts := min(r.hi-r.lo, writeParts, max(1, n/minPartBytes))
 	var mu sync.Mutex
