@@ -768,8 +768,9 @@ func TestSegmentEviction(t *testing.T) {
 	}
 }
 
-// A Get of a block in the oldest quarter of the store's bytes appends it again at the tail, so
-// the eviction of its segment spares it; blocks not read go with their segment.
+// A Get of a block in a segment that eviction would reach within the next quarter of the limit
+// appends it again at the tail, so the eviction of its segment spares it; blocks not read go
+// with their segment. A store far from full moves nothing.
 func TestSecondChance(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -779,9 +780,14 @@ func TestSecondChance(t *testing.T) {
 	defer s.Close()
 	ns := prefix.Namespace{}
 	bs := chain(ns, 10, 41)
-	require.NoError(t, s.Put(ctx, bs[:8])) // [0 1] [2 3] [4 5] [6 7]
+	require.NoError(t, s.Put(ctx, bs[:4])) // [0 1] [2 3]: half full
 	dst := dsts(1)
-	n, err := s.Get(ctx, ns, keysOf(bs[1:2]), dst) // the first segment is the oldest quarter
+	n, err := s.Get(ctx, ns, keysOf(bs[1:2]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, uint64(4*record), s.Stats().Bytes, "nothing moved")
+	require.NoError(t, s.Put(ctx, bs[4:8]))       // [4 5] [6 7]: full
+	n, err = s.Get(ctx, ns, keysOf(bs[1:2]), dst) // the next append evicts the first segment
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
 	assert.Equal(t, bs[1].Data, dst[0])
@@ -791,7 +797,7 @@ func TestSecondChance(t *testing.T) {
 	assert.Equal(t, uint64(7), st.Blocks)
 	assert.False(t, has(t, s, ns, bs[0].Key))
 	assert.True(t, has(t, s, ns, bs[1].Key))
-	n, err = s.Get(ctx, ns, keysOf(bs[4:5]), dst) // not in the oldest quarter: stays
+	n, err = s.Get(ctx, ns, keysOf(bs[4:5]), dst) // 3 records from eviction, over 8/4: stays
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
 	require.NoError(t, s.Put(ctx, bs[8:10])) // [1 8] [9]: 9 records > 8 evicts [2 3]

@@ -60,8 +60,10 @@
 // SpareBytes returns a *FitError.
 //
 // The policy approximates least-recently-used order by segment, with a second chance: a Get
-// that serves a block from a segment that starts in the oldest quarter of the store's bytes
-// (and is not the youngest) appends the record again at the tail, so that the eviction of its
+// that serves a block from a segment that eviction would reach within the next quarter of
+// LimitBytes less SpareBytes of appends (its start, less the oldest segment's, plus the room
+// left, is under that quarter; the youngest segment excepted) appends the record again at the
+// tail, so that the eviction of its
 // old segment spares it. A Put of a key the store holds is skipped and does not count as a
 // use; nor does Has. Blocks read once from younger segments, and blocks never read, go with
 // their segment in the order they were written.

@@ -14,8 +14,8 @@ import (
 // Get copies the blocks of the leading run of keys the store holds in namespace ns into dst and
 // returns how many it copied. Each record is read with one call and checked (tier.Check) before
 // its bytes are copied: a block that fails is dropped from the index, counted in Stats.Corrupt
-// and ends the run. A block served from the oldest quarter of the store's bytes is appended
-// again at the tail (its second chance). dst must hold at least len(keys) slices of exactly
+// and ends the run. A block served from a segment that eviction would reach soon is appended
+// again at the tail (its second chance; see the package doc). dst must hold at least len(keys) slices of exactly
 // Options.BlockBytes; the store keeps none of them. Up to ioWorkers records are read at once;
 // dst entries past the returned count may have been written.
 func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
@@ -49,7 +49,7 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 // getRead is one record a Get reads: what the index said under mu, and what the read found.
 type getRead struct {
 	at      loc  // its segment is pinned: its readers count this read
-	old     bool // its segment lies in the oldest quarter: a block served moves to the tail
+	old     bool // eviction nears its segment: a block served moves to the tail
 	raw     *[]byte
 	ok      bool  // the block was read, checked and copied
 	corrupt bool  // the block failed its checks

@@ -40,15 +40,17 @@ func (s *Store) tailLocked() *segment {
 	return s.segs[len(s.segs)-1]
 }
 
-// oldLocked reports whether segment g starts in the oldest quarter of the bytes the store
-// holds, and is not the tail: a Get of a block there gives it a second chance at the tail. The
-// caller holds mu.
+// oldLocked reports whether eviction would reach segment g, not the tail, within the next
+// quarter of the segments' room (LimitBytes less SpareBytes) of appends: a Get of a block there
+// gives it a second chance at the tail. A store far from full moves nothing. The caller holds
+// mu.
 func (s *Store) oldLocked(g *segment) bool {
 	if len(s.segs) == 0 || g == s.tailLocked() {
 		return false
 	}
-	head := s.segs[0].base
-	return g.base < head+(s.next-head)/4
+	room := s.limit - s.spareLimit
+	free := room - min(room, s.st.Bytes)
+	return free+(g.base-s.segs[0].base) < room/4
 }
 
 // forgetLocked removes key k, found at l, from the index. A segment left with no live record is
