@@ -1,17 +1,14 @@
 package disk
 
 import (
+	"cmp"
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"math"
 	"os"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -23,21 +20,27 @@ import (
 // MaxBlockBytes is the largest Options.BlockBytes a store takes.
 const MaxBlockBytes = 1 << 30
 
-const (
-	tmpSuffix = ".tmp"
-	lockName  = "LOCK"
-)
+// MaxSegmentBytes is the largest Options.SegmentBytes a store takes, and the default where the
+// limit allows.
+const MaxSegmentBytes = 64 << 20
+
+const lockName = "LOCK"
 
 // Options configure a Store. They are pure data; Open checks them.
 type Options struct {
 	Fingerprint tier.Fingerprint // the model whose blocks the store holds
 	BlockBytes  int              // the data bytes of every block, 1 to MaxBlockBytes
-	LimitBytes  uint64           // the bound on the files' bytes; at least one block's file
-	// SpareBytes of LimitBytes are kept in the files of evicted blocks, for later Puts to
-	// overwrite: a Put of up to SpareBytes creates and deletes no file. 0 keeps none; at most
-	// LimitBytes less one block's file.
+	LimitBytes  uint64           // the bound on the segments' bytes; at least one block's record
+	// SpareBytes of LimitBytes are kept in the files of evicted segments, for new segments to
+	// overwrite in place: writing over allocated blocks is faster than allocating them, and
+	// deleting a file costs the filesystem's journal. 0 keeps none; at most LimitBytes less one
+	// block's record.
 	SpareBytes uint64
-	Mode       Mode // the I/O mode; ModeAuto picks ModeDirect where it works
+	// SegmentBytes is the size a segment file grows to before the next is started, rounded up
+	// to 4096. Eviction frees one whole segment at a time. 0 picks an eighth of LimitBytes,
+	// between 4096 and MaxSegmentBytes.
+	SegmentBytes uint64
+	Mode         Mode // the I/O mode; ModeAuto picks ModeDirect where it works
 }
 
 // recordSize returns the bytes of the file of a block of blockBytes in namespace ns.
@@ -53,55 +56,76 @@ func (o Options) validate(dir string) error {
 	case o.BlockBytes < 1 || o.BlockBytes > MaxBlockBytes:
 		return &ArgumentError{Name: "BlockBytes", Value: int64(o.BlockBytes), Min: 1, Max: MaxBlockBytes}
 	case o.LimitBytes < uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
-		return &ArgumentError{Name: "LimitBytes", Value: int64(o.LimitBytes), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
+		return &ArgumentError{Name: "LimitBytes", Value: int64(min(o.LimitBytes, math.MaxInt64)), Min: int64(recordSize(prefix.Namespace{}, o.BlockBytes))}
 	case o.SpareBytes > o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)):
 		return &ArgumentError{Name: "SpareBytes", Value: int64(min(o.SpareBytes, math.MaxInt64)), Max: int64(min(o.LimitBytes-uint64(recordSize(prefix.Namespace{}, o.BlockBytes)), math.MaxInt64))}
+	case o.SegmentBytes > MaxSegmentBytes:
+		return &ArgumentError{Name: "SegmentBytes", Value: int64(min(o.SegmentBytes, math.MaxInt64)), Min: 0, Max: MaxSegmentBytes}
 	case o.Mode < ModeAuto || o.Mode > ModeBuffered:
 		return &ArgumentError{Name: "Mode", Value: int64(o.Mode), Min: int64(ModeAuto), Max: int64(ModeBuffered)}
 	}
 	return nil
 }
 
-// Store is a tier.Store over the files of one directory. It is safe for concurrent use. The
-// caller owns it from Open to Close; Close releases the directory's lock.
+// segmentBytes returns the segment size the options ask for.
+func (o Options) segmentBytes() int64 {
+	if o.SegmentBytes > 0 {
+		return int64(roundUp(int(o.SegmentBytes)))
+	}
+	return max(align, min(MaxSegmentBytes, int64(o.LimitBytes/8))&^(align-1))
+}
+
+// Store is a tier.Store over the segment files of one directory. It is safe for concurrent
+// use. The caller owns it from Open to Close; Close releases the directory's lock.
 type Store struct {
-	dir         string
-	fp          tier.Fingerprint
-	blockBytes  int
-	limit       uint64
-	spareTarget uint64
-	mode        Mode
-	io          fileIO
-	lockFD      int
-	bufs        sync.Pool // *[]byte: aligned read buffers
+	dir        string
+	fp         tier.Fingerprint
+	blockBytes int
+	limit      uint64
+	spareLimit uint64
+	segBytes   int64
+	mode       Mode
+	io         fileIO
+	lockFD     int
+	bufs       sync.Pool // *[]byte: aligned read buffers
 
 	calls sync.WaitGroup // the calls in flight, which Close waits for
 
-	// mu guards the following.
-	mu       sync.Mutex
-	closed   bool
-	index    map[ikey]*entry
-	order    lru
-	st       tier.Stats
-	ds       DiskStats
-	spares   []spare  // the spare pool, oldest first
-	spareSeq uint64   // the last spare file's number
-	doomed   []string // spare files for reap to delete
+	// wmu serializes appends (Put and a Get's second chances): one writer owns the tail. It is
+	// taken before mu, never while holding it.
+	wmu    sync.Mutex
+	wbuf   []byte       // the appender's aligned buffer
+	witems []appendItem // the appender's items, reused
+	wruns  []appendRun  // the appender's runs, reused
+
+	// mu guards the following, and the segments' fields.
+	mu     sync.Mutex
+	closed bool
+	index  map[ikey]loc
+	segs   []*segment // the live segments, oldest first; the last is the tail
+	spares []*segment // the spare files, oldest first, open
+	seq    uint64     // the last segment's number
+	next   uint64     // bytes ever appended: the next segment's base
+	doomed []*segment // dead segments no Get reads, for reap to close and delete
+	st     tier.Stats
+	ds     DiskStats
 }
 
 // DiskStats are the counters a disk store keeps beside tier.Stats.
 type DiskStats struct {
 	Mode          Mode   // the I/O mode in use: ModeDirect or ModeBuffered
-	DroppedAtOpen uint64 // files Open deleted: another model's, a bad header, a torn file
-	TmpRemoved    uint64 // unfinished writes Open deleted
-	SpareFiles    uint64 // files kept for reuse now (Options.SpareBytes)
+	DroppedAtOpen uint64 // records Open dropped: another model's, a bad header, a torn tail
+	TornAtOpen    uint64 // segments Open truncated at a torn record
+	Segments      uint64 // segment files now
+	LiveBytes     uint64 // the records the index points at; Stats.Bytes less dead records
+	SpareFiles    uint64 // evicted segments' files kept for reuse now (Options.SpareBytes)
 	SpareBytes    uint64 // their bytes; with Stats.Bytes, at most Options.LimitBytes
 }
 
 // Open opens the store in dir, creating the directory if need be, and rebuilds its index from
-// the block files there (a warm restart): intact blocks of opt.Fingerprint are kept and counted
-// in Stats.Restored, other files of the layout are deleted and counted in DiskStats. The
-// returned Store holds dir until Close.
+// the segment files there (a warm restart): intact records of opt.Fingerprint are kept and
+// counted in Stats.Restored, others are dropped and counted in DiskStats. The returned Store
+// holds dir until Close.
 func Open(dir string, opt Options) (*Store, error) {
 	return open(dir, opt, nil)
 }
@@ -120,9 +144,8 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		}
 		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
-	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareTarget: opt.SpareBytes, lockFD: -1}
-	s.index = make(map[ikey]*entry)
-	s.order.init()
+	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1}
+	s.index = make(map[ikey]loc)
 	s.st.LimitBytes = opt.LimitBytes
 	if err := s.lock(); err != nil {
 		return nil, fmt.Errorf("disk: open %s: %w", dir, err)
@@ -132,10 +155,13 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		err = s.scan()
 	}
 	if err != nil {
+		s.reapClose()
 		_ = unix.Close(s.lockFD)
 		return nil, fmt.Errorf("disk: open %s: %w", dir, err)
 	}
-	s.settleSpaceLocked()
+	s.mu.Lock()
+	s.evictLocked()
+	s.mu.Unlock()
 	s.reap()
 	return s, nil
 }
@@ -181,23 +207,6 @@ func (s *Store) pickMode(m Mode, wrap func(fileIO) fileIO) error {
 	return nil
 }
 
-// nsHash names a namespace in file names: the first 8 bytes of SHA-256 over its adapter
-// (little-endian) and salt, in hex.
-func nsHash(ns prefix.Namespace) string {
-	h := sha256.New()
-	var b [8]byte
-	binary.LittleEndian.PutUint64(b[:], ns.Adapter)
-	h.Write(b[:])
-	h.Write([]byte(ns.Salt))
-	var sum [sha256.Size]byte
-	return hex.EncodeToString(h.Sum(sum[:0])[:8])
-}
-
-// blockPath returns the file of key k in namespace ns.
-func (s *Store) blockPath(ns prefix.Namespace, k prefix.Key) string {
-	return s.dir + "/" + hex.EncodeToString(k[:1]) + "/" + nsHash(ns) + "-" + k.String()
-}
-
 // made reports a Store made by Open. Every method checks it first, so a nil or zero Store gets
 // an error (or zero Stats), never a panic.
 func (s *Store) made() bool { return s != nil && s.index != nil }
@@ -233,52 +242,8 @@ func ctxErr(ctx context.Context) error {
 
 var errNilContext = &ArgumentError{Name: "ctx", Reason: "is nil"}
 
-// removeLocked forgets a committed entry and moves its file into the spare pool, to be reused
-// or deleted by settleSpaceLocked; a file a Get reads now goes straight to reap instead, so that
-// no Put overwrites it under the reader. Moving it under mu orders the move before any later
-// Put of the key renames a new file to the name. A file that cannot be moved is counted as a
-// failure and found again by the next Open.
-func (s *Store) removeLocked(e *entry) {
-	s.order.remove(e)
-	delete(s.index, e.k)
-	s.st.Blocks--
-	s.st.Bytes -= e.size
-	to := s.nextSparePathLocked()
-	switch err := s.io.rename(e.path, to); {
-	case err == nil && e.readers > 0:
-		s.doomed = append(s.doomed, to)
-	case err == nil:
-		s.addSpareLocked(to, e.size)
-	case !isNotExist(err):
-		s.st.Failures++
-	}
-}
-
-// reap deletes the spare files settleSpaceLocked let go, several at once: deleting a file frees
-// its blocks, which takes the filesystem's journal, so it is done outside mu.
-func (s *Store) reap() {
-	s.mu.Lock()
-	doomed := s.doomed
-	s.doomed = nil
-	s.mu.Unlock()
-	if len(doomed) == 0 {
-		return
-	}
-	var failed atomic.Uint64
-	parallel(len(doomed), func(i int) {
-		if s.io.remove(doomed[i]) != nil {
-			failed.Add(1)
-		}
-	})
-	if n := failed.Load(); n > 0 {
-		s.mu.Lock()
-		s.st.Failures += n
-		s.mu.Unlock()
-	}
-}
-
-// Has returns the length of the leading run of keys the store holds in namespace ns, and marks
-// them recently used. It reads no file.
+// Has returns the length of the leading run of keys the store holds in namespace ns. It reads
+// no file and, unlike Get, does not count as a use for eviction.
 func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) (int, error) {
 	if !s.made() {
 		return 0, fmt.Errorf("disk: has: %w", errNotMade)
@@ -296,18 +261,18 @@ func (s *Store) Has(ctx context.Context, ns prefix.Namespace, keys []prefix.Key)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, k := range keys {
-		e := s.index[ikey{ns, k}]
-		if e == nil || e.pending {
+		if _, ok := s.index[ikey{ns, k}]; !ok {
 			s.st.Misses++
 			return i, nil
 		}
-		s.order.touch(e)
 	}
 	return len(keys), nil
 }
 
-// Drop removes the keys' blocks in namespace ns and deletes their files; keys it does not hold,
-// or that a Put is writing now, are ignored.
+// Drop removes the keys' blocks in namespace ns; keys it does not hold are ignored. It marks
+// their records dropped in place, so that a later Open does not restore them. Their space comes
+// back when their segment is deleted: at once for a segment left with no live record (the tail
+// excepted), else when it is evicted.
 func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key) error {
 	if !s.made() {
 		return fmt.Errorf("disk: drop: %w", errNotMade)
@@ -320,15 +285,53 @@ func (s *Store) Drop(ctx context.Context, ns prefix.Namespace, keys []prefix.Key
 	}
 	defer s.calls.Done()
 	defer s.reap()
+	var gone []loc
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, k := range keys {
-		if e := s.index[ikey{ns, k}]; e != nil && !e.pending {
-			s.removeLocked(e)
+		if l, ok := s.index[ikey{ns, k}]; ok {
+			l.seg.readers++ // pinned until its record is marked
+			s.forgetLocked(ikey{ns, k}, l)
+			gone = append(gone, l)
 		}
 	}
-	s.settleSpaceLocked()
+	s.mu.Unlock()
+	var failed uint64
+	for _, l := range gone {
+		if s.markDropped(l) != nil {
+			failed++ // the block comes back at the next Open
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range gone {
+		s.unpinLocked(l.seg)
+	}
+	s.st.Failures += failed
 	return nil
+}
+
+// dropped is the fingerprint a dropped record's header carries instead of its model's, so that
+// Open skips it.
+var dropped = tier.Fingerprint{0: 0xff, 1: 0xff, 2: 0xff, 3: 0xff, 30: 0xff, 31: 0xff}
+
+// markDropped overwrites the fingerprint in the header of the record at l with dropped, so that
+// the next Open does not restore it. A segment already deleted needs nothing. l.seg is pinned.
+func (s *Store) markDropped(l loc) error {
+	s.mu.Lock()
+	dead := l.seg.dead
+	s.mu.Unlock()
+	if dead {
+		return nil
+	}
+	buf := s.getBuf(align)
+	defer s.putBuf(buf)
+	page := (*buf)[:align]
+	n, err := s.io.read(l.seg.fd, l.seg.path, page, l.off)
+	if err != nil || n < align {
+		return cmp.Or(err, error(unix.EIO))
+	}
+	copy(page[8:40], dropped[:])
+	return s.io.write(l.seg.fd, l.seg.path, page, l.off)
 }
 
 // Stats returns the store's counters since Open (zero for a nil Store).
@@ -351,8 +354,8 @@ func (s *Store) DiskStats() DiskStats {
 	return s.ds
 }
 
-// Close waits for the calls in flight, then releases the directory. Later calls return
-// tier.ErrClosed; the files stay for the next Open.
+// Close waits for the calls in flight, closes the segment files and releases the directory.
+// Later calls return tier.ErrClosed; the files stay for the next Open.
 func (s *Store) Close() error {
 	if !s.made() {
 		return fmt.Errorf("disk: close: %w", errNotMade)
@@ -365,6 +368,7 @@ func (s *Store) Close() error {
 	s.closed = true
 	s.mu.Unlock()
 	s.calls.Wait()
+	s.reapClose()
 	if err := unix.Close(s.lockFD); err != nil {
 		return fmt.Errorf("disk: close: %w: %w", tier.ErrUnavailable, err)
 	}

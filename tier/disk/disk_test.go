@@ -77,17 +77,24 @@ func open(t *testing.T, dir string, o disk.Options) *disk.Store {
 	return s
 }
 
-// blockFiles returns the paths of the files in the fan-out directories under dir, sorted, and
-// the sum of their sizes.
-func blockFiles(t *testing.T, dir string) ([]string, uint64) {
+// segFiles returns the paths of the segment files under dir, sorted, and the sum of their
+// sizes.
+func segFiles(t *testing.T, dir string) ([]string, uint64) {
 	t.Helper()
-	return files(t, dir, func(p string) bool { return filepath.Dir(p) != dir && filepath.Base(filepath.Dir(p)) != "spare" })
+	return files(t, dir, func(p string) bool { return strings.HasSuffix(p, ".seg") })
 }
 
-// spareFiles returns the paths of the spare files under dir, sorted, and their bytes.
-func spareFiles(t *testing.T, dir string) ([]string, uint64) {
+// sizes returns every file under dir but LOCK with its size.
+func sizes(t *testing.T, dir string) map[string]int64 {
 	t.Helper()
-	return files(t, dir, func(p string) bool { return filepath.Dir(p) == filepath.Join(dir, "spare") })
+	out := map[string]int64{}
+	paths, _ := files(t, dir, func(p string) bool { return filepath.Base(p) != "LOCK" })
+	for _, p := range paths {
+		info, err := os.Stat(p)
+		require.NoError(t, err)
+		out[p] = info.Size()
+	}
+	return out
 }
 
 func files(t *testing.T, dir string, want func(string) bool) ([]string, uint64) {
@@ -125,6 +132,7 @@ func TestRoundTripBothModes(t *testing.T) {
 			dir := t.TempDir()
 			o := opts(16)
 			o.Mode = m
+			o.SegmentBytes = 16 * record // one segment, the tail: no Get moves a block
 			s := open(t, dir, o)
 			defer s.Close()
 			ns := prefix.Namespace{Adapter: 3, Salt: "tenant"}
@@ -146,7 +154,7 @@ func TestRoundTripBothModes(t *testing.T) {
 			assert.Equal(t, uint64(5), st.Gets)
 			assert.Equal(t, uint64(5), st.Blocks)
 			assert.Equal(t, uint64(5*record), st.Bytes)
-			_, onDisk := blockFiles(t, dir)
+			_, onDisk := segFiles(t, dir)
 			assert.Equal(t, st.Bytes, onDisk)
 			if m == disk.ModeBuffered {
 				assert.Equal(t, disk.ModeBuffered, s.DiskStats().Mode)
@@ -173,15 +181,17 @@ func TestRoundTripBothModes(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, 3, n)
 			assert.False(t, has(t, s, ns, bs[0].Key))
-			files, onDisk := blockFiles(t, dir)
-			assert.Len(t, files, 3)
-			assert.Equal(t, uint64(3*record), onDisk)
+			files, onDisk := segFiles(t, dir)
+			assert.Len(t, files, 1)
+			assert.Equal(t, uint64(5*record), onDisk, "dropped records stay until their segment goes")
 			assert.Equal(t, onDisk, s.Stats().Bytes)
+			assert.Equal(t, uint64(3*record), s.DiskStats().LiveBytes)
 		})
 	}
 }
 
-// A full store evicts the least recently used blocks: Get and Has count as uses.
+// A full store evicts the least recently used blocks: a Get counts as a use. Here every record
+// has a segment of its own, so the approximation is exact.
 func TestEvictsLeastRecentlyUsed(t *testing.T) {
 	ctx := context.Background()
 	s := open(t, t.TempDir(), opts(3))
@@ -193,9 +203,10 @@ func TestEvictsLeastRecentlyUsed(t *testing.T) {
 	}
 	_, err := s.Get(ctx, ns, keysOf(bs[:1]), dsts(1)) // 0 is now the most recent
 	require.NoError(t, err)
-	require.NoError(t, s.Put(ctx, bs[3:4]))  // evicts 1
-	assert.True(t, has(t, s, ns, bs[2].Key)) // 2 is now the most recent
-	require.NoError(t, s.Put(ctx, bs[4:5]))  // evicts 0
+	require.NoError(t, s.Put(ctx, bs[3:4])) // evicts 1
+	_, err = s.Get(ctx, ns, keysOf(bs[2:3]), dsts(1))
+	require.NoError(t, err)                 // 2 is now the most recent
+	require.NoError(t, s.Put(ctx, bs[4:5])) // evicts 0
 	held := []bool{}
 	for _, b := range bs {
 		held = append(held, has(t, s, ns, b.Key))
@@ -271,46 +282,81 @@ func TestRestartUnderSmallerLimitEvicts(t *testing.T) {
 	st := s.Stats()
 	assert.Equal(t, uint64(4), st.Blocks)
 	assert.Equal(t, uint64(2), st.Evictions)
-	_, onDisk := blockFiles(t, dir)
+	_, onDisk := segFiles(t, dir)
 	assert.Equal(t, st.Bytes, onDisk)
 }
 
-func TestOpenDropsForeignTornAndTemporaryFiles(t *testing.T) {
+func TestOpenDropsForeignAndTornRecords(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	ns := prefix.Namespace{Adapter: 1}
 	bs := chain(ns, 4, 6)
-	s := open(t, dir, opts(8))
+	s := open(t, dir, opts(8)) // a segment per record
 	require.NoError(t, s.Put(ctx, bs))
 	require.NoError(t, s.Close())
-	files, _ := blockFiles(t, dir)
+	files, _ := segFiles(t, dir)
 	require.Len(t, files, 4)
 
 	require.NoError(t, os.Truncate(files[0], record-1)) // torn
-	require.NoError(t, os.WriteFile(files[1]+".tmp", []byte("half"), 0o644))
-	foreign := filepath.Join(dir, "00", "notes.txt")
+	foreign := filepath.Join(dir, "notes.txt")
 	require.NoError(t, os.WriteFile(foreign, []byte("not a block"), 0o644))
 	s = open(t, dir, opts(8))
 	ds := s.DiskStats()
 	assert.Equal(t, uint64(1), ds.DroppedAtOpen)
-	assert.Equal(t, uint64(1), ds.TmpRemoved)
+	assert.Equal(t, uint64(1), ds.TornAtOpen)
 	assert.Equal(t, uint64(3), s.Stats().Restored)
+	assert.Equal(t, uint64(3), ds.Segments)
 	require.NoError(t, s.Close())
 	_, err := os.Stat(foreign)
 	assert.NoError(t, err, "a file not of the layout is not the store's to delete")
+	_, err = os.Stat(files[0])
+	assert.ErrorIs(t, err, fs.ErrNotExist, "a segment with no record left is deleted")
 
-	// Another model's store deletes every block.
+	// Another model's store drops every record and deletes the segments.
 	o := opts(8)
 	o.Fingerprint[0]++
 	s = open(t, dir, o)
 	defer s.Close()
 	assert.Equal(t, uint64(3), s.DiskStats().DroppedAtOpen)
 	assert.Zero(t, s.Stats().Restored)
-	files, _ = blockFiles(t, dir)
-	assert.Equal(t, []string{foreign}, files)
+	files, _ = segFiles(t, dir)
+	assert.Empty(t, files)
 }
 
-// A flipped bit is caught by Get: the block is not served, it is deleted and counted, and the
+// A torn tail (a crash in the middle of an append) is cut away at Open; the records before it
+// in the same segment are kept, and the next Put appends where they end.
+func TestOpenTruncatesATornTail(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	ns := prefix.Namespace{}
+	bs := chain(ns, 3, 40)
+	o := opts(8)
+	o.SegmentBytes = 4 * record
+	s := open(t, dir, o)
+	require.NoError(t, s.Put(ctx, bs))
+	require.NoError(t, s.Close())
+	files, _ := segFiles(t, dir)
+	require.Len(t, files, 1)
+	require.NoError(t, os.Truncate(files[0], 2*record+4096)) // half the third record
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.Equal(t, uint64(2), s.Stats().Restored)
+	assert.Equal(t, uint64(1), s.DiskStats().TornAtOpen)
+	info, err := os.Stat(files[0])
+	require.NoError(t, err)
+	assert.Equal(t, int64(2*record), info.Size())
+	require.NoError(t, s.Put(ctx, bs[2:]))
+	dst := dsts(3)
+	n, err := s.Get(ctx, ns, keysOf(bs), dst)
+	require.NoError(t, err)
+	require.Equal(t, 3, n)
+	assert.Equal(t, bs[2].Data, dst[2])
+	info, err = os.Stat(files[0])
+	require.NoError(t, err)
+	assert.Equal(t, int64(3*record), info.Size(), "appended where the kept records end")
+}
+
+// A flipped bit is caught by Get: the block is not served, it is dropped and counted, and the
 // run ends before it.
 func TestFlippedBitCaughtAtGet(t *testing.T) {
 	ctx := context.Background()
@@ -320,7 +366,9 @@ func TestFlippedBitCaughtAtGet(t *testing.T) {
 	s := open(t, dir, opts(8))
 	defer s.Close()
 	require.NoError(t, s.Put(ctx, bs))
-	path := fileOf(t, dir, bs[1].Key)
+	files, _ := segFiles(t, dir)
+	require.Len(t, files, 3) // a segment per record
+	path := files[1]
 	raw, err := os.ReadFile(path)
 	require.NoError(t, err)
 	raw[tier.HeaderSize(ns)+100] ^= 0x10
@@ -336,20 +384,9 @@ func TestFlippedBitCaughtAtGet(t *testing.T) {
 	assert.Equal(t, uint64(1), st.Corrupt)
 	assert.Equal(t, uint64(2), st.Blocks)
 	assert.False(t, has(t, s, ns, bs[1].Key))
+	assert.Equal(t, uint64(2*record), s.DiskStats().LiveBytes)
 	_, err = os.Stat(path)
-	assert.ErrorIs(t, err, fs.ErrNotExist)
-}
-
-func fileOf(t *testing.T, dir string, k prefix.Key) string {
-	t.Helper()
-	files, _ := blockFiles(t, dir)
-	for _, f := range files {
-		if strings.HasSuffix(f, k.String()) {
-			return f
-		}
-	}
-	t.Fatalf("no file for key %s", k)
-	return ""
+	assert.ErrorIs(t, err, fs.ErrNotExist, "its segment, left with no record, is deleted")
 }
 
 func TestNamespacesAreIsolated(t *testing.T) {
@@ -395,6 +432,8 @@ func TestOptionsAreChecked(t *testing.T) {
 		{"negative mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: -1}, "Mode"},
 		{"spare of the whole limit", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: record + 1}, "SpareBytes"},
 		{"huge spare", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SpareBytes: math.MaxUint64}, "SpareBytes"},
+		{"segment over max", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SegmentBytes: disk.MaxSegmentBytes + 1}, "SegmentBytes"},
+		{"huge segment", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: 2 * record, SegmentBytes: math.MaxUint64}, "SegmentBytes"},
 		{"unknown mode", dir, disk.Options{BlockBytes: blockBytes, LimitBytes: record, Mode: 3}, "Mode"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -475,7 +514,7 @@ func TestBadCallsChangeNothing(t *testing.T) {
 	_, err = s.Has(done, ns, keys)
 	require.ErrorIs(t, err, tier.ErrUnavailable)
 	assert.False(t, has(t, s, ns, more[0].Key))
-	files, _ := blockFiles(t, dir)
+	files, _ := segFiles(t, dir)
 	assert.Len(t, files, 2)
 
 	require.NoError(t, s.Close())
@@ -514,9 +553,9 @@ func TestOneStorePerDirectory(t *testing.T) {
 	require.NoError(t, s.Close())
 }
 
-// A Put whose write or rename fails leaves the index and the directory exactly as before, the
-// spare files it overwrote included (under their names; their bytes are not kept). A full disk
-// or a read-only one is such a failure, with its own sentinel and its errno in the chain.
+// A Put whose rename or write fails leaves the index and the directory exactly as before: the
+// spare file it took is given back under its name and the tail is cut back to its size. A full disk or a read-only
+// one is such a failure, with its own sentinel and its errno in the chain.
 func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	for _, c := range []struct {
 		op    string
@@ -524,17 +563,17 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 		errno syscall.Errno // 0: disk.ErrFault
 		want  error
 	}{
-		{"write", 1, 0, disk.ErrFault}, {"write", 2, 0, disk.ErrFault}, {"write", 3, 0, disk.ErrFault},
-		{"rename", 1, 0, disk.ErrFault}, {"rename", 2, 0, disk.ErrFault}, {"rename", 3, 0, disk.ErrFault},
-		{"write", 1, syscall.ENOSPC, disk.ErrNoSpace}, {"write", 3, syscall.ENOSPC, disk.ErrNoSpace},
+		{"write", 1, 0, disk.ErrFault}, {"write", 2, 0, disk.ErrFault}, {"rename", 1, 0, disk.ErrFault},
+		{"write", 1, syscall.ENOSPC, disk.ErrNoSpace}, {"write", 2, syscall.ENOSPC, disk.ErrNoSpace},
 		{"write", 2, syscall.EDQUOT, disk.ErrNoSpace},
-		{"write", 1, syscall.EROFS, disk.ErrReadOnly}, {"write", 3, syscall.EACCES, disk.ErrReadOnly},
-		{"rename", 2, syscall.EROFS, disk.ErrReadOnly},
+		{"write", 1, syscall.EROFS, disk.ErrReadOnly}, {"write", 2, syscall.EACCES, disk.ErrReadOnly},
+		{"rename", 1, syscall.EROFS, disk.ErrReadOnly},
 	} {
 		t.Run(fmt.Sprintf("%s-%d-%v", c.op, c.n, c.want), func(t *testing.T) {
 			ctx := context.Background()
 			dir := t.TempDir()
 			o := opts(6)
+			o.SegmentBytes = 2 * record
 			o.SpareBytes = 2 * record
 			s, fault, err := disk.OpenFaulty(dir, o)
 			require.NoError(t, err)
@@ -542,33 +581,29 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 			ns := prefix.Namespace{}
 			require.NoError(t, s.Put(ctx, chain(ns, 4, 17)))
 			old := chain(ns, 3, 13)
-			require.NoError(t, s.Put(ctx, old)) // evicts 3: 2 spare files kept
-			require.Equal(t, uint64(2), s.DiskStats().SpareFiles)
+			require.NoError(t, s.Put(ctx, old)) // evicts 2 segments, 1 kept spare: the tail holds 1
 			before, dsBefore := s.Stats(), s.DiskStats()
-			filesBefore, _ := blockFiles(t, dir)
-			sparesBefore, _ := spareFiles(t, dir)
+			require.Equal(t, uint64(1), dsBefore.SpareFiles)
+			filesBefore := sizes(t, dir)
 
 			if c.errno == 0 {
 				fault.Arm(c.op, c.n, "")
 			} else {
 				fault.ArmErrno(c.op, c.n, "", c.errno)
 			}
-			err = s.Put(ctx, chain(ns, 3, 14)) // 2 into spare files, 1 new; would evict 3
+			err = s.Put(ctx, chain(ns, 3, 14)) // 1 at the tail, 2 over the spare file
 			require.ErrorIs(t, err, c.want)
 			if c.errno != 0 {
 				require.ErrorIs(t, err, c.errno)
 			}
 			require.ErrorIs(t, err, tier.ErrUnavailable)
 			assert.Equal(t, dsBefore, s.DiskStats())
-			sparesAfter, _ := spareFiles(t, dir)
-			assert.Equal(t, sparesBefore, sparesAfter)
 
 			after := s.Stats()
 			assert.Equal(t, before.Failures+1, after.Failures)
 			after.Failures = before.Failures
 			assert.Equal(t, before, after)
-			filesAfter, _ := blockFiles(t, dir)
-			assert.Equal(t, filesBefore, filesAfter)
+			assert.Equal(t, filesBefore, sizes(t, dir))
 			n, err := s.Has(ctx, ns, keysOf(old))
 			require.NoError(t, err)
 			assert.Equal(t, 3, n)
@@ -586,7 +621,7 @@ func TestFailedReadKeepsTheBlock(t *testing.T) {
 	defer s.Close()
 	bs := chain(prefix.Namespace{}, 2, 15)
 	require.NoError(t, s.Put(ctx, bs))
-	fault.Arm("read", 1, bs[1].Key.String())
+	fault.Arm("read", 1, "0000000000000002.seg@0") // a segment per record: bs[1] in the second
 	n, err := s.Get(ctx, prefix.Namespace{}, keysOf(bs), dsts(2))
 	require.ErrorIs(t, err, tier.ErrUnavailable)
 	require.ErrorIs(t, err, disk.ErrFault)
@@ -603,7 +638,7 @@ func TestConcurrentUse(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	o := opts(10)
-	o.SpareBytes = 3 * record
+	o.SegmentBytes = 2 * record
 	s := open(t, dir, o)
 	nss := []prefix.Namespace{{}, {Salt: "b"}}
 	var wg sync.WaitGroup
@@ -634,14 +669,12 @@ func TestConcurrentUse(t *testing.T) {
 	}
 	wg.Wait()
 	st, ds := s.Stats(), s.DiskStats()
-	files, onDisk := blockFiles(t, dir)
+	files, onDisk := segFiles(t, dir)
 	assert.Equal(t, onDisk, st.Bytes)
-	assert.Equal(t, uint64(len(files)), st.Blocks)
-	spares, spareBytes := spareFiles(t, dir)
-	assert.Equal(t, spareBytes, ds.SpareBytes)
-	assert.Equal(t, uint64(len(spares)), ds.SpareFiles)
-	assert.LessOrEqual(t, ds.SpareBytes, o.SpareBytes)
-	assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, st.LimitBytes)
+	assert.Equal(t, uint64(len(files)), ds.Segments)
+	assert.Equal(t, st.Blocks*record, ds.LiveBytes)
+	assert.LessOrEqual(t, ds.LiveBytes, st.Bytes)
+	assert.LessOrEqual(t, st.Bytes, st.LimitBytes)
 	assert.Positive(t, st.Evictions)
 	assert.Zero(t, st.Corrupt)
 	assert.Zero(t, st.Failures)
@@ -649,7 +682,7 @@ func TestConcurrentUse(t *testing.T) {
 	s = open(t, dir, o)
 	defer s.Close()
 	assert.Equal(t, st.Blocks, s.Stats().Restored)
-	assert.Equal(t, ds.SpareFiles, s.DiskStats().SpareFiles)
+	assert.Equal(t, ds.LiveBytes, s.DiskStats().LiveBytes)
 	assert.Zero(t, s.DiskStats().DroppedAtOpen)
 }
 
@@ -688,72 +721,195 @@ func TestModeFallsBackWhereDirectIsRefused(t *testing.T) {
 	}
 }
 
-// Evicted and dropped blocks' files become spares, up to SpareBytes, within LimitBytes with the
-// blocks; a later Put overwrites them instead of making new files.
-func TestSpareFilesAreReused(t *testing.T) {
+// Eviction frees whole segments, the oldest first, and forgets every block in them; a segment
+// left with no live record by Drop is deleted at once.
+func TestSegmentEviction(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	o := opts(6)
-	o.SpareBytes = 2 * record
+	o.SegmentBytes = 2 * record
 	s := open(t, dir, o)
+	defer s.Close()
 	ns := prefix.Namespace{Salt: "s"}
-	bs := chain(ns, 8, 18)
-	require.NoError(t, s.Put(ctx, bs[:4]))
-	assert.Zero(t, s.DiskStats().SpareFiles)
-	require.NoError(t, s.Put(ctx, bs[4:5])) // 5 blocks > 6-2: evicts 1 to the pool
-	check := func(blocks, spares uint64) {
+	bs := chain(ns, 9, 18)
+	require.NoError(t, s.Put(ctx, bs[:5])) // segments [0 1] [2 3] [4]
+	check := func(blocks, segs uint64) {
 		t.Helper()
 		st, ds := s.Stats(), s.DiskStats()
 		assert.Equal(t, blocks, st.Blocks)
-		assert.Equal(t, spares, ds.SpareFiles)
-		_, onDisk := blockFiles(t, dir)
-		_, spareBytes := spareFiles(t, dir)
+		assert.Equal(t, segs, ds.Segments)
+		files, onDisk := segFiles(t, dir)
+		assert.Len(t, files, int(segs))
 		assert.Equal(t, st.Bytes, onDisk)
-		assert.Equal(t, ds.SpareBytes, spareBytes)
-		assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, o.LimitBytes)
+		assert.LessOrEqual(t, st.Bytes, o.LimitBytes)
 	}
-	check(4, 1)
-	require.NoError(t, s.Drop(ctx, ns, keysOf(bs[1:3])))
-	check(2, 2)                             // the pool holds at most 2: one spare deleted
-	require.NoError(t, s.Put(ctx, bs[5:8])) // 2 into spares, 1 new
-	check(4, 1)                             // and 1 evicted into the pool
-	dst := dsts(3)
-	n, err := s.Get(ctx, ns, keysOf(bs[5:8]), dst)
-	require.NoError(t, err)
-	require.Equal(t, 3, n)
-	for i := range dst {
-		assert.Equal(t, bs[5+i].Data, dst[i])
-	}
+	check(5, 3)
+	require.NoError(t, s.Put(ctx, bs[5:7])) // [4 5] [6]: 7 records > 6 evicts [0 1]
+	check(5, 3)
 	assert.Equal(t, uint64(2), s.Stats().Evictions)
-	require.NoError(t, s.Close())
-	s = open(t, dir, o)
-	defer s.Close()
-	check(4, 1)
+	n, err := s.Has(ctx, ns, keysOf(bs))
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	n, err = s.Has(ctx, ns, keysOf(bs[2:7]))
+	require.NoError(t, err)
+	assert.Equal(t, 5, n)
+
+	require.NoError(t, s.Drop(ctx, ns, keysOf(bs[2:4]))) // empties [2 3]: deleted
+	check(3, 2)
+	require.NoError(t, s.Put(ctx, bs[7:9])) // [6 7] [8]
+	check(5, 3)
+	assert.Equal(t, uint64(2), s.Stats().Evictions, "room made by the Drop")
+	dst := dsts(5)
+	n, err = s.Get(ctx, ns, keysOf(bs[4:9]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 5, n)
+	for i := range dst {
+		assert.Equal(t, bs[4+i].Data, dst[i])
+	}
 }
 
-// A block removed while a Get reads it does not give its file to the spare pool, where a Put
-// could overwrite it under the reader: the file is deleted instead.
-func TestFileReadNowIsNotReused(t *testing.T) {
+// A Get of a block in a segment that eviction would reach within the next quarter of the limit
+// appends it again at the tail, so the eviction of its segment spares it; blocks not read go
+// with their segment. A store far from full moves nothing.
+func TestSecondChance(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	o := opts(6)
-	o.SpareBytes = 2 * record
-	s, fault, err := disk.OpenFaulty(dir, o)
+	o := opts(8)
+	o.SegmentBytes = 2 * record
+	s := open(t, dir, o)
+	defer s.Close()
+	ns := prefix.Namespace{}
+	bs := chain(ns, 10, 41)
+	require.NoError(t, s.Put(ctx, bs[:4])) // [0 1] [2 3]: half full
+	dst := dsts(1)
+	n, err := s.Get(ctx, ns, keysOf(bs[1:2]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, uint64(4*record), s.Stats().Bytes, "nothing moved")
+	require.NoError(t, s.Put(ctx, bs[4:8]))       // [4 5] [6 7]: full
+	n, err = s.Get(ctx, ns, keysOf(bs[1:2]), dst) // the next append evicts the first segment
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, bs[1].Data, dst[0])
+	// 1 was moved to a new tail [1]: 9 records > 8 evicted [0 1], which held only 0 by then.
+	st := s.Stats()
+	assert.Equal(t, uint64(1), st.Evictions)
+	assert.Equal(t, uint64(7), st.Blocks)
+	assert.False(t, has(t, s, ns, bs[0].Key))
+	assert.True(t, has(t, s, ns, bs[1].Key))
+	n, err = s.Get(ctx, ns, keysOf(bs[4:5]), dst) // 3 records from eviction, over 8/4: stays
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.NoError(t, s.Put(ctx, bs[8:10])) // [1 8] [9]: 9 records > 8 evicts [2 3]
+	held := []bool{}
+	for _, b := range bs {
+		held = append(held, has(t, s, ns, b.Key))
+	}
+	assert.Equal(t, []bool{false, true, false, false, true, true, true, true, true, true}, held)
+	n, err = s.Get(ctx, ns, keysOf(bs[1:2]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, bs[1].Data, dst[0])
+	// The moved block survives a restart in its new place.
+	require.NoError(t, s.Close())
+	s = open(t, dir, o)
+	assert.True(t, has(t, s, ns, bs[1].Key))
+	assert.Equal(t, uint64(7), s.Stats().Restored)
+}
+
+// A segment emptied while a Get reads it is deleted only after the read; the block dropped
+// meanwhile is not served.
+func TestSegmentReadNowIsDeletedAfter(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, fault, err := disk.OpenFaulty(dir, opts(6)) // a segment per record
 	require.NoError(t, err)
 	defer s.Close()
 	ns := prefix.Namespace{}
 	bs := chain(ns, 2, 19)
 	require.NoError(t, s.Put(ctx, bs))
+	files, _ := segFiles(t, dir)
+	require.Len(t, files, 2)
 	fault.OnRead = func(string) {
 		fault.OnRead = nil
 		assert.NoError(t, s.Drop(ctx, ns, keysOf(bs)))
+		_, err := os.Stat(files[0])
+		assert.NoError(t, err, "the segment is still read")
 	}
 	n, err := s.Get(ctx, ns, keysOf(bs[:1]), dsts(1))
 	require.NoError(t, err)
-	assert.Zero(t, n, "the file was moved before the read opened it")
-	ds := s.DiskStats()
-	assert.Equal(t, uint64(1), ds.SpareFiles, "only the block no Get read became a spare")
-	spares, _ := spareFiles(t, dir)
-	assert.Len(t, spares, 1)
+	assert.Zero(t, n, "the block was dropped while it was read")
+	after, _ := segFiles(t, dir)
+	assert.Equal(t, files[1:], after, "the emptied segment is deleted after the read; the tail stays")
 	assert.Zero(t, s.Stats().Corrupt)
+}
+
+// A dropped block stays dropped across a restart: its record is marked in place.
+func TestDropSurvivesRestart(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(8)
+	o.SegmentBytes = 8 * record
+	ns := prefix.Namespace{Salt: "d"}
+	bs := chain(ns, 4, 42)
+	s := open(t, dir, o)
+	require.NoError(t, s.Put(ctx, bs))
+	require.NoError(t, s.Drop(ctx, ns, keysOf(bs[1:2])))
+	require.NoError(t, s.Close())
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.Equal(t, uint64(3), s.Stats().Restored)
+	assert.Zero(t, s.DiskStats().DroppedAtOpen)
+	assert.False(t, has(t, s, ns, bs[1].Key))
+	dst := dsts(1)
+	n, err := s.Get(ctx, ns, keysOf(bs[2:3]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "the records after a dropped one are found")
+	assert.Equal(t, bs[2].Data, dst[0])
+}
+
+// Evicted segments' files become spares, up to SpareBytes, within LimitBytes with the segments;
+// a new segment overwrites one in place, and the older records past its end are not restored.
+func TestSpareFilesAreReused(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(6)
+	o.SegmentBytes = 2 * record
+	o.SpareBytes = 2 * record
+	s := open(t, dir, o)
+	ns := prefix.Namespace{Salt: "s"}
+	bs := chain(ns, 8, 43)
+	check := func(blocks, spares uint64) {
+		t.Helper()
+		st, ds := s.Stats(), s.DiskStats()
+		assert.Equal(t, blocks, st.Blocks)
+		assert.Equal(t, spares, ds.SpareFiles)
+		_, onDisk := segFiles(t, dir)
+		_, spareBytes := files(t, dir, func(p string) bool { return strings.HasSuffix(p, ".spare") })
+		assert.Equal(t, st.Bytes, onDisk)
+		assert.Equal(t, ds.SpareBytes, spareBytes)
+		assert.LessOrEqual(t, st.Bytes+ds.SpareBytes, o.LimitBytes)
+	}
+	require.NoError(t, s.Put(ctx, bs[:4])) // [0 1] [2 3]
+	check(4, 0)
+	require.NoError(t, s.Put(ctx, bs[4:5])) // [4]: 5 records > 6-2 evicts [0 1], a spare now
+	check(3, 1)
+	require.NoError(t, s.Put(ctx, bs[5:6])) // [4 5]
+	check(4, 1)
+	require.NoError(t, s.Put(ctx, bs[6:7])) // [6] over the spare, whose record 1 lies past it
+	check(3, 1)                             // and [2 3] evicted into the pool
+	dst := dsts(1)
+	n, err := s.Get(ctx, ns, keysOf(bs[6:7]), dst)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	assert.Equal(t, bs[6].Data, dst[0])
+	assert.Equal(t, uint64(4), s.Stats().Evictions)
+
+	require.NoError(t, s.Close())
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.Equal(t, uint64(3), s.Stats().Restored)
+	assert.False(t, has(t, s, ns, bs[1].Key), "a spare's older record is not restored")
+	assert.Zero(t, s.DiskStats().DroppedAtOpen)
+	check(3, 1)
 }

@@ -1,51 +1,72 @@
 // Package disk is a tier.Store over a local directory: cached KV blocks below the host tier,
-// one file per block, bounded in bytes, kept across restarts.
+// appended to segment files, bounded in bytes, kept across restarts.
 //
 // # Layout
 //
-// A store's directory holds a lock file, LOCK, a directory of spare files, spare, and 256
-// fan-out directories named by the first byte of a block's key in lower-case hex ("00" to
-// "ff"). Each block is one file in the directory of its key:
+// A store's directory holds a lock file, LOCK, segment files named by a sequence number in 16
+// lower-case hex digits, 0000000000000001.seg, 0000000000000002.seg, ..., and spare files
+// named the same way with ".spare" (Options.SpareBytes). A higher number is a younger segment.
+// Spare files hold no block: they are evicted segments' files, kept so that a new segment can
+// overwrite one in place instead of allocating a file. Other files are not the store's and are
+// left alone.
 //
-//	<dir>/<key[0] hex>/<namespace hash>-<key hex>
+// A segment is a run of records with no gap and no file header, ended by the file's end or by a
+// page of 4096 zero bytes at a record's start (a segment made from a spare file holds the spare's
+// older bytes after it; the next append overwrites the zero page). Each record starts at an offset
+// that is a multiple of 4096: the block as tier.Encode lays it out (the self-describing header,
+// then the data), zero-padded to a multiple of 4096 bytes. A reader finds the records from offset
+// 0: it parses the header there (tier.ParseHeader), and the record's length is header size plus the
+// header's data length, rounded up to 4096; the next record starts after it. The padding carries
+// nothing. A record whose header fingerprint is ff ff ff ff, then 26 zero bytes, then ff ff, was
+// dropped (Drop overwrites the fingerprint in place): its length still leads to the next record,
+// and nothing else in it counts.
 //
-// where the namespace hash is the first 8 bytes, in hex, of SHA-256 over the namespace's
-// adapter (8 bytes, little-endian) and its salt. The file holds the block as tier.Encode lays
-// it out (the self-describing header, then the data), zero-padded to a multiple of 4096 bytes.
-// A reader parses the header (tier.ParseHeader), takes header size plus data length bytes and
-// checks them (tier.Check); the padding after them carries nothing. The file's size is exactly
-// the padded record, so a shorter file is a torn write.
+// A Put appends its records at the tail of the youngest segment. When the next record would take a
+// segment past Options.SegmentBytes, a new segment starts (a record larger than that has a segment
+// of its own). Records are never rewritten in place, except for the drop mark; a Get's second
+// chance appends a copy. A later record of a namespace and key replaces an earlier one: the index
+// maps each key to the last record of it.
 //
-// Files in spare (named by decimal sequence numbers) hold no block: they are the files of
-// removed blocks, kept so that a later Put overwrites them in place instead of making a new
-// file and deleting an old one (Options.SpareBytes). Their bytes mean nothing.
-//
-// A Put writes each block into a spare file, or a new file named as the block plus ".tmp", and
-// then renames it to the block's name: a block's name never holds half a file. Open deletes
-// every leftover ".tmp" file. It reads every block file's header and keeps those of its own
-// fingerprint and block size whose size and name agree with their header; it deletes the
-// others (counted in DiskStats.DroppedAtOpen) and leaves alone files whose names do not have
-// the block form. Data checksums are checked on every Get.
+// Open reads every segment, oldest first, and rebuilds the index (a warm restart). It drops and
+// counts (DiskStats.DroppedAtOpen) the records of another fingerprint or block size. At a header
+// that does not parse, or a record whose bytes run past the file's end (a torn append), it
+// truncates the segment there (DiskStats.TornAtOpen): nothing after it can be found. At a zero page
+// it truncates the segment too, counting nothing. A segment left with no record the index points at
+// becomes a spare file or is deleted. Data checksums are checked on every Get.
 //
 // # I/O
 //
-// Files are written and read with O_DIRECT from buffers aligned to 4096 bytes, so cached blocks
-// do not crowd the page cache. Where the filesystem refuses O_DIRECT, a store opened with
-// ModeAuto writes through the page cache, calls fdatasync and drops the pages with
-// posix_fadvise(DONTNEED); DiskStats.Mode says which mode is in use. A direct write is not
-// followed by fdatasync: a block lost in a crash is a miss, and a torn one fails its checks.
-// A call reads or writes up to 4 files at once.
+// Segments are written and read with O_DIRECT from buffers aligned to 4096 bytes, so cached blocks
+// do not crowd the page cache. Where the filesystem refuses O_DIRECT, a store opened with ModeAuto
+// writes through the page cache, calls fdatasync and drops the pages with posix_fadvise(DONTNEED);
+// DiskStats.Mode says which mode is in use. A direct write is not followed by fdatasync: a block
+// lost in a crash is a miss, and a torn one fails its checks. A Put encodes its batch into one
+// aligned buffer and writes each segment's share of it in parts of at least 256 KiB, up to 8 at
+// once: one write where the batch is smaller. A Get reads each record with one call, up to 4 at
+// once.
 //
 // # Bound and eviction
 //
-// The index in memory keeps the blocks in least-recently-used order; Put, Get and Has mark
-// the blocks they touch. Options.LimitBytes bounds the files' bytes, headers and padding
-// included: the blocks' (Stats.Bytes) and the spare files' (DiskStats.SpareBytes) together.
-// Blocks may fill LimitBytes less SpareBytes. A Put commits its blocks, then evicts the least
-// recently used blocks (their files become spares) until the blocks fit, then deletes spare
-// files until the spares fit in SpareBytes and everything in LimitBytes. Files a Put is still
-// writing are not counted, so the disk may briefly hold the limit plus the Puts in flight. A
-// Put that could never fit returns a *FitError.
+// Options.LimitBytes bounds the files' bytes: the segments' (Stats.Bytes, dead records
+// included: those dropped, moved or replaced stay until their segment goes) and the spare
+// files' (DiskStats.SpareBytes) together. DiskStats.LiveBytes counts the records the index
+// points at. Segments may fill LimitBytes less SpareBytes. After a Put publishes its records,
+// the store evicts the oldest segments, whole, and forgets every block in them
+// (Stats.Evictions), until the segments fit; their files become spares while the spares fit in
+// SpareBytes, and are deleted otherwise. Then it deletes the oldest spare files until
+// everything fits in LimitBytes. A segment whose every record is dead goes the same way at
+// once, unless it is the youngest. Records a Put is still writing are not counted, so the disk
+// may briefly hold the limit plus one Put. A Put that could never fit in LimitBytes less
+// SpareBytes returns a *FitError.
+//
+// The policy approximates least-recently-used order by segment, with a second chance: a Get
+// that serves a block from a segment that eviction would reach within the next quarter of
+// LimitBytes less SpareBytes of appends (its start, less the oldest segment's, plus the room
+// left, is under that quarter; the youngest segment excepted) appends the record again at the
+// tail, so that the eviction of its
+// old segment spares it. A Put of a key the store holds is skipped and does not count as a
+// use; nor does Has. Blocks read once from younger segments, and blocks never read, go with
+// their segment in the order they were written.
 //
 // # Faults
 //
@@ -54,14 +75,18 @@
 // quota (ENOSPC, EDQUOT) matches ErrNoSpace as well. A read-only mount or a directory without
 // write permission (EROFS, EACCES, EPERM) matches ErrReadOnly as well: at Open, which creates
 // LOCK and probes O_DIRECT, or later at a Put. A failed call is counted in Stats.Failures and
-// leaves the index and the block files as they were.
+// leaves the index as it was. A failed Put deletes the segments it started and truncates the
+// tail back to its committed size, so the next Put writes over any partial bytes. A failed
+// drop mark is counted in Stats.Failures, and the block comes back at the next Open.
 //
 // # Concurrency
 //
-// A Store is safe for concurrent use. One mutex guards the index, the LRU order, the spare pool
-// and the counters; files are written, read and deleted outside it, renamed under it. A Put
-// reserves its keys in the index while it writes, so two Puts never write one file. A Get pins
-// the blocks it reads: a pinned block removed meanwhile has its file deleted, never reused. Close
-// waits for the calls in flight. One directory belongs to one open Store at a time (a flock on
-// LOCK).
+// A Store is safe for concurrent use. One mutex guards the index, the segments' sizes and
+// their pins, and the counters. Appends (a Put, a Get's second chances) are serialized by a
+// second lock, taken first: an append reserves its offsets at the tail under the mutex, writes
+// outside it, then publishes the index entries under it, so a Get never sees a record whose
+// bytes are not yet written. Reads happen outside both. A Get pins the segments it reads, and
+// a segment evicted or emptied meanwhile is closed and deleted only after its last reader.
+// Close waits for the calls in flight. One directory belongs to one open Store at a time (a
+// flock on LOCK).
 package disk

@@ -2,6 +2,7 @@ package disk
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"strings"
 	"sync"
@@ -11,8 +12,9 @@ import (
 // ErrFault is the error a Fault returns.
 var ErrFault = errors.New("injected fault")
 
-// Fault fails the Nth call (counting from 1 after Arm) of one file operation ("write", "read",
-// "rename" or "remove") on a path that contains match.
+// Fault fails the Nth call (counting from 1 after Arm) of one file operation ("open", "write",
+// "read", "truncate", "rename" (matched on its source) or "remove") on a file whose path contains match. For "write" and "read"
+// the path is followed by "@" and the offset: "@12288" matches a record at that offset.
 type Fault struct {
 	inner fileIO
 	mu    sync.Mutex
@@ -56,21 +58,46 @@ func (f *Fault) hit(op, path string) error {
 	return nil
 }
 
-func (f *Fault) write(path string, rec []byte, overwrite bool) error {
-	if err := f.hit("write", path); err != nil {
-		return err
+// at names a record for hit: its file and offset, formatted only where op is armed.
+func (f *Fault) at(op, path string, off int64) error {
+	f.mu.Lock()
+	armed := f.op == op
+	f.mu.Unlock()
+	if !armed {
+		return nil
 	}
-	return f.inner.write(path, rec, overwrite)
+	return f.hit(op, fmt.Sprintf("%s@%d", path, off))
 }
 
-func (f *Fault) read(path string, buf []byte) (int, error) {
+func (f *Fault) open(path string, create bool) (int, error) {
+	if err := f.hit("open", path); err != nil {
+		return -1, err
+	}
+	return f.inner.open(path, create)
+}
+
+func (f *Fault) write(fd int, path string, rec []byte, off int64) error {
+	if err := f.at("write", path, off); err != nil {
+		return err
+	}
+	return f.inner.write(fd, path, rec, off)
+}
+
+func (f *Fault) read(fd int, path string, buf []byte, off int64) (int, error) {
 	if f.OnRead != nil {
 		f.OnRead(path)
 	}
-	if err := f.hit("read", path); err != nil {
+	if err := f.at("read", path, off); err != nil {
 		return 0, err
 	}
-	return f.inner.read(path, buf)
+	return f.inner.read(fd, path, buf, off)
+}
+
+func (f *Fault) truncate(fd int, path string, size int64) error {
+	if err := f.hit("truncate", path); err != nil {
+		return err
+	}
+	return f.inner.truncate(fd, path, size)
 }
 
 func (f *Fault) rename(from, to string) error {
@@ -79,6 +106,8 @@ func (f *Fault) rename(from, to string) error {
 	}
 	return f.inner.rename(from, to)
 }
+
+func (f *Fault) close(fd int) error { return f.inner.close(fd) }
 
 func (f *Fault) remove(path string) error {
 	if err := f.hit("remove", path); err != nil {

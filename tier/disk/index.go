@@ -10,44 +10,29 @@ type ikey struct {
 	key prefix.Key
 }
 
-// entry is one block the index knows. A pending entry is being written by a Put: it holds the
-// key against a second writer but is not served, counted or evicted until the Put commits.
-type entry struct {
-	k          ikey
-	path       string // the block's file
-	size       uint64 // the file's bytes: header, data and padding
-	pending    bool
-	readers    int    // Gets reading the file now: a removed file they read is not reused
-	prev, next *entry // LRU order, most recent after the root; nil while pending
+// loc is where a block's record lies: its segment, its offset there and its padded bytes.
+type loc struct {
+	seg  *segment
+	off  int64
+	size int64
 }
 
-// lru is a circular list of the committed entries through a root, most recently used first.
-type lru struct{ root entry }
-
-func (l *lru) init() { l.root.prev, l.root.next = &l.root, &l.root }
-
-func (l *lru) pushFront(e *entry) {
-	e.prev, e.next = &l.root, l.root.next
-	l.root.next.prev = e
-	l.root.next = e
-}
-
-func (l *lru) remove(e *entry) {
-	e.prev.next, e.next.prev = e.next, e.prev
-	e.prev, e.next = nil, nil
-}
-
-func (l *lru) touch(e *entry) {
-	if l.root.next != e {
-		l.remove(e)
-		l.pushFront(e)
-	}
-}
-
-// oldest returns the least recently used entry, or nil for an empty list.
-func (l *lru) oldest() *entry {
-	if l.root.prev == &l.root {
-		return nil
-	}
-	return l.root.prev
+// segment is one append-only file of records, or a spare file kept for a later segment. Its fields are guarded by the store's mu, except
+// fd and path, which are fixed from its creation until reap closes and deletes it.
+type segment struct {
+	seq  uint64
+	path string
+	fd   int
+	base uint64 // bytes appended to the store before this segment's first: its age
+	size int64  // the bytes of the records committed to it; a Put appends here
+	// fsize is the file's bytes: size, or more where the file was a spare with older records
+	// past size. Stats.Bytes counts fsize.
+	fsize int64
+	spare string // while an append reuses a spare file for it: the spare's name
+	keys  []ikey // the keys of its records, in offset order; some may now live elsewhere
+	live  int    // records the index points at
+	// readers counts the Gets reading it now. A dead segment (evicted or emptied) is closed
+	// and deleted once it has none.
+	readers int
+	dead    bool
 }

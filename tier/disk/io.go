@@ -53,14 +53,18 @@ func alignedBuf(n int) []byte {
 	return b[off : off+n : off+n]
 }
 
-// fileIO is the store's seam to the filesystem: every file the store writes, reads or removes
-// goes through it, so a test can fail any call. write makes a whole file, or overwrites an
-// existing file of the same size in place; read fills buf from a file's start and returns the
-// bytes read (fewer at its end).
+// fileIO is the store's seam to the filesystem: every segment the store opens, writes, reads,
+// truncates or removes goes through it, so a test can fail any call. path names the file an fd
+// was opened from. open opens a segment for reading and writing, creating it where create is
+// set; write writes rec at off; read fills buf from off and returns the bytes read (fewer at the
+// file's end).
 type fileIO interface {
-	write(path string, rec []byte, overwrite bool) error
-	read(path string, buf []byte) (int, error)
+	open(path string, create bool) (int, error)
+	write(fd int, path string, rec []byte, off int64) error
+	read(fd int, path string, buf []byte, off int64) (int, error)
+	truncate(fd int, path string, size int64) error
 	rename(from, to string) error
+	close(fd int) error
 	remove(path string) error
 }
 
@@ -74,36 +78,29 @@ func (o osIO) flags() int {
 	return unix.O_CLOEXEC
 }
 
-func (o osIO) write(path string, rec []byte, overwrite bool) error {
-	flags := unix.O_WRONLY | unix.O_CREAT | unix.O_TRUNC
-	if overwrite {
-		flags = unix.O_WRONLY
+func (o osIO) open(path string, create bool) (int, error) {
+	flags := unix.O_RDWR | o.flags()
+	if create {
+		flags |= unix.O_CREAT | unix.O_EXCL
 	}
-	fd, err := unix.Open(path, flags|o.flags(), 0o644)
+	fd, err := unix.Open(path, flags, 0o644)
 	if err != nil {
-		return &fs.PathError{Op: "create", Path: path, Err: err}
+		return -1, &fs.PathError{Op: "open", Path: path, Err: err}
 	}
-	err = o.writeFD(fd, rec)
-	if cerr := unix.Close(fd); err == nil && cerr != nil {
-		err = cerr
-	}
-	if err != nil {
-		return &fs.PathError{Op: "write", Path: path, Err: err}
-	}
-	return nil
+	return fd, nil
 }
 
-func (o osIO) writeFD(fd int, rec []byte) error {
+func (o osIO) write(fd int, path string, rec []byte, at int64) error {
 	for off := 0; off < len(rec); {
-		n, err := unix.Pwrite(fd, rec[off:], int64(off))
+		n, err := unix.Pwrite(fd, rec[off:], at+int64(off))
 		if err == unix.EINTR {
 			continue
 		}
-		if err != nil {
-			return err
+		if err == nil && n == 0 {
+			err = unix.EIO
 		}
-		if n == 0 {
-			return unix.EIO
+		if err != nil {
+			return &fs.PathError{Op: "write", Path: path, Err: err}
 		}
 		off += n
 	}
@@ -113,20 +110,16 @@ func (o osIO) writeFD(fd int, rec []byte) error {
 	// The page cache holds dirty pages until they are written back; only clean pages can be
 	// dropped.
 	if err := unix.Fdatasync(fd); err != nil {
-		return err
+		return &fs.PathError{Op: "fdatasync", Path: path, Err: err}
 	}
-	return unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED)
+	_ = unix.Fadvise(fd, at, int64(len(rec)), unix.FADV_DONTNEED)
+	return nil
 }
 
-func (o osIO) read(path string, buf []byte) (int, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|o.flags(), 0)
-	if err != nil {
-		return 0, &fs.PathError{Op: "open", Path: path, Err: err}
-	}
-	defer unix.Close(fd)
+func (o osIO) read(fd int, path string, buf []byte, at int64) (int, error) {
 	off := 0
 	for off < len(buf) {
-		n, err := unix.Pread(fd, buf[off:], int64(off))
+		n, err := unix.Pread(fd, buf[off:], at+int64(off))
 		if err == unix.EINTR {
 			continue
 		}
@@ -137,23 +130,29 @@ func (o osIO) read(path string, buf []byte) (int, error) {
 			break
 		}
 		off += n
-		if o.direct && n%align != 0 {
-			break // a short O_DIRECT read is the file's end
-		}
 	}
 	if !o.direct {
-		_ = unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED)
+		_ = unix.Fadvise(fd, at, int64(len(buf)), unix.FADV_DONTNEED)
 	}
 	return off, nil
 }
 
-// rename is rename(2). os.Rename would first stat the target, a system call more per block.
+func (osIO) truncate(fd int, path string, size int64) error {
+	if err := unix.Ftruncate(fd, size); err != nil {
+		return &fs.PathError{Op: "truncate", Path: path, Err: err}
+	}
+	return nil
+}
+
+// rename is rename(2). os.Rename would first stat the target, a system call more.
 func (osIO) rename(from, to string) error {
 	if err := unix.Rename(from, to); err != nil {
 		return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
 	}
 	return nil
 }
+
+func (osIO) close(fd int) error { return unix.Close(fd) }
 
 func (osIO) remove(path string) error {
 	err := os.Remove(path)
@@ -166,11 +165,17 @@ func (osIO) remove(path string) error {
 // probeDirect reports whether the filesystem under dir takes O_DIRECT writes and reads of
 // aligned buffers. A refusal is EINVAL; any other error is returned.
 func probeDirect(dir string) (bool, error) {
-	path := dir + "/probe" + tmpSuffix
+	path := dir + "/probe.tmp"
+	_ = os.Remove(path)
 	buf := alignedBuf(align)
-	err := osIO{direct: true}.write(path, buf, false)
+	o := osIO{direct: true}
+	fd, err := o.open(path, true)
 	if err == nil {
-		_, err = osIO{direct: true}.read(path, buf)
+		err = o.write(fd, path, buf, 0)
+		if err == nil {
+			_, err = o.read(fd, path, buf, 0)
+		}
+		_ = unix.Close(fd)
 	}
 	_ = os.Remove(path)
 	switch {

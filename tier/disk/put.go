@@ -9,28 +9,31 @@ import (
 	"github.com/pagedkv/pagedkv/tier"
 )
 
-// putTx is one Put in flight: the blocks it writes, each reserved in the index as a pending
-// entry, and how far its files got. The store holds no half-done Put; commit or rollback ends
-// it.
-type putTx struct {
-	s      *Store
-	blocks []tier.Block
-	items  []putItem
+// appendItem is one record an append writes: a Put's block, encoded, or a record a Get moves
+// to the tail (its second chance), copied as read.
+type appendItem struct {
+	k    ikey
+	size int64
+	blk  *tier.Block // a Put's block, or nil
+	raw  []byte      // a moved record's bytes, or nil
+	from loc         // a moved record's place: it moves only if the index still points there
+	at   loc         // where the append writes it
 }
 
-type putItem struct {
-	b       int    // index into blocks
-	e       *entry // its pending entry, whose path is the file's final name
-	spare   string // the spare file it overwrites, or "" for a new file
-	renamed bool   // its file is under its final name
+// appendRun is the items an append writes into one segment with one write.
+type appendRun struct {
+	seg     *segment
+	fresh   bool // seg is made by this append
+	renamed bool // seg's spare file is under seg's name
+	off     int64
+	lo, hi  int // its items
 }
 
-// Put stores blocks, each in its own file, skipping those the store holds or another Put is
-// writing. It writes every block over a spare file or into a new temporary file, up to
-// ioWorkers at once, then renames them all to the blocks' names, then commits them to the index
-// and evicts the least recently used blocks over the limit. A failure (an I/O error, ctx done)
-// gives back the spare files it took, under their names, deletes the files it made and leaves
-// the index as it was. The caller keeps blocks; the store copies their bytes.
+// Put stores blocks, skipping those the store holds. It appends their records to the tail
+// segment with one write per segment it touches, starting a new segment where the tail is full,
+// then publishes them to the index and evicts the oldest segments over the limit. A failure
+// (an I/O error, ctx done) deletes the segments it made, cuts the tail back to its old size and
+// leaves the index as it was. The caller keeps blocks; the store copies their bytes.
 func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 	if err := s.checkPut(ctx, blocks); err != nil {
 		return fmt.Errorf("disk: put: %w", err)
@@ -39,16 +42,20 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 		return fmt.Errorf("disk: put: %w", err)
 	}
 	defer s.calls.Done()
-	tx := s.reserve(blocks)
-	if len(tx.items) == 0 {
-		return nil
+	defer s.reap()
+	s.wmu.Lock()
+	items := s.witems[:0]
+	for i := range blocks {
+		b := &blocks[i]
+		items = append(items, appendItem{k: ikey{b.NS, b.Key}, size: int64(recordSize(b.NS, s.blockBytes)), blk: b})
 	}
-	if err := tx.write(ctx); err != nil {
-		tx.rollback()
+	err := s.append(ctx, items)
+	clear(items)
+	s.witems = items[:0]
+	s.wmu.Unlock()
+	if err != nil {
 		return s.failed(fmt.Errorf("disk: put: %w", err))
 	}
-	tx.commit()
-	s.reap()
 	return nil
 }
 
@@ -70,61 +77,119 @@ func (s *Store) checkPut(ctx context.Context, blocks []tier.Block) error {
 		}
 		need += uint64(recordSize(b.NS, s.blockBytes))
 	}
-	if room := s.limit - s.spareTarget; need > room {
+	if room := s.limit - s.spareLimit; need > room {
 		return &FitError{Blocks: len(blocks), Need: need, Limit: room}
 	}
 	return nil
 }
 
-// reserve enters a pending entry for every block that is neither held nor being written, and
-// marks the held ones recently used.
-func (s *Store) reserve(blocks []tier.Block) *putTx {
-	tx := &putTx{s: s, blocks: blocks}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i, b := range blocks {
-		k := ikey{b.NS, b.Key}
-		if e := s.index[k]; e != nil {
-			if !e.pending {
-				s.order.touch(e)
-			}
-			continue
-		}
-		e := &entry{k: k, path: s.blockPath(b.NS, b.Key), size: uint64(recordSize(b.NS, s.blockBytes)), pending: true}
-		s.index[k] = e
-		tx.items = append(tx.items, putItem{b: i, e: e, spare: s.takeSpareLocked(e.size)})
-	}
-	return tx
-}
-
-// write makes every item's file under a name that is not a block's, then renames them all to
-// their blocks' names.
-func (tx *putTx) write(ctx context.Context) error {
-	if err := tx.each(func(it *putItem) error { return tx.writeOne(ctx, it) }); err != nil {
+// append writes items at the tail and publishes them. The caller holds wmu.
+func (s *Store) append(ctx context.Context, items []appendItem) error {
+	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	return tx.each(func(it *putItem) error {
-		if err := tx.s.io.rename(it.from(), it.e.path); err != nil {
-			return ioError(err)
-		}
-		it.renamed = true
+	items, runs := s.plan(items)
+	if len(items) == 0 {
 		return nil
-	})
+	}
+	for i := range runs {
+		if err := s.writeRun(ctx, items, &runs[i]); err != nil {
+			s.undo(runs)
+			return err
+		}
+	}
+	s.publish(items, runs)
+	return nil
 }
 
-// each calls f for every item, up to ioWorkers at once, and returns the first error. After an
-// error it starts no more calls.
-func (tx *putTx) each(f func(*putItem) error) error {
+// plan drops the items the append must not write (a Put's blocks the store holds, a move whose
+// block has gone elsewhere) and places the others at the tail, in runs. The caller holds wmu.
+func (s *Store) plan(items []appendItem) ([]appendItem, []appendRun) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	kept := items[:0]
+	for _, it := range items {
+		l, ok := s.index[it.k]
+		if (it.blk != nil && !ok) || (it.blk == nil && ok && l == it.from) {
+			kept = append(kept, it)
+		}
+	}
+	runs := s.wruns[:0]
+	seg, off, fresh := s.tailLocked(), int64(0), false
+	if seg != nil {
+		off = seg.size
+	}
+	next, seq := s.next, s.seq
+	for i := range kept {
+		it := &kept[i]
+		if seg == nil || (off > 0 && off+it.size > s.segBytes) {
+			if seg != nil {
+				next = seg.base + uint64(off)
+			}
+			seq++
+			seg, off, fresh = &segment{seq: seq, path: s.segName(seq), fd: -1, base: next}, 0, true
+			if n := len(s.spares); n > 0 {
+				sp := s.spares[n-1] // the newest: the likeliest to be in the disk's cache
+				s.spares = s.spares[:n-1]
+				s.ds.SpareFiles--
+				s.ds.SpareBytes -= uint64(sp.fsize)
+				seg.fd, seg.fsize, seg.spare = sp.fd, sp.fsize, sp.path
+			}
+		}
+		if len(runs) == 0 || runs[len(runs)-1].seg != seg {
+			runs = append(runs, appendRun{seg: seg, fresh: fresh, off: off, lo: i, hi: i})
+		}
+		it.at = loc{seg, off, it.size}
+		off += it.size
+		runs[len(runs)-1].hi = i + 1
+	}
+	s.seq = seq
+	s.wruns = runs
+	return kept, runs
+}
+
+// writeRun encodes a run's records into the append buffer and writes them with one call,
+// creating the run's segment first where it is new. The caller holds wmu.
+func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) error {
+	if err := ctxErr(ctx); err != nil {
+		return err
+	}
+	n := int(items[r.hi-1].at.off + items[r.hi-1].size - r.off)
+	if cap(s.wbuf) < n+align {
+		s.wbuf = alignedBuf(max(n+align, 2*cap(s.wbuf)))
+	}
+	buf := s.wbuf[:n]
+	if r.off+int64(n) < r.seg.fsize {
+		// A reused file holds older records past the new ones: a zero page after them ends
+		// the segment for Open's scan. The next append overwrites it.
+		buf = s.wbuf[:n+align]
+		clear(buf[n:])
+	}
+	switch {
+	case r.fresh && r.seg.spare != "":
+		if err := s.io.rename(r.seg.spare, r.seg.path); err != nil {
+			return ioError(err)
+		}
+		r.renamed = true
+	case r.fresh:
+		fd, err := s.io.open(r.seg.path, true)
+		if err != nil {
+			return ioError(err)
+		}
+		r.seg.fd = fd
+	}
+	// A large run goes out as up to writeParts writes at once, each of a contiguous part that
+	// its goroutine encodes first: the disk sees a deeper queue, and encoding overlaps I/O.
+	parts := min(r.hi-r.lo, writeParts, max(1, n/minPartBytes))
 	var mu sync.Mutex
 	var first error
-	parallel(len(tx.items), func(i int) {
-		mu.Lock()
-		stop := first != nil
-		mu.Unlock()
-		if stop {
-			return
+	parallelN(parts, writeParts, func(p int) {
+		lo, hi := r.lo+(r.hi-r.lo)*p/parts, r.lo+(r.hi-r.lo)*(p+1)/parts
+		from, to := items[lo].at.off-r.off, items[hi-1].at.off+items[hi-1].size-r.off
+		if p == parts-1 {
+			to = int64(len(buf))
 		}
-		if err := f(&tx.items[i]); err != nil {
+		if err := s.writePart(r.seg, items[lo:hi], buf[from:to], r.off+from); err != nil {
 			mu.Lock()
 			first = cmp.Or(first, err)
 			mu.Unlock()
@@ -133,79 +198,103 @@ func (tx *putTx) each(f func(*putItem) error) error {
 	return first
 }
 
-// writeOne encodes one block into an aligned buffer, pads it and writes it: over a spare file,
-// in place, or into a new file under the temporary name. Neither is a block's final name, so a
-// crash leaves no half block under one.
-func (tx *putTx) writeOne(ctx context.Context, it *putItem) error {
-	if err := ctxErr(ctx); err != nil {
-		return err
+// writeParts is how many parts of a run are written at once, at most.
+const writeParts = 8
+
+// minPartBytes is the least a part of a run's write holds: below it, one write is cheaper.
+const minPartBytes = 256 << 10
+
+// writePart encodes items into buf, whose first byte goes to offset at of segment g, pads them
+// and writes buf.
+func (s *Store) writePart(g *segment, items []appendItem, buf []byte, at int64) error {
+	for _, it := range items {
+		rec := buf[it.at.off-at:][:it.size]
+		used := copy(rec, it.raw)
+		if it.blk != nil {
+			enc, err := tier.Encode(rec[:0], s.fp, *it.blk)
+			if err != nil {
+				return err // checkPut has bounded the salt: not reached
+			}
+			used = len(enc)
+		}
+		clear(rec[used:])
 	}
-	s := tx.s
-	buf := s.getBuf(int(it.e.size))
-	defer s.putBuf(buf)
-	rec := (*buf)[:it.e.size]
-	enc, err := tier.Encode(rec[:0], s.fp, tx.blocks[it.b])
-	if err != nil {
-		return err // checkPut has bounded the salt: not reached
-	}
-	clear(rec[len(enc):])
-	if err := s.io.write(it.from(), rec, it.spare != ""); err != nil {
+	if err := s.io.write(g.fd, g.path, buf, at); err != nil {
 		return ioError(err)
 	}
 	return nil
 }
 
-// from returns where the item's file is written before it is renamed to its final name.
-func (it *putItem) from() string {
-	if it.spare != "" {
-		return it.spare
-	}
-	return it.e.path + tmpSuffix
-}
-
-// rollback returns the Put's spare files to the pool under their old names, deletes the new
-// files it made and forgets its pending entries.
-func (tx *putTx) rollback() {
-	s := tx.s
-	var back []spare
-	for _, it := range tx.items {
-		cur := it.from()
-		if it.renamed {
-			cur = it.e.path
-		}
+// undo deletes the segments a failed append made, gives back the spare files it took, under
+// their names, and cuts the tail back to its committed size, so that no record of the append
+// is found by the next Open. The caller holds wmu.
+func (s *Store) undo(runs []appendRun) {
+	var back []*segment
+	for _, r := range runs {
+		g := r.seg
 		switch {
-		case it.spare == "":
-			_ = s.io.remove(cur) // a leftover is found by the next Open
-		case !it.renamed || s.io.rename(cur, it.spare) == nil:
-			back = append(back, spare{it.spare, it.e.size})
-		default:
-			_ = s.io.remove(cur)
+		case r.fresh && g.spare != "":
+			if r.renamed && s.io.rename(g.path, g.spare) != nil {
+				_ = s.io.close(g.fd)
+				_ = s.io.remove(g.path)
+				continue
+			}
+			back = append(back, &segment{seq: g.seq, path: g.spare, fd: g.fd, fsize: g.fsize})
+		case r.fresh && g.fd >= 0:
+			_ = s.io.close(g.fd)
+			_ = s.io.remove(g.path)
+		case !r.fresh:
+			_ = s.io.truncate(g.fd, g.path, max(r.off, g.fsize))
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, it := range tx.items {
-		delete(s.index, it.e.k)
+	for _, g := range back {
+		s.addSpareLocked(g)
 	}
-	for _, sp := range back {
-		s.addSpareLocked(sp.path, sp.size)
-	}
+	s.trimSparesLocked()
 }
 
-// commit makes the Put's blocks visible, most recently used, then evicts over the limit.
-func (tx *putTx) commit() {
-	s := tx.s
+// publish commits a written append: new segments join the store, records enter the index, then
+// emptied segments go and the oldest are evicted over the limit. The caller holds wmu.
+func (s *Store) publish(items []appendItem, runs []appendRun) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, it := range tx.items {
-		it.e.pending = false
-		s.order.pushFront(it.e)
-		s.st.Blocks++
-		s.st.Bytes += it.e.size
-		s.st.Puts++
-		s.st.PutBytes += uint64(s.blockBytes)
+	for _, r := range runs {
+		if r.fresh {
+			s.segs = append(s.segs, r.seg)
+			s.ds.Segments++
+		}
+		end := items[r.hi-1].at.off + items[r.hi-1].size
+		fsize := max(end, r.seg.fsize)
+		if r.fresh {
+			r.seg.fsize = 0
+		}
+		s.st.Bytes += uint64(fsize - r.seg.fsize)
+		r.seg.size, r.seg.fsize = end, fsize
+		s.next = r.seg.base + uint64(end)
 	}
-	s.settleSpaceLocked()
+	for _, it := range items {
+		if l, ok := s.index[it.k]; ok {
+			s.forgetLocked(it.k, l) // a moved block's old place, or a key twice in one Put
+		}
+		s.index[it.k] = it.at
+		it.at.seg.live++
+		it.at.seg.keys = append(it.at.seg.keys, it.k)
+		s.st.Blocks++
+		s.ds.LiveBytes += uint64(it.size)
+		if it.blk != nil {
+			s.st.Puts++
+			s.st.PutBytes += uint64(s.blockBytes)
+		}
+	}
+	for i := 0; i < len(s.segs)-1; i++ {
+		if g := s.segs[i]; g.live == 0 {
+			s.killLocked(g)
+			i--
+		}
+	}
+	s.evictLocked()
 }
 
 // getBuf returns an aligned buffer of at least n bytes from the store's pool.

@@ -1,110 +1,166 @@
 package disk
 
 import (
-	"cmp"
-	"encoding/hex"
-	"fmt"
 	"os"
 	"slices"
-	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/pagedkv/pagedkv/tier"
 )
 
-// found is a block file the scan at Open kept, with its modification time for the LRU order.
-type found struct {
-	e     *entry
-	mtime int64
-}
-
-// scan creates the 256 fan-out directories and rebuilds the index from the block files in them,
-// oldest written least recently used. It deletes temporary files and block files that fail the
-// checks of keep.
+// scan rebuilds the index from the segment files, oldest first: a later record of a key wins.
+// It drops the records that are not this store's, cuts each segment at a torn or unreadable
+// record and deletes the segments left with no live record.
 func (s *Store) scan() error {
-	var kept []found
-	buf := alignedBuf(align)
-	for i := range 256 {
-		sub := fmt.Sprintf("%s/%02x", s.dir, i)
-		if err := os.MkdirAll(sub, 0o755); err != nil {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return ioError(err)
+	}
+	var seqs, spares []uint64
+	for _, d := range ents {
+		if seq, ok := isSegName(d.Name()); ok && d.Type().IsRegular() {
+			seqs = append(seqs, seq)
+		}
+		if seq, ok := isName(d.Name(), ".spare"); ok && d.Type().IsRegular() {
+			spares = append(spares, seq)
+		}
+	}
+	slices.Sort(seqs)
+	slices.Sort(spares)
+	for _, seq := range spares {
+		if err := s.scanSpare(seq); err != nil {
 			return ioError(err)
 		}
-		ents, err := os.ReadDir(sub)
+	}
+	hdr := alignedBuf(align)
+	for _, seq := range seqs {
+		g := &segment{seq: seq, path: s.segName(seq), base: s.next}
+		fd, err := s.io.open(g.path, false)
 		if err != nil {
 			return ioError(err)
 		}
-		for _, d := range ents {
-			path := sub + "/" + d.Name()
-			switch {
-			case strings.HasSuffix(d.Name(), tmpSuffix):
-				if s.io.remove(path) == nil {
-					s.ds.TmpRemoved++
-				}
-			case !blockName(d.Name()) || !d.Type().IsRegular():
-				// not a file of this layout: not ours to delete
-			default:
-				f, ok := s.keep(path, buf)
-				if ok {
-					kept = append(kept, f)
-				} else if s.io.remove(path) == nil {
-					s.ds.DroppedAtOpen++
-				}
-			}
+		g.fd = fd
+		s.segs = append(s.segs, g) // closed by reapClose if the scan fails
+		s.ds.Segments++
+		s.seq = max(s.seq, seq)
+		if err := s.scanSegment(g, hdr); err != nil {
+			return ioError(err)
 		}
+		g.fsize = g.size
+		s.st.Bytes += uint64(g.size)
+		s.next += uint64(g.size)
 	}
-	if err := s.scanSpares(); err != nil {
-		return ioError(err)
-	}
-	slices.SortFunc(kept, func(a, b found) int { return cmp.Compare(a.mtime, b.mtime) })
-	for _, f := range kept {
-		s.index[f.e.k] = f.e
-		s.order.pushFront(f.e)
-		s.st.Blocks++
-		s.st.Bytes += f.e.size
-		s.st.Restored++
+	s.st.Restored = s.st.Blocks
+	for i := 0; i < len(s.segs); i++ {
+		if g := s.segs[i]; g.live == 0 {
+			s.killLocked(g)
+			i--
+		}
 	}
 	return nil
 }
 
-// blockName reports whether name has the form of a block file: 16 hex digits of namespace
-// hash, a dash, 64 hex digits of key.
-func blockName(name string) bool {
-	if len(name) != 16+1+64 || name[16] != '-' {
-		return false
+// scanSegment indexes the records of segment g, each at a 4096-aligned offset found from the
+// length its predecessor's header gives, and cuts the file at the first record it cannot
+// parse or whose bytes run past the file's end.
+func (s *Store) scanSegment(g *segment, hdr []byte) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(g.fd, &st); err != nil {
+		return err
 	}
-	_, err1 := hex.DecodeString(name[:16])
-	_, err2 := hex.DecodeString(name[17:])
-	return err1 == nil && err2 == nil
+	end := st.Size
+	off := int64(0)
+	for off < end {
+		h, err := s.header(g, off, hdr)
+		if err != nil {
+			return err
+		}
+		if h == nil && !slices.ContainsFunc(hdr, func(b byte) bool { return b != 0 }) {
+			// a zero page: the end of the records in a reused file
+			if err := s.io.truncate(g.fd, g.path, off); err != nil {
+				return err
+			}
+			break
+		}
+		size := int64(0)
+		if h != nil && h.DataLen <= MaxBlockBytes {
+			size = int64(roundUp(h.Size + int(h.DataLen)))
+		}
+		if size == 0 || off+size > end {
+			// a bad header or a torn tail: nothing after it can be found
+			s.ds.DroppedAtOpen++
+			s.ds.TornAtOpen++
+			if err := s.io.truncate(g.fd, g.path, off); err != nil {
+				return err
+			}
+			break
+		}
+		if h.Fingerprint == dropped {
+			off += size
+			continue
+		}
+		if h.Fingerprint != s.fp || h.DataLen != uint64(s.blockBytes) {
+			s.ds.DroppedAtOpen++
+			off += size
+			continue
+		}
+		k := ikey{h.NS, h.Key}
+		if l, ok := s.index[k]; ok {
+			delete(s.index, k)
+			s.st.Blocks--
+			s.ds.LiveBytes -= uint64(l.size)
+			l.seg.live--
+		}
+		s.index[k] = loc{g, off, size}
+		g.keys = append(g.keys, k)
+		g.live++
+		s.st.Blocks++
+		s.ds.LiveBytes += uint64(size)
+		off += size
+	}
+	g.size = off
+	return nil
 }
 
-// keep reads a block file's header and reports whether the file is one this store serves: this
-// model's fingerprint, this block size, the file's size that of the whole record (not torn), and
-// the name the header's namespace and key give. The data's checksum is checked later, by Get.
-func (s *Store) keep(path string, buf []byte) (found, bool) {
-	st, err := os.Stat(path)
+// scanSpare puts spare file seq into the pool at Open; evictLocked trims the pool to its
+// bound.
+func (s *Store) scanSpare(seq uint64) error {
+	path := s.spareName(seq)
+	fd, err := s.io.open(path, false)
 	if err != nil {
-		return found{}, false
+		return err
 	}
-	n, err := s.io.read(path, buf)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Size == 0 || st.Size%align != 0 {
+		_ = s.io.close(fd)
+		_ = s.io.remove(path)
+		return nil
+	}
+	s.seq = max(s.seq, seq)
+	s.addSpareLocked(&segment{seq: seq, path: path, fd: fd, fsize: st.Size})
+	return nil
+}
+
+// header reads and parses the header of the record at off in g, or returns nil where none
+// parses. An I/O error is returned.
+func (s *Store) header(g *segment, off int64, buf []byte) (*tier.Header, error) {
+	clear(buf)
+	n, err := s.io.read(g.fd, g.path, buf, off)
 	if err != nil {
-		return found{}, false
+		return nil, err
 	}
 	h, err := tier.ParseHeader(buf[:n])
 	if err != nil && n == len(buf) && h.Size > n && h.Size <= 128+tier.MaxSalt {
 		// a long salt: read the whole header
 		big := alignedBuf(roundUp(h.Size))
-		if n, err = s.io.read(path, big); err != nil {
-			return found{}, false
+		if n, err = s.io.read(g.fd, g.path, big, off); err != nil {
+			return nil, err
 		}
 		h, err = tier.ParseHeader(big[:n])
 	}
-	switch {
-	case err != nil, h.Fingerprint != s.fp, h.DataLen != uint64(s.blockBytes):
-		return found{}, false
-	case st.Size() != int64(recordSize(h.NS, s.blockBytes)):
-		return found{}, false
-	case path != s.blockPath(h.NS, h.Key):
-		return found{}, false
+	if err != nil {
+		return nil, nil
 	}
-	e := &entry{k: ikey{h.NS, h.Key}, path: path, size: uint64(st.Size())}
-	return found{e: e, mtime: st.ModTime().UnixNano()}, true
+	return &h, nil
 }

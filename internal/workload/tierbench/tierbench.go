@@ -135,8 +135,8 @@ func repeat(n int, f func(i int) error) func() error {
 }
 
 // Disk measures a disk.Store in dir (which it fills and leaves to the caller to delete) with
-// blocks of blockBytes: Put of new blocks, each round evicting as many old ones, whose files
-// the next Put overwrites, and Get of one batch, each against the yardstick over rounds.
+// blocks of blockBytes: Put of new blocks, each round evicting as many old ones (whole
+// segments), and Get of one batch, each against the yardstick over rounds.
 func Disk(dir string, blockBytes, rounds int) (put, get Figure, err error) {
 	ctx := context.Background()
 	per := batchesPerRound(blockBytes)
@@ -159,7 +159,7 @@ func Disk(dir string, blockBytes, rounds int) (put, get Figure, err error) {
 		next += Batch
 		return s.Put(ctx, bs)
 	})
-	// Fill the store and its spare files first: the rounds measure the steady state.
+	// Fill the store to its limit first: the rounds measure the steady state, evicting as they go.
 	for range 5 {
 		if err := storePut(); err != nil {
 			return put, get, err
