@@ -259,8 +259,9 @@ func (f *SeqFile) Read() error {
 func (f *SeqFile) Close() error { return unix.Close(f.fd) }
 
 // Redis measures s, a store of blocks of blockBytes: Put and Get of one batch against the
-// yardstick through s's own client, pipelined raw SETs and GETs of values as long as the
-// encoded blocks, under keys of their own.
+// yardstick through s's own client, pipelined raw SETs and GETs of the same bytes (each block
+// as the store encodes it: a value of its own, not one buffer sent again), under keys of their
+// own.
 func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) {
 	ctx := context.Background()
 	per := batchesPerRound(blockBytes)
@@ -268,15 +269,18 @@ func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) 
 	bs := Blocks(ns, blockBytes, 0)
 	keys, dst := keysOf(bs), buffers(blockBytes)
 	c := s.Client()
-	value := make([]byte, tier.HeaderSize(ns)+blockBytes)
 	raw := make([]string, Batch)
+	values := make([][]byte, Batch)
 	for i := range raw {
 		raw[i] = "pagedkv:tierbench:raw:" + strconv.Itoa(i)
+		if values[i], err = tier.Encode(nil, tier.Fingerprint{}, bs[i]); err != nil {
+			return put, get, err
+		}
 	}
 	rawSet := func(int) error {
 		pipe := c.Pipeline()
-		for _, k := range raw {
-			pipe.Set(ctx, k, value, 0)
+		for i, k := range raw {
+			pipe.Set(ctx, k, values[i], 0)
 		}
 		_, err := pipe.Exec(ctx)
 		return err
@@ -288,8 +292,8 @@ func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) 
 		}
 		cmds, err := pipe.Exec(ctx)
 		for _, cmd := range cmds {
-			if v, _ := cmd.(interface{ Val() string }); v != nil && len(v.Val()) != len(value) {
-				return fmt.Errorf("raw get: %d bytes, want %d", len(v.Val()), len(value))
+			if v, _ := cmd.(interface{ Val() string }); v != nil && len(v.Val()) != len(values[0]) {
+				return fmt.Errorf("raw get: %d bytes, want %d", len(v.Val()), len(values[0]))
 			}
 		}
 		return err
