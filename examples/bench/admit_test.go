@@ -20,6 +20,12 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
+	if child, err := hotChild(); child {
+		if err != nil {
+			log.Fatal(err)
+		}
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 

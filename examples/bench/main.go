@@ -42,6 +42,12 @@ func main() {
 		}
 		return
 	}
+	if child, err := hotChild(); child {
+		if err != nil {
+			log.Fatalf("bench: hot paths child: %v", err)
+		}
+		return
+	}
 	device := flag.String("device", "auto", "host, cuda, cuda:N or auto")
 	mdPath := flag.String("md", "", "also write the tables as Markdown to this file")
 	jsonPath := flag.String("json", "", "also write the tables as JSON to this file")
