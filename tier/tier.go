@@ -14,7 +14,6 @@ package tier
 
 import (
 	"context"
-	"errors"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -74,11 +73,11 @@ var (
 	ErrClosed = errdefs.ErrClosed
 	// ErrUnavailable reports a store that cannot answer now: a server down, a deadline passed,
 	// a disk failing. The caller treats it as a miss.
-	ErrUnavailable = errors.New("store unavailable")
+	ErrUnavailable = errdefs.ErrUnavailable
 	// ErrCorrupt reports a stored block that failed its checks.
-	ErrCorrupt = errors.New("corrupt block")
+	ErrCorrupt = errdefs.ErrCorrupt
 	// ErrMismatch reports a stored block of another model, geometry or namespace.
-	ErrMismatch = errors.New("block of another model or namespace")
+	ErrMismatch = errdefs.ErrMismatch
 	// ErrInvalidArgument reports a malformed call: a block whose size is not the store's, a dst
 	// shorter than keys.
 	ErrInvalidArgument = errdefs.ErrInvalidArgument

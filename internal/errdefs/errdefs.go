@@ -49,6 +49,19 @@ var (
 	ErrInjected = errors.New("injected fault")
 )
 
+// The stores below the host tier (package tier and its stores).
+var (
+	// ErrUnavailable reports a store that cannot answer now: a server down, a deadline passed,
+	// a disk failing. The caller treats it as a miss.
+	ErrUnavailable = errors.New("store unavailable")
+	// ErrCorrupt reports a stored block that failed its checks.
+	ErrCorrupt = errors.New("corrupt block")
+	// ErrMismatch reports a stored block of another model, geometry or namespace.
+	ErrMismatch = errors.New("block of another model or namespace")
+	// ErrDenied reports a store that refused the credentials or the command.
+	ErrDenied = errors.New("access denied")
+)
+
 // CountError reports a count (of tokens, pairs, rows, ...) that is negative or larger than
 // allowed; it matches ErrInvalidArgument. Public packages re-export it as a type alias.
 type CountError struct {

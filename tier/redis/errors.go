@@ -1,7 +1,6 @@
 package redis
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
@@ -20,7 +19,7 @@ var (
 	// ErrDenied reports a server that refused the credentials (WRONGPASS, NOAUTH) or the
 	// command (NOPERM): a configuration to fix, not a fault that passes. It comes with
 	// ErrUnavailable.
-	ErrDenied = errors.New("access denied")
+	ErrDenied = errdefs.ErrDenied
 	// ErrInvalidArgument reports invalid Options or a malformed call.
 	ErrInvalidArgument = tier.ErrInvalidArgument
 )

@@ -37,6 +37,7 @@ var Sentinels = []error{
 	errdefs.ErrWrongDevice, errdefs.ErrDriver, errdefs.ErrUnknownSequence, errdefs.ErrSequenceExists,
 	errdefs.ErrExists, errdefs.ErrNotFound, errdefs.ErrAsleep, errdefs.ErrTooLarge, errdefs.ErrInjected,
 	errdefs.ErrSwapped, errdefs.ErrNeedsTokenIDs, errdefs.ErrNotClosed,
+	errdefs.ErrUnavailable, errdefs.ErrCorrupt, errdefs.ErrMismatch, errdefs.ErrDenied,
 }
 
 // Typed reports whether err matches one of Sentinels.
@@ -50,7 +51,7 @@ func Typed(err error) bool {
 }
 
 // layers are the names with which an error text opens a layer ("kvcache: append sequence 2: ...").
-var layers = []string{"kvcache", "vmm", "blocktable", "sequence", "prefix", "kernels", "ledger", "metrics", "kvevents", "cuda", "pagedkv"}
+var layers = []string{"kvcache", "vmm", "blocktable", "sequence", "prefix", "kernels", "ledger", "metrics", "kvevents", "cuda", "tier", "tier/disk", "tier/redis", "pagedkv"}
 
 // Text checks what an error says: it names each layer once ("kvcache: append sequence 2: ...",
 // not "kvcache: ...: kvcache: ...") and never says "pagedkv:" (a sentinel's text is its meaning
