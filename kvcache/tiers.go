@@ -196,9 +196,8 @@ func (m *Manager) tierLoop() {
 		case <-t.wake:
 		}
 		m.mu.Lock()
-		m.settleCopies() // the write-backs' copies are done: the host blocks hold their content
-		t.batch = append(t.batch[:0], t.queue...)
-		t.queue = t.queue[:0]
+		m.settleCopies()                        // the write-backs' copies are done: the host blocks hold their content
+		t.batch, t.queue = t.queue, t.batch[:0] // the queue's storage goes to the batch, and back
 		m.mu.Unlock()
 		m.writeTiers(t.batch)
 		m.mu.Lock()
