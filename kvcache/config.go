@@ -97,6 +97,17 @@ type Config struct {
 	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
 	// HostBlocks.
 	HostPrefixCache bool
+	// HostSwapBlocks are host blocks kept for swapped-out sequences. The host prefix cache
+	// never takes them: it holds at most HostBlocks-HostSwapBlocks blocks. The swap slots not in
+	// use are HostSwapBlocks less the host blocks swapped-out sequences hold. The cache takes a
+	// free block only while more blocks are free than that, and evicts its own least recently
+	// used otherwise. A SwapOut takes free blocks first, then the cache's least recently used
+	// idle blocks, so swaps may use more than HostSwapBlocks where the cache leaves room. A
+	// SwapOut of no more blocks than the swap slots not in use never fails for lack of host
+	// blocks, whatever the cache holds, blocks held for the tiers included. It lies in [0,
+	// HostBlocks]. 0 keeps no block from the cache: swaps and the cache share the whole tier.
+	// Without HostPrefixCache every host block serves swaps and it changes nothing.
+	HostSwapBlocks int
 	// KeyScheme says how cached blocks are keyed: the zero value is pagedkv's SHA-256 chain
 	// (prefix.Root, prefix.Keys); with VLLM set, vLLM's sha256_cbor block hashes
 	// (prefix.VLLMKeys), so that a router sees one key space over vLLM and pagedkv replicas and
@@ -241,6 +252,9 @@ func (c Config) validateArena() error {
 	}
 	if c.HostBlocks < 0 || c.HostBlocks > MaxBlocks {
 		return &ConfigError{Field: "HostBlocks", Value: c.HostBlocks, Reason: fmt.Sprintf("must lie in [0, %d]", MaxBlocks)}
+	}
+	if c.HostSwapBlocks < 0 || c.HostSwapBlocks > c.HostBlocks {
+		return &ConfigError{Field: "HostSwapBlocks", Value: c.HostSwapBlocks, Reason: fmt.Sprintf("must lie in [0, HostBlocks %d]", c.HostBlocks)}
 	}
 	if c.HostPrefixCache && c.HostBlocks == 0 {
 		return &ConfigError{Field: "HostPrefixCache", Value: true, Reason: "needs a host tier (HostBlocks)"}

@@ -11,18 +11,19 @@ import (
 // as well, so that the device cache's evictions lose nothing the host has room for:
 //
 //   - Write-back on release: when FreeSequence releases a keyed sequence, its cached blocks
-//     that the host does not hold yet (idle now, or still shared) are copied to host blocks (free ones, else the host
-//     cache's least recently used) with one launch on the legacy default stream (stream 0), so
-//     the copy runs after the runtime's kernels that wrote them on blocking streams. Evicting
-//     a device block later costs no copy; it only waits for the last write-back if that is
-//     still running.
+//     that the host does not hold yet (idle now, or still shared) are copied to host blocks
+//     (free ones the swap slots leave, else the host cache's least recently used) with one
+//     launch on the legacy default stream (stream 0), so the copy runs after the runtime's
+//     kernels that wrote them on blocking streams. Evicting a device block later costs no copy;
+//     it only waits for the last write-back if that is still running.
 //   - Fetch on a hit: StartSequence continues the device cache's hit with the blocks the host
 //     holds, copied into new device blocks with one launch on stream 0 (before the runtime's
 //     kernels that read them), and cached on the device again. No room on the device: the
 //     prompt's rest is computed as without the host cache.
 //
 // The host tier's blocks are shared with swapping: a swap-out takes free host blocks first,
-// then the host cache's least recently used. KV events carry Medium "CPU" for the host cache.
+// then the host cache's least recently used. The cache never takes the swap slots
+// (Config.HostSwapBlocks, hosttier.go). KV events carry Medium "CPU" for the host cache.
 
 // hostCaching reports whether the host prefix cache is on.
 func (m *Manager) hostCaching() bool { return m.host != nil && m.cfg.HostPrefixCache }
@@ -38,7 +39,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 	}
 	sc := &m.swap
 	sc.pairs, sc.at = sc.pairs[:0], sc.at[:0]
-	room := m.host.available()
+	room := m.host.cacheRoom()
 	for i, k := range s.Keys {
 		if len(sc.at) == room {
 			break
@@ -61,7 +62,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 	if n == 0 {
 		return
 	}
-	m.host.reserve(n)
+	m.host.reserveCache(n)
 	for j, h := range m.host.taken {
 		sc.pairs[2*j+1] = int64(h)
 	}

@@ -10,11 +10,20 @@ import (
 // the arena's. A host block is free, held by swapped-out sequences (refs counts them), or holds
 // a cached block's content (an entry in cache, by last use). It knows nothing of memory. Not
 // safe for concurrent use.
+//
+// The swap slots (Config.HostSwapBlocks) keep the cache from the blocks swaps need. The swap
+// slots not in use are swapSlots - swapped, at least 0. The cache takes a free block only while
+// more blocks are free than that, and otherwise evicts its own least recently used. So the
+// cache holds at most n - swapSlots blocks, and a swap of up to swapSlots - swapped blocks
+// always finds them free. A swap takes free blocks first, then the cache's least recently used
+// idle ones: the cache never keeps a block a swap needs. Two counters keep this O(1) per block.
 type hostTier struct {
-	first int32
-	refs  []int32
-	free  []int32         // free ids, the highest first, so that the lowest is taken first
-	cache *keyindex.Index // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
+	first     int32
+	refs      []int32
+	free      []int32         // free ids, the highest first, so that the lowest is taken first
+	cache     *keyindex.Index // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
+	swapSlots int             // host blocks the cache never takes (Config.HostSwapBlocks)
+	swapped   int             // host blocks held by swapped-out sequences (refs > 0)
 
 	// what reserve took, until commit or abort
 	taken   []int32
@@ -22,8 +31,8 @@ type hostTier struct {
 	nfree   int // of taken, the first nfree came from the free list
 }
 
-func newHostTier(first int32, n int) *hostTier {
-	h := &hostTier{first: first, refs: make([]int32, n), free: make([]int32, n), cache: keyindex.NewIndex()}
+func newHostTier(first int32, n, swapSlots int) *hostTier {
+	h := &hostTier{first: first, refs: make([]int32, n), free: make([]int32, n), cache: keyindex.NewIndex(), swapSlots: swapSlots}
 	for i := range n {
 		h.free[i] = first + int32(n-1-i)
 	}
@@ -39,14 +48,15 @@ func (h *hostTier) has(b int32) bool {
 func (h *hostTier) unref(b int32) {
 	if h.refs[b-h.first]--; h.refs[b-h.first] == 0 {
 		h.free = append(h.free, b)
+		h.swapped--
 	}
 }
 
 // refsOf returns how many sequences hold host block b.
 func (h *hostTier) refsOf(b int32) int32 { return h.refs[b-h.first] }
 
-// blocks returns the host tier's blocks; freeBlocks how many are free; available how many
-// reserve can take: the free ones and those the cache holds.
+// blocks returns the host tier's blocks; freeBlocks how many are free; swappedBlocks how many
+// swapped-out sequences hold.
 func (h *hostTier) blocks() int {
 	if h == nil {
 		return 0
@@ -61,18 +71,43 @@ func (h *hostTier) freeBlocks() int {
 	return len(h.free)
 }
 
-func (h *hostTier) available() int {
+func (h *hostTier) swappedBlocks() int {
+	if h == nil {
+		return 0
+	}
+	return h.swapped
+}
+
+// swapRoom returns how many blocks reserveSwap can take: the free ones and the cache's idle
+// ones.
+func (h *hostTier) swapRoom() int {
 	if h == nil {
 		return 0
 	}
 	return len(h.free) + h.cache.IdleLen()
 }
 
-// reserve takes n host blocks (n <= available()) into h.taken: free ones first, then the
-// cache's least recently used. Commit or abort it before the next reserve.
-func (h *hostTier) reserve(n int) {
+// cacheRoom returns how many blocks reserveCache can take: the free ones beyond the swap slots
+// not in use, and the cache's idle ones.
+func (h *hostTier) cacheRoom() int { return h.cacheFree() + h.cache.IdleLen() }
+
+// cacheFree returns how many free blocks the cache may take.
+func (h *hostTier) cacheFree() int {
+	return max(0, len(h.free)-max(0, h.swapSlots-h.swapped))
+}
+
+// reserveSwap takes n host blocks (n <= swapRoom()) for a swap into h.taken: free ones first,
+// then the cache's least recently used. reserveCache takes n (n <= cacheRoom()) for the cache:
+// free ones beyond the swap slots not in use first, then the cache's least recently used.
+// Commit or abort either before the next.
+func (h *hostTier) reserveSwap(n int)  { h.reserve(n, len(h.free)) }
+func (h *hostTier) reserveCache(n int) { h.reserve(n, h.cacheFree()) }
+
+// reserve takes n host blocks into h.taken: at most maxFree free ones, then the cache's least
+// recently used.
+func (h *hostTier) reserve(n, maxFree int) {
 	h.taken, h.evicted = h.taken[:0], h.evicted[:0]
-	h.nfree = min(n, len(h.free))
+	h.nfree = min(n, maxFree)
 	for range h.nfree {
 		h.taken = append(h.taken, h.free[len(h.free)-1])
 		h.free = h.free[:len(h.free)-1]
@@ -105,7 +140,10 @@ func (h *hostTier) commit(removed func(prefix.Key)) {
 }
 
 // hold makes taken host block b held by refs swapped-out references.
-func (h *hostTier) hold(b int32, refs int32) { h.refs[b-h.first] = refs }
+func (h *hostTier) hold(b int32, refs int32) {
+	h.refs[b-h.first] = refs
+	h.swapped++
+}
 
 // store makes taken host block b hold the content of key k, as the most recently used.
 func (h *hostTier) store(k prefix.Key, b int32) {

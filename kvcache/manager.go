@@ -141,7 +141,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	}
 	var host *hostTier
 	if cfg.HostBlocks > 0 {
-		host = newHostTier(int32(npages*bpp), cfg.HostBlocks)
+		host = newHostTier(int32(npages*bpp), cfg.HostBlocks, cfg.HostSwapBlocks)
 	}
 	m := &Manager{
 		mu:        new(sync.Mutex),

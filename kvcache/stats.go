@@ -37,6 +37,9 @@ type Stats struct {
 	HostBlocks, HostFreeBlocks int    // the host tier's blocks, and how many are free
 	SwappedSequences           int    // sequences swapped out to the host tier
 	SwapOuts, SwapIns          uint64 // blocks swapped out and in
+	// HostSwappedBlocks are the host blocks swapped-out sequences hold. With
+	// Prefix.HostCachedBlocks and HostFreeBlocks they add up to HostBlocks.
+	HostSwappedBlocks int
 
 	Warnings Warnings // what the runtime probably did not mean
 }
@@ -111,7 +114,7 @@ func (m *Manager) Stats() Stats {
 		}
 		return true
 	})
-	s.HostBlocks, s.HostFreeBlocks = m.host.blocks(), m.host.freeBlocks()
+	s.HostBlocks, s.HostFreeBlocks, s.HostSwappedBlocks = m.host.blocks(), m.host.freeBlocks(), m.host.swappedBlocks()
 	s.SwapOuts, s.SwapIns = m.counters.swapOuts, m.counters.swapIns
 	if used := s.LiveBlocks + a.idle; used > 0 {
 		s.PageOverhead = float64(s.MappedPages) / float64((used+m.bpp-1)/m.bpp)

@@ -202,12 +202,12 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 			n++
 		}
 	}
-	if n > m.host.available() {
-		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(m.host.available())*m.cfg.BlockStride()
-		return nil, &SwapError{Op: "swap out", Seqs: len(seqs), Blocks: n, Bytes: bytes, Free: m.host.available(),
+	if room := m.host.swapRoom(); n > room {
+		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(room)*m.cfg.BlockStride()
+		return nil, &SwapError{Op: "swap out", Seqs: len(seqs), Blocks: n, Bytes: bytes, Free: room,
 			Max: m.host.blocks(), Where: "the host tier", Err: &vmm.CapacityError{Need: bytes, Free: free}}
 	}
-	m.host.reserve(n) // free host blocks first, then the host cache's least recently used
+	m.host.reserveSwap(n) // free host blocks first, then the host cache's least recently used
 	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
 	for k, b := range sc.blocks {
 		h := int32(-1)

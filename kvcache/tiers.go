@@ -47,6 +47,7 @@ type TierStats struct {
 // The blocks waiting for the tier goroutine hold host blocks: the host tier is the staging
 // buffer. When the tiers fall behind, the host blocks they hold are not available to later
 // write-backs (which copy fewer blocks) nor to swaps: back-pressure, never a block dropped.
+// Swaps still find the swap slots (Config.HostSwapBlocks) free: the cache never holds them.
 // tierState is what a manager keeps for its tiers (nil without).
 type tierState struct {
 	tiers []Tier
@@ -418,7 +419,7 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 	for end < len(keys) && (m.arena.index.Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
 		end++
 	}
-	return end, m.host.available()
+	return end, m.host.cacheRoom()
 }
 
 // storeFetched writes the fetched blocks [from, to) of the tier state's keys into host blocks
@@ -431,11 +432,11 @@ func (m *Manager) storeFetched(p Prompt, from, to int) {
 	if m.closed {
 		return
 	}
-	n := min(to-from, m.host.available())
+	n := min(to-from, m.host.cacheRoom())
 	if n == 0 {
 		return
 	}
-	m.host.reserve(n)
+	m.host.reserveCache(n)
 	for j := range n {
 		if err := m.writeBlock(m.host.taken[j], t.fetchBufs[j]); err != nil {
 			m.host.abort()

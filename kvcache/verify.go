@@ -199,8 +199,15 @@ func (m *Manager) Verify() error {
 		if idle+held != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
 			bad("host cache: %d entries, %d in its LRU list, %d held for the tiers (on %v)", h.cache.Len(), idle, held, m.cfg.HostPrefixCache)
 		}
+		if h.cache.Len() > len(h.refs)-h.swapSlots {
+			bad("host cache: %d blocks, beyond the %d the %d swap slots leave", h.cache.Len(), len(h.refs)-h.swapSlots, h.swapSlots)
+		}
+		swapped := 0
 		for i, r := range h.refs {
 			b := h.first + int32(i)
+			if r > 0 {
+				swapped++
+			}
 			states := 0
 			for _, in := range []bool{r > 0, freeHost[b], cachedHost[b]} {
 				if in {
@@ -210,6 +217,9 @@ func (m *Manager) Verify() error {
 			if r != refs[b] || states != 1 {
 				bad("host block %d: %d holders counted, %d references, free %v, cached %v", b, r, refs[b], freeHost[b], cachedHost[b])
 			}
+		}
+		if swapped != h.swapped {
+			bad("host tier: %d blocks held by swapped sequences, %d counted", swapped, h.swapped)
 		}
 	}
 	m.seqs.All(func(s *sequence.Sequence) bool { // a swapped-out one may keep device blocks too
