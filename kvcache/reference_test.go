@@ -948,6 +948,8 @@ func (h *harness) check() {
 	require.Equal(t, len(h.ref.refs), st.LiveBlocks)
 	require.Equal(t, len(h.ref.host)+len(h.ref.hostCached), st.HostBlocks-st.HostFreeBlocks, "host blocks held or cached")
 	require.Equal(t, len(h.ref.hostCached), st.Prefix.HostCachedBlocks, "host cache")
+	require.Equal(t, len(h.ref.host), st.HostSwappedBlocks, "host blocks swapped-out sequences hold")
+	require.LessOrEqual(t, st.Prefix.HostCachedBlocks, h.cfg.HostBlocks-h.cfg.HostSwapBlocks, "the host cache stays out of the swap slots")
 	require.Equal(t, len(h.ref.idle), st.Prefix.IdleBlocks, "idle cached blocks")
 	require.Equal(t, len(h.ref.cached), st.Prefix.CachedBlocks, "cached blocks")
 	toRef, toMgr := map[int32]int{}, map[int]int32{}
@@ -1088,13 +1090,16 @@ func fuzzHarness(t testing.TB, n int) *harness {
 		cfg.HostBlocks = 12 // a host tier of three pages' worth
 		if n%4 < 2 {        // and, with a host prefix cache, six
 			cfg.HostBlocks, cfg.HostPrefixCache = 24, true
+			if n%4 == 1 { // two of them kept for swaps
+				cfg.HostSwapBlocks = 8
+			}
 		}
 	}
 	switch n % 11 {
 	case 5: // a sliding window of 6 tokens with 2 sink tokens
-		cfg.Window, cfg.Sinks, cfg.HostBlocks, cfg.HostPrefixCache = 6, 2, 0, false
+		cfg.Window, cfg.Sinks, cfg.HostBlocks, cfg.HostPrefixCache, cfg.HostSwapBlocks = 6, 2, 0, false, 0
 	case 7: // chunks of 8 tokens
-		cfg.Chunk, cfg.HostBlocks, cfg.HostPrefixCache = 8, 0, false
+		cfg.Chunk, cfg.HostBlocks, cfg.HostPrefixCache, cfg.HostSwapBlocks = 8, 0, false, 0
 	}
 	if split == (kvcache.Split{}) {
 		h = newHarness(t, hostDevice(t, 32<<10), cfg)
