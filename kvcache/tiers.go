@@ -44,15 +44,18 @@ type TierStats struct {
 //     order for the prompt's blocks that neither the device nor the host holds, each call
 //     bounded by TierTimeout, and writes what they return into host blocks of the host prefix
 //     cache. The lookup then brings them to the device as a host hit (fetchHost).
-//   - Evictions: a store that names the blocks it removes on its own (tier.EvictionReporter:
-//     tier/disk) is drained by the tier goroutine, alone, after it has queued the BlockStored
-//     events of its Puts and whenever a fetch has read from the tiers (a read may move blocks,
-//     and evict). Each block goes out as BlockRemoved with the tier's medium, so that a router
-//     stops counting on it. The store leaves out blocks it holds again, and the tier goroutine
-//     is the only writer: a block's removal never goes out after it was stored again. Evictions
-//     the store could not name (its queue overflowed) go out as AllBlocksCleared: the router
-//     forgets what it knew of the replica and relearns it, and never routes on a block that is
-//     gone. A store nobody drains keeps no queue; give each manager stores of its own.
+//   - Evictions: a store that names the blocks it removes on its own (tier.EvictionReporter)
+//     is drained by the tier goroutine alone, after it has queued the BlockStored events of its
+//     Puts and whenever a fetch has read from the tiers (a read may move blocks, and evict).
+//     Each block goes out as BlockRemoved with the tier's medium, so that a router stops
+//     counting on it. Where the tier goroutine is the store's only writer (tier/disk, which
+//     leaves out blocks it holds again), a block's removal never goes out after it was stored
+//     again. A store shared by replicas (tier/redis with Options.Evictions) reports what it
+//     hears, blocks other replicas stored included, at the tier goroutine's next wake (a
+//     write-back or a fetch). Evictions a store could not name go out as AllBlocksCleared:
+//     the router forgets what it knew of the replica and relearns it, rather than route on
+//     blocks that are gone. Give each manager Store values of its own: each eviction is
+//     reported once.
 //
 // A tier that is down, slow or full costs a miss, counted in TierStats.Failures, never an
 // error of the manager's call.
