@@ -57,7 +57,7 @@ type Store interface {
 // Eviction names a block a store removed on its own: to make room, because it expired, or
 // because it failed its checks.
 type Eviction struct {
-	NS  prefix.Namespace
+	NS  prefix.Namespace // its namespace; without the salt where the store keeps only a hash of it (tier/redis)
 	Key prefix.Key
 }
 
