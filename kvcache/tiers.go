@@ -27,7 +27,11 @@ type TierStats struct {
 	HitTokens uint64 // prompt tokens StartSequence found here (brought back through the host tier)
 	Stored    uint64 // blocks written to it
 	Failures  uint64 // calls that failed or passed TierTimeout: counted as misses, never as errors
-	Store     tier.Stats
+	// Evicted counts the blocks the store reported removing on its own (tier.EvictionReporter):
+	// each went out as a BlockRemoved event with the tier's medium. EvictionsLost counts those
+	// its queue could not name: each time some are lost, an AllBlocksCleared event went out.
+	Evicted, EvictionsLost uint64
+	Store                  tier.Stats
 }
 
 // The stores below the host tier (Config.Tiers) see every block the host prefix cache stores:
@@ -40,6 +44,18 @@ type TierStats struct {
 //     order for the prompt's blocks that neither the device nor the host holds, each call
 //     bounded by TierTimeout, and writes what they return into host blocks of the host prefix
 //     cache. The lookup then brings them to the device as a host hit (fetchHost).
+//   - Evictions: a store that names the blocks it removes on its own (tier.EvictionReporter)
+//     is drained by the tier goroutine alone, after it has queued the BlockStored events of its
+//     Puts and whenever a fetch has read from the tiers (a read may move blocks, and evict).
+//     Each block goes out as BlockRemoved with the tier's medium, so that a router stops
+//     counting on it. Where the tier goroutine is the store's only writer (tier/disk, which
+//     leaves out blocks it holds again), a block's removal never goes out after it was stored
+//     again. A store shared by replicas (tier/redis with Options.Evictions) reports what it
+//     hears, blocks other replicas stored included, at the tier goroutine's next wake (a
+//     write-back or a fetch). Evictions a store could not name go out as AllBlocksCleared:
+//     the router forgets what it knew of the replica and relearns it, rather than route on
+//     blocks that are gone. Give each manager Store values of its own: each eviction is
+//     reported once.
 //
 // A tier that is down, slow or full costs a miss, counted in TierStats.Failures, never an
 // error of the manager's call.
@@ -50,8 +66,9 @@ type TierStats struct {
 // Swaps still find the swap slots (Config.HostSwapBlocks) free: the cache never holds them.
 // tierState is what a manager keeps for its tiers (nil without).
 type tierState struct {
-	tiers []Tier
-	bytes int // one block's data: every shard's BlockStride, in shard order
+	tiers     []Tier
+	reporters []tier.EvictionReporter // tiers[i].Store where it reports evictions, else nil
+	bytes     int                     // one block's data: every shard's BlockStride, in shard order
 
 	// guarded by the manager's mu
 	queue    []demotion
@@ -66,9 +83,10 @@ type tierState struct {
 	done chan struct{}
 
 	// the tier goroutine's own
-	batch []demotion
-	bufs  [][]byte
-	out   []tier.Block
+	batch   []demotion
+	bufs    [][]byte
+	out     []tier.Block
+	evicted []tier.Eviction
 
 	// fetchMu serialises StartSequence's fetches, which share these
 	fetchMu   chan struct{}
@@ -104,8 +122,13 @@ func newTierState(m *Manager) *tierState {
 	for _, sh := range m.back.shards() {
 		t.bytes += int(sh.Config.BlockStride())
 	}
+	t.reporters = make([]tier.EvictionReporter, len(t.tiers))
 	for i, tr := range t.tiers {
 		t.counters[i].Medium = tr.Medium
+		if r, ok := tr.Store.(tier.EvictionReporter); ok {
+			t.reporters[i] = r
+			t.evicted = make([]tier.Eviction, evictionBatch)
+		}
 	}
 	return t
 }
@@ -190,6 +213,7 @@ func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) {
 func (m *Manager) tierLoop() {
 	t := m.tiers
 	defer close(t.done)
+	m.drainEvictions() // the stores start reporting
 	for {
 		select {
 		case <-t.stop:
@@ -200,7 +224,12 @@ func (m *Manager) tierLoop() {
 		m.settleCopies()                        // the write-backs' copies are done: the host blocks hold their content
 		t.batch, t.queue = t.queue, t.batch[:0] // the queue's storage goes to the batch, and back
 		m.mu.Unlock()
+		if len(t.batch) == 0 { // woken by a fetch, or by demotions an earlier wake took
+			m.drainEvictions()
+			continue
+		}
 		m.writeTiers(t.batch)
+		m.drainEvictions()
 		m.mu.Lock()
 		t.settled += uint64(len(t.batch))
 		close(t.progress)
@@ -294,6 +323,48 @@ func (m *Manager) writeTiers(batch []demotion) {
 
 // tierPut is how many blocks one Put carries: each call has TierTimeout to finish.
 const tierPut = 16
+
+// evictionBatch is how many evictions the tier goroutine takes from a store at once.
+const evictionBatch = 256
+
+// drainEvictions takes the blocks each reporting tier removed on its own and queues their
+// BlockRemoved events. Only the tier goroutine calls it, after the BlockStored events of its
+// Puts. The lock is not held.
+func (m *Manager) drainEvictions() {
+	t := m.tiers
+	for i, r := range t.reporters {
+		for r != nil {
+			n, lost := r.TakeEvictions(t.evicted)
+			if n == 0 && lost == 0 {
+				break
+			}
+			m.mu.Lock()
+			m.emitTierRemoved(i, t.evicted[:n], lost)
+			m.publish()
+			m.mu.Unlock()
+			clear(t.evicted[:n])
+			if n < len(t.evicted) {
+				break
+			}
+		}
+	}
+}
+
+// emitTierRemoved counts the evictions tier i reported and queues a BlockRemoved event with
+// the tier's medium for them, then AllBlocksCleared if lost ones could not be named. The lock
+// is held.
+func (m *Manager) emitTierRemoved(i int, evicted []tier.Eviction, lost uint64) {
+	t := m.tiers
+	c := &t.counters[i]
+	c.Evicted += uint64(len(evicted))
+	c.EvictionsLost += lost
+	for _, e := range evicted {
+		m.emitRemovedOn(e.Key, t.tiers[i].Medium)
+	}
+	if lost > 0 && m.feed.Active() {
+		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: t.tiers[i].Medium})
+	}
+}
 
 // emitTierStored queues a BlockStored event for block d written to a tier. The event has no
 // token ids: the tier goroutine no longer has them (routers key by block hash).
@@ -401,6 +472,13 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		if n > 0 {
 			t.runs = append(t.runs, fetchRun{tier: i, from: at, to: at + n})
 			at += n
+		}
+		if t.reporters[i] != nil {
+			// A read may evict (tier/disk moves a block it serves): the tier goroutine reports it.
+			select {
+			case t.wake <- struct{}{}:
+			default:
+			}
 		}
 	}
 	if at > from {

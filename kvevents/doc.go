@@ -22,8 +22,9 @@
 // A block hash is the low 64 bits of its key read big-endian (Hash64), as a msgpack integer,
 // as vLLM sends it by default, or its 32 bytes (RawHashes). parent_block_hash is null for a
 // sequence's first block. lora_id is the namespace's adapter id (null for the base model) and
-// lora_name its name from Config.LoRANames. medium is "GPU" for device blocks and "CPU" for the
-// host prefix cache. AllBlocksCleared carries no medium on the wire, so clearing the host cache
+// lora_name its name from Config.LoRANames. medium is "GPU" for device blocks, "CPU" for the
+// host prefix cache and a tier's Medium (kvcache.Tier: "DISK", "CLUSTER") for blocks written to
+// a store below it, and removed when the store evicts them. AllBlocksCleared carries no medium on the wire, so clearing the host cache
 // alone makes a router forget the replica's device blocks too: it then under-counts hits until
 // it relearns them, and never routes on blocks that are gone.
 //

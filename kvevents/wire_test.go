@@ -63,7 +63,7 @@ func wireEvents(hash func(prefix.Key) any) (events []prefix.Event, want []map[st
 		{Kind: prefix.BlockStored, Keys: k[:1], Parent: root, ParentIsRoot: true, Tokens: tokens[:4], BlockSize: 4, Adapter: 1<<64 - 1,
 			Medium: prefix.MediumGPU, HasGroup: true},
 		{Kind: prefix.BlockStored, Keys: k[1:2], Parent: k[0], Tokens: tokens[4:8], BlockSize: 4, GroupKind: "full_attention"},
-		{Kind: prefix.BlockRemoved, Keys: k[:2], Medium: prefix.MediumGPU},
+		{Kind: prefix.BlockRemoved, Keys: k[:2], Medium: "DISK"}, // a tier's eviction
 		{Kind: prefix.BlockRemoved, Keys: k[2:], HasGroup: true, Group: 2},
 		{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU},
 		{},
@@ -80,7 +80,7 @@ func wireEvents(hash func(prefix.Key) any) (events []prefix.Event, want []map[st
 		{"type": "BlockStored", "block_hashes": []any{hash(k[1])}, "parent_block_hash": hash(k[0]),
 			"token_ids": ints(tokens[4:8]), "block_size": int64(4), "lora_id": nil, "medium": nil, "lora_name": nil,
 			"kv_cache_spec_kind": "full_attention"},
-		{"type": "BlockRemoved", "block_hashes": []any{hash(k[0]), hash(k[1])}, "medium": "GPU"},
+		{"type": "BlockRemoved", "block_hashes": []any{hash(k[0]), hash(k[1])}, "medium": "DISK"},
 		{"type": "BlockRemoved", "block_hashes": []any{hash(k[2])}, "medium": nil, "group_idx": int64(2)},
 		{"type": "AllBlocksCleared"},
 	}

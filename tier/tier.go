@@ -54,6 +54,35 @@ type Store interface {
 	Close() error
 }
 
+// Eviction names a block a store removed on its own: to make room, because it expired, or
+// because it failed its checks.
+type Eviction struct {
+	NS  prefix.Namespace // its namespace; without the salt where the store keeps only a hash of it (tier/redis)
+	Key prefix.Key
+}
+
+// EvictionReporter is implemented by a Store that can name the blocks it removes on its own,
+// so that its caller can tell whoever it told of the blocks (the kvcache manager's KV events,
+// which announce a block written to a tier with the tier's medium). Store does not require it.
+//
+// A store keeps a bounded queue of such blocks, from the first call to TakeEvictions on: a
+// store nobody asks keeps none. Blocks the caller removes with Drop are its own act and are not
+// reported. Past the bound, the store counts the blocks it cannot queue instead of naming them,
+// and the next TakeEvictions returns that count: the caller no longer knows which of the
+// blocks it announced are gone, and should withdraw them all (the kvcache manager sends
+// AllBlocksCleared).
+//
+// Each eviction goes to one call: give a store one consumer. TakeEvictions is safe for
+// concurrent use with every other call, does no I/O, never blocks on the store's calls in
+// flight and calls nothing back, so a caller may hold its own locks around it.
+type EvictionReporter interface {
+	// TakeEvictions moves the oldest queued evictions into dst, up to len(dst), and returns
+	// how many it moved and how many evictions it dropped unnamed since the previous call. A
+	// block the store holds again by now (stored again since its eviction) is not reported,
+	// where the store can tell.
+	TakeEvictions(dst []Eviction) (n int, lost uint64)
+}
+
 // Stats counts a store's traffic and its faults.
 type Stats struct {
 	Puts, PutBytes uint64 // blocks stored and their bytes

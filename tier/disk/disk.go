@@ -109,7 +109,17 @@ type Store struct {
 	doomed []*segment // dead segments no Get reads, for reap to close and delete
 	st     tier.Stats
 	ds     DiskStats
+	// The blocks the store removed on its own (eviction, a failed check), queued for
+	// TakeEvictions once it has been called, up to EvictionQueue; lost counts those past it.
+	reporting bool
+	evicted   []tier.Eviction
+	evictCap  int // EvictionQueue; smaller in tests
+	lost      uint64
 }
+
+// EvictionQueue bounds the evictions a store queues for TakeEvictions: 56 bytes each, 3.5 MiB
+// at most, four segments of 64 MiB of the smallest records.
+const EvictionQueue = 1 << 16
 
 // DiskStats are the counters a disk store keeps beside tier.Stats.
 type DiskStats struct {
@@ -144,7 +154,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		}
 		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
-	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1}
+	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1, evictCap: EvictionQueue}
 	s.index = make(map[ikey]loc)
 	s.st.LimitBytes = opt.LimitBytes
 	if err := s.lock(); err != nil {
@@ -333,6 +343,49 @@ func (s *Store) markDropped(l loc) error {
 	copy(page[8:40], dropped[:])
 	return s.io.write(l.seg.fd, l.seg.path, page, l.off)
 }
+
+// TakeEvictions moves the oldest blocks the store removed on its own, and does not hold again,
+// into dst (see tier.EvictionReporter) and returns how many it moved, and how many it could not
+// queue since the previous call. Reported are the blocks of evicted segments and blocks dropped
+// because they failed their checks, from the first call on; neither Drop nor Open's own
+// eviction (before any call could be made) is reported. The queue holds up to EvictionQueue
+// blocks. It works on a closed Store too, and returns 0, 0 for a nil one.
+func (s *Store) TakeEvictions(dst []tier.Eviction) (int, uint64) {
+	if !s.made() {
+		return 0, 0
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reporting = true
+	n, i := 0, 0
+	for ; i < len(s.evicted) && n < len(dst); i++ {
+		e := s.evicted[i]
+		if _, held := s.index[ikey{e.NS, e.Key}]; !held {
+			dst[n] = e
+			n++
+		}
+	}
+	rest := copy(s.evicted, s.evicted[i:])
+	clear(s.evicted[rest:])
+	s.evicted = s.evicted[:rest]
+	lost := s.lost
+	s.lost = 0
+	return n, lost
+}
+
+// reportLocked queues block k, which the store removed on its own, for TakeEvictions. The
+// caller holds mu.
+func (s *Store) reportLocked(k ikey) {
+	switch {
+	case !s.reporting:
+	case len(s.evicted) < s.evictCap:
+		s.evicted = append(s.evicted, tier.Eviction{NS: k.ns, Key: k.key})
+	default:
+		s.lost++
+	}
+}
+
+var _ tier.EvictionReporter = (*Store)(nil)
 
 // Stats returns the store's counters since Open (zero for a nil Store).
 func (s *Store) Stats() tier.Stats {

@@ -59,6 +59,12 @@
 // may briefly hold the limit plus one Put. A Put that could never fit in LimitBytes less
 // SpareBytes returns a *FitError.
 //
+// The store reports the blocks it removes on its own, those of evicted segments and those a
+// Get drops for failing their checks, through TakeEvictions (tier.EvictionReporter), from its
+// first call on: up to EvictionQueue of them between two calls, the rest counted. A block
+// stored again by the time TakeEvictions is called is not reported. Drop is the caller's own
+// act and is not reported.
+//
 // The policy approximates least-recently-used order by segment, with a second chance: a Get
 // that serves a block from a segment that eviction would reach within the next quarter of
 // LimitBytes less SpareBytes of appends (its start, less the oldest segment's, plus the room

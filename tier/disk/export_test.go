@@ -122,3 +122,11 @@ func OpenFaulty(dir string, opt Options) (*Store, *Fault, error) {
 	s, err := open(dir, opt, func(io fileIO) fileIO { f.inner = io; return f })
 	return s, f, err
 }
+
+// SetEvictionQueue bounds the evictions s queues for TakeEvictions at n instead of
+// EvictionQueue.
+func SetEvictionQueue(s *Store, n int) {
+	s.mu.Lock()
+	s.evictCap = n
+	s.mu.Unlock()
+}

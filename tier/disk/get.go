@@ -95,6 +95,7 @@ func (s *Store) settle(ns prefix.Namespace, keys []prefix.Key, reads []getRead) 
 		case r.corrupt && held:
 			s.st.Corrupt++
 			s.forgetLocked(k, l)
+			s.reportLocked(k)
 		case r.ok && !held: // dropped or evicted while it was read
 			r.ok = false
 			if i < run {

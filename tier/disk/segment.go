@@ -77,6 +77,7 @@ func (s *Store) evictLocked() {
 				s.st.Blocks--
 				s.ds.LiveBytes -= uint64(l.size)
 				s.st.Evictions++
+				s.reportLocked(k)
 			}
 		}
 		g.live = 0

@@ -49,13 +49,15 @@ func TestAPIProperty(t *testing.T) {
 		Values: func(ty reflect.Type) []apitest.Maker {
 			switch ty {
 			case reflect.TypeFor[*redis.Store]():
-				return []apitest.Maker{store(opt, false), store(opt, true), store(gone, false)}
+				watch := opt
+				watch.Evictions = true
+				return []apitest.Maker{store(opt, false), store(opt, true), store(gone, false), store(watch, false)}
 			case reflect.TypeFor[context.Context]():
 				return []apitest.Maker{val(context.Background()), val(cancelled)}
 			case reflect.TypeFor[redis.Options]():
 				return []apitest.Maker{val(opt), val(redis.Options{URL: "redis://%zz", BlockBytes: -1}), val(redis.Options{Addrs: []string{"x"}, BlockBytes: 1 << 62, Timeout: -1})}
 			case reflect.TypeFor[*redis.Options]():
-				return []apitest.Maker{val(&opt), val(&redis.Options{Model: "bad model"})}
+				return []apitest.Maker{val(&opt), val(&redis.Options{Model: "bad model"}), val(&redis.Options{Addrs: []string{"a:1", "b:1"}, Evictions: true})}
 			case reflect.TypeFor[[]tier.Block]():
 				b := tier.Block{Data: make([]byte, blockBytes)}
 				b.Key[0] = 2

@@ -35,6 +35,35 @@
 // readable. Options.TTL optionally expires blocks as well. Stats.Evictions, Blocks and Bytes
 // stay 0: Redis counts its evictions server-wide (INFO stats), not per store.
 //
+// # Eviction reports
+//
+// TakeEvictions (tier.EvictionReporter) names the blocks removed without the caller: those a Get
+// deleted for failing their checks and, with Options.Evictions, those the server evicted or
+// expired. With Options.Evictions a goroutine subscribes to the server's keyspace notifications
+// of evicted and expired keys in the store's database (__keyevent@<db>__:evicted and :expired)
+// and keeps the store's own. Each time the subscription is confirmed, it adds the flags E, x and
+// e to the server's notify-keyspace-events where they are missing (CONFIG SET, a setting of
+// the whole server). Watching says whether the store hears the server now. The limits:
+//
+//   - A single node only: Options.Evictions with Cluster or several Addrs is an *OptionError,
+//     because each node of a cluster notifies its own subscribers only.
+//   - Every store subscribed to a server hears every eviction of its model's blocks there,
+//     whichever replica stored them. A replica reports blocks it never announced, which a router
+//     that keeps its view per replica and medium has nothing to remove for. It may also report a
+//     block that a replica stored again since: the router under-counts it until it is announced
+//     again.
+//   - Pub/sub delivers at most once. A dropped connection (a restart, a subscriber past the
+//     server's output buffer limit) loses what was sent meanwhile: once the store has stored a
+//     block, each new confirmation of the subscription counts one lost eviction, so that the
+//     caller withdraws what it announced. Keys other clients delete (DEL, FLUSHALL) are not
+//     heard: a router keeps counting them.
+//   - A server that refuses CONFIG (an ACL without it, a managed service) does not fail Open:
+//     the refusal is counted in Stats.Failures and Watching returns it, and the store hears what
+//     the server's own configuration sends. The operator sets notify-keyspace-events to Exe.
+//   - The server sends every subscriber a message for each evicted or expired key of the
+//     database, every model's: with R replicas subscribed, R messages per eviction, on the
+//     server's main thread, while it is full.
+//
 // # Faults
 //
 // Every call runs under the caller's context and Options.Timeout, whichever ends first. A server

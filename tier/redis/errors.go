@@ -28,7 +28,7 @@ var (
 // error reply. It matches ErrUnavailable, ErrOutOfMemory when Full and ErrDenied when Denied;
 // it unwraps to the client's error (context.DeadlineExceeded for a deadline, for example).
 type CallError struct {
-	Op     string // "put", "get", "has", "drop" or "ping"
+	Op     string // "put", "get", "has", "drop", "ping", or "subscribe" and "config" (Options.Evictions)
 	Keys   int    // the keys the call asked for
 	Full   bool   // the server answered OOM: it is full and evicts nothing
 	Denied bool   // the server refused the credentials or the command
@@ -46,6 +46,9 @@ func (e *CallError) Error() string {
 		what = "server full"
 	case e.Denied:
 		what = ErrDenied.Error()
+	}
+	if e.Keys == 0 { // a call on no key: ping, or the subscription of Options.Evictions
+		return fmt.Sprintf("%s: %s: %v", e.Op, what, e.Err)
 	}
 	return fmt.Sprintf("%s %d keys: %s: %v", e.Op, e.Keys, what, e.Err)
 }

@@ -51,6 +51,11 @@ type Options struct {
 	Timeout time.Duration
 	// TTL expires stored blocks after this long; 0 keeps them until Redis evicts them.
 	TTL time.Duration
+	// Evictions makes the store hear the server evict and expire its blocks, and report them
+	// (TakeEvictions): it subscribes to the server's keyspace notifications and adds the flags
+	// Exe to its notify-keyspace-events where they are missing (CONFIG SET, a setting of the
+	// whole server). A single node only: a cluster's nodes notify their own subscribers.
+	Evictions bool
 }
 
 // OptionError reports an invalid Options field; it matches ErrInvalidArgument.
@@ -94,6 +99,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Timeout < 0 {
 		return &OptionError{Field: "Timeout", Reason: fmt.Sprintf("%v is negative", o.Timeout)}
+	}
+	if o.Evictions && (o.Cluster || len(o.Addrs) > 1) {
+		return &OptionError{Field: "Evictions", Reason: "a single node only: each node of a cluster notifies its own subscribers"}
 	}
 	if o.TTL < 0 || (o.TTL > 0 && o.TTL < time.Millisecond) {
 		return &OptionError{Field: "TTL", Reason: fmt.Sprintf("%v is neither 0 nor at least 1ms", o.TTL)}

@@ -32,6 +32,8 @@ type Store struct {
 	bufs    sync.Pool // *[]byte: a Put's encoded blocks, reused once the pipeline returns
 
 	puts, putBytes, gets, getBytes, misses, corrupt, failures atomic.Uint64
+
+	ev evictions
 }
 
 var _ tier.Store = (*Store)(nil)
@@ -72,6 +74,7 @@ func Open(opt Options) (*Store, error) {
 		DisableIdentity:          true, // no CLIENT SETINFO round trip on each new connection
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
+	s.startWatch()
 	return s, nil
 }
 
@@ -270,6 +273,7 @@ func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, ke
 			s.corrupt.Add(1)
 			// Best effort: a block left behind is dropped again by the next reader.
 			_ = s.client.Del(ctx, s.key(tag, keys[i])).Err()
+			s.report(tier.Eviction{NS: ns, Key: keys[i]})
 			return i, nil
 		}
 		copy(dst[i], data)
@@ -357,7 +361,7 @@ func (s *Store) Stats() tier.Stats {
 	}
 }
 
-// Close releases the store's connections; calls after Close, a second Close included, return
+// Close ends the subscription of Options.Evictions and releases the store's connections; calls after Close, a second Close included, return
 // ErrClosed. Blocks stay on the server.
 func (s *Store) Close() error {
 	if s == nil {
@@ -366,6 +370,7 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return fmt.Errorf("tier/redis: close: %w", ErrClosed)
 	}
+	s.stopWatch()
 	if err := s.client.Close(); err != nil {
 		return fmt.Errorf("tier/redis: close: %w", err)
 	}
