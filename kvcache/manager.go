@@ -6,6 +6,7 @@ import (
 	"math"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/pagedkv/pagedkv/blocktable"
 	"github.com/pagedkv/pagedkv/internal/checked"
@@ -68,6 +69,11 @@ type Manager struct {
 	keyer     *prefix.Keyer
 	pending   []prefix.Event     // events held back for the subscribers (the first committed), then those of the operation under way
 	committed int                // of pending, the events of operations that succeeded (publish)
+	holding   atomic.Bool        // committed events are held back for the subscribers' next Read
+	pullArmed atomic.Bool        // pullTimer is set to retry a pull that found the lock taken
+	pullTimer *time.Timer        // runs retryPull
+	pubMu     sync.Mutex         // orders publishing: taken after mu, held while events go to the feed; guards pulled
+	pulled    []prefix.Event     // the slice detachEvents last published, cleared, for pending to reuse
 	slab      eventSlab          // the pending events' keys and token ids
 	evicted   []keyindex.Removed // evictions of the append under way, restored if it fails
 	probe     sequence.Sequence  // scratch of Admit
@@ -164,6 +170,8 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		idleCap:   int(min(cfg.PrefixCacheBytes/cfg.BlockStride(), MaxBlocks)),
 	}
 	m.tiers = newTierState(m)
+	m.pullTimer = time.AfterFunc(time.Hour, m.retryPull)
+	m.pullTimer.Stop()
 	m.feed.SetPull(m.pullEvents)
 	return m
 }
@@ -811,6 +819,7 @@ func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.flushEvents()
+	m.pullTimer.Stop()
 	m.feed.Close()
 	m.settleCopies()
 	if err := m.back.close(); err != nil {

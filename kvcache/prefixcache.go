@@ -3,6 +3,7 @@ package kvcache
 import (
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -378,6 +379,7 @@ func (m *Manager) publish() {
 	}
 	if len(m.pending) < holdEvents && m.feed.Waiting() {
 		m.committed = len(m.pending)
+		m.holding.Store(true)
 		return
 	}
 	m.flushEvents()
@@ -391,17 +393,74 @@ func (m *Manager) flushEvents() {
 	if len(m.pending) == 0 {
 		return
 	}
+	m.pubMu.Lock()
 	m.feed.Publish(m.pending...)
+	m.pubMu.Unlock()
 	clear(m.pending)
 	m.pending = m.pending[:0]
 	m.committed = 0
+	m.holding.Store(false)
 }
 
-// pullEvents is the feed's pull: a subscriber's Read takes the events publish held back.
+// pullEvents is the feed's pull: a subscriber's Read takes the events publish held back. It
+// never waits for the lock. A reader waiting on it made the appends queued behind it wait too,
+// and a decode step with a reading publisher cost 1.2-1.35x one without (eventbench). When an
+// operation holds the lock, that operation publishes what is held at its end if the reader has
+// read by then (publish: no subscriber waits); if it ended first, a retry pullRetry later
+// (retryPull) publishes them, and the subscription's Ready fires for the next Read.
 func (m *Manager) pullEvents() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.flushEvents()
+	if !m.mu.TryLock() {
+		m.armPull()
+		return
+	}
+	m.detachEvents()
+}
+
+// detachEvents publishes the events held back, with the lock held on entry: it takes them (a
+// swap of slices), lets the lock go and publishes them, holding pubMu from before it lets go,
+// so that a later flush publishes after them. The append path never waits on the copying.
+func (m *Manager) detachEvents() {
+	if len(m.pending) == 0 {
+		m.mu.Unlock()
+		return
+	}
+	m.pubMu.Lock()
+	held := m.pending
+	m.pending, m.pulled = m.pulled[:0], nil
+	m.committed = 0
+	m.holding.Store(false)
+	m.mu.Unlock()
+	m.feed.Publish(held...)
+	clear(held)
+	m.pulled = held[:0]
+	m.pubMu.Unlock()
+}
+
+// pullRetry is how soon a pull that found the lock taken is tried again.
+const pullRetry = 100 * time.Microsecond
+
+// armPull starts the retry of a pull, unless one is armed.
+func (m *Manager) armPull() {
+	if m.pullArmed.CompareAndSwap(false, true) {
+		m.pullTimer.Reset(pullRetry)
+	}
+}
+
+// retryPull runs on the retry timer's goroutine: it publishes the events held back, trying
+// again later while the lock is taken and events are held.
+func (m *Manager) retryPull() {
+	m.pullArmed.Store(false)
+	if !m.mu.TryLock() {
+		if m.holding.Load() {
+			m.armPull()
+		}
+		return
+	}
+	if m.closed {
+		m.mu.Unlock()
+		return
+	}
+	m.detachEvents()
 }
 
 // evictExcess makes room when more idle cached blocks are kept than the bound allows: the

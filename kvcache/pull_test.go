@@ -1,0 +1,61 @@
+package kvcache
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// A subscriber's Read never waits for the manager's lock: while an operation holds it, Read
+// returns what was published, and the events held back for it reach the subscription once the
+// lock is free (the retry), with Ready fired for the next Read. Nothing is lost or reordered.
+func TestPullDoesNotWaitForTheLock(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, dev.Close()) }()
+	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
+		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, m.Close()) }()
+	sub, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	var want []prefix.Key
+	for s := range 3 { // the first event goes out and waits unread; the next two are held back
+		ids := []prefix.Token{prefix.Token(10 * s), 1, 2, 3}
+		_, err := m.AppendTokenIDs(SeqID(s), ids, nil)
+		require.NoError(t, err)
+		want = append(want, prefix.Keys(nil, prefix.Namespace{}, 4, ids)...)
+	}
+	require.True(t, m.holding.Load(), "events are held back for the subscriber")
+	<-sub.Ready() // the first event's signal
+
+	m.mu.Lock() // an operation under way
+	read := make(chan []prefix.Event)
+	go func() { read <- sub.Read(nil) }()
+	var first []prefix.Event
+	select {
+	case first = <-read:
+	case <-time.After(10 * time.Second):
+		m.mu.Unlock()
+		t.Fatal("Read waited for the manager's lock")
+	}
+	m.mu.Unlock()
+	require.Len(t, first, 1)
+	select {
+	case <-sub.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the events held back never reached the subscription")
+	}
+	got := append([]prefix.Key(nil), first[0].Keys...)
+	for _, ev := range sub.Read(nil) {
+		require.Equal(t, prefix.BlockStored, ev.Kind)
+		got = append(got, ev.Keys...)
+	}
+	assert.Equal(t, want, got)
+	assert.False(t, m.holding.Load())
+}
