@@ -151,6 +151,9 @@ const (
 	// Deferred: nobody connected, and the publisher sends only between the timed chunks: what
 	// the appending goroutine pays, without the publisher's own CPU time.
 	Deferred Subscriber = "deferred"
+	// Control: no publisher on either side, an A/A comparison: how far apart two measurements
+	// of the same thing fall, the resolution of the method.
+	Control Subscriber = "none (control)"
 )
 
 // Overhead is the decode step with a publisher attached against the same step without.
@@ -207,6 +210,9 @@ func b2i(v bool) int {
 // sub's subscriber) attached when with is set, and returns the timed cycle's time and the
 // objects the process allocated meanwhile.
 func decodeCycle(sub Subscriber, with bool) (time.Duration, uint64, error) {
+	if sub == Control {
+		with = false
+	}
 	d, err := NewDecoder(1024, true)
 	if err != nil {
 		return 0, 0, err
