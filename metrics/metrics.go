@@ -176,8 +176,9 @@ var managerDescs = slices.Concat(
 		"unkeyed_append":    func(s *kvcache.Stats) float64 { return float64(s.Warnings.UnkeyedAppends) },
 		"repeated_prompt":   func(s *kvcache.Stats) float64 { return float64(s.Warnings.RepeatedPrompts) },
 	}),
-	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier, all and free.", "state", map[string]func(s *kvcache.Stats) float64{
+	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier: all, and the free, swapped-out and cached ones, which add up to all.", "state", map[string]func(s *kvcache.Stats) float64{
 		"total": func(s *kvcache.Stats) float64 { return float64(s.HostBlocks) }, "free": func(s *kvcache.Stats) float64 { return float64(s.HostFreeBlocks) },
+		"swapped": func(s *kvcache.Stats) float64 { return float64(s.HostSwappedBlocks) }, "cached": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostCachedBlocks) },
 	}),
 )
 
@@ -202,6 +203,8 @@ var (
 	}{
 		{prometheus.NewDesc("pagedkv_tier_stored_blocks_total", "Blocks written to a store below the host tier.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Stored) }},
 		{prometheus.NewDesc("pagedkv_tier_failures_total", "Calls to a store below the host tier that failed or timed out (each a miss).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Failures) }},
+		{prometheus.NewDesc("pagedkv_tier_evicted_blocks_total", "Blocks a store below the host tier reported evicting on its own, each sent as a BlockRemoved event.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Evicted) }},
+		{prometheus.NewDesc("pagedkv_tier_evictions_lost_total", "Evictions a store below the host tier could not name (its report overflowed): each loss sent AllBlocksCleared for the tier.", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.EvictionsLost) }},
 		{prometheus.NewDesc("pagedkv_tier_corrupt_blocks_total", "Blocks a store below the host tier dropped because a check failed (checksum, header, another model).", tierLabels, nil), func(t *kvcache.TierStats) float64 { return float64(t.Store.Corrupt) }},
 	}
 )

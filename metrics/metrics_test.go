@@ -2,6 +2,7 @@ package metrics_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -181,4 +182,19 @@ pagedkv_prefix_hit_tokens_total{model="llama",pool="",tier="host"} 0
 	require.Equal(t, 3, testutil.CollectAndCount(col, "pagedkv_prefix_hit_tokens_total"))
 	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_stored_blocks_total"))
 	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_corrupt_blocks_total"))
+	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_evicted_blocks_total"))
+	require.Equal(t, 1, testutil.CollectAndCount(col, "pagedkv_tier_evictions_lost_total"))
+
+	// The host tier's blocks by state: the disk's blocks came back through the host cache.
+	st := b.Stats()
+	require.Positive(t, st.Prefix.HostCachedBlocks)
+	host := fmt.Sprintf(`
+# HELP pagedkv_host_blocks Blocks of the host tier: all, and the free, swapped-out and cached ones, which add up to all.
+# TYPE pagedkv_host_blocks gauge
+pagedkv_host_blocks{model="llama",pool="",state="cached"} %d
+pagedkv_host_blocks{model="llama",pool="",state="free"} %d
+pagedkv_host_blocks{model="llama",pool="",state="swapped"} 0
+pagedkv_host_blocks{model="llama",pool="",state="total"} 64
+`, st.Prefix.HostCachedBlocks, 64-st.Prefix.HostCachedBlocks)
+	require.NoError(t, testutil.CollectAndCompare(col, strings.NewReader(host), "pagedkv_host_blocks"))
 }
