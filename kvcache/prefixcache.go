@@ -195,7 +195,11 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 // fastIDs records the ids of tokens the fast path appended to keyed s, and caches a block they
 // filled.
 func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID) {
-	s.IDs = append(s.IDs, ids...)
+	if len(ids) == 1 { // a decode step: no call to copy one id
+		s.IDs = append(s.IDs, ids[0])
+	} else {
+		s.IDs = append(s.IDs, ids...)
+	}
 	if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
 		m.storeBlocks(s)
 		m.publish()

@@ -62,7 +62,8 @@ func (x *Index) Get(k prefix.Key) *Entry { return x.byKey.get(&k) }
 // Add indexes block under k as held and returns its entry, or returns nil and changes nothing
 // when k is indexed already (another block holds the same content).
 func (x *Index) Add(k prefix.Key, block int32) *Entry {
-	if x.byKey.get(&k) != nil {
+	i, found := x.byKey.find(&k) // one probe for the check and the insert
+	if found {
 		return nil
 	}
 	var e *Entry
@@ -72,7 +73,7 @@ func (x *Index) Add(k prefix.Key, block int32) *Entry {
 		e = new(Entry)
 	}
 	*e = Entry{Key: k, Block: block}
-	x.byKey.insert(e)
+	x.byKey.insertAt(i, e)
 	return e
 }
 

@@ -54,6 +54,32 @@ func (t *table) get(k *prefix.Key) *Entry {
 	}
 }
 
+// find returns where key k is in the table (found) or, when it is not, the empty slot that
+// ends its probe run, where it would go.
+func (t *table) find(k *prefix.Key) (i int, found bool) {
+	short, mask := shortKey(k), len(t.slots)-1
+	for i = t.home(short); ; i = (i + 1) & mask {
+		s := &t.slots[i]
+		if s.e == nil {
+			return i, false
+		}
+		if s.short == short && equal(&s.e.Key, k) {
+			return i, true
+		}
+	}
+}
+
+// insertAt adds e at slot i, which find returned for e's key as empty, unless the table must
+// grow first (then e goes where its probe run ends in the new slots).
+func (t *table) insertAt(i int, e *Entry) {
+	if 2*(t.n+1) > len(t.slots) {
+		t.insert(e)
+		return
+	}
+	t.slots[i] = slot{shortKey(&e.Key), e}
+	t.n++
+}
+
 // equal reports whether a and b are the same key, in four 8-byte compares (== on arrays of this
 // size calls memequal).
 func equal(a, b *prefix.Key) bool {
