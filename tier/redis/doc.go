@@ -18,6 +18,12 @@
 // before serving a byte. The key's hashes only spread and separate; the header is the authority,
 // so a hash collision or a foreign writer is caught and dropped, never served.
 //
+// The store pools its buffers, so a call allocates no block's worth of memory once the pool is
+// warm. Put hands the client each block unencoded and encodes it as the client writes the SET:
+// the bytes are still in the cache when they go to the socket. Get reads each reply from the
+// socket straight into a pooled buffer with go-redis's GetToBuffer, checks it there and copies
+// the data into the caller's buffer.
+//
 // One key holds header and data together, where LMCache writes two (kv_bytes and metadata).
 // One key is written and read in one command, so a reader never sees one half of a pair
 // without the other, and an eviction never leaves a header without its data.

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	goredis "github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
@@ -29,7 +28,8 @@ type Store struct {
 	keyHead string // "pagedkv:v1:<model>:<fingerprint>:"
 	client  goredis.UniversalClient
 	closed  atomic.Bool
-	bufs    sync.Pool // *[]byte: a Put's encoded blocks, reused once the pipeline returns
+	serial  bool      // the client writes a pipeline's commands in order on one connection
+	batches sync.Pool // *batch: a call's buffers, reused once its pipeline returns
 
 	puts, putBytes, gets, getBytes, misses, corrupt, failures atomic.Uint64
 
@@ -74,6 +74,9 @@ func Open(opt Options) (*Store, error) {
 		DisableIdentity:          true, // no CLIENT SETINFO round trip on each new connection
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
+	// A single node's client writes each SET's value before it encodes the next; a cluster
+	// client writes to its nodes in parallel.
+	_, s.serial = s.client.(*goredis.Client)
 	s.startWatch()
 	return s, nil
 }
@@ -173,7 +176,7 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 		return err
 	}
 	defer cancel()
-	total := 0
+	total, largest := 0, 0
 	for i, b := range blocks {
 		if len(b.Data) != s.opt.BlockBytes {
 			return fmt.Errorf("tier/redis: put: %w", &SizeError{What: "blocks[" + strconv.Itoa(i) + "].Data", Unit: "bytes", Got: len(b.Data), Want: s.opt.BlockBytes})
@@ -182,25 +185,31 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 			return fmt.Errorf("tier/redis: put: %w", &errdefs.CountError{What: "blocks[" + strconv.Itoa(i) + "].NS.Salt bytes", N: len(b.NS.Salt), Max: tier.MaxSalt})
 		}
 		total += tier.HeaderSize(b.NS) + len(b.Data)
+		largest = max(largest, tier.HeaderSize(b.NS)+len(b.Data))
 	}
 	if len(blocks) == 0 {
 		return nil
 	}
-	bufp, _ := s.bufs.Get().(*[]byte)
-	if bufp == nil || cap(*bufp) < total {
-		bufp = new(make([]byte, 0, total))
+	bt := s.batch()
+	defer s.release(bt)
+	if s.serial {
+		total = largest
 	}
-	defer s.bufs.Put(bufp)
-	buf := (*bufp)[:0]
+	buf, vals := bt.bytes(total), bt.values(len(blocks))
 	pipe := s.client.Pipeline()
 	var tag string
-	for i, b := range blocks {
+	off := 0
+	for i := range blocks {
+		b := &blocks[i]
 		if i == 0 || b.NS != blocks[i-1].NS {
 			tag = nsTag(b.NS)
 		}
-		start := len(buf)
-		buf, _ = tier.Encode(buf, s.opt.Fingerprint, b) // the salt's length was checked above
-		pipe.Set(ctx, s.key(tag, b.Key), buf[start:], s.opt.TTL)
+		size := tier.HeaderSize(b.NS) + len(b.Data)
+		vals[i] = value{fp: &s.opt.Fingerprint, b: b, buf: buf[off : off : off+size]}
+		if !s.serial {
+			off += size
+		}
+		pipe.Set(ctx, s.key(tag, b.Key), &vals[i], s.opt.TTL)
 	}
 	cmds := exec(ctx, pipe)
 	stored, firstErr := 0, error(nil)
@@ -217,6 +226,59 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 		return s.fail("put", len(blocks), firstErr)
 	}
 	return nil
+}
+
+// value is a block as Put hands it to the client. The client calls MarshalBinary as it writes
+// the SET, so the block is encoded just before its bytes go to the socket, while they are
+// still in the cache. Values of a serial client share one buffer: the client has written a
+// value before it asks for the next.
+type value struct {
+	fp  *tier.Fingerprint
+	b   *tier.Block
+	buf []byte // empty, with the capacity of the encoded block
+}
+
+// MarshalBinary encodes the block into the value's buffer. It cannot fail: Put checked the
+// salt's length.
+func (v *value) MarshalBinary() ([]byte, error) {
+	return tier.Encode(v.buf[:0], *v.fp, *v.b)
+}
+
+// batch is one call's scratch memory, pooled by the store: the buffer that Put encodes into
+// and Get reads into, and Put's values.
+type batch struct {
+	buf  []byte
+	vals []value
+}
+
+func (s *Store) batch() *batch {
+	if bt, ok := s.batches.Get().(*batch); ok {
+		return bt
+	}
+	return new(batch)
+}
+
+// release returns bt to the pool without the caller's blocks it points to.
+func (s *Store) release(bt *batch) {
+	clear(bt.vals)
+	s.batches.Put(bt)
+}
+
+// bytes returns n bytes of the batch's buffer, growing it where it is short. The bytes are
+// not cleared: every user overwrites them before it reads them.
+func (bt *batch) bytes(n int) []byte {
+	if cap(bt.buf) < n {
+		bt.buf = make([]byte, n)
+	}
+	return bt.buf[:n]
+}
+
+// values returns n of the batch's values.
+func (bt *batch) values(n int) []value {
+	if cap(bt.vals) < n {
+		bt.vals = make([]value, n)
+	}
+	return bt.vals[:n]
 }
 
 // Get copies the blocks of the leading run of keys held in namespace ns into dst and returns how
@@ -243,10 +305,16 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 		return 0, nil
 	}
 	tag := nsTag(ns)
-	cmds := make([]*goredis.StringCmd, len(keys))
+	bt := s.batch()
+	defer s.release(bt)
+	// Each reply lands in a buffer of its own, with room for the protocol's CRLF, which the
+	// client then reads in the same call.
+	size := tier.HeaderSize(ns) + s.opt.BlockBytes + 2
+	buf := bt.bytes(len(keys) * size)
+	cmds := make([]*goredis.ZeroCopyStringCmd, len(keys))
 	pipe := s.client.Pipeline()
 	for i, k := range keys {
-		cmds[i] = pipe.Get(ctx, s.key(tag, k))
+		cmds[i] = pipe.GetToBuffer(ctx, s.key(tag, k), buf[i*size:(i+1)*size])
 	}
 	exec(ctx, pipe)
 	n, err := s.copyRun(ctx, ns, tag, keys, cmds, dst)
@@ -256,19 +324,20 @@ func (s *Store) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key,
 }
 
 // copyRun checks and copies the leading run of replies, dropping a corrupt block where the run
-// ends.
-func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, keys []prefix.Key, cmds []*goredis.StringCmd, dst [][]byte) (int, error) {
+// ends. A failed read marks every command of the pipeline failed, the ones read before it too:
+// a reply that arrived whole is checked and served all the same, and the run ends at the first
+// reply that did not arrive.
+func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, keys []prefix.Key, cmds []*goredis.ZeroCopyStringCmd, dst [][]byte) (int, error) {
 	for i, c := range cmds {
-		val, err := c.Result()
+		err := c.Err()
 		if errors.Is(err, goredis.Nil) {
 			s.misses.Add(1)
 			return i, nil
 		}
-		if err != nil {
+		if err != nil && c.Val() == 0 && !s.oversized(ctx, ns, s.key(tag, keys[i]), err) {
 			return i, s.fail("get", len(keys), err)
 		}
-		// A read-only view of the reply: Check only reads, and copy leaves the string alone.
-		data, err := tier.Check(unsafe.Slice(unsafe.StringData(val), len(val)), s.opt.Fingerprint, ns, keys[i], s.opt.BlockBytes)
+		data, err := tier.Check(c.Bytes(), s.opt.Fingerprint, ns, keys[i], s.opt.BlockBytes)
 		if err != nil {
 			s.corrupt.Add(1)
 			// Best effort: a block left behind is dropped again by the next reader.
@@ -279,6 +348,18 @@ func (s *Store) copyRun(ctx context.Context, ns prefix.Namespace, tag string, ke
 		copy(dst[i], data)
 	}
 	return len(cmds), nil
+}
+
+// oversized reports whether a read that failed with err met a value under key longer than a
+// block of namespace ns. Such a value overflows the buffer that the reply is read into, and
+// the client reports that like a broken connection; the value's length tells the two apart.
+func (s *Store) oversized(ctx context.Context, ns prefix.Namespace, key string, err error) bool {
+	var reply goredis.Error // the server's error reply: the read itself went well
+	if errors.As(err, &reply) {
+		return false
+	}
+	n, err := s.client.StrLen(ctx, key).Result()
+	return err == nil && n > int64(tier.HeaderSize(ns)+s.opt.BlockBytes)
 }
 
 // Has returns the length of the leading run of keys held in namespace ns, with one pipelined

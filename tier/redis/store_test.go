@@ -144,6 +144,31 @@ func TestTTL(t *testing.T) {
 	require.LessOrEqual(t, ttl, int(time.Hour/time.Millisecond))
 }
 
+// One Put may carry blocks of several namespaces, whose headers differ in size: each is stored
+// whole, on a single node (whose client writes every value through one buffer) as in a cluster
+// (whose client writes to its nodes in parallel).
+func TestPutMixedNamespaces(t *testing.T) {
+	for name, addrs := range map[string][]string{
+		"node":    {redistest.Start(t).Addr},
+		"cluster": redistest.StartCluster(t, 3).Addrs(),
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := open(t, addrs, nil)
+			ctx := context.Background()
+			salts := []string{"", "a", strings.Repeat("s", 300), "", strings.Repeat("t", 5000), "b"}
+			var blocks []tier.Block
+			for i, salt := range salts {
+				blocks = append(blocks, chain(prefix.Namespace{Adapter: uint64(i), Salt: salt}, byte(40+i), 3, blockBytes)...)
+			}
+			require.NoError(t, s.Put(ctx, blocks))
+			for i := range salts {
+				requireRun(t, s, blocks[3*i:3*i+3], 3)
+			}
+			require.Zero(t, s.Stats().Corrupt)
+		})
+	}
+}
+
 // In a cluster the blocks of one chain spread over the nodes (no hash tag pins them to one
 // slot) and Get still returns the whole run in order.
 func TestClusterRoundTripAcrossSlots(t *testing.T) {
@@ -344,6 +369,9 @@ func TestCorruptValueDroppedAndCounted(t *testing.T) {
 		{"header byte", func(key string) { srv.Do("SETRANGE", key, "50", "Z") }},
 		{"truncated", func(key string) { srv.Do("SET", key, "PKVBLK01 torn") }},
 		{"grown", func(key string) { srv.Do("APPEND", key, "x") }},
+		// Longer than the buffer Get reads a block into: the read fails as a broken
+		// connection's would, and the store still tells it for a corrupt value.
+		{"grown past its buffer", func(key string) { srv.Do("APPEND", key, strings.Repeat("x", 100)) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			blocks := chain(ns, 9, 5, blockBytes)
