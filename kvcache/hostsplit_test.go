@@ -3,6 +3,7 @@ package kvcache_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"sync"
 	"testing"
 	"time"
@@ -166,6 +167,7 @@ func TestHostSwapBlocksConfig(t *testing.T) {
 		{8, -1, true, "HostSwapBlocks = -1: must lie in [0, HostBlocks 8]"},
 		{8, 9, true, "HostSwapBlocks = 9: must lie in [0, HostBlocks 8]"},
 		{0, 1, false, "HostSwapBlocks = 1: must lie in [0, HostBlocks 0]"},
+		{8, math.MaxInt, true, fmt.Sprintf("HostSwapBlocks = %d: must lie in [0, HostBlocks 8]", math.MaxInt)},
 		{8, 0, true, ""},
 		{8, 8, true, ""},
 		{8, 4, false, ""}, // every host block serves swaps anyway
