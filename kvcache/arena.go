@@ -82,7 +82,6 @@ type arena struct {
 	mapped    int    // pages in state free, partial or full
 	live      int    // blocks with refs > 0
 	idle      int    // idle cached blocks
-	shared    int    // blocks with refs > 1
 	gen       uint64 // mapped/unmapped transitions so far
 }
 
@@ -267,18 +266,12 @@ func (a *arena) take(b int32, refs int32) {
 	pg, i := a.slot(b)
 	pg.refs[i] = refs
 	a.live++
-	if refs > 1 {
-		a.shared++
-	}
 	a.occupy(b)
 }
 
 // drop frees held block b whatever its reference count; it must have no cache entry.
 func (a *arena) drop(b int32) {
 	pg, i := a.slot(b)
-	if pg.refs[i] > 1 {
-		a.shared--
-	}
 	pg.refs[i] = 0
 	a.live--
 	a.vacate(b)
@@ -332,9 +325,6 @@ func (a *arena) uncache(b int32) (prefix.Key, bool) {
 func (a *arena) ref(b int32) {
 	pg, i := a.slot(b)
 	pg.refs[i]++
-	if pg.refs[i] == 2 {
-		a.shared++
-	}
 }
 
 // refs returns block b's reference count.
@@ -348,9 +338,6 @@ func (a *arena) unref(b int32) {
 	pg, i := a.slot(b)
 	if pg.refs[i] > 1 {
 		pg.refs[i]--
-		if pg.refs[i] == 1 {
-			a.shared--
-		}
 		return
 	}
 	e := a.entry(b)
@@ -391,9 +378,6 @@ func (a *arena) holdAll(blocks []int32) {
 			a.idle--
 			a.index.Hold(pg.entries[i])
 			pg.stale = true
-		case 1:
-			pg.refs[i] = 2
-			a.shared++
 		default:
 			pg.refs[i]++
 		}

@@ -288,7 +288,7 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	if h.fast(seq, n, keyed) {
 		for i, m := range h.groups {
 			s := h.found[i]
-			out := m.appendSlots(s, n, h.slotsOf(i, dst))
+			out := m.fastSlots(s, n, h.slotsOf(i, dst))
 			if keyed {
 				m.fastIDs(s, ids)
 			}

@@ -308,11 +308,10 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	}
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
-	// The common decode step: an existing sequence whose last block has room, and no fork
-	// sharing blocks, needs no block work at all (n <= TailRoom < BlockTokens, so no count can
-	// overflow here).
+	// The common decode step: an existing sequence whose last block is its own and has room
+	// needs no block work at all (n <= FastRoom < BlockTokens, so no count can overflow here).
 	if ok && !s.Keyed && m.fastAppend(s, n) {
-		dst = m.appendSlots(s, n, dst)
+		dst = m.fastSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
 	}
@@ -329,11 +328,37 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 }
 
 // fastAppend reports whether n more tokens of s need no block work at all: they fit its last
-// block, which is its own to write, and no block falls out of its reach. No count can overflow
-// then (n <= TailRoom < BlockTokens).
+// block, which is its own to write, and no block falls out of its reach (s.FastRoom, which
+// the last append's commit set and every other change of s's blocks zeroed). The test reads
+// s and the manager's flags, nothing of other sequences or of the arena. No count can overflow
+// then (0 < n <= FastRoom < BlockTokens). An append of no tokens takes the path that checks
+// the sequence (swapped, say).
 func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
-	return !s.Swapped && n >= 0 && n <= s.TailRoom(m.cfg.BlockTokens) && m.arena.shared == 0 && !m.closed && !m.asleep &&
-		m.tailWritable(s) && !m.reachMoved(s)
+	return n > 0 && n <= s.FastRoom && !m.closed && !m.asleep
+}
+
+// fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom.
+func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
+	s.FastRoom -= n
+	return m.appendSlots(s, n, dst)
+}
+
+// fastRoom returns how many tokens s may take on the fast path after an append committed: the
+// room in its last block, if s alone holds that block and it is not cached, and no more than
+// the tokens before its next block falls out of reach. (A swapped sequence never appends.)
+func (m *Manager) fastRoom(s *sequence.Sequence) int {
+	room := s.TailRoom(m.cfg.BlockTokens)
+	if room == 0 || s.Swapped {
+		return 0
+	}
+	tail := s.Blocks[len(s.Blocks)-1]
+	if tail == NullBlock || m.arena.refs(tail) != 1 || m.arena.entry(tail) != nil {
+		return 0
+	}
+	if m.bounded() {
+		room = min(room, max(0, s.NextDrop-s.Tokens))
+	}
+	return room
 }
 
 // checkCounts refuses, under Strict, tokens without ids for keyed sequence s (nil: none).
@@ -654,6 +679,7 @@ func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 	if err != nil {
 		return &SequenceError{Op: "fork", Seq: dst, Err: err}
 	}
+	s.FastRoom = 0 // its tail is shared now: whichever appends first copies it
 	d.Tokens, d.Written, d.Dropped = s.Tokens, s.Written, s.Dropped
 	d.Blocks = append(d.Blocks, s.Blocks...)
 	if s.Keyed {
@@ -710,7 +736,7 @@ func (m *Manager) checkTruncate(seq SeqID, n int) (*sequence.Sequence, error) {
 // truncate drops the last n tokens of s; the lock is held and checkTruncate passed.
 func (m *Manager) truncate(s *sequence.Sequence, n int) {
 	s.Tokens -= n
-	s.Written, s.Hit = min(s.Written, s.Tokens), 0
+	s.Written, s.Hit, s.FastRoom = min(s.Written, s.Tokens), 0, 0
 	bt := m.cfg.BlockTokens
 	keep := sequence.BlocksFor(s.Tokens, bt)
 	for i := len(s.Blocks) - 1; i >= keep; i-- {

@@ -176,7 +176,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
 	if ok && s.Keyed && m.fastAppend(s, n) {
-		dst = m.appendSlots(s, n, dst)
+		dst = m.fastSlots(s, n, dst)
 		m.fastIDs(s, ids)
 		m.mu.Unlock()
 		return dst, nil

@@ -238,7 +238,7 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 				q.Blocks[i] = h
 			}
 		}
-		q.Swapped = true
+		q.Swapped, q.FastRoom = true, 0
 	}
 	if away {
 		m.moveSwappedHolders()
@@ -356,7 +356,7 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 			}
 			j++
 		}
-		q.Swapped = false
+		q.Swapped, q.FastRoom = false, 0
 	}
 	m.counters.swapIns += uint64(n)
 	m.publish()

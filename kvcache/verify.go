@@ -64,7 +64,19 @@ func (m *Manager) Verify() error {
 		m.verifyKeys(s, keyer, bad)
 		return true
 	})
-	live, idle, mapped, shared, entries := 0, 0, 0, 0, 0
+	m.seqs.All(func(s *sequence.Sequence) bool { // with every holder counted
+		if s.FastRoom == 0 {
+			return true
+		}
+		tail := s.Blocks[len(s.Blocks)-1]
+		if s.FastRoom < 0 || s.FastRoom > s.TailRoom(bt) || s.Swapped || tail == NullBlock || refs[tail] != 1 || a.entry(tail) != nil ||
+			m.bounded() && s.Tokens+s.FastRoom > s.NextDrop {
+			bad("sequence %d: fast room %d, but its tail block %d has room %d, %d holders, cached %v, swapped %v; %d tokens, next drop at %d",
+				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.entry(tail) != nil, s.Swapped, s.Tokens, s.NextDrop)
+		}
+		return true
+	})
+	live, idle, mapped, entries := 0, 0, 0, 0
 	var mappedList []int32
 	for p, pg := range a.pages {
 		p := int32(p)
@@ -136,9 +148,6 @@ func (m *Manager) Verify() error {
 			default:
 				live++
 			}
-			if refs[b] > 1 {
-				shared++
-			}
 		}
 		if free != pg.free || pidle != pg.idle {
 			bad("page %d: free/idle counts %d/%d, blocks say %d/%d", p, pg.free, pg.idle, free, pidle)
@@ -157,9 +166,6 @@ func (m *Manager) Verify() error {
 		if cacheOnly != (pg.aged && a.cacheOnly.Has(pageAge{pg.agedAt, p})) || cacheOnly && (pg.newest != newest || pg.agedAt != newest) {
 			bad("page %d: cache-only %v, indexed %v at %d, newest idle use %d (page says %d)", p, cacheOnly, pg.aged, pg.agedAt, newest, pg.newest)
 		}
-	}
-	if shared != a.shared {
-		bad("arena counts %d shared blocks, pages hold %d", a.shared, shared)
 	}
 	if live != a.live || idle != a.idle || idle != a.index.IdleLen() {
 		bad("held/idle blocks: arena counts %d/%d, pages hold %d/%d, the index %d idle", a.live, a.idle, live, idle, a.index.IdleLen())

@@ -56,6 +56,13 @@ type Sequence struct {
 	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
 	// so that the append path tests a length, not a division.
 	NextDrop int
+
+	// FastRoom is how many more tokens an append may add with no block work at all: they go
+	// into the last block, which the sequence alone holds and which is not cached, and no block
+	// falls out of reach meanwhile. kvcache sets it when an append commits and zeroes it in every
+	// other operation that changes the sequence's blocks (a fork shares its tail, a truncate or
+	// a swap moves it); 0 sends the next append down the path that looks.
+	FastRoom int
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
@@ -147,7 +154,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped, s.NextDrop = id, 0, s.Blocks[:0], false, 0, 0, 0, 0
+	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped, s.NextDrop, s.FastRoom = id, 0, s.Blocks[:0], false, 0, 0, 0, 0, 0
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s
@@ -164,7 +171,7 @@ func (r *Registry) Remove(s *Sequence) bool {
 		r.cache[slot] = nil
 	}
 	delete(r.m, s.ID)
-	s.Tokens, s.Blocks = 0, s.Blocks[:0]
+	s.Tokens, s.Blocks, s.FastRoom = 0, s.Blocks[:0], 0
 	s.ResetPrefix()
 	r.free = append(r.free, s)
 	return true
