@@ -65,7 +65,11 @@ type Hybrid struct {
 	txs     []appendTx
 	scratch []int64
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
-	finders []hitFinder          // each group's lookups during a start
+
+	// chainOf[i] is the first group before group i with its block size (both attention
+	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
+	chainOf []int
+	finders []hitFinder // each group's lookups during a start
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -102,6 +106,16 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 		}
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
+	h.chainOf = make([]int, len(h.groups))
+	for i, gi := range g.Groups {
+		h.chainOf[i] = -1
+		for j, gj := range g.Groups[:i] {
+			if gi.Kind != RecurrentState && gj.Kind != RecurrentState && gj.BlockTokens == gi.BlockTokens {
+				h.chainOf[i] = j
+				break
+			}
+		}
+	}
 	h.found = make([]*sequence.Sequence, len(h.groups))
 	h.shareFeed()
 	return h, nil
@@ -290,7 +304,7 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 			s := h.found[i]
 			out := m.fastSlots(s, n, h.slotsOf(i, dst))
 			if keyed {
-				m.fastIDs(s, ids)
+				m.fastIDs(s, ids, h.chain(i, s, h.found))
 			}
 			h.keep(i, dst, out)
 		}
@@ -319,13 +333,28 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 		m := h.groups[i]
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
 		if keyed {
-			m.afterIDs(tx, ids)
+			h.found[i] = tx.s
+			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
 		} else if !tx.created {
 			m.afterCounts(tx.s, n)
 		}
 		m.publish()
 	}
 	return dst, nil
+}
+
+// chain returns the sequence whose keys group i's sequence s takes (Manager.storeBlocksFrom):
+// the same sequence in group chainOf[i], if it is keyed from the same root; else nil. found
+// holds each group's sequence, filled up to group i.
+func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) *sequence.Sequence {
+	j := h.chainOf[i]
+	if j < 0 {
+		return nil
+	}
+	if c := found[j]; c.Keyed && c.Root == s.Root {
+		return c
+	}
+	return nil
 }
 
 // fast reports whether every group can take n tokens of seq on its fast path (no block work).

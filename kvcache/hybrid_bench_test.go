@@ -7,10 +7,13 @@ import (
 )
 
 // BenchmarkHybridDecode times a decode step across three layer groups (full, window, chunk)
-// beside the same step on one manager of one group (target: at most 2x, 0 allocs).
+// beside the same step on one manager of one group (target: at most 2x, 0 allocs), without and
+// with ids (the groups share one key chain: each block hashed once).
 func BenchmarkHybridDecode(b *testing.B) {
 	b.Run("one-group", func(b *testing.B) { kvbench.Decode(b, 0, false) })
 	b.Run("three-groups", kvbench.HybridDecode)
+	b.Run("one-group-ids", func(b *testing.B) { kvbench.Decode(b, 0, true) })
+	b.Run("three-groups-ids", kvbench.HybridDecodeIDs)
 }
 
 // BenchmarkHybridStart times starting a cached 4,096-token prompt on the three-group hybrid

@@ -177,7 +177,7 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	s, ok := m.seqs.Get(seq)
 	if ok && s.Keyed && m.fastAppend(s, n) {
 		dst = m.fastSlots(s, n, dst)
-		m.fastIDs(s, ids)
+		m.fastIDs(s, ids, nil)
 		m.mu.Unlock()
 		return dst, nil
 	}
@@ -187,28 +187,28 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 		return dst, err
 	}
 	out := tx.commit(dst)
-	m.afterIDs(tx, ids)
+	m.afterIDs(tx, ids, nil)
 	m.publish()
 	return out, nil
 }
 
 // fastIDs records the ids of tokens the fast path appended to keyed s, and caches a block they
-// filled.
-func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID) {
+// filled: its key taken from chain, when chain has it (see storeBlocksFrom), else hashed.
+func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID, chain *sequence.Sequence) {
 	if len(ids) == 1 { // a decode step: no call to copy one id
 		s.IDs = append(s.IDs, ids[0])
 	} else {
 		s.IDs = append(s.IDs, ids...)
 	}
 	if s.Tokens >= (len(s.Keys)+1)*m.cfg.BlockTokens && m.keyable(s) > len(s.Keys) { // a block filled (no division per token), and may be cached
-		m.storeBlocks(s)
+		m.storeBlocksFrom(s, chain)
 		m.publish()
 	}
 }
 
 // afterIDs records the ids of a committed append: a sequence it created is keyed in the zero
 // namespace, and a keyed one caches the blocks the ids filled.
-func (m *Manager) afterIDs(tx appendTx, ids []TokenID) {
+func (m *Manager) afterIDs(tx appendTx, ids []TokenID, chain *sequence.Sequence) {
 	s := tx.s
 	if tx.created {
 		s.Keyed, s.Root = true, m.rootZero()
@@ -216,7 +216,7 @@ func (m *Manager) afterIDs(tx appendTx, ids []TokenID) {
 	if s.Keyed {
 		s.IDs = append(s.IDs, ids...)
 		m.checkRepeat(s, len(ids))
-		m.storeBlocks(s)
+		m.storeBlocksFrom(s, chain)
 	}
 }
 
@@ -304,7 +304,13 @@ func (m *Manager) rootZero() prefix.Key {
 
 // storeBlocks keys keyed s's blocks that have filled since the last call, and caches each
 // under its key unless the key is cached already.
-func (m *Manager) storeBlocks(s *sequence.Sequence) {
+func (m *Manager) storeBlocks(s *sequence.Sequence) { m.storeBlocksFrom(s, nil) }
+
+// storeBlocksFrom is storeBlocks taking the keys chain already has instead of hashing them:
+// chain is nil, or the same sequence in another group of a Hybrid with the same block size,
+// keyed from the same root, whose blocks were keyed first (one key chain per token sequence:
+// the groups of a model hash each block once).
+func (m *Manager) storeBlocksFrom(s, chain *sequence.Sequence) {
 	bt := m.cfg.BlockTokens
 	events := m.feed.Active()
 	run := -1 // start of the run of stored keys in s.Keys, for one BlockStored event
@@ -315,7 +321,12 @@ func (m *Manager) storeBlocks(s *sequence.Sequence) {
 		if i > 0 {
 			parent = s.Keys[i-1]
 		}
-		k := m.keyer.Next(prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}, i, parent, s.IDs[i*bt:(i+1)*bt])
+		var k prefix.Key
+		if chain != nil && i < len(chain.Keys) {
+			k = chain.Keys[i]
+		} else {
+			k = m.keyer.Next(prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}, i, parent, s.IDs[i*bt:(i+1)*bt])
+		}
 		s.Keys = append(s.Keys, k)
 		stored := s.Blocks[i] != NullBlock && m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
 		if stored {

@@ -50,15 +50,30 @@ func newHybrid(b *testing.B, prefixBytes uint64) *kvcache.Hybrid {
 // HybridGeometry: one AppendTokens of the Hybrid, whose windows drop a block every 16 tokens.
 // Compare it with Decode(b, 0, false), the same step on one manager of one group. Every 1,024
 // tokens a sequence ends and another takes its place (untimed).
-func HybridDecode(b *testing.B) {
+func HybridDecode(b *testing.B) { hybridDecode(b, false) }
+
+// HybridDecodeIDs is HybridDecode with ids (AppendTokenIDs, every id new: each filled block is
+// keyed, cached and later evicted in every group). Compare it with Decode(b, 0, true).
+func HybridDecodeIDs(b *testing.B) { hybridDecode(b, true) }
+
+func hybridDecode(b *testing.B, withIDs bool) {
 	h := newHybrid(b, 0)
 	dst := make([][]int64, h.Groups())
+	id := make([]prefix.Token, 1)
+	next := prefix.Token(1)
 	step := func(s kvcache.SeqID) {
 		for g := range dst {
 			dst[g] = dst[g][:0]
 		}
 		var err error
-		if dst, err = h.AppendTokens(s, 1, dst); err != nil {
+		if withIDs {
+			id[0] = next
+			next++
+			dst, err = h.AppendTokenIDs(s, id, dst)
+		} else {
+			dst, err = h.AppendTokens(s, 1, dst)
+		}
+		if err != nil {
 			b.Fatal(err)
 		}
 	}
