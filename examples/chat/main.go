@@ -163,8 +163,8 @@ type chat struct {
 	quiet          bool      // the terminal already shows what the user typed
 }
 
-// group is what the loop keeps of one layer group: its manager, its block table on the device
-// and the staging of its slots, and the blocks this turn's request holds in it.
+// group is what the loop keeps of one layer group: its manager, its block table on the device,
+// the staging of its slots, its attention mask, and the blocks this turn's request holds in it.
 type group struct {
 	m       *kvcache.Manager // owned by the cache
 	tables  *blocktable.DeviceTables
@@ -376,32 +376,32 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		}
 		moved = fmt.Sprintf("compaction moved %d blocks, released %d pages", res.BlocksMoved, res.PagesReleased)
 	}
-	if c.hybrid {
-		fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; %s]\n", verdict, c.promptLen, c.cached, moved)
-		c.groupLines(w)
-	} else {
+	c.report(w, verdict, moved)
+	c.turn++
+	return false, nil
+}
+
+// report prints a turn's verdict, the prompt's tokens found in the cache, and what the arena
+// (on a hybrid cache: each group) holds.
+func (c *chat) report(w io.Writer, verdict, moved string) {
+	if !c.hybrid {
 		st := c.groups[0].m.Stats()
 		fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; arena: %d sequences, %d pages mapped, %.1f MiB physical, %d blocks cached; %s]\n",
 			verdict, c.promptLen, c.cached, st.Sequences, st.MappedPages, float64(st.MappedBytes)/(1<<20), st.Prefix.CachedBlocks, moved)
+		return
 	}
-	c.turn++
-	return false, nil
+	fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; %s]\n", verdict, c.promptLen, c.cached, moved)
+	for i, g := range c.groups {
+		st := g.m.Stats()
+		fmt.Fprintf(w, "     [%s: request %d blocks (at most %d while decoding); arena %d blocks held, %d cached, %.1f MiB mapped]\n",
+			hybridGeometry().Groups[i].Name, g.held, g.most, st.LiveBlocks, st.Prefix.CachedBlocks, float64(st.MappedBytes)/(1<<20))
+	}
 }
 
 // answerBound is the most tokens a turn adds to the conversation: the message, its reversal,
 // the previous answer's first part in " (before: ...)" and what the window layers say.
 func answerBound(msg, prevFirst int) int {
 	return 2*msg + len(" (before: )") + prevFirst + windowedLen
-}
-
-// groupLines says, for each group, the blocks this turn's request held (at its end, and at
-// most after a decode step) and what the group's arena holds and maps now.
-func (c *chat) groupLines(w io.Writer) {
-	for i, g := range c.groups {
-		st := g.m.Stats()
-		fmt.Fprintf(w, "     [%s: request %d blocks (at most %d while decoding); arena %d blocks held, %d cached, %.1f MiB mapped]\n",
-			hybridGeometry().Groups[i].Name, g.held, g.most, st.LiveBlocks, st.Prefix.CachedBlocks, float64(st.MappedBytes)/(1<<20))
-	}
 }
 
 // summary prints, after a hybrid run, what each group maps and holds: the blocks sequences hold

@@ -30,7 +30,8 @@ import (
 // " [ssss|oooo]" (see windowed): layer 0 reads the conversation's sink tokens, and layer 2 the
 // four oldest tokens inside the window, the tokens at its very edge. So the window group's
 // table must hold the sink block and the block at the edge, and attention must use the
-// group's mask: without it the attention reads the blocks the group freed.
+// group's mask: a mask without the sinks or short of the window misses the token it looks for,
+// and one wider than the window reads the places of blocks the group freed.
 const (
 	headDim = 64
 	layers  = 2
