@@ -15,11 +15,20 @@
 //	go run ./examples/chat -script FILE     # one user message per line
 //	go run ./examples/chat -turns 20        # 20 turns of the demo, no terminal needed
 //	go run ./examples/chat -device cuda     # the same loop on the GPU
+//	go run ./examples/chat -hybrid          # on a hybrid cache: a full-attention group and a sliding window
+//
+// With -hybrid the cache is a kvcache.Hybrid of two layer groups, gpt-oss style: the odd layers
+// full attention, the even ones a sliding window of 64 tokens with 4 sink tokens. Each group
+// gets its own slots, writes its own layers and attends through its own table with its own
+// mask, and the window group frees the blocks that fall out of the window. The answer ends with
+// what the window layers read (model.go), and each turn shows the blocks each group holds: the
+// window group's stay bounded while the full group's grow with the conversation.
 package main
 
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -58,12 +67,13 @@ func main() {
 	turns := flag.Int("turns", 0, "run this many turns of the demo conversation and exit")
 	compact := flag.String("compact", "every", "compact between turns: every or never")
 	background := flag.Int("background", 8, "other requests arriving between turns")
+	hybrid := flag.Bool("hybrid", false, "run on a hybrid cache: a full-attention group and a sliding-window group")
 	flag.Parse()
 	log.SetFlags(0)
 	if *compact != "every" && *compact != "never" {
 		log.Fatalf("chat: -compact must be every or never")
 	}
-	c, err := newChat(*device, *compact == "every", *background)
+	c, err := newChat(settings{device: *device, compact: *compact == "every", background: *background, hybrid: *hybrid})
 	if err != nil {
 		log.Fatalf("chat: %v", err)
 	}
@@ -89,6 +99,9 @@ func main() {
 		fmt.Println("\nYour turn (/reset starts over, /quit ends):")
 		err = c.runInteractive(os.Stdin, os.Stdout)
 	}
+	if err == nil && *hybrid {
+		c.summary(os.Stdout)
+	}
 	if cerr := c.close(); err == nil {
 		err = cerr
 	}
@@ -106,23 +119,32 @@ func isTerminal(f *os.File) bool {
 	return err == nil
 }
 
+// settings are the command line's choices.
+type settings struct {
+	device     string
+	compact    bool // compact between every turn
+	background int  // other requests arriving between turns
+	hybrid     bool // a Hybrid of a full-attention and a sliding-window group
+}
+
 type chat struct {
 	dev     vmm.Device
-	m       *kvcache.Manager
+	cache   cache
+	groups  []group // the cache's layer groups: one, or full attention and a window
 	k       *kernels.Kernels
-	tables  *blocktable.DeviceTables
-	vt      *blocktable.VLLM
 	stage   *vmm.Pool
-	keys    vmm.Addr // staging: key rows, value rows, slots, query, output
+	keys    vmm.Addr // staging: key rows, value rows, query, output (slots: per group)
 	vals    vmm.Addr
-	slotBuf vmm.Addr
 	q       vmm.Addr
 	out     vmm.Addr
 	compact bool
+	hybrid  bool
+	roles   roles
 
 	seq       kvcache.SeqID // this turn's request
 	conv      int           // conversation number (/reset starts the next)
 	hist      []token       // the conversation so far, every token with its place
+	text      []byte        // the conversation as a right bot says it, for checking
 	cached    int           // tokens of this turn's prompt found in the cache
 	turn      int
 	prevFirst int // length of the first part of the previous answer
@@ -131,70 +153,148 @@ type chat struct {
 
 	bg      []kvcache.SeqID
 	bgNext  kvcache.SeqID
+	bgDst   [][]int64
 	rng     *rand.Rand
 	bgCount int
 
 	answers, right int
 	promptLen      int
-	slots          []int64
-	quiet          bool // the terminal already shows what the user typed
+	dst            [][]int64 // each group's slots of the last append
+	quiet          bool      // the terminal already shows what the user typed
 }
 
-func newChat(device string, compact bool, background int) (*chat, error) {
-	dev, err := vmm.Open(device)
+// group is what the loop keeps of one layer group: its manager, its block table on the device,
+// the staging of its slots, its attention mask, and the blocks this turn's request holds in it.
+type group struct {
+	m       *kvcache.Manager // owned by the cache
+	tables  *blocktable.DeviceTables
+	vt      *blocktable.VLLM
+	slotBuf vmm.Addr
+	window  int // the group's mask: its window and sink tokens (0 for full attention)
+	sinks   int
+	blocks  []int32 // scratch for Blocks
+	held    int     // blocks the request holds at its end
+	most    int     // the most it held after a decode step
+}
+
+func newChat(s settings) (*chat, error) {
+	dev, err := vmm.Open(s.device)
 	if err != nil {
 		return nil, err
 	}
-	m, err := kvcache.New(dev, kvcache.Config{
-		Layers: layers, KVHeads: 1, HeadDim: headDim, ElemSize: 2, BlockTokens: 16,
-		PageSize: dev.Info().Granularity, Capacity: 1 << 30, ReservePages: 1, HighWatermark: 2, NoBackground: true,
-		PrefixCacheBytes: 4 * dev.Info().Granularity, // room for the conversations' history
-	})
-	if err != nil {
-		return nil, err
+	c := &chat{dev: dev, compact: s.compact, hybrid: s.hybrid, roles: plainRoles,
+		bgNext: 1 << 32, rng: rand.New(rand.NewPCG(42, 42)), bgCount: s.background}
+	if err := c.open(); err != nil {
+		return nil, errors.Join(err, c.close())
 	}
-	k, err := kernels.For(dev)
-	if err != nil {
-		return nil, err
-	}
-	maxBlocks := maxTokens / 16
-	tables, err := blocktable.NewDeviceTables(dev, 1, maxBlocks, maxMessage)
-	if err != nil {
-		return nil, err
-	}
-	vt, err := blocktable.NewVLLM(1, maxBlocks, -1)
-	if err != nil {
-		return nil, err
-	}
-	g := dev.Info().Granularity
-	stage, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: g, PageSize: g})
-	if err != nil {
-		return nil, err
-	}
-	base, err := stage.Map(0, g)
-	if err != nil {
-		return nil, err
-	}
-	row := uint64(2 * headDim)
-	c := &chat{
-		dev: dev, m: m, k: k, tables: tables, vt: vt, stage: stage, compact: compact,
-		keys: base, vals: base + vmm.Addr(maxMessage*row), slotBuf: base + vmm.Addr(2*maxMessage*row),
-		q: base + vmm.Addr(2*maxMessage*row+8*maxMessage), out: base + vmm.Addr(2*maxMessage*row+8*maxMessage+row),
-		bgNext: 1 << 32, rng: rand.New(rand.NewPCG(42, 42)), bgCount: background,
-	}
-	fmt.Printf("pagedkv chat on %s (kernels: %s); %d layers, block 16 tokens, page %d MiB\n\n",
-		dev.Info().Name, k.Image(), layers, m.Config().PageSize>>20)
 	return c, nil
 }
 
-func (c *chat) close() error {
+// open makes the cache, the kernels, each group's tables and the staging.
+func (c *chat) open() error {
+	g := c.dev.Info().Granularity
 	var err error
-	for _, e := range []error{c.m.Close(), c.tables.Close(), c.stage.Close(), c.k.Close(), c.dev.Close()} {
+	if c.hybrid {
+		c.roles = hybridRoles
+		var h *kvcache.Hybrid
+		h, err = kvcache.NewHybrid(c.dev, kvcache.HybridConfig{
+			Geometry: hybridGeometry(), Limit: 1 << 30, Capacity: 1 << 30, ReservePages: 1, HighWatermark: 2,
+			NoBackground: true, PrefixCacheBytes: 4 * g,
+		})
 		if err == nil {
-			err = e
+			c.cache = h
+		}
+	} else {
+		var m *kvcache.Manager
+		m, err = kvcache.New(c.dev, kvcache.Config{
+			Layers: layers, KVHeads: 1, HeadDim: headDim, ElemSize: 2, BlockTokens: 16,
+			PageSize: g, Capacity: 1 << 30, ReservePages: 1, HighWatermark: 2, NoBackground: true,
+			PrefixCacheBytes: 4 * g, // room for the conversations' history
+		})
+		if err == nil {
+			c.cache = single{m}
 		}
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	if c.k, err = kernels.For(c.dev); err != nil {
+		return err
+	}
+	if c.stage, err = vmm.NewPool(c.dev, vmm.PoolConfig{Capacity: g, PageSize: g}); err != nil {
+		return err
+	}
+	base, err := c.stage.Map(0, g)
+	if err != nil {
+		return err
+	}
+	row := vmm.Addr(2 * headDim)
+	c.keys, c.vals = base, base+maxMessage*row
+	slots := base + 2*maxMessage*row // 8*maxMessage bytes for each group
+	n := c.cache.Groups()
+	c.q = slots + vmm.Addr(n*8*maxMessage)
+	c.out = c.q + row
+	maxBlocks := maxTokens / 16
+	for i := range n {
+		m := c.cache.Group(i)
+		grp := group{m: m, slotBuf: slots + vmm.Addr(i*8*maxMessage), window: m.Config().Window, sinks: m.Config().Sinks}
+		c.groups = append(c.groups, grp)
+		if c.groups[i].tables, err = blocktable.NewDeviceTables(c.dev, 1, maxBlocks, maxMessage); err != nil {
+			return err
+		}
+		if c.groups[i].vt, err = blocktable.NewVLLM(1, maxBlocks, -1); err != nil {
+			return err
+		}
+	}
+	c.dst, c.bgDst = make([][]int64, n), make([][]int64, n)
+	c.banner()
+	return nil
+}
+
+// banner prints what the chat runs on.
+func (c *chat) banner() {
+	cfg := c.groups[0].m.Config()
+	if !c.hybrid {
+		fmt.Printf("pagedkv chat on %s (kernels: %s); %d layers, block 16 tokens, page %d MiB\n\n",
+			c.dev.Info().Name, c.k.Image(), layers, cfg.PageSize>>20)
+		return
+	}
+	fmt.Printf("pagedkv chat on %s (kernels: %s); hybrid, %d layers, block 16 tokens:\n", c.dev.Info().Name, c.k.Image(), hybridLayers)
+	for i, grp := range hybridGeometry().Groups {
+		cfg := c.groups[i].m.Config()
+		fmt.Printf("  group %d %-6s layers %v, %s attention", i, grp.Name, grp.Layers, grp.Kind)
+		if grp.Window > 0 {
+			fmt.Printf(" of %d tokens and %d sinks", grp.Window, grp.Sinks)
+		}
+		fmt.Printf(", page %d MiB (%d blocks)\n", cfg.PageSize>>20, cfg.PageSize/cfg.BlockStride())
+	}
+	fmt.Println()
+}
+
+// close releases everything newChat made; parts it did not make are skipped.
+func (c *chat) close() error {
+	var errs []error
+	if c.cache != nil {
+		errs = append(errs, c.cache.Close())
+	}
+	for _, g := range c.groups {
+		if g.tables != nil {
+			errs = append(errs, g.tables.Close())
+		}
+	}
+	if c.stage != nil {
+		errs = append(errs, c.stage.Close())
+	}
+	if c.k != nil {
+		errs = append(errs, c.k.Close())
+	}
+	errs = append(errs, c.dev.Close())
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (c *chat) run(lines []string, w io.Writer) error {
@@ -230,7 +330,7 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		return true, nil
 	case line == "/reset":
 		c.conv++
-		c.hist = c.hist[:0]
+		c.hist, c.text = c.hist[:0], c.text[:0]
 		c.turn, c.prevFirst, c.prevText = 0, 0, ""
 		fmt.Fprintf(w, "-- reset: conversation %d starts --\n", c.conv+1)
 		return false, nil
@@ -238,7 +338,7 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 	if len(line) > maxMessage/2 {
 		line = line[:maxMessage/2]
 	}
-	if len(c.hist)+4*len(line)+64 > maxTokens {
+	if len(c.hist)+answerBound(len(line), c.prevFirst) > maxTokens {
 		fmt.Fprintln(w, "-- the conversation is full; /reset to start another --")
 		return false, nil
 	}
@@ -249,6 +349,11 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		return false, err
 	}
 	want, first := expected(line, c.prevText)
+	c.text = append(c.text, line...)
+	if c.hybrid {
+		want += windowed(string(c.text) + want)
+	}
+	c.text = append(c.text, want...)
 	ok := string(c.answer) == want
 	c.answers++
 	verdict := "right"
@@ -265,17 +370,54 @@ func (c *chat) say(line string, w io.Writer) (done bool, err error) {
 		return false, err
 	}
 	if c.compact {
-		res, err := c.m.Compact(kvcache.CompactOptions{})
+		res, err := c.cache.Compact(kvcache.CompactOptions{})
 		if err != nil {
 			return false, err
 		}
 		moved = fmt.Sprintf("compaction moved %d blocks, released %d pages", res.BlocksMoved, res.PagesReleased)
 	}
-	st := c.m.Stats()
-	fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; arena: %d sequences, %d pages mapped, %.1f MiB physical, %d blocks cached; %s]\n",
-		verdict, c.promptLen, c.cached, st.Sequences, st.MappedPages, float64(st.MappedBytes)/(1<<20), st.Prefix.CachedBlocks, moved)
+	c.report(w, verdict, moved)
 	c.turn++
 	return false, nil
+}
+
+// report prints a turn's verdict, the prompt's tokens found in the cache, and what the arena
+// (on a hybrid cache: each group) holds.
+func (c *chat) report(w io.Writer, verdict, moved string) {
+	if !c.hybrid {
+		st := c.groups[0].m.Stats()
+		fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; arena: %d sequences, %d pages mapped, %.1f MiB physical, %d blocks cached; %s]\n",
+			verdict, c.promptLen, c.cached, st.Sequences, st.MappedPages, float64(st.MappedBytes)/(1<<20), st.Prefix.CachedBlocks, moved)
+		return
+	}
+	fmt.Fprintf(w, "     [%s; prompt %d tokens, %d from the cache; %s]\n", verdict, c.promptLen, c.cached, moved)
+	for i, g := range c.groups {
+		st := g.m.Stats()
+		fmt.Fprintf(w, "     [%s: request %d blocks (at most %d while decoding); arena %d blocks held, %d cached, %.1f MiB mapped]\n",
+			hybridGeometry().Groups[i].Name, g.held, g.most, st.LiveBlocks, st.Prefix.CachedBlocks, float64(st.MappedBytes)/(1<<20))
+	}
+}
+
+// answerBound is the most tokens a turn adds to the conversation: the message, its reversal,
+// the previous answer's first part in " (before: ...)" and what the window layers say.
+func answerBound(msg, prevFirst int) int {
+	return 2*msg + len(" (before: )") + prevFirst + windowedLen
+}
+
+// summary prints, after a hybrid run, what each group maps and holds: the blocks sequences hold
+// and their bytes, against the pages mapped.
+func (c *chat) summary(w io.Writer) {
+	fmt.Fprintln(w, "\nLayer groups at the end:")
+	var total uint64
+	for i, g := range c.groups {
+		st := g.m.Stats()
+		total += st.MappedBytes
+		held := float64(uint64(st.LiveBlocks)*g.m.Config().BlockStride()) / (1 << 20)
+		fmt.Fprintf(w, "  %-6s %4d blocks held by %d sequences (%.1f MiB), %d cached; %.1f MiB mapped in %d pages of %d blocks\n",
+			hybridGeometry().Groups[i].Name, st.LiveBlocks, st.Sequences, held, st.Prefix.CachedBlocks,
+			float64(st.MappedBytes)/(1<<20), st.MappedPages, st.BlocksPerPage)
+	}
+	fmt.Fprintf(w, "  total  %.1f MiB mapped\n", float64(total)/(1<<20))
 }
 
 // token is one token of the conversation: its character and its place, which its K and V
@@ -292,6 +434,9 @@ func (t token) id() kvcache.TokenID {
 	return kvcache.TokenID(int(t.ch) | t.who<<8 | t.turn<<9 | 1<<30)
 }
 
+// key is the token's key (and the query that finds it).
+func (t token) key() []byte { return key(t.turn, t.who, t.index) }
+
 // turnOf runs one turn as one request: the whole conversation as the prompt (the cached part
 // found, the rest prefilled), the answer decoded token by token, then the request ends.
 func (c *chat) turnOf(msg string) error {
@@ -305,27 +450,41 @@ func (c *chat) turnOf(msg string) error {
 	}
 	c.seq++
 	var err error
-	if c.cached, err = c.m.StartSequence(c.seq, kvcache.Prompt{Tokens: ids}); err != nil {
+	if c.cached, err = c.cache.StartSequence(c.seq, kvcache.Prompt{Tokens: ids}); err != nil {
 		return err
 	}
 	c.promptLen = len(ids)
-	if c.slots, err = c.m.AppendTokenIDs(c.seq, ids[c.cached:], c.slots[:0]); err != nil {
+	for i := range c.groups {
+		c.groups[i].most = 0
+	}
+	if err := c.appendIDs(ids[c.cached:]); err != nil {
 		return err
 	}
 	rest := c.hist[c.cached:]
 	keys := make([]byte, 0, len(rest)*2*headDim)
 	vals := make([]byte, 0, len(rest)*2*headDim)
 	for _, t := range rest {
-		keys = append(keys, key(t.turn, t.who, t.index)...)
+		keys = append(keys, t.key()...)
 		vals = append(vals, value(t.ch)...)
 	}
-	if err := c.writeKV(c.slots, keys, vals); err != nil {
+	if err := c.writeKV(keys, vals); err != nil {
 		return err
 	}
-	defer c.m.FreeSequence(c.seq) // the request ends; its blocks stay cached for the next turn
+	defer c.cache.FreeSequence(c.seq) // the request ends; its blocks stay cached for the next turn
 	c.answer = c.answer[:0]
-	for i := range n { // the message reversed, case swapped: read from layer 0
-		ch, err := c.attend(0, key(c.turn, userTok, n-1-i))
+	if err := c.decode(msg); err != nil {
+		return err
+	}
+	return c.count(func(g *group, held int) { g.held = held })
+}
+
+// decode says the answer: the message reversed, case swapped, read from the reverse layer; from
+// the second turn on what it answered last time, read from the before layer; and on a hybrid
+// cache what the window layers read.
+func (c *chat) decode(msg string) error {
+	n := len(msg)
+	for i := range n {
+		ch, err := c.attend(c.roles.reverse, key(c.turn, userTok, n-1-i))
 		if err != nil {
 			return err
 		}
@@ -333,14 +492,12 @@ func (c *chat) turnOf(msg string) error {
 			return err
 		}
 	}
-	if c.turn > 0 && c.prevFirst > 0 { // what it answered last time: read from layer 1
-		for _, ch := range []byte(" (before: ") {
-			if err := c.emit(ch); err != nil {
-				return err
-			}
+	if c.turn > 0 && c.prevFirst > 0 {
+		if err := c.emitText(" (before: "); err != nil {
+			return err
 		}
 		for i := range c.prevFirst {
-			ch, err := c.attend(1, key(c.turn-1, botTok, i))
+			ch, err := c.attend(c.roles.before, key(c.turn-1, botTok, i))
 			if err != nil {
 				return err
 			}
@@ -352,66 +509,158 @@ func (c *chat) turnOf(msg string) error {
 			return err
 		}
 	}
+	if c.hybrid {
+		return c.decodeWindowed()
+	}
+	return nil
+}
+
+// decodeWindowed says what the window layers read (see windowed): the sink tokens through the
+// sinks layer, then the four oldest tokens inside the window through the edge layer.
+func (c *chat) decodeWindowed() error {
+	if err := c.emitText(" ["); err != nil {
+		return err
+	}
+	for j := range sinks {
+		ch, err := c.attend(c.roles.sinks, c.hist[j].key())
+		if err != nil {
+			return err
+		}
+		if err := c.emit(ch); err != nil {
+			return err
+		}
+	}
+	if err := c.emit('|'); err != nil {
+		return err
+	}
+	oldest := max(0, len(c.hist)-window)
+	for j := range edgeTokens {
+		ch, err := c.attend(c.roles.edge, c.hist[oldest+j].key())
+		if err != nil {
+			return err
+		}
+		if err := c.emit(ch); err != nil {
+			return err
+		}
+	}
+	return c.emit(']')
+}
+
+// emitText emits fixed text, as a chat template's markup would be.
+func (c *chat) emitText(s string) error {
+	for _, ch := range []byte(s) {
+		if err := c.emit(ch); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
 // emit appends a generated token to the sequence and writes its K and V.
 func (c *chat) emit(ch byte) error {
 	t := token{turn: c.turn, who: botTok, index: len(c.answer), ch: ch}
-	var err error
-	c.slots, err = c.m.AppendTokenIDs(c.seq, []kvcache.TokenID{t.id()}, c.slots[:0])
-	if err != nil {
+	if err := c.appendIDs([]kvcache.TokenID{t.id()}); err != nil {
 		return err
 	}
-	if err := c.writeKV(c.slots, key(t.turn, t.who, t.index), value(ch)); err != nil {
+	if err := c.writeKV(t.key(), value(ch)); err != nil {
 		return err
 	}
 	c.hist = append(c.hist, t)
 	c.answer = append(c.answer, ch)
+	return c.count(func(g *group, held int) { g.most = max(g.most, held) })
+}
+
+// appendIDs appends tokens to this turn's request, leaving each group's slots in c.dst.
+func (c *chat) appendIDs(ids []kvcache.TokenID) error {
+	for i := range c.dst {
+		c.dst[i] = c.dst[i][:0]
+	}
+	var err error
+	c.dst, err = c.cache.AppendTokenIDs(c.seq, ids, c.dst)
+	return err
+}
+
+// count calls f with each group and the blocks the request holds in it (NullBlock, a block a
+// window group freed, is not held).
+func (c *chat) count(f func(g *group, held int)) error {
+	for i := range c.groups {
+		g := &c.groups[i]
+		var err error
+		if g.blocks, err = g.m.Blocks(c.seq, g.blocks[:0]); err != nil {
+			return err
+		}
+		held := 0
+		for _, b := range g.blocks {
+			if b != kvcache.NullBlock {
+				held++
+			}
+		}
+		f(g, held)
+	}
 	return nil
 }
 
-// writeKV stages rows of keys and values and scatters them into every layer with write_kv.
-func (c *chat) writeKV(slots []int64, keys, vals []byte) error {
-	sb := make([]byte, 8*len(slots))
-	for i, s := range slots {
-		binary.LittleEndian.PutUint64(sb[8*i:], uint64(s))
-	}
-	for _, cp := range []struct {
-		dst vmm.Addr
-		b   []byte
-	}{{c.keys, keys}, {c.vals, vals}, {c.slotBuf, sb}} {
-		if err := c.dev.CopyIn(cp.dst, cp.b); err != nil {
+// writeKV stages rows of keys and values and scatters them with write_kv into every layer of
+// every group, through the group's own slots of the last append (c.dst), maxMessage rows at a
+// time.
+func (c *chat) writeKV(keys, vals []byte) error {
+	row := 2 * headDim
+	for lo := 0; lo < len(keys)/row; lo += maxMessage {
+		hi := min(len(keys)/row, lo+maxMessage)
+		if err := c.dev.CopyIn(c.keys, keys[lo*row:hi*row]); err != nil {
 			return err
 		}
-	}
-	cfg := c.m.Config()
-	for l := range layers {
-		if err := c.k.WriteKV(0, c.m.LayerBase(l, 0), c.m.LayerBase(l, 1), c.keys, c.vals, c.slotBuf, len(slots),
-			cfg.TokenBytes(), cfg.BlockTokens, cfg.BlockStride()); err != nil {
+		if err := c.dev.CopyIn(c.vals, vals[lo*row:hi*row]); err != nil {
 			return err
+		}
+		for i, g := range c.groups {
+			if err := c.writeGroup(g, c.dst[i][lo:hi]); err != nil {
+				return err
+			}
 		}
 	}
 	return c.k.Synchronize(0)
 }
 
+// writeGroup writes the staged rows into every layer of group g at its slots.
+func (c *chat) writeGroup(g group, slots []int64) error {
+	sb := make([]byte, 8*len(slots))
+	for i, s := range slots {
+		binary.LittleEndian.PutUint64(sb[8*i:], uint64(s))
+	}
+	if err := c.dev.CopyIn(g.slotBuf, sb); err != nil {
+		return err
+	}
+	cfg := g.m.Config()
+	for l := range cfg.Layers {
+		if err := c.k.WriteKV(0, g.m.LayerBase(l, 0), g.m.LayerBase(l, 1), c.keys, c.vals, g.slotBuf, len(slots),
+			cfg.TokenBytes(), cfg.BlockTokens, cfg.BlockStride()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // attend runs decode attention for the conversation over one layer with query q, through the
-// block table exported and uploaded for this step, and samples the character.
-func (c *chat) attend(layer int, q []byte) (byte, error) {
-	if err := c.m.ExportVLLM([]kvcache.SeqID{c.seq}, c.vt); err != nil {
+// layer's group's block table, exported and uploaded for this step, with the group's mask (a
+// window and its sinks, or none), and samples the character.
+func (c *chat) attend(l layer, q []byte) (byte, error) {
+	g := c.groups[l.group]
+	if err := g.m.ExportVLLM([]kvcache.SeqID{c.seq}, g.vt); err != nil {
 		return 0, err
 	}
-	if err := c.tables.UploadVLLM(c.vt, nil); err != nil {
+	if err := g.tables.UploadVLLM(g.vt, nil); err != nil {
 		return 0, err
 	}
 	if err := c.dev.CopyIn(c.q, q); err != nil {
 		return 0, err
 	}
-	cfg := c.m.Config()
+	cfg := g.m.Config()
 	if err := c.k.PagedAttention(0, kernels.Attention{
-		Out: c.out, Q: c.q, KBase: c.m.LayerBase(layer, 0), VBase: c.m.LayerBase(layer, 1),
-		BlockTables: c.tables.BlockTables, SeqLens: c.tables.SeqLens, NumSeqs: 1, MaxBlocks: c.vt.MaxBlocks,
+		Out: c.out, Q: c.q, KBase: g.m.LayerBase(l.index, 0), VBase: g.m.LayerBase(l.index, 1),
+		BlockTables: g.tables.BlockTables, SeqLens: g.tables.SeqLens, NumSeqs: 1, MaxBlocks: g.vt.MaxBlocks,
 		NumHeads: 1, KVHeads: 1, HeadDim: headDim, BlockTokens: cfg.BlockTokens, BlockStride: cfg.BlockStride(), Scale: scale,
+		Window: g.window, Sinks: g.sinks,
 	}); err != nil {
 		return 0, err
 	}
@@ -430,11 +679,18 @@ func (c *chat) attend(layer int, q []byte) (byte, error) {
 }
 
 // traffic lets other requests come and go between turns, so that pages fragment and a
-// compaction has the conversation's blocks to move.
+// compaction has the conversation's blocks to move. On a hybrid cache each request also
+// decodes its first token, which frees its prompt's blocks the window no longer reads, as a
+// runtime's next step does.
 func (c *chat) traffic() error {
 	for range c.bgCount {
-		if _, err := c.m.AppendTokens(c.bgNext, 200+c.rng.IntN(1000), nil); err != nil {
+		if _, err := c.cache.AppendTokens(c.bgNext, 200+c.rng.IntN(1000), c.bgSlots()); err != nil {
 			return err
+		}
+		if c.hybrid {
+			if _, err := c.cache.AppendTokens(c.bgNext, 1, c.bgSlots()); err != nil {
+				return err
+			}
 		}
 		c.bg = append(c.bg, c.bgNext)
 		c.bgNext++
@@ -442,7 +698,7 @@ func (c *chat) traffic() error {
 	kept := c.bg[:0]
 	for _, id := range c.bg {
 		if c.rng.IntN(2) == 0 {
-			if err := c.m.FreeSequence(id); err != nil {
+			if err := c.cache.FreeSequence(id); err != nil {
 				return err
 			}
 			continue
@@ -451,4 +707,12 @@ func (c *chat) traffic() error {
 	}
 	c.bg = kept
 	return nil
+}
+
+// bgSlots returns the slot lists for a background append; nobody writes their K and V.
+func (c *chat) bgSlots() [][]int64 {
+	for i := range c.bgDst {
+		c.bgDst[i] = c.bgDst[i][:0]
+	}
+	return c.bgDst
 }

@@ -6,6 +6,7 @@ import (
 	"unicode"
 
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/kvcache"
 )
 
 // The model is tiny and deterministic, but everything it says it reads back out of the KV
@@ -22,13 +23,52 @@ import (
 //     previous answer, read through layer 1 with the keys of the bot's tokens of the last turn.
 //
 // So a block table that points one block astray shows up as wrong letters.
+//
+// The hybrid model (-hybrid) has four layers, gpt-oss style: the odd ones full attention, the
+// even ones a sliding window of 64 tokens that also reads the first 4 tokens (the sinks). Layers
+// 1 and 3 play the roles of layers 0 and 1 above. The window layers end every answer with
+// " [ssss|oooo]" (see windowed): layer 0 reads the conversation's sink tokens, and layer 2 the
+// four oldest tokens inside the window, the tokens at its very edge. So the window group's
+// table must hold the sink block and the block at the edge, and attention must use the
+// group's mask: a mask without the sinks or short of the window misses the token it looks for,
+// and one wider than the window reads the places of blocks the group freed.
 const (
 	headDim = 64
 	layers  = 2
 	scale   = 40 // softmax sharpness: a matching key scores 40, others about +-5
 	userTok = 0
 	botTok  = 1
+
+	hybridLayers = 4
+	window       = 64 // the window layers' reach, in tokens
+	sinks        = 4  // leading tokens the window layers always read
+	edgeTokens   = 4  // the oldest tokens of the window the answer repeats
+	windowedLen  = len(" [") + sinks + len("|") + edgeTokens + len("]")
 )
+
+// layer names one of the model's layers by its group in the cache and its index in the group
+// (the layer Manager.LayerBase takes).
+type layer struct{ group, index int }
+
+// roles are the layers each part of an answer is read from.
+type roles struct{ reverse, before, sinks, edge layer }
+
+var (
+	// plainRoles: one group, layers 0 and 1.
+	plainRoles = roles{reverse: layer{0, 0}, before: layer{0, 1}}
+	// hybridRoles: group 0 is full attention (model layers 1, 3), group 1 the window (0, 2).
+	hybridRoles = roles{reverse: layer{0, 0}, before: layer{0, 1}, sinks: layer{1, 0}, edge: layer{1, 1}}
+)
+
+// hybridGeometry is the hybrid model's cache: a full-attention group and a sliding-window group
+// of 16-token blocks, one fp16 KV head of 64 in every layer.
+func hybridGeometry() kvcache.Geometry {
+	full := kvcache.LayerGroup{Name: "full", Layers: []int{1, 3}, Kind: kvcache.FullAttention,
+		KVHeads: 1, KHeadDim: headDim, VHeadDim: headDim, DType: kvcache.F16, BlockTokens: 16}
+	win := full
+	win.Name, win.Layers, win.Kind, win.Window, win.Sinks = "window", []int{0, 2}, kvcache.SlidingWindow, window, sinks
+	return kvcache.Geometry{Model: "chat-hybrid", Layers: hybridLayers, Groups: []kvcache.LayerGroup{full, win}}
+}
 
 // key returns the key (and query) vector of a token position as fp16 bytes: 64 entries of
 // +-1/8 chosen by a hash of (turn, who, index).
@@ -98,4 +138,16 @@ func expected(msg string, prevFirst string) (answer, first string) {
 		s.WriteString(" (before: " + prevFirst + ")")
 	}
 	return s.String(), first
+}
+
+// windowed is what the window layers add to an answer, given the conversation so far (every
+// token one character): " [", the sink tokens, "|", the four oldest tokens inside the window at
+// that point, "]". The window of the token after "|" reads back to max(0, length-window), and
+// each later token's window starts one further, so the k-th of the four stays inside it.
+func windowed(conv string) string {
+	s := conv + " ["
+	s += s[:sinks] + "|"
+	oldest := max(0, len(s)-window)
+	s += s[oldest:oldest+edgeTokens] + "]"
+	return s[len(conv):]
 }
