@@ -143,11 +143,14 @@ func TestHybridCheckpointHits(t *testing.T) {
 	qs := prefill(t, dev, h, 8, q, 32, 50, 96)
 	require.Equal(t, kvcache.CheckpointStats{Made: 5, Resumed: 4}, checkpoints(h, 1), "at 32 and 96")
 	require.NoError(t, h.FreeSequence(8))
-	for seq, c := range map[kvcache.SeqID]struct{ prompt, want int }{9: {70, 32}, 10: {100, 96}} {
-		hit, err := h.StartSequence(seq, kvcache.Prompt{Tokens: q[:c.prompt]})
+	for _, c := range []struct {
+		seq          kvcache.SeqID
+		prompt, want int
+	}{{9, 70, 32}, {10, 100, 96}} {
+		hit, err := h.StartSequence(c.seq, kvcache.Prompt{Tokens: q[:c.prompt]})
 		require.NoError(t, err)
 		require.Equal(t, c.want, hit, "a %d-token prompt", c.prompt)
-		require.Equal(t, qs[c.want], stateOfSeq(t, dev, h, 1, seq))
+		require.Equal(t, qs[c.want], stateOfSeq(t, dev, h, 1, c.seq))
 	}
 	require.NoError(t, h.Verify())
 
