@@ -56,6 +56,13 @@ type Config struct {
 	// length; KVHeads, HeadDim, VHeadDim and ElemSize are then unused and BlockTokens is set to
 	// MaxSequenceTokens. A fork shares the state until either appends (which copies it).
 	StateBytes uint64
+	// CheckpointTokens are the tokens between a recurrent-state arena's checkpoints (0: none).
+	// MarkWritten of a keyed sequence at a positive multiple of it copies the sequence's state
+	// into a block of the arena's own, cached under the key of the sequence's first n tokens in
+	// blocks of CheckpointTokens and held by no sequence (idle, evicted as any idle cached
+	// block). StartSequence then resumes a prompt with that prefix from a copy of the latest
+	// such checkpoint. Only with StateBytes, and not with a host tier (HostBlocks).
+	CheckpointTokens int
 	// BlockPadding is unused bytes at the end of every block, a multiple of 16, so that a page of
 	// whole granules holds whole blocks whatever a block's size (a layer group's arena, whose
 	// blocks are 4.3 MiB for DeepSeek's 61 MLA layers, pads them to 4.375 MiB: 16 to a 70 MiB
@@ -185,6 +192,9 @@ func (c Config) Validate() error {
 	if c.StateBytes > 0 {
 		return c.validateState()
 	}
+	if c.CheckpointTokens != 0 {
+		return &ConfigError{Field: "CheckpointTokens", Value: c.CheckpointTokens, Reason: "only a recurrent-state arena (StateBytes) keeps checkpoints"}
+	}
 	for _, f := range []struct {
 		name string
 		v    int
@@ -232,6 +242,13 @@ func (c Config) validateState() error {
 	}
 	if c.Window != 0 || c.Chunk != 0 || c.Sinks != 0 || c.KOnly || c.VHeadDim != 0 {
 		return &ConfigError{Field: "StateBytes", Value: c.StateBytes, Reason: "a recurrent state has no window, chunk, sinks or K/V layout"}
+	}
+	if c.CheckpointTokens < 0 || c.CheckpointTokens > MaxSequenceTokens {
+		return &ConfigError{Field: "CheckpointTokens", Value: c.CheckpointTokens, Reason: fmt.Sprintf("must lie in [0, %d]", MaxSequenceTokens)}
+	}
+	if c.CheckpointTokens > 0 && c.HostBlocks > 0 {
+		// A swap-in would find a sequence's state by its keys, which name checkpoints here.
+		return fmt.Errorf("kvcache config: %w: a host tier (HostBlocks %d) for a recurrent arena with checkpoints", ErrNotSupported, c.HostBlocks)
 	}
 	return c.validateArena()
 }

@@ -109,6 +109,14 @@ type LayerGroup struct {
 	BlockTokens int
 	// StateBytes is one layer's recurrent state per sequence (RecurrentState).
 	StateBytes uint64
+	// Checkpoints are the tokens between a recurrent group's checkpoints: copies of a
+	// sequence's state, kept in the group's arena so that a later prompt with the same prefix
+	// resumes from one (vLLM's "align" mode). 0 keeps none, and then a Hybrid with the group
+	// never finds a prefix hit. It must be a positive multiple of every attention group's
+	// BlockTokens, at most MaxSequenceTokens, and set on a RecurrentState group only. The
+	// runtime aligns its prefill chunks to it and calls Hybrid.MarkWritten at each multiple
+	// (see Hybrid). A checkpoint costs a whole state (Layers x StateBytes).
+	Checkpoints int
 	// KScales and VScales are the fp32 scales of each of the group's layers (in Layers' order)
 	// for an fp8 DType: a stored element is x/scale. They are required for fp8 (VScales empty
 	// for K only) and refused otherwise; the manager keeps them in device memory where the
@@ -186,12 +194,36 @@ func (g Geometry) Validate() error {
 		if err := grp.validate(bad); err != nil {
 			return err
 		}
+		if err := g.validateCheckpoints(grp, bad); err != nil {
+			return err
+		}
 	}
 	if len(owner) != g.Layers {
 		for l := range g.Layers {
 			if _, ok := owner[l]; !ok {
 				return &ConfigError{Field: "Geometry.Groups", Value: l, Reason: fmt.Sprintf("layer %d of %d is in no group", l, g.Layers)}
 			}
+		}
+	}
+	return nil
+}
+
+// validateCheckpoints checks grp's Checkpoints: a recurrent group's, in [0,
+// MaxSequenceTokens], and a multiple of every attention group's block, so that a checkpoint
+// lies on a block boundary of every group and a hit can end there.
+func (g Geometry) validateCheckpoints(grp LayerGroup, bad func(field string, v any, reason string, args ...any) error) error {
+	c := grp.Checkpoints
+	switch {
+	case c == 0:
+		return nil
+	case grp.Kind != RecurrentState:
+		return bad("Checkpoints", c, "only a recurrent group keeps checkpoints (this one is %s)", grp.Kind)
+	case c < 0 || c > MaxSequenceTokens:
+		return bad("Checkpoints", c, "must lie in [0, %d]", MaxSequenceTokens)
+	}
+	for j, o := range g.Groups {
+		if o.Kind != RecurrentState && o.BlockTokens > 0 && c%o.BlockTokens != 0 {
+			return bad("Checkpoints", c, "must be a multiple of group %d (%q)'s BlockTokens %d", j, o.Name, o.BlockTokens)
 		}
 	}
 	return nil
@@ -359,6 +391,12 @@ func deepSeek(name string) Geometry {
 // qwen3Next (80B-A3B): 48 layers, every fourth full attention (2 KV heads of 256), the other 36
 // Gated DeltaNet layers with a state of 32 heads x 128 x 128 bf16 (1 MiB) plus a convolution
 // state of 3 x (2 x 2,048 + 4,096) bf16 (48 KiB): 37.7 MiB a sequence over the 36 layers.
+//
+// Checkpoints stay 0. They work only when the runtime aligns its prefill chunks to them and
+// marks each one, so the runtime opts in. And one costs 37.7 MiB, the K/V of about 1,600 tokens
+// of the 12 attention layers (24 KiB a token): the interval trades memory for hit length, which
+// only the workload decides. Every 1,024 or 2,048 tokens keeps the checkpoints near the size of
+// the K/V they stand beside.
 func qwen3Next() Geometry {
 	full := func(i int) bool { return (i+1)%4 == 0 }
 	return Geometry{Model: "qwen3-next-80b-a3b", Layers: 48, Groups: []LayerGroup{

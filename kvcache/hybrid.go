@@ -49,8 +49,24 @@ type HybridConfig struct {
 //
 // A prefix hit is the longest length every group serves, in whole blocks of every group: a
 // group of full attention or MLA needs all its blocks of the prefix, a window or chunk group the
-// blocks its next token reads, and a recurrent group a state at that position, which it never
-// keeps yet (no checkpoints): with a recurrent group, nothing hits.
+// blocks its next token reads, and a recurrent group a state at that position. A recurrent
+// group keeps states only with LayerGroup.Checkpoints set; without, nothing hits.
+//
+// Checkpoints (vLLM's "align" mode): the runtime aligns its prefill chunks to Checkpoints and
+// calls MarkWritten(seq, n) once its kernels have produced the state after n tokens. At a
+// positive multiple of Checkpoints, for a keyed sequence, the recurrent group copies the live
+// state into a block of its own arena (a device copy) and caches it under the key of the first
+// n tokens, chained in blocks of Checkpoints tokens in the sequence's namespace. The copy is
+// held by no sequence and evicted as any idle cached block (PrefixCacheBytes, otherwise-free
+// memory). A mark off a multiple, or one that skips past a multiple, makes no checkpoint there:
+// a later hit is shorter, never wrong. No memory for a checkpoint skips it (counted in
+// PrefixStats.Checkpoints); a driver failure is an error and leaves every group as it was.
+// StartSequence then hits up to the latest cached checkpoint that every other group also
+// serves, and the recurrent group's sequence starts with a fresh state holding a copy of that
+// checkpoint, which stays cached. A start that cannot take or copy that state fails, and every
+// group is as it was. Fork, Truncate and FreeSequence leave checkpoints cached: they are
+// content-addressed. A recurrent group publishes no KV events: a checkpoint is no K/V block a
+// router could place.
 //
 // Safe for concurrent use: the groups share one lock, so a decode step across all of them takes
 // it once. The Hybrid owns its groups' managers and borrows the Device.
@@ -65,11 +81,13 @@ type Hybrid struct {
 	txs     []appendTx
 	scratch []int64
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
+	finders []hitFinder          // each group's lookups during a start
+	marks   []markTx             // each group's part of a MarkWritten
+	resumes []resumeTx           // each group's resumed state during a start
 
 	// chainOf[i] is the first group before group i with its block size (both attention
 	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
 	chainOf []int
-	finders []hitFinder // each group's lookups during a start
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -116,6 +134,8 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 			}
 		}
 	}
+	h.marks = make([]markTx, 0, len(h.groups))
+	h.resumes = make([]resumeTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
 	h.shareFeed()
 	return h, nil
@@ -158,7 +178,7 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 	case ChunkedAttention:
 		c.Chunk = g.Window
 	case RecurrentState:
-		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, Capacity: hc.Capacity,
+		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, CheckpointTokens: g.Checkpoints, Capacity: hc.Capacity, PrefixCacheBytes: hc.PrefixCacheBytes,
 			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
 			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark, KeyScheme: hc.KeyScheme}
 	}
@@ -388,7 +408,9 @@ func (h *Hybrid) keep(i int, dst [][]int64, out []int64) {
 }
 
 // MarkWritten marks the K/V of the sequence's first n tokens written in every group (see
-// Manager.MarkWritten): each group checks first, then all mark.
+// Manager.MarkWritten), and says that a recurrent group's state is the state after n tokens:
+// at a multiple of its Checkpoints it makes a checkpoint (see Hybrid). Each group checks and
+// prepares first (a checkpoint's copy), then all mark; a failure leaves every group as it was.
 func (h *Hybrid) MarkWritten(seq SeqID, n int) error {
 	if !h.made() {
 		return &SequenceError{Op: "mark written", Seq: seq, Err: errHybridNotMade}
@@ -400,9 +422,20 @@ func (h *Hybrid) MarkWritten(seq SeqID, n int) error {
 			return h.groupErr(i, err)
 		}
 	}
-	for _, m := range h.groups {
-		s, _ := m.checkMark(seq, n)
-		m.mark(s, n)
+	h.marks = h.marks[:0]
+	for i, m := range h.groups {
+		s, _ := m.seqs.Get(seq)
+		tx, err := m.prepareMark(s, n)
+		if err != nil {
+			for j := len(h.marks) - 1; j >= 0; j-- {
+				h.marks[j].abort()
+			}
+			return h.groupErr(i, err)
+		}
+		h.marks = append(h.marks, tx)
+	}
+	for _, tx := range h.marks {
+		tx.commit()
 	}
 	return nil
 }
@@ -411,7 +444,10 @@ func (h *Hybrid) MarkWritten(seq SeqID, n int) error {
 // cached: the longest prefix every group serves, in whole blocks of each (see Hybrid). The
 // runtime computes the rest and appends it with AppendTokenIDs. The prompt's keys are computed
 // once for each block size (Prompt.Keys, when given, for the first attention group's), and
-// each group looks up only the blocks it needs: a window the blocks its next token reads.
+// each group looks up only the blocks it needs: a window the blocks its next token reads, a
+// recurrent group its latest checkpoint. A recurrent group that cannot take or copy the
+// resumed state fails the start (a *GroupOpError wrapping a *BlocksError, ErrOutOfMemory or the
+// driver's error), and every group is as it was.
 func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if !h.made() {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: errHybridNotMade}
@@ -428,13 +464,13 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	keys := make([][]prefix.Key, len(h.groups))
 	keyer := prefix.NewKeyer(h.groups[0].cfg.KeyScheme)
 	for i, m := range h.groups {
-		bt := m.cfg.BlockTokens
+		bt := m.keyTokens()
 		roots[i] = keyer.Root(p.Namespace, bt)
-		if m.cfg.StateBytes > 0 {
+		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
 			continue
 		}
 		for j := range i {
-			if h.groups[j].cfg.BlockTokens == bt && keys[j] != nil {
+			if h.groups[j].keyTokens() == bt && keys[j] != nil {
 				keys[i] = keys[j]
 			}
 		}
@@ -456,8 +492,22 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 		h.finders[i].reset(m, keys[i])
 	}
 	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
+	h.resumes = h.resumes[:0]
+	for i, m := range h.groups { // the part that can fail: a recurrent group's resumed state
+		tx, err := m.prepareResume(seq, &h.finders[i], hit/m.keyTokens())
+		if err != nil {
+			for j := len(h.resumes) - 1; j >= 0; j-- {
+				h.resumes[j].abort()
+			}
+			return 0, h.groupErr(i, err)
+		}
+		h.resumes = append(h.resumes, tx)
+	}
 	for i, m := range h.groups {
-		if _, err := m.startFound(seq, p, roots[i], &h.finders[i], hit/m.cfg.BlockTokens); err != nil {
+		if _, err := m.startFound(seq, p, roots[i], &h.finders[i], hit/m.keyTokens(), h.resumes[i]); err != nil {
+			for _, tx := range h.resumes[i+1:] {
+				tx.abort()
+			}
 			for _, done := range h.groups[:i] {
 				s, _ := done.seqs.Get(seq)
 				done.free(s)
@@ -498,14 +548,14 @@ func promptKeys(keyer *prefix.Keyer, p Prompt, root prefix.Key, bt, keyBT int) [
 }
 
 // agree returns the longest hit, at most limit tokens, that every group serves in whole blocks
-// of its own: each group in turn shortens it until none does (vLLM's coordinator rule). The
-// lock is held and h.finders are reset for the prompt.
+// of its own (a recurrent group's checkpoint intervals): each group in turn shortens it until
+// none does (vLLM's coordinator rule). The lock is held and h.finders are reset for the prompt.
 func (h *Hybrid) agree(limit int) int {
 	hit := limit
 	for changed := true; changed && hit > 0; {
 		changed = false
 		for i, m := range h.groups {
-			bt := m.cfg.BlockTokens
+			bt := m.keyTokens()
 			if got := h.finders[i].serves(hit/bt) * bt; got < hit {
 				hit, changed = got, true
 			}

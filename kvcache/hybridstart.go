@@ -37,12 +37,17 @@ func (f *hitFinder) get(i int) int32 {
 
 // serves returns the largest hit, at most h blocks, the group can serve: the blocks its next
 // token reads (all of them for full attention; a window's or a chunk's, and the sink tokens'),
-// cached. A recurrent group serves none (it keeps no states at block boundaries).
+// cached. A recurrent group's "blocks" are its checkpoint intervals, and it serves up to the
+// latest cached checkpoint: one state is all it needs (none without checkpoints).
 func (f *hitFinder) serves(h int) int {
 	m := f.m
 	switch {
 	case m.cfg.StateBytes > 0:
-		return 0
+		h = min(h, len(f.keys))
+		for h > 0 && f.get(h-1) == NullBlock {
+			h--
+		}
+		return h
 	case !m.bounded():
 		if f.run < 0 {
 			f.run = 0
@@ -76,10 +81,14 @@ func (f *hitFinder) serves(h int) int {
 }
 
 // startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
-// blocks its next token reads and the sink tokens' are held, the others NullBlock. The lock is
-// held, checkStart passed and f.serves(h) == h.
-func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder, h int) (int, error) {
-	if m.cfg.StateBytes > 0 || h == 0 {
+// blocks its next token reads and the sink tokens' are held, the others NullBlock. A recurrent
+// group resumes from the checkpoint tx copied (startState). The lock is held, checkStart
+// passed, f.serves(h) == h and tx is prepareResume's for h; a failure aborts tx.
+func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder, h int, tx resumeTx) (int, error) {
+	if m.cfg.StateBytes > 0 {
+		return m.startState(seq, p, root, f, h, tx)
+	}
+	if h == 0 {
 		return m.start(seq, Prompt{Tokens: p.Tokens, Namespace: p.Namespace}, root, 0)
 	}
 	s, err := m.seqs.Add(seq)

@@ -89,6 +89,7 @@ type Manager struct {
 		swapOuts, swapIns                                  uint64
 		hostHitTokens, hostStored, hostEvictions           uint64
 		hostFailures                                       uint64
+		checkpoints, checkpointsSkipped, resumed           uint64 // PrefixStats.Checkpoints
 		implicit, unkeyed, repeated                        uint64 // Stats.Warnings
 	}
 	lastCopy  *Swap        // the newest copy between the tiers on stream 0 (hostcache.go)
@@ -745,7 +746,7 @@ func (m *Manager) truncate(s *sequence.Sequence, n int) {
 	s.Blocks = s.Blocks[:keep]
 	if s.Keyed {
 		s.IDs = s.IDs[:s.Tokens]
-		s.Keys = s.Keys[:min(len(s.Keys), s.Tokens/bt)]
+		s.Keys = s.Keys[:min(len(s.Keys), m.keyable(s))]
 	}
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()

@@ -52,6 +52,9 @@ type PrefixStats struct {
 	// Tiers are the stores below the host tier (Config.Tiers), in order. Their hits reach the
 	// device as host hits: HitTokens and HostHitTokens count them too.
 	Tiers []TierStats
+	// Checkpoints are a recurrent-state arena's checkpoints (Config.CheckpointTokens). They
+	// are its cached blocks, so Stored, Evictions, CachedBlocks and IdleBlocks count them too.
+	Checkpoints CheckpointStats
 }
 
 // StartSequence creates sequence seq for a prompt: it finds the longest prefix of the prompt's
@@ -61,6 +64,10 @@ type PrefixStats struct {
 // them with AppendTokenIDs. The last prompt token is never taken from the cache (as in vLLM), so
 // at most len(Tokens)-1 tokens, rounded down to whole blocks, are found.
 //
+// A recurrent-state arena with checkpoints (Config.CheckpointTokens) finds instead the latest
+// checkpoint of the prompt's prefix, and the sequence starts with a copy of it as its state
+// (Keys are then for blocks of CheckpointTokens). Without checkpoints it finds nothing.
+//
 // A sequence started here is keyed: as its blocks fill through AppendTokenIDs they become
 // cached. An existing seq is ErrSequenceExists; a prompt over MaxSequenceTokens, or Keys for
 // more blocks than Tokens has, a *CountError. It allocates nothing once the sequence's storage
@@ -69,7 +76,7 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if !m.made() {
 		return 0, notMade("start", seq)
 	}
-	bt := m.cfg.BlockTokens
+	bt := m.keyTokens()
 	if len(p.Tokens) > MaxSequenceTokens {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens}}
 	}
@@ -77,6 +84,9 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: full}}
 	}
 	root := m.keyer.Root(p.Namespace, bt) // outside the lock: it may hash, and changes nothing
+	if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens > 0 {
+		return m.startResume(seq, p, root)
+	}
 	m.fetchTiers(p, root, maxPromptBlocks(len(p.Tokens), bt))
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -235,8 +245,15 @@ func (m *Manager) checkRepeat(s *sequence.Sequence, n int) {
 }
 
 // keyable returns how many of s's leading blocks may be keyed and cached: its full blocks, or,
-// under WaitForWrites, the full blocks whose K/V the runtime has reported written.
+// under WaitForWrites, the full blocks whose K/V the runtime has reported written. In a
+// recurrent arena it is how many checkpoint keys s keeps: its written tokens' (checkpoint.go).
 func (m *Manager) keyable(s *sequence.Sequence) int {
+	if m.cfg.StateBytes > 0 { // a live state is never cached: only checkpoints, up to the mark
+		if m.cfg.CheckpointTokens == 0 {
+			return 0
+		}
+		return min(s.Written, s.Tokens) / m.cfg.CheckpointTokens
+	}
 	n := s.Tokens
 	if m.cfg.WaitForWrites {
 		n = min(n, s.Written)
@@ -250,6 +267,12 @@ func (m *Manager) keyable(s *sequence.Sequence) int {
 // sequences only up to n; without it the call only records n. Reporting fewer tokens than
 // before changes nothing (the mark only moves forward until Truncate cuts it).
 //
+// In a recurrent-state arena with checkpoints (Config.CheckpointTokens) the call also says that
+// the sequence's state is the state after exactly n tokens: at a positive multiple of
+// CheckpointTokens, a keyed sequence's state is copied into a checkpoint (checkpoint.go) unless
+// one with its key is cached. With no memory for it the checkpoint is skipped and counted
+// (CheckpointStats.Skipped); a driver failure is an error.
+//
 // An n outside [0, Len] is a *CountError, a swapped sequence ErrSwapped; either leaves
 // everything as it was. It allocates nothing unless a subscriber listens for events.
 func (m *Manager) MarkWritten(seq SeqID, n int) error {
@@ -262,7 +285,11 @@ func (m *Manager) MarkWritten(seq SeqID, n int) error {
 	if err != nil {
 		return err
 	}
-	m.mark(s, n)
+	tx, err := m.prepareMark(s, n)
+	if err != nil {
+		return err
+	}
+	tx.commit()
 	return nil
 }
 
@@ -285,19 +312,10 @@ func (m *Manager) checkMark(seq SeqID, n int) (*sequence.Sequence, error) {
 	return s, nil
 }
 
-// mark moves s's written mark to n and caches the blocks that became written; checkMark passed.
-func (m *Manager) mark(s *sequence.Sequence, n int) {
-	s.Written = max(s.Written, n)
-	if s.Keyed && m.keyable(s) > len(s.Keys) {
-		m.storeBlocks(s)
-		m.publish()
-	}
-}
-
 // rootZero returns the root of the zero Namespace, computed once.
 func (m *Manager) rootZero() prefix.Key {
 	if !m.rootSet {
-		m.root0, m.rootSet = m.keyer.Root(prefix.Namespace{}, m.cfg.BlockTokens), true
+		m.root0, m.rootSet = m.keyer.Root(prefix.Namespace{}, m.keyTokens()), true
 	}
 	return m.root0
 }
@@ -353,7 +371,7 @@ func (m *Manager) emitStored(s *sequence.Sequence, from, to int) {
 
 // emitStoredOn queues a BlockStored event for blocks [from, to) of s, stored on medium.
 func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string) {
-	if !m.feed.Active() {
+	if !m.publishes() {
 		return
 	}
 	bt := m.cfg.BlockTokens
@@ -367,6 +385,12 @@ func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string
 	}))
 }
 
+// publishes reports whether the manager queues block events now: a subscriber listens, and
+// its blocks are K/V. A recurrent arena's cached blocks are checkpoints of states, which no
+// router can place as it places K/V blocks (vLLM publishes no mamba blocks for routers either),
+// so it publishes none.
+func (m *Manager) publishes() bool { return m.feed.Active() && m.cfg.StateBytes == 0 }
+
 // emitRemoved queues a BlockRemoved event for key k, joining it to the previous one when that
 // is a BlockRemoved too.
 func (m *Manager) emitRemoved(k prefix.Key) { m.emitRemovedOn(k, prefix.MediumGPU) }
@@ -374,7 +398,7 @@ func (m *Manager) emitRemoved(k prefix.Key) { m.emitRemovedOn(k, prefix.MediumGP
 // emitRemovedOn queues a BlockRemoved event for key k leaving medium, joining it to the
 // previous event when that is a BlockRemoved on the same medium.
 func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
-	if !m.feed.Active() {
+	if !m.publishes() {
 		return
 	}
 	if n := len(m.pending); n > m.committed && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
@@ -618,7 +642,7 @@ func (m *Manager) dropCacheLocked() int {
 	for _, b := range held {
 		a.uncache(b)
 	}
-	if m.feed.Active() && len(idle)+len(held) > 0 {
+	if m.publishes() && len(idle)+len(held) > 0 {
 		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
 	}
 	m.publish()

@@ -99,6 +99,7 @@ func (m *Manager) Stats() Stats {
 		HostHitTokens:  m.counters.hostHitTokens, HostStored: m.counters.hostStored, HostEvictions: m.counters.hostEvictions,
 		Tiers:        m.tierStats(),
 		HostFailures: m.counters.hostFailures,
+		Checkpoints:  CheckpointStats{Made: m.counters.checkpoints, Skipped: m.counters.checkpointsSkipped, Resumed: m.counters.resumed},
 	}
 	if m.host != nil {
 		s.Prefix.HostCachedBlocks = m.host.cache.Len()

@@ -16,8 +16,9 @@ import (
 // counts, bitmap and index membership agree with its blocks; the free, partial, unmapped and
 // cache-only indexes hold exactly the pages in those states; the pages the arena counts as
 // mapped are exactly the pages the pool has mapped; the key index and the blocks' entries agree
-// both ways; and every keyed sequence's ids hash to its keys, with each of its cached blocks
-// cached under the key of the content it holds. It waits for the reserve goroutine to finish a
+// both ways; every keyed sequence's ids hash to its keys, with each of its cached blocks
+// cached under the key of the content it holds; and a recurrent arena's cached blocks (its
+// checkpoints) are held by no sequence. It waits for the reserve goroutine to finish a
 // cycle. Tests call it after every step; it costs O(blocks + pages + keyed tokens).
 func (m *Manager) Verify() error {
 	if !m.made() {
@@ -137,6 +138,9 @@ func (m *Manager) Verify() error {
 				if e.Idle() != (refs[b] == 0) {
 					bad("block %d: entry idle %v with %d holders", b, e.Idle(), refs[b])
 				}
+				if m.cfg.StateBytes > 0 && refs[b] != 0 {
+					bad("block %d: a recurrent arena caches only checkpoints, which no sequence holds, but %d do", b, refs[b])
+				}
 			}
 			switch {
 			case isFree:
@@ -250,7 +254,7 @@ func (m *Manager) Verify() error {
 // (A partial tail may be cached: a truncation cut into it, and it leaves the cache when it is
 // written.)
 func (m *Manager) verifyKeys(s *sequence.Sequence, keyer *prefix.Keyer, bad func(string, ...any)) {
-	bt := m.cfg.BlockTokens
+	bt := m.keyTokens()
 	if !s.Keyed {
 		return
 	}
@@ -264,8 +268,9 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, keyer *prefix.Keyer, bad func
 			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
 			return
 		}
-		if s.Blocks[i] == NullBlock || m.host.has(s.Blocks[i]) {
-			// dropped, or a host block, which is not cached: swapped-out content leaves the cache's reach
+		if m.cfg.StateBytes > 0 || s.Blocks[i] == NullBlock || m.host.has(s.Blocks[i]) {
+			// checkpoint keys, which name no block of s; dropped; or a host block, which is not
+			// cached: swapped-out content leaves the cache's reach
 		} else if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
 			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
 		}
