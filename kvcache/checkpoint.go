@@ -216,7 +216,7 @@ func (m *Manager) startState(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 // latest checkpoint of p's prefix (at most all but its last token). root is the namespace's.
 func (m *Manager) startResume(seq SeqID, p Prompt, root prefix.Key) (int, error) {
 	ct := m.cfg.CheckpointTokens
-	keys := promptKeys(prefix.NewKeyer(m.cfg.KeyScheme), p, root, ct, ct) // outside the lock: hashing
+	keys := promptKeys(prefix.NewKeyer(m.cfg.KeyScheme), p, root, ct, ct, nil) // outside the lock: hashing
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.checkStart(seq); err != nil {

@@ -88,6 +88,8 @@ type Hybrid struct {
 	// chainOf[i] is the first group before group i with its block size (both attention
 	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
 	chainOf []int
+
+	starts sync.Pool // *startScratch: what StartSequence computes outside the lock
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -460,12 +462,13 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / keyBT}}
 	}
 	// Outside the lock: hashing. One key chain for each block size.
-	roots := make([]prefix.Key, len(h.groups))
-	keys := make([][]prefix.Key, len(h.groups))
-	keyer := prefix.NewKeyer(h.groups[0].cfg.KeyScheme)
+	sc := h.startScratch()
+	defer h.starts.Put(sc)
+	roots, keys := sc.roots, sc.keys
 	for i, m := range h.groups {
 		bt := m.keyTokens()
-		roots[i] = keyer.Root(p.Namespace, bt)
+		roots[i] = sc.keyer.Root(p.Namespace, bt)
+		keys[i] = nil
 		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
 			continue
 		}
@@ -475,11 +478,13 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			}
 		}
 		if keys[i] == nil {
-			keys[i] = promptKeys(keyer, p, roots[i], bt, keyBT)
+			keys[i] = promptKeys(sc.keyer, p, roots[i], bt, keyBT, sc.bufs[i][:0])
+			sc.bufs[i] = keys[i][:0]
 		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	defer h.forgetKeys() // the scratch goes back to the pool
 	for i, m := range h.groups {
 		if err := m.checkStart(seq); err != nil {
 			return 0, h.groupErr(i, err)
@@ -518,6 +523,34 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	return hit, nil
 }
 
+// startScratch is what a start computes outside the lock: each group's root and key chain, the
+// chains' storage and the keyer that hashes them. Starts take one from the Hybrid's pool and
+// put it back, so that a start allocates nothing once warm.
+type startScratch struct {
+	keyer *prefix.Keyer
+	roots []prefix.Key
+	keys  [][]prefix.Key // each group's chain: in bufs, in the Prompt's Keys, or nil
+	bufs  [][]prefix.Key
+}
+
+// startScratch returns a start's scratch from the pool, or a new one.
+func (h *Hybrid) startScratch() *startScratch {
+	if sc, ok := h.starts.Get().(*startScratch); ok {
+		return sc
+	}
+	n := len(h.groups)
+	return &startScratch{keyer: prefix.NewKeyer(h.groups[0].cfg.KeyScheme), roots: make([]prefix.Key, n),
+		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n)}
+}
+
+// forgetKeys drops the finders' references to a start's key chains (the scratch's, which the
+// pool hands to the next start, and the caller's Prompt.Keys). The lock is held.
+func (h *Hybrid) forgetKeys() {
+	for i := range h.finders {
+		h.finders[i].keys = nil
+	}
+}
+
 // keyBlockTokens is the block size Prompt.Keys are taken to be for: the first attention group's.
 func (h *Hybrid) keyBlockTokens() int {
 	for _, g := range h.geom.Groups {
@@ -530,9 +563,14 @@ func (h *Hybrid) keyBlockTokens() int {
 
 // promptKeys returns the keys of p's whole blocks of bt tokens (root: the namespace's), at most
 // all but the last token's: p.Keys where they are for this block size, hashed beyond them.
-func promptKeys(keyer *prefix.Keyer, p Prompt, root prefix.Key, bt, keyBT int) []prefix.Key {
+// The chain goes into buf (grown where short), unless p.Keys hold it whole: then it is p.Keys,
+// which nothing writes.
+func promptKeys(keyer *prefix.Keyer, p Prompt, root prefix.Key, bt, keyBT int, buf []prefix.Key) []prefix.Key {
 	n := maxPromptBlocks(len(p.Tokens), bt)
-	out := make([]prefix.Key, 0, n)
+	if bt == keyBT && len(p.Keys) >= n {
+		return p.Keys[:n:n]
+	}
+	out := buf[:0]
 	if bt == keyBT {
 		out = append(out, p.Keys[:min(len(p.Keys), n)]...)
 	}

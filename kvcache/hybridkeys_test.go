@@ -76,3 +76,27 @@ func TestHybridGroupsShareTheKeyChain(t *testing.T) {
 		require.NoError(t, h.Close())
 	}
 }
+
+// A start of a cached prompt allocates nothing once warm, with the prompt's keys given and
+// hashed: its chains go into scratch the Hybrid keeps (a hot path, as one manager's start is).
+func TestHybridStartAllocatesNothing(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	h := newHybrid(t, dev, smallHybrid(false))
+	p := promptOf(512, 4)
+	_, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	require.NoError(t, h.FreeSequence(1))
+	for _, prompt := range []kvcache.Prompt{{Tokens: p}, {Tokens: p, Keys: prefix.Keys(nil, prefix.Namespace{}, 16, p)}} {
+		start := func() { // no testify inside: boxing the hit to compare it would allocate
+			hit, err := h.StartSequence(2, prompt)
+			if err != nil || hit != 480 { // the last token is computed: the MLA group's 32-token blocks end the hit at 480
+				t.Fatalf("start: hit %d, want 480: %v", hit, err)
+			}
+			if err := h.FreeSequence(2); err != nil {
+				t.Fatal(err)
+			}
+		}
+		start()
+		require.Zero(t, testing.AllocsPerRun(50, start), "keys given: %v", prompt.Keys != nil)
+	}
+}
