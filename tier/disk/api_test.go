@@ -18,6 +18,12 @@ import (
 // what it holds as they were.
 func TestAPIProperty(t *testing.T) {
 	const blockBytes = 4096
+	pkg, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(t.TempDir()) // the generic strings ("x") are relative directories that Open creates
+
 	opt := disk.Options{Fingerprint: tier.Fingerprint{7}, BlockBytes: blockBytes, LimitBytes: 1 << 20}
 	store := func(closed bool) apitest.Maker {
 		return func() apitest.Object {
@@ -53,7 +59,7 @@ func TestAPIProperty(t *testing.T) {
 	cancelled, cancel := context.WithCancel(context.Background())
 	cancel()
 	s := &apitest.Suite{
-		Dir:   ".",
+		Dir:   pkg,
 		Funcs: []any{disk.Open},
 		Types: []any{(*disk.Store)(nil), disk.Mode(0), (*disk.ArgumentError)(nil), (*disk.SizeError)(nil), (*disk.FitError)(nil)},
 		Values: func(ty reflect.Type) []apitest.Maker {
