@@ -77,6 +77,24 @@ func apiValues(t reflect.Type) []apitest.Maker {
 			}
 		}
 		return []apitest.Maker{pool(false), pool(true)}
+	case reflect.TypeFor[*kvcache.Hybrid]():
+		hybrid := func(closed bool) apitest.Maker {
+			return func() apitest.Object {
+				dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+				if err != nil {
+					panic(err)
+				}
+				h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: hybridGeometry(), Limit: 64 << 20, Capacity: 16 << 20, NoBackground: true})
+				if err != nil {
+					panic(err)
+				}
+				if closed {
+					h.Close()
+				}
+				return apitest.Object{V: reflect.ValueOf(h), Close: func() error { h.Close(); return dev.Close() }}
+			}
+		}
+		return []apitest.Maker{hybrid(false), hybrid(true)}
 	case reflect.TypeFor[*ledger.Ledger]():
 		led := func(closed bool) apitest.Maker {
 			return func() apitest.Object {

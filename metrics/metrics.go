@@ -1,5 +1,5 @@
 // Package metrics exports pagedkv's figures to Prometheus: a Collector over managers, shared
-// pools and ledgers, registered like any other (prometheus.MustRegister, or a Registry of your
+// pools, hybrid caches and ledgers, registered like any other (prometheus.MustRegister, or a Registry of your
 // own), with the usual names (pagedkv_mapped_bytes, pagedkv_prefix_hit_tokens_total, ...).
 //
 // It lives apart so that importing kvcache never pulls in the Prometheus client. A scrape reads
@@ -30,12 +30,14 @@ type Collector struct {
 	mu       sync.Mutex
 	managers map[string]*kvcache.Manager
 	pools    map[string]*kvcache.SharedPool
+	hybrids  map[string]*kvcache.Hybrid
 	ledgers  map[string]*ledger.Ledger
 }
 
 // NewCollector returns an empty collector.
 func NewCollector() *Collector {
-	return &Collector{managers: map[string]*kvcache.Manager{}, pools: map[string]*kvcache.SharedPool{}, ledgers: map[string]*ledger.Ledger{}}
+	return &Collector{managers: map[string]*kvcache.Manager{}, pools: map[string]*kvcache.SharedPool{},
+		hybrids: map[string]*kvcache.Hybrid{}, ledgers: map[string]*ledger.Ledger{}}
 }
 
 // add puts an object under name, a label value (model, pool or ledger, as what says), after
@@ -63,8 +65,9 @@ func (c *Collector) add(what, name string, nilObj bool, put func()) error {
 func (c *Collector) has(name string) bool {
 	_, m := c.managers[name]
 	_, p := c.pools[name]
+	_, h := c.hybrids[name]
 	_, l := c.ledgers[name]
-	return m || p || l
+	return m || p || h || l
 }
 
 // AddManager exports a manager's Stats under model=name.
@@ -76,6 +79,13 @@ func (c *Collector) AddManager(name string, m *kvcache.Manager) error {
 // Stats under model=<the model's name>, pool=name.
 func (c *Collector) AddSharedPool(name string, p *kvcache.SharedPool) error {
 	return c.add("pool", name, p == nil, func() { c.pools[name] = p })
+}
+
+// AddHybrid exports each layer group of a hybrid cache as a model of a pool named name:
+// model=<the group's Name, or group-<index> when it has none>, pool=name (a Hybrid's groups
+// share one budget, as a pool's models do).
+func (c *Collector) AddHybrid(name string, h *kvcache.Hybrid) error {
+	return c.add("hybrid", name, h == nil, func() { c.hybrids[name] = h })
 }
 
 // AddLedger exports a ledger's limit and each member's mapped bytes (all processes) under
@@ -96,6 +106,7 @@ func (c *Collector) Remove(name string) error {
 	}
 	delete(c.managers, name)
 	delete(c.pools, name)
+	delete(c.hybrids, name)
 	delete(c.ledgers, name)
 	return nil
 }
@@ -176,6 +187,10 @@ var managerDescs = slices.Concat(
 		"unkeyed_append":    func(s *kvcache.Stats) float64 { return float64(s.Warnings.UnkeyedAppends) },
 		"repeated_prompt":   func(s *kvcache.Stats) float64 { return float64(s.Warnings.RepeatedPrompts) },
 	}),
+	labelled(prometheus.CounterValue, "pagedkv_checkpoints_total", "A recurrent-state group's checkpoints (kvcache.CheckpointStats): made by MarkWritten, skipped for want of memory, and starts resumed from one.", "outcome", map[string]func(s *kvcache.Stats) float64{
+		"made": func(s *kvcache.Stats) float64 { return float64(s.Prefix.Checkpoints.Made) }, "skipped": func(s *kvcache.Stats) float64 { return float64(s.Prefix.Checkpoints.Skipped) },
+		"resumed": func(s *kvcache.Stats) float64 { return float64(s.Prefix.Checkpoints.Resumed) },
+	}),
 	labelled(prometheus.GaugeValue, "pagedkv_host_blocks", "Blocks of the host tier: all, and the free, swapped-out and cached ones, which add up to all.", "state", map[string]func(s *kvcache.Stats) float64{
 		"total": func(s *kvcache.Stats) float64 { return float64(s.HostBlocks) }, "free": func(s *kvcache.Stats) float64 { return float64(s.HostFreeBlocks) },
 		"swapped": func(s *kvcache.Stats) float64 { return float64(s.HostSwappedBlocks) }, "cached": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HostCachedBlocks) },
@@ -244,7 +259,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	c.mu.Lock()
-	managers, pools, ledgers := maps.Clone(c.managers), maps.Clone(c.pools), maps.Clone(c.ledgers)
+	managers, pools, hybrids, ledgers := maps.Clone(c.managers), maps.Clone(c.pools), maps.Clone(c.hybrids), maps.Clone(c.ledgers)
 	c.mu.Unlock()
 	emit := func(model, pool string, s *kvcache.Stats) {
 		for _, d := range managerDescs {
@@ -269,6 +284,17 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(poolUsed, prometheus.GaugeValue, float64(st.Used), name)
 		for i := range st.Models {
 			emit(st.Models[i].Name, name, &st.Models[i].Stats)
+		}
+	}
+	for name, h := range hybrids {
+		st := h.Stats() // a closed Hybrid reports nothing
+		groups := h.Geometry().Groups
+		for i := range st.Groups {
+			model := "group-" + strconv.Itoa(i)
+			if i < len(groups) && names.Check("model", groups[i].Name) == nil {
+				model = groups[i].Name
+			}
+			emit(model, name, &st.Groups[i])
 		}
 	}
 	for name, l := range ledgers {

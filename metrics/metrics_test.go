@@ -198,3 +198,63 @@ pagedkv_host_blocks{model="llama",pool="",state="total"} 64
 `, st.Prefix.HostCachedBlocks, 64-st.Prefix.HostCachedBlocks)
 	require.NoError(t, testutil.CollectAndCompare(col, strings.NewReader(host), "pagedkv_host_blocks"))
 }
+
+// hybridGeometry is a small hybrid model: full attention, a sliding window and a recurrent
+// state with checkpoints every 32 tokens.
+func hybridGeometry() kvcache.Geometry {
+	return kvcache.Geometry{Model: "tiny-hybrid", Layers: 3, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Name: "window", Layers: []int{1}, Kind: kvcache.SlidingWindow, Window: 32, KVHeads: 1, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Name: "state", Layers: []int{2}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 32},
+	}}
+}
+
+// A Hybrid's groups are models of a pool named for it, each with every series of a manager,
+// the recurrent group's checkpoints among them.
+func TestHybridSeries(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer dev.Close()
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: hybridGeometry(), Limit: 64 << 20, Capacity: 16 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer h.Close()
+	ids := make([]kvcache.TokenID, 40)
+	for i := range ids {
+		ids[i] = kvcache.TokenID(i + 1)
+	}
+	_, err = h.AppendTokenIDs(1, ids[:32], make([][]int64, 3))
+	require.NoError(t, err)
+	require.NoError(t, h.MarkWritten(1, 32)) // a checkpoint at 32 tokens
+	_, err = h.AppendTokenIDs(1, ids[32:], make([][]int64, 3))
+	require.NoError(t, err)
+
+	c := metrics.NewCollector()
+	require.NoError(t, c.AddHybrid("gpt-hybrid", h))
+	require.ErrorIs(t, c.AddManager("gpt-hybrid", h.Group(0)), kvcache.ErrExists, "one name, one object")
+	problems, err := testutil.CollectAndLint(c)
+	require.NoError(t, err)
+	require.Empty(t, problems)
+	st := h.Stats()
+	want := fmt.Sprintf(`
+# HELP pagedkv_mapped_bytes Physical memory the manager's arena has mapped.
+# TYPE pagedkv_mapped_bytes gauge
+pagedkv_mapped_bytes{model="full",pool="gpt-hybrid"} %d
+pagedkv_mapped_bytes{model="state",pool="gpt-hybrid"} %d
+pagedkv_mapped_bytes{model="window",pool="gpt-hybrid"} %d
+# HELP pagedkv_checkpoints_total A recurrent-state group's checkpoints (kvcache.CheckpointStats): made by MarkWritten, skipped for want of memory, and starts resumed from one.
+# TYPE pagedkv_checkpoints_total counter
+pagedkv_checkpoints_total{model="full",outcome="made",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="full",outcome="resumed",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="full",outcome="skipped",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="state",outcome="made",pool="gpt-hybrid"} 1
+pagedkv_checkpoints_total{model="state",outcome="resumed",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="state",outcome="skipped",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="window",outcome="made",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="window",outcome="resumed",pool="gpt-hybrid"} 0
+pagedkv_checkpoints_total{model="window",outcome="skipped",pool="gpt-hybrid"} 0
+`, st.Groups[0].MappedBytes, st.Groups[2].MappedBytes, st.Groups[1].MappedBytes)
+	require.NotZero(t, st.Groups[1].MappedBytes)
+	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(want), "pagedkv_mapped_bytes", "pagedkv_checkpoints_total"))
+	require.NoError(t, c.Remove("gpt-hybrid"))
+	require.Zero(t, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+}
