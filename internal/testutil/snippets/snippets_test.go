@@ -68,6 +68,7 @@ var (
 	dev, gpu0, gpu1 vmm.Device
 	m               *kvcache.Manager
 	sp              *kvcache.SharedPool
+	h               *kvcache.Hybrid
 	l               *ledger.Ledger
 	cfg, cfgA, cfgB kvcache.Config
 
