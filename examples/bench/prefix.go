@@ -101,7 +101,7 @@ func benchPrefix(_ vmm.Device, scale int) ([]Table, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []Table{t, hot}, nil
+	return append([]Table{t}, hot...), nil
 }
 
 // prefixHotPaths times the prefix cache's hot paths, each beside a yardstick measured in the
@@ -170,9 +170,10 @@ func inTurn(fn, yard func(*testing.B)) (ns, yns float64, allocs, yallocs int64, 
 // (the decode step's +38 ns/token became +55 to +63 on the 2-core development machine).
 const hotChildEnv = "PAGEDKV_BENCH_HOT_CHILD"
 
-// hotPathsApart runs prefixHotPaths in a process of its own and returns its table.
-func hotPathsApart() (Table, error) {
-	var t Table
+// hotPathsApart runs prefixHotPaths and hybridHotPaths in a process of their own and returns
+// their tables.
+func hotPathsApart() ([]Table, error) {
+	var t []Table
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), hotChildEnv+"=1")
 	cmd.Stderr = os.Stderr
@@ -186,7 +187,7 @@ func hotPathsApart() (Table, error) {
 	return t, nil
 }
 
-// hotChild measures the hot paths and writes their table to standard output, when the process
+// hotChild measures the hot paths and writes their tables to standard output, when the process
 // was started as hotPathsApart's child; it reports whether it was.
 func hotChild() (bool, error) {
 	if os.Getenv(hotChildEnv) == "" {
@@ -196,5 +197,41 @@ func hotChild() (bool, error) {
 	if err != nil {
 		return true, err
 	}
-	return true, json.NewEncoder(os.Stdout).Encode(t)
+	h, err := hybridHotPaths()
+	if err != nil {
+		return true, err
+	}
+	return true, json.NewEncoder(os.Stdout).Encode([]Table{t, h})
+}
+
+// hybridHotPaths times a Hybrid's hot paths (kvbench.HybridGeometry: full attention, a
+// 128-token window and 8,192-token chunks, 16-token blocks) beside the same operation on one
+// full-attention manager, in turn, in the same run.
+func hybridHotPaths() (Table, error) {
+	t := Table{
+		Title: "Hybrid hot paths (host backend): three layer groups against one",
+		Note: "The decode step of 256 sequences (kvbench.HybridDecode: AppendTokens of one token in every group, the window dropping a block " +
+			"every 16 tokens; with ids, every block keyed and cached, the groups of one block size sharing one key chain) and the start of a " +
+			"cached 4,096-token prompt, on a Hybrid of three groups (full, a 128-token window, 8,192-token chunks) against the same on one " +
+			fmt.Sprintf("full-attention manager. Each runs in turn with its yardstick %d times; medians. Target: at most 2x.", hotRounds),
+		Columns: []string{"operation", "three groups", "one group", "ratio", "target", "allocs/op"},
+	}
+	for _, c := range []struct {
+		name, unit string
+		div        float64
+		fn, yard   func(*testing.B)
+	}{
+		{"decode step", "ns/token", 1, kvbench.HybridDecode, func(b *testing.B) { kvbench.Decode(b, 0, false) }},
+		{"decode step with ids", "ns/token", 1, kvbench.HybridDecodeIDs, func(b *testing.B) { kvbench.Decode(b, 0, true) }},
+		{"start, keys given", "us", 1e3, func(b *testing.B) { kvbench.HybridStartCached(b, true) }, func(b *testing.B) { kvbench.StartCached(b, true) }},
+		{"start, hashing", "us", 1e3, func(b *testing.B) { kvbench.HybridStartCached(b, false) }, func(b *testing.B) { kvbench.StartCached(b, false) }},
+	} {
+		ns, yns, allocs, _, err := inTurn(c.fn, c.yard)
+		if err != nil {
+			return t, err
+		}
+		t.Rows = append(t.Rows, []string{c.name, fmt.Sprintf("%.1f %s", ns/c.div, c.unit), fmt.Sprintf("%.1f %s", yns/c.div, c.unit),
+			fmt.Sprintf("%.2f", ns/yns), "<= 2.0", fmt.Sprint(allocs)})
+	}
+	return t, nil
 }
