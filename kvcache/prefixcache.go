@@ -418,7 +418,9 @@ func (m *Manager) publish() {
 	}
 	if len(m.pending) < holdEvents && m.feed.Waiting() {
 		m.committed = len(m.pending)
-		m.holding.Store(true)
+		if !m.holding.Load() { // a store is a full barrier on amd64: it waited for the event's writes
+			m.holding.Store(true)
+		}
 		return
 	}
 	m.flushEvents()
@@ -438,7 +440,9 @@ func (m *Manager) flushEvents() {
 	clear(m.pending)
 	m.pending = m.pending[:0]
 	m.committed = 0
-	m.holding.Store(false)
+	if m.holding.Load() {
+		m.holding.Store(false)
+	}
 }
 
 // pullEvents is the feed's pull: a subscriber's Read takes the events publish held back. It
