@@ -1,0 +1,165 @@
+package kvcache_test
+
+import (
+	"errors"
+	"maps"
+	"slices"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+)
+
+// hybridState is what a caller sees of a Hybrid: each group's counts and each sequence's
+// length and blocks. A failed call must leave it as it was.
+type hybridState struct {
+	groups []string
+	seqs   map[kvcache.SeqID]string
+}
+
+func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybridState {
+	st := hybridState{seqs: map[kvcache.SeqID]string{}}
+	for g := range h.Groups() {
+		s := h.Group(g).Stats()
+		st.groups = append(st.groups, fmtState(s.Sequences, s.LiveBlocks, s.MappedPages, s.Prefix.CachedBlocks, s.Prefix.IdleBlocks))
+	}
+	for _, seq := range seqs {
+		n, err := h.Len(seq)
+		if err != nil {
+			continue
+		}
+		var b []int32
+		for g := range h.Groups() {
+			b, err = h.Group(g).Blocks(seq, b)
+			require.NoError(t, err)
+			b = append(b, -7) // a separator between groups
+		}
+		st.seqs[seq] = fmtState(n, len(b)) + fmtBlocks(b)
+	}
+	return st
+}
+
+func fmtState(xs ...int) string {
+	var out []byte
+	for _, x := range xs {
+		out = append(out, byte(x), byte(x>>8), byte(x>>16), byte(x>>24), ',')
+	}
+	return string(out)
+}
+
+func fmtBlocks(b []int32) string {
+	xs := make([]int, len(b))
+	for i, v := range b {
+		xs[i] = int(v)
+	}
+	return fmtState(xs...)
+}
+
+// FuzzHybrid drives a Hybrid of every group kind (full attention, a window with sinks, chunks,
+// an MLA latent in 32-token blocks, a recurrent state with checkpoints every 32 tokens) under a
+// tight limit through random starts on shared prefixes, appends with and without ids, marks,
+// forks, truncations, frees and compactions. After every step Verify holds (each group's
+// invariants, keys and checkpoints); a call that fails leaves every group and sequence exactly
+// as it was; and at the end every token each attention group still holds reads back through
+// its table.
+func FuzzHybrid(f *testing.F) {
+	f.Add([]byte{0, 1, 40, 1, 1, 3, 4, 1, 32, 5, 1, 2, 0, 2, 40, 2, 2, 9, 7, 0, 0})
+	f.Add([]byte{2, 1, 200, 4, 1, 64, 0, 2, 100, 6, 1, 0, 3, 2, 17, 8, 0, 0, 0, 3, 250})
+	f.Add([]byte{1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 7, 0, 0, 5, 0, 9, 6, 0, 1})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		dev := hostDevice(t, 64<<10)
+		g := smallHybrid(true)
+		g.Groups[4].Checkpoints = 32
+		limit := uint64(1 << 20) // a page or two for each group: appends run out of memory, in any group
+		if len(ops)%2 == 1 {
+			limit = 3 << 20
+		}
+		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: limit, Capacity: 16 << 20, NoBackground: true,
+			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0})
+		require.NoError(t, err)
+		defer func() { require.NoError(t, h.Close()) }()
+		d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+		bases := [][]kvcache.TokenID{promptOf(300, 1), promptOf(300, 2)}
+		all := []kvcache.SeqID{0, 1, 2, 3, 4, 5, 6, 7}
+		dst := make([][]int64, h.Groups())
+		for i := 0; i+2 < len(ops) && i < 3*200; i += 3 {
+			op, seq, x := ops[i]%10, kvcache.SeqID(ops[i+1]%8), int(ops[i+2])
+			for j := range dst {
+				dst[j] = dst[j][:0]
+			}
+			before := hybridStateOf(t, h, all)
+			from, _ := h.Len(seq)
+			var err error
+			switch op {
+			case 0: // start on a shared prefix
+				p := bases[x%2][:1+x]
+				var hit int
+				hit, err = h.StartSequence(seq, kvcache.Prompt{Tokens: p, Namespace: prefix.Namespace{Adapter: uint64(x % 3 / 2)}})
+				if err == nil {
+					d.val[seq] = d.val[seq][:0]
+					for range hit { // what the hit holds was written by an earlier sequence: take no claim on it
+						d.val[seq] = append(d.val[seq], 0)
+					}
+				}
+			case 1, 2: // count appends; 2: decode steps
+				n := x
+				if op == 2 {
+					n = 1
+				}
+				dst, err = h.AppendTokens(seq, n, dst)
+			case 3, 4: // appends with ids from a small alphabet, so that blocks repeat
+				n := 1 + x%40
+				if op == 4 {
+					n = 1
+				}
+				ids := make([]kvcache.TokenID, n)
+				for k := range ids {
+					ids[k] = kvcache.TokenID((x + k) % 5)
+				}
+				dst, err = h.AppendTokenIDs(seq, ids, dst)
+			case 5:
+				err = h.MarkWritten(seq, x)
+			case 6:
+				err = h.Fork(seq, kvcache.SeqID(x%8))
+				if err == nil {
+					d.val[kvcache.SeqID(x%8)] = slices.Clone(d.val[seq])
+				}
+			case 7:
+				err = h.Truncate(seq, x%(from+1))
+				if err == nil {
+					d.val[seq] = d.val[seq][:from-x%(from+1)]
+				}
+			case 8:
+				err = h.FreeSequence(seq)
+				if err == nil {
+					delete(d.val, seq)
+				}
+			case 9:
+				_, err = h.Compact(kvcache.CompactOptions{})
+			}
+			if err != nil {
+				var ce *kvcache.CountError
+				require.True(t, errors.Is(err, kvcache.ErrOutOfMemory) || errors.Is(err, kvcache.ErrUnknownSequence) ||
+					errors.Is(err, kvcache.ErrSequenceExists) || errors.As(err, &ce), "step %d (op %d): an untyped error: %v", i/3, op, err)
+				require.Equal(t, before, hybridStateOf(t, h, all), "step %d (op %d): the failed call changed something: %v", i/3, op, err)
+			} else if op >= 1 && op <= 4 && len(dst[0]) > 0 {
+				if len(d.val[seq]) > from {
+					d.val[seq] = d.val[seq][:from]
+				}
+				d.write(t, seq, from, dst)
+			}
+			require.NoError(t, h.Verify(), "step %d (op %d)", i/3, op)
+		}
+		live := slices.Collect(maps.Keys(d.val))
+		var checked []kvcache.SeqID
+		for _, seq := range live {
+			if n, err := h.Len(seq); err == nil && n == len(d.val[seq]) && !slices.Contains(d.val[seq], 0) {
+				checked = append(checked, seq)
+			}
+		}
+		slices.Sort(checked)
+		d.check(t, checked)
+	})
+}
