@@ -1,12 +1,16 @@
 package kvcache_test
 
 import (
+	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/pagedkv/pagedkv/internal/testutil/proctest"
 	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -178,4 +182,99 @@ func TestHybridSleepBadInput(t *testing.T) {
 	_, err = h.Sleep()
 	require.ErrorIs(t, err, kvcache.ErrClosed)
 	require.ErrorIs(t, h.Wake(), kvcache.ErrClosed)
+}
+
+// fillHybrid starts keyed sequences from seq on, of n tokens each, until the memory runs out,
+// and returns the first sequence that did not fit (freed again).
+func fillHybrid(t *testing.T, h *kvcache.Hybrid, d *hybridData, seq kvcache.SeqID, n int) kvcache.SeqID {
+	for ; ; seq++ {
+		p := promptOf(n, uint32(seq)+100)
+		_, err := h.StartSequence(seq, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		dst, err := h.AppendTokenIDs(seq, p, make([][]int64, h.Groups()))
+		if err != nil {
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+			require.NoError(t, h.FreeSequence(seq))
+			return seq
+		}
+		d.write(t, seq, 0, dst)
+	}
+}
+
+// A Hybrid shares a ledger with a serving process: the child's appends take back the Hybrid's
+// free and cached pages, the limit holds across both processes, the dead child's share comes
+// back to the Hybrid, and the ledger's DropCache empties every group's cache.
+func TestHybridLedger(t *testing.T) {
+	const limit = 16 << 20 // 8 of the child's 2 MiB pages
+	path := filepath.Join(t.TempDir(), "ledger")
+	l, err := ledger.Open(path, ledger.Options{Limit: limit})
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	dev := hostDevice(t, 64<<10)
+	cfg := kvcache.HybridConfig{Geometry: smallHybrid(true), Ledger: l, Capacity: 64 << 20, NoBackground: true, CompactOnPressure: true}
+	h, err := kvcache.NewHybrid(dev, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	_, err = kvcache.NewHybrid(dev, cfg)
+	require.ErrorIs(t, err, kvcache.ErrExists, "a second Hybrid under the same names")
+	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+
+	end := fillHybrid(t, h, d, fillHybrid(t, h, d, 0, 1000), 16)
+	require.LessOrEqual(t, l.Used(), uint64(limit))
+	require.Greater(t, l.Used(), uint64(limit-(2<<20)), "the Hybrid alone takes about the whole limit")
+	for s := kvcache.SeqID(2); s < end; s++ { // their blocks stay mapped: free, or cached
+		require.NoError(t, h.FreeSequence(s))
+		delete(d.val, s)
+	}
+	live := []kvcache.SeqID{0, 1}
+	alone := h.Stats().MappedBytes
+	require.Greater(t, alone, uint64(limit-(2<<20)))
+
+	child := proctest.Start(t, "grow", "host", path, "child", "5")
+	child.Expect("ready", 60*time.Second) // its 5 pages came from the Hybrid's free and cached ones
+	require.LessOrEqual(t, h.Stats().MappedBytes, uint64(limit-(10<<20)))
+	d.check(t, live)
+	end = fillHybrid(t, h, d, end, 100)
+	for s := kvcache.SeqID(2); s < end; s++ {
+		if _, ok := d.val[s]; ok {
+			live = append(live, s)
+		}
+	}
+	beside := h.Stats().MappedBytes
+	require.LessOrEqual(t, beside, uint64(limit-(10<<20)), "the child holds 5 pages live")
+	s, err := l.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, h.Groups()+1)
+	require.LessOrEqual(t, s.Used, uint64(limit))
+
+	child.Kill9()
+	end = fillHybrid(t, h, d, end, 16)
+	for s := range end {
+		if _, ok := d.val[s]; ok && !slices.Contains(live, s) {
+			live = append(live, s)
+		}
+	}
+	require.Greater(t, h.Stats().MappedBytes, beside, "the dead child's share came back")
+	t.Logf("the Hybrid maps %d KiB alone, %d KiB beside the child, %d KiB after its kill (limit %d KiB)",
+		alone>>10, beside>>10, h.Stats().MappedBytes>>10, limit>>10)
+	require.Greater(t, h.Stats().MappedBytes, uint64(limit-(2<<20)))
+	s, err = l.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, h.Groups())
+	require.Equal(t, h.Stats().MappedBytes, s.Used)
+	require.NoError(t, l.Check())
+	d.check(t, live)
+	require.NoError(t, h.Verify())
+
+	for _, seq := range live[len(live)/2:] {
+		require.NoError(t, h.FreeSequence(seq))
+	}
+	require.Positive(t, h.Stats().Groups[0].Prefix.IdleBlocks)
+	asked, err := l.DropCache("")
+	require.NoError(t, err)
+	require.Equal(t, h.Groups(), asked)
+	for g, st := range h.Stats().Groups {
+		require.Zero(t, st.Prefix.CachedBlocks, "group %d", g)
+	}
+	require.NoError(t, h.Verify())
 }
