@@ -52,10 +52,15 @@ func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 	if m.closed {
 		return CompactResult{}, fmt.Errorf("kvcache: compact: %w", ErrClosed)
 	}
-	return m.compactLocked(opts, m.cfg.ReservePages)
+	res, err := m.compactLocked(opts, m.cfg.ReservePages)
+	if err != nil {
+		return res, fmt.Errorf("kvcache: %w", err)
+	}
+	return res, nil
 }
 
-// compactLocked compacts with growMu and mu held and leaves keepFree free pages mapped.
+// compactLocked compacts with growMu and mu held and leaves keepFree free pages mapped. Its
+// error names the operation ("compact: ...") and leaves the layer to the caller.
 func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResult, error) {
 	var res CompactResult
 	// Cached blocks the bound would drop anyway are evicted first, not copied, so that what is
@@ -64,7 +69,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
 		if err := m.back.copyBlocks(opts.Stream, pairs); err != nil {
-			return res, fmt.Errorf("kvcache: compact: %w", err)
+			return res, fmt.Errorf("compact: %w", err)
 		}
 		moved := make(map[int32]int32, len(pairs)/2)
 		for i := 0; i < len(pairs); i += 2 {
@@ -89,7 +94,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	res.PagesReleased = released
 	m.publish()
 	if err != nil {
-		return res, fmt.Errorf("kvcache: compact: %w", err)
+		return res, fmt.Errorf("compact: %w", err)
 	}
 	return res, nil
 }

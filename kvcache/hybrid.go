@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
+	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -16,8 +17,18 @@ import (
 type HybridConfig struct {
 	Geometry Geometry
 	// Limit bounds the physical bytes all groups map together (one budget); 0 means the
-	// device's memory.
+	// device's memory. With a Ledger the ledger's limit replaces it.
 	Limit uint64
+	// Ledger, when set, shares the limit with the models of other processes on the same GPU
+	// (SharedConfig.Ledger): every group joins it as a member under its name (see Name), draws
+	// its pages from it, and gives back free and cached pages (with CompactOnPressure,
+	// compacts) when another process is short. The Hybrid borrows the ledger: close the Hybrid
+	// before the ledger.
+	Ledger *ledger.Ledger
+	// Name names the groups in the Hybrid's pool and, with a Ledger, among the members of every
+	// process: group i is "Name-i", "group-i" when Name is empty. Names are unique on a ledger,
+	// so give each process's Hybrid a name of its own there (a second "group-0" is ErrExists).
+	Name string
 	// Capacity is each group's virtual reservation in bytes (0: as Config.Capacity's default).
 	Capacity uint64
 	// PrefixCacheBytes bounds each group's idle cached blocks, as Config.PrefixCacheBytes.
@@ -93,8 +104,9 @@ type Hybrid struct {
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
-// multiple of the device granularity that holds whole blocks, under one budget of cfg.Limit. An
-// unusable geometry is a *GroupError or *ConfigError.
+// multiple of the device granularity that holds whole blocks, under one budget of cfg.Limit (or
+// cfg.Ledger's). An unusable geometry is a *GroupError or *ConfigError; a group the pool or the
+// ledger refuses (a name taken: ErrExists) is a *GroupOpError.
 func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	if dev == nil {
 		return nil, fmt.Errorf("kvcache: hybrid: %w: nil device", ErrInvalidArgument)
@@ -108,16 +120,16 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	if limit == 0 {
 		limit = info.TotalMemory
 	}
-	pool, err := NewShared(dev, SharedConfig{Limit: limit, CompactOnPressure: cfg.CompactOnPressure})
+	pool, err := NewShared(dev, SharedConfig{Limit: limit, CompactOnPressure: cfg.CompactOnPressure, Ledger: cfg.Ledger})
 	if err != nil {
-		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
+		return nil, err // "kvcache: shared pool: ..."
 	}
 	h := &Hybrid{geom: cloneGeometry(g), pool: pool, mu: new(sync.Mutex)}
 	for i, grp := range g.Groups {
 		gc, err := groupConfig(grp, cfg, info.Granularity)
 		if err == nil {
 			var m *Manager
-			m, err = pool.register(groupName(i, grp), gc, h.mu)
+			m, err = pool.register(groupName(cfg.Name, i), gc, h.mu)
 			h.groups = append(h.groups, m)
 		}
 		if err != nil {
@@ -143,9 +155,12 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	return h, nil
 }
 
-// groupName names group i's model in the pool (a valid, unique name).
-func groupName(i int, g LayerGroup) string {
-	return fmt.Sprintf("group-%d", i)
+// groupName names group i's model in the pool: "name-i", "group-i" without a name.
+func groupName(name string, i int) string {
+	if name == "" {
+		name = "group"
+	}
+	return fmt.Sprintf("%s-%d", name, i)
 }
 
 // cloneGeometry copies g's slices, so that the caller's changes do not reach the Hybrid.

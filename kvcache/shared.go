@@ -121,15 +121,19 @@ func (s *SharedPool) register(name string, cfg Config, mu *sync.Mutex) (*Manager
 			return &ConfigError{Field: "SharedConfig.Limit", Value: limit,
 				Reason: fmt.Sprintf("is less than one page of %d bytes (PageSize), so the model could hold no block", m.cfg.PageSize)}
 		}
+		// A ledger's member starts goroutines that call m at once (Stats, Reclaim): m takes
+		// its name and lock first, and holds the lock until its backing has the account.
+		m.name, m.shared = name, true
+		if mu != nil {
+			m.mu = mu // nothing has locked its own yet
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
 		member, err := s.budgets[d].join(name, m)
 		if err != nil {
 			return err
 		}
 		e.member, e.compactOthers = member, s.cfg.CompactOnPressure
-		m.name, m.shared = name, true
-		if mu != nil {
-			m.mu = mu // nothing has locked its own yet
-		}
 		return nil
 	}
 	var m *Manager
