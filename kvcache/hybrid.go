@@ -100,7 +100,11 @@ type Hybrid struct {
 	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
 	chainOf []int
 
-	starts sync.Pool // *startScratch: what StartSequence computes outside the lock
+	// starts are the scratch of StartSequence's work outside mu, one per start under way at
+	// most, kept for the next ones (a free list, not a sync.Pool, which drops what it holds at
+	// every collection and, under the race detector, at random).
+	startsMu sync.Mutex
+	starts   []*startScratch
 }
 
 // NewHybrid makes a Hybrid on dev for cfg.Geometry: one arena per group, each group's page a
@@ -478,7 +482,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	}
 	// Outside the lock: hashing. One key chain for each block size.
 	sc := h.startScratch()
-	defer h.starts.Put(sc)
+	defer h.putScratch(sc)
 	roots, keys := sc.roots, sc.keys
 	for i, m := range h.groups {
 		bt := m.keyTokens()
@@ -539,7 +543,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 }
 
 // startScratch is what a start computes outside the lock: each group's root and key chain, the
-// chains' storage and the keyer that hashes them. Starts take one from the Hybrid's pool and
+// chains' storage and the keyer that hashes them. Starts take one from the Hybrid's free list and
 // put it back, so that a start allocates nothing once warm.
 type startScratch struct {
 	keyer *prefix.Keyer
@@ -548,14 +552,25 @@ type startScratch struct {
 	bufs  [][]prefix.Key
 }
 
-// startScratch returns a start's scratch from the pool, or a new one.
+// startScratch returns a start's scratch from the free list, or a new one.
 func (h *Hybrid) startScratch() *startScratch {
-	if sc, ok := h.starts.Get().(*startScratch); ok {
+	h.startsMu.Lock()
+	defer h.startsMu.Unlock()
+	if n := len(h.starts); n > 0 {
+		sc := h.starts[n-1]
+		h.starts = h.starts[:n-1]
 		return sc
 	}
 	n := len(h.groups)
 	return &startScratch{keyer: prefix.NewKeyer(h.groups[0].cfg.KeyScheme), roots: make([]prefix.Key, n),
 		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n)}
+}
+
+// putScratch keeps sc for the next start.
+func (h *Hybrid) putScratch(sc *startScratch) {
+	h.startsMu.Lock()
+	h.starts = append(h.starts, sc)
+	h.startsMu.Unlock()
 }
 
 // forgetKeys drops the finders' references to a start's key chains (the scratch's, which the
