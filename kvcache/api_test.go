@@ -284,10 +284,17 @@ func apiValues(t reflect.Type) []apitest.Maker {
 	case reflect.TypeFor[string]():
 		return []apitest.Maker{val("a"), val("b"), val("gemma-3-27b")}
 	case reflect.TypeFor[*kvcache.Hybrid]():
-		made := func(closed bool) apitest.Maker {
+		made := func(closed, multi bool) apitest.Maker {
 			return func() apitest.Object {
 				dev, closeDev := apiDevice()
 				h, err := kvcache.NewHybrid(dev, apiHybridConfig())
+				if multi { // every group's heads, or its state, divided between two devices
+					_ = h.Close()
+					dev2, closeDev2 := apiDevice()
+					h, err = kvcache.NewHybridMulti([]vmm.Device{dev, dev2}, apiHybridConfig(), kvcache.Split{TensorParallel: 2})
+					closeOne := closeDev
+					closeDev = func() error { return errors.Join(closeOne(), closeDev2()) }
+				}
 				if err != nil {
 					panic(err)
 				}
@@ -326,7 +333,8 @@ func apiValues(t reflect.Type) []apitest.Maker {
 				}
 			}
 		}
-		return []apitest.Maker{made(false), made(true), func() apitest.Object { return apitest.Object{V: reflect.ValueOf(&kvcache.Hybrid{})} }}
+		return []apitest.Maker{made(false, false), made(true, false), made(false, true),
+			func() apitest.Object { return apitest.Object{V: reflect.ValueOf(&kvcache.Hybrid{})} }}
 	case reflect.TypeFor[kvcache.HybridConfig]():
 		bad := apiHybridConfig()
 		bad.Geometry.Groups[1].Window = 0
@@ -355,7 +363,7 @@ func apiValues(t reflect.Type) []apitest.Maker {
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models, kvcache.NewHybrid},
+		Funcs: []any{kvcache.New, kvcache.NewStatic, kvcache.NewShared, kvcache.NewMulti, kvcache.NewSharedMulti, kvcache.GeometryFor, kvcache.Models, kvcache.NewHybrid, kvcache.NewHybridMulti},
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil), (*kvcache.SwapError)(nil),
 			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil),

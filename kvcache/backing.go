@@ -55,10 +55,14 @@ type backing interface {
 // holding l, for its heads [KVHeads[0], KVHeads[1]). A single-device manager has one shard
 // holding everything.
 type Shard struct {
-	Device  vmm.Device
-	Base    vmm.Addr
-	Layers  [2]int // [first, end) of the model's layers
-	KVHeads [2]int // [first, end) of the model's KV heads
+	Device vmm.Device
+	Base   vmm.Addr
+	// Layers is [first, end) of the model's layers; in a Hybrid's group, of the group's own
+	// layer list (LayerGroup.Layers), not the model's layer numbers.
+	Layers [2]int
+	// KVHeads is [first, end) of the model's KV heads. Ranks that hold a copy of one head (fewer
+	// heads than ranks) both name it; a recurrent state has none (Split divides its bytes).
+	KVHeads [2]int
 	// Config is the shard's own geometry: Layers and KVHeads are its counts, PageSize its page
 	// (one page index across all shards is PageSize on each), Capacity its reservation.
 	Config Config

@@ -128,18 +128,26 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	if err != nil {
 		return nil, err // "kvcache: shared pool: ..."
 	}
+	return newHybridOn(pool, g, func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error) {
+		gc, err := groupConfig(grp, cfg, info.Granularity)
+		if err != nil {
+			return nil, err
+		}
+		return pool.register(groupName(cfg.Name, i), gc, mu)
+	})
+}
+
+// newHybridOn makes the Hybrid of g over pool, which it then owns (closed on an error):
+// register registers group i's manager in pool with mu as its lock.
+func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error)) (*Hybrid, error) {
 	h := &Hybrid{geom: cloneGeometry(g), pool: pool, mu: new(sync.Mutex)}
 	for i, grp := range g.Groups {
-		gc, err := groupConfig(grp, cfg, info.Granularity)
-		if err == nil {
-			var m *Manager
-			m, err = pool.register(groupName(cfg.Name, i), gc, h.mu)
-			h.groups = append(h.groups, m)
-		}
+		m, err := register(i, grp, h.mu)
 		if err != nil {
 			_ = pool.Close()
 			return nil, &GroupOpError{Group: i, Name: grp.Name, Err: err}
 		}
+		h.groups = append(h.groups, m)
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
 	h.chainOf = make([]int, len(h.groups))
@@ -203,6 +211,12 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
 			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark, KeyScheme: hc.KeyScheme}
 	}
+	return groupPage(c, gran)
+}
+
+// groupPage returns c with the page groupConfig chooses for a device of granularity gran (on
+// several devices, for each device's share).
+func groupPage(c Config, gran uint64) (Config, error) {
 	if gran == 0 || gran%16 != 0 {
 		return c, &ConfigError{Field: "device granularity", Value: gran, Reason: "must be a positive multiple of 16"}
 	}

@@ -11,8 +11,14 @@ import (
 // Split says how a model's cache is divided across devices, as tensor and pipeline parallelism
 // divide the model: each device holds KVHeads/TensorParallel of the KV heads of
 // Layers/PipelineParallel of the layers, of every block. Device d is pipeline stage
-// d/TensorParallel and tensor rank d%TensorParallel. Both must divide evenly (vLLM requires KV
-// heads divisible by the tensor-parallel size too).
+// d/TensorParallel and tensor rank d%TensorParallel. The layers must divide evenly among the
+// stages. The KV heads must divide evenly among the ranks (vLLM requires it), or be fewer and
+// divide the ranks: then each rank holds a copy of one head, rank r head
+// r*KVHeads/TensorParallel, as vLLM replicates an MLA latent or a few GQA heads. A
+// recurrent-state arena divides each layer's state among the ranks: rank r holds bytes
+// [r*StateBytes/TensorParallel, (r+1)*StateBytes/TensorParallel) of it, as vLLM divides the
+// heads of Gated DeltaNet and Mamba layers. StateBytes must then be a multiple of
+// 16*TensorParallel.
 type Split struct {
 	TensorParallel   int // devices the KV heads are divided among; 0 means 1
 	PipelineParallel int // devices the layers are divided among; 0 means 1
@@ -30,23 +36,31 @@ func (s Split) devices() int { return max(s.TensorParallel, 1) * max(s.PipelineP
 //
 // Config describes the whole model (its Layers and KVHeads); each device's page is chosen as
 // on one device, for its share, and every device must hold the same number of blocks per page.
+// The manager's Config is every device's share together: PageSize and BlockStride are their
+// sums, and KVHeads counts each rank's copy of a head where the heads are fewer than the ranks.
 // Capacity and MemoryLimit count all devices together; 0 Capacity means 4x the smallest device's
 // memory on each. The devices are borrowed and must be distinct.
 func NewMulti(devs []vmm.Device, cfg Config, split Split) (*Manager, error) {
-	return newMulti(devs, cfg, split, nil)
+	m, err := newMulti(devs, cfg, split, nil, nil)
+	if err != nil {
+		return nil, fmt.Errorf("kvcache: %w", err)
+	}
+	return m, nil
 }
 
-// newMulti is NewMulti; join, if set, attaches each device's backing to its shared budget
-// before the reserve goroutine starts.
-func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, d int, e *elastic) error) (*Manager, error) {
+// newMulti is NewMulti, its errors not yet prefixed with the package (a SharedPool's register
+// names the package itself); join, if set, attaches each device's backing to its shared budget
+// before the reserve goroutine starts, and page, if set, chooses each device's PageSize and
+// BlockPadding for its share (a Hybrid's group), where NewMulti divides cfg.PageSize.
+func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, d int, e *elastic) error, page sharePage) (*Manager, error) {
 	tp, pp := max(split.TensorParallel, 1), max(split.PipelineParallel, 1)
-	if split.TensorParallel < 0 || split.PipelineParallel < 0 || len(devs) != tp*pp {
-		return nil, fmt.Errorf("kvcache: new multi: %w: %d devices for a split of %d x %d", ErrInvalidArgument, len(devs), tp, pp)
+	if split.TensorParallel < 0 || split.PipelineParallel < 0 || tp > len(devs) || pp > len(devs) || len(devs) != tp*pp {
+		return nil, fmt.Errorf("new multi: %w: %d devices for a split of %d x %d", ErrInvalidArgument, len(devs), tp, pp)
 	}
 	seen := map[vmm.Device]bool{}
 	for i, d := range devs {
 		if d == nil || seen[d] {
-			return nil, fmt.Errorf("kvcache: new multi: %w: device %d is nil or repeated", ErrInvalidArgument, i)
+			return nil, fmt.Errorf("new multi: %w: device %d is nil or repeated", ErrInvalidArgument, i)
 		}
 		seen[d] = true
 	}
@@ -56,27 +70,27 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 	if len(cfg.Tiers) > 0 {
 		return nil, &ConfigError{Field: "Tiers", Value: len(cfg.Tiers), Reason: "not supported across several devices yet (" + ErrNotSupported.Error() + ")"}
 	}
-	if cfg.Layers%pp != 0 || cfg.KVHeads%tp != 0 {
-		return nil, &ConfigError{Field: "Split", Value: split,
-			Reason: fmt.Sprintf("%d layers and %d KV heads must divide evenly among %d stages and %d ranks", cfg.Layers, cfg.KVHeads, pp, tp)}
+	part, err := shareOf(cfg, split)
+	if err != nil {
+		return nil, err
 	}
 	n := len(devs)
-	part := cfg
-	part.Layers, part.KVHeads = cfg.Layers/pp, cfg.KVHeads/tp
-	part.Capacity, part.MemoryLimit = cfg.Capacity/uint64(n), 0
-	if cfg.PageSize != 0 {
-		part.PageSize = cfg.PageSize / uint64(n)
-	}
 	if err := part.Validate(); err != nil {
-		return nil, fmt.Errorf("kvcache: new multi: a device's share: %w", err)
+		return nil, fmt.Errorf("new multi: a device's share: %w", err)
 	}
 	parts := make([]Config, n)
 	pages := 0
 	for i, d := range devs {
 		info := d.Info()
-		c, err := part.withDefaults(info.Granularity, info.TotalMemory)
+		c := part
+		if page != nil {
+			c, err = page(c, info.Granularity)
+		}
+		if err == nil {
+			c, err = c.withDefaults(info.Granularity, info.TotalMemory)
+		}
 		if err != nil {
-			return nil, fmt.Errorf("kvcache: new multi: device %d: %w", i, err)
+			return nil, fmt.Errorf("new multi: device %d: %w", i, err)
 		}
 		if c.BlocksPerPage() != parts[0].BlocksPerPage() && i > 0 {
 			return nil, &ConfigError{Field: "PageSize", Value: c.PageSize,
@@ -94,19 +108,18 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 		e, err := newElastic(d, c)
 		if err != nil {
 			back.close()
-			return nil, fmt.Errorf("kvcache: new multi: device %d: %w", i, err)
+			return nil, fmt.Errorf("new multi: device %d: %w", i, err)
 		}
 		stage, rank := i/tp, i%tp
 		e.layers = [2]int{stage * c.Layers, (stage + 1) * c.Layers}
-		e.heads = [2]int{rank * c.KVHeads, (rank + 1) * c.KVHeads}
+		e.heads = [2]int{0, 0} // a recurrent state has no heads
+		if c.StateBytes == 0 {
+			first := rank * cfg.KVHeads / tp // rank*KVHeads/tp heads, or the one head it copies
+			e.heads = [2]int{first, first + c.KVHeads}
+		}
 		back.parts = append(back.parts, e)
 	}
-	g := parts[0] // the whole model: every device's page of one index together
-	g.Layers, g.KVHeads = cfg.Layers, cfg.KVHeads
-	g.PageSize = parts[0].PageSize * uint64(n)
-	g.Capacity = uint64(pages) * g.PageSize
-	g.MemoryLimit = cfg.MemoryLimit
-	m := newManagerOn(devs[0], g, back, pages)
+	m := newManagerOn(devs[0], wholeOf(parts[0], split, pages, cfg.MemoryLimit), back, pages)
 	for d, e := range back.parts {
 		if join == nil {
 			break
@@ -116,7 +129,7 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 			return nil, err
 		}
 	}
-	if g.NoBackground {
+	if m.cfg.NoBackground {
 		close(m.done)
 	} else {
 		go m.reserveLoop()
@@ -124,6 +137,48 @@ func newMulti(devs []vmm.Device, cfg Config, split Split, join func(m *Manager, 
 	}
 	m.startTiers()
 	return m, nil
+}
+
+// sharePage chooses the PageSize and BlockPadding of a device's share for its granularity.
+type sharePage func(part Config, gran uint64) (Config, error)
+
+// shareOf returns what one device holds of cfg divided by split (its page still cfg's divided
+// among the devices): Layers/PipelineParallel layers and, by tensor rank, KVHeads/TensorParallel
+// heads, one copied head where the heads are fewer than the ranks, or StateBytes/TensorParallel
+// of each layer's state. Capacity counts all devices together, so each gets its part of it.
+func shareOf(cfg Config, split Split) (Config, error) {
+	tp, pp := max(split.TensorParallel, 1), max(split.PipelineParallel, 1)
+	copied := cfg.StateBytes == 0 && cfg.KVHeads > 0 && cfg.KVHeads < tp && tp%cfg.KVHeads == 0
+	if cfg.Layers%pp != 0 || cfg.StateBytes == 0 && cfg.KVHeads%tp != 0 && !copied {
+		return cfg, &ConfigError{Field: "Split", Value: split,
+			Reason: fmt.Sprintf("%d layers must divide evenly among %d stages, and %d KV heads among %d ranks (or divide %d)", cfg.Layers, pp, cfg.KVHeads, tp, tp)}
+	}
+	if cfg.StateBytes%(16*uint64(tp)) != 0 {
+		return cfg, &ConfigError{Field: "StateBytes", Value: cfg.StateBytes,
+			Reason: fmt.Sprintf("a state divided among %d tensor-parallel ranks must be a multiple of %d bytes", tp, 16*tp)}
+	}
+	n := uint64(tp * pp)
+	part := cfg
+	part.Layers, part.KVHeads, part.StateBytes = cfg.Layers/pp, cfg.KVHeads/tp, cfg.StateBytes/uint64(tp)
+	if copied {
+		part.KVHeads = 1
+	}
+	part.Capacity, part.MemoryLimit, part.PageSize = cfg.Capacity/n, 0, cfg.PageSize/n
+	return part, nil
+}
+
+// wholeOf returns the manager's Config over every device's share (part being each one's, with
+// defaults): every device's page of one index together, and every device's block, so that
+// BlocksPerPage is each device's and BlockStride the bytes one block takes on all devices.
+// KVHeads counts each copy of a head a rank holds.
+func wholeOf(part Config, split Split, pages int, limit uint64) Config {
+	tp, pp := max(split.TensorParallel, 1), max(split.PipelineParallel, 1)
+	n := uint64(tp * pp)
+	g := part
+	g.Layers, g.KVHeads, g.StateBytes = part.Layers*pp, part.KVHeads*tp, part.StateBytes*uint64(tp)
+	g.BlockPadding, g.PageSize = part.BlockPadding*n, part.PageSize*n
+	g.Capacity, g.MemoryLimit = uint64(pages)*g.PageSize, limit
+	return g
 }
 
 // multi backs an arena on several devices in lockstep: every page index is mapped on all of

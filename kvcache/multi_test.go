@@ -273,3 +273,66 @@ func TestMultiSharedPool(t *testing.T) {
 	ha.check()
 	hb.check()
 }
+
+// hostDevices returns n host devices of 4 KiB granularity.
+func hostDevices(t *testing.T, n int) []vmm.Device {
+	devs := make([]vmm.Device, n)
+	for i := range devs {
+		devs[i] = hostDevice(t, 4<<10)
+	}
+	return devs
+}
+
+// NewMulti copies heads fewer than the ranks as a Hybrid's groups do: 2 KV heads over 4 ranks,
+// ranks 0 and 1 holding head 0, ranks 2 and 3 head 1; every device's data reads back through
+// the one table across growth and compaction.
+func TestMultiCopiedHeads(t *testing.T) {
+	devs := hostDevices(t, 4)
+	cfg := multiConfig()
+	cfg.KVHeads = 2
+	h := newMultiHarness(t, devs, cfg, kvcache.Split{TensorParallel: 4})
+	for d, s := range h.m.Shards() {
+		assert.Equal(t, [2]int{d / 2, d/2 + 1}, s.KVHeads, "device %d", d)
+		assert.Equal(t, 1, s.Config.KVHeads)
+		assert.Equal(t, h.m.Config().BlocksPerPage(), s.Config.BlocksPerPage())
+	}
+	assert.Equal(t, 4, h.m.Config().KVHeads, "a copy of a head on each rank")
+	for s := range 8 {
+		h.step(opAppend, byte(s), 0, arg{n: 9})
+	}
+	for s := 1; s < 8; s += 2 {
+		h.step(opFree, byte(s), 0, arg{})
+	}
+	h.step(opCompact, 0, 0, arg{})
+	h.check()
+	_, err := kvcache.NewMulti(devs[:3], cfg, kvcache.Split{TensorParallel: 3})
+	var ce *kvcache.ConfigError
+	require.ErrorAs(t, err, &ce, "2 heads do not divide 3 ranks")
+}
+
+// NewMulti divides a recurrent state among the ranks: each device holds half of every layer's
+// state, and a page index holds as many states on each device as the manager counts.
+func TestMultiDividedState(t *testing.T) {
+	devs := hostDevices(t, 2)
+	cfg := kvcache.Config{Layers: 2, StateBytes: 4096, PageSize: 4 * 2 * 4096, Capacity: 16 * 4 * 2 * 4096, NoBackground: true}
+	m, err := kvcache.NewMulti(devs, cfg, kvcache.Split{TensorParallel: 2})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, m.Close()) }()
+	for _, s := range m.Shards() {
+		assert.EqualValues(t, 2048, s.Config.StateBytes)
+		assert.Equal(t, m.Config().BlocksPerPage(), s.Config.BlocksPerPage())
+	}
+	assert.Equal(t, 4, m.Config().BlocksPerPage())
+	for s := range 6 {
+		_, err := m.AppendTokens(kvcache.SeqID(s), 3, nil)
+		require.NoError(t, err)
+	}
+	require.Equal(t, 2, m.Stats().MappedPages, "6 states, 4 a page")
+	require.NoError(t, m.Verify())
+	cfg.StateBytes = 4096 + 16
+	cfg.PageSize, cfg.Capacity = 0, 0
+	_, err = kvcache.NewMulti(devs, cfg, kvcache.Split{TensorParallel: 2})
+	var ce *kvcache.ConfigError
+	require.ErrorAs(t, err, &ce)
+	assert.Equal(t, "StateBytes", ce.Field)
+}

@@ -102,6 +102,12 @@ func (s *SharedPool) Register(name string, cfg Config) (*Manager, error) {
 // register is Register; with mu, the model's manager takes mu as its lock (the groups of a
 // Hybrid share one).
 func (s *SharedPool) register(name string, cfg Config, mu *sync.Mutex) (*Manager, error) {
+	return s.registerSplit(name, cfg, mu, nil)
+}
+
+// registerSplit is register; page, if set, chooses each device's page when the pool divides the
+// model among several (a Hybrid's group, NewHybridMulti).
+func (s *SharedPool) registerSplit(name string, cfg Config, mu *sync.Mutex, page sharePage) (*Manager, error) {
 	if err := s.check("register"); err != nil {
 		return nil, err
 	}
@@ -117,9 +123,9 @@ func (s *SharedPool) register(name string, cfg Config, mu *sync.Mutex) (*Manager
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, ErrExists)
 	}
 	join := func(m *Manager, d int, e *elastic) error {
-		if limit := s.budgets[d].Limit(); limit < m.cfg.PageSize {
+		if limit := s.budgets[d].Limit(); limit < e.cfg.PageSize { // the limit and e's page are one device's
 			return &ConfigError{Field: "SharedConfig.Limit", Value: limit,
-				Reason: fmt.Sprintf("is less than one page of %d bytes (PageSize), so the model could hold no block", m.cfg.PageSize)}
+				Reason: fmt.Sprintf("is less than one page of %d bytes (PageSize), so the model could hold no block", e.cfg.PageSize)}
 		}
 		// A ledger's member starts goroutines that call m at once (Stats, Reclaim): m takes
 		// its name and lock first, and holds the lock until its backing has the account.
@@ -141,7 +147,7 @@ func (s *SharedPool) register(name string, cfg Config, mu *sync.Mutex) (*Manager
 	if len(s.devs) == 1 {
 		m, err = newManager(s.devs[0], cfg, func(m *Manager, e *elastic) error { return join(m, 0, e) })
 	} else {
-		m, err = newMulti(s.devs, cfg, s.cfg.Split, join)
+		m, err = newMulti(s.devs, cfg, s.cfg.Split, join, page)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: register %q: %w", name, err)
