@@ -192,32 +192,48 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	tx, err := m.prepareSwapOut(seqs, s)
+	return m.swapOne(true, seqs, s)
+}
+
+// swapOne is a Manager's SwapOut (out) or SwapIn: prepare, launch, commit.
+func (m *Manager) swapOne(out bool, seqs []SeqID, s kernels.Stream) (*Swap, error) {
+	prepare, op := m.prepareSwapIn, "swap in"
+	if out {
+		prepare, op = m.prepareSwapOut, "swap out"
+	}
+	tx, err := prepare(seqs)
 	if err != nil {
 		return nil, err
+	}
+	if err := tx.launch(s); err != nil {
+		tx.abort()
+		return nil, fmt.Errorf("kvcache: %s: %w", op, err)
 	}
 	return tx.commit(), nil
 }
 
-// swapTx is a SwapOut or SwapIn under way in one manager: checked, its blocks reserved (host
-// blocks for a swap-out; device blocks, and the cached ones it found, for a swap-in) and its
-// copy queued on the caller's stream, while nothing a caller sees has changed yet. commit makes
-// the swap happen and returns its Swap; abort waits for the copy, then puts everything back, so
-// that no later operation reuses a block the copy still writes. The lock is held from prepare
-// to either, and the manager's swap scratch is the transaction's state: a manager has at most
-// one in flight. A Hybrid prepares one in every group and commits them all or aborts them all.
+// swapTx is a SwapOut or SwapIn under way in one manager. prepare checks it and reserves its
+// blocks (host blocks for a swap-out; device blocks, and the cached ones it finds, for a
+// swap-in); launch queues its copy on the caller's stream; commit makes the swap happen and
+// returns its Swap; abort puts everything back, once a launched copy is done, so that no later
+// operation reuses a block the copy still writes. Until commit nothing a caller sees has
+// changed. The lock is held from prepare to commit or abort, and the manager's swap scratch is
+// the transaction's state: a manager has at most one in flight. A Hybrid prepares one in every
+// group, then launches every copy, then commits them all, or aborts them all: a group short of
+// room fails before any copy runs.
 type swapTx struct {
-	m     *Manager
-	out   bool
-	seqs  int  // sequences listed
-	n     int  // blocks copied
-	away  bool // a swap-out moves references of sequences out before (countSwappedHolders)
-	marks []*kernels.Mark
+	m        *Manager
+	out      bool
+	launched bool // the copy was queued, or its launch failed midway: it may have written
+	seqs     int  // sequences listed
+	n        int  // blocks copied
+	away     bool // a swap-out moves references of sequences out before (countSwappedHolders)
+	marks    []*kernels.Mark
 }
 
-// prepareSwapOut checks a SwapOut of seqs, reserves the host blocks and queues the copy on s.
-// An error (a *SequenceError, a *SwapError, the launch's) leaves everything as it was.
-func (m *Manager) prepareSwapOut(seqs []SeqID, s kernels.Stream) (swapTx, error) {
+// prepareSwapOut checks a SwapOut of seqs and reserves the host blocks its copy needs. An error
+// (a *SequenceError, a *SwapError) leaves everything as it was.
+func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap out", seqs, false); err != nil {
 		return swapTx{}, err
 	}
@@ -244,18 +260,20 @@ func (m *Manager) prepareSwapOut(seqs []SeqID, s kernels.Stream) (swapTx, error)
 		}
 		sc.dst = append(sc.dst, h)
 	}
-	marks, err := m.copyPlanned(s)
-	if err != nil {
-		m.host.abortWritten(m.emitHostRemoved)
-		m.publish()
-		return swapTx{}, fmt.Errorf("kvcache: swap out: %w", err)
-	}
-	tx.marks = marks
 	return tx, nil
 }
 
+// launch queues the prepared copy on stream s (nothing to copy: no launch). On an error the
+// caller aborts the transaction.
+func (tx *swapTx) launch(s kernels.Stream) error {
+	tx.launched = true
+	marks, err := tx.m.copyPlanned(s)
+	tx.marks = marks
+	return err
+}
+
 // commit makes the prepared swap happen and returns its Swap.
-func (tx swapTx) commit() *Swap {
+func (tx *swapTx) commit() *Swap {
 	if tx.out {
 		return tx.commitOut()
 	}
@@ -263,7 +281,7 @@ func (tx swapTx) commit() *Swap {
 }
 
 // commitOut gives the host blocks their holders and moves the sequences' references to them.
-func (tx swapTx) commitOut() *Swap {
+func (tx *swapTx) commitOut() *Swap {
 	m, sc := tx.m, &tx.m.swap
 	m.host.commit(m.emitHostRemoved)
 	for k, h := range sc.dst {
@@ -294,22 +312,32 @@ func (tx swapTx) commitOut() *Swap {
 	return m.newSwap(tx.n, len(sc.blocks)-tx.n, tx.marks)
 }
 
-// abort undoes the prepared swap once its copy is done: a swap-out's host blocks go back, a
-// swap-in's device blocks, pages, evictions and found blocks (dropOverwritten).
-func (tx swapTx) abort() {
+// abort undoes the prepared swap, once a launched copy is done: a swap-out's host blocks go
+// back, a swap-in's device blocks, pages, evictions and found blocks. Before any launch it puts
+// everything back exactly; after one, blocks the copy may have overwritten that held cached
+// content stay evicted (hostTier.abortWritten, dropOverwritten), and their removal is published.
+func (tx *swapTx) abort() {
 	m := tx.m
 	for _, mk := range tx.marks {
 		_ = mk.Wait() // its error changes nothing: the blocks go back either way
 		_ = mk.Close()
 	}
-	if tx.out {
+	tx.marks = nil
+	switch {
+	case tx.out && tx.launched:
 		m.host.abortWritten(m.emitHostRemoved)
-	} else {
+	case tx.out:
+		m.host.abort()
+	default:
 		m.rollback()
 		m.unholdFound()
-		m.dropOverwritten()
+		if tx.launched {
+			m.dropOverwritten()
+		}
 	}
-	m.publish()
+	if tx.launched {
+		m.publish()
+	}
 }
 
 // dropOverwritten evicts, for good, each block a swap-in's copy wrote whose cached content the
@@ -384,17 +412,12 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	tx, err := m.prepareSwapIn(seqs, s)
-	if err != nil {
-		return nil, err
-	}
-	return tx.commit(), nil
+	return m.swapOne(false, seqs, s)
 }
 
-// prepareSwapIn checks a SwapIn of seqs, holds the cached blocks it finds, takes device blocks
-// for the rest and queues their copy on s. An error (a *SequenceError, a *SwapError, the
-// launch's) leaves everything as it was, but for dropOverwritten's evictions.
-func (m *Manager) prepareSwapIn(seqs []SeqID, s kernels.Stream) (swapTx, error) {
+// prepareSwapIn checks a SwapIn of seqs, holds the cached blocks it finds and takes device
+// blocks for the rest. An error (a *SequenceError, a *SwapError) leaves everything as it was.
+func (m *Manager) prepareSwapIn(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap in", seqs, true); err != nil {
 		return swapTx{}, err
 	}
@@ -413,19 +436,11 @@ func (m *Manager) prepareSwapIn(seqs []SeqID, s kernels.Stream) (swapTx, error) 
 			sc.pairs = append(sc.pairs, int64(sc.blocks[k]), int64(m.newBlocks[len(sc.pairs)/2]))
 		}
 	}
-	marks, err := m.copyPlanned(s)
-	if err != nil {
-		m.rollback()
-		m.unholdFound()
-		m.dropOverwritten()
-		m.publish()
-		return swapTx{}, fmt.Errorf("kvcache: swap in: %w", err)
-	}
-	return swapTx{m: m, seqs: len(seqs), n: n, marks: marks}, nil
+	return swapTx{m: m, seqs: len(seqs), n: n}, nil
 }
 
 // commitIn gives the sequences their device blocks and frees the host blocks.
-func (tx swapTx) commitIn() *Swap {
+func (tx *swapTx) commitIn() *Swap {
 	m, sc := tx.m, &tx.m.swap
 	m.commitEvictions()
 	for k, c := 0, 0; k < len(sc.dst); k++ {
