@@ -87,8 +87,15 @@ type HybridConfig struct {
 // content-addressed. A recurrent group publishes no KV events: a checkpoint is no K/V block a
 // router could place.
 //
+// Sleep, Wake, a limit shared with other processes (HybridConfig.Ledger) and swaps to the host
+// tier (HybridConfig.HostTokens, SwapOut, SwapIn) act on every group too. Sleep sleeps each
+// group in turn and reports each group's failure; a swap is all or nothing across groups: each
+// group checks and reserves, then every group queues its copy, then all commit. A window or
+// chunk group swaps only the blocks it still holds, a recurrent group each sequence's live
+// state; its checkpoints stay cached on the device.
+//
 // Safe for concurrent use: the groups share one lock, so a decode step across all of them takes
-// it once. The Hybrid owns its groups' managers and borrows the Device.
+// it once. The Hybrid owns its groups' managers and borrows the Device and the Ledger.
 type Hybrid struct {
 	geom   Geometry
 	pool   *SharedPool

@@ -520,11 +520,12 @@ func TestHybridSwapRandomTrace(t *testing.T) {
 				r.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
 				return out[:min(len(out), 1+r.IntN(3))]
 			}
-			any := func() (kvcache.SeqID, bool) {
-				for s := range x.val {
-					return s, true
+			any := func() (kvcache.SeqID, bool) { // a live sequence, drawn from the seed
+				seqs := slices.Sorted(maps.Keys(x.val))
+				if len(seqs) == 0 {
+					return 0, false
 				}
-				return 0, false
+				return seqs[r.IntN(len(seqs))], true
 			}
 			for step := range 300 {
 				switch op := r.IntN(10); {
