@@ -19,8 +19,8 @@ type HybridSleepResult struct {
 // Sleep puts every group to sleep (see Manager.Sleep): each drops its prefix cache, compacts
 // its live blocks into the fewest pages and unmaps every free page, so that the Hybrid keeps
 // only what its live sequences need, and nothing with none. Until Wake, appends and starts fail
-// with ErrAsleep (a *GroupOpError naming the first group); frees, forks, truncations, swaps and
-// exports still work.
+// with ErrAsleep (a *GroupOpError naming the first group); frees, forks, truncations, swaps out
+// and exports still work.
 //
 // The groups sleep one after the other, each under its own locks. A group whose compaction
 // fails (a driver error) sleeps all the same, its cache dropped and its live blocks where they

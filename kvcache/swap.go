@@ -183,7 +183,7 @@ func (m *Manager) copyPlanned(s kernels.Stream) ([]*kernels.Mark, error) {
 //
 // Until SwapIn the sequences take no append, fork, truncation or export (ErrSwapped);
 // FreeSequence frees them. Blocks then lists host blocks and the device blocks kept. All or
-// nothing: an unknown or already swapped sequence, a host tier too small (a *BlocksError
+// nothing: an unknown or already swapped sequence, a host tier too small (a *SwapError
 // wrapping ErrOutOfMemory) or a failed launch change nothing, except that a failed copy may
 // have overwritten host blocks the host prefix cache held, which stay evicted.
 func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
@@ -404,7 +404,7 @@ func (m *Manager) moveSwappedHolders() {
 // several of the sequences is brought in once and stays shared; one also held by a sequence
 // still out is brought in again when that one comes in. Device blocks come as for an append:
 // free ones, evicted cache, mapped pages. All or nothing: an unknown sequence or one not
-// swapped out, a device too full (a *BlocksError wrapping ErrOutOfMemory) or a failed launch
+// swapped out, a device too full (a *SwapError wrapping ErrOutOfMemory) or a failed launch
 // change nothing, except that cached blocks a failed copy may have overwritten stay evicted.
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
