@@ -225,7 +225,6 @@ type swapTx struct {
 	m        *Manager
 	out      bool
 	launched bool // the copy was queued, or its launch failed midway: it may have written
-	seqs     int  // sequences listed
 	n        int  // blocks copied
 	away     bool // a swap-out moves references of sequences out before (countSwappedHolders)
 	marks    []*kernels.Mark
@@ -239,7 +238,7 @@ func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 	}
 	m.plan(false, m.arena.refs)
 	sc := &m.swap
-	tx := swapTx{m: m, out: true, seqs: len(seqs), away: m.countSwappedHolders()}
+	tx := swapTx{m: m, out: true, away: m.countSwappedHolders()}
 	for k, b := range sc.blocks {
 		if m.arena.refs(b) == sc.refs[k] { // every holder is out: it leaves the device
 			tx.n++
@@ -436,7 +435,7 @@ func (m *Manager) prepareSwapIn(seqs []SeqID) (swapTx, error) {
 			sc.pairs = append(sc.pairs, int64(sc.blocks[k]), int64(m.newBlocks[len(sc.pairs)/2]))
 		}
 	}
-	return swapTx{m: m, seqs: len(seqs), n: n}, nil
+	return swapTx{m: m, n: n}, nil
 }
 
 // commitIn gives the sequences their device blocks and frees the host blocks.
