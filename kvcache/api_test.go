@@ -76,7 +76,7 @@ func managerObject(build func(dev vmm.Device) (*kvcache.Manager, func() error)) 
 }
 
 func apiHybridConfig() kvcache.HybridConfig {
-	return kvcache.HybridConfig{Geometry: smallHybrid(true), Limit: 16 << 20, Capacity: 2 << 20, NoBackground: true}
+	return kvcache.HybridConfig{Geometry: smallHybrid(true), Limit: 16 << 20, Capacity: 2 << 20, NoBackground: true, HostTokens: 256, HostSequences: 4}
 }
 
 func apiConfig() kvcache.Config {
@@ -367,7 +367,7 @@ func TestAPIProperty(t *testing.T) {
 		Types: []any{(*kvcache.Manager)(nil), (*kvcache.SharedPool)(nil), kvcache.Config{}, kvcache.Layout{}, kvcache.Shard{}, (*kvcache.Swap)(nil),
 			(*kvcache.SequenceError)(nil), (*kvcache.BlocksError)(nil), (*kvcache.ConfigError)(nil), (*kvcache.TooSmallError)(nil), (*kvcache.SwapError)(nil),
 			kvcache.Geometry{}, kvcache.LayerGroup{}, kvcache.AttentionKind(0), kvcache.DType(0), (*kvcache.GroupError)(nil),
-			(*kvcache.Hybrid)(nil), (*kvcache.GroupOpError)(nil)},
+			(*kvcache.Hybrid)(nil), (*kvcache.GroupOpError)(nil), (*kvcache.HybridSwap)(nil)},
 		Values:   apiValues,
 		MaxCalls: 1500,
 	}

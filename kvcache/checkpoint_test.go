@@ -328,7 +328,9 @@ func TestCheckpointsBadInput(t *testing.T) {
 	}
 	withHost := state
 	withHost.HostBlocks = 4
-	require.ErrorIs(t, withHost.Validate(), kvcache.ErrNotSupported)
+	require.NoError(t, withHost.Validate(), "swaps move the state")
+	withHost.HostPrefixCache = true
+	require.ErrorIs(t, withHost.Validate(), kvcache.ErrNotSupported, "checkpoints stay on the device")
 }
 
 // A Manager of recurrent states alone keeps checkpoints and resumes from them too.

@@ -61,7 +61,8 @@ type Config struct {
 	// into a block of the arena's own, cached under the key of the sequence's first n tokens in
 	// blocks of CheckpointTokens and held by no sequence (idle, evicted as any idle cached
 	// block). StartSequence then resumes a prompt with that prefix from a copy of the latest
-	// such checkpoint. Only with StateBytes, and not with a host tier (HostBlocks).
+	// such checkpoint. Only with StateBytes, and not with a host prefix cache (HostPrefixCache):
+	// a swap moves the live state, and checkpoints stay on the device.
 	CheckpointTokens int
 	// BlockPadding is unused bytes at the end of every block, a multiple of 16, so that a page of
 	// whole granules holds whole blocks whatever a block's size (a layer group's arena, whose
@@ -97,12 +98,14 @@ type Config struct {
 	PrefixCacheBytes uint64
 	// HostBlocks is the size of the host tier in blocks: pinned host memory, mapped after the
 	// arena's pages in its reservation (whole pages of it), that SwapOut moves sequences' blocks
-	// to and SwapIn brings them back from. 0 means none.
+	// to and SwapIn brings them back from. 0 means none. A window or chunk arena moves only the
+	// blocks its sequences still hold; a recurrent arena moves each sequence's state.
 	HostBlocks int
 	// HostPrefixCache keeps the prefix cache's blocks in the host tier too: blocks that go idle
 	// are written back to host blocks the swaps do not use, and a prompt whose prefix the
 	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
-	// HostBlocks.
+	// HostBlocks; not for a window, a chunk or a recurrent arena with checkpoints
+	// (ErrNotSupported).
 	HostPrefixCache bool
 	// HostSwapBlocks are host blocks kept for swapped-out sequences. The host prefix cache
 	// never takes them: it holds at most HostBlocks-HostSwapBlocks blocks. The swap slots not in
@@ -212,8 +215,9 @@ func (c Config) Validate() error {
 	if err := c.validateReach(); err != nil {
 		return err
 	}
-	if (c.Window > 0 || c.Chunk > 0) && c.HostBlocks > 0 {
-		return fmt.Errorf("kvcache config: %w: a host tier (HostBlocks %d) for a sliding-window or chunked group", ErrNotSupported, c.HostBlocks)
+	if (c.Window > 0 || c.Chunk > 0) && c.HostPrefixCache {
+		// Swaps move the blocks a window holds; a host cache would have to key what it drops.
+		return fmt.Errorf("kvcache config: %w: a host prefix cache (HostPrefixCache) for a sliding-window or chunked group", ErrNotSupported)
 	}
 	return c.validateArena()
 }
@@ -246,9 +250,9 @@ func (c Config) validateState() error {
 	if c.CheckpointTokens < 0 || c.CheckpointTokens > MaxSequenceTokens {
 		return &ConfigError{Field: "CheckpointTokens", Value: c.CheckpointTokens, Reason: fmt.Sprintf("must lie in [0, %d]", MaxSequenceTokens)}
 	}
-	if c.CheckpointTokens > 0 && c.HostBlocks > 0 {
-		// A swap-in would find a sequence's state by its keys, which name checkpoints here.
-		return fmt.Errorf("kvcache config: %w: a host tier (HostBlocks %d) for a recurrent arena with checkpoints", ErrNotSupported, c.HostBlocks)
+	if c.CheckpointTokens > 0 && c.HostPrefixCache {
+		// Swaps move the live state like a block; checkpoints stay on the device.
+		return fmt.Errorf("kvcache config: %w: a host prefix cache (HostPrefixCache) for a recurrent arena with checkpoints", ErrNotSupported)
 	}
 	return c.validateArena()
 }

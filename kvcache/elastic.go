@@ -96,6 +96,7 @@ func (e *elastic) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, e
 	}
 	mk, err := e.kern.Mark(s)
 	if err != nil {
+		_ = e.kern.Synchronize(s) // the copy is queued: the caller frees its blocks once it is done
 		return nil, err
 	}
 	return []*kernels.Mark{mk}, nil

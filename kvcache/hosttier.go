@@ -130,6 +130,21 @@ func (h *hostTier) abort() {
 	h.taken, h.evicted, h.nfree = h.taken[:0], h.evicted[:0], 0
 }
 
+// abortWritten undoes reserve after a copy into the taken blocks was queued, or failed midway:
+// every taken block is free again, the free ones at their place, and the cache's evictions
+// stand, since the copy may have overwritten their content (removed is called with each key
+// the cache lost). Without evictions it puts back exactly what reserve took.
+func (h *hostTier) abortWritten(removed func(prefix.Key)) {
+	for _, b := range h.taken[h.nfree:] {
+		h.free = append(h.free, b)
+	}
+	h.commit(removed)
+	for i := h.nfree - 1; i >= 0; i-- {
+		h.free = append(h.free, h.taken[i])
+	}
+	h.taken, h.nfree = h.taken[:0], 0
+}
+
 // commit lets reserve's evictions stand, calling removed with each key the cache lost.
 func (h *hostTier) commit(removed func(prefix.Key)) {
 	for _, r := range h.evicted {

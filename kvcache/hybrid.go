@@ -42,6 +42,14 @@ type HybridConfig struct {
 	// KeyScheme keys every group's blocks (Config.KeyScheme); Prompt.Keys are for the first
 	// attention group's block size.
 	KeyScheme prefix.Scheme
+	// HostTokens sizes a host tier for SwapOut and SwapIn (0: none): each attention group, a
+	// window or a chunk too, gets ceil(HostTokens / its BlockTokens) host blocks, room for
+	// HostTokens tokens of swapped-out sequences in every group.
+	HostTokens int
+	// HostSequences sizes each recurrent group's host tier, in states: one per swapped-out
+	// sequence (a fork not yet written shares its parent's). It must be positive with
+	// HostTokens when the model has a recurrent group, and 0 without HostTokens.
+	HostSequences int
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -79,8 +87,15 @@ type HybridConfig struct {
 // content-addressed. A recurrent group publishes no KV events: a checkpoint is no K/V block a
 // router could place.
 //
+// Sleep, Wake, a limit shared with other processes (HybridConfig.Ledger) and swaps to the host
+// tier (HybridConfig.HostTokens, SwapOut, SwapIn) act on every group too. Sleep sleeps each
+// group in turn and reports each group's failure; a swap is all or nothing across groups: each
+// group checks and reserves, then every group queues its copy, then all commit. A window or
+// chunk group swaps only the blocks it still holds, a recurrent group each sequence's live
+// state; its checkpoints stay cached on the device.
+//
 // Safe for concurrent use: the groups share one lock, so a decode step across all of them takes
-// it once. The Hybrid owns its groups' managers and borrows the Device.
+// it once. The Hybrid owns its groups' managers and borrows the Device and the Ledger.
 type Hybrid struct {
 	geom   Geometry
 	pool   *SharedPool
@@ -95,6 +110,7 @@ type Hybrid struct {
 	finders []hitFinder          // each group's lookups during a start
 	marks   []markTx             // each group's part of a MarkWritten
 	resumes []resumeTx           // each group's resumed state during a start
+	swaps   []swapTx             // each group's part of a SwapOut or SwapIn
 
 	// chainOf[i] is the first group before group i with its block size (both attention
 	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
@@ -118,6 +134,9 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	g := cfg.Geometry
 	if err := g.Validate(); err != nil {
 		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
+	}
+	if err := checkHost(cfg); err != nil {
+		return nil, err
 	}
 	info := dev.Info()
 	limit := cfg.Limit
@@ -162,9 +181,27 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 	}
 	h.marks = make([]markTx, 0, len(h.groups))
 	h.resumes = make([]resumeTx, 0, len(h.groups))
+	h.swaps = make([]swapTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
 	h.shareFeed()
 	return h, nil
+}
+
+// checkHost checks HostTokens and HostSequences (a *ConfigError).
+func checkHost(cfg HybridConfig) error {
+	recurrent := false
+	for _, g := range cfg.Geometry.Groups {
+		recurrent = recurrent || g.Kind == RecurrentState
+	}
+	switch {
+	case cfg.HostTokens < 0:
+		return &ConfigError{Field: "HostTokens", Value: cfg.HostTokens, Reason: "must not be negative"}
+	case cfg.HostSequences < 0 || cfg.HostTokens == 0 && cfg.HostSequences != 0:
+		return &ConfigError{Field: "HostSequences", Value: cfg.HostSequences, Reason: "must not be negative, and is 0 without HostTokens"}
+	case recurrent && cfg.HostTokens > 0 && cfg.HostSequences == 0:
+		return &ConfigError{Field: "HostSequences", Value: 0, Reason: "must be positive with HostTokens: a recurrent group swaps one state per sequence"}
+	}
+	return nil
 }
 
 // groupName names group i's model in the pool: "name-i", "group-i" without a name.
@@ -210,6 +247,12 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 		c = Config{Layers: len(g.Layers), StateBytes: g.StateBytes, CheckpointTokens: g.Checkpoints, Capacity: hc.Capacity, PrefixCacheBytes: hc.PrefixCacheBytes,
 			WaitForWrites: hc.WaitForWrites, Strict: hc.Strict, NoBackground: hc.NoBackground,
 			ReservePages: hc.ReservePages, HighWatermark: hc.HighWatermark, KeyScheme: hc.KeyScheme}
+	}
+	if hc.HostTokens > 0 {
+		c.HostBlocks = hc.HostSequences
+		if g.Kind != RecurrentState {
+			c.HostBlocks = hc.HostTokens/g.BlockTokens + min(1, hc.HostTokens%g.BlockTokens)
+		}
 	}
 	return groupPage(c, gran)
 }

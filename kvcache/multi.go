@@ -261,7 +261,8 @@ func (mb *multi) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, er
 		marks, errs = append(marks, mk...), append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
-		for _, mk := range marks {
+		for _, mk := range marks { // the caller frees the blocks once the queued copies are done
+			_ = mk.Wait()
 			mk.Close()
 		}
 		return nil, err

@@ -141,10 +141,10 @@ func TestWindowPrefixHit(t *testing.T) {
 	require.NoError(t, m.Verify())
 }
 
-// A window with a host tier is not built yet: refused at New.
-func TestWindowHostTierRefused(t *testing.T) {
+// A window's host tier serves swaps only: a host prefix cache is refused at New.
+func TestWindowHostCacheRefused(t *testing.T) {
 	cfg := windowConfig(8, 0)
-	cfg.HostBlocks = 4
+	cfg.HostBlocks, cfg.HostPrefixCache = 4, true
 	_, err := kvcache.New(hostDevice(t, 4096), cfg)
 	require.ErrorIs(t, err, kvcache.ErrNotSupported)
 	bad := windowConfig(8, 0)

@@ -1095,11 +1095,11 @@ func fuzzHarness(t testing.TB, n int) *harness {
 			}
 		}
 	}
-	switch n % 11 {
+	switch n % 11 { // with a host tier for swaps alone
 	case 5: // a sliding window of 6 tokens with 2 sink tokens
-		cfg.Window, cfg.Sinks, cfg.HostBlocks, cfg.HostPrefixCache, cfg.HostSwapBlocks = 6, 2, 0, false, 0
+		cfg.Window, cfg.Sinks, cfg.HostPrefixCache, cfg.HostSwapBlocks = 6, 2, false, 0
 	case 7: // chunks of 8 tokens
-		cfg.Chunk, cfg.HostBlocks, cfg.HostPrefixCache, cfg.HostSwapBlocks = 8, 0, false, 0
+		cfg.Chunk, cfg.HostPrefixCache, cfg.HostSwapBlocks = 8, false, 0
 	}
 	if split == (kvcache.Split{}) {
 		h = newHarness(t, hostDevice(t, 32<<10), cfg)

@@ -144,7 +144,7 @@ func (m *Manager) plan(host bool, holders func(b int32) int32) {
 	clear(sc.first)
 	for _, q := range sc.set {
 		for _, b := range q.Blocks {
-			if m.host.has(b) != host {
+			if b == NullBlock || m.host.has(b) != host { // dropped, or on the other tier
 				sc.at = append(sc.at, -1)
 				continue
 			}
@@ -178,36 +178,78 @@ func (m *Manager) copyPlanned(s kernels.Stream) ([]*kernels.Mark, error) {
 // they are out. Every other block is copied, a block shared among the sequences once, and
 // their device references are dropped: it goes free, or stays cached and idle for prefix hits
 // (and for SwapIn, which finds it by its key). A sequence already swapped out that kept a
-// reference to a block leaving now moves to the host copy too.
+// reference to a block leaving now moves to the host copy too. A window's or chunk's dropped
+// blocks (NullBlock) stay dropped, and a recurrent arena's state moves like any block.
 //
 // Until SwapIn the sequences take no append, fork, truncation or export (ErrSwapped);
 // FreeSequence frees them. Blocks then lists host blocks and the device blocks kept. All or
-// nothing: an unknown or already swapped sequence, a host tier too small (a *BlocksError
-// wrapping ErrOutOfMemory) or a failed launch change nothing.
+// nothing: an unknown or already swapped sequence, a host tier too small (a *SwapError
+// wrapping ErrOutOfMemory) or a failed launch change nothing, except that a failed copy may
+// have overwritten host blocks the host prefix cache held, which stay evicted.
 func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap out")
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.swapSet("swap out", seqs, false); err != nil {
+	return m.swapOne(true, seqs, s)
+}
+
+// swapOne is a Manager's SwapOut (out) or SwapIn: prepare, launch, commit.
+func (m *Manager) swapOne(out bool, seqs []SeqID, s kernels.Stream) (*Swap, error) {
+	prepare, op := m.prepareSwapIn, "swap in"
+	if out {
+		prepare, op = m.prepareSwapOut, "swap out"
+	}
+	tx, err := prepare(seqs)
+	if err != nil {
 		return nil, err
+	}
+	if err := tx.launch(s); err != nil {
+		tx.abort()
+		return nil, fmt.Errorf("kvcache: %s: %w", op, err)
+	}
+	return tx.commit(), nil
+}
+
+// swapTx is a SwapOut or SwapIn under way in one manager. prepare checks it and reserves its
+// blocks (host blocks for a swap-out; device blocks, and the cached ones it finds, for a
+// swap-in); launch queues its copy on the caller's stream; commit makes the swap happen and
+// returns its Swap; abort puts everything back, once a launched copy is done, so that no later
+// operation reuses a block the copy still writes. Until commit nothing a caller sees has
+// changed. The lock is held from prepare to commit or abort, and the manager's swap scratch is
+// the transaction's state: a manager has at most one in flight. A Hybrid prepares one in every
+// group, then launches every copy, then commits them all, or aborts them all: a group short of
+// room fails before any copy runs.
+type swapTx struct {
+	m        *Manager
+	out      bool
+	launched bool // the copy was queued, or its launch failed midway: it may have written
+	n        int  // blocks copied
+	away     bool // a swap-out moves references of sequences out before (countSwappedHolders)
+	marks    []*kernels.Mark
+}
+
+// prepareSwapOut checks a SwapOut of seqs and reserves the host blocks its copy needs. An error
+// (a *SequenceError, a *SwapError) leaves everything as it was.
+func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
+	if err := m.swapSet("swap out", seqs, false); err != nil {
+		return swapTx{}, err
 	}
 	m.plan(false, m.arena.refs)
 	sc := &m.swap
-	away := m.countSwappedHolders()
-	n := 0
+	tx := swapTx{m: m, out: true, away: m.countSwappedHolders()}
 	for k, b := range sc.blocks {
 		if m.arena.refs(b) == sc.refs[k] { // every holder is out: it leaves the device
-			n++
+			tx.n++
 		}
 	}
-	if room := m.host.swapRoom(); n > room {
-		bytes, free := uint64(n)*m.cfg.BlockStride(), uint64(room)*m.cfg.BlockStride()
-		return nil, &SwapError{Op: "swap out", Seqs: len(seqs), Blocks: n, Bytes: bytes, Free: room,
+	if room := m.host.swapRoom(); tx.n > room {
+		bytes, free := uint64(tx.n)*m.cfg.BlockStride(), uint64(room)*m.cfg.BlockStride()
+		return swapTx{}, &SwapError{Op: "swap out", Seqs: len(seqs), Blocks: tx.n, Bytes: bytes, Free: room,
 			Max: m.host.blocks(), Where: "the host tier", Err: &vmm.CapacityError{Need: bytes, Free: free}}
 	}
-	m.host.reserveSwap(n) // free host blocks first, then the host cache's least recently used
+	m.host.reserveSwap(tx.n) // free host blocks first, then the host cache's least recently used
 	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
 	for k, b := range sc.blocks {
 		h := int32(-1)
@@ -217,11 +259,29 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 		}
 		sc.dst = append(sc.dst, h)
 	}
-	marks, err := m.copyPlanned(s)
-	if err != nil {
-		m.host.abort()
-		return nil, fmt.Errorf("kvcache: swap out: %w", err)
+	return tx, nil
+}
+
+// launch queues the prepared copy on stream s (nothing to copy: no launch). On an error the
+// caller aborts the transaction.
+func (tx *swapTx) launch(s kernels.Stream) error {
+	tx.launched = true
+	marks, err := tx.m.copyPlanned(s)
+	tx.marks = marks
+	return err
+}
+
+// commit makes the prepared swap happen and returns its Swap.
+func (tx *swapTx) commit() *Swap {
+	if tx.out {
+		return tx.commitOut()
 	}
+	return tx.commitIn()
+}
+
+// commitOut gives the host blocks their holders and moves the sequences' references to them.
+func (tx *swapTx) commitOut() *Swap {
+	m, sc := tx.m, &tx.m.swap
 	m.host.commit(m.emitHostRemoved)
 	for k, h := range sc.dst {
 		if h >= 0 {
@@ -233,22 +293,60 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 		at := sc.at[j : j+len(q.Blocks)]
 		j += len(q.Blocks)
 		for i := len(q.Blocks) - 1; i >= 0; i-- { // the tail first, as FreeSequence releases
-			if h := sc.dst[at[i]]; h >= 0 {
+			if k := at[i]; k >= 0 && sc.dst[k] >= 0 {
 				m.arena.unref(q.Blocks[i])
-				q.Blocks[i] = h
+				q.Blocks[i] = sc.dst[k]
 			}
 		}
 		q.Swapped, q.FastRoom = true, 0
 	}
-	if away {
+	if tx.away {
 		m.moveSwappedHolders()
 	}
-	m.counters.swapOuts += uint64(n)
+	m.counters.swapOuts += uint64(tx.n)
 	m.publish()
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return m.newSwap(n, len(sc.blocks)-n, marks), nil
+	return m.newSwap(tx.n, len(sc.blocks)-tx.n, tx.marks)
+}
+
+// abort undoes the prepared swap, once a launched copy is done: a swap-out's host blocks go
+// back, a swap-in's device blocks, pages, evictions and found blocks. Before any launch it puts
+// everything back exactly; after one, blocks the copy may have overwritten that held cached
+// content stay evicted (hostTier.abortWritten, dropOverwritten), and their removal is published.
+func (tx *swapTx) abort() {
+	m := tx.m
+	for _, mk := range tx.marks {
+		_ = mk.Wait() // its error changes nothing: the blocks go back either way
+		_ = mk.Close()
+	}
+	tx.marks = nil
+	switch {
+	case tx.out && tx.launched:
+		m.host.abortWritten(m.emitHostRemoved)
+	case tx.out:
+		m.host.abort()
+	default:
+		m.rollback()
+		m.unholdFound()
+		if tx.launched {
+			m.dropOverwritten()
+		}
+	}
+	if tx.launched {
+		m.publish()
+	}
+}
+
+// dropOverwritten evicts, for good, each block a swap-in's copy wrote whose cached content the
+// rollback restored: the copy overwrote it. The lock is held and m.swap.pairs are the copy's.
+func (m *Manager) dropOverwritten() {
+	for i := 1; i < len(m.swap.pairs); i += 2 {
+		if b := int32(m.swap.pairs[i]); m.arena.entry(b) != nil {
+			m.evictBlock(b, false)
+		}
+	}
 }
 
 // countSwappedHolders adds to each planned block's references those of sequences swapped out
@@ -305,16 +403,22 @@ func (m *Manager) moveSwappedHolders() {
 // several of the sequences is brought in once and stays shared; one also held by a sequence
 // still out is brought in again when that one comes in. Device blocks come as for an append:
 // free ones, evicted cache, mapped pages. All or nothing: an unknown sequence or one not
-// swapped out, a device too full (a *BlocksError wrapping ErrOutOfMemory) or a failed launch
-// change nothing.
+// swapped out, a device too full (a *SwapError wrapping ErrOutOfMemory) or a failed launch
+// change nothing, except that cached blocks a failed copy may have overwritten stay evicted.
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap in")
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.swapOne(false, seqs, s)
+}
+
+// prepareSwapIn checks a SwapIn of seqs, holds the cached blocks it finds and takes device
+// blocks for the rest. An error (a *SequenceError, a *SwapError) leaves everything as it was.
+func (m *Manager) prepareSwapIn(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap in", seqs, true); err != nil {
-		return nil, err
+		return swapTx{}, err
 	}
 	m.plan(true, m.host.refsOf)
 	sc := &m.swap
@@ -322,7 +426,7 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	n := len(sc.blocks) - len(sc.found)
 	if err := m.takeBlocks(n, -1); err != nil {
 		m.unholdFound()
-		return nil, &SwapError{Op: "swap in", Seqs: len(seqs), Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
+		return swapTx{}, &SwapError{Op: "swap in", Seqs: len(seqs), Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Where: "the arena (" + m.bound() + ")", Err: err}
 	}
 	sc.pairs = sc.pairs[:0]
@@ -331,12 +435,12 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 			sc.pairs = append(sc.pairs, int64(sc.blocks[k]), int64(m.newBlocks[len(sc.pairs)/2]))
 		}
 	}
-	marks, err := m.copyPlanned(s)
-	if err != nil {
-		m.rollback()
-		m.unholdFound()
-		return nil, fmt.Errorf("kvcache: swap in: %w", err)
-	}
+	return swapTx{m: m, n: n}, nil
+}
+
+// commitIn gives the sequences their device blocks and frees the host blocks.
+func (tx *swapTx) commitIn() *Swap {
+	m, sc := tx.m, &tx.m.swap
 	m.commitEvictions()
 	for k, c := 0, 0; k < len(sc.dst); k++ {
 		if sc.dst[k] < 0 {
@@ -358,9 +462,9 @@ func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 		}
 		q.Swapped, q.FastRoom = false, 0
 	}
-	m.counters.swapIns += uint64(n)
+	m.counters.swapIns += uint64(tx.n)
 	m.publish()
-	return m.newSwap(n, len(sc.found), marks), nil
+	return m.newSwap(tx.n, len(sc.found), tx.marks)
 }
 
 // findCached sets m.swap.dst: for each planned host block that a keyed sequence of the set
@@ -379,7 +483,7 @@ func (m *Manager) findCached() {
 				continue
 			}
 			d := int32(-1)
-			if i < len(q.Keys) { // keyed, and block i is full
+			if i < len(q.Keys) && m.cfg.StateBytes == 0 { // keyed, block i full; a state is never cached
 				if e := m.arena.index.Get(q.Keys[i]); e != nil {
 					d = e.Block
 					sc.found = append(sc.found, foundBlock{b: d, idle: e.Idle(), prev: e.Prev()})
