@@ -80,9 +80,9 @@ func (tx *appendTx) take() error {
 	}
 	err := m.takeBlocks(tx.need, hint)
 	if err == nil && tx.cow {
-		tail := s.Blocks[len(s.Blocks)-1]
-		if err = m.back.copyBlock(m.newBlocks[0], tail); err != nil {
-			m.rollback()
+		tail, dst := s.Blocks[len(s.Blocks)-1], m.newBlocks[0]
+		if err = m.back.copyBlock(dst, tail); err != nil {
+			m.rollbackAfterCopy(dst)
 			err = fmt.Errorf("copy shared tail block %d: %w", tail, err)
 		}
 	}
@@ -128,7 +128,10 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 // abort undoes a prepared append: its blocks, pages and evictions go back, and a sequence it
 // created is removed.
 func (tx *appendTx) abort() {
-	if tx.need > 0 {
+	switch {
+	case tx.need > 0 && tx.cow: // the tail was copied into the first block: see rollbackAfterCopy
+		tx.m.rollbackAfterCopy(tx.m.newBlocks[0])
+	case tx.need > 0:
 		tx.m.rollback()
 	}
 	if tx.created {

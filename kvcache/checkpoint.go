@@ -81,8 +81,9 @@ func (m *Manager) prepareMark(s *sequence.Sequence, n int) (markTx, error) {
 	}
 	err := m.takeBlocks(1, -1)
 	if err == nil {
-		if err = m.back.copyBlock(m.newBlocks[0], s.Blocks[0]); err != nil {
-			m.rollback()
+		dst := m.newBlocks[0]
+		if err = m.back.copyBlock(dst, s.Blocks[0]); err != nil {
+			m.rollbackAfterCopy(dst)
 			err = fmt.Errorf("copy state block %d: %w", s.Blocks[0], err)
 		}
 	}
@@ -122,7 +123,7 @@ func (tx markTx) commit() {
 // are as they were.
 func (tx markTx) abort() {
 	if tx.block != NullBlock {
-		tx.m.rollback()
+		tx.m.rollbackAfterCopy(tx.block)
 	}
 	tx.s.Keys = tx.s.Keys[:tx.keys]
 }
@@ -150,14 +151,18 @@ func (m *Manager) prepareResume(seq SeqID, f *hitFinder, h int) (resumeTx, error
 	prev := m.arena.entry(ck).Prev()
 	m.arena.hold(ck)
 	err := m.takeBlocks(1, -1)
-	if err == nil {
-		if err = m.back.copyBlock(m.newBlocks[0], ck); err != nil {
+	if err != nil { // takeBlocks has rolled back
+		m.arena.unhold(ck, prev)
+	} else {
+		dst := m.newBlocks[0]
+		if err = m.back.copyBlock(dst, ck); err != nil {
 			m.rollback()
+			m.arena.unhold(ck, prev)
+			m.dropCopied(dst) // after the unhold: the entry before ck may be the one dst held
 			err = fmt.Errorf("copy checkpoint block %d: %w", ck, err)
 		}
 	}
 	if err != nil {
-		m.arena.unhold(ck, prev)
 		tokens := h * m.cfg.CheckpointTokens
 		return tx, &SequenceError{Op: "start", Seq: seq, Err: &BlocksError{Tokens: tokens, Blocks: 1, Bytes: m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Bound: m.bound(), Err: err}}
@@ -187,6 +192,7 @@ func (tx resumeTx) abort() {
 	}
 	tx.m.rollback()
 	tx.m.arena.unhold(tx.ckpt, tx.prev)
+	tx.m.dropCopied(tx.block) // after the unhold: the entry before the checkpoint may be the one block held
 }
 
 // startState creates keyed sequence seq in a recurrent arena: empty, or, with tx, holding the

@@ -540,6 +540,30 @@ func (m *Manager) rollback() {
 	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
 }
 
+// rollbackAfterCopy is rollback once a copy has written (or may have written part of) the taken
+// blocks in dsts: an eviction that freed one of them cannot be undone, its content being gone.
+// Such a block is evicted again after the rollback puts it back, its BlockRemoved published:
+// the only difference from before the operation is one idle cached block fewer.
+func (m *Manager) rollbackAfterCopy(dsts ...int32) {
+	m.rollback()
+	m.dropCopied(dsts...)
+}
+
+// dropCopied is rollbackAfterCopy's second half, for a caller that must put other things back
+// in the LRU order first (an entry it held, whose neighbour may be among dsts).
+func (m *Manager) dropCopied(dsts ...int32) {
+	evicted := false
+	for _, b := range dsts {
+		if m.arena.entry(b) != nil { // restored: the copy overwrote the block it names
+			m.evictBlock(b, false)
+			evicted = true
+		}
+	}
+	if evicted {
+		m.publish()
+	}
+}
+
 // growPage finds a page with room for an append when no mapped page has any: it maps one
 // within the manager's limits and the shared budget's headroom; when memory is short it evicts
 // the manager's own cached blocks (the whole protected cache included) before a shared budget
