@@ -3,12 +3,14 @@ package kvcache_test
 import (
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // The groups of a Hybrid that share a block size share one key chain: each block is hashed
@@ -99,4 +101,60 @@ func TestHybridStartAllocatesNothing(t *testing.T) {
 		start()
 		require.Zero(t, testing.AllocsPerRun(50, start), "keys given: %v", prompt.Keys != nil)
 	}
+}
+
+// A Hybrid append whose copy-on-write in one group succeeded into a block it took by evicting
+// an idle cached block, and whose copy in a later group failed, is undone; but the first
+// group's cache entry for the evicted block does not come back, since the copy replaced its
+// content: a later prompt with that block's tokens does not hit wrong K/V.
+func TestHybridAbortedCopyDropsTheOverwrittenBlock(t *testing.T) {
+	fd := vmm.InjectFaults(hostDevice(t, 64<<10))
+	// Group a: 16-token blocks of 4 KiB, 16 to a 64 KiB page. Group b: 32-token blocks of 4 KiB,
+	// also 16 to a page. The limit is one page a group.
+	g := kvcache.Geometry{Model: "two", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "a", Layers: []int{0}, KVHeads: 1, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Name: "b", Layers: []int{1}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 32},
+	}}
+	h, err := kvcache.NewHybrid(fd, kvcache.HybridConfig{Geometry: g, Limit: 128 << 10, Capacity: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	for i := range 2 {
+		require.EqualValues(t, 16, h.Group(i).Stats().BlocksPerPage)
+	}
+	d := &hybridData{dev: fd, h: h, val: map[kvcache.SeqID][]uint64{}}
+	dst := func() [][]int64 { return make([][]int64, 2) }
+
+	p := promptOf(32, 7) // two blocks of a, one of b: cached, then idle
+	slots, err := h.AppendTokenIDs(10, p, dst())
+	require.NoError(t, err)
+	d.write(t, 10, 0, slots)
+	want := d.val[10]
+	require.NoError(t, h.FreeSequence(10))
+	// 14 blocks of a (its page is full with the 2 idle ones), 7 of b (8 of its 16 are free).
+	slots, err = h.AppendTokenIDs(1, promptOf(13*16+8, 8), dst())
+	require.NoError(t, err)
+	d.write(t, 1, 0, slots)
+	require.NoError(t, h.Fork(1, 2)) // the partial tail is shared in both groups
+	require.NoError(t, fd.FailNth(vmm.OpCopy, 2, nil))
+	// Group a copies its tail into a block it evicts an idle one for; group b's copy, into a free
+	// block, fails.
+	_, err = h.AppendTokenIDs(2, []kvcache.TokenID{1}, dst())
+	require.ErrorIs(t, err, vmm.ErrInjected)
+	var ge *kvcache.GroupOpError
+	require.ErrorAs(t, err, &ge)
+	require.Equal(t, 1, ge.Group)
+	require.NoError(t, h.Verify())
+	require.EqualValues(t, 1, h.Group(0).Stats().Prefix.Evictions, "the block the copy overwrote left the cache")
+
+	hit, err := h.StartSequence(3, kvcache.Prompt{Tokens: append(slices.Clone(p), 99)})
+	require.NoError(t, err)
+	if hit > 0 { // then its blocks must still hold what sequence 10 wrote
+		d.val[3] = want[:hit]
+		d.check(t, []kvcache.SeqID{3})
+	}
+	require.Zero(t, hit)
+	require.NoError(t, h.FreeSequence(3))
+	_, err = h.AppendTokenIDs(2, []kvcache.TokenID{1}, dst()) // and the append goes through now
+	require.NoError(t, err)
+	require.NoError(t, h.Verify())
 }
