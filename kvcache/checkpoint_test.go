@@ -26,16 +26,23 @@ func ckptGeometry(stateBytes uint64) kvcache.Geometry {
 	}}
 }
 
-// stateOfSeq reads the live state of seq in recurrent group g: every layer's, in one block.
-func stateOfSeq(t *testing.T, dev vmm.Device, h *kvcache.Hybrid, g int, seq kvcache.SeqID) []byte {
+// stateBlock returns the address and size of seq's live state in recurrent group g: every
+// layer's, in one block.
+func stateBlock(t *testing.T, h *kvcache.Hybrid, g int, seq kvcache.SeqID) (vmm.Addr, []byte) {
 	t.Helper()
 	m := h.Group(g)
 	b, err := m.Blocks(seq, nil)
 	require.NoError(t, err)
 	require.Len(t, b, 1, "one state block")
 	c := m.Config()
-	buf := make([]byte, uint64(c.Layers)*c.StateBytes)
-	require.NoError(t, dev.CopyOut(buf, m.BlockAddr(0, 0, b[0])))
+	return m.BlockAddr(0, 0, b[0]), make([]byte, uint64(c.Layers)*c.StateBytes)
+}
+
+// stateOfSeq reads the live state of seq in recurrent group g.
+func stateOfSeq(t *testing.T, dev vmm.Device, h *kvcache.Hybrid, g int, seq kvcache.SeqID) []byte {
+	t.Helper()
+	a, buf := stateBlock(t, h, g, seq)
+	require.NoError(t, dev.CopyOut(buf, a))
 	return buf
 }
 
@@ -43,16 +50,11 @@ func stateOfSeq(t *testing.T, dev vmm.Device, h *kvcache.Hybrid, g int, seq kvca
 // runtime's kernels would, and returns it.
 func writeState(t *testing.T, dev vmm.Device, h *kvcache.Hybrid, g int, seq kvcache.SeqID, tag uint64) []byte {
 	t.Helper()
-	m := h.Group(g)
-	b, err := m.Blocks(seq, nil)
-	require.NoError(t, err)
-	require.Len(t, b, 1, "one state block")
-	c := m.Config()
-	buf := make([]byte, uint64(c.Layers)*c.StateBytes)
+	a, buf := stateBlock(t, h, g, seq)
 	for i := range buf {
 		buf[i] = byte(tag>>(8*(i%8))) ^ byte(i/8)
 	}
-	require.NoError(t, dev.CopyIn(m.BlockAddr(0, 0, b[0]), buf))
+	require.NoError(t, dev.CopyIn(a, buf))
 	return buf
 }
 
