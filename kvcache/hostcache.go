@@ -68,7 +68,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 	}
 	marks, err := m.back.copyAsync(0, sc.pairs)
 	if err != nil {
-		m.host.abort()
+		m.host.abortWritten(m.emitHostRemoved) // a launch that failed midway may have written some
 		m.counters.hostFailures++
 		return
 	}
@@ -135,7 +135,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	}
 	marks, err := m.back.copyAsync(0, sc.pairs)
 	if err != nil {
-		m.rollback()
+		m.rollbackAfterCopy(m.newBlocks...) // a launch that failed midway may have written some
 		m.counters.hostFailures++
 		return 0
 	}

@@ -186,3 +186,26 @@ func TestHostPrefixCacheNeedsAHostTier(t *testing.T) {
 	require.ErrorAs(t, err, &ce)
 	assert.Equal(t, "HostPrefixCache", ce.Field)
 }
+
+// A write-back whose copy fails midway gives its host blocks back but leaves evicted the host
+// cache entries it took them from: the copy may have overwritten them, and a later fetch must
+// not bring another block's K/V back under their keys.
+func TestHostWriteBackFailureDropsOverwritten(t *testing.T) {
+	fd := vmm.InjectFaults(hostDevice(t, 2<<20))
+	cfg := hostCacheConfig()
+	cfg.HostBlocks = 20
+	h := newHarness(t, fd, cfg)
+	m, bt := h.m, h.cfg.BlockTokens
+	h.start(1, prefix.Namespace{}, longPrompt(4, 20, bt), false)
+	h.step(opFree, 1, 0, arg{}) // written back: the host cache is full
+	require.Equal(t, 20, m.Stats().Prefix.HostCachedBlocks)
+	h.start(2, prefix.Namespace{}, longPrompt(5, 2, bt), false)
+	require.NoError(t, fd.FailNth(vmm.OpCopy, 2, nil)) // the first block is copied, the second fails
+	h.step(opFree, 2, 0, arg{})                        // the write-back evicts two host entries for its blocks
+	fd.Clear()
+	st := m.Stats()
+	assert.EqualValues(t, 1, st.Prefix.HostFailures)
+	assert.Equal(t, 18, st.Prefix.HostCachedBlocks, "the two evicted entries stay evicted")
+	assert.Equal(t, 2, st.HostFreeBlocks)
+	require.NoError(t, m.Verify())
+}
