@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"testing"
@@ -26,7 +27,7 @@ func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybrid
 		s := h.Group(g).Stats()
 		// A failed call may evict idle cached blocks a copy of its overwrote (rollbackAfterCopy),
 		// each counted: the cache plus its evictions is what stays.
-		st.groups = append(st.groups, fmtState(s.Sequences, s.LiveBlocks, s.MappedPages, s.Prefix.CachedBlocks+int(s.Prefix.Evictions),
+		st.groups = append(st.groups, fmt.Sprint(s.Sequences, s.LiveBlocks, s.MappedPages, s.Prefix.CachedBlocks+int(s.Prefix.Evictions),
 			s.Prefix.IdleBlocks+int(s.Prefix.Evictions)))
 	}
 	for _, seq := range seqs {
@@ -40,25 +41,9 @@ func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybrid
 			require.NoError(t, err)
 			b = append(b, -7) // a separator between groups
 		}
-		st.seqs[seq] = fmtState(n, len(b)) + fmtBlocks(b)
+		st.seqs[seq] = fmt.Sprint(n, b)
 	}
 	return st
-}
-
-func fmtState(xs ...int) string {
-	var out []byte
-	for _, x := range xs {
-		out = append(out, byte(x), byte(x>>8), byte(x>>16), byte(x>>24), ',')
-	}
-	return string(out)
-}
-
-func fmtBlocks(b []int32) string {
-	xs := make([]int, len(b))
-	for i, v := range b {
-		xs[i] = int(v)
-	}
-	return fmtState(xs...)
 }
 
 // FuzzHybrid drives a Hybrid of every group kind (full attention, a window with sinks, chunks,
