@@ -32,20 +32,18 @@ func specKind(g LayerGroup) string {
 	return "full_attention"
 }
 
-// stored returns ev (a BlockStored) with the group's index, kind and window.
-func (g eventGroup) stored(ev prefix.Event) prefix.Event {
+// stored marks ev (a BlockStored) with the group's index, kind and window.
+func (g *eventGroup) stored(ev *prefix.Event) {
 	if g.set {
 		ev.HasGroup, ev.Group, ev.GroupKind, ev.SlidingWindow = true, g.idx, g.kind, g.window
 	}
-	return ev
 }
 
-// removed returns ev (a BlockRemoved) with the group's index.
-func (g eventGroup) removed(ev prefix.Event) prefix.Event {
+// removed marks ev (a BlockRemoved) with the group's index.
+func (g *eventGroup) removed(ev *prefix.Event) {
 	if g.set {
 		ev.HasGroup, ev.Group = true, g.idx
 	}
-	return ev
 }
 
 // Subscribe returns a subscription to the KV events of every group, each event carrying its

@@ -372,8 +372,9 @@ func (m *Manager) emitTierStored(d demotion, medium string) {
 	if !m.feed.Active() {
 		return
 	}
-	m.pending = append(m.pending, m.group.stored(prefix.Event{Kind: prefix.BlockStored, Keys: m.slab.appendKey(nil, d.key), Parent: d.parent,
-		ParentIsRoot: d.first, BlockSize: m.cfg.BlockTokens, Adapter: d.ns.Adapter, Medium: medium}))
+	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockStored, Keys: m.slab.appendKey(nil, d.key), Parent: d.parent,
+		ParentIsRoot: d.first, BlockSize: m.cfg.BlockTokens, Adapter: d.ns.Adapter, Medium: medium})
+	m.group.stored(&m.pending[len(m.pending)-1])
 }
 
 // tierCall runs fn with a context bounded by TierTimeout.
