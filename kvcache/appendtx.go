@@ -76,7 +76,7 @@ func (tx *appendTx) take() error {
 	}
 	hint := int32(-1)
 	if len(s.Blocks) > 0 {
-		hint = m.arena.pageOf(s.Blocks[len(s.Blocks)-1])
+		hint = m.arena.PageOf(s.Blocks[len(s.Blocks)-1])
 	}
 	err := m.takeBlocks(tx.need, hint)
 	if err == nil && tx.cow {
@@ -103,7 +103,7 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 		blocks := m.newBlocks
 		if tx.cow {
 			m.counters.cows++
-			m.arena.unref(s.Blocks[len(s.Blocks)-1])
+			m.arena.Unref(s.Blocks[len(s.Blocks)-1])
 			s.Blocks[len(s.Blocks)-1] = blocks[0]
 			blocks = blocks[1:]
 		}
@@ -111,7 +111,7 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 	}
 	m.dropOutOfReach(s)
 	if tx.n > 0 && !m.tailWritable(s) { // a cached tail held by s alone (a shared one was copied)
-		k, _ := m.arena.uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
+		k, _ := m.arena.Uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
 		m.emitRemoved(k)
 	}
 	dst = m.appendSlots(s, tx.n, dst)

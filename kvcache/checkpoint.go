@@ -76,7 +76,7 @@ func (m *Manager) prepareMark(s *sequence.Sequence, n int) (markTx, error) {
 		return tx, nil
 	}
 	m.extendKeys(s, n/ct)
-	if n == 0 || n%ct != 0 || m.arena.index.Get(s.Keys[n/ct-1]) != nil {
+	if n == 0 || n%ct != 0 || m.arena.Index().Get(s.Keys[n/ct-1]) != nil {
 		return tx, nil
 	}
 	err := m.takeBlocks(1, -1)
@@ -107,8 +107,8 @@ func (tx markTx) commit() {
 	switch {
 	case tx.block != NullBlock:
 		m.commitEvictions()
-		m.arena.cache(tx.block, s.Keys[tx.n/m.cfg.CheckpointTokens-1])
-		m.arena.unref(tx.block)
+		m.arena.Cache(tx.block, s.Keys[tx.n/m.cfg.CheckpointTokens-1])
+		m.arena.Unref(tx.block)
 		m.counters.stored++
 		m.counters.checkpoints++
 	case tx.skipped:
@@ -148,16 +148,16 @@ func (m *Manager) prepareResume(seq SeqID, f *hitFinder, h int) (resumeTx, error
 		return tx, nil
 	}
 	ck := f.get(h - 1)
-	prev := m.arena.entry(ck).Prev()
-	m.arena.hold(ck)
+	prev := m.arena.Entry(ck).Prev()
+	m.arena.Hold(ck)
 	err := m.takeBlocks(1, -1)
 	if err != nil { // takeBlocks has rolled back
-		m.arena.unhold(ck, prev)
+		m.arena.Unhold(ck, prev)
 	} else {
 		dst := m.newBlocks[0]
 		if err = m.back.copyBlock(dst, ck); err != nil {
 			m.rollback()
-			m.arena.unhold(ck, prev)
+			m.arena.Unhold(ck, prev)
 			m.dropCopied(dst) // after the unhold: the entry before ck may be the one dst held
 			err = fmt.Errorf("copy checkpoint block %d: %w", ck, err)
 		}
@@ -177,7 +177,7 @@ func (tx resumeTx) commit(s *sequence.Sequence) {
 	m := tx.m
 	m.commitEvictions()
 	s.Blocks = append(s.Blocks, tx.block)
-	m.arena.unref(tx.ckpt)
+	m.arena.Unref(tx.ckpt)
 	m.counters.resumed++
 	if m.spare() < m.cfg.ReservePages {
 		m.kick()
@@ -191,7 +191,7 @@ func (tx resumeTx) abort() {
 		return
 	}
 	tx.m.rollback()
-	tx.m.arena.unhold(tx.ckpt, tx.prev)
+	tx.m.arena.Unhold(tx.ckpt, tx.prev)
 	tx.m.dropCopied(tx.block) // after the unhold: the entry before the checkpoint may be the one block held
 }
 

@@ -3,8 +3,8 @@ package kvcache
 import (
 	"errors"
 	"fmt"
-	"slices"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/kernels"
 	"github.com/pagedkv/pagedkv/sequence"
 )
@@ -74,7 +74,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 		moved := make(map[int32]int32, len(pairs)/2)
 		for i := 0; i < len(pairs); i += 2 {
 			src, dst := int32(pairs[i]), int32(pairs[i+1])
-			m.arena.move(src, dst)
+			m.arena.Move(src, dst)
 			moved[src] = dst
 		}
 		m.seqs.All(func(s *sequence.Sequence) bool {
@@ -99,65 +99,14 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	return res, nil
 }
 
-// planCompaction returns the (src, dst) block pairs of a compaction, changing nothing.
+// planCompaction returns the (src, dst) block pairs of a compaction moving at most maxBytes
+// (0: no bound), changing nothing: the arena's plan (arena.PlanCompaction).
 func (m *Manager) planCompaction(maxBytes uint64) []int64 {
-	a := m.arena
-	type pageLive struct {
-		page int32
-		live int
+	limit := -1
+	if maxBytes > 0 {
+		limit = int(min(maxBytes/m.cfg.BlockStride(), uint64(MaxPages)*uint64(m.bpp)))
 	}
-	var used []pageLive
-	for p, pg := range a.pages {
-		if pg != nil && (pg.state == pagePartial || pg.state == pageFull) {
-			used = append(used, pageLive{int32(p), a.liveIn(int32(p))})
-		}
-	}
-	keep := (a.live + a.idle + m.bpp - 1) / m.bpp // cached blocks are data: packed, with their keys
-	// Keep the pages with the most live blocks (the lowest among equals).
-	slices.SortFunc(used, func(x, y pageLive) int {
-		if x.live != y.live {
-			return y.live - x.live
-		}
-		return int(x.page - y.page)
-	})
-	keepers, sources := used[:keep], used[keep:]
-	slices.SortFunc(keepers, func(x, y pageLive) int { return int(x.page - y.page) })
-	// Evacuate the sparsest pages first, the highest among equals.
-	slices.SortFunc(sources, func(x, y pageLive) int {
-		if x.live != y.live {
-			return x.live - y.live
-		}
-		return int(y.page - x.page)
-	})
-	var pairs []int64
-	var budget uint64
-	ki, slot := 0, 0 // next destination: keepers[ki], block slot >= slot
-	nextDst := func() int32 {
-		for ; ki < len(keepers); ki, slot = ki+1, 0 {
-			pg := a.pages[keepers[ki].page]
-			for ; slot < m.bpp; slot++ {
-				if pg.bits[slot/64]&(1<<(slot%64)) != 0 {
-					slot++
-					return keepers[ki].page*int32(m.bpp) + int32(slot-1)
-				}
-			}
-		}
-		panic("kvcache: compaction ran out of destination blocks")
-	}
-	for _, src := range sources {
-		cost := uint64(src.live) * m.cfg.BlockStride()
-		if maxBytes > 0 && budget+cost > maxBytes {
-			break
-		}
-		budget += cost
-		pg := a.pages[src.page]
-		for i := range m.bpp {
-			if pg.bits[i/64]&(1<<(i%64)) == 0 { // held or idle cached
-				pairs = append(pairs, int64(src.page)*int64(m.bpp)+int64(i), int64(nextDst()))
-			}
-		}
-	}
-	return pairs
+	return m.arena.PlanCompaction(limit)
 }
 
 // trimLocked brings the idle pages to target: it unmaps free pages from the top (and evicts
@@ -165,13 +114,13 @@ func (m *Manager) planCompaction(maxBytes uint64) []int64 {
 // out. It holds mu throughout (compaction is not a hot path). It returns the pages unmapped.
 func (m *Manager) trimLocked(target int) (int, error) {
 	released := 0
-	for !m.static && m.spare() > target && (m.arena.free.Len() > 0 || m.dropOverBound(target)) {
-		p, _ := m.arena.free.Max()
+	for !m.static && m.spare() > target && (m.arena.FreePages() > 0 || m.dropOverBound(target)) {
+		p, _ := m.arena.HighestFree()
 		if err := m.unmapPage(p); err != nil {
 			return released, fmt.Errorf("return page %d: %w", p, err)
 		}
 		m.counters.unmaps++
-		m.arena.setState(p, pageUnmapped)
+		m.arena.SetState(p, arena.Unmapped)
 		released++
 	}
 	for !m.static && !m.asleep && m.spare() < target {

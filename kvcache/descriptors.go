@@ -1,6 +1,10 @@
 package kvcache
 
-import "github.com/pagedkv/pagedkv/vmm"
+import (
+	"github.com/pagedkv/pagedkv/vmm"
+
+	"github.com/pagedkv/pagedkv/internal/arena"
+)
 
 // Layout says where block b of layer l lives inside the regions a manager lists, for transfer
 // engines that move blocks by address (NIXL, RDMA).
@@ -43,7 +47,7 @@ func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.static {
-		return m.back.regions(dst, 0, int32(len(m.arena.pages)))
+		return m.back.regions(dst, 0, int32(m.arena.Pages()))
 	}
 	start := int32(-1)
 	flush := func(end int32) {
@@ -52,15 +56,15 @@ func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
 			start = -1
 		}
 	}
-	for p, pg := range m.arena.pages {
-		mapped := pg != nil && pg.state >= pageFree
+	for p := range int32(m.arena.Pages()) {
+		mapped := m.arena.State(p) >= arena.Free
 		if mapped && start < 0 {
 			start = int32(p)
 		} else if !mapped {
 			flush(int32(p))
 		}
 	}
-	flush(int32(len(m.arena.pages)))
+	flush(int32(m.arena.Pages()))
 	return dst
 }
 
@@ -71,5 +75,5 @@ func (m *Manager) MapGeneration() uint64 {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.arena.gen
+	return m.arena.Gen()
 }

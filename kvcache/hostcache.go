@@ -51,7 +51,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		// A cached block is full and never written again, so one still held by other
 		// sequences (a shared system prompt) is copied too: a prompt every running request
 		// shares would otherwise never reach the host, nor the tiers below it.
-		e := m.arena.entry(b)
+		e := m.arena.Entry(b)
 		if e == nil || e.Key != k || m.host.cache.Get(k) != nil {
 			continue
 		}
@@ -113,7 +113,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	for i := from; i < maxBlocks; i++ {
 		k := m.promptKey(&p, i, parent)
 		e := m.host.cache.Get(k)
-		if e == nil || m.arena.index.Get(k) != nil {
+		if e == nil || m.arena.Index().Get(k) != nil {
 			break
 		}
 		sc.pairs = append(sc.pairs, int64(e.Block), 0)
@@ -146,7 +146,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	}
 	for j, k := range sc.keys {
 		d := m.newBlocks[j]
-		m.arena.cache(d, k)
+		m.arena.Cache(d, k)
 		s.Blocks = append(s.Blocks, d)
 		s.Keys = append(s.Keys, k)
 	}

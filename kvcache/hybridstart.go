@@ -28,7 +28,7 @@ func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
 func (f *hitFinder) get(i int) int32 {
 	if f.found[i] == -2 {
 		f.found[i] = NullBlock
-		if e := f.m.arena.index.Get(f.keys[i]); e != nil {
+		if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
 			f.found[i] = e.Block
 		}
 	}
@@ -110,8 +110,8 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 			s.Blocks = append(s.Blocks, f.get(i))
 		}
 	}
-	m.arena.holdAll(s.Blocks[:sinks])
-	m.arena.holdAll(s.Blocks[first:])
+	m.arena.HoldAll(s.Blocks[:sinks])
+	m.arena.HoldAll(s.Blocks[first:])
 	if first > m.sinkBlocks() {
 		s.Dropped = first
 	}

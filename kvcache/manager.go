@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -40,7 +41,7 @@ type Manager struct {
 	base   vmm.Addr
 	geom   Config
 	bpp    int
-	arena  *arena
+	arena  *arena.Arena
 	seqs   *sequence.Registry
 	closed bool
 
@@ -162,7 +163,7 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 		base:      b.shards()[0].Base,
 		geom:      b.shards()[0].Config,
 		bpp:       bpp,
-		arena:     newArena(npages, bpp),
+		arena:     arena.New(npages, bpp),
 		seqs:      sequence.NewRegistry(),
 		wake:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
@@ -362,7 +363,7 @@ func (m *Manager) fastRoom(s *sequence.Sequence) int {
 		return 0
 	}
 	tail := s.Blocks[len(s.Blocks)-1]
-	if tail == NullBlock || m.arena.refs(tail) != 1 || m.arena.entry(tail) != nil {
+	if tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil {
 		return 0
 	}
 	if m.bounded() {
@@ -396,8 +397,7 @@ func (m *Manager) tailWritable(s *sequence.Sequence) bool {
 	if s.Tokens%bt == 0 {
 		return true
 	}
-	pg, i := m.arena.slot(s.Blocks[s.Tokens/bt]) // during an append's commit, Blocks may be longer
-	return pg.entries == nil || pg.entries[i] == nil
+	return m.arena.Entry(s.Blocks[s.Tokens/bt]) == nil // during an append's commit, Blocks may be longer
 }
 
 // appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
@@ -433,7 +433,7 @@ func (m *Manager) blocksNeeded(s *sequence.Sequence, n int) (need int, cow bool)
 	}
 	bt := m.cfg.BlockTokens
 	need = sequence.BlocksFor(n-s.TailRoom(bt), bt) // exact for any n: TailRoom is in [0, bt)
-	if n > 0 && s.TailRoom(bt) > 0 && m.arena.refs(s.Blocks[len(s.Blocks)-1]) > 1 {
+	if n > 0 && s.TailRoom(bt) > 0 && m.arena.Refs(s.Blocks[len(s.Blocks)-1]) > 1 {
 		need, cow = need+1, true
 	}
 	return need, cow
@@ -469,15 +469,15 @@ func (m *Manager) bound() string {
 // free blocks of mapped pages, and those of the pages MemoryLimit still lets it map.
 func (m *Manager) freeBlocks() int {
 	a := m.arena
-	mappable := a.unmappedPages()
+	mappable := a.UnmappedPages()
 	if m.static {
 		mappable = 0
 	}
 	if m.cfg.MemoryLimit > 0 {
-		room := m.maxBlocks/m.bpp - a.mapped - m.inflight
+		room := m.maxBlocks/m.bpp - a.Mapped() - m.inflight
 		mappable = max(0, min(mappable, room))
 	}
-	return a.mapped*m.bpp - a.live + mappable*m.bpp // free and idle blocks, and mappable ones
+	return a.Mapped()*m.bpp - a.Live() + mappable*m.bpp // free and idle blocks, and mappable ones
 }
 
 // takeBlocks takes need device blocks into m.newBlocks, each held once, near page hint (-1:
@@ -487,9 +487,9 @@ func (m *Manager) freeBlocks() int {
 func (m *Manager) takeBlocks(need int, hint int32) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for len(m.newBlocks) < need {
-		p, ok := m.arena.pick(hint, need-len(m.newBlocks))
+		p, ok := m.arena.Pick(hint, need-len(m.newBlocks))
 		if !ok && m.evictExcess() { // cache beyond the bound goes before a page is mapped
-			p, ok = m.arena.pick(hint, need-len(m.newBlocks))
+			p, ok = m.arena.Pick(hint, need-len(m.newBlocks))
 		}
 		if !ok {
 			var err error
@@ -499,11 +499,11 @@ func (m *Manager) takeBlocks(need int, hint int32) error {
 			}
 		}
 		hint = p
-		if need-len(m.newBlocks) >= m.bpp && m.arena.pages[p].free == m.bpp {
-			m.newBlocks = m.arena.allocAll(p, m.newBlocks) // what bpp allocs would take, at once
+		if need-len(m.newBlocks) >= m.bpp && m.arena.FreeIn(p) == m.bpp {
+			m.newBlocks = m.arena.AllocAll(p, m.newBlocks) // what bpp allocs would take, at once
 			continue
 		}
-		m.newBlocks = append(m.newBlocks, m.arena.alloc(p))
+		m.newBlocks = append(m.newBlocks, m.arena.Alloc(p))
 	}
 	return nil
 }
@@ -511,7 +511,7 @@ func (m *Manager) takeBlocks(need int, hint int32) error {
 // commitEvictions lets the key index reuse what the operation evicted: it stands.
 func (m *Manager) commitEvictions() {
 	for _, r := range m.evicted {
-		m.arena.index.Recycle(r)
+		m.arena.Index().Recycle(r)
 	}
 	m.evicted = m.evicted[:0]
 }
@@ -520,10 +520,10 @@ func (m *Manager) commitEvictions() {
 // failed grow took, and forgets the operation's events.
 func (m *Manager) rollback() {
 	for _, b := range m.newBlocks {
-		m.arena.unref(b)
+		m.arena.Unref(b)
 	}
 	for i := len(m.evicted) - 1; i >= 0; i-- {
-		m.arena.restore(m.evicted[i])
+		m.arena.Restore(m.evicted[i])
 		m.counters.evictions--
 	}
 	m.evicted = m.evicted[:0]
@@ -535,7 +535,7 @@ func (m *Manager) rollback() {
 			continue
 		}
 		m.counters.unmaps++
-		m.arena.setState(p, pageUnmapped)
+		m.arena.SetState(p, arena.Unmapped)
 	}
 	m.newBlocks, m.newPages = m.newBlocks[:0], m.newPages[:0]
 }
@@ -554,7 +554,7 @@ func (m *Manager) rollbackAfterCopy(dsts ...int32) {
 func (m *Manager) dropCopied(dsts ...int32) {
 	evicted := false
 	for _, b := range dsts {
-		if m.arena.entry(b) != nil { // restored: the copy overwrote the block it names
+		if m.arena.Entry(b) != nil { // restored: the copy overwrote the block it names
 			m.evictBlock(b, false)
 			evicted = true
 		}
@@ -579,7 +579,7 @@ func (m *Manager) growPage() (int32, error) {
 		return 0, err
 	}
 	if m.evictForAlloc() {
-		if p, ok := m.arena.pick(-1, 1); ok {
+		if p, ok := m.arena.Pick(-1, 1); ok {
 			return p, nil
 		}
 	}
@@ -601,15 +601,15 @@ func (m *Manager) mapPageLocked(reclaim bool) (int32, error) {
 	if err := m.checkLimit(); err != nil {
 		return 0, err
 	}
-	p, ok := m.arena.takeUnmapped()
+	p, ok := m.arena.TakeUnmapped()
 	if !ok {
 		return 0, &vmm.CapacityError{Need: m.cfg.PageSize, Free: 0}
 	}
 	if err := m.mapPage(p, reclaim); err != nil {
-		m.arena.setState(p, pageUnmapped)
+		m.arena.SetState(p, arena.Unmapped)
 		return 0, err
 	}
-	m.arena.markMapped(p)
+	m.arena.MarkMapped(p)
 	return p, nil
 }
 
@@ -625,7 +625,7 @@ func (m *Manager) checkLimit() error {
 	if m.cfg.MemoryLimit == 0 {
 		return nil
 	}
-	used := uint64(m.arena.mapped+m.inflight) * m.cfg.PageSize
+	used := uint64(m.arena.Mapped()+m.inflight) * m.cfg.PageSize
 	if used+m.cfg.PageSize > m.cfg.MemoryLimit {
 		free := uint64(0)
 		if m.cfg.MemoryLimit > used {
@@ -666,7 +666,7 @@ func (m *Manager) free(s *sequence.Sequence) {
 		} else if m.host.has(b) {
 			m.host.unref(b)
 		} else {
-			m.arena.unref(b)
+			m.arena.Unref(b)
 		}
 	}
 	m.writeBack(s)
@@ -728,7 +728,7 @@ func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 	}
 	for _, b := range d.Blocks {
 		if b != NullBlock {
-			m.arena.ref(b)
+			m.arena.Ref(b)
 		}
 	}
 	return nil
@@ -779,7 +779,7 @@ func (m *Manager) truncate(s *sequence.Sequence, n int) {
 	bt := m.cfg.BlockTokens
 	keep := sequence.BlocksFor(s.Tokens, bt)
 	for i := len(s.Blocks) - 1; i >= keep; i-- {
-		m.arena.unref(s.Blocks[i])
+		m.arena.Unref(s.Blocks[i])
 	}
 	s.Blocks = s.Blocks[:keep]
 	if s.Keyed {

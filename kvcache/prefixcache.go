@@ -121,7 +121,7 @@ func (m *Manager) start(seq SeqID, p Prompt, root prefix.Key, maxBlocks int) (in
 	}
 	s.Keyed, s.Root, s.Adapter, s.Salt = true, root, p.Namespace.Adapter, p.Namespace.Salt
 	m.lookupPrefix(s, p, maxBlocks)
-	m.arena.holdAll(s.Blocks)
+	m.arena.HoldAll(s.Blocks)
 	s.IDs = append(s.IDs, p.Tokens[:len(s.Keys)*bt]...)
 	fetched := m.fetchHost(s, p, maxBlocks)
 	s.Tokens = len(s.Keys) * bt
@@ -159,7 +159,7 @@ func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, maxBlocks int) {
 	parent := s.Root
 	for i := range maxBlocks {
 		k := m.promptKey(&p, i, parent)
-		e := m.arena.index.Get(k)
+		e := m.arena.Index().Get(k)
 		if e == nil {
 			return
 		}
@@ -346,7 +346,7 @@ func (m *Manager) storeBlocksFrom(s, chain *sequence.Sequence) {
 			k = m.keyer.Next(prefix.Namespace{Adapter: s.Adapter, Salt: s.Salt}, i, parent, s.IDs[i*bt:(i+1)*bt])
 		}
 		s.Keys = append(s.Keys, k)
-		stored := s.Blocks[i] != NullBlock && m.arena.entry(s.Blocks[i]) == nil && m.arena.cache(s.Blocks[i], k)
+		stored := s.Blocks[i] != NullBlock && m.arena.Entry(s.Blocks[i]) == nil && m.arena.Cache(s.Blocks[i], k)
 		if stored {
 			m.counters.stored++
 			if run < 0 {
@@ -516,44 +516,38 @@ func (m *Manager) retryPull() {
 // excess lives in otherwise-free memory and goes before a page is mapped. It reports whether
 // it evicted.
 func (m *Manager) evictExcess() bool {
-	if m.arena.idle <= m.idleAllowed() {
+	if m.arena.Idle() <= m.idleAllowed() {
 		return false
 	}
 	return m.evictForAlloc()
 }
 
-// nearTie is how close, as a fraction of the idle blocks' age span, a cache-only page's newest
-// block must be to the least recently used block for the whole page to go instead of it.
-const nearTie = 8 // 1/8
-
-// evictForAlloc makes room for one block: LRU by last use, with near-ties broken to empty a
-// whole page. It evicts the oldest cache-only page whole when its most recently used block is
-// nearly as old as the least recently used idle block (within 1/nearTie of the idle blocks'
-// age span), so the new block lands in a page of its own and no page is left holding scattered
-// cache; otherwise the least recently used block alone. It records what it evicted in
-// m.evicted (so that a failed append restores it) and reports whether it evicted anything.
+// evictForAlloc makes room for one block: it evicts the arena's victim (arena.Victim: the least
+// recently used idle block, or a cache-only page nearly as old, whole, so that the new block
+// lands in a page of its own and no page is left holding scattered cache). It records what it
+// evicted in m.evicted (so that a failed append restores it) and reports whether it evicted
+// anything.
 func (m *Manager) evictForAlloc() bool { return m.evictOne(true) }
 
-// evictOne evicts by evictForAlloc's rule, recording the evictions for undo when undo is set.
+// evictOne evicts the arena's victim, recording the evictions for undo when undo is set.
 func (m *Manager) evictOne(undo bool) bool {
-	e := m.arena.index.Oldest()
-	if e == nil {
+	b, p, ok := m.arena.Victim()
+	switch {
+	case !ok:
 		return false
+	case p >= 0:
+		m.evictPage(p, undo)
+	default:
+		m.evictBlock(b, undo)
 	}
-	if pa, ok := m.arena.cacheOnly.Min(); ok && pa.newest-e.LastUse <= (m.arena.index.Clock()-e.LastUse)/nearTie {
-		m.evictPage(pa.page, undo)
-		return true
-	}
-	m.evictBlock(e.Block, undo)
 	return true
 }
 
 // evictPage evicts every idle block of page p; with undo, each is recorded in m.evicted.
 func (m *Manager) evictPage(p int32, undo bool) {
-	pg := m.arena.pages[p]
-	for i, e := range pg.entries {
-		if e != nil && e.Idle() {
-			m.evictBlock(p*int32(m.bpp)+int32(i), undo)
+	for b := p * int32(m.bpp); b < (p+1)*int32(m.bpp); b++ {
+		if m.arena.IsIdle(b) {
+			m.evictBlock(b, undo)
 		}
 	}
 }
@@ -561,11 +555,11 @@ func (m *Manager) evictPage(p int32, undo bool) {
 // evictBlock evicts idle block b.
 func (m *Manager) evictBlock(b int32, undo bool) {
 	m.settleCopies() // a write-back may still read b
-	r := m.arena.evict(b)
+	r := m.arena.Evict(b)
 	if undo {
 		m.evicted = append(m.evicted, r)
 	} else {
-		m.arena.index.Recycle(r)
+		m.arena.Index().Recycle(r)
 	}
 	m.counters.evictions++
 	m.emitRemoved(r.Key)
@@ -580,7 +574,7 @@ func (m *Manager) idleAllowed() int { return m.idleCap }
 // The watermarks count spare pages: the reserve maps none while the excess can serve, and
 // trimming returns the excess that sits on cache-only pages.
 func (m *Manager) spare() int {
-	return m.arena.free.Len() + (max(0, m.arena.idle-m.idleAllowed())+m.bpp-1)/m.bpp
+	return m.arena.FreePages() + (max(0, m.arena.Idle()-m.idleAllowed())+m.bpp-1)/m.bpp
 }
 
 // dropOverBound evicts idle blocks beyond the bound, in evictForAlloc's order (LRU, near-ties
@@ -590,16 +584,16 @@ func (m *Manager) spare() int {
 // once a page is free, for the caller to unmap, and reports whether one is. Static memory is
 // never returned, so there the cache is bounded only by need.
 func (m *Manager) dropOverBound(keep int) bool {
-	for !m.static && m.arena.free.Len() == 0 && m.spare() > keep && m.arena.idle > m.idleAllowed() {
+	for !m.static && m.arena.FreePages() == 0 && m.spare() > keep && m.arena.Idle() > m.idleAllowed() {
 		m.evictOne(false)
 	}
-	return !m.static && m.arena.free.Len() > 0
+	return !m.static && m.arena.FreePages() > 0
 }
 
 // dropExcess evicts idle blocks beyond the bound, in evictForAlloc's order, until at most keep
 // pages' worth of them remain; compaction calls it before packing.
 func (m *Manager) dropExcess(keep int) {
-	for !m.static && (m.arena.idle-m.idleAllowed()+m.bpp-1)/m.bpp > keep {
+	for !m.static && (m.arena.Idle()-m.idleAllowed()+m.bpp-1)/m.bpp > keep {
 		m.evictOne(false)
 	}
 }
@@ -637,7 +631,7 @@ func (m *Manager) DropCache() (int, error) {
 func (m *Manager) dropCacheLocked() int {
 	a := m.arena
 	var idle, held []int32
-	a.index.Each(func(e *keyindex.Entry) bool {
+	a.Index().Each(func(e *keyindex.Entry) bool {
 		if e.Idle() {
 			idle = append(idle, e.Block)
 		} else {
@@ -646,11 +640,11 @@ func (m *Manager) dropCacheLocked() int {
 		return true
 	})
 	for _, b := range idle {
-		a.index.Recycle(a.evict(b))
+		a.Index().Recycle(a.Evict(b))
 		m.counters.evictions++
 	}
 	for _, b := range held {
-		a.uncache(b)
+		a.Uncache(b)
 	}
 	if m.publishes() && len(idle)+len(held) > 0 {
 		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
@@ -688,7 +682,7 @@ func (m *Manager) CachedKeys(dst []prefix.Key) []prefix.Key {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.arena.index.Each(func(e *keyindex.Entry) bool { dst = append(dst, e.Key); return true })
+	m.arena.Index().Each(func(e *keyindex.Entry) bool { dst = append(dst, e.Key); return true })
 	return dst
 }
 
@@ -717,11 +711,11 @@ func (m *Manager) Available() Availability {
 
 func (m *Manager) availableLocked() Availability {
 	a := m.arena
-	av := Availability{FreeBlocks: a.mapped*m.bpp - a.live - a.idle, IdleBlocks: a.idle}
+	av := Availability{FreeBlocks: a.Mapped()*m.bpp - a.Live() - a.Idle(), IdleBlocks: a.Idle()}
 	if !m.static && !m.closed && !m.asleep {
-		pages := a.unmappedPages()
+		pages := a.UnmappedPages()
 		if m.cfg.MemoryLimit > 0 {
-			pages = max(0, min(pages, m.maxBlocks/m.bpp-a.mapped-m.inflight))
+			pages = max(0, min(pages, m.maxBlocks/m.bpp-a.Mapped()-m.inflight))
 		}
 		if room, ok := m.back.headroom(); ok {
 			pages = min(pages, int(min(room/m.cfg.PageSize, MaxPages)))
@@ -772,7 +766,7 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	m.lookupPrefix(probe, p, maxPromptBlocks(len(p.Tokens), bt))
 	idleHits := 0
 	for _, b := range probe.Blocks {
-		if m.arena.refs(b) == 0 {
+		if m.arena.Refs(b) == 0 {
 			idleHits++
 		}
 	}

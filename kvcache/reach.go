@@ -62,7 +62,7 @@ func (m *Manager) dropOutOfReach(s *sequence.Sequence) {
 	end := min(m.outOfReach(s), len(s.Blocks))
 	for i := max(s.Dropped, m.sinkBlocks()); i < end; i++ {
 		if b := s.Blocks[i]; b != NullBlock {
-			m.arena.unref(b)
+			m.arena.Unref(b)
 			s.Blocks[i] = NullBlock
 		}
 	}

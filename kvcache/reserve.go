@@ -3,6 +3,8 @@ package kvcache
 import (
 	"errors"
 	"fmt"
+
+	"github.com/pagedkv/pagedkv/internal/arena"
 )
 
 // kick wakes the reserve goroutine without blocking. Called with mu held.
@@ -65,7 +67,7 @@ func (m *Manager) settle() error {
 			m.mu.Unlock()
 			break // the limit is a bound, not a failure of the reserve
 		}
-		p, ok := m.arena.takeUnmapped()
+		p, ok := m.arena.TakeUnmapped()
 		if !ok {
 			m.mu.Unlock()
 			break
@@ -78,7 +80,7 @@ func (m *Manager) settle() error {
 		m.mu.Lock()
 		m.inflight--
 		if err != nil {
-			m.arena.setState(p, pageUnmapped)
+			m.arena.SetState(p, arena.Unmapped)
 			m.mu.Unlock()
 			if !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
 				errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
@@ -86,7 +88,7 @@ func (m *Manager) settle() error {
 			break
 		}
 		m.counters.bgMaps++
-		m.arena.markMapped(p)
+		m.arena.MarkMapped(p)
 		m.mu.Unlock()
 	}
 	for {
@@ -95,12 +97,12 @@ func (m *Manager) settle() error {
 			m.dropOverBound(m.cfg.HighWatermark)
 			m.publish()
 		}
-		if m.closed || m.static || m.arena.free.Len() == 0 || m.spare() <= m.cfg.HighWatermark {
+		if m.closed || m.static || m.arena.FreePages() == 0 || m.spare() <= m.cfg.HighWatermark {
 			m.mu.Unlock()
 			break
 		}
-		p, _ := m.arena.free.Max()
-		m.arena.setState(p, pageInFlight)
+		p, _ := m.arena.HighestFree()
+		m.arena.SetState(p, arena.InFlight)
 		m.inflight++
 		m.mu.Unlock()
 
@@ -109,13 +111,13 @@ func (m *Manager) settle() error {
 		m.mu.Lock()
 		m.inflight--
 		if err != nil {
-			m.arena.markMapped(p)
+			m.arena.MarkMapped(p)
 			m.mu.Unlock()
 			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", p, err))
 			break
 		}
 		m.counters.unmaps++
-		m.arena.setState(p, pageUnmapped)
+		m.arena.SetState(p, arena.Unmapped)
 		m.mu.Unlock()
 	}
 	return errors.Join(errs...)

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -356,8 +357,8 @@ func (m *Manager) reclaim(need uint64, compact, wait bool) (uint64, bool) {
 		return 0, false
 	}
 	freed := m.unmapFreeLocked(need) // bytes of one device: a budget is one device's
-	if freed < need && compact && m.arena.live > 0 {
-		if _, err := m.compactLocked(CompactOptions{}, m.arena.free.Len()); err == nil {
+	if freed < need && compact && m.arena.Live() > 0 {
+		if _, err := m.compactLocked(CompactOptions{}, m.arena.FreePages()); err == nil {
 			freed += m.unmapFreeLocked(need - freed)
 		}
 	}
@@ -369,17 +370,17 @@ func (m *Manager) reclaim(need uint64, compact, wait bool) (uint64, bool) {
 // unmaps cache-only pages, oldest first: another model's need outranks this one's cache.
 func (m *Manager) unmapFreeLocked(need uint64) uint64 {
 	freed := uint64(0)
-	for freed < need && (m.arena.free.Len() > 0 || m.arena.cacheOnly.Len() > 0) {
-		if m.arena.free.Len() == 0 {
-			pa, _ := m.arena.cacheOnly.Min()
-			m.evictPage(pa.page, false)
+	for freed < need && (m.arena.FreePages() > 0 || m.arena.CacheOnlyPages() > 0) {
+		if m.arena.FreePages() == 0 {
+			p, _ := m.arena.OldestCacheOnly()
+			m.evictPage(p, false)
 		}
-		p, _ := m.arena.free.Max()
+		p, _ := m.arena.HighestFree()
 		if err := m.unmapPage(p); err != nil {
 			break
 		}
 		m.counters.unmaps++
-		m.arena.setState(p, pageUnmapped)
+		m.arena.SetState(p, arena.Unmapped)
 		freed += m.geom.PageSize // a page index frees one page on every device
 	}
 	return freed
@@ -409,7 +410,7 @@ func (m *Manager) Sleep() (SleepResult, error) {
 	m.asleep = true
 	m.dropCacheLocked()
 	res, err := m.compactLocked(CompactOptions{}, 0)
-	r := SleepResult{CompactResult: res, PagesMapped: m.arena.mapped}
+	r := SleepResult{CompactResult: res, PagesMapped: m.arena.Mapped()}
 	if err != nil {
 		return r, fmt.Errorf("kvcache: sleep: %w", err)
 	}

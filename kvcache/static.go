@@ -69,9 +69,9 @@ func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
 		return nil, fmt.Errorf("kvcache: static memory at %#x: %w: not 256-byte aligned", uint64(mem.Addr), ErrInvalidArgument)
 	}
 	m := newManagerOn(dev, cfg, &static{dev: dev, cfg: cfg, mem: mem}, int(mem.Size/cfg.PageSize))
-	for p := range m.arena.pages {
-		m.arena.takeUnmapped()
-		m.arena.markMapped(int32(p))
+	for p := range m.arena.Pages() {
+		m.arena.TakeUnmapped()
+		m.arena.MarkMapped(int32(p))
 	}
 	close(m.done)
 	m.startTiers()

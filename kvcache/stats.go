@@ -71,13 +71,13 @@ func (m *Manager) Stats() Stats {
 	defer m.mu.Unlock()
 	s := Stats{
 		Sequences:      m.seqs.Len(),
-		LiveBlocks:     m.arena.live,
+		LiveBlocks:     m.arena.Live(),
 		BlocksPerPage:  m.bpp,
 		PageBytes:      m.cfg.PageSize,
-		MappedPages:    m.arena.mapped,
-		FreePages:      m.arena.free.Len(),
-		PartialPages:   m.arena.partial.Len(),
-		MappedBytes:    uint64(m.arena.mapped) * m.cfg.PageSize,
+		MappedPages:    m.arena.Mapped(),
+		FreePages:      m.arena.FreePages(),
+		PartialPages:   m.arena.PartialPages(),
+		MappedBytes:    uint64(m.arena.Mapped()) * m.cfg.PageSize,
 		ScratchBytes:   m.back.scratchBytes(),
 		SyncMaps:       m.counters.syncMaps,
 		BackgroundMaps: m.counters.bgMaps,
@@ -93,9 +93,9 @@ func (m *Manager) Stats() Stats {
 	a := m.arena
 	s.Prefix = PrefixStats{
 		QueryTokens: m.counters.queryTokens, HitTokens: m.counters.hitTokens, Stored: m.counters.stored,
-		Evictions: m.counters.evictions, CachedBlocks: a.index.Len(), IdleBlocks: a.idle,
-		IdleBytes: uint64(a.idle) * m.cfg.BlockStride(), CacheOnlyPages: a.cacheOnly.Len(),
-		CacheOnlyBytes: uint64(a.cacheOnly.Len()) * m.cfg.PageSize,
+		Evictions: m.counters.evictions, CachedBlocks: a.Index().Len(), IdleBlocks: a.Idle(),
+		IdleBytes: uint64(a.Idle()) * m.cfg.BlockStride(), CacheOnlyPages: a.CacheOnlyPages(),
+		CacheOnlyBytes: uint64(a.CacheOnlyPages()) * m.cfg.PageSize,
 		HostHitTokens:  m.counters.hostHitTokens, HostStored: m.counters.hostStored, HostEvictions: m.counters.hostEvictions,
 		Tiers:        m.tierStats(),
 		HostFailures: m.counters.hostFailures,
@@ -117,7 +117,7 @@ func (m *Manager) Stats() Stats {
 	})
 	s.HostBlocks, s.HostFreeBlocks, s.HostSwappedBlocks = m.host.blocks(), m.host.freeBlocks(), m.host.swappedBlocks()
 	s.SwapOuts, s.SwapIns = m.counters.swapOuts, m.counters.swapIns
-	if used := s.LiveBlocks + a.idle; used > 0 {
+	if used := s.LiveBlocks + a.Idle(); used > 0 {
 		s.PageOverhead = float64(s.MappedPages) / float64((used+m.bpp-1)/m.bpp)
 	}
 	return s

@@ -236,11 +236,11 @@ func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap out", seqs, false); err != nil {
 		return swapTx{}, err
 	}
-	m.plan(false, m.arena.refs)
+	m.plan(false, m.arena.Refs)
 	sc := &m.swap
 	tx := swapTx{m: m, out: true, away: m.countSwappedHolders()}
 	for k, b := range sc.blocks {
-		if m.arena.refs(b) == sc.refs[k] { // every holder is out: it leaves the device
+		if m.arena.Refs(b) == sc.refs[k] { // every holder is out: it leaves the device
 			tx.n++
 		}
 	}
@@ -253,7 +253,7 @@ func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
 	for k, b := range sc.blocks {
 		h := int32(-1)
-		if m.arena.refs(b) == sc.refs[k] {
+		if m.arena.Refs(b) == sc.refs[k] {
 			h = m.host.taken[len(sc.pairs)/2]
 			sc.pairs = append(sc.pairs, int64(b), int64(h))
 		}
@@ -294,7 +294,7 @@ func (tx *swapTx) commitOut() *Swap {
 		j += len(q.Blocks)
 		for i := len(q.Blocks) - 1; i >= 0; i-- { // the tail first, as FreeSequence releases
 			if k := at[i]; k >= 0 && sc.dst[k] >= 0 {
-				m.arena.unref(q.Blocks[i])
+				m.arena.Unref(q.Blocks[i])
 				q.Blocks[i] = sc.dst[k]
 			}
 		}
@@ -343,7 +343,7 @@ func (tx *swapTx) abort() {
 // rollback restored: the copy overwrote it. The lock is held and m.swap.pairs are the copy's.
 func (m *Manager) dropOverwritten() {
 	for i := 1; i < len(m.swap.pairs); i += 2 {
-		if b := int32(m.swap.pairs[i]); m.arena.entry(b) != nil {
+		if b := int32(m.swap.pairs[i]); m.arena.Entry(b) != nil {
 			m.evictBlock(b, false)
 		}
 	}
@@ -356,7 +356,7 @@ func (m *Manager) countSwappedHolders() bool {
 	sc := &m.swap
 	outside := false
 	for k, b := range sc.blocks {
-		outside = outside || m.arena.refs(b) > sc.refs[k]
+		outside = outside || m.arena.Refs(b) > sc.refs[k]
 	}
 	if !outside {
 		return false
@@ -387,7 +387,7 @@ func (m *Manager) moveSwappedHolders() {
 		}
 		for i, b := range q.Blocks {
 			if k, ok := sc.first[b]; ok && !m.host.has(b) && sc.dst[k] >= 0 {
-				m.arena.unref(b)
+				m.arena.Unref(b)
 				q.Blocks[i] = sc.dst[k]
 			}
 		}
@@ -448,7 +448,7 @@ func (tx *swapTx) commitIn() *Swap {
 			c++
 		}
 		for range sc.refs[k] - 1 { // one reference is taken already
-			m.arena.ref(sc.dst[k])
+			m.arena.Ref(sc.dst[k])
 		}
 	}
 	j := 0
@@ -484,10 +484,10 @@ func (m *Manager) findCached() {
 			}
 			d := int32(-1)
 			if i < len(q.Keys) && m.cfg.StateBytes == 0 { // keyed, block i full; a state is never cached
-				if e := m.arena.index.Get(q.Keys[i]); e != nil {
+				if e := m.arena.Index().Get(q.Keys[i]); e != nil {
 					d = e.Block
 					sc.found = append(sc.found, foundBlock{b: d, idle: e.Idle(), prev: e.Prev()})
-					m.arena.hold(d)
+					m.arena.Hold(d)
 				}
 			}
 			sc.dst = append(sc.dst, d)
@@ -501,9 +501,9 @@ func (m *Manager) unholdFound() {
 	sc := &m.swap
 	for i := len(sc.found) - 1; i >= 0; i-- {
 		if f := sc.found[i]; f.idle {
-			m.arena.unhold(f.b, f.prev)
+			m.arena.Unhold(f.b, f.prev)
 		} else {
-			m.arena.unref(f.b)
+			m.arena.Unref(f.b)
 		}
 	}
 	sc.found = sc.found[:0]

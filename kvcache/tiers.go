@@ -495,7 +495,7 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 	if m.closed {
 		return len(keys), 0
 	}
-	for end < len(keys) && (m.arena.index.Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
+	for end < len(keys) && (m.arena.Index().Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
 		end++
 	}
 	return end, m.host.cacheRoom()

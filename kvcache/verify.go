@@ -70,120 +70,21 @@ func (m *Manager) Verify() error {
 			return true
 		}
 		tail := s.Blocks[len(s.Blocks)-1]
-		if s.FastRoom < 0 || s.FastRoom > s.TailRoom(bt) || s.Swapped || tail == NullBlock || refs[tail] != 1 || a.entry(tail) != nil ||
+		if s.FastRoom < 0 || s.FastRoom > s.TailRoom(bt) || s.Swapped || tail == NullBlock || refs[tail] != 1 || a.Entry(tail) != nil ||
 			m.bounded() && s.Tokens+s.FastRoom > s.NextDrop {
 			bad("sequence %d: fast room %d, but its tail block %d has room %d, %d holders, cached %v, swapped %v; %d tokens, next drop at %d",
-				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.entry(tail) != nil, s.Swapped, s.Tokens, s.NextDrop)
+				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.Entry(tail) != nil, s.Swapped, s.Tokens, s.NextDrop)
 		}
 		return true
 	})
-	live, idle, mapped, entries := 0, 0, 0, 0
-	var mappedList []int32
-	for p, pg := range a.pages {
-		p := int32(p)
-		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
-		if (pg == nil) != (p >= a.fresh) {
-			bad("page %d: state allocated %v, first page never used %d", p, pg != nil, a.fresh)
-		}
-		if pg == nil {
-			if inUnmapped || inFree || inPartial {
-				bad("never-used page %d: in unmapped %v, free %v, partial %v", p, inUnmapped, inFree, inPartial)
+	mappedList := a.Check(refs, bad)
+	if m.cfg.StateBytes > 0 { // a recurrent arena caches only checkpoints, which no sequence holds
+		a.Index().Each(func(e *keyindex.Entry) bool {
+			if !e.Idle() {
+				bad("block %d: a recurrent arena caches only checkpoints, which no sequence holds, but %d do", e.Block, refs[e.Block])
 			}
-			continue
-		}
-		wantIdx := [3]bool{pg.state == pageFree, pg.state == pagePartial, pg.state == pageUnmapped}
-		if gotIdx := [3]bool{inFree, inPartial, inUnmapped}; gotIdx != wantIdx {
-			bad("page %d in state %d: index membership free/partial/unmapped %v", p, pg.state, gotIdx)
-		}
-		if pg.state == pageInFlight {
-			bad("page %d in flight while the reserve goroutine is idle", p)
-		}
-		isMapped := pg.state >= pageFree
-		if isMapped {
-			mappedList = append(mappedList, p)
-		}
-		if !isMapped {
-			for i := range m.bpp {
-				b := p*int32(m.bpp) + int32(i)
-				if r := refs[b]; r != 0 {
-					bad("block %d on unmapped page %d is held %d times", b, p, r)
-				}
-				if a.entry(b) != nil {
-					bad("block %d on unmapped page %d is cached", b, p)
-				}
-			}
-			if pg.aged {
-				bad("unmapped page %d is in the cache-only index", p)
-			}
-			continue
-		}
-		mapped++
-		free, pidle := 0, 0
-		newest := uint64(0)
-		for i := range m.bpp {
-			b := p*int32(m.bpp) + int32(i)
-			isFree := pg.bits[i/64]&(1<<(i%64)) != 0
-			e := a.entry(b)
-			if pg.refs[i] != refs[b] {
-				bad("block %d: reference count %d, held by %d sequences", b, pg.refs[i], refs[b])
-			}
-			if isFree != (refs[b] == 0 && e == nil) {
-				bad("block %d: free bit %v with %d holders, cached %v", b, isFree, refs[b], e != nil)
-			}
-			if e != nil {
-				entries++
-				if a.index.Get(e.Key) != e || e.Block != b {
-					bad("block %d: its cache entry is not indexed under its key for it", b)
-				}
-				if e.Idle() != (refs[b] == 0) {
-					bad("block %d: entry idle %v with %d holders", b, e.Idle(), refs[b])
-				}
-				if m.cfg.StateBytes > 0 && refs[b] != 0 {
-					bad("block %d: a recurrent arena caches only checkpoints, which no sequence holds, but %d do", b, refs[b])
-				}
-			}
-			switch {
-			case isFree:
-				free++
-			case refs[b] == 0:
-				pidle++
-				idle++
-				newest = max(newest, e.LastUse)
-			default:
-				live++
-			}
-		}
-		if free != pg.free || pidle != pg.idle {
-			bad("page %d: free/idle counts %d/%d, blocks say %d/%d", p, pg.free, pg.idle, free, pidle)
-		}
-		want := pagePartial
-		switch free {
-		case m.bpp:
-			want = pageFree
-		case 0:
-			want = pageFull
-		}
-		if pg.state != want {
-			bad("page %d: state %d with %d of %d blocks free", p, pg.state, free, m.bpp)
-		}
-		cacheOnly := pidle > 0 && free+pidle == m.bpp
-		if cacheOnly != (pg.aged && a.cacheOnly.Has(pageAge{pg.agedAt, p})) || cacheOnly && (pg.newest != newest || pg.agedAt != newest) {
-			bad("page %d: cache-only %v, indexed %v at %d, newest idle use %d (page says %d)", p, cacheOnly, pg.aged, pg.agedAt, newest, pg.newest)
-		}
-	}
-	if live != a.live || idle != a.idle || idle != a.index.IdleLen() {
-		bad("held/idle blocks: arena counts %d/%d, pages hold %d/%d, the index %d idle", a.live, a.idle, live, idle, a.index.IdleLen())
-	}
-	if entries != a.index.Len() {
-		bad("the key index has %d entries, blocks hold %d", a.index.Len(), entries)
-	}
-	n := 0
-	a.cacheOnly.Ascend(func(pageAge) bool { n++; return true })
-	if n != a.cacheOnly.Len() {
-		bad("cache-only index miscounts")
-	}
-	if mapped != a.mapped {
-		bad("mapped pages: arena counts %d, pages say %d", a.mapped, mapped)
+			return true
+		})
 	}
 	if h := m.host; h != nil { // the host tier: each block free, held by swapped sequences, or cached
 		freeHost := make(map[int32]bool, len(h.free))
@@ -271,7 +172,7 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, keyer *prefix.Keyer, bad func
 		if m.cfg.StateBytes > 0 || s.Blocks[i] == NullBlock || m.host.has(s.Blocks[i]) {
 			// checkpoint keys, which name no block of s; dropped; or a host block, which is not
 			// cached: swapped-out content leaves the cache's reach
-		} else if e := m.arena.entry(s.Blocks[i]); e != nil && e.Key != k {
+		} else if e := m.arena.Entry(s.Blocks[i]); e != nil && e.Key != k {
 			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
 		}
 		parent = k
