@@ -118,6 +118,7 @@ func New(npages, bpp int) *Arena {
 	}
 }
 
+// PageOf returns the page of block b.
 func (a *Arena) PageOf(b int32) int32 { return b / int32(a.bpp) }
 
 // slot returns block b's page and its index in the page.
