@@ -178,6 +178,9 @@ type attnCase struct {
 	format                      kernels.Format
 	window, sinks, chunk        int
 	lens                        []int
+	// scalesAt passes the fp8 scales as device addresses (KScaleAt, VScaleAt) to the write and
+	// the attention, instead of by value.
+	scalesAt bool
 }
 
 // attends is the mask, from its definition: the query at position L-1 sees p.
@@ -221,6 +224,10 @@ func TestAttentionModes(t *testing.T) {
 		{name: "MLA", heads: 8, kvHeads: 1, dim: 72, latent: 64, blockTokens: 4, lens: []int{0, 1, 9, 37}},
 		{name: "MLA 512+64 fp8 e4m3", heads: 2, kvHeads: 1, dim: 576, latent: 512, blockTokens: 16, format: kernels.FP8E4M3, lens: []int{3, 40}},
 		{name: "MLA window", heads: 4, kvHeads: 1, dim: 72, latent: 64, blockTokens: 4, window: 16, sinks: 2, lens: []int{5, 40}},
+		{name: "fp8 e4m3 scales in device memory", heads: 4, kvHeads: 2, dim: 64, blockTokens: 4, format: kernels.FP8E4M3, window: 10,
+			lens: []int{1, 13, 37}, scalesAt: true},
+		{name: "MLA fp8 e5m2 scales in device memory", heads: 2, kvHeads: 1, dim: 576, latent: 512, blockTokens: 16,
+			format: kernels.FP8E5M2, lens: []int{3, 40}, scalesAt: true},
 	}
 	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
 		for i, c := range cases {
@@ -286,11 +293,20 @@ func checkAttentionCase(t *testing.T, dev vmm.Device, k *kernels.Kernels, c attn
 		vDim = c.latent
 	}
 	outLen := 4 * numSeqs * c.heads * vDim
-	addrs := stage(t, dev, make([]byte, nblocks*stride), key, value, slotBytes(slots), q, table, seqLens, make([]byte, outLen))
+	scales := binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, math.Float32bits(kScale)), math.Float32bits(vScale))
+	addrs := stage(t, dev, make([]byte, nblocks*stride), key, value, slotBytes(slots), q, table, seqLens, make([]byte, outLen), scales)
 	arena := addrs[0]
 	w := kernels.KVWrite{KBase: arena, VBase: arena + vmm.Addr(blockBytes), Key: addrs[1], Value: addrs[2], SlotMapping: addrs[3],
 		NumTokens: total, RowBytes: uint64(inRow), BlockTokens: c.blockTokens, BlockStride: uint64(stride),
 		Format: c.format, KScale: kScale, VScale: vScale}
+	var kAt, vAt vmm.Addr
+	if c.scalesAt {
+		kAt, vAt = addrs[8], addrs[8]+4
+		if mla {
+			vAt = 0
+		}
+		w.KScale, w.VScale, w.KScaleAt, w.VScaleAt = 0, 0, kAt, vAt
+	}
 	if mla {
 		w.VBase, w.Value = 0, 0
 	}
@@ -300,6 +316,9 @@ func checkAttentionCase(t *testing.T, dev vmm.Device, k *kernels.Kernels, c attn
 		NumSeqs: numSeqs, MaxBlocks: maxBlocks, NumHeads: c.heads, KVHeads: c.kvHeads, HeadDim: c.dim, BlockTokens: c.blockTokens,
 		BlockStride: uint64(stride), Scale: scale, Window: c.window, Sinks: c.sinks, Chunk: c.chunk,
 		Format: c.format, KScale: kScale, VScale: vScale, LatentDim: c.latent}
+	if c.scalesAt {
+		a.KScale, a.VScale, a.KScaleAt, a.VScaleAt = 0, 0, kAt, vAt
+	}
 	require.NoError(t, k.PagedAttention(0, a))
 	require.NoError(t, k.Synchronize(0))
 	outB := make([]byte, outLen)
@@ -449,6 +468,8 @@ func TestAttentionInvalid(t *testing.T) {
 			with(base, func(a *kernels.Attention) { a.Window, a.Sinks = 128, 4 }),
 			with(base, func(a *kernels.Attention) { a.Chunk = 8192 }),
 			with(mla, func(a *kernels.Attention) { a.Format, a.KScale = kernels.FP8E5M2, 2 }),
+			with(fp8, func(a *kernels.Attention) { a.KScale, a.VScale, a.KScaleAt, a.VScaleAt = 0, 0, 0x70000, 0x70004 }),
+			with(mla, func(a *kernels.Attention) { a.Format, a.KScaleAt = kernels.FP8E5M2, 0x70000 }),
 		} {
 			require.NoError(t, k.PagedAttention(0, ok), "%+v", ok)
 		}
@@ -472,6 +493,8 @@ func TestAttentionInvalid(t *testing.T) {
 			{with(mla, func(a *kernels.Attention) { a.LatentDim = 600 }), "latent dim 600 in rows of 576"},
 			{with(mla, func(a *kernels.Attention) { a.LatentDim = -1 }), "latent dim -1"},
 			{with(mla, func(a *kernels.Attention) { a.Format, a.KScale, a.VScale = kernels.FP8E4M3, 1, 1 }), "V scale 1"},
+			{with(fp8, func(a *kernels.Attention) { a.VScaleAt = 0x70000 }), "at 0x0 and 0x70000"},
+			{with(mla, func(a *kernels.Attention) { a.Format, a.KScaleAt, a.VScaleAt = kernels.FP8E4M3, 0x70000, 0x70004 }), "at 0x70000 and 0x70004"},
 			{with(base, func(a *kernels.Attention) { a.VBase = 0 }), "V base 0x0"},
 			{with(base, func(a *kernels.Attention) { a.KBase++ }), "K base 0x30001"},
 			{with(base, func(a *kernels.Attention) { a.HeadDim = 2048 }), "head dim 2048"},
@@ -498,6 +521,8 @@ func TestWriteInvalid(t *testing.T) {
 		for _, ok := range []kernels.KVWrite{base, fp8, kOnly,
 			with(kOnly, func(w *kernels.KVWrite) { w.Format, w.KScale = kernels.FP8E4M3, 1 }),
 			with(fp8, func(w *kernels.KVWrite) { w.BlockStride = 16 * 512 }), // fp8 rows are half the input's
+			with(fp8, func(w *kernels.KVWrite) { w.KScale, w.KScaleAt = 0, 0x70000 }),
+			with(fp8, func(w *kernels.KVWrite) { w.KScale, w.VScale, w.KScaleAt, w.VScaleAt = 0, 0, 0x70000, 0x70004 }),
 		} {
 			require.NoError(t, k.Write(0, ok), "%+v", ok)
 		}
@@ -519,6 +544,10 @@ func TestWriteInvalid(t *testing.T) {
 			{with(fp8, func(w *kernels.KVWrite) { w.KBase = 0x10004 }), "K base 0x10004"},
 			{with(kOnly, func(w *kernels.KVWrite) { w.Format, w.KScale, w.VScale = kernels.FP8E4M3, 1, 1 }), "V scale 1"},
 			{with(base, func(w *kernels.KVWrite) { w.KBase = 0x10008 }), "K base 0x10008"},
+			{with(fp8, func(w *kernels.KVWrite) { w.KScaleAt = 0x70000 }), "K scale 0.5 and V scale 0.5 (in device memory at 0x70000 and 0x0)"},
+			{with(fp8, func(w *kernels.KVWrite) { w.KScale, w.KScaleAt = 0, 0x70002 }), "at 0x70002 and 0x0"},
+			{with(base, func(w *kernels.KVWrite) { w.VScaleAt = 0x70000 }), "fp16 with K scale 0 and V scale 0 (in device memory at 0x0 and 0x70000)"},
+			{with(kOnly, func(w *kernels.KVWrite) { w.Format, w.KScale, w.VScaleAt = kernels.FP8E4M3, 1, 0x70000 }), "at 0x0 and 0x70000"},
 			{with(base, func(w *kernels.KVWrite) { w.SlotMapping = 0 }), "slot mapping 0x0"},
 		} {
 			err := k.Write(0, c.w)

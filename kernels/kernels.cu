@@ -108,11 +108,16 @@ __device__ __forceinline__ void store_fp8_row(char *dst, const char *src, int64_
 // fp8(x / k_scale), of a V row as fp8(x / v_scale) (vLLM's reshape_and_cache_flash with
 // kv_cache_dtype fp8). in_bytes is an input row (a multiple of 16); a row takes in_bytes/2 in
 // the cache, so the bases and block_stride are 8-byte aligned. format is 1 (e4m3fn) or 2 (e5m2).
-// A null v_base writes K only. One CTA per token.
+// A null v_base writes K only. A non-null k_scale_at (v_scale_at) is where the scale is in
+// device memory, read when the kernel runs (vLLM passes k_scale and v_scale as tensors); it
+// replaces k_scale (v_scale). One CTA per token.
 extern "C" __global__ void write_kv_fp8(char *k_base, char *v_base, const char *key, const char *value,
                                         const int64_t *slot_mapping, int64_t in_bytes,
                                         int32_t block_tokens, int64_t block_stride, int32_t format,
-                                        float k_scale, float v_scale) {
+                                        float k_scale, float v_scale, const float *k_scale_at,
+                                        const float *v_scale_at) {
+    if (k_scale_at != nullptr) k_scale = *k_scale_at;
+    if (v_scale_at != nullptr) v_scale = *v_scale_at;
     const int64_t t = blockIdx.x;
     const int64_t slot = slot_mapping[t];
     if (slot < 0) {
@@ -155,10 +160,11 @@ __device__ __forceinline__ const char *kv_row(const char *base, const int32_t *t
 // attended positions are the sinks [0, ns) then the tail [lo, L): attended index j is position
 // j below ns and lo+j-ns from there on.
 //
-// Formats: K and V elements are fp16 or fp8 (format as in write_kv_fp8). The launcher folds the
-// K scale into scale; v_scale multiplies the output (1 in fp16). V has v_dim elements per row
-// (the first v_dim of its head_dim), so MLA's absorbed form is v_base == k_base, kv_heads 1,
-// v_dim the latent dim; out is [num_seqs, num_heads, v_dim].
+// Formats: K and V elements are fp16 or fp8 (format as in write_kv_fp8). The launcher folds the K
+// scale into scale; v_scale multiplies the output (1 in fp16). Scales in device memory: a non-null
+// k_scale_at multiplies scale by the fp32 there, a non-null v_scale_at replaces v_scale. V has
+// v_dim elements per row (the first v_dim of its head_dim), so MLA's absorbed form is v_base ==
+// k_base, kv_heads 1, v_dim the latent dim; out is [num_seqs, num_heads, v_dim].
 //
 // Grid: (num_seqs, num_heads); blockDim.x >= head_dim, a power of two up to 1024 (the launch
 // bound keeps a 1024-thread CTA within the register file); dynamic shared memory
@@ -170,7 +176,9 @@ extern "C" __global__ void __launch_bounds__(1024) paged_attention_decode(
     const int32_t *block_tables, const int32_t *seq_lens, int32_t max_blocks,
     int32_t num_heads, int32_t kv_heads, int32_t head_dim, int32_t block_tokens,
     int64_t block_stride, float scale, int32_t v_dim, int32_t window, int32_t sinks,
-    int32_t chunk, int32_t format, float v_scale) {
+    int32_t chunk, int32_t format, float v_scale, const float *k_scale_at, const float *v_scale_at) {
+    if (k_scale_at != nullptr) scale *= *k_scale_at;
+    if (v_scale_at != nullptr) v_scale = *v_scale_at;
     extern __shared__ float sh[];
     float *qs = sh;
     float *p = sh + head_dim;

@@ -456,6 +456,11 @@ type KVWrite struct {
 	// are then finite and positive. A scale that is not used (fp16, or V in a K-only write) is 0.
 	Format         Format
 	KScale, VScale float32
+	// KScaleAt and VScaleAt, when not 0, are the device addresses (4-byte aligned) of the fp32 K
+	// and V scales, which the write reads when it runs instead of KScale and VScale (then 0):
+	// vLLM's kernels take k_scale and v_scale as device tensors, and kvcache.Hybrid.Scales keeps
+	// an fp8 group's per-layer scales at such addresses.
+	KScaleAt, VScaleAt vmm.Addr
 }
 
 // kOnly reports a write of K alone.
@@ -494,22 +499,40 @@ func (w KVWrite) validate() error {
 		return invalid("K base %#x and V base %#x (aligned to %d), key %#x and value %#x (to 16), slot mapping %#x (to 8): misaligned",
 			uint64(w.KBase), uint64(w.VBase), align, uint64(w.Key), uint64(w.Value), uint64(w.SlotMapping))
 	}
-	return checkScales(w.Format, w.KScale, w.VScale, !w.kOnly())
+	return checkScales(w.Format, w.KScale, w.VScale, w.KScaleAt, w.VScaleAt, !w.kOnly())
 }
 
-// checkScales reports fp8 scales that are not finite and positive, and scales given where none
-// is used: every scale in fp16, the V scale when no V is read or written.
-func checkScales(f Format, kScale, vScale float32, vUsed bool) error {
-	good := func(x float32, used bool) bool {
-		if !f.fp8() || !used {
-			return x == 0
+// checkScales reports fp8 scales that are not finite and positive, a scale in use given both
+// by value and by address or by neither, a misaligned address, and scales given where none is
+// used: every scale in fp16, the V scale when no V is read or written.
+func checkScales(f Format, kScale, vScale float32, kAt, vAt vmm.Addr, vUsed bool) error {
+	good := func(x float32, at vmm.Addr, used bool) bool {
+		switch {
+		case !f.fp8() || !used:
+			return x == 0 && at == 0
+		case at != 0:
+			return x == 0 && at%4 == 0
 		}
 		return x > 0 && x <= math.MaxFloat32
 	}
-	if !good(kScale, true) || !good(vScale, vUsed) {
-		return invalid("%s with K scale %g and V scale %g: an fp8 scale in use is finite and positive, any other 0", f, kScale, vScale)
+	if !good(kScale, kAt, true) || !good(vScale, vAt, vUsed) {
+		return invalid("%s with K scale %g and V scale %g (in device memory at %#x and %#x): an fp8 scale in use is finite and "+
+			"positive, or 0 with a 4-byte aligned address to read it from; a scale not in use is 0 at 0", f, kScale, vScale, uint64(kAt), uint64(vAt))
 	}
 	return nil
+}
+
+// scaleAt reads the fp32 at device address at, or returns x when at is 0: what the kernels do
+// with a scale given by address.
+func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
+	if at == 0 {
+		return x, nil
+	}
+	var b [4]byte
+	if err := k.dev.CopyOut(b[:], at); err != nil {
+		return 0, fmt.Errorf("read scale at %#x: %w", uint64(at), err)
+	}
+	return math.Float32frombits(binary.LittleEndian.Uint32(b[:])), nil
 }
 
 // Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
@@ -533,7 +556,7 @@ func (k *Kernels) Write(s Stream, w KVWrite) error {
 	fn := k.mod.writeKV
 	if w.Format.fp8() {
 		fn = k.mod.writeKVFP8
-		args = append(args, i32(int(w.Format)), f32(w.KScale), f32(w.VScale))
+		args = append(args, i32(int(w.Format)), f32(w.KScale), f32(w.VScale), ptr(w.KScaleAt), ptr(w.VScaleAt))
 	}
 	err := k.mod.ctx.LaunchKernel(fn, [3]uint32{uint32(w.NumTokens), 1, 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s), args)
 	if err != nil {
@@ -549,6 +572,13 @@ func (k *Kernels) writeGo(w KVWrite) error {
 	var in, out []byte
 	if w.Format.fp8() {
 		in, out = make([]byte, w.RowBytes), make([]byte, row)
+		var err error
+		if w.KScale, err = k.scaleAt(w.KScale, w.KScaleAt); err != nil {
+			return fmt.Errorf("kernels: write kv: %w", err)
+		}
+		if w.VScale, err = k.scaleAt(w.VScale, w.VScaleAt); err != nil {
+			return fmt.Errorf("kernels: write kv: %w", err)
+		}
 	}
 	var slot8 [8]byte
 	for t := range w.NumTokens {
@@ -620,6 +650,9 @@ type Attention struct {
 	// v*VScale in V: the scales are then finite and positive. With FP16 both are 0.
 	Format         Format
 	KScale, VScale float32
+	// KScaleAt and VScaleAt, when not 0, are the device addresses (4-byte aligned) of the fp32
+	// scales, read when the attention runs instead of KScale and VScale (then 0), as in KVWrite.
+	KScaleAt, VScaleAt vmm.Addr
 	// LatentDim > 0 selects MLA's absorbed form (DeepSeek): each token has one row of HeadDim
 	// elements at KBase, the latent (LatentDim elements) then its rope part, shared by all heads:
 	// KVHeads is 1 and VBase and VScale are 0. Q per head has HeadDim elements, already absorbed
@@ -655,7 +688,7 @@ func (a Attention) validate() error {
 		return invalid("MLA latent dim %d in rows of %d with %d KV heads and V base %#x: the latent is 1 to the row, with 1 KV head and no V base",
 			a.LatentDim, a.HeadDim, a.KVHeads, uint64(a.VBase))
 	}
-	if err := checkScales(a.Format, a.KScale, a.VScale, !mla); err != nil {
+	if err := checkScales(a.Format, a.KScale, a.VScale, a.KScaleAt, a.VScaleAt, !mla); err != nil {
 		return err
 	}
 	if a.Out == 0 || a.Q == 0 || a.KBase == 0 || (a.VBase == 0) != mla || a.BlockTables == 0 || a.SeqLens == 0 {
@@ -675,6 +708,7 @@ type attnArgs struct {
 	vBase         vmm.Addr // V rows: KBase in MLA
 	vDim          int      // elements of V (and Out) per head: LatentDim in MLA
 	scale, vScale float32  // Scale with fp8's KScale folded in; VScale, KScale in MLA, 1 in fp16
+	kAt, vAt      vmm.Addr // scales the kernel reads: kAt's multiplies scale, vAt's replaces vScale
 }
 
 func (a Attention) args() attnArgs {
@@ -683,9 +717,13 @@ func (a Attention) args() attnArgs {
 		r.vBase, r.vDim = a.KBase, a.LatentDim
 	}
 	if a.Format.fp8() {
-		r.scale, r.vScale = a.Scale*a.KScale, a.VScale
+		kScale := a.KScale
+		if a.KScaleAt != 0 {
+			kScale, r.kAt = 1, a.KScaleAt
+		}
+		r.scale, r.vScale, r.vAt = a.Scale*kScale, a.VScale, a.VScaleAt
 		if a.LatentDim > 0 {
-			r.vScale = a.KScale
+			r.vScale, r.vAt = a.KScale, a.KScaleAt
 		}
 	}
 	return r
@@ -728,7 +766,7 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 		[]unsafe.Pointer{ptr(a.Out), ptr(a.Q), ptr(a.KBase), ptr(r.vBase), ptr(a.BlockTables), ptr(a.SeqLens),
 			i32(a.MaxBlocks), i32(a.NumHeads), i32(a.KVHeads), i32(a.HeadDim), i32(a.BlockTokens),
 			i64(int64(a.BlockStride)), f32(r.scale), i32(r.vDim), i32(a.Window), i32(a.Sinks), i32(a.Chunk),
-			i32(int(a.Format)), f32(r.vScale)})
+			i32(int(a.Format)), f32(r.vScale), ptr(r.kAt), ptr(r.vAt)})
 	if err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
 	}
@@ -739,6 +777,14 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 // reading through the device one row at a time, so that its memory does not depend on the
 // sizes it is given.
 func (k *Kernels) attentionGo(a Attention) error {
+	var err error
+	if a.KScale, err = k.scaleAt(a.KScale, a.KScaleAt); err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	if a.VScale, err = k.scaleAt(a.VScale, a.VScaleAt); err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
+	a.KScaleAt, a.VScaleAt = 0, 0
 	r := a.args()
 	esize := a.Format.Bytes()
 	q, krow, vrow := make([]byte, 2*a.HeadDim), make([]byte, esize*a.HeadDim), make([]byte, esize*a.HeadDim)

@@ -119,8 +119,8 @@ type LayerGroup struct {
 	Checkpoints int
 	// KScales and VScales are the fp32 scales of each of the group's layers (in Layers' order)
 	// for an fp8 DType: a stored element is x/scale. They are required for fp8 (VScales empty
-	// for K only) and refused otherwise; the manager keeps them in device memory where the
-	// kernels read them.
+	// for K only) and refused otherwise. A Hybrid keeps them in device memory, where kernels
+	// read them (Hybrid.Scales; kernels.KVWrite.KScaleAt).
 	KScales, VScales []float32
 }
 

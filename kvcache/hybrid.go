@@ -102,6 +102,7 @@ type Hybrid struct {
 	groups []*Manager
 	mu     *sync.Mutex  // every group's lock
 	feed   *prefix.Feed // every group's KV events (Subscribe)
+	scales *scaleTable  // the fp8 groups' scales in device memory (Scales); nil without fp8
 
 	// guarded by mu: the transactions of the operation under way, and scratch
 	txs     []appendTx
@@ -147,13 +148,28 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 	if err != nil {
 		return nil, err // "kvcache: shared pool: ..."
 	}
-	return newHybridOn(pool, g, func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error) {
+	h, err := newHybridOn(pool, g, func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error) {
 		gc, err := groupConfig(grp, cfg, info.Granularity)
 		if err != nil {
 			return nil, err
 		}
 		return pool.register(groupName(cfg.Name, i), gc, mu)
 	})
+	if err != nil {
+		return nil, err
+	}
+	return h.keepScales()
+}
+
+// keepScales puts the fp8 groups' scales in device memory (Scales); on an error it closes h.
+func (h *Hybrid) keepScales() (*Hybrid, error) {
+	t, err := newScaleTable(h.pool.devs, h.geom)
+	if err != nil {
+		_ = h.pool.Close()
+		return nil, err
+	}
+	h.scales = t
+	return h, nil
 }
 
 // newHybridOn makes the Hybrid of g over pool, which it then owns (closed on an error):
@@ -857,5 +873,10 @@ func (h *Hybrid) Close() error {
 	if !h.made() {
 		return fmt.Errorf("kvcache: close: %w", errHybridNotMade)
 	}
-	return h.pool.Close()
+	if err := h.pool.Close(); err != nil {
+		return err // closed already: the scales went with the first Close
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.scales.close()
 }

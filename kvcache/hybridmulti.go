@@ -63,7 +63,7 @@ func NewHybridMulti(devs []vmm.Device, cfg HybridConfig, split Split) (*Hybrid, 
 		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
 	}
 	gran := devs[0].Info().Granularity
-	return newHybridOn(pool, g, func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error) {
+	h, err := newHybridOn(pool, g, func(i int, grp LayerGroup, mu *sync.Mutex) (*Manager, error) {
 		whole, err := groupConfig(grp, cfg, gran)
 		if err != nil {
 			return nil, err
@@ -71,6 +71,10 @@ func NewHybridMulti(devs []vmm.Device, cfg HybridConfig, split Split) (*Hybrid, 
 		whole.PageSize, whole.BlockPadding = 0, 0 // each device's share gets its own (groupPage)
 		return pool.registerSplit(groupName(cfg.Name, i), whole, mu, groupPage)
 	})
+	if err != nil {
+		return nil, err
+	}
+	return h.keepScales() // every layer's scales on every device: they are per layer, not per head
 }
 
 // checkDevices checks that devs are split's count of distinct devices.
