@@ -45,7 +45,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 			break
 		}
 		b := s.Blocks[i]
-		if m.host.has(b) { // swapped out: its copy on the host is freed
+		if b == NullBlock { // swapped out (on the host: its slot is freed) or dropped
 			continue
 		}
 		// A cached block is full and never written again, so one still held by other
@@ -79,7 +79,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		if m.tiers == nil {
 			m.host.store(k, h)
 		} else {
-			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
+			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, int32(h)))
 		}
 	}
 	for j := 0; j < n; { // one BlockStored event for each run of consecutive blocks

@@ -3,6 +3,7 @@ package kvcache
 import (
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
 )
 
 // hostTier is the bookkeeping of the host tier's blocks. Its block ids are [first, first+n),
@@ -17,35 +18,43 @@ import (
 // cache holds at most n - swapSlots blocks, and a swap of up to swapSlots - swapped blocks
 // always finds them free. A swap takes free blocks first, then the cache's least recently used
 // idle ones: the cache never keeps a block a swap needs. Two counters keep this O(1) per block.
+// hostSlot is a block of the host tier (sequence.HostSlot): numbered after the arena's blocks,
+// as the copy kernels address both, but never taken for a device block id. The host cache's
+// keyindex entries hold them as int32 (Entry.Block); slot converts.
+type hostSlot = sequence.HostSlot
+
+// slot returns the host slot a host cache entry names.
+func slot(e *keyindex.Entry) hostSlot { return hostSlot(e.Block) }
+
 type hostTier struct {
-	first     int32
+	first     hostSlot // the first slot: slots are numbered after the arena's blocks
 	refs      []int32
-	free      []int32         // free ids, the highest first, so that the lowest is taken first
+	free      []hostSlot      // the free slots, the highest first, so that the lowest is taken first
 	cache     *keyindex.Index // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
 	swapSlots int             // host blocks the cache never takes (Config.HostSwapBlocks)
 	swapped   int             // host blocks held by swapped-out sequences (refs > 0)
 
 	// what reserve took, until commit or abort
-	taken   []int32
+	taken   []hostSlot
 	evicted []keyindex.Removed
 	nfree   int // of taken, the first nfree came from the free list
 }
 
 func newHostTier(first int32, n, swapSlots int) *hostTier {
-	h := &hostTier{first: first, refs: make([]int32, n), free: make([]int32, n), cache: keyindex.NewIndex(), swapSlots: swapSlots}
+	h := &hostTier{first: hostSlot(first), refs: make([]int32, n), free: make([]hostSlot, n), cache: keyindex.NewIndex(), swapSlots: swapSlots}
 	for i := range n {
-		h.free[i] = first + int32(n-1-i)
+		h.free[i] = hostSlot(first) + hostSlot(n-1-i)
 	}
 	return h
 }
 
-// has reports whether b is a host block id.
-func (h *hostTier) has(b int32) bool {
-	return h != nil && b >= h.first && b < h.first+int32(len(h.refs))
+// has reports whether b is one of the tier's slots.
+func (h *hostTier) has(b hostSlot) bool {
+	return h != nil && b >= h.first && b < h.first+hostSlot(len(h.refs))
 }
 
 // unref drops one holder of host block b, freeing it at none.
-func (h *hostTier) unref(b int32) {
+func (h *hostTier) unref(b hostSlot) {
 	if h.refs[b-h.first]--; h.refs[b-h.first] == 0 {
 		h.free = append(h.free, b)
 		h.swapped--
@@ -53,7 +62,7 @@ func (h *hostTier) unref(b int32) {
 }
 
 // refsOf returns how many sequences hold host block b.
-func (h *hostTier) refsOf(b int32) int32 { return h.refs[b-h.first] }
+func (h *hostTier) refsOf(b hostSlot) int32 { return h.refs[b-h.first] }
 
 // blocks returns the host tier's blocks; freeBlocks how many are free; swappedBlocks how many
 // swapped-out sequences hold.
@@ -115,7 +124,7 @@ func (h *hostTier) reserve(n, maxFree int) {
 	for len(h.taken) < n {
 		r := h.cache.Remove(h.cache.Oldest())
 		h.evicted = append(h.evicted, r)
-		h.taken = append(h.taken, r.Block)
+		h.taken = append(h.taken, hostSlot(r.Block))
 	}
 }
 
@@ -155,14 +164,14 @@ func (h *hostTier) commit(removed func(prefix.Key)) {
 }
 
 // hold makes taken host block b held by refs swapped-out references.
-func (h *hostTier) hold(b int32, refs int32) {
+func (h *hostTier) hold(b hostSlot, refs int32) {
 	h.refs[b-h.first] = refs
 	h.swapped++
 }
 
 // store makes taken host block b hold the content of key k, as the most recently used.
-func (h *hostTier) store(k prefix.Key, b int32) {
-	h.cache.Release(h.cache.Add(k, b))
+func (h *hostTier) store(k prefix.Key, b hostSlot) {
+	h.cache.Release(h.cache.Add(k, int32(b)))
 }
 
 // touch makes cached entry e the most recently used; an entry held for the tiers stays held
@@ -180,7 +189,7 @@ func (h *hostTier) dropCache() int {
 	n := 0
 	for e := h.cache.Oldest(); e != nil; e = h.cache.Oldest() {
 		r := h.cache.Remove(e)
-		h.free = append(h.free, r.Block)
+		h.free = append(h.free, hostSlot(r.Block))
 		h.cache.Recycle(r)
 		n++
 	}

@@ -661,12 +661,10 @@ func (m *Manager) free(s *sequence.Sequence) {
 	// Last block first: cached blocks go idle tail first, so the tail is evicted before the
 	// prefix other prompts share (as vLLM frees).
 	for i := len(s.Blocks) - 1; i >= 0; i-- {
-		if b := s.Blocks[i]; b == NullBlock {
-			continue
-		} else if m.host.has(b) {
-			m.host.unref(b)
-		} else {
+		if b := s.Blocks[i]; b != NullBlock {
 			m.arena.Unref(b)
+		} else if s.Swapped && s.Host[i] != sequence.NoHost {
+			m.host.unref(s.Host[i])
 		}
 	}
 	m.writeBack(s)
@@ -809,7 +807,8 @@ func (m *Manager) Len(seq SeqID) (int, error) {
 }
 
 // Blocks appends the sequence's block ids, in token order, to dst. A swapped-out sequence's are
-// host block ids (past the arena's), and the ids of the device blocks it kept (see SwapOut).
+// its host slots, numbered past the arena's blocks as the copy kernels number them, and the
+// ids of the device blocks it kept (see SwapOut).
 func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 	if !m.made() {
 		return dst, notMade("blocks", seq)
@@ -823,7 +822,16 @@ func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 	if err != nil {
 		return dst, err
 	}
-	return append(dst, s.Blocks...), nil
+	if !s.Swapped {
+		return append(dst, s.Blocks...), nil
+	}
+	for i, b := range s.Blocks {
+		if h := s.Host[i]; h != sequence.NoHost {
+			b = int32(h)
+		}
+		dst = append(dst, b)
+	}
+	return dst, nil
 }
 
 // Slots appends the slots of tokens [from, to) of the sequence to dst. A range outside

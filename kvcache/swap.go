@@ -79,16 +79,21 @@ type swapScratch struct {
 	set  []*sequence.Sequence
 	seen map[SeqID]struct{}
 	// The plan: the distinct blocks of the set that a swap moves or finds, in the order they
-	// come. refs[k] are the references to blocks[k] it moves; dst[k] is where they go (-1: the
-	// block stays). at[j] is, for each block reference of the set in order, its k (-1: none).
-	blocks []int32
+	// come: device blocks a swap-out moves (out) or host slots a swap-in brings back (in). The
+	// k-th has refs[k] references among the set, and goes to outDst[k] (NoHost: it stays on the
+	// device) or inDst[k] (a device block; -1 until one is taken). at[j] is, for each block
+	// position of the set in order, its k (-1: none).
+	out    []int32
+	outDst []hostSlot
+	in     []hostSlot
+	inDst  []int32
 	refs   []int32
-	dst    []int32
 	at     []int32
-	found  []foundBlock    // the cached device blocks a SwapIn holds, for its undo
-	pairs  []int64         // (from, to) for each block copied
-	keys   []prefix.Key    // the keys of the blocks a host-cache hit fetches
-	first  map[int32]int32 // for a block with several holders, its k
+	found  []foundBlock       // the cached device blocks a SwapIn holds, for its undo
+	pairs  []int64            // (from, to) for each block copied, in the copy kernels' numbering
+	keys   []prefix.Key       // the keys of the blocks a host-cache hit fetches
+	first  map[int32]int32    // for a device block with several holders, its k
+	firstH map[hostSlot]int32 // for a host slot with several holders, its k
 }
 
 // foundBlock is a cached device block that SwapIn took a reference to, and how to undo it:
@@ -110,7 +115,7 @@ func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	}
 	sc := &m.swap
 	if sc.seen == nil {
-		sc.seen, sc.first = map[SeqID]struct{}{}, map[int32]int32{}
+		sc.seen, sc.first, sc.firstH = map[SeqID]struct{}{}, map[int32]int32{}, map[hostSlot]int32{}
 	}
 	clear(sc.seen)
 	sc.set = sc.set[:0]
@@ -135,32 +140,52 @@ func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	return nil
 }
 
-// plan lists the blocks of m.swap.set on one tier (host: the host tier's, else the device's),
-// each once, in the order they come, with its references among the set. holders(b) is b's
-// references in all; a block with one is held by its sequence alone, and needs no lookup.
-func (m *Manager) plan(host bool, holders func(b int32) int32) {
+// planOut lists in m.swap.out the device blocks of m.swap.set (sequences on the device), each
+// once, in the order they come, with its references among the set.
+func (m *Manager) planOut() {
 	sc := &m.swap
-	sc.blocks, sc.refs, sc.at = sc.blocks[:0], sc.refs[:0], sc.at[:0]
-	clear(sc.first)
+	sc.out = planBlocks(sc, sc.out[:0], sc.first, m.arena.Refs, func(q *sequence.Sequence, i int) (int32, bool) {
+		return q.Blocks[i], q.Blocks[i] != NullBlock // dropped blocks stay dropped
+	})
+}
+
+// planIn lists in m.swap.in the host slots of m.swap.set (swapped-out sequences), each once, in
+// the order they come, with its references among the set; device blocks they kept stay.
+func (m *Manager) planIn() {
+	sc := &m.swap
+	sc.in = planBlocks(sc, sc.in[:0], sc.firstH, m.host.refsOf, func(q *sequence.Sequence, i int) (hostSlot, bool) {
+		return q.Host[i], q.Host[i] != sequence.NoHost
+	})
+}
+
+// planBlocks appends to blocks the blocks of sc.set that at names (per sequence and position),
+// each once, setting sc.refs and sc.at. holders(b) is b's references in all; a block with one
+// is held by its sequence alone and needs no lookup in first, which maps the others to their k.
+func planBlocks[B comparable](sc *swapScratch, blocks []B, first map[B]int32, holders func(B) int32,
+	at func(q *sequence.Sequence, i int) (B, bool)) []B {
+	sc.refs, sc.at = sc.refs[:0], sc.at[:0]
+	clear(first)
 	for _, q := range sc.set {
-		for _, b := range q.Blocks {
-			if b == NullBlock || m.host.has(b) != host { // dropped, or on the other tier
+		for i := range q.Blocks {
+			b, ok := at(q, i)
+			if !ok {
 				sc.at = append(sc.at, -1)
 				continue
 			}
 			if holders(b) > 1 {
-				if k, ok := sc.first[b]; ok {
+				if k, ok := first[b]; ok {
 					sc.refs[k]++
 					sc.at = append(sc.at, k)
 					continue
 				}
-				sc.first[b] = int32(len(sc.refs))
+				first[b] = int32(len(sc.refs))
 			}
 			sc.at = append(sc.at, int32(len(sc.refs)))
-			sc.blocks = append(sc.blocks, b)
+			blocks = append(blocks, b)
 			sc.refs = append(sc.refs, 1)
 		}
 	}
+	return blocks
 }
 
 // copyPlanned queues the copy of m.swap.pairs on stream s; with none, it launches nothing.
@@ -182,7 +207,7 @@ func (m *Manager) copyPlanned(s kernels.Stream) ([]*kernels.Mark, error) {
 // blocks (NullBlock) stay dropped, and a recurrent arena's state moves like any block.
 //
 // Until SwapIn the sequences take no append, fork, truncation or export (ErrSwapped);
-// FreeSequence frees them. Blocks then lists host blocks and the device blocks kept. All or
+// FreeSequence frees them. Blocks then lists the host slots and the device blocks kept. All or
 // nothing: an unknown or already swapped sequence, a host tier too small (a *SwapError
 // wrapping ErrOutOfMemory) or a failed launch change nothing, except that a failed copy may
 // have overwritten host blocks the host prefix cache held, which stay evicted.
@@ -236,10 +261,10 @@ func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap out", seqs, false); err != nil {
 		return swapTx{}, err
 	}
-	m.plan(false, m.arena.Refs)
+	m.planOut()
 	sc := &m.swap
 	tx := swapTx{m: m, out: true, away: m.countSwappedHolders()}
-	for k, b := range sc.blocks {
+	for k, b := range sc.out {
 		if m.arena.Refs(b) == sc.refs[k] { // every holder is out: it leaves the device
 			tx.n++
 		}
@@ -250,14 +275,14 @@ func (m *Manager) prepareSwapOut(seqs []SeqID) (swapTx, error) {
 			Max: m.host.blocks(), Where: "the host tier", Err: &vmm.CapacityError{Need: bytes, Free: free}}
 	}
 	m.host.reserveSwap(tx.n) // free host blocks first, then the host cache's least recently used
-	sc.dst, sc.pairs = sc.dst[:0], sc.pairs[:0]
-	for k, b := range sc.blocks {
-		h := int32(-1)
+	sc.outDst, sc.pairs = sc.outDst[:0], sc.pairs[:0]
+	for k, b := range sc.out {
+		h := sequence.NoHost
 		if m.arena.Refs(b) == sc.refs[k] {
 			h = m.host.taken[len(sc.pairs)/2]
 			sc.pairs = append(sc.pairs, int64(b), int64(h))
 		}
-		sc.dst = append(sc.dst, h)
+		sc.outDst = append(sc.outDst, h)
 	}
 	return tx, nil
 }
@@ -283,8 +308,8 @@ func (tx *swapTx) commit() *Swap {
 func (tx *swapTx) commitOut() *Swap {
 	m, sc := tx.m, &tx.m.swap
 	m.host.commit(m.emitHostRemoved)
-	for k, h := range sc.dst {
-		if h >= 0 {
+	for k, h := range sc.outDst {
+		if h != sequence.NoHost {
 			m.host.hold(h, sc.refs[k])
 		}
 	}
@@ -292,10 +317,14 @@ func (tx *swapTx) commitOut() *Swap {
 	for _, q := range sc.set {
 		at := sc.at[j : j+len(q.Blocks)]
 		j += len(q.Blocks)
+		q.Host = q.Host[:0]
+		for range q.Blocks {
+			q.Host = append(q.Host, sequence.NoHost)
+		}
 		for i := len(q.Blocks) - 1; i >= 0; i-- { // the tail first, as FreeSequence releases
-			if k := at[i]; k >= 0 && sc.dst[k] >= 0 {
+			if k := at[i]; k >= 0 && sc.outDst[k] != sequence.NoHost {
 				m.arena.Unref(q.Blocks[i])
-				q.Blocks[i] = sc.dst[k]
+				q.Blocks[i], q.Host[i] = NullBlock, sc.outDst[k]
 			}
 		}
 		q.Swapped, q.FastRoom = true, 0
@@ -308,7 +337,7 @@ func (tx *swapTx) commitOut() *Swap {
 	if m.spare() > m.cfg.HighWatermark {
 		m.kick()
 	}
-	return m.newSwap(tx.n, len(sc.blocks)-tx.n, tx.marks)
+	return m.newSwap(tx.n, len(sc.out)-tx.n, tx.marks)
 }
 
 // abort undoes the prepared swap, once a launched copy is done: a swap-out's host blocks go
@@ -355,7 +384,7 @@ func (m *Manager) dropOverwritten() {
 func (m *Manager) countSwappedHolders() bool {
 	sc := &m.swap
 	outside := false
-	for k, b := range sc.blocks {
+	for k, b := range sc.out {
 		outside = outside || m.arena.Refs(b) > sc.refs[k]
 	}
 	if !outside {
@@ -366,8 +395,8 @@ func (m *Manager) countSwappedHolders() bool {
 		if _, in := sc.seen[q.ID]; in || !q.Swapped {
 			return true
 		}
-		for _, b := range q.Blocks {
-			if k, ok := sc.first[b]; ok && !m.host.has(b) {
+		for _, b := range q.Blocks { // the device blocks it kept (NullBlock is never in first)
+			if k, ok := sc.first[b]; ok {
 				sc.refs[k]++
 				away = true
 			}
@@ -386,9 +415,9 @@ func (m *Manager) moveSwappedHolders() {
 			return true
 		}
 		for i, b := range q.Blocks {
-			if k, ok := sc.first[b]; ok && !m.host.has(b) && sc.dst[k] >= 0 {
+			if k, ok := sc.first[b]; ok && sc.outDst[k] != sequence.NoHost {
 				m.arena.Unref(b)
-				q.Blocks[i] = sc.dst[k]
+				q.Blocks[i], q.Host[i] = NullBlock, sc.outDst[k]
 			}
 		}
 		return true
@@ -420,19 +449,19 @@ func (m *Manager) prepareSwapIn(seqs []SeqID) (swapTx, error) {
 	if err := m.swapSet("swap in", seqs, true); err != nil {
 		return swapTx{}, err
 	}
-	m.plan(true, m.host.refsOf)
+	m.planIn()
 	sc := &m.swap
 	m.findCached() // held before the blocks are taken, so that no eviction takes them
-	n := len(sc.blocks) - len(sc.found)
+	n := len(sc.in) - len(sc.found)
 	if err := m.takeBlocks(n, -1); err != nil {
 		m.unholdFound()
 		return swapTx{}, &SwapError{Op: "swap in", Seqs: len(seqs), Blocks: n, Bytes: uint64(n) * m.cfg.BlockStride(),
 			Free: m.freeBlocks(), Max: m.maxBlocks, Where: "the arena (" + m.bound() + ")", Err: err}
 	}
 	sc.pairs = sc.pairs[:0]
-	for k, d := range sc.dst {
+	for k, d := range sc.inDst {
 		if d < 0 {
-			sc.pairs = append(sc.pairs, int64(sc.blocks[k]), int64(m.newBlocks[len(sc.pairs)/2]))
+			sc.pairs = append(sc.pairs, int64(sc.in[k]), int64(m.newBlocks[len(sc.pairs)/2]))
 		}
 	}
 	return swapTx{m: m, n: n}, nil
@@ -442,24 +471,25 @@ func (m *Manager) prepareSwapIn(seqs []SeqID) (swapTx, error) {
 func (tx *swapTx) commitIn() *Swap {
 	m, sc := tx.m, &tx.m.swap
 	m.commitEvictions()
-	for k, c := 0, 0; k < len(sc.dst); k++ {
-		if sc.dst[k] < 0 {
-			sc.dst[k] = m.newBlocks[c]
+	for k, c := 0, 0; k < len(sc.inDst); k++ {
+		if sc.inDst[k] < 0 {
+			sc.inDst[k] = m.newBlocks[c]
 			c++
 		}
 		for range sc.refs[k] - 1 { // one reference is taken already
-			m.arena.Ref(sc.dst[k])
+			m.arena.Ref(sc.inDst[k])
 		}
 	}
 	j := 0
 	for _, q := range sc.set {
-		for i, h := range q.Blocks {
+		for i, h := range q.Host {
 			if k := sc.at[j]; k >= 0 {
-				q.Blocks[i] = sc.dst[k]
+				q.Blocks[i] = sc.inDst[k]
 				m.host.unref(h)
 			}
 			j++
 		}
+		q.Host = q.Host[:0]
 		q.Swapped, q.FastRoom = false, 0
 	}
 	m.counters.swapIns += uint64(tx.n)
@@ -467,19 +497,19 @@ func (tx *swapTx) commitIn() *Swap {
 	return m.newSwap(tx.n, len(sc.found), tx.marks)
 }
 
-// findCached sets m.swap.dst: for each planned host block that a keyed sequence of the set
+// findCached sets m.swap.inDst: for each planned host block that a keyed sequence of the set
 // holds as a full block whose key the device's prefix cache holds, the cached block, with one
 // reference taken (recorded in m.swap.found for unholdFound); -1 for the others. The key is
 // that of the block's first holder in the set.
 func (m *Manager) findCached() {
 	sc := &m.swap
-	sc.dst, sc.found = sc.dst[:0], sc.found[:0]
+	sc.inDst, sc.found = sc.inDst[:0], sc.found[:0]
 	j := 0
 	for _, q := range sc.set {
 		for i := range q.Blocks {
 			k := sc.at[j]
 			j++
-			if k < 0 || int(k) < len(sc.dst) { // on the device, or planned at an earlier holder
+			if k < 0 || int(k) < len(sc.inDst) { // on the device, or planned at an earlier holder
 				continue
 			}
 			d := int32(-1)
@@ -490,7 +520,7 @@ func (m *Manager) findCached() {
 					m.arena.Hold(d)
 				}
 			}
-			sc.dst = append(sc.dst, d)
+			sc.inDst = append(sc.inDst, d)
 		}
 	}
 }

@@ -408,7 +408,7 @@ func (m *Manager) readBlock(b int32, dst []byte) error {
 }
 
 // writeBlock copies src (every shard's bytes, in shard order) into block b.
-func (m *Manager) writeBlock(b int32, src []byte) error {
+func (m *Manager) writeBlock(b int32, src []byte) error { // b: a device block, or a host slot past them
 	off := 0
 	for _, sh := range m.back.shards() {
 		n := int(sh.Config.BlockStride())
@@ -517,7 +517,7 @@ func (m *Manager) storeFetched(p Prompt, from, to int) {
 	}
 	m.host.reserveCache(n)
 	for j := range n {
-		if err := m.writeBlock(m.host.taken[j], t.fetchBufs[j]); err != nil {
+		if err := m.writeBlock(int32(m.host.taken[j]), t.fetchBufs[j]); err != nil { // the copy numbering
 			m.host.abort()
 			m.counters.hostFailures++
 			return

@@ -40,13 +40,29 @@ func (m *Manager) Verify() error {
 	a := m.arena
 	bt := m.cfg.BlockTokens
 	refs := make(map[int32]int32)
+	hostRefs := make(map[hostSlot]int32)
 	keyer := prefix.NewKeyer(m.cfg.KeyScheme)
 	m.seqs.All(func(s *sequence.Sequence) bool {
 		if want := sequence.BlocksFor(s.Tokens, bt); len(s.Blocks) != want {
 			bad("sequence %d: %d tokens in %d blocks, want %d", s.ID, s.Tokens, len(s.Blocks), want)
 		}
 		seen := make(map[int32]bool, len(s.Blocks))
+		seenHost := make(map[hostSlot]bool, len(s.Host))
 		for i, b := range s.Blocks {
+			if i < len(s.Host) && s.Host[i] != sequence.NoHost { // on the host tier
+				h := s.Host[i]
+				switch {
+				case b != NullBlock:
+					bad("sequence %d: block %d is both host slot %d and device block %d", s.ID, i, h, b)
+				case i >= m.sinkBlocks() && i < s.Dropped:
+					bad("sequence %d: block %d (host slot %d) is held below its dropped mark %d", s.ID, i, h, s.Dropped)
+				case !m.host.has(h) || seenHost[h]:
+					bad("sequence %d: block %d is host slot %d, not the host tier's, or held twice", s.ID, i, h)
+				}
+				seenHost[h] = true
+				hostRefs[h]++
+				continue
+			}
 			if b == NullBlock {
 				if i < m.sinkBlocks() || i >= s.Dropped {
 					bad("sequence %d: block %d is dropped outside [%d, %d), its sinks' blocks and the reach", s.ID, i, m.sinkBlocks(), s.Dropped)
@@ -87,23 +103,23 @@ func (m *Manager) Verify() error {
 		})
 	}
 	if h := m.host; h != nil { // the host tier: each block free, held by swapped sequences, or cached
-		freeHost := make(map[int32]bool, len(h.free))
+		freeHost := make(map[hostSlot]bool, len(h.free))
 		for _, b := range h.free {
 			if freeHost[b] || !h.has(b) {
 				bad("host block %d listed free twice, or not a host block", b)
 			}
 			freeHost[b] = true
 		}
-		cachedHost := make(map[int32]bool, h.cache.Len())
+		cachedHost := make(map[hostSlot]bool, h.cache.Len())
 		idle, held := 0, 0
 		if m.tiers != nil {
 			held = m.tiers.held // entries the tier goroutine reads: held, not in the LRU list
 		}
 		h.cache.Each(func(e *keyindex.Entry) bool {
-			if !h.has(e.Block) || cachedHost[e.Block] || (!e.Idle() && held == 0) || h.cache.Get(e.Key) != e {
+			if b := slot(e); !h.has(b) || cachedHost[b] || (!e.Idle() && held == 0) || h.cache.Get(e.Key) != e {
 				bad("host cache entry for block %d: not a host block, cached twice, held, or not indexed under its key", e.Block)
 			}
-			cachedHost[e.Block] = true
+			cachedHost[slot(e)] = true
 			return true
 		})
 		h.cache.AscendIdle(func(*keyindex.Entry) bool { idle++; return true })
@@ -115,7 +131,7 @@ func (m *Manager) Verify() error {
 		}
 		swapped := 0
 		for i, r := range h.refs {
-			b := h.first + int32(i)
+			b := h.first + hostSlot(i)
 			if r > 0 {
 				swapped++
 			}
@@ -125,8 +141,8 @@ func (m *Manager) Verify() error {
 					states++
 				}
 			}
-			if r != refs[b] || states != 1 {
-				bad("host block %d: %d holders counted, %d references, free %v, cached %v", b, r, refs[b], freeHost[b], cachedHost[b])
+			if r != hostRefs[b] || states != 1 {
+				bad("host block %d: %d holders counted, %d references, free %v, cached %v", b, r, hostRefs[b], freeHost[b], cachedHost[b])
 			}
 		}
 		if swapped != h.swapped {
@@ -134,10 +150,8 @@ func (m *Manager) Verify() error {
 		}
 	}
 	m.seqs.All(func(s *sequence.Sequence) bool { // a swapped-out one may keep device blocks too
-		for _, b := range s.Blocks {
-			if m.host.has(b) && !s.Swapped {
-				bad("sequence %d, not swapped out, holds host block %d", s.ID, b)
-			}
+		if s.Swapped != (len(s.Host) > 0) && len(s.Blocks) > 0 || len(s.Host) > 0 && len(s.Host) != len(s.Blocks) {
+			bad("sequence %d: swapped %v with %d host slots for %d blocks", s.ID, s.Swapped, len(s.Host), len(s.Blocks))
 		}
 		return true
 	})
@@ -169,9 +183,9 @@ func (m *Manager) verifyKeys(s *sequence.Sequence, keyer *prefix.Keyer, bad func
 			bad("sequence %d: key %d is not the hash of its block's ids", s.ID, i)
 			return
 		}
-		if m.cfg.StateBytes > 0 || s.Blocks[i] == NullBlock || m.host.has(s.Blocks[i]) {
-			// checkpoint keys, which name no block of s; dropped; or a host block, which is not
-			// cached: swapped-out content leaves the cache's reach
+		if m.cfg.StateBytes > 0 || s.Blocks[i] == NullBlock {
+			// checkpoint keys, which name no block of s; dropped, or on the host tier, where it is
+			// not cached: swapped-out content leaves the cache's reach
 		} else if e := m.arena.Entry(s.Blocks[i]); e != nil && e.Key != k {
 			bad("sequence %d: block %d (%d) is cached under another content's key", s.ID, i, s.Blocks[i])
 		}

@@ -31,9 +31,13 @@ type Sequence struct {
 	Tokens int
 	Blocks []int32
 
-	// Swapped is set while the sequence's blocks are in the host tier: Blocks holds host block
-	// ids then (and the ids of blocks it shares with sequences that stayed on the device).
+	// Swapped is set while the sequence's blocks are in the host tier. Host[i] is then where
+	// block i waits there, and Blocks[i] is NullBlock; Host[i] is NoHost where Blocks[i] is a
+	// device block the sequence kept (one it shares with sequences that stayed on the device),
+	// or a block dropped before. Host is empty while the sequence is not swapped out: host
+	// slots and device block ids never share a slice, nor a type.
 	Swapped bool
+	Host    []HostSlot
 
 	Keyed   bool
 	IDs     []prefix.Token
@@ -66,8 +70,17 @@ type Sequence struct {
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
-// (out of a sliding window, or of an earlier chunk): it keeps the block's position.
+// (out of a sliding window, or of an earlier chunk), or that waits on the host tier while the
+// sequence is swapped out (Host): it keeps the block's position.
 const NullBlock int32 = -1
+
+// HostSlot is a block of a manager's host tier (pinned host memory), where a swapped-out
+// sequence's block waits: a type of its own, so that it is never taken for a device block id.
+// kvcache numbers host slots after the arena's blocks, as the copy kernels address both.
+type HostSlot int32
+
+// NoHost stands in Host for a block that is not on the host tier.
+const NoHost HostSlot = -1
 
 // ResetPrefix forgets the sequence's ids and keys (keeping their storage): it is no longer
 // keyed.
@@ -154,7 +167,7 @@ func (r *Registry) Add(id ID) (*Sequence, error) {
 	} else {
 		s = &Sequence{}
 	}
-	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Written, s.Hit, s.Dropped, s.NextDrop, s.FastRoom = id, 0, s.Blocks[:0], false, 0, 0, 0, 0, 0
+	s.ID, s.Tokens, s.Blocks, s.Swapped, s.Host, s.Written, s.Hit, s.Dropped, s.NextDrop, s.FastRoom = id, 0, s.Blocks[:0], false, s.Host[:0], 0, 0, 0, 0, 0
 	s.ResetPrefix()
 	r.m[id] = s
 	r.cache[cacheSlot(id)] = s
@@ -171,7 +184,7 @@ func (r *Registry) Remove(s *Sequence) bool {
 		r.cache[slot] = nil
 	}
 	delete(r.m, s.ID)
-	s.Tokens, s.Blocks, s.FastRoom = 0, s.Blocks[:0], 0
+	s.Tokens, s.Blocks, s.Host, s.FastRoom = 0, s.Blocks[:0], s.Host[:0], 0
 	s.ResetPrefix()
 	r.free = append(r.free, s)
 	return true
