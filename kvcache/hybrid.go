@@ -410,7 +410,11 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	}
 	h.txs = h.txs[:0]
 	for i, m := range h.groups {
-		s, _ := m.seqs.Get(seq)
+		s, ok := m.seqs.Get(seq)
+		if ok && s.Keyed == keyed && m.fastAppend(s, n) { // this group needs no block work
+			h.txs = append(h.txs, m.prepareFast(s, n))
+			continue
+		}
 		var err error
 		if !keyed {
 			err = m.checkCounts(s, seq, n)
@@ -430,13 +434,20 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	for i, tx := range h.txs {
 		m := h.groups[i]
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
-		if keyed {
-			h.found[i] = tx.s
+		h.found[i] = tx.s
+		switch {
+		case tx.fast && keyed:
+			m.fastIDs(tx.s, ids, h.chain(i, tx.s, h.found))
+		case tx.fast:
+		case keyed:
 			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
-		} else if !tx.created {
-			m.afterCounts(tx.s, n)
+			m.publish()
+		default:
+			if !tx.created {
+				m.afterCounts(tx.s, n)
+			}
+			m.publish()
 		}
-		m.publish()
 	}
 	return dst, nil
 }
