@@ -103,7 +103,9 @@ type Hybrid struct {
 	mu     *sync.Mutex  // every group's lock
 	feed   *prefix.Feed // every group's KV events (Subscribe)
 
-	// guarded by mu: the transactions of the operation under way, and scratch
+	// guarded by mu: each sequence's record (one lookup per step), the transactions of the
+	// operation under way, and scratch
+	index   *hybridIndex
 	txs     []appendTx
 	scratch []int64
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
@@ -183,6 +185,7 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 	h.resumes = make([]resumeTx, 0, len(h.groups))
 	h.swaps = make([]swapTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
+	h.index = newHybridIndex(len(h.groups))
 	h.shareFeed()
 	return h, nil
 }
@@ -368,6 +371,7 @@ func (h *Hybrid) AddSequence(seq SeqID) error {
 			return h.groupErr(i, &SequenceError{Op: "add", Seq: seq, Err: err})
 		}
 	}
+	h.index.sync(seq, h.groups)
 	return nil
 }
 
@@ -397,12 +401,13 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	keyed := ids != nil
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.fast(seq, n, keyed) {
+	rec := h.index.get(seq)
+	if rec != nil && h.fast(rec, n, keyed) {
 		for i, m := range h.groups {
-			s := h.found[i]
+			s := rec.seqs[i]
 			out := m.fastSlots(s, n, h.slotsOf(i, dst))
 			if keyed {
-				m.fastIDs(s, ids, h.chain(i, s, h.found))
+				m.fastIDs(s, ids, h.chain(i, s, rec.seqs))
 			}
 			h.keep(i, dst, out)
 		}
@@ -410,7 +415,7 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	}
 	h.txs = h.txs[:0]
 	for i, m := range h.groups {
-		s, ok := m.seqs.Get(seq)
+		s, ok := h.seqIn(rec, i, seq)
 		if ok && s.Keyed == keyed && m.fastAppend(s, n) { // this group needs no block work
 			h.txs = append(h.txs, m.prepareFast(s, n))
 			continue
@@ -449,6 +454,9 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 			m.publish()
 		}
 	}
+	if rec == nil { // the append may have created the sequence
+		h.index.sync(seq, h.groups)
+	}
 	return dst, nil
 }
 
@@ -466,16 +474,24 @@ func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) 
 	return nil
 }
 
-// fast reports whether every group can take n tokens of seq on its fast path (no block work).
-func (h *Hybrid) fast(seq SeqID, n int, keyed bool) bool {
-	for i, m := range h.groups {
-		s, ok := m.seqs.Get(seq)
-		if !ok || s.Keyed != keyed || !m.fastAppend(s, n) {
+// fast reports whether every group can take n tokens of the sequence of rec on its fast path
+// (no block work).
+func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) bool {
+	for i, s := range rec.seqs {
+		if s.Keyed != keyed || !h.groups[i].fastAppend(s, n) {
 			return false
 		}
-		h.found[i] = s
 	}
 	return true
+}
+
+// seqIn returns the sequence seq in group i: rec's, when seq has a record (rec), else the
+// group's registry's.
+func (h *Hybrid) seqIn(rec *hybridSeq, i int, seq SeqID) (*sequence.Sequence, bool) {
+	if rec != nil {
+		return rec.seqs[i], true
+	}
+	return h.groups[i].seqs.Get(seq)
 }
 
 // slotsOf returns where group i's slots go: dst[i], or scratch for a recurrent group, whose
@@ -607,6 +623,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			return 0, h.groupErr(i, err)
 		}
 	}
+	h.index.sync(seq, h.groups)
 	return hit, nil
 }
 
@@ -715,6 +732,7 @@ func (h *Hybrid) FreeSequence(seq SeqID) error {
 			return h.groupErr(i, err)
 		}
 	}
+	h.index.remove(h.index.get(seq))
 	for _, m := range h.groups {
 		s, _ := m.seqs.Get(seq)
 		m.free(s)
@@ -745,6 +763,7 @@ func (h *Hybrid) Fork(src, dst SeqID) error {
 			return h.groupErr(i, err)
 		}
 	}
+	h.index.sync(dst, h.groups)
 	return nil
 }
 
@@ -860,6 +879,7 @@ func (h *Hybrid) Verify() error {
 		}
 		return true
 	})
+	errs = append(errs, h.index.verify(h.groups)...)
 	return errors.Join(errs...)
 }
 
