@@ -31,6 +31,14 @@ type Sequence struct {
 	Tokens int
 	Blocks []int32
 
+	// FastRoom is how many more tokens an append may add with no block work at all: they go
+	// into the last block, which the sequence alone holds and which is not cached, and no block
+	// falls out of reach meanwhile. kvcache sets it when an append commits and zeroes it in every
+	// other operation that changes the sequence's blocks (a fork shares its tail, a truncate or
+	// a swap moves it); 0 sends the next append down the path that looks.
+	// The fields up to Keyed share the first cache line: the fast append path reads no other.
+	FastRoom int
+
 	// Swapped is set while the sequence's blocks are in the host tier: Blocks holds host block
 	// ids then (and the ids of blocks it shares with sequences that stayed on the device).
 	Swapped bool
@@ -56,13 +64,6 @@ type Sequence struct {
 	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
 	// so that the append path tests a length, not a division.
 	NextDrop int
-
-	// FastRoom is how many more tokens an append may add with no block work at all: they go
-	// into the last block, which the sequence alone holds and which is not cached, and no block
-	// falls out of reach meanwhile. kvcache sets it when an append commits and zeroes it in every
-	// other operation that changes the sequence's blocks (a fork shares its tail, a truncate or
-	// a swap moves it); 0 sends the next append down the path that looks.
-	FastRoom int
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
