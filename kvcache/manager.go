@@ -49,12 +49,13 @@ type Manager struct {
 	newPages  []int32
 	swap      swapScratch
 
-	growMu   sync.Mutex // held by a whole reserve/trim cycle, and by Verify
-	inflight int        // pages being mapped or unmapped outside mu
-	wake     chan struct{}
-	stop     chan struct{}
-	done     chan struct{}
-	growErr  error // last error of the reserve goroutine
+	growMu    sync.Mutex // held by a whole reserve/trim cycle, and by Verify
+	reserving []int32    // guarded by growMu: the pages a reserve round has in flight
+	inflight  int        // pages being mapped or unmapped outside mu
+	wake      chan struct{}
+	stop      chan struct{}
+	done      chan struct{}
+	growErr   error // last error of the reserve goroutine
 
 	name   string // in a SharedPool
 	shared bool   // a SharedPool's member: its budget may reclaim from other models
