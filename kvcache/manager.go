@@ -329,20 +329,24 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	return out, err
 }
 
-// fastAppend reports whether n more tokens of s need no block work at all: they fit its last
-// block, which is its own to write, and no block falls out of its reach (s.FastRoom, which
-// the last append's commit set and every other change of s's blocks zeroed). The test reads
-// s and the manager's flags, nothing of other sequences or of the arena. No count can overflow
-// then (0 < n <= FastRoom < BlockTokens). An append of no tokens takes the path that checks
-// the sequence (swapped, say).
+// fastAppend reports whether n more tokens of s need no new block: they fit its last block,
+// which is its own to write (s.FastRoom, which the last append's commit set and every other
+// change of s's blocks zeroed). The test reads s and the manager's flags, nothing of other
+// sequences or of the arena. No count can overflow then (0 < n <= FastRoom < BlockTokens). An
+// append of no tokens takes the path that checks the sequence (swapped, say).
 func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 	return n > 0 && n <= s.FastRoom && !m.closed && !m.asleep
 }
 
 // fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom, and
 // all go into the last block, so their slots follow from its id and the tokens before it with
-// no division (a decode step is one token, and a division a good part of its cost).
+// no division (a decode step is one token, and a division a good part of its cost). A window or
+// chunk group first drops what the first token no longer reads, as commit does, when the length
+// has reached s.NextDrop: the freeing is part of the step, and never sends it down the slow path.
 func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
+	if m.reachMoved(s) {
+		m.dropOutOfReach(s)
+	}
 	s.FastRoom -= n
 	last := len(s.Blocks) - 1
 	bt := int64(m.cfg.BlockTokens)
@@ -355,8 +359,8 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 }
 
 // fastRoom returns how many tokens s may take on the fast path after an append committed: the
-// room in its last block, if s alone holds that block and it is not cached, and no more than
-// the tokens before its next block falls out of reach. (A swapped sequence never appends.)
+// room in its last block, if s alone holds that block and it is not cached. (A swapped sequence
+// never appends; the tail block is never out of reach of the token appended into it.)
 func (m *Manager) fastRoom(s *sequence.Sequence) int {
 	room := s.TailRoom(m.cfg.BlockTokens)
 	if room == 0 || s.Swapped {
@@ -365,9 +369,6 @@ func (m *Manager) fastRoom(s *sequence.Sequence) int {
 	tail := s.Blocks[len(s.Blocks)-1]
 	if tail == NullBlock || m.arena.refs(tail) != 1 || m.arena.entry(tail) != nil {
 		return 0
-	}
-	if m.bounded() {
-		room = min(room, max(0, s.NextDrop-s.Tokens))
 	}
 	return room
 }

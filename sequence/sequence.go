@@ -26,18 +26,24 @@ type ID uint64
 // the id of every token, Keys the key of every full block that may be cached (every full block,
 // or those written, when kvcache waits for MarkWritten), each chained from the previous one and
 // the first from Root.
+//
+// A Sequence is 192 bytes, which the allocator places on a 64-byte boundary: the fields from ID
+// to Keyed share its first cache line, and the fast append path reads no other.
 type Sequence struct {
 	ID     ID
 	Tokens int
 	Blocks []int32
 
-	// FastRoom is how many more tokens an append may add with no block work at all: they go
-	// into the last block, which the sequence alone holds and which is not cached, and no block
-	// falls out of reach meanwhile. kvcache sets it when an append commits and zeroes it in every
-	// other operation that changes the sequence's blocks (a fork shares its tail, a truncate or
-	// a swap moves it); 0 sends the next append down the path that looks.
-	// The fields up to Keyed share the first cache line: the fast append path reads no other.
+	// FastRoom is how many more tokens an append may add with no new block: they go into the
+	// last block, which the sequence alone holds and which is not cached (a block that falls out
+	// of reach meanwhile is dropped on the way, see NextDrop). kvcache sets it when an append
+	// commits and zeroes it in every other operation that changes the sequence's blocks (a fork
+	// shares its tail, a truncate or a swap moves it); 0 sends the next append down the path
+	// that looks.
 	FastRoom int
+	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
+	// so that the append path tests a length, not a division.
+	NextDrop int
 
 	// Swapped is set while the sequence's blocks are in the host tier: Blocks holds host block
 	// ids then (and the ids of blocks it shares with sequences that stayed on the device).
@@ -61,9 +67,6 @@ type Sequence struct {
 	// sliding window's or an old chunk's); those blocks, after the sink tokens' blocks, are
 	// NullBlock in Blocks.
 	Dropped int
-	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
-	// so that the append path tests a length, not a division.
-	NextDrop int
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
