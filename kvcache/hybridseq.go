@@ -10,7 +10,10 @@ import (
 // decode step finds all of them with one lookup instead of one per group.
 type hybridSeq struct {
 	id   SeqID
-	seqs []*sequence.Sequence // by group; each is that group's registry's
+	seqs []*sequence.Sequence // by group; each is that group's registry's (in inline up to 4)
+	// inline holds seqs for a model of up to 4 groups, so that the record and the pointers a
+	// step reads lie in one cache line.
+	inline [4]*sequence.Sequence
 }
 
 // hybridIndex maps sequence ids to the Hybrid's records. Like sequence.Registry, a small
@@ -76,7 +79,12 @@ func (x *hybridIndex) add(id SeqID) *hybridSeq {
 	if n := len(x.free); n > 0 {
 		r, x.free = x.free[n-1], x.free[:n-1]
 	} else {
-		r = &hybridSeq{seqs: make([]*sequence.Sequence, x.groups)}
+		r = &hybridSeq{}
+		r.seqs = r.inline[:0]
+		if x.groups > len(r.inline) {
+			r.seqs = make([]*sequence.Sequence, 0, x.groups)
+		}
+		r.seqs = r.seqs[:x.groups]
 	}
 	r.id = id
 	x.m[id] = r
