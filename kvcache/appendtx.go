@@ -107,6 +107,9 @@ func (tx *appendTx) take() error {
 func (tx *appendTx) commit(dst []int64) []int64 {
 	m, s := tx.m, tx.s
 	if tx.fast {
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
 		return m.fastSlots(s, tx.n, dst)
 	}
 	if tx.need > 0 {

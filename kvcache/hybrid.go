@@ -400,19 +400,13 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	}
 	keyed := ids != nil
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	rec := h.index.get(seq)
 	if rec != nil && h.fast(rec, n, keyed) {
-		for i, m := range h.groups {
-			s := rec.seqs[i]
-			out := m.fastSlots(s, n, h.slotsOf(i, dst))
-			if keyed {
-				m.fastIDs(s, ids, h.chain(i, s, rec.seqs))
-			}
-			h.keep(i, dst, out)
-		}
+		h.fastStep(rec, n, ids, dst)
+		h.mu.Unlock()
 		return dst, nil
 	}
+	defer h.mu.Unlock()
 	h.txs = h.txs[:0]
 	for i, m := range h.groups {
 		s, ok := h.seqIn(rec, i, seq)
@@ -474,11 +468,32 @@ func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) 
 	return nil
 }
 
+// fastStep appends n tokens (with ids, unless nil) of the sequence of rec in every group on its
+// fast path, which fast allowed, and appends each attention group's slots to dst[i].
+func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64) {
+	seqs, dst := rec.seqs[:len(h.groups)], dst[:len(h.groups)]
+	for i, m := range h.groups {
+		s := seqs[i]
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
+		if m.cfg.StateBytes > 0 { // a recurrent group's slots mean nothing
+			h.scratch = m.fastSlots(s, n, h.scratch[:0])[:0]
+		} else {
+			dst[i] = m.fastSlots(s, n, dst[i])
+		}
+		if ids != nil {
+			m.fastIDs(s, ids, h.chain(i, s, seqs))
+		}
+	}
+}
+
 // fast reports whether every group can take n tokens of the sequence of rec on its fast path
 // (no block work).
 func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) bool {
-	for i, s := range rec.seqs {
-		if s.Keyed != keyed || !h.groups[i].fastAppend(s, n) {
+	seqs := rec.seqs[:len(h.groups)]
+	for i, m := range h.groups {
+		if s := seqs[i]; s.Keyed != keyed || !m.fastAppend(s, n) {
 			return false
 		}
 	}

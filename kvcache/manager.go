@@ -313,6 +313,9 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block is its own and has room
 	// needs no block work at all (n <= FastRoom < BlockTokens, so no count can overflow here).
 	if ok && !s.Keyed && m.fastAppend(s, n) {
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
 		dst = m.fastSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
@@ -340,19 +343,28 @@ func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 
 // fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom, and
 // all go into the last block, so their slots follow from its id and the tokens before it with
-// no division (a decode step is one token, and a division a good part of its cost). A window or
-// chunk group first drops what the first token no longer reads, as commit does, when the length
-// has reached s.NextDrop: the freeing is part of the step, and never sends it down the slow path.
+// no division (a decode step is one token, and a division a good part of its cost).
+//
+// Its caller first drops, in a window or chunk group, what the first appended token no longer
+// reads, as commit does, once the length has reached s.NextDrop:
+//
+//	if m.reachMoved(s) {
+//		m.dropOutOfReach(s)
+//	}
+//
+// The freeing is part of the step and never sends it down the slow path. The test is written at
+// each caller, not here, so that fastSlots stays small enough to inline.
 func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
-	if m.reachMoved(s) {
-		m.dropOutOfReach(s)
-	}
 	s.FastRoom -= n
 	last := len(s.Blocks) - 1
 	bt := int64(m.cfg.BlockTokens)
 	slot := int64(s.Blocks[last])*bt + int64(s.Tokens) - int64(last)*bt
-	for i := range int64(n) {
-		dst = append(dst, slot+i)
+	if n == 1 { // a decode step: no loop
+		dst = append(dst, slot)
+	} else {
+		for i := range int64(n) {
+			dst = append(dst, slot+i)
+		}
 	}
 	s.Tokens += n
 	return dst
