@@ -401,12 +401,20 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	keyed := ids != nil
 	h.mu.Lock()
 	rec := h.index.get(seq)
-	if rec != nil && h.fast(rec, n, keyed) {
-		h.fastStep(rec, n, ids, dst)
+	if ok, drop := h.fast(rec, n, keyed); ok {
+		h.fastStep(rec, n, ids, dst, drop)
 		h.mu.Unlock()
 		return dst, nil
 	}
 	defer h.mu.Unlock()
+	return h.appendSlow(rec, seq, n, ids, dst)
+}
+
+// appendSlow is append when some group needs block work (or the request is bad): rec is the
+// sequence's record, nil when not every group holds it. Each group that fastAppend allows takes
+// the step on its fast path; the others prepare, and commit once all have. The lock is held.
+func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int64, error) {
+	keyed := ids != nil
 	h.txs = h.txs[:0]
 	for i, m := range h.groups {
 		s, ok := h.seqIn(rec, i, seq)
@@ -469,35 +477,48 @@ func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) 
 }
 
 // fastStep appends n tokens (with ids, unless nil) of the sequence of rec in every group on its
-// fast path, which fast allowed, and appends each attention group's slots to dst[i].
-func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64) {
-	seqs, dst := rec.seqs[:len(h.groups)], dst[:len(h.groups)]
+// fast path, which fast allowed, and appends each attention group's slots to dst[i]; with drop
+// a window or chunk group first drops what falls out of its reach (see fastSlots). The calls are
+// kept out of the loop that computes the slots, which then runs in registers.
+func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64, drop bool) {
+	seqs := rec.seqs[:len(h.groups)]
+	if drop {
+		for i, m := range h.groups {
+			if s := seqs[i]; m.reachMoved(s) {
+				m.dropOutOfReach(s)
+			}
+		}
+	}
+	dst = dst[:len(seqs)]
 	for i, m := range h.groups {
-		s := seqs[i]
-		if m.reachMoved(s) { // see fastSlots
-			m.dropOutOfReach(s)
-		}
 		if m.cfg.StateBytes > 0 { // a recurrent group's slots mean nothing
-			h.scratch = m.fastSlots(s, n, h.scratch[:0])[:0]
+			h.scratch = m.fastSlots(seqs[i], n, h.scratch[:0])[:0]
 		} else {
-			dst[i] = m.fastSlots(s, n, dst[i])
+			dst[i] = m.fastSlots(seqs[i], n, dst[i])
 		}
-		if ids != nil {
-			m.fastIDs(s, ids, h.chain(i, s, seqs))
+	}
+	if ids != nil {
+		for i, m := range h.groups {
+			m.fastIDs(seqs[i], ids, h.chain(i, seqs[i], seqs))
 		}
 	}
 }
 
-// fast reports whether every group can take n tokens of the sequence of rec on its fast path
-// (no block work).
-func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) bool {
+// fast reports whether every group can take n tokens of the sequence of rec (nil: none) on its
+// fast path (no new block), and whether a window or chunk group drops a block on the way.
+func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) (ok, drop bool) {
+	if rec == nil {
+		return false, false
+	}
 	seqs := rec.seqs[:len(h.groups)]
 	for i, m := range h.groups {
-		if s := seqs[i]; s.Keyed != keyed || !m.fastAppend(s, n) {
-			return false
+		s := seqs[i]
+		if s.Keyed != keyed || !m.fastAppend(s, n) {
+			return false, false
 		}
+		drop = drop || m.reachMoved(s)
 	}
-	return true
+	return true, drop
 }
 
 // seqIn returns the sequence seq in group i: rec's, when seq has a record (rec), else the
