@@ -17,6 +17,14 @@ type appendTx struct {
 	n, need int
 	cow     bool // the first new block is a private copy of the shared tail
 	created bool // the sequence was created by this append
+	fast    bool // no block work (fastAppend): commit is fastSlots, abort nothing
+}
+
+// prepareFast returns the transaction of an append of n tokens to s that fastAppend allows: it
+// takes nothing, and its commit is the fast path's. A Hybrid prepares so the groups that need no
+// block work in a step where another group does.
+func (m *Manager) prepareFast(s *sequence.Sequence, n int) appendTx {
+	return appendTx{m: m, s: s, n: n, fast: true}
 }
 
 // prepareAppend checks an append of n tokens to seq (s: nil when it does not exist) and takes
@@ -98,6 +106,12 @@ func (tx *appendTx) take() error {
 // appended to dst.
 func (tx *appendTx) commit(dst []int64) []int64 {
 	m, s := tx.m, tx.s
+	if tx.fast {
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
+		return m.fastSlots(s, tx.n, dst)
+	}
 	if tx.need > 0 {
 		m.commitEvictions()
 		blocks := m.newBlocks

@@ -104,7 +104,9 @@ type Hybrid struct {
 	feed   *prefix.Feed // every group's KV events (Subscribe)
 	scales *scaleTable  // the fp8 groups' scales in device memory (Scales); nil without fp8
 
-	// guarded by mu: the transactions of the operation under way, and scratch
+	// guarded by mu: each sequence's record (one lookup per step), the transactions of the
+	// operation under way, and scratch
+	index   *hybridIndex
 	txs     []appendTx
 	scratch []int64
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
@@ -199,6 +201,7 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 	h.resumes = make([]resumeTx, 0, len(h.groups))
 	h.swaps = make([]swapTx, 0, len(h.groups))
 	h.found = make([]*sequence.Sequence, len(h.groups))
+	h.index = newHybridIndex(len(h.groups))
 	h.shareFeed()
 	return h, nil
 }
@@ -384,6 +387,7 @@ func (h *Hybrid) AddSequence(seq SeqID) error {
 			return h.groupErr(i, &SequenceError{Op: "add", Seq: seq, Err: err})
 		}
 	}
+	h.index.sync(seq, h.groups)
 	return nil
 }
 
@@ -412,21 +416,28 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	}
 	keyed := ids != nil
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.fast(seq, n, keyed) {
-		for i, m := range h.groups {
-			s := h.found[i]
-			out := m.fastSlots(s, n, h.slotsOf(i, dst))
-			if keyed {
-				m.fastIDs(s, ids, h.chain(i, s, h.found))
-			}
-			h.keep(i, dst, out)
-		}
+	rec := h.index.get(seq)
+	if ok, drop := h.fast(rec, n, keyed); ok {
+		h.fastStep(rec, n, ids, dst, drop)
+		h.mu.Unlock()
 		return dst, nil
 	}
+	defer h.mu.Unlock()
+	return h.appendSlow(rec, seq, n, ids, dst)
+}
+
+// appendSlow is append when some group needs block work (or the request is bad): rec is the
+// sequence's record, nil when not every group holds it. Each group that fastAppend allows takes
+// the step on its fast path; the others prepare, and commit once all have. The lock is held.
+func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int64, error) {
+	keyed := ids != nil
 	h.txs = h.txs[:0]
 	for i, m := range h.groups {
-		s, _ := m.seqs.Get(seq)
+		s, ok := h.seqIn(rec, i, seq)
+		if ok && s.Keyed == keyed && m.fastAppend(s, n) { // this group needs no block work
+			h.txs = append(h.txs, m.prepareFast(s, n))
+			continue
+		}
 		var err error
 		if !keyed {
 			err = m.checkCounts(s, seq, n)
@@ -446,13 +457,23 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	for i, tx := range h.txs {
 		m := h.groups[i]
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
-		if keyed {
-			h.found[i] = tx.s
+		h.found[i] = tx.s
+		switch {
+		case tx.fast && keyed:
+			m.fastIDs(tx.s, ids, h.chain(i, tx.s, h.found))
+		case tx.fast:
+		case keyed:
 			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
-		} else if !tx.created {
-			m.afterCounts(tx.s, n)
+			m.publish()
+		default:
+			if !tx.created {
+				m.afterCounts(tx.s, n)
+			}
+			m.publish()
 		}
-		m.publish()
+	}
+	if rec == nil { // the append may have created the sequence
+		h.index.sync(seq, h.groups)
 	}
 	return dst, nil
 }
@@ -471,16 +492,58 @@ func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) 
 	return nil
 }
 
-// fast reports whether every group can take n tokens of seq on its fast path (no block work).
-func (h *Hybrid) fast(seq SeqID, n int, keyed bool) bool {
-	for i, m := range h.groups {
-		s, ok := m.seqs.Get(seq)
-		if !ok || s.Keyed != keyed || !m.fastAppend(s, n) {
-			return false
+// fastStep appends n tokens (with ids, unless nil) of the sequence of rec in every group on its
+// fast path, which fast allowed, and appends each attention group's slots to dst[i]; with drop
+// a window or chunk group first drops what falls out of its reach (see fastSlots). The calls are
+// kept out of the loop that computes the slots, which then runs in registers.
+func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64, drop bool) {
+	seqs := rec.seqs[:len(h.groups)]
+	if drop {
+		for i, m := range h.groups {
+			if s := seqs[i]; m.reachMoved(s) {
+				m.dropOutOfReach(s)
+			}
 		}
-		h.found[i] = s
 	}
-	return true
+	dst = dst[:len(seqs)]
+	for i, m := range h.groups {
+		if m.cfg.StateBytes > 0 { // a recurrent group's slots mean nothing
+			h.scratch = m.fastSlots(seqs[i], n, h.scratch[:0])[:0]
+		} else {
+			dst[i] = m.fastSlots(seqs[i], n, dst[i])
+		}
+	}
+	if ids != nil {
+		for i, m := range h.groups {
+			m.fastIDs(seqs[i], ids, h.chain(i, seqs[i], seqs))
+		}
+	}
+}
+
+// fast reports whether every group can take n tokens of the sequence of rec (nil: none) on its
+// fast path (no new block), and whether a window or chunk group drops a block on the way.
+func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) (ok, drop bool) {
+	if rec == nil {
+		return false, false
+	}
+	seqs := rec.seqs[:len(h.groups)]
+	for i, m := range h.groups {
+		s := seqs[i]
+		if s.Keyed != keyed || !m.fastAppend(s, n) {
+			return false, false
+		}
+		drop = drop || m.reachMoved(s)
+	}
+	return true, drop
+}
+
+// seqIn returns the sequence seq in group i: rec's, when seq has a record (rec), else the
+// group's registry's.
+func (h *Hybrid) seqIn(rec *hybridSeq, i int, seq SeqID) (*sequence.Sequence, bool) {
+	if rec != nil {
+		return rec.seqs[i], true
+	}
+	return h.groups[i].seqs.Get(seq)
 }
 
 // slotsOf returns where group i's slots go: dst[i], or scratch for a recurrent group, whose
@@ -612,6 +675,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			return 0, h.groupErr(i, err)
 		}
 	}
+	h.index.sync(seq, h.groups)
 	return hit, nil
 }
 
@@ -720,6 +784,7 @@ func (h *Hybrid) FreeSequence(seq SeqID) error {
 			return h.groupErr(i, err)
 		}
 	}
+	h.index.remove(h.index.get(seq))
 	for _, m := range h.groups {
 		s, _ := m.seqs.Get(seq)
 		m.free(s)
@@ -750,6 +815,7 @@ func (h *Hybrid) Fork(src, dst SeqID) error {
 			return h.groupErr(i, err)
 		}
 	}
+	h.index.sync(dst, h.groups)
 	return nil
 }
 
@@ -865,6 +931,7 @@ func (h *Hybrid) Verify() error {
 		}
 		return true
 	})
+	errs = append(errs, h.index.verify(h.groups)...)
 	return errors.Join(errs...)
 }
 

@@ -1,6 +1,8 @@
 package kvcache
 
 import (
+	"slices"
+
 	"github.com/pagedkv/pagedkv/prefix"
 )
 
@@ -18,21 +20,37 @@ type hitFinder struct {
 // reset prepares f for keys, reusing its storage.
 func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
 	f.m, f.keys, f.run = m, keys, -1
-	f.found = f.found[:0]
-	for range keys {
-		f.found = append(f.found, -2)
+	f.found = slices.Grow(f.found[:0], len(keys))[:len(keys)]
+	for i := range f.found { // a plain loop the compiler makes a fill: no append per key
+		f.found[i] = -2
 	}
 }
 
-// get returns block i of the prompt in the cache, or NullBlock.
+// get returns block i of the prompt in the cache, or NullBlock. It inlines: the index is asked
+// only the first time (lookup).
 func (f *hitFinder) get(i int) int32 {
-	if f.found[i] == -2 {
-		f.found[i] = NullBlock
-		if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
-			f.found[i] = e.Block
-		}
+	if b := f.found[i]; b != -2 {
+		return b
+	}
+	return f.lookup(i)
+}
+
+// lookup asks the index for block i of the prompt and keeps the answer.
+func (f *hitFinder) lookup(i int) int32 {
+	f.found[i] = NullBlock
+	if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
+		f.found[i] = e.Block
 	}
 	return f.found[i]
+}
+
+// appendFound appends blocks [i, j) of the prompt in the cache (NullBlock where not) to dst: in
+// one copy, once each is looked up.
+func (f *hitFinder) appendFound(dst []int32, i, j int) []int32 {
+	for k := i; k < j; k++ {
+		f.get(k)
+	}
+	return append(dst, f.found[i:j]...)
 }
 
 // serves returns the largest hit, at most h blocks, the group can serve: the blocks its next
@@ -49,10 +67,15 @@ func (f *hitFinder) serves(h int) int {
 		}
 		return h
 	case !m.bounded():
-		if f.run < 0 {
-			f.run = 0
-			for f.run < len(f.keys) && f.get(f.run) != NullBlock {
-				f.run++
+		if f.run < 0 { // the leading run, looked up in one loop (as lookupPrefix does)
+			f.run = len(f.keys)
+			for i, k := range f.keys {
+				e := m.arena.Index().Get(k)
+				if e == nil {
+					f.found[i], f.run = NullBlock, i
+					break
+				}
+				f.found[i] = e.Block
 			}
 		}
 		return min(h, f.run)
@@ -103,13 +126,11 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 		first = m.reachFrom(h*bt) / bt
 	}
 	sinks := min(m.sinkBlocks(), first)
-	for i := range h {
-		if i >= sinks && i < first {
-			s.Blocks = append(s.Blocks, NullBlock)
-		} else {
-			s.Blocks = append(s.Blocks, f.get(i))
-		}
+	s.Blocks = f.appendFound(s.Blocks, 0, sinks)
+	for range first - sinks {
+		s.Blocks = append(s.Blocks, NullBlock)
 	}
+	s.Blocks = f.appendFound(s.Blocks, first, h)
 	m.arena.HoldAll(s.Blocks[:sinks])
 	m.arena.HoldAll(s.Blocks[first:])
 	if first > m.sinkBlocks() {

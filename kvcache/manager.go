@@ -50,12 +50,13 @@ type Manager struct {
 	newPages  []int32
 	swap      swapScratch
 
-	growMu   sync.Mutex // held by a whole reserve/trim cycle, and by Verify
-	inflight int        // pages being mapped or unmapped outside mu
-	wake     chan struct{}
-	stop     chan struct{}
-	done     chan struct{}
-	growErr  error // last error of the reserve goroutine
+	growMu    sync.Mutex // held by a whole reserve/trim cycle, and by Verify
+	reserving []int32    // guarded by growMu: the pages a reserve round has in flight
+	inflight  int        // pages being mapped or unmapped outside mu
+	wake      chan struct{}
+	stop      chan struct{}
+	done      chan struct{}
+	growErr   error // last error of the reserve goroutine
 
 	name   string // in a SharedPool
 	shared bool   // a SharedPool's member: its budget may reclaim from other models
@@ -313,6 +314,9 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	// The common decode step: an existing sequence whose last block is its own and has room
 	// needs no block work at all (n <= FastRoom < BlockTokens, so no count can overflow here).
 	if ok && !s.Keyed && m.fastAppend(s, n) {
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
 		dst = m.fastSlots(s, n, dst)
 		m.mu.Unlock()
 		return dst, nil
@@ -329,12 +333,11 @@ func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	return out, err
 }
 
-// fastAppend reports whether n more tokens of s need no block work at all: they fit its last
-// block, which is its own to write, and no block falls out of its reach (s.FastRoom, which
-// the last append's commit set and every other change of s's blocks zeroed). The test reads
-// s and the manager's flags, nothing of other sequences or of the arena. No count can overflow
-// then (0 < n <= FastRoom < BlockTokens). An append of no tokens takes the path that checks
-// the sequence (swapped, say).
+// fastAppend reports whether n more tokens of s need no new block: they fit its last block,
+// which is its own to write (s.FastRoom, which the last append's commit set and every other
+// change of s's blocks zeroed). The test reads s and the manager's flags, nothing of other
+// sequences or of the arena. No count can overflow then (0 < n <= FastRoom < BlockTokens). An
+// append of no tokens takes the path that checks the sequence (swapped, say).
 func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 	return n > 0 && n <= s.FastRoom && !m.closed && !m.asleep
 }
@@ -342,21 +345,35 @@ func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 // fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom, and
 // all go into the last block, so their slots follow from its id and the tokens before it with
 // no division (a decode step is one token, and a division a good part of its cost).
+//
+// Its caller first drops, in a window or chunk group, what the first appended token no longer
+// reads, as commit does, once the length has reached s.NextDrop:
+//
+//	if m.reachMoved(s) {
+//		m.dropOutOfReach(s)
+//	}
+//
+// The freeing is part of the step and never sends it down the slow path. The test is written at
+// each caller, not here, so that fastSlots stays small enough to inline.
 func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 	s.FastRoom -= n
 	last := len(s.Blocks) - 1
 	bt := int64(m.cfg.BlockTokens)
 	slot := int64(s.Blocks[last])*bt + int64(s.Tokens) - int64(last)*bt
-	for i := range int64(n) {
-		dst = append(dst, slot+i)
+	if n == 1 { // a decode step: no loop
+		dst = append(dst, slot)
+	} else {
+		for i := range int64(n) {
+			dst = append(dst, slot+i)
+		}
 	}
 	s.Tokens += n
 	return dst
 }
 
 // fastRoom returns how many tokens s may take on the fast path after an append committed: the
-// room in its last block, if s alone holds that block and it is not cached, and no more than
-// the tokens before its next block falls out of reach. (A swapped sequence never appends.)
+// room in its last block, if s alone holds that block and it is not cached. (A swapped sequence
+// never appends; the tail block is never out of reach of the token appended into it.)
 func (m *Manager) fastRoom(s *sequence.Sequence) int {
 	room := s.TailRoom(m.cfg.BlockTokens)
 	if room == 0 || s.Swapped {
@@ -365,9 +382,6 @@ func (m *Manager) fastRoom(s *sequence.Sequence) int {
 	tail := s.Blocks[len(s.Blocks)-1]
 	if tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil {
 		return 0
-	}
-	if m.bounded() {
-		room = min(room, max(0, s.NextDrop-s.Tokens))
 	}
 	return room
 }

@@ -186,6 +186,9 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
 	if ok && s.Keyed && m.fastAppend(s, n) {
+		if m.reachMoved(s) { // see fastSlots
+			m.dropOutOfReach(s)
+		}
 		dst = m.fastSlots(s, n, dst)
 		m.fastIDs(s, ids, nil)
 		m.mu.Unlock()

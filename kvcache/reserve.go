@@ -53,72 +53,117 @@ func (m *Manager) Settle() error {
 	return m.settle()
 }
 
+// reserveBatch bounds the pages one round of the reserve goroutine takes in flight: it maps or
+// unmaps them all with the lock released, so that a cycle takes the lock twice per round, not
+// twice per page. The lock is shared by every group of a Hybrid, whose appends then wait less.
+const reserveBatch = 16
+
 func (m *Manager) settle() error {
 	m.growMu.Lock()
 	defer m.growMu.Unlock()
 	var errs []error
 	for {
 		m.mu.Lock()
-		if m.closed || m.static || m.asleep || m.spare() >= m.cfg.ReservePages {
-			m.mu.Unlock()
+		pages := m.takeReserve()
+		m.mu.Unlock()
+		if len(pages) == 0 {
 			break
 		}
-		if err := m.checkLimit(); err != nil {
-			m.mu.Unlock()
+		done, err := 0, error(nil)
+		for _, p := range pages {
+			if err = m.mapPage(p, false); err != nil { // the reserve never takes memory from other models
+				break
+			}
+			done++
+		}
+		m.mu.Lock()
+		m.inflight -= len(pages)
+		for i, p := range pages {
+			if i < done {
+				m.counters.bgMaps++
+				m.arena.MarkMapped(p)
+			} else {
+				m.arena.SetState(p, arena.Unmapped)
+			}
+		}
+		m.mu.Unlock()
+		if err != nil {
+			if !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
+				errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", pages[done], err))
+			}
+			break
+		}
+	}
+	for {
+		m.mu.Lock()
+		pages := m.takeExcess()
+		m.mu.Unlock()
+		if len(pages) == 0 {
+			break
+		}
+		done, err := 0, error(nil)
+		for _, p := range pages {
+			if err = m.unmapPage(p); err != nil {
+				break
+			}
+			done++
+		}
+		m.mu.Lock()
+		m.inflight -= len(pages)
+		for i, p := range pages {
+			if i < done {
+				m.counters.unmaps++
+				m.arena.SetState(p, arena.Unmapped)
+			} else {
+				m.arena.MarkMapped(p)
+			}
+		}
+		m.mu.Unlock()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", pages[done], err))
+			break
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// takeReserve takes the unmapped pages the reserve needs to reach ReservePages, at most
+// reserveBatch and within MemoryLimit, and puts them in flight: the caller maps them outside
+// the lock. The lock and growMu are held; the slice is growMu's scratch.
+func (m *Manager) takeReserve() []int32 {
+	pages := m.reserving[:0]
+	for !m.closed && !m.static && !m.asleep && m.spare()+len(pages) < m.cfg.ReservePages && len(pages) < reserveBatch {
+		if m.checkLimit() != nil {
 			break // the limit is a bound, not a failure of the reserve
 		}
 		p, ok := m.arena.TakeUnmapped()
 		if !ok {
-			m.mu.Unlock()
 			break
 		}
 		m.inflight++
-		m.mu.Unlock()
-
-		err := m.mapPage(p, false) // the reserve never takes memory from other models
-
-		m.mu.Lock()
-		m.inflight--
-		if err != nil {
-			m.arena.SetState(p, arena.Unmapped)
-			m.mu.Unlock()
-			if !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
-				errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
-			}
-			break
-		}
-		m.counters.bgMaps++
-		m.arena.MarkMapped(p)
-		m.mu.Unlock()
+		pages = append(pages, p)
 	}
-	for {
-		m.mu.Lock()
-		if !m.closed && !m.static {
-			m.dropOverBound(m.cfg.HighWatermark)
-			m.publish()
-		}
-		if m.closed || m.static || m.arena.FreePages() == 0 || m.spare() <= m.cfg.HighWatermark {
-			m.mu.Unlock()
-			break
-		}
+	m.reserving = pages
+	return pages
+}
+
+// takeExcess evicts the cache beyond its bound while pages are spare beyond HighWatermark, then
+// takes the highest free pages beyond it, at most reserveBatch, and puts them in flight: the
+// caller unmaps them outside the lock. The lock and growMu are held; the slice is growMu's
+// scratch.
+func (m *Manager) takeExcess() []int32 {
+	pages := m.reserving[:0]
+	if m.closed || m.static {
+		return pages
+	}
+	m.dropOverBound(m.cfg.HighWatermark)
+	m.publish()
+	for m.arena.FreePages() > 0 && m.spare() > m.cfg.HighWatermark && len(pages) < reserveBatch {
 		p, _ := m.arena.HighestFree()
 		m.arena.SetState(p, arena.InFlight)
 		m.inflight++
-		m.mu.Unlock()
-
-		err := m.unmapPage(p)
-
-		m.mu.Lock()
-		m.inflight--
-		if err != nil {
-			m.arena.MarkMapped(p)
-			m.mu.Unlock()
-			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", p, err))
-			break
-		}
-		m.counters.unmaps++
-		m.arena.SetState(p, arena.Unmapped)
-		m.mu.Unlock()
+		pages = append(pages, p)
 	}
-	return errors.Join(errs...)
+	m.reserving = pages
+	return pages
 }

@@ -86,10 +86,9 @@ func (m *Manager) Verify() error {
 			return true
 		}
 		tail := s.Blocks[len(s.Blocks)-1]
-		if s.FastRoom < 0 || s.FastRoom > s.TailRoom(bt) || s.Swapped || tail == NullBlock || refs[tail] != 1 || a.Entry(tail) != nil ||
-			m.bounded() && s.Tokens+s.FastRoom > s.NextDrop {
-			bad("sequence %d: fast room %d, but its tail block %d has room %d, %d holders, cached %v, swapped %v; %d tokens, next drop at %d",
-				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.Entry(tail) != nil, s.Swapped, s.Tokens, s.NextDrop)
+		if s.FastRoom < 0 || s.FastRoom > s.TailRoom(bt) || s.Swapped || tail == NullBlock || refs[tail] != 1 || a.Entry(tail) != nil {
+			bad("sequence %d: fast room %d, but its tail block %d has room %d, %d holders, cached %v, swapped %v",
+				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.Entry(tail) != nil, s.Swapped)
 		}
 		return true
 	})

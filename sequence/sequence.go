@@ -26,10 +26,24 @@ type ID uint64
 // the id of every token, Keys the key of every full block that may be cached (every full block,
 // or those written, when kvcache waits for MarkWritten), each chained from the previous one and
 // the first from Root.
+//
+// A Sequence is 256 bytes, which the allocator places on a 64-byte boundary: the fields from ID
+// to Keyed share its first cache line, and the fast append path reads no other.
 type Sequence struct {
 	ID     ID
 	Tokens int
 	Blocks []int32
+
+	// FastRoom is how many more tokens an append may add with no new block: they go into the
+	// last block, which the sequence alone holds and which is not cached (a block that falls out
+	// of reach meanwhile is dropped on the way, see NextDrop). kvcache sets it when an append
+	// commits and zeroes it in every other operation that changes the sequence's blocks (a fork
+	// shares its tail, a truncate or a swap moves it); 0 sends the next append down the path
+	// that looks.
+	FastRoom int
+	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
+	// so that the append path tests a length, not a division.
+	NextDrop int
 
 	// Swapped is set while the sequence's blocks are in the host tier. Host[i] is then where
 	// block i waits there, and Blocks[i] is NullBlock; Host[i] is NoHost where Blocks[i] is a
@@ -37,9 +51,8 @@ type Sequence struct {
 	// or a block dropped before. Host is empty while the sequence is not swapped out: host
 	// slots and device block ids never share a slice, nor a type.
 	Swapped bool
+	Keyed   bool // see below, with the prefix fields
 	Host    []HostSlot
-
-	Keyed   bool
 	IDs     []prefix.Token
 	Keys    []prefix.Key
 	Root    prefix.Key
@@ -57,16 +70,8 @@ type Sequence struct {
 	// sliding window's or an old chunk's); those blocks, after the sink tokens' blocks, are
 	// NullBlock in Blocks.
 	Dropped int
-	// NextDrop is the length at which its next block falls out of reach (0: not computed yet),
-	// so that the append path tests a length, not a division.
-	NextDrop int
 
-	// FastRoom is how many more tokens an append may add with no block work at all: they go
-	// into the last block, which the sequence alone holds and which is not cached, and no block
-	// falls out of reach meanwhile. kvcache sets it when an append commits and zeroes it in every
-	// other operation that changes the sequence's blocks (a fork shares its tail, a truncate or
-	// a swap moves it); 0 sends the next append down the path that looks.
-	FastRoom int
+	_ [40]byte // to 256 bytes, a multiple of 64: the allocator keeps the first cache line whole
 }
 
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
