@@ -161,6 +161,29 @@ func (f *Feed) Publish(events ...Event) {
 	}
 }
 
+// Hand queues events, in order, on every subscription, as Publish does, and takes them: the
+// caller gives events up and gets back an empty slice to fill next. A lone subscription whose
+// queue is empty takes the events' array whole and gives its own back, so that a writer that
+// hands over each batch copies no event. It never blocks on a reader.
+func (f *Feed) Hand(events []Event) []Event {
+	if f == nil {
+		clear(events)
+		return events[:0]
+	}
+	if subs := f.subs.Load(); subs != nil && len(events) > 0 {
+		if len(*subs) == 1 {
+			if spare, ok := (*subs)[0].swap(events); ok {
+				return spare
+			}
+		}
+		for _, s := range *subs {
+			s.push(events)
+		}
+	}
+	clear(events)
+	return events[:0]
+}
+
 // Close closes every subscription.
 func (f *Feed) Close() {
 	if f == nil {
@@ -201,6 +224,7 @@ type Subscription struct {
 	unread atomic.Bool // events or a loss wait for the reader (Feed.Waiting)
 }
 
+// push queues a copy of events.
 func (s *Subscription) push(events []Event) {
 	s.mu.Lock()
 	if s.closed {
@@ -219,10 +243,33 @@ func (s *Subscription) push(events []Event) {
 	s.unread.Store(true)
 	s.mu.Unlock()
 	if signal {
-		select {
-		case s.ready <- struct{}{}:
-		default:
-		}
+		s.signal()
+	}
+}
+
+// swap queues events by taking their array, and returns the queue's empty one in exchange. It
+// does so only when the queue is empty and has an array of its own to give (a writer's next
+// events then go in that array, and allocate nothing); otherwise it reports false and queues
+// nothing.
+func (s *Subscription) swap(events []Event) ([]Event, bool) {
+	s.mu.Lock()
+	if s.closed || len(s.queue) > 0 || s.lost > 0 || cap(s.queue) == 0 || len(events) > s.max {
+		s.mu.Unlock()
+		return nil, false
+	}
+	spare := s.queue
+	s.queue = events
+	s.unread.Store(true)
+	s.mu.Unlock()
+	s.signal()
+	return spare, true
+}
+
+// signal makes Ready receive, unless a signal waits already.
+func (s *Subscription) signal() {
+	select {
+	case s.ready <- struct{}{}:
+	default:
 	}
 }
 
@@ -263,6 +310,31 @@ func (s *Subscription) Read(dst []Event) []Event {
 	clear(q)
 	s.spare = q[:0]
 	return dst
+}
+
+// Take returns the waiting events as Read does, in a slice of their own that belongs to the
+// caller, and takes buf: the caller gives buf up, and its array, emptied, is where writers
+// queue next. A reader that hands back each batch it took once done with it copies no event,
+// and neither do writers that hand theirs over (Feed.Hand). It never blocks.
+func (s *Subscription) Take(buf []Event) []Event {
+	if s == nil {
+		return nil
+	}
+	if s.f != nil {
+		if pull := s.f.pull.Load(); pull != nil {
+			(*pull)()
+		}
+	}
+	clear(buf)
+	s.mu.Lock()
+	q, lost := s.queue, s.lost
+	s.queue, s.lost = buf[:0], 0
+	s.unread.Store(false)
+	s.mu.Unlock()
+	if lost > 0 {
+		q = append(append(make([]Event, 0, len(q)+1), Event{Kind: EventsLost, Lost: lost}), q...)
+	}
+	return q
 }
 
 // Close ends the subscription: nothing more is queued, and Ready's channel is closed. A second
