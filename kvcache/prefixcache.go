@@ -433,7 +433,11 @@ func (m *Manager) publish() {
 }
 
 // holdEvents bounds the committed events a manager holds back for its subscribers' next Read.
-const holdEvents = 256
+// It covers what a decode step of 256 sequences caches and evicts between the reads of a
+// publisher batching every millisecond (about 1,300 events on 16 cores), so that the reader's
+// pull hands the whole batch over into an empty queue (Feed.Hand) and no event is copied on
+// the way. Held, they take 180 bytes each.
+const holdEvents = 4096
 
 // flushEvents publishes every pending event; the lock is held and no operation is under way.
 func (m *Manager) flushEvents() {
@@ -441,10 +445,8 @@ func (m *Manager) flushEvents() {
 		return
 	}
 	m.pubMu.Lock()
-	m.feed.Publish(m.pending...)
+	m.pending = m.feed.Hand(m.pending)
 	m.pubMu.Unlock()
-	clear(m.pending)
-	m.pending = m.pending[:0]
 	m.committed = 0
 	if m.holding.Load() {
 		m.holding.Store(false)
@@ -479,9 +481,7 @@ func (m *Manager) detachEvents() {
 	m.committed = 0
 	m.holding.Store(false)
 	m.mu.Unlock()
-	m.feed.Publish(held...)
-	clear(held)
-	m.pulled = held[:0]
+	m.pulled = m.feed.Hand(held)
 	m.pubMu.Unlock()
 }
 
