@@ -415,14 +415,15 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock
-// (so that events of concurrent operations keep the order of their effects). While every
-// subscriber has events it has not read, up to holdEvents stay in m.pending, committed: the
-// subscriber's next Read pulls them (pullEvents), so the append path publishes in batches.
+// (so that events of concurrent operations keep the order of their effects). Up to holdEvents
+// stay in m.pending, committed, and the subscribers are signalled (Feed.Hold): a subscriber's
+// next Read pulls them (pullEvents), so the append path publishes in batches and hands each
+// one over whole.
 func (m *Manager) publish() {
 	if len(m.pending) == 0 {
 		return
 	}
-	if len(m.pending) < holdEvents && m.feed.Waiting() {
+	if len(m.pending) < holdEvents && m.feed.Hold() {
 		m.committed = len(m.pending)
 		if !m.holding.Load() { // a store is a full barrier on amd64: it waited for the event's writes
 			m.holding.Store(true)

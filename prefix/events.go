@@ -113,6 +113,27 @@ func (f *Feed) Waiting() bool {
 	return true
 }
 
+// Hold reports whether a writer may hold its events back for the next Read to pull: a pull
+// function is set (SetPull) and someone subscribes. It makes sure every reader will Read: a
+// subscription not marked as having unread events is marked, and its Ready signalled. A writer
+// that holds every batch so hands it to an empty queue at the pull (Hand), and no event is
+// copied on its way to the reader.
+func (f *Feed) Hold() bool {
+	if f == nil || f.pull.Load() == nil {
+		return false
+	}
+	subs := f.subs.Load()
+	if subs == nil || len(*subs) == 0 {
+		return false
+	}
+	for _, s := range *subs {
+		if !s.unread.Load() {
+			s.tell()
+		}
+	}
+	return true
+}
+
 // Active reports whether anyone subscribes, so that a writer builds events only then.
 func (f *Feed) Active() bool {
 	if f == nil {
@@ -205,10 +226,12 @@ func (f *Feed) Close() {
 // the queue would pass its bound, the queued events are dropped and counted, and the next Read
 // returns an EventsLost event first. Safe for concurrent use.
 //
-// A writer holds the subscription's lock only to append its events; a reader holds it only to
-// take the queue whole (it copies the events out after letting go), so that a reader copying
-// a long queue never makes the append path wait. Ready is signalled when the queue stops being
-// empty: a reader that drains it on every signal misses nothing.
+// A writer holds the subscription's lock only to queue its events (or their array, Feed.Hand)
+// and signal Ready; a reader holds it only to take the queue whole (Read copies the events out
+// after letting go, Take copies nothing), so that a reader never makes the append path wait.
+// Ready is signalled when the queue stops being empty, or when a writer holds events back for
+// the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is
+// signalled under the lock, so that Close, which closes it, never races a signal.
 type Subscription struct {
 	f      *Feed
 	mu     sync.Mutex // guards queue, lost, closed
@@ -221,7 +244,17 @@ type Subscription struct {
 	rmu   sync.Mutex // serialises readers, which share spare
 	spare []Event    // the queue a reader handed back, emptied, for the writers to fill next
 
-	unread atomic.Bool // events or a loss wait for the reader (Feed.Waiting)
+	unread atomic.Bool // the reader was told of events or a loss it has not read (Feed.Waiting, Feed.Hold)
+}
+
+// tell marks s as having unread events and signals Ready, unless s is closed.
+func (s *Subscription) tell() {
+	s.mu.Lock()
+	if !s.closed {
+		s.unread.Store(true)
+		s.signal()
+	}
+	s.mu.Unlock()
 }
 
 // push queues a copy of events.
@@ -241,10 +274,10 @@ func (s *Subscription) push(events []Event) {
 		s.queue = append(s.queue, events...)
 	}
 	s.unread.Store(true)
-	s.mu.Unlock()
 	if signal {
 		s.signal()
 	}
+	s.mu.Unlock()
 }
 
 // swap queues events by taking their array, and returns the queue's empty one in exchange. It
@@ -260,12 +293,13 @@ func (s *Subscription) swap(events []Event) ([]Event, bool) {
 	spare := s.queue
 	s.queue = events
 	s.unread.Store(true)
-	s.mu.Unlock()
 	s.signal()
+	s.mu.Unlock()
 	return spare, true
 }
 
-// signal makes Ready receive, unless a signal waits already.
+// signal makes Ready receive, unless a signal waits already. s.mu is held and s is open: Close
+// closes the channel under s.mu.
 func (s *Subscription) signal() {
 	select {
 	case s.ready <- struct{}{}:
@@ -290,18 +324,13 @@ func (s *Subscription) Read(dst []Event) []Event {
 	if s == nil {
 		return dst
 	}
-	if s.f != nil {
-		if pull := s.f.pull.Load(); pull != nil {
-			(*pull)()
-		}
-	}
+	s.pull()
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	s.mu.Lock()
 	q, lost := s.queue, s.lost
 	s.queue, s.lost = s.spare[:0], 0
 	s.spare = nil
-	s.unread.Store(false)
 	s.mu.Unlock()
 	if lost > 0 {
 		dst = append(dst, Event{Kind: EventsLost, Lost: lost})
@@ -320,21 +349,30 @@ func (s *Subscription) Take(buf []Event) []Event {
 	if s == nil {
 		return nil
 	}
-	if s.f != nil {
-		if pull := s.f.pull.Load(); pull != nil {
-			(*pull)()
-		}
-	}
+	s.pull()
 	clear(buf)
 	s.mu.Lock()
 	q, lost := s.queue, s.lost
 	s.queue, s.lost = buf[:0], 0
-	s.unread.Store(false)
 	s.mu.Unlock()
 	if lost > 0 {
 		q = append(append(make([]Event, 0, len(q)+1), Event{Kind: EventsLost, Lost: lost}), q...)
 	}
 	return q
+}
+
+// pull marks s read and then runs the feed's pull. In that order, a writer that holds events
+// after the pull finds s unmarked and signals Ready (Feed.Hold): no event is left held with
+// nobody told. A push between the pull and the reader's taking the queue leaves s marked with
+// nothing unread, and Ready signalled, so a reader that reads on every signal still misses
+// nothing.
+func (s *Subscription) pull() {
+	s.unread.Store(false)
+	if s.f != nil {
+		if pull := s.f.pull.Load(); pull != nil {
+			(*pull)()
+		}
+	}
 }
 
 // Close ends the subscription: nothing more is queued, and Ready's channel is closed. A second
