@@ -68,8 +68,8 @@ func TestEventsOwnTheirSlices(t *testing.T) {
 	assert.Greater(t, removed, 3000)
 }
 
-// While the subscriber has events it has not read, the manager holds later ones back and
-// publishes them in batches: a Read still returns every event of every call that returned
+// The manager holds events back for the subscriber's next Read and publishes them in
+// batches: a Read still returns every event of every call that returned
 // before it, in order, and a failed call in between drops none of the held ones.
 func TestHeldEventsReachTheNextRead(t *testing.T) {
 	m := newManager(t, hostDevice(t, 32<<10), tinyConfig())
@@ -77,7 +77,7 @@ func TestHeldEventsReachTheNextRead(t *testing.T) {
 	require.NoError(t, err)
 	bt := m.Config().BlockTokens
 	var want []prefix.Key
-	for s := range 20 { // the first call's event waits unread: the next 19 are held back
+	for s := range 20 { // held back, the subscriber told
 		ids := make([]prefix.Token, bt)
 		for i := range ids {
 			ids[i] = prefix.Token(100*s + i)

@@ -25,14 +25,14 @@ func TestPullDoesNotWaitForTheLock(t *testing.T) {
 	sub, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
 	var want []prefix.Key
-	for s := range 3 { // the first event goes out and waits unread; the next two are held back
+	for s := range 3 { // held back for the subscriber's next Read
 		ids := []prefix.Token{prefix.Token(10 * s), 1, 2, 3}
 		_, err := m.AppendTokenIDs(SeqID(s), ids, nil)
 		require.NoError(t, err)
 		want = append(want, prefix.Keys(nil, prefix.Namespace{}, 4, ids)...)
 	}
 	require.True(t, m.holding.Load(), "events are held back for the subscriber")
-	<-sub.Ready() // the first event's signal
+	<-sub.Ready() // the subscriber was told of them
 
 	m.mu.Lock() // an operation under way
 	read := make(chan []prefix.Event)
@@ -45,17 +45,53 @@ func TestPullDoesNotWaitForTheLock(t *testing.T) {
 		t.Fatal("Read waited for the manager's lock")
 	}
 	m.mu.Unlock()
-	require.Len(t, first, 1)
+	require.Empty(t, first, "the events held back wait for the lock")
 	select {
 	case <-sub.Ready():
 	case <-time.After(10 * time.Second):
 		t.Fatal("the events held back never reached the subscription")
 	}
-	got := append([]prefix.Key(nil), first[0].Keys...)
+	var got []prefix.Key
 	for _, ev := range sub.Read(nil) {
 		require.Equal(t, prefix.BlockStored, ev.Kind)
 		got = append(got, ev.Keys...)
 	}
 	assert.Equal(t, want, got)
 	assert.False(t, m.holding.Load())
+}
+
+// A pull that found the lock taken is served by the operation holding it: its publish hands
+// over every event held back, so the reader need not wait for the retry, which then stops.
+func TestFailedPullIsServedByTheLockHolder(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, dev.Close()) }()
+	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
+		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, m.Close()) }()
+	sub, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	var want []prefix.Key
+	for s := range 3 {
+		ids := []prefix.Token{prefix.Token(10 * s), 1, 2, 3}
+		_, err := m.AppendTokenIDs(SeqID(s), ids, nil)
+		require.NoError(t, err)
+		want = append(want, prefix.Keys(nil, prefix.Namespace{}, 4, ids)...)
+	}
+	<-sub.Ready()
+
+	m.mu.Lock() // an operation under way
+	assert.Empty(t, sub.Read(nil), "the pull found the lock taken")
+	require.True(t, m.pullArmed.Load(), "the pull waits")
+	m.publish() // the operation ends
+	assert.False(t, m.pullArmed.Load(), "its publish served the pull")
+	assert.Empty(t, m.pending)
+	m.mu.Unlock()
+
+	var got []prefix.Key
+	for _, ev := range sub.Read(nil) {
+		got = append(got, ev.Keys...)
+	}
+	assert.Equal(t, want, got)
 }

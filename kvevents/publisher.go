@@ -286,7 +286,7 @@ func (p *Publisher) run() {
 
 // send reads the events waiting and sends them as one batch.
 func (p *Publisher) send() {
-	p.events = p.sub.Read(p.events[:0])
+	p.events = p.sub.Take(p.events) // the last batch's events go back to the writers, emptied
 	if len(p.events) == 0 {
 		return
 	}
@@ -298,7 +298,6 @@ func (p *Publisher) send() {
 	ts := float64(time.Now().UnixNano()) / 1e9
 	var nEvents, nBlocks int
 	p.scratch, nEvents, nBlocks = p.enc.appendBatch(p.scratch[:0], ts, p.events)
-	clear(p.events) // the batch holds no reference to the events' slices
 	if nEvents == 0 {
 		return
 	}

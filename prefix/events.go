@@ -113,6 +113,27 @@ func (f *Feed) Waiting() bool {
 	return true
 }
 
+// Hold reports whether a writer may hold its events back for the next Read to pull: a pull
+// function is set (SetPull) and someone subscribes. It makes sure every reader will Read: a
+// subscription not marked as having unread events is marked, and its Ready signalled. A writer
+// that holds every batch so hands it to an empty queue at the pull (Hand), and no event is
+// copied on its way to the reader.
+func (f *Feed) Hold() bool {
+	if f == nil || f.pull.Load() == nil {
+		return false
+	}
+	subs := f.subs.Load()
+	if subs == nil || len(*subs) == 0 {
+		return false
+	}
+	for _, s := range *subs {
+		if !s.unread.Load() {
+			s.tell()
+		}
+	}
+	return true
+}
+
 // Active reports whether anyone subscribes, so that a writer builds events only then.
 func (f *Feed) Active() bool {
 	if f == nil {
@@ -161,6 +182,29 @@ func (f *Feed) Publish(events ...Event) {
 	}
 }
 
+// Hand queues events, in order, on every subscription, as Publish does, and takes them: the
+// caller gives events up and gets back an empty slice to fill next. A lone subscription whose
+// queue is empty takes the events' array whole and gives its own back, so that a writer that
+// hands over each batch copies no event. It never blocks on a reader.
+func (f *Feed) Hand(events []Event) []Event {
+	if f == nil {
+		clear(events)
+		return events[:0]
+	}
+	if subs := f.subs.Load(); subs != nil && len(events) > 0 {
+		if len(*subs) == 1 {
+			if spare, ok := (*subs)[0].swap(events); ok {
+				return spare
+			}
+		}
+		for _, s := range *subs {
+			s.push(events)
+		}
+	}
+	clear(events)
+	return events[:0]
+}
+
 // Close closes every subscription.
 func (f *Feed) Close() {
 	if f == nil {
@@ -182,10 +226,12 @@ func (f *Feed) Close() {
 // the queue would pass its bound, the queued events are dropped and counted, and the next Read
 // returns an EventsLost event first. Safe for concurrent use.
 //
-// A writer holds the subscription's lock only to append its events; a reader holds it only to
-// take the queue whole (it copies the events out after letting go), so that a reader copying
-// a long queue never makes the append path wait. Ready is signalled when the queue stops being
-// empty: a reader that drains it on every signal misses nothing.
+// A writer holds the subscription's lock only to queue its events (or their array, Feed.Hand)
+// and signal Ready; a reader holds it only to take the queue whole (Read copies the events out
+// after letting go, Take copies nothing), so that a reader never makes the append path wait.
+// Ready is signalled when the queue stops being empty, or when a writer holds events back for
+// the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is
+// signalled under the lock, so that Close, which closes it, never races a signal.
 type Subscription struct {
 	f      *Feed
 	mu     sync.Mutex // guards queue, lost, closed
@@ -198,9 +244,20 @@ type Subscription struct {
 	rmu   sync.Mutex // serialises readers, which share spare
 	spare []Event    // the queue a reader handed back, emptied, for the writers to fill next
 
-	unread atomic.Bool // events or a loss wait for the reader (Feed.Waiting)
+	unread atomic.Bool // the reader was told of events or a loss it has not read (Feed.Waiting, Feed.Hold)
 }
 
+// tell marks s as having unread events and signals Ready, unless s is closed.
+func (s *Subscription) tell() {
+	s.mu.Lock()
+	if !s.closed {
+		s.unread.Store(true)
+		s.signal()
+	}
+	s.mu.Unlock()
+}
+
+// push queues a copy of events.
 func (s *Subscription) push(events []Event) {
 	s.mu.Lock()
 	if s.closed {
@@ -217,12 +274,36 @@ func (s *Subscription) push(events []Event) {
 		s.queue = append(s.queue, events...)
 	}
 	s.unread.Store(true)
-	s.mu.Unlock()
 	if signal {
-		select {
-		case s.ready <- struct{}{}:
-		default:
-		}
+		s.signal()
+	}
+	s.mu.Unlock()
+}
+
+// swap queues events by taking their array, and returns the queue's empty one in exchange. It
+// does so only when the queue is empty and has an array of its own to give (a writer's next
+// events then go in that array, and allocate nothing); otherwise it reports false and queues
+// nothing.
+func (s *Subscription) swap(events []Event) ([]Event, bool) {
+	s.mu.Lock()
+	if s.closed || len(s.queue) > 0 || s.lost > 0 || cap(s.queue) == 0 || len(events) > s.max {
+		s.mu.Unlock()
+		return nil, false
+	}
+	spare := s.queue
+	s.queue = events
+	s.unread.Store(true)
+	s.signal()
+	s.mu.Unlock()
+	return spare, true
+}
+
+// signal makes Ready receive, unless a signal waits already. s.mu is held and s is open: Close
+// closes the channel under s.mu.
+func (s *Subscription) signal() {
+	select {
+	case s.ready <- struct{}{}:
+	default:
 	}
 }
 
@@ -243,18 +324,13 @@ func (s *Subscription) Read(dst []Event) []Event {
 	if s == nil {
 		return dst
 	}
-	if s.f != nil {
-		if pull := s.f.pull.Load(); pull != nil {
-			(*pull)()
-		}
-	}
+	s.pull()
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	s.mu.Lock()
 	q, lost := s.queue, s.lost
 	s.queue, s.lost = s.spare[:0], 0
 	s.spare = nil
-	s.unread.Store(false)
 	s.mu.Unlock()
 	if lost > 0 {
 		dst = append(dst, Event{Kind: EventsLost, Lost: lost})
@@ -263,6 +339,40 @@ func (s *Subscription) Read(dst []Event) []Event {
 	clear(q)
 	s.spare = q[:0]
 	return dst
+}
+
+// Take returns the waiting events as Read does, in a slice of their own that belongs to the
+// caller, and takes buf: the caller gives buf up, and its array, emptied, is where writers
+// queue next. A reader that hands back each batch it took once done with it copies no event,
+// and neither do writers that hand theirs over (Feed.Hand). It never blocks.
+func (s *Subscription) Take(buf []Event) []Event {
+	if s == nil {
+		return nil
+	}
+	s.pull()
+	clear(buf)
+	s.mu.Lock()
+	q, lost := s.queue, s.lost
+	s.queue, s.lost = buf[:0], 0
+	s.mu.Unlock()
+	if lost > 0 {
+		q = append(append(make([]Event, 0, len(q)+1), Event{Kind: EventsLost, Lost: lost}), q...)
+	}
+	return q
+}
+
+// pull marks s read and then runs the feed's pull. In that order, a writer that holds events
+// after the pull finds s unmarked and signals Ready (Feed.Hold): no event is left held with
+// nobody told. A push between the pull and the reader's taking the queue leaves s marked with
+// nothing unread, and Ready signalled, so a reader that reads on every signal still misses
+// nothing.
+func (s *Subscription) pull() {
+	s.unread.Store(false)
+	if s.f != nil {
+		if pull := s.f.pull.Load(); pull != nil {
+			(*pull)()
+		}
+	}
 }
 
 // Close ends the subscription: nothing more is queued, and Ready's channel is closed. A second
