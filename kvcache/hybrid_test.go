@@ -75,7 +75,11 @@ func (d *hybridData) check(t *testing.T, seqs []kvcache.SeqID) {
 		if c.StateBytes > 0 {
 			continue
 		}
-		vt := devtest.VLLM(t, max(len(seqs), 1), 64, -1)
+		rowBlocks := 64 // a row as long as the longest sequence's table, which a fuzzed trace can make long
+		for _, seq := range seqs {
+			rowBlocks = max(rowBlocks, (len(d.val[seq])+c.BlockTokens-1)/c.BlockTokens)
+		}
+		vt := devtest.VLLM(t, max(len(seqs), 1), rowBlocks, -1)
 		require.NoError(t, m.ExportVLLM(seqs, vt))
 		for row, seq := range seqs {
 			line := vt.Table()[row*vt.MaxBlocks : (row+1)*vt.MaxBlocks]
