@@ -63,68 +63,61 @@ func (m *Manager) settle() error {
 	defer m.growMu.Unlock()
 	var errs []error
 	for {
-		m.mu.Lock()
-		pages := m.takeReserve()
-		m.mu.Unlock()
-		if len(pages) == 0 {
-			break
+		more, p, err := m.pageRound(m.takeReserve, func(p int32) error { return m.mapPage(p, false) }, // the reserve never takes memory from other models
+			m.arena.MarkMapped, func(p int32) { m.arena.SetState(p, arena.Unmapped) }, &m.counters.bgMaps)
+		if err != nil && !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
+			errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
 		}
-		done, err := 0, error(nil)
-		for _, p := range pages {
-			if err = m.mapPage(p, false); err != nil { // the reserve never takes memory from other models
-				break
-			}
-			done++
-		}
-		m.mu.Lock()
-		m.inflight -= len(pages)
-		for i, p := range pages {
-			if i < done {
-				m.counters.bgMaps++
-				m.arena.MarkMapped(p)
-			} else {
-				m.arena.SetState(p, arena.Unmapped)
-			}
-		}
-		m.mu.Unlock()
-		if err != nil {
-			if !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
-				errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", pages[done], err))
-			}
+		if !more || err != nil {
 			break
 		}
 	}
 	for {
-		m.mu.Lock()
-		pages := m.takeExcess()
-		m.mu.Unlock()
-		if len(pages) == 0 {
-			break
-		}
-		done, err := 0, error(nil)
-		for _, p := range pages {
-			if err = m.unmapPage(p); err != nil {
-				break
-			}
-			done++
-		}
-		m.mu.Lock()
-		m.inflight -= len(pages)
-		for i, p := range pages {
-			if i < done {
-				m.counters.unmaps++
-				m.arena.SetState(p, arena.Unmapped)
-			} else {
-				m.arena.MarkMapped(p)
-			}
-		}
-		m.mu.Unlock()
+		more, p, err := m.pageRound(m.takeExcess, m.unmapPage,
+			func(p int32) { m.arena.SetState(p, arena.Unmapped) }, m.arena.MarkMapped, &m.counters.unmaps)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", pages[done], err))
+			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", p, err))
+		}
+		if !more || err != nil {
 			break
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// pageRound is one round of the reserve goroutine: under the lock take puts a batch of pages in
+// flight; outside it op maps or unmaps each in turn until one fails; under the lock again the
+// pages op did are settled by done (and counted in n), the others put back by undo. It reports
+// whether take gave any page, and the page that failed with op's error.
+func (m *Manager) pageRound(take func() []int32, op func(int32) error, done, undo func(int32), n *uint64) (bool, int32, error) {
+	m.mu.Lock()
+	pages := take()
+	m.mu.Unlock()
+	if len(pages) == 0 {
+		return false, 0, nil
+	}
+	k, err := 0, error(nil)
+	for _, p := range pages {
+		if err = op(p); err != nil {
+			break
+		}
+		k++
+	}
+	m.mu.Lock()
+	m.inflight -= len(pages)
+	for i, p := range pages {
+		if i < k {
+			*n++
+			done(p)
+		} else {
+			undo(p)
+		}
+	}
+	m.mu.Unlock()
+	if err != nil {
+		return true, pages[k], err
+	}
+	return true, 0, nil
 }
 
 // takeReserve takes the unmapped pages the reserve needs to reach ReservePages, at most
