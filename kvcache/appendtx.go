@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"fmt"
+	"github.com/pagedkv/pagedkv/internal/arena"
 
 	"github.com/pagedkv/pagedkv/sequence"
 )
@@ -82,7 +83,7 @@ func (tx *appendTx) take() error {
 	if tx.need == 0 {
 		return nil
 	}
-	hint := int32(-1)
+	hint := arena.Page(-1)
 	if len(s.Blocks) > 0 {
 		hint = m.arena.PageOf(s.Blocks[len(s.Blocks)-1])
 	}

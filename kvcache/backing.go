@@ -1,7 +1,9 @@
 package kvcache
 
 import (
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -21,20 +23,20 @@ type backing interface {
 	// mapPage backs page p with memory on every device, all or nothing. With reclaim, a shared
 	// budget may take memory back from other models; without, only its headroom is used. A
 	// backing that cannot map (static memory) returns a *vmm.CapacityError.
-	mapPage(p int32, reclaim bool) error
+	mapPage(p arena.Page, reclaim bool) error
 	// unmapPage returns page p's memory on every device, all or nothing.
-	unmapPage(p int32) error
+	unmapPage(p arena.Page) error
 	// returnsMemory reports whether pages come and go (false for static memory).
 	returnsMemory() bool
 	// copyBlock copies block src to block dst on every device, synchronously (copy on write).
-	copyBlock(dst, src int32) error
+	copyBlock(dst, src sequence.Block) error
 	// copyBlocks copies (src, dst) block pairs with one launch per device on stream s, and waits.
 	copyBlocks(s kernels.Stream, pairs []int64) error
 	// copyAsync queues the copy of (src, dst) block pairs with one launch per device on stream
 	// s, and returns a mark per device to wait on.
 	copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, error)
 	// regions appends the memory of pages [first, first+n), all mapped, as registrable regions.
-	regions(dst []vmm.Region, first, n int32) []vmm.Region
+	regions(dst []vmm.Region, first, n arena.Page) []vmm.Region
 	// shards describes each device's share, in device order.
 	shards() []Shard
 	// headroom returns the bytes the shared budget would let it map now without reclaiming,
@@ -44,7 +46,7 @@ type backing interface {
 	scratchBytes() uint64
 	// check reports every way the backing disagrees with the arena, which has exactly the pages
 	// in mapped mapped and inflight pages in flight.
-	check(mapped []int32, inflight int) []string
+	check(mapped []arena.Page, inflight int) []string
 	// close returns every page, and every other resource, to the devices.
 	close() error
 }

@@ -62,7 +62,7 @@ type markTx struct {
 	s       *sequence.Sequence
 	n       int
 	keys    int
-	block   int32
+	block   sequence.Block
 	skipped bool // no memory for the checkpoint: counted when the mark commits
 }
 
@@ -134,8 +134,8 @@ func (tx markTx) abort() {
 // place on abort. Nothing a caller sees has changed yet.
 type resumeTx struct {
 	m           *Manager
-	ckpt, block int32
-	prev        *keyindex.Entry
+	ckpt, block sequence.Block
+	prev        *keyindex.Entry[sequence.Block]
 }
 
 // prepareResume takes a live state for a start of seq that resumes from the checkpoint after

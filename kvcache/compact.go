@@ -71,9 +71,9 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 		if err := m.back.copyBlocks(opts.Stream, pairs); err != nil {
 			return res, fmt.Errorf("compact: %w", err)
 		}
-		moved := make(map[int32]int32, len(pairs)/2)
+		moved := make(map[sequence.Block]sequence.Block, len(pairs)/2)
 		for i := 0; i < len(pairs); i += 2 {
-			src, dst := int32(pairs[i]), int32(pairs[i+1])
+			src, dst := sequence.Block(pairs[i]), sequence.Block(pairs[i+1])
 			m.arena.Move(src, dst)
 			moved[src] = dst
 		}

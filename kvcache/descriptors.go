@@ -47,24 +47,24 @@ func (m *Manager) Regions(dst []vmm.Region) []vmm.Region {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.static {
-		return m.back.regions(dst, 0, int32(m.arena.Pages()))
+		return m.back.regions(dst, 0, arena.Page(m.arena.Pages()))
 	}
-	start := int32(-1)
-	flush := func(end int32) {
+	start := arena.Page(-1)
+	flush := func(end arena.Page) {
 		if start >= 0 {
 			dst = m.back.regions(dst, start, end-start)
 			start = -1
 		}
 	}
-	for p := range int32(m.arena.Pages()) {
+	for p := range arena.Page(m.arena.Pages()) {
 		mapped := m.arena.State(p) >= arena.Free
 		if mapped && start < 0 {
-			start = int32(p)
+			start = p
 		} else if !mapped {
-			flush(int32(p))
+			flush(p)
 		}
 	}
-	flush(int32(m.arena.Pages()))
+	flush(arena.Page(m.arena.Pages()))
 	return dst
 }
 

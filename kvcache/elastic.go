@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -47,7 +49,7 @@ func hostPagesOf(cfg Config) int {
 	return (cfg.HostBlocks + bpp - 1) / bpp
 }
 
-func (e *elastic) mapPage(p int32, reclaim bool) error {
+func (e *elastic) mapPage(p arena.Page, reclaim bool) error {
 	page := e.cfg.PageSize
 	if e.member != nil {
 		var err error
@@ -69,7 +71,7 @@ func (e *elastic) mapPage(p int32, reclaim bool) error {
 	return nil
 }
 
-func (e *elastic) unmapPage(p int32) error {
+func (e *elastic) unmapPage(p arena.Page) error {
 	if err := e.pool.Unmap(uint64(p)*e.cfg.PageSize, e.cfg.PageSize); err != nil {
 		return err
 	}
@@ -81,12 +83,12 @@ func (e *elastic) unmapPage(p int32) error {
 
 func (e *elastic) returnsMemory() bool { return true }
 
-func (e *elastic) copyBlock(dst, src int32) error {
+func (e *elastic) copyBlock(dst, src sequence.Block) error {
 	return copyBlock(e.dev, e.pool.Base(), e.cfg.BlockStride(), dst, src)
 }
 
 // copyBlock copies one block of a device's arena at base, synchronously.
-func copyBlock(dev vmm.Device, base vmm.Addr, stride uint64, dst, src int32) error {
+func copyBlock(dev vmm.Device, base vmm.Addr, stride uint64, dst, src sequence.Block) error {
 	return dev.Copy(base+vmm.Addr(uint64(dst)*stride), base+vmm.Addr(uint64(src)*stride), stride)
 }
 
@@ -131,7 +133,7 @@ func launchCopy(kern **kernels.Kernels, dev vmm.Device, base vmm.Addr, stride ui
 	return (*kern).CopyBlocks(s, base, pairs, stride)
 }
 
-func (e *elastic) regions(dst []vmm.Region, first, n int32) []vmm.Region {
+func (e *elastic) regions(dst []vmm.Region, first, n arena.Page) []vmm.Region {
 	info := e.dev.Info()
 	return append(dst, vmm.Region{
 		Addr: e.pool.Base() + vmm.Addr(uint64(first)*e.cfg.PageSize), Len: uint64(n) * e.cfg.PageSize,
@@ -152,9 +154,9 @@ func (e *elastic) headroom() (uint64, bool) {
 
 func (e *elastic) scratchBytes() uint64 { return e.kern.ScratchBytes() }
 
-func (e *elastic) check(mapped []int32, inflight int) []string {
+func (e *elastic) check(mapped []arena.Page, inflight int) []string {
 	var bad []string
-	want := make(map[int32]bool, len(mapped))
+	want := make(map[arena.Page]bool, len(mapped))
 	for _, p := range mapped {
 		want[p] = true
 		if !e.pool.IsMapped(uint64(p)*e.cfg.PageSize, e.cfg.PageSize) {

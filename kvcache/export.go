@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/blocktable"
+	"github.com/pagedkv/pagedkv/sequence"
 )
 
 // rows is what both table formats take: one row per sequence.
@@ -61,7 +62,7 @@ func (m *Manager) export(seqs []SeqID, t rows) error {
 			t.Reset()
 			return &SequenceError{Op: "export", Seq: id, Err: ErrSwapped}
 		}
-		if err := t.AppendRow(s.Blocks, s.Tokens); err != nil {
+		if err := t.AppendRow(sequence.Int32s(s.Blocks), s.Tokens); err != nil {
 			t.Reset()
 			return &SequenceError{Op: "export", Seq: id, Err: err}
 		}

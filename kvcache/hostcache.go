@@ -79,7 +79,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		if m.tiers == nil {
 			m.host.store(k, h)
 		} else {
-			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, int32(h)))
+			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
 	}
 	for j := 0; j < n; { // one BlockStored event for each run of consecutive blocks

@@ -20,28 +20,28 @@ import (
 // idle ones: the cache never keeps a block a swap needs. Two counters keep this O(1) per block.
 // hostSlot is a block of the host tier (sequence.HostSlot): numbered after the arena's blocks,
 // as the copy kernels address both, but never taken for a device block id. The host cache's
-// keyindex entries hold them as int32 (Entry.Block); slot converts.
+// keyindex is typed by it, so its entries hold host slots, never device blocks.
 type hostSlot = sequence.HostSlot
 
 // slot returns the host slot a host cache entry names.
-func slot(e *keyindex.Entry) hostSlot { return hostSlot(e.Block) }
+func slot(e *keyindex.Entry[hostSlot]) hostSlot { return e.Block }
 
 type hostTier struct {
 	first     hostSlot // the first slot: slots are numbered after the arena's blocks
 	refs      []int32
-	free      []hostSlot      // the free slots, the highest first, so that the lowest is taken first
-	cache     *keyindex.Index // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
-	swapSlots int             // host blocks the cache never takes (Config.HostSwapBlocks)
-	swapped   int             // host blocks held by swapped-out sequences (refs > 0)
+	free      []hostSlot                // the free slots, the highest first, so that the lowest is taken first
+	cache     *keyindex.Index[hostSlot] // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
+	swapSlots int                       // host blocks the cache never takes (Config.HostSwapBlocks)
+	swapped   int                       // host blocks held by swapped-out sequences (refs > 0)
 
 	// what reserve took, until commit or abort
 	taken   []hostSlot
-	evicted []keyindex.Removed
+	evicted []keyindex.Removed[hostSlot]
 	nfree   int // of taken, the first nfree came from the free list
 }
 
 func newHostTier(first int32, n, swapSlots int) *hostTier {
-	h := &hostTier{first: hostSlot(first), refs: make([]int32, n), free: make([]hostSlot, n), cache: keyindex.NewIndex(), swapSlots: swapSlots}
+	h := &hostTier{first: hostSlot(first), refs: make([]int32, n), free: make([]hostSlot, n), cache: keyindex.NewIndex[hostSlot](), swapSlots: swapSlots}
 	for i := range n {
 		h.free[i] = hostSlot(first) + hostSlot(n-1-i)
 	}
@@ -171,12 +171,12 @@ func (h *hostTier) hold(b hostSlot, refs int32) {
 
 // store makes taken host block b hold the content of key k, as the most recently used.
 func (h *hostTier) store(k prefix.Key, b hostSlot) {
-	h.cache.Release(h.cache.Add(k, int32(b)))
+	h.cache.Release(h.cache.Add(k, b))
 }
 
 // touch makes cached entry e the most recently used; an entry held for the tiers stays held
 // (it becomes the most recently used when they let it go).
-func (h *hostTier) touch(e *keyindex.Entry) {
+func (h *hostTier) touch(e *keyindex.Entry[hostSlot]) {
 	if !e.Idle() {
 		return
 	}

@@ -345,7 +345,7 @@ func TestHybridWindowHit(t *testing.T) {
 	b, err := h.Group(0).Blocks(2, nil)
 	require.NoError(t, err)
 	require.Len(t, b, 9)
-	require.Equal(t, kvcache.NullBlock, b[6])
-	require.NotEqual(t, kvcache.NullBlock, b[7])
+	require.Equal(t, int32(kvcache.NullBlock), b[6])
+	require.NotEqual(t, int32(kvcache.NullBlock), b[7])
 	require.NoError(t, h.Verify())
 }

@@ -4,6 +4,7 @@ import (
 	"slices"
 
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
 )
 
 // hitFinder finds, for one group of a Hybrid start, the longest prefix of a prompt the group
@@ -13,7 +14,7 @@ import (
 type hitFinder struct {
 	m     *Manager
 	keys  []prefix.Key
-	found []int32
+	found []sequence.Block
 	run   int // leading blocks cached, for a group that needs them all (-1: not known yet)
 }
 
@@ -28,7 +29,7 @@ func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
 
 // get returns block i of the prompt in the cache, or NullBlock. It inlines: the index is asked
 // only the first time (lookup).
-func (f *hitFinder) get(i int) int32 {
+func (f *hitFinder) get(i int) sequence.Block {
 	if b := f.found[i]; b != -2 {
 		return b
 	}
@@ -36,7 +37,7 @@ func (f *hitFinder) get(i int) int32 {
 }
 
 // lookup asks the index for block i of the prompt and keeps the answer.
-func (f *hitFinder) lookup(i int) int32 {
+func (f *hitFinder) lookup(i int) sequence.Block {
 	f.found[i] = NullBlock
 	if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
 		f.found[i] = e.Block
@@ -46,7 +47,7 @@ func (f *hitFinder) lookup(i int) int32 {
 
 // appendFound appends blocks [i, j) of the prompt in the cache (NullBlock where not) to dst: in
 // one copy, once each is looked up.
-func (f *hitFinder) appendFound(dst []int32, i, j int) []int32 {
+func (f *hitFinder) appendFound(dst []sequence.Block, i, j int) []sequence.Block {
 	for k := i; k < j; k++ {
 		f.get(k)
 	}

@@ -46,13 +46,13 @@ type Manager struct {
 	closed bool
 
 	// scratch for AppendTokens' rollback, reused so the hot path does not allocate
-	newBlocks []int32
-	newPages  []int32
+	newBlocks []sequence.Block
+	newPages  []arena.Page
 	swap      swapScratch
 
-	growMu    sync.Mutex // held by a whole reserve/trim cycle, and by Verify
-	reserving []int32    // guarded by growMu: the pages a reserve round has in flight
-	inflight  int        // pages being mapped or unmapped outside mu
+	growMu    sync.Mutex   // held by a whole reserve/trim cycle, and by Verify
+	reserving []arena.Page // guarded by growMu: the pages a reserve round has in flight
+	inflight  int          // pages being mapped or unmapped outside mu
 	wake      chan struct{}
 	stop      chan struct{}
 	done      chan struct{}
@@ -69,17 +69,17 @@ type Manager struct {
 	feed      *prefix.Feed // its own, or its Hybrid's, which every group publishes to
 	group     eventGroup   // what its events say of its layer group (a Hybrid's)
 	keyer     *prefix.Keyer
-	pending   []prefix.Event     // events held back for the subscribers (the first committed), then those of the operation under way
-	committed int                // of pending, the events of operations that succeeded (publish)
-	holding   atomic.Bool        // committed events are held back for the subscribers' next Read
-	pullArmed atomic.Bool        // pullTimer is set to retry a pull that found the lock taken
-	pullTimer *time.Timer        // runs retryPull
-	pubMu     sync.Mutex         // orders publishing: taken after mu, held while events go to the feed; guards pulled
-	pulled    []prefix.Event     // the slice detachEvents last published, cleared, for pending to reuse
-	slab      eventSlab          // the pending events' keys and token ids
-	evicted   []keyindex.Removed // evictions of the append under way, restored if it fails
-	probe     sequence.Sequence  // scratch of Admit
-	root0     prefix.Key         // root of the zero namespace
+	pending   []prefix.Event                     // events held back for the subscribers (the first committed), then those of the operation under way
+	committed int                                // of pending, the events of operations that succeeded (publish)
+	holding   atomic.Bool                        // committed events are held back for the subscribers' next Read
+	pullArmed atomic.Bool                        // pullTimer is set to retry a pull that found the lock taken
+	pullTimer *time.Timer                        // runs retryPull
+	pubMu     sync.Mutex                         // orders publishing: taken after mu, held while events go to the feed; guards pulled
+	pulled    []prefix.Event                     // the slice detachEvents last published, cleared, for pending to reuse
+	slab      eventSlab                          // the pending events' keys and token ids
+	evicted   []keyindex.Removed[sequence.Block] // evictions of the append under way, restored if it fails
+	probe     sequence.Sequence                  // scratch of Admit
+	root0     prefix.Key                         // root of the zero namespace
 	rootSet   bool
 
 	host  *hostTier  // the host tier's blocks (nil without one)
@@ -498,7 +498,7 @@ func (m *Manager) freeBlocks() int {
 // none): free blocks first, then cache beyond the bound, then mapped pages (growPage). On an
 // error it has rolled back; otherwise the caller commits (and recycles m.evicted) or calls
 // rollback.
-func (m *Manager) takeBlocks(need int, hint int32) error {
+func (m *Manager) takeBlocks(need int, hint arena.Page) error {
 	m.newBlocks, m.newPages, m.evicted = m.newBlocks[:0], m.newPages[:0], m.evicted[:0]
 	for len(m.newBlocks) < need {
 		p, ok := m.arena.Pick(hint, need-len(m.newBlocks))
@@ -558,14 +558,14 @@ func (m *Manager) rollback() {
 // blocks in dsts: an eviction that freed one of them cannot be undone, its content being gone.
 // Such a block is evicted again after the rollback puts it back, its BlockRemoved published:
 // the only difference from before the operation is one idle cached block fewer.
-func (m *Manager) rollbackAfterCopy(dsts ...int32) {
+func (m *Manager) rollbackAfterCopy(dsts ...sequence.Block) {
 	m.rollback()
 	m.dropCopied(dsts...)
 }
 
 // dropCopied is rollbackAfterCopy's second half, for a caller that must put other things back
 // in the LRU order first (an entry it held, whose neighbour may be among dsts).
-func (m *Manager) dropCopied(dsts ...int32) {
+func (m *Manager) dropCopied(dsts ...sequence.Block) {
 	evicted := false
 	for _, b := range dsts {
 		if m.arena.Entry(b) != nil { // restored: the copy overwrote the block it names
@@ -582,7 +582,7 @@ func (m *Manager) dropCopied(dsts ...int32) {
 // within the manager's limits and the shared budget's headroom; when memory is short it evicts
 // the manager's own cached blocks (the whole protected cache included) before a shared budget
 // reclaims from other models, and only then fails. It returns a page with a free block.
-func (m *Manager) growPage() (int32, error) {
+func (m *Manager) growPage() (arena.Page, error) {
 	p, err := m.mapPageLocked(false)
 	if err == nil {
 		m.counters.syncMaps++
@@ -611,7 +611,7 @@ func (m *Manager) growPage() (int32, error) {
 // mapPageLocked maps the lowest unmapped page while holding mu (the slow path: the reserve ran
 // dry, or a compaction tops the reserve up); with reclaim, a shared budget may take memory back
 // from other models. It returns the page, mapped and entirely free.
-func (m *Manager) mapPageLocked(reclaim bool) (int32, error) {
+func (m *Manager) mapPageLocked(reclaim bool) (arena.Page, error) {
 	if err := m.checkLimit(); err != nil {
 		return 0, err
 	}
@@ -629,10 +629,10 @@ func (m *Manager) mapPageLocked(reclaim bool) (int32, error) {
 
 // mapPage backs page p with memory on every device: from the shared budget, if any (with
 // reclaim, taking memory back from other models), then mapped.
-func (m *Manager) mapPage(p int32, reclaim bool) error { return m.back.mapPage(p, reclaim) }
+func (m *Manager) mapPage(p arena.Page, reclaim bool) error { return m.back.mapPage(p, reclaim) }
 
 // unmapPage returns page p's memory to the devices and the budget.
-func (m *Manager) unmapPage(p int32) error { return m.back.unmapPage(p) }
+func (m *Manager) unmapPage(p arena.Page) error { return m.back.unmapPage(p) }
 
 // checkLimit reports whether one more page fits under MemoryLimit.
 func (m *Manager) checkLimit() error {
@@ -837,13 +837,14 @@ func (m *Manager) Blocks(seq SeqID, dst []int32) ([]int32, error) {
 		return dst, err
 	}
 	if !s.Swapped {
-		return append(dst, s.Blocks...), nil
+		return append(dst, sequence.Int32s(s.Blocks)...), nil
 	}
 	for i, b := range s.Blocks {
+		id := int32(b)
 		if h := s.Host[i]; h != sequence.NoHost {
-			b = int32(h)
+			id = int32(h)
 		}
-		dst = append(dst, b)
+		dst = append(dst, id)
 	}
 	return dst, nil
 }
@@ -875,7 +876,7 @@ func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 	if i := firstDropped(s, from, to, m.cfg.BlockTokens); i >= 0 {
 		return dst, &SequenceError{Op: "slots", Seq: seq, Err: fmt.Errorf("%w: token %d is in block %d, freed (out of reach)", ErrInvalidArgument, i, i/m.cfg.BlockTokens)}
 	}
-	out, err := blocktable.AppendSlots(dst, s.Blocks, m.cfg.BlockTokens, from, to)
+	out, err := blocktable.AppendSlots(dst, sequence.Int32s(s.Blocks), m.cfg.BlockTokens, from, to)
 	if err != nil {
 		return dst, &SequenceError{Op: "slots", Seq: seq, Err: err}
 	}

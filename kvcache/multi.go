@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -224,19 +226,19 @@ func (mb *multi) undo(what string, errs []error, back func(e *elastic) error) er
 	return errors.Join(all...)
 }
 
-func (mb *multi) mapPage(p int32, reclaim bool) error {
+func (mb *multi) mapPage(p arena.Page, reclaim bool) error {
 	errs := mb.each(func(_ int, e *elastic) error { return e.mapPage(p, reclaim) })
 	return mb.undo("map", errs, func(e *elastic) error { return e.unmapPage(p) })
 }
 
-func (mb *multi) unmapPage(p int32) error {
+func (mb *multi) unmapPage(p arena.Page) error {
 	errs := mb.each(func(_ int, e *elastic) error { return e.unmapPage(p) })
 	return mb.undo("unmap", errs, func(e *elastic) error { return e.mapPage(p, false) })
 }
 
 func (mb *multi) returnsMemory() bool { return true }
 
-func (mb *multi) copyBlock(dst, src int32) error {
+func (mb *multi) copyBlock(dst, src sequence.Block) error {
 	return errors.Join(mb.each(func(_ int, e *elastic) error { return e.copyBlock(dst, src) })...)
 }
 
@@ -270,7 +272,7 @@ func (mb *multi) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, er
 	return marks, nil
 }
 
-func (mb *multi) regions(dst []vmm.Region, first, n int32) []vmm.Region {
+func (mb *multi) regions(dst []vmm.Region, first, n arena.Page) []vmm.Region {
 	for _, e := range mb.parts {
 		dst = e.regions(dst, first, n)
 	}
@@ -304,7 +306,7 @@ func (mb *multi) scratchBytes() uint64 {
 	return n
 }
 
-func (mb *multi) check(mapped []int32, inflight int) []string {
+func (mb *multi) check(mapped []arena.Page, inflight int) []string {
 	var bad []string
 	for _, e := range mb.parts {
 		bad = append(bad, e.check(mapped, inflight)...)

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
@@ -557,8 +558,8 @@ func (m *Manager) evictOne(undo bool) bool {
 }
 
 // evictPage evicts every idle block of page p; with undo, each is recorded in m.evicted.
-func (m *Manager) evictPage(p int32, undo bool) {
-	for b := p * int32(m.bpp); b < (p+1)*int32(m.bpp); b++ {
+func (m *Manager) evictPage(p arena.Page, undo bool) {
+	for b := m.arena.First(p); b < m.arena.First(p+1); b++ {
 		if m.arena.IsIdle(b) {
 			m.evictBlock(b, undo)
 		}
@@ -566,7 +567,7 @@ func (m *Manager) evictPage(p int32, undo bool) {
 }
 
 // evictBlock evicts idle block b.
-func (m *Manager) evictBlock(b int32, undo bool) {
+func (m *Manager) evictBlock(b sequence.Block, undo bool) {
 	m.settleCopies() // a write-back may still read b
 	r := m.arena.Evict(b)
 	if undo {
@@ -643,8 +644,8 @@ func (m *Manager) DropCache() (int, error) {
 // dropCacheLocked empties the cache with mu held and returns the idle blocks it freed.
 func (m *Manager) dropCacheLocked() int {
 	a := m.arena
-	var idle, held []int32
-	a.Index().Each(func(e *keyindex.Entry) bool {
+	var idle, held []sequence.Block
+	a.Index().Each(func(e *keyindex.Entry[sequence.Block]) bool {
 		if e.Idle() {
 			idle = append(idle, e.Block)
 		} else {
@@ -695,7 +696,7 @@ func (m *Manager) CachedKeys(dst []prefix.Key) []prefix.Key {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.arena.Index().Each(func(e *keyindex.Entry) bool { dst = append(dst, e.Key); return true })
+	m.arena.Index().Each(func(e *keyindex.Entry[sequence.Block]) bool { dst = append(dst, e.Key); return true })
 	return dst
 }
 

@@ -6,8 +6,11 @@ import (
 
 // NullBlock stands in a sequence's blocks (Blocks, the exported tables) for a block that was
 // freed because its layers can no longer read it: out of a sliding window, or of an earlier
-// chunk. Attention with the group's mask never reads it.
-const NullBlock = sequence.NullBlock
+// chunk. Attention with the group's mask never reads it. It is sequence.NullBlock, untyped so
+// that it compares with the int32 ids of the tables and of Blocks as with a sequence.Block.
+const NullBlock = -1
+
+var _ = [1]struct{}{}[NullBlock-sequence.NullBlock] // the two stay one value
 
 // bounded reports whether the layers read only some earlier tokens (a window or chunks), so
 // that blocks fall out of reach.

@@ -63,8 +63,8 @@ func (m *Manager) settle() error {
 	defer m.growMu.Unlock()
 	var errs []error
 	for {
-		more, p, err := m.pageRound(m.takeReserve, func(p int32) error { return m.mapPage(p, false) }, // the reserve never takes memory from other models
-			m.arena.MarkMapped, func(p int32) { m.arena.SetState(p, arena.Unmapped) }, &m.counters.bgMaps)
+		more, p, err := m.pageRound(m.takeReserve, func(p arena.Page) error { return m.mapPage(p, false) }, // the reserve never takes memory from other models
+			m.arena.MarkMapped, func(p arena.Page) { m.arena.SetState(p, arena.Unmapped) }, &m.counters.bgMaps)
 		if err != nil && !errors.Is(err, ErrOutOfMemory) { // a spent budget bounds the reserve; it is no failure
 			errs = append(errs, fmt.Errorf("kvcache: reserve page %d: %w", p, err))
 		}
@@ -74,7 +74,7 @@ func (m *Manager) settle() error {
 	}
 	for {
 		more, p, err := m.pageRound(m.takeExcess, m.unmapPage,
-			func(p int32) { m.arena.SetState(p, arena.Unmapped) }, m.arena.MarkMapped, &m.counters.unmaps)
+			func(p arena.Page) { m.arena.SetState(p, arena.Unmapped) }, m.arena.MarkMapped, &m.counters.unmaps)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("kvcache: return page %d: %w", p, err))
 		}
@@ -89,7 +89,7 @@ func (m *Manager) settle() error {
 // flight; outside it op maps or unmaps each in turn until one fails; under the lock again the
 // pages op did are settled by done (and counted in n), the others put back by undo. It reports
 // whether take gave any page, and the page that failed with op's error.
-func (m *Manager) pageRound(take func() []int32, op func(int32) error, done, undo func(int32), n *uint64) (bool, int32, error) {
+func (m *Manager) pageRound(take func() []arena.Page, op func(arena.Page) error, done, undo func(arena.Page), n *uint64) (bool, arena.Page, error) {
 	m.mu.Lock()
 	pages := take()
 	m.mu.Unlock()
@@ -123,7 +123,7 @@ func (m *Manager) pageRound(take func() []int32, op func(int32) error, done, und
 // takeReserve takes the unmapped pages the reserve needs to reach ReservePages, at most
 // reserveBatch and within MemoryLimit, and puts them in flight: the caller maps them outside
 // the lock. The lock and growMu are held; the slice is growMu's scratch.
-func (m *Manager) takeReserve() []int32 {
+func (m *Manager) takeReserve() []arena.Page {
 	pages := m.reserving[:0]
 	for !m.closed && !m.static && !m.asleep && m.spare()+len(pages) < m.cfg.ReservePages && len(pages) < reserveBatch {
 		if m.checkLimit() != nil {
@@ -144,7 +144,7 @@ func (m *Manager) takeReserve() []int32 {
 // takes the highest free pages beyond it, at most reserveBatch, and puts them in flight: the
 // caller unmaps them outside the lock. The lock and growMu are held; the slice is growMu's
 // scratch.
-func (m *Manager) takeExcess() []int32 {
+func (m *Manager) takeExcess() []arena.Page {
 	pages := m.reserving[:0]
 	if m.closed || m.static {
 		return pages

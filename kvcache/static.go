@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/pagedkv/pagedkv/internal/arena"
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/kernels"
+	"github.com/pagedkv/pagedkv/sequence"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -71,7 +73,7 @@ func NewStatic(dev vmm.Device, cfg Config, mem vmm.External) (*Manager, error) {
 	m := newManagerOn(dev, cfg, &static{dev: dev, cfg: cfg, mem: mem}, int(mem.Size/cfg.PageSize))
 	for p := range m.arena.Pages() {
 		m.arena.TakeUnmapped()
-		m.arena.MarkMapped(int32(p))
+		m.arena.MarkMapped(arena.Page(p))
 	}
 	close(m.done)
 	m.startTiers()
@@ -87,17 +89,17 @@ type static struct {
 	kern *kernels.Kernels
 }
 
-func (s *static) mapPage(int32, bool) error {
+func (s *static) mapPage(arena.Page, bool) error {
 	return &vmm.CapacityError{Need: s.cfg.PageSize, Free: 0} // every page is mapped already
 }
 
-func (s *static) unmapPage(int32) error {
+func (s *static) unmapPage(arena.Page) error {
 	return fmt.Errorf("kvcache: %w: static memory is never unmapped", ErrInvalidArgument)
 }
 
 func (s *static) returnsMemory() bool { return false }
 
-func (s *static) copyBlock(dst, src int32) error {
+func (s *static) copyBlock(dst, src sequence.Block) error {
 	return copyBlock(s.dev, s.mem.Addr, s.cfg.BlockStride(), dst, src)
 }
 
@@ -117,7 +119,7 @@ func (s *static) copyAsync(st kernels.Stream, pairs []int64) ([]*kernels.Mark, e
 }
 
 // regions returns the runtime's memory whole, whatever run is asked for.
-func (s *static) regions(dst []vmm.Region, _, _ int32) []vmm.Region {
+func (s *static) regions(dst []vmm.Region, _, _ arena.Page) []vmm.Region {
 	return append(dst, s.mem.Regions()...)
 }
 
@@ -129,7 +131,7 @@ func (s *static) headroom() (uint64, bool) { return 0, false }
 
 func (s *static) scratchBytes() uint64 { return s.kern.ScratchBytes() }
 
-func (s *static) check(mapped []int32, _ int) []string {
+func (s *static) check(mapped []arena.Page, _ int) []string {
 	if n := int(s.cfg.Capacity / s.cfg.PageSize); len(mapped) != n {
 		return []string{fmt.Sprintf("static memory: %d of %d pages mapped", len(mapped), n)}
 	}

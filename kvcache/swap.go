@@ -83,25 +83,25 @@ type swapScratch struct {
 	// k-th has refs[k] references among the set, and goes to outDst[k] (NoHost: it stays on the
 	// device) or inDst[k] (a device block; -1 until one is taken). at[j] is, for each block
 	// position of the set in order, its k (-1: none).
-	out    []int32
+	out    []sequence.Block
 	outDst []hostSlot
 	in     []hostSlot
-	inDst  []int32
+	inDst  []sequence.Block
 	refs   []int32
 	at     []int32
-	found  []foundBlock       // the cached device blocks a SwapIn holds, for its undo
-	pairs  []int64            // (from, to) for each block copied, in the copy kernels' numbering
-	keys   []prefix.Key       // the keys of the blocks a host-cache hit fetches
-	first  map[int32]int32    // for a device block with several holders, its k
-	firstH map[hostSlot]int32 // for a host slot with several holders, its k
+	found  []foundBlock             // the cached device blocks a SwapIn holds, for its undo
+	pairs  []int64                  // (from, to) for each block copied, in the copy kernels' numbering
+	keys   []prefix.Key             // the keys of the blocks a host-cache hit fetches
+	first  map[sequence.Block]int32 // for a device block with several holders, its k
+	firstH map[hostSlot]int32       // for a host slot with several holders, its k
 }
 
 // foundBlock is a cached device block that SwapIn took a reference to, and how to undo it:
 // an idle block goes back after prev in the LRU order, a held one loses the reference.
 type foundBlock struct {
-	b    int32
+	b    sequence.Block
 	idle bool
-	prev *keyindex.Entry
+	prev *keyindex.Entry[sequence.Block]
 }
 
 // swapSet looks up seqs for a swap into m.swap.set: each must exist, appear once, and be
@@ -115,7 +115,7 @@ func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	}
 	sc := &m.swap
 	if sc.seen == nil {
-		sc.seen, sc.first, sc.firstH = map[SeqID]struct{}{}, map[int32]int32{}, map[hostSlot]int32{}
+		sc.seen, sc.first, sc.firstH = map[SeqID]struct{}{}, map[sequence.Block]int32{}, map[hostSlot]int32{}
 	}
 	clear(sc.seen)
 	sc.set = sc.set[:0]
@@ -144,7 +144,7 @@ func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 // once, in the order they come, with its references among the set.
 func (m *Manager) planOut() {
 	sc := &m.swap
-	sc.out = planBlocks(sc, sc.out[:0], sc.first, m.arena.Refs, func(q *sequence.Sequence, i int) (int32, bool) {
+	sc.out = planBlocks(sc, sc.out[:0], sc.first, m.arena.Refs, func(q *sequence.Sequence, i int) (sequence.Block, bool) {
 		return q.Blocks[i], q.Blocks[i] != NullBlock // dropped blocks stay dropped
 	})
 }
@@ -372,7 +372,7 @@ func (tx *swapTx) abort() {
 // rollback restored: the copy overwrote it. The lock is held and m.swap.pairs are the copy's.
 func (m *Manager) dropOverwritten() {
 	for i := 1; i < len(m.swap.pairs); i += 2 {
-		if b := int32(m.swap.pairs[i]); m.arena.Entry(b) != nil {
+		if b := sequence.Block(m.swap.pairs[i]); m.arena.Entry(b) != nil {
 			m.evictBlock(b, false)
 		}
 	}
@@ -512,7 +512,7 @@ func (m *Manager) findCached() {
 			if k < 0 || int(k) < len(sc.inDst) { // on the device, or planned at an earlier holder
 				continue
 			}
-			d := int32(-1)
+			d := sequence.NullBlock
 			if i < len(q.Keys) && m.cfg.StateBytes == 0 { // keyed, block i full; a state is never cached
 				if e := m.arena.Index().Get(q.Keys[i]); e != nil {
 					d = e.Block

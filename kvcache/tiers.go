@@ -99,8 +99,8 @@ type tierState struct {
 // demotion is a block written back to the host, on its way to the tiers: its host entry is
 // held until the tier goroutine has read the block.
 type demotion struct {
-	e      *keyindex.Entry
-	block  int32
+	e      *keyindex.Entry[hostSlot]
+	block  hostSlot
 	key    prefix.Key
 	parent prefix.Key
 	first  bool // the sequence's first block: its parent is the namespace's root
@@ -193,7 +193,7 @@ func (m *Manager) stopTiers() {
 
 // demote queues a block writeBack just copied to host block e.Block for the tiers, holding e.
 // The lock is held.
-func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry) {
+func (m *Manager) demote(s *sequence.Sequence, i int, e *keyindex.Entry[hostSlot]) {
 	t := m.tiers
 	parent := s.Root
 	if i > 0 {
@@ -394,8 +394,8 @@ func (m *Manager) tierTimeout() time.Duration {
 // DefaultTierTimeout bounds each call to a tier when Config.TierTimeout is 0.
 const DefaultTierTimeout = 50 * time.Millisecond
 
-// readBlock copies block b's bytes (every shard's, in shard order) into dst.
-func (m *Manager) readBlock(b int32, dst []byte) error {
+// readBlock copies host block b's bytes (every shard's, in shard order) into dst.
+func (m *Manager) readBlock(b hostSlot, dst []byte) error {
 	off := 0
 	for _, sh := range m.back.shards() {
 		n := int(sh.Config.BlockStride())
@@ -407,8 +407,8 @@ func (m *Manager) readBlock(b int32, dst []byte) error {
 	return nil
 }
 
-// writeBlock copies src (every shard's bytes, in shard order) into block b.
-func (m *Manager) writeBlock(b int32, src []byte) error { // b: a device block, or a host slot past them
+// writeBlock copies src (every shard's bytes, in shard order) into host block b.
+func (m *Manager) writeBlock(b hostSlot, src []byte) error {
 	off := 0
 	for _, sh := range m.back.shards() {
 		n := int(sh.Config.BlockStride())
@@ -517,7 +517,7 @@ func (m *Manager) storeFetched(p Prompt, from, to int) {
 	}
 	m.host.reserveCache(n)
 	for j := range n {
-		if err := m.writeBlock(int32(m.host.taken[j]), t.fetchBufs[j]); err != nil { // the copy numbering
+		if err := m.writeBlock(m.host.taken[j], t.fetchBufs[j]); err != nil {
 			m.host.abort()
 			m.counters.hostFailures++
 			return

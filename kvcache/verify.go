@@ -39,14 +39,14 @@ func (m *Manager) Verify() error {
 	}
 	a := m.arena
 	bt := m.cfg.BlockTokens
-	refs := make(map[int32]int32)
+	refs := make(map[sequence.Block]int32)
 	hostRefs := make(map[hostSlot]int32)
 	keyer := prefix.NewKeyer(m.cfg.KeyScheme)
 	m.seqs.All(func(s *sequence.Sequence) bool {
 		if want := sequence.BlocksFor(s.Tokens, bt); len(s.Blocks) != want {
 			bad("sequence %d: %d tokens in %d blocks, want %d", s.ID, s.Tokens, len(s.Blocks), want)
 		}
-		seen := make(map[int32]bool, len(s.Blocks))
+		seen := make(map[sequence.Block]bool, len(s.Blocks))
 		seenHost := make(map[hostSlot]bool, len(s.Host))
 		for i, b := range s.Blocks {
 			if i < len(s.Host) && s.Host[i] != sequence.NoHost { // on the host tier
@@ -94,7 +94,7 @@ func (m *Manager) Verify() error {
 	})
 	mappedList := a.Check(refs, bad)
 	if m.cfg.StateBytes > 0 { // a recurrent arena caches only checkpoints, which no sequence holds
-		a.Index().Each(func(e *keyindex.Entry) bool {
+		a.Index().Each(func(e *keyindex.Entry[sequence.Block]) bool {
 			if !e.Idle() {
 				bad("block %d: a recurrent arena caches only checkpoints, which no sequence holds, but %d do", e.Block, refs[e.Block])
 			}
@@ -114,14 +114,14 @@ func (m *Manager) Verify() error {
 		if m.tiers != nil {
 			held = m.tiers.held // entries the tier goroutine reads: held, not in the LRU list
 		}
-		h.cache.Each(func(e *keyindex.Entry) bool {
+		h.cache.Each(func(e *keyindex.Entry[hostSlot]) bool {
 			if b := slot(e); !h.has(b) || cachedHost[b] || (!e.Idle() && held == 0) || h.cache.Get(e.Key) != e {
 				bad("host cache entry for block %d: not a host block, cached twice, held, or not indexed under its key", e.Block)
 			}
 			cachedHost[slot(e)] = true
 			return true
 		})
-		h.cache.AscendIdle(func(*keyindex.Entry) bool { idle++; return true })
+		h.cache.AscendIdle(func(*keyindex.Entry[hostSlot]) bool { idle++; return true })
 		if idle+held != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
 			bad("host cache: %d entries, %d in its LRU list, %d held for the tiers (on %v)", h.cache.Len(), idle, held, m.cfg.HostPrefixCache)
 		}

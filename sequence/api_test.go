@@ -13,7 +13,7 @@ import (
 func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
-		Funcs: []any{BlocksFor, NewRegistry},
+		Funcs: []any{BlocksFor, NewRegistry, Int32s},
 		Types: []any{(*Sequence)(nil), (*Registry)(nil)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			switch t {
@@ -22,12 +22,12 @@ func TestAPIProperty(t *testing.T) {
 					r := NewRegistry()
 					for _, id := range []ID{1, 3} {
 						s, _ := r.Add(id)
-						s.Tokens, s.Blocks = 5, append(s.Blocks, int32(id))
+						s.Tokens, s.Blocks = 5, append(s.Blocks, Block(id))
 					}
 					state := func() any {
 						m := map[ID]Sequence{}
 						r.All(func(s *Sequence) bool {
-							m[s.ID] = Sequence{ID: s.ID, Tokens: s.Tokens, Blocks: append([]int32(nil), s.Blocks...)}
+							m[s.ID] = Sequence{ID: s.ID, Tokens: s.Tokens, Blocks: append([]Block(nil), s.Blocks...)}
 							return true
 						})
 						return m
@@ -36,7 +36,7 @@ func TestAPIProperty(t *testing.T) {
 				}, func() apitest.Object { return apitest.Object{V: reflect.ValueOf(&Registry{})} }}
 			case reflect.TypeFor[*Sequence]():
 				return []apitest.Maker{func() apitest.Object {
-					return apitest.Object{V: reflect.ValueOf(&Sequence{ID: 1, Tokens: 5, Blocks: []int32{1}})}
+					return apitest.Object{V: reflect.ValueOf(&Sequence{ID: 1, Tokens: 5, Blocks: []Block{1}})}
 				}}
 			case reflect.TypeFor[func(*Sequence) bool]():
 				return []apitest.Maker{func() apitest.Object { return apitest.Object{V: reflect.ValueOf(func(*Sequence) bool { return true })} }}

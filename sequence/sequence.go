@@ -11,6 +11,7 @@ package sequence
 
 import (
 	"fmt"
+	"unsafe"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/prefix"
@@ -32,7 +33,7 @@ type ID uint64
 type Sequence struct {
 	ID     ID
 	Tokens int
-	Blocks []int32
+	Blocks []Block
 
 	// FastRoom is how many more tokens an append may add with no new block: they go into the
 	// last block, which the sequence alone holds and which is not cached (a block that falls out
@@ -74,10 +75,23 @@ type Sequence struct {
 	_ [40]byte // to 256 bytes, a multiple of 64: the allocator keeps the first cache line whole
 }
 
+// Block is a device block's id in the arena of the group (the Manager) that holds the sequence:
+// the id its attention kernels read in block tables. Each group numbers its own blocks, so an id
+// means nothing outside its group's Manager. Host slots are another type (HostSlot); a page is
+// another again (kvcache's arena.Page). Block is int32 underneath, as vLLM's and FlashInfer's
+// tables are, so a row of Blocks is a table row as it is (Int32s).
+type Block int32
+
+// Int32s returns blocks as the int32 ids a block table holds: the same memory, not a copy. It
+// is how a sequence's Blocks reach blocktable and kernels without a copy per step.
+func Int32s(blocks []Block) []int32 {
+	return unsafe.Slice((*int32)(unsafe.SliceData(blocks)), len(blocks))
+}
+
 // NullBlock stands in Blocks for a block that was freed because no layer reads it any more
 // (out of a sliding window, or of an earlier chunk), or that waits on the host tier while the
 // sequence is swapped out (Host): it keeps the block's position.
-const NullBlock int32 = -1
+const NullBlock Block = -1
 
 // HostSlot is a block of a manager's host tier (pinned host memory), where a swapped-out
 // sequence's block waits: a type of its own, so that it is never taken for a device block id.

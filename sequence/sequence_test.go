@@ -15,7 +15,7 @@ func TestSequenceGeometry(t *testing.T) {
 	assert.Equal(t, 1, BlocksFor(1, 16))
 	assert.Equal(t, 1, BlocksFor(16, 16))
 	assert.Equal(t, 2, BlocksFor(17, 16))
-	s := &Sequence{Tokens: 20, Blocks: []int32{7, 3}}
+	s := &Sequence{Tokens: 20, Blocks: []Block{7, 3}}
 	assert.Equal(t, 12, s.TailRoom(16))
 }
 
@@ -116,4 +116,16 @@ func TestNoInputBreaksIt(t *testing.T) {
 	assert.False(t, nr.Remove(s))
 	assert.Zero(t, nr.Len())
 	nr.All(func(*Sequence) bool { t.Fatal("nil registry has no sequences"); return false })
+}
+
+// TestInt32s: a row of Blocks is handed to the tables as the same memory, ids and NullBlock
+// unchanged, so what a kernel reads is what the sequence holds.
+func TestInt32s(t *testing.T) {
+	blocks := []Block{7, NullBlock, 3, math.MaxInt32}
+	ids := Int32s(blocks)
+	require.Equal(t, []int32{7, -1, 3, math.MaxInt32}, ids)
+	blocks[2] = 11
+	assert.Equal(t, int32(11), ids[2], "the same memory, not a copy")
+	assert.Empty(t, Int32s(nil))
+	assert.Empty(t, Int32s(blocks[:0]))
 }

@@ -25,7 +25,16 @@ import (
 
 	"github.com/pagedkv/pagedkv/internal/keyindex"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
 )
+
+// Block is a block id of the arena: page*BlocksPerPage + slot (sequence.Block, the type every
+// sequence's Blocks hold). Page is a page index. They are distinct types so that a page cannot
+// be passed where a block goes, nor the other way round.
+type Block = sequence.Block
+
+// Page is the index of a page of the arena, in [0, Pages()).
+type Page int32
 
 // State is where a page is in its life.
 type State uint8
@@ -45,14 +54,14 @@ const (
 // hits and can be evicted).
 type page struct {
 	state   State
-	free    int               // free blocks
-	idle    int               // idle cached blocks
-	bits    []uint64          // bit i set: block i of the page is free
-	refs    []int32           // reference count of each block (sequences holding it)
-	entries []*keyindex.Entry // cache entry of each block; nil until the page caches one
-	newest  uint64            // the newest LastUse of its idle blocks (the page's age), unless stale
-	stale   bool              // newest must be recomputed before the page is indexed by age
-	aged    bool              // in the cache-only index, at agedAt
+	free    int                      // free blocks
+	idle    int                      // idle cached blocks
+	bits    []uint64                 // bit i set: block i of the page is free
+	refs    []int32                  // reference count of each block (sequences holding it)
+	entries []*keyindex.Entry[Block] // cache entry of each block; nil until the page caches one
+	newest  uint64                   // the newest LastUse of its idle blocks (the page's age), unless stale
+	stale   bool                     // newest must be recomputed before the page is indexed by age
+	aged    bool                     // in the cache-only index, at agedAt
 	agedAt  uint64
 }
 
@@ -62,7 +71,7 @@ func (pg *page) live(bpp int) int { return bpp - pg.free - pg.idle }
 // pageAge orders cache-only pages: the least recently used first.
 type pageAge struct {
 	newest uint64
-	page   int32
+	page   Page
 }
 
 func olderPage(a, b pageAge) bool {
@@ -91,19 +100,19 @@ func olderPage(a, b pageAge) bool {
 type Arena struct {
 	bpp       int
 	pages     []*page
-	fresh     int32 // first page never used
-	free      *btree.BTreeG[int32]
-	partial   *btree.BTreeG[int32]
-	unmapped  *btree.BTreeG[int32]
+	fresh     Page // first page never used
+	free      *btree.BTreeG[Page]
+	partial   *btree.BTreeG[Page]
+	unmapped  *btree.BTreeG[Page]
 	cacheOnly *btree.BTreeG[pageAge] // mapped pages with idle blocks and no held ones
-	index     *keyindex.Index
+	index     *keyindex.Index[Block]
 	mapped    int    // pages in state free, partial or full
 	live      int    // blocks with refs > 0
 	idle      int    // idle cached blocks
 	gen       uint64 // mapped/unmapped transitions so far
 }
 
-func less(a, b int32) bool { return a < b }
+func less(a, b Page) bool { return a < b }
 
 // New returns an arena of npages pages (all unmapped) of bpp blocks each.
 func New(npages, bpp int) *Arena {
@@ -114,18 +123,21 @@ func New(npages, bpp int) *Arena {
 		partial:   btree.NewG(32, less),
 		unmapped:  btree.NewG(32, less),
 		cacheOnly: btree.NewG(32, olderPage),
-		index:     keyindex.NewIndex(),
+		index:     keyindex.NewIndex[Block](),
 	}
 }
 
 // PageOf returns the page of block b.
-func (a *Arena) PageOf(b int32) int32 { return b / int32(a.bpp) }
+func (a *Arena) PageOf(b Block) Page { return Page(b / Block(a.bpp)) }
+
+// First returns the first block of page p (its blocks are First(p) to First(p+1)-1).
+func (a *Arena) First(p Page) Block { return Block(p) * Block(a.bpp) }
 
 // slot returns block b's page and its index in the page.
-func (a *Arena) slot(b int32) (*page, int) { return a.pages[a.PageOf(b)], int(b) % a.bpp }
+func (a *Arena) slot(b Block) (*page, int) { return a.pages[a.PageOf(b)], int(b) % a.bpp }
 
 // SetState moves page p to state s (the owner mapped, unmapped or claimed it).
-func (a *Arena) SetState(p int32, s State) {
+func (a *Arena) SetState(p Page, s State) {
 	pg := a.pages[p]
 	switch pg.state {
 	case Unmapped:
@@ -156,7 +168,7 @@ func (a *Arena) SetState(p int32, s State) {
 }
 
 // TakeUnmapped claims the lowest unmapped page for mapping (state in flight).
-func (a *Arena) TakeUnmapped() (int32, bool) {
+func (a *Arena) TakeUnmapped() (Page, bool) {
 	p, ok := a.unmapped.Min() // always below fresh
 	if !ok {
 		if int(a.fresh) == len(a.pages) {
@@ -174,7 +186,7 @@ func (a *Arena) TakeUnmapped() (int32, bool) {
 func (a *Arena) UnmappedPages() int { return a.unmapped.Len() + len(a.pages) - int(a.fresh) }
 
 // MarkMapped marks page p (in flight) as mapped and entirely free.
-func (a *Arena) MarkMapped(p int32) {
+func (a *Arena) MarkMapped(p Page) {
 	pg := a.pages[p]
 	pg.free, pg.idle, pg.newest, pg.stale = a.bpp, 0, 0, false
 	for i := range pg.bits {
@@ -196,7 +208,7 @@ func (a *Arena) MarkMapped(p int32) {
 // 1.23 and the means fall too (docs/performance.md). The search reads the partial pages too
 // full for need, lowest first. For one block there are none; a page or more fits no partial
 // page, so then the search is skipped.
-func (a *Arena) Pick(hint int32, need int) (int32, bool) {
+func (a *Arena) Pick(hint Page, need int) (Page, bool) {
 	if hint >= 0 {
 		if pg := a.pages[hint]; pg.state == Partial || pg.state == Free {
 			return hint, true
@@ -207,7 +219,7 @@ func (a *Arena) Pick(hint int32, need int) (int32, bool) {
 		return a.free.Min()
 	}
 	if need > 1 && need < a.bpp && a.pages[lowest].free < need {
-		a.partial.Ascend(func(p int32) bool {
+		a.partial.Ascend(func(p Page) bool {
 			if a.pages[p].free >= need {
 				lowest = p
 				return false
@@ -219,11 +231,11 @@ func (a *Arena) Pick(hint int32, need int) (int32, bool) {
 }
 
 // Alloc takes the lowest free block of page p, which has room, with one reference.
-func (a *Arena) Alloc(p int32) int32 {
+func (a *Arena) Alloc(p Page) Block {
 	pg := a.pages[p]
 	for w, word := range pg.bits {
 		if word != 0 {
-			b := p*int32(a.bpp) + int32(w*64+bits.TrailingZeros64(word))
+			b := a.First(p) + Block(w*64+bits.TrailingZeros64(word))
 			a.Take(b, 1)
 			return b
 		}
@@ -233,11 +245,11 @@ func (a *Arena) Alloc(p int32) int32 {
 
 // AllocAll takes every block of free page p, in order, each with one reference, and appends
 // them to dst: what BlocksPerPage calls of alloc would do.
-func (a *Arena) AllocAll(p int32, dst []int32) []int32 {
+func (a *Arena) AllocAll(p Page, dst []Block) []Block {
 	pg := a.pages[p]
 	for i := range a.bpp {
 		pg.refs[i] = 1
-		dst = append(dst, p*int32(a.bpp)+int32(i))
+		dst = append(dst, a.First(p)+Block(i))
 	}
 	clear(pg.bits)
 	pg.free = 0
@@ -247,7 +259,7 @@ func (a *Arena) AllocAll(p int32, dst []int32) []int32 {
 }
 
 // occupy clears free block b's bit; the caller accounts for what it now holds.
-func (a *Arena) occupy(b int32) {
+func (a *Arena) occupy(b Block) {
 	p := a.PageOf(b)
 	pg, i := a.slot(b)
 	pg.bits[i/64] &^= 1 << (i % 64)
@@ -256,7 +268,7 @@ func (a *Arena) occupy(b int32) {
 }
 
 // vacate sets block b's bit: it holds nothing any more.
-func (a *Arena) vacate(b int32) {
+func (a *Arena) vacate(b Block) {
 	p := a.PageOf(b)
 	pg, i := a.slot(b)
 	pg.bits[i/64] |= 1 << (i % 64)
@@ -266,7 +278,7 @@ func (a *Arena) vacate(b int32) {
 
 // restate puts mapped page p in the index its free count calls for, and in or out of the
 // cache-only index.
-func (a *Arena) restate(p int32) {
+func (a *Arena) restate(p Page) {
 	pg := a.pages[p]
 	want := Partial
 	switch pg.free {
@@ -282,7 +294,7 @@ func (a *Arena) restate(p int32) {
 }
 
 // Take marks free block b as held by refs sequences.
-func (a *Arena) Take(b int32, refs int32) {
+func (a *Arena) Take(b Block, refs int32) {
 	pg, i := a.slot(b)
 	pg.refs[i] = refs
 	a.live++
@@ -290,7 +302,7 @@ func (a *Arena) Take(b int32, refs int32) {
 }
 
 // Drop frees held block b whatever its reference count; it must have no cache entry.
-func (a *Arena) Drop(b int32) {
+func (a *Arena) Drop(b Block) {
 	pg, i := a.slot(b)
 	pg.refs[i] = 0
 	a.live--
@@ -298,7 +310,7 @@ func (a *Arena) Drop(b int32) {
 }
 
 // Entry returns block b's cache entry, or nil.
-func (a *Arena) Entry(b int32) *keyindex.Entry {
+func (a *Arena) Entry(b Block) *keyindex.Entry[Block] {
 	pg, i := a.slot(b)
 	if pg.entries == nil {
 		return nil
@@ -307,20 +319,20 @@ func (a *Arena) Entry(b int32) *keyindex.Entry {
 }
 
 // setEntry records block b's cache entry (nil: uncached).
-func (a *Arena) setEntry(b int32, e *keyindex.Entry) {
+func (a *Arena) setEntry(b Block, e *keyindex.Entry[Block]) {
 	pg, i := a.slot(b)
 	if pg.entries == nil {
 		if e == nil {
 			return
 		}
-		pg.entries = make([]*keyindex.Entry, a.bpp)
+		pg.entries = make([]*keyindex.Entry[Block], a.bpp)
 	}
 	pg.entries[i] = e
 }
 
 // Cache indexes held block b under key k; it returns false (and changes nothing) when k is
 // cached already, in another block.
-func (a *Arena) Cache(b int32, k prefix.Key) bool {
+func (a *Arena) Cache(b Block, k prefix.Key) bool {
 	e := a.index.Add(k, b)
 	if e == nil {
 		return false
@@ -330,7 +342,7 @@ func (a *Arena) Cache(b int32, k prefix.Key) bool {
 }
 
 // Uncache forgets held block b's cache entry, if it has one, and returns the key it had.
-func (a *Arena) Uncache(b int32) (prefix.Key, bool) {
+func (a *Arena) Uncache(b Block) (prefix.Key, bool) {
 	e := a.Entry(b)
 	if e == nil {
 		return prefix.Key{}, false
@@ -342,19 +354,19 @@ func (a *Arena) Uncache(b int32) (prefix.Key, bool) {
 }
 
 // Ref adds a reference to held block b.
-func (a *Arena) Ref(b int32) {
+func (a *Arena) Ref(b Block) {
 	pg, i := a.slot(b)
 	pg.refs[i]++
 }
 
 // Refs returns block b's reference count.
-func (a *Arena) Refs(b int32) int32 {
+func (a *Arena) Refs(b Block) int32 {
 	pg, i := a.slot(b)
 	return pg.refs[i]
 }
 
 // Unref drops a reference to block b; at zero a cached block goes idle and any other is freed.
-func (a *Arena) Unref(b int32) {
+func (a *Arena) Unref(b Block) {
 	pg, i := a.slot(b)
 	if pg.refs[i] > 1 {
 		pg.refs[i]--
@@ -377,8 +389,8 @@ func (a *Arena) Unref(b int32) {
 // HoldAll takes a reference to each of blocks, the cached blocks of a prefix hit: an idle block
 // is held again. A page is re-indexed once per run of its blocks, not once per block: reage reads
 // only its own page, and nothing reads the cache-only index in between.
-func (a *Arena) HoldAll(blocks []int32) {
-	bpp, last, first := int32(a.bpp), int32(-1), int32(0) // first: page last's first block
+func (a *Arena) HoldAll(blocks []Block) {
+	bpp, last, first := Block(a.bpp), Page(-1), Block(0) // first: page last's first block
 	var pg *page
 	for _, b := range blocks {
 		i := b - first
@@ -386,8 +398,8 @@ func (a *Arena) HoldAll(blocks []int32) {
 			if last >= 0 {
 				a.reage(last)
 			}
-			last = b / bpp
-			pg, first = a.pages[last], last*bpp
+			last = Page(b / bpp)
+			pg, first = a.pages[last], a.First(last)
 			i = b - first
 		}
 		switch pg.refs[i] {
@@ -408,14 +420,14 @@ func (a *Arena) HoldAll(blocks []int32) {
 }
 
 // Hold takes a reference to block b, as holdAll does for a run.
-func (a *Arena) Hold(b int32) {
-	one := [1]int32{b}
+func (a *Arena) Hold(b Block) {
+	one := [1]Block{b}
 	a.HoldAll(one[:])
 }
 
 // Unhold undoes hold of block b, which was idle after prev in the LRU order (its entry's Prev
 // then): b is idle again, at its place. Undo holds in reverse order, after the evictions since.
-func (a *Arena) Unhold(b int32, prev *keyindex.Entry) {
+func (a *Arena) Unhold(b Block, prev *keyindex.Entry[Block]) {
 	pg, i := a.slot(b)
 	pg.refs[i] = 0
 	pg.idle++
@@ -428,7 +440,7 @@ func (a *Arena) Unhold(b int32, prev *keyindex.Entry) {
 
 // Evict forgets idle block b's entry and frees it; it returns what the index took out, so that
 // restore can undo it (until the caller recycles it).
-func (a *Arena) Evict(b int32) keyindex.Removed {
+func (a *Arena) Evict(b Block) keyindex.Removed[Block] {
 	pg, _ := a.slot(b)
 	r := a.index.Remove(a.Entry(b))
 	a.setEntry(b, nil)
@@ -442,7 +454,7 @@ func (a *Arena) Evict(b int32) keyindex.Removed {
 }
 
 // Restore undoes evict: free block r.Block is idle and cached again, at its place in the order.
-func (a *Arena) Restore(r keyindex.Removed) {
+func (a *Arena) Restore(r keyindex.Removed[Block]) {
 	b := r.Block
 	pg, _ := a.slot(b)
 	e := a.index.Restore(r)
@@ -455,7 +467,7 @@ func (a *Arena) Restore(r keyindex.Removed) {
 
 // Move gives free block dst the state of block src (held with its references, or idle) and
 // its cache entry, and frees src.
-func (a *Arena) Move(src, dst int32) {
+func (a *Arena) Move(src, dst Block) {
 	e := a.Entry(src)
 	a.setEntry(src, nil)
 	if e != nil { // before the pages are re-indexed, which reads the entries
@@ -481,7 +493,7 @@ func (a *Arena) Move(src, dst int32) {
 // blocks and no held ones. The age is recomputed from the page's idle blocks only here, when
 // it is stale and the page is cache-only: a page sequences use has no age that matters, so
 // holding or evicting blocks there costs nothing per block.
-func (a *Arena) reage(p int32) {
+func (a *Arena) reage(p Page) {
 	pg := a.pages[p]
 	want := pg.state >= Free && pg.idle > 0 && pg.live(a.bpp) == 0
 	if want && pg.stale {
@@ -503,7 +515,7 @@ func (a *Arena) reage(p int32) {
 }
 
 // LiveIn returns the blocks in use (held or idle) on mapped page p.
-func (a *Arena) LiveIn(p int32) int { return a.bpp - a.pages[p].free }
+func (a *Arena) LiveIn(p Page) int { return a.bpp - a.pages[p].free }
 
 // BlocksPerPage returns the blocks of one page.
 func (a *Arena) BlocksPerPage() int { return a.bpp }
@@ -512,7 +524,7 @@ func (a *Arena) BlocksPerPage() int { return a.bpp }
 func (a *Arena) Pages() int { return len(a.pages) }
 
 // State returns page p's state; a page never used is Unmapped.
-func (a *Arena) State(p int32) State {
+func (a *Arena) State(p Page) State {
 	if pg := a.pages[p]; pg != nil {
 		return pg.state
 	}
@@ -533,7 +545,7 @@ func (a *Arena) Gen() uint64 { return a.gen }
 
 // Index returns the key index of the arena's cached blocks. The arena tells it when a block is
 // cached, held, released and evicted; the owner reads it and recycles what Evict returns.
-func (a *Arena) Index() *keyindex.Index { return a.index }
+func (a *Arena) Index() *keyindex.Index[Block] { return a.index }
 
 // FreePages returns the mapped pages whose blocks are all free.
 func (a *Arena) FreePages() int { return a.free.Len() }
@@ -542,29 +554,29 @@ func (a *Arena) FreePages() int { return a.free.Len() }
 func (a *Arena) PartialPages() int { return a.partial.Len() }
 
 // HighestFree returns the highest free page: the one to unmap first.
-func (a *Arena) HighestFree() (int32, bool) { return a.free.Max() }
+func (a *Arena) HighestFree() (Page, bool) { return a.free.Max() }
 
 // CacheOnlyPages returns the cache-only pages.
 func (a *Arena) CacheOnlyPages() int { return a.cacheOnly.Len() }
 
 // OldestCacheOnly returns the cache-only page whose newest idle block is the least recently
 // used: the page to evict first when a page must go back.
-func (a *Arena) OldestCacheOnly() (int32, bool) {
+func (a *Arena) OldestCacheOnly() (Page, bool) {
 	pa, ok := a.cacheOnly.Min()
 	return pa.page, ok
 }
 
 // FreeIn returns the free blocks of mapped page p.
-func (a *Arena) FreeIn(p int32) int { return a.pages[p].free }
+func (a *Arena) FreeIn(p Page) int { return a.pages[p].free }
 
 // IsFree reports whether block b, on a page used before, holds nothing.
-func (a *Arena) IsFree(b int32) bool {
+func (a *Arena) IsFree(b Block) bool {
 	pg, i := a.slot(b)
 	return pg.bits[i/64]&(1<<(i%64)) != 0
 }
 
 // IsIdle reports whether block b is cached and held by no sequence.
-func (a *Arena) IsIdle(b int32) bool {
+func (a *Arena) IsIdle(b Block) bool {
 	e := a.Entry(b)
 	return e != nil && e.Idle()
 }
@@ -578,7 +590,7 @@ const NearTie = 8 // 1/8
 // that block (within 1/NearTie of the idle blocks' age span), that whole page (block -1).
 // Memory goes back by the page, so emptying a page that is nearly as old beats freeing one
 // block on each of many pages; the newest blocks stay cached.
-func (a *Arena) Victim() (block, page int32, ok bool) {
+func (a *Arena) Victim() (block Block, page Page, ok bool) {
 	e := a.index.Oldest()
 	if e == nil {
 		return -1, -1, false
@@ -596,13 +608,13 @@ func (a *Arena) Victim() (block, page int32, ok bool) {
 // source pages. The owner copies each src to dst and then calls Move for each pair.
 func (a *Arena) PlanCompaction(maxBlocks int) []int64 {
 	type pageLive struct {
-		page int32
+		page Page
 		live int
 	}
 	var used []pageLive
 	for p, pg := range a.pages {
 		if pg != nil && (pg.state == Partial || pg.state == Full) {
-			used = append(used, pageLive{int32(p), a.LiveIn(int32(p))})
+			used = append(used, pageLive{Page(p), a.LiveIn(Page(p))})
 		}
 	}
 	keep := (a.live + a.idle + a.bpp - 1) / a.bpp // cached blocks are data: packed, with their keys
@@ -625,13 +637,13 @@ func (a *Arena) PlanCompaction(maxBlocks int) []int64 {
 	var pairs []int64
 	moved := 0
 	ki, slot := 0, 0 // next destination: keepers[ki], block slot >= slot
-	nextDst := func() int32 {
+	nextDst := func() Block {
 		for ; ki < len(keepers); ki, slot = ki+1, 0 {
 			pg := a.pages[keepers[ki].page]
 			for ; slot < a.bpp; slot++ {
 				if pg.bits[slot/64]&(1<<(slot%64)) != 0 {
 					slot++
-					return keepers[ki].page*int32(a.bpp) + int32(slot-1)
+					return a.First(keepers[ki].page) + Block(slot-1)
 				}
 			}
 		}
@@ -658,11 +670,11 @@ func (a *Arena) PlanCompaction(maxBlocks int) []int64 {
 // cache-only pages, the counts of held, idle and mapped blocks. It returns the mapped pages,
 // lowest first, and changes nothing. Pages in flight are reported: call it when the owner has
 // no mapping under way.
-func (a *Arena) Check(refs map[int32]int32, bad func(format string, args ...any)) []int32 {
+func (a *Arena) Check(refs map[Block]int32, bad func(format string, args ...any)) []Page {
 	live, idle, mapped, entries := 0, 0, 0, 0
-	var mappedList []int32
+	var mappedList []Page
 	for p, pg := range a.pages {
-		p := int32(p)
+		p := Page(p)
 		inFree, inPartial, inUnmapped := a.free.Has(p), a.partial.Has(p), a.unmapped.Has(p)
 		if (pg == nil) != (p >= a.fresh) {
 			bad("page %d: state allocated %v, first page never used %d", p, pg != nil, a.fresh)
@@ -686,7 +698,7 @@ func (a *Arena) Check(refs map[int32]int32, bad func(format string, args ...any)
 		}
 		if !isMapped {
 			for i := range a.bpp {
-				b := p*int32(a.bpp) + int32(i)
+				b := a.First(p) + Block(i)
 				if r := refs[b]; r != 0 {
 					bad("block %d on unmapped page %d is held %d times", b, p, r)
 				}
@@ -703,7 +715,7 @@ func (a *Arena) Check(refs map[int32]int32, bad func(format string, args ...any)
 		free, pidle := 0, 0
 		newest := uint64(0)
 		for i := range a.bpp {
-			b := p*int32(a.bpp) + int32(i)
+			b := a.First(p) + Block(i)
 			isFree := pg.bits[i/64]&(1<<(i%64)) != 0
 			e := a.Entry(b)
 			if pg.refs[i] != refs[b] {

@@ -16,13 +16,13 @@ import (
 type model struct {
 	t      *testing.T
 	a      *arena.Arena
-	refs   map[int32]int32
-	cached map[int32]prefix.Key
+	refs   map[arena.Block]int32
+	cached map[arena.Block]prefix.Key
 	next   uint64
 }
 
 func newModel(t *testing.T, pages, bpp int) *model {
-	return &model{t: t, a: arena.New(pages, bpp), refs: map[int32]int32{}, cached: map[int32]prefix.Key{}}
+	return &model{t: t, a: arena.New(pages, bpp), refs: map[arena.Block]int32{}, cached: map[arena.Block]prefix.Key{}}
 }
 
 func (m *model) key() prefix.Key {
@@ -67,7 +67,7 @@ func (m *model) mapPage() bool {
 	return ok
 }
 
-func (m *model) alloc() (int32, bool) {
+func (m *model) alloc() (arena.Block, bool) {
 	p, ok := m.a.Pick(-1, 1)
 	if !ok {
 		return 0, false
@@ -77,7 +77,7 @@ func (m *model) alloc() (int32, bool) {
 	return b, true
 }
 
-func (m *model) unref(b int32) {
+func (m *model) unref(b arena.Block) {
 	m.a.Unref(b)
 	if m.refs[b]--; m.refs[b] == 0 {
 		if _, ok := m.cached[b]; !ok {
@@ -91,10 +91,10 @@ func (m *model) evict() bool {
 	if !ok {
 		return false
 	}
-	blocks := []int32{b}
+	blocks := []arena.Block{b}
 	if p >= 0 {
 		blocks = blocks[:0]
-		for b := p * int32(m.a.BlocksPerPage()); b < (p+1)*int32(m.a.BlocksPerPage()); b++ {
+		for b := m.a.First(p); b < m.a.First(p+1); b++ {
 			if m.a.IsIdle(b) {
 				blocks = append(blocks, b)
 			}
@@ -147,23 +147,23 @@ func TestRandomOperations(t *testing.T) {
 						m.evict()
 					}
 				case 3: // share a held block
-					if b, ok := pick(r, m.refs, func(_ int32, n int32) bool { return n > 0 }); ok {
+					if b, ok := pick(r, m.refs, func(_ arena.Block, n int32) bool { return n > 0 }); ok {
 						m.a.Ref(b)
 						m.refs[b]++
 					}
 				case 4, 5: // release a holder
-					if b, ok := pick(r, m.refs, func(_ int32, n int32) bool { return n > 0 }); ok {
+					if b, ok := pick(r, m.refs, func(_ arena.Block, n int32) bool { return n > 0 }); ok {
 						m.unref(b)
 					}
 				case 6: // cache a held block
-					if b, ok := pick(r, m.refs, func(b int32, n int32) bool { _, c := m.cached[b]; return n > 0 && !c }); ok {
+					if b, ok := pick(r, m.refs, func(b arena.Block, n int32) bool { _, c := m.cached[b]; return n > 0 && !c }); ok {
 						k := m.key()
 						require.True(t, m.a.Cache(b, k))
 						m.cached[b] = k
 					}
 				case 7: // a prefix hit holds an idle block again
-					if b, ok := pick(r, m.cached, func(b int32, _ prefix.Key) bool { return m.refs[b] == 0 }); ok {
-						m.a.HoldAll([]int32{b})
+					if b, ok := pick(r, m.cached, func(b arena.Block, _ prefix.Key) bool { return m.refs[b] == 0 }); ok {
+						m.a.HoldAll([]arena.Block{b})
 						m.refs[b] = 1
 					}
 				case 8: // the owner unmaps the highest free page
@@ -176,7 +176,7 @@ func TestRandomOperations(t *testing.T) {
 				case 9:
 					compact(t, m)
 				case 10: // the owner drops an idle block of its choice (DropCache, a tier's demotion)
-					if b, ok := pick(r, m.cached, func(b int32, _ prefix.Key) bool { return m.refs[b] == 0 }); ok {
+					if b, ok := pick(r, m.cached, func(b arena.Block, _ prefix.Key) bool { return m.refs[b] == 0 }); ok {
 						m.a.Index().Recycle(m.a.Evict(b))
 						delete(m.cached, b)
 						delete(m.refs, b)
@@ -194,7 +194,7 @@ func compact(t *testing.T, m *model) {
 	bpp := m.a.BlocksPerPage()
 	pairs := m.a.PlanCompaction(-1)
 	for i := 0; i < len(pairs); i += 2 {
-		src, dst := int32(pairs[i]), int32(pairs[i+1])
+		src, dst := arena.Block(pairs[i]), arena.Block(pairs[i+1])
 		require.False(t, m.a.IsFree(src), "source %d holds data", src)
 		require.True(t, m.a.IsFree(dst), "destination %d is free", dst)
 		m.a.Move(src, dst)
@@ -208,7 +208,7 @@ func compact(t *testing.T, m *model) {
 		}
 	}
 	used := 0
-	for p := range int32(m.a.Pages()) {
+	for p := range arena.Page(m.a.Pages()) {
 		if s := m.a.State(p); s == arena.Partial || s == arena.Full {
 			used++
 		}
@@ -225,7 +225,7 @@ func TestVictim(t *testing.T) {
 	_, _, ok := m.a.Victim()
 	require.False(t, ok, "nothing idle, no victim")
 	// Page 0 holds blocks 0-3; block 1 stays held, so page 0 is not cache-only.
-	var blocks []int32
+	var blocks []arena.Block
 	for range 4 {
 		b, ok := m.alloc()
 		require.True(t, ok)
@@ -234,32 +234,32 @@ func TestVictim(t *testing.T) {
 		require.True(t, m.a.Cache(b, k))
 		m.cached[b] = k
 	}
-	require.Equal(t, []int32{0, 1, 2, 3}, blocks)
+	require.Equal(t, []arena.Block{0, 1, 2, 3}, blocks)
 	m.unref(2) // oldest idle
 	m.unref(0)
 	m.unref(3)
 	b, p, ok := m.a.Victim()
 	require.True(t, ok)
-	require.Equal(t, int32(2), b, "the least recently released idle block")
-	require.Equal(t, int32(-1), p)
+	require.Equal(t, arena.Block(2), b, "the least recently released idle block")
+	require.Equal(t, arena.Page(-1), p)
 	m.unref(1) // page 0 is now cache-only, its newest release the newest of all
 	b, p, ok = m.a.Victim()
 	require.True(t, ok)
-	require.Equal(t, []int32{2, -1}, []int32{b, p}, "a cache-only page far newer than the oldest block stays")
+	require.Equal(t, []int32{2, -1}, []int32{int32(b), int32(p)}, "a cache-only page far newer than the oldest block stays")
 	m.check("before the near tie")
 	// Releases of other blocks (each cached on page 1, released, then dropped by its owner)
 	// widen the idle blocks' age span, until page 0 is a near tie of block 2.
 	for i := range 40 {
 		b, ok := m.alloc()
 		require.True(t, ok)
-		require.Equal(t, int32(1), m.a.PageOf(b))
+		require.Equal(t, arena.Page(1), m.a.PageOf(b))
 		k := m.key()
 		require.True(t, m.a.Cache(b, k))
 		m.cached[b] = k
 		m.unref(b)
 		if i == 10 {
 			_, p, _ := m.a.Victim()
-			require.Equal(t, int32(-1), p, "not yet a near tie")
+			require.Equal(t, arena.Page(-1), p, "not yet a near tie")
 		}
 		m.a.Index().Recycle(m.a.Evict(b))
 		delete(m.cached, b)
@@ -267,7 +267,7 @@ func TestVictim(t *testing.T) {
 	}
 	_, p, ok = m.a.Victim()
 	require.True(t, ok)
-	require.Equal(t, int32(0), p, "page 0 is nearly as old as its oldest block: it goes whole")
+	require.Equal(t, arena.Page(0), p, "page 0 is nearly as old as its oldest block: it goes whole")
 	m.check("after the near tie")
 }
 
@@ -289,13 +289,13 @@ func TestPick(t *testing.T) {
 	m.check("set-up")
 	require.Equal(t, 3, m.a.FreeIn(1))
 	p, _ := m.a.Pick(-1, 1)
-	require.Equal(t, int32(0), p, "one block: the lowest partial page")
+	require.Equal(t, arena.Page(0), p, "one block: the lowest partial page")
 	p, _ = m.a.Pick(-1, 3)
-	require.Equal(t, int32(1), p, "three blocks: the lowest partial page with room for all")
+	require.Equal(t, arena.Page(1), p, "three blocks: the lowest partial page with room for all")
 	p, _ = m.a.Pick(2, 3)
-	require.Equal(t, int32(2), p, "the hint while it has room")
+	require.Equal(t, arena.Page(2), p, "the hint while it has room")
 	p, _ = m.a.Pick(-1, 8)
-	require.Equal(t, int32(0), p, "more than a page: the lowest partial page")
+	require.Equal(t, arena.Page(0), p, "more than a page: the lowest partial page")
 }
 
 // BenchmarkAllocRelease times taking a block (Pick, Alloc) and releasing it (Unref) in an
@@ -331,7 +331,7 @@ func BenchmarkCacheEvict(b *testing.B) {
 	}
 	var k prefix.Key
 	next := uint64(0)
-	cacheOne := func(blk int32) {
+	cacheOne := func(blk arena.Block) {
 		next++
 		for i := range 8 {
 			k[i] = byte(next >> (8 * i))
@@ -351,7 +351,7 @@ func BenchmarkCacheEvict(b *testing.B) {
 			b.Fatal("no victim in a full cache")
 		}
 		if p >= 0 {
-			for x := p * bpp; x < (p+1)*bpp; x++ {
+			for x := arena.Block(p) * bpp; x < arena.Block(p+1)*bpp; x++ {
 				if a.IsIdle(x) {
 					a.Index().Recycle(a.Evict(x))
 				}

@@ -11,10 +11,11 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/sequence"
 )
 
 func TestIndex(t *testing.T) {
-	x := NewIndex()
+	x := NewIndex[sequence.Block]()
 	k := func(b byte) prefix.Key { return prefix.Key{b} }
 	e1 := x.Add(k(1), 10)
 	require.NotNil(t, e1)
@@ -43,11 +44,11 @@ func TestIndex(t *testing.T) {
 	x.Restore(rb)
 	x.Restore(ra)
 	assert.EqualValues(t, 10, x.Get(k(1)).Block)
-	var order []int32
-	x.AscendIdle(func(e *Entry) bool { order = append(order, e.Block); return true })
-	assert.Equal(t, []int32{10, 30}, order)
+	var order []sequence.Block
+	x.AscendIdle(func(e *Entry[sequence.Block]) bool { order = append(order, e.Block); return true })
+	assert.Equal(t, []sequence.Block{10, 30}, order)
 	n := 0
-	x.Each(func(*Entry) bool { n++; return true })
+	x.Each(func(*Entry[sequence.Block]) bool { n++; return true })
 	assert.Equal(t, 3, n)
 	assert.Zero(t, testing.AllocsPerRun(100, func() {
 		e := x.Add(k(9), 90)
@@ -58,38 +59,38 @@ func TestIndex(t *testing.T) {
 
 // Holds undone in reverse order put every entry back at its place in the order, LastUse kept.
 func TestUnhold(t *testing.T) {
-	x := NewIndex()
-	var es []*Entry
+	x := NewIndex[sequence.Block]()
+	var es []*Entry[sequence.Block]
 	for b := range 4 {
-		e := x.Add(prefix.Key{byte(b)}, int32(b))
+		e := x.Add(prefix.Key{byte(b)}, sequence.Block(b))
 		x.Release(e)
 		es = append(es, e)
 	}
-	order := func() []int32 {
-		var o []int32
-		x.AscendIdle(func(e *Entry) bool { o = append(o, e.Block); return true })
+	order := func() []sequence.Block {
+		var o []sequence.Block
+		x.AscendIdle(func(e *Entry[sequence.Block]) bool { o = append(o, e.Block); return true })
 		return o
 	}
-	held := []*Entry{es[1], es[2], es[0]}
-	prevs := make([]*Entry, len(held))
+	held := []*Entry[sequence.Block]{es[1], es[2], es[0]}
+	prevs := make([]*Entry[sequence.Block], len(held))
 	for i, e := range held {
 		prevs[i] = e.Prev()
 		x.Hold(e)
 	}
-	require.Equal(t, []int32{3}, order())
+	require.Equal(t, []sequence.Block{3}, order())
 	r := x.Remove(es[3]) // an eviction between, undone first
 	x.Restore(r)
 	for i := len(held) - 1; i >= 0; i-- {
 		x.Unhold(held[i], prevs[i])
 	}
-	assert.Equal(t, []int32{0, 1, 2, 3}, order())
+	assert.Equal(t, []sequence.Block{0, 1, 2, 3}, order())
 	assert.Equal(t, 4, x.IdleLen())
 	for b, e := range es {
 		assert.EqualValues(t, b+1, e.LastUse)
 		assert.True(t, e.Idle())
 	}
 	x.Unhold(es[0], nil) // an idle entry: nothing to undo
-	assert.Equal(t, []int32{0, 1, 2, 3}, order())
+	assert.Equal(t, []sequence.Block{0, 1, 2, 3}, order())
 }
 
 // keys returns n keys as prefix.Keys makes them: SHA-256 chained over blocks of 16 tokens.
@@ -106,9 +107,9 @@ func keys(n int) []prefix.Key {
 func BenchmarkGet(b *testing.B) {
 	for _, n := range []int{256, 65536} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			x, ks := NewIndex(), keys(n)
+			x, ks := NewIndex[sequence.Block](), keys(n)
 			for i, k := range ks {
-				x.Add(k, int32(i))
+				x.Add(k, sequence.Block(i))
 			}
 			b.ReportAllocs()
 			i := 0
@@ -127,9 +128,9 @@ func BenchmarkGet(b *testing.B) {
 // BenchmarkAddRemove times evicting the least recently used of 65,536 idle cached blocks and
 // caching a block again: what a prefix cache at a 0% hit rate does for every block.
 func BenchmarkAddRemove(b *testing.B) {
-	x := NewIndex()
+	x := NewIndex[sequence.Block]()
 	for i, k := range keys(65536) {
-		x.Release(x.Add(k, int32(i)))
+		x.Release(x.Add(k, sequence.Block(i)))
 	}
 	b.ReportAllocs()
 	for b.Loop() {
@@ -144,8 +145,8 @@ func BenchmarkAddRemove(b *testing.B) {
 // ordinary ones: every key stays found, removed ones are gone, and Each sees exactly the set.
 func TestTableAgainstMap(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	x, want := NewIndex(), map[prefix.Key]int32{}
-	var undo []Removed // removes not yet recycled, restored in reverse order
+	x, want := NewIndex[sequence.Block](), map[prefix.Key]sequence.Block{}
+	var undo []Removed[sequence.Block] // removes not yet recycled, restored in reverse order
 	key := func() prefix.Key {
 		var k prefix.Key
 		if rng.IntN(2) == 0 {
@@ -164,7 +165,7 @@ func TestTableAgainstMap(t *testing.T) {
 			require.Equal(t, b, e.Block)
 		}
 		seen := 0
-		x.Each(func(e *Entry) bool { seen++; require.Equal(t, want[e.Key], e.Block); return true })
+		x.Each(func(e *Entry[sequence.Block]) bool { seen++; require.Equal(t, want[e.Key], e.Block); return true })
 		require.Equal(t, len(want), seen)
 	}
 	for step := range 6000 {
@@ -172,10 +173,10 @@ func TestTableAgainstMap(t *testing.T) {
 		case op < 5 || len(want) == 0:
 			k := key()
 			_, had := want[k]
-			e := x.Add(k, int32(step))
+			e := x.Add(k, sequence.Block(step))
 			require.Equal(t, had, e == nil)
 			if !had {
-				want[k] = int32(step)
+				want[k] = sequence.Block(step)
 			}
 		case op < 8:
 			for k := range want { // the first in the map's random order
@@ -206,6 +207,6 @@ func TestTableAgainstMap(t *testing.T) {
 // An entry fills one cache line, so that touching it costs one miss (on 64-bit platforms).
 func TestEntrySize(t *testing.T) {
 	if unsafe.Sizeof(uintptr(0)) == 8 {
-		assert.EqualValues(t, 64, unsafe.Sizeof(Entry{}))
+		assert.EqualValues(t, 64, unsafe.Sizeof(Entry[sequence.Block]{}))
 	}
 }

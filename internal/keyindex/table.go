@@ -18,33 +18,35 @@ import (
 // piling chosen keys into one probe run). A slot keeps those 8 bytes beside the entry, so that
 // a probe past other keys, a miss and a deletion's shift read only the slots, not the entries
 // (BenchmarkGet, BenchmarkAddRemove).
-type table struct {
-	slots []slot // a power of two of them
+type table[B ~int32] struct {
+	slots []slot[B] // a power of two of them
 	seed  uint64
 	n     int // entries
 }
 
 // slot is one place of the table: empty when e is nil.
-type slot struct {
+type slot[B ~int32] struct {
 	short uint64 // the first 8 bytes of e's key
-	e     *Entry
+	e     *Entry[B]
 }
 
 const minSlots = 64
 
-func newTable() table { return table{slots: make([]slot, minSlots), seed: rand.Uint64()} }
+func newTable[B ~int32]() table[B] {
+	return table[B]{slots: make([]slot[B], minSlots), seed: rand.Uint64()}
+}
 
 // shortKey returns the first 8 bytes of k.
 func shortKey(k *prefix.Key) uint64 { return binary.LittleEndian.Uint64(k[:8]) }
 
 // home returns the slot where the probe run of a key whose first 8 bytes are short starts.
-func (t *table) home(short uint64) int {
+func (t *table[B]) home(short uint64) int {
 	hi, lo := bits.Mul64(short^t.seed, 0x9e3779b97f4a7c15)
 	return int((hi ^ lo) & uint64(len(t.slots)-1))
 }
 
 // get returns the entry of key k, or nil.
-func (t *table) get(k *prefix.Key) *Entry {
+func (t *table[B]) get(k *prefix.Key) *Entry[B] {
 	short, mask := shortKey(k), len(t.slots)-1
 	for i := t.home(short); ; i = (i + 1) & mask {
 		s := &t.slots[i]
@@ -56,7 +58,7 @@ func (t *table) get(k *prefix.Key) *Entry {
 
 // find returns where key k is in the table (found) or, when it is not, the empty slot that
 // ends its probe run, where it would go.
-func (t *table) find(k *prefix.Key) (i int, found bool) {
+func (t *table[B]) find(k *prefix.Key) (i int, found bool) {
 	short, mask := shortKey(k), len(t.slots)-1
 	for i = t.home(short); ; i = (i + 1) & mask {
 		s := &t.slots[i]
@@ -71,12 +73,12 @@ func (t *table) find(k *prefix.Key) (i int, found bool) {
 
 // insertAt adds e at slot i, which find returned for e's key as empty, unless the table must
 // grow first (then e goes where its probe run ends in the new slots).
-func (t *table) insertAt(i int, e *Entry) {
+func (t *table[B]) insertAt(i int, e *Entry[B]) {
 	if 2*(t.n+1) > len(t.slots) {
 		t.insert(e)
 		return
 	}
-	t.slots[i] = slot{shortKey(&e.Key), e}
+	t.slots[i] = slot[B]{shortKey(&e.Key), e}
 	t.n++
 }
 
@@ -90,22 +92,22 @@ func equal(a, b *prefix.Key) bool {
 
 // insert adds e, whose key the table does not hold, doubling the slots when it would be more
 // than half full.
-func (t *table) insert(e *Entry) {
+func (t *table[B]) insert(e *Entry[B]) {
 	if 2*(t.n+1) > len(t.slots) {
 		old := t.slots
-		t.slots = make([]slot, 2*len(old))
+		t.slots = make([]slot[B], 2*len(old))
 		for _, s := range old {
 			if s.e != nil {
 				t.place(s)
 			}
 		}
 	}
-	t.place(slot{shortKey(&e.Key), e})
+	t.place(slot[B]{shortKey(&e.Key), e})
 	t.n++
 }
 
 // place puts s in the first empty slot of its probe run.
-func (t *table) place(s slot) {
+func (t *table[B]) place(s slot[B]) {
 	mask := len(t.slots) - 1
 	i := t.home(s.short)
 	for t.slots[i].e != nil {
@@ -117,7 +119,7 @@ func (t *table) place(s slot) {
 // remove takes out e, which the table holds. The entries after it in the probe run move back
 // into the hole whenever their home allows, so that every entry stays reachable from its home
 // without gaps.
-func (t *table) remove(e *Entry) {
+func (t *table[B]) remove(e *Entry[B]) {
 	mask := len(t.slots) - 1
 	i := t.home(shortKey(&e.Key))
 	for t.slots[i].e != e {
@@ -130,6 +132,6 @@ func (t *table) remove(e *Entry) {
 			i = j
 		}
 	}
-	t.slots[i] = slot{}
+	t.slots[i] = slot[B]{}
 	t.n--
 }
