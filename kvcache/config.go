@@ -104,8 +104,10 @@ type Config struct {
 	// HostPrefixCache keeps the prefix cache's blocks in the host tier too: blocks that go idle
 	// are written back to host blocks the swaps do not use, and a prompt whose prefix the
 	// device no longer holds but the host does gets it copied back (hostcache.go). Needs
-	// HostBlocks; not for a window, a chunk or a recurrent arena with checkpoints
-	// (ErrNotSupported).
+	// HostBlocks; not for a recurrent arena with checkpoints (ErrNotSupported). A window or
+	// chunk arena writes back the blocks its sequences still hold; on its own it serves only
+	// prefixes it holds whole, from the first block, as its device cache does, while in a
+	// Hybrid a start fetches only the blocks the window reads (HybridConfig.HostCacheTokens).
 	HostPrefixCache bool
 	// HostSwapBlocks are host blocks kept for swapped-out sequences. The host prefix cache
 	// never takes them: it holds at most HostBlocks-HostSwapBlocks blocks. The swap slots not in
@@ -214,10 +216,6 @@ func (c Config) Validate() error {
 	}
 	if err := c.validateReach(); err != nil {
 		return err
-	}
-	if (c.Window > 0 || c.Chunk > 0) && c.HostPrefixCache {
-		// Swaps move the blocks a window holds; a host cache would have to key what it drops.
-		return fmt.Errorf("kvcache config: %w: a host prefix cache (HostPrefixCache) for a sliding-window or chunked group", ErrNotSupported)
 	}
 	return c.validateArena()
 }

@@ -50,6 +50,13 @@ type HybridConfig struct {
 	// sequence (a fork not yet written shares its parent's). It must be positive with
 	// HostTokens when the model has a recurrent group, and 0 without HostTokens.
 	HostSequences int
+	// HostCacheTokens gives every attention group a host prefix cache (Config.HostPrefixCache)
+	// of ceil(HostCacheTokens / its BlockTokens) host blocks beyond HostTokens' swap blocks
+	// (0: none). A group's idle cached blocks are written back there, and a start brings back
+	// from it the blocks a longer hit needs (a window's only those its next token reads), so
+	// that what the devices evicted is not computed again. A recurrent group has none: its
+	// checkpoints stay on the device.
+	HostCacheTokens int
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -113,6 +120,7 @@ type Hybrid struct {
 	finders []hitFinder          // each group's lookups during a start
 	marks   []markTx             // each group's part of a MarkWritten
 	resumes []resumeTx           // each group's resumed state during a start
+	fetched [][]int32            // each group's blocks a start fetched from its host cache (hybridhost.go)
 	swaps   []swapTx             // each group's part of a SwapOut or SwapIn
 
 	// chainOf[i] is the first group before group i with its block size (both attention
@@ -217,6 +225,8 @@ func checkHost(cfg HybridConfig) error {
 		return &ConfigError{Field: "HostTokens", Value: cfg.HostTokens, Reason: "must not be negative"}
 	case cfg.HostSequences < 0 || cfg.HostTokens == 0 && cfg.HostSequences != 0:
 		return &ConfigError{Field: "HostSequences", Value: cfg.HostSequences, Reason: "must not be negative, and is 0 without HostTokens"}
+	case cfg.HostCacheTokens < 0:
+		return &ConfigError{Field: "HostCacheTokens", Value: cfg.HostCacheTokens, Reason: "must not be negative"}
 	case recurrent && cfg.HostTokens > 0 && cfg.HostSequences == 0:
 		return &ConfigError{Field: "HostSequences", Value: 0, Reason: "must be positive with HostTokens: a recurrent group swaps one state per sequence"}
 	}
@@ -272,6 +282,11 @@ func groupConfig(g LayerGroup, hc HybridConfig, gran uint64) (Config, error) {
 		if g.Kind != RecurrentState {
 			c.HostBlocks = hc.HostTokens/g.BlockTokens + min(1, hc.HostTokens%g.BlockTokens)
 		}
+	}
+	if hc.HostCacheTokens > 0 && g.Kind != RecurrentState {
+		c.HostSwapBlocks = c.HostBlocks // the swaps' blocks stay theirs
+		c.HostBlocks += hc.HostCacheTokens/g.BlockTokens + min(1, hc.HostCacheTokens%g.BlockTokens)
+		c.HostPrefixCache = true
 	}
 	return groupPage(c, gran)
 }
@@ -652,6 +667,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 		h.finders[i].reset(m, keys[i])
 	}
 	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
+	hit = h.hostHits(keys, maxPromptBlocks(len(p.Tokens), 1), hit)
 	h.resumes = h.resumes[:0]
 	for i, m := range h.groups { // the part that can fail: a recurrent group's resumed state
 		tx, err := m.prepareResume(seq, &h.finders[i], hit/m.keyTokens())
@@ -659,6 +675,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			for j := len(h.resumes) - 1; j >= 0; j-- {
 				h.resumes[j].abort()
 			}
+			h.abortFetches()
 			return 0, h.groupErr(i, err)
 		}
 		h.resumes = append(h.resumes, tx)
@@ -672,9 +689,11 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 				s, _ := done.seqs.Get(seq)
 				done.free(s)
 			}
+			h.abortFetches()
 			return 0, h.groupErr(i, err)
 		}
 	}
+	h.commitFetches(p, roots, keys, hit)
 	h.index.sync(seq, h.groups)
 	return hit, nil
 }

@@ -47,8 +47,9 @@ func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybrid
 }
 
 // FuzzHybrid drives a Hybrid of every group kind (full attention, a window with sinks, chunks,
-// an MLA latent in 32-token blocks, a recurrent state with checkpoints every 32 tokens) under a
-// tight limit through random starts on shared prefixes, appends with and without ids, marks,
+// an MLA latent in 32-token blocks, a recurrent state with checkpoints every 32 tokens), with or
+// without host prefix caches, under a tight limit through random starts on shared prefixes,
+// appends with and without ids, marks,
 // forks, truncations, frees and compactions. After every step Verify holds (each group's
 // invariants, keys and checkpoints); a call that fails leaves every group and sequence exactly
 // as it was; and at the end every token each attention group still holds reads back through
@@ -65,8 +66,12 @@ func FuzzHybrid(f *testing.F) {
 		if len(ops)%2 == 1 {
 			limit = 3 << 20
 		}
+		hostCache := 0
+		if len(ops)/2%2 == 0 { // every attention group with a host prefix cache of 256 tokens
+			hostCache = 256
+		}
 		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: limit, Capacity: 16 << 20, NoBackground: true,
-			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0})
+			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0, HostCacheTokens: hostCache})
 		require.NoError(t, err)
 		defer func() { require.NoError(t, h.Close()) }()
 		d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}

@@ -10,17 +10,25 @@ import (
 // hitFinder finds, for one group of a Hybrid start, the longest prefix of a prompt the group
 // serves, looking each block's key up at most once: keys are the prompt's block keys (the
 // group's block size), found caches what the index said (-2: not asked yet, NullBlock: not
-// cached, else the block). The manager's lock is held.
+// cached, onHost: only the host cache holds it, else the block). The manager's lock is held.
+//
+// With host set (hybridhost.go) a block the group's host prefix cache holds counts as found
+// (onHost): the finder then tells what a start could serve once those blocks are brought back.
+// A start itself only ever uses a finder without host, whose found are all device blocks.
 type hitFinder struct {
 	m     *Manager
 	keys  []prefix.Key
 	found []sequence.Block
-	run   int // leading blocks cached, for a group that needs them all (-1: not known yet)
+	run   int  // leading blocks cached, for a group that needs them all (-1: not known yet)
+	host  bool // the host cache counts too
 }
+
+// onHost marks in hitFinder.found a block only the host prefix cache holds.
+const onHost sequence.Block = -3
 
 // reset prepares f for keys, reusing its storage.
 func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
-	f.m, f.keys, f.run = m, keys, -1
+	f.m, f.keys, f.run, f.host = m, keys, -1, false
 	f.found = slices.Grow(f.found[:0], len(keys))[:len(keys)]
 	for i := range f.found { // a plain loop the compiler makes a fill: no append per key
 		f.found[i] = -2
@@ -41,6 +49,8 @@ func (f *hitFinder) lookup(i int) sequence.Block {
 	f.found[i] = NullBlock
 	if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
 		f.found[i] = e.Block
+	} else if f.host && f.m.host.cache.Get(f.keys[i]) != nil {
+		f.found[i] = onHost
 	}
 	return f.found[i]
 }
@@ -72,6 +82,10 @@ func (f *hitFinder) serves(h int) int {
 			f.run = len(f.keys)
 			for i, k := range f.keys {
 				e := m.arena.Index().Get(k)
+				if e == nil && f.host && m.host.cache.Get(k) != nil {
+					f.found[i] = onHost
+					continue
+				}
 				if e == nil {
 					f.found[i], f.run = NullBlock, i
 					break

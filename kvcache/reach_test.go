@@ -141,12 +141,42 @@ func TestWindowPrefixHit(t *testing.T) {
 	require.NoError(t, m.Verify())
 }
 
-// A window's host tier serves swaps only: a host prefix cache is refused at New.
-func TestWindowHostCacheRefused(t *testing.T) {
+// A window arena's host prefix cache: the blocks a freed sequence still held are written back,
+// and a prompt whose blocks the host holds from the first one is served from there once the
+// device cache lost them. A prompt whose first blocks fell out of the window before its
+// sequence was freed (a decode step after it) is served by neither.
+func TestWindowHostCache(t *testing.T) {
 	cfg := windowConfig(8, 0)
-	cfg.HostBlocks, cfg.HostPrefixCache = 4, true
-	_, err := kvcache.New(hostDevice(t, 4096), cfg)
-	require.ErrorIs(t, err, kvcache.ErrNotSupported)
+	cfg.HostBlocks, cfg.HostPrefixCache = 8, true
+	m := newManager(t, hostDevice(t, 4096), cfg)
+	for seq, n := range map[kvcache.SeqID]int{1: 9, 2: 41} {
+		p := promptOf(n, uint32(seq))
+		_, err := m.StartSequence(seq, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		_, err = m.AppendTokenIDs(seq, p, nil)
+		require.NoError(t, err)
+		_, err = m.AppendTokenIDs(seq, []kvcache.TokenID{5}, nil) // the long one drops blocks 0-7
+		require.NoError(t, err)
+		require.NoError(t, m.FreeSequence(seq))
+	}
+	st := m.Stats().Prefix
+	require.Equal(t, 4, st.HostCachedBlocks, "blocks 0-1 of the short prompt, 8-9 of the long one")
+	require.Zero(t, st.HostEvictions)
+	_, err := m.Sleep() // the device cache goes, the host's stays
+	require.NoError(t, err)
+	require.NoError(t, m.Wake())
+	hit, err := m.StartSequence(3, kvcache.Prompt{Tokens: promptOf(9, 1)})
+	require.NoError(t, err)
+	require.Equal(t, 8, hit, "token 8 reads [1, 8]: blocks 0 and 1, from the host")
+	require.EqualValues(t, 8, m.Stats().Prefix.HostHitTokens)
+	hit, err = m.StartSequence(4, kvcache.Prompt{Tokens: promptOf(41, 2)})
+	require.NoError(t, err)
+	require.Zero(t, hit, "block 0 of the long prompt was never written back")
+	require.NoError(t, m.Verify())
+}
+
+// Window and chunk settings that contradict each other are refused.
+func TestWindowConfigRefused(t *testing.T) {
 	bad := windowConfig(8, 0)
 	bad.Chunk = 4
 	require.ErrorIs(t, bad.Validate(), kvcache.ErrInvalidArgument)

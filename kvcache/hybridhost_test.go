@@ -1,0 +1,132 @@
+package kvcache_test
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// hostCacheRun writes a 300-token prompt through every group of the small hybrid geometry
+// (full, window, chunk, MLA), frees it, and starts it again after the device caches were
+// emptied (evict: a Sleep, which keeps the host tier) or not. It returns the second start's
+// hit, with the data of every group read back through its table against the first writer's.
+func hostCacheRun(t *testing.T, hostCacheTokens int, evict bool) (int, *kvcache.Hybrid) {
+	dev := hostDevice(t, 64<<10)
+	h, d, p := hostCacheSetup(t, dev, hostCacheTokens, evict)
+	return hostCacheStart(t, h, d, p, 2), h
+}
+
+// hostCacheSetup makes the Hybrid of hostCacheRun on dev and runs it up to the second start:
+// sequence 1 written, freed, and the device caches emptied when evict.
+func hostCacheSetup(t *testing.T, dev vmm.Device, hostCacheTokens int, evict bool) (*kvcache.Hybrid, *hybridData, []kvcache.TokenID) {
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: hostCacheTokens})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+	p := promptOf(300, 4)
+	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	d.write(t, 1, 0, slots)
+	require.NoError(t, h.FreeSequence(1))
+	if evict {
+		_, err = h.Sleep()
+		require.NoError(t, err)
+		require.NoError(t, h.Wake())
+		for g := range h.Groups() {
+			require.Zero(t, h.Group(g).Stats().Prefix.CachedBlocks, "group %d: the device cache is empty", g)
+		}
+	}
+	return h, d, p
+}
+
+// hostCacheStart starts seq on p and reads what the hit holds back through every group's table
+// against what sequence 1 wrote.
+func hostCacheStart(t *testing.T, h *kvcache.Hybrid, d *hybridData, p []kvcache.TokenID, seq kvcache.SeqID) int {
+	hit, err := h.StartSequence(seq, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	d.val[seq] = d.val[1][:hit]
+	d.check(t, []kvcache.SeqID{seq})
+	require.NoError(t, h.Verify())
+	return hit
+}
+
+// A Hybrid with a host prefix cache serves, after its device caches were emptied, the hit the
+// device caches served before, from every group's host cache: full attention and MLA all their
+// blocks, the window its sink block and the blocks its next token reads, the chunk its current
+// chunk. The data reads back through every group's table as the first sequence wrote it, and
+// the host hits are counted, on the host backend and the GPU. Without the host cache the same
+// start finds nothing.
+func TestHybridHostCache(t *testing.T) {
+	onDevice, _ := hostCacheRun(t, 0, false)
+	require.Equal(t, 288, onDevice, "the device caches: 18 full blocks, 9 MLA blocks, window and chunk blocks 16-17")
+
+	none, _ := hostCacheRun(t, 0, true)
+	require.Zero(t, none, "no host cache: nothing left to serve")
+
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		h, d, p := hostCacheSetup(t, dev, 4096, true)
+		sub, err := h.Subscribe(1 << 12)
+		require.NoError(t, err)
+		hit := hostCacheStart(t, h, d, p, 2)
+		require.Equal(t, onDevice, hit, "the host caches serve what the device caches did")
+		stored := make([]int, h.Groups()) // the blocks brought back to each device, as the KV events say
+		for _, ev := range sub.Read(nil) {
+			require.Equal(t, prefix.BlockStored, ev.Kind)
+			require.Equal(t, prefix.MediumGPU, ev.Medium)
+			stored[ev.Group] += len(ev.Keys)
+		}
+		require.Equal(t, []int{18, 3, 2, 9}, stored)
+		// The tokens each group fetched: full attention and MLA the whole hit, the window its sink
+		// block and the two its next token reads, the chunk the two of its current chunk.
+		for g, fetched := range []int{288, 48, 32, 288} {
+			st := h.Group(g).Stats().Prefix
+			require.EqualValues(t, fetched, st.HostHitTokens, "group %d", g)
+			require.EqualValues(t, hit, st.HitTokens, "group %d", g)
+			require.Zero(t, st.HostFailures, "group %d", g)
+		}
+		// What the window and chunk groups fetched: only the blocks a hit of 288 tokens reads.
+		w := h.Group(1).Stats().Prefix
+		require.Equal(t, 3, w.CachedBlocks, "window: the sink block 0 and blocks 16-17")
+		c := h.Group(2).Stats().Prefix
+		require.Equal(t, 2, c.CachedBlocks, "chunk: blocks 16-17 of the chunk [256, 320)")
+	})
+}
+
+// A group whose fetch cannot copy (the driver failing) fetches nothing: the hit is what every
+// group can still serve (here nothing, as full attention lost its blocks), the failure is
+// counted, no block or page leaks, and the next start, on a working device, gets the whole hit
+// with the data intact.
+func TestHybridHostCacheFaults(t *testing.T) {
+	fd := vmm.InjectFaults(hostDevice(t, 64<<10))
+	h, d, p := hostCacheSetup(t, fd, 4096, true)
+	require.NoError(t, fd.FailNth(vmm.OpCopy, 1, nil)) // group 0's fetch, the first copy
+	hit := hostCacheStart(t, h, d, p, 2)
+	fd.Clear()
+	require.Zero(t, hit)
+	st := h.Group(0).Stats()
+	require.EqualValues(t, 1, st.Prefix.HostFailures)
+	require.Zero(t, st.LiveBlocks, "the blocks the failed fetch took went back")
+	require.Zero(t, st.Prefix.CachedBlocks)
+	for g := 1; g < h.Groups(); g++ {
+		require.Zero(t, h.Group(g).Stats().Prefix.HostHitTokens, "group %d: a fetch beyond the hit serves no token", g)
+	}
+	require.NoError(t, h.FreeSequence(2))
+	require.Equal(t, 288, hostCacheStart(t, h, d, p, 3))
+}
+
+// A negative host cache size is a *ConfigError naming the field.
+func TestHybridHostCacheRefused(t *testing.T) {
+	_, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20,
+		Capacity: 64 << 20, NoBackground: true, HostCacheTokens: -1})
+	var ce *kvcache.ConfigError
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, "HostCacheTokens", ce.Field)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+}
