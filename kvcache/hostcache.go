@@ -82,14 +82,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
 	}
-	for j := 0; j < n; { // one BlockStored event for each run of consecutive blocks
-		r := j + 1
-		for r < n && sc.at[r] == sc.at[r-1]+1 {
-			r++
-		}
-		m.emitStoredOn(s, int(sc.at[j]), int(sc.at[r-1])+1, prefix.MediumCPU)
-		j = r
-	}
+	m.emitStoredRuns(s, sc.at, prefix.MediumCPU)
 	m.counters.hostStored += uint64(n)
 }
 
@@ -124,23 +117,10 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	if n == 0 {
 		return 0
 	}
-	if err := m.takeBlocks(n, -1); err != nil {
-		if !errors.Is(err, ErrOutOfMemory) {
-			m.counters.hostFailures++
-		}
-		return 0
-	}
-	for j := range n {
-		sc.pairs[2*j+1] = int64(m.newBlocks[j])
-	}
-	marks, err := m.back.copyAsync(0, sc.pairs)
-	if err != nil {
-		m.rollbackAfterCopy(m.newBlocks...) // a launch that failed midway may have written some
-		m.counters.hostFailures++
+	if !m.copyFromHost(n) {
 		return 0
 	}
 	m.commitEvictions()
-	m.setLastCopy(&Swap{marks: marks})
 	for j := n - 1; j >= 0; j-- {
 		m.host.touch(m.host.cache.Get(sc.keys[j]))
 	}
@@ -154,6 +134,45 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	m.counters.stored += uint64(n)
 	m.emitStoredOn(s, from, from+n, prefix.MediumGPU)
 	return n
+}
+
+// copyFromHost takes n new device blocks (m.newBlocks) and launches, on stream 0, the copy of
+// m.swap.pairs' host blocks into them (it fills in the destinations). No room on the device, or
+// a failed driver call or launch (counted in PrefixStats.HostFailures), gives the blocks back,
+// and it reports false. The copy is the newest between the tiers (setLastCopy); the caller
+// commits or rolls back what takeBlocks evicted.
+func (m *Manager) copyFromHost(n int) bool {
+	if err := m.takeBlocks(n, -1); err != nil {
+		if !errors.Is(err, ErrOutOfMemory) {
+			m.counters.hostFailures++
+		}
+		return false
+	}
+	pairs := m.swap.pairs
+	for j := range n {
+		pairs[2*j+1] = int64(m.newBlocks[j])
+	}
+	marks, err := m.back.copyAsync(0, pairs)
+	if err != nil {
+		m.rollbackAfterCopy(m.newBlocks...) // a launch that failed midway may have written some
+		m.counters.hostFailures++
+		return false
+	}
+	m.setLastCopy(&Swap{marks: marks})
+	return true
+}
+
+// emitStoredRuns queues one BlockStored event on medium for each run of consecutive blocks of
+// s among at (positions, ascending).
+func (m *Manager) emitStoredRuns(s *sequence.Sequence, at []int32, medium string) {
+	for j := 0; j < len(at); {
+		r := j + 1
+		for r < len(at) && at[r] == at[r-1]+1 {
+			r++
+		}
+		m.emitStoredOn(s, int(at[j]), int(at[r-1])+1, medium)
+		j = r
+	}
 }
 
 // setLastCopy keeps sw as the newest copy between the tiers on stream 0, closing the one

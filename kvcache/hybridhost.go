@@ -1,8 +1,6 @@
 package kvcache
 
 import (
-	"errors"
-
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
 )
@@ -100,22 +98,9 @@ func (m *Manager) fetchHostBlocks(f *hitFinder, n int, dst []int32) []int32 {
 	if len(at) == 0 {
 		return at
 	}
-	if err := m.takeBlocks(len(at), -1); err != nil {
-		if !errors.Is(err, ErrOutOfMemory) {
-			m.counters.hostFailures++
-		}
+	if !m.copyFromHost(len(at)) {
 		return at[:0]
 	}
-	for j := range at {
-		sc.pairs[2*j+1] = int64(m.newBlocks[j])
-	}
-	marks, err := m.back.copyAsync(0, sc.pairs)
-	if err != nil {
-		m.rollbackAfterCopy(m.newBlocks...) // a launch that failed midway may have written some
-		m.counters.hostFailures++
-		return at[:0]
-	}
-	m.setLastCopy(&Swap{marks: marks})
 	for j, pos := range at {
 		m.arena.Cache(m.newBlocks[j], f.keys[pos]) // f.found said the device caches none of these keys
 	}
@@ -140,14 +125,7 @@ func (m *Manager) commitFetch(at []int32, keys []prefix.Key, hit int, p Prompt, 
 	}
 	m.counters.stored += uint64(len(at))
 	ev := sequence.Sequence{Root: root, Keys: keys, IDs: p.Tokens, Adapter: p.Namespace.Adapter}
-	for j := 0; j < len(at); {
-		r := j + 1
-		for r < len(at) && at[r] == at[r-1]+1 {
-			r++
-		}
-		m.emitStoredOn(&ev, int(at[j]), int(at[r-1])+1, prefix.MediumGPU)
-		j = r
-	}
+	m.emitStoredRuns(&ev, at, prefix.MediumGPU)
 	m.publish()
 }
 
