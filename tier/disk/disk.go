@@ -99,7 +99,7 @@ type Store struct {
 	// taken before mu, never while holding it.
 	wmu    sync.Mutex
 	wstage *stage       // the appender's stage, or nil
-	wready handoff      // the appender's encoded records, from its encoder to its writer
+	wqueue encodeQueue  // the appender's records, encoded by its writer and a helper
 	witems []appendItem // the appender's items, reused
 	wruns  []appendRun  // the appender's runs, reused
 
@@ -160,7 +160,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
 	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1, evictCap: EvictionQueue}
-	s.wready.bell = make(chan struct{}, 1)
+	s.wqueue.bell = make(chan struct{}, 1)
 	s.index = make(map[ikey]loc)
 	s.st.LimitBytes = opt.LimitBytes
 	if err := s.lock(); err != nil {

@@ -14,15 +14,6 @@ type handoff struct {
 // newHandoff returns a handoff at count 0.
 func newHandoff() *handoff { return &handoff{bell: make(chan struct{}, 1)} }
 
-// reset readies h for a new producer and consumer.
-func (h *handoff) reset() {
-	h.v.Store(0)
-	select {
-	case <-h.bell:
-	default:
-	}
-}
-
 // publish raises the count to n, marks the producer done where last is set, and wakes the
 // consumer.
 func (h *handoff) publish(n int, last bool) {
@@ -47,3 +38,57 @@ func (h *handoff) wait(have int) (int, bool) {
 		<-h.bell
 	}
 }
+
+// encodeQueue shares the encoding of a run's records between the goroutine that writes them
+// and a helper: each claims the next record, encodes it and marks it done; the writer writes the
+// records done in order. A writer that finds the next record not done encodes one itself
+// instead of waiting for a helper that may wait for a CPU.
+type encodeQueue struct {
+	next atomic.Int64  // the next record to claim
+	done []atomic.Bool // the records encoded
+	bell chan struct{} // rung after a record is done; one ring is pending at most
+}
+
+// reset readies q for a run of n records.
+func (q *encodeQueue) reset(n int) {
+	if cap(q.done) < n {
+		q.done = make([]atomic.Bool, n)
+	}
+	q.done = q.done[:n]
+	for i := range q.done {
+		q.done[i].Store(false)
+	}
+	q.next.Store(0)
+	select {
+	case <-q.bell:
+	default:
+	}
+}
+
+// claim returns the next record to encode, or -1 where every record is claimed.
+func (q *encodeQueue) claim() int {
+	if i := int(q.next.Add(1) - 1); i < len(q.done) {
+		return i
+	}
+	return -1
+}
+
+// finish marks record i encoded and wakes the writer.
+func (q *encodeQueue) finish(i int) {
+	q.done[i].Store(true)
+	select {
+	case q.bell <- struct{}{}:
+	default:
+	}
+}
+
+// ready returns the end of the run of records done from i on.
+func (q *encodeQueue) ready(i int) int {
+	for i < len(q.done) && q.done[i].Load() {
+		i++
+	}
+	return i
+}
+
+// wait returns after a record is done, or at once where one was done since the last wait.
+func (q *encodeQueue) wait() { <-q.bell }

@@ -191,22 +191,36 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 		return s.writeAt(r.seg, buf, r.off)
 	}
 	// This goroutine encodes the first record and writes it while another encodes the rest;
-	// then it writes those encoded, as one write, as soon as the write before returns. The
+	// then it writes those encoded, as one write, each time a write returns. Where none is
+	// encoded yet (the other goroutine waits for a CPU), it encodes the next itself. The
 	// checksums and copies overlap the I/O, and the other goroutine starts during the first
 	// write, not before it.
-	h := &s.wready
-	h.reset()
-	s.encode(buf, &run[0], r.off)
+	q := &s.wqueue
+	q.reset(len(run))
+	encode := func() bool {
+		i := q.claim()
+		if i < 0 {
+			return false
+		}
+		s.encode(buf, &run[i], r.off)
+		q.finish(i)
+		return true
+	}
+	encode() // the first record
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		for i := 1; i < len(run); i++ {
-			s.encode(buf, &run[i], r.off)
-			h.publish(i+1, i == len(run)-1)
+		for encode() {
 		}
 	})
 	err := s.writeAt(r.seg, buf[:run[0].size], r.off)
 	for done := 1; done < len(run) && err == nil; {
-		k, _ := h.wait(done)
+		k := q.ready(done)
+		if k == done {
+			if !encode() {
+				q.wait()
+			}
+			continue
+		}
 		from, to := run[done].at.off-r.off, run[k-1].at.off+run[k-1].size-r.off
 		if k == len(run) {
 			to = int64(len(buf))
