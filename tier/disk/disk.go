@@ -87,14 +87,19 @@ type Store struct {
 	mode       Mode
 	io         fileIO
 	lockFD     int
-	bufs       sync.Pool // *[]byte: aligned read buffers
+	bufs       sync.Pool // *[]byte: aligned buffers for records a Get moves and drop marks
+
+	// smu guards stages, the Gets' stages not in use.
+	smu    sync.Mutex
+	stages []*stage
 
 	calls sync.WaitGroup // the calls in flight, which Close waits for
 
 	// wmu serializes appends (Put and a Get's second chances): one writer owns the tail. It is
 	// taken before mu, never while holding it.
 	wmu    sync.Mutex
-	wbuf   []byte       // the appender's aligned buffer
+	wstage *stage       // the appender's stage, or nil
+	wqueue encodeQueue  // the appender's records, encoded by its writer and a helper
 	witems []appendItem // the appender's items, reused
 	wruns  []appendRun  // the appender's runs, reused
 
@@ -155,6 +160,7 @@ func open(dir string, opt Options, wrap func(fileIO) fileIO) (*Store, error) {
 		return nil, fmt.Errorf("disk: open: %w", ioError(err))
 	}
 	s := &Store{dir: dir, fp: opt.Fingerprint, blockBytes: opt.BlockBytes, limit: opt.LimitBytes, spareLimit: opt.SpareBytes, segBytes: opt.segmentBytes(), lockFD: -1, evictCap: EvictionQueue}
+	s.wqueue.bell = make(chan struct{}, 1)
 	s.index = make(map[ikey]loc)
 	s.st.LimitBytes = opt.LimitBytes
 	if err := s.lock(); err != nil {
@@ -422,6 +428,11 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.calls.Wait()
 	s.reapClose()
+	s.wstage.free()
+	for _, g := range s.stages {
+		g.free()
+	}
+	s.wstage, s.stages = nil, nil
 	if err := unix.Close(s.lockFD); err != nil {
 		return fmt.Errorf("disk: close: %w: %w", tier.ErrUnavailable, err)
 	}

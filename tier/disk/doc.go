@@ -40,10 +40,19 @@
 // do not crowd the page cache. Where the filesystem refuses O_DIRECT, a store opened with ModeAuto
 // writes through the page cache, calls fdatasync and drops the pages with posix_fadvise(DONTNEED);
 // DiskStats.Mode says which mode is in use. A direct write is not followed by fdatasync: a block
-// lost in a crash is a miss, and a torn one fails its checks. A Put encodes its batch into one
-// aligned buffer and writes each segment's share of it in parts of at least 256 KiB, up to 8 at
-// once: one write where the batch is smaller. A Get reads each record with one call, up to 4 at
-// once.
+// lost in a crash is a miss, and a torn one fails its checks.
+//
+// Records move through stages: buffers the store maps apart from the Go heap and asks the kernel
+// to back with huge pages (MADV_HUGEPAGE), because direct I/O to and from a few huge pages is much
+// faster than to and from the many 4 KiB pages of a caller's buffers. A Put encodes its batch into
+// the append stage and writes each segment's share of it: in one write where it holds less than
+// 512 KiB; else it writes the first record while another goroutine encodes the others, then writes
+// whatever is encoded each time a write returns, encoding the next record itself where none is
+// ready. A Get reads records that lie one after the other with one call, up to 256 KiB (one record
+// at least), into a ring of slots in a stage of about 2 MiB, while another goroutine checks each
+// block read and copies it out. Only one goroutine of a call blocks in I/O at a time: on two CPUs,
+// a third would hold the CPU the checksums need. A store keeps its append stage, as large as its
+// largest run, and one stage per Get in flight at its busiest, until Close.
 //
 // # Bound and eviction
 //

@@ -1,7 +1,6 @@
 package disk
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"sync"
@@ -20,7 +19,7 @@ type appendItem struct {
 	at   loc         // where the append writes it
 }
 
-// appendRun is the items an append writes into one segment with one write.
+// appendRun is the items an append writes into one segment, one after the other.
 type appendRun struct {
 	seg     *segment
 	fresh   bool // seg is made by this append
@@ -30,10 +29,11 @@ type appendRun struct {
 }
 
 // Put stores blocks, skipping those the store holds. It appends their records to the tail
-// segment with one write per segment it touches, starting a new segment where the tail is full,
-// then publishes them to the index and evicts the oldest segments over the limit. A failure
-// (an I/O error, ctx done) deletes the segments it made, cuts the tail back to its old size and
-// leaves the index as it was. The caller keeps blocks; the store copies their bytes.
+// segment, encoding them while it writes them (see the package doc), starting a new segment
+// where the tail is full, then publishes them to the index and evicts the oldest segments over
+// the limit. A failure (an I/O error, ctx done) deletes the segments it made, cuts the tail
+// back to its old size and leaves the index as it was. The caller keeps blocks; the store
+// copies their bytes.
 func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 	if err := s.checkPut(ctx, blocks); err != nil {
 		return fmt.Errorf("disk: put: %w", err)
@@ -148,21 +148,26 @@ func (s *Store) plan(items []appendItem) ([]appendItem, []appendRun) {
 	return kept, runs
 }
 
-// writeRun encodes a run's records into the append buffer and writes them with one call,
-// creating the run's segment first where it is new. The caller holds wmu.
+// writeRun encodes a run's records into the append stage and writes them, creating the run's
+// segment first where it is new. The caller holds wmu.
 func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
 	n := int(items[r.hi-1].at.off + items[r.hi-1].size - r.off)
-	if cap(s.wbuf) < n+align {
-		s.wbuf = alignedBuf(max(n+align, 2*cap(s.wbuf)))
+	if s.wstage == nil || len(s.wstage.buf) < n+align {
+		old := 0
+		if s.wstage != nil {
+			old = len(s.wstage.buf)
+			s.wstage.free()
+		}
+		s.wstage = newStage(max(n+align, 2*old))
 	}
-	buf := s.wbuf[:n]
+	buf := s.wstage.buf[:n]
 	if r.off+int64(n) < r.seg.fsize {
 		// A reused file holds older records past the new ones: a zero page after them ends
 		// the segment for Open's scan. The next append overwrites it.
-		buf = s.wbuf[:n+align]
+		buf = s.wstage.buf[:n+align]
 		clear(buf[n:])
 	}
 	switch {
@@ -178,47 +183,73 @@ func (s *Store) writeRun(ctx context.Context, items []appendItem, r *appendRun) 
 		}
 		r.seg.fd = fd
 	}
-	// A large run goes out as up to writeParts writes at once, each of a contiguous part that
-	// its goroutine encodes first: the disk sees a deeper queue, and encoding overlaps I/O.
-	parts := min(r.hi-r.lo, writeParts, max(1, n/minPartBytes))
-	var mu sync.Mutex
-	var first error
-	parallelN(parts, writeParts, func(p int) {
-		lo, hi := r.lo+(r.hi-r.lo)*p/parts, r.lo+(r.hi-r.lo)*(p+1)/parts
-		from, to := items[lo].at.off-r.off, items[hi-1].at.off+items[hi-1].size-r.off
-		if p == parts-1 {
-			to = int64(len(buf))
+	run := items[r.lo:r.hi]
+	if n < 2*minPartBytes || len(run) == 1 {
+		for i := range run {
+			s.encode(buf, &run[i], r.off)
 		}
-		if err := s.writePart(r.seg, items[lo:hi], buf[from:to], r.off+from); err != nil {
-			mu.Lock()
-			first = cmp.Or(first, err)
-			mu.Unlock()
+		return s.writeAt(r.seg, buf, r.off)
+	}
+	// This goroutine encodes the first record and writes it while another encodes the rest;
+	// then it writes those encoded, as one write, each time a write returns. Where none is
+	// encoded yet (the other goroutine waits for a CPU), it encodes the next itself. The
+	// checksums and copies overlap the I/O, and the other goroutine starts during the first
+	// write, not before it.
+	q := &s.wqueue
+	q.reset(len(run))
+	encode := func() bool {
+		i := q.claim()
+		if i < 0 {
+			return false
+		}
+		s.encode(buf, &run[i], r.off)
+		q.finish(i)
+		return true
+	}
+	encode() // the first record
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for encode() {
 		}
 	})
-	return first
+	err := s.writeAt(r.seg, buf[:run[0].size], r.off)
+	for done := 1; done < len(run) && err == nil; {
+		k := q.ready(done)
+		if k == done {
+			if !encode() {
+				q.wait()
+			}
+			continue
+		}
+		from, to := run[done].at.off-r.off, run[k-1].at.off+run[k-1].size-r.off
+		if k == len(run) {
+			to = int64(len(buf))
+		}
+		err = s.writeAt(r.seg, buf[from:to], r.off+from)
+		done = k
+	}
+	wg.Wait()
+	return err
 }
 
-// writeParts is how many parts of a run are written at once, at most.
-const writeParts = 8
-
-// minPartBytes is the least a part of a run's write holds: below it, one write is cheaper.
+// minPartBytes is the least a run must hold for its encoding to overlap its writes, and the
+// most a Get reads with one call where records lie one after the other.
 const minPartBytes = 256 << 10
 
-// writePart encodes items into buf, whose first byte goes to offset at of segment g, pads them
-// and writes buf.
-func (s *Store) writePart(g *segment, items []appendItem, buf []byte, at int64) error {
-	for _, it := range items {
-		rec := buf[it.at.off-at:][:it.size]
-		used := copy(rec, it.raw)
-		if it.blk != nil {
-			enc, err := tier.Encode(rec[:0], s.fp, *it.blk)
-			if err != nil {
-				return err // checkPut has bounded the salt: not reached
-			}
-			used = len(enc)
-		}
-		clear(rec[used:])
+// encode encodes item it into buf, whose first byte goes to offset base of its segment, and
+// zeroes its padding. checkPut has bounded the salt, so tier.Encode does not fail.
+func (s *Store) encode(buf []byte, it *appendItem, base int64) {
+	rec := buf[it.at.off-base:][:it.size]
+	used := copy(rec, it.raw)
+	if it.blk != nil {
+		enc, _ := tier.Encode(rec[:0], s.fp, *it.blk)
+		used = len(enc)
 	}
+	clear(rec[used:])
+}
+
+// writeAt writes buf at offset at of segment g.
+func (s *Store) writeAt(g *segment, buf []byte, at int64) error {
 	if err := s.io.write(g.fd, g.path, buf, at); err != nil {
 		return ioError(err)
 	}
