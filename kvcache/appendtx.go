@@ -133,7 +133,9 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 	if tx.created {
 		m.counters.implicit++
 	}
-	if m.spare() < m.cfg.ReservePages {
+	spare := m.spare()
+	m.holdLow = min(m.holdLow, spare)
+	if spare < m.cfg.ReservePages {
 		m.kick()
 	}
 	return dst

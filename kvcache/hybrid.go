@@ -36,7 +36,12 @@ type HybridConfig struct {
 	// CompactOnPressure lets a group short of memory compact the others (SharedConfig's).
 	CompactOnPressure bool
 	// WaitForWrites, Strict and NoBackground apply to every group, as in Config, and so do
-	// ReservePages and HighWatermark (in each group's pages).
+	// ReservePages and HighWatermark (in each group's pages), but for one thing: a group's
+	// reserve goroutine returns the free pages beyond HighWatermark once no append has needed
+	// them for a second, not at once, so that the pages one batch frees and the next maps again
+	// stay mapped in every group. Memory the model stops using goes back within two seconds;
+	// Settle and Sleep return it at once, and a group keeps no more beyond HighWatermark than
+	// the budget has room for besides.
 	WaitForWrites, Strict, NoBackground bool
 	ReservePages, HighWatermark         int
 	// KeyScheme keys every group's blocks (Config.KeyScheme); Prompt.Keys are for the first
@@ -184,6 +189,9 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 			_ = pool.Close()
 			return nil, &GroupOpError{Group: i, Name: grp.Name, Err: err}
 		}
+		h.mu.Lock()
+		m.holdFor = hybridHold
+		h.mu.Unlock()
 		h.groups = append(h.groups, m)
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
@@ -334,8 +342,15 @@ func (h *Hybrid) Group(i int) *Manager {
 	return h.groups[i]
 }
 
-// groupErr names the group an error came from.
+// groupErr names the group an error came from. A group out of memory wakes every group's
+// reserve: the spare pages a sibling holds (reserve.go) go back once the budget has no room
+// for them, which the sibling cannot see while the Hybrid holds its lock.
 func (h *Hybrid) groupErr(i int, err error) error {
+	if errors.Is(err, ErrOutOfMemory) {
+		for _, m := range h.groups {
+			m.kick()
+		}
+	}
 	return &GroupOpError{Group: i, Name: h.geom.Groups[i].Name, Err: err}
 }
 

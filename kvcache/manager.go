@@ -58,6 +58,14 @@ type Manager struct {
 	done      chan struct{}
 	growErr   error // last error of the reserve goroutine
 
+	// mu guards the hold (reserve.go): a Hybrid's groups keep spare pages beyond HighWatermark
+	// mapped until a whole period of holdFor found them unused.
+	holdFor   time.Duration // 0: spare pages beyond HighWatermark go back at once
+	holdEnd   time.Time     // the end of the running period (zero: none runs)
+	holdLow   int           // the fewest spare pages of the running period
+	toReturn  int           // pages the last period found spare throughout, not yet unmapped
+	holdTimer *time.Timer   // kicks the reserve goroutine when a period ends
+
 	name   string // in a SharedPool
 	shared bool   // a SharedPool's member: its budget may reclaim from other models
 	asleep bool
@@ -175,6 +183,8 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	m.tiers = newTierState(m)
 	m.pullTimer = time.AfterFunc(time.Hour, m.retryPull)
 	m.pullTimer.Stop()
+	m.holdTimer = time.AfterFunc(time.Hour, m.kick)
+	m.holdTimer.Stop()
 	m.feed.SetPull(m.pullEvents)
 	return m
 }
@@ -907,6 +917,7 @@ func (m *Manager) Close() error {
 	defer m.mu.Unlock()
 	m.flushEvents()
 	m.pullTimer.Stop()
+	m.holdTimer.Stop()
 	m.feed.Close()
 	m.settleCopies()
 	if err := m.back.close(); err != nil {
