@@ -129,7 +129,7 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 		m.emitRemoved(k)
 	}
 	dst = m.appendSlots(s, tx.n, dst)
-	s.FastRoom = m.fastRoom(s)
+	m.setFast(s)
 	if tx.created {
 		m.counters.implicit++
 	}

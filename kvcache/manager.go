@@ -353,8 +353,9 @@ func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 }
 
 // fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom, and
-// all go into the last block, so their slots follow from its id and the tokens before it with
-// no division (a decode step is one token, and a division a good part of its cost).
+// all go into the last block, s.Tail, so their slots follow from its id and the tokens before
+// it with no division (a decode step is one token, and a division a good part of its cost),
+// and from s's first cache line alone (in a Hybrid, one line a group instead of two).
 //
 // Its caller first drops, in a window or chunk group, what the first appended token no longer
 // reads, as commit does, once the length has reached s.NextDrop:
@@ -369,7 +370,7 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 	s.FastRoom -= n
 	last := len(s.Blocks) - 1
 	bt := int64(m.cfg.BlockTokens)
-	slot := int64(s.Blocks[last])*bt + int64(s.Tokens) - int64(last)*bt
+	slot := int64(s.Tail)*bt + int64(s.Tokens) - int64(last)*bt
 	if n == 1 { // a decode step: no loop
 		dst = append(dst, slot)
 	} else {
@@ -381,19 +382,21 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 	return dst
 }
 
-// fastRoom returns how many tokens s may take on the fast path after an append committed: the
-// room in its last block, if s alone holds that block and it is not cached. (A swapped sequence
-// never appends; the tail block is never out of reach of the token appended into it.)
-func (m *Manager) fastRoom(s *sequence.Sequence) int {
+// setFast sets s.FastRoom after an append committed, to how many tokens s may take on the fast
+// path: the room in its last block, if s alone holds that block and it is not cached, and
+// s.Tail to that block. (A swapped sequence never appends; the tail block is never out of reach
+// of the token appended into it.)
+func (m *Manager) setFast(s *sequence.Sequence) {
+	s.FastRoom = 0
 	room := s.TailRoom(m.cfg.BlockTokens)
 	if room == 0 || s.Swapped {
-		return 0
+		return
 	}
 	tail := s.Blocks[len(s.Blocks)-1]
 	if tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil {
-		return 0
+		return
 	}
-	return room
+	s.FastRoom, s.Tail = room, tail
 }
 
 // checkCounts refuses, under Strict, tokens without ids for keyed sequence s (nil: none).
