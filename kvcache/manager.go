@@ -416,21 +416,12 @@ func (m *Manager) afterCounts(s *sequence.Sequence, n int) {
 	}
 }
 
-// tailWritable reports whether the block the next token of s goes to may be written in place:
-// it is a fresh block, or a partial one that is not cached. A cached block is immutable: a tail
-// cut into one by Truncate is uncached before it is written (or copied, when others hold it).
-func (m *Manager) tailWritable(s *sequence.Sequence) bool {
+// appendSlots records n more tokens of s, whose blocks are in place, and appends their slots:
+// the first goes into block last (the last before the append) while it had room left, else
+// into the next. The slots run block by block, with no division.
+func (m *Manager) appendSlots(s *sequence.Sequence, last, room, n int, dst []int64) []int64 {
 	bt := m.cfg.BlockTokens
-	if s.Tokens%bt == 0 {
-		return true
-	}
-	return m.arena.Entry(s.Blocks[s.Tokens/bt]) == nil // during an append's commit, Blocks may be longer
-}
-
-// appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
-func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
-	bt := m.cfg.BlockTokens
-	i, off := s.Tokens/bt, s.Tokens%bt // one division; then the slots run block by block
+	i, off := last, bt-room // no room: off is bt, and the first slot is in block last+1
 	for range n {
 		if off == bt {
 			i, off = i+1, 0

@@ -106,6 +106,9 @@ func BlocksFor(n, blockTokens int) int {
 	if n <= 0 || blockTokens <= 0 {
 		return 0
 	}
+	if n <= blockTokens { // a decode step's block: no division
+		return 1
+	}
 	q := n / blockTokens
 	if n%blockTokens != 0 {
 		q++
