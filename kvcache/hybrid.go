@@ -631,13 +631,21 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if keyBT > 0 && len(p.Keys) > len(p.Tokens)/keyBT {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / keyBT}}
 	}
-	// Outside the lock: hashing. One key chain for each block size.
+	// Outside the lock: hashing. One root and one key chain for each block size.
 	sc := h.startScratch()
 	defer h.putScratch(sc)
 	roots, keys := sc.roots, sc.keys
 	for i, m := range h.groups {
 		bt := m.keyTokens()
-		roots[i] = sc.keyer.Root(p.Namespace, bt)
+		j := 0
+		for j < i && h.groups[j].keyTokens() != bt {
+			j++
+		}
+		if j < i {
+			roots[i] = roots[j]
+		} else {
+			roots[i] = sc.keyer.Root(p.Namespace, bt)
+		}
 		keys[i] = nil
 		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
 			continue

@@ -127,9 +127,7 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	}
 	sinks := min(m.sinkBlocks(), first)
 	s.Blocks = f.appendFound(s.Blocks, 0, sinks)
-	for range first - sinks {
-		s.Blocks = append(s.Blocks, NullBlock)
-	}
+	s.Blocks = appendNull(s.Blocks, first-sinks)
 	s.Blocks = f.appendFound(s.Blocks, first, h)
 	m.arena.HoldAll(s.Blocks[:sinks])
 	m.arena.HoldAll(s.Blocks[first:])
@@ -144,4 +142,16 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	m.counters.hitTokens += uint64(s.Tokens)
 	m.publish()
 	return s.Tokens, nil
+}
+
+// appendNull appends n NullBlocks to blocks: one growth, then a plain fill (a window's start
+// drops all but its last few blocks of a long prompt).
+func appendNull(blocks []int32, n int) []int32 {
+	k := len(blocks)
+	blocks = slices.Grow(blocks, n)[:k+n]
+	tail := blocks[k:]
+	for i := range tail {
+		tail[i] = NullBlock
+	}
+	return blocks
 }
