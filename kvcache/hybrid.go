@@ -469,8 +469,8 @@ func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst
 		}
 		h.txs = append(h.txs, tx)
 	}
-	for i, tx := range h.txs {
-		m := h.groups[i]
+	for i := range h.txs {
+		tx, m := &h.txs[i], h.groups[i] // no copy of the transaction per group
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
 		h.found[i] = tx.s
 		switch {
@@ -478,7 +478,7 @@ func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst
 			m.fastIDs(tx.s, ids, h.chain(i, tx.s, h.found))
 		case tx.fast:
 		case keyed:
-			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
+			m.afterIDs(*tx, ids, h.chain(i, tx.s, h.found))
 			m.publish()
 		default:
 			if !tx.created {
