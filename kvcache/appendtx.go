@@ -103,8 +103,9 @@ func (tx *appendTx) take() error {
 
 // commit makes the append happen: the sequence gets its new blocks (the private copy of its
 // tail first), blocks it can no longer read are dropped, and the slots of the n tokens are
-// appended to dst. It divides nothing: where the first token goes follows from the last block
-// and the room in it before the append.
+// appended to dst. Where the first token goes follows from the last block and the room in it
+// before the append, so that a decode step's new block costs no division (every group of a
+// Hybrid takes one at the same step).
 func (tx *appendTx) commit(dst []int64) []int64 {
 	m, s := tx.m, tx.s
 	if tx.fast {
