@@ -67,22 +67,14 @@ func (f *hitFinder) serves(h int) int {
 		}
 		return h
 	case !m.bounded():
-		if f.run < 0 { // the leading run, looked up in one loop (as lookupPrefix does)
-			f.run = len(f.keys)
-			for i, k := range f.keys {
-				e := m.arena.Index().Get(k)
-				if e == nil {
-					f.found[i], f.run = NullBlock, i
-					break
-				}
-				f.found[i] = e.Block
-			}
-		}
-		return min(h, f.run)
+		return min(h, f.leadingRun())
 	}
 	bt := m.cfg.BlockTokens
 	for h > 0 {
 		first := m.reachFrom(h*bt) / bt
+		if first == 0 { // the next token reads every block (a prompt within one chunk or window)
+			return min(h, f.leadingRun())
+		}
 		missing := -1
 		for i := range min(m.sinkBlocks(), first) {
 			if f.get(i) == NullBlock {
@@ -101,6 +93,24 @@ func (f *hitFinder) serves(h int) int {
 		h = missing
 	}
 	return 0
+}
+
+// leadingRun returns how many of the prompt's leading blocks are cached, looked up the first
+// time in one loop, as lookupPrefix does: what a group serves when its next token reads every
+// block before it.
+func (f *hitFinder) leadingRun() int {
+	if f.run < 0 {
+		f.run = len(f.keys)
+		for i, k := range f.keys {
+			e := f.m.arena.Index().Get(k)
+			if e == nil {
+				f.found[i], f.run = NullBlock, i
+				break
+			}
+			f.found[i] = e.Block
+		}
+	}
+	return f.run
 }
 
 // startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
