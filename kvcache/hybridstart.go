@@ -45,9 +45,9 @@ func (f *hitFinder) lookup(i int) int32 {
 }
 
 // appendFound appends blocks [i, j) of the prompt in the cache (NullBlock where not) to dst: in
-// one copy, once each is looked up.
+// one copy, once each is looked up (those of the leading run are).
 func (f *hitFinder) appendFound(dst []int32, i, j int) []int32 {
-	for k := i; k < j; k++ {
+	for k := max(i, f.run); k < j; k++ {
 		f.get(k)
 	}
 	return append(dst, f.found[i:j]...)
