@@ -136,7 +136,7 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 		m.emitRemoved(k)
 	}
 	dst = m.appendSlots(s, last, room, tx.n, dst)
-	m.setFast(s)
+	m.setFast(s, tx.need > 0) // the last block is then one take took: held once, uncached
 	if tx.created {
 		m.counters.implicit++
 	}

@@ -384,16 +384,17 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 
 // setFast sets s.FastRoom after an append committed, to how many tokens s may take on the fast
 // path: the room in its last block, if s alone holds that block and it is not cached, and
-// s.Tail to that block. (A swapped sequence never appends; the tail block is never out of reach
+// s.Tail to that block. With fresh the last block is one the append took, which is so without
+// a look at the arena. (A swapped sequence never appends; the tail block is never out of reach
 // of the token appended into it.)
-func (m *Manager) setFast(s *sequence.Sequence) {
+func (m *Manager) setFast(s *sequence.Sequence, fresh bool) {
 	s.FastRoom = 0
 	room := s.TailRoom(m.cfg.BlockTokens)
 	if room == 0 || s.Swapped {
 		return
 	}
 	tail := s.Blocks[len(s.Blocks)-1]
-	if tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil {
+	if !fresh && (tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil) {
 		return
 	}
 	s.FastRoom, s.Tail = room, tail
