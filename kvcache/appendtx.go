@@ -104,7 +104,9 @@ func (tx *appendTx) take() error {
 
 // commit makes the append happen: the sequence gets its new blocks (the private copy of its
 // tail first), blocks it can no longer read are dropped, and the slots of the n tokens are
-// appended to dst.
+// appended to dst. Where the first token goes follows from the last block and the room in it
+// before the append, so that a decode step's new block costs no division (every group of a
+// Hybrid takes one at the same step).
 func (tx *appendTx) commit(dst []int64) []int64 {
 	m, s := tx.m, tx.s
 	if tx.fast {
@@ -113,6 +115,7 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 		}
 		return m.fastSlots(s, tx.n, dst)
 	}
+	last, room := len(s.Blocks)-1, s.TailRoom(m.cfg.BlockTokens) // the first token goes into last if room > 0
 	if tx.need > 0 {
 		m.commitEvictions()
 		blocks := m.newBlocks
@@ -124,17 +127,23 @@ func (tx *appendTx) commit(dst []int64) []int64 {
 		}
 		s.Blocks = append(s.Blocks, blocks...)
 	}
-	m.dropOutOfReach(s)
-	if tx.n > 0 && !m.tailWritable(s) { // a cached tail held by s alone (a shared one was copied)
-		k, _ := m.arena.Uncache(s.Blocks[s.Tokens/m.cfg.BlockTokens])
+	if m.reachMoved(s) { // as on the fast path: nothing falls out of reach before NextDrop
+		m.dropOutOfReach(s)
+	}
+	// A cached block is immutable: a tail cut into one by Truncate and held by s alone is
+	// uncached before it is written (a shared one was copied).
+	if tx.n > 0 && room > 0 && m.arena.Entry(s.Blocks[last]) != nil {
+		k, _ := m.arena.Uncache(s.Blocks[last])
 		m.emitRemoved(k)
 	}
-	dst = m.appendSlots(s, tx.n, dst)
-	s.FastRoom = m.fastRoom(s)
+	dst = m.appendSlots(s, last, room, tx.n, dst)
+	m.setFast(s, tx.need > 0) // the last block is then one take took: held once, uncached
 	if tx.created {
 		m.counters.implicit++
 	}
-	if m.spare() < m.cfg.ReservePages {
+	spare := m.spare()
+	m.holdLow = min(m.holdLow, spare)
+	if spare < m.cfg.ReservePages {
 		m.kick()
 	}
 	return dst

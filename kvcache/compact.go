@@ -83,6 +83,9 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 					s.Blocks[i] = nb
 				}
 			}
+			if len(s.Blocks) > 0 { // the fast path's copy: FastRoom stays, the tail is still s's alone
+				s.Tail = s.Blocks[len(s.Blocks)-1]
+			}
 			return true
 		})
 		res.BlocksMoved = len(pairs) / 2

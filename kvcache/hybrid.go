@@ -36,7 +36,12 @@ type HybridConfig struct {
 	// CompactOnPressure lets a group short of memory compact the others (SharedConfig's).
 	CompactOnPressure bool
 	// WaitForWrites, Strict and NoBackground apply to every group, as in Config, and so do
-	// ReservePages and HighWatermark (in each group's pages).
+	// ReservePages and HighWatermark (in each group's pages), but for one thing: a group's
+	// reserve goroutine returns the free pages beyond HighWatermark once no append has needed
+	// them for a second, not at once, so that the pages one batch frees and the next maps again
+	// stay mapped in every group. Memory the model stops using goes back within two seconds;
+	// Settle and Sleep return it at once, and a group keeps no more beyond HighWatermark than
+	// the budget has room for besides.
 	WaitForWrites, Strict, NoBackground bool
 	ReservePages, HighWatermark         int
 	// KeyScheme keys every group's blocks (Config.KeyScheme); Prompt.Keys are for the first
@@ -192,6 +197,9 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 			_ = pool.Close()
 			return nil, &GroupOpError{Group: i, Name: grp.Name, Err: err}
 		}
+		h.mu.Lock()
+		m.holdFor = hybridHold
+		h.mu.Unlock()
 		h.groups = append(h.groups, m)
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
@@ -349,8 +357,15 @@ func (h *Hybrid) Group(i int) *Manager {
 	return h.groups[i]
 }
 
-// groupErr names the group an error came from.
+// groupErr names the group an error came from. A group out of memory wakes every group's
+// reserve: the spare pages a sibling holds (reserve.go) go back once the budget has no room
+// for them, which the sibling cannot see while the Hybrid holds its lock.
 func (h *Hybrid) groupErr(i int, err error) error {
+	if errors.Is(err, ErrOutOfMemory) {
+		for _, m := range h.groups {
+			m.kick()
+		}
+	}
 	return &GroupOpError{Group: i, Name: h.geom.Groups[i].Name, Err: err}
 }
 
@@ -469,8 +484,8 @@ func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst
 		}
 		h.txs = append(h.txs, tx)
 	}
-	for i, tx := range h.txs {
-		m := h.groups[i]
+	for i := range h.txs {
+		tx, m := &h.txs[i], h.groups[i] // no copy of the transaction per group
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
 		h.found[i] = tx.s
 		switch {
@@ -478,7 +493,7 @@ func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst
 			m.fastIDs(tx.s, ids, h.chain(i, tx.s, h.found))
 		case tx.fast:
 		case keyed:
-			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
+			m.afterIDs(*tx, ids, h.chain(i, tx.s, h.found))
 			m.publish()
 		default:
 			if !tx.created {
@@ -631,13 +646,21 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if keyBT > 0 && len(p.Keys) > len(p.Tokens)/keyBT {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "keys", N: len(p.Keys), Max: len(p.Tokens) / keyBT}}
 	}
-	// Outside the lock: hashing. One key chain for each block size.
+	// Outside the lock: hashing. One root and one key chain for each block size.
 	sc := h.startScratch()
 	defer h.putScratch(sc)
 	roots, keys := sc.roots, sc.keys
 	for i, m := range h.groups {
 		bt := m.keyTokens()
-		roots[i] = sc.keyer.Root(p.Namespace, bt)
+		j := 0
+		for j < i && h.groups[j].keyTokens() != bt {
+			j++
+		}
+		if j < i {
+			roots[i] = roots[j]
+		} else {
+			roots[i] = sc.keyer.Root(p.Namespace, bt)
+		}
 		keys[i] = nil
 		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
 			continue

@@ -135,4 +135,36 @@ func TestSequenceFastFieldsShareALine(t *testing.T) {
 	require.LessOrEqual(t, unsafe.Offsetof(s.FastRoom)+unsafe.Sizeof(s.FastRoom), uintptr(64))
 	require.LessOrEqual(t, unsafe.Offsetof(s.NextDrop)+unsafe.Sizeof(s.NextDrop), uintptr(64))
 	require.LessOrEqual(t, unsafe.Offsetof(s.Keyed)+unsafe.Sizeof(s.Keyed), uintptr(64))
+	require.LessOrEqual(t, unsafe.Offsetof(s.Tail)+unsafe.Sizeof(s.Tail), uintptr(64))
+}
+
+// A compaction that moves the tail block of a sequence on the fast path moves its Tail too: the
+// next step's slot is in the block the table names.
+func TestFastPathAfterCompaction(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, dev.Close()) })
+	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4, PageSize: 32 << 10,
+		Capacity: 64 * (32 << 10), NoBackground: true}) // 4 blocks a page
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close()) })
+	var slots []int64
+	for seq, n := range []int{16, 16, 2} { // pages 0 and 1 full, sequence 2 alone in page 2
+		slots, err = m.AppendTokens(SeqID(seq), n, slots[:0])
+		require.NoError(t, err)
+	}
+	before, err := m.Blocks(2, nil)
+	require.NoError(t, err)
+	require.NoError(t, m.Truncate(0, 12)) // 3 free blocks in page 0
+	res, err := m.Compact(CompactOptions{})
+	require.NoError(t, err)
+	require.Positive(t, res.BlocksMoved)
+	after, err := m.Blocks(2, nil)
+	require.NoError(t, err)
+	require.NotEqual(t, before, after, "the tail block moved")
+	require.NoError(t, m.Verify())
+	slots, err = m.AppendTokens(2, 1, slots[:0])
+	require.NoError(t, err)
+	require.Equal(t, []int64{int64(after[0])*4 + 2}, slots)
+	require.NoError(t, m.Verify())
 }

@@ -56,9 +56,9 @@ func (f *hitFinder) lookup(i int) sequence.Block {
 }
 
 // appendFound appends blocks [i, j) of the prompt in the cache (NullBlock where not) to dst: in
-// one copy, once each is looked up.
+// one copy, once each is looked up (those of the leading run are).
 func (f *hitFinder) appendFound(dst []sequence.Block, i, j int) []sequence.Block {
-	for k := i; k < j; k++ {
+	for k := max(i, f.run); k < j; k++ {
 		f.get(k)
 	}
 	return append(dst, f.found[i:j]...)
@@ -78,26 +78,14 @@ func (f *hitFinder) serves(h int) int {
 		}
 		return h
 	case !m.bounded():
-		if f.run < 0 { // the leading run, looked up in one loop (as lookupPrefix does)
-			f.run = len(f.keys)
-			for i, k := range f.keys {
-				e := m.arena.Index().Get(k)
-				if e == nil && f.host && m.host.cache.Get(k) != nil {
-					f.found[i] = onHost
-					continue
-				}
-				if e == nil {
-					f.found[i], f.run = NullBlock, i
-					break
-				}
-				f.found[i] = e.Block
-			}
-		}
-		return min(h, f.run)
+		return min(h, f.leadingRun())
 	}
 	bt := m.cfg.BlockTokens
 	for h > 0 {
 		first := m.reachFrom(h*bt) / bt
+		if first == 0 { // the next token reads every block (a prompt within one chunk or window)
+			return min(h, f.leadingRun())
+		}
 		missing := -1
 		for i := range min(m.sinkBlocks(), first) {
 			if f.get(i) == NullBlock {
@@ -116,6 +104,28 @@ func (f *hitFinder) serves(h int) int {
 		h = missing
 	}
 	return 0
+}
+
+// leadingRun returns how many of the prompt's leading blocks are cached, looked up the first
+// time in one loop, as lookupPrefix does: what a group serves when its next token reads every
+// block before it.
+func (f *hitFinder) leadingRun() int {
+	if f.run < 0 {
+		f.run = len(f.keys)
+		for i, k := range f.keys {
+			e := f.m.arena.Index().Get(k)
+			if e == nil && f.host && f.m.host.cache.Get(k) != nil {
+				f.found[i] = onHost
+				continue
+			}
+			if e == nil {
+				f.found[i], f.run = NullBlock, i
+				break
+			}
+			f.found[i] = e.Block
+		}
+	}
+	return f.run
 }
 
 // startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
@@ -142,9 +152,7 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	}
 	sinks := min(m.sinkBlocks(), first)
 	s.Blocks = f.appendFound(s.Blocks, 0, sinks)
-	for range first - sinks {
-		s.Blocks = append(s.Blocks, NullBlock)
-	}
+	s.Blocks = appendNull(s.Blocks, first-sinks)
 	s.Blocks = f.appendFound(s.Blocks, first, h)
 	m.arena.HoldAll(s.Blocks[:sinks])
 	m.arena.HoldAll(s.Blocks[first:])
@@ -159,4 +167,16 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	m.counters.hitTokens += uint64(s.Tokens)
 	m.publish()
 	return s.Tokens, nil
+}
+
+// appendNull appends n NullBlocks to blocks: one growth, then a plain fill (a window's start
+// drops all but its last few blocks of a long prompt).
+func appendNull(blocks []sequence.Block, n int) []sequence.Block {
+	k := len(blocks)
+	blocks = slices.Grow(blocks, n)[:k+n]
+	tail := blocks[k:]
+	for i := range tail {
+		tail[i] = NullBlock
+	}
+	return blocks
 }

@@ -58,6 +58,14 @@ type Manager struct {
 	done      chan struct{}
 	growErr   error // last error of the reserve goroutine
 
+	// mu guards the hold (reserve.go): a Hybrid's groups keep spare pages beyond HighWatermark
+	// mapped until a whole period of holdFor found them unused.
+	holdFor   time.Duration // 0: spare pages beyond HighWatermark go back at once
+	holdEnd   time.Time     // the end of the running period (zero: none runs)
+	holdLow   int           // the fewest spare pages of the running period
+	toReturn  int           // pages the last period found spare throughout, not yet unmapped
+	holdTimer *time.Timer   // kicks the reserve goroutine when a period ends
+
 	name   string // in a SharedPool
 	shared bool   // a SharedPool's member: its budget may reclaim from other models
 	asleep bool
@@ -175,6 +183,8 @@ func newManagerOn(dev vmm.Device, cfg Config, b backing, npages int) *Manager {
 	m.tiers = newTierState(m)
 	m.pullTimer = time.AfterFunc(time.Hour, m.retryPull)
 	m.pullTimer.Stop()
+	m.holdTimer = time.AfterFunc(time.Hour, m.kick)
+	m.holdTimer.Stop()
 	m.feed.SetPull(m.pullEvents)
 	return m
 }
@@ -343,8 +353,9 @@ func (m *Manager) fastAppend(s *sequence.Sequence, n int) bool {
 }
 
 // fastSlots is appendSlots on the fast path: the n tokens use up that much of s.FastRoom, and
-// all go into the last block, so their slots follow from its id and the tokens before it with
-// no division (a decode step is one token, and a division a good part of its cost).
+// all go into the last block, s.Tail, so their slots follow from its id and the tokens before
+// it with no division (a decode step is one token, and a division a good part of its cost),
+// and from s's first cache line alone (in a Hybrid, one line a group instead of two).
 //
 // Its caller first drops, in a window or chunk group, what the first appended token no longer
 // reads, as commit does, once the length has reached s.NextDrop:
@@ -359,7 +370,7 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 	s.FastRoom -= n
 	last := len(s.Blocks) - 1
 	bt := int64(m.cfg.BlockTokens)
-	slot := int64(s.Blocks[last])*bt + int64(s.Tokens) - int64(last)*bt
+	slot := int64(s.Tail)*bt + int64(s.Tokens) - int64(last)*bt
 	if n == 1 { // a decode step: no loop
 		dst = append(dst, slot)
 	} else {
@@ -371,19 +382,22 @@ func (m *Manager) fastSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
 	return dst
 }
 
-// fastRoom returns how many tokens s may take on the fast path after an append committed: the
-// room in its last block, if s alone holds that block and it is not cached. (A swapped sequence
-// never appends; the tail block is never out of reach of the token appended into it.)
-func (m *Manager) fastRoom(s *sequence.Sequence) int {
+// setFast sets s.FastRoom after an append committed, to how many tokens s may take on the fast
+// path: the room in its last block, if s alone holds that block and it is not cached, and
+// s.Tail to that block. With fresh the last block is one the append took, which is so without
+// a look at the arena. (A swapped sequence never appends; the tail block is never out of reach
+// of the token appended into it.)
+func (m *Manager) setFast(s *sequence.Sequence, fresh bool) {
+	s.FastRoom = 0
 	room := s.TailRoom(m.cfg.BlockTokens)
 	if room == 0 || s.Swapped {
-		return 0
+		return
 	}
 	tail := s.Blocks[len(s.Blocks)-1]
-	if tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil {
-		return 0
+	if !fresh && (tail == NullBlock || m.arena.Refs(tail) != 1 || m.arena.Entry(tail) != nil) {
+		return
 	}
-	return room
+	s.FastRoom, s.Tail = room, tail
 }
 
 // checkCounts refuses, under Strict, tokens without ids for keyed sequence s (nil: none).
@@ -403,21 +417,12 @@ func (m *Manager) afterCounts(s *sequence.Sequence, n int) {
 	}
 }
 
-// tailWritable reports whether the block the next token of s goes to may be written in place:
-// it is a fresh block, or a partial one that is not cached. A cached block is immutable: a tail
-// cut into one by Truncate is uncached before it is written (or copied, when others hold it).
-func (m *Manager) tailWritable(s *sequence.Sequence) bool {
+// appendSlots records n more tokens of s, whose blocks are in place, and appends their slots:
+// the first goes into block last (the last before the append) while it had room left, else
+// into the next. The slots run block by block, with no division.
+func (m *Manager) appendSlots(s *sequence.Sequence, last, room, n int, dst []int64) []int64 {
 	bt := m.cfg.BlockTokens
-	if s.Tokens%bt == 0 {
-		return true
-	}
-	return m.arena.Entry(s.Blocks[s.Tokens/bt]) == nil // during an append's commit, Blocks may be longer
-}
-
-// appendSlots records n more tokens of s, whose blocks are in place, and appends their slots.
-func (m *Manager) appendSlots(s *sequence.Sequence, n int, dst []int64) []int64 {
-	bt := m.cfg.BlockTokens
-	i, off := s.Tokens/bt, s.Tokens%bt // one division; then the slots run block by block
+	i, off := last, bt-room // no room: off is bt, and the first slot is in block last+1
 	for range n {
 		if off == bt {
 			i, off = i+1, 0
@@ -908,6 +913,7 @@ func (m *Manager) Close() error {
 	defer m.mu.Unlock()
 	m.flushEvents()
 	m.pullTimer.Stop()
+	m.holdTimer.Stop()
 	m.feed.Close()
 	m.settleCopies()
 	if err := m.back.close(); err != nil {

@@ -90,6 +90,9 @@ func (m *Manager) Verify() error {
 			bad("sequence %d: fast room %d, but its tail block %d has room %d, %d holders, cached %v, swapped %v",
 				s.ID, s.FastRoom, tail, s.TailRoom(bt), refs[tail], tail != NullBlock && a.Entry(tail) != nil, s.Swapped)
 		}
+		if s.Tail != tail {
+			bad("sequence %d: fast room %d, but its tail block is %d, not %d (Tail)", s.ID, s.FastRoom, tail, s.Tail)
+		}
 		return true
 	})
 	mappedList := a.Check(refs, bad)

@@ -29,7 +29,7 @@ type ID uint64
 // the first from Root.
 //
 // A Sequence is 256 bytes, which the allocator places on a 64-byte boundary: the fields from ID
-// to Keyed share its first cache line, and the fast append path reads no other.
+// to Tail share its first cache line, and the fast append path reads no other memory of it.
 type Sequence struct {
 	ID     ID
 	Tokens int
@@ -53,6 +53,10 @@ type Sequence struct {
 	// slots and device block ids never share a slice, nor a type.
 	Swapped bool
 	Keyed   bool // see below, with the prefix fields
+	// Tail is the last of Blocks while FastRoom is positive, so that the fast path finds the
+	// next token's slot in this cache line without reading Blocks. kvcache keeps it when it
+	// moves the block (a compaction); with FastRoom 0 it means nothing.
+	Tail    Block
 	Host    []HostSlot
 	IDs     []prefix.Token
 	Keys    []prefix.Key
@@ -115,6 +119,9 @@ func (s *Sequence) ResetPrefix() {
 func BlocksFor(n, blockTokens int) int {
 	if n <= 0 || blockTokens <= 0 {
 		return 0
+	}
+	if n <= blockTokens { // a decode step's block: no division
+		return 1
 	}
 	q := n / blockTokens
 	if n%blockTokens != 0 {
