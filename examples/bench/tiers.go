@@ -71,7 +71,7 @@ func benchDiskTier(rounds int) (Table, error) {
 	t := Table{
 		Title: "Disk tier: disk.Store against a sequential write and read of the same bytes",
 		Note: fmt.Sprintf("Batches of %d blocks; a round moves about 32 MiB each way. Put writes new blocks (each evicting as many, whole segments, whose files later segments overwrite); Get reads one batch. "+
-			"Yardstick: the same padded records written over, or read from, one preallocated file, one call per record, with the store's flags (mode). "+
+			"Yardstick: the same padded records written in sequence over one preallocated file of a round's size (each round writes as many distinct bytes as the store's Puts, never the same place twice), or read from its first batch (the same blocks the store's Get reads), one call per record, with the store's flags (mode). "+
 			"Rounds alternate store and yardstick; medians of %d rounds, the ratio the median of the rounds' ratios. Goal: at least 0.80. Directory: %s.", tierbench.Batch, rounds, dir),
 		Columns: tierColumns,
 	}

@@ -34,10 +34,11 @@ func openBench(b *testing.B, n int) *disk.Store {
 	return s
 }
 
-// newSeqFile returns the yardstick for blocks of blockBytes, with O_DIRECT where direct.
+// newSeqFile returns the yardstick for blocks of blockBytes, with O_DIRECT where direct: four
+// batches written in turn, as a store of openBench's limit cycles through four batches' worth.
 func newSeqFile(b *testing.B, blockBytes int, direct bool) *tierbench.SeqFile {
 	b.Helper()
-	f, err := tierbench.NewSeqFile(filepath.Join(b.TempDir(), "seq"), tierbench.RecordSize(blockBytes), direct)
+	f, err := tierbench.NewSeqFile(filepath.Join(b.TempDir(), "seq"), tierbench.RecordSize(blockBytes), 4, direct)
 	if err != nil {
 		b.Fatal(err)
 	}

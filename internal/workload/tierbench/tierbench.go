@@ -147,7 +147,7 @@ func Disk(dir string, blockBytes, rounds int) (put, get Figure, err error) {
 	}
 	defer s.Close()
 	mode := s.DiskStats().Mode
-	f, err := NewSeqFile(dir+"/seq", rec, mode == disk.ModeDirect)
+	f, err := NewSeqFile(dir+"/seq", rec, per, mode == disk.ModeDirect)
 	if err != nil {
 		return put, get, err
 	}
@@ -190,19 +190,23 @@ func RecordSize(blockBytes int) int {
 	return (tier.HeaderSize(prefix.Namespace{}) + blockBytes + 4095) &^ 4095
 }
 
-// SeqFile is the disk yardstick: one file of Batch records of one size, written and read in
-// place, one call per record, from one aligned buffer. NewSeqFile writes it once, so its blocks
-// are allocated before anything is timed. The caller closes it.
+// SeqFile is the disk yardstick: one file of batches of Batch records of one size, written in
+// place one batch after the other, one call per record, from one aligned buffer, so that a
+// round of Writes writes as many distinct bytes in sequence as the store's Puts do (a Put
+// appends at the end of a log and never writes the same place twice in a round). NewSeqFile
+// writes it once, so its blocks are allocated before anything is timed. The caller closes it.
 type SeqFile struct {
-	fd     int
-	rec    int
-	direct bool
-	buf    []byte
+	fd      int
+	rec     int
+	batches int // the file holds batches * Batch records
+	next    int // the batch the next Write writes
+	direct  bool
+	buf     []byte
 }
 
-// NewSeqFile creates the file at path with records of rec bytes (a multiple of 4096), with
-// O_DIRECT where direct, and writes it once.
-func NewSeqFile(path string, rec int, direct bool) (*SeqFile, error) {
+// NewSeqFile creates the file at path with batches batches of Batch records of rec bytes (a
+// multiple of 4096), with O_DIRECT where direct, and writes it once.
+func NewSeqFile(path string, rec, batches int, direct bool) (*SeqFile, error) {
 	flags := unix.O_RDWR | unix.O_CREAT | unix.O_TRUNC | unix.O_CLOEXEC
 	if direct {
 		flags |= unix.O_DIRECT
@@ -216,20 +220,25 @@ func NewSeqFile(path string, rec int, direct bool) (*SeqFile, error) {
 	if off != 0 {
 		off = 4096 - off
 	}
-	f := &SeqFile{fd: fd, rec: rec, direct: direct, buf: raw[off : off+rec]}
-	if err := f.Write(); err != nil {
-		f.Close()
-		return nil, err
+	f := &SeqFile{fd: fd, rec: rec, batches: max(1, batches), direct: direct, buf: raw[off : off+rec]}
+	for range f.batches {
+		if err := f.Write(); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	return f, nil
 }
 
-// Write writes the Batch records over the file's: the fastest sequential write the filesystem
-// offers, with no block allocated or freed. Without O_DIRECT it then syncs the data and drops
-// the pages, as the store's ModeBuffered does.
+// Write writes the next batch of Batch records over the file's, after the batch the last Write
+// wrote (the first after the last): the fastest sequential write the filesystem offers, with
+// no block allocated or freed. Without O_DIRECT it then syncs the data and drops the pages, as
+// the store's ModeBuffered does.
 func (f *SeqFile) Write() error {
+	base := int64(f.next) * Batch * int64(f.rec)
+	f.next = (f.next + 1) % f.batches
 	for i := range Batch {
-		if _, err := unix.Pwrite(f.fd, f.buf, int64(i*f.rec)); err != nil {
+		if _, err := unix.Pwrite(f.fd, f.buf, base+int64(i*f.rec)); err != nil {
 			return fmt.Errorf("tierbench: write: %w", err)
 		}
 	}
@@ -242,7 +251,8 @@ func (f *SeqFile) Write() error {
 	return unix.Fadvise(f.fd, 0, 0, unix.FADV_DONTNEED)
 }
 
-// Read reads the Batch records; without O_DIRECT it then drops the pages.
+// Read reads the first batch's Batch records, as the store's Get of one batch reads the same
+// blocks each time; without O_DIRECT it then drops the pages.
 func (f *SeqFile) Read() error {
 	for i := range Batch {
 		if _, err := unix.Pread(f.fd, f.buf, int64(i*f.rec)); err != nil {
