@@ -40,9 +40,9 @@ func (h *handoff) wait(have int) (int, bool) {
 }
 
 // encodeQueue shares the encoding of a run's records between the goroutine that writes them
-// and a helper: each claims the next record, encodes it and marks it done; the writer writes the
-// records done in order. A writer that finds the next record not done encodes one itself
-// instead of waiting for a helper that may wait for a CPU.
+// and a helper: each claims the next record, encodes it and marks it done; the writer writes
+// the records in order, each once it is done. A writer that finds the next record not done
+// encodes one itself instead of waiting for a helper that may wait for a CPU.
 type encodeQueue struct {
 	next atomic.Int64  // the next record to claim
 	done []atomic.Bool // the records encoded
@@ -82,13 +82,8 @@ func (q *encodeQueue) finish(i int) {
 	}
 }
 
-// ready returns the end of the run of records done from i on.
-func (q *encodeQueue) ready(i int) int {
-	for i < len(q.done) && q.done[i].Load() {
-		i++
-	}
-	return i
-}
+// encoded reports whether record i is encoded.
+func (q *encodeQueue) encoded(i int) bool { return q.done[i].Load() }
 
 // wait returns after a record is done, or at once where one was done since the last wait.
 func (q *encodeQueue) wait() { <-q.bell }
