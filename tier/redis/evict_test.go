@@ -140,7 +140,9 @@ func TestEvictionsConfigRefused(t *testing.T) {
 	requireRun(t, s, blocks, 0)
 	syncStore(t, s, 0)
 	got, _ := take(s)
-	assert.Equal(t, []tier.Eviction{{Key: blocks[0].Key}, {Key: blocks[1].Key}}, got)
+	// Both expired in the same instant; the server's expiry cycle visits keys in its hash
+	// table's order, which a random seed at each start decides.
+	assert.ElementsMatch(t, []tier.Eviction{{Key: blocks[0].Key}, {Key: blocks[1].Key}}, got)
 }
 
 // A subscription confirmed again after the connection dropped may have missed evictions of the
