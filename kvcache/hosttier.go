@@ -27,9 +27,10 @@ type hostSlot = sequence.HostSlot
 func slot(e *keyindex.Entry[hostSlot]) hostSlot { return e.Block }
 
 type hostTier struct {
-	first     hostSlot // the first slot: slots are numbered after the arena's blocks
-	refs      []int32
-	free      []hostSlot                // the free slots, the highest first, so that the lowest is taken first
+	first     hostSlot                  // the first slot: slots are numbered after the arena's blocks
+	n         int                       // the tier's slots: [first, first+n)
+	refs      []int32                   // by slot - first, for the slots below first+len(refs), the ones ever taken
+	free      []hostSlot                // the free slots ever taken; those from first+len(refs) on are free too, and taken after these
 	cache     *keyindex.Index[hostSlot] // host blocks holding cached content, least recently used first: idle, or held while the tiers read them
 	swapSlots int                       // host blocks the cache never takes (Config.HostSwapBlocks)
 	swapped   int                       // host blocks held by swapped-out sequences (refs > 0)
@@ -40,17 +41,29 @@ type hostTier struct {
 	nfree   int // of taken, the first nfree came from the free list
 }
 
+// newHostTier returns a tier of n slots from first. Its memory grows with the slots taken,
+// not with n: a tier sized for the host's whole memory costs nothing until it is used.
 func newHostTier(first int32, n, swapSlots int) *hostTier {
-	h := &hostTier{first: hostSlot(first), refs: make([]int32, n), free: make([]hostSlot, n), cache: keyindex.NewIndex[hostSlot](), swapSlots: swapSlots}
-	for i := range n {
-		h.free[i] = hostSlot(first) + hostSlot(n-1-i)
+	return &hostTier{first: hostSlot(first), n: n, cache: keyindex.NewIndex[hostSlot](), swapSlots: swapSlots}
+}
+
+// freeLen returns how many slots are free: those freed, and those never taken.
+func (h *hostTier) freeLen() int { return len(h.free) + h.n - len(h.refs) }
+
+// takeFree takes a free slot (freeLen() > 0): a freed one first, the lowest never taken else.
+func (h *hostTier) takeFree() hostSlot {
+	if n := len(h.free); n > 0 {
+		b := h.free[n-1]
+		h.free = h.free[:n-1]
+		return b
 	}
-	return h
+	h.refs = append(h.refs, 0)
+	return h.first + hostSlot(len(h.refs)-1)
 }
 
 // has reports whether b is one of the tier's slots.
 func (h *hostTier) has(b hostSlot) bool {
-	return h != nil && b >= h.first && b < h.first+hostSlot(len(h.refs))
+	return h != nil && b >= h.first && int64(b) < int64(h.first)+int64(h.n)
 }
 
 // unref drops one holder of host block b, freeing it at none.
@@ -62,7 +75,12 @@ func (h *hostTier) unref(b hostSlot) {
 }
 
 // refsOf returns how many sequences hold host block b.
-func (h *hostTier) refsOf(b hostSlot) int32 { return h.refs[b-h.first] }
+func (h *hostTier) refsOf(b hostSlot) int32 {
+	if int(b-h.first) >= len(h.refs) {
+		return 0 // never taken
+	}
+	return h.refs[b-h.first]
+}
 
 // blocks returns the host tier's blocks; freeBlocks how many are free; swappedBlocks how many
 // swapped-out sequences hold.
@@ -70,14 +88,14 @@ func (h *hostTier) blocks() int {
 	if h == nil {
 		return 0
 	}
-	return len(h.refs)
+	return h.n
 }
 
 func (h *hostTier) freeBlocks() int {
 	if h == nil {
 		return 0
 	}
-	return len(h.free)
+	return h.freeLen()
 }
 
 func (h *hostTier) swappedBlocks() int {
@@ -93,7 +111,7 @@ func (h *hostTier) swapRoom() int {
 	if h == nil {
 		return 0
 	}
-	return len(h.free) + h.cache.IdleLen()
+	return h.freeLen() + h.cache.IdleLen()
 }
 
 // cacheRoom returns how many blocks reserveCache can take: the free ones beyond the swap slots
@@ -102,14 +120,14 @@ func (h *hostTier) cacheRoom() int { return h.cacheFree() + h.cache.IdleLen() }
 
 // cacheFree returns how many free blocks the cache may take.
 func (h *hostTier) cacheFree() int {
-	return max(0, len(h.free)-max(0, h.swapSlots-h.swapped))
+	return max(0, h.freeLen()-max(0, h.swapSlots-h.swapped))
 }
 
 // reserveSwap takes n host blocks (n <= swapRoom()) for a swap into h.taken: free ones first,
 // then the cache's least recently used. reserveCache takes n (n <= cacheRoom()) for the cache:
 // free ones beyond the swap slots not in use first, then the cache's least recently used.
 // Commit or abort either before the next.
-func (h *hostTier) reserveSwap(n int)  { h.reserve(n, len(h.free)) }
+func (h *hostTier) reserveSwap(n int)  { h.reserve(n, h.freeLen()) }
 func (h *hostTier) reserveCache(n int) { h.reserve(n, h.cacheFree()) }
 
 // reserve takes n host blocks into h.taken: at most maxFree free ones, then the cache's least
@@ -118,8 +136,7 @@ func (h *hostTier) reserve(n, maxFree int) {
 	h.taken, h.evicted = h.taken[:0], h.evicted[:0]
 	h.nfree = min(n, maxFree)
 	for range h.nfree {
-		h.taken = append(h.taken, h.free[len(h.free)-1])
-		h.free = h.free[:len(h.free)-1]
+		h.taken = append(h.taken, h.takeFree())
 	}
 	for len(h.taken) < n {
 		r := h.cache.Remove(h.cache.Oldest())

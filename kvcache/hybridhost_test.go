@@ -1,6 +1,7 @@
 package kvcache_test
 
 import (
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -129,4 +130,13 @@ func TestHybridHostCacheRefused(t *testing.T) {
 	require.ErrorAs(t, err, &ce)
 	require.Equal(t, "HostCacheTokens", ce.Field)
 	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+
+	// A count no host can hold: the blocks it asks for overflow no sum, and the error names the
+	// numbers.
+	for _, tokens := range []int{math.MaxInt, 1 << 40} {
+		_, err = kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20,
+			Capacity: 64 << 20, NoBackground: true, HostCacheTokens: tokens})
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "HostCacheTokens %d", tokens)
+		t.Logf("HostCacheTokens %d: %v", tokens, err)
+	}
 }

@@ -128,8 +128,23 @@ func (m *Manager) Verify() error {
 		if idle+held != h.cache.Len() || (!m.cfg.HostPrefixCache && idle > 0) {
 			bad("host cache: %d entries, %d in its LRU list, %d held for the tiers (on %v)", h.cache.Len(), idle, held, m.cfg.HostPrefixCache)
 		}
-		if h.cache.Len() > len(h.refs)-h.swapSlots {
-			bad("host cache: %d blocks, beyond the %d the %d swap slots leave", h.cache.Len(), len(h.refs)-h.swapSlots, h.swapSlots)
+		if h.cache.Len() > h.n-h.swapSlots {
+			bad("host cache: %d blocks, beyond the %d the %d swap slots leave", h.cache.Len(), h.n-h.swapSlots, h.swapSlots)
+		}
+		for b := range freeHost {
+			if int(b-h.first) >= len(h.refs) {
+				bad("host block %d listed free, but never taken", b)
+			}
+		}
+		for b := range cachedHost {
+			if int(b-h.first) >= len(h.refs) {
+				bad("host block %d cached, but never taken", b)
+			}
+		}
+		for b := range hostRefs {
+			if int(b-h.first) >= len(h.refs) {
+				bad("host block %d held by a swapped sequence, but never taken", b)
+			}
 		}
 		swapped := 0
 		for i, r := range h.refs {
