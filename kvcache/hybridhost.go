@@ -75,7 +75,8 @@ func (h *Hybrid) hostCaching() bool {
 }
 
 // fetchHostBlocks brings back from the host cache the blocks of f's prompt that a hit of n
-// blocks reads and only the host holds (f.found onHost): it takes new device blocks, copies the
+// blocks reads and only the host holds (f.found onHost), keeping those of the hit the device
+// caches from its evictions: it takes new device blocks, copies the
 // host's into them (one launch on stream 0, before the runtime's kernels that read them) and
 // caches them there, held by the fetch (m.newBlocks, in order) until commitFetch or
 // abortFetch. It appends their positions to dst and returns it. No room on the device, or a
@@ -87,18 +88,31 @@ func (m *Manager) fetchHostBlocks(f *hitFinder, n int, dst []int32) []int32 {
 		first = m.reachFrom(n*m.cfg.BlockTokens) / m.cfg.BlockTokens
 	}
 	sc := &m.swap
-	sc.pairs = sc.pairs[:0]
+	sc.pairs, sc.held = sc.pairs[:0], sc.held[:0]
 	at := dst[:0]
 	for j := range n {
-		if f.found[j] == onHost && (j < m.sinkBlocks() || j >= first) {
+		if j >= m.sinkBlocks() && j < first {
+			continue // out of the hit's reach
+		}
+		switch b := f.found[j]; {
+		case b == onHost:
 			sc.pairs = append(sc.pairs, int64(m.host.cache.Get(f.keys[j]).Block), 0)
 			at = append(at, int32(j))
+		case b >= 0:
+			sc.held = append(sc.held, b)
 		}
 	}
 	if len(at) == 0 {
 		return at
 	}
-	if !m.copyFromHost(len(at)) {
+	// The blocks the devices serve are the rest of the hit: held while the fetch takes blocks,
+	// so that it cannot evict them to make room, then idle again (the most recently used).
+	m.arena.HoldAll(sc.held)
+	ok := m.copyFromHost(len(at))
+	for i := len(sc.held) - 1; i >= 0; i-- {
+		m.arena.Unref(sc.held[i])
+	}
+	if !ok {
 		return at[:0]
 	}
 	for j, pos := range at {

@@ -140,3 +140,37 @@ func TestHybridHostCacheRefused(t *testing.T) {
 		t.Logf("HostCacheTokens %d: %v", tokens, err)
 	}
 }
+
+// A host fetch never evicts the device-cached blocks of the hit it lengthens: with a prompt's
+// first eight blocks idle on the device, filling its only page, its last eight only in the host
+// cache, and the device cache over its bound, the start serves all sixteen blocks, where
+// evicting the device's eight to make room for the host's would have left a hit of none. The
+// data reads back through the table.
+func TestHybridHostFetchKeepsDeviceHit(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	g := kvcache.Geometry{Model: "one", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0, 1}, KVHeads: 2, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16}}}
+	const blockBytes = 2 * 2 * 2 * 64 * 2 * 16 // layers x (K, V) x heads x dim x bf16 x tokens: 8 blocks a page
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 1024, PrefixCacheBytes: 2 * blockBytes})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+	p := promptOf(16*16+1, 5)
+	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	d.write(t, 1, 0, slots)
+	require.NoError(t, h.FreeSequence(1)) // all sixteen written back to the host cache
+	_, err = h.Sleep()
+	require.NoError(t, err)
+	require.NoError(t, h.Wake())
+	require.Equal(t, 8*16, hostCacheStart(t, h, d, p[:8*16+1], 3), "the first eight, fetched into one page")
+	require.NoError(t, h.FreeSequence(3))
+	st := h.Group(0).Stats()
+	require.Equal(t, 8, st.Prefix.CachedBlocks, "the first eight idle on the device")
+	require.Equal(t, st.MappedPages, st.FullPages, "no free block on the device")
+
+	require.Equal(t, 16*16, hostCacheStart(t, h, d, p, 2), "eight from the device, eight fetched from the host")
+}

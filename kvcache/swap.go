@@ -92,6 +92,7 @@ type swapScratch struct {
 	found  []foundBlock             // the cached device blocks a SwapIn holds, for its undo
 	pairs  []int64                  // (from, to) for each block copied, in the copy kernels' numbering
 	keys   []prefix.Key             // the keys of the blocks a host-cache hit fetches
+	held   []sequence.Block         // the cached device blocks a Hybrid's host fetch keeps from its own evictions
 	first  map[sequence.Block]int32 // for a device block with several holders, its k
 	firstH map[hostSlot]int32       // for a host slot with several holders, its k
 }
