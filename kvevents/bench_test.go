@@ -14,8 +14,9 @@ import (
 
 // BenchmarkDecodeOverhead times kvbench.Decode's step with a publisher attached against the same
 // step without, in the same run (eventbench.MeasureOverhead): ns/token of each, their ratio
-// (goal: at most 1.05), the median round's ratio, and the objects the whole process allocated
-// per token of each, the publisher's goroutines included. One op is a round: a warm-up and a
+// (goal: at most 1.05), the median round's ratio, the appending thread's own CPU time with /
+// without, and the objects the whole process allocated per token of each, the publisher's
+// goroutines included. One op is a round: a warm-up and a
 // timed cycle of 262,144 steps on a fresh manager of each kind (run with -benchtime 7x).
 func BenchmarkDecodeOverhead(b *testing.B) {
 	for _, sub := range []eventbench.Subscriber{eventbench.Absent, eventbench.Stalled, eventbench.Deferred} {
@@ -27,8 +28,30 @@ func BenchmarkDecodeOverhead(b *testing.B) {
 			b.ReportMetric(o.NsWith, "ns/token-publisher")
 			b.ReportMetric(o.Ratio, "ratio")
 			b.ReportMetric(o.RatioMedian, "ratio-median")
+			b.ReportMetric(o.CPURatio, "cpu-ratio")
 			b.ReportMetric(o.AllocsNone, "allocs/token-none")
 			b.ReportMetric(o.AllocsWith, "allocs/token-publisher")
+		})
+	}
+}
+
+// BenchmarkDecodeParts takes the overhead of BenchmarkDecodeOverhead apart: the same
+// measurement with readers that do a step more each (eventbench.Recorded, Ticking, Counting,
+// Touching, AbsentNoGC, Absent), beside the A/A control. The differences between their ratios
+// are what recording, a second goroutine, handing the events to it, reading them there,
+// collecting the publisher's garbage and encoding cost. cpu-ratio is the appending thread's own
+// CPU time with / without, which a busy machine disturbs less than the wall ratio. One op is a
+// round (run with -benchtime 7x, several times in turn).
+func BenchmarkDecodeParts(b *testing.B) {
+	for _, sub := range []eventbench.Subscriber{eventbench.Control, eventbench.Recorded, eventbench.Ticking, eventbench.Counting,
+		eventbench.Touching, eventbench.AbsentNoGC, eventbench.Absent} {
+		b.Run(string(sub), func(b *testing.B) {
+			o, err := eventbench.MeasureOverhead(sub, b.N)
+			require.NoError(b, err)
+			b.ReportMetric(o.Ratio, "ratio")
+			b.ReportMetric(o.RatioMedian, "ratio-median")
+			b.ReportMetric(o.CPURatio, "cpu-ratio")
+			b.ReportMetric(o.CPURatioMedian, "cpu-ratio-median")
 		})
 	}
 }

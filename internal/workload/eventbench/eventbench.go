@@ -9,8 +9,10 @@ import (
 	"encoding/binary"
 	"fmt"
 	"runtime"
+	"runtime/debug"
 	"runtime/metrics"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-zeromq/zmq4"
@@ -156,11 +158,36 @@ const (
 	Control Subscriber = "none (control)"
 )
 
+// The parts of the overhead: subscribers that do less than a publisher, each a step further
+// from none, so that the differences of their ratios say what each part costs.
+const (
+	// Recorded: a subscription that the appending goroutine itself takes the events of, between
+	// the timed chunks: what building and queueing the events costs, on one core.
+	Recorded Subscriber = "recorded"
+	// Ticking: Recorded, beside a goroutine that wakes every millisecond and does nothing
+	// else: what a second goroutine's wake-ups cost, whatever it reads.
+	Ticking Subscriber = "recorded, ticking"
+	// Counting: a goroutine that, as a publisher batching every millisecond does, takes the
+	// events (Subscription.Take) a millisecond after it is signalled, counts them and hands the
+	// array back, touching none of them: what handing the events to another core costs.
+	Counting Subscriber = "counting"
+	// Touching: as Counting, and it reads every byte of the events' keys and token ids, as an
+	// encoder would, allocating nothing: what reading the events on another core costs.
+	Touching Subscriber = "touching"
+	// AbsentNoGC: Absent with the collector off on both sides (GOGC=off): Absent less what the
+	// collection of the publisher's garbage costs.
+	AbsentNoGC Subscriber = "absent, GOGC=off"
+)
+
 // Overhead is the decode step with a publisher attached against the same step without.
 type Overhead struct {
 	NsNone, NsWith         float64 // ns per token, over all rounds
 	Ratio, RatioMedian     float64 // with / without: over all rounds, and the median round's
 	AllocsNone, AllocsWith float64 // objects the whole process allocated per token
+	// CPURatio is the appending thread's own CPU time with / without, over all rounds, and
+	// CPURatioMedian the median round's: what the steps cost the appender itself, less the
+	// time it waited for a core (0 when the thread clock could not be read).
+	CPURatio, CPURatioMedian float64
 }
 
 // Cycle is the decode steps between two restarts of the batch: 1,024 tokens of each sequence.
@@ -175,23 +202,32 @@ func MeasureOverhead(sub Subscriber, rounds int) (Overhead, error) {
 	var o Overhead
 	var t [2]time.Duration
 	var allocs [2]uint64
-	ratios := make([]float64, 0, rounds)
+	var cpu [2]time.Duration
+	cpuOK := true
+	ratios, cpuRatios := make([]float64, 0, rounds), make([]float64, 0, rounds)
 	for r := range rounds {
-		var d [2]time.Duration
+		var d, c [2]time.Duration
 		for k := range 2 {
 			with := (r+k)%2 == 1
-			took, a, err := decodeCycle(sub, with)
+			took, a, tc, err := decodeCycle(sub, with)
 			if err != nil {
 				return o, err
 			}
 			i := b2i(with)
-			d[i] = took
+			d[i], c[i] = took, tc
 			t[i] += took
+			cpu[i] += tc
 			allocs[i] += a
+			cpuOK = cpuOK && tc > 0
 		}
 		ratios = append(ratios, float64(d[1])/float64(d[0]))
+		cpuRatios = append(cpuRatios, float64(c[1])/float64(c[0]))
 	}
 	slices.Sort(ratios)
+	slices.Sort(cpuRatios)
+	if cpuOK {
+		o.CPURatio, o.CPURatioMedian = float64(cpu[1])/float64(cpu[0]), cpuRatios[len(cpuRatios)/2]
+	}
 	tokens := float64(rounds * Cycle)
 	o.NsNone, o.NsWith = float64(t[0].Nanoseconds())/tokens, float64(t[1].Nanoseconds())/tokens
 	o.Ratio, o.RatioMedian = float64(t[1])/float64(t[0]), ratios[len(ratios)/2]
@@ -207,67 +243,186 @@ func b2i(v bool) int {
 }
 
 // decodeCycle runs a warm-up cycle and a timed one on a fresh manager, with a publisher (and
-// sub's subscriber) attached when with is set, and returns the timed cycle's time and the
-// objects the process allocated meanwhile.
-func decodeCycle(sub Subscriber, with bool) (time.Duration, uint64, error) {
+// sub's subscriber) attached when with is set, and returns the timed cycle's time, the objects
+// the process allocated meanwhile and the appending thread's CPU time (-1 if unknown).
+func decodeCycle(sub Subscriber, with bool) (_ time.Duration, _ uint64, _ time.Duration, err error) {
 	if sub == Control {
 		with = false
 	}
+	if sub == AbsentNoGC {
+		runtime.GC()
+		defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	}
 	d, err := NewDecoder(1024, true)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	defer d.Close()
 	var p *kvevents.Publisher
-	if with {
+	take := func() {}
+	if with && sub.part() {
+		var done func() error
+		if take, done, err = attachPart(d, sub); err != nil {
+			return 0, 0, 0, err
+		}
+		defer func() {
+			if e := done(); e != nil && err == nil {
+				err = e
+			}
+		}()
+	}
+	if with && !sub.part() {
 		s, err := d.M.Subscribe(1 << 16)
 		if err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		cfg := kvevents.Config{Endpoint: "tcp://127.0.0.1:*", ReplayEndpoint: "tcp://127.0.0.1:*", Pod: "bench", Model: "m"}
 		if sub == Deferred {
 			cfg.Batching = kvevents.EveryFlush
 		}
 		if p, err = kvevents.Start(s, cfg); err != nil {
-			return 0, 0, err
+			return 0, 0, 0, err
 		}
 		defer p.Close()
 		if sub == Stalled {
 			z, err := Connect(p, false, d.Poke(p))
 			if err != nil {
-				return 0, 0, err
+				return 0, 0, 0, err
 			}
 			defer z.Close()
 		}
 	}
 	// The warm-up cycle, then the timed one: under Deferred the publisher sends only between
 	// chunks of 4,096 steps, untimed.
-	var took time.Duration
+	var took, tc time.Duration
 	var a uint64
 	for cycle := range 2 {
 		for done := 0; done < Cycle; done += 4096 {
 			a0 := Mallocs()
-			dt, err := d.Steps(4096)
+			dt, dc, err := timedSteps(d, 4096)
 			if err != nil {
-				return 0, 0, err
+				return 0, 0, 0, err
 			}
 			if cycle == 1 {
 				took += dt
+				if tc >= 0 && dc >= 0 {
+					tc += dc
+				} else {
+					tc = -1
+				}
 				a += Mallocs() - a0
 			}
+			take()
 			if p != nil && sub == Deferred {
 				if err := p.Flush(); err != nil {
-					return 0, 0, err
+					return 0, 0, 0, err
 				}
 			}
 		}
 	}
 	if p != nil {
 		if st := p.Stats(); st.Blocks == 0 || st.Lost > 0 {
-			return 0, 0, fmt.Errorf("eventbench: the publisher sent %d blocks and lost %d events: not measuring what it says", st.Blocks, st.Lost)
+			return 0, 0, 0, fmt.Errorf("eventbench: the publisher sent %d blocks and lost %d events: not measuring what it says", st.Blocks, st.Lost)
 		}
 	}
-	return took, a, nil
+	return took, a, tc, nil
+}
+
+// part reports whether sub is one of the parts, a reader without a publisher.
+func (sub Subscriber) part() bool {
+	return sub == Recorded || sub == Ticking || sub == Counting || sub == Touching
+}
+
+// attachPart subscribes part sub's reader to d's manager. It returns the function that the
+// timed loop calls between chunks (Recorded takes the events there) and the one that detaches
+// the reader, which fails if the reader lost events: then the row measured something else.
+func attachPart(d *Decoder, sub Subscriber) (take func(), done func() error, err error) {
+	s, err := d.M.Subscribe(1 << 16)
+	if err != nil {
+		return nil, nil, err
+	}
+	var lost uint64
+	check := func() error {
+		_ = s.Close()
+		if lost > 0 {
+			return fmt.Errorf("eventbench: the %s reader lost %d events: not measuring what it says", sub, lost)
+		}
+		return nil
+	}
+	if sub == Counting || sub == Touching {
+		finished := make(chan uint64)
+		go func() { finished <- read(s, sub == Touching) }()
+		return func() {}, func() error {
+			_ = s.Close()
+			lost = <-finished
+			return check()
+		}, nil
+	}
+	stop := make(chan struct{})
+	if sub == Ticking {
+		go tick(stop)
+	}
+	var buf []prefix.Event
+	return func() {
+			buf = s.Take(buf)
+			lost += countLost(buf)
+		}, func() error {
+			close(stop)
+			return check()
+		}, nil
+}
+
+// countLost returns the events that the EventsLost events among events report.
+func countLost(events []prefix.Event) uint64 {
+	var n uint64
+	for i := range events {
+		if events[i].Kind == prefix.EventsLost {
+			n += events[i].Lost
+		}
+	}
+	return n
+}
+
+// tick wakes every millisecond until stop closes.
+func tick(stop chan struct{}) {
+	for {
+		select {
+		case <-stop:
+			return
+		case <-time.After(kvevents.DefaultInterval):
+		}
+	}
+}
+
+// sink keeps what read sums, so that its reading is not optimised away.
+var sink atomic.Uint64
+
+// read takes s's batches until s closes, a millisecond after each signal as a publisher does,
+// and hands each array back; with touch set it reads every byte of the events' keys and token
+// ids. It returns the events lost.
+func read(s *prefix.Subscription, touch bool) (lost uint64) {
+	var buf []prefix.Event
+	var sum uint64
+	defer func() { sink.Add(sum) }()
+	for range s.Ready() {
+		time.Sleep(kvevents.DefaultInterval)
+		buf = s.Take(buf)
+		lost += countLost(buf)
+		sum += uint64(len(buf))
+		if !touch {
+			continue
+		}
+		for i := range buf {
+			for _, k := range buf[i].Keys {
+				sum += binary.LittleEndian.Uint64(k[0:]) ^ binary.LittleEndian.Uint64(k[8:]) ^
+					binary.LittleEndian.Uint64(k[16:]) ^ binary.LittleEndian.Uint64(k[24:])
+			}
+			for _, t := range buf[i].Tokens {
+				sum += uint64(t)
+			}
+		}
+	}
+	return lost
 }
 
 // Sub is a ZMQ SUB socket connected to a publisher.
