@@ -90,7 +90,7 @@ func (m *Manager) fetchHostBlocks(f *hitFinder, n int, dst []int32) []int32 {
 	sc.pairs = sc.pairs[:0]
 	at := dst[:0]
 	for j := range n {
-		if f.found[j] == onHost && (j < m.sinkBlocks() || j >= first) {
+		if (j < m.sinkBlocks() || j >= first) && f.has(j) && f.found[j] == onHost {
 			sc.pairs = append(sc.pairs, int64(m.host.cache.Get(f.keys[j]).Block), 0)
 			at = append(at, int32(j))
 		}
