@@ -56,7 +56,7 @@ func (f *hitFinder) has(i int) bool {
 func (f *hitFinder) lookup(i int) {
 	f.asked[uint(i)/64] |= 1 << (uint(i) % 64)
 	f.found[i] = NullBlock
-	if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
+	if e := f.m.arena.Index().GetAt(&f.keys[i]); e != nil {
 		f.found[i] = e.Block
 	} else if f.host && f.m.host.cache.Get(f.keys[i]) != nil {
 		f.found[i] = onHost
@@ -115,27 +115,27 @@ func (f *hitFinder) serves(h int) int {
 }
 
 // leadingRun returns how many of the prompt's leading blocks are cached, looked up the first
-// time in one loop, as lookupPrefix does: what a group serves when its next token reads every
-// block before it.
+// time in runs (keyindex's GetRun), a host block between runs: what a group serves when its next
+// token reads every block before it.
 func (f *hitFinder) leadingRun() int {
 	if f.run >= 0 {
 		return f.run
 	}
-	index, found := f.m.arena.Index(), f.found[:len(f.keys)]
-	for i := range f.keys {
-		e := index.Get(f.keys[i])
-		if e == nil && f.host && f.m.host.cache.Get(f.keys[i]) != nil {
-			found[i] = onHost
-			continue
-		}
-		if e == nil {
-			found[i], f.run = NullBlock, i
+	index, i := f.m.arena.Index(), 0
+	for {
+		i += index.GetRun(f.keys[i:], f.found[i:])
+		switch {
+		case i == len(f.keys):
+			f.run = i
+			return i
+		case f.host && f.m.host.cache.Get(f.keys[i]) != nil:
+			f.found[i] = onHost
+			i++
+		default:
+			f.found[i], f.run = NullBlock, i
 			return i
 		}
-		found[i] = e.Block
 	}
-	f.run = len(f.keys)
-	return f.run
 }
 
 // startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
