@@ -179,14 +179,23 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	return s.Tokens, nil
 }
 
-// appendNull appends n NullBlocks to blocks: one growth, then a plain fill (a window's start
-// drops all but its last few blocks of a long prompt).
+// appendNull appends n NullBlocks to blocks (a window's start drops all but its last few blocks
+// of a long prompt). It copies from nullBlocks: Go fills a slice with -1 one store at a time,
+// and copies it many bytes at a time.
 func appendNull(blocks []sequence.Block, n int) []sequence.Block {
-	k := len(blocks)
-	blocks = slices.Grow(blocks, n)[:k+n]
-	tail := blocks[k:]
-	for i := range tail {
-		tail[i] = NullBlock
+	blocks = slices.Grow(blocks, n)
+	for n > 0 {
+		c := min(n, len(nullBlocks))
+		blocks = append(blocks, nullBlocks[:c]...)
+		n -= c
 	}
 	return blocks
 }
+
+// nullBlocks is what appendNull copies: NullBlocks only, never written after init.
+var nullBlocks = func() (a [512]sequence.Block) {
+	for i := range a {
+		a[i] = NullBlock
+	}
+	return a
+}()
