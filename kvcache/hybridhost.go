@@ -91,8 +91,8 @@ func (m *Manager) fetchHostBlocks(f *hitFinder, n int, dst []int32) []int32 {
 	sc.pairs, sc.held = sc.pairs[:0], sc.held[:0]
 	at := dst[:0]
 	for j := range n {
-		if j >= m.sinkBlocks() && j < first {
-			continue // out of the hit's reach
+		if j >= m.sinkBlocks() && j < first || !f.has(j) {
+			continue // out of the hit's reach, or not asked (serves(n) asked all in reach)
 		}
 		switch b := f.found[j]; {
 		case b == onHost:

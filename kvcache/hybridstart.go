@@ -9,8 +9,9 @@ import (
 
 // hitFinder finds, for one group of a Hybrid start, the longest prefix of a prompt the group
 // serves, looking each block's key up at most once: keys are the prompt's block keys (the
-// group's block size), found caches what the index said (-2: not asked yet, NullBlock: not
-// cached, onHost: only the host cache holds it, else the block). The manager's lock is held.
+// group's block size), found caches what the index said (NullBlock: not cached, onHost: only
+// the host cache holds it, else the block) for the blocks asked already: those of the leading
+// run and those marked in asked. The manager's lock is held.
 //
 // With host set (hybridhost.go) a block the group's host prefix cache holds counts as found
 // (onHost): the finder then tells what a start could serve once those blocks are brought back.
@@ -19,40 +20,47 @@ type hitFinder struct {
 	m     *Manager
 	keys  []prefix.Key
 	found []sequence.Block
-	run   int  // leading blocks cached, for a group that needs them all (-1: not known yet)
-	host  bool // the host cache counts too
+	asked []uint64 // a bit for each block asked outside the leading run
+	run   int      // leading blocks cached, for a group that needs them all (-1: not known yet)
+	host  bool     // the host cache counts too
 }
 
 // onHost marks in hitFinder.found a block only the host prefix cache holds.
 const onHost sequence.Block = -3
 
-// reset prepares f for keys, reusing its storage.
+// reset prepares f for keys, reusing its storage. It clears a bit for each key, not found
+// itself: a fill of found cost a three-group start more than its window's lookups.
 func (f *hitFinder) reset(m *Manager, keys []prefix.Key) {
 	f.m, f.keys, f.run, f.host = m, keys, -1, false
 	f.found = slices.Grow(f.found[:0], len(keys))[:len(keys)]
-	for i := range f.found { // a plain loop the compiler makes a fill: no append per key
-		f.found[i] = -2
-	}
+	words := (len(keys) + 63) / 64
+	f.asked = slices.Grow(f.asked[:0], words)[:words]
+	clear(f.asked)
 }
 
-// get returns block i of the prompt in the cache, or NullBlock. It inlines: the index is asked
-// only the first time (lookup).
+// get returns block i of the prompt in the cache, or NullBlock: the index is asked only the
+// first time (lookup).
 func (f *hitFinder) get(i int) sequence.Block {
-	if b := f.found[i]; b != -2 {
-		return b
+	if !f.has(i) {
+		f.lookup(i)
 	}
-	return f.lookup(i)
+	return f.found[i]
 }
 
-// lookup asks the index for block i of the prompt and keeps the answer.
-func (f *hitFinder) lookup(i int) sequence.Block {
+// has reports whether found holds block i of the prompt: it was asked already.
+func (f *hitFinder) has(i int) bool {
+	return i <= f.run || f.asked[uint(i)/64]&(1<<(uint(i)%64)) != 0
+}
+
+// lookup asks the index for block i of the prompt and keeps the answer in found.
+func (f *hitFinder) lookup(i int) {
+	f.asked[uint(i)/64] |= 1 << (uint(i) % 64)
 	f.found[i] = NullBlock
-	if e := f.m.arena.Index().Get(f.keys[i]); e != nil {
+	if e := f.m.arena.Index().GetAt(&f.keys[i]); e != nil {
 		f.found[i] = e.Block
 	} else if f.host && f.m.host.cache.Get(f.keys[i]) != nil {
 		f.found[i] = onHost
 	}
-	return f.found[i]
 }
 
 // appendFound appends blocks [i, j) of the prompt in the cache (NullBlock where not) to dst: in
@@ -107,25 +115,27 @@ func (f *hitFinder) serves(h int) int {
 }
 
 // leadingRun returns how many of the prompt's leading blocks are cached, looked up the first
-// time in one loop, as lookupPrefix does: what a group serves when its next token reads every
-// block before it.
+// time in runs (keyindex's GetRun), a host block between runs: what a group serves when its next
+// token reads every block before it.
 func (f *hitFinder) leadingRun() int {
-	if f.run < 0 {
-		f.run = len(f.keys)
-		for i, k := range f.keys {
-			e := f.m.arena.Index().Get(k)
-			if e == nil && f.host && f.m.host.cache.Get(k) != nil {
-				f.found[i] = onHost
-				continue
-			}
-			if e == nil {
-				f.found[i], f.run = NullBlock, i
-				break
-			}
-			f.found[i] = e.Block
+	if f.run >= 0 {
+		return f.run
+	}
+	index, i := f.m.arena.Index(), 0
+	for {
+		i += index.GetRun(f.keys[i:], f.found[i:])
+		switch {
+		case i == len(f.keys):
+			f.run = i
+			return i
+		case f.host && f.m.host.cache.Get(f.keys[i]) != nil:
+			f.found[i] = onHost
+			i++
+		default:
+			f.found[i], f.run = NullBlock, i
+			return i
 		}
 	}
-	return f.run
 }
 
 // startFound creates keyed sequence seq holding the first h blocks f found, as start does: the
@@ -169,14 +179,23 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	return s.Tokens, nil
 }
 
-// appendNull appends n NullBlocks to blocks: one growth, then a plain fill (a window's start
-// drops all but its last few blocks of a long prompt).
+// appendNull appends n NullBlocks to blocks (a window's start drops all but its last few blocks
+// of a long prompt). It copies from nullBlocks: Go fills a slice with -1 one store at a time,
+// and copies it many bytes at a time.
 func appendNull(blocks []sequence.Block, n int) []sequence.Block {
-	k := len(blocks)
-	blocks = slices.Grow(blocks, n)[:k+n]
-	tail := blocks[k:]
-	for i := range tail {
-		tail[i] = NullBlock
+	blocks = slices.Grow(blocks, n)
+	for n > 0 {
+		c := min(n, len(nullBlocks))
+		blocks = append(blocks, nullBlocks[:c]...)
+		n -= c
 	}
 	return blocks
 }
+
+// nullBlocks is what appendNull copies: NullBlocks only, never written after init.
+var nullBlocks = func() (a [512]sequence.Block) {
+	for i := range a {
+		a[i] = NullBlock
+	}
+	return a
+}()

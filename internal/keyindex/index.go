@@ -61,6 +61,17 @@ func (x *Index[B]) IdleLen() int { return x.nidle }
 // Get returns the entry of key k, or nil.
 func (x *Index[B]) Get(k prefix.Key) *Entry[B] { return x.byKey.get(&k) }
 
+// GetAt is Get for the key *k, which it reads and does not keep: a walk over a prompt's chain
+// of keys passes each in place instead of copying its 32 bytes.
+func (x *Index[B]) GetAt(k *prefix.Key) *Entry[B] { return x.byKey.get(k) }
+
+// GetRun writes to dst the blocks of the leading keys that are indexed, up to the first that is
+// not or len(dst), and returns how many it wrote. It is Get for each in turn, in one loop over
+// the table: a prefix hit asks for a few hundred keys in a row.
+func (x *Index[B]) GetRun(keys []prefix.Key, dst []B) int {
+	return x.byKey.getRun(keys, dst)
+}
+
 // Add indexes block under k as held and returns its entry, or returns nil and changes nothing
 // when k is indexed already (another block holds the same content).
 func (x *Index[B]) Add(k prefix.Key, block B) *Entry[B] {

@@ -210,3 +210,42 @@ func TestEntrySize(t *testing.T) {
 		assert.EqualValues(t, 64, unsafe.Sizeof(Entry[sequence.Block]{}))
 	}
 }
+
+// GetRun finds what Get finds for each key in turn, and stops at the first key not indexed or
+// where dst ends.
+func TestGetRun(t *testing.T) {
+	x := NewIndex[sequence.Block]()
+	k := func(b byte) prefix.Key { return prefix.Key{b, 7} }
+	for b := range byte(100) {
+		if b != 60 {
+			x.Add(k(b), sequence.Block(b)+1000)
+		}
+	}
+	keys := make([]prefix.Key, 100)
+	for i := range keys {
+		keys[i] = k(byte(i))
+	}
+	for _, tc := range []struct {
+		name      string
+		keys, dst int
+		want      int
+	}{
+		{"to the key not indexed", 100, 100, 60},
+		{"to the end of dst", 100, 40, 40},
+		{"to the end of keys", 30, 100, 30},
+		{"none", 0, 100, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst := make([]sequence.Block, tc.dst)
+			require.Equal(t, tc.want, x.GetRun(keys[:tc.keys], dst))
+			for i := range tc.want {
+				assert.Equal(t, x.GetAt(&keys[i]).Block, dst[i])
+			}
+			for _, b := range dst[tc.want:] {
+				assert.Zero(t, b, "nothing written past the run")
+			}
+		})
+	}
+	assert.Zero(t, x.GetRun(keys[60:], make([]sequence.Block, 10)))
+	assert.Nil(t, x.GetAt(&keys[60]))
+}

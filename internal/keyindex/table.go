@@ -56,6 +56,20 @@ func (t *table[B]) get(k *prefix.Key) *Entry[B] {
 	}
 }
 
+// getRun writes to dst the blocks of keys' leading run of keys in the table, at most len(dst),
+// and returns its length.
+func (t *table[B]) getRun(keys []prefix.Key, dst []B) int {
+	n := min(len(keys), len(dst))
+	for j := range n {
+		e := t.get(&keys[j])
+		if e == nil {
+			return j
+		}
+		dst[j] = e.Block
+	}
+	return n
+}
+
 // find returns where key k is in the table (found) or, when it is not, the empty slot that
 // ends its probe run, where it would go.
 func (t *table[B]) find(k *prefix.Key) (i int, found bool) {
