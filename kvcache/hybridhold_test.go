@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // holdHybrid is a Hybrid of a full-attention group and a 32-token window, both in 16-token
@@ -14,18 +12,8 @@ import (
 // under limit. Its reserve runs only when the test calls settle, at the times the test gives.
 func holdHybrid(t *testing.T, limit uint64) *Hybrid {
 	t.Helper()
-	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10})
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, dev.Close()) })
-	grp := func(name string, layer int, kind AttentionKind, window int) LayerGroup {
-		return LayerGroup{Name: name, Layers: []int{layer}, Kind: kind, Window: window, KVHeads: 1, KHeadDim: 64,
-			VHeadDim: 64, DType: F16, BlockTokens: 16}
-	}
-	h, err := NewHybrid(dev, HybridConfig{Geometry: Geometry{Model: "hold", Layers: 2, Groups: []LayerGroup{
-		grp("full", 0, FullAttention, 0), grp("window", 1, SlidingWindow, 32),
-	}}, Limit: limit, Capacity: 16 << 20, NoBackground: true, ReservePages: 1, HighWatermark: 2})
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	h := newHostHybrid(t, "hold", HybridConfig{Limit: limit, Capacity: 16 << 20, NoBackground: true, ReservePages: 1, HighWatermark: 2},
+		oneLayerGroup("full", 0, FullAttention, 0, 0), oneLayerGroup("window", 1, SlidingWindow, 32, 0))
 	require.Equal(t, 16, h.groups[0].Stats().BlocksPerPage)
 	return h
 }

@@ -15,16 +15,26 @@ import (
 // both in 16-token blocks, on a host device.
 func recordHybrid(t *testing.T) *Hybrid {
 	t.Helper()
+	return newHostHybrid(t, "records", HybridConfig{Limit: 64 << 20, Capacity: 16 << 20, PrefixCacheBytes: 1 << 20, NoBackground: true},
+		oneLayerGroup("full", 0, FullAttention, 0, 0), oneLayerGroup("window", 1, SlidingWindow, 32, 2))
+}
+
+// oneLayerGroup is a group of layer alone: one KV head of 64 dims (K and V, fp16), 16-token
+// blocks.
+func oneLayerGroup(name string, layer int, kind AttentionKind, window, sinks int) LayerGroup {
+	return LayerGroup{Name: name, Layers: []int{layer}, Kind: kind, Window: window, Sinks: sinks, KVHeads: 1, KHeadDim: 64,
+		VHeadDim: 64, DType: F16, BlockTokens: 16}
+}
+
+// newHostHybrid makes a Hybrid of groups (one layer each, in order) named model, with cfg's other
+// fields, on a host device of 64 KiB granules; the test closes both.
+func newHostHybrid(t *testing.T, model string, cfg HybridConfig, groups ...LayerGroup) *Hybrid {
+	t.Helper()
 	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10})
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, dev.Close()) })
-	grp := func(name string, layer int, kind AttentionKind, window, sinks int) LayerGroup {
-		return LayerGroup{Name: name, Layers: []int{layer}, Kind: kind, Window: window, Sinks: sinks, KVHeads: 1, KHeadDim: 64,
-			VHeadDim: 64, DType: F16, BlockTokens: 16}
-	}
-	h, err := NewHybrid(dev, HybridConfig{Geometry: Geometry{Model: "records", Layers: 2, Groups: []LayerGroup{
-		grp("full", 0, FullAttention, 0, 0), grp("window", 1, SlidingWindow, 32, 2),
-	}}, Limit: 64 << 20, Capacity: 16 << 20, PrefixCacheBytes: 1 << 20, NoBackground: true})
+	cfg.Geometry = Geometry{Model: model, Layers: len(groups), Groups: groups}
+	h, err := NewHybrid(dev, cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, h.Close()) })
 	return h
