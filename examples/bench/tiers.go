@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"os"
@@ -44,14 +45,11 @@ var tierColumns = []string{"block", "op", "store GB/s", "yardstick GB/s", "store
 // tierRows renders one block size's put and get figures.
 func tierRows(blockBytes int, put, get tierbench.Figure) [][]string {
 	var rows [][]string
-	mode := put.Mode
-	if mode == "" {
-		mode = "-"
-	}
 	for _, r := range []struct {
 		op string
 		f  tierbench.Figure
 	}{{"put", put}, {"get", get}} {
+		mode := cmp.Or(r.f.Mode, put.Mode, "-")
 		rows = append(rows, []string{fmt.Sprintf("%d KiB", blockBytes>>10), r.op, fmt.Sprintf("%.2f", r.f.StoreGBps),
 			fmt.Sprintf("%.2f", r.f.YardGBps), fmt.Sprintf("%.2f", r.f.Ratio), goal(r.f.Ratio >= 0.80), mode})
 	}
@@ -93,8 +91,8 @@ func benchDiskTier(rounds int) (Table, error) {
 func benchRedisTier(rounds int) (Table, error) {
 	t := Table{
 		Title: "Cluster tier: redis.Store against raw pipelined SET and GET from the same client",
-		Note: fmt.Sprintf("Batches of %d blocks, one pipeline each, on a redis-server the bench starts on loopback; a round moves about 32 MiB each way. "+
-			"Yardstick: pipelined SETs and GETs of values as long as the encoded blocks (header and data), through the store's own go-redis client (Store.Client). "+
+		Note: fmt.Sprintf("Batches of %d blocks, each call's pipelines as mode says (Options.Pipelines: a large Put spreads over 2 where GOMAXPROCS >= 4), on a redis-server the bench starts on loopback; a round moves about 32 MiB each way. "+
+			"Yardstick: pipelined SETs and GETs of values as long as the encoded blocks (header and data), through the store's own go-redis client (Store.Client), over as many pipelines at once as the store. "+
 			"The store adds the encoding on Put and the checks and copy on Get. Medians of %d rounds, alternating. Goal: at least 0.80.", tierbench.Batch, rounds),
 		Columns: tierColumns,
 	}

@@ -17,12 +17,15 @@ const (
 	benchBatch = 16
 )
 
-// benchStores opens a store on a single node and one on a 3-master cluster.
+// benchStores opens a store on a single node (with its default pipelines, and with one) and
+// one on a 3-master cluster.
 func benchStores(b *testing.B) map[string]*redis.Store {
 	edit := func(o *redis.Options) { o.BlockBytes = benchBlock }
+	node := redistest.Start(b).Addr
 	return map[string]*redis.Store{
-		"node":    open(b, []string{redistest.Start(b).Addr}, edit),
-		"cluster": open(b, redistest.StartCluster(b, 3).Addrs(), edit),
+		"node":            open(b, []string{node}, edit),
+		"node-1-pipeline": open(b, []string{node}, func(o *redis.Options) { edit(o); o.Pipelines = 1 }),
+		"cluster":         open(b, redistest.StartCluster(b, 3).Addrs(), edit),
 	}
 }
 

@@ -21,6 +21,13 @@ const DefaultTimeout = 50 * time.Millisecond
 // default), leaving room for the header.
 const maxBlockBytes = 256 << 20
 
+// MaxPipelines bounds Options.Pipelines. PipelineBytes is the least a Put writes on each
+// connection: a batch of fewer bytes takes fewer pipelines (16 blocks of 16 KiB take one).
+const (
+	MaxPipelines  = 16
+	PipelineBytes = 1 << 20
+)
+
 // maxModel bounds the model name that every key repeats.
 const maxModel = 128
 
@@ -51,6 +58,12 @@ type Options struct {
 	Timeout time.Duration
 	// TTL expires stored blocks after this long; 0 keeps them until Redis evicts them.
 	TTL time.Duration
+	// Pipelines is how many connections a Put of a large batch (at least PipelineBytes per
+	// connection) spreads its blocks over, each a pipeline of its share, written at once: the
+	// client encodes and writes each share on a core of its own. 0 means 2 where the process
+	// has 4 or more Ps (GOMAXPROCS) and 1 otherwise; at most MaxPipelines. A single node only:
+	// a cluster's client already writes to its nodes in parallel.
+	Pipelines int
 	// Evictions makes the store hear the server evict and expire its blocks, and report them
 	// (TakeEvictions): it subscribes to the server's keyspace notifications and adds the flags
 	// Exe to its notify-keyspace-events where they are missing (CONFIG SET, a setting of the
@@ -99,6 +112,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Timeout < 0 {
 		return &OptionError{Field: "Timeout", Reason: fmt.Sprintf("%v is negative", o.Timeout)}
+	}
+	if o.Pipelines < 0 || o.Pipelines > MaxPipelines {
+		return &OptionError{Field: "Pipelines", Reason: fmt.Sprintf("%d is not in [0, %d]", o.Pipelines, MaxPipelines)}
 	}
 	if o.Evictions && (o.Cluster || len(o.Addrs) > 1) {
 		return &OptionError{Field: "Evictions", Reason: "a single node only: each node of a cluster notifies its own subscribers"}

@@ -353,6 +353,49 @@ func TestFullServerNoEvictionPutFails(t *testing.T) {
 	requireRun(t, s, blocks[:4], 4)
 }
 
+// A large batch is spread over Options.Pipelines connections: every block arrives whole, and
+// the counters count each once.
+func TestPutSpreadOverPipelines(t *testing.T) {
+	srv := redistest.Start(t)
+	const size = 256 << 10
+	s := open(t, []string{srv.Addr}, func(o *redis.Options) { o.BlockBytes, o.Pipelines = size, 3 })
+	ns := prefix.Namespace{Salt: "spread"}
+	blocks := chain(ns, 4, 16, size)
+	encoded := 16 * (tier.HeaderSize(ns) + size)
+	require.Equal(t, 3, s.Pipelines(encoded, 16))
+	require.Equal(t, 2, s.Pipelines(encoded, 2), "no pipeline without a block")
+	require.Equal(t, 1, s.Pipelines(redis.PipelineBytes+1, 16), "none carries less than PipelineBytes")
+	require.Equal(t, 1, s.Pipelines(0, 0))
+	require.NoError(t, s.Put(context.Background(), blocks))
+	requireRun(t, s, blocks, 16)
+	require.Equal(t, "16", srv.Do("DBSIZE"))
+	st := s.Stats()
+	require.Equal(t, uint64(16), st.Puts)
+	require.Equal(t, uint64(16*size), st.PutBytes)
+	require.Zero(t, st.Failures)
+	var none *redis.Store
+	require.Zero(t, none.Pipelines(encoded, 16))
+}
+
+// A spread Put that fills a noeviction server fails once, and counts as stored exactly the
+// blocks the server took, whichever pipelines they came on.
+func TestPutSpreadFullServer(t *testing.T) {
+	srv := redistest.Start(t, "--maxmemory", "6mb", "--maxmemory-policy", "noeviction")
+	const size = 256 << 10
+	s := open(t, []string{srv.Addr}, func(o *redis.Options) { o.BlockBytes, o.Pipelines = size, 2 })
+	blocks := chain(prefix.Namespace{}, 9, 64, size)
+	var err error
+	for at := 0; at < len(blocks) && err == nil; at += 8 {
+		err = s.Put(context.Background(), blocks[at:at+8])
+	}
+	require.ErrorIs(t, err, redis.ErrOutOfMemory)
+	st := s.Stats()
+	require.Equal(t, uint64(1), st.Failures)
+	require.Equal(t, srv.Do("DBSIZE"), strconv.FormatUint(st.Puts, 10))
+	require.Positive(t, st.Puts)
+	require.Less(t, st.Puts, uint64(len(blocks)))
+}
+
 // A stored value that fails its checks ends the run; Get deletes it and counts it, and serves
 // the blocks before it.
 func TestCorruptValueDroppedAndCounted(t *testing.T) {
@@ -463,6 +506,8 @@ func TestOpenRejectsInvalidOptions(t *testing.T) {
 		{"BlockBytes", func(o *redis.Options) { o.BlockBytes = -1 }},
 		{"BlockBytes", func(o *redis.Options) { o.BlockBytes = 1 << 30 }},
 		{"Timeout", func(o *redis.Options) { o.Timeout = -1 }},
+		{"Pipelines", func(o *redis.Options) { o.Pipelines = -1 }},
+		{"Pipelines", func(o *redis.Options) { o.Pipelines = redis.MaxPipelines + 1 }},
 		{"TTL", func(o *redis.Options) { o.TTL = time.Microsecond }},
 		{"TTL", func(o *redis.Options) { o.TTL = -time.Second }},
 		{"URL", func(o *redis.Options) { o.URL = "redis://127.0.0.1:1" }}, // and Addrs

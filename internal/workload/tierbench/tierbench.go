@@ -5,11 +5,12 @@
 // The disk's yardstick is a sequential write or read of the same padded records into one
 // preallocated file, with the store's flags (O_DIRECT in ModeDirect). The Redis yardstick is
 // pipelined raw SETs and GETs of values of the encoded blocks' length, through the store's own
-// client.
+// client, its SETs over as many pipelines at once as the store's Put.
 package tierbench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -36,7 +37,7 @@ type Figure struct {
 	StoreGBps float64 // median over rounds of the store's GB/s (1e9 bytes of block data)
 	YardGBps  float64 // median over rounds of the yardstick's GB/s, the same bytes
 	Ratio     float64 // median over rounds of store / yardstick in the same round
-	Mode      string  // the disk store's I/O mode, "" for Redis
+	Mode      string  // the disk store's I/O mode, or how many pipelines Redis's calls use
 }
 
 // Blocks returns a batch of blocks of n bytes in namespace ns whose keys count from first.
@@ -271,7 +272,8 @@ func (f *SeqFile) Close() error { return unix.Close(f.fd) }
 // Redis measures s, a store of blocks of blockBytes: Put and Get of one batch against the
 // yardstick through s's own client, pipelined raw SETs and GETs of the same bytes (each block
 // as the store encodes it: a value of its own, not one buffer sent again), under keys of their
-// own.
+// own. The SETs go over as many pipelines at once as the store's Put (Store.Pipelines), which
+// each figure's Mode names.
 func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) {
 	ctx := context.Background()
 	per := batchesPerRound(blockBytes)
@@ -287,12 +289,26 @@ func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) 
 			return put, get, err
 		}
 	}
-	rawSet := func(int) error {
+	// The yardstick spreads its SETs over as many pipelines, on as many goroutines, as the
+	// store spreads a Put of the batch (Store.Pipelines): the same client, used the same way.
+	parts := s.Pipelines(Batch*len(values[0]), Batch)
+	setRun := func(from, to int) error {
 		pipe := c.Pipeline()
-		for i, k := range raw {
-			pipe.Set(ctx, k, values[i], 0)
+		for i := from; i < to; i++ {
+			pipe.Set(ctx, raw[i], values[i], 0)
 		}
 		_, err := pipe.Exec(ctx)
+		return err
+	}
+	errs := make(chan error, parts)
+	rawSet := func(int) error {
+		for p := 1; p < parts; p++ {
+			go func() { errs <- setRun(p*Batch/parts, (p+1)*Batch/parts) }()
+		}
+		err := setRun(0, Batch/parts)
+		for range parts - 1 {
+			err = errors.Join(err, <-errs)
+		}
 		return err
 	}
 	rawGet := func(int) error {
@@ -329,5 +345,14 @@ func Redis(s *redis.Store, blockBytes, rounds int) (put, get Figure, err error) 
 	if get, err = pair(rounds, bytes, storeGet, repeat(per, rawGet)); err != nil {
 		return put, get, fmt.Errorf("get: %w", err)
 	}
+	put.Mode, get.Mode = pipelines(parts), pipelines(1)
 	return put, get, nil
+}
+
+// pipelines names a Redis figure's connections at once.
+func pipelines(n int) string {
+	if n == 1 {
+		return "1 pipeline"
+	}
+	return strconv.Itoa(n) + " pipelines"
 }
