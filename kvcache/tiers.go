@@ -445,11 +445,19 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		t.keys = append(t.keys, key)
 		parent = key
 	}
-	from, room := m.cachedAnywhere(t.keys)
-	if from == len(t.keys) || room == 0 {
+	m.fetchRun(p.Namespace, t.keys)
+}
+
+// fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns)
+// from the first that neither the device nor the host holds, as many as the tiers hold in a
+// run and the host has room for. The caller holds t.fetchMu and not the lock.
+func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key) {
+	t := m.tiers
+	from, room := m.cachedAnywhere(keys)
+	if from == len(keys) || room == 0 {
 		return
 	}
-	end := min(len(t.keys), from+room)
+	end := min(len(keys), from+room)
 	for len(t.fetchBufs) < end-from {
 		t.fetchBufs = append(t.fetchBufs, make([]byte, t.bytes))
 	}
@@ -462,7 +470,7 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		var n int
 		err := m.tierCall(func(ctx context.Context) error {
 			var err error
-			n, err = tr.Store.Get(ctx, p.Namespace, t.keys[at:end], t.fetchBufs[at-from:end-from])
+			n, err = tr.Store.Get(ctx, ns, keys[at:end], t.fetchBufs[at-from:end-from])
 			return err
 		})
 		if err != nil {
@@ -483,7 +491,7 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		}
 	}
 	if at > from {
-		m.storeFetched(p, from, at)
+		m.storeFetched(keys, from, at)
 	}
 }
 
@@ -501,10 +509,10 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 	return end, m.host.cacheRoom()
 }
 
-// storeFetched writes the fetched blocks [from, to) of the tier state's keys into host blocks
-// and caches them there, the prefix the most recently used. Blocks the host or the device came
-// to hold meanwhile are skipped; what does not fit now is left.
-func (m *Manager) storeFetched(p Prompt, from, to int) {
+// storeFetched writes the fetched blocks [from, to) of keys into host blocks and caches them
+// there, the prefix the most recently used. Blocks the host or the device came to hold
+// meanwhile are skipped; what does not fit now is left.
+func (m *Manager) storeFetched(keys []prefix.Key, from, to int) {
 	t := m.tiers
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -525,7 +533,7 @@ func (m *Manager) storeFetched(p Prompt, from, to int) {
 	}
 	m.host.commit(m.emitHostRemoved)
 	for j := n - 1; j >= 0; j-- {
-		if k := t.keys[from+j]; m.host.cache.Get(k) == nil {
+		if k := keys[from+j]; m.host.cache.Get(k) == nil {
 			m.host.store(k, m.host.taken[j])
 		} else {
 			m.host.free = append(m.host.free, m.host.taken[j]) // another fetch or a write-back got there first
