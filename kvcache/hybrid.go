@@ -10,6 +10,7 @@ import (
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/sequence"
+	"github.com/pagedkv/pagedkv/tier"
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
@@ -62,6 +63,18 @@ type HybridConfig struct {
 	// that what the devices evicted is not computed again. A recurrent group has none: its
 	// checkpoints stay on the device.
 	HostCacheTokens int
+	// Tiers gives an attention group stores below its host prefix cache (Config.Tiers: a
+	// local disk, a store shared by replicas), where HostCacheTokens is set; nil: none. NewHybrid
+	// calls it once for each attention group, in order, with what the group's blocks are as
+	// stored: the fingerprint and the bytes of one block (the group's own layout: each group
+	// needs stores, or a namespace in one, of its own). It returns the group's tiers, none
+	// for a group without; an error fails NewHybrid (a *GroupOpError naming the group). The
+	// caller owns the stores and closes them after the Hybrid. A recurrent group has no tiers:
+	// its checkpoints stay on the device. A start asks a group's tiers for the blocks of the
+	// prompt that neither its device nor its host holds: an unbounded group its leading run, a
+	// window or chunk group only what its next token would read at the length those runs
+	// allow. On one device only (NewHybridMulti over several refuses Tiers).
+	Tiers func(group int, g LayerGroup, fp tier.Fingerprint, blockBytes int) ([]Tier, error)
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -168,6 +181,9 @@ func NewHybrid(dev vmm.Device, cfg HybridConfig) (*Hybrid, error) {
 		if err != nil {
 			return nil, err
 		}
+		if gc, err = groupTiers(i, grp, cfg, gc); err != nil {
+			return nil, err
+		}
 		return pool.register(groupName(cfg.Name, i), gc, mu)
 	})
 	if err != nil {
@@ -235,6 +251,8 @@ func checkHost(cfg HybridConfig) error {
 		return &ConfigError{Field: "HostSequences", Value: cfg.HostSequences, Reason: "must not be negative, and is 0 without HostTokens"}
 	case cfg.HostCacheTokens < 0:
 		return &ConfigError{Field: "HostCacheTokens", Value: cfg.HostCacheTokens, Reason: "must not be negative"}
+	case cfg.Tiers != nil && cfg.HostCacheTokens == 0:
+		return &ConfigError{Field: "Tiers", Reason: "need a host prefix cache (HostCacheTokens), through which blocks move"}
 	case recurrent && cfg.HostTokens > 0 && cfg.HostSequences == 0:
 		return &ConfigError{Field: "HostSequences", Value: 0, Reason: "must be positive with HostTokens: a recurrent group swaps one state per sequence"}
 	}
@@ -675,6 +693,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			sc.bufs[i] = keys[i][:0]
 		}
 	}
+	h.fetchTiers(p, keys) // outside the lock: the tiers. I/O
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	defer h.forgetKeys() // the scratch goes back to the pool

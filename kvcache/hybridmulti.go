@@ -51,6 +51,9 @@ func NewHybridMulti(devs []vmm.Device, cfg HybridConfig, split Split) (*Hybrid, 
 	if len(devs) == 1 {
 		return NewHybrid(devs[0], cfg)
 	}
+	if cfg.Tiers != nil {
+		return nil, fmt.Errorf("kvcache: hybrid: %w", &ConfigError{Field: "Tiers", Value: len(devs), Reason: "a Hybrid on one device only"})
+	}
 	limit := cfg.Limit
 	if limit == 0 {
 		limit = devs[0].Info().TotalMemory

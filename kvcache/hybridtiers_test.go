@@ -1,0 +1,243 @@
+package kvcache_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
+	"github.com/pagedkv/pagedkv/tier/disk"
+	"github.com/pagedkv/pagedkv/vmm"
+)
+
+// groupStores hands each group of a Hybrid a memStore of its own, shared by every Hybrid that
+// asks for the same group: replicas sharing one cluster tier.
+type groupStores struct {
+	stores map[int]*memStore
+	asked  map[int]int // blockBytes each group was asked for
+}
+
+func newGroupStores() *groupStores {
+	return &groupStores{stores: map[int]*memStore{}, asked: map[int]int{}}
+}
+
+func (g *groupStores) tiers(i int, _ kvcache.LayerGroup, fp tier.Fingerprint, blockBytes int) ([]kvcache.Tier, error) {
+	if g.stores[i] == nil {
+		g.stores[i] = newMemStore(fp)
+	}
+	g.asked[i] = blockBytes
+	return []kvcache.Tier{{Store: g.stores[i], Medium: "CLUSTER"}}, nil
+}
+
+func tieredHybrid(t *testing.T, dev vmm.Device, name string, tiers func(int, kvcache.LayerGroup, tier.Fingerprint, int) ([]kvcache.Tier, error)) *kvcache.Hybrid {
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: name, Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	return h
+}
+
+// Two Hybrids share every group's tier, as replicas share a cluster store. What the first
+// computed reaches the second through the tiers alone (its device and host caches are new):
+// the same hit as the first's device caches served, each group's data read back through its
+// own table as the first wrote it, and each group asked its tier only for what the hit reads
+// (the window its sink block and the blocks in reach, not all 18).
+func TestHybridTiersShareBlocks(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device) {
+		stores := newGroupStores()
+		h1 := tieredHybrid(t, dev, "one", stores.tiers)
+		d1 := &hybridData{dev: dev, h: h1, val: map[kvcache.SeqID][]uint64{}}
+		p := promptOf(300, 4)
+		_, err := h1.StartSequence(1, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		slots, err := h1.AppendTokenIDs(1, p, make([][]int64, h1.Groups()))
+		require.NoError(t, err)
+		d1.write(t, 1, 0, slots)
+		sub, err := h1.Subscribe(1 << 12)
+		require.NoError(t, err)
+		require.NoError(t, h1.FreeSequence(1))
+		require.NoError(t, h1.SyncTiers(context.Background()))
+		inTier := make([]uint64, h1.Groups()) // the blocks each group's events say reached its tier
+		for _, ev := range sub.Read(nil) {
+			if ev.Kind == prefix.BlockStored && ev.Medium == "CLUSTER" {
+				inTier[ev.Group] += uint64(len(ev.Keys))
+			}
+		}
+		for g := range h1.Groups() {
+			puts := stores.stores[g].Stats().Puts
+			require.Positive(t, puts, "group %d wrote behind", g)
+			require.Equal(t, puts, inTier[g], "group %d: one event per block written", g)
+			require.Equal(t, int(h1.Group(g).Config().BlockStride()), stores.asked[g], "group %d: the block's bytes", g)
+		}
+
+		h2 := tieredHybrid(t, dev, "two", stores.tiers)
+		hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		require.Equal(t, 288, hit, "as the first's device caches served: 18 full blocks")
+		d2 := &hybridData{dev: dev, h: h2, val: map[kvcache.SeqID][]uint64{2: d1.val[1][:hit]}}
+		d2.check(t, []kvcache.SeqID{2})
+		require.NoError(t, h2.Verify())
+		// The tokens each group brought from its tier, and the blocks it read there: full
+		// attention and MLA the whole hit, the window its sink block and the two its next token
+		// reads, the chunk the two of its current chunk.
+		for g, want := range []int{288, 48, 32, 288} {
+			st := h2.Group(g).Stats().Prefix
+			require.Len(t, st.Tiers, 1, "group %d", g)
+			require.EqualValues(t, want, st.Tiers[0].HitTokens, "group %d", g)
+			require.Zero(t, st.Tiers[0].Failures, "group %d", g)
+			require.EqualValues(t, want/h2.Group(g).Config().BlockTokens, stores.stores[g].Stats().Gets, "group %d", g)
+			require.EqualValues(t, hit, st.HitTokens, "group %d", g)
+		}
+
+		// A third replica without tiers finds nothing: the hit came from the tiers.
+		h3 := tieredHybrid(t, dev, "three", nil)
+		none, err := h3.StartSequence(3, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		require.Zero(t, none)
+	})
+}
+
+// A Hybrid on disk tiers, one directory per group, finds after a restart (a new Hybrid on a new
+// device, the stores opened again on the same directories) the hit it had, with the data
+// intact: each group's blocks describe themselves, and the index is rebuilt from the files.
+func TestHybridTiersWarmRestart(t *testing.T) {
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir(), t.TempDir()}
+	var open []*disk.Store
+	onDisk := func(i int, _ kvcache.LayerGroup, fp tier.Fingerprint, blockBytes int) ([]kvcache.Tier, error) {
+		s, err := disk.Open(dirs[i], disk.Options{Fingerprint: fp, BlockBytes: blockBytes, LimitBytes: 64 << 20})
+		if err != nil {
+			return nil, err
+		}
+		open = append(open, s)
+		return []kvcache.Tier{{Store: s, Medium: "DISK"}}, nil
+	}
+	closeAll := func() {
+		for _, s := range open {
+			require.NoError(t, s.Close())
+		}
+		open = nil
+	}
+	p := promptOf(300, 9)
+
+	dev := hostDevice(t, 64<<10)
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk})
+	require.NoError(t, err)
+	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	d.write(t, 1, 0, slots)
+	require.NoError(t, h.FreeSequence(1))
+	require.NoError(t, h.SyncTiers(context.Background()))
+	require.NoError(t, h.Close())
+	closeAll()
+
+	dev2 := hostDevice(t, 64<<10)
+	h2, err := kvcache.NewHybrid(dev2, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk})
+	require.NoError(t, err)
+	defer closeAll()
+	defer func() { require.NoError(t, h2.Close()) }()
+	for g := range h2.Groups() {
+		require.Positive(t, h2.Group(g).Stats().Prefix.Tiers[0].Store.Restored, "group %d found its blocks on disk", g)
+	}
+	hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 288, hit)
+	d2 := &hybridData{dev: dev2, h: h2, val: map[kvcache.SeqID][]uint64{2: d.val[1][:hit]}}
+	d2.check(t, []kvcache.SeqID{2})
+	require.NoError(t, h2.Verify())
+}
+
+// Tiers that cannot serve cost the hit, never a start: a tier that is down counts its failure,
+// and corrupt blocks are dropped and counted by the store, never served; the hit is then what
+// the device and host caches hold (nothing, for a new replica).
+func TestHybridTiersFaultsAreMisses(t *testing.T) {
+	for _, fault := range []string{"down", "corrupt"} {
+		t.Run(fault, func(t *testing.T) {
+			dev := hostDevice(t, 64<<10)
+			stores := newGroupStores()
+			h1 := tieredHybrid(t, dev, "one", stores.tiers)
+			p := promptOf(300, 5)
+			_, err := h1.StartSequence(1, kvcache.Prompt{Tokens: p})
+			require.NoError(t, err)
+			_, err = h1.AppendTokenIDs(1, p, make([][]int64, h1.Groups()))
+			require.NoError(t, err)
+			require.NoError(t, h1.FreeSequence(1))
+			require.NoError(t, h1.SyncTiers(context.Background()))
+			for _, s := range stores.stores {
+				if fault == "down" {
+					s.setDown(true)
+				} else {
+					s.corruptAll()
+				}
+			}
+			h2 := tieredHybrid(t, dev, "two", stores.tiers)
+			hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+			require.NoError(t, err)
+			require.Zero(t, hit)
+			require.NoError(t, h2.Verify())
+			st := h2.Group(0).Stats().Prefix.Tiers[0]
+			if fault == "down" {
+				require.EqualValues(t, 1, st.Failures, "the full group's one fetch failed")
+			} else {
+				require.Zero(t, st.Failures)
+				require.Positive(t, st.Store.Corrupt)
+			}
+			require.Zero(t, st.HitTokens)
+		})
+	}
+}
+
+// Tiers a Hybrid cannot use are refused at NewHybrid, naming the field or the group: without a
+// host prefix cache, a group's tiers failing to open (the callback's error, wrapped), a nil
+// store, and a Hybrid over several devices.
+func TestHybridTiersRefused(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	base := kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true, HostCacheTokens: 4096}
+	stores := newGroupStores()
+
+	cfg := base
+	cfg.HostCacheTokens, cfg.Tiers = 0, stores.tiers
+	_, err := kvcache.NewHybrid(dev, cfg)
+	var ce *kvcache.ConfigError
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, "Tiers", ce.Field)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+
+	boom := errors.New("disk full")
+	cfg = base
+	cfg.Tiers = func(i int, g kvcache.LayerGroup, fp tier.Fingerprint, n int) ([]kvcache.Tier, error) {
+		if i == 2 {
+			return nil, boom
+		}
+		return stores.tiers(i, g, fp, n)
+	}
+	_, err = kvcache.NewHybrid(dev, cfg)
+	var ge *kvcache.GroupOpError
+	require.ErrorAs(t, err, &ge)
+	require.Equal(t, 2, ge.Group)
+	require.Equal(t, "chunk", ge.Name)
+	require.ErrorIs(t, err, boom)
+
+	cfg.Tiers = func(int, kvcache.LayerGroup, tier.Fingerprint, int) ([]kvcache.Tier, error) {
+		return []kvcache.Tier{{Medium: "DISK"}}, nil
+	}
+	_, err = kvcache.NewHybrid(dev, cfg)
+	require.ErrorAs(t, err, &ge)
+	require.Equal(t, 0, ge.Group)
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, "Tiers", ce.Field)
+
+	cfg.Tiers = stores.tiers
+	_, err = kvcache.NewHybridMulti(hostDevices(t, 2), cfg, kvcache.Split{TensorParallel: 2})
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, "Tiers", ce.Field)
+
+}
