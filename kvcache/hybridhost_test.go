@@ -28,14 +28,8 @@ func hostCacheSetup(t *testing.T, dev vmm.Device, hostCacheTokens int, evict boo
 		NoBackground: true, HostCacheTokens: hostCacheTokens})
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, h.Close()) })
-	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
 	p := promptOf(300, 4)
-	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
-	require.NoError(t, err)
-	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
-	require.NoError(t, err)
-	d.write(t, 1, 0, slots)
-	require.NoError(t, h.FreeSequence(1))
+	d := writeFreed(t, dev, h, p)
 	if evict {
 		_, err = h.Sleep()
 		require.NoError(t, err)
@@ -45,6 +39,19 @@ func hostCacheSetup(t *testing.T, dev vmm.Device, hostCacheTokens int, evict boo
 		}
 	}
 	return h, d, p
+}
+
+// writeFreed starts p as sequence 1 of h, appends it, writes its data through every group
+// and frees it, leaving its blocks cached; it returns what it wrote.
+func writeFreed(t *testing.T, dev vmm.Device, h *kvcache.Hybrid, p []kvcache.TokenID) *hybridData {
+	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
+	_, err := h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	d.write(t, 1, 0, slots)
+	require.NoError(t, h.FreeSequence(1))
+	return d
 }
 
 // hostCacheStart starts seq on p and reads what the hit holds back through every group's table

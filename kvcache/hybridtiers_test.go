@@ -50,16 +50,10 @@ func TestHybridTiersShareBlocks(t *testing.T) {
 	backends(t, func(t *testing.T, dev vmm.Device) {
 		stores := newGroupStores()
 		h1 := tieredHybrid(t, dev, "one", stores.tiers)
-		d1 := &hybridData{dev: dev, h: h1, val: map[kvcache.SeqID][]uint64{}}
-		p := promptOf(300, 4)
-		_, err := h1.StartSequence(1, kvcache.Prompt{Tokens: p})
-		require.NoError(t, err)
-		slots, err := h1.AppendTokenIDs(1, p, make([][]int64, h1.Groups()))
-		require.NoError(t, err)
-		d1.write(t, 1, 0, slots)
 		sub, err := h1.Subscribe(1 << 12)
 		require.NoError(t, err)
-		require.NoError(t, h1.FreeSequence(1))
+		p := promptOf(300, 4)
+		d1 := writeFreed(t, dev, h1, p)
 		require.NoError(t, h1.SyncTiers(context.Background()))
 		inTier := make([]uint64, h1.Groups()) // the blocks each group's events say reached its tier
 		for _, ev := range sub.Read(nil) {
@@ -127,13 +121,7 @@ func TestHybridTiersWarmRestart(t *testing.T) {
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
 		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk})
 	require.NoError(t, err)
-	d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
-	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
-	require.NoError(t, err)
-	slots, err := h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
-	require.NoError(t, err)
-	d.write(t, 1, 0, slots)
-	require.NoError(t, h.FreeSequence(1))
+	d := writeFreed(t, dev, h, p)
 	require.NoError(t, h.SyncTiers(context.Background()))
 	require.NoError(t, h.Close())
 	closeAll()
@@ -165,11 +153,7 @@ func TestHybridTiersFaultsAreMisses(t *testing.T) {
 			stores := newGroupStores()
 			h1 := tieredHybrid(t, dev, "one", stores.tiers)
 			p := promptOf(300, 5)
-			_, err := h1.StartSequence(1, kvcache.Prompt{Tokens: p})
-			require.NoError(t, err)
-			_, err = h1.AppendTokenIDs(1, p, make([][]int64, h1.Groups()))
-			require.NoError(t, err)
-			require.NoError(t, h1.FreeSequence(1))
+			writeFreed(t, dev, h1, p)
 			require.NoError(t, h1.SyncTiers(context.Background()))
 			for _, s := range stores.stores {
 				if fault == "down" {
