@@ -21,8 +21,8 @@ const DefaultTimeout = 50 * time.Millisecond
 // default), leaving room for the header.
 const maxBlockBytes = 256 << 20
 
-// MaxPipelines bounds Options.Pipelines. PipelineBytes is the least a Put writes on each
-// connection: a batch of fewer bytes takes fewer pipelines (16 blocks of 16 KiB take one).
+// MaxPipelines bounds Options.Pipelines. PipelineBytes is about the least a Put writes on
+// each connection: a batch of fewer bytes takes fewer pipelines (16 blocks of 16 KiB take one).
 const (
 	MaxPipelines  = 16
 	PipelineBytes = 1 << 20
@@ -58,7 +58,7 @@ type Options struct {
 	Timeout time.Duration
 	// TTL expires stored blocks after this long; 0 keeps them until Redis evicts them.
 	TTL time.Duration
-	// Pipelines is how many connections a Put of a large batch (at least PipelineBytes per
+	// Pipelines is how many connections a Put of a large batch (about PipelineBytes or more per
 	// connection) spreads its blocks over, each a pipeline of its share, written at once: the
 	// client encodes and writes each share on a core of its own. 0 means 2 where the process
 	// has 4 or more Ps (GOMAXPROCS) and 1 otherwise; at most MaxPipelines. A single node only:

@@ -179,8 +179,10 @@ func exec(ctx context.Context, pipe goredis.Pipeliner) []goredis.Cmder {
 // Put stores the blocks with one pipelined SET each (with Options.TTL where set), a large batch
 // spread over Options.Pipelines connections (see Pipelines). Every block's Data must be
 // Options.BlockBytes long. A full server under noeviction refuses the SETs: Put returns a
-// *CallError (ErrOutOfMemory) and the blocks whose SETs it took stay. The store does not keep
-// blocks' memory after Put returns.
+// *CallError (ErrOutOfMemory) and the blocks whose SETs it took stay: spread over pipelines,
+// those may include blocks after a refused one, which Get (a leading run) serves only once the
+// blocks before them are stored again; use an evicting policy (allkeys-lru) or a TTL for a
+// cache. The store does not keep blocks' memory after Put returns.
 func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 	ctx, cancel, err := s.begin(ctx, "put")
 	if err != nil {
@@ -217,7 +219,8 @@ func (s *Store) Put(ctx context.Context, blocks []tier.Block) error {
 }
 
 // Pipelines returns how many connections a Put of n blocks (as encoded, bytes in all) spreads
-// over: Options.Pipelines, resolved, but none carrying less than PipelineBytes and none empty.
+// over: Options.Pipelines, resolved, but no more than bytes/PipelineBytes (each share about
+// PipelineBytes or more, the blocks split as evenly as their count allows) and n.
 // A benchmark's yardstick spreads its raw SETs the same way. 0 for a nil store.
 func (s *Store) Pipelines(bytes, n int) int {
 	if s == nil {
