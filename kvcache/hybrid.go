@@ -66,14 +66,18 @@ type HybridConfig struct {
 	// Tiers gives an attention group stores below its host prefix cache (Config.Tiers: a
 	// local disk, a store shared by replicas), where HostCacheTokens is set; nil: none. NewHybrid
 	// calls it once for each attention group, in order, with what the group's blocks are as
-	// stored: the fingerprint and the bytes of one block (the group's own layout: each group
-	// needs stores, or a namespace in one, of its own). It returns the group's tiers, none
-	// for a group without; an error fails NewHybrid (a *GroupOpError naming the group). The
-	// caller owns the stores and closes them after the Hybrid. A recurrent group has no tiers:
-	// its checkpoints stay on the device. A start asks a group's tiers for the blocks of the
-	// prompt that neither its device nor its host holds: an unbounded group its leading run, a
-	// window or chunk group only what its next token would read at the length those runs
-	// allow. On one device only (NewHybridMulti over several refuses Tiers).
+	// stored: the bytes of one block and a fingerprint of the group's own (its layout, layers
+	// and attention: two groups of one shape get two), to open its stores with. A tier/disk
+	// store needs a directory of the group's own; tier/redis stores of several groups may share
+	// a server, as their keys carry the fingerprint. It returns the group's tiers, none for a
+	// group without; an error fails NewHybrid (a *GroupOpError naming the group). The caller
+	// owns every store it returned and closes it after the Hybrid, or after NewHybrid failed. A
+	// recurrent group has no tiers: its checkpoints stay on the device, and a start that finds
+	// none cached there asks no tier. A start asks a group's tiers for the blocks of the prompt
+	// that neither its device nor its host holds: an unbounded group its leading run, a window
+	// or chunk group only what its next token would read at the length those runs allow; a
+	// group's TierStats.HitTokens counts those its hit reads. On one device only (NewHybridMulti
+	// over several refuses Tiers).
 	Tiers func(group int, g LayerGroup, fp tier.Fingerprint, blockBytes int) ([]Tier, error)
 }
 
@@ -693,7 +697,10 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			sc.bufs[i] = keys[i][:0]
 		}
 	}
-	h.fetchTiers(p, keys) // outside the lock: the tiers. I/O
+	for i := range sc.hits {
+		sc.hits[i] = sc.hits[i][:0]
+	}
+	h.fetchTiers(p, keys, sc.hits) // outside the lock: the tiers' I/O
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	defer h.forgetKeys() // the scratch goes back to the pool
@@ -735,7 +742,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			return 0, h.groupErr(i, err)
 		}
 	}
-	h.commitFetches(p, roots, keys, hit)
+	h.commitFetches(p, roots, keys, sc.hits, hit)
 	h.index.sync(seq, h.groups)
 	return hit, nil
 }
@@ -748,6 +755,7 @@ type startScratch struct {
 	roots []prefix.Key
 	keys  [][]prefix.Key // each group's chain: in bufs, in the Prompt's Keys, or nil
 	bufs  [][]prefix.Key
+	hits  [][]tierHit // the blocks each group's tiers gave (hybridtiers.go)
 }
 
 // startScratch returns a start's scratch from the free list, or a new one.
@@ -761,7 +769,7 @@ func (h *Hybrid) startScratch() *startScratch {
 	}
 	n := len(h.groups)
 	return &startScratch{keyer: prefix.NewKeyer(h.groups[0].cfg.KeyScheme), roots: make([]prefix.Key, n),
-		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n)}
+		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n), hits: make([][]tierHit, n)}
 }
 
 // putScratch keeps sc for the next start.

@@ -2,9 +2,12 @@ package kvcache
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
 )
 
 // A Hybrid's tiers below the host (HybridConfig.Tiers) are each group's own, as a Manager's
@@ -22,7 +25,7 @@ func groupTiers(i int, g LayerGroup, cfg HybridConfig, gc Config) (Config, error
 	if cfg.Tiers == nil || !gc.HostPrefixCache {
 		return gc, nil
 	}
-	tiers, err := cfg.Tiers(i, g, gc.Fingerprint(), int(gc.BlockStride()))
+	tiers, err := cfg.Tiers(i, g, groupFingerprint(gc, g), int(gc.BlockStride()))
 	if err != nil {
 		return gc, fmt.Errorf("tiers: %w", err)
 	}
@@ -30,46 +33,126 @@ func groupTiers(i int, g LayerGroup, cfg HybridConfig, gc Config) (Config, error
 	return gc, gc.Validate()
 }
 
+// groupFingerprint is the fingerprint of group g's blocks as its tiers store them: its arena's
+// layout (Config.Fingerprint) and which layers of the model they hold, for what attention. Two
+// groups of one shape (gpt-oss's full and window layers) share a layout and a key chain, but
+// never their blocks: a store shared by both (a Redis server, whose keys carry the
+// fingerprint) keeps them apart, and a block of one is never served as the other's.
+func groupFingerprint(gc Config, g LayerGroup) tier.Fingerprint {
+	base := gc.Fingerprint()
+	h := sha256.New()
+	h.Write([]byte("pagedkv group v1\x00"))
+	h.Write(base[:])
+	var b [8]byte
+	put := func(v int) {
+		binary.LittleEndian.PutUint64(b[:], uint64(v))
+		h.Write(b[:])
+	}
+	put(int(g.Kind))
+	put(g.Window)
+	put(g.Sinks)
+	put(g.RopeDim)
+	put(len(g.Layers))
+	for _, l := range g.Layers {
+		put(l)
+	}
+	var fp tier.Fingerprint
+	h.Sum(fp[:0])
+	return fp
+}
+
 // fetchTiers brings from the groups' tiers into their host caches the blocks of p (keys: each
-// group's chain) that a longer hit would read and only the tiers hold. The lock is not held.
-func (h *Hybrid) fetchTiers(p Prompt, keys [][]prefix.Key) {
+// group's chain) that a longer hit would read and only the tiers hold, and appends to hits[i]
+// where group i's came from. A recurrent group's latest cached checkpoint bounds the hit first
+// (its checkpoints never leave the device): without one there is nothing to fetch. The lock
+// is not held.
+func (h *Hybrid) fetchTiers(p Prompt, keys [][]prefix.Key, hits [][]tierHit) {
 	if !h.tiered() {
 		return
 	}
 	hit := maxPromptBlocks(len(p.Tokens), 1) // tokens
 	for i, m := range h.groups {
+		if m.cfg.StateBytes > 0 {
+			hit = min(hit, m.checkpointHeld(keys[i], hit))
+		}
+	}
+	for i, m := range h.groups {
+		if hit == 0 {
+			return
+		}
 		if m.cfg.StateBytes > 0 || m.bounded() || !m.hostCaching() {
 			continue
 		}
 		n := min(len(keys[i]), hit/m.cfg.BlockTokens)
 		if m.tiers != nil {
-			m.fetchKeys(p.Namespace, keys[i][:n])
+			m.fetchKeys(p.Namespace, keys[i], 0, n, &hits[i])
 		}
 		held, _ := m.cachedAnywhere(keys[i][:n])
 		hit = min(hit, held*m.cfg.BlockTokens)
 	}
 	for i, m := range h.groups {
-		if !m.bounded() || m.tiers == nil {
+		if !m.bounded() || m.tiers == nil || hit == 0 {
 			continue
 		}
 		bt := m.cfg.BlockTokens
 		n := min(len(keys[i]), hit/bt)
 		first := m.reachFrom(n*bt) / bt
-		sinks := min(m.sinkBlocks(), first)
-		m.fetchKeys(p.Namespace, keys[i][:sinks])
-		m.fetchKeys(p.Namespace, keys[i][first:n])
+		m.fetchKeys(p.Namespace, keys[i], 0, min(m.sinkBlocks(), first), &hits[i])
+		m.fetchKeys(p.Namespace, keys[i], first, n, &hits[i])
 	}
 }
 
-// fetchKeys is fetchRun for a start of a Hybrid: one fetch of the group at a time.
-func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key) {
-	if len(keys) == 0 {
+// fetchKeys is fetchRun of keys[from:to] for a start of a Hybrid: one fetch of the group at a
+// time.
+func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key, from, to int, hits *[]tierHit) {
+	if from >= to {
 		return
 	}
 	t := m.tiers
 	t.fetchMu <- struct{}{}
 	defer func() { <-t.fetchMu }()
-	m.fetchRun(ns, keys)
+	m.fetchRun(ns, keys[from:to], from, hits)
+}
+
+// checkpointHeld returns the tokens of the latest checkpoint among keys (a recurrent group's
+// chain) that the device caches, at most limit; 0 for none.
+func (m *Manager) checkpointHeld(keys []prefix.Key, limit int) int {
+	ct := m.cfg.CheckpointTokens
+	if ct == 0 {
+		return 0
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return 0
+	}
+	for j := min(len(keys), limit/ct) - 1; j >= 0; j-- {
+		if m.arena.Index().Get(keys[j]) != nil {
+			return (j + 1) * ct
+		}
+	}
+	return 0
+}
+
+// countTierHits counts as tier hits the blocks of hits (ascending positions) that the start's
+// host fetch brought to the device within its hit (at: ascending positions; hit in blocks).
+func (m *Manager) countTierHits(hits []tierHit, at []int32, hit int) {
+	t := m.tiers
+	if t == nil {
+		return
+	}
+	j := 0
+	for _, pos := range at {
+		if int(pos) >= hit {
+			break
+		}
+		for j < len(hits) && hits[j].Pos < int(pos) {
+			j++
+		}
+		if j < len(hits) && hits[j].Pos == int(pos) {
+			t.counters[hits[j].Tier].HitTokens += uint64(m.cfg.BlockTokens)
+		}
+	}
 }
 
 // tiered reports whether any group has tiers below its host.

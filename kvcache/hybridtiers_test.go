@@ -225,3 +225,88 @@ func TestHybridTiersRefused(t *testing.T) {
 	require.Equal(t, "Tiers", ce.Field)
 
 }
+
+// Groups of one shape (gpt-oss's full and window layers) are given different fingerprints, so
+// that stores sharing a server keep their blocks apart (tier/redis puts the fingerprint in
+// every key, and tier.Check refuses another's).
+func TestHybridTiersGroupsOfOneShapeApart(t *testing.T) {
+	g := kvcache.Geometry{Model: "alternating", Layers: 4, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0, 2}, KVHeads: 2, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Name: "window", Layers: []int{1, 3}, Kind: kvcache.SlidingWindow, Window: 32, KVHeads: 2, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+	}}
+	var fps []tier.Fingerprint
+	tiers := func(_ int, _ kvcache.LayerGroup, fp tier.Fingerprint, _ int) ([]kvcache.Tier, error) {
+		fps = append(fps, fp)
+		return []kvcache.Tier{{Store: newMemStore(fp), Medium: "CLUSTER"}}, nil
+	}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	require.Equal(t, h.Group(0).Config().Fingerprint(), h.Group(1).Config().Fingerprint(), "one layout")
+	require.Len(t, fps, 2)
+	require.NotEqual(t, fps[0], fps[1], "but not one group's blocks")
+}
+
+// A group's tier hits are the blocks the start's hit reads, not all it fetched: a full group
+// that fetches 17 blocks of a 280-token prompt, whose hit the MLA group's 32-token blocks cut
+// to 256 tokens, counts 256; a store that is down in one group leaves a hit of 0 and no tier
+// hit anywhere.
+func TestHybridTiersCountWhatTheHitReads(t *testing.T) {
+	for _, down := range []bool{false, true} {
+		dev := hostDevice(t, 64<<10)
+		stores := newGroupStores()
+		h1 := tieredHybrid(t, dev, "one", stores.tiers)
+		p := promptOf(280, 6)
+		writeFreed(t, dev, h1, p)
+		require.NoError(t, h1.SyncTiers(context.Background()))
+		stores.stores[1].setDown(down) // the window's
+		h2 := tieredHybrid(t, dev, "two", stores.tiers)
+		hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		// The window its sink block and blocks 14-15; the chunk none: its next token starts the
+		// chunk [256, 320).
+		want := []int{256, 48, 0, 256}
+		if down {
+			require.Zero(t, hit)
+			want = []int{0, 0, 0, 0}
+		} else {
+			require.Equal(t, 256, hit)
+		}
+		for g, w := range want {
+			require.EqualValues(t, w, h2.Group(g).Stats().Prefix.Tiers[0].HitTokens, "group %d, window store down %v", g, down)
+		}
+	}
+}
+
+// A recurrent group's checkpoints stay on the device, so a new replica can hit nothing: its
+// start asks no tier for anything.
+func TestHybridTiersRecurrentBoundsTheFetch(t *testing.T) {
+	g := smallHybrid(true)
+	g.Groups[len(g.Groups)-1].Checkpoints = 32
+	dev := hostDevice(t, 64<<10)
+	stores := newGroupStores()
+	cfg := kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true, HostCacheTokens: 4096, Tiers: stores.tiers}
+	h1, err := kvcache.NewHybrid(dev, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h1.Close()) })
+	p := promptOf(300, 7)
+	writeFreed(t, dev, h1, p)
+	require.NoError(t, h1.SyncTiers(context.Background()))
+	require.Len(t, stores.stores, 4, "the attention groups have tiers, the recurrent one none")
+	for _, s := range stores.stores {
+		require.Positive(t, s.Stats().Puts)
+	}
+
+	cfg.Name = "two"
+	h2, err := kvcache.NewHybrid(dev, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h2.Close()) })
+	hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Zero(t, hit)
+	for i, s := range stores.stores {
+		st := s.Stats()
+		require.Zero(t, st.Gets+st.Misses+st.Failures, "group %d's tier was not asked", i)
+	}
+}

@@ -445,13 +445,19 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		t.keys = append(t.keys, key)
 		parent = key
 	}
-	m.fetchRun(p.Namespace, t.keys)
+	m.fetchRun(p.Namespace, t.keys, 0, nil)
 }
 
-// fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns)
-// from the first that neither the device nor the host holds, as many as the tiers hold in a
-// run and the host has room for. The caller holds t.fetchMu and not the lock.
-func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key) {
+// tierHit is a block a Hybrid's start brought from tier Tier into the host cache, at position
+// Pos of its group's chain: a tier hit once the start's hit reads it (commitFetch).
+type tierHit struct{ Pos, Tier int }
+
+// fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns,
+// from position base of the prompt's) from the first that neither the device nor the host
+// holds, as many as the tiers hold in a run and the host has room for. With hits nil they count
+// as tier hits now (a Manager's start uses them all); else they are appended to *hits, for the
+// Hybrid's start to count those its hit reads. The caller holds t.fetchMu and not the lock.
+func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, base int, hits *[]tierHit) {
 	t := m.tiers
 	from, room := m.cachedAnywhere(keys)
 	if from == len(keys) || room == 0 {
@@ -491,7 +497,7 @@ func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key) {
 		}
 	}
 	if at > from {
-		m.storeFetched(keys, from, at)
+		m.storeFetched(keys, from, at, base, hits)
 	}
 }
 
@@ -510,9 +516,10 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 }
 
 // storeFetched writes the fetched blocks [from, to) of keys into host blocks and caches them
-// there, the prefix the most recently used. Blocks the host or the device came to hold
-// meanwhile are skipped; what does not fit now is left.
-func (m *Manager) storeFetched(keys []prefix.Key, from, to int) {
+// there, the prefix the most recently used, and counts them as fetchRun says (base, hits).
+// Blocks the host or the device came to hold meanwhile are skipped; what does not fit now is
+// left.
+func (m *Manager) storeFetched(keys []prefix.Key, from, to, base int, hits *[]tierHit) {
 	t := m.tiers
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -540,8 +547,15 @@ func (m *Manager) storeFetched(keys []prefix.Key, from, to int) {
 		}
 	}
 	for _, r := range t.runs {
-		if r.from < from+n {
+		if r.from >= from+n {
+			continue
+		}
+		if hits == nil {
 			t.counters[r.tier].HitTokens += uint64((min(r.to, from+n) - r.from) * m.cfg.BlockTokens)
+			continue
+		}
+		for pos := r.from; pos < min(r.to, from+n); pos++ {
+			*hits = append(*hits, tierHit{Pos: base + pos, Tier: r.tier})
 		}
 	}
 	m.publish()
