@@ -697,10 +697,9 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			sc.bufs[i] = keys[i][:0]
 		}
 	}
-	for i := range sc.hits {
-		sc.hits[i] = sc.hits[i][:0]
+	if err := h.fetchTiers(seq, p, keys, sc.hits); err != nil { // outside the lock: the tiers' I/O
+		return 0, err
 	}
-	h.fetchTiers(p, keys, sc.hits) // outside the lock: the tiers' I/O
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	defer h.forgetKeys() // the scratch goes back to the pool

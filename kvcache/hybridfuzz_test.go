@@ -1,6 +1,7 @@
 package kvcache_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"maps"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
 )
 
 // hybridState is what a caller sees of a Hybrid: each group's counts and each sequence's
@@ -48,7 +50,7 @@ func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybrid
 
 // FuzzHybrid drives a Hybrid of every group kind (full attention, a window with sinks, chunks,
 // an MLA latent in 32-token blocks, a recurrent state with checkpoints every 32 tokens), with or
-// without host prefix caches, under a tight limit through random starts on shared prefixes,
+// without host prefix caches (and tiers below them), under a tight limit through random starts on shared prefixes,
 // appends with and without ids, marks,
 // forks, truncations, frees and compactions. After every step Verify holds (each group's
 // invariants, keys and checkpoints); a call that fails leaves every group and sequence exactly
@@ -58,6 +60,8 @@ func FuzzHybrid(f *testing.F) {
 	f.Add([]byte{0, 1, 40, 1, 1, 3, 4, 1, 32, 5, 1, 2, 0, 2, 40, 2, 2, 9, 7, 0, 0})
 	f.Add([]byte{2, 1, 200, 4, 1, 64, 0, 2, 100, 6, 1, 0, 3, 2, 17, 8, 0, 0, 0, 3, 250})
 	f.Add([]byte{1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 7, 0, 0, 5, 0, 9, 6, 0, 1})
+	// 24 bytes: host caches and tiers below them.
+	f.Add([]byte{0, 0, 250, 3, 0, 39, 3, 0, 39, 8, 0, 0, 0, 1, 251, 8, 1, 0, 0, 2, 250, 9, 0, 0})
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		dev := hostDevice(t, 64<<10)
 		g := smallHybrid(true)
@@ -70,8 +74,12 @@ func FuzzHybrid(f *testing.F) {
 		if len(ops)/2%2 == 0 { // every attention group with a host prefix cache of 256 tokens
 			hostCache = 256
 		}
+		var tiers func(int, kvcache.LayerGroup, tier.Fingerprint, int) ([]kvcache.Tier, error)
+		if hostCache > 0 && len(ops)/4%2 == 0 { // and below it a store per group, written behind
+			tiers = newGroupStores().tiers
+		}
 		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: limit, Capacity: 16 << 20, NoBackground: true,
-			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0, HostCacheTokens: hostCache})
+			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0, HostCacheTokens: hostCache, Tiers: tiers})
 		require.NoError(t, err)
 		defer func() { require.NoError(t, h.Close()) }()
 		d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}
@@ -145,6 +153,9 @@ func FuzzHybrid(f *testing.F) {
 				d.write(t, seq, from, dst)
 			}
 			require.NoError(t, h.Verify(), "step %d (op %d)", i/3, op)
+			if tiers != nil { // what the tiers hold for the next step does not depend on timing
+				require.NoError(t, h.SyncTiers(context.Background()))
+			}
 		}
 		live := slices.Collect(maps.Keys(d.val))
 		var checked []kvcache.SeqID

@@ -62,14 +62,32 @@ func groupFingerprint(gc Config, g LayerGroup) tier.Fingerprint {
 }
 
 // fetchTiers brings from the groups' tiers into their host caches the blocks of p (keys: each
-// group's chain) that a longer hit would read and only the tiers hold, and appends to hits[i]
-// where group i's came from. A recurrent group's latest cached checkpoint bounds the hit first
-// (its checkpoints never leave the device): without one there is nothing to fetch. The lock
-// is not held.
-func (h *Hybrid) fetchTiers(p Prompt, keys [][]prefix.Key, hits [][]tierHit) {
-	if !h.tiered() {
-		return
+// group's chain) that a start of seq would read and only the tiers hold, and sets hits[i] to
+// where group i's came from. A start that would fail (seq exists, a closed or sleeping
+// Hybrid) returns its error first and asks no tier. A recurrent group's latest cached
+// checkpoint bounds the hit first (its checkpoints never leave the device): without one there
+// is nothing to fetch. The lock is not held.
+func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key, hits [][]tierHit) error {
+	for i := range hits {
+		hits[i] = hits[i][:0]
 	}
+	if !h.tiered() {
+		return nil
+	}
+	h.mu.Lock()
+	for i, m := range h.groups {
+		if err := m.checkStart(seq); err != nil {
+			h.mu.Unlock()
+			return h.groupErr(i, err)
+		}
+	}
+	h.mu.Unlock()
+	h.fetchChecked(p, keys, hits)
+	return nil
+}
+
+// fetchChecked is fetchTiers once the start has been checked.
+func (h *Hybrid) fetchChecked(p Prompt, keys [][]prefix.Key, hits [][]tierHit) {
 	hit := maxPromptBlocks(len(p.Tokens), 1) // tokens
 	for i, m := range h.groups {
 		if m.cfg.StateBytes > 0 {

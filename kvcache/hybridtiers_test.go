@@ -87,6 +87,12 @@ func TestHybridTiersShareBlocks(t *testing.T) {
 			require.EqualValues(t, hit, st.HitTokens, "group %d", g)
 		}
 
+		// A start that fails (the sequence exists) asks no tier, not even for blocks nobody holds.
+		before := stores.stores[0].Stats()
+		_, err = h2.StartSequence(2, kvcache.Prompt{Tokens: promptOf(300, 99)})
+		require.ErrorIs(t, err, kvcache.ErrSequenceExists)
+		require.Equal(t, before, stores.stores[0].Stats())
+
 		// A third replica without tiers finds nothing: the hit came from the tiers.
 		h3 := tieredHybrid(t, dev, "three", nil)
 		none, err := h3.StartSequence(3, kvcache.Prompt{Tokens: p})

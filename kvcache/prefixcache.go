@@ -88,7 +88,15 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens > 0 {
 		return m.startResume(seq, p, root)
 	}
-	m.fetchTiers(p, root, maxPromptBlocks(len(p.Tokens), bt))
+	if m.tiers != nil { // a start that would fail asks no tier
+		m.mu.Lock()
+		err := m.checkStart(seq)
+		m.mu.Unlock()
+		if err != nil {
+			return 0, err
+		}
+		m.fetchTiers(p, root, maxPromptBlocks(len(p.Tokens), bt))
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.checkStart(seq); err != nil {

@@ -217,6 +217,14 @@ func shareBlocks(t *testing.T, dev vmm.Device) {
 	assert.Equal(t, uint64(28), st.HostHitTokens)
 	require.NoError(t, b.Verify())
 
+	// A start that fails (the sequence exists) asks the store nothing, not even for blocks
+	// nobody holds.
+	gets, misses := store.Stats().Gets, store.Stats().Misses
+	_, err = b.StartSequence(1, kvcache.Prompt{Tokens: prompt, Namespace: prefix.Namespace{Salt: "nobody's"}})
+	require.ErrorIs(t, err, kvcache.ErrSequenceExists)
+	require.Equal(t, gets, store.Stats().Gets)
+	require.Equal(t, misses, store.Stats().Misses)
+
 	// Another namespace finds nothing: the namespace is part of every stored block.
 	hit, err = b.StartSequence(2, kvcache.Prompt{Tokens: prompt, Namespace: prefix.Namespace{Adapter: 2, Salt: "other"}})
 	require.NoError(t, err)
