@@ -41,6 +41,17 @@ func tieredHybrid(t *testing.T, dev vmm.Device, name string, tiers func(int, kvc
 	return h
 }
 
+// storedOnce runs a first replica on dev that writes a prompt of n tokens through every group
+// into stores of their own, and returns the stores and the prompt.
+func storedOnce(t *testing.T, dev vmm.Device, n int) (*groupStores, []kvcache.TokenID) {
+	stores := newGroupStores()
+	h := tieredHybrid(t, dev, "one", stores.tiers)
+	p := promptOf(n, 5)
+	writeFreed(t, dev, h, p)
+	require.NoError(t, h.SyncTiers(context.Background()))
+	return stores, p
+}
+
 // Two Hybrids share every group's tier, as replicas share a cluster store. What the first
 // computed reaches the second through the tiers alone (its device and host caches are new):
 // the same hit as the first's device caches served, each group's data read back through its
@@ -156,11 +167,7 @@ func TestHybridTiersFaultsAreMisses(t *testing.T) {
 	for _, fault := range []string{"down", "corrupt"} {
 		t.Run(fault, func(t *testing.T) {
 			dev := hostDevice(t, 64<<10)
-			stores := newGroupStores()
-			h1 := tieredHybrid(t, dev, "one", stores.tiers)
-			p := promptOf(300, 5)
-			writeFreed(t, dev, h1, p)
-			require.NoError(t, h1.SyncTiers(context.Background()))
+			stores, p := storedOnce(t, dev, 300)
 			for _, s := range stores.stores {
 				if fault == "down" {
 					s.setDown(true)
@@ -261,11 +268,7 @@ func TestHybridTiersGroupsOfOneShapeApart(t *testing.T) {
 func TestHybridTiersCountWhatTheHitReads(t *testing.T) {
 	for _, down := range []bool{false, true} {
 		dev := hostDevice(t, 64<<10)
-		stores := newGroupStores()
-		h1 := tieredHybrid(t, dev, "one", stores.tiers)
-		p := promptOf(280, 6)
-		writeFreed(t, dev, h1, p)
-		require.NoError(t, h1.SyncTiers(context.Background()))
+		stores, p := storedOnce(t, dev, 280)
 		stores.stores[1].setDown(down) // the window's
 		h2 := tieredHybrid(t, dev, "two", stores.tiers)
 		hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
