@@ -3,6 +3,7 @@ package kvcache_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -318,4 +319,43 @@ func TestHybridTiersRecurrentBoundsTheFetch(t *testing.T) {
 		st := s.Stats()
 		require.Zero(t, st.Gets+st.Misses+st.Failures, "group %d's tier was not asked", i)
 	}
+}
+
+// Starts on one Hybrid from several goroutines at once, each fetching from the tiers what its
+// device and host do not hold while others free and write behind, stay consistent (run with
+// -race): every start gets the whole hit (from the tiers, the host or the device, whichever
+// holds it then), and Verify holds after.
+func TestHybridTiersConcurrentStarts(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	stores, p := storedOnce(t, dev, 300)
+	h := tieredHybrid(t, dev, "two", stores.tiers)
+	const workers, rounds = 4, 8
+	errs := make(chan error, workers)
+	for w := range workers {
+		go func() {
+			for r := range rounds {
+				seq := kvcache.SeqID(100 + w*rounds + r)
+				hit, err := h.StartSequence(seq, kvcache.Prompt{Tokens: p})
+				if err == nil && hit != 288 {
+					err = fmt.Errorf("sequence %d: a hit of %d tokens, want 288", seq, hit)
+				}
+				if err == nil {
+					err = h.FreeSequence(seq)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range workers {
+		require.NoError(t, <-errs)
+	}
+	require.NoError(t, h.SyncTiers(context.Background()))
+	require.NoError(t, h.Verify())
+	hit, err := h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 288, hit)
 }
