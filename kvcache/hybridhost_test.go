@@ -97,6 +97,8 @@ func TestHybridHostCache(t *testing.T) {
 			st := h.Group(g).Stats().Prefix
 			require.EqualValues(t, fetched, st.HostHitTokens, "group %d", g)
 			require.EqualValues(t, hit, st.HitTokens, "group %d", g)
+			// The rest of a window's or a chunk's hit it does not hold: out of its next token's reach.
+			require.EqualValues(t, hit, st.HostHitTokens+st.UnheldHitTokens, "group %d", g)
 			require.Zero(t, st.HostFailures, "group %d", g)
 		}
 		// What the window and chunk groups fetched: only the blocks a hit of 288 tokens reads.

@@ -175,6 +175,7 @@ func (m *Manager) startFound(seq SeqID, p Prompt, root prefix.Key, f *hitFinder,
 	m.dropOutOfReach(s) // drops nothing more; sets when the next block falls out
 	m.counters.queryTokens += uint64(len(p.Tokens))
 	m.counters.hitTokens += uint64(s.Tokens)
+	m.counters.unheldHitTokens += uint64((first - sinks) * bt)
 	m.publish()
 	return s.Tokens, nil
 }

@@ -96,6 +96,7 @@ type Manager struct {
 	counters struct {
 		syncMaps, bgMaps, unmaps, cows, compactions, moved uint64
 		queryTokens, hitTokens, stored, evictions          uint64
+		unheldHitTokens                                    uint64 // PrefixStats.UnheldHitTokens
 		swapOuts, swapIns                                  uint64
 		hostHitTokens, hostStored, hostEvictions           uint64
 		hostFailures                                       uint64

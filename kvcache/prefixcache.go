@@ -32,8 +32,12 @@ type PrefixStats struct {
 	QueryTokens uint64  // prompt tokens looked up by StartSequence
 	HitTokens   uint64  // of those, tokens found cached
 	HitRate     float64 // HitTokens / QueryTokens (0 before any query)
-	Stored      uint64  // blocks that became cached
-	Evictions   uint64  // cached blocks evicted (for room, for the bound, by DropCache or Sleep)
+	// UnheldHitTokens are the HitTokens a window or chunk group of a Hybrid served without
+	// holding them: before what its next token reads (NullBlock in its table), so that no
+	// cache brought them. The rest of HitTokens came from the device, the host or a tier.
+	UnheldHitTokens uint64
+	Stored          uint64 // blocks that became cached
+	Evictions       uint64 // cached blocks evicted (for room, for the bound, by DropCache or Sleep)
 	// CachedBlocks are the blocks in the key index, held or idle; IdleBlocks those no sequence
 	// holds, kept only for later hits.
 	CachedBlocks, IdleBlocks int

@@ -92,7 +92,8 @@ func (m *Manager) Stats() Stats {
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
 	a := m.arena
 	s.Prefix = PrefixStats{
-		QueryTokens: m.counters.queryTokens, HitTokens: m.counters.hitTokens, Stored: m.counters.stored,
+		QueryTokens: m.counters.queryTokens, HitTokens: m.counters.hitTokens, UnheldHitTokens: m.counters.unheldHitTokens,
+		Stored:    m.counters.stored,
 		Evictions: m.counters.evictions, CachedBlocks: a.Index().Len(), IdleBlocks: a.Idle(),
 		IdleBytes: uint64(a.Idle()) * m.cfg.BlockStride(), CacheOnlyPages: a.CacheOnlyPages(),
 		CacheOnlyBytes: uint64(a.CacheOnlyPages()) * m.cfg.PageSize,

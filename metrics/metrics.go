@@ -171,7 +171,9 @@ var managerDescs = slices.Concat(
 		"sync": func(s *kvcache.Stats) float64 { return float64(s.SyncMaps) }, "background": func(s *kvcache.Stats) float64 { return float64(s.BackgroundMaps) },
 	}),
 	labelledOn(hitTokensDesc, prometheus.CounterValue, map[string]func(s *kvcache.Stats) float64{
-		"gpu": func(s *kvcache.Stats) float64 { return float64(s.Prefix.HitTokens - s.Prefix.HostHitTokens) },
+		"gpu": func(s *kvcache.Stats) float64 {
+			return float64(s.Prefix.HitTokens - min(s.Prefix.HitTokens, s.Prefix.HostHitTokens+s.Prefix.UnheldHitTokens))
+		},
 		"host": func(s *kvcache.Stats) float64 {
 			return float64(s.Prefix.HostHitTokens - min(s.Prefix.HostHitTokens, tierHits(s)))
 		},

@@ -18,6 +18,7 @@ import (
 	"github.com/pagedkv/pagedkv/ledger"
 	"github.com/pagedkv/pagedkv/metrics"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/tier"
 	"github.com/pagedkv/pagedkv/tier/disk"
 	"github.com/pagedkv/pagedkv/vmm"
 )
@@ -257,4 +258,67 @@ pagedkv_checkpoints_total{model="window",outcome="skipped",pool="gpt-hybrid"} 0
 	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(want), "pagedkv_mapped_bytes", "pagedkv_checkpoints_total"))
 	require.NoError(t, c.Remove("gpt-hybrid"))
 	require.Zero(t, testutil.CollectAndCount(c, "pagedkv_mapped_bytes"))
+}
+
+// A Hybrid's groups each export the series of their own tiers (HybridConfig.Tiers): after a
+// restart on disk tiers, the full group found the whole hit on disk and the window only the
+// blocks its next token reads.
+func TestHybridTierSeries(t *testing.T) {
+	geom := hybridGeometry()
+	geom.Layers, geom.Groups = 2, geom.Groups[:2] // full and window: no recurrent group, whose checkpoints never reach a tier
+	dirs := []string{t.TempDir(), t.TempDir()}
+	var stores []*disk.Store
+	tiers := func(i int, _ kvcache.LayerGroup, fp tier.Fingerprint, blockBytes int) ([]kvcache.Tier, error) {
+		s, err := disk.Open(dirs[i], disk.Options{Fingerprint: fp, BlockBytes: blockBytes, LimitBytes: 64 << 20})
+		if err != nil {
+			return nil, err
+		}
+		stores = append(stores, s)
+		return []kvcache.Tier{{Store: s, Medium: "DISK"}}, nil
+	}
+	closeStores := func() {
+		for _, s := range stores {
+			require.NoError(t, s.Close())
+		}
+		stores = nil
+	}
+	prompt := make([]kvcache.TokenID, 65)
+	for i := range prompt {
+		prompt[i] = kvcache.TokenID(i + 1)
+	}
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10})
+	require.NoError(t, err)
+	defer dev.Close()
+	cfg := kvcache.HybridConfig{Geometry: geom, Limit: 64 << 20, Capacity: 16 << 20, NoBackground: true, HostCacheTokens: 1024, Tiers: tiers}
+	a, err := kvcache.NewHybrid(dev, cfg)
+	require.NoError(t, err)
+	_, err = a.AppendTokenIDs(1, prompt, make([][]int64, 2))
+	require.NoError(t, err)
+	require.NoError(t, a.FreeSequence(1))
+	require.NoError(t, a.SyncTiers(context.Background()))
+	require.NoError(t, a.Close())
+	closeStores()
+
+	b, err := kvcache.NewHybrid(dev, cfg) // a restart: only the disks hold the prompt
+	require.NoError(t, err)
+	defer closeStores()
+	defer b.Close()
+	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	require.Equal(t, 64, hit)
+
+	col := metrics.NewCollector()
+	require.NoError(t, col.AddHybrid("gemma-like", b))
+	want := `
+# HELP pagedkv_prefix_hit_tokens_total Prompt tokens found in the prefix cache, by the tier they came from.
+# TYPE pagedkv_prefix_hit_tokens_total counter
+pagedkv_prefix_hit_tokens_total{model="full",pool="gemma-like",tier="disk"} 64
+pagedkv_prefix_hit_tokens_total{model="full",pool="gemma-like",tier="gpu"} 0
+pagedkv_prefix_hit_tokens_total{model="full",pool="gemma-like",tier="host"} 0
+pagedkv_prefix_hit_tokens_total{model="window",pool="gemma-like",tier="disk"} 32
+pagedkv_prefix_hit_tokens_total{model="window",pool="gemma-like",tier="gpu"} 0
+pagedkv_prefix_hit_tokens_total{model="window",pool="gemma-like",tier="host"} 0
+`
+	require.NoError(t, testutil.CollectAndCompare(col, strings.NewReader(want), "pagedkv_prefix_hit_tokens_total"))
+	require.Equal(t, 2, testutil.CollectAndCount(col, "pagedkv_tier_stored_blocks_total"))
 }
