@@ -78,6 +78,7 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		k, h := s.Keys[sc.at[j]], m.host.taken[j]
 		if m.tiers == nil {
 			m.host.store(k, h)
+			m.forgetFromTier(k)
 		} else {
 			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
@@ -199,6 +200,7 @@ func (m *Manager) settleCopies() {
 
 // emitHostRemoved queues a BlockRemoved event for key k leaving the host cache.
 func (m *Manager) emitHostRemoved(k prefix.Key) {
+	m.forgetFromTier(k)
 	m.counters.hostEvictions++
 	m.emitRemovedOn(k, prefix.MediumCPU)
 }

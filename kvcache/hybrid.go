@@ -697,7 +697,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			sc.bufs[i] = keys[i][:0]
 		}
 	}
-	if err := h.fetchTiers(seq, p, keys, sc.hits); err != nil { // outside the lock: the tiers' I/O
+	if err := h.fetchTiers(seq, p, keys); err != nil { // outside the lock: the tiers' I/O
 		return 0, err
 	}
 	h.mu.Lock()
@@ -741,7 +741,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 			return 0, h.groupErr(i, err)
 		}
 	}
-	h.commitFetches(p, roots, keys, sc.hits, hit)
+	h.commitFetches(p, roots, keys, hit)
 	h.index.sync(seq, h.groups)
 	return hit, nil
 }
@@ -754,7 +754,6 @@ type startScratch struct {
 	roots []prefix.Key
 	keys  [][]prefix.Key // each group's chain: in bufs, in the Prompt's Keys, or nil
 	bufs  [][]prefix.Key
-	hits  [][]tierHit // the blocks each group's tiers gave (hybridtiers.go)
 }
 
 // startScratch returns a start's scratch from the free list, or a new one.
@@ -768,7 +767,7 @@ func (h *Hybrid) startScratch() *startScratch {
 	}
 	n := len(h.groups)
 	return &startScratch{keyer: prefix.NewKeyer(h.groups[0].cfg.KeyScheme), roots: make([]prefix.Key, n),
-		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n), hits: make([][]tierHit, n)}
+		keys: make([][]prefix.Key, n), bufs: make([][]prefix.Key, n)}
 }
 
 // putScratch keeps sc for the next start.

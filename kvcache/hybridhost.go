@@ -45,11 +45,11 @@ func (h *Hybrid) hostHits(keys [][]prefix.Key, limit, hit int) int {
 }
 
 // commitFetches lets each group's fetch stand, the start having succeeded with hit tokens, and
-// counts the fetched blocks of the hit that came from a group's tiers (hits).
-func (h *Hybrid) commitFetches(p Prompt, roots []prefix.Key, keys [][]prefix.Key, hits [][]tierHit, hit int) {
+// counts the fetched blocks of the hit that a start brought from a group's tiers.
+func (h *Hybrid) commitFetches(p Prompt, roots []prefix.Key, keys [][]prefix.Key, hit int) {
 	for i := range h.fetched {
 		if at := h.fetched[i]; len(at) > 0 {
-			h.groups[i].countTierHits(hits[i], at, hit/h.groups[i].keyTokens())
+			h.groups[i].tierHits(keys[i], at, hit/h.groups[i].keyTokens())
 			h.groups[i].commitFetch(at, keys[i], hit, p, roots[i])
 			h.fetched[i] = at[:0]
 		}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"math"
 
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/tier"
@@ -34,7 +35,8 @@ func groupTiers(i int, g LayerGroup, cfg HybridConfig, gc Config) (Config, error
 }
 
 // groupFingerprint is the fingerprint of group g's blocks as its tiers store them: its arena's
-// layout (Config.Fingerprint) and which layers of the model they hold, for what attention. Two
+// layout (Config.Fingerprint), which layers of the model they hold, for what attention, and
+// how their elements encode (the dtype, an fp8 group's scales). Two
 // groups of one shape (gpt-oss's full and window layers) share a layout and a key chain, but
 // never their blocks: a store shared by both (a Redis server, whose keys carry the
 // fingerprint) keeps them apart, and a block of one is never served as the other's.
@@ -52,9 +54,16 @@ func groupFingerprint(gc Config, g LayerGroup) tier.Fingerprint {
 	put(g.Window)
 	put(g.Sinks)
 	put(g.RopeDim)
+	put(int(g.DType)) // bf16 and f16, e4m3 and e5m2 have one size each
 	put(len(g.Layers))
 	for _, l := range g.Layers {
 		put(l)
+	}
+	for _, scales := range [][]float32{g.KScales, g.VScales} { // fp8 values mean nothing without them
+		put(len(scales))
+		for _, v := range scales {
+			put(int(math.Float32bits(v)))
+		}
 	}
 	var fp tier.Fingerprint
 	h.Sum(fp[:0])
@@ -62,15 +71,10 @@ func groupFingerprint(gc Config, g LayerGroup) tier.Fingerprint {
 }
 
 // fetchTiers brings from the groups' tiers into their host caches the blocks of p (keys: each
-// group's chain) that a start of seq would read and only the tiers hold, and sets hits[i] to
-// where group i's came from. A start that would fail (seq exists, a closed or sleeping
-// Hybrid) returns its error first and asks no tier. A recurrent group's latest cached
-// checkpoint bounds the hit first (its checkpoints never leave the device): without one there
-// is nothing to fetch. The lock is not held.
-func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key, hits [][]tierHit) error {
-	for i := range hits {
-		hits[i] = hits[i][:0]
-	}
+// group's chain) that a start of seq would read and only the tiers hold. A start that would
+// fail (seq exists, a closed or sleeping Hybrid) returns its error first and asks no tier. The
+// lock is not held.
+func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key) error {
 	if !h.tiered() {
 		return nil
 	}
@@ -82,54 +86,75 @@ func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key, hits [][]t
 		}
 	}
 	h.mu.Unlock()
-	h.fetchChecked(p, keys, hits)
+	if hit := h.tierBound(p, keys); hit > 0 {
+		for i, m := range h.groups {
+			if !m.bounded() || m.tiers == nil {
+				continue
+			}
+			bt := m.cfg.BlockTokens
+			n := min(len(keys[i]), hit/bt)
+			first := m.reachFrom(n*bt) / bt
+			m.fetchKeys(p.Namespace, keys[i][:min(m.sinkBlocks(), first)])
+			m.fetchKeys(p.Namespace, keys[i][first:n])
+		}
+	}
 	return nil
 }
 
-// fetchChecked is fetchTiers once the start has been checked.
-func (h *Hybrid) fetchChecked(p Prompt, keys [][]prefix.Key, hits [][]tierHit) {
-	hit := maxPromptBlocks(len(p.Tokens), 1) // tokens
-	for i, m := range h.groups {
-		if m.cfg.StateBytes > 0 {
-			hit = min(hit, m.checkpointHeld(keys[i], hit))
+// tierBound fetches the unbounded groups' (full attention, MLA) leading runs from their tiers
+// and returns the hit they and the recurrent groups' cached checkpoints allow, in tokens: a
+// length every group can end at, as agree finds it. The bound is taken again until it holds,
+// as one group's shorter run moves the others' ends; a window or chunk group then fetches only
+// what its next token reads there. A recurrent group's checkpoints never leave the device:
+// without one cached there, it is 0 and nothing is fetched.
+func (h *Hybrid) tierBound(p Prompt, keys [][]prefix.Key) int {
+	step := 1 // the least common multiple of every group's block (or checkpoint) tokens
+	for _, m := range h.groups {
+		if kt := m.keyTokens(); kt > 0 {
+			step = lcm(step, kt)
 		}
 	}
-	for i, m := range h.groups {
-		if hit == 0 {
-			return
+	hit := maxPromptBlocks(len(p.Tokens), step) * step
+	for prev := -1; hit > 0 && hit != prev; {
+		prev = hit
+		for i, m := range h.groups { // the checkpoints first: they cost no I/O
+			if m.cfg.StateBytes > 0 {
+				hit = min(hit, m.checkpointHeld(keys[i], hit)) / step * step
+			}
 		}
-		if m.cfg.StateBytes > 0 || m.bounded() || !m.hostCaching() {
-			continue
+		for i, m := range h.groups {
+			if hit == 0 || m.cfg.StateBytes > 0 || m.bounded() || !m.hostCaching() {
+				continue
+			}
+			n := min(len(keys[i]), hit/m.cfg.BlockTokens)
+			if m.tiers != nil {
+				m.fetchKeys(p.Namespace, keys[i][:n])
+			}
+			held, _ := m.cachedAnywhere(keys[i][:n])
+			hit = min(hit, held*m.cfg.BlockTokens) / step * step
 		}
-		n := min(len(keys[i]), hit/m.cfg.BlockTokens)
-		if m.tiers != nil {
-			m.fetchKeys(p.Namespace, keys[i], 0, n, &hits[i])
-		}
-		held, _ := m.cachedAnywhere(keys[i][:n])
-		hit = min(hit, held*m.cfg.BlockTokens)
 	}
-	for i, m := range h.groups {
-		if !m.bounded() || m.tiers == nil || hit == 0 {
-			continue
-		}
-		bt := m.cfg.BlockTokens
-		n := min(len(keys[i]), hit/bt)
-		first := m.reachFrom(n*bt) / bt
-		m.fetchKeys(p.Namespace, keys[i], 0, min(m.sinkBlocks(), first), &hits[i])
-		m.fetchKeys(p.Namespace, keys[i], first, n, &hits[i])
-	}
+	return hit
 }
 
-// fetchKeys is fetchRun of keys[from:to] for a start of a Hybrid: one fetch of the group at a
-// time.
-func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key, from, to int, hits *[]tierHit) {
-	if from >= to {
+func lcm(a, b int) int {
+	x, y := a, b
+	for y != 0 {
+		x, y = y, x%y
+	}
+	return a / x * b
+}
+
+// fetchKeys is fetchRun of keys for a start of a Hybrid: one fetch of the group at a time, its
+// blocks marked as the tier's until a start's hit reads them.
+func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key) {
+	if len(keys) == 0 {
 		return
 	}
 	t := m.tiers
 	t.fetchMu <- struct{}{}
 	defer func() { <-t.fetchMu }()
-	m.fetchRun(ns, keys[from:to], from, hits)
+	m.fetchRun(ns, keys, true)
 }
 
 // checkpointHeld returns the tokens of the latest checkpoint among keys (a recurrent group's
@@ -150,27 +175,6 @@ func (m *Manager) checkpointHeld(keys []prefix.Key, limit int) int {
 		}
 	}
 	return 0
-}
-
-// countTierHits counts as tier hits the blocks of hits (ascending positions) that the start's
-// host fetch brought to the device within its hit (at: ascending positions; hit in blocks).
-func (m *Manager) countTierHits(hits []tierHit, at []int32, hit int) {
-	t := m.tiers
-	if t == nil {
-		return
-	}
-	j := 0
-	for _, pos := range at {
-		if int(pos) >= hit {
-			break
-		}
-		for j < len(hits) && hits[j].Pos < int(pos) {
-			j++
-		}
-		if j < len(hits) && hits[j].Pos == int(pos) {
-			t.counters[hits[j].Tier].HitTokens += uint64(m.cfg.BlockTokens)
-		}
-	}
 }
 
 // tiered reports whether any group has tiers below its host.

@@ -359,3 +359,133 @@ func TestHybridTiersConcurrentStarts(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 288, hit)
 }
+
+// capStore serves at most max blocks of a Get: a store that lost the tail of a run.
+type capStore struct {
+	*memStore
+	max int
+}
+
+func (s *capStore) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	return s.memStore.Get(ctx, ns, keys[:min(len(keys), s.max)], dst)
+}
+
+// One group's shorter run moves the hit every group can end at, and the window then fetches
+// for that length: with the MLA group (32-token blocks) first and the full group's tier
+// holding 17 of the prompt's 18 blocks, the hit is 256 tokens (every group's whole blocks),
+// with the data read back, where fetching the window's reach for 272 left a hit of 0.
+func TestHybridTiersShortRunBoundsTheHit(t *testing.T) {
+	small := smallHybrid(false)
+	g := kvcache.Geometry{Model: "mla-first", Layers: 7, Groups: []kvcache.LayerGroup{small.Groups[3], small.Groups[0], small.Groups[1], small.Groups[2]}}
+	for held, want := range map[int]int{1000: 288, 17: 256, 16: 256, 15: 224} {
+		dev := hostDevice(t, 64<<10)
+		stores := newGroupStores()
+		tiers := func(i int, lg kvcache.LayerGroup, fp tier.Fingerprint, n int) ([]kvcache.Tier, error) {
+			ts, err := stores.tiers(i, lg, fp, n)
+			if i == 1 { // the full group's
+				ts[0].Store = &capStore{stores.stores[1], held}
+			}
+			return ts, err
+		}
+		cfg := kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true, HostCacheTokens: 4096, Tiers: tiers}
+		h1, err := kvcache.NewHybrid(dev, cfg)
+		require.NoError(t, err)
+		p := promptOf(300, 3)
+		d1 := writeFreed(t, dev, h1, p)
+		require.NoError(t, h1.SyncTiers(context.Background()))
+		require.NoError(t, h1.Close())
+
+		cfg.Name = "two"
+		h2, err := kvcache.NewHybrid(dev, cfg)
+		require.NoError(t, err)
+		hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		require.Equal(t, want, hit, "the full group's tier holds %d blocks", held)
+		d2 := &hybridData{dev: dev, h: h2, val: map[kvcache.SeqID][]uint64{2: d1.val[1][:hit]}}
+		d2.check(t, []kvcache.SeqID{2})
+		require.NoError(t, h2.Verify())
+		require.NoError(t, h2.Close())
+	}
+}
+
+// gateStore stops the first Get after arming inside the store until released.
+type gateStore struct {
+	*memStore
+	entered, release chan struct{}
+	armed            bool
+}
+
+func (s *gateStore) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	if s.armed {
+		s.armed = false
+		close(s.entered)
+		<-s.release
+	}
+	return s.memStore.Get(ctx, ns, keys, dst)
+}
+
+// Overlapping starts count every block a tier gave once, whichever start's hit reads it: start
+// A fetches the full, window and MLA groups' blocks into the hosts and stops inside the chunk
+// group's Get; start B (a 257-token prompt, whose chunk group needs nothing) brings 16 of them
+// to the devices; then A completes. Each group's tier hits are then exactly the blocks its
+// store served.
+func TestHybridTiersOverlappingStartsCountOnce(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	stores, p := storedOnce(t, dev, 300)
+	gate := &gateStore{entered: make(chan struct{}), release: make(chan struct{})}
+	h := tieredHybrid(t, dev, "two", func(i int, lg kvcache.LayerGroup, fp tier.Fingerprint, n int) ([]kvcache.Tier, error) {
+		ts, err := stores.tiers(i, lg, fp, n)
+		if i == 2 {
+			gate.memStore = stores.stores[2]
+			ts[0].Store = gate
+		}
+		return ts, err
+	})
+	gate.armed = true
+	done := make(chan error, 1)
+	go func() {
+		hit, err := h.StartSequence(10, kvcache.Prompt{Tokens: p})
+		if err == nil && hit != 288 {
+			err = fmt.Errorf("start A: hit %d, want 288", hit)
+		}
+		done <- err
+	}()
+	<-gate.entered
+	hitB, err := h.StartSequence(11, kvcache.Prompt{Tokens: p[:257]})
+	require.NoError(t, err)
+	require.Equal(t, 256, hitB)
+	close(gate.release)
+	require.NoError(t, <-done)
+	for g := range h.Groups() {
+		bt := h.Group(g).Config().BlockTokens
+		got := h.Group(g).Stats().Prefix.Tiers[0].HitTokens
+		require.Positive(t, got, "group %d", g)
+		require.EqualValues(t, stores.stores[g].Stats().Gets*uint64(bt), got, "group %d: each block the tier gave, once", g)
+	}
+	require.NoError(t, h.Verify())
+}
+
+// A group's fingerprint tells apart what its element encoding would otherwise blur: bf16 from
+// f16, e4m3 from e5m2, and fp8 groups whose scales differ.
+func TestHybridTiersFingerprintEncoding(t *testing.T) {
+	fpOf := func(dt kvcache.DType, scale float32) tier.Fingerprint {
+		grp := kvcache.LayerGroup{Name: "full", Layers: []int{0, 1}, KVHeads: 2, KHeadDim: 64, VHeadDim: 64, DType: dt, BlockTokens: 16}
+		if dt.Size() == 1 {
+			grp.KScales, grp.VScales = []float32{scale, scale}, []float32{scale, scale}
+		}
+		var fp tier.Fingerprint
+		h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: kvcache.Geometry{Model: "m", Layers: 2, Groups: []kvcache.LayerGroup{grp}},
+			Limit: 64 << 20, Capacity: 16 << 20, NoBackground: true, HostCacheTokens: 256,
+			Tiers: func(_ int, _ kvcache.LayerGroup, f tier.Fingerprint, _ int) ([]kvcache.Tier, error) {
+				fp = f
+				return nil, nil
+			}})
+		require.NoError(t, err)
+		require.NoError(t, h.Close())
+		return fp
+	}
+	require.NotEqual(t, fpOf(kvcache.BF16, 0), fpOf(kvcache.F16, 0))
+	require.NotEqual(t, fpOf(kvcache.FP8E4M3, 1), fpOf(kvcache.FP8E5M2, 1))
+	require.NotEqual(t, fpOf(kvcache.FP8E4M3, 1), fpOf(kvcache.FP8E4M3, 0.5))
+	require.Equal(t, fpOf(kvcache.FP8E4M3, 0.5), fpOf(kvcache.FP8E4M3, 0.5), "the same settings, the same fingerprint")
+}

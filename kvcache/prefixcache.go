@@ -642,6 +642,9 @@ func (m *Manager) DropCache() (int, error) {
 	if m.host != nil {
 		m.settleCopies()
 		if h := m.host.dropCache(); h > 0 {
+			if m.tiers != nil {
+				m.tiers.fromTier = nil
+			}
 			m.counters.hostEvictions += uint64(h)
 			if m.feed.Active() {
 				m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})

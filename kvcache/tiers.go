@@ -88,6 +88,11 @@ type tierState struct {
 	out     []tier.Block
 	evicted []tier.Eviction
 
+	// fromTier marks the host cache's blocks a Hybrid's start brought from a tier, by key, until
+	// a start's hit brings them to the device (a tier hit then) or the host drops them. Guarded
+	// by the manager's mu; nil until such a fetch.
+	fromTier map[prefix.Key]int
+
 	// fetchMu serialises StartSequence's fetches, which share these
 	fetchMu   chan struct{}
 	keyer     *prefix.Keyer
@@ -445,19 +450,15 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		t.keys = append(t.keys, key)
 		parent = key
 	}
-	m.fetchRun(p.Namespace, t.keys, 0, nil)
+	m.fetchRun(p.Namespace, t.keys, false)
 }
 
-// tierHit is a block a Hybrid's start brought from tier Tier into the host cache, at position
-// Pos of its group's chain: a tier hit once the start's hit reads it (commitFetch).
-type tierHit struct{ Pos, Tier int }
-
-// fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns,
-// from position base of the prompt's) from the first that neither the device nor the host
-// holds, as many as the tiers hold in a run and the host has room for. With hits nil they count
-// as tier hits now (a Manager's start uses them all); else they are appended to *hits, for the
-// Hybrid's start to count those its hit reads. The caller holds t.fetchMu and not the lock.
-func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, base int, hits *[]tierHit) {
+// fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns) from
+// the first that neither the device nor the host holds, as many as the tiers hold in a run and
+// the host has room for. They count as tier hits now (a Manager's start uses them all), or,
+// with mark, when a start's hit first brings them to the device (fromTier; a Hybrid's start,
+// whose hit may read fewer). The caller holds t.fetchMu and not the lock.
+func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool) {
 	t := m.tiers
 	from, room := m.cachedAnywhere(keys)
 	if from == len(keys) || room == 0 {
@@ -497,7 +498,7 @@ func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, base int, hit
 		}
 	}
 	if at > from {
-		m.storeFetched(keys, from, at, base, hits)
+		m.storeFetched(keys, from, at, mark)
 	}
 }
 
@@ -516,10 +517,9 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 }
 
 // storeFetched writes the fetched blocks [from, to) of keys into host blocks and caches them
-// there, the prefix the most recently used, and counts them as fetchRun says (base, hits).
-// Blocks the host or the device came to hold meanwhile are skipped; what does not fit now is
-// left.
-func (m *Manager) storeFetched(keys []prefix.Key, from, to, base int, hits *[]tierHit) {
+// there, the prefix the most recently used, and counts them as fetchRun says (mark). Blocks
+// the host or the device came to hold meanwhile are skipped; what does not fit now is left.
+func (m *Manager) storeFetched(keys []prefix.Key, from, to int, mark bool) {
 	t := m.tiers
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -539,26 +539,61 @@ func (m *Manager) storeFetched(keys []prefix.Key, from, to, base int, hits *[]ti
 		}
 	}
 	m.host.commit(m.emitHostRemoved)
-	for j := n - 1; j >= 0; j-- {
-		if k := keys[from+j]; m.host.cache.Get(k) == nil {
-			m.host.store(k, m.host.taken[j])
-		} else {
-			m.host.free = append(m.host.free, m.host.taken[j]) // another fetch or a write-back got there first
-		}
+	if mark && t.fromTier == nil {
+		t.fromTier = map[prefix.Key]int{}
 	}
-	for _, r := range t.runs {
-		if r.from >= from+n {
+	for j := n - 1; j >= 0; j-- {
+		k := keys[from+j]
+		if m.host.cache.Get(k) != nil {
+			m.host.free = append(m.host.free, m.host.taken[j]) // another fetch or a write-back got there first
 			continue
 		}
-		if hits == nil {
-			t.counters[r.tier].HitTokens += uint64((min(r.to, from+n) - r.from) * m.cfg.BlockTokens)
-			continue
-		}
-		for pos := r.from; pos < min(r.to, from+n); pos++ {
-			*hits = append(*hits, tierHit{Pos: base + pos, Tier: r.tier})
+		m.host.store(k, m.host.taken[j])
+		tr := t.runOf(from + j)
+		if mark {
+			t.fromTier[k] = tr
+		} else {
+			t.counters[tr].HitTokens += uint64(m.cfg.BlockTokens)
 		}
 	}
 	m.publish()
+}
+
+// runOf returns the tier that gave the fetch's block at position pos.
+func (t *tierState) runOf(pos int) int {
+	for _, r := range t.runs {
+		if pos >= r.from && pos < r.to {
+			return r.tier
+		}
+	}
+	return 0 // not reached: storeFetched stores only what the runs brought
+}
+
+// tierHits counts as tier hits the blocks of keys at positions at (a start's host fetch,
+// ascending) within its hit of hit blocks that a Hybrid's start brought from a tier
+// (fromTier), and forgets them: from now on they are host blocks. The lock is held.
+func (m *Manager) tierHits(keys []prefix.Key, at []int32, hit int) {
+	t := m.tiers
+	if t == nil || len(t.fromTier) == 0 {
+		return
+	}
+	for _, pos := range at {
+		if int(pos) >= hit {
+			break
+		}
+		if tr, ok := t.fromTier[keys[pos]]; ok {
+			t.counters[tr].HitTokens += uint64(m.cfg.BlockTokens)
+			delete(t.fromTier, keys[pos])
+		}
+	}
+}
+
+// forgetFromTier forgets that the host's block of key k came from a tier: the host dropped it,
+// or took it again from the device. The lock is held.
+func (m *Manager) forgetFromTier(k prefix.Key) {
+	if t := m.tiers; t != nil && t.fromTier != nil {
+		delete(t.fromTier, k)
+	}
 }
 
 // tierStats returns a copy of the tiers' counters, each with its store's; the lock is held.
