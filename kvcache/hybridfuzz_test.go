@@ -50,7 +50,7 @@ func hybridStateOf(t *testing.T, h *kvcache.Hybrid, seqs []kvcache.SeqID) hybrid
 
 // FuzzHybrid drives a Hybrid of every group kind (full attention, a window with sinks, chunks,
 // an MLA latent in 32-token blocks, a recurrent state with checkpoints every 32 tokens), with or
-// without host prefix caches (and tiers below them), under a tight limit through random starts on shared prefixes,
+// without host prefix caches (and tiers below them), a group dropping its caches, under a tight limit through random starts on shared prefixes,
 // appends with and without ids, marks,
 // forks, truncations, frees and compactions. After every step Verify holds (each group's
 // invariants, keys and checkpoints); a call that fails leaves every group and sequence exactly
@@ -60,8 +60,10 @@ func FuzzHybrid(f *testing.F) {
 	f.Add([]byte{0, 1, 40, 1, 1, 3, 4, 1, 32, 5, 1, 2, 0, 2, 40, 2, 2, 9, 7, 0, 0})
 	f.Add([]byte{2, 1, 200, 4, 1, 64, 0, 2, 100, 6, 1, 0, 3, 2, 17, 8, 0, 0, 0, 3, 250})
 	f.Add([]byte{1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 1, 0, 39, 7, 0, 0, 5, 0, 9, 6, 0, 1})
-	// 24 bytes: host caches and tiers below them.
-	f.Add([]byte{0, 0, 250, 3, 0, 39, 3, 0, 39, 8, 0, 0, 0, 1, 251, 8, 1, 0, 0, 2, 250, 9, 0, 0})
+	// 41 bytes: host caches and tiers below them, blocks cached as they fill. A prompt is
+	// prefilled, marked (a checkpoint at 224) and freed; the full and window groups drop their
+	// caches, and starting the prompt again fetches their blocks from the tiers (14 and 3).
+	f.Add([]byte{0, 0, 251, 5, 0, 224, 8, 0, 0, 9, 0, 1, 9, 0, 3, 0, 2, 251, 2, 2, 0, 8, 2, 0, 9, 0, 0, 7, 3, 5, 0, 4, 243, 8, 3, 0, 0, 1, 250, 0, 0})
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		dev := hostDevice(t, 64<<10)
 		g := smallHybrid(true)
@@ -94,6 +96,7 @@ func FuzzHybrid(f *testing.F) {
 			before := hybridStateOf(t, h, all)
 			from, _ := h.Len(seq)
 			var err error
+			prefilled := false
 			switch op {
 			case 0: // start on a shared prefix
 				p := bases[x%2][:1+x]
@@ -103,6 +106,13 @@ func FuzzHybrid(f *testing.F) {
 					d.val[seq] = d.val[seq][:0]
 					for range hit { // what the hit holds was written by an earlier sequence: take no claim on it
 						d.val[seq] = append(d.val[seq], 0)
+					}
+					// x%4 >= 2: the runtime's prefill, the prompt's own tokens, so that later
+					// starts on the prefix hit (the device, the host or a tier). A failure is
+					// the append's, checked against the state after the start.
+					if x%4 >= 2 && hit < len(p) {
+						before, from, prefilled = hybridStateOf(t, h, all), hit, true
+						dst, err = h.AppendTokenIDs(seq, p[hit:], dst)
 					}
 				}
 			case 1, 2: // count appends; 2: decode steps
@@ -138,15 +148,19 @@ func FuzzHybrid(f *testing.F) {
 				if err == nil {
 					delete(d.val, seq)
 				}
-			case 9:
-				_, err = h.Compact(kvcache.CompactOptions{})
+			case 9: // x even: compact; odd: one group drops its device and host caches
+				if x%2 == 0 {
+					_, err = h.Compact(kvcache.CompactOptions{})
+				} else {
+					_, err = h.Group(x / 2 % h.Groups()).DropCache()
+				}
 			}
 			if err != nil {
 				var ce *kvcache.CountError
 				require.True(t, errors.Is(err, kvcache.ErrOutOfMemory) || errors.Is(err, kvcache.ErrUnknownSequence) ||
 					errors.Is(err, kvcache.ErrSequenceExists) || errors.As(err, &ce), "step %d (op %d): an untyped error: %v", i/3, op, err)
 				require.Equal(t, before, hybridStateOf(t, h, all), "step %d (op %d): the failed call changed something: %v", i/3, op, err)
-			} else if op >= 1 && op <= 4 && len(dst[0]) > 0 {
+			} else if (op >= 1 && op <= 4 || prefilled) && len(dst[0]) > 0 {
 				if len(d.val[seq]) > from {
 					d.val[seq] = d.val[seq][:from]
 				}
