@@ -78,8 +78,8 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		k, h := s.Keys[sc.at[j]], m.host.taken[j]
 		if m.tiers == nil {
 			m.host.store(k, h)
-			m.forgetFromTier(k)
 		} else {
+			m.forgetFromTier(k) // the device's copy now: no tier's hit, should a stale mark remain
 			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
 	}

@@ -94,8 +94,9 @@ func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key) error {
 			bt := m.cfg.BlockTokens
 			n := min(len(keys[i]), hit/bt)
 			first := m.reachFrom(n*bt) / bt
-			m.fetchKeys(p.Namespace, keys[i][:min(m.sinkBlocks(), first)])
-			m.fetchKeys(p.Namespace, keys[i][first:n])
+			sinks, reach := keys[i][:min(m.sinkBlocks(), first)], keys[i][first:n]
+			m.fetchKeys(p.Namespace, sinks, sinks, reach)
+			m.fetchKeys(p.Namespace, reach, sinks, reach)
 		}
 	}
 	return nil
@@ -128,7 +129,7 @@ func (h *Hybrid) tierBound(p Prompt, keys [][]prefix.Key) int {
 			}
 			n := min(len(keys[i]), hit/m.cfg.BlockTokens)
 			if m.tiers != nil {
-				m.fetchKeys(p.Namespace, keys[i][:n])
+				m.fetchKeys(p.Namespace, keys[i][:n], keys[i][:n])
 			}
 			held, _ := m.cachedAnywhere(keys[i][:n])
 			hit = min(hit, held*m.cfg.BlockTokens) / step * step
@@ -145,16 +146,17 @@ func lcm(a, b int) int {
 	return a / x * b
 }
 
-// fetchKeys is fetchRun of keys for a start of a Hybrid: one fetch of the group at a time, its
-// blocks marked as the tier's until a start's hit reads them.
-func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key) {
+// fetchKeys is fetchRun of keys for a start of a Hybrid, keeping the host's blocks of keep:
+// one fetch of the group at a time, its blocks marked as the tier's until a start's hit reads
+// them.
+func (m *Manager) fetchKeys(ns prefix.Namespace, keys []prefix.Key, keep ...[]prefix.Key) {
 	if len(keys) == 0 {
 		return
 	}
 	t := m.tiers
 	t.fetchMu <- struct{}{}
 	defer func() { <-t.fetchMu }()
-	m.fetchRun(ns, keys, true)
+	m.fetchRun(ns, keys, true, keep...)
 }
 
 // checkpointHeld returns the tokens of the latest checkpoint among keys (a recurrent group's

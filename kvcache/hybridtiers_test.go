@@ -489,3 +489,27 @@ func TestHybridTiersFingerprintEncoding(t *testing.T) {
 	require.NotEqual(t, fpOf(kvcache.FP8E4M3, 1), fpOf(kvcache.FP8E4M3, 0.5))
 	require.Equal(t, fpOf(kvcache.FP8E4M3, 0.5), fpOf(kvcache.FP8E4M3, 0.5), "the same settings, the same fingerprint")
 }
+
+// A Hybrid's fetch keeps each group's host blocks of the hit too: a replica whose host caches
+// (256 tokens a group) hold a 161-token prompt's blocks, its device caches emptied, starts the
+// 300-token prompt and gets 256 tokens (16 full blocks, the host's room), not fewer than the
+// 160 its host alone served.
+func TestHybridTiersFetchKeepsTheHostPrefix(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	stores, p := storedOnce(t, dev, 300)
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: "two", Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 256, Tiers: stores.tiers})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p[:161]})
+	require.NoError(t, err)
+	require.Equal(t, 160, hit)
+	require.NoError(t, h.FreeSequence(2))
+	_, err = h.Sleep()
+	require.NoError(t, err)
+	require.NoError(t, h.Wake())
+	hit, err = h.StartSequence(3, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 256, hit)
+	require.NoError(t, h.Verify())
+}

@@ -450,17 +450,19 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		t.keys = append(t.keys, key)
 		parent = key
 	}
-	m.fetchRun(p.Namespace, t.keys, false)
+	m.fetchRun(p.Namespace, t.keys, false, t.keys)
 }
 
 // fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns) from
 // the first that neither the device nor the host holds, as many as the tiers hold in a run and
-// the host has room for. They count as tier hits now (a Manager's start uses them all), or,
-// with mark, when a start's hit first brings them to the device (fromTier; a Hybrid's start,
-// whose hit may read fewer). The caller holds t.fetchMu and not the lock.
-func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool) {
+// the host has room for without evicting the host's blocks of keep (the rest of what the start
+// reads: the fetch must not shorten the hit it lengthens). They count as tier hits now (a
+// Manager's start uses them all), or, with mark, when a start's hit first brings them to the
+// device (fromTier; a Hybrid's start, whose hit may read fewer). The caller holds t.fetchMu
+// and not the lock.
+func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool, keep ...[]prefix.Key) {
 	t := m.tiers
-	from, room := m.cachedAnywhere(keys)
+	from, room := m.cachedAnywhere(keys, keep...)
 	if from == len(keys) || room == 0 {
 		return
 	}
@@ -498,13 +500,14 @@ func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool) {
 		}
 	}
 	if at > from {
-		m.storeFetched(keys, from, at, mark)
+		m.storeFetched(keys, from, at, mark, keep...)
 	}
 }
 
 // cachedAnywhere returns where the run of keys that the device or the host holds ends, and how
-// many host blocks a fetch could take now.
-func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
+// many host blocks a fetch could take now without evicting the host's blocks of keep
+// (fetchRoom).
+func (m *Manager) cachedAnywhere(keys []prefix.Key, keep ...[]prefix.Key) (end, room int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -513,20 +516,37 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key) (end, room int) {
 	for end < len(keys) && (m.arena.Index().Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
 		end++
 	}
-	return end, m.host.cacheRoom()
+	return end, m.fetchRoom(keep...)
+}
+
+// fetchRoom returns how many host blocks a fetch may take without evicting the host cache's
+// idle blocks of keep, and makes those the most recently used (the first key the most), so
+// that what the fetch evicts is older. The lock is held.
+func (m *Manager) fetchRoom(keep ...[]prefix.Key) int {
+	kept := 0
+	for i := len(keep) - 1; i >= 0; i-- {
+		for j := len(keep[i]) - 1; j >= 0; j-- {
+			if e := m.host.cache.Get(keep[i][j]); e != nil && e.Idle() {
+				m.host.touch(e)
+				kept++
+			}
+		}
+	}
+	return max(0, m.host.cacheRoom()-kept)
 }
 
 // storeFetched writes the fetched blocks [from, to) of keys into host blocks and caches them
-// there, the prefix the most recently used, and counts them as fetchRun says (mark). Blocks
-// the host or the device came to hold meanwhile are skipped; what does not fit now is left.
-func (m *Manager) storeFetched(keys []prefix.Key, from, to int, mark bool) {
+// there, the prefix the most recently used, and counts them as fetchRun says (mark, keep).
+// Blocks the host or the device came to hold meanwhile are skipped; what does not fit now is
+// left.
+func (m *Manager) storeFetched(keys []prefix.Key, from, to int, mark bool, keep ...[]prefix.Key) {
 	t := m.tiers
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return
 	}
-	n := min(to-from, m.host.cacheRoom())
+	n := min(to-from, m.fetchRoom(keep...))
 	if n == 0 {
 		return
 	}

@@ -289,3 +289,43 @@ func TestTiersFaultsAreMisses(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 16, hit, "still a hit on the device")
 }
+
+// A fetch never evicts the host's blocks of the prompt it fetches for: with a host cache of 8
+// blocks holding the prompt's first 5, a fetch of the rest takes the 3 free blocks only, so the
+// hit is 8 blocks (32 tokens), not the 1 left when the fetch evicted the prompt's own oldest
+// blocks; the tier hits are the 3 blocks fetched.
+func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	store := newMemStore(tierConfig(nil).Fingerprint())
+	big := tierConfig(store)
+	big.HostBlocks = 32
+	a := newManager(t, dev, big)
+	prompt := make([]prefix.Token, 49) // 12 whole blocks
+	for i := range prompt {
+		prompt[i] = prefix.Token(100 + i)
+	}
+	_, err := a.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.FreeSequence(1))
+	require.NoError(t, a.SyncTiers(context.Background()))
+	require.EqualValues(t, 12, a.Stats().Prefix.Tiers[0].Stored)
+
+	b := newManager(t, dev, tierConfig(store)) // 8 host blocks
+	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt[:21]})
+	require.NoError(t, err)
+	require.Equal(t, 20, hit)
+	require.NoError(t, b.FreeSequence(1))
+	_, err = b.Sleep() // the device cache goes; the host keeps blocks 0-4
+	require.NoError(t, err)
+	require.NoError(t, b.Wake())
+	before := b.Stats().Prefix
+	require.Equal(t, 5, before.HostCachedBlocks)
+
+	hit, err = b.StartSequence(2, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	require.Equal(t, 32, hit)
+	after := b.Stats().Prefix
+	require.EqualValues(t, 12, after.Tiers[0].HitTokens-before.Tiers[0].HitTokens)
+	require.EqualValues(t, 32, after.HostHitTokens-before.HostHitTokens)
+	require.NoError(t, b.Verify())
+}
