@@ -513,3 +513,25 @@ func TestHybridTiersFetchKeepsTheHostPrefix(t *testing.T) {
 	require.Equal(t, 256, hit)
 	require.NoError(t, h.Verify())
 }
+
+// The same for a Hybrid: blocks its devices hold are read there, so their host copies' room
+// is the fetch's. A replica whose start of the first 161 tokens fetched them from the tiers
+// (160 tokens, now cached on its devices and, freed, copied to its hosts) gets the whole hit
+// of 288 on the full prompt.
+func TestHybridTiersFetchUsesTheRoomOfDeviceCopies(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	stores, p := storedOnce(t, dev, 300)
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: "two", Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostCacheTokens: 256, Tiers: stores.tiers})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p[:161]})
+	require.NoError(t, err)
+	require.Equal(t, 160, hit)
+	require.NoError(t, h.FreeSequence(2))
+	require.NoError(t, h.SyncTiers(context.Background()))
+	hit, err = h.StartSequence(3, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 288, hit)
+	require.NoError(t, h.Verify())
+}

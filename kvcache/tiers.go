@@ -516,17 +516,25 @@ func (m *Manager) cachedAnywhere(keys []prefix.Key, keep ...[]prefix.Key) (end, 
 	for end < len(keys) && (m.arena.Index().Get(keys[end]) != nil || m.host.cache.Get(keys[end]) != nil) {
 		end++
 	}
+	if end == len(keys) {
+		return end, 0 // nothing to fetch: leave the host's order alone
+	}
 	return end, m.fetchRoom(keep...)
 }
 
 // fetchRoom returns how many host blocks a fetch may take without evicting the host cache's
-// idle blocks of keep, and makes those the most recently used (the first key the most), so
-// that what the fetch evicts is older. The lock is held.
+// idle blocks of keep that the start will read from the host (those the device does not hold),
+// and makes those the most recently used (the first key the most), so that what the fetch
+// evicts is older. The lock is held.
 func (m *Manager) fetchRoom(keep ...[]prefix.Key) int {
 	kept := 0
 	for i := len(keep) - 1; i >= 0; i-- {
 		for j := len(keep[i]) - 1; j >= 0; j-- {
-			if e := m.host.cache.Get(keep[i][j]); e != nil && e.Idle() {
+			k := keep[i][j]
+			if m.arena.Index().Get(k) != nil {
+				continue // the start reads the device's copy
+			}
+			if e := m.host.cache.Get(k); e != nil && e.Idle() {
 				m.host.touch(e)
 				kept++
 			}

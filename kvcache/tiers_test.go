@@ -329,3 +329,36 @@ func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
 	require.EqualValues(t, 32, after.HostHitTokens-before.HostHitTokens)
 	require.NoError(t, b.Verify())
 }
+
+// The blocks the device holds are read from the device, so a fetch may take their host
+// copies' room: a manager that computed a prompt's first 8 blocks (cached on the device, and
+// written back to its 8 host blocks) fetches the other 4 from the tier, a hit of 48 tokens.
+func TestTiersFetchUsesTheRoomOfDeviceCopies(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	store := newMemStore(tierConfig(nil).Fingerprint())
+	big := tierConfig(store)
+	big.HostBlocks = 32
+	a := newManager(t, dev, big)
+	prompt := make([]prefix.Token, 49) // 12 whole blocks
+	for i := range prompt {
+		prompt[i] = prefix.Token(100 + i)
+	}
+	_, err := a.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.FreeSequence(1))
+	require.NoError(t, a.SyncTiers(context.Background()))
+
+	b := newManager(t, dev, tierConfig(store)) // 8 host blocks
+	_, err = b.AppendTokenIDs(1, prompt[:32], nil)
+	require.NoError(t, err)
+	require.NoError(t, b.FreeSequence(1))
+	require.NoError(t, b.SyncTiers(context.Background()))
+	before := b.Stats().Prefix
+	require.Equal(t, 8, before.HostCachedBlocks)
+	require.Equal(t, 8, before.CachedBlocks)
+	hit, err := b.StartSequence(2, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	require.Equal(t, 48, hit)
+	require.EqualValues(t, 16, b.Stats().Prefix.Tiers[0].HitTokens-before.Tiers[0].HitTokens)
+	require.NoError(t, b.Verify())
+}
