@@ -490,48 +490,45 @@ func TestHybridTiersFingerprintEncoding(t *testing.T) {
 	require.Equal(t, fpOf(kvcache.FP8E4M3, 0.5), fpOf(kvcache.FP8E4M3, 0.5), "the same settings, the same fingerprint")
 }
 
-// A Hybrid's fetch keeps each group's host blocks of the hit too: a replica whose host caches
-// (256 tokens a group) hold a 161-token prompt's blocks, its device caches emptied, starts the
-// 300-token prompt and gets 256 tokens (16 full blocks, the host's room), not fewer than the
-// 160 its host alone served.
-func TestHybridTiersFetchKeepsTheHostPrefix(t *testing.T) {
+// smallHostReplica returns a second replica, with host caches of 256 tokens a group, of the
+// Hybrid storedOnce ran with a 300-token prompt, and the prompt.
+func smallHostReplica(t *testing.T) (*kvcache.Hybrid, []kvcache.TokenID) {
 	dev := hostDevice(t, 64<<10)
 	stores, p := storedOnce(t, dev, 300)
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: "two", Limit: 256 << 20, Capacity: 64 << 20,
 		NoBackground: true, HostCacheTokens: 256, Tiers: stores.tiers})
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, h.Close()) })
-	hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p[:161]})
-	require.NoError(t, err)
-	require.Equal(t, 160, hit)
-	require.NoError(t, h.FreeSequence(2))
-	_, err = h.Sleep()
-	require.NoError(t, err)
-	require.NoError(t, h.Wake())
-	hit, err = h.StartSequence(3, kvcache.Prompt{Tokens: p})
-	require.NoError(t, err)
-	require.Equal(t, 256, hit)
-	require.NoError(t, h.Verify())
+	return h, p
 }
 
-// The same for a Hybrid: blocks its devices hold are read there, so their host copies' room
-// is the fetch's. A replica whose start of the first 161 tokens fetched them from the tiers
-// (160 tokens, now cached on its devices and, freed, copied to its hosts) gets the whole hit
-// of 288 on the full prompt.
-func TestHybridTiersFetchUsesTheRoomOfDeviceCopies(t *testing.T) {
-	dev := hostDevice(t, 64<<10)
-	stores, p := storedOnce(t, dev, 300)
-	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: "two", Limit: 256 << 20, Capacity: 64 << 20,
-		NoBackground: true, HostCacheTokens: 256, Tiers: stores.tiers})
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, h.Close()) })
-	hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p[:161]})
-	require.NoError(t, err)
-	require.Equal(t, 160, hit)
-	require.NoError(t, h.FreeSequence(2))
-	require.NoError(t, h.SyncTiers(context.Background()))
-	hit, err = h.StartSequence(3, kvcache.Prompt{Tokens: p})
-	require.NoError(t, err)
-	require.Equal(t, 288, hit)
-	require.NoError(t, h.Verify())
+// A Hybrid's fetch keeps each group's host blocks that the hit reads from the host, and only
+// those. A replica (host caches of 256 tokens a group) whose start of the first 161 tokens
+// fetched them from the tiers, then freed them, starts the 300-token prompt:
+//   - its device caches emptied (a sleep), the hosts hold those 160 tokens: 256 tokens (16 full
+//     blocks, the hosts' room), not fewer than the hosts alone served;
+//   - its devices still caching them: 288, the whole hit, the host copies of the device's
+//     blocks being room for the fetch.
+func TestHybridTiersFetchKeepsWhatTheHostServes(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		sleep bool
+		want  int
+	}{{"device caches emptied", true, 256}, {"device caches kept", false, 288}} {
+		h, p := smallHostReplica(t)
+		hit, err := h.StartSequence(2, kvcache.Prompt{Tokens: p[:161]})
+		require.NoError(t, err)
+		require.Equal(t, 160, hit)
+		require.NoError(t, h.FreeSequence(2))
+		require.NoError(t, h.SyncTiers(context.Background()))
+		if tc.sleep {
+			_, err = h.Sleep()
+			require.NoError(t, err)
+			require.NoError(t, h.Wake())
+		}
+		hit, err = h.StartSequence(3, kvcache.Prompt{Tokens: p})
+		require.NoError(t, err)
+		require.Equal(t, tc.want, hit, tc.name)
+		require.NoError(t, h.Verify())
+	}
 }

@@ -290,17 +290,15 @@ func TestTiersFaultsAreMisses(t *testing.T) {
 	assert.Equal(t, 16, hit, "still a hit on the device")
 }
 
-// A fetch never evicts the host's blocks of the prompt it fetches for: with a host cache of 8
-// blocks holding the prompt's first 5, a fetch of the rest takes the 3 free blocks only, so the
-// hit is 8 blocks (32 tokens), not the 1 left when the fetch evicted the prompt's own oldest
-// blocks; the tier hits are the 3 blocks fetched.
-func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
+// storedPrompt returns a host device and a store that a first manager filled with a
+// 49-token prompt's 12 whole blocks, and the prompt.
+func storedPrompt(t *testing.T) (vmm.Device, *memStore, []prefix.Token) {
 	dev := hostDevice(t, 64<<10)
 	store := newMemStore(tierConfig(nil).Fingerprint())
 	big := tierConfig(store)
 	big.HostBlocks = 32
 	a := newManager(t, dev, big)
-	prompt := make([]prefix.Token, 49) // 12 whole blocks
+	prompt := make([]prefix.Token, 49)
 	for i := range prompt {
 		prompt[i] = prefix.Token(100 + i)
 	}
@@ -309,6 +307,15 @@ func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
 	require.NoError(t, a.FreeSequence(1))
 	require.NoError(t, a.SyncTiers(context.Background()))
 	require.EqualValues(t, 12, a.Stats().Prefix.Tiers[0].Stored)
+	return dev, store, prompt
+}
+
+// A fetch never evicts the host's blocks of the prompt it fetches for: with a host cache of 8
+// blocks holding the prompt's first 5, a fetch of the rest takes the 3 free blocks only, so the
+// hit is 8 blocks (32 tokens), not the 1 left when the fetch evicted the prompt's own oldest
+// blocks; the tier hits are the 3 blocks fetched.
+func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
+	dev, store, prompt := storedPrompt(t)
 
 	b := newManager(t, dev, tierConfig(store)) // 8 host blocks
 	hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt[:21]})
@@ -334,22 +341,10 @@ func TestTiersFetchKeepsTheHostPrefix(t *testing.T) {
 // copies' room: a manager that computed a prompt's first 8 blocks (cached on the device, and
 // written back to its 8 host blocks) fetches the other 4 from the tier, a hit of 48 tokens.
 func TestTiersFetchUsesTheRoomOfDeviceCopies(t *testing.T) {
-	dev := hostDevice(t, 64<<10)
-	store := newMemStore(tierConfig(nil).Fingerprint())
-	big := tierConfig(store)
-	big.HostBlocks = 32
-	a := newManager(t, dev, big)
-	prompt := make([]prefix.Token, 49) // 12 whole blocks
-	for i := range prompt {
-		prompt[i] = prefix.Token(100 + i)
-	}
-	_, err := a.AppendTokenIDs(1, prompt, nil)
-	require.NoError(t, err)
-	require.NoError(t, a.FreeSequence(1))
-	require.NoError(t, a.SyncTiers(context.Background()))
+	dev, store, prompt := storedPrompt(t)
 
 	b := newManager(t, dev, tierConfig(store)) // 8 host blocks
-	_, err = b.AppendTokenIDs(1, prompt[:32], nil)
+	_, err := b.AppendTokenIDs(1, prompt[:32], nil)
 	require.NoError(t, err)
 	require.NoError(t, b.FreeSequence(1))
 	require.NoError(t, b.SyncTiers(context.Background()))
