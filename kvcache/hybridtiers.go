@@ -16,9 +16,10 @@ import (
 // into a group's host cache what its tiers hold, before it takes the lock; the lookup then
 // brings those blocks to the devices as host hits (hybridhost.go). What a group fetches
 // follows the hit rule: the unbounded groups (full attention, MLA) their leading runs first,
-// which bound the hit; then each window or chunk group the blocks its next token reads at
-// that length, and its sink blocks. A tier that misses or fails leaves the hit shorter, never
-// wrong.
+// which with the recurrent groups' cached checkpoints bound the hit (tierBound); then each
+// window or chunk group the blocks its next token reads at that length, and its sink blocks.
+// No fetch evicts a host block the start reads from the host (fetchRoom). A tier that misses
+// or fails leaves the hit shorter, never wrong.
 
 // groupTiers returns gc with group i's tiers from cfg.Tiers, where the group has a host prefix
 // cache; a *ConfigError where they do not fit the group.
@@ -36,10 +37,10 @@ func groupTiers(i int, g LayerGroup, cfg HybridConfig, gc Config) (Config, error
 
 // groupFingerprint is the fingerprint of group g's blocks as its tiers store them: its arena's
 // layout (Config.Fingerprint), which layers of the model they hold, for what attention, and
-// how their elements encode (the dtype, an fp8 group's scales). Two
-// groups of one shape (gpt-oss's full and window layers) share a layout and a key chain, but
-// never their blocks: a store shared by both (a Redis server, whose keys carry the
-// fingerprint) keeps them apart, and a block of one is never served as the other's.
+// how their elements encode (the dtype, an fp8 group's scales). Two groups of one shape
+// (gpt-oss's full and window layers) share a layout and a key chain, but never their blocks: a
+// store shared by both (a Redis server, whose keys carry the fingerprint) keeps them apart,
+// and a block of one is never served as the other's.
 func groupFingerprint(gc Config, g LayerGroup) tier.Fingerprint {
 	base := gc.Fingerprint()
 	h := sha256.New()
