@@ -79,7 +79,6 @@ func (m *Manager) writeBack(s *sequence.Sequence) {
 		if m.tiers == nil {
 			m.host.store(k, h)
 		} else {
-			m.forgetFromTier(k) // the device's copy now: no tier's hit, should a stale mark remain
 			m.demote(s, int(sc.at[j]), m.host.cache.Add(k, h))
 		}
 	}
