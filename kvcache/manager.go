@@ -77,14 +77,12 @@ type Manager struct {
 	feed      *prefix.Feed // its own, or its Hybrid's, which every group publishes to
 	group     eventGroup   // what its events say of its layer group (a Hybrid's)
 	keyer     *prefix.Keyer
-	pending   []prefix.Event                     // events held back for the subscribers (the first committed), then those of the operation under way
-	committed int                                // of pending, the events of operations that succeeded (publish)
+	pending   prefix.Journal                     // events held back for the subscribers (the sealed ones), then those of the operation under way
 	holding   atomic.Bool                        // committed events are held back for the subscribers' next Read
 	pullArmed atomic.Bool                        // pullTimer is set to retry a pull that found the lock taken
 	pullTimer *time.Timer                        // runs retryPull
 	pubMu     sync.Mutex                         // orders publishing: taken after mu, held while events go to the feed; guards pulled
-	pulled    []prefix.Event                     // the slice detachEvents last published, cleared, for pending to reuse
-	slab      eventSlab                          // the pending events' keys and token ids
+	pulled    prefix.Journal                     // the journal detachEvents last published, emptied, for pending to reuse
 	evicted   []keyindex.Removed[sequence.Block] // evictions of the append under way, restored if it fails
 	probe     sequence.Sequence                  // scratch of Admit
 	root0     prefix.Key                         // root of the zero namespace
@@ -547,8 +545,7 @@ func (m *Manager) rollback() {
 		m.counters.evictions--
 	}
 	m.evicted = m.evicted[:0]
-	clear(m.pending[m.committed:]) // the committed events held for the subscribers stay
-	m.pending = m.pending[:m.committed]
+	m.pending.DropUnsealed() // the committed events held for the subscribers stay
 	for _, p := range m.newPages {
 		if err := m.unmapPage(p); err != nil {
 			// The page stays mapped and free: still consistent, and reused before any new map.

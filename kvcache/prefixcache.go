@@ -395,13 +395,10 @@ func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string
 	if from > 0 {
 		parent = s.Keys[from-1]
 	}
-	// Filled in place: an Event is about 180 bytes, and building it as a value to copy in cost
-	// the append path more than the copies of its keys and tokens (DecodeSubscribed's profile).
-	m.pending = append(m.pending, prefix.Event{})
-	ev := &m.pending[len(m.pending)-1]
-	ev.Kind, ev.Keys, ev.Parent, ev.ParentIsRoot = prefix.BlockStored, m.slab.keys(s.Keys[from:to]), parent, from == 0
-	ev.Tokens, ev.BlockSize, ev.Adapter, ev.Medium = m.slab.tokens(s.IDs[from*bt:to*bt]), bt, s.Adapter, medium
-	m.group.stored(ev)
+	ev := prefix.Event{Kind: prefix.BlockStored, Keys: s.Keys[from:to], Parent: parent, ParentIsRoot: from == 0,
+		Tokens: s.IDs[from*bt : to*bt], BlockSize: bt, Adapter: s.Adapter, Medium: medium}
+	m.group.stored(&ev)
+	m.pending.Append(&ev) // its keys and ids copied, as bytes
 }
 
 // publishes reports whether the manager queues block events now: a subscriber listens, and
@@ -420,14 +417,13 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 	if !m.publishes() {
 		return
 	}
-	if n := len(m.pending); n > m.committed && m.pending[n-1].Kind == prefix.BlockRemoved && m.pending[n-1].Medium == medium {
-		m.pending[n-1].Keys = m.slab.appendKey(m.pending[n-1].Keys, k)
+	if m.pending.ExtendRemoved(k, medium) {
 		return
 	}
-	m.pending = append(m.pending, prefix.Event{})
-	ev := &m.pending[len(m.pending)-1]
-	ev.Kind, ev.Keys, ev.Medium = prefix.BlockRemoved, m.slab.appendKey(nil, k), medium
-	m.group.removed(ev)
+	keys := [1]prefix.Key{k}
+	ev := prefix.Event{Kind: prefix.BlockRemoved, Keys: keys[:], Medium: medium}
+	m.group.removed(&ev)
+	m.pending.Append(&ev)
 }
 
 // publish delivers the events of the operation that just succeeded, in order, under the lock
@@ -437,11 +433,11 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 // one over whole. A pull that found the lock taken (pullArmed) is served here instead: the
 // operation that held the lock publishes at its end.
 func (m *Manager) publish() {
-	if len(m.pending) == 0 {
+	if m.pending.Len() == 0 {
 		return
 	}
-	if len(m.pending) < holdEvents && !m.pullArmed.Load() && m.feed.Hold() {
-		m.committed = len(m.pending)
+	if m.pending.Len() < holdEvents && !m.pullArmed.Load() && m.feed.Hold() {
+		m.pending.Seal()
 		if !m.holding.Load() { // a store is a full barrier on amd64: it waited for the event's writes
 			m.holding.Store(true)
 		}
@@ -459,13 +455,12 @@ const holdEvents = 256
 
 // flushEvents publishes every pending event; the lock is held and no operation is under way.
 func (m *Manager) flushEvents() {
-	if len(m.pending) == 0 {
+	if m.pending.Len() == 0 {
 		return
 	}
 	m.pubMu.Lock()
-	m.pending = m.feed.Hand(m.pending)
+	m.feed.HandJournal(&m.pending)
 	m.pubMu.Unlock()
-	m.committed = 0
 	if m.holding.Load() {
 		m.holding.Store(false)
 	}
@@ -492,18 +487,18 @@ func (m *Manager) pullEvents() {
 // swap of slices), lets the lock go and publishes them, holding pubMu from before it lets go,
 // so that a later flush publishes after them. The append path never waits on the copying.
 func (m *Manager) detachEvents() {
-	if len(m.pending) == 0 {
+	if m.pending.Len() == 0 {
 		m.mu.Unlock()
 		return
 	}
 	m.pubMu.Lock()
 	held := m.pending
-	m.pending, m.pulled = m.pulled[:0], nil
-	m.committed = 0
+	m.pending, m.pulled = m.pulled, prefix.Journal{}
 	m.holding.Store(false)
 	m.pullArmed.Store(false)
 	m.mu.Unlock()
-	m.pulled = m.feed.Hand(held)
+	m.feed.HandJournal(&held)
+	m.pulled = held
 	m.pubMu.Unlock()
 }
 
@@ -530,7 +525,7 @@ func (m *Manager) retryPull() {
 		m.pullTimer.Reset(pullRetry)
 		return
 	}
-	if m.closed || len(m.pending) == 0 {
+	if m.closed || m.pending.Len() == 0 {
 		m.pullArmed.Store(false)
 		m.mu.Unlock()
 		return
@@ -647,7 +642,7 @@ func (m *Manager) DropCache() (int, error) {
 			}
 			m.counters.hostEvictions += uint64(h)
 			if m.feed.Active() {
-				m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})
+				m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})
 			}
 			m.publish()
 		}
@@ -676,7 +671,7 @@ func (m *Manager) dropCacheLocked() int {
 		a.Uncache(b)
 	}
 	if m.publishes() && len(idle)+len(held) > 0 {
-		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
+		m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
 	}
 	m.publish()
 	return len(idle)

@@ -86,7 +86,7 @@ func TestFailedPullIsServedByTheLockHolder(t *testing.T) {
 	require.True(t, m.pullArmed.Load(), "the pull waits")
 	m.publish() // the operation ends
 	assert.False(t, m.pullArmed.Load(), "its publish served the pull")
-	assert.Empty(t, m.pending)
+	assert.Zero(t, m.pending.Len())
 	m.mu.Unlock()
 
 	var got []prefix.Key

@@ -367,7 +367,7 @@ func (m *Manager) emitTierRemoved(i int, evicted []tier.Eviction, lost uint64) {
 		m.emitRemovedOn(e.Key, t.tiers[i].Medium)
 	}
 	if lost > 0 && m.feed.Active() {
-		m.pending = append(m.pending, prefix.Event{Kind: prefix.AllBlocksCleared, Medium: t.tiers[i].Medium})
+		m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: t.tiers[i].Medium})
 	}
 }
 
@@ -377,9 +377,11 @@ func (m *Manager) emitTierStored(d demotion, medium string) {
 	if !m.feed.Active() {
 		return
 	}
-	m.pending = append(m.pending, prefix.Event{Kind: prefix.BlockStored, Keys: m.slab.appendKey(nil, d.key), Parent: d.parent,
-		ParentIsRoot: d.first, BlockSize: m.cfg.BlockTokens, Adapter: d.ns.Adapter, Medium: medium})
-	m.group.stored(&m.pending[len(m.pending)-1])
+	keys := [1]prefix.Key{d.key}
+	ev := prefix.Event{Kind: prefix.BlockStored, Keys: keys[:], Parent: d.parent,
+		ParentIsRoot: d.first, BlockSize: m.cfg.BlockTokens, Adapter: d.ns.Adapter, Medium: medium}
+	m.group.stored(&ev)
+	m.pending.Append(&ev)
 }
 
 // tierCall runs fn with a context bounded by TierTimeout.

@@ -13,7 +13,7 @@ func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:   ".",
 		Funcs: []any{Root, Keys, VLLMNoneHash, VLLMKeys, NewKeyer},
-		Types: []any{Key{}, (*Hasher)(nil), (*VLLMHasher)(nil), (*Keyer)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0)},
+		Types: []any{Key{}, (*Hasher)(nil), (*VLLMHasher)(nil), (*Keyer)(nil), (*Feed)(nil), (*Subscription)(nil), EventKind(0), (*Journal)(nil)},
 		Values: func(t reflect.Type) []apitest.Maker {
 			val := func(x any) apitest.Maker {
 				return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
@@ -42,6 +42,18 @@ func TestAPIProperty(t *testing.T) {
 					f.Publish(Event{Kind: BlockStored}, Event{Kind: BlockStored}, Event{Kind: BlockStored})
 					return apitest.Object{V: reflect.ValueOf(s)}
 				}, val(&Subscription{})}
+			case reflect.TypeFor[*Journal]():
+				return []apitest.Maker{val(&Journal{}), func() apitest.Object {
+					var j Journal
+					j.Append(&Event{Kind: BlockRemoved, Keys: []Key{{1}}, Medium: MediumCPU})
+					j.Seal()
+					j.Append(&Event{Kind: BlockStored, Keys: []Key{{2}}, Tokens: []Token{-1, 1 << 30}, BlockSize: 1<<63 - 1,
+						Medium: "tier@" + string(rune(0x10FFFF)), GroupKind: "x", Group: -1, Lost: 1<<64 - 1})
+					return apitest.Object{V: reflect.ValueOf(&j)}
+				}}
+			case reflect.TypeFor[*Event]():
+				return []apitest.Maker{val(&Event{}), val(&Event{Kind: EventKind(255), Keys: make([]Key, 3), Medium: MediumGPU,
+					SlidingWindow: -1 << 63, Adapter: 1<<64 - 1, HasGroup: true})}
 			case reflect.TypeFor[Namespace]():
 				return []apitest.Maker{val(Namespace{Adapter: 1<<64 - 1, Salt: "s"})}
 			}

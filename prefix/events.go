@@ -116,7 +116,7 @@ func (f *Feed) Waiting() bool {
 // Hold reports whether a writer may hold its events back for the next Read to pull: a pull
 // function is set (SetPull) and someone subscribes. It makes sure every reader will Read: a
 // subscription not marked as having unread events is marked, and its Ready signalled. A writer
-// that holds every batch so hands it to an empty queue at the pull (Hand), and no event is
+// that holds every batch so hands it to an empty queue at the pull (HandJournal), and no event is
 // copied on its way to the reader.
 func (f *Feed) Hold() bool {
 	if f == nil || f.pull.Load() == nil {
@@ -182,27 +182,26 @@ func (f *Feed) Publish(events ...Event) {
 	}
 }
 
-// Hand queues events, in order, on every subscription, as Publish does, and takes them: the
-// caller gives events up and gets back an empty slice to fill next. A lone subscription whose
-// queue is empty takes the events' array whole and gives its own back, so that a writer that
-// hands over each batch copies no event. It never blocks on a reader.
-func (f *Feed) Hand(events []Event) []Event {
-	if f == nil {
-		clear(events)
-		return events[:0]
+// HandJournal queues the events of j, in order, on every subscription, as Publish does, and
+// leaves j empty to fill next. A lone subscription whose queue is empty takes j's array whole
+// and gives its own, emptied, in exchange, so that a writer that hands over each batch copies
+// nothing. It never blocks on a reader.
+func (f *Feed) HandJournal(j *Journal) {
+	if f == nil || j == nil {
+		if j != nil {
+			j.Reset()
+		}
+		return
 	}
-	if subs := f.subs.Load(); subs != nil && len(events) > 0 {
-		if len(*subs) == 1 {
-			if spare, ok := (*subs)[0].swap(events); ok {
-				return spare
-			}
+	if subs := f.subs.Load(); subs != nil && j.Len() > 0 {
+		if len(*subs) == 1 && (*subs)[0].swap(j) {
+			return
 		}
 		for _, s := range *subs {
-			s.push(events)
+			s.pushJournal(j)
 		}
 	}
-	clear(events)
-	return events[:0]
+	j.Reset()
 }
 
 // Close closes every subscription.
@@ -226,23 +225,25 @@ func (f *Feed) Close() {
 // the queue would pass its bound, the queued events are dropped and counted, and the next Read
 // returns an EventsLost event first. Safe for concurrent use.
 //
-// A writer holds the subscription's lock only to queue its events (or their array, Feed.Hand)
-// and signal Ready; a reader holds it only to take the queue whole (Read copies the events out
-// after letting go, Take copies nothing), so that a reader never makes the append path wait.
-// Ready is signalled when the queue stops being empty, or when a writer holds events back for
-// the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is
-// signalled under the lock, so that Close, which closes it, never races a signal.
+// The queue is a Journal: writers queue compact records (or a manager's whole journal,
+// Feed.HandJournal), and a reader decodes them into Events after taking the queue whole, so
+// that a reader never makes the append path wait and the append path builds no Event. A writer
+// holds the subscription's lock only to queue its events and signal Ready; a reader only to
+// take the queue and to give its emptied array back. Ready is signalled when the queue stops
+// being empty, or when a writer holds events back for the next Read (Feed.Hold): a reader that
+// reads on every signal misses nothing. Ready is signalled under the lock, so that Close,
+// which closes it, never races a signal.
 type Subscription struct {
 	f      *Feed
-	mu     sync.Mutex // guards queue, lost, closed
-	queue  []Event
+	mu     sync.Mutex // guards queue, spare, lost, closed
+	queue  Journal
+	spare  Journal // the queue a reader emptied, for the queue to be after the next read
 	max    int
 	lost   uint64
 	ready  chan struct{}
 	closed bool
 
-	rmu   sync.Mutex // serialises readers, which share spare
-	spare []Event    // the queue a reader handed back, emptied, for the writers to fill next
+	rmu sync.Mutex // serialises readers
 
 	unread atomic.Bool // the reader was told of events or a loss it has not read (Feed.Waiting, Feed.Hold)
 }
@@ -257,21 +258,35 @@ func (s *Subscription) tell() {
 	s.mu.Unlock()
 }
 
-// push queues a copy of events.
+// push queues events.
 func (s *Subscription) push(events []Event) {
+	s.queueUp(len(events), func(q *Journal) {
+		for i := range events {
+			q.Append(&events[i])
+		}
+	})
+}
+
+// pushJournal queues a copy of j's events.
+func (s *Subscription) pushJournal(j *Journal) {
+	s.queueUp(j.Len(), func(q *Journal) { q.appendJournal(j) })
+}
+
+// queueUp queues n events that add writes into the queue, or drops the queue and them when
+// they would pass its bound.
+func (s *Subscription) queueUp(n int, add func(q *Journal)) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return
 	}
-	signal := len(s.queue) == 0 && s.lost == 0
-	if len(s.queue)+len(events) > s.max {
-		s.lost += uint64(len(s.queue) + len(events))
-		clear(s.queue)
-		s.queue = s.queue[:0]
+	signal := s.queue.Len() == 0 && s.lost == 0
+	if s.queue.Len()+n > s.max {
+		s.lost += uint64(s.queue.Len() + n)
+		s.queue.Reset()
 		signal = true
 	} else {
-		s.queue = append(s.queue, events...)
+		add(&s.queue)
 	}
 	s.unread.Store(true)
 	if signal {
@@ -280,22 +295,25 @@ func (s *Subscription) push(events []Event) {
 	s.mu.Unlock()
 }
 
-// swap queues events by taking their array, and returns the queue's empty one in exchange. It
-// does so only when the queue is empty and has an array of its own to give (a writer's next
-// events then go in that array, and allocate nothing); otherwise it reports false and queues
-// nothing.
-func (s *Subscription) swap(events []Event) ([]Event, bool) {
+// swap queues j's events by taking its array, and leaves in j the queue's empty one in
+// exchange. It does so only when the queue is empty and has an array of its own to give (a
+// writer's next events then go in that array, and allocate nothing); otherwise it reports
+// false and queues nothing.
+func (s *Subscription) swap(j *Journal) bool {
 	s.mu.Lock()
-	if s.closed || len(s.queue) > 0 || s.lost > 0 || cap(s.queue) == 0 || len(events) > s.max {
+	if s.closed || s.queue.Len() > 0 || s.lost > 0 || cap(s.queue.b) == 0 || j.Len() > s.max {
 		s.mu.Unlock()
-		return nil, false
+		return false
 	}
 	spare := s.queue
-	s.queue = events
+	s.queue = *j
+	s.queue.Seal()
 	s.unread.Store(true)
 	s.signal()
 	s.mu.Unlock()
-	return spare, true
+	spare.Reset()
+	*j = spare
+	return true
 }
 
 // signal makes Ready receive, unless a signal waits already. s.mu is held and s is open: Close
@@ -319,46 +337,46 @@ func (s *Subscription) Ready() <-chan struct{} {
 }
 
 // Read appends the waiting events to dst, oldest first (an EventsLost first if events were
-// dropped), and returns it. It never blocks.
+// dropped), and returns it. Their keys and token ids are in arrays of their own. It never
+// blocks.
 func (s *Subscription) Read(dst []Event) []Event {
 	if s == nil {
 		return dst
 	}
+	return s.read(dst)
+}
+
+// Take returns the waiting events as Read does, in buf's array: the caller gives buf up, and
+// gets it back, emptied and filled. A reader that hands back each batch it took once done with
+// it allocates only the batch's keys and token ids. It never blocks.
+func (s *Subscription) Take(buf []Event) []Event {
+	if s == nil {
+		return nil
+	}
+	clear(buf)
+	return s.read(buf[:0])
+}
+
+// read takes the queue whole, lets the writers go on into the array the last read emptied,
+// and decodes what it took into dst.
+func (s *Subscription) read(dst []Event) []Event {
 	s.pull()
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	s.mu.Lock()
 	q, lost := s.queue, s.lost
-	s.queue, s.lost = s.spare[:0], 0
-	s.spare = nil
+	s.queue, s.lost = s.spare, 0
+	s.spare = Journal{}
 	s.mu.Unlock()
 	if lost > 0 {
 		dst = append(dst, Event{Kind: EventsLost, Lost: lost})
 	}
-	dst = append(dst, q...)
-	clear(q)
-	s.spare = q[:0]
-	return dst
-}
-
-// Take returns the waiting events as Read does, in a slice of their own that belongs to the
-// caller, and takes buf: the caller gives buf up, and its array, emptied, is where writers
-// queue next. A reader that hands back each batch it took once done with it copies no event,
-// and neither do writers that hand theirs over (Feed.Hand). It never blocks.
-func (s *Subscription) Take(buf []Event) []Event {
-	if s == nil {
-		return nil
-	}
-	s.pull()
-	clear(buf)
+	dst = q.appendTo(dst)
+	q.Reset()
 	s.mu.Lock()
-	q, lost := s.queue, s.lost
-	s.queue, s.lost = buf[:0], 0
+	s.spare = q
 	s.mu.Unlock()
-	if lost > 0 {
-		q = append(append(make([]Event, 0, len(q)+1), Event{Kind: EventsLost, Lost: lost}), q...)
-	}
-	return q
+	return dst
 }
 
 // pull marks s read and then runs the feed's pull. In that order, a writer that holds events

@@ -103,14 +103,21 @@ func TestFeed(t *testing.T) {
 	}
 }
 
-// A writer that hands its batches over (Hand) and a reader that hands back what it took (Take)
-// move whole arrays: events keep their order, a loss is still reported first, and a warm pair
-// allocates nothing.
-func TestHandAndTake(t *testing.T) {
+// A writer that hands its journals over (HandJournal) and a reader that reads them (Take) move
+// whole arrays: events keep their order, a loss is still reported first, and a warm pair
+// allocates only each batch's keys.
+func TestHandJournalAndTake(t *testing.T) {
 	var f Feed
 	s, err := f.Subscribe(4)
 	require.NoError(t, err)
 	ev := func(b byte) Event { return Event{Kind: BlockStored, Keys: []Key{{b}}} }
+	var w Journal
+	write := func(bs ...byte) {
+		for _, b := range bs {
+			e := ev(b)
+			w.Append(&e)
+		}
+	}
 	keys := func(evs []Event) []byte {
 		var out []byte
 		for _, e := range evs {
@@ -124,65 +131,79 @@ func TestHandAndTake(t *testing.T) {
 	}
 
 	// The queue has no array yet: the events are copied, and the writer keeps its array, emptied.
-	w := append(make([]Event, 0, 8), ev(1), ev(2))
-	back := f.Hand(w)
-	assert.Empty(t, back)
-	assert.Equal(t, cap(w), cap(back))
-	assert.Zero(t, w[0], "the writer's array is emptied")
+	write(1, 2)
+	mine := cap(w.b)
+	f.HandJournal(&w)
+	assert.Zero(t, w.Len())
+	assert.Equal(t, mine, cap(w.b))
 	got := s.Take(nil)
 	assert.Equal(t, []byte{1, 2}, keys(got))
 
-	// The reader gave back got's array: the next batch takes it whole, and the writer gets it back.
+	// After a read the queue has the array that read emptied: the next batch takes the writer's
+	// array whole, and the writer gets the queue's.
 	_ = s.Take(got)
-	w = append(back, ev(3))
-	back = f.Hand(w)
-	assert.Equal(t, cap(got), cap(back), "the queue's array came back to the writer")
-	w = append(back, ev(4)) // queued behind 3, by copy
-	back = f.Hand(w)
+	queue := cap(s.queue.b)
+	require.NotZero(t, queue)
+	write(3)
+	f.HandJournal(&w)
+	assert.Equal(t, queue, cap(w.b), "the queue's array came to the writer")
+	write(4) // queued behind 3, by copy
+	f.HandJournal(&w)
 	got2 := s.Take(nil)
 	assert.Equal(t, []byte{3, 4}, keys(got2))
-	require.NotEmpty(t, got2)
 
 	// Beyond the bound the queue is lost, and Take reports it first.
-	back = f.Hand(append(back, ev(5), ev(6), ev(7)))
-	back = f.Hand(append(back, ev(8), ev(9)))
-	back = f.Hand(append(back, ev(10)))
+	write(5, 6, 7)
+	f.HandJournal(&w)
+	write(8, 9)
+	f.HandJournal(&w)
+	write(10)
+	f.HandJournal(&w)
 	assert.Equal(t, []byte{105, 10}, keys(s.Take(nil)))
 
 	// Two subscriptions each get a copy, and the writer keeps its array.
 	s2, err := f.Subscribe(4)
 	require.NoError(t, err)
-	w = append(back, ev(11))
-	back = f.Hand(w)
-	assert.Equal(t, cap(w), cap(back))
+	write(11)
+	mine = cap(w.b)
+	f.HandJournal(&w)
+	assert.Equal(t, mine, cap(w.b))
 	assert.Equal(t, []byte{11}, keys(s.Take(nil)))
 	assert.Equal(t, []byte{11}, keys(s2.Take(nil)))
 	require.NoError(t, s2.Close())
 
-	// Warm, a writer and a reader that hand batches back and forth allocate nothing.
+	// Warm, a writer and a reader that hand batches back and forth allocate only the array of
+	// each batch's keys.
 	var r []Event
 	for range 3 {
-		back = f.Hand(append(back, ev(12)))
+		write(12)
+		f.HandJournal(&w)
 		r = s.Take(r)
 	}
-	one := []Event{ev(13)}
-	assert.Zero(t, testing.AllocsPerRun(100, func() {
-		back = f.Hand(append(back, one...))
+	assert.Equal(t, 1.0, testing.AllocsPerRun(100, func() {
+		write(13)
+		f.HandJournal(&w)
 		r = s.Take(r)
 	}))
 	assert.Equal(t, []byte{13}, keys(r))
 
 	require.NoError(t, s.Close())
-	assert.Empty(t, f.Hand(append(back, ev(14))), "nobody listens: the events go nowhere")
+	write(14)
+	f.HandJournal(&w)
+	assert.Zero(t, w.Len(), "nobody listens: the events go nowhere")
 	assert.Empty(t, s.Take(nil))
 	var nilSub *Subscription
 	assert.Empty(t, nilSub.Take(nil))
 	var nilFeed *Feed
-	assert.Empty(t, nilFeed.Hand([]Event{ev(15)}))
+	write(15)
+	nilFeed.HandJournal(&w)
+	assert.Zero(t, w.Len())
+	f.HandJournal(nil) // no journal: nothing happens
 }
 
 // BenchmarkFeed times a writer's batch of 256 one-block events reaching a reader: copied twice
-// (Publish, then Read) or handed over whole both ways (Hand, then Take). ns/event is per event.
+// (Publish, then Read) or written as records and handed over whole (Journal.Append,
+// HandJournal, then Take). ns/event is per event.
 func BenchmarkFeed(b *testing.B) {
 	const batch = 256
 	keys := make([]Key, batch)
@@ -212,10 +233,14 @@ func BenchmarkFeed(b *testing.B) {
 	b.Run("handed", func(b *testing.B) {
 		var f Feed
 		s, _ := f.Subscribe(1 << 16)
-		w, r := make([]Event, 0, batch), []Event(nil)
+		w, r, j := make([]Event, 0, batch), []Event(nil), Journal{}
 		b.ReportAllocs()
 		for b.Loop() {
-			w = f.Hand(fill(w))
+			w = fill(w[:0])
+			for i := range w {
+				j.Append(&w[i])
+			}
+			f.HandJournal(&j)
 			r = s.Take(r)
 		}
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batch), "ns/event")

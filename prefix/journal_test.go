@@ -1,0 +1,145 @@
+package prefix
+
+import (
+	"encoding/binary"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// FuzzJournal writes events built from the input into a Journal (Append, ExtendRemoved, Seal,
+// DropUnsealed, Reset) beside a model, a plain slice of the events, and checks that decoding
+// the journal gives back the model exactly: every field, over the full range of each (negative
+// ints, the largest uint64s, codes and inline strings, empty and nil slices).
+func FuzzJournal(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20})
+	f.Add([]byte{1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 2, 2, 5, 3, 1, 4, 1, 1, 6, 0, 7})
+	f.Add([]byte{1, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 1, 9, 1, 9, 3, 9, 4, 9, 5})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		next := func() byte {
+			if len(in) == 0 {
+				return 0
+			}
+			b := in[0]
+			in = in[1:]
+			return b
+		}
+		u64 := func() uint64 {
+			var b [8]byte
+			for i := range b {
+				b[i] = next()
+			}
+			return binary.LittleEndian.Uint64(b[:])
+		}
+		strs := []string{"", MediumGPU, MediumCPU, "DISK", "CLUSTER", "sliding_window", "mamba", "tier-x", "\x00", "GPU "}
+		var j Journal
+		var model, sealed []Event
+		for len(in) > 0 {
+			switch op := next() % 8; op {
+			case 0, 1, 2: // an event
+				ev := Event{Kind: EventKind(next()), ParentIsRoot: next()%2 == 1, HasGroup: next()%2 == 1,
+					Medium: strs[int(next())%len(strs)], GroupKind: strs[int(next())%len(strs)]}
+				fields := next()
+				if fields&1 != 0 {
+					ev.BlockSize = int(u64())
+				}
+				if fields&2 != 0 {
+					ev.Adapter = u64()
+				}
+				if fields&4 != 0 {
+					ev.Lost = u64()
+				}
+				if fields&8 != 0 {
+					ev.Group = int(u64())
+				}
+				if fields&16 != 0 {
+					ev.SlidingWindow = int(u64())
+				}
+				if fields&32 != 0 {
+					ev.Parent = Key{next(), 31: next()}
+				}
+				if n := int(next() % 5); n > 0 {
+					ev.Keys = make([]Key, n)
+					for i := range ev.Keys {
+						ev.Keys[i] = Key{next(), 31: next()}
+					}
+				}
+				if n := int(next() % 40); n > 0 {
+					ev.Tokens = make([]Token, n)
+					for i := range ev.Tokens {
+						ev.Tokens[i] = Token(u64())
+					}
+				}
+				j.Append(&ev)
+				model = append(model, ev)
+			case 3: // a removal that may join the last event
+				k, medium := Key{next(), 31: next()}, strs[int(next())%len(strs)]
+				last := len(model) - 1
+				joins := len(model) > len(sealed) && model[last].Kind == BlockRemoved && len(model[last].Tokens) == 0 &&
+					model[last].Medium == medium && code(medium) != inline
+				require.Equal(t, joins, j.ExtendRemoved(k, medium), "ExtendRemoved after %+v", model)
+				if joins {
+					model[last].Keys = append(append([]Key(nil), model[last].Keys...), k)
+				}
+			case 4:
+				j.Seal()
+				sealed = append([]Event(nil), model...)
+			case 5:
+				j.DropUnsealed()
+				model = append([]Event(nil), sealed...)
+			case 6:
+				if next()%4 == 0 {
+					j.Reset()
+					model, sealed = nil, nil
+				}
+			case 7: // decode now, and go on writing
+				require.Equal(t, model, j.appendTo(nil))
+			}
+			require.Equal(t, len(model), j.Len())
+		}
+		got := j.appendTo([]Event{{Kind: AllBlocksCleared}})
+		require.Equal(t, append([]Event{{Kind: AllBlocksCleared}}, model...), got)
+		var copied Journal
+		copied.appendJournal(&j)
+		copied.appendJournal(&j)
+		require.Equal(t, append(append([]Event(nil), model...), model...), copied.appendTo(nil))
+	})
+}
+
+// A decoded event's slices are its own: writing the journal again, or another event's keys,
+// changes none of them.
+func TestJournalDecodedSlicesAreTheReaders(t *testing.T) {
+	var j Journal
+	j.Append(&Event{Kind: BlockStored, Keys: []Key{{1}, {2}}, Tokens: []Token{1, 2, 3}})
+	j.Append(&Event{Kind: BlockRemoved, Keys: []Key{{3}}})
+	evs := j.appendTo(nil)
+	require.Len(t, evs, 2)
+	evs[0].Keys = append(evs[0].Keys, Key{9}) // capacity ends at the slice: a new array
+	evs[0].Tokens = append(evs[0].Tokens, 9)
+	require.Equal(t, []Key{{3}}, evs[1].Keys)
+	j.Reset()
+	j.Append(&Event{Kind: BlockStored, Keys: []Key{{7}, {7}}, Tokens: []Token{7, 7, 7}})
+	require.Equal(t, []Key{{1}, {2}, {9}}, evs[0].Keys)
+	require.Equal(t, []Token{1, 2, 3, 9}, evs[0].Tokens)
+}
+
+// BenchmarkJournal times what the append path pays per filled block with a subscriber: a
+// one-block BlockStored (16 token ids) and a BlockRemoved written to a Journal, which is reset
+// every 256 events as a manager's is handed over.
+func BenchmarkJournal(b *testing.B) {
+	keys, tokens := []Key{{1}}, make([]Token, 16)
+	var j Journal
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if j.Len() >= 256 {
+			j.Reset()
+		}
+		j.Append(&Event{Kind: BlockStored, Keys: keys, Parent: Key{2}, Tokens: tokens, BlockSize: 16, Medium: MediumGPU})
+		if !j.ExtendRemoved(Key{3}, MediumGPU) {
+			removed := [1]Key{{3}}
+			j.Append(&Event{Kind: BlockRemoved, Keys: removed[:], Medium: MediumGPU})
+		}
+		j.Seal()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/block")
+}
