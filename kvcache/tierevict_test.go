@@ -124,3 +124,53 @@ func TestTierEvictionsLostClearAll(t *testing.T) {
 	assert.Equal(t, 1, cleared)
 	assert.Equal(t, uint64(3), m.Stats().Prefix.Tiers[0].EvictionsLost)
 }
+
+// namingStore is a memStore that reports, once, the evictions it is given.
+type namingStore struct {
+	*memStore
+	evicted []tier.Eviction
+}
+
+func (s *namingStore) TakeEvictions(dst []tier.Eviction) (int, uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := copy(dst, s.evicted)
+	s.evicted = s.evicted[n:]
+	return n, 0
+}
+
+// A run of evictions a tier reports goes out as one BlockRemoved whatever the tier's medium is
+// called: a medium pagedkv has no code for (here "NVME") joins its run as "DISK" does, so a
+// subscriber with a small queue loses nothing.
+func TestTierEvictionRunIsOneEvent(t *testing.T) {
+	for _, medium := range []string{"DISK", "NVME"} {
+		t.Run(medium, func(t *testing.T) {
+			store := &namingStore{memStore: newMemStore(tierConfig(nil).Fingerprint())}
+			cfg := tierConfig(store)
+			cfg.Tiers[0].Medium = medium
+			m := newManager(t, hostDevice(t, 64<<10), cfg)
+			events, err := m.Subscribe(8)
+			require.NoError(t, err)
+			var want []prefix.Key
+			store.mu.Lock()
+			for i := range 20 {
+				k := prefix.Key{byte(i), 1}
+				store.evicted = append(store.evicted, tier.Eviction{Key: k})
+				want = append(want, k)
+			}
+			store.mu.Unlock()
+			_, err = m.AppendTokenIDs(1, make([]prefix.Token, 9), nil)
+			require.NoError(t, err)
+			require.NoError(t, m.FreeSequence(1))
+			require.NoError(t, m.SyncTiers(context.Background()))
+			var removed [][]prefix.Key
+			for _, ev := range events.Read(nil) {
+				require.NotEqual(t, prefix.EventsLost, ev.Kind)
+				if ev.Kind == prefix.BlockRemoved && ev.Medium == medium {
+					removed = append(removed, ev.Keys)
+				}
+			}
+			assert.Equal(t, [][]prefix.Key{want}, removed)
+		})
+	}
+}

@@ -191,7 +191,7 @@ func (j *Journal) ExtendRemoved(k Key, medium string) bool {
 		return false
 	}
 	c := code(medium)
-	if c != h[2] || c == inline {
+	if c != h[2] || c == inline && !inlineIs(h, medium) {
 		return false
 	}
 	binary.NativeEndian.PutUint64(h[8:], binary.NativeEndian.Uint64(h[8:])+1)
@@ -199,6 +199,14 @@ func (j *Journal) ExtendRemoved(k Key, medium string) bool {
 	j.at.keys++
 	j.at.bytes = len(j.b)
 	return true
+}
+
+// inlineIs reports whether record h, whose medium is inline, names medium: its string follows
+// the header and the uint64s its flags name.
+func inlineIs(h []byte, medium string) bool {
+	off := recHeader + 8*bits.OnesCount8(h[1]&(fBlockSize|fAdapter|fLost|fGroup|fWindow))
+	n := binary.NativeEndian.Uint64(h[off:])
+	return n == uint64(len(medium)) && string(h[off+8:off+8+len(medium)]) == medium
 }
 
 // appendTo appends j's events to dst, their keys and token ids in two new arrays that belong

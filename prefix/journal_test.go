@@ -76,7 +76,7 @@ func FuzzJournal(f *testing.F) {
 				k, medium := Key{next(), 31: next()}, strs[int(next())%len(strs)]
 				last := len(model) - 1
 				joins := len(model) > len(sealed) && model[last].Kind == BlockRemoved && len(model[last].Tokens) == 0 &&
-					model[last].Medium == medium && code(medium) != inline
+					model[last].Medium == medium
 				require.Equal(t, joins, j.ExtendRemoved(k, medium), "ExtendRemoved after %+v", model)
 				if joins {
 					model[last].Keys = append(append([]Key(nil), model[last].Keys...), k)
