@@ -18,7 +18,7 @@ import (
 // A Journal's records are in two parts: the sealed ones (Seal), events of operations that
 // succeeded, and those after them, which an operation that fails drops (DropUnsealed). The
 // zero Journal is empty and ready to use. Not safe for concurrent use: its writer's lock
-// guards it.
+// guards it. A Journal must not be copied once written to: two copies share one array.
 type Journal struct {
 	b      []byte
 	at     journalMark // the end: records, bytes, keys, token ids, the last record
