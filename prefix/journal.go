@@ -210,7 +210,9 @@ func inlineIs(h []byte, medium string) bool {
 }
 
 // appendTo appends j's events to dst, their keys and token ids in two new arrays that belong
-// to the caller, and returns dst.
+// to the caller, and returns dst. A record that does not parse (only a Journal copied and then
+// written through both copies has one) ends the decoding: the events from it on are reported
+// as one EventsLost, so that the reader rebuilds its view, as after a loss.
 func (j *Journal) appendTo(dst []Event) []Event {
 	var keys []Key
 	var tokens []Token
@@ -221,52 +223,106 @@ func (j *Journal) appendTo(dst []Event) []Event {
 		tokens = make([]Token, j.at.tokens)
 	}
 	b := j.b
-	for off := 0; off < len(b); {
-		dst = append(dst, Event{})
-		ev := &dst[len(dst)-1]
-		h := b[off:]
-		flags, medium, kind := h[1], h[2], h[3]
-		ev.Kind = EventKind(h[0])
-		nk, nt := int(binary.NativeEndian.Uint64(h[8:])), int(binary.NativeEndian.Uint64(h[16:]))
-		off += recHeader
-		u64 := func(f byte) uint64 {
-			if flags&f == 0 {
-				return 0
-			}
-			v := binary.NativeEndian.Uint64(b[off:])
-			off += 8
-			return v
+	done := 0
+	for off := 0; off < len(b); done++ {
+		r, ok := parseRecord(b[off:], len(keys), len(tokens))
+		if !ok {
+			return append(dst, Event{Kind: EventsLost, Lost: uint64(max(1, j.at.n-done))})
 		}
-		ev.BlockSize, ev.Adapter, ev.Lost = int(u64(fBlockSize)), u64(fAdapter), u64(fLost)
-		ev.Group, ev.SlidingWindow = int(u64(fGroup)), int(u64(fWindow))
-		str := func(c byte) string {
-			switch c {
-			case 0:
-				return ""
-			case inline:
-				n := int(binary.NativeEndian.Uint64(b[off:]))
-				s := string(b[off+8 : off+8+n])
-				off += 8 + n
-				return s
-			}
-			return codes[c-1]
+		ev := Event{Kind: r.kind, BlockSize: int(r.opt[0]), Adapter: r.opt[1], Lost: r.opt[2], Group: int(r.opt[3]),
+			SlidingWindow: int(r.opt[4]), Medium: r.medium, GroupKind: r.groupKind,
+			ParentIsRoot: r.flags&fParentIsRoot != 0, HasGroup: r.flags&fHasGroup != 0}
+		if r.flags&fParent != 0 {
+			copy(ev.Parent[:], r.parent)
 		}
-		ev.Medium, ev.GroupKind = str(medium), str(kind)
-		ev.ParentIsRoot, ev.HasGroup = flags&fParentIsRoot != 0, flags&fHasGroup != 0
-		if flags&fParent != 0 {
-			copy(ev.Parent[:], b[off:])
-			off += len(Key{})
+		if r.nk > 0 {
+			ev.Keys, keys = keys[:r.nk:r.nk], keys[r.nk:]
+			copy(keyBytes(ev.Keys), r.keys)
 		}
-		if nk > 0 {
-			ev.Keys, keys = keys[:nk:nk], keys[nk:]
-			off += copy(keyBytes(ev.Keys), b[off:])
+		if r.nt > 0 {
+			ev.Tokens, tokens = tokens[:r.nt:r.nt], tokens[r.nt:]
+			copy(tokenBytes(ev.Tokens), r.tokens)
 		}
-		if nt > 0 {
-			ev.Tokens, tokens = tokens[:nt:nt], tokens[nt:]
-			off += copy(tokenBytes(ev.Tokens), b[off:])
-		}
+		dst = append(dst, ev)
+		off += r.size
 	}
 	return dst
+}
+
+// record is one parsed record of a Journal: its parts, as slices of the journal's bytes.
+type record struct {
+	kind                 EventKind
+	flags                byte
+	opt                  [5]uint64 // block size, adapter, lost, group, window
+	medium, groupKind    string
+	parent, keys, tokens []byte
+	nk, nt               int
+	size                 int
+}
+
+// parseRecord parses the record at the start of b, whose counts of keys and token ids must not
+// pass maxKeys and maxTokens; it reports false when b does not hold a whole record.
+func parseRecord(b []byte, maxKeys, maxTokens int) (r record, ok bool) {
+	if len(b) < recHeader {
+		return r, false
+	}
+	nk, nt := binary.NativeEndian.Uint64(b[8:]), binary.NativeEndian.Uint64(b[16:])
+	if nk > uint64(maxKeys) || nt > uint64(maxTokens) {
+		return r, false
+	}
+	r.kind, r.flags, r.nk, r.nt = EventKind(b[0]), b[1], int(nk), int(nt)
+	off := recHeader
+	for i := range r.opt {
+		if r.flags&(fBlockSize<<i) == 0 {
+			continue
+		}
+		if len(b)-off < 8 {
+			return r, false
+		}
+		r.opt[i] = binary.NativeEndian.Uint64(b[off:])
+		off += 8
+	}
+	for i, c := range [2]byte{b[2], b[3]} {
+		var str string
+		switch {
+		case c == 0:
+		case c == inline:
+			if len(b)-off < 8 {
+				return r, false
+			}
+			n := binary.NativeEndian.Uint64(b[off:])
+			if n > uint64(len(b)-off-8) {
+				return r, false
+			}
+			str = string(b[off+8 : off+8+int(n)])
+			off += 8 + int(n)
+		case int(c) <= len(codes):
+			str = codes[c-1]
+		default:
+			return r, false
+		}
+		if i == 0 {
+			r.medium = str
+		} else {
+			r.groupKind = str
+		}
+	}
+	take := func(n int) ([]byte, bool) {
+		if n > len(b)-off {
+			return nil, false
+		}
+		off += n
+		return b[off-n : off], true
+	}
+	var okP, okK, okT bool
+	r.parent, okP = take(0)
+	if r.flags&fParent != 0 {
+		r.parent, okP = take(len(Key{}))
+	}
+	r.keys, okK = take(r.nk * len(Key{}))
+	r.tokens, okT = take(r.nt * int(unsafe.Sizeof(Token(0))))
+	r.size = off
+	return r, okP && okK && okT
 }
 
 // appendJournal appends src's records to j (they stay in src).

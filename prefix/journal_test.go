@@ -143,3 +143,38 @@ func BenchmarkJournal(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/block")
 }
+
+// FuzzJournalDecode decodes arbitrary bytes as a Journal's records, as a Journal misused (copied
+// and written through both copies) would hold: decoding never panics, and a record that does not
+// parse ends it with one EventsLost.
+func FuzzJournalDecode(f *testing.F) {
+	var j Journal
+	j.Append(&Event{Kind: BlockStored, Keys: []Key{{1}}, Tokens: []Token{1, 2}, Medium: "NVME", GroupKind: "x", BlockSize: 2})
+	j.Append(&Event{Kind: BlockRemoved, Keys: []Key{{2}}, Parent: Key{3}, Group: 7})
+	f.Add(j.b, uint16(2), uint16(2), uint16(2))
+	f.Add(j.b[:30], uint16(2), uint16(2), uint16(2))
+	f.Fuzz(func(t *testing.T, b []byte, n, keys, tokens uint16) {
+		j := Journal{b: b, at: journalMark{n: int(n), keys: int(keys), tokens: int(tokens), bytes: len(b)}}
+		evs := j.appendTo(nil)
+		require.LessOrEqual(t, len(evs), len(b)/recHeader+1, "every event but a final loss is a record of 24 bytes or more")
+	})
+}
+
+// A Journal copied and then written through both copies does not break its reader: the
+// subscription reports a loss instead of panicking.
+func TestJournalCopiedAndWrittenTwice(t *testing.T) {
+	var f Feed
+	s, err := f.Subscribe(16)
+	require.NoError(t, err)
+	var j Journal
+	j.b = make([]byte, 0, 4096)
+	j.Append(&Event{Kind: BlockStored, Keys: []Key{{1}}})
+	c := j
+	c.Append(&Event{Kind: BlockStored, Keys: []Key{{2}, {3}, {4}}, Tokens: make([]Token, 40)})
+	j.Append(&Event{Kind: BlockRemoved, Keys: []Key{{5}}})
+	f.HandJournal(&c) // c's second record lies under j's
+	evs := s.Read(nil)
+	require.NotEmpty(t, evs)
+	require.Equal(t, Key{1}, evs[0].Keys[0], "the record written before the copy stands")
+	require.Equal(t, EventsLost, evs[len(evs)-1].Kind)
+}
