@@ -225,104 +225,101 @@ func (j *Journal) appendTo(dst []Event) []Event {
 	b := j.b
 	done := 0
 	for off := 0; off < len(b); done++ {
-		r, ok := parseRecord(b[off:], len(keys), len(tokens))
+		dst = append(dst, Event{})
+		ev := &dst[len(dst)-1]
+		size, ok := decodeRecord(b[off:], ev, keys, tokens)
 		if !ok {
-			return append(dst, Event{Kind: EventsLost, Lost: uint64(max(1, j.at.n-done))})
+			*ev = Event{Kind: EventsLost, Lost: uint64(max(1, j.at.n-done))}
+			return dst
 		}
-		ev := Event{Kind: r.kind, BlockSize: int(r.opt[0]), Adapter: r.opt[1], Lost: r.opt[2], Group: int(r.opt[3]),
-			SlidingWindow: int(r.opt[4]), Medium: r.medium, GroupKind: r.groupKind,
-			ParentIsRoot: r.flags&fParentIsRoot != 0, HasGroup: r.flags&fHasGroup != 0}
-		if r.flags&fParent != 0 {
-			copy(ev.Parent[:], r.parent)
-		}
-		if r.nk > 0 {
-			ev.Keys, keys = keys[:r.nk:r.nk], keys[r.nk:]
-			copy(keyBytes(ev.Keys), r.keys)
-		}
-		if r.nt > 0 {
-			ev.Tokens, tokens = tokens[:r.nt:r.nt], tokens[r.nt:]
-			copy(tokenBytes(ev.Tokens), r.tokens)
-		}
-		dst = append(dst, ev)
-		off += r.size
+		keys, tokens = keys[len(ev.Keys):], tokens[len(ev.Tokens):]
+		off += size
 	}
 	return dst
 }
 
-// record is one parsed record of a Journal: its parts, as slices of the journal's bytes.
-type record struct {
-	kind                 EventKind
-	flags                byte
-	opt                  [5]uint64 // block size, adapter, lost, group, window
-	medium, groupKind    string
-	parent, keys, tokens []byte
-	nk, nt               int
-	size                 int
-}
-
-// parseRecord parses the record at the start of b, whose counts of keys and token ids must not
-// pass maxKeys and maxTokens; it reports false when b does not hold a whole record.
-func parseRecord(b []byte, maxKeys, maxTokens int) (r record, ok bool) {
+// decodeRecord decodes the record at the start of b into ev (zero), its keys and token ids
+// copied into the start of keys and tokens, and returns the record's size; it reports false,
+// ev then half filled, when b does not hold a whole record or keys and tokens are too short.
+func decodeRecord(b []byte, ev *Event, keys []Key, tokens []Token) (size int, ok bool) {
 	if len(b) < recHeader {
-		return r, false
+		return 0, false
 	}
 	nk, nt := binary.NativeEndian.Uint64(b[8:]), binary.NativeEndian.Uint64(b[16:])
-	if nk > uint64(maxKeys) || nt > uint64(maxTokens) {
-		return r, false
+	if nk > uint64(len(keys)) || nt > uint64(len(tokens)) {
+		return 0, false
 	}
-	r.kind, r.flags, r.nk, r.nt = EventKind(b[0]), b[1], int(nk), int(nt)
+	flags := b[1]
+	ev.Kind, ev.ParentIsRoot, ev.HasGroup = EventKind(b[0]), flags&fParentIsRoot != 0, flags&fHasGroup != 0
 	off := recHeader
-	for i := range r.opt {
-		if r.flags&(fBlockSize<<i) == 0 {
+	for i := range 5 {
+		if flags&(fBlockSize<<i) == 0 {
 			continue
 		}
 		if len(b)-off < 8 {
-			return r, false
+			return 0, false
 		}
-		r.opt[i] = binary.NativeEndian.Uint64(b[off:])
+		v := binary.NativeEndian.Uint64(b[off:])
 		off += 8
-	}
-	for i, c := range [2]byte{b[2], b[3]} {
-		var str string
-		switch {
-		case c == 0:
-		case c == inline:
-			if len(b)-off < 8 {
-				return r, false
-			}
-			n := binary.NativeEndian.Uint64(b[off:])
-			if n > uint64(len(b)-off-8) {
-				return r, false
-			}
-			str = string(b[off+8 : off+8+int(n)])
-			off += 8 + int(n)
-		case int(c) <= len(codes):
-			str = codes[c-1]
-		default:
-			return r, false
-		}
-		if i == 0 {
-			r.medium = str
-		} else {
-			r.groupKind = str
+		switch i {
+		case 0:
+			ev.BlockSize = int(v)
+		case 1:
+			ev.Adapter = v
+		case 2:
+			ev.Lost = v
+		case 3:
+			ev.Group = int(v)
+		case 4:
+			ev.SlidingWindow = int(v)
 		}
 	}
-	take := func(n int) ([]byte, bool) {
-		if n > len(b)-off {
-			return nil, false
+	if ev.Medium, off, ok = decodeString(b, off, b[2]); !ok {
+		return 0, false
+	}
+	if ev.GroupKind, off, ok = decodeString(b, off, b[3]); !ok {
+		return 0, false
+	}
+	need := int(nk)*len(Key{}) + int(nt)*int(unsafe.Sizeof(Token(0)))
+	if flags&fParent != 0 {
+		need += len(Key{})
+	}
+	if need > len(b)-off {
+		return 0, false
+	}
+	if flags&fParent != 0 {
+		off += copy(ev.Parent[:], b[off:])
+	}
+	if nk > 0 {
+		ev.Keys = keys[:nk:nk]
+		off += copy(keyBytes(ev.Keys), b[off:])
+	}
+	if nt > 0 {
+		ev.Tokens = tokens[:nt:nt]
+		off += copy(tokenBytes(ev.Tokens), b[off:])
+	}
+	return off, true
+}
+
+// decodeString decodes the string of code c, reading it from b[off:] when inline, and returns
+// it and the offset after it.
+func decodeString(b []byte, off int, c byte) (string, int, bool) {
+	switch {
+	case c == 0:
+		return "", off, true
+	case c == inline:
+		if len(b)-off < 8 {
+			return "", 0, false
 		}
-		off += n
-		return b[off-n : off], true
+		n := binary.NativeEndian.Uint64(b[off:])
+		if n > uint64(len(b)-off-8) {
+			return "", 0, false
+		}
+		return string(b[off+8 : off+8+int(n)]), off + 8 + int(n), true
+	case int(c) <= len(codes):
+		return codes[c-1], off, true
 	}
-	var okP, okK, okT bool
-	r.parent, okP = take(0)
-	if r.flags&fParent != 0 {
-		r.parent, okP = take(len(Key{}))
-	}
-	r.keys, okK = take(r.nk * len(Key{}))
-	r.tokens, okT = take(r.nt * int(unsafe.Sizeof(Token(0))))
-	r.size = off
-	return r, okP && okK && okT
+	return "", 0, false
 }
 
 // appendJournal appends src's records to j (they stay in src).
