@@ -49,20 +49,7 @@ func TestEventStressReplay(t *testing.T) {
 			}
 		}()
 	}
-	var got []prefix.Event
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	var buf []prefix.Event
-	for finished := false; !finished; {
-		select {
-		case <-done:
-			finished = true
-		case <-sub.Ready():
-		}
-		buf = sub.Take(buf)
-		got = append(got, buf...)
-	}
-	got = sub.Read(got)
+	got := readUntilDone(sub, &wg)
 	cached := map[prefix.Key]bool{}
 	var x prefix.Hasher
 	root := prefix.Root(prefix.Namespace{}, cfg.BlockTokens)
@@ -95,4 +82,22 @@ func TestEventStressReplay(t *testing.T) {
 	}
 	require.Equal(t, want, cached)
 	require.NoError(t, m.Verify())
+}
+
+// readUntilDone reads sub on every signal until the writers of wg are done, then reads what is
+// left, and returns every event in order.
+func readUntilDone(sub *prefix.Subscription, wg *sync.WaitGroup) []prefix.Event {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	var got, buf []prefix.Event
+	for finished := false; !finished; {
+		select {
+		case <-done:
+			finished = true
+		case <-sub.Ready():
+		}
+		buf = sub.Take(buf)
+		got = append(got, buf...)
+	}
+	return sub.Read(got)
 }

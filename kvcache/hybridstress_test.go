@@ -45,19 +45,7 @@ func TestHybridEventStressReplay(t *testing.T) {
 			}
 		}()
 	}
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	var got, buf []prefix.Event
-	for finished := false; !finished; {
-		select {
-		case <-done:
-			finished = true
-		case <-sub.Ready():
-		}
-		buf = sub.Take(buf)
-		got = append(got, buf...)
-	}
-	got = sub.Read(got)
+	got := readUntilDone(sub, &wg)
 	cached := make([]map[prefix.Key]bool, len(g.Groups))
 	for i := range cached {
 		cached[i] = map[prefix.Key]bool{}
