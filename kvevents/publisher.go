@@ -286,7 +286,7 @@ func (p *Publisher) run() {
 
 // send reads the events waiting and sends them as one batch.
 func (p *Publisher) send() {
-	p.events = p.sub.Take(p.events) // the last batch's events go back to the writers, emptied
+	p.events = p.sub.Take(p.events) // the last batch's array, emptied, takes the new one
 	if len(p.events) == 0 {
 		return
 	}
