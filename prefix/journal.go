@@ -12,8 +12,7 @@ import (
 // to its feed (Feed.HandJournal); a subscription decodes the records into Events only when its
 // reader reads (Subscription.Read, Take), on the reader's goroutine. A block's key and token
 // ids are written once, as bytes, and nothing the garbage collector scans is built while the
-// cache is locked. Building each Event in place, with its keys and token ids copied into slabs,
-// cost the decode step about 9% (eventbench, recorded); this about 2%.
+// cache is locked (docs/performance.md has what it costs the decode step).
 //
 // A Journal's records are in two parts: the sealed ones (Seal), events of operations that
 // succeeded, and those after them, which an operation that fails drops (DropUnsealed). The
@@ -28,7 +27,7 @@ type Journal struct {
 // journalMark is a position in a journal.
 type journalMark struct {
 	n, keys, tokens int
-	last            int // offset of the last record, -1 when none
+	last            int // offset of the last record, when n > 0
 	bytes           int
 }
 
@@ -99,7 +98,7 @@ func (j *Journal) Reset() {
 		return
 	}
 	j.b = j.b[:0]
-	j.at = journalMark{last: -1}
+	j.at = journalMark{}
 	j.sealed = j.at
 }
 
@@ -107,9 +106,6 @@ func (j *Journal) Reset() {
 func (j *Journal) Append(ev *Event) {
 	if j == nil || ev == nil {
 		return
-	}
-	if j.at.n == 0 {
-		j.at.last = -1
 	}
 	medium, kind := code(ev.Medium), code(ev.GroupKind)
 	var flags byte
@@ -183,7 +179,7 @@ func (j *Journal) Append(ev *Event) {
 // with no token ids, and reports whether it did; else the caller appends a BlockRemoved of its
 // own. A run of evictions so makes one event.
 func (j *Journal) ExtendRemoved(k Key, medium string) bool {
-	if j == nil || j.at.n == j.sealed.n || j.at.last < 0 {
+	if j == nil || j.at.n == j.sealed.n { // no unsealed record: none to extend
 		return false
 	}
 	h := j.b[j.at.last:]
