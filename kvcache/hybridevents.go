@@ -55,6 +55,11 @@ func (h *Hybrid) Subscribe(queue int) (*prefix.Subscription, error) {
 	if !h.made() {
 		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", errHybridNotMade)
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, m := range h.groups { // as Manager.Subscribe: held events go to earlier subscribers
+		m.flushEvents()
+	}
 	sub, err := h.feed.Subscribe(queue)
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", err)

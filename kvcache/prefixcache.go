@@ -395,8 +395,11 @@ func (m *Manager) emitStoredOn(s *sequence.Sequence, from, to int, medium string
 	if from > 0 {
 		parent = s.Keys[from-1]
 	}
-	ev := prefix.Event{Kind: prefix.BlockStored, Keys: s.Keys[from:to], Parent: parent, ParentIsRoot: from == 0,
-		Tokens: s.IDs[from*bt : to*bt], BlockSize: bt, Adapter: s.Adapter, Medium: medium}
+	// Field by field into ev itself: a composite literal is built in a temporary and copied,
+	// and its 16-byte loads of the 8-byte stores just made stalled the append path (pprof).
+	var ev prefix.Event
+	ev.Kind, ev.Keys, ev.Parent, ev.ParentIsRoot = prefix.BlockStored, s.Keys[from:to], parent, from == 0
+	ev.Tokens, ev.BlockSize, ev.Adapter, ev.Medium = s.IDs[from*bt:to*bt], bt, s.Adapter, medium
 	m.group.stored(&ev)
 	m.pending.Append(&ev) // its keys and ids copied, as bytes
 }
@@ -421,7 +424,8 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 		return
 	}
 	keys := [1]prefix.Key{k}
-	ev := prefix.Event{Kind: prefix.BlockRemoved, Keys: keys[:], Medium: medium}
+	var ev prefix.Event // field by field, as in emitStoredOn
+	ev.Kind, ev.Keys, ev.Medium = prefix.BlockRemoved, keys[:], medium
 	m.group.removed(&ev)
 	m.pending.Append(&ev)
 }
@@ -435,6 +439,9 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 func (m *Manager) publish() {
 	if m.pending.Len() == 0 {
 		return
+	}
+	if m.pending.Unsealed() == 0 && m.holding.Load() && !m.pullArmed.Load() {
+		return // held already, and every subscriber was told then (Feed.Hold)
 	}
 	if m.pending.Len() < holdEvents && !m.pullArmed.Load() && m.feed.Hold() {
 		m.pending.Seal()
@@ -691,6 +698,9 @@ func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 	if m.closed {
 		return nil, fmt.Errorf("kvcache: subscribe: %w", ErrClosed)
 	}
+	// Events held back go to the subscribers they were held for (or to none), so that a new
+	// one gets those of later operations only, and the next event's publish tells it.
+	m.flushEvents()
 	sub, err := m.feed.Subscribe(queue)
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: %w", err)

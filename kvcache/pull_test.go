@@ -95,3 +95,51 @@ func TestFailedPullIsServedByTheLockHolder(t *testing.T) {
 	}
 	assert.Equal(t, want, got)
 }
+
+// A subscription gets the events of operations after Subscribe, not those held back for the
+// subscribers before it, and the first event after it reaches it and signals its Ready: an
+// operation that adds nothing to events already held does not tell the subscribers again, so a
+// new one must not depend on that.
+func TestSubscribeGetsLaterEvents(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, dev.Close()) }()
+	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
+		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, m.Close()) }()
+	first, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	cache := func(s int) prefix.Key { // an append that caches a block, and one that adds no event
+		ids := []prefix.Token{prefix.Token(10 * s), 1, 2, 3}
+		_, err := m.AppendTokenIDs(SeqID(s), ids, nil)
+		require.NoError(t, err)
+		_, err = m.AppendTokenIDs(SeqID(s), ids[:1], nil)
+		require.NoError(t, err)
+		return prefix.Keys(nil, prefix.Namespace{}, 4, ids)[0]
+	}
+	k0 := cache(0)
+	require.True(t, m.holding.Load(), "the event is held back for the first subscriber")
+	second, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	select {
+	case <-second.Ready():
+		t.Fatal("the second subscription was told of events from before it")
+	default:
+	}
+	k1 := cache(1)
+	select {
+	case <-second.Ready():
+	default:
+		t.Fatal("the event after Subscribe did not signal the new subscription")
+	}
+	keys := func(evs []prefix.Event) (ks []prefix.Key) {
+		for _, ev := range evs {
+			require.Equal(t, prefix.BlockStored, ev.Kind)
+			ks = append(ks, ev.Keys...)
+		}
+		return ks
+	}
+	assert.Equal(t, []prefix.Key{k0, k1}, keys(first.Read(nil)))
+	assert.Equal(t, []prefix.Key{k1}, keys(second.Read(nil)))
+}

@@ -76,6 +76,14 @@ func (j *Journal) Len() int {
 	return j.at.n
 }
 
+// Unsealed returns the number of events written to j since the last Seal (0 for a nil j).
+func (j *Journal) Unsealed() int {
+	if j == nil {
+		return 0
+	}
+	return j.at.n - j.sealed.n
+}
+
 // Seal marks every event in j as kept: DropUnsealed drops only later ones.
 func (j *Journal) Seal() {
 	if j != nil {

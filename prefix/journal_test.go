@@ -96,6 +96,7 @@ func FuzzJournal(f *testing.F) {
 				require.Equal(t, model, j.appendTo(nil))
 			}
 			require.Equal(t, len(model), j.Len())
+			require.Equal(t, len(model)-len(sealed), j.Unsealed())
 		}
 		got := j.appendTo([]Event{{Kind: AllBlocksCleared}})
 		require.Equal(t, append([]Event{{Kind: AllBlocksCleared}}, model...), got)
