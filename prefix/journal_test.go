@@ -179,3 +179,17 @@ func TestJournalCopiedAndWrittenTwice(t *testing.T) {
 	require.Equal(t, Key{1}, evs[0].Keys[0], "the record written before the copy stands")
 	require.Equal(t, EventsLost, evs[len(evs)-1].Kind)
 }
+
+// Every string of codes has its own code, which decodes back to it, and any other string is
+// written inline.
+func TestJournalCodes(t *testing.T) {
+	for i, c := range codes {
+		require.Equal(t, byte(i+1), code(c), c)
+		got, _, ok := decodeString(nil, 0, code(c))
+		require.True(t, ok)
+		require.Equal(t, c, got)
+	}
+	require.Equal(t, byte(0), code(""))
+	require.Equal(t, byte(inline), code("gpu"))
+	require.Equal(t, byte(inline), code("GPU "))
+}
