@@ -49,8 +49,9 @@ func (g *eventGroup) removed(ev *prefix.Event) {
 // Subscribe returns a subscription to the KV events of every group, each event carrying its
 // group's index, kind and window (prefix.Event.Group, GroupKind, SlidingWindow), in the order
 // of their effects within each group. Keys of different groups are different blocks: a window
-// group caches its own. Pass it to kvevents.Start for the routers of a fleet. Close the
-// subscription when done; the Hybrid's Close closes it.
+// group caches its own. It gets the events of operations after Subscribe. Pass it to
+// kvevents.Start for the routers of a fleet. Close the subscription when done; the Hybrid's
+// Close closes it.
 func (h *Hybrid) Subscribe(queue int) (*prefix.Subscription, error) {
 	if !h.made() {
 		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", errHybridNotMade)

@@ -56,3 +56,52 @@ func TestHybridEventsCarryTheirGroup(t *testing.T) {
 	assert.Equal(t, 200/32, stored[3], "the MLA group in its 32-token blocks")
 	assert.Zero(t, stored[4], "a recurrent state caches no blocks")
 }
+
+// A Hybrid's new subscription gets the events of operations after Subscribe, not those every
+// group held back for the subscriber before it, and the first event after it signals it.
+func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
+	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
+	first, err := h.Subscribe(1 << 12)
+	require.NoError(t, err)
+	dst := make([][]int64, h.Groups())
+	ids := func(base int) []prefix.Token {
+		p := make([]prefix.Token, 64)
+		for i := range p {
+			p[i] = prefix.Token(base + i)
+		}
+		return p
+	}
+	_, err = h.AppendTokenIDs(1, ids(1000), dst)
+	require.NoError(t, err)
+	<-first.Ready()
+	second, err := h.Subscribe(1 << 12)
+	require.NoError(t, err)
+	select {
+	case <-second.Ready():
+		t.Fatal("the second subscription was told of events from before it")
+	default:
+	}
+	_, err = h.AppendTokenIDs(2, ids(5000), dst)
+	require.NoError(t, err)
+	select {
+	case <-second.Ready():
+	default:
+		t.Fatal("the events after Subscribe did not signal the new subscription")
+	}
+	stored := func(evs []prefix.Event) map[prefix.Key]bool {
+		m := map[prefix.Key]bool{}
+		for _, ev := range evs {
+			if ev.Kind == prefix.BlockStored {
+				for _, k := range ev.Keys {
+					m[k] = true
+				}
+			}
+		}
+		return m
+	}
+	of := func(p []prefix.Token) prefix.Key { return prefix.Keys(nil, prefix.Namespace{}, 16, p)[0] }
+	got1, got2 := stored(first.Read(nil)), stored(second.Read(nil))
+	assert.True(t, got1[of(ids(1000))] && got1[of(ids(5000))], "the first subscription reads both appends' blocks")
+	assert.False(t, got2[of(ids(1000))], "the second reads nothing from before it")
+	assert.True(t, got2[of(ids(5000))], "the second reads the later append's blocks")
+}
