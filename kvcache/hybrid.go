@@ -77,10 +77,11 @@ type HybridConfig struct {
 	// that neither its device nor its host holds: an unbounded group its leading run, a window
 	// or chunk group only what its next token would read at the length those runs allow; a
 	// group's TierStats.HitTokens counts those its hit reads. A fetch never evicts a group's
-	// host blocks of the hit it lengthens. One limit: a model whose attention groups are all
-	// windows or chunks has no run to bound the hit, so its groups fetch what the prompt's full
-	// length reads, and the tiers serve a repeated prompt but not a longer one's prefix (its
-	// device and host caches do). On one device only (NewHybridMulti over several refuses
+	// host blocks of the hit it lengthens. A model whose attention groups are all windows or
+	// chunks has no unbounded run to bound the hit: its groups' leading runs in their tiers
+	// (Store.Has, no block read) bound it, unless what the prompt's full length reads is held
+	// (a repeated prompt), so a store that dropped a prompt's first blocks and kept later ones
+	// serves less than it holds. On one device only (NewHybridMulti over several refuses
 	// Tiers).
 	Tiers func(group int, g LayerGroup, fp tier.Fingerprint, blockBytes int) ([]Tier, error)
 }

@@ -16,8 +16,9 @@ import (
 // into a group's host cache what its tiers hold, before it takes the lock; the lookup then
 // brings those blocks to the devices as host hits (hybridhost.go). What a group fetches
 // follows the hit rule: the unbounded groups (full attention, MLA) their leading runs first,
-// which with the recurrent groups' cached checkpoints bound the hit (tierBound); then each
-// window or chunk group the blocks its next token reads at that length, and its sink blocks.
+// which with the recurrent groups' cached checkpoints bound the hit (tierBound; with no
+// unbounded group, the window and chunk groups' runs, reachBound); then each window or chunk
+// group the blocks its next token reads at that length, and its sink blocks.
 // No fetch evicts a host block the start reads from the host (fetchRoom). A tier that misses
 // or fails leaves the hit shorter, never wrong.
 
@@ -107,8 +108,9 @@ func (h *Hybrid) fetchTiers(seq SeqID, p Prompt, keys [][]prefix.Key) error {
 // and returns the hit they and the recurrent groups' cached checkpoints allow, in tokens: a
 // length every group can end at, as agree finds it. The bound is taken again until it holds,
 // as one group's shorter run moves the others' ends; a window or chunk group then fetches only
-// what its next token reads there. A recurrent group's checkpoints never leave the device:
-// without one cached there, it is 0 and nothing is fetched.
+// what its next token reads there. Without an unbounded group, reachBound bounds it. A
+// recurrent group's checkpoints never leave the device: without one cached there, it is 0 and
+// nothing is fetched.
 func (h *Hybrid) tierBound(p Prompt, keys [][]prefix.Key) int {
 	step := 1 // the least common multiple of every group's block (or checkpoint) tokens
 	for _, m := range h.groups {
@@ -117,6 +119,10 @@ func (h *Hybrid) tierBound(p Prompt, keys [][]prefix.Key) int {
 		}
 	}
 	hit := maxPromptBlocks(len(p.Tokens), step) * step
+	runs := false // an unbounded group's leading run bounds the hit
+	for _, m := range h.groups {
+		runs = runs || m.cfg.StateBytes == 0 && !m.bounded() && m.hostCaching()
+	}
 	for prev := -1; hit > 0 && hit != prev; {
 		prev = hit
 		for i, m := range h.groups { // the checkpoints first: they cost no I/O
@@ -135,8 +141,73 @@ func (h *Hybrid) tierBound(p Prompt, keys [][]prefix.Key) int {
 			held, _ := m.cachedAnywhere(keys[i][:n])
 			hit = min(hit, held*m.cfg.BlockTokens) / step * step
 		}
+		if !runs && hit > 0 {
+			hit = h.reachBound(p.Namespace, keys, hit, step)
+		}
 	}
 	return hit
+}
+
+// reachBound returns the hit, at most hit, that the window and chunk groups of a Hybrid with
+// no unbounded group to bound it can serve from their devices, hosts and tiers: hit itself when
+// each holds the blocks its next token reads there (sinks and reach: a repeated prompt), else
+// what the groups' leading runs allow (a longer prompt's prefix). It reads no block: the tiers
+// answer Has. A run cut short, where a store dropped a prompt's first blocks and kept later
+// ones, gives a shorter hit than the blocks allow, never a wrong one.
+func (h *Hybrid) reachBound(ns prefix.Namespace, keys [][]prefix.Key, hit, step int) int {
+	reachable := true
+	for i, m := range h.groups {
+		if !m.bounded() || !m.hostCaching() {
+			continue
+		}
+		n := min(len(keys[i]), hit/m.cfg.BlockTokens)
+		first := m.reachFrom(n*m.cfg.BlockTokens) / m.cfg.BlockTokens
+		sinks, reach := keys[i][:min(m.sinkBlocks(), first)], keys[i][first:n]
+		if m.heldRun(ns, sinks) < len(sinks) || m.heldRun(ns, reach) < len(reach) {
+			reachable = false
+			break
+		}
+	}
+	if reachable {
+		return hit
+	}
+	for i, m := range h.groups {
+		if !m.bounded() || !m.hostCaching() {
+			continue
+		}
+		n := min(len(keys[i]), hit/m.cfg.BlockTokens)
+		hit = min(hit, m.heldRun(ns, keys[i][:n])*m.cfg.BlockTokens) / step * step
+	}
+	return hit
+}
+
+// heldRun returns how many of keys, from the first, are held in one run by the device or the
+// host and then by the tiers in turn (each tier's Has from where the run ends so far), reading
+// no block. A tier that fails ends the run where it was (counted in its Failures).
+func (m *Manager) heldRun(ns prefix.Namespace, keys []prefix.Key) int {
+	at, _ := m.cachedAnywhere(keys)
+	t := m.tiers
+	if t == nil {
+		return at
+	}
+	for i, tr := range t.tiers {
+		if at == len(keys) {
+			break
+		}
+		var n int
+		err := m.tierCall(func(ctx context.Context) error {
+			var err error
+			n, err = tr.Store.Has(ctx, ns, keys[at:])
+			return err
+		})
+		if err != nil {
+			m.mu.Lock()
+			t.counters[i].Failures++
+			m.mu.Unlock()
+		}
+		at += max(0, min(n, len(keys)-at)) // a hint, and a store's count is not trusted past the keys asked
+	}
+	return at
 }
 
 func lcm(a, b int) int {

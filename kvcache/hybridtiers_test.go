@@ -532,3 +532,56 @@ func TestHybridTiersFetchKeepsWhatTheHostServes(t *testing.T) {
 		require.NoError(t, h.Verify())
 	}
 }
+
+// A model whose attention groups are all windows or chunks (no full-attention group to bound
+// the hit by its leading run) finds in its tiers the prefix that another replica computed of a
+// longer prompt: each group's run in its tiers, found without reading a block, bounds the hit,
+// and each group fetches only what its next token reads there (the window its sink block and
+// the blocks in reach). A repeated prompt still hits at its full length.
+func TestHybridTiersWindowsOnlyFindAPrefix(t *testing.T) {
+	small := smallHybrid(false)
+	win, chunk := small.Groups[1], small.Groups[2]
+	win.Layers, chunk.Layers = []int{0}, []int{1}
+	g := kvcache.Geometry{Model: "windows", Layers: 2, Groups: []kvcache.LayerGroup{win, chunk}}
+	dev := hostDevice(t, 64<<10)
+	stores := newGroupStores()
+	cfg := kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true, HostCacheTokens: 4096,
+		Tiers: stores.tiers}
+	h1, err := kvcache.NewHybrid(dev, cfg)
+	require.NoError(t, err)
+	a := promptOf(300, 3)
+	d1 := writeFreed(t, dev, h1, a)
+	require.NoError(t, h1.SyncTiers(context.Background()))
+	require.NoError(t, h1.Close())
+
+	for _, tc := range []struct {
+		name   string
+		prompt []kvcache.TokenID
+		want   int
+		reads  [2]uint64 // blocks each group's tier serves
+	}{
+		// 200 tokens shared: 12 whole blocks. At 192 the window (32 tokens, 2 sinks) reads
+		// block 0 and blocks 10 and 11; a chunk (64) starts there and reads nothing before.
+		{"longer prompt", append(append([]kvcache.TokenID(nil), a[:200]...), promptOf(100, 8)...), 192, [2]uint64{3, 0}},
+		// The last whole block before the 300th token ends at 288: blocks 0, 16, 17; the chunk
+		// at 256 reads blocks 16 and 17.
+		{"repeated prompt", a, 288, [2]uint64{3, 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := [2]uint64{stores.stores[0].Stats().Gets, stores.stores[1].Stats().Gets}
+			cfg.Name = tc.name
+			h2, err := kvcache.NewHybrid(dev, cfg)
+			require.NoError(t, err)
+			defer func() { require.NoError(t, h2.Close()) }()
+			hit, err := h2.StartSequence(2, kvcache.Prompt{Tokens: tc.prompt})
+			require.NoError(t, err)
+			require.Equal(t, tc.want, hit)
+			d2 := &hybridData{dev: dev, h: h2, val: map[kvcache.SeqID][]uint64{2: d1.val[1][:hit]}}
+			d2.check(t, []kvcache.SeqID{2})
+			require.NoError(t, h2.Verify())
+			for i := range 2 {
+				require.Equal(t, tc.reads[i], stores.stores[i].Stats().Gets-before[i], "blocks group %d's tier served", i)
+			}
+		})
+	}
+}
