@@ -11,17 +11,23 @@ import (
 	"github.com/pagedkv/pagedkv/vmm"
 )
 
+// pullManager returns a small manager of 4-token blocks on a host device, closed when t ends.
+func pullManager(t *testing.T) *Manager {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, dev.Close()) })
+	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
+		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close()) })
+	return m
+}
+
 // A subscriber's Read never waits for the manager's lock: while an operation holds it, Read
 // returns what was published, and the events held back for it reach the subscription once the
 // lock is free (the retry), with Ready fired for the next Read. Nothing is lost or reordered.
 func TestPullDoesNotWaitForTheLock(t *testing.T) {
-	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, dev.Close()) }()
-	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
-		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, m.Close()) }()
+	m := pullManager(t)
 	sub, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
 	var want []prefix.Key
@@ -63,13 +69,7 @@ func TestPullDoesNotWaitForTheLock(t *testing.T) {
 // A pull that found the lock taken is served by the operation holding it: its publish hands
 // over every event held back, so the reader need not wait for the retry, which then stops.
 func TestFailedPullIsServedByTheLockHolder(t *testing.T) {
-	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, dev.Close()) }()
-	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
-		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, m.Close()) }()
+	m := pullManager(t)
 	sub, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
 	var want []prefix.Key
@@ -101,13 +101,7 @@ func TestFailedPullIsServedByTheLockHolder(t *testing.T) {
 // operation that adds nothing to events already held does not tell the subscribers again, so a
 // new one must not depend on that.
 func TestSubscribeGetsLaterEvents(t *testing.T) {
-	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, dev.Close()) }()
-	m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
-		PageSize: 32 << 10, Capacity: 64 * (32 << 10), NoBackground: true})
-	require.NoError(t, err)
-	defer func() { require.NoError(t, m.Close()) }()
+	m := pullManager(t)
 	first, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
 	cache := func(s int) prefix.Key { // an append that caches a block, and one that adds no event
