@@ -105,3 +105,15 @@ func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
 	assert.False(t, got2[of(ids(1000))], "the second reads nothing from before it")
 	assert.True(t, got2[of(ids(5000))], "the second reads the later append's blocks")
 }
+
+// A closed Hybrid refuses a subscription, as a closed Manager does: Close would never close it,
+// nor would any event reach it.
+func TestHybridSubscribeAfterClose(t *testing.T) {
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(true),
+		Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true})
+	require.NoError(t, err)
+	require.NoError(t, h.Close())
+	sub, err := h.Subscribe(1)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	assert.Nil(t, sub)
+}
