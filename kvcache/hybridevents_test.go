@@ -73,7 +73,11 @@ func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
 	}
 	_, err = h.AppendTokenIDs(1, ids(1000), dst)
 	require.NoError(t, err)
-	<-first.Ready()
+	select {
+	case <-first.Ready():
+	default:
+		t.Fatal("the first subscription was not told of the append's events")
+	}
 	second, err := h.Subscribe(1 << 12)
 	require.NoError(t, err)
 	select {

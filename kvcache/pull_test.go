@@ -190,7 +190,11 @@ func TestReaderIsToldAfterPullBehindQueued(t *testing.T) {
 			}
 			want := tc.queue(t, m, cache)
 			require.True(t, m.holding.Load(), "the last event is held")
-			<-sub.Ready()
+			select {
+			case <-sub.Ready():
+			default:
+				t.Fatal("the subscriber was not told of the queued events")
+			}
 			require.Equal(t, want, keys(sub.Read(nil)), "the held event pulled in behind the queued")
 			k := cache(5000)
 			select {

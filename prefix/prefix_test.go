@@ -264,7 +264,11 @@ func TestHoldTellsAfterPullIntoQueue(t *testing.T) {
 	f.Publish(ev(1))
 	held = append(held, ev(2))
 	require.True(t, f.Hold())
-	<-s.Ready()
+	select {
+	case <-s.Ready():
+	default:
+		t.Fatal("the reader was not told of the queued event")
+	}
 	got := s.Read(nil) // 1 was queued, 2 pulled in behind it
 	require.Len(t, got, 2)
 	assert.Equal(t, Key{2}, got[1].Keys[0])
