@@ -51,13 +51,18 @@ func (g *eventGroup) removed(ev *prefix.Event) {
 // of their effects within each group. Keys of different groups are different blocks: a window
 // group caches its own. It gets the events of operations after Subscribe. Pass it to
 // kvevents.Start for the routers of a fleet. Close the subscription when done; the Hybrid's
-// Close closes it.
+// Close closes it. A closed Hybrid returns ErrClosed.
 func (h *Hybrid) Subscribe(queue int) (*prefix.Subscription, error) {
 	if !h.made() {
 		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", errHybridNotMade)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	for _, m := range h.groups {
+		if m.closed { // each group's Close closes the feed: a group not closed yet will
+			return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", ErrClosed)
+		}
+	}
 	for _, m := range h.groups { // as Manager.Subscribe: held events go to earlier subscribers
 		m.flushEvents()
 	}

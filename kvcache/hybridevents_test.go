@@ -73,7 +73,11 @@ func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
 	}
 	_, err = h.AppendTokenIDs(1, ids(1000), dst)
 	require.NoError(t, err)
-	<-first.Ready()
+	select {
+	case <-first.Ready():
+	default:
+		t.Fatal("the first subscription was not told of the append's events")
+	}
 	second, err := h.Subscribe(1 << 12)
 	require.NoError(t, err)
 	select {
@@ -104,4 +108,16 @@ func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
 	assert.True(t, got1[of(ids(1000))] && got1[of(ids(5000))], "the first subscription reads both appends' blocks")
 	assert.False(t, got2[of(ids(1000))], "the second reads nothing from before it")
 	assert.True(t, got2[of(ids(5000))], "the second reads the later append's blocks")
+}
+
+// A closed Hybrid refuses a subscription, as a closed Manager does: Close would never close it,
+// nor would any event reach it.
+func TestHybridSubscribeAfterClose(t *testing.T) {
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(true),
+		Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true})
+	require.NoError(t, err)
+	require.NoError(t, h.Close())
+	sub, err := h.Subscribe(1)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	assert.Nil(t, sub)
 }

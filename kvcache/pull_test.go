@@ -137,3 +137,66 @@ func TestSubscribeGetsLaterEvents(t *testing.T) {
 	assert.Equal(t, []prefix.Key{k0, k1}, keys(first.Read(nil)))
 	assert.Equal(t, []prefix.Key{k1}, keys(second.Read(nil)))
 }
+
+// A subscriber that reads on every Ready gets every event of the manager's operations, even
+// after a Read whose pull queued the held events behind others it had not taken yet (a batch
+// past holdEvents, or what another Subscribe handed over): the events held after that Read
+// signal its Ready, and do not sit in the manager unread.
+func TestReaderIsToldAfterPullBehindQueued(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		queue func(t *testing.T, m *Manager, cache func(int) prefix.Key) []prefix.Key // queues events on sub, holds more
+	}{
+		{"past holdEvents", func(_ *testing.T, _ *Manager, cache func(int) prefix.Key) (ks []prefix.Key) {
+			for s := range holdEvents + 1 { // the holdEvents-th publish hands all to the queue
+				ks = append(ks, cache(s))
+			}
+			return ks
+		}},
+		{"another Subscribe", func(t *testing.T, m *Manager, cache func(int) prefix.Key) []prefix.Key {
+			k0 := cache(0)
+			_, err := m.Subscribe(1 << 10) // hands k0, held, to the first one's queue
+			require.NoError(t, err)
+			return []prefix.Key{k0, cache(1)}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 32 << 10})
+			require.NoError(t, err)
+			defer func() { require.NoError(t, dev.Close()) }()
+			m, err := New(dev, Config{Layers: 1, KVHeads: 2, HeadDim: 256, ElemSize: 2, BlockTokens: 4,
+				PageSize: 32 << 10, Capacity: 1024 * (32 << 10), NoBackground: true})
+			require.NoError(t, err)
+			defer func() { require.NoError(t, m.Close()) }()
+			sub, err := m.Subscribe(1 << 12)
+			require.NoError(t, err)
+			cache := func(s int) prefix.Key { // an append that caches one block
+				ids := []prefix.Token{prefix.Token(10 * s), 1, 2, 3}
+				_, err := m.AppendTokenIDs(SeqID(s), ids, nil)
+				require.NoError(t, err)
+				return prefix.Keys(nil, prefix.Namespace{}, 4, ids)[0]
+			}
+			keys := func(evs []prefix.Event) (ks []prefix.Key) {
+				for _, ev := range evs {
+					ks = append(ks, ev.Keys...)
+				}
+				return ks
+			}
+			want := tc.queue(t, m, cache)
+			require.True(t, m.holding.Load(), "the last event is held")
+			select {
+			case <-sub.Ready():
+			default:
+				t.Fatal("the subscriber was not told of the queued events")
+			}
+			require.Equal(t, want, keys(sub.Read(nil)), "the held event pulled in behind the queued")
+			k := cache(5000)
+			select {
+			case <-sub.Ready():
+			default:
+				t.Fatal("an event is held for the subscriber and its Ready was not signalled")
+			}
+			assert.Equal(t, []prefix.Key{k}, keys(sub.Read(nil)))
+		})
+	}
+}

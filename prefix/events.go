@@ -230,8 +230,8 @@ func (f *Feed) Close() {
 // that a reader never makes the append path wait and the append path builds no Event. A writer
 // holds the subscription's lock only to queue its events and signal Ready; a reader only to
 // take the queue and to give its emptied array back. Ready is signalled when the queue stops
-// being empty, or when a writer holds events back for the next Read (Feed.Hold): a reader that
-// reads on every signal misses nothing. Ready is signalled under the lock, so that Close,
+// being empty, when events are queued after a Read's pull, or when a writer holds events back
+// for the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is signalled under the lock, so that Close,
 // which closes it, never races a signal.
 type Subscription struct {
 	f      *Feed
@@ -273,7 +273,9 @@ func (s *Subscription) pushJournal(j *Journal) {
 }
 
 // queueUp queues n events that add writes into the queue, or drops the queue and them when
-// they would pass its bound.
+// they would pass its bound. It signals Ready when the queue was empty, and when s was not
+// marked unread: a reader's pull unmarks s and may queue behind events it has not taken yet,
+// and Feed.Hold tells no marked subscription, so each marking must come with a signal.
 func (s *Subscription) queueUp(n int, add func(q *Journal)) {
 	s.mu.Lock()
 	if s.closed {
@@ -288,7 +290,9 @@ func (s *Subscription) queueUp(n int, add func(q *Journal)) {
 	} else {
 		add(&s.queue)
 	}
-	s.unread.Store(true)
+	if !s.unread.Swap(true) {
+		signal = true
+	}
 	if signal {
 		s.signal()
 	}

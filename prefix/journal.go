@@ -382,11 +382,12 @@ func putString(b []byte, s string) int {
 	return 8 + copy(b[8:], s)
 }
 
-// zero reports whether k is all zeros, by four 8-byte loads: comparing with Key{} called the
-// runtime's memequal.
+// zero reports whether k is all zeros. The compiler makes each Uint64 one load (amd64: MOVQ
+// and three ORQ; arm64: two LDP), as a cast to *[4]uint64 would, without assuming that a Key,
+// an array of bytes, is 8-byte aligned; comparing with Key{} called the runtime's memequal.
 func (k *Key) zero() bool {
-	w := (*[4]uint64)(unsafe.Pointer(k))
-	return w[0]|w[1]|w[2]|w[3] == 0
+	le := binary.LittleEndian
+	return le.Uint64(k[0:])|le.Uint64(k[8:])|le.Uint64(k[16:])|le.Uint64(k[24:]) == 0
 }
 
 // keyBytes views keys as bytes.

@@ -193,3 +193,16 @@ func TestJournalCodes(t *testing.T) {
 	require.Equal(t, byte(inline), code("gpu"))
 	require.Equal(t, byte(inline), code("GPU "))
 }
+
+// Key.zero sees every byte, wherever the Key lies: a Key is an array of bytes, which need not
+// be 8-byte aligned.
+func TestKeyZero(t *testing.T) {
+	var buf [1 + len(Key{})]byte
+	k := (*Key)(buf[1:])
+	require.True(t, k.zero())
+	for i := range k {
+		k[i] = 0x80
+		require.False(t, k.zero(), "byte %d", i)
+		k[i] = 0
+	}
+}

@@ -246,3 +246,40 @@ func BenchmarkFeed(b *testing.B) {
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batch), "ns/event")
 	})
 }
+
+// A reader that reads on every Ready is told of every batch a writer holds for it (Feed.Hold),
+// even when its last Read's pull queued events behind others it had not yet taken: that push
+// found the queue not empty and sent no signal of its own, yet left the subscription marked as
+// having unread events, so that Hold told it nothing.
+func TestHoldTellsAfterPullIntoQueue(t *testing.T) {
+	var f Feed
+	var held []Event
+	f.SetPull(func() { // a writer's pull: it publishes what it held back
+		f.Publish(held...)
+		held = nil
+	})
+	s, err := f.Subscribe(16)
+	require.NoError(t, err)
+	ev := func(b byte) Event { return Event{Kind: BlockStored, Keys: []Key{{b}}} }
+	f.Publish(ev(1))
+	held = append(held, ev(2))
+	require.True(t, f.Hold())
+	select {
+	case <-s.Ready():
+	default:
+		t.Fatal("the reader was not told of the queued event")
+	}
+	got := s.Read(nil) // 1 was queued, 2 pulled in behind it
+	require.Len(t, got, 2)
+	assert.Equal(t, Key{2}, got[1].Keys[0])
+	held = append(held, ev(3))
+	require.True(t, f.Hold())
+	select {
+	case <-s.Ready():
+	default:
+		t.Fatal("an event is held for the reader and Ready was not signalled")
+	}
+	got = s.Read(nil)
+	require.Len(t, got, 1)
+	assert.Equal(t, Key{3}, got[0].Keys[0])
+}
