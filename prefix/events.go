@@ -231,8 +231,8 @@ func (f *Feed) Close() {
 // holds the subscription's lock only to queue its events and signal Ready; a reader only to
 // take the queue and to give its emptied array back. Ready is signalled when the queue stops
 // being empty, when events are queued after a Read's pull, or when a writer holds events back
-// for the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is signalled under the lock, so that Close,
-// which closes it, never races a signal.
+// for the next Read (Feed.Hold): a reader that reads on every signal misses nothing. Ready is
+// signalled under the lock, so that Close, which closes it, never races a signal.
 type Subscription struct {
 	f      *Feed
 	mu     sync.Mutex // guards queue, spare, lost, closed
