@@ -15,6 +15,19 @@ type eventGroup struct {
 	idx    int
 	kind   string
 	window int
+	all    []*Manager // every group of the Hybrid, which share one feed (and one lock)
+}
+
+// flushHeld hands the events that m, and every group sharing its feed, held back for their
+// subscribers to those subscribers (a Subscribe does so first); the lock is held.
+func (m *Manager) flushHeld() {
+	if m.group.all == nil {
+		m.flushEvents()
+		return
+	}
+	for _, g := range m.group.all {
+		g.flushEvents()
+	}
 }
 
 // specKind names a group's kind as vLLM's KV cache specs do.
@@ -63,9 +76,7 @@ func (h *Hybrid) Subscribe(queue int) (*prefix.Subscription, error) {
 			return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", ErrClosed)
 		}
 	}
-	for _, m := range h.groups { // as Manager.Subscribe: held events go to earlier subscribers
-		m.flushEvents()
-	}
+	h.groups[0].flushHeld() // as Manager.Subscribe: held events go to earlier subscribers
 	sub, err := h.feed.Subscribe(queue)
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", err)
@@ -80,7 +91,7 @@ func (h *Hybrid) shareFeed() {
 	for i, m := range h.groups {
 		g := h.geom.Groups[i]
 		m.feed = h.feed
-		m.group = eventGroup{set: true, idx: i, kind: specKind(g)}
+		m.group = eventGroup{set: true, idx: i, kind: specKind(g), all: h.groups}
 		if g.Kind == SlidingWindow {
 			m.group.window = g.Window
 		}

@@ -1,6 +1,7 @@
 package kvcache_test
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -58,8 +59,17 @@ func TestHybridEventsCarryTheirGroup(t *testing.T) {
 }
 
 // A Hybrid's new subscription gets the events of operations after Subscribe, not those every
-// group held back for the subscriber before it, and the first event after it signals it.
+// group held back for the subscriber before it, and the first event after it signals it; so
+// does one made through a group's Manager, which reads the Hybrid's one feed.
 func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
+	for _, via := range []int{-1, 0, 3} {
+		t.Run(fmt.Sprintf("group %d", via), func(t *testing.T) { hybridSubscribeGetsLaterEvents(t, via) })
+	}
+}
+
+// hybridSubscribeGetsLaterEvents makes the second subscription through h.Subscribe (via -1)
+// or through group via's Manager.
+func hybridSubscribeGetsLaterEvents(t *testing.T, via int) {
 	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
 	first, err := h.Subscribe(1 << 12)
 	require.NoError(t, err)
@@ -78,7 +88,11 @@ func TestHybridSubscribeGetsLaterEvents(t *testing.T) {
 	default:
 		t.Fatal("the first subscription was not told of the append's events")
 	}
-	second, err := h.Subscribe(1 << 12)
+	subscribe := h.Subscribe
+	if via >= 0 {
+		subscribe = h.Group(via).Subscribe
+	}
+	second, err := subscribe(1 << 12)
 	require.NoError(t, err)
 	select {
 	case <-second.Ready():

@@ -700,8 +700,9 @@ func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 		return nil, fmt.Errorf("kvcache: subscribe: %w", ErrClosed)
 	}
 	// Events held back go to the subscribers they were held for (or to none), so that a new
-	// one gets those of later operations only, and the next event's publish tells it.
-	m.flushEvents()
+	// one gets those of later operations only, and the next event's publish tells it. A
+	// Hybrid's group flushes every group: they share the feed.
+	m.flushHeld()
 	sub, err := m.feed.Subscribe(queue)
 	if err != nil {
 		return nil, fmt.Errorf("kvcache: %w", err)
