@@ -688,8 +688,9 @@ func (m *Manager) dropCacheLocked() int {
 // AllBlocksCleared), delivered in the order of their effects. Its queue holds up to queue
 // events; a subscriber that falls further behind loses the queue and reads an EventsLost
 // event, after which it should rebuild its view from CachedKeys. The append path never waits
-// for a subscriber. The subscription gets the events of operations after Subscribe. Close the
-// subscription when done; closing the manager closes it.
+// for a subscriber. The subscription gets the events of operations after Subscribe. A Hybrid's
+// group shares the Hybrid's feed: its subscription is Hybrid.Subscribe's, every group's events.
+// Close the subscription when done; closing the manager closes it.
 func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 	if !m.made() {
 		return nil, notMadeCall("subscribe")
