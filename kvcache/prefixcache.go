@@ -454,10 +454,11 @@ func (m *Manager) publish() {
 }
 
 // holdEvents bounds the committed events a manager holds back for its subscribers' next Read.
-// Past it they go to the queue: the first batch after a Read is handed over whole (Feed.HandJournal),
-// later ones copied behind it. 4,096, which would hold a publisher's whole 1 ms batch, made a
-// publisher on a busy 2-core machine read a quarter as often (eventbench, absent: 15 batches
-// instead of 56 over two cycles), its Ready rarely signalled; 256 keeps the batching of before.
+// Past it they go to the queue: the first batch after a Read is handed over whole
+// (Feed.HandJournal), later ones copied behind it. 4,096, which would hold a publisher's whole
+// 1 ms batch, made a publisher on a busy 2-core machine read a quarter as often (eventbench,
+// absent: 15 batches instead of 56 over two cycles), its Ready rarely signalled; 256 keeps the
+// batching of before.
 const holdEvents = 256
 
 // flushEvents publishes every pending event; the lock is held and no operation is under way.

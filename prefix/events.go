@@ -116,8 +116,8 @@ func (f *Feed) Waiting() bool {
 // Hold reports whether a writer may hold its events back for the next Read to pull: a pull
 // function is set (SetPull) and someone subscribes. It makes sure every reader will Read: a
 // subscription not marked as having unread events is marked, and its Ready signalled. A writer
-// that holds every batch so hands it to an empty queue at the pull (HandJournal), and no event is
-// copied on its way to the reader.
+// that holds every batch so hands it to an empty queue at the pull (HandJournal), and no event
+// is copied on its way to the reader.
 func (f *Feed) Hold() bool {
 	if f == nil || f.pull.Load() == nil {
 		return false
