@@ -76,6 +76,9 @@ func (h *Hybrid) Subscribe(queue int) (*prefix.Subscription, error) {
 			return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", ErrClosed)
 		}
 	}
+	if err := checkQueue(queue); err != nil {
+		return nil, fmt.Errorf("kvcache: hybrid subscribe: %w", err)
+	}
 	h.groups[0].flushHeld() // as Manager.Subscribe: held events go to earlier subscribers
 	sub, err := h.feed.Subscribe(queue)
 	if err != nil {

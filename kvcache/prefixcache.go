@@ -701,6 +701,9 @@ func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 	if m.closed {
 		return nil, fmt.Errorf("kvcache: subscribe: %w", ErrClosed)
 	}
+	if err := checkQueue(queue); err != nil {
+		return nil, fmt.Errorf("kvcache: subscribe: %w", err)
+	}
 	// Events held back go to the subscribers they were held for (or to none), so that a new
 	// one gets those of later operations only, and the next event's publish tells it. A
 	// Hybrid's group flushes every group: they share the feed.
@@ -710,6 +713,15 @@ func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 		return nil, fmt.Errorf("kvcache: %w", err)
 	}
 	return sub, nil
+}
+
+// checkQueue refuses a subscription queue shorter than one event (prefix.Feed.Subscribe's
+// rule), before a Subscribe changes anything.
+func checkQueue(queue int) error {
+	if queue < 1 {
+		return &CountError{What: "queue length", N: queue, Max: 1 << 30}
+	}
+	return nil
 }
 
 // CachedKeys appends the keys of every cached block (held or idle), in no particular order, to

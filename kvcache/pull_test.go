@@ -114,6 +114,13 @@ func TestSubscribeGetsLaterEvents(t *testing.T) {
 	}
 	k0 := cache(0)
 	require.True(t, m.holding.Load(), "the event is held back for the first subscriber")
+	held := m.pending.Len()
+	_, err = m.Subscribe(0)
+	var ce *CountError
+	require.ErrorAs(t, err, &ce)
+	require.ErrorIs(t, err, ErrInvalidArgument)
+	require.Equal(t, held, m.pending.Len(), "a refused Subscribe hands nothing over")
+	require.True(t, m.holding.Load())
 	second, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
 	select {
