@@ -18,6 +18,7 @@
 package arena
 
 import (
+	"math"
 	"math/bits"
 	"slices"
 
@@ -99,6 +100,7 @@ func olderPage(a, b pageAge) bool {
 // evicting scattered blocks returns nothing.
 type Arena struct {
 	bpp       int
+	recip     uint64 // 2^64/bpp rounded up (0 when bpp is 1): see PageOf
 	pages     []*page
 	fresh     Page // first page never used
 	free      *btree.BTreeG[Page]
@@ -118,6 +120,7 @@ func less(a, b Page) bool { return a < b }
 func New(npages, bpp int) *Arena {
 	return &Arena{
 		bpp:       bpp,
+		recip:     math.MaxUint64/uint64(max(bpp, 1)) + 1,
 		pages:     make([]*page, npages),
 		free:      btree.NewG(32, less),
 		partial:   btree.NewG(32, less),
@@ -128,13 +131,35 @@ func New(npages, bpp int) *Arena {
 }
 
 // PageOf returns the page of block b.
-func (a *Arena) PageOf(b Block) Page { return Page(b / Block(a.bpp)) }
+//
+// It multiplies instead of dividing: for every b in [0, 2^32), b/bpp is the high word of the
+// 128-bit product recip*b (Lemire, Kaser and Kurz, "Faster remainder by direct computation",
+// 2019). A decode step that takes a block looks a block's page up several times in every
+// group, and a division was 20-40 cycles of each. A negative b (no block id is) and one-block
+// pages (recip 0: 2^64 does not fit) divide.
+func (a *Arena) PageOf(b Block) Page {
+	if b < 0 || a.recip == 0 {
+		return Page(b / Block(a.bpp))
+	}
+	q, _ := bits.Mul64(a.recip, uint64(b))
+	return Page(q)
+}
 
 // First returns the first block of page p (its blocks are First(p) to First(p+1)-1).
 func (a *Arena) First(p Page) Block { return Block(p) * Block(a.bpp) }
 
 // slot returns block b's page and its index in the page.
-func (a *Arena) slot(b Block) (*page, int) { return a.pages[a.PageOf(b)], int(b) % a.bpp }
+func (a *Arena) slot(b Block) (*page, int) {
+	_, pg, i := a.at(b)
+	return pg, i
+}
+
+// at returns block b's page, that page's state and b's index in it (the remainder, with no
+// second division). The paths of a decode step locate a block once and pass the three on.
+func (a *Arena) at(b Block) (Page, *page, int) {
+	p := a.PageOf(b)
+	return p, a.pages[p], int(b - a.First(p))
+}
 
 // SetState moves page p to state s (the owner mapped, unmapped or claimed it).
 func (a *Arena) SetState(p Page, s State) {
@@ -235,9 +260,11 @@ func (a *Arena) Alloc(p Page) Block {
 	pg := a.pages[p]
 	for w, word := range pg.bits {
 		if word != 0 {
-			b := a.First(p) + Block(w*64+bits.TrailingZeros64(word))
-			a.Take(b, 1)
-			return b
+			i := w*64 + bits.TrailingZeros64(word)
+			pg.refs[i] = 1
+			a.live++
+			a.occupyAt(p, pg, i)
+			return a.First(p) + Block(i)
 		}
 	}
 	panic("arena: alloc from a page with no free block")
@@ -254,32 +281,33 @@ func (a *Arena) AllocAll(p Page, dst []Block) []Block {
 	clear(pg.bits)
 	pg.free = 0
 	a.live += a.bpp
-	a.restate(p)
+	a.restate(p, pg)
 	return dst
 }
 
 // occupy clears free block b's bit; the caller accounts for what it now holds.
-func (a *Arena) occupy(b Block) {
-	p := a.PageOf(b)
-	pg, i := a.slot(b)
+func (a *Arena) occupy(b Block) { a.occupyAt(a.at(b)) }
+
+// occupyAt is occupy of block i of page p, whose state is pg.
+func (a *Arena) occupyAt(p Page, pg *page, i int) {
 	pg.bits[i/64] &^= 1 << (i % 64)
 	pg.free--
-	a.restate(p)
+	a.restate(p, pg)
 }
 
 // vacate sets block b's bit: it holds nothing any more.
-func (a *Arena) vacate(b Block) {
-	p := a.PageOf(b)
-	pg, i := a.slot(b)
+func (a *Arena) vacate(b Block) { a.vacateAt(a.at(b)) }
+
+// vacateAt is vacate of block i of page p, whose state is pg.
+func (a *Arena) vacateAt(p Page, pg *page, i int) {
 	pg.bits[i/64] |= 1 << (i % 64)
 	pg.free++
-	a.restate(p)
+	a.restate(p, pg)
 }
 
-// restate puts mapped page p in the index its free count calls for, and in or out of the
-// cache-only index.
-func (a *Arena) restate(p Page) {
-	pg := a.pages[p]
+// restate puts mapped page p, whose state is pg, in the index its free count calls for, and in
+// or out of the cache-only index.
+func (a *Arena) restate(p Page, pg *page) {
 	want := Partial
 	switch pg.free {
 	case a.bpp:
@@ -295,18 +323,20 @@ func (a *Arena) restate(p Page) {
 
 // Take marks free block b as held by refs sequences.
 func (a *Arena) Take(b Block, refs int32) {
-	pg, i := a.slot(b)
+	p, pg, i := a.at(b)
 	pg.refs[i] = refs
 	a.live++
-	a.occupy(b)
+	a.occupyAt(p, pg, i)
 }
 
 // Drop frees held block b whatever its reference count; it must have no cache entry.
-func (a *Arena) Drop(b Block) {
-	pg, i := a.slot(b)
+func (a *Arena) Drop(b Block) { a.dropAt(a.at(b)) }
+
+// dropAt is Drop of block i of page p, whose state is pg.
+func (a *Arena) dropAt(p Page, pg *page, i int) {
 	pg.refs[i] = 0
 	a.live--
-	a.vacate(b)
+	a.vacateAt(p, pg, i)
 }
 
 // Entry returns block b's cache entry, or nil.
@@ -367,14 +397,17 @@ func (a *Arena) Refs(b Block) int32 {
 
 // Unref drops a reference to block b; at zero a cached block goes idle and any other is freed.
 func (a *Arena) Unref(b Block) {
-	pg, i := a.slot(b)
+	p, pg, i := a.at(b)
 	if pg.refs[i] > 1 {
 		pg.refs[i]--
 		return
 	}
-	e := a.Entry(b)
+	var e *keyindex.Entry[Block]
+	if pg.entries != nil {
+		e = pg.entries[i]
+	}
 	if e == nil {
-		a.Drop(b)
+		a.dropAt(p, pg, i)
 		return
 	}
 	pg.refs[i] = 0
@@ -383,7 +416,7 @@ func (a *Arena) Unref(b Block) {
 	a.idle++
 	a.index.Release(e)
 	pg.newest, pg.stale = e.LastUse, false // the newest use of all, so the page's age exactly
-	a.reage(a.PageOf(b))
+	a.reage(p)
 }
 
 // HoldAll takes a reference to each of blocks, the cached blocks of a prefix hit: an idle block

@@ -2,6 +2,7 @@ package arena_test
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -366,4 +367,24 @@ func BenchmarkCacheEvict(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(blocks), "ns/block")
+}
+
+// TestPageOf checks PageOf, which multiplies by a reciprocal instead of dividing, against the
+// division over the whole range of block ids, for page sizes from one block up (powers of two,
+// odd ones, ones a little off a power of two, the largest).
+func TestPageOf(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, bpp := range []int{1, 2, 3, 5, 7, 9, 31, 32, 33, 63, 64, 65, 100, 127, 641, 1000, 4097, 1 << 20, 1<<31 - 1} {
+		a := arena.New(1, bpp)
+		ids := []int32{0, 1, int32(min(bpp-1, math.MaxInt32)), int32(min(bpp, math.MaxInt32)), math.MaxInt32, math.MaxInt32 - 1}
+		for range 100_000 {
+			ids = append(ids, r.Int32())
+		}
+		for m := int64(bpp); m <= math.MaxInt32; m += int64(bpp) * (1 + int64(r.IntN(1<<16))) { // around page boundaries
+			ids = append(ids, int32(m-1), int32(m))
+		}
+		for _, b := range ids {
+			require.Equal(t, arena.Page(b/int32(bpp)), a.PageOf(arena.Block(b)), "block %d, %d blocks a page", b, bpp)
+		}
+	}
 }
