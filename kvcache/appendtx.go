@@ -21,28 +21,32 @@ type appendTx struct {
 	fast    bool // no block work (fastAppend): commit is fastSlots, abort nothing
 }
 
-// prepareFast returns the transaction of an append of n tokens to s that fastAppend allows: it
+// prepareFast makes tx the transaction of an append of n tokens to s that fastAppend allows: it
 // takes nothing, and its commit is the fast path's. A Hybrid prepares so the groups that need no
 // block work in a step where another group does.
-func (m *Manager) prepareFast(s *sequence.Sequence, n int) appendTx {
-	return appendTx{m: m, s: s, n: n, fast: true}
+func (m *Manager) prepareFast(tx *appendTx, s *sequence.Sequence, n int) {
+	tx.set(m, s, n, 0, false)
+	tx.fast = true
 }
 
-// prepareAppend checks an append of n tokens to seq (s: nil when it does not exist) and takes
-// the blocks it needs. An error is a *SequenceError, and nothing has changed.
-func (m *Manager) prepareAppend(s *sequence.Sequence, seq SeqID, n int) (appendTx, error) {
+// prepareAppend checks an append of n tokens to seq (s: nil when it does not exist), takes the
+// blocks it needs and makes tx its transaction. An error is a *SequenceError, and nothing has
+// changed (tx is then undefined). tx is the caller's, written field by field: a transaction
+// returned by value was built in a temporary and copied twice, and the copies' wide loads of
+// the narrow stores just made stalled a Hybrid's step that takes blocks (pprof).
+func (m *Manager) prepareAppend(tx *appendTx, s *sequence.Sequence, seq SeqID, n int) error {
 	if err := m.checkAppend(s, seq, n); err != nil {
-		return appendTx{}, err
+		return err
 	}
 	need, cow := m.blocksNeeded(s, n)
 	if err := m.checkFits(s, n, need); err != nil {
-		return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+		return &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
-	tx := appendTx{m: m, s: s, n: n, need: need, cow: cow}
+	tx.set(m, s, n, need, cow)
 	if s == nil {
 		var err error
 		if tx.s, err = m.seqs.Add(seq); err != nil {
-			return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+			return &SequenceError{Op: "append", Seq: seq, Err: err}
 		}
 		tx.created = true
 	}
@@ -50,9 +54,16 @@ func (m *Manager) prepareAppend(s *sequence.Sequence, seq SeqID, n int) (appendT
 		if tx.created {
 			m.seqs.Remove(tx.s)
 		}
-		return appendTx{}, &SequenceError{Op: "append", Seq: seq, Err: err}
+		return &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
-	return tx, nil
+	return nil
+}
+
+// set makes tx a transaction of m that appends n tokens to s with need blocks (cow: the first
+// copies the shared tail), neither fast nor creating.
+func (tx *appendTx) set(m *Manager, s *sequence.Sequence, n, need int, cow bool) {
+	tx.m, tx.s, tx.n, tx.need = m, s, n, need
+	tx.cow, tx.created, tx.fast = cow, false, false
 }
 
 // checkAppend returns the *SequenceError of an append that cannot be made whatever the memory:

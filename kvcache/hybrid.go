@@ -488,31 +488,29 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 // the step on its fast path; the others prepare, and commit once all have. The lock is held.
 func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int64, error) {
 	keyed := ids != nil
-	h.txs = h.txs[:0]
+	txs := h.txs[:len(h.groups)] // each group prepares into its own; made with that capacity
 	for i, m := range h.groups {
 		s, ok := h.seqIn(rec, i, seq)
 		if ok && s.Keyed == keyed && m.fastAppend(s, n) { // this group needs no block work
-			h.txs = append(h.txs, m.prepareFast(s, n))
+			m.prepareFast(&txs[i], s, n)
 			continue
 		}
 		var err error
 		if !keyed {
 			err = m.checkCounts(s, seq, n)
 		}
-		var tx appendTx
 		if err == nil {
-			tx, err = m.prepareAppend(s, seq, n)
+			err = m.prepareAppend(&txs[i], s, seq, n)
 		}
 		if err != nil {
-			for j := len(h.txs) - 1; j >= 0; j-- {
-				h.txs[j].abort()
+			for j := i - 1; j >= 0; j-- {
+				txs[j].abort()
 			}
 			return dst, h.groupErr(i, err)
 		}
-		h.txs = append(h.txs, tx)
 	}
-	for i := range h.txs {
-		tx, m := &h.txs[i], h.groups[i] // no copy of the transaction per group
+	for i := range txs {
+		tx, m := &txs[i], h.groups[i] // no copy of the transaction per group
 		h.keep(i, dst, tx.commit(h.slotsOf(i, dst)))
 		h.found[i] = tx.s
 		switch {
@@ -520,7 +518,7 @@ func (h *Hybrid) appendSlow(rec *hybridSeq, seq SeqID, n int, ids []TokenID, dst
 			m.fastIDs(tx.s, ids, h.chain(i, tx.s, h.found))
 		case tx.fast:
 		case keyed:
-			m.afterIDs(*tx, ids, h.chain(i, tx.s, h.found))
+			m.afterIDs(tx, ids, h.chain(i, tx.s, h.found))
 			m.publish()
 		default:
 			if !tx.created {

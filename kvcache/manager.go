@@ -436,8 +436,8 @@ func (m *Manager) appendSlots(s *sequence.Sequence, last, room, n int, dst []int
 // appendSlow is AppendTokens when blocks must be found (or the request is bad). s is nil when
 // the sequence does not exist yet.
 func (m *Manager) appendSlow(s *sequence.Sequence, seq SeqID, n int, dst []int64) ([]int64, error) {
-	tx, err := m.prepareAppend(s, seq, n)
-	if err != nil {
+	var tx appendTx
+	if err := m.prepareAppend(&tx, s, seq, n); err != nil {
 		return dst, err
 	}
 	return tx.commit(dst), nil

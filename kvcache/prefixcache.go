@@ -208,12 +208,12 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 		return dst, nil
 	}
 	defer m.mu.Unlock()
-	tx, err := m.prepareAppend(s, seq, n)
-	if err != nil {
+	var tx appendTx
+	if err := m.prepareAppend(&tx, s, seq, n); err != nil {
 		return dst, err
 	}
 	out := tx.commit(dst)
-	m.afterIDs(tx, ids, nil)
+	m.afterIDs(&tx, ids, nil)
 	m.publish()
 	return out, nil
 }
@@ -234,7 +234,7 @@ func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID, chain *sequence.S
 
 // afterIDs records the ids of a committed append: a sequence it created is keyed in the zero
 // namespace, and a keyed one caches the blocks the ids filled.
-func (m *Manager) afterIDs(tx appendTx, ids []TokenID, chain *sequence.Sequence) {
+func (m *Manager) afterIDs(tx *appendTx, ids []TokenID, chain *sequence.Sequence) {
 	s := tx.s
 	if tx.created {
 		s.Keyed, s.Root = true, m.rootZero()
@@ -603,7 +603,11 @@ func (m *Manager) idleAllowed() int { return m.idleCap }
 // The watermarks count spare pages: the reserve maps none while the excess can serve, and
 // trimming returns the excess that sits on cache-only pages.
 func (m *Manager) spare() int {
-	return m.arena.FreePages() + (max(0, m.arena.Idle()-m.idleAllowed())+m.bpp-1)/m.bpp
+	free := m.arena.FreePages()
+	if excess := m.arena.Idle() - m.idleAllowed(); excess > 0 { // else no division: every commit asks
+		free += (excess + m.bpp - 1) / m.bpp
+	}
+	return free
 }
 
 // dropOverBound evicts idle blocks beyond the bound, in evictForAlloc's order (LRU, near-ties
