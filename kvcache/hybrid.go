@@ -150,6 +150,9 @@ type Hybrid struct {
 	fetched [][]int32            // each group's blocks a start fetched from its host cache (hybridhost.go)
 	swaps   []swapTx             // each group's part of a SwapOut or SwapIn
 
+	// lanes are what the fast path reads of each group, in one array (see lane)
+	lanes []lane
+
 	// chainOf[i] is the first group before group i with its block size (both attention
 	// groups), whose keys group i takes instead of hashing the same blocks again; -1 if none.
 	chainOf []int
@@ -228,6 +231,9 @@ func newHybridOn(pool *SharedPool, g Geometry, register func(i int, grp LayerGro
 		h.groups = append(h.groups, m)
 	}
 	h.txs = make([]appendTx, 0, len(h.groups))
+	for _, m := range h.groups {
+		h.lanes = append(h.lanes, lane{m: m, bt: int64(m.cfg.BlockTokens), bounded: m.bounded(), state: m.cfg.StateBytes > 0})
+	}
 	h.chainOf = make([]int, len(h.groups))
 	for i, gi := range g.Groups {
 		h.chainOf[i] = -1
@@ -471,11 +477,9 @@ func (h *Hybrid) append(seq SeqID, n int, ids []TokenID, dst [][]int64) ([][]int
 	if len(dst) != len(h.groups) {
 		return dst, &SequenceError{Op: "append", Seq: seq, Err: &CountError{What: "slot lists", N: len(dst), Max: len(h.groups)}}
 	}
-	keyed := ids != nil
 	h.mu.Lock()
 	rec := h.index.get(seq)
-	if ok, drop := h.fast(rec, n, keyed); ok {
-		h.fastStep(rec, n, ids, dst, drop)
+	if rec != nil && h.fastStep(rec, n, ids, dst) {
 		h.mu.Unlock()
 		return dst, nil
 	}
@@ -547,49 +551,72 @@ func (h *Hybrid) chain(i int, s *sequence.Sequence, found []*sequence.Sequence) 
 	return nil
 }
 
+// lane is what the fast path reads of one group: its manager and the parts of its
+// configuration that never change, kept side by side for all groups (Hybrid.lanes) so that a
+// step reads one short array instead of each manager's configuration.
+type lane struct {
+	m       *Manager
+	bt      int64 // tokens per block
+	bounded bool  // a window or chunk group: blocks fall out of its reach (Manager.bounded)
+	state   bool  // a recurrent group: its slots mean nothing
+}
+
 // fastStep appends n tokens (with ids, unless nil) of the sequence of rec in every group on its
-// fast path, which fast allowed, and appends each attention group's slots to dst[i]; with drop
-// a window or chunk group first drops what falls out of its reach (see fastSlots). The calls are
-// kept out of the loop that computes the slots, which then runs in registers.
-func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64, drop bool) {
-	seqs := rec.seqs[:len(h.groups)]
+// fast path, when every group allows it (Manager.fastAppend: room in a tail it alone holds,
+// the manager open), and appends each attention group's slots to dst[i]; it reports whether it
+// did. Nothing changes when it does not. A window or chunk group first drops what falls out of
+// its reach (see fastSlots). One pass checks every group, a second appends: a decode step's
+// work per group is a few loads and stores (Manager.fastSlots, inlined by hand).
+func (h *Hybrid) fastStep(rec *hybridSeq, n int, ids []TokenID, dst [][]int64) bool {
+	keyed := ids != nil
+	lanes := h.lanes
+	seqs := rec.seqs[:len(lanes)]
+	dst = dst[:len(lanes)]
+	if n <= 0 {
+		return false
+	}
+	drop := false
+	for i := range lanes {
+		s, m := seqs[i], lanes[i].m
+		if n > s.FastRoom || s.Keyed != keyed || m.closed || m.asleep {
+			return false
+		}
+		drop = drop || lanes[i].bounded && s.Tokens >= s.NextDrop
+	}
 	if drop {
-		for i, m := range h.groups {
-			if s := seqs[i]; m.reachMoved(s) {
-				m.dropOutOfReach(s)
+		h.dropOutOfReach(seqs)
+	}
+	for i := range lanes {
+		s, l := seqs[i], &lanes[i]
+		s.FastRoom -= n
+		slot := int64(s.Tail)*l.bt + int64(s.Tokens) - int64(len(s.Blocks)-1)*l.bt // as fastSlots
+		s.Tokens += n
+		switch {
+		case l.state: // no slots
+		case n == 1: // a decode step: no loop
+			dst[i] = append(dst[i], slot)
+		default:
+			for j := range int64(n) {
+				dst[i] = append(dst[i], slot+j)
 			}
 		}
 	}
-	dst = dst[:len(seqs)]
-	for i, m := range h.groups {
-		if m.cfg.StateBytes > 0 { // a recurrent group's slots mean nothing
-			h.scratch = m.fastSlots(seqs[i], n, h.scratch[:0])[:0]
-		} else {
-			dst[i] = m.fastSlots(seqs[i], n, dst[i])
-		}
-	}
 	if ids != nil {
-		for i, m := range h.groups {
-			m.fastIDs(seqs[i], ids, h.chain(i, seqs[i], seqs))
+		for i := range lanes {
+			lanes[i].m.fastIDs(seqs[i], ids, h.chain(i, seqs[i], seqs))
 		}
 	}
+	return true
 }
 
-// fast reports whether every group can take n tokens of the sequence of rec (nil: none) on its
-// fast path (no new block), and whether a window or chunk group drops a block on the way.
-func (h *Hybrid) fast(rec *hybridSeq, n int, keyed bool) (ok, drop bool) {
-	if rec == nil {
-		return false, false
-	}
-	seqs := rec.seqs[:len(h.groups)]
+// dropOutOfReach drops, in each window or chunk group, the blocks of its sequence in seqs that
+// the next token no longer reads (see Manager.fastSlots).
+func (h *Hybrid) dropOutOfReach(seqs []*sequence.Sequence) {
 	for i, m := range h.groups {
-		s := seqs[i]
-		if s.Keyed != keyed || !m.fastAppend(s, n) {
-			return false, false
+		if s := seqs[i]; m.reachMoved(s) {
+			m.dropOutOfReach(s)
 		}
-		drop = drop || m.reachMoved(s)
 	}
-	return true, drop
 }
 
 // seqIn returns the sequence seq in group i: rec's, when seq has a record (rec), else the

@@ -851,3 +851,37 @@ func TestHybridSwapInFailureDropsOverwrittenCache(t *testing.T) {
 	d.check(t, []kvcache.SeqID{1, 3, 4})
 	require.NoError(t, h.Verify())
 }
+
+// TestHybridAppendRefusedAsleepOrClosed: an append that every group could take on its fast path
+// (room in each tail) is refused while the Hybrid sleeps and once it is closed, and changes
+// nothing; after Wake it goes on where it stopped.
+func TestHybridAppendRefusedAsleepOrClosed(t *testing.T) {
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true})
+	require.NoError(t, err) // closed by the test
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokens(1, 3, dst)
+	require.NoError(t, err)
+	length := func() int {
+		n, err := h.Len(1)
+		require.NoError(t, err)
+		return n
+	}
+	_, err = h.Sleep()
+	require.NoError(t, err)
+	for g := range dst {
+		dst[g] = dst[g][:0]
+	}
+	out, err := h.AppendTokens(1, 1, dst)
+	require.ErrorIs(t, err, kvcache.ErrAsleep)
+	for g := range out {
+		require.Empty(t, out[g], "group %d got slots while asleep", g)
+	}
+	require.Equal(t, 3, length())
+	require.NoError(t, h.Wake())
+	_, err = h.AppendTokens(1, 1, dst)
+	require.NoError(t, err)
+	require.Equal(t, 4, length())
+	require.NoError(t, h.Close())
+	_, err = h.AppendTokens(1, 1, make([][]int64, h.Groups()))
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+}
