@@ -10,9 +10,9 @@ import (
 // beside the same step on one manager of one group (target: at most 2x, 0 allocs), without and
 // with ids (the groups share one key chain: each block hashed once).
 func BenchmarkHybridDecode(b *testing.B) {
-	b.Run("one-group", func(b *testing.B) { kvbench.Decode(b, 0, false) })
+	b.Run("one-group", func(b *testing.B) { kvbench.OneGroupDecode(b, false) })
 	b.Run("three-groups", kvbench.HybridDecode)
-	b.Run("one-group-ids", func(b *testing.B) { kvbench.Decode(b, 0, true) })
+	b.Run("one-group-ids", func(b *testing.B) { kvbench.OneGroupDecode(b, true) })
 	b.Run("three-groups-ids", kvbench.HybridDecodeIDs)
 }
 

@@ -221,8 +221,8 @@ func hybridHotPaths() (Table, error) {
 		div        float64
 		fn, yard   func(*testing.B)
 	}{
-		{"decode step", "ns/token", 1, kvbench.HybridDecode, func(b *testing.B) { kvbench.Decode(b, 0, false) }},
-		{"decode step with ids", "ns/token", 1, kvbench.HybridDecodeIDs, func(b *testing.B) { kvbench.Decode(b, 0, true) }},
+		{"decode step", "ns/token", 1, kvbench.HybridDecode, func(b *testing.B) { kvbench.OneGroupDecode(b, false) }},
+		{"decode step with ids", "ns/token", 1, kvbench.HybridDecodeIDs, func(b *testing.B) { kvbench.OneGroupDecode(b, true) }},
 		{"start, keys given", "us", 1e3, func(b *testing.B) { kvbench.HybridStartCached(b, true) }, func(b *testing.B) { kvbench.StartCached(b, true) }},
 		{"start, hashing", "us", 1e3, func(b *testing.B) { kvbench.HybridStartCached(b, false) }, func(b *testing.B) { kvbench.StartCached(b, false) }},
 	} {

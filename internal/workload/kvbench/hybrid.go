@@ -29,7 +29,7 @@ func newHybrid(b *testing.B, prefixBytes uint64) *kvcache.Hybrid {
 	if err != nil {
 		b.Fatal(err)
 	}
-	c := Config()
+	c := HeldConfig()
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: HybridGeometry(), Limit: 1 << 40, Capacity: c.Capacity,
 		PrefixCacheBytes: prefixBytes, ReservePages: c.ReservePages, HighWatermark: c.HighWatermark})
 	if err != nil {
@@ -55,6 +55,11 @@ func HybridDecode(b *testing.B) { hybridDecode(b, false) }
 // HybridDecodeIDs is HybridDecode with ids (AppendTokenIDs, every id new: each filled block is
 // keyed, cached and later evicted in every group). Compare it with Decode(b, 0, true).
 func HybridDecodeIDs(b *testing.B) { hybridDecode(b, true) }
+
+// OneGroupDecode is the yardstick of HybridDecode (withIDs false) and HybridDecodeIDs: Decode's
+// step on one full-attention manager whose watermark, as the Hybrid's groups', keeps the
+// batch's pages mapped (HeldConfig), so that neither side maps or unmaps in the timed steps.
+func OneGroupDecode(b *testing.B, withIDs bool) { decodeWith(b, 0, withIDs, HeldConfig()) }
 
 func hybridDecode(b *testing.B, withIDs bool) {
 	h := newHybrid(b, 0)

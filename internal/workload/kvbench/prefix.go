@@ -115,8 +115,11 @@ func HashBlocks(b *testing.B) {
 // once the batch restarts, evicted) or without (AppendTokens). Every 1,024 tokens a
 // sequence ends and another takes its place (untimed), so the cache churns as a server's does.
 // It reports ns/token; the difference between the two is what prefix caching costs.
-func Decode(b *testing.B, live int, withIDs bool) {
-	e := setup(b, live)
+func Decode(b *testing.B, live int, withIDs bool) { decodeWith(b, live, withIDs, Config()) }
+
+// decodeWith is Decode on a manager of cfg.
+func decodeWith(b *testing.B, live int, withIDs bool, cfg kvcache.Config) {
+	e := setupWith(b, live, cfg)
 	slots := make([]int64, 0, 64)
 	id := make([]prefix.Token, 1)
 	next := prefix.Token(1)
