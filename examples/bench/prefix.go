@@ -213,7 +213,8 @@ func hybridHotPaths() (Table, error) {
 		Note: "The decode step of 256 sequences (kvbench.HybridDecode: AppendTokens of one token in every group, the window dropping a block " +
 			"every 16 tokens; with ids, every block keyed and cached, the groups of one block size sharing one key chain) and the start of a " +
 			"cached 4,096-token prompt, on a Hybrid of three groups (full, a 128-token window, 8,192-token chunks) against the same on one " +
-			fmt.Sprintf("full-attention manager. Each runs in turn with its yardstick %d times; medians. Target: at most 2x.", hotRounds),
+			"full-attention manager (the decode steps on both sides with a watermark that keeps the batch's pages mapped, kvbench.HeldConfig, so that neither maps in the timed steps). " +
+			fmt.Sprintf("Each runs in turn with its yardstick %d times; medians. Target: at most 2x.", hotRounds),
 		Columns: []string{"operation", "three groups", "one group", "ratio", "target", "allocs/op"},
 	}
 	for _, c := range []struct {
