@@ -22,14 +22,14 @@ func HybridGeometry() kvcache.Geometry {
 }
 
 // newHybrid returns a Hybrid of HybridGeometry on a host device, closed when b ends: each
-// group's page is Config's (64 blocks in 256 KiB), and so are the reserve and the watermark.
-func newHybrid(b *testing.B, prefixBytes uint64) *kvcache.Hybrid {
+// group's page is Config's (64 blocks in 256 KiB), and the reserve and the watermark are c's
+// (the yardstick's configuration, so that both sides keep the same pages mapped).
+func newHybrid(b *testing.B, prefixBytes uint64, c kvcache.Config) *kvcache.Hybrid {
 	b.Helper()
 	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 256 << 10, Capacity: 1 << 40})
 	if err != nil {
 		b.Fatal(err)
 	}
-	c := HeldConfig()
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: HybridGeometry(), Limit: 1 << 40, Capacity: c.Capacity,
 		PrefixCacheBytes: prefixBytes, ReservePages: c.ReservePages, HighWatermark: c.HighWatermark})
 	if err != nil {
@@ -62,7 +62,7 @@ func HybridDecodeIDs(b *testing.B) { hybridDecode(b, true) }
 func OneGroupDecode(b *testing.B, withIDs bool) { decodeWith(b, 0, withIDs, HeldConfig()) }
 
 func hybridDecode(b *testing.B, withIDs bool) {
-	h := newHybrid(b, 0)
+	h := newHybrid(b, 0, HeldConfig()) // as OneGroupDecode
 	dst := make([][]int64, h.Groups())
 	id := make([]prefix.Token, 1)
 	next := prefix.Token(1)
@@ -89,7 +89,7 @@ func hybridDecode(b *testing.B, withIDs bool) {
 // HybridGeometry (the keys given when withKeys); compare it with StartCached on one
 // full-attention manager.
 func HybridStartCached(b *testing.B, withKeys bool) {
-	h := newHybrid(b, 1<<30)
+	h := newHybrid(b, 1<<30, Config()) // as StartCached
 	p := make([]prefix.Token, PromptTokens)
 	for i := range p {
 		p[i] = prefix.Token(i*7919 + 13)
