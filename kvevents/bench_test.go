@@ -37,13 +37,15 @@ func BenchmarkDecodeOverhead(b *testing.B) {
 
 // BenchmarkDecodeParts takes the overhead of BenchmarkDecodeOverhead apart: the same
 // measurement with readers that do a step more each (eventbench.Recorded, Ticking, Counting,
-// Touching, AbsentNoGC, Absent), beside the A/A control. The differences between their ratios
-// are what recording, a second goroutine, handing the events to it, reading them there,
-// collecting the publisher's garbage and encoding cost. cpu-ratio is the appending thread's own
-// CPU time with / without, which a busy machine disturbs less than the wall ratio. One op is a
-// round (run with -benchtime 7x, several times in turn).
+// Touching, AbsentNoGC, Absent), beside the A/A control and a busy core that shares nothing
+// with the manager (eventbench.Busy, no events). The differences between their ratios are what
+// recording, a second goroutine, handing the events to it, reading them there, collecting the
+// publisher's garbage and encoding cost; Busy is what any second busy core costs on the
+// machine. cpu-ratio is the appending thread's own CPU time with / without, which a busy
+// machine disturbs less than the wall ratio. One op is a round (run with -benchtime 7x, several
+// times in turn).
 func BenchmarkDecodeParts(b *testing.B) {
-	for _, sub := range []eventbench.Subscriber{eventbench.Control, eventbench.Recorded, eventbench.Ticking, eventbench.Counting,
+	for _, sub := range []eventbench.Subscriber{eventbench.Control, eventbench.Busy, eventbench.Recorded, eventbench.Ticking, eventbench.Counting,
 		eventbench.Touching, eventbench.AbsentNoGC, eventbench.Absent} {
 		b.Run(string(sub), func(b *testing.B) {
 			o, err := eventbench.MeasureOverhead(sub, b.N)

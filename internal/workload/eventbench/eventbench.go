@@ -6,6 +6,7 @@ package eventbench
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"runtime"
@@ -177,7 +178,15 @@ const (
 	// AbsentNoGC: Absent with the collector off on both sides (GOGC=off): Absent less what the
 	// collection of the publisher's garbage costs.
 	AbsentNoGC Subscriber = "absent, GOGC=off"
+	// Busy: no events at all, beside a goroutine that hashes 256 KiB of its own (SHA-256) for
+	// BusyShare of every millisecond, sharing nothing with the manager: what another busy
+	// core costs the appending one on this machine (its caches, memory and clock), whatever
+	// the work. A control for the publisher's rows.
+	Busy Subscriber = "busy core, no events"
 )
+
+// BusyShare is the part of every millisecond Busy's goroutine works.
+const BusyShare = 0.3
 
 // Overhead is the decode step with a publisher attached against the same step without.
 type Overhead struct {
@@ -271,7 +280,12 @@ func decodeCycle(sub Subscriber, with bool) (_ time.Duration, _ uint64, _ time.D
 			}
 		}()
 	}
-	if with && !sub.part() {
+	if with && sub == Busy {
+		stop := make(chan struct{})
+		go busy(stop)
+		defer close(stop)
+	}
+	if with && !sub.part() && sub != Busy {
 		s, err := d.M.Subscribe(1 << 16)
 		if err != nil {
 			return 0, 0, 0, err
@@ -381,6 +395,30 @@ func countLost(events []prefix.Event) uint64 {
 		}
 	}
 	return n
+}
+
+// busy works (SHA-256 over a private 256 KiB buffer, in 4 KiB steps) for BusyShare of every
+// millisecond, and sleeps the rest, until stop closes.
+func busy(stop chan struct{}) {
+	buf := make([]byte, 256<<10)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	var sum [32]byte
+	work := time.Duration(BusyShare * float64(time.Millisecond))
+	for {
+		start := time.Now()
+		for off := 0; time.Since(start) < work; off = (off + 4096) % len(buf) {
+			sum = sha256.Sum256(buf[off : off+4096])
+			buf[off] ^= sum[0] // each pass hashes what the last one left
+		}
+		sink.Add(uint64(sum[0]))
+		select {
+		case <-stop:
+			return
+		case <-time.After(time.Millisecond - work):
+		}
+	}
 }
 
 // tick wakes every millisecond until stop closes.
