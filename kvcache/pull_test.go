@@ -123,17 +123,9 @@ func TestSubscribeGetsLaterEvents(t *testing.T) {
 	require.True(t, m.holding.Load())
 	second, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)
-	select {
-	case <-second.Ready():
-		t.Fatal("the second subscription was told of events from before it")
-	default:
-	}
+	require.False(t, signalled(second.Ready()), "the second subscription was told of events from before it")
 	k1 := cache(1)
-	select {
-	case <-second.Ready():
-	default:
-		t.Fatal("the event after Subscribe did not signal the new subscription")
-	}
+	require.True(t, signalled(second.Ready()), "the event after Subscribe did not signal the new subscription")
 	keys := func(evs []prefix.Event) (ks []prefix.Key) {
 		for _, ev := range evs {
 			require.Equal(t, prefix.BlockStored, ev.Kind)
@@ -191,19 +183,22 @@ func TestReaderIsToldAfterPullBehindQueued(t *testing.T) {
 			}
 			want := tc.queue(t, m, cache)
 			require.True(t, m.holding.Load(), "the last event is held")
-			select {
-			case <-sub.Ready():
-			default:
-				t.Fatal("the subscriber was not told of the queued events")
-			}
+			require.True(t, signalled(sub.Ready()), "the subscriber was not told of the queued events")
 			require.Equal(t, want, keys(sub.Read(nil)), "the held event pulled in behind the queued")
 			k := cache(5000)
-			select {
-			case <-sub.Ready():
-			default:
-				t.Fatal("an event is held for the subscriber and its Ready was not signalled")
-			}
+			require.True(t, signalled(sub.Ready()), "an event is held for the subscriber and its Ready was not signalled")
 			assert.Equal(t, []prefix.Key{k}, keys(sub.Read(nil)))
 		})
+	}
+}
+
+// signalled reports whether ready (a subscription's Ready) holds a signal, taking it, without
+// waiting.
+func signalled(ready <-chan struct{}) bool {
+	select {
+	case <-ready:
+		return true
+	default:
+		return false
 	}
 }
