@@ -342,6 +342,11 @@ func (a *Arena) dropAt(p Page, pg *page, i int) {
 // Entry returns block b's cache entry, or nil.
 func (a *Arena) Entry(b Block) *keyindex.Entry[Block] {
 	pg, i := a.slot(b)
+	return pg.entry(i)
+}
+
+// entry returns the cache entry of block i of the page, or nil.
+func (pg *page) entry(i int) *keyindex.Entry[Block] {
 	if pg.entries == nil {
 		return nil
 	}
@@ -402,10 +407,7 @@ func (a *Arena) Unref(b Block) {
 		pg.refs[i]--
 		return
 	}
-	var e *keyindex.Entry[Block]
-	if pg.entries != nil {
-		e = pg.entries[i]
-	}
+	e := pg.entry(i)
 	if e == nil {
 		a.dropAt(p, pg, i)
 		return
