@@ -59,9 +59,9 @@ type NameError = errdefs.NameError
 
 // BlocksError reports an append whose blocks cannot be had: Tokens more tokens for a sequence
 // of SeqTokens need Blocks more blocks (Bytes of arena memory). Free is how many blocks the
-// manager could give now (free blocks of mapped pages, and of the pages its own limits still
-// let it map; a shared budget may reclaim more from other models), Max how many the arena can
-// ever hold.
+// manager could give now, as Available counts them (free and idle blocks of mapped pages, and
+// those of the pages its arena, MemoryLimit and budget's headroom still let it map; a shared
+// budget may reclaim more from other models), Max how many the arena can ever hold.
 //
 // It matches ErrTooLarge when the request can never succeed (Blocks > Max, the sequence would
 // pass MaxSequenceTokens, or Tokens is over blocktable.MaxSlots; Err is nil then), and

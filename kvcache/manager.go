@@ -483,20 +483,10 @@ func (m *Manager) bound() string {
 	return fmt.Sprintf("Capacity %d bytes", m.cfg.Capacity)
 }
 
-// freeBlocks returns the blocks the manager could hand out now without other models' memory:
-// free blocks of mapped pages, and those of the pages MemoryLimit still lets it map.
-func (m *Manager) freeBlocks() int {
-	a := m.arena
-	mappable := a.UnmappedPages()
-	if m.static {
-		mappable = 0
-	}
-	if m.cfg.MemoryLimit > 0 {
-		room := m.maxBlocks/m.bpp - a.Mapped() - m.inflight
-		mappable = max(0, min(mappable, room))
-	}
-	return a.Mapped()*m.bpp - a.Live() + mappable*m.bpp // free and idle blocks, and mappable ones
-}
+// freeBlocks returns the blocks the manager could hand out now without other models' memory,
+// as Available counts them: free and idle blocks of mapped pages, and those of the pages its
+// arena, MemoryLimit and a shared budget's headroom still let it map.
+func (m *Manager) freeBlocks() int { return m.availableLocked().Blocks }
 
 // takeBlocks takes need device blocks into m.newBlocks, each held once, near page hint (-1:
 // none): free blocks first, then cache beyond the bound, then mapped pages (growPage). On an

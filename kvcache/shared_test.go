@@ -446,3 +446,39 @@ func TestSharedPoolConcurrent(t *testing.T) {
 	require.NoError(t, sp.Close())
 	assert.Zero(t, sp.Stats().Used, "closing returns everything to the budget")
 }
+
+// A refusal's numbers agree with Available: when the shared budget, not the model's own arena,
+// is what runs out, the *BlocksError of the append it refused says that fewer blocks than it
+// needs can be had now (its Free is Available().Blocks), not the pages its Capacity still
+// leaves unmapped.
+func TestSharedRefusalCountsTheBudget(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 4 * (2 << 20)})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	b, err := sp.Register("b", sharedConfig())
+	require.NoError(t, err)
+	const pageTokens = 64 * 16
+	refuse := func(m *kvcache.Manager, first kvcache.SeqID) *kvcache.BlocksError {
+		for s := first; s < first+64; s++ {
+			_, err := m.AppendTokens(s, pageTokens, nil)
+			if err == nil {
+				continue
+			}
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+			var be *kvcache.BlocksError
+			require.ErrorAs(t, err, &be)
+			return be
+		}
+		t.Fatal("the budget of 4 pages took 64")
+		return nil
+	}
+	refuse(a, 0) // a holds what the budget has
+	be := refuse(b, 100)
+	av := b.Available()
+	require.Zero(t, av.MappableBlocks, "the budget has no room for another page")
+	require.Equal(t, av.Blocks, be.Free)
+	require.Less(t, be.Free, be.Blocks, "%v", be)
+}
