@@ -701,32 +701,7 @@ func (h *Hybrid) StartSequence(seq SeqID, p Prompt) (int, error) {
 	// Outside the lock: hashing. One root and one key chain for each block size.
 	sc := h.startScratch()
 	defer h.putScratch(sc)
-	roots, keys := sc.roots, sc.keys
-	for i, m := range h.groups {
-		bt := m.keyTokens()
-		j := 0
-		for j < i && h.groups[j].keyTokens() != bt {
-			j++
-		}
-		if j < i {
-			roots[i] = roots[j]
-		} else {
-			roots[i] = sc.keyer.Root(p.Namespace, bt)
-		}
-		keys[i] = nil
-		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
-			continue
-		}
-		for j := range i {
-			if h.groups[j].keyTokens() == bt && keys[j] != nil {
-				keys[i] = keys[j]
-			}
-		}
-		if keys[i] == nil {
-			keys[i] = promptKeys(sc.keyer, p, roots[i], bt, keyBT, sc.bufs[i][:0])
-			sc.bufs[i] = keys[i][:0]
-		}
-	}
+	roots, keys := sc.chains(h, p)
 	if err := h.fetchTiers(seq, p, keys); err != nil { // outside the lock: the tiers' I/O
 		return 0, err
 	}
@@ -784,6 +759,40 @@ type startScratch struct {
 	roots []prefix.Key
 	keys  [][]prefix.Key // each group's chain: in bufs, in the Prompt's Keys, or nil
 	bufs  [][]prefix.Key
+}
+
+// chains fills sc's roots and key chains for prompt p, one chain for each block size (a
+// recurrent group without checkpoints has none), and returns them: what a start and an admission
+// look up. It hashes, so it runs outside the lock.
+func (sc *startScratch) chains(h *Hybrid, p Prompt) (roots []prefix.Key, keys [][]prefix.Key) {
+	keyBT := h.keyBlockTokens()
+	roots, keys = sc.roots, sc.keys
+	for i, m := range h.groups {
+		bt := m.keyTokens()
+		j := 0
+		for j < i && h.groups[j].keyTokens() != bt {
+			j++
+		}
+		if j < i {
+			roots[i] = roots[j]
+		} else {
+			roots[i] = sc.keyer.Root(p.Namespace, bt)
+		}
+		keys[i] = nil
+		if m.cfg.StateBytes > 0 && m.cfg.CheckpointTokens == 0 {
+			continue
+		}
+		for j := range i {
+			if h.groups[j].keyTokens() == bt && keys[j] != nil {
+				keys[i] = keys[j]
+			}
+		}
+		if keys[i] == nil {
+			keys[i] = promptKeys(sc.keyer, p, roots[i], bt, keyBT, sc.bufs[i][:0])
+			sc.bufs[i] = keys[i][:0]
+		}
+	}
+	return roots, keys
 }
 
 // startScratch returns a start's scratch from the free list, or a new one.

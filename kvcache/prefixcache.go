@@ -766,11 +766,7 @@ func (m *Manager) Available() Availability {
 func (m *Manager) availableLocked() Availability {
 	a := m.arena
 	av := Availability{FreeBlocks: a.Mapped()*m.bpp - a.Live() - a.Idle(), IdleBlocks: a.Idle()}
-	if !m.static && !m.closed && !m.asleep {
-		pages := a.UnmappedPages()
-		if m.cfg.MemoryLimit > 0 {
-			pages = max(0, min(pages, m.maxBlocks/m.bpp-a.Mapped()-m.inflight))
-		}
+	if pages := m.ownMappable(); pages > 0 {
 		if room, ok := m.back.headroom(); ok {
 			pages = min(pages, int(min(room/m.cfg.PageSize, MaxPages)))
 		}
@@ -779,6 +775,19 @@ func (m *Manager) availableLocked() Availability {
 	av.Blocks = av.FreeBlocks + av.IdleBlocks + av.MappableBlocks
 	av.Tokens = av.Blocks * m.cfg.BlockTokens
 	return av
+}
+
+// ownMappable returns the pages the manager may still map by its own bounds, its arena and
+// MemoryLimit (none while static, closed or asleep); a budget's headroom may allow fewer.
+func (m *Manager) ownMappable() int {
+	if m.static || m.closed || m.asleep {
+		return 0
+	}
+	pages := m.arena.UnmappedPages()
+	if m.cfg.MemoryLimit > 0 {
+		pages = max(0, min(pages, m.maxBlocks/m.bpp-m.arena.Mapped()-m.inflight))
+	}
+	return pages
 }
 
 // Admission says what starting a prompt would take now.
