@@ -868,6 +868,49 @@ func TestDropSurvivesRestart(t *testing.T) {
 	assert.Equal(t, bs[2].Data, dst[0])
 }
 
+// A dropped block stays dropped across a restart where the store wrote it twice: a Get moved it
+// to the tail (its second chance), or one Put held it twice. Drop marks the record the index
+// points at; the earlier copy, still intact, must not come back at Open.
+func TestDropSurvivesRestartOfACopiedBlock(t *testing.T) {
+	ctx := context.Background()
+	ns := prefix.Namespace{}
+	for _, tc := range []struct {
+		name string
+		copy func(t *testing.T, s *disk.Store, bs []tier.Block)
+	}{
+		{"moved", func(t *testing.T, s *disk.Store, bs []tier.Block) {
+			require.NoError(t, s.Put(ctx, bs)) // [0 1] [2 3] [4 5] [6]: 7 of 8 records
+			n, err := s.Get(ctx, ns, keysOf(bs[1:2]), dsts(1))
+			require.NoError(t, err)
+			require.Equal(t, 1, n)
+			require.Equal(t, uint64(8*record), s.Stats().Bytes, "1 moved to [6 1], [0 1] kept")
+		}},
+		{"twice in one Put", func(t *testing.T, s *disk.Store, bs []tier.Block) {
+			require.NoError(t, s.Put(ctx, append(bs[:7:7], bs[1])))
+			require.Equal(t, uint64(8*record), s.Stats().Bytes, "1 written twice")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			o := opts(8)
+			o.SegmentBytes = 2 * record
+			bs := chain(ns, 7, 44)
+			s := open(t, dir, o)
+			tc.copy(t, s, bs)
+			require.NoError(t, s.Drop(ctx, ns, keysOf(bs[1:2])))
+			require.False(t, has(t, s, ns, bs[1].Key))
+			require.NoError(t, s.Close())
+			s = open(t, dir, o)
+			defer s.Close()
+			assert.False(t, has(t, s, ns, bs[1].Key), "the dropped block came back")
+			assert.Equal(t, uint64(6), s.Stats().Restored)
+			n, err := s.Get(ctx, ns, keysOf(bs[:1]), dsts(1))
+			require.NoError(t, err)
+			assert.Equal(t, 1, n, "the other block of the copy's segment stays")
+		})
+	}
+}
+
 // Evicted segments' files become spares, up to SpareBytes, within LimitBytes with the segments;
 // a new segment overwrites one in place, and the older records past its end are not restored.
 func TestSpareFilesAreReused(t *testing.T) {
