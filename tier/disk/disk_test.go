@@ -613,6 +613,42 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	}
 }
 
+// A Put that fails after writing part of its records at a tail made from a spare file leaves
+// nothing of them for the next Open: the zero page that ends the tail's records is back at its
+// committed size. The spare's older bytes past it stay, for the next Put to overwrite.
+func TestFailedPutOverAReusedSpareIsNotRestored(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(6)
+	o.SegmentBytes = 2 * record
+	o.SpareBytes = 2 * record
+	s, fault, err := disk.OpenFaulty(dir, o)
+	require.NoError(t, err)
+	ns := prefix.Namespace{}
+	bs := chain(ns, 9, 50)
+	require.NoError(t, s.Put(ctx, bs[:4]))  // [0 1] [2 3]
+	require.NoError(t, s.Put(ctx, bs[4:5])) // [4]: [0 1] evicted into the pool
+	require.NoError(t, s.Put(ctx, bs[5:6])) // [4 5]
+	require.NoError(t, s.Put(ctx, bs[6:7])) // [6] over the spare file: 2 records, 1 committed
+	before, filesBefore := s.Stats(), sizes(t, dir)
+	fault.Arm("write", 2, "") // 7 lands at the tail, 8's segment fails
+	require.ErrorIs(t, s.Put(ctx, bs[7:9]), disk.ErrFault)
+	after := s.Stats()
+	after.Failures = before.Failures
+	assert.Equal(t, before, after)
+	assert.Equal(t, filesBefore, sizes(t, dir))
+	assert.False(t, has(t, s, ns, bs[7].Key))
+	require.NoError(t, s.Close())
+
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.False(t, has(t, s, ns, bs[7].Key), "the failed Put's block came back")
+	assert.Equal(t, uint64(3), s.Stats().Restored)
+	n, err := s.Get(ctx, ns, keysOf(bs[6:7]), dsts(1))
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
+}
+
 // A failing read is an error the caller treats as a miss; the block stays.
 func TestFailedReadKeepsTheBlock(t *testing.T) {
 	ctx := context.Background()

@@ -92,7 +92,8 @@
 // write permission (EROFS, EACCES, EPERM) matches ErrReadOnly as well: at Open, which creates
 // LOCK and probes O_DIRECT, or later at a Put. A failed call is counted in Stats.Failures and
 // leaves the index as it was. A failed Put deletes the segments it started and truncates the
-// tail back to its committed size, so the next Put writes over any partial bytes. A failed
+// tail back to its committed size, or, in a reused spare file, writes the zero page there again,
+// so the next Put writes over any partial bytes and the next Open finds none of them. A failed
 // drop mark is counted in Stats.Failures, and the block comes back at the next Open.
 //
 // # Concurrency
