@@ -804,6 +804,36 @@ func TestSegmentEviction(t *testing.T) {
 	}
 }
 
+// A segment grows no larger than the room for segments (LimitBytes less SpareBytes), asked for
+// or by default: eviction frees whole segments, and a tail past the room went whole, the block
+// just put in it and every other with it.
+func TestSegmentsFitTheRoom(t *testing.T) {
+	for _, c := range []struct {
+		name                string
+		limit, spare, segBy uint64
+	}{
+		{"SegmentBytes over LimitBytes", 4 * record, 0, disk.MaxSegmentBytes},
+		{"default over the room left by SpareBytes", 64 * record, 60 * record, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			o := opts(1)
+			o.LimitBytes, o.SpareBytes, o.SegmentBytes = c.limit, c.spare, c.segBy
+			s := open(t, t.TempDir(), o)
+			defer s.Close()
+			ns := prefix.Namespace{}
+			bs := chain(ns, 5, 60)
+			require.NoError(t, s.Put(ctx, bs[:4])) // the room, in one segment
+			require.NoError(t, s.Put(ctx, bs[4:5]))
+			assert.True(t, has(t, s, ns, bs[4].Key), "the block just put is held")
+			st := s.Stats()
+			assert.Equal(t, uint64(1), st.Blocks)
+			assert.Equal(t, uint64(4), st.Evictions)
+			assert.Equal(t, uint64(record), st.Bytes)
+		})
+	}
+}
+
 // A Get of a block in a segment that eviction would reach within the next quarter of the limit
 // appends it again at the tail, so the eviction of its segment spares it; blocks not read go
 // with their segment. A store far from full moves nothing.
