@@ -96,7 +96,8 @@ func ParseHeader(buf []byte) (Header, error) {
 		return h, &CorruptError{Key: h.Key, Reason: fmt.Sprintf("salt of %d bytes exceeds %d", salt, MaxSalt)}
 	}
 	h.Size = fixedSize + (int(salt)+7)&^7
-	if len(buf) < fixedSize+int(salt) {
+	if len(buf) < h.Size {
+		// the padding counts: Size is where the data starts, and Check slices buf there
 		return h, &CorruptError{Key: h.Key, Reason: fmt.Sprintf("%d bytes, shorter than its header (%d)", len(buf), h.Size)}
 	}
 	h.NS.Salt = string(buf[fixedSize : fixedSize+int(salt)])

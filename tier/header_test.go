@@ -1,6 +1,9 @@
 package tier_test
 
 import (
+	"encoding/binary"
+	"hash/crc32"
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -74,4 +77,28 @@ func TestCheckRefusesAnotherModelNamespaceOrKey(t *testing.T) {
 	require.ErrorIs(t, err, tier.ErrCorrupt)
 	_, err = tier.Encode(nil, fp, tier.Block{NS: prefix.Namespace{Salt: string(make([]byte, tier.MaxSalt+1))}})
 	require.ErrorIs(t, err, tier.ErrInvalidArgument)
+}
+
+// A stored block shorter than its own header, whose length field reads -1 as a uint64 and whose
+// checksum matches, is corrupt; a negative dataLen is an invalid argument. Neither panics.
+func TestCheckRefusesAHeaderLongerThanTheBuffer(t *testing.T) {
+	fp := tier.Fingerprint{3}
+	ns := prefix.Namespace{Salt: "a"} // a header of 136 bytes
+	b := block(ns, 0)
+	buf, err := tier.Encode(nil, fp, b)
+	require.NoError(t, err)
+	require.Len(t, buf, 136)
+	buf = buf[:135] // the salt's padding cut short
+	binary.LittleEndian.PutUint64(buf[112:], math.MaxUint64)
+	binary.LittleEndian.PutUint32(buf[124:], 0)
+	binary.LittleEndian.PutUint32(buf[124:], crc32.Checksum(buf, crc32.MakeTable(crc32.Castagnoli)))
+	for _, n := range []int{-1, 0} {
+		data, err := tier.Check(buf, fp, ns, b.Key, n)
+		require.ErrorIs(t, err, tier.ErrCorrupt, "dataLen %d", n)
+		require.Nil(t, data)
+	}
+	_, err = tier.Check(buf, fp, ns, b.Key, -1)
+	var ce *tier.CorruptError
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, b.Key, ce.Key)
 }

@@ -37,8 +37,8 @@ type Options struct {
 	// block's record.
 	SpareBytes uint64
 	// SegmentBytes is the size a segment file grows to before the next is started, rounded up
-	// to 4096. Eviction frees one whole segment at a time. 0 picks an eighth of LimitBytes,
-	// between 4096 and MaxSegmentBytes.
+	// to 4096, and at most LimitBytes less SpareBytes. Eviction frees one whole segment at a
+	// time. 0 picks an eighth of LimitBytes, between 4096 and MaxSegmentBytes.
 	SegmentBytes uint64
 	Mode         Mode // the I/O mode; ModeAuto picks ModeDirect where it works
 }
@@ -67,12 +67,16 @@ func (o Options) validate(dir string) error {
 	return nil
 }
 
-// segmentBytes returns the segment size the options ask for.
+// segmentBytes returns the segment size the options ask for, at most the room for segments:
+// eviction frees whole segments, so a tail grown past LimitBytes less SpareBytes would be
+// evicted with the blocks just put in it.
 func (o Options) segmentBytes() int64 {
+	seg := max(align, min(MaxSegmentBytes, int64(o.LimitBytes/8))&^(align-1))
 	if o.SegmentBytes > 0 {
-		return int64(roundUp(int(o.SegmentBytes)))
+		seg = int64(roundUp(int(o.SegmentBytes)))
 	}
-	return max(align, min(MaxSegmentBytes, int64(o.LimitBytes/8))&^(align-1))
+	// validate has left room for one record, which is a multiple of align.
+	return min(seg, int64(min(o.LimitBytes-o.SpareBytes, MaxSegmentBytes)&^(align-1)))
 }
 
 // Store is a tier.Store over the segment files of one directory. It is safe for concurrent

@@ -613,6 +613,42 @@ func TestFailedPutLeavesStateAsBefore(t *testing.T) {
 	}
 }
 
+// A Put that fails after writing part of its records at a tail made from a spare file leaves
+// nothing of them for the next Open: the zero page that ends the tail's records is back at its
+// committed size. The spare's older bytes past it stay, for the next Put to overwrite.
+func TestFailedPutOverAReusedSpareIsNotRestored(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	o := opts(6)
+	o.SegmentBytes = 2 * record
+	o.SpareBytes = 2 * record
+	s, fault, err := disk.OpenFaulty(dir, o)
+	require.NoError(t, err)
+	ns := prefix.Namespace{}
+	bs := chain(ns, 9, 50)
+	require.NoError(t, s.Put(ctx, bs[:4]))  // [0 1] [2 3]
+	require.NoError(t, s.Put(ctx, bs[4:5])) // [4]: [0 1] evicted into the pool
+	require.NoError(t, s.Put(ctx, bs[5:6])) // [4 5]
+	require.NoError(t, s.Put(ctx, bs[6:7])) // [6] over the spare file: 2 records, 1 committed
+	before, filesBefore := s.Stats(), sizes(t, dir)
+	fault.Arm("write", 2, "") // 7 lands at the tail, 8's segment fails
+	require.ErrorIs(t, s.Put(ctx, bs[7:9]), disk.ErrFault)
+	after := s.Stats()
+	after.Failures = before.Failures
+	assert.Equal(t, before, after)
+	assert.Equal(t, filesBefore, sizes(t, dir))
+	assert.False(t, has(t, s, ns, bs[7].Key))
+	require.NoError(t, s.Close())
+
+	s = open(t, dir, o)
+	defer s.Close()
+	assert.False(t, has(t, s, ns, bs[7].Key), "the failed Put's block came back")
+	assert.Equal(t, uint64(3), s.Stats().Restored)
+	n, err := s.Get(ctx, ns, keysOf(bs[6:7]), dsts(1))
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
+}
+
 // A failing read is an error the caller treats as a miss; the block stays.
 func TestFailedReadKeepsTheBlock(t *testing.T) {
 	ctx := context.Background()
@@ -768,6 +804,36 @@ func TestSegmentEviction(t *testing.T) {
 	}
 }
 
+// A segment grows no larger than the room for segments (LimitBytes less SpareBytes), asked for
+// or by default: eviction frees whole segments, and a tail past the room went whole, the block
+// just put in it and every other with it.
+func TestSegmentsFitTheRoom(t *testing.T) {
+	for _, c := range []struct {
+		name                string
+		limit, spare, segBy uint64
+	}{
+		{"SegmentBytes over LimitBytes", 4 * record, 0, disk.MaxSegmentBytes},
+		{"default over the room left by SpareBytes", 64 * record, 60 * record, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ctx := context.Background()
+			o := opts(1)
+			o.LimitBytes, o.SpareBytes, o.SegmentBytes = c.limit, c.spare, c.segBy
+			s := open(t, t.TempDir(), o)
+			defer s.Close()
+			ns := prefix.Namespace{}
+			bs := chain(ns, 5, 60)
+			require.NoError(t, s.Put(ctx, bs[:4])) // the room, in one segment
+			require.NoError(t, s.Put(ctx, bs[4:5]))
+			assert.True(t, has(t, s, ns, bs[4].Key), "the block just put is held")
+			st := s.Stats()
+			assert.Equal(t, uint64(1), st.Blocks)
+			assert.Equal(t, uint64(4), st.Evictions)
+			assert.Equal(t, uint64(record), st.Bytes)
+		})
+	}
+}
+
 // A Get of a block in a segment that eviction would reach within the next quarter of the limit
 // appends it again at the tail, so the eviction of its segment spares it; blocks not read go
 // with their segment. A store far from full moves nothing.
@@ -866,6 +932,49 @@ func TestDropSurvivesRestart(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, n, "the records after a dropped one are found")
 	assert.Equal(t, bs[2].Data, dst[0])
+}
+
+// A dropped block stays dropped across a restart where the store wrote it twice: a Get moved it
+// to the tail (its second chance), or one Put held it twice. Drop marks the record the index
+// points at; the earlier copy, still intact, must not come back at Open.
+func TestDropSurvivesRestartOfACopiedBlock(t *testing.T) {
+	ctx := context.Background()
+	ns := prefix.Namespace{}
+	for _, tc := range []struct {
+		name string
+		copy func(t *testing.T, s *disk.Store, bs []tier.Block)
+	}{
+		{"moved", func(t *testing.T, s *disk.Store, bs []tier.Block) {
+			require.NoError(t, s.Put(ctx, bs)) // [0 1] [2 3] [4 5] [6]: 7 of 8 records
+			n, err := s.Get(ctx, ns, keysOf(bs[1:2]), dsts(1))
+			require.NoError(t, err)
+			require.Equal(t, 1, n)
+			require.Equal(t, uint64(8*record), s.Stats().Bytes, "1 moved to [6 1], [0 1] kept")
+		}},
+		{"twice in one Put", func(t *testing.T, s *disk.Store, bs []tier.Block) {
+			require.NoError(t, s.Put(ctx, append(bs[:7:7], bs[1])))
+			require.Equal(t, uint64(8*record), s.Stats().Bytes, "1 written twice")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			o := opts(8)
+			o.SegmentBytes = 2 * record
+			bs := chain(ns, 7, 44)
+			s := open(t, dir, o)
+			tc.copy(t, s, bs)
+			require.NoError(t, s.Drop(ctx, ns, keysOf(bs[1:2])))
+			require.False(t, has(t, s, ns, bs[1].Key))
+			require.NoError(t, s.Close())
+			s = open(t, dir, o)
+			defer s.Close()
+			assert.False(t, has(t, s, ns, bs[1].Key), "the dropped block came back")
+			assert.Equal(t, uint64(6), s.Stats().Restored)
+			n, err := s.Get(ctx, ns, keysOf(bs[:1]), dsts(1))
+			require.NoError(t, err)
+			assert.Equal(t, 1, n, "the other block of the copy's segment stays")
+		})
+	}
 }
 
 // Evicted segments' files become spares, up to SpareBytes, within LimitBytes with the segments;

@@ -19,7 +19,8 @@
 // header's data length, rounded up to 4096; the next record starts after it. The padding carries
 // nothing. A record whose header fingerprint is ff ff ff ff, then 26 zero bytes, then ff ff, was
 // dropped (Drop overwrites the fingerprint in place): its length still leads to the next record,
-// and nothing else in it counts.
+// and it drops any earlier record of its namespace and key (a copy a Get moved, or a key twice in
+// one Put), as a later record would replace it.
 //
 // A Put appends its records at the tail of the youngest segment. When the next record would take a
 // segment past Options.SegmentBytes, a new segment starts (a record larger than that has a segment
@@ -91,7 +92,8 @@
 // write permission (EROFS, EACCES, EPERM) matches ErrReadOnly as well: at Open, which creates
 // LOCK and probes O_DIRECT, or later at a Put. A failed call is counted in Stats.Failures and
 // leaves the index as it was. A failed Put deletes the segments it started and truncates the
-// tail back to its committed size, so the next Put writes over any partial bytes. A failed
+// tail back to its committed size, or, in a reused spare file, writes the zero page there again,
+// so the next Put writes over any partial bytes and the next Open finds none of them. A failed
 // drop mark is counted in Stats.Failures, and the block comes back at the next Open.
 //
 // # Concurrency

@@ -274,7 +274,7 @@ func (s *Store) undo(runs []appendRun) {
 			_ = s.io.close(g.fd)
 			_ = s.io.remove(g.path)
 		case !r.fresh:
-			_ = s.io.truncate(g.fd, g.path, max(r.off, g.fsize))
+			s.cut(g, r.off)
 		}
 	}
 	s.mu.Lock()
@@ -283,6 +283,29 @@ func (s *Store) undo(runs []appendRun) {
 		s.addSpareLocked(g)
 	}
 	s.trimSparesLocked()
+}
+
+// cut ends the records of tail g at off, its committed size, after a failed append wrote past
+// it. A file that ends at off is cut there. A reused spare file holds older records past off:
+// the append's partial bytes overwrote the zero page that ended the segment for Open's scan, so
+// it is written again; where that fails, the file is cut at off and its bytes past off no longer
+// count. The caller holds wmu.
+func (s *Store) cut(g *segment, off int64) {
+	if off < g.fsize {
+		page := s.getBuf(align)
+		defer s.putBuf(page)
+		clear((*page)[:align])
+		if s.writeAt(g, (*page)[:align], off) == nil {
+			return
+		}
+	}
+	if s.io.truncate(g.fd, g.path, off) != nil || off >= g.fsize {
+		return
+	}
+	s.mu.Lock()
+	s.st.Bytes -= uint64(g.fsize - off)
+	g.fsize = off
+	s.mu.Unlock()
 }
 
 // publish commits a written append: new segments join the store, records enter the index, then

@@ -96,7 +96,14 @@ func (s *Store) scanSegment(g *segment, hdr []byte) error {
 			}
 			break
 		}
+		k := ikey{h.NS, h.Key}
 		if h.Fingerprint == dropped {
+			// Drop marks only the record the index pointed at. An earlier copy of the block (the
+			// old place of a moved record, a key twice in one Put) is still intact: the mark,
+			// later in the log, drops it too.
+			if h.DataLen == uint64(s.blockBytes) {
+				s.unindex(k)
+			}
 			off += size
 			continue
 		}
@@ -105,13 +112,7 @@ func (s *Store) scanSegment(g *segment, hdr []byte) error {
 			off += size
 			continue
 		}
-		k := ikey{h.NS, h.Key}
-		if l, ok := s.index[k]; ok {
-			delete(s.index, k)
-			s.st.Blocks--
-			s.ds.LiveBytes -= uint64(l.size)
-			l.seg.live--
-		}
+		s.unindex(k)
 		s.index[k] = loc{g, off, size}
 		g.keys = append(g.keys, k)
 		g.live++
@@ -121,6 +122,17 @@ func (s *Store) scanSegment(g *segment, hdr []byte) error {
 	}
 	g.size = off
 	return nil
+}
+
+// unindex forgets an earlier record of k, found by the scan, where there is one: a later
+// record, or the drop mark on one, replaces it.
+func (s *Store) unindex(k ikey) {
+	if l, ok := s.index[k]; ok {
+		delete(s.index, k)
+		s.st.Blocks--
+		s.ds.LiveBytes -= uint64(l.size)
+		l.seg.live--
+	}
 }
 
 // scanSpare puts spare file seq into the pool at Open; evictLocked trims the pool to its
