@@ -82,3 +82,42 @@ func ExampleNewHybrid_tiers() {
 	// group 0 (global): 992 tokens from disk
 	// group 1 (local): 64 tokens from disk
 }
+
+// A scheduler asks before it admits a long prompt: a sliding-window group needs the blocks of
+// two prefill calls and of its window (an append frees, as it commits, what the length before it
+// no longer reads), so the same 16k-token prompt that does not fit in one call fits in calls of
+// 2,048 tokens. The groups share one budget of 16 MiB.
+func ExampleHybrid_Admit() {
+	dev, err := vmm.Open("host")
+	if err != nil {
+		panic(err)
+	}
+	defer dev.Close()
+	geom := kvcache.Geometry{Model: "gemma-like", Layers: 6, Groups: []kvcache.LayerGroup{
+		{Name: "global", Layers: []int{0}, KVHeads: 1, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Name: "local", Layers: []int{1, 2, 3, 4, 5}, Kind: kvcache.SlidingWindow, Window: 512, KVHeads: 1, KHeadDim: 64,
+			VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+	}}
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: geom, Limit: 16 << 20, Capacity: 1 << 30, NoBackground: true})
+	if err != nil {
+		panic(err)
+	}
+	defer h.Close()
+	prompt := make([]kvcache.TokenID, 16384)
+	for i := range prompt {
+		prompt[i] = kvcache.TokenID(i)
+	}
+	var groups []kvcache.Admission // reused: Admit allocates nothing then
+	for _, chunk := range []int{0, 2048} {
+		ad, err := h.Admit(kvcache.Prompt{Tokens: prompt}, chunk, groups)
+		if err != nil {
+			panic(err)
+		}
+		groups = ad.Groups
+		fmt.Printf("calls of %5d tokens: blocks %d global, %d local; %d MiB of %d: fits %v\n", chunk,
+			ad.Groups[0].NeedBlocks, ad.Groups[1].NeedBlocks, ad.NeedBytes>>20, ad.HeadroomBytes>>20, ad.Fits)
+	}
+	// Output:
+	// calls of     0 tokens: blocks 1024 global, 1024 local; 24 MiB of 16: fits false
+	// calls of  2048 tokens: blocks 1024 global, 288 local; 14 MiB of 16: fits true
+}

@@ -1,0 +1,193 @@
+package kvcache_test
+
+import (
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pagedkv/pagedkv/kvcache"
+	"github.com/pagedkv/pagedkv/prefix"
+)
+
+// Admit's answer is what happens: for prompts of random lengths, partly cached, appended in
+// chunks of random sizes (each marked written, as a runtime whose recurrent group keeps
+// checkpoints does) on a Hybrid of every group kind under a budget that random live sequences
+// fill in part, a prompt Admit says fits starts and takes every chunk, and one it says does not
+// fit is refused (ErrOutOfMemory) before its last chunk; the hit is StartSequence's. Admit itself
+// changes nothing.
+func TestHybridAdmitIsWhatHappens(t *testing.T) {
+	for _, kind := range []string{"attention", "recurrent", "checkpoints"} {
+		t.Run(kind, func(t *testing.T) {
+			geom := smallHybrid(kind != "attention")
+			if kind == "checkpoints" { // every 64 tokens, where the runtime calls MarkWritten
+				geom.Groups[4].Checkpoints = 64
+			}
+			rng := rand.New(rand.NewPCG(7, uint64(len(kind))))
+			var fits, refused, hits int
+			for round := range 12 {
+				dev := hostDevice(t, 64<<10)
+				limit := uint64(16+rng.IntN(48)) << 16 // 1 to 4 MiB over the five groups
+				h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: geom, Limit: limit,
+					Capacity: 16 << 20, NoBackground: true})
+				require.NoError(t, err)
+				dst := make([][]int64, h.Groups())
+				cached := [][]kvcache.TokenID{}
+				for s := range 4 { // some prompts cached, some sequences live
+					p := promptOf(32+rng.IntN(300), uint32(round*100+s))
+					if _, err := h.AppendTokenIDs(kvcache.SeqID(100+s), p, dst); err != nil {
+						require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+						continue
+					}
+					cached = append(cached, p)
+					if rng.IntN(2) == 0 {
+						require.NoError(t, h.FreeSequence(kvcache.SeqID(100+s)))
+					}
+				}
+				var groups []kvcache.Admission
+				for try := range 25 {
+					p := promptOf(1+rng.IntN(700), uint32(round*100+50+try))
+					if len(cached) > 0 && rng.IntN(2) == 0 { // a cached prompt, extended
+						p = append(append([]kvcache.TokenID(nil), cached[rng.IntN(len(cached))]...), p[:rng.IntN(len(p))]...)
+					}
+					chunk := []int{0, 1, 7, 16, 50, 128, 1000}[rng.IntN(7)]
+					before := hybridShape(t, h)
+					ad, err := h.Admit(kvcache.Prompt{Tokens: p}, chunk, groups)
+					require.NoError(t, err)
+					groups = ad.Groups
+					require.Len(t, ad.Groups, h.Groups())
+					require.Equal(t, before, hybridShape(t, h), "Admit changed something")
+					seq := kvcache.SeqID(1000 + round*100 + try)
+					ok := tryPrompt(t, h, seq, p, chunk, ad.CachedTokens)
+					require.Equal(t, ad.Fits, ok, "round %d try %d: %d tokens (%d cached) in chunks of %d: Admit %+v", round, try, len(p), ad.CachedTokens, chunk, ad)
+					if ad.Fits {
+						fits++
+					} else {
+						refused++
+					}
+					if ad.CachedTokens > 0 {
+						hits++
+					}
+					if ok && rng.IntN(3) > 0 {
+						require.NoError(t, h.FreeSequence(seq))
+					}
+					require.NoError(t, h.Verify())
+				}
+				require.NoError(t, h.Close())
+			}
+			t.Logf("%d prompts fit, %d did not, %d with a hit", fits, refused, hits)
+			require.Positive(t, fits)
+			require.Positive(t, refused)
+			if kind != "recurrent" { // a recurrent group without checkpoints serves no hit
+				require.Positive(t, hits)
+			}
+		})
+	}
+}
+
+// tryPrompt starts seq on p and appends the rest of p in calls of at most chunk tokens (0: one
+// call), marking each written; it reports whether all of it went in, and leaves seq freed if not. The start must find
+// hit tokens cached, and a refusal must be for memory.
+func tryPrompt(t *testing.T, h *kvcache.Hybrid, seq kvcache.SeqID, p []kvcache.TokenID, chunk, hit int) bool {
+	t.Helper()
+	got, err := h.StartSequence(seq, kvcache.Prompt{Tokens: p})
+	if err != nil {
+		require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+		return false
+	}
+	require.Equal(t, hit, got, "the hit Admit saw")
+	dst := make([][]int64, h.Groups())
+	for t0 := got; t0 < len(p); {
+		n := len(p) - t0
+		if chunk > 0 {
+			n = min(n, chunk)
+		}
+		_, err := h.AppendTokenIDs(seq, p[t0:t0+n], dst)
+		if err == nil {
+			err = h.MarkWritten(seq, t0+n)
+		}
+		if err != nil {
+			require.ErrorIs(t, err, kvcache.ErrOutOfMemory)
+			require.NoError(t, h.FreeSequence(seq))
+			return false
+		}
+		t0 += n
+	}
+	return true
+}
+
+// Admit refuses what a start would refuse, with the numbers, and changes nothing: a nil Hybrid,
+// more keys than the prompt's whole blocks, a negative chunk, a closed Hybrid.
+func TestHybridAdmitBadInput(t *testing.T) {
+	var nilH *kvcache.Hybrid
+	_, err := nilH.Admit(kvcache.Prompt{}, 0, nil)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: smallHybrid(true), Limit: 256 << 20,
+		Capacity: 64 << 20, NoBackground: true})
+	require.NoError(t, err)
+	before := hybridShape(t, h)
+	var ce *kvcache.CountError
+	_, err = h.Admit(kvcache.Prompt{Tokens: promptOf(40, 1), Keys: make([]prefix.Key, 3)}, 0, nil)
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, kvcache.CountError{What: "keys", N: 3, Max: 2}, *ce)
+	_, err = h.Admit(kvcache.Prompt{Tokens: promptOf(40, 1)}, -1, nil)
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, -1, ce.N)
+	require.Equal(t, before, hybridShape(t, h))
+	ad, err := h.Admit(kvcache.Prompt{}, 0, nil)
+	require.NoError(t, err)
+	require.True(t, ad.Fits, "an empty prompt needs a recurrent state slot, which a fresh Hybrid has room for")
+	require.Equal(t, 1, ad.Groups[4].NeedBlocks)
+	require.NoError(t, h.Close())
+	_, err = h.Admit(kvcache.Prompt{Tokens: promptOf(40, 1)}, 0, nil)
+	require.True(t, errors.Is(err, kvcache.ErrClosed), "%v", err)
+}
+
+// A recurrent group's checkpoint is made where there is room and skipped where there is none,
+// so it is not part of what a prompt needs: with one state slot left and no room to map more, a
+// prompt whose prefill ends a call at a multiple of the checkpoints fits, and goes in.
+func TestHybridAdmitCheckpointSkipped(t *testing.T) {
+	geom := kvcache.Geometry{Model: "ckpt", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 64},             // 16 slots a page
+	}}
+	for _, c := range []struct{ tokens, chunk int }{{64, 0}, {130, 64}} {
+		dev := hostDevice(t, 64<<10)
+		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: geom, Limit: 128 << 10, Capacity: 1 << 20, NoBackground: true})
+		require.NoError(t, err)
+		dst := make([][]int64, h.Groups())
+		for s := range 15 { // 15 of the state page's 16 slots, and the budget's two pages, taken
+			_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(16, uint32(s)), dst)
+			require.NoError(t, err)
+		}
+		ad, err := h.Admit(kvcache.Prompt{Tokens: promptOf(c.tokens, 99)}, c.chunk, nil)
+		require.NoError(t, err)
+		require.True(t, ad.Fits, "%d tokens in calls of %d: %+v", c.tokens, c.chunk, ad)
+		require.Equal(t, 1, ad.Groups[1].NeedBlocks)
+		require.Zero(t, ad.NeedBytes)
+		require.True(t, tryPrompt(t, h, 99, promptOf(c.tokens, 99), c.chunk, 0), "%d tokens in calls of %d", c.tokens, c.chunk)
+		require.Equal(t, uint64(c.tokens/64), h.Group(1).Stats().Prefix.Checkpoints.Skipped, "a checkpoint at each multiple of 64, skipped")
+		_, err = h.AppendTokenIDs(100, promptOf(1, 100), dst)
+		require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "the last slot is taken")
+		require.NoError(t, h.Close())
+	}
+}
+
+// Admit allocates nothing once its answer's Groups are passed back, with the keys hashed or
+// given.
+func TestHybridAdmitAllocs(t *testing.T) {
+	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
+	p := kvcache.Prompt{Tokens: promptOf(3000, 5)}
+	ad, err := h.Admit(p, 512, nil)
+	require.NoError(t, err)
+	require.Zero(t, testing.AllocsPerRun(20, func() {
+		ad, err = h.Admit(p, 512, ad.Groups)
+	}))
+	require.NoError(t, err)
+	p.Keys = prefix.Keys(nil, prefix.Namespace{}, 16, p.Tokens)
+	require.Zero(t, testing.AllocsPerRun(20, func() {
+		ad, err = h.Admit(p, 0, ad.Groups)
+	}))
+	require.NoError(t, err)
+}
