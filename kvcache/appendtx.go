@@ -19,6 +19,18 @@ type appendTx struct {
 	cow     bool // the first new block is a private copy of the shared tail
 	created bool // the sequence was created by this append
 	fast    bool // no block work (fastAppend): commit is fastSlots, abort nothing
+	// early: the blocks the sequence no longer reads were dropped before the take (dropEarly,
+	// in m.drops), and s's Dropped and NextDrop were these before
+	early                 bool
+	wasDropped, wasNextAt int
+}
+
+// droppedBlock is a block an append dropped before taking its own: at index i of the
+// sequence's blocks, held by others too (shared) or by the sequence alone.
+type droppedBlock struct {
+	i      int
+	b      sequence.Block
+	shared bool
 }
 
 // prepareFast makes tx the transaction of an append of n tokens to s that fastAppend allows: it
@@ -43,6 +55,9 @@ func (m *Manager) prepareAppend(tx *appendTx, s *sequence.Sequence, seq SeqID, n
 		return &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
 	tx.set(m, s, n, need, cow)
+	if s != nil && need > 0 && !cow && m.reachMoved(s) {
+		tx.dropEarly()
+	}
 	if s == nil {
 		var err error
 		if tx.s, err = m.seqs.Add(seq); err != nil {
@@ -54,16 +69,60 @@ func (m *Manager) prepareAppend(tx *appendTx, s *sequence.Sequence, seq SeqID, n
 		if tx.created {
 			m.seqs.Remove(tx.s)
 		}
+		tx.undoDrops()
 		return &SequenceError{Op: "append", Seq: seq, Err: err}
 	}
 	return nil
+}
+
+// dropEarly drops, before the take, the blocks of s that the append's first token no longer
+// reads, as commit would after it (dropOutOfReach with the length before the append): their
+// memory is then free or evictable for the append's own blocks, so a chunked prefill of a
+// window or chunk group holds one chunk's blocks beside its reach, not two (vLLM frees skipped
+// blocks before it allocates, too). What it drops goes into m.drops for abort (undoDrops). Not
+// with a copy-on-write tail: a failed copy may have written into a block the take reused.
+func (tx *appendTx) dropEarly() {
+	m, s := tx.m, tx.s
+	tx.early, tx.wasDropped, tx.wasNextAt = true, s.Dropped, s.NextDrop
+	m.drops = m.drops[:0]
+	end := min(m.outOfReach(s), len(s.Blocks))
+	for i := max(s.Dropped, m.sinkBlocks()); i < end; i++ {
+		if b := s.Blocks[i]; b != NullBlock {
+			m.drops = append(m.drops, droppedBlock{i: i, b: b, shared: m.arena.Refs(b) > 1})
+		}
+	}
+	m.dropOutOfReach(s)
+}
+
+// undoDrops puts back what dropEarly dropped, after the take was given back (its evictions
+// restored): a shared block gets its reference again, an idle cached one is held again, a freed
+// one is taken again (nothing else took it: the lock is held).
+func (tx *appendTx) undoDrops() {
+	if !tx.early {
+		return
+	}
+	m, s := tx.m, tx.s
+	for j := len(m.drops) - 1; j >= 0; j-- {
+		d := m.drops[j]
+		switch {
+		case d.shared:
+			m.arena.Ref(d.b)
+		case m.arena.Entry(d.b) != nil:
+			m.arena.Hold(d.b)
+		default:
+			m.arena.Take(d.b, 1)
+		}
+		s.Blocks[d.i] = d.b
+	}
+	s.Dropped, s.NextDrop = tx.wasDropped, tx.wasNextAt
+	tx.early = false
 }
 
 // set makes tx a transaction of m that appends n tokens to s with need blocks (cow: the first
 // copies the shared tail), neither fast nor creating.
 func (tx *appendTx) set(m *Manager, s *sequence.Sequence, n, need int, cow bool) {
 	tx.m, tx.s, tx.n, tx.need = m, s, n, need
-	tx.cow, tx.created, tx.fast = cow, false, false
+	tx.cow, tx.created, tx.fast, tx.early = cow, false, false, false
 }
 
 // checkAppend returns the *SequenceError of an append that cannot be made whatever the memory:
@@ -95,7 +154,7 @@ func (tx *appendTx) take() error {
 		return nil
 	}
 	hint := arena.Page(-1)
-	if len(s.Blocks) > 0 {
+	if len(s.Blocks) > 0 && s.Blocks[len(s.Blocks)-1] != NullBlock { // dropEarly may have dropped a full tail
 		hint = m.arena.PageOf(s.Blocks[len(s.Blocks)-1])
 	}
 	err := m.takeBlocks(tx.need, hint)
@@ -114,7 +173,8 @@ func (tx *appendTx) take() error {
 }
 
 // commit makes the append happen: the sequence gets its new blocks (the private copy of its
-// tail first), blocks it can no longer read are dropped, and the slots of the n tokens are
+// tail first), blocks it can no longer read are dropped (unless prepareAppend dropped them before
+// the take: dropEarly), and the slots of the n tokens are
 // appended to dst. Where the first token goes follows from the last block and the room in it
 // before the append, so that a decode step's new block costs no division (every group of a
 // Hybrid takes one at the same step).
@@ -169,6 +229,7 @@ func (tx *appendTx) abort() {
 	case tx.need > 0:
 		tx.m.rollback()
 	}
+	tx.undoDrops()
 	if tx.created {
 		tx.m.seqs.Remove(tx.s)
 	}

@@ -84,9 +84,9 @@ func ExampleNewHybrid_tiers() {
 }
 
 // A scheduler asks before it admits a long prompt: a sliding-window group needs the blocks of
-// two prefill calls and of its window (an append frees, as it commits, what the length before it
-// no longer reads), so the same 16k-token prompt that does not fit in one call fits in calls of
-// 2,048 tokens. The groups share one budget of 16 MiB.
+// one prefill call and of its window (an append first frees what the length before it no longer
+// reads), so the same 16k-token prompt that does not fit in one call fits in calls of 2,048
+// tokens. The groups share one budget of 16 MiB.
 func ExampleHybrid_Admit() {
 	dev, err := vmm.Open("host")
 	if err != nil {
@@ -119,5 +119,5 @@ func ExampleHybrid_Admit() {
 	}
 	// Output:
 	// calls of     0 tokens: blocks 1024 global, 1024 local; 24 MiB of 16: fits false
-	// calls of  2048 tokens: blocks 1024 global, 288 local; 14 MiB of 16: fits true
+	// calls of  2048 tokens: blocks 1024 global, 160 local; 14 MiB of 16: fits true
 }

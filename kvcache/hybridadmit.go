@@ -19,7 +19,7 @@ type HybridAdmission struct {
 	// Groups are each group's part, in group order (an Admission each):
 	//   - NeedBlocks: the most blocks the sequence holds at once in the group beyond the cached
 	//     ones it starts with, while the rest of the prompt is appended (a window or chunk
-	//     group drops blocks between appends; a recurrent group's are its state slots);
+	//     group drops blocks as appends go; a recurrent group's are its state slots);
 	//   - Available: what appends could get in the group now, less the prompt's own idle cached
 	//     blocks, its MappableBlocks as if the group alone took the budget's headroom;
 	//   - Fits: NeedBlocks <= Available.Blocks, the group alone.
@@ -40,10 +40,10 @@ type HybridAdmission struct {
 // appended in calls of at most chunk tokens each (0: the rest in one call): what a scheduler
 // checks before it admits a request. The groups share one budget, so the answer is not any one
 // group's Admit: each group's pages count against the same headroom. A window or chunk group
-// needs the blocks of two calls and of its reach, not the prompt's (an append frees, as it
-// commits, what the length before it no longer reads): a 128k-token prompt appended in
-// 8,192-token calls needs a sliding-window group's blocks for 16,384 tokens and the window. The
-// answer holds until the next call that changes the Hybrid.
+// needs the blocks of one call and of its reach, not the prompt's (an append first frees what
+// the length before it no longer reads): a 128k-token prompt appended in 8,192-token calls needs
+// a sliding-window group's blocks for 8,192 tokens and the window. The answer holds until the
+// next call that changes the Hybrid.
 //
 // Groups is dst's array (grown to Groups() entries where short), so that a scheduler that passes
 // the last answer's Groups allocates nothing. It errs on a prompt of more than
@@ -110,8 +110,8 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 // in this group beyond the hit tokens' cached blocks, while the rest is appended in calls of at
 // most chunk tokens (0: one call), and how many of the cached blocks it would hold are idle
 // now. It follows start and the appends: a start holds the cached blocks its next token reads
-// (startFound); an append takes the blocks of all its tokens first and drops, when it commits,
-// what the length before it no longer reads (appendTx.commit). A recurrent group needs its
+// (startFound); an append drops what the length before it no longer reads, then takes the
+// blocks of all its tokens (appendTx.dropEarly). A recurrent group needs its
 // state slot (a checkpoint with no room is skipped, never refused: prepareMark). f is the group's finder, which
 // agreed on hit. The lock is held.
 func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits int) {
@@ -135,11 +135,11 @@ func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits
 		if chunk > 0 {
 			n = min(n, chunk)
 		}
+		if m.bounded() { // dropped before the take, what the length before the append no longer reads
+			dropped = max(dropped, min(m.reachFrom(t)/bt, sequence.BlocksFor(t, bt)))
+		}
 		end := sequence.BlocksFor(t+n, bt)
 		need = max(need, overlap(h, end, 0, sinks)+overlap(h, end, dropped, end))
-		if m.bounded() {
-			dropped = max(dropped, min(m.reachFrom(t)/bt, end))
-		}
 		t += n
 	}
 	return need, idleHits

@@ -47,6 +47,7 @@ type Manager struct {
 
 	// scratch for AppendTokens' rollback, reused so the hot path does not allocate
 	newBlocks []sequence.Block
+	drops     []droppedBlock // what the append under way dropped before taking (appendTx.dropEarly)
 	newPages  []arena.Page
 	swap      swapScratch
 

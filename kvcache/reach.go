@@ -55,9 +55,10 @@ func (m *Manager) nextDrop(i int) int {
 }
 
 // dropOutOfReach frees the blocks of s that its layers can no longer read (a sliding window's
-// past, an old chunk), after the sink blocks, leaving NullBlock in their places. It runs when an
-// append commits, with the length before the append: the runtime's attention for the tokens it
-// appended reads back that far, and nothing further back is read again.
+// past, an old chunk), after the sink blocks, leaving NullBlock in their places. It runs with the
+// length before an append, before the append takes its blocks (appendTx.dropEarly) or when it
+// commits: the runtime's attention for the tokens it appends reads back that far, and nothing
+// further back is read again (the tokens before were computed before this call).
 func (m *Manager) dropOutOfReach(s *sequence.Sequence) {
 	if !m.bounded() {
 		return

@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"encoding/binary"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -183,4 +184,65 @@ func TestWindowConfigRefused(t *testing.T) {
 	bad = tinyConfig()
 	bad.Sinks = 4
 	require.ErrorIs(t, bad.Validate(), kvcache.ErrInvalidArgument)
+}
+
+// An append drops what its first token no longer reads before it takes its own blocks, so a
+// window prefilled in chunks holds one chunk's blocks beside the window, not two: under a limit
+// of 12 blocks, 32-token chunks (8 blocks) beside a window of 8 tokens go in, with ids or without.
+func TestWindowPrefillFreesBeforeTaking(t *testing.T) {
+	for _, withIDs := range []bool{false, true} {
+		dev := hostDevice(t, 4096)
+		cfg := windowConfig(8, 0)
+		cfg.MemoryLimit = 3 * cfg.PageSize // 12 blocks of 4 tokens
+		m := newManager(t, dev, cfg)
+		p := promptOf(400, 3)
+		for t0 := 0; t0 < len(p); t0 += 32 {
+			var err error
+			if withIDs {
+				_, err = m.AppendTokenIDs(1, p[t0:t0+min(32, len(p)-t0)], nil)
+			} else {
+				_, err = m.AppendTokens(1, min(32, len(p)-t0), nil)
+			}
+			require.NoError(t, err, "ids %v: the chunk at %d", withIDs, t0)
+			require.LessOrEqual(t, m.Stats().LiveBlocks, 3+8)
+		}
+		require.NoError(t, m.Verify())
+	}
+}
+
+// An append that fails after its early drop puts every dropped block back as it was: shared
+// ones referenced again, cached ones held again (after the take evicted them), private ones
+// taken again; the sequence's table and every count are as before.
+func TestEarlyDropUndone(t *testing.T) {
+	fd := vmm.InjectFaults(hostDevice(t, 4096))
+	m := newManager(t, fd, windowConfig(8, 0))
+	_, err := m.AppendTokenIDs(1, promptOf(20, 5), nil) // blocks 0-4 cached as they fill
+	require.NoError(t, err)
+	hit, err := m.StartSequence(2, kvcache.Prompt{Tokens: promptOf(20, 5)}) // shares blocks 0-3
+	require.NoError(t, err)
+	require.Equal(t, 16, hit)
+	_, err = m.AppendTokens(1, 20, nil) // drops blocks 0-2 first (token 20 reads back to 13); blocks 5-9, private and uncached
+	require.NoError(t, err)
+	before := stateOf(m)
+	require.Equal(t, []bool{true, true, true, false, false, false, false, false, false, false}, nulls(t, m, 1))
+	// The next append first drops blocks 3-7 (token 40 reads back to 33): one shared, one cached
+	// (idle then, and evicted by the take, the cache bound being 0), three freed.
+	for call := 1; call <= 3; call++ {
+		fd.Clear()
+		require.NoError(t, fd.FailNth(vmm.OpMap, call, nil))
+		_, err = m.AppendTokens(1, 64, nil)
+		if err == nil {
+			break
+		}
+		require.ErrorIs(t, err, vmm.ErrInjected)
+		after := stateOf(m)
+		after.Gen = before.Gen
+		require.Equal(t, before, after, "map %d failed", call)
+		require.NoError(t, m.Verify())
+	}
+	fd.Clear()
+	_, err = m.AppendTokens(1, 64, nil)
+	require.NoError(t, err)
+	require.Equal(t, append(slices.Repeat([]bool{true}, 8), make([]bool, 18)...), nulls(t, m, 1))
+	require.NoError(t, m.Verify())
 }
