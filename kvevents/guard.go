@@ -73,7 +73,7 @@ func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(c), nil
+	return newGuard(ctx, c), nil
 }
 
 func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) {
@@ -81,19 +81,23 @@ func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) 
 	if err != nil {
 		return nil, err
 	}
-	return guardListener{l}, nil
+	return guardListener{l, ctx}, nil
 }
 
 func (g guarded) Addr(ep string) (string, error) { return g.inner.Addr(ep) }
 
-type guardListener struct{ net.Listener }
+// guardListener accepts guards that end with ctx, the life of the socket that listens.
+type guardListener struct {
+	net.Listener
+	ctx context.Context
+}
 
 func (l guardListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(c), nil
+	return newGuard(l.ctx, c), nil
 }
 
 // errCutOff ends a guarded connection. It wraps io.EOF so that go-zeromq drops the connection
@@ -111,18 +115,29 @@ type guard struct {
 	hdr     [9]byte
 	cmd     []byte
 	timer   *time.Timer // closes the connection unless the handshake is done in time
+	stop    func() bool // releases the close at the socket's end
 }
 
-func newGuard(c net.Conn) *guard {
+// newGuard guards c, a connection of the socket whose life is ctx.
+func newGuard(ctx context.Context, c net.Conn) *guard {
 	g := &guard{Conn: c}
+	// go-zeromq closes the connections it holds when its socket closes, but it adds one whose
+	// handshake ends after that and never closes it: the socket's end closes every guard.
+	g.stop = context.AfterFunc(ctx, func() { _ = c.Close() })
 	// Closing, not a deadline: go-zeromq leaves the connection of a failed handshake open, and
 	// nobody reads it again.
 	g.timer = time.AfterFunc(handshakeTimeout, func() {
 		if !g.ready.Load() {
-			_ = c.Close()
+			_ = g.Close()
 		}
 	})
 	return g
+}
+
+// Close closes the connection and releases its close at the socket's end.
+func (g *guard) Close() error {
+	g.stop()
+	return g.Conn.Close()
 }
 
 // Read returns checked bytes.
@@ -157,7 +172,7 @@ func (g *guard) cut(err error) error {
 	if err == nil || err == io.EOF {
 		return err
 	}
-	_ = g.Conn.Close()
+	_ = g.Close()
 	if errors.Is(err, io.EOF) {
 		return err
 	}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io"
 	"net"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/go-zeromq/zmq4"
 	"github.com/stretchr/testify/assert"
@@ -379,4 +381,40 @@ func TestReplayBounds(t *testing.T) {
 	}
 	got, _ := replay(t, p, 0)
 	assert.Equal(t, []uint64{2}, got)
+}
+
+// A peer whose handshake the publisher began before Close and that finishes it after is cut
+// off, not kept: Close leaves no connection open on either socket (go-zeromq adds a connection
+// whose handshake ends after its socket closed, and never closes it).
+func TestCloseCutsHandshakingPeer(t *testing.T) {
+	greeting := make([]byte, 64)
+	greeting[0], greeting[9], greeting[10], greeting[11] = 0xff, 0x7f, 3, 0
+	copy(greeting[12:], "NULL")
+	ready := func(typ string) []byte {
+		b := append([]byte{0x04, byte(1 + 5 + 1 + 11 + 4 + len(typ)), 5}, "READY"...)
+		b = append(append(b, 11), "Socket-Type"...)
+		return append(binary.BigEndian.AppendUint32(b, uint32(len(typ))), typ...)
+	}
+	for _, c := range []struct{ socket, peer string }{{"stream", "SUB"}, {"replay", "DEALER"}} {
+		t.Run(c.socket, func(t *testing.T) {
+			var f prefix.Feed
+			sub, err := f.Subscribe(4)
+			require.NoError(t, err)
+			p, err := Start(sub, loopback())
+			require.NoError(t, err)
+			addr := map[string]string{"stream": p.Addr(), "replay": p.ReplayAddr()}[c.socket]
+			conn, err := net.Dial("tcp", strings.TrimPrefix(addr, "tcp://"))
+			require.NoError(t, err)
+			defer conn.Close()
+			_, err = io.ReadFull(conn, make([]byte, 64)) // the publisher's greeting: its handshake has begun
+			require.NoError(t, err)
+			require.NoError(t, p.Close())
+
+			_, _ = conn.Write(append(greeting, ready(c.peer)...)) // fails once the publisher has cut us off
+			require.NoError(t, conn.SetReadDeadline(time.Now().Add(limit)))
+			_, err = io.Copy(io.Discard, conn) // the publisher's READY, if it got ours, then the end
+			var ne net.Error
+			assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the connection outlived Close: %v", err)
+		})
+	}
 }
