@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,7 +25,9 @@ import (
 // (one that stops reading stalls all). A guarded connection reads ahead of the socket: it
 // passes the greeting and message bodies through, holds frame headers and whole commands until
 // checked, and cuts the peer off, as a closed connection, when a frame or message is longer than
-// a subscription or replay request can be, when a command is malformed, when the handshake takes
+// a subscription or replay request can be, when a command is malformed, when the peer's READY
+// declares a socket type that its socket does not talk to (go-zeromq panics on a type it does
+// not know, and keeps the connection of one it refuses open for good), when the handshake takes
 // longer than handshakeTimeout, or when a write blocks longer than writeTimeout. The sockets
 // never receive more than subscriptions and replay requests, so the bounds cost nothing.
 
@@ -35,37 +39,49 @@ const (
 	writeTimeout     = 10 * time.Second
 )
 
-// The guarded transports, registered with go-zeromq under their own names.
-const (
-	guardTCP = "pagedkv+tcp"
-	guardIPC = "pagedkv+ipc"
-)
+// peerTypes gives the socket types that each kind of the publisher's sockets talks to, as
+// go-zeromq's SocketType.IsCompatible has them.
+var peerTypes = map[zmq4.SocketType][]zmq4.SocketType{
+	zmq4.Pub:    {zmq4.Sub, zmq4.XSub},
+	zmq4.Router: {zmq4.Dealer, zmq4.Req, zmq4.Router},
+}
 
 var registerOnce sync.Once
 
-// registerGuard registers the guarded transports once per process.
+// registerGuard registers the guarded transports once per process: one for each kind of socket
+// in peerTypes and each network, under a name of this package's own (guardScheme).
 func registerGuard() {
 	registerOnce.Do(func() {
-		// The names are this package's own: registering them cannot collide.
-		_ = zmq4.RegisterTransport(guardTCP, guarded{network: "tcp", inner: transport.New("tcp")})
-		_ = zmq4.RegisterTransport(guardIPC, guarded{network: "unix", inner: transport.New("unix")})
+		for sck, peers := range peerTypes {
+			for _, network := range []string{"tcp", "unix"} {
+				// The names are this package's own: registering them cannot collide.
+				_ = zmq4.RegisterTransport(guardScheme(sck, network), guarded{inner: transport.New(network), peers: peers})
+			}
+		}
 	})
 }
 
-// guardedEndpoint returns ep with its transport replaced by the guarded one.
-func guardedEndpoint(ep string) string {
-	for _, s := range []struct{ from, to string }{{"tcp://", guardTCP + "://"}, {"ipc://", guardIPC + "://"}} {
-		if len(ep) > len(s.from) && ep[:len(s.from)] == s.from {
-			return s.to + ep[len(s.from):]
+// guardScheme names the guarded transport of network for a socket of type sck.
+func guardScheme(sck zmq4.SocketType, network string) string {
+	return "pagedkv+" + strings.ToLower(string(sck)) + "+" + network
+}
+
+// guardedEndpoint returns ep with its transport replaced by the guarded one of a socket of type
+// sck.
+func guardedEndpoint(ep string, sck zmq4.SocketType) string {
+	for _, s := range []struct{ from, network string }{{"tcp://", "tcp"}, {"ipc://", "unix"}} {
+		if rest, ok := strings.CutPrefix(ep, s.from); ok && rest != "" {
+			return guardScheme(sck, s.network) + "://" + rest
 		}
 	}
 	return ep
 }
 
-// guarded is a go-zeromq transport whose connections are guards.
+// guarded is a go-zeromq transport whose connections are guards that let through peers of the
+// types in peers.
 type guarded struct {
-	network string
-	inner   transport.Transport
+	inner transport.Transport
+	peers []zmq4.SocketType
 }
 
 func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net.Conn, error) {
@@ -73,7 +89,7 @@ func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(ctx, c), nil
+	return newGuard(ctx, c, g.peers), nil
 }
 
 func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) {
@@ -81,15 +97,17 @@ func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) 
 	if err != nil {
 		return nil, err
 	}
-	return guardListener{l, ctx}, nil
+	return guardListener{l, ctx, g.peers}, nil
 }
 
 func (g guarded) Addr(ep string) (string, error) { return g.inner.Addr(ep) }
 
-// guardListener accepts guards that end with ctx, the life of the socket that listens.
+// guardListener accepts guards that end with ctx, the life of the socket that listens, and let
+// through peers of the types in peers.
 type guardListener struct {
 	net.Listener
-	ctx context.Context
+	ctx   context.Context
+	peers []zmq4.SocketType
 }
 
 func (l guardListener) Accept() (net.Conn, error) {
@@ -97,7 +115,7 @@ func (l guardListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(l.ctx, c), nil
+	return newGuard(l.ctx, c, l.peers), nil
 }
 
 // errCutOff ends a guarded connection. It wraps io.EOF so that go-zeromq drops the connection
@@ -116,11 +134,13 @@ type guard struct {
 	cmd     []byte
 	timer   *time.Timer // closes the connection unless the handshake is done in time
 	stop    func() bool // releases the close at the socket's end
+	peers   []zmq4.SocketType
 }
 
-// newGuard guards c, a connection of the socket whose life is ctx.
-func newGuard(ctx context.Context, c net.Conn) *guard {
-	g := &guard{Conn: c}
+// newGuard guards c, a connection of the socket whose life is ctx, for a peer of one of the
+// types in peers.
+func newGuard(ctx context.Context, c net.Conn, peers []zmq4.SocketType) *guard {
+	g := &guard{Conn: c, peers: peers}
 	// go-zeromq closes the connections it holds when its socket closes, but it adds one whose
 	// handshake ends after that and never closes it: the socket's end closes every guard.
 	g.stop = context.AfterFunc(ctx, func() { _ = c.Close() })
@@ -221,7 +241,7 @@ func (g *guard) next() error {
 	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
 		return err
 	}
-	if !checkCommand(g.cmd[n:]) {
+	if !checkCommand(g.cmd[n:], g.peers) {
 		return errCutOff
 	}
 	if !g.ready.Load() && commandName(g.cmd[n:]) == "READY" {
@@ -236,8 +256,8 @@ func (g *guard) next() error {
 func commandName(body []byte) string { return string(body[1 : 1+body[0]]) }
 
 // checkCommand reports whether a command's body holds its name, and for READY properties
-// whose lengths fit, as go-zeromq assumes.
-func checkCommand(body []byte) bool {
+// whose lengths fit, as go-zeromq assumes, and a socket type among peers.
+func checkCommand(body []byte, peers []zmq4.SocketType) bool {
 	if len(body) == 0 || int(body[0]) > len(body)-1 {
 		return false
 	}
@@ -257,5 +277,11 @@ func checkCommand(body []byte) bool {
 		}
 		p = p[v:]
 	}
-	return true
+	// go-zeromq's own reading of the properties, which now fit: it panics on a Socket-Type it
+	// does not know.
+	md := make(zmq4.Metadata)
+	if md.UnmarshalZMTP(body[1+body[0]:]) != nil {
+		return false
+	}
+	return slices.Contains(peers, zmq4.SocketType(md["Socket-Type"]))
 }
