@@ -20,16 +20,21 @@ import (
 // The publisher's sockets reach their peers through guarded connections, because go-zeromq
 // trusts its peers: it allocates whatever length a frame header declares (a peer can make the
 // process run out of memory or panic), indexes a READY command's properties without checking
-// their lengths (a panic), does each peer's handshake in its accept loop with no deadline (a
-// silent peer holds up every later one), and writes to each subscriber in turn with no deadline
-// (one that stops reading stalls all). A guarded connection reads ahead of the socket: it
-// passes the greeting and message bodies through, holds frame headers and whole commands until
-// checked, and cuts the peer off, as a closed connection, when a frame or message is longer than
+// their lengths (a panic), panics on a socket type it does not know and keeps the connection of
+// one it refuses open for good, queues what a PUB socket's peer sends besides subscriptions for
+// a Recv that never comes (ten such block the next one's connection for good), does each peer's
+// handshake in its accept loop with no deadline (a silent peer holds up every later one), and
+// writes to each subscriber in turn with no deadline (one that stops reading stalls all).
+//
+// A guarded connection reads ahead of the socket: it passes the greeting and message bodies
+// through, and holds frame headers, whole commands and a PUB socket's whole messages until
+// checked. It cuts the peer off, as a closed connection, when a frame or message is longer than
 // a subscription or replay request can be, when a command is malformed, when the peer's READY
-// declares a socket type that its socket does not talk to (go-zeromq panics on a type it does
-// not know, and keeps the connection of one it refuses open for good), when the handshake takes
-// longer than handshakeTimeout, or when a write blocks longer than writeTimeout. The sockets
-// never receive more than subscriptions and replay requests, so the bounds cost nothing.
+// declares a socket type that its socket does not talk to, when a PUB socket's peer sends a
+// message that is not a subscription, when the handshake takes longer than handshakeTimeout, or
+// when a write blocks longer than writeTimeout. It drops the commands that a PUB socket's peer
+// sends after the handshake (a ZMTP 3.1 PING). The sockets never receive more than
+// subscriptions and replay requests, so the bounds cost nothing.
 
 // Bounds of the guarded connections.
 const (
@@ -52,10 +57,10 @@ var registerOnce sync.Once
 // in peerTypes and each network, under a name of this package's own (guardScheme).
 func registerGuard() {
 	registerOnce.Do(func() {
-		for sck, peers := range peerTypes {
+		for sck := range peerTypes {
 			for _, network := range []string{"tcp", "unix"} {
 				// The names are this package's own: registering them cannot collide.
-				_ = zmq4.RegisterTransport(guardScheme(sck, network), guarded{inner: transport.New(network), peers: peers})
+				_ = zmq4.RegisterTransport(guardScheme(sck, network), guarded{inner: transport.New(network), sck: sck})
 			}
 		}
 	})
@@ -77,11 +82,10 @@ func guardedEndpoint(ep string, sck zmq4.SocketType) string {
 	return ep
 }
 
-// guarded is a go-zeromq transport whose connections are guards that let through peers of the
-// types in peers.
+// guarded is a go-zeromq transport whose connections are guards of a socket of type sck.
 type guarded struct {
 	inner transport.Transport
-	peers []zmq4.SocketType
+	sck   zmq4.SocketType
 }
 
 func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net.Conn, error) {
@@ -89,7 +93,7 @@ func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(ctx, c, g.peers), nil
+	return newGuard(ctx, c, g.sck), nil
 }
 
 func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) {
@@ -97,17 +101,16 @@ func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) 
 	if err != nil {
 		return nil, err
 	}
-	return guardListener{l, ctx, g.peers}, nil
+	return guardListener{l, ctx, g.sck}, nil
 }
 
 func (g guarded) Addr(ep string) (string, error) { return g.inner.Addr(ep) }
 
-// guardListener accepts guards that end with ctx, the life of the socket that listens, and let
-// through peers of the types in peers.
+// guardListener accepts guards of the socket that listens: its type is sck, its life ctx.
 type guardListener struct {
 	net.Listener
-	ctx   context.Context
-	peers []zmq4.SocketType
+	ctx context.Context
+	sck zmq4.SocketType
 }
 
 func (l guardListener) Accept() (net.Conn, error) {
@@ -115,7 +118,7 @@ func (l guardListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(l.ctx, c, l.peers), nil
+	return newGuard(l.ctx, c, l.sck), nil
 }
 
 // errCutOff ends a guarded connection. It wraps io.EOF so that go-zeromq drops the connection
@@ -132,15 +135,14 @@ type guard struct {
 	ready   atomic.Bool // the peer's READY command has been passed: the handshake is done
 	hdr     [9]byte
 	cmd     []byte
-	timer   *time.Timer // closes the connection unless the handshake is done in time
-	stop    func() bool // releases the close at the socket's end
-	peers   []zmq4.SocketType
+	timer   *time.Timer     // closes the connection unless the handshake is done in time
+	stop    func() bool     // releases the close at the socket's end
+	sck     zmq4.SocketType // the type of the guarded socket
 }
 
-// newGuard guards c, a connection of the socket whose life is ctx, for a peer of one of the
-// types in peers.
-func newGuard(ctx context.Context, c net.Conn, peers []zmq4.SocketType) *guard {
-	g := &guard{Conn: c, peers: peers}
+// newGuard guards c, a connection of a socket of type sck whose life is ctx.
+func newGuard(ctx context.Context, c net.Conn, sck zmq4.SocketType) *guard {
+	g := &guard{Conn: c, sck: sck}
 	// go-zeromq closes the connections it holds when its socket closes, but it adds one whose
 	// handshake ends after that and never closes it: the socket's end closes every guard.
 	g.stop = context.AfterFunc(ctx, func() { _ = c.Close() })
@@ -227,6 +229,9 @@ func (g *guard) next() error {
 	if flags&^0x07 != 0 || size > maxFrame || uint64(g.message)+size > maxMessage {
 		return errCutOff
 	}
+	if flags&0x04 == 0 && g.sck == zmq4.Pub {
+		return g.subscription(flags, size, n)
+	}
 	g.pending = g.hdr[:n]
 	if flags&0x04 == 0 { // a message frame: its body passes through
 		g.body = int64(size)
@@ -241,12 +246,35 @@ func (g *guard) next() error {
 	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
 		return err
 	}
-	if !checkCommand(g.cmd[n:], g.peers) {
+	if !checkCommand(g.cmd[n:], peerTypes[g.sck]) {
 		return errCutOff
+	}
+	if g.sck == zmq4.Pub && g.ready.Load() { // go-zeromq's PUB socket would queue it as a message
+		g.pending = nil
+		return nil
 	}
 	if !g.ready.Load() && commandName(g.cmd[n:]) == "READY" {
 		g.ready.Store(true)
 		g.timer.Stop()
+	}
+	g.pending = g.cmd
+	return nil
+}
+
+// subscription queues a message frame of a PUB socket's peer, whose header is in g.hdr[:n]: it
+// must be a whole subscription or its cancel, one frame whose first byte is 1 or 0. go-zeromq's
+// PUB socket queues any other message for a Recv that a PUB socket does not serve, and once
+// ten wait, blocks the reader of the connection that sends one more for good.
+func (g *guard) subscription(flags byte, size uint64, n int) error {
+	if flags&0x01 != 0 || size == 0 {
+		return errCutOff
+	}
+	g.cmd = append(append(g.cmd[:0], g.hdr[:n]...), make([]byte, size)...)
+	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
+		return err
+	}
+	if g.cmd[n] > 1 {
+		return errCutOff
 	}
 	g.pending = g.cmd
 	return nil

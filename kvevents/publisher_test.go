@@ -449,3 +449,47 @@ func TestPeerSocketType(t *testing.T) {
 	seq, _ := s.recv(t, "kv@pod-1@llama")
 	assert.Equal(t, uint64(1), seq)
 }
+
+// A subscriber that sends the PUB socket a message that is not a subscription is cut off, a
+// command after its READY (a ZMTP 3.1 PING, as libzmq sends to keep a connection alive) is
+// dropped, and the subscribers are served on: go-zeromq's PUB socket queues either for a Recv it
+// never serves, and once ten wait, blocks the reader of the connection that sends one more for
+// good, keeping it open and deaf to its subscriptions.
+func TestPubPeerSendsNoSubscription(t *testing.T) {
+	f, p := start(t, 8, loopback())
+	conn, err := net.Dial("tcp", strings.TrimPrefix(p.Addr(), "tcp://"))
+	require.NoError(t, err)
+	defer conn.Close()
+	hello := append(zmtpGreeting(), zmtpReady("Socket-Type", "SUB")...)
+	ping := append([]byte{0x04, 7, 4}, "PING\x00\x00"...)
+	for range 11 { // one more than go-zeromq queues
+		hello = append(hello, ping...)
+	}
+	_, err = conn.Write(append(hello, 0x00, 4, 0x01, 'k', 'v', '@'))
+	require.NoError(t, err)
+	waitSubscribed(t, p, "kv@") // the subscription behind the pings is read
+
+	for i, msg := range [][]byte{
+		{0x01, 2, 0x01, 'a', 0x00, 1, 'b'}, // a subscription with a second frame
+		{0x00, 0},                          // an empty frame
+		{0x00, 3, 0x02, 'k', 'v'},          // neither a subscription nor its cancel
+		{0x00, 3, 'k', 'v', '@'},
+	} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(p.Addr(), "tcp://"))
+		require.NoError(t, err)
+		topic := fmt.Sprintf("kv@%d", i)
+		hello := append(zmtpGreeting(), zmtpReady("Socket-Type", "SUB")...)
+		_, err = conn.Write(append(append(hello, 0x00, byte(1+len(topic)), 0x01), topic...))
+		require.NoError(t, err)
+		waitSubscribed(t, p, topic) // a subscription passes
+		_, err = conn.Write(msg)
+		require.NoError(t, err)
+		requireCutOff(t, conn, fmt.Sprintf("a subscriber that sent message %d", i))
+		conn.Close()
+	}
+	s := subscribe(t, p, "kv@pod-1") // a topic of its own: the first peer holds "kv@"
+	f.Publish(stored(0))
+	require.NoError(t, p.Flush())
+	seq, _ := s.recv(t, "kv@pod-1@llama")
+	assert.Equal(t, uint64(0), seq)
+}
