@@ -52,10 +52,11 @@
 // Sockets come from github.com/go-zeromq/zmq4, a ZMQ in pure Go (so the module still builds with
 // CGO_ENABLED=0), which llm-d's indexer uses too. It trusts its peers, so the publisher's
 // sockets reach theirs through guarded connections (guard.go): a peer that declares a frame
-// longer than a subscription or a replay request can be, sends a malformed command, does not
-// finish its handshake within 5 s or stops reading for 10 s is cut off, and the others are
-// served on. A peer that connects and says nothing still holds up the handshakes of later
-// peers for those 5 s: go-zeromq shakes hands with one peer at a time.
+// longer than a subscription or a replay request can be, sends a malformed command, declares a
+// socket type that cannot talk to the socket, does not finish its handshake within 5 s or stops
+// reading for 10 s is cut off, and the others are served on. A peer that connects and says
+// nothing still holds up the handshakes of later peers for those 5 s: go-zeromq shakes hands
+// with one peer at a time.
 //
 // Concurrency: a Publisher is safe for concurrent use; its own goroutines send, serve replay
 // and (for a connect endpoint) dial, and Close waits for them.

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,14 +20,21 @@ import (
 // The publisher's sockets reach their peers through guarded connections, because go-zeromq
 // trusts its peers: it allocates whatever length a frame header declares (a peer can make the
 // process run out of memory or panic), indexes a READY command's properties without checking
-// their lengths (a panic), does each peer's handshake in its accept loop with no deadline (a
-// silent peer holds up every later one), and writes to each subscriber in turn with no deadline
-// (one that stops reading stalls all). A guarded connection reads ahead of the socket: it
-// passes the greeting and message bodies through, holds frame headers and whole commands until
-// checked, and cuts the peer off, as a closed connection, when a frame or message is longer than
-// a subscription or replay request can be, when a command is malformed, when the handshake takes
-// longer than handshakeTimeout, or when a write blocks longer than writeTimeout. The sockets
-// never receive more than subscriptions and replay requests, so the bounds cost nothing.
+// their lengths (a panic), panics on a socket type it does not know and keeps the connection of
+// one it refuses open for good, queues what a PUB socket's peer sends besides subscriptions for
+// a Recv that never comes (ten such block the next one's connection for good), does each peer's
+// handshake in its accept loop with no deadline (a silent peer holds up every later one), and
+// writes to each subscriber in turn with no deadline (one that stops reading stalls all).
+//
+// A guarded connection reads ahead of the socket: it passes the greeting and message bodies
+// through, and holds frame headers, whole commands and a PUB socket's whole messages until
+// checked. It cuts the peer off, as a closed connection, when a frame or message is longer than
+// a subscription or replay request can be, when a command is malformed, when the peer's READY
+// declares a socket type that its socket does not talk to, when a PUB socket's peer sends a
+// message that is not a subscription, when the handshake takes longer than handshakeTimeout, or
+// when a write blocks longer than writeTimeout. It drops the commands that a PUB socket's peer
+// sends after the handshake (a ZMTP 3.1 PING). The sockets never receive more than
+// subscriptions and replay requests, so the bounds cost nothing.
 
 // Bounds of the guarded connections.
 const (
@@ -35,37 +44,48 @@ const (
 	writeTimeout     = 10 * time.Second
 )
 
-// The guarded transports, registered with go-zeromq under their own names.
-const (
-	guardTCP = "pagedkv+tcp"
-	guardIPC = "pagedkv+ipc"
-)
+// peerTypes gives the socket types that each kind of the publisher's sockets talks to, as
+// go-zeromq's SocketType.IsCompatible has them.
+var peerTypes = map[zmq4.SocketType][]zmq4.SocketType{
+	zmq4.Pub:    {zmq4.Sub, zmq4.XSub},
+	zmq4.Router: {zmq4.Dealer, zmq4.Req, zmq4.Router},
+}
 
 var registerOnce sync.Once
 
-// registerGuard registers the guarded transports once per process.
+// registerGuard registers the guarded transports once per process: one for each kind of socket
+// in peerTypes and each network, under a name of this package's own (guardScheme).
 func registerGuard() {
 	registerOnce.Do(func() {
-		// The names are this package's own: registering them cannot collide.
-		_ = zmq4.RegisterTransport(guardTCP, guarded{network: "tcp", inner: transport.New("tcp")})
-		_ = zmq4.RegisterTransport(guardIPC, guarded{network: "unix", inner: transport.New("unix")})
+		for sck := range peerTypes {
+			for _, network := range []string{"tcp", "unix"} {
+				// The names are this package's own: registering them cannot collide.
+				_ = zmq4.RegisterTransport(guardScheme(sck, network), guarded{inner: transport.New(network), sck: sck})
+			}
+		}
 	})
 }
 
-// guardedEndpoint returns ep with its transport replaced by the guarded one.
-func guardedEndpoint(ep string) string {
-	for _, s := range []struct{ from, to string }{{"tcp://", guardTCP + "://"}, {"ipc://", guardIPC + "://"}} {
-		if len(ep) > len(s.from) && ep[:len(s.from)] == s.from {
-			return s.to + ep[len(s.from):]
+// guardScheme names the guarded transport of network for a socket of type sck.
+func guardScheme(sck zmq4.SocketType, network string) string {
+	return "pagedkv+" + strings.ToLower(string(sck)) + "+" + network
+}
+
+// guardedEndpoint returns ep with its transport replaced by the guarded one of a socket of type
+// sck.
+func guardedEndpoint(ep string, sck zmq4.SocketType) string {
+	for _, s := range []struct{ from, network string }{{"tcp://", "tcp"}, {"ipc://", "unix"}} {
+		if rest, ok := strings.CutPrefix(ep, s.from); ok && rest != "" {
+			return guardScheme(sck, s.network) + "://" + rest
 		}
 	}
 	return ep
 }
 
-// guarded is a go-zeromq transport whose connections are guards.
+// guarded is a go-zeromq transport whose connections are guards of a socket of type sck.
 type guarded struct {
-	network string
-	inner   transport.Transport
+	inner transport.Transport
+	sck   zmq4.SocketType
 }
 
 func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net.Conn, error) {
@@ -73,7 +93,7 @@ func (g guarded) Dial(ctx context.Context, d transport.Dialer, addr string) (net
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(c), nil
+	return newGuard(ctx, c, g.sck), nil
 }
 
 func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) {
@@ -81,19 +101,24 @@ func (g guarded) Listen(ctx context.Context, addr string) (net.Listener, error) 
 	if err != nil {
 		return nil, err
 	}
-	return guardListener{l}, nil
+	return guardListener{l, ctx, g.sck}, nil
 }
 
 func (g guarded) Addr(ep string) (string, error) { return g.inner.Addr(ep) }
 
-type guardListener struct{ net.Listener }
+// guardListener accepts guards of the socket that listens: its type is sck, its life ctx.
+type guardListener struct {
+	net.Listener
+	ctx context.Context
+	sck zmq4.SocketType
+}
 
 func (l guardListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	return newGuard(c), nil
+	return newGuard(l.ctx, c, l.sck), nil
 }
 
 // errCutOff ends a guarded connection. It wraps io.EOF so that go-zeromq drops the connection
@@ -110,19 +135,31 @@ type guard struct {
 	ready   atomic.Bool // the peer's READY command has been passed: the handshake is done
 	hdr     [9]byte
 	cmd     []byte
-	timer   *time.Timer // closes the connection unless the handshake is done in time
+	timer   *time.Timer     // closes the connection unless the handshake is done in time
+	stop    func() bool     // releases the close at the socket's end
+	sck     zmq4.SocketType // the type of the guarded socket
 }
 
-func newGuard(c net.Conn) *guard {
-	g := &guard{Conn: c}
+// newGuard guards c, a connection of a socket of type sck whose life is ctx.
+func newGuard(ctx context.Context, c net.Conn, sck zmq4.SocketType) *guard {
+	g := &guard{Conn: c, sck: sck}
+	// go-zeromq closes the connections it holds when its socket closes, but it adds one whose
+	// handshake ends after that and never closes it: the socket's end closes every guard.
+	g.stop = context.AfterFunc(ctx, func() { _ = c.Close() })
 	// Closing, not a deadline: go-zeromq leaves the connection of a failed handshake open, and
 	// nobody reads it again.
 	g.timer = time.AfterFunc(handshakeTimeout, func() {
 		if !g.ready.Load() {
-			_ = c.Close()
+			_ = g.Close()
 		}
 	})
 	return g
+}
+
+// Close closes the connection and releases its close at the socket's end.
+func (g *guard) Close() error {
+	g.stop()
+	return g.Conn.Close()
 }
 
 // Read returns checked bytes.
@@ -157,7 +194,7 @@ func (g *guard) cut(err error) error {
 	if err == nil || err == io.EOF {
 		return err
 	}
-	_ = g.Conn.Close()
+	_ = g.Close()
 	if errors.Is(err, io.EOF) {
 		return err
 	}
@@ -192,6 +229,9 @@ func (g *guard) next() error {
 	if flags&^0x07 != 0 || size > maxFrame || uint64(g.message)+size > maxMessage {
 		return errCutOff
 	}
+	if flags&0x04 == 0 && g.sck == zmq4.Pub {
+		return g.subscription(flags, size, n)
+	}
 	g.pending = g.hdr[:n]
 	if flags&0x04 == 0 { // a message frame: its body passes through
 		g.body = int64(size)
@@ -206,8 +246,12 @@ func (g *guard) next() error {
 	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
 		return err
 	}
-	if !checkCommand(g.cmd[n:]) {
+	if !checkCommand(g.cmd[n:], peerTypes[g.sck]) {
 		return errCutOff
+	}
+	if g.sck == zmq4.Pub && g.ready.Load() { // go-zeromq's PUB socket would queue it as a message
+		g.pending = nil
+		return nil
 	}
 	if !g.ready.Load() && commandName(g.cmd[n:]) == "READY" {
 		g.ready.Store(true)
@@ -217,12 +261,31 @@ func (g *guard) next() error {
 	return nil
 }
 
+// subscription queues a message frame of a PUB socket's peer, whose header is in g.hdr[:n]: it
+// must be a whole subscription or its cancel, one frame whose first byte is 1 or 0. go-zeromq's
+// PUB socket queues any other message for a Recv that a PUB socket does not serve, and once
+// ten wait, blocks the reader of the connection that sends one more for good.
+func (g *guard) subscription(flags byte, size uint64, n int) error {
+	if flags&0x01 != 0 || size == 0 {
+		return errCutOff
+	}
+	g.cmd = append(append(g.cmd[:0], g.hdr[:n]...), make([]byte, size)...)
+	if _, err := io.ReadFull(g.Conn, g.cmd[n:]); err != nil {
+		return err
+	}
+	if g.cmd[n] > 1 {
+		return errCutOff
+	}
+	g.pending = g.cmd
+	return nil
+}
+
 // commandName returns the name of a well-formed command.
 func commandName(body []byte) string { return string(body[1 : 1+body[0]]) }
 
 // checkCommand reports whether a command's body holds its name, and for READY properties
-// whose lengths fit, as go-zeromq assumes.
-func checkCommand(body []byte) bool {
+// whose lengths fit, as go-zeromq assumes, and a socket type among peers.
+func checkCommand(body []byte, peers []zmq4.SocketType) bool {
 	if len(body) == 0 || int(body[0]) > len(body)-1 {
 		return false
 	}
@@ -242,5 +305,11 @@ func checkCommand(body []byte) bool {
 		}
 		p = p[v:]
 	}
-	return true
+	// go-zeromq's own reading of the properties, which now fit: it panics on a Socket-Type it
+	// does not know.
+	md := make(zmq4.Metadata)
+	if md.UnmarshalZMTP(body[1+body[0]:]) != nil {
+		return false
+	}
+	return slices.Contains(peers, zmq4.SocketType(md["Socket-Type"]))
 }

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
+	"io"
 	"math"
+	"net"
 	"slices"
 	"testing"
 	"time"
@@ -179,4 +182,32 @@ func norm(v any) any {
 		}
 	}
 	return v
+}
+
+// zmtpGreeting returns a ZMTP 3.0 greeting with the NULL mechanism, as a client sends it.
+func zmtpGreeting() []byte {
+	g := make([]byte, 64)
+	g[0], g[9], g[10], g[11] = 0xff, 0x7f, 3, 0
+	copy(g[12:], "NULL")
+	return g
+}
+
+// zmtpReady returns a READY command with the properties of props, names and values in turn.
+func zmtpReady(props ...string) []byte {
+	body := append([]byte{5}, "READY"...)
+	for i := 0; i+1 < len(props); i += 2 {
+		body = append(append(body, byte(len(props[i]))), props[i]...)
+		body = append(binary.BigEndian.AppendUint32(body, uint32(len(props[i+1]))), props[i+1]...)
+	}
+	return append([]byte{0x04, byte(len(body))}, body...)
+}
+
+// requireCutOff reads conn, the connection of the peer that what describes, to its end, which
+// must come before limit: the publisher has closed its side.
+func requireCutOff(t *testing.T, conn net.Conn, what string) {
+	t.Helper()
+	require.NoError(t, conn.SetReadDeadline(time.Now().Add(limit)))
+	_, err := io.Copy(io.Discard, conn) // what the publisher sent before, then the end
+	var ne net.Error
+	require.False(t, errors.As(err, &ne) && ne.Timeout(), "the publisher kept the connection of %s: %v", what, err)
 }

@@ -108,7 +108,7 @@ func (p *Publisher) open() error {
 	}
 	registerGuard()
 	if bind {
-		if err := p.pub.Listen(guardedEndpoint(ep)); err != nil {
+		if err := p.pub.Listen(guardedEndpoint(ep, zmq4.Pub)); err != nil {
 			return &EndpointError{Endpoint: ep, Op: "bind", Err: err}
 		}
 		p.addr = boundAddr(ep, p.pub)
@@ -117,7 +117,7 @@ func (p *Publisher) open() error {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			if err := p.pub.Dial(guardedEndpoint(ep)); err != nil && !p.isClosed() {
+			if err := p.pub.Dial(guardedEndpoint(ep, zmq4.Pub)); err != nil && !p.isClosed() {
 				p.fail(&EndpointError{Endpoint: ep, Op: "connect", Err: err})
 			}
 		}()
@@ -127,7 +127,7 @@ func (p *Publisher) open() error {
 	}
 	rep, _, _ := endpoint("ReplayEndpoint", p.cfg.ReplayEndpoint, p.cfg.DataParallelRank, true)
 	p.rep = zmq4.NewRouter(context.Background(), zmq4.WithLogger(quiet))
-	if err := p.rep.Listen(guardedEndpoint(rep)); err != nil {
+	if err := p.rep.Listen(guardedEndpoint(rep, zmq4.Router)); err != nil {
 		return &EndpointError{Endpoint: rep, Op: "bind", Err: err}
 	}
 	p.raddr = boundAddr(rep, p.rep)

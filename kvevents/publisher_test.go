@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"strings"
 	"syscall"
@@ -379,4 +381,115 @@ func TestReplayBounds(t *testing.T) {
 	}
 	got, _ := replay(t, p, 0)
 	assert.Equal(t, []uint64{2}, got)
+}
+
+// A peer whose handshake the publisher began before Close and that finishes it after is cut
+// off, not kept: Close leaves no connection open on either socket (go-zeromq adds a connection
+// whose handshake ends after its socket closed, and never closes it).
+func TestCloseCutsHandshakingPeer(t *testing.T) {
+	for _, c := range []struct{ socket, peer string }{{"stream", "SUB"}, {"replay", "DEALER"}} {
+		t.Run(c.socket, func(t *testing.T) {
+			var f prefix.Feed
+			sub, err := f.Subscribe(4)
+			require.NoError(t, err)
+			p, err := Start(sub, loopback())
+			require.NoError(t, err)
+			addr := map[string]string{"stream": p.Addr(), "replay": p.ReplayAddr()}[c.socket]
+			conn, err := net.Dial("tcp", strings.TrimPrefix(addr, "tcp://"))
+			require.NoError(t, err)
+			defer conn.Close()
+			_, err = io.ReadFull(conn, make([]byte, 64)) // the publisher's greeting: its handshake has begun
+			require.NoError(t, err)
+			require.NoError(t, p.Close())
+
+			_, _ = conn.Write(append(zmtpGreeting(), zmtpReady("Socket-Type", c.peer)...)) // fails once cut off
+			requireCutOff(t, conn, "a peer that finished its handshake after Close")
+		})
+	}
+}
+
+// A peer that declares a socket type its socket does not take (one go-zeromq does not know,
+// none, or one that cannot talk to it) is cut off at its READY, and the publisher serves on:
+// go-zeromq alone panics on a type it does not know, and keeps the connection of one it
+// refuses open for good.
+func TestPeerSocketType(t *testing.T) {
+	f, p := start(t, 8, loopback())
+	f.Publish(stored(0))
+	require.NoError(t, p.Flush())
+	for _, c := range []struct {
+		socket string
+		props  []string
+	}{
+		{"stream", []string{"Socket-Type", "STREAM"}},
+		{"stream", []string{"Socket-Type", "sub"}},
+		{"stream", []string{"socket-type", "CLIENT"}},
+		{"stream", []string{"Socket-Type", "SUB", "socket-type", "RADIO"}}, // the last one counts
+		{"stream", []string{"SOCKET-TYPE", "SUB"}},                         // go-zeromq reads Socket-Type, title-cased
+		{"stream", []string{"Identity", "x"}},
+		{"stream", nil},
+		{"stream", []string{"Socket-Type", "PUB"}},
+		{"stream", []string{"Socket-Type", "DEALER"}},
+		{"replay", []string{"Socket-Type", "STREAM"}},
+		{"replay", nil},
+		{"replay", []string{"Socket-Type", "SUB"}},
+		{"replay", []string{"Socket-Type", "PUB"}},
+	} {
+		addr := map[string]string{"stream": p.Addr(), "replay": p.ReplayAddr()}[c.socket]
+		conn, err := net.Dial("tcp", strings.TrimPrefix(addr, "tcp://"))
+		require.NoError(t, err)
+		_, _ = conn.Write(append(zmtpGreeting(), zmtpReady(c.props...)...)) // fails once cut off
+		requireCutOff(t, conn, fmt.Sprintf("a peer of the %s socket with properties %q", c.socket, c.props))
+		conn.Close()
+	}
+	seqs, _ := replay(t, p, 0)
+	assert.Equal(t, []uint64{0}, seqs)
+	s := subscribe(t, p, "kv@")
+	f.Publish(stored(1))
+	require.NoError(t, p.Flush())
+	seq, _ := s.recv(t, "kv@pod-1@llama")
+	assert.Equal(t, uint64(1), seq)
+}
+
+// A subscriber that sends the PUB socket a message that is not a subscription is cut off, a
+// command after its READY (a ZMTP 3.1 PING, as libzmq sends to keep a connection alive) is
+// dropped, and the subscribers are served on: go-zeromq's PUB socket queues either for a Recv it
+// never serves, and once ten wait, blocks the reader of the connection that sends one more for
+// good, keeping it open and deaf to its subscriptions.
+func TestPubPeerSendsNoSubscription(t *testing.T) {
+	f, p := start(t, 8, loopback())
+	conn, err := net.Dial("tcp", strings.TrimPrefix(p.Addr(), "tcp://"))
+	require.NoError(t, err)
+	defer conn.Close()
+	hello := append(zmtpGreeting(), zmtpReady("Socket-Type", "SUB")...)
+	ping := append([]byte{0x04, 7, 4}, "PING\x00\x00"...)
+	for range 11 { // one more than go-zeromq queues
+		hello = append(hello, ping...)
+	}
+	_, err = conn.Write(append(hello, 0x00, 4, 0x01, 'k', 'v', '@'))
+	require.NoError(t, err)
+	waitSubscribed(t, p, "kv@") // the subscription behind the pings is read
+
+	for i, msg := range [][]byte{
+		{0x01, 2, 0x01, 'a', 0x00, 1, 'b'}, // a subscription with a second frame
+		{0x00, 0},                          // an empty frame
+		{0x00, 3, 0x02, 'k', 'v'},          // neither a subscription nor its cancel
+		{0x00, 3, 'k', 'v', '@'},
+	} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(p.Addr(), "tcp://"))
+		require.NoError(t, err)
+		topic := fmt.Sprintf("kv@%d", i)
+		hello := append(zmtpGreeting(), zmtpReady("Socket-Type", "SUB")...)
+		_, err = conn.Write(append(append(hello, 0x00, byte(1+len(topic)), 0x01), topic...))
+		require.NoError(t, err)
+		waitSubscribed(t, p, topic) // a subscription passes
+		_, err = conn.Write(msg)
+		require.NoError(t, err)
+		requireCutOff(t, conn, fmt.Sprintf("a subscriber that sent message %d", i))
+		conn.Close()
+	}
+	s := subscribe(t, p, "kv@pod-1") // a topic of its own: the first peer holds "kv@"
+	f.Publish(stored(0))
+	require.NoError(t, p.Flush())
+	seq, _ := s.recv(t, "kv@pod-1@llama")
+	assert.Equal(t, uint64(0), seq)
 }
