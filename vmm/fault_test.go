@@ -121,3 +121,19 @@ func TestPoolReleaseFailureKeepsHandle(t *testing.T) {
 		require.NoError(t, pool.Close())
 	})
 }
+
+// A release that fails while Close returns a mapping is tried again by Close's trim: the handle
+// is not lost, and the device can be closed afterwards.
+func TestPoolCloseRetriesRefusedRelease(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g})
+		require.NoError(t, err)
+		_, err = pool.Map(0, g)
+		require.NoError(t, err)
+		dev.FailNth(vmm.OpRelease, 1, nil)
+		require.NoError(t, pool.Close())
+		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "the refused release is tried once more")
+	})
+}

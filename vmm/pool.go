@@ -573,11 +573,8 @@ func (p *Pool) Close() error {
 			return true
 		}
 		p.counters.unmaps++
-		if err := p.dev.Release(e.h); err != nil {
-			errs = append(errs, err)
-			return true
-		}
-		p.counters.releases++
+		// A refused release keeps the handle cached, so that the trim below tries it again.
+		_ = p.returnHandle(e.h, e.count, false)
 		return true
 	})
 	p.extents.Clear(false)
