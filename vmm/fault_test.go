@@ -137,3 +137,29 @@ func TestPoolCloseRetriesRefusedRelease(t *testing.T) {
 		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "the refused release is tried once more")
 	})
 }
+
+// A host handle whose release fails after Unmap stays owned but apart from the cache of device
+// handles: the next Map creates device memory instead of mapping the host handle, and Trim
+// releases the host handle.
+func TestPoolRefusedHostReleaseIsNotReused(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g, CacheLimit: 8 * g})
+		require.NoError(t, err)
+		defer func() { require.NoError(t, pool.Close()) }()
+		_, err = pool.MapHost(0, g)
+		require.NoError(t, err)
+		dev.FailNth(vmm.OpRelease, 1, nil)
+		require.NoError(t, pool.Unmap(0, g))
+		require.EqualValues(t, 1, pool.Stats().ReleaseFailures)
+
+		_, err = pool.Map(g, g)
+		require.NoError(t, err)
+		require.Equal(t, 1, dev.Calls(vmm.OpCreate), "the device mapping has device memory of its own")
+		require.Zero(t, pool.Stats().CacheHits)
+
+		require.NoError(t, pool.Trim())
+		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "Trim releases the host handle")
+	})
+}
