@@ -163,3 +163,26 @@ func TestPoolRefusedHostReleaseIsNotReused(t *testing.T) {
 		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "Trim releases the host handle")
 	})
 }
+
+// A Close whose unmap or reservation free fails leaves the pool open, still owning what the
+// driver refused; Close again returns it, and nothing leaks.
+func TestPoolCloseAfterRefusedUnmap(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g})
+		require.NoError(t, err)
+		for _, off := range []uint64{0, 2 * g} {
+			_, err = pool.Map(off, g)
+			require.NoError(t, err)
+		}
+		dev.FailNth(vmm.OpUnmap, 1, nil)
+		require.ErrorIs(t, pool.Close(), vmm.ErrInjected)
+		require.True(t, pool.IsMapped(0, g), "the mapping the driver kept is still the pool's")
+		require.False(t, pool.IsMapped(2*g, g))
+		dev.FailNth(vmm.OpFreeReservation, 1, nil)
+		require.ErrorIs(t, pool.Close(), vmm.ErrInjected)
+		require.Zero(t, pool.Stats().PhysicalBytes)
+		require.NoError(t, pool.Close())
+	})
+}

@@ -575,7 +575,9 @@ func (p *Pool) MappedPages(fn func(page int) bool) {
 }
 
 // Close unmaps everything, releases every handle and frees the reservation. It tries every step
-// even when one fails and returns all failures; the pool is closed afterwards either way.
+// even when one fails and returns all failures. After a failure the pool stays open, owning the
+// mappings and handles the driver refused to give back and its reservation, and Close may be
+// called again.
 func (p *Pool) Close() error {
 	if err := p.lock(); err != nil {
 		return err
@@ -585,6 +587,7 @@ func (p *Pool) Close() error {
 		return fmt.Errorf("pool close: %w", ErrClosed)
 	}
 	var errs []error
+	var unmapped []extent
 	p.extents.Ascend(func(e extent) bool {
 		a, size := p.extentAddr(e)
 		if err := p.dev.Unmap(a, size); err != nil {
@@ -592,21 +595,24 @@ func (p *Pool) Close() error {
 			return true
 		}
 		p.counters.unmaps++
-		// A refused release keeps the handle cached, so that the trim below tries it again.
-		_ = p.returnHandle(e.h, e.count, false, e.host)
+		unmapped = append(unmapped, e)
 		return true
 	})
-	p.extents.Clear(false)
-	p.nmapped = 0
+	for _, e := range unmapped {
+		p.extents.Delete(e)
+		p.setMapped(e.count, false)
+		// A refused release keeps the handle, so that the trim below tries it again.
+		_ = p.returnHandle(e.h, e.count, false, e.host)
+	}
 	if err := p.trim(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := p.dev.FreeReservation(p.base, p.Capacity()); err != nil {
-		errs = append(errs, err)
-	}
-	p.closed = true
-	if len(errs) > 0 {
+	if len(errs) > 0 { // the reservation stays, around what the pool still holds
 		return fmt.Errorf("pool close: %w", errors.Join(errs...))
 	}
+	if err := p.dev.FreeReservation(p.base, p.Capacity()); err != nil {
+		return fmt.Errorf("pool close: %w", err)
+	}
+	p.closed = true
 	return nil
 }
