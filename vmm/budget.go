@@ -161,10 +161,11 @@ func (m *BudgetMember) takeLocked(n uint64) error {
 // Acquire takes n bytes, reclaiming from the other members when the budget is spent: first
 // their free reserves, then, with compact, their compactions. The caller may hold its own
 // locks: other members are asked without waiting for theirs. It fails with a *CapacityError
-// (ErrOutOfMemory) naming the bytes asked for and free.
+// (ErrOutOfMemory) naming the bytes asked for and free. When n would not fit even if the others
+// gave back all they hold, it fails at once and takes nothing from them.
 func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 	err := m.TryAcquire(n)
-	if err == nil || !errors.Is(err, ErrOutOfMemory) {
+	if err == nil || !errors.Is(err, ErrOutOfMemory) || m.beyondOthers(n) {
 		return err
 	}
 	passes := []bool{false}
@@ -184,6 +185,14 @@ func (m *BudgetMember) Acquire(n uint64, compact bool) error {
 		}
 	}
 	return err
+}
+
+// beyondOthers reports whether n more would exceed the limit with only the member's own bytes
+// held: then no reclaim from the others can make room.
+func (m *BudgetMember) beyondOthers(n uint64) bool {
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	return checked.Over(m.used, n, m.b.limit) > 0
 }
 
 // Headroom returns the bytes the member could acquire now without reclaiming from others: the

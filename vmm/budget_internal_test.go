@@ -26,3 +26,41 @@ func TestBudgetJoinNames(t *testing.T) {
 	require.Len(t, b.members, 1)
 	m.Leave()
 }
+
+// giver is a member's reclaimer holding a free reserve, which it gives back through its member
+// when asked.
+type giver struct {
+	m       *BudgetMember
+	reserve uint64
+}
+
+func (g *giver) Reclaim(need uint64, compact, wait bool) uint64 {
+	n := min(need, g.reserve)
+	g.reserve -= n
+	g.m.Release(n)
+	return n
+}
+
+// An Acquire that would not fit even if every other member gave back all it holds fails with
+// the numbers and takes nothing from them; one that reclaiming can satisfy still succeeds.
+func TestBudgetAcquireBeyondOthers(t *testing.T) {
+	b := NewBudget(10 << 20)
+	g := &giver{reserve: 4 << 20}
+	a, err := b.Join("a", g)
+	require.NoError(t, err)
+	g.m = a
+	require.NoError(t, a.TryAcquire(4<<20))
+	c, err := b.Join("c", fakeReclaimer{})
+	require.NoError(t, err)
+	require.NoError(t, c.TryAcquire(2<<20))
+
+	err = c.Acquire(9<<20, true)
+	var ce *CapacityError
+	require.ErrorAs(t, err, &ce)
+	require.Equal(t, CapacityError{Need: 9 << 20, Free: 4 << 20}, *ce)
+	require.Equal(t, uint64(4<<20), a.Used(), "a's reserve was not taken for nothing")
+
+	require.NoError(t, c.Acquire(8<<20, false))
+	require.Zero(t, a.Used())
+	require.Equal(t, uint64(10<<20), b.Used())
+}

@@ -121,3 +121,68 @@ func TestPoolReleaseFailureKeepsHandle(t *testing.T) {
 		require.NoError(t, pool.Close())
 	})
 }
+
+// A release that fails while Close returns a mapping is tried again by Close's trim: the handle
+// is not lost, and the device can be closed afterwards.
+func TestPoolCloseRetriesRefusedRelease(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g})
+		require.NoError(t, err)
+		_, err = pool.Map(0, g)
+		require.NoError(t, err)
+		dev.FailNth(vmm.OpRelease, 1, nil)
+		require.NoError(t, pool.Close())
+		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "the refused release is tried once more")
+	})
+}
+
+// A host handle whose release fails after Unmap stays owned but apart from the cache of device
+// handles: the next Map creates device memory instead of mapping the host handle, and Trim
+// releases the host handle.
+func TestPoolRefusedHostReleaseIsNotReused(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g, CacheLimit: 8 * g})
+		require.NoError(t, err)
+		defer func() { require.NoError(t, pool.Close()) }()
+		_, err = pool.MapHost(0, g)
+		require.NoError(t, err)
+		dev.FailNth(vmm.OpRelease, 1, nil)
+		require.NoError(t, pool.Unmap(0, g))
+		require.EqualValues(t, 1, pool.Stats().ReleaseFailures)
+
+		_, err = pool.Map(g, g)
+		require.NoError(t, err)
+		require.Equal(t, 1, dev.Calls(vmm.OpCreate), "the device mapping has device memory of its own")
+		require.Zero(t, pool.Stats().CacheHits)
+
+		require.NoError(t, pool.Trim())
+		require.Equal(t, 2, dev.Calls(vmm.OpRelease), "Trim releases the host handle")
+	})
+}
+
+// A Close whose unmap or reservation free fails leaves the pool open, still owning what the
+// driver refused; Close again returns it, and nothing leaks.
+func TestPoolCloseAfterRefusedUnmap(t *testing.T) {
+	backends(t, func(t *testing.T, base vmm.Device) {
+		dev := vmm.InjectFaults(base)
+		g := dev.Info().Granularity
+		pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: 8 * g})
+		require.NoError(t, err)
+		for _, off := range []uint64{0, 2 * g} {
+			_, err = pool.Map(off, g)
+			require.NoError(t, err)
+		}
+		dev.FailNth(vmm.OpUnmap, 1, nil)
+		require.ErrorIs(t, pool.Close(), vmm.ErrInjected)
+		require.True(t, pool.IsMapped(0, g), "the mapping the driver kept is still the pool's")
+		require.False(t, pool.IsMapped(2*g, g))
+		dev.FailNth(vmm.OpFreeReservation, 1, nil)
+		require.ErrorIs(t, pool.Close(), vmm.ErrInjected)
+		require.Zero(t, pool.Stats().PhysicalBytes)
+		require.NoError(t, pool.Close())
+	})
+}

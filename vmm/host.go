@@ -236,6 +236,9 @@ func (d *HostDevice) MemInfo() (free, total uint64, err error) {
 		return 0, 0, err
 	}
 	defer d.l.mu.Unlock()
+	if err := d.l.usable(); err != nil {
+		return 0, 0, fmt.Errorf("mem info: %w", err)
+	}
 	return d.opts.Capacity - d.l.physical, d.opts.Capacity, nil
 }
 

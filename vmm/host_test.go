@@ -60,3 +60,21 @@ func TestHostDeviceSemantics(t *testing.T) {
 	_, err = vmm.NewHostDevice(vmm.HostOptions{Granularity: 1000})
 	require.ErrorIs(t, err, vmm.ErrInvalidArgument)
 }
+
+// A closed host device refuses every call with ErrClosed, as the CUDA backend does.
+func TestHostDeviceClosed(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{Granularity: 64 << 10, Capacity: 4 * (64 << 10)})
+	require.NoError(t, err)
+	require.NoError(t, dev.Close())
+	g := dev.Info().Granularity
+	_, err = dev.Reserve(g)
+	require.ErrorIs(t, err, vmm.ErrClosed, "reserve")
+	_, err = dev.Create(g)
+	require.ErrorIs(t, err, vmm.ErrClosed, "create")
+	_, err = dev.CreateHost(g)
+	require.ErrorIs(t, err, vmm.ErrClosed, "create host")
+	_, _, err = dev.MemInfo()
+	require.ErrorIs(t, err, vmm.ErrClosed, "mem info")
+	require.ErrorIs(t, dev.Memset(0, 0, 1), vmm.ErrClosed, "memset")
+	require.ErrorIs(t, dev.Close(), vmm.ErrClosed, "close")
+}

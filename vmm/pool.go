@@ -69,6 +69,7 @@ type Pool struct {
 		b uint64
 	} // their count and bytes
 	limit    uint64
+	hostKept []Handle // host handles the driver refused to release: never reused, Trim retries them
 	nmapped  int
 	counters struct{ creates, releases, maps, unmaps, hits, relFail uint64 }
 	closed   bool
@@ -228,7 +229,7 @@ func (p *Pool) mapRange(offset, size uint64, host bool) (Addr, error) {
 	}
 	a := p.base + Addr(offset)
 	if err := p.mapHandle(a, size, h); err != nil {
-		return 0, errors.Join(fmt.Errorf("pool map: %w", err), p.returnHandle(h, n, fromCache))
+		return 0, errors.Join(fmt.Errorf("pool map: %w", err), p.returnHandle(h, n, fromCache, host))
 	}
 	if fromCache {
 		p.counters.hits++
@@ -270,16 +271,22 @@ func (p *Pool) takeHandle(pages int) (Handle, bool, error) {
 	return h, false, nil
 }
 
-// returnHandle puts a handle back where takeHandle got it.
-func (p *Pool) returnHandle(h Handle, pages int, toCache bool) error {
+// returnHandle puts a handle back where takeHandle got it. A handle the driver refuses to
+// release stays owned: a device handle in the cache, a host handle apart, so that no Map is
+// ever served host memory.
+func (p *Pool) returnHandle(h Handle, pages int, toCache, host bool) error {
 	if toCache {
 		p.cacheHandle(h, pages)
 		return nil
 	}
 	if err := p.dev.Release(h); err != nil {
 		p.counters.relFail++
-		p.cacheHandle(h, pages)
-		return fmt.Errorf("release (handle kept in cache): %w", err)
+		if host {
+			p.hostKept = append(p.hostKept, h)
+		} else {
+			p.cacheHandle(h, pages)
+		}
+		return fmt.Errorf("release (handle kept): %w", err)
 	}
 	p.counters.releases++
 	return nil
@@ -325,7 +332,7 @@ func (p *Pool) Unmap(offset, size uint64) error {
 		bytes := uint64(e.count) * p.page
 		keep := !e.host && p.cached.b+bytes <= p.limit
 		// A release failure keeps the handle cached and counts it; see the doc comment.
-		_ = p.returnHandle(e.h, e.count, keep)
+		_ = p.returnHandle(e.h, e.count, keep, e.host)
 	}
 	return nil
 }
@@ -474,7 +481,8 @@ func (p *Pool) Precreate(size uint64, count int) error {
 	return nil
 }
 
-// Trim releases every cached handle. Handles the driver refuses to release stay cached.
+// Trim releases every cached handle, and the host handles whose release the driver refused
+// before. Handles it refuses again stay owned.
 func (p *Pool) Trim() error {
 	if err := p.lock(); err != nil {
 		return err
@@ -503,6 +511,17 @@ func (p *Pool) trim() error {
 		}
 		p.cache[pages] = kept
 	}
+	kept := p.hostKept[:0]
+	for _, h := range p.hostKept {
+		if err := p.dev.Release(h); err != nil {
+			errs = append(errs, err)
+			p.counters.relFail++
+			kept = append(kept, h)
+			continue
+		}
+		p.counters.releases++
+	}
+	p.hostKept = kept
 	if len(errs) > 0 {
 		return fmt.Errorf("pool trim: %w", errors.Join(errs...))
 	}
@@ -556,7 +575,9 @@ func (p *Pool) MappedPages(fn func(page int) bool) {
 }
 
 // Close unmaps everything, releases every handle and frees the reservation. It tries every step
-// even when one fails and returns all failures; the pool is closed afterwards either way.
+// even when one fails and returns all failures. After a failure the pool stays open, owning the
+// mappings and handles the driver refused to give back and its reservation, and Close may be
+// called again.
 func (p *Pool) Close() error {
 	if err := p.lock(); err != nil {
 		return err
@@ -566,6 +587,7 @@ func (p *Pool) Close() error {
 		return fmt.Errorf("pool close: %w", ErrClosed)
 	}
 	var errs []error
+	var unmapped []extent
 	p.extents.Ascend(func(e extent) bool {
 		a, size := p.extentAddr(e)
 		if err := p.dev.Unmap(a, size); err != nil {
@@ -573,24 +595,24 @@ func (p *Pool) Close() error {
 			return true
 		}
 		p.counters.unmaps++
-		if err := p.dev.Release(e.h); err != nil {
-			errs = append(errs, err)
-			return true
-		}
-		p.counters.releases++
+		unmapped = append(unmapped, e)
 		return true
 	})
-	p.extents.Clear(false)
-	p.nmapped = 0
+	for _, e := range unmapped {
+		p.extents.Delete(e)
+		p.setMapped(e.count, false)
+		// A refused release keeps the handle, so that the trim below tries it again.
+		_ = p.returnHandle(e.h, e.count, false, e.host)
+	}
 	if err := p.trim(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := p.dev.FreeReservation(p.base, p.Capacity()); err != nil {
-		errs = append(errs, err)
-	}
-	p.closed = true
-	if len(errs) > 0 {
+	if len(errs) > 0 { // the reservation stays, around what the pool still holds
 		return fmt.Errorf("pool close: %w", errors.Join(errs...))
 	}
+	if err := p.dev.FreeReservation(p.base, p.Capacity()); err != nil {
+		return fmt.Errorf("pool close: %w", err)
+	}
+	p.closed = true
 	return nil
 }
