@@ -191,3 +191,34 @@ func TestHybridAdmitAllocs(t *testing.T) {
 	}))
 	require.NoError(t, err)
 }
+
+// A start that resumes a recurrent group from a checkpoint holds the checkpoint while it takes
+// the fresh state it copies it into (prepareResume), so the checkpoint is no room for that
+// state: with the state page full of live states and that checkpoint, and no headroom, the
+// start is refused, and Admit must say so.
+func TestHybridAdmitResumeHoldsItsCheckpoint(t *testing.T) {
+	geom := kvcache.Geometry{Model: "ckpt", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 64},             // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 128 << 10, Capacity: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(0, promptOf(64, 7), dst)
+	require.NoError(t, err)
+	require.NoError(t, h.MarkWritten(0, 64)) // the checkpoint after 64 tokens, idle
+	require.Equal(t, uint64(1), h.Group(1).Stats().Prefix.Checkpoints.Made)
+	for s := 1; s < 15; s++ { // the state page's other 14 slots, live; the budget's two pages taken
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(16, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	p := promptOf(80, 7) // seq 0's 64 tokens, and 16 more
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.Equal(t, 64, ad.CachedTokens)
+	ok := tryPrompt(t, h, 99, p, 0, ad.CachedTokens)
+	require.False(t, ok, "the start has no slot for the resumed state")
+	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
