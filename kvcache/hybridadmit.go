@@ -112,10 +112,14 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 // now. It follows start and the appends: a start holds the cached blocks its next token reads
 // (startFound); an append drops what the length before it no longer reads, then takes the
 // blocks of all its tokens (appendTx.dropEarly). A recurrent group needs its
-// state slot (a checkpoint with no room is skipped, never refused: prepareMark). f is the group's finder, which
-// agreed on hit. The lock is held.
+// state slot (a checkpoint with no room is skipped, never refused: prepareMark); a start that
+// resumes holds the checkpoint while it takes that slot (prepareResume), so the checkpoint is
+// an idle hit. f is the group's finder, which agreed on hit. The lock is held.
 func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits int) {
 	if m.cfg.StateBytes > 0 {
+		if h := hit / m.keyTokens(); h > 0 && m.cfg.CheckpointTokens > 0 && m.arena.Refs(f.get(h-1)) == 0 {
+			return 1, 1
+		}
 		return 1, 0
 	}
 	bt := m.cfg.BlockTokens
