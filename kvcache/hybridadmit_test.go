@@ -222,3 +222,34 @@ func TestHybridAdmitResumeHoldsItsCheckpoint(t *testing.T) {
 	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
 	require.NoError(t, h.Verify())
 }
+
+// A checkpoint is skipped only when there is no room for it: where the budget has room, the
+// recurrent group maps a page for it, and that page is no longer there for the appends after
+// it (the groups share one lock, so one cannot take back another's). Here the prompt's first
+// 64 tokens fit the attention group's free blocks, its state takes the state page's last slot,
+// the checkpoint at 64 maps the budget's last page, and the next 64 tokens find none: Admit,
+// which counts that page for them, says the prompt fits.
+func TestHybridAdmitCheckpointTakesTheHeadroom(t *testing.T) {
+	geom := kvcache.Geometry{Model: "ckpt", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 64},             // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 192 << 10, Capacity: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	for s := range 15 { // 28 of the attention page's 32 blocks, 15 of the state page's 16 slots
+		n := 32
+		if s >= 13 {
+			n = 16
+		}
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(n, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	p := promptOf(128, 99)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 64, nil)
+	require.NoError(t, err)
+	ok := tryPrompt(t, h, 99, p, 64, 0)
+	require.Equal(t, ok, ad.Fits, "Admit %+v; checkpoints made %d", ad, h.Group(1).Stats().Prefix.Checkpoints.Made)
+	require.NoError(t, h.Verify())
+}
