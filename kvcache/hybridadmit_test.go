@@ -253,3 +253,38 @@ func TestHybridAdmitCheckpointTakesTheHeadroom(t *testing.T) {
 	require.Equal(t, ok, ad.Fits, "Admit %+v; checkpoints made %d", ad, h.Group(1).Stats().Prefix.Checkpoints.Made)
 	require.NoError(t, h.Verify())
 }
+
+// Within PrefixCacheBytes a group's take maps a page rather than evict its idle cached blocks,
+// and a later group cannot take that page back (the groups share one lock). Here the attention
+// group's only room is its protected cache and the state group's is the budget's last page:
+// Admit counts the cache for the one and the page for the other and says the prompt fits, but
+// the attention group maps the page first and the state group is refused.
+func TestHybridAdmitProtectedCacheMapsFirst(t *testing.T) {
+	geom := kvcache.Geometry{Model: "cached", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096},                              // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 192 << 10, Capacity: 1 << 20,
+		PrefixCacheBytes: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(0, promptOf(256, 1000), dst) // 16 blocks, cached
+	require.NoError(t, err)
+	for s := 1; s < 16; s++ {
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(16, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	require.NoError(t, h.FreeSequence(0)) // its 16 blocks idle, within the bound
+	_, err = h.AppendTokenIDs(16, promptOf(16, 16), dst)
+	require.NoError(t, err) // both pages full: the attention page of live and idle blocks, the state page of states
+	require.Equal(t, 16, h.Group(0).Available().IdleBlocks)
+	require.Zero(t, h.Group(0).Available().FreeBlocks)
+	require.Zero(t, h.Group(1).Available().FreeBlocks)
+	p := promptOf(16, 99)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	ok := tryPrompt(t, h, 99, p, 0, 0)
+	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
