@@ -288,3 +288,24 @@ func TestHybridAdmitProtectedCacheMapsFirst(t *testing.T) {
 	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
 	require.NoError(t, h.Verify())
 }
+
+// A sleeping Hybrid refuses a start (ErrAsleep) whatever its memory, so Admit must not say a
+// prompt fits: after Sleep the pages of a live sequence keep free blocks a short prompt fits
+// in.
+func TestHybridAdmitAsleep(t *testing.T) {
+	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
+	dst := make([][]int64, h.Groups())
+	_, err := h.AppendTokenIDs(1, promptOf(20, 1), dst)
+	require.NoError(t, err)
+	_, err = h.Sleep()
+	require.NoError(t, err)
+	p := promptOf(8, 2)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	_, startErr := h.StartSequence(2, kvcache.Prompt{Tokens: p})
+	require.ErrorIs(t, startErr, kvcache.ErrAsleep)
+	if err == nil {
+		require.False(t, ad.Fits, "asleep: %+v", ad)
+	} else {
+		require.ErrorIs(t, err, kvcache.ErrAsleep)
+	}
+}
