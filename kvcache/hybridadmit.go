@@ -48,7 +48,7 @@ type HybridAdmission struct {
 // Groups is dst's array (grown to Groups() entries where short), so that a scheduler that passes
 // the last answer's Groups allocates nothing. It errs on a prompt of more than
 // MaxSequenceTokens tokens, more keys than its whole blocks, a negative chunk (*CountError
-// each), or a closed Hybrid (ErrClosed).
+// each), a closed Hybrid (ErrClosed) or a sleeping one (ErrAsleep), as StartSequence does.
 func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, error) {
 	if !h.made() {
 		return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", errHybridNotMade)
@@ -71,6 +71,9 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 	for _, m := range h.groups {
 		if m.closed {
 			return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
+		}
+		if m.asleep { // a start is refused whatever the memory
+			return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", ErrAsleep)
 		}
 	}
 	if len(h.finders) < len(h.groups) {
