@@ -309,3 +309,36 @@ func TestHybridAdmitAsleep(t *testing.T) {
 		require.ErrorIs(t, err, kvcache.ErrAsleep)
 	}
 }
+
+// What only the host prefix cache holds, a start brings back, and a window group brings back
+// only what its next token reads (hostHits), not the blocks computing it in one call takes: a
+// prompt whose first 512 tokens the host holds fits in one call when the window group needs
+// two blocks for them, not 32. Admit, which counts them as computed, says it does not fit.
+func TestHybridAdmitHostHitWindow(t *testing.T) {
+	geom := kvcache.Geometry{Model: "host", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "global", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "local", Layers: []int{1}, Kind: kvcache.SlidingWindow, Window: 32, KVHeads: 1, KHeadDim: 32, VHeadDim: 32,
+			DType: kvcache.BF16, BlockTokens: 16},
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 5 * 64 << 10, Capacity: 1 << 20,
+		HostCacheTokens: 4096, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(1, promptOf(512, 7), dst) // a page in each group
+	require.NoError(t, err)
+	require.NoError(t, h.FreeSequence(1)) // written back to the host
+	_, err = h.AppendTokens(2, 512, dst)  // evicts them from the devices, and holds both pages
+	require.NoError(t, err)
+	p := promptOf(528, 7)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.Zero(t, ad.CachedTokens, "the devices hold none of it")
+	got, err := h.StartSequence(99, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 512, got, "the host serves the 512")
+	_, err = h.AppendTokenIDs(99, p[got:], dst)
+	require.NoError(t, err, "the rest goes in, in one call")
+	require.True(t, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
