@@ -9,6 +9,7 @@ import (
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // Admit's answer is what happens: for prompts of random lengths, partly cached, appended in
@@ -339,6 +340,33 @@ func TestHybridAdmitHostHitWindow(t *testing.T) {
 	require.Equal(t, 512, got, "the host serves the 512")
 	_, err = h.AppendTokenIDs(99, p[got:], dst)
 	require.NoError(t, err, "the rest goes in, in one call")
+	require.True(t, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
+
+// On several devices a group's headroom is whole pages of its own (multi.headroom), so the
+// group of the largest page rounds the budget's room down to none while a group of smaller
+// pages can still map one: a one-block prompt whose only new page is the small group's goes
+// in, and Admit, taking the least of the groups' headrooms, says it does not fit.
+func TestHybridAdmitMultiHeadroomRounded(t *testing.T) {
+	geom := kvcache.Geometry{Model: "pages", Layers: 5, Groups: []kvcache.LayerGroup{
+		{Name: "small", Layers: []int{0}, KVHeads: 2, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16},          // 64 KiB pages a device
+		{Name: "large", Layers: []int{1, 2, 3, 4}, KVHeads: 2, KHeadDim: 16, VHeadDim: 16, DType: kvcache.BF16, BlockTokens: 16}, // 256 KiB
+	}}
+	devs := []vmm.Device{hostDevice(t, 64<<10), hostDevice(t, 64<<10)}
+	h, err := kvcache.NewHybridMulti(devs, kvcache.HybridConfig{Geometry: geom, Limit: 384 << 10, Capacity: 4 << 20, NoBackground: true},
+		kvcache.Split{TensorParallel: 2})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(1, promptOf(512, 1), dst) // the small group's page full, the large one's half: 64 KiB left a device
+	require.NoError(t, err)
+	require.Zero(t, h.Group(0).Available().FreeBlocks)
+	require.Positive(t, h.Group(0).Available().MappableBlocks)
+	p := promptOf(16, 2)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.True(t, tryPrompt(t, h, 2, p, 0, 0), "a small page is mapped on each device")
 	require.True(t, ad.Fits, "Admit %+v", ad)
 	require.NoError(t, h.Verify())
 }
