@@ -85,6 +85,7 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
 	n := len(h.groups)
 	ad := HybridAdmission{CachedTokens: hit, HeadroomBytes: math.MaxUint64, Groups: slices.Grow(dst[:0], n)[:n], Fits: true}
+	bounded := false // a group's budget reported its headroom
 	for i, m := range h.groups {
 		need, idleHits := m.admitNeed(&h.finders[i], hit, len(p.Tokens), chunk)
 		av := m.availableLocked()
@@ -101,8 +102,10 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 				ad.NeedBytes = math.MaxUint64
 			}
 		}
-		if room, ok := m.back.headroom(); ok {
-			ad.HeadroomBytes = min(ad.HeadroomBytes, room)
+		// The groups share one budget. On several devices each group counts its room in whole
+		// pages of its own (multi.headroom), so the largest answer is the nearest to the budget's.
+		if room, ok := m.back.headroom(); ok && (!bounded || room > ad.HeadroomBytes) {
+			ad.HeadroomBytes, bounded = room, true
 		}
 	}
 	ad.Fits = ad.Fits && ad.NeedBytes <= ad.HeadroomBytes
