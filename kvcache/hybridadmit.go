@@ -48,7 +48,7 @@ type HybridAdmission struct {
 // Groups is dst's array (grown to Groups() entries where short), so that a scheduler that passes
 // the last answer's Groups allocates nothing. It errs on a prompt of more than
 // MaxSequenceTokens tokens, more keys than its whole blocks, a negative chunk (*CountError
-// each), or a closed Hybrid (ErrClosed).
+// each), a closed Hybrid (ErrClosed) or a sleeping one (ErrAsleep), as StartSequence does.
 func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, error) {
 	if !h.made() {
 		return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", errHybridNotMade)
@@ -72,6 +72,9 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 		if m.closed {
 			return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
 		}
+		if m.asleep { // a start is refused whatever the memory
+			return HybridAdmission{}, fmt.Errorf("kvcache: admit: %w", ErrAsleep)
+		}
 	}
 	if len(h.finders) < len(h.groups) {
 		h.finders = make([]hitFinder, len(h.groups))
@@ -82,6 +85,7 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
 	n := len(h.groups)
 	ad := HybridAdmission{CachedTokens: hit, HeadroomBytes: math.MaxUint64, Groups: slices.Grow(dst[:0], n)[:n], Fits: true}
+	bounded := false // a group's budget reported its headroom
 	for i, m := range h.groups {
 		need, idleHits := m.admitNeed(&h.finders[i], hit, len(p.Tokens), chunk)
 		av := m.availableLocked()
@@ -98,8 +102,10 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 				ad.NeedBytes = math.MaxUint64
 			}
 		}
-		if room, ok := m.back.headroom(); ok {
-			ad.HeadroomBytes = min(ad.HeadroomBytes, room)
+		// The groups share one budget. On several devices each group counts its room in whole
+		// pages of its own (multi.headroom), so the largest answer is the nearest to the budget's.
+		if room, ok := m.back.headroom(); ok && (!bounded || room > ad.HeadroomBytes) {
+			ad.HeadroomBytes, bounded = room, true
 		}
 	}
 	ad.Fits = ad.Fits && ad.NeedBytes <= ad.HeadroomBytes
@@ -112,10 +118,14 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 // now. It follows start and the appends: a start holds the cached blocks its next token reads
 // (startFound); an append drops what the length before it no longer reads, then takes the
 // blocks of all its tokens (appendTx.dropEarly). A recurrent group needs its
-// state slot (a checkpoint with no room is skipped, never refused: prepareMark). f is the group's finder, which
-// agreed on hit. The lock is held.
+// state slot (a checkpoint with no room is skipped, never refused: prepareMark); a start that
+// resumes holds the checkpoint while it takes that slot (prepareResume), so the checkpoint is
+// an idle hit. f is the group's finder, which agreed on hit. The lock is held.
 func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits int) {
 	if m.cfg.StateBytes > 0 {
+		if h := hit / m.keyTokens(); h > 0 && m.cfg.CheckpointTokens > 0 && m.arena.Refs(f.get(h-1)) == 0 {
+			return 1, 1
+		}
 		return 1, 0
 	}
 	bt := m.cfg.BlockTokens

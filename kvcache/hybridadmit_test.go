@@ -9,6 +9,7 @@ import (
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/prefix"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // Admit's answer is what happens: for prompts of random lengths, partly cached, appended in
@@ -190,4 +191,182 @@ func TestHybridAdmitAllocs(t *testing.T) {
 		ad, err = h.Admit(p, 0, ad.Groups)
 	}))
 	require.NoError(t, err)
+}
+
+// A start that resumes a recurrent group from a checkpoint holds the checkpoint while it takes
+// the fresh state it copies it into (prepareResume), so the checkpoint is no room for that
+// state: with the state page full of live states and that checkpoint, and no headroom, the
+// start is refused, and Admit must say so.
+func TestHybridAdmitResumeHoldsItsCheckpoint(t *testing.T) {
+	geom := kvcache.Geometry{Model: "ckpt", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 64},             // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 128 << 10, Capacity: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(0, promptOf(64, 7), dst)
+	require.NoError(t, err)
+	require.NoError(t, h.MarkWritten(0, 64)) // the checkpoint after 64 tokens, idle
+	require.Equal(t, uint64(1), h.Group(1).Stats().Prefix.Checkpoints.Made)
+	for s := 1; s < 15; s++ { // the state page's other 14 slots, live; the budget's two pages taken
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(16, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	p := promptOf(80, 7) // seq 0's 64 tokens, and 16 more
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.Equal(t, 64, ad.CachedTokens)
+	ok := tryPrompt(t, h, 99, p, 0, ad.CachedTokens)
+	require.False(t, ok, "the start has no slot for the resumed state")
+	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
+
+// A checkpoint is skipped only when there is no room for it: where the budget has room, the
+// recurrent group maps a page for it, and that page is no longer there for the appends after
+// it (the groups share one lock, so one cannot take back another's). Here the prompt's first
+// 64 tokens fit the attention group's free blocks, its state takes the state page's last slot,
+// the checkpoint at 64 maps the budget's last page, and the next 64 tokens find none: Admit,
+// which counts that page for them, says the prompt fits.
+func TestHybridAdmitCheckpointTakesTheHeadroom(t *testing.T) {
+	geom := kvcache.Geometry{Model: "ckpt", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096, Checkpoints: 64},             // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 192 << 10, Capacity: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	for s := range 15 { // 28 of the attention page's 32 blocks, 15 of the state page's 16 slots
+		n := 32
+		if s >= 13 {
+			n = 16
+		}
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(n, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	p := promptOf(128, 99)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 64, nil)
+	require.NoError(t, err)
+	ok := tryPrompt(t, h, 99, p, 64, 0)
+	require.Equal(t, ok, ad.Fits, "Admit %+v; checkpoints made %d", ad, h.Group(1).Stats().Prefix.Checkpoints.Made)
+	require.NoError(t, h.Verify())
+}
+
+// Within PrefixCacheBytes a group's take maps a page rather than evict its idle cached blocks,
+// and a later group cannot take that page back (the groups share one lock). Here the attention
+// group's only room is its protected cache and the state group's is the budget's last page:
+// Admit counts the cache for the one and the page for the other and says the prompt fits, but
+// the attention group maps the page first and the state group is refused.
+func TestHybridAdmitProtectedCacheMapsFirst(t *testing.T) {
+	geom := kvcache.Geometry{Model: "cached", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "state", Layers: []int{1}, Kind: kvcache.RecurrentState, StateBytes: 4096},                              // 16 slots a page
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 192 << 10, Capacity: 1 << 20,
+		PrefixCacheBytes: 1 << 20, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(0, promptOf(256, 1000), dst) // 16 blocks, cached
+	require.NoError(t, err)
+	for s := 1; s < 16; s++ {
+		_, err := h.AppendTokenIDs(kvcache.SeqID(s), promptOf(16, uint32(s)), dst)
+		require.NoError(t, err)
+	}
+	require.NoError(t, h.FreeSequence(0)) // its 16 blocks idle, within the bound
+	_, err = h.AppendTokenIDs(16, promptOf(16, 16), dst)
+	require.NoError(t, err) // both pages full: the attention page of live and idle blocks, the state page of states
+	require.Equal(t, 16, h.Group(0).Available().IdleBlocks)
+	require.Zero(t, h.Group(0).Available().FreeBlocks)
+	require.Zero(t, h.Group(1).Available().FreeBlocks)
+	p := promptOf(16, 99)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	ok := tryPrompt(t, h, 99, p, 0, 0)
+	require.Equal(t, ok, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
+
+// A sleeping Hybrid refuses a start (ErrAsleep) whatever its memory, so Admit must not say a
+// prompt fits: after Sleep the pages of a live sequence keep free blocks a short prompt fits
+// in.
+func TestHybridAdmitAsleep(t *testing.T) {
+	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
+	dst := make([][]int64, h.Groups())
+	_, err := h.AppendTokenIDs(1, promptOf(20, 1), dst)
+	require.NoError(t, err)
+	_, err = h.Sleep()
+	require.NoError(t, err)
+	p := promptOf(8, 2)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	_, startErr := h.StartSequence(2, kvcache.Prompt{Tokens: p})
+	require.ErrorIs(t, startErr, kvcache.ErrAsleep)
+	if err == nil {
+		require.False(t, ad.Fits, "asleep: %+v", ad)
+	} else {
+		require.ErrorIs(t, err, kvcache.ErrAsleep)
+	}
+}
+
+// What only the host prefix cache holds, a start brings back, and a window group brings back
+// only what its next token reads (hostHits), not the blocks computing it in one call takes: a
+// prompt whose first 512 tokens the host holds fits in one call when the window group needs
+// two blocks for them, not 32. Admit, which counts them as computed, says it does not fit.
+func TestHybridAdmitHostHitWindow(t *testing.T) {
+	geom := kvcache.Geometry{Model: "host", Layers: 2, Groups: []kvcache.LayerGroup{
+		{Name: "global", Layers: []int{0}, KVHeads: 1, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16}, // 32 blocks a page
+		{Name: "local", Layers: []int{1}, Kind: kvcache.SlidingWindow, Window: 32, KVHeads: 1, KHeadDim: 32, VHeadDim: 32,
+			DType: kvcache.BF16, BlockTokens: 16},
+	}}
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: geom, Limit: 5 * 64 << 10, Capacity: 1 << 20,
+		HostCacheTokens: 4096, NoBackground: true})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(1, promptOf(512, 7), dst) // a page in each group
+	require.NoError(t, err)
+	require.NoError(t, h.FreeSequence(1)) // written back to the host
+	_, err = h.AppendTokens(2, 512, dst)  // evicts them from the devices, and holds both pages
+	require.NoError(t, err)
+	p := promptOf(528, 7)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.Zero(t, ad.CachedTokens, "the devices hold none of it")
+	got, err := h.StartSequence(99, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	require.Equal(t, 512, got, "the host serves the 512")
+	_, err = h.AppendTokenIDs(99, p[got:], dst)
+	require.NoError(t, err, "the rest goes in, in one call")
+	require.True(t, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
+}
+
+// On several devices a group's headroom is whole pages of its own (multi.headroom), so the
+// group of the largest page rounds the budget's room down to none while a group of smaller
+// pages can still map one: a one-block prompt whose only new page is the small group's goes
+// in, and Admit, taking the least of the groups' headrooms, says it does not fit.
+func TestHybridAdmitMultiHeadroomRounded(t *testing.T) {
+	geom := kvcache.Geometry{Model: "pages", Layers: 5, Groups: []kvcache.LayerGroup{
+		{Name: "small", Layers: []int{0}, KVHeads: 2, KHeadDim: 32, VHeadDim: 32, DType: kvcache.BF16, BlockTokens: 16},          // 64 KiB pages a device
+		{Name: "large", Layers: []int{1, 2, 3, 4}, KVHeads: 2, KHeadDim: 16, VHeadDim: 16, DType: kvcache.BF16, BlockTokens: 16}, // 256 KiB
+	}}
+	devs := []vmm.Device{hostDevice(t, 64<<10), hostDevice(t, 64<<10)}
+	h, err := kvcache.NewHybridMulti(devs, kvcache.HybridConfig{Geometry: geom, Limit: 384 << 10, Capacity: 4 << 20, NoBackground: true},
+		kvcache.Split{TensorParallel: 2})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, h.Close()) }()
+	dst := make([][]int64, h.Groups())
+	_, err = h.AppendTokenIDs(1, promptOf(512, 1), dst) // the small group's page full, the large one's half: 64 KiB left a device
+	require.NoError(t, err)
+	require.Zero(t, h.Group(0).Available().FreeBlocks)
+	require.Positive(t, h.Group(0).Available().MappableBlocks)
+	p := promptOf(16, 2)
+	ad, err := h.Admit(kvcache.Prompt{Tokens: p}, 0, nil)
+	require.NoError(t, err)
+	require.True(t, tryPrompt(t, h, 2, p, 0, 0), "a small page is mapped on each device")
+	require.True(t, ad.Fits, "Admit %+v", ad)
+	require.NoError(t, h.Verify())
 }
