@@ -90,6 +90,7 @@ type Ledger struct {
 	mu         sync.Mutex          // with the ledger's file lock: goroutines of one handle share one lock owner
 	reqMu      sync.Mutex          // one mailbox conversation at a time from this handle
 	local      [MaxMembers]*Member // guarded by mu
+	closing    bool                // guarded by mu: Close has begun, Join lets no one in
 	responders sync.WaitGroup      // the members' responder goroutines: Close waits for them
 	closed     atomic.Bool
 	closeMu    sync.RWMutex // held for reading while the mapping is in use; Close takes it for writing
@@ -301,12 +302,16 @@ func (l *Ledger) nameOf(i int) string {
 }
 
 // Close leaves every member still joined through this handle and unmaps the ledger; the file
-// stays for the other processes. A second Close returns ErrClosed.
+// stays for the other processes. A Join while it runs, and a second Close, return ErrClosed.
 func (l *Ledger) Close() error {
 	if l == nil || l.mem == nil {
 		return fmt.Errorf("ledger: close: %w: nil ledger, or one not made by Open", ErrInvalidArgument)
 	}
-	if l.closed.Load() {
+	l.mu.Lock()
+	again := l.closing
+	l.closing = true // a member joined from here on would be neither left nor waited for
+	l.mu.Unlock()
+	if again {
 		return fmt.Errorf("ledger: close: %w", ErrClosed)
 	}
 	for i := range MaxMembers {
@@ -320,9 +325,7 @@ func (l *Ledger) Close() error {
 	l.responders.Wait()
 	l.closeMu.Lock()
 	defer l.closeMu.Unlock()
-	if l.closed.Swap(true) {
-		return fmt.Errorf("ledger: close: %w", ErrClosed)
-	}
+	l.closed.Store(true)
 	err := unix.Munmap(l.mem)
 	if cerr := unix.Close(l.fd); err == nil {
 		err = cerr

@@ -506,3 +506,48 @@ func TestJoinNames(t *testing.T) {
 	require.Equal(t, m.Name(), s.Members[0].Name)
 	require.NoError(t, l.Check())
 }
+
+// stuckHolder is a holder whose TryReclaim blocks until release is closed, after closing
+// entered: a member busy answering a request when its ledger closes.
+type stuckHolder struct {
+	holder
+	entered, release chan struct{}
+}
+
+func (h *stuckHolder) TryReclaim(need uint64, compact bool) (uint64, bool) {
+	close(h.entered)
+	<-h.release
+	return 0, false
+}
+
+// Close refuses members that join while it runs. It leaves every member first, then waits for
+// their responders; a member let in meanwhile would be neither left nor waited for, and its
+// goroutines would go on writing to the unmapped ledger.
+func TestJoinDuringClose(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	closing, other := open(t, path, 4*unit), open(t, path, 0)
+	sh := &stuckHolder{entered: make(chan struct{}), release: make(chan struct{})}
+	busy, err := closing.Join("busy", sh, ledger.JoinOptions{})
+	require.NoError(t, err)
+	require.NoError(t, busy.Acquire(4*unit, false))
+	asker, _ := join(t, other, "asker")
+	acquired := make(chan error, 1)
+	go func() { acquired <- asker.Acquire(unit, false) }()
+	<-sh.entered // busy's responder serves asker's request until release
+	closed := make(chan error, 1)
+	go func() { closed <- closing.Close() }()
+	// asker gets its unit once Close has left busy; Close then waits for busy's responder.
+	require.NoError(t, <-acquired)
+	late, joinErr := closing.Join("late", &holder{}, ledger.JoinOptions{})
+	if joinErr == nil {
+		late.Leave() // else its goroutines outlive the mapping
+	}
+	close(sh.release)
+	require.NoError(t, <-closed)
+	require.ErrorIs(t, joinErr, ledger.ErrClosed, "a member joined during Close")
+	s, err := other.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 1)
+	require.Equal(t, "asker", s.Members[0].Name)
+	require.NoError(t, other.Check())
+}

@@ -124,6 +124,9 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 		return nil, err
 	}
 	defer l.unlock()
+	if l.closing {
+		return nil, fmt.Errorf("ledger: join %q: %w", name, ErrClosed)
+	}
 	l.reapLocked()
 	free := -1
 	for i := range MaxMembers {
