@@ -97,7 +97,8 @@ type Ledger struct {
 }
 
 // Open maps the ledger at path, creating it (with opts.Limit) if it does not exist. Processes
-// open the same path to share the limit; the path is usually under /dev/shm.
+// open the same path to share the limit; the path is usually under /dev/shm. Without a limit it
+// creates no file and formats no empty one.
 func Open(path string, opts Options) (*Ledger, error) {
 	if path == "" {
 		return nil, fmt.Errorf("ledger: open: %w: empty path", ErrInvalidArgument)
@@ -107,11 +108,14 @@ func Open(path string, opts Options) (*Ledger, error) {
 		mode = 0o600
 	}
 	flags := unix.O_RDWR | unix.O_CLOEXEC
-	if !opts.MustExist {
+	if !opts.MustExist && opts.Limit != 0 { // without a limit no new ledger can be made: create no file
 		flags |= unix.O_CREAT
 	}
 	fd, err := unix.Open(path, flags, uint32(mode.Perm()))
 	if err != nil {
+		if errors.Is(err, unix.ENOENT) && !opts.MustExist {
+			return nil, fmt.Errorf("ledger: open %s: %w", path, errNoLimit)
+		}
 		return nil, fmt.Errorf("ledger: open %s: %w", path, osError(err))
 	}
 	l := &Ledger{path: path, fd: fd, timeout: opts.RequestTimeout}
@@ -134,6 +138,9 @@ func Open(path string, opts Options) (*Ledger, error) {
 	return l, nil
 }
 
+// errNoLimit is Open's error for a ledger it would have to make without a limit.
+var errNoLimit = fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+
 // initLocked sizes, maps and (for a new file) formats the ledger; the ledger lock is held.
 func (l *Ledger) initLocked(opts Options) error {
 	var st unix.Stat_t
@@ -147,6 +154,9 @@ func (l *Ledger) initLocked(opts Options) error {
 		return fmt.Errorf("%w: %d bytes, a ledger has %d", ErrInvalidArgument, st.Size, fileSize)
 	}
 	if st.Size == 0 {
+		if opts.Limit == 0 {
+			return errNoLimit
+		}
 		if err := unix.Ftruncate(l.fd, fileSize); err != nil {
 			return err
 		}
@@ -159,7 +169,7 @@ func (l *Ledger) initLocked(opts Options) error {
 	switch m := atomic.LoadUint64(l.u64(hMagic)); {
 	case m == 0: // new, or its creator died before finishing: format it
 		if opts.Limit == 0 {
-			return fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+			return errNoLimit
 		}
 		clear(l.mem)
 		atomic.StoreUint64(l.u64(hLimit), opts.Limit)

@@ -551,3 +551,29 @@ func TestJoinDuringClose(t *testing.T) {
 	require.Equal(t, "asker", s.Members[0].Name)
 	require.NoError(t, other.Check())
 }
+
+// An Open that fails for want of a limit leaves the file system as it was: it creates no file,
+// and an empty file stays empty, so that a tool opening the path later is told that no ledger
+// exists, not that one needs a limit.
+func TestOpenWithoutLimitCreatesNothing(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "new")
+	_, err := ledger.Open(path, ledger.Options{})
+	require.ErrorIs(t, err, ledger.ErrInvalidArgument, "a new ledger needs a limit")
+	_, err = os.Stat(path)
+	require.ErrorIs(t, err, os.ErrNotExist, "a refused Open created the file")
+	_, err = ledger.Open(path, ledger.Options{MustExist: true})
+	require.ErrorIs(t, err, ledger.ErrNotFound)
+
+	empty := filepath.Join(dir, "empty")
+	require.NoError(t, os.WriteFile(empty, nil, 0o600))
+	_, err = ledger.Open(empty, ledger.Options{})
+	require.ErrorIs(t, err, ledger.ErrInvalidArgument)
+	st, err := os.Stat(empty)
+	require.NoError(t, err)
+	require.Zero(t, st.Size(), "a refused Open grew the file")
+	_, err = ledger.Open(empty, ledger.Options{MustExist: true})
+	require.ErrorIs(t, err, ledger.ErrNotFound)
+	l := open(t, empty, 8*unit)
+	require.Equal(t, uint64(8*unit), l.Limit())
+}
