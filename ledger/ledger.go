@@ -3,6 +3,7 @@ package ledger
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -269,10 +271,19 @@ func (l *Ledger) sumMapped() uint64 {
 	sum := uint64(0)
 	for i := range MaxMembers {
 		if atomic.LoadUint32(l.s32(i, sState)) == stateLive {
-			sum += atomic.LoadUint64(l.s64(i, sMapped))
+			sum = addSat(sum, atomic.LoadUint64(l.s64(i, sMapped)))
 		}
 	}
 	return sum
+}
+
+// addSat returns a+b, or MaxUint64 where that overflows: counts in a corrupted file must not
+// wrap to a small sum that leaves room under the limit.
+func addSat(a, b uint64) uint64 {
+	if s, ok := checked.Add(a, b); ok {
+		return s
+	}
+	return math.MaxUint64
 }
 
 // reapLocked frees the slots of members whose process died: marked live, liveness byte not
