@@ -577,3 +577,25 @@ func TestOpenWithoutLimitCreatesNothing(t *testing.T) {
 	l := open(t, empty, 8*unit)
 	require.Equal(t, uint64(8*unit), l.Limit())
 }
+
+// An acquisition larger than the limit can never be granted, so it fails at once and asks no
+// other member to give back its free pages.
+func TestAcquireOverLimitAsksNobody(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	a, b := open(t, path, 16*unit), open(t, path, 0)
+	ma, ha := join(t, a, "a")
+	mb, _ := join(t, b, "b")
+	require.NoError(t, ma.Acquire(8*unit, false))
+	ha.mu.Lock()
+	ha.free = 8 * unit
+	ha.mu.Unlock()
+	for _, n := range []uint64{16*unit + 1, math.MaxUint64} {
+		var ce *ledger.CapacityError
+		require.ErrorAs(t, mb.Acquire(n, true), &ce)
+		require.Equal(t, ledger.CapacityError{Need: n, Free: 8 * unit}, *ce)
+	}
+	require.Equal(t, uint64(8*unit), ma.Used(), "a kept its free pages")
+	require.Zero(t, ha.Usage().Sequences, "a was asked for nothing") // holder.Usage counts reclaims there
+	require.NoError(t, mb.Acquire(16*unit, false), "a request within the limit still gets a's free pages")
+	require.Zero(t, ma.Used())
+}
