@@ -59,7 +59,7 @@ func (l *Ledger) Snapshot() (Snapshot, error) {
 		if t := w(uUpdated); t != 0 {
 			mi.Usage.Updated = time.Unix(0, int64(t))
 		}
-		s.Used += mi.Mapped
+		s.Used = addSat(s.Used, mi.Mapped)
 		s.Members = append(s.Members, mi)
 	}
 	return s, nil

@@ -3,6 +3,7 @@ package ledger
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/internal/errdefs"
 	"github.com/pagedkv/pagedkv/internal/names"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -90,13 +92,15 @@ type Ledger struct {
 	mu         sync.Mutex          // with the ledger's file lock: goroutines of one handle share one lock owner
 	reqMu      sync.Mutex          // one mailbox conversation at a time from this handle
 	local      [MaxMembers]*Member // guarded by mu
+	closing    bool                // guarded by mu: Close has begun, Join lets no one in
 	responders sync.WaitGroup      // the members' responder goroutines: Close waits for them
 	closed     atomic.Bool
 	closeMu    sync.RWMutex // held for reading while the mapping is in use; Close takes it for writing
 }
 
 // Open maps the ledger at path, creating it (with opts.Limit) if it does not exist. Processes
-// open the same path to share the limit; the path is usually under /dev/shm.
+// open the same path to share the limit; the path is usually under /dev/shm. Without a limit it
+// creates no file and formats no empty one.
 func Open(path string, opts Options) (*Ledger, error) {
 	if path == "" {
 		return nil, fmt.Errorf("ledger: open: %w: empty path", ErrInvalidArgument)
@@ -106,11 +110,14 @@ func Open(path string, opts Options) (*Ledger, error) {
 		mode = 0o600
 	}
 	flags := unix.O_RDWR | unix.O_CLOEXEC
-	if !opts.MustExist {
+	if !opts.MustExist && opts.Limit != 0 { // without a limit no new ledger can be made: create no file
 		flags |= unix.O_CREAT
 	}
 	fd, err := unix.Open(path, flags, uint32(mode.Perm()))
 	if err != nil {
+		if errors.Is(err, unix.ENOENT) && !opts.MustExist {
+			return nil, fmt.Errorf("ledger: open %s: %w", path, errNoLimit)
+		}
 		return nil, fmt.Errorf("ledger: open %s: %w", path, osError(err))
 	}
 	l := &Ledger{path: path, fd: fd, timeout: opts.RequestTimeout}
@@ -133,6 +140,9 @@ func Open(path string, opts Options) (*Ledger, error) {
 	return l, nil
 }
 
+// errNoLimit is Open's error for a ledger it would have to make without a limit.
+var errNoLimit = fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+
 // initLocked sizes, maps and (for a new file) formats the ledger; the ledger lock is held.
 func (l *Ledger) initLocked(opts Options) error {
 	var st unix.Stat_t
@@ -146,6 +156,9 @@ func (l *Ledger) initLocked(opts Options) error {
 		return fmt.Errorf("%w: %d bytes, a ledger has %d", ErrInvalidArgument, st.Size, fileSize)
 	}
 	if st.Size == 0 {
+		if opts.Limit == 0 {
+			return errNoLimit
+		}
 		if err := unix.Ftruncate(l.fd, fileSize); err != nil {
 			return err
 		}
@@ -158,7 +171,7 @@ func (l *Ledger) initLocked(opts Options) error {
 	switch m := atomic.LoadUint64(l.u64(hMagic)); {
 	case m == 0: // new, or its creator died before finishing: format it
 		if opts.Limit == 0 {
-			return fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+			return errNoLimit
 		}
 		clear(l.mem)
 		atomic.StoreUint64(l.u64(hLimit), opts.Limit)
@@ -258,10 +271,19 @@ func (l *Ledger) sumMapped() uint64 {
 	sum := uint64(0)
 	for i := range MaxMembers {
 		if atomic.LoadUint32(l.s32(i, sState)) == stateLive {
-			sum += atomic.LoadUint64(l.s64(i, sMapped))
+			sum = addSat(sum, atomic.LoadUint64(l.s64(i, sMapped)))
 		}
 	}
 	return sum
+}
+
+// addSat returns a+b, or MaxUint64 where that overflows: counts in a corrupted file must not
+// wrap to a small sum that leaves room under the limit.
+func addSat(a, b uint64) uint64 {
+	if s, ok := checked.Add(a, b); ok {
+		return s
+	}
+	return math.MaxUint64
 }
 
 // reapLocked frees the slots of members whose process died: marked live, liveness byte not
@@ -301,12 +323,16 @@ func (l *Ledger) nameOf(i int) string {
 }
 
 // Close leaves every member still joined through this handle and unmaps the ledger; the file
-// stays for the other processes. A second Close returns ErrClosed.
+// stays for the other processes. A Join while it runs, and a second Close, return ErrClosed.
 func (l *Ledger) Close() error {
 	if l == nil || l.mem == nil {
 		return fmt.Errorf("ledger: close: %w: nil ledger, or one not made by Open", ErrInvalidArgument)
 	}
-	if l.closed.Load() {
+	l.mu.Lock()
+	again := l.closing
+	l.closing = true // a member joined from here on would be neither left nor waited for
+	l.mu.Unlock()
+	if again {
 		return fmt.Errorf("ledger: close: %w", ErrClosed)
 	}
 	for i := range MaxMembers {
@@ -320,9 +346,7 @@ func (l *Ledger) Close() error {
 	l.responders.Wait()
 	l.closeMu.Lock()
 	defer l.closeMu.Unlock()
-	if l.closed.Swap(true) {
-		return fmt.Errorf("ledger: close: %w", ErrClosed)
-	}
+	l.closed.Store(true)
 	err := unix.Munmap(l.mem)
 	if cerr := unix.Close(l.fd); err == nil {
 		err = cerr

@@ -506,3 +506,96 @@ func TestJoinNames(t *testing.T) {
 	require.Equal(t, m.Name(), s.Members[0].Name)
 	require.NoError(t, l.Check())
 }
+
+// stuckHolder is a holder whose TryReclaim blocks until release is closed, after closing
+// entered: a member busy answering a request when its ledger closes.
+type stuckHolder struct {
+	holder
+	entered, release chan struct{}
+}
+
+func (h *stuckHolder) TryReclaim(need uint64, compact bool) (uint64, bool) {
+	close(h.entered)
+	<-h.release
+	return 0, false
+}
+
+// Close refuses members that join while it runs. It leaves every member first, then waits for
+// their responders; a member let in meanwhile would be neither left nor waited for, and its
+// goroutines would go on writing to the unmapped ledger.
+func TestJoinDuringClose(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	closing, other := open(t, path, 4*unit), open(t, path, 0)
+	sh := &stuckHolder{entered: make(chan struct{}), release: make(chan struct{})}
+	busy, err := closing.Join("busy", sh, ledger.JoinOptions{})
+	require.NoError(t, err)
+	require.NoError(t, busy.Acquire(4*unit, false))
+	asker, _ := join(t, other, "asker")
+	acquired := make(chan error, 1)
+	go func() { acquired <- asker.Acquire(unit, false) }()
+	<-sh.entered // busy's responder serves asker's request until release
+	closed := make(chan error, 1)
+	go func() { closed <- closing.Close() }()
+	// asker gets its unit once Close has left busy; Close then waits for busy's responder.
+	require.NoError(t, <-acquired)
+	late, joinErr := closing.Join("late", &holder{}, ledger.JoinOptions{})
+	if joinErr == nil {
+		late.Leave() // else its goroutines outlive the mapping
+	}
+	close(sh.release)
+	require.NoError(t, <-closed)
+	require.ErrorIs(t, joinErr, ledger.ErrClosed, "a member joined during Close")
+	s, err := other.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 1)
+	require.Equal(t, "asker", s.Members[0].Name)
+	require.NoError(t, other.Check())
+}
+
+// An Open that fails for want of a limit leaves the file system as it was: it creates no file,
+// and an empty file stays empty, so that a tool opening the path later is told that no ledger
+// exists, not that one needs a limit.
+func TestOpenWithoutLimitCreatesNothing(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "new")
+	_, err := ledger.Open(path, ledger.Options{})
+	require.ErrorIs(t, err, ledger.ErrInvalidArgument, "a new ledger needs a limit")
+	_, err = os.Stat(path)
+	require.ErrorIs(t, err, os.ErrNotExist, "a refused Open created the file")
+	_, err = ledger.Open(path, ledger.Options{MustExist: true})
+	require.ErrorIs(t, err, ledger.ErrNotFound)
+
+	empty := filepath.Join(dir, "empty")
+	require.NoError(t, os.WriteFile(empty, nil, 0o600))
+	_, err = ledger.Open(empty, ledger.Options{})
+	require.ErrorIs(t, err, ledger.ErrInvalidArgument)
+	st, err := os.Stat(empty)
+	require.NoError(t, err)
+	require.Zero(t, st.Size(), "a refused Open grew the file")
+	_, err = ledger.Open(empty, ledger.Options{MustExist: true})
+	require.ErrorIs(t, err, ledger.ErrNotFound)
+	l := open(t, empty, 8*unit)
+	require.Equal(t, uint64(8*unit), l.Limit())
+}
+
+// An acquisition larger than the limit can never be granted, so it fails at once and asks no
+// other member to give back its free pages.
+func TestAcquireOverLimitAsksNobody(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	a, b := open(t, path, 16*unit), open(t, path, 0)
+	ma, ha := join(t, a, "a")
+	mb, _ := join(t, b, "b")
+	require.NoError(t, ma.Acquire(8*unit, false))
+	ha.mu.Lock()
+	ha.free = 8 * unit
+	ha.mu.Unlock()
+	for _, n := range []uint64{16*unit + 1, math.MaxUint64} {
+		var ce *ledger.CapacityError
+		require.ErrorAs(t, mb.Acquire(n, true), &ce)
+		require.Equal(t, ledger.CapacityError{Need: n, Free: 8 * unit}, *ce)
+	}
+	require.Equal(t, uint64(8*unit), ma.Used(), "a kept its free pages")
+	require.Zero(t, ha.Usage().Sequences, "a was asked for nothing") // holder.Usage counts reclaims there
+	require.NoError(t, mb.Acquire(16*unit, false), "a request within the limit still gets a's free pages")
+	require.Zero(t, ma.Used())
+}

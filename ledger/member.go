@@ -124,6 +124,9 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 		return nil, err
 	}
 	defer l.unlock()
+	if l.closing {
+		return nil, fmt.Errorf("ledger: join %q: %w", name, ErrClosed)
+	}
 	l.reapLocked()
 	free := -1
 	for i := range MaxMembers {
@@ -240,7 +243,8 @@ func (m *Member) tryAcquire(n uint64) error {
 // Acquire takes n bytes. When the limit is spent it reaps members whose process died, then
 // asks the others, largest first, for their free and cached pages, and with compact asks those
 // that allow it to compact. The caller may hold its own locks: members are asked not to wait
-// for theirs. It fails with a *CapacityError when they cannot make room.
+// for theirs. It fails with a *CapacityError when they cannot make room, at once when n is
+// more than the limit.
 func (m *Member) Acquire(n uint64, compact bool) error {
 	err := m.enter("acquire")
 	if err != nil {
@@ -249,6 +253,9 @@ func (m *Member) Acquire(n uint64, compact bool) error {
 	defer m.exit()
 	if err = m.tryAcquire(n); err == nil || !errors.Is(err, ErrOutOfMemory) {
 		return err
+	}
+	if n > atomic.LoadUint64(m.l.u64(hLimit)) {
+		return err // it never fits: asking would only take the others' free pages
 	}
 	others, rerr := m.l.others(m.slot)
 	if rerr != nil {
