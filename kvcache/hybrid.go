@@ -146,6 +146,7 @@ type Hybrid struct {
 	found   []*sequence.Sequence // the sequence in each group, as fast found them
 	finders []hitFinder          // each group's lookups during a start
 	marks   []markTx             // each group's part of a MarkWritten
+	admits  []admitPart          // each group's part of an Admit
 	resumes []resumeTx           // each group's resumed state during a start
 	fetched [][]int32            // each group's blocks a start fetched from its host cache (hybridhost.go)
 	swaps   []swapTx             // each group's part of a SwapOut or SwapIn

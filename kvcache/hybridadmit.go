@@ -12,27 +12,33 @@ import (
 // HybridAdmission says what starting a prompt on a Hybrid, and appending the rest of it, would
 // take now (Hybrid.Admit).
 type HybridAdmission struct {
-	// CachedTokens are the tokens StartSequence would find cached on the device in every group
-	// (what only the host prefix cache or a storage tier holds counts as not cached: bringing
-	// it back takes the same blocks as computing it).
+	// CachedTokens are the tokens StartSequence would find cached in every group, on the device
+	// or in a host prefix cache (brought back into new blocks). What only a storage tier below
+	// the host holds counts as not cached: Admit does no I/O.
 	CachedTokens int
 	// Groups are each group's part, in group order (an Admission each):
-	//   - NeedBlocks: the most blocks the sequence holds at once in the group beyond the cached
-	//     ones it starts with, while the rest of the prompt is appended (a window or chunk
-	//     group drops blocks as appends go; a recurrent group's are its state slots);
+	//   - NeedBlocks: the most blocks the sequence holds at once in the group beyond the device
+	//     cached ones it starts with, while the rest of the prompt is appended (a window or
+	//     chunk group drops blocks as appends go; a recurrent group's are its state slot and
+	//     the checkpoints it would make where there is room);
 	//   - Available: what appends could get in the group now, less the prompt's own idle cached
 	//     blocks, its MappableBlocks as if the group alone took the budget's headroom;
-	//   - Fits: NeedBlocks <= Available.Blocks, the group alone.
+	//   - Fits: the group alone has room for what it cannot do without (a checkpoint with no
+	//     room is skipped).
 	Groups []Admission
-	// NeedBytes is the memory the groups must map between them: each group's whole pages for
-	// the blocks beyond its free and idle ones.
+	// NeedBytes is the memory the groups would map between them where the budget lets them:
+	// each group's whole pages for the blocks beyond its free ones and its idle ones beyond the
+	// prefix cache's bound (a take maps before it evicts the cache within the bound).
 	NeedBytes uint64
 	// HeadroomBytes is what the budget the groups share can still give them (math.MaxUint64
 	// when only their arenas bound them; what other models of a shared pool could give back is
 	// not counted).
 	HeadroomBytes uint64
-	// Fits says that the prompt fits now: every group's pages fit its arena and MemoryLimit, and
-	// NeedBytes <= HeadroomBytes.
+	// Fits says that the prompt fits now: every group's pages fit its arena and MemoryLimit,
+	// and the pages each group cannot do without (its cache within the bound evicted, no
+	// checkpoint made) fit the headroom beside all the other groups may map first. Where
+	// nothing has to yield (NeedBytes <= HeadroomBytes) that is exactly whether it goes in;
+	// where the order of the groups' takes decides, Fits is the cautious answer.
 	Fits bool
 }
 
@@ -82,51 +88,95 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 	for i, m := range h.groups {
 		h.finders[i].reset(m, keys[i])
 	}
-	hit := h.agree(maxPromptBlocks(len(p.Tokens), 1))
+	limit := maxPromptBlocks(len(p.Tokens), 1)
+	hit := h.agree(limit)
+	if hit < limit && h.hostCaching() { // as hostHits: what a host prefix cache holds is brought back
+		for i, m := range h.groups {
+			h.finders[i].reset(m, keys[i])
+			h.finders[i].host = m.hostCaching()
+		}
+		hit = max(hit, h.agree(limit))
+	}
 	n := len(h.groups)
 	ad := HybridAdmission{CachedTokens: hit, HeadroomBytes: math.MaxUint64, Groups: slices.Grow(dst[:0], n)[:n], Fits: true}
-	bounded := false // a group's budget reported its headroom
+	if len(h.admits) < n {
+		h.admits = make([]admitPart, n)
+	}
+	bounded := false   // a group's budget reported its headroom
+	var adverse uint64 // what the groups may map between them, headroom permitting
 	for i, m := range h.groups {
-		need, idleHits := m.admitNeed(&h.finders[i], hit, len(p.Tokens), chunk)
+		want, least, idleHits := m.admitNeed(&h.finders[i], hit, len(p.Tokens), chunk)
 		av := m.availableLocked()
 		av.IdleBlocks -= idleHits
 		av.Blocks -= idleHits
 		av.Tokens = av.Blocks * m.cfg.BlockTokens
-		ad.Groups[i] = Admission{CachedTokens: hit, NeedBlocks: need, Available: av, Fits: need <= av.Blocks}
-		if short := need - av.FreeBlocks - av.IdleBlocks; short > 0 {
-			pages := (short + m.bpp - 1) / m.bpp
-			ad.Fits = ad.Fits && pages <= m.ownMappable()
-			bytes, ok := checked.Mul(uint64(pages), m.cfg.PageSize)
-			sum, ok2 := checked.Add(ad.NeedBytes, bytes)
-			if ad.NeedBytes = sum; !ok || !ok2 {
-				ad.NeedBytes = math.MaxUint64
-			}
-		}
+		ad.Groups[i] = Admission{CachedTokens: hit, NeedBlocks: want, Available: av, Fits: least <= av.Blocks}
+		// A take uses free blocks and the idle ones beyond the cache's bound, then maps pages
+		// while the budget lets it, and only then evicts the cache within the bound (takeBlocks).
+		excess := max(0, av.IdleBlocks-m.idleAllowed())
+		pages := ceilDiv(want-av.FreeBlocks-excess, m.bpp)
+		part := &h.admits[i]
+		part.least, part.page = ceilDiv(least-av.FreeBlocks-av.IdleBlocks, m.bpp), m.cfg.PageSize
+		own := m.ownMappable()
+		ad.Fits = ad.Fits && part.least <= own
+		ad.NeedBytes = addSat(ad.NeedBytes, mulSat(uint64(pages), m.cfg.PageSize))
+		part.may = mulSat(uint64(min(pages, own)), m.cfg.PageSize)
+		adverse = addSat(adverse, part.may)
 		// The groups share one budget. On several devices each group counts its room in whole
 		// pages of its own (multi.headroom), so the largest answer is the nearest to the budget's.
 		if room, ok := m.back.headroom(); ok && (!bounded || room > ad.HeadroomBytes) {
 			ad.HeadroomBytes, bounded = room, true
 		}
 	}
-	ad.Fits = ad.Fits && ad.NeedBytes <= ad.HeadroomBytes
+	// Each group's pages it cannot do without must fit beside all the others may map first (a
+	// group maps rather than evict its cache within the bound, and a checkpoint maps where it
+	// can): exact when nothing needs to yield, cautious where the order of the takes decides.
+	for i := range n {
+		part := &h.admits[i]
+		others := adverse - part.may
+		room := uint64(0)
+		if ad.HeadroomBytes > others {
+			room = ad.HeadroomBytes - others
+		}
+		ad.Fits = ad.Fits && mulSat(uint64(part.least), part.page) <= room
+	}
 	return ad, nil
 }
 
+// admitPart is one group's share of an admission (Hybrid.Admit's scratch): the pages it cannot
+// do without (least, of page bytes each), and the bytes it may map if the budget lets it.
+type admitPart struct {
+	least int
+	page  uint64
+	may   uint64
+}
+
 // admitNeed returns the most blocks a sequence started on prompt p (total tokens) holds at once
-// in this group beyond the hit tokens' cached blocks, while the rest is appended in calls of at
-// most chunk tokens (0: one call), and how many of the cached blocks it would hold are idle
-// now. It follows start and the appends: a start holds the cached blocks its next token reads
-// (startFound); an append drops what the length before it no longer reads, then takes the
-// blocks of all its tokens (appendTx.dropEarly). A recurrent group needs its
-// state slot (a checkpoint with no room is skipped, never refused: prepareMark); a start that
-// resumes holds the checkpoint while it takes that slot (prepareResume), so the checkpoint is
-// an idle hit. f is the group's finder, which agreed on hit. The lock is held.
-func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits int) {
+// in this group beyond the cached blocks it starts with, while the rest is appended in calls of
+// at most chunk tokens (0: one call): want with the checkpoints a recurrent group makes where
+// it has room, least without; and how many of the cached blocks it would hold are idle now. It
+// follows start and the appends: a start holds the cached blocks its next token reads and
+// brings back those only the host cache holds (startFound, fetchHostBlocks: new blocks); an
+// append drops what the length before it no longer reads, then takes the blocks of all its
+// tokens (appendTx.dropEarly). A recurrent group needs its state slot; a start that resumes
+// holds the checkpoint while it takes that slot (prepareResume), so the checkpoint is an idle
+// hit, or a block of its own when it comes from the host; each call that ends at a multiple of
+// the checkpoints copies the state where there is room (prepareMark), kept within the cache's
+// bound, else evicted by the next. f is the group's finder, which agreed on hit. The lock is
+// held.
+func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (want, least, idleHits int) {
 	if m.cfg.StateBytes > 0 {
-		if h := hit / m.keyTokens(); h > 0 && m.cfg.CheckpointTokens > 0 && m.arena.Refs(f.get(h-1)) == 0 {
-			return 1, 1
+		least = 1
+		if h := hit / m.keyTokens(); h > 0 && m.cfg.CheckpointTokens > 0 {
+			switch ck := f.get(h - 1); {
+			case ck == onHost:
+				least++
+			case m.arena.Refs(ck) == 0:
+				idleHits = 1
+			}
 		}
-		return 1, 0
+		kept := 1 + max(0, m.idleAllowed()-m.arena.Idle()) // checkpoints held at once
+		return least + min(m.checkpointsMade(hit, total, chunk), kept), least, idleHits
 	}
 	bt := m.cfg.BlockTokens
 	h := hit / bt
@@ -135,11 +185,24 @@ func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits
 		sinks = m.sinkBlocks()
 		dropped = max(sinks, m.reachFrom(hit)/bt)
 	}
-	for i := range h { // the cached blocks start holds: the sinks' and those in reach
-		if (i < sinks || i >= dropped) && m.arena.Refs(f.get(i)) == 0 {
+	// The blocks [0, h) start holds (the sinks' and those in reach): an idle cached one is an
+	// idle hit, one only the host holds is fetched into a new block (at, in order).
+	at := m.admitAt[:0]
+	fetchedSinks := 0
+	for i := range h {
+		if i >= sinks && i < dropped {
+			continue
+		}
+		switch b := f.get(i); {
+		case b == onHost && i < sinks:
+			fetchedSinks++
+		case b == onHost:
+			at = append(at, i)
+		case m.arena.Refs(b) == 0:
 			idleHits++
 		}
 	}
+	m.admitAt = at
 	for t := hit; t < total; {
 		n := total - t
 		if chunk > 0 {
@@ -147,12 +210,58 @@ func (m *Manager) admitNeed(f *hitFinder, hit, total, chunk int) (need, idleHits
 		}
 		if m.bounded() { // dropped before the take, what the length before the append no longer reads
 			dropped = max(dropped, min(m.reachFrom(t)/bt, sequence.BlocksFor(t, bt)))
+			for len(at) > 0 && at[0] < dropped {
+				at = at[1:]
+			}
 		}
 		end := sequence.BlocksFor(t+n, bt)
-		need = max(need, overlap(h, end, 0, sinks)+overlap(h, end, dropped, end))
+		want = max(want, fetchedSinks+len(at)+overlap(h, end, 0, sinks)+overlap(h, end, dropped, end))
 		t += n
 	}
-	return need, idleHits
+	if total <= hit {
+		want = fetchedSinks + len(at)
+	}
+	return want, want, idleHits
+}
+
+// checkpointsMade returns how many of the calls appending tokens hit to total, at most chunk
+// each (0: one call), end at a multiple of the checkpoints (MarkWritten copies the state there).
+func (m *Manager) checkpointsMade(hit, total, chunk int) int {
+	k := m.cfg.CheckpointTokens
+	if k == 0 || total <= hit {
+		return 0
+	}
+	if chunk == 0 {
+		return b2i(total%k == 0)
+	}
+	made := 0
+	for t := hit + chunk; t < total; t += chunk {
+		made += b2i(t%k == 0)
+	}
+	return made + b2i(total%k == 0)
+}
+
+// ceilDiv returns ceil(a/b) for b > 0, and 0 for a <= 0.
+func ceilDiv(a, b int) int {
+	if a <= 0 {
+		return 0
+	}
+	return (a + b - 1) / b
+}
+
+// mulSat and addSat multiply and add, saturating at math.MaxUint64.
+func mulSat(a, b uint64) uint64 {
+	if v, ok := checked.Mul(a, b); ok {
+		return v
+	}
+	return math.MaxUint64
+}
+
+func addSat(a, b uint64) uint64 {
+	if v, ok := checked.Add(a, b); ok {
+		return v
+	}
+	return math.MaxUint64
 }
 
 // overlap returns how many integers [a, b) and [c, d) have in common.

@@ -48,6 +48,7 @@ type Manager struct {
 	// scratch for AppendTokens' rollback, reused so the hot path does not allocate
 	newBlocks []sequence.Block
 	drops     []droppedBlock // what the append under way dropped before taking (appendTx.dropEarly)
+	admitAt   []int          // Hybrid.Admit's scratch: the blocks a start would fetch from the host
 	newPages  []arena.Page
 	swap      swapScratch
 
