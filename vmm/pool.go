@@ -497,22 +497,23 @@ func (p *Pool) Trim() error {
 func (p *Pool) trim() error {
 	var errs []error
 	for pages, hs := range p.cache {
-		kept := hs[:0]
-		for _, h := range hs {
-			if err := p.dev.Release(h); err != nil {
-				errs = append(errs, err)
-				p.counters.relFail++
-				kept = append(kept, h)
-				continue
-			}
-			p.counters.releases++
-			p.cached.n--
-			p.cached.b -= uint64(pages) * p.page
-		}
-		p.cache[pages] = kept
+		var n int
+		p.cache[pages], n, errs = p.releaseAll(hs, errs)
+		p.cached.n -= n
+		p.cached.b -= uint64(n) * uint64(pages) * p.page
 	}
-	kept := p.hostKept[:0]
-	for _, h := range p.hostKept {
+	p.hostKept, _, errs = p.releaseAll(p.hostKept, errs)
+	if len(errs) > 0 {
+		return fmt.Errorf("pool trim: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// releaseAll releases every handle of hs and returns those the device refused, kept in hs's
+// array for the next try, how many it released, and errs with the refusals' errors appended.
+func (p *Pool) releaseAll(hs []Handle, errs []error) (kept []Handle, released int, _ []error) {
+	kept = hs[:0]
+	for _, h := range hs {
 		if err := p.dev.Release(h); err != nil {
 			errs = append(errs, err)
 			p.counters.relFail++
@@ -520,12 +521,9 @@ func (p *Pool) trim() error {
 			continue
 		}
 		p.counters.releases++
+		released++
 	}
-	p.hostKept = kept
-	if len(errs) > 0 {
-		return fmt.Errorf("pool trim: %w", errors.Join(errs...))
-	}
-	return nil
+	return kept, released, errs
 }
 
 // Stats returns a snapshot of the pool.
