@@ -294,3 +294,22 @@ func TestPrefixAdmit(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, ad.CachedTokens, hit)
 }
+
+// A sleeping manager refuses a start whatever its memory, and Admit says so (ErrAsleep) rather
+// than that a short prompt fits the free blocks Sleep left beside a live sequence.
+func TestPrefixAdmitAsleep(t *testing.T) {
+	m := newManager(t, hostDevice(t, 32<<10), tinyConfig())
+	_, err := m.AppendTokenIDs(1, promptOf(6, 1), nil)
+	require.NoError(t, err)
+	_, err = m.Sleep()
+	require.NoError(t, err)
+	p := kvcache.Prompt{Tokens: promptOf(4, 2)}
+	_, err = m.Admit(p)
+	require.ErrorIs(t, err, kvcache.ErrAsleep)
+	_, err = m.StartSequence(2, p)
+	require.ErrorIs(t, err, kvcache.ErrAsleep)
+	require.NoError(t, m.Wake())
+	ad, err := m.Admit(p)
+	require.NoError(t, err)
+	require.True(t, ad.Fits)
+}

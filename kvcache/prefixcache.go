@@ -809,7 +809,8 @@ func (m *Manager) cachedRun(p Prompt, root prefix.Key, maxBlocks int) int {
 
 // Admit says, changing nothing, how much of prompt p is cached and whether the rest fits now:
 // what a scheduler checks before it admits a request. The answer holds until the next call
-// that changes the manager.
+// that changes the manager. A closed manager errs with ErrClosed, a sleeping one with ErrAsleep
+// (a start is refused then, whatever the memory).
 func (m *Manager) Admit(p Prompt) (Admission, error) {
 	if !m.made() {
 		return Admission{}, notMadeCall("admit")
@@ -823,6 +824,9 @@ func (m *Manager) Admit(p Prompt) (Admission, error) {
 	defer m.mu.Unlock()
 	if m.closed {
 		return Admission{}, fmt.Errorf("kvcache: admit: %w", ErrClosed)
+	}
+	if m.asleep { // a start is refused whatever the memory
+		return Admission{}, fmt.Errorf("kvcache: admit: %w", ErrAsleep)
 	}
 	probe := &m.probe // scratch: its Keys and Blocks are reused
 	probe.Root, probe.Keys, probe.Blocks = root, probe.Keys[:0], probe.Blocks[:0]
