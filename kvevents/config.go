@@ -113,8 +113,9 @@ type Config struct {
 	// them through replay.
 	HWM int
 	// OnError, if set, is called on the publisher's goroutines with every error met while
-	// running: a malformed replay request (*RequestError), a failed send. It must not block.
-	// Errors are counted in Stats either way.
+	// running: a malformed replay request (*RequestError), a failed send. It must not block,
+	// nor call the publisher's Close or Flush, which wait for the goroutine it runs on. Errors
+	// are counted in Stats either way.
 	OnError func(error)
 }
 
