@@ -15,6 +15,7 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"os"
 
@@ -30,7 +31,7 @@ func main() {
 	flag.Parse()
 	log.SetFlags(0)
 	if *mode == "single" || *mode == "both" {
-		if err := run(*device, *capacity<<30, *mapGiB<<30); err != nil {
+		if err := run(os.Stdout, *device, *capacity<<30, *mapGiB<<30); err != nil {
 			log.Fatalf("elastic: %v", err)
 		}
 	}
@@ -38,19 +39,20 @@ func main() {
 		if *mode == "both" {
 			fmt.Println()
 		}
-		if err := runMulti(*device, *limit<<30); err != nil {
+		if err := runMulti(os.Stdout, *device, *limit<<30); err != nil {
 			log.Fatalf("elastic: %v", err)
 		}
 	}
 }
 
-func run(device string, capacity, size uint64) error {
+// run is the single-model quick start on device, written to w.
+func run(w io.Writer, device string, capacity, size uint64) error {
 	dev, err := vmm.Open(device)
 	if err != nil {
 		return err
 	}
 	defer dev.Close()
-	fmt.Printf("device: %s (granularity %d MiB)\n", dev.Info().Name, dev.Info().Granularity>>20)
+	fmt.Fprintf(w, "device: %s (granularity %d MiB)\n", dev.Info().Name, dev.Info().Granularity>>20)
 
 	pool, err := vmm.NewPool(dev, vmm.PoolConfig{Capacity: capacity})
 	if err != nil {
@@ -59,7 +61,7 @@ func run(device string, capacity, size uint64) error {
 	defer pool.Close()
 	report := func(step string) {
 		s := pool.Stats()
-		fmt.Printf("%-28s virtual %7d MiB  physical %6d MiB  mapped pages %4d  mappings %4d\n",
+		fmt.Fprintf(w, "%-28s virtual %7d MiB  physical %6d MiB  mapped pages %4d  mappings %4d\n",
 			step, s.VirtualBytes>>20, s.PhysicalBytes>>20, s.MappedPages, s.Mappings)
 	}
 	report("reserved:")
@@ -83,7 +85,7 @@ func run(device string, capacity, size uint64) error {
 	if !bytes.Equal(tail, bytes.Repeat([]byte{0x5A}, 8)) {
 		return fmt.Errorf("read back %x, want 5a…", tail)
 	}
-	fmt.Printf("wrote and read back %d MiB at %#x\n", size>>20, uint64(pool.Base()))
+	fmt.Fprintf(w, "wrote and read back %d MiB at %#x\n", size>>20, uint64(pool.Base()))
 
 	for off := uint64(0); off < size; off += page {
 		if err := pool.Unmap(off, page); err != nil {
@@ -97,7 +99,6 @@ func run(device string, capacity, size uint64) error {
 	if err := dev.Close(); err != nil {
 		return err
 	}
-	fmt.Println("closed: every reservation, handle and mapping returned")
-	os.Stdout.Sync()
+	fmt.Fprintln(w, "closed: every reservation, handle and mapping returned")
 	return nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/vmm"
@@ -11,7 +12,7 @@ import (
 // runMulti is the multi-model quick start: two models of a 32-layer, 8-KV-head, 128-dim fp16
 // geometry (128 MiB pages) register with one shared physical limit; each reserves virtual
 // capacity for the whole limit, and the memory goes where the work is.
-func runMulti(device string, limit uint64) error {
+func runMulti(w io.Writer, device string, limit uint64) error {
 	dev, err := vmm.Open(device)
 	if err != nil {
 		return err
@@ -32,14 +33,14 @@ func runMulti(device string, limit uint64) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("device: %s; shared limit %d MiB; two models, %d MiB virtual each\n", dev.Info().Name, limit>>20, a.Config().Capacity>>20)
+	fmt.Fprintf(w, "device: %s; shared limit %d MiB; two models, %d MiB virtual each\n", dev.Info().Name, limit>>20, a.Config().Capacity>>20)
 	report := func(step string) {
 		st := sp.Stats()
-		fmt.Printf("%-44s used %5d / %d MiB", step, st.Used>>20, st.Limit>>20)
+		fmt.Fprintf(w, "%-44s used %5d / %d MiB", step, st.Used>>20, st.Limit>>20)
 		for _, m := range st.Models {
-			fmt.Printf("  | %s: %3d seqs %3d pages %5d MiB", m.Name, m.Sequences, m.MappedPages, m.MappedBytes>>20)
+			fmt.Fprintf(w, "  | %s: %3d seqs %3d pages %5d MiB", m.Name, m.Sequences, m.MappedPages, m.MappedBytes>>20)
 		}
-		fmt.Println()
+		fmt.Fprintln(w)
 	}
 	report("registered:")
 
@@ -50,7 +51,7 @@ func runMulti(device string, limit uint64) error {
 			if !errors.Is(err, kvcache.ErrOutOfMemory) {
 				return err
 			}
-			fmt.Printf("chat-8b is refused its request %d: %v\n", n, err)
+			fmt.Fprintf(w, "chat-8b is refused its request %d: %v\n", n, err)
 			break
 		}
 	}
@@ -76,7 +77,7 @@ func runMulti(device string, limit uint64) error {
 	}
 	report(fmt.Sprintf("code-8b admitted %d requests:", m))
 	if st := a.Stats(); st.BlocksMoved > 0 {
-		fmt.Printf("chat-8b was compacted to make room: %d blocks moved\n", st.BlocksMoved)
+		fmt.Fprintf(w, "chat-8b was compacted to make room: %d blocks moved\n", st.BlocksMoved)
 	}
 
 	// The limit shrinks at run time; chat-8b goes to sleep and gives back what it can.
