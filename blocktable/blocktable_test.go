@@ -2,6 +2,7 @@ package blocktable_test
 
 import (
 	"encoding/binary"
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -44,6 +45,22 @@ func TestFlashInferRows(t *testing.T) {
 	assert.Equal(t, []int32{1, 16, 0}, f.LastPageLen)
 	f.Reset()
 	require.ErrorIs(t, f.AppendRow([]int32{1, 2, 3, 4, 5}, 70), blocktable.ErrTooLarge)
+}
+
+// A slot is block_id*blockTokens + offset in an int64: at the top of the int32 range it is
+// exact, and a block size whose product with an int32 id could wrap is refused, dst unchanged.
+func TestSlotsNeverWrap(t *testing.T) {
+	const top = math.MaxInt32
+	slots, err := blocktable.AppendSlots(nil, []int32{top}, blocktable.MaxTokens, top-2, top)
+	require.NoError(t, err)
+	assert.Equal(t, []int64{top*top + top - 2, top*top + top - 1}, slots)
+
+	dst := []int64{7}
+	for _, bt := range []int{blocktable.MaxTokens + 1, 1 << 33, math.MaxInt} {
+		out, err := blocktable.AppendSlots(dst, []int32{top}, bt, 0, 1)
+		require.ErrorIs(t, err, blocktable.ErrInvalidArgument, "%d tokens per block", bt)
+		assert.Equal(t, []int64{7}, out, "%d tokens per block", bt)
+	}
 }
 
 func i32(b []byte) []int32 {

@@ -163,10 +163,12 @@ func (t *VLLM) Lens() []int32 {
 
 // AppendSlots appends to dst the slot of each token in [from, to) of a sequence whose blocks are
 // given: block_id*blockTokens + offset, vLLM's slot_mapping. A range the blocks do not hold, or
-// a blockTokens that is not positive, is an error matching ErrInvalidArgument, more than
-// MaxSlots slots a *SizeError (ErrTooLarge); dst comes back unchanged.
+// a blockTokens that is not positive or over MaxTokens, is an error matching
+// ErrInvalidArgument, more than MaxSlots slots a *SizeError (ErrTooLarge); dst comes back
+// unchanged. The bound on blockTokens keeps every slot within an int64: an int32 block id times
+// a larger block size would wrap.
 func AppendSlots(dst []int64, blocks []int32, blockTokens, from, to int) ([]int64, error) {
-	if blockTokens <= 0 || from < 0 || from > to {
+	if blockTokens <= 0 || blockTokens > MaxTokens || from < 0 || from > to {
 		return dst, fmt.Errorf("blocktable: slots [%d, %d) with %d tokens per block: %w", from, to, blockTokens, ErrInvalidArgument)
 	}
 	if to-from > MaxSlots {
