@@ -63,6 +63,28 @@ func TestSlotsNeverWrap(t *testing.T) {
 	}
 }
 
+// A token in a null block (-1, a block freed out of a sliding window) has no slot: asking for
+// one is an error naming the token and the block, never a negative slot a kernel would take as
+// an address, and dst comes back unchanged.
+func TestSlotsOfNullBlock(t *testing.T) {
+	blocks := []int32{3, -1, 5}
+	slots, err := blocktable.AppendSlots(nil, blocks, 4, 2, 4)
+	require.NoError(t, err, "tokens before the null block")
+	assert.Equal(t, []int64{14, 15}, slots)
+	slots, err = blocktable.AppendSlots(nil, blocks, 4, 8, 10)
+	require.NoError(t, err, "tokens after it")
+	assert.Equal(t, []int64{20, 21}, slots)
+
+	for _, r := range [][2]int{{4, 5}, {7, 8}, {2, 9}} {
+		out, err := blocktable.AppendSlots([]int64{9}, blocks, 4, r[0], r[1])
+		require.ErrorIs(t, err, blocktable.ErrInvalidArgument, "tokens [%d, %d)", r[0], r[1])
+		var ce *blocktable.CountError
+		require.ErrorAs(t, err, &ce)
+		assert.Equal(t, -1, ce.N)
+		assert.Equal(t, []int64{9}, out)
+	}
+}
+
 func i32(b []byte) []int32 {
 	out := make([]int32, len(b)/4)
 	for i := range out {

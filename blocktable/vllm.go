@@ -162,8 +162,8 @@ func (t *VLLM) Lens() []int32 {
 }
 
 // AppendSlots appends to dst the slot of each token in [from, to) of a sequence whose blocks are
-// given: block_id*blockTokens + offset, vLLM's slot_mapping. A range the blocks do not hold, or
-// a blockTokens that is not positive or over MaxTokens, is an error matching
+// given: block_id*blockTokens + offset, vLLM's slot_mapping. A range the blocks do not hold
+// (past their end, or in a negative id such as a null block's -1), or a blockTokens that is not positive or over MaxTokens, is an error matching
 // ErrInvalidArgument, more than MaxSlots slots a *SizeError (ErrTooLarge); dst comes back
 // unchanged. The bound on blockTokens keeps every slot within an int64: an int32 block id times
 // a larger block size would wrap.
@@ -180,6 +180,12 @@ func AppendSlots(dst []int64, blocks []int32, blockTokens, from, to int) ([]int6
 			held = math.MaxInt
 		}
 		return dst, fmt.Errorf("blocktable: slots of %d blocks: %w", len(blocks), &CountError{What: "token", N: to, Max: held})
+	}
+	for i := from / blockTokens; to > from && i <= (to-1)/blockTokens; i++ {
+		if blocks[i] < 0 { // a null block (-1) or padding: its tokens have no slot
+			return dst, fmt.Errorf("blocktable: slots: token %d in block %d: %w", max(from, i*blockTokens), i,
+				&CountError{What: "block id", N: int(blocks[i]), Max: math.MaxInt32})
+		}
 	}
 	for t := from; t < to; t++ {
 		dst = append(dst, int64(blocks[t/blockTokens])*int64(blockTokens)+int64(t%blockTokens))
