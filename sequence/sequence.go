@@ -11,6 +11,8 @@ package sequence
 
 import (
 	"fmt"
+	"math"
+	"math/bits"
 	"unsafe"
 
 	"github.com/pagedkv/pagedkv/internal/errdefs"
@@ -132,12 +134,21 @@ func BlocksFor(n, blockTokens int) int {
 
 // TailRoom returns how many more tokens fit in the sequence's last block (0 for a nil
 // sequence). For a sequence kvcache keeps, len(Blocks) == BlocksFor(Tokens, blockTokens), so
-// the result lies in [0, blockTokens).
+// the result lies in [0, blockTokens). For any other arguments it is 0 when the blocks hold
+// no more than Tokens (blockTokens not positive, say), and at most MaxInt: it never wraps.
 func (s *Sequence) TailRoom(blockTokens int) int {
-	if s == nil {
+	if s == nil || blockTokens <= 0 {
 		return 0
 	}
-	return len(s.Blocks)*blockTokens - s.Tokens
+	hi, held := bits.Mul64(uint64(len(s.Blocks)), uint64(blockTokens))
+	room := held - uint64(s.Tokens) // exact unless it wrapped, which the cases below catch
+	switch {
+	case hi == 0 && s.Tokens >= 0 && held <= uint64(s.Tokens):
+		return 0
+	case hi != 0 || s.Tokens < 0 && room < held || room > math.MaxInt:
+		return math.MaxInt
+	}
+	return int(room)
 }
 
 // Registry maps IDs to Sequences and recycles Sequence values and their block slices, so that

@@ -91,6 +91,12 @@ func TestNoInputBreaksIt(t *testing.T) {
 	assert.Equal(t, 1, BlocksFor(math.MaxInt, math.MaxInt))
 	var nilSeq *Sequence
 	assert.Zero(t, nilSeq.TailRoom(16))
+	two := &Sequence{Tokens: 5, Blocks: make([]Block, 2)}
+	assert.Equal(t, math.MaxInt, two.TailRoom(math.MaxInt), "room past MaxInt saturates, never wraps")
+	assert.Equal(t, math.MaxInt-5, (&Sequence{Tokens: 5, Blocks: make([]Block, 1)}).TailRoom(math.MaxInt))
+	assert.Zero(t, two.TailRoom(-16), "blocks of no tokens hold no room")
+	assert.Zero(t, two.TailRoom(2), "blocks holding fewer than Tokens leave no room")
+	assert.Equal(t, 11, two.TailRoom(8))
 
 	r := NewRegistry()
 	s, err := r.Add(5)
