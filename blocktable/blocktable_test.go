@@ -145,3 +145,47 @@ func TestDeviceTablesKeepTheirAddresses(t *testing.T) {
 		run(t, dev)
 	})
 }
+
+// A FlashInfer table written by hand that a kernel would read outside its rows is refused at
+// upload with the entry named, and the device keeps the last good upload: kv_indptr not
+// starting at 0 or going back, a kv_last_page_len outside [1, BlockTokens] (or not 0 for a row
+// of no blocks).
+func TestUploadFlashInferChecksRows(t *testing.T) {
+	leakcheck.Check(t)
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, dev.Close()) }()
+	d, err := blocktable.NewDeviceTables(dev, 4, 8, 16)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, d.Close()) }()
+	good := func() *blocktable.FlashInfer {
+		f := devtest.FlashInfer(t, 4, 32, 16)
+		require.NoError(t, f.AppendRow([]int32{3, 4}, 20))
+		require.NoError(t, f.AppendRow(nil, 0))
+		require.NoError(t, f.AppendRow([]int32{7}, 16))
+		return f
+	}
+	require.NoError(t, d.UploadFlashInfer(good()))
+	read := func() []int32 {
+		b := make([]byte, 4*4)
+		require.NoError(t, dev.CopyOut(b, d.Indptr))
+		return i32(b)
+	}
+	require.Equal(t, []int32{0, 2, 2, 3}, read())
+	for name, spoil := range map[string]func(f *blocktable.FlashInfer){
+		"indptr[0]":            func(f *blocktable.FlashInfer) { f.Indptr[0] = 1 },
+		"indptr going back":    func(f *blocktable.FlashInfer) { f.Indptr[2] = 1 },
+		"indptr past the next": func(f *blocktable.FlashInfer) { f.Indptr[1] = 9 },
+		"last page 0":          func(f *blocktable.FlashInfer) { f.LastPageLen[0] = 0 },
+		"last page 17":         func(f *blocktable.FlashInfer) { f.LastPageLen[2] = 17 },
+		"empty row's last":     func(f *blocktable.FlashInfer) { f.LastPageLen[1] = 1 },
+	} {
+		f := good()
+		spoil(f)
+		err := d.UploadFlashInfer(f)
+		require.ErrorIs(t, err, blocktable.ErrInvalidArgument, name)
+		var ce *blocktable.CountError
+		require.ErrorAs(t, err, &ce, name)
+		require.Equal(t, []int32{0, 2, 2, 3}, read(), "%s: the last good upload stays", name)
+	}
+}

@@ -127,7 +127,10 @@ func (d *DeviceTables) UploadVLLM(t *VLLM, slots []int64) error {
 	return nil
 }
 
-// UploadFlashInfer copies f's valid entries into the device arrays.
+// UploadFlashInfer copies f's valid entries into the device arrays. A table whose rows a kernel
+// would read outside of (kv_indptr not starting at 0 or going back, a kv_last_page_len outside
+// [1, BlockTokens], or not 0 for a row of no blocks: a table written by hand) is a *CountError
+// (ErrInvalidArgument) naming the entry, and the device arrays keep the last upload.
 func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
 	if err := d.lock(); err != nil {
 		return err
@@ -142,6 +145,9 @@ func (d *DeviceTables) UploadFlashInfer(f *FlashInfer) error {
 	nnz := f.NNZ()
 	if nnz > d.maxNNZ {
 		return fmt.Errorf("blocktable: upload FlashInfer tables: %w", &SizeError{What: "FlashInfer kv_indices", Need: nnz, Cap: d.maxNNZ})
+	}
+	if err := f.checkRows(); err != nil { // the kernels index kv_indices by kv_indptr unchecked
+		return fmt.Errorf("blocktable: upload FlashInfer tables: %w", err)
 	}
 	for _, c := range []struct {
 		dst vmm.Addr

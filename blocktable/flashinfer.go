@@ -69,6 +69,27 @@ func (f *FlashInfer) check(more int) error {
 	return nil
 }
 
+// checkRows checks what a table written by hand may break and a kernel reads unchecked:
+// kv_indptr starts at 0 and never decreases, and each row's kv_last_page_len is in
+// [1, BlockTokens] (0 for a row of no blocks). f.check(0) passed. A bad entry is a *CountError
+// (ErrInvalidArgument) naming it.
+func (f *FlashInfer) checkRows() error {
+	if f.Indptr[0] != 0 {
+		return &CountError{What: "kv_indptr[0]", N: int(f.Indptr[0]), Max: 0}
+	}
+	for i := range f.Rows {
+		start, end := f.Indptr[i], f.Indptr[i+1]
+		if end < start {
+			return &CountError{What: fmt.Sprintf("kv_indptr[%d] after %d", i+1, start), N: int(end), Max: int(f.Indptr[f.Rows])}
+		}
+		empty := end == start
+		if last := f.LastPageLen[i]; empty && last != 0 || !empty && (last < 1 || last > int32(f.BlockTokens)) {
+			return &CountError{What: fmt.Sprintf("kv_last_page_len[%d] of a row of %d blocks", i, end-start), N: int(last), Max: f.BlockTokens}
+		}
+	}
+	return nil
+}
+
 // AppendRow adds one sequence: blocks must be exactly the blocks tokens need
 // (ceil(tokens/BlockTokens)), since kv_last_page_len is counted from the last one; anything
 // else is a *CountError. A full table is a *SizeError (ErrTooLarge). On any error the table is
