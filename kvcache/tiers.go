@@ -563,7 +563,8 @@ func (m *Manager) storeFetched(keys []prefix.Key, from, to int, mark bool, keep 
 	m.host.reserveCache(n)
 	for j := range n {
 		if err := m.writeBlock(m.host.taken[j], t.fetchBufs[j]); err != nil {
-			m.host.abort()
+			m.host.abortWritten(m.emitHostRemoved) // the blocks written held cached content
+			m.publish()
 			m.counters.hostFailures++
 			return
 		}

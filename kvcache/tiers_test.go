@@ -357,3 +357,40 @@ func TestTiersFetchUsesTheRoomOfDeviceCopies(t *testing.T) {
 	require.EqualValues(t, 16, b.Stats().Prefix.Tiers[0].HitTokens-before.Tiers[0].HitTokens)
 	require.NoError(t, b.Verify())
 }
+
+// A fetch whose write into the host fails midway serves no block under a key whose content it
+// overwrote: with the host cache full of a prompt's 8 blocks, a fetch of another prompt evicts
+// them to make room, writes one, and fails at the second. The evicted block it overwrote is
+// never served as the first prompt's: that prompt's K/V reads back as it was written.
+func TestTiersFailedFetchWriteServesNoOverwrittenBlock(t *testing.T) {
+	_, store, other := storedPrompt(t)
+	fd := vmm.InjectFaults(hostDevice(t, 64<<10))
+	b := newManager(t, fd, tierConfig(store)) // 8 host blocks
+	prompt := make([]prefix.Token, 33)
+	for i := range prompt {
+		prompt[i] = prefix.Token(500 + i)
+	}
+	_, err := b.AppendTokenIDs(1, prompt, nil)
+	require.NoError(t, err)
+	writeTokens(t, b, 1, prompt)
+	require.NoError(t, b.FreeSequence(1)) // its 8 whole blocks written back to the 8 host blocks
+	require.NoError(t, b.SyncTiers(context.Background()))
+	_, err = b.Sleep() // the device cache goes; the host keeps the 8 blocks
+	require.NoError(t, err)
+	require.NoError(t, b.Wake())
+	require.Equal(t, 8, b.Stats().Prefix.HostCachedBlocks)
+
+	require.NoError(t, fd.FailNth(vmm.OpCopyIn, 2, nil)) // the fetch's second block
+	hit, err := b.StartSequence(2, kvcache.Prompt{Tokens: other})
+	require.NoError(t, err)
+	require.Zero(t, hit)
+	require.EqualValues(t, 1, b.Stats().Prefix.HostFailures)
+	require.NoError(t, b.FreeSequence(2))
+	require.NoError(t, b.Verify())
+
+	hit, err = b.StartSequence(3, kvcache.Prompt{Tokens: prompt})
+	require.NoError(t, err)
+	require.Equal(t, 32, hit)
+	assert.Equal(t, prompt[:32], readTokens(t, b, 3, 32), "the K/V written, never another prompt's")
+	require.NoError(t, b.Verify())
+}
