@@ -489,6 +489,7 @@ func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool, ke
 			t.counters[i].Failures++
 			m.mu.Unlock()
 		}
+		n = min(n, end-at) // a store's count is not trusted past the keys asked
 		if n > 0 {
 			t.runs = append(t.runs, fetchRun{tier: i, from: at, to: at + n})
 			at += n

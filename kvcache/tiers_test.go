@@ -3,6 +3,7 @@ package kvcache_test
 import (
 	"context"
 	"encoding/binary"
+	"math"
 	"sync"
 	"testing"
 
@@ -393,4 +394,33 @@ func TestTiersFailedFetchWriteServesNoOverwrittenBlock(t *testing.T) {
 	require.Equal(t, 32, hit)
 	assert.Equal(t, prompt[:32], readTokens(t, b, 3, 32), "the K/V written, never another prompt's")
 	require.NoError(t, b.Verify())
+}
+
+// overStore reports more blocks than a Get asked for once it served them all: a faulty store.
+type overStore struct {
+	*memStore
+	over int
+}
+
+func (s *overStore) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	n, err := s.memStore.Get(ctx, ns, keys, dst)
+	if n == len(keys) {
+		n = s.over
+	}
+	return n, err
+}
+
+// A store's count past the keys a Get asked for is not trusted: the start takes the blocks it
+// asked for, no more, and neither panics nor reads past its buffers.
+func TestTiersGetCountPastTheKeys(t *testing.T) {
+	_, store, prompt := storedPrompt(t)
+	for _, over := range []int{4, math.MaxInt} {
+		b := newManager(t, hostDevice(t, 64<<10), tierConfig(&overStore{store, over}))
+		hit, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt[:13]}) // 3 whole blocks
+		require.NoError(t, err, "count %d", over)
+		require.Equal(t, 12, hit, "count %d", over)
+		require.EqualValues(t, 12, b.Stats().Prefix.Tiers[0].HitTokens)
+		require.Equal(t, 3, b.Stats().Prefix.HostCachedBlocks)
+		require.NoError(t, b.Verify())
+	}
 }
