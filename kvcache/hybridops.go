@@ -18,9 +18,9 @@ type HybridSleepResult struct {
 
 // Sleep puts every group to sleep (see Manager.Sleep): each drops its prefix cache, compacts
 // its live blocks into the fewest pages and unmaps every free page, so that the Hybrid keeps
-// only what its live sequences need, and nothing with none. Until Wake, appends and starts fail
-// with ErrAsleep (a *GroupOpError naming the first group); frees, forks, truncations, swaps out
-// and exports still work.
+// only what its live sequences need, and nothing with none. Until Wake, appends, starts and
+// swaps in fail with ErrAsleep (a *GroupOpError naming the first group); frees, forks,
+// truncations, swaps out and exports still work.
 //
 // The groups sleep one after the other, each under its own locks. A group whose compaction
 // fails (a driver error) sleeps all the same, its cache dropped and its live blocks where they
@@ -136,10 +136,11 @@ func (h *Hybrid) SwapOut(seqs []SeqID, s kernels.Stream) (*HybridSwap, error) {
 }
 
 // SwapIn brings the sequences back from the host tier in every group (see Manager.SwapIn), all
-// or nothing as SwapOut: a group without room on its device (a *SwapError wrapping
-// ErrOutOfMemory) leaves every group exactly as it was. After a failed launch every group is as
-// it was too, except that cached blocks a queued copy may have overwritten (taken from the
-// cache to make room) stay evicted. Block ids change: export every group's table again.
+// or nothing as SwapOut: a sleeping Hybrid (ErrAsleep) or a group without room on its device
+// (a *SwapError wrapping ErrOutOfMemory) leaves every group exactly as it was. After a failed
+// launch every group is as it was too, except that cached blocks a queued copy may have
+// overwritten (taken from the cache to make room) stay evicted. Block ids change: export every
+// group's table again.
 func (h *Hybrid) SwapIn(seqs []SeqID, s kernels.Stream) (*HybridSwap, error) {
 	return h.swap(false, seqs, s)
 }

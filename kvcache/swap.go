@@ -106,13 +106,17 @@ type foundBlock struct {
 }
 
 // swapSet looks up seqs for a swap into m.swap.set: each must exist, appear once, and be
-// swapped out or not as swapped says. It returns a *SequenceError otherwise.
+// swapped out or not as swapped says, and a swap-in needs a manager awake. It returns a
+// *SequenceError otherwise.
 func (m *Manager) swapSet(op string, seqs []SeqID, swapped bool) error {
 	if err := m.usable(op, 0); err != nil {
 		return err
 	}
 	if m.host == nil {
 		return &SequenceError{Op: op, Err: fmt.Errorf("%w: no host tier (Config.HostBlocks is 0)", ErrNotSupported)}
+	}
+	if swapped && m.asleep { // a swap-in takes device blocks, as an append does
+		return &SequenceError{Op: op, Err: ErrAsleep}
 	}
 	sc := &m.swap
 	if sc.seen == nil {
@@ -433,8 +437,9 @@ func (m *Manager) moveSwappedHolders() {
 // several of the sequences is brought in once and stays shared; one also held by a sequence
 // still out is brought in again when that one comes in. Device blocks come as for an append:
 // free ones, evicted cache, mapped pages. All or nothing: an unknown sequence or one not
-// swapped out, a device too full (a *SwapError wrapping ErrOutOfMemory) or a failed launch
-// change nothing, except that cached blocks a failed copy may have overwritten stay evicted.
+// swapped out, a sleeping manager (ErrAsleep), a device too full (a *SwapError wrapping
+// ErrOutOfMemory) or a failed launch change nothing, except that cached blocks a failed copy
+// may have overwritten stay evicted.
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap in")

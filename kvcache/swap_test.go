@@ -528,3 +528,35 @@ func TestSwapInOutOfMemoryNamesTheSet(t *testing.T) {
 	require.Equal(t, before, shape(m.Stats()))
 	require.NoError(t, m.Verify())
 }
+
+// A sleeping manager takes no device block for a swap-in, as it takes none for an append: the
+// swap-in fails with ErrAsleep and maps nothing, the sequence stays out, and after Wake it
+// comes back.
+func TestSwapInAsleep(t *testing.T) {
+	m := newManager(t, hostDevice(t, 32<<10), func() kvcache.Config { c := tinyConfig(); c.HostBlocks = 8; return c }())
+	_, err := m.AppendTokens(1, 9, nil)
+	require.NoError(t, err)
+	sw, err := m.SwapOut([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.NoError(t, sw.Close())
+	_, err = m.Sleep()
+	require.NoError(t, err)
+	before := m.Stats()
+	require.Zero(t, before.MappedBytes, "nothing live on the device")
+
+	_, err = m.SwapIn([]kvcache.SeqID{1}, 0)
+	require.ErrorIs(t, err, kvcache.ErrAsleep)
+	var serr *kvcache.SequenceError
+	require.ErrorAs(t, err, &serr)
+	require.Equal(t, shape(before), shape(m.Stats()), "a refused swap-in changes nothing")
+	ok, err := m.Swapped(1)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, m.Verify())
+
+	require.NoError(t, m.Wake())
+	sw, err = m.SwapIn([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.NoError(t, sw.Close())
+	require.NoError(t, m.Verify())
+}
