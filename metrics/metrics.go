@@ -82,8 +82,9 @@ func (c *Collector) AddSharedPool(name string, p *kvcache.SharedPool) error {
 }
 
 // AddHybrid exports each layer group of a hybrid cache as a model of a pool named name:
-// model=<the group's Name, or group-<index> when it has none>, pool=name (a Hybrid's groups
-// share one budget, as a pool's models do).
+// model=<the group's Name, or group-<index> when it has none, or one that is not a valid label
+// or not unique among the groups>, pool=name (a Hybrid's groups share one budget, as a pool's
+// models do).
 func (c *Collector) AddHybrid(name string, h *kvcache.Hybrid) error {
 	return c.add("hybrid", name, h == nil, func() { c.hybrids[name] = h })
 }
@@ -234,6 +235,23 @@ var (
 	ledgerMembers = prometheus.NewDesc("pagedkv_ledger_member_mapped_bytes", "Bytes one member of a ledger holds.", []string{"ledger", "member", "pid"}, nil)
 )
 
+// groupLabel returns the model label of a Hybrid's group i: its Name, or group-<i> when that
+// is not a valid label, is another group's Name too, or is another group's group-<j>. Geometry
+// leaves names free, and two groups under one label would fail the whole scrape as duplicates.
+func groupLabel(groups []kvcache.LayerGroup, i int) string {
+	own := "group-" + strconv.Itoa(i)
+	if i >= len(groups) || names.Check("model", groups[i].Name) != nil {
+		return own
+	}
+	name := groups[i].Name
+	for j := range groups {
+		if j != i && (groups[j].Name == name || "group-"+strconv.Itoa(j) == name) {
+			return own
+		}
+	}
+	return name
+}
+
 // Describe sends every series' description (nothing to a nil channel).
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	if ch == nil {
@@ -292,11 +310,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		st := h.Stats() // a closed Hybrid reports nothing
 		groups := h.Geometry().Groups
 		for i := range st.Groups {
-			model := "group-" + strconv.Itoa(i)
-			if i < len(groups) && names.Check("model", groups[i].Name) == nil {
-				model = groups[i].Name
-			}
-			emit(model, name, &st.Groups[i])
+			emit(groupLabel(groups, i), name, &st.Groups[i])
 		}
 	}
 	for name, l := range ledgers {

@@ -322,3 +322,48 @@ pagedkv_prefix_hit_tokens_total{model="window",pool="gemma-like",tier="host"} 0
 	require.NoError(t, testutil.CollectAndCompare(col, strings.NewReader(want), "pagedkv_prefix_hit_tokens_total"))
 	require.Equal(t, 2, testutil.CollectAndCount(col, "pagedkv_tier_stored_blocks_total"))
 }
+
+// Geometry leaves group names free: groups that share a Name, or whose Name is another
+// group's group-<index>, are labelled group-<index>, so that every group has series of its own
+// and a scrape reports no duplicates.
+func TestHybridGroupLabels(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer dev.Close()
+	for _, tc := range []struct {
+		names []string
+		want  string
+	}{
+		{[]string{"attn", "attn", "state"}, `group-0 group-1 state`},
+		{[]string{"", "group-0", "state"}, `group-0 group-1 state`},
+		{[]string{"full", "window", "group-2"}, `full group-2 window`},
+	} {
+		geom := hybridGeometry()
+		for i, n := range tc.names {
+			geom.Groups[i].Name = n
+		}
+		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: geom, Limit: 64 << 20, Capacity: 16 << 20, NoBackground: true})
+		require.NoError(t, err)
+		c := metrics.NewCollector()
+		require.NoError(t, c.AddHybrid("h", h))
+		reg := prometheus.NewPedanticRegistry()
+		require.NoError(t, reg.Register(c))
+		families, err := reg.Gather()
+		require.NoError(t, err, "%q: no two groups share series", tc.names)
+		var got []string
+		for _, f := range families {
+			if f.GetName() != "pagedkv_mapped_bytes" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "model" {
+						got = append(got, l.GetValue())
+					}
+				}
+			}
+		}
+		require.Equal(t, tc.want, strings.Join(got, " "), "%q", tc.names)
+		require.NoError(t, h.Close())
+	}
+}
