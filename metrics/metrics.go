@@ -90,7 +90,7 @@ func (c *Collector) AddHybrid(name string, h *kvcache.Hybrid) error {
 }
 
 // AddLedger exports a ledger's limit and each member's mapped bytes (all processes) under
-// ledger=name.
+// ledger=name; a member whose name in the file is not a valid label is left out.
 func (c *Collector) AddLedger(name string, l *ledger.Ledger) error {
 	return c.add("ledger", name, l == nil, func() { c.ledgers[name] = l })
 }
@@ -321,6 +321,11 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(ledgerLimit, prometheus.GaugeValue, float64(s.Limit), name)
 		ch <- prometheus.MustNewConstMetric(ledgerUsed, prometheus.GaugeValue, float64(s.Used), name)
 		for _, m := range s.Members {
+			// The names come from a file other processes write: one that is not a valid label
+			// (a corrupted slot) would panic the scrape. Its bytes stay in the ledger's used bytes.
+			if names.Check("member", m.Name) != nil {
+				continue
+			}
 			ch <- prometheus.MustNewConstMetric(ledgerMembers, prometheus.GaugeValue, float64(m.Mapped), name, m.Name, strconv.Itoa(m.PID))
 		}
 	}

@@ -1,6 +1,7 @@
 package metrics_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -366,4 +367,57 @@ func TestHybridGroupLabels(t *testing.T) {
 		require.Equal(t, tc.want, strings.Join(got, " "), "%q", tc.names)
 		require.NoError(t, h.Close())
 	}
+}
+
+// A ledger's member names come from a file other processes write: a member whose name there
+// is not valid UTF-8 (a corrupted slot) is left out of the scrape, which neither panics nor
+// fails, and its bytes still count in the ledger's used bytes.
+func TestLedgerCorruptMemberName(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	l, err := ledger.Open(path, ledger.Options{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer l.Close()
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	defer dev.Close()
+	pool, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+	require.NoError(t, err)
+	defer pool.Close()
+	var qwen *kvcache.Manager
+	for _, name := range []string{"qwen", "llama-corrupted"} {
+		pm, err := pool.Register(name, cfg())
+		require.NoError(t, err)
+		_, err = pm.AppendTokens(1, 10, nil)
+		require.NoError(t, err)
+		if qwen == nil {
+			qwen = pm
+		}
+	}
+	file, err := os.ReadFile(path)
+	require.NoError(t, err)
+	at := bytes.Index(file, []byte("llama-corrupted"))
+	require.Positive(t, at)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte{0xff}, int64(at)) // the shared mapping sees it
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	c := metrics.NewCollector()
+	require.NoError(t, c.AddLedger("gpu0", l))
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(c))
+	_, err = reg.Gather()
+	require.NoError(t, err)
+	used, mapped := l.Used(), qwen.Stats().MappedBytes
+	require.Greater(t, used, mapped, "the corrupted member's bytes are counted")
+	want := fmt.Sprintf(`
+# HELP pagedkv_ledger_used_bytes Bytes all members of a ledger hold, over all processes.
+# TYPE pagedkv_ledger_used_bytes gauge
+pagedkv_ledger_used_bytes{ledger="gpu0"} %d
+# HELP pagedkv_ledger_member_mapped_bytes Bytes one member of a ledger holds.
+# TYPE pagedkv_ledger_member_mapped_bytes gauge
+pagedkv_ledger_member_mapped_bytes{ledger="gpu0",member="qwen",pid="%d"} %d
+`, used, os.Getpid(), mapped)
+	require.NoError(t, testutil.CollectAndCompare(c, strings.NewReader(want), "pagedkv_ledger_used_bytes", "pagedkv_ledger_member_mapped_bytes"))
 }
