@@ -55,12 +55,16 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 	if err := fs.Parse(args); err != nil || fs.NArg() == 0 || *timeout <= 0 {
 		return errUsage
 	}
+	cmd, rest := fs.Arg(0), fs.Args()[1:]
+	n, every, err := checkArgs(cmd, rest) // before the ledger: a mistyped command is no missing ledger
+	if err != nil {
+		return err
+	}
 	l, err := ledger.Open(*path, ledger.Options{MustExist: true, RequestTimeout: *timeout})
 	if err != nil {
 		return err
 	}
 	defer l.Close()
-	cmd, rest := fs.Arg(0), fs.Args()[1:]
 	switch cmd {
 	case "list":
 		s, err := l.Snapshot()
@@ -72,9 +76,6 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 		}
 		return writeList(out, s)
 	case "limit":
-		if len(rest) != 1 {
-			return errUsage
-		}
 		limit, err := parseLimit(rest[0], l.DeviceBytes())
 		if err != nil {
 			return err
@@ -93,19 +94,10 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 		fmt.Fprintln(out)
 		return nil
 	case "top":
-		tf := flag.NewFlagSet("top", flag.ContinueOnError)
-		tf.SetOutput(io.Discard)
-		n := tf.Int("n", 0, "refreshes before exiting (0: until interrupted)")
-		every := tf.Duration("i", time.Second, "refresh interval")
-		if err := tf.Parse(rest); err != nil || *every <= 0 || *n < 0 {
-			return errUsage
-		}
-		return top(l, out, *n, *every, done)
+		return top(l, out, n, every, done)
 	case "drop-cache":
 		name := ""
-		if len(rest) > 1 {
-			return errUsage
-		} else if len(rest) == 1 {
+		if len(rest) == 1 {
 			name = rest[0]
 		}
 		k, err := l.DropCache(name)
@@ -119,6 +111,32 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 		return nil
 	}
 	return errUsage
+}
+
+// checkArgs checks the arguments of command cmd (errUsage) and returns top's -n and -i.
+func checkArgs(cmd string, rest []string) (n int, every time.Duration, err error) {
+	switch cmd {
+	case "list":
+	case "limit":
+		if len(rest) != 1 {
+			return 0, 0, errUsage
+		}
+	case "top":
+		tf := flag.NewFlagSet("top", flag.ContinueOnError)
+		tf.SetOutput(io.Discard)
+		tf.IntVar(&n, "n", 0, "refreshes before exiting (0: until interrupted)")
+		tf.DurationVar(&every, "i", time.Second, "refresh interval")
+		if err := tf.Parse(rest); err != nil || every <= 0 || n < 0 {
+			return 0, 0, errUsage
+		}
+	case "drop-cache":
+		if len(rest) > 1 {
+			return 0, 0, errUsage
+		}
+	default:
+		return 0, 0, errUsage
+	}
+	return n, every, nil
 }
 
 func envOr(key, def string) string {

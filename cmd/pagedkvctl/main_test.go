@@ -209,6 +209,12 @@ func TestBadInput(t *testing.T) {
 	require.ErrorIs(t, err, ledger.ErrNotFound, "pagedkvctl never creates a ledger")
 	_, statErr := os.Stat(path)
 	require.True(t, os.IsNotExist(statErr))
+	// A command line that is wrong whatever the ledger holds says so, not that the ledger is missing.
+	for _, args := range [][]string{{}, {"lsit"}, {"limit"}, {"limit", "1G", "2G"}, {"top", "-n", "-1"}, {"top", "-i", "0s"},
+		{"top", "-x"}, {"drop-cache", "a", "b"}, {"-nosuchflag", "list"}, {"-timeout", "0s", "list"}} {
+		err := run(append([]string{"-ledger", path}, args...), &out, nil)
+		require.ErrorIs(t, err, errUsage, "%v", args)
+	}
 	l, err := ledger.Open(path, ledger.Options{Limit: 1 << 30})
 	require.NoError(t, err)
 	defer l.Close()
