@@ -117,6 +117,9 @@ func run(args []string, out io.Writer, done <-chan struct{}) error {
 func checkArgs(cmd string, rest []string) (n int, every time.Duration, err error) {
 	switch cmd {
 	case "list":
+		if len(rest) != 0 {
+			return 0, 0, errUsage
+		}
 	case "limit":
 		if len(rest) != 1 {
 			return 0, 0, errUsage
@@ -126,7 +129,7 @@ func checkArgs(cmd string, rest []string) (n int, every time.Duration, err error
 		tf.SetOutput(io.Discard)
 		tf.IntVar(&n, "n", 0, "refreshes before exiting (0: until interrupted)")
 		tf.DurationVar(&every, "i", time.Second, "refresh interval")
-		if err := tf.Parse(rest); err != nil || every <= 0 || n < 0 {
+		if err := tf.Parse(rest); err != nil || tf.NArg() != 0 || every <= 0 || n < 0 { // "top 5" meant -n 5
 			return 0, 0, errUsage
 		}
 	case "drop-cache":
