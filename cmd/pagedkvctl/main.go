@@ -10,7 +10,7 @@
 // The ledger path defaults to $PAGEDKV_LEDGER, else /dev/shm/pagedkv. pagedkvctl never creates
 // a ledger: the serving processes do. -timeout bounds the wait for each member asked to give
 // back memory or drop its cache; a member that does not answer in time (a stopped process) is
-// skipped.
+// skipped. drop-cache without MEMBER asks every member; an empty MEMBER is a usage error.
 package main
 
 import (
@@ -133,7 +133,7 @@ func checkArgs(cmd string, rest []string) (n int, every time.Duration, err error
 			return 0, 0, errUsage
 		}
 	case "drop-cache":
-		if len(rest) > 1 {
+		if len(rest) > 1 || len(rest) == 1 && rest[0] == "" { // drop-cache "$UNSET" must not drop every cache
 			return 0, 0, errUsage
 		}
 	default:

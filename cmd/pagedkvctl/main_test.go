@@ -211,7 +211,7 @@ func TestBadInput(t *testing.T) {
 	require.True(t, os.IsNotExist(statErr))
 	// A command line that is wrong whatever the ledger holds says so, not that the ledger is missing.
 	for _, args := range [][]string{{}, {"lsit"}, {"limit"}, {"limit", "1G", "2G"}, {"top", "-n", "-1"}, {"top", "-i", "0s"},
-		{"top", "-x"}, {"top", "5"}, {"top", "-n", "1", "extra"}, {"list", "llama"}, {"drop-cache", "a", "b"}, {"-nosuchflag", "list"}, {"-timeout", "0s", "list"}} {
+		{"top", "-x"}, {"top", "5"}, {"top", "-n", "1", "extra"}, {"list", "llama"}, {"drop-cache", "a", "b"}, {"drop-cache", ""}, {"-nosuchflag", "list"}, {"-timeout", "0s", "list"}} {
 		err := run(append([]string{"-ledger", path}, args...), &out, nil)
 		require.ErrorIs(t, err, errUsage, "%v", args)
 	}
