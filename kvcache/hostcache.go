@@ -123,6 +123,7 @@ func (m *Manager) fetchHost(s *sequence.Sequence, p Prompt, maxBlocks int) int {
 	m.commitEvictions()
 	for j := n - 1; j >= 0; j-- {
 		m.host.touch(m.host.cache.Get(sc.keys[j]))
+		m.tierHit(sc.keys[j]) // the start succeeds from here on: a block a tier gave is a tier hit
 	}
 	for j, k := range sc.keys {
 		d := m.newBlocks[j]

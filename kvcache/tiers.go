@@ -452,16 +452,15 @@ func (m *Manager) fetchTiers(p Prompt, root prefix.Key, maxBlocks int) {
 		t.keys = append(t.keys, key)
 		parent = key
 	}
-	m.fetchRun(p.Namespace, t.keys, false, t.keys)
+	m.fetchRun(p.Namespace, t.keys, true, t.keys)
 }
 
 // fetchRun brings into the host prefix cache the blocks of keys (a chain in namespace ns) from
 // the first that neither the device nor the host holds, as many as the tiers hold in a run and
 // the host has room for without evicting the host's blocks of keep (the rest of what the start
-// reads: the fetch must not shorten the hit it lengthens). They count as tier hits now (a
-// Manager's start uses them all), or, with mark, when a start's hit first brings them to the
-// device (fromTier; a Hybrid's start, whose hit may read fewer). The caller holds t.fetchMu
-// and not the lock.
+// reads: the fetch must not shorten the hit it lengthens). They count as tier hits now, or,
+// with mark, when a start's hit first brings them to the device (fromTier: a start may still
+// fail, or, a Hybrid's, read fewer). The caller holds t.fetchMu and not the lock.
 func (m *Manager) fetchRun(ns prefix.Namespace, keys []prefix.Key, mark bool, keep ...[]prefix.Key) {
 	t := m.tiers
 	from, room := m.cachedAnywhere(keys, keep...)
@@ -613,10 +612,20 @@ func (m *Manager) tierHits(keys []prefix.Key, at []int32, hit int) {
 		if int(pos) >= hit {
 			break
 		}
-		if tr, ok := t.fromTier[keys[pos]]; ok {
-			t.counters[tr].HitTokens += uint64(m.cfg.BlockTokens)
-			delete(t.fromTier, keys[pos])
-		}
+		m.tierHit(keys[pos])
+	}
+}
+
+// tierHit counts the host block of key k as a tier hit if a start's fetch brought it from a
+// tier (fromTier), and forgets that: a start took it to the device. The lock is held.
+func (m *Manager) tierHit(k prefix.Key) {
+	t := m.tiers
+	if t == nil || len(t.fromTier) == 0 {
+		return
+	}
+	if tr, ok := t.fromTier[k]; ok {
+		t.counters[tr].HitTokens += uint64(m.cfg.BlockTokens)
+		delete(t.fromTier, k)
 	}
 }
 

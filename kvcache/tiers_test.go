@@ -424,3 +424,44 @@ func TestTiersGetCountPastTheKeys(t *testing.T) {
 		require.NoError(t, b.Verify())
 	}
 }
+
+// hookStore runs hook before its next Get: something the runtime does while a start's fetch
+// reads a tier, outside the manager's lock.
+type hookStore struct {
+	*memStore
+	hook func()
+}
+
+func (s *hookStore) Get(ctx context.Context, ns prefix.Namespace, keys []prefix.Key, dst [][]byte) (int, error) {
+	if h := s.hook; h != nil {
+		s.hook = nil
+		h()
+	}
+	return s.memStore.Get(ctx, ns, keys, dst)
+}
+
+// Tier hits count the blocks a start takes, not those a fetch brings: a start refused after its
+// fetch (the sequence was added meanwhile) counts no tier hit and no host hit, and the next
+// start that uses the fetched blocks counts them once, as tier and host hits both.
+func TestTiersHitsCountTheStartThatUsesThem(t *testing.T) {
+	_, store, prompt := storedPrompt(t)
+	hs := &hookStore{memStore: store}
+	b := newManager(t, hostDevice(t, 64<<10), tierConfig(hs))
+	hs.hook = func() {
+		_, err := b.AppendTokens(1, 1, nil)
+		require.NoError(t, err)
+	}
+	_, err := b.StartSequence(1, kvcache.Prompt{Tokens: prompt[:33]})
+	require.ErrorIs(t, err, kvcache.ErrSequenceExists)
+	st := b.Stats().Prefix
+	require.Zero(t, st.Tiers[0].HitTokens, "nothing was hit")
+	require.Zero(t, st.HostHitTokens)
+	require.Equal(t, 8, st.HostCachedBlocks, "the fetch brought the blocks to the host")
+	hit, err := b.StartSequence(2, kvcache.Prompt{Tokens: prompt[:33]})
+	require.NoError(t, err)
+	require.Equal(t, 32, hit)
+	st = b.Stats().Prefix
+	require.EqualValues(t, 32, st.Tiers[0].HitTokens)
+	require.EqualValues(t, 32, st.HostHitTokens)
+	require.NoError(t, b.Verify())
+}
