@@ -267,3 +267,32 @@ func TestCompactionFaultsAndBudget(t *testing.T) {
 	st := m.Stats()
 	assert.Equal(t, (st.LiveBlocks+st.BlocksPerPage-1)/st.BlocksPerPage+m.Config().ReservePages, st.MappedPages)
 }
+
+// Reclaim with compaction says how many bytes it gave back, the pages the compaction emptied
+// included: what the device reports free again.
+func TestReclaimCountsCompactedPages(t *testing.T) {
+	for _, try := range []bool{false, true} {
+		dev := hostDevice(t, 32<<10)
+		m := newManager(t, dev, tinyConfig())
+		for i := range 16 {
+			_, err := m.AppendTokens(kvcache.SeqID(i), 6, nil) // 2 blocks: 2 sequences a page
+			require.NoError(t, err)
+		}
+		for i := 0; i < 16; i += 2 {
+			require.NoError(t, m.FreeSequence(kvcache.SeqID(i))) // every page half empty, none free
+		}
+		free0, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		var got uint64
+		if try {
+			got, _ = m.TryReclaim(math.MaxUint64, true)
+		} else {
+			got = m.Reclaim(math.MaxUint64, true, true)
+		}
+		free1, _, err := dev.MemInfo()
+		require.NoError(t, err)
+		require.Positive(t, free1-free0, "try %v: the compaction emptied pages", try)
+		assert.Equal(t, free1-free0, got, "try %v: the bytes returned to the device", try)
+		require.NoError(t, m.Verify())
+	}
+}

@@ -75,10 +75,15 @@ func (e *elastic) unmapPage(p arena.Page) error {
 	if err := e.pool.Unmap(uint64(p)*e.cfg.PageSize, e.cfg.PageSize); err != nil {
 		return err
 	}
+	e.releasePage()
+	return nil
+}
+
+// releasePage gives the budget back the bytes of a page just unmapped.
+func (e *elastic) releasePage() {
 	if e.member != nil {
 		e.member.Release(e.cfg.PageSize)
 	}
-	return nil
 }
 
 func (e *elastic) returnsMemory() bool { return true }

@@ -231,9 +231,22 @@ func (mb *multi) mapPage(p arena.Page, reclaim bool) error {
 	return mb.undo("map", errs, func(e *elastic) error { return e.unmapPage(p) })
 }
 
+// unmapPage unmaps p on every device before any budget gets its bytes back: undoing a failure
+// maps p again on the others, which their budgets would refuse once the bytes were released
+// and the limit is below what the models hold (SetLimit).
 func (mb *multi) unmapPage(p arena.Page) error {
-	errs := mb.each(func(_ int, e *elastic) error { return e.unmapPage(p) })
-	return mb.undo("unmap", errs, func(e *elastic) error { return e.mapPage(p, false) })
+	errs := mb.each(func(_ int, e *elastic) error { return e.pool.Unmap(uint64(p)*e.cfg.PageSize, e.cfg.PageSize) })
+	err := mb.undo("unmap", errs, func(e *elastic) error {
+		_, err := e.pool.Map(uint64(p)*e.cfg.PageSize, e.cfg.PageSize)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	for _, e := range mb.parts {
+		e.releasePage()
+	}
+	return nil
 }
 
 func (mb *multi) returnsMemory() bool { return true }

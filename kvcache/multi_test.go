@@ -336,3 +336,48 @@ func TestMultiDividedState(t *testing.T) {
 	require.ErrorAs(t, err, &ce)
 	assert.Equal(t, "StateBytes", ce.Field)
 }
+
+// An unmap failing on one device while SetLimit shrinks a model below what it holds leaves
+// every page index mapped on all devices or on none: the undo maps the page again on the
+// devices that had unmapped it, though their budgets are over the new limit. Every device's
+// memory matches its budget and the arena, and the data reads back.
+func TestMultiShrinkUnmapFails(t *testing.T) {
+	const page = 16 << 10 // a device's share of a page index
+	for k := range 2 {
+		for call := 1; ; call++ {
+			devs, faults := faultyHostDevices(t, 2)
+			free0 := freeOf(t, devs)
+			s, err := kvcache.NewSharedMulti(devs, kvcache.SharedConfig{Limit: 8 * page, CompactOnPressure: true, Split: kvcache.Split{TensorParallel: 2}})
+			require.NoError(t, err)
+			cfg := multiConfig()
+			cfg.HighWatermark = 8 // freed pages stay mapped until the limit falls
+			a, err := s.Register("a", cfg)
+			require.NoError(t, err)
+			h := newHarnessOn(t, devs[0], a, false, free0)
+			for seq := range 4 {
+				h.step(opAppend, byte(seq), 0, arg{n: 16}) // a page index each
+			}
+			for seq := 1; seq < 4; seq++ {
+				h.step(opFree, byte(seq), 0, arg{})
+			}
+			require.NoError(t, faults[k].FailNth(vmm.OpUnmap, call, nil))
+			_, err = s.SetLimit(page)
+			hit := faults[k].Calls(vmm.OpUnmap) >= call
+			faults[k].Clear()
+			require.NoError(t, err)
+			h.check() // Verify: every page index the arena maps is mapped on each device
+			for d, use := range s.Stats().Devices {
+				free, total, err := devs[d].MemInfo()
+				require.NoError(t, err)
+				assert.Equal(t, total-free, use.Used, "device %d %s call %d on device %d: its budget counts what it maps", d, vmm.OpUnmap, call, k)
+			}
+			_, err = s.SetLimit(8 * page)
+			require.NoError(t, err)
+			h.step(opAppend, 2, 0, arg{n: 20}) // and it grows again on both devices
+			require.NoError(t, s.Close())
+			if !hit {
+				break
+			}
+		}
+	}
+}

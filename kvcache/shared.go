@@ -358,7 +358,11 @@ func (m *Manager) reclaim(need uint64, compact, wait bool) (uint64, bool) {
 	}
 	freed := m.unmapFreeLocked(need) // bytes of one device: a budget is one device's
 	if freed < need && compact && m.arena.Live() > 0 {
-		if _, err := m.compactLocked(CompactOptions{}, m.arena.FreePages()); err == nil {
+		// The compaction returns the pages it empties itself: they count even when returning a
+		// later one fails.
+		res, err := m.compactLocked(CompactOptions{}, m.arena.FreePages())
+		freed += uint64(res.PagesReleased) * m.geom.PageSize
+		if err == nil && freed < need {
 			freed += m.unmapFreeLocked(need - freed)
 		}
 	}
