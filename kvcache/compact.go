@@ -40,7 +40,9 @@ type CompactResult struct {
 //
 // Call it between steps: kernels still reading the old block ids, or tables exported before,
 // must be finished or re-exported afterwards. Appends wait while it runs. If the copy fails
-// nothing has changed; if returning a page fails the compaction stands and the error says so.
+// no block has moved and every table is as it was; only the idle cached blocks beyond the bound,
+// evicted before the plan (their BlockRemoved events sent), stay evicted. If returning a page
+// fails the compaction stands and the error says so.
 func (m *Manager) Compact(opts CompactOptions) (CompactResult, error) {
 	if !m.made() {
 		return CompactResult{}, notMadeCall("compact")
