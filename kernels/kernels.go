@@ -288,15 +288,19 @@ func i64(v int64) unsafe.Pointer { return unsafe.Pointer(&v) }
 func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 
 // CopyBlocks copies blocks of blockStride bytes within the arena at base: pairs holds
-// (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. Destinations must be distinct
-// and not be sources of other pairs. On CUDA it stages the pairs in device memory and launches
-// once per up to 128k pairs on s, returning once queued.
+// (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. base is aligned to 16 bytes (an
+// arena's is: it is page aligned). Destinations must be distinct and not be sources of other
+// pairs. On CUDA it stages the pairs in device memory and launches once per up to 128k pairs on
+// s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
 	if k == nil || k.dev == nil {
 		return errNotMade
 	}
 	if err := checkStride(len(pairs)%2 == 0, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
+	}
+	if err := checkBase(base); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
 	}
 	if k.mod == nil {
 		for i := 0; i < len(pairs); i += 2 {
@@ -374,8 +378,9 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 }
 
 // CopyBlocksDevice is CopyBlocks with the n pairs already in device memory at pairs (int64
-// [n,2]): nothing is staged, so it can be captured in a CUDA graph. The Go implementation reads
-// the pairs through the device, a chunk at a time. n may be at most MaxGridX.
+// [n,2], aligned to 8 bytes): nothing is staged, so it can be captured in a CUDA graph. The Go
+// implementation reads the pairs through the device, a chunk at a time. n may be at most
+// MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
 	if k == nil || k.dev == nil {
 		return errNotMade
@@ -385,6 +390,12 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 	}
 	if err := checkStride(true, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	if err := checkBase(base); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	if n > 0 && (pairs == 0 || pairs%8 != 0) { // the kernel reads them as int64
+		return fmt.Errorf("kernels: copy blocks: %w", invalid("pairs %#x: 0 or not aligned to 8", uint64(pairs)))
 	}
 	if n == 0 {
 		return nil
@@ -887,6 +898,15 @@ const (
 	MaxRowBytes    = 1 << 20
 	MaxBlockStride = MaxGridY * 256 * 8 * 16
 )
+
+// checkBase reports an arena base copy_blocks cannot copy at: 0, or not aligned to its 16-byte
+// loads and stores. On the GPU a misaligned launch faults, and the fault ruins the context.
+func checkBase(base vmm.Addr) error {
+	if base == 0 || base%16 != 0 {
+		return invalid("base %#x: 0 or not aligned to 16", uint64(base))
+	}
+	return nil
+}
 
 // checkStride reports a block stride CopyBlocks cannot copy (zero, not a multiple of 16, over
 // MaxBlockStride), or pairs that are not pairs.

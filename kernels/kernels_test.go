@@ -243,3 +243,35 @@ func TestModuleLoadedOncePerContext(t *testing.T) {
 		require.NoError(t, kernels.LoadTime(dev, img), "%s loads", img)
 	}
 }
+
+// The copy kernel loads and stores 16 bytes at a time from base and reads the pairs as int64: a
+// base not aligned to 16 (or 0) and pairs not aligned to 8 are refused before anything is copied,
+// on the host as on the GPU, where the launch would fault with a misaligned address.
+func TestCopyBlocksMisaligned(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		base := devtest.Mapped(t, dev, 8*stride)
+		for b := range 8 {
+			require.NoError(t, dev.CopyIn(base+vmm.Addr(b*stride), pattern(uint64(b), stride)))
+		}
+		pairs := stage(t, dev, slotBytes([]int64{0, 1}), slotBytes([]int64{0, 1}))
+		for _, c := range []struct {
+			err  error
+			says string
+		}{
+			{k.CopyBlocks(0, base+8, []int64{0, 1}, stride), "base 0x"},
+			{k.CopyBlocks(0, 0, []int64{0, 1}, stride), "base 0x0"},
+			{k.CopyBlocksDevice(0, base+8, pairs[0], 1, stride), "base 0x"},
+			{k.CopyBlocksDevice(0, base, pairs[1]+4, 1, stride), "pairs 0x"},
+			{k.CopyBlocksDevice(0, base, 0, 1, stride), "pairs 0x0"},
+		} {
+			require.ErrorIs(t, c.err, vmm.ErrInvalidArgument)
+			assert.Contains(t, c.err.Error(), c.says)
+		}
+		got := make([]byte, 8*stride)
+		require.NoError(t, dev.CopyOut(got, base))
+		for b := range 8 {
+			require.Equal(t, pattern(uint64(b), stride), got[b*stride:(b+1)*stride], "block %d", b)
+		}
+	})
+}
