@@ -290,8 +290,9 @@ func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 // CopyBlocks copies blocks of blockStride bytes within the arena at base: pairs holds
 // (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. base is aligned to 16 bytes (an
 // arena's is: it is page aligned). Destinations must be distinct and not be sources of other
-// pairs. On CUDA it stages the pairs in device memory and launches once per up to 128k pairs on
-// s, returning once queued.
+// pairs. Every id is checked before anything is copied: a negative one, or one whose block would
+// lie past the end of the address space, is ErrInvalidArgument. On CUDA it stages the pairs in
+// device memory and launches once per up to 128k pairs on s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
 	if k == nil || k.dev == nil {
 		return errNotMade
@@ -300,6 +301,9 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
 	}
 	if err := checkBase(base); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	if err := checkPairs(pairs, 0, base, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %w", err)
 	}
 	if k.mod == nil {
@@ -379,8 +383,9 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 
 // CopyBlocksDevice is CopyBlocks with the n pairs already in device memory at pairs (int64
 // [n,2], aligned to 8 bytes): nothing is staged, so it can be captured in a CUDA graph. The Go
-// implementation reads the pairs through the device, a chunk at a time. n may be at most
-// MaxGridX.
+// implementation reads the pairs through the device, a chunk at a time, and checks their ids as
+// CopyBlocks does before it copies any; the CUDA kernel reads them only when it runs and does not
+// check them. n may be at most MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
 	if k == nil || k.dev == nil {
 		return errNotMade
@@ -401,22 +406,7 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 		return nil
 	}
 	if k.mod == nil {
-		const chunk = 4096
-		host := make([]byte, 16*min(n, chunk))
-		p := make([]int64, 2*min(n, chunk))
-		for done := 0; done < n; done += chunk {
-			c := min(n-done, chunk)
-			if err := k.dev.CopyOut(host[:16*c], pairs+vmm.Addr(16*done)); err != nil {
-				return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
-			}
-			for i := range 2 * c {
-				p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
-			}
-			if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
-				return err
-			}
-		}
-		return nil
+		return k.copyPairsGo(s, base, pairs, n, blockStride)
 	}
 	const threads = 256
 	vecs := blockStride / 16
@@ -425,6 +415,33 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 		[]unsafe.Pointer{ptr(base), ptr(pairs), i64(int64(blockStride))})
 	if err != nil {
 		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	return nil
+}
+
+// copyPairsGo is the Go implementation of CopyBlocksDevice. It reads the pairs a chunk at a time
+// twice: it checks them all before it copies any.
+func (k *Kernels) copyPairsGo(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
+	const chunk = 4096
+	host := make([]byte, 16*min(n, chunk))
+	p := make([]int64, 2*min(n, chunk))
+	for _, check := range []bool{true, false} {
+		for done := 0; done < n; done += chunk {
+			c := min(n-done, chunk)
+			if err := k.dev.CopyOut(host[:16*c], pairs+vmm.Addr(16*done)); err != nil {
+				return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
+			}
+			for i := range 2 * c {
+				p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
+			}
+			if check {
+				if err := checkPairs(p[:2*c], done, base, blockStride); err != nil {
+					return fmt.Errorf("kernels: copy blocks: %w", err)
+				}
+			} else if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -904,6 +921,19 @@ const (
 func checkBase(base vmm.Addr) error {
 	if base == 0 || base%16 != 0 {
 		return invalid("base %#x: 0 or not aligned to 16", uint64(base))
+	}
+	return nil
+}
+
+// checkPairs reports a block id of pairs (pair first onwards) that is negative, or whose block
+// does not lie within the address space above base: copy_blocks would compute its address with
+// an int64 product that overflows, and copy at the wrapped address.
+func checkPairs(pairs []int64, first int, base vmm.Addr, blockStride uint64) error {
+	blocks := min(math.MaxInt64, math.MaxUint64-uint64(base)) / blockStride
+	for i, id := range pairs {
+		if uint64(id) >= blocks {
+			return invalid("pair %d: block %d: ids are 0 to %d for blocks of %d bytes at %#x", first+i/2, id, blocks-1, blockStride, uint64(base))
+		}
 	}
 	return nil
 }

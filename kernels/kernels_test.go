@@ -275,3 +275,42 @@ func TestCopyBlocksMisaligned(t *testing.T) {
 		}
 	})
 }
+
+// A block id that is negative, or whose block lies past the end of the address space (its
+// offset wrapped to a block in the arena before), is refused before any pair is copied: on the
+// GPU the kernel would copy at the wrapped address.
+func TestCopyBlocksBadID(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		const pairs = 4097 // the Go implementation of CopyBlocksDevice reads 4096 pairs at a time
+		base := devtest.Mapped(t, dev, 2*pairs*stride)
+		want := pattern(1, 2*pairs*stride)
+		require.NoError(t, dev.CopyIn(base, want))
+		inDevice := make([]int64, 0, 2*pairs)
+		for i := range pairs - 1 {
+			inDevice = append(inDevice, int64(i), int64(pairs+i))
+		}
+		for _, c := range []struct {
+			bad  [2]int64
+			says string
+		}{
+			{[2]int64{-1, 2}, "block -1"},
+			{[2]int64{3, math.MinInt64}, "block -9223372036854775808"},
+			{[2]int64{1 << 52, 2}, "block 4503599627370496"}, // 2^52 * 4 KiB wraps to 0: block 0
+			{[2]int64{3, math.MaxInt64}, "block 9223372036854775807"},
+		} {
+			err := k.CopyBlocks(0, base, []int64{0, 1, c.bad[0], c.bad[1]}, stride)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%v", c.bad)
+			assert.Contains(t, err.Error(), c.says)
+			if k.Image() == kernels.ImageGo { // the kernel cannot see pairs in device memory before it runs
+				pairsAt := stage(t, dev, slotBytes(append(inDevice, c.bad[0], c.bad[1])))[0]
+				err = k.CopyBlocksDevice(0, base, pairsAt, pairs, stride)
+				require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%v", c.bad)
+				assert.Contains(t, err.Error(), c.says)
+			}
+			got := make([]byte, len(want))
+			require.NoError(t, dev.CopyOut(got, base))
+			require.True(t, bytes.Equal(want, got), "%v: the arena changed", c.bad)
+		}
+	})
+}
