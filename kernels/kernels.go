@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
@@ -32,8 +33,9 @@ const (
 
 // Kernels launches the operations on one device. Create it with For; Close it when done.
 type Kernels struct {
-	dev vmm.Device
-	mod *module // nil: the Go implementation
+	dev    vmm.Device
+	mod    *module // nil: the Go implementation
+	closed atomic.Bool
 
 	mu      sync.Mutex // guards the pair scratch
 	scratch *vmm.Pool
@@ -172,11 +174,27 @@ func LoadTime(dev *vmm.CUDADevice, img Image) error {
 // errNotMade is what every call on a nil Kernels, or one not made by For, returns.
 var errNotMade = fmt.Errorf("kernels: %w: nil kernels, or not made by For", vmm.ErrInvalidArgument)
 
+// usable returns errNotMade for a nil Kernels or one not made by For, and ErrClosed for a closed
+// one: it has given its module up, and must not fall back to the Go implementation.
+func (k *Kernels) usable() error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
+	if k.closed.Load() {
+		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
+	}
+	return nil
+}
+
 // Close releases the scratch buffer and the module reference; the last Kernels of a context
-// unloads the module. Closing twice is a no-op.
+// unloads the module. Every other call on a closed Kernels is ErrClosed; closing twice is a
+// no-op.
 func (k *Kernels) Close() error {
 	if k == nil || k.dev == nil {
 		return errNotMade
+	}
+	if k.closed.Swap(true) {
+		return nil
 	}
 	var errs []error
 	k.mu.Lock()
@@ -225,8 +243,8 @@ type Mark struct {
 
 // Mark records a point in s's work (a CUDA event on s).
 func (k *Kernels) Mark(s Stream) (*Mark, error) {
-	if k == nil || k.dev == nil {
-		return nil, errNotMade
+	if err := k.usable(); err != nil {
+		return nil, err
 	}
 	if k.mod == nil {
 		return &Mark{k: k}, nil
@@ -270,8 +288,8 @@ func (mk *Mark) Close() error {
 
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if k.mod == nil {
 		return nil
@@ -294,8 +312,8 @@ func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 // lie past the end of the address space, is ErrInvalidArgument. On CUDA it stages the pairs in
 // device memory and launches once per up to 128k pairs on s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := checkStride(len(pairs)%2 == 0, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
@@ -387,8 +405,8 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 // CopyBlocks does before it copies any; the CUDA kernel reads them only when it runs and does not
 // check them. n may be at most MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if n < 0 || n > MaxGridX {
 		return fmt.Errorf("kernels: copy blocks: %w", &vmm.RangeError{Offset: 0, Size: uint64(n), Limit: MaxGridX + 1})
@@ -566,8 +584,8 @@ func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
 // Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
 // write_kv_fp8, returning once queued.
 func (k *Kernels) Write(s Stream, w KVWrite) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := w.validate(); err != nil {
 		return fmt.Errorf("kernels: write kv: %w", err)
@@ -772,8 +790,8 @@ func (a Attention) span(n int64) (ns, lo int64) {
 // PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
 // NumHeads at most MaxGridY.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := a.validate(); err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)

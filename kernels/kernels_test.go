@@ -314,3 +314,27 @@ func TestCopyBlocksBadID(t *testing.T) {
 		}
 	})
 }
+
+// A closed Kernels refuses every operation with ErrClosed. On a GPU it has given its module up:
+// it must not fall back to the Go implementation, which copies synchronously on the null stream
+// and ignores the caller's stream order.
+func TestClosedKernels(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		base := devtest.Mapped(t, dev, 2*stride)
+		require.NoError(t, dev.CopyIn(base, pattern(1, 2*stride)))
+		require.NoError(t, k.Close())
+		require.ErrorIs(t, k.CopyBlocks(0, base, []int64{0, 1}, stride), vmm.ErrClosed)
+		require.ErrorIs(t, k.CopyBlocksDevice(0, base, base, 1, stride), vmm.ErrClosed)
+		require.ErrorIs(t, k.WriteKV(0, base, 0, base+stride, 0, base+stride, 1, 16, 1, 16), vmm.ErrClosed)
+		require.ErrorIs(t, k.PagedAttention(0, kernels.Attention{Out: base, Q: base, KBase: base, VBase: base, BlockTables: base, SeqLens: base,
+			NumSeqs: 1, MaxBlocks: 1, NumHeads: 1, KVHeads: 1, HeadDim: 8, BlockTokens: 1, BlockStride: 16}), vmm.ErrClosed)
+		require.ErrorIs(t, k.Synchronize(0), vmm.ErrClosed)
+		_, err := k.Mark(0)
+		require.ErrorIs(t, err, vmm.ErrClosed)
+		got := make([]byte, 2*stride)
+		require.NoError(t, dev.CopyOut(got, base))
+		require.Equal(t, pattern(1, 2*stride), got)
+		require.NoError(t, k.Close(), "closing twice is a no-op")
+	})
+}
