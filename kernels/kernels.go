@@ -235,10 +235,11 @@ func (k *Kernels) ScratchBytes() uint64 {
 }
 
 // Mark is a point in a stream's work: the work queued on the stream before it. The Go
-// implementation runs synchronously, so its marks are reached when made. Close a Mark when done.
+// implementation runs synchronously, so its marks are reached when made. Close a Mark when done;
+// it stays usable after its Kernels is closed, as long as the device is open.
 type Mark struct {
-	k  *Kernels
-	ev cuda.Event
+	ctx *cuda.Context // the event's, which outlives the Kernels and its module
+	ev  cuda.Event
 }
 
 // Mark records a point in s's work (a CUDA event on s).
@@ -247,7 +248,7 @@ func (k *Kernels) Mark(s Stream) (*Mark, error) {
 		return nil, err
 	}
 	if k.mod == nil {
-		return &Mark{k: k}, nil
+		return &Mark{}, nil
 	}
 	ev, err := k.mod.ctx.EventCreate(cuda.EventDisableTiming)
 	if err != nil {
@@ -257,7 +258,7 @@ func (k *Kernels) Mark(s Stream) (*Mark, error) {
 		k.mod.ctx.EventDestroy(ev)
 		return nil, fmt.Errorf("kernels: mark: %w", err)
 	}
-	return &Mark{k: k, ev: ev}, nil
+	return &Mark{ctx: k.mod.ctx, ev: ev}, nil
 }
 
 // Wait blocks until the work before the mark is done.
@@ -265,7 +266,7 @@ func (mk *Mark) Wait() error {
 	if mk == nil || mk.ev == 0 {
 		return nil
 	}
-	return mk.k.mod.ctx.EventSynchronize(mk.ev)
+	return mk.ctx.EventSynchronize(mk.ev)
 }
 
 // Done reports, without blocking, whether the work before the mark is done.
@@ -273,7 +274,7 @@ func (mk *Mark) Done() (bool, error) {
 	if mk == nil || mk.ev == 0 {
 		return true, nil
 	}
-	return mk.k.mod.ctx.EventQuery(mk.ev)
+	return mk.ctx.EventQuery(mk.ev)
 }
 
 // Close releases the mark's event; it does not wait for it.
@@ -281,7 +282,7 @@ func (mk *Mark) Close() error {
 	if mk == nil || mk.ev == 0 {
 		return nil
 	}
-	err := mk.k.mod.ctx.EventDestroy(mk.ev)
+	err := mk.ctx.EventDestroy(mk.ev)
 	mk.ev = 0
 	return err
 }

@@ -338,3 +338,17 @@ func TestClosedKernels(t *testing.T) {
 		require.NoError(t, k.Close(), "closing twice is a no-op")
 	})
 }
+
+// A Mark made before its Kernels is closed can still be waited for, queried and closed.
+func TestMarkOutlivesKernels(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		mk, err := k.Mark(0)
+		require.NoError(t, err)
+		require.NoError(t, k.Close())
+		require.NoError(t, mk.Wait())
+		done, err := mk.Done()
+		require.NoError(t, err)
+		assert.True(t, done)
+		require.NoError(t, mk.Close())
+	})
+}
