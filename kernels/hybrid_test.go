@@ -3,6 +3,7 @@ package kernels_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -555,4 +556,34 @@ func TestWriteInvalid(t *testing.T) {
 			assert.Contains(t, err.Error(), c.says)
 		}
 	})
+}
+
+// A slot whose block lies past the end of the address space is refused before any row is
+// written: 2^52 blocks of 4 KiB wrap to block 0, where the Go implementation wrote the row. The
+// CUDA kernel reads the slots only when it runs (see the report on write_kv), so this is the Go
+// implementation's check.
+func TestWriteSlotPastAddressSpace(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, k.Close()); require.NoError(t, dev.Close()) })
+	const rowBytes, blockTokens, stride = 256, 4, 4 << 10
+	for _, f := range []kernels.Format{kernels.FP16, kernels.FP8E5M2} {
+		for _, bad := range []int64{1 << 54, math.MaxInt64} {
+			slots := []int64{1, bad}
+			addrs := stage(t, dev, make([]byte, 4*stride), pattern(1, 2*rowBytes), pattern(2, 2*rowBytes), slotBytes(slots))
+			w := kernels.KVWrite{KBase: addrs[0], VBase: addrs[0] + stride/2, Key: addrs[1], Value: addrs[2], SlotMapping: addrs[3],
+				NumTokens: len(slots), RowBytes: rowBytes, BlockTokens: blockTokens, BlockStride: stride, Format: f}
+			if f != kernels.FP16 {
+				w.KScale, w.VScale = 1, 1
+			}
+			err := k.Write(0, w)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%s slot %d", f, bad)
+			assert.Contains(t, err.Error(), fmt.Sprintf("token 1: slot %d", bad))
+			got := make([]byte, 4*stride)
+			require.NoError(t, dev.CopyOut(got, addrs[0]))
+			require.Equal(t, make([]byte, 4*stride), got, "%s slot %d: the cache changed", f, bad)
+		}
+	}
 }

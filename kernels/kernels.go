@@ -583,7 +583,9 @@ func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
 }
 
 // Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
-// write_kv_fp8, returning once queued.
+// write_kv_fp8, returning once queued; the kernel reads the slots only when it runs and does not
+// check them. The Go implementation checks every slot before it writes a row: one whose block
+// would lie past the end of the address space is ErrInvalidArgument.
 func (k *Kernels) Write(s Stream, w KVWrite) error {
 	if err := k.usable(); err != nil {
 		return err
@@ -627,16 +629,24 @@ func (k *Kernels) writeGo(w KVWrite) error {
 			return fmt.Errorf("kernels: write kv: %w", err)
 		}
 	}
-	var slot8 [8]byte
-	for t := range w.NumTokens {
-		if err := k.dev.CopyOut(slot8[:], w.SlotMapping+vmm.Addr(8*t)); err != nil {
-			return fmt.Errorf("kernels: write kv: read slot %d: %w", t, err)
+	// Every slot is checked before a row is written: the slots are read twice.
+	blocks := min(math.MaxInt64, math.MaxUint64-uint64(max(w.KBase, w.VBase))) / w.BlockStride
+	bt := int64(w.BlockTokens)
+	err := k.eachSlot(w, func(t int, slot int64) error {
+		if slot >= 0 && uint64(slot/bt) >= blocks {
+			return invalid("token %d: slot %d in block %d: blocks are 0 to %d for blocks of %d bytes at %#x",
+				t, slot, slot/bt, blocks-1, w.BlockStride, uint64(max(w.KBase, w.VBase)))
 		}
-		slot := int64(binary.LittleEndian.Uint64(slot8[:]))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
+	}
+	err = k.eachSlot(w, func(t int, slot int64) error {
 		if slot < 0 {
-			continue
+			return nil
 		}
-		off := vmm.Addr(uint64(slot/int64(w.BlockTokens))*w.BlockStride + uint64(slot%int64(w.BlockTokens))*row)
+		off := vmm.Addr(uint64(slot/bt)*w.BlockStride + uint64(slot%bt)*row)
 		for _, kv := range [2]struct {
 			dst, src vmm.Addr
 			scale    float32
@@ -653,7 +663,29 @@ func (k *Kernels) writeGo(w KVWrite) error {
 				err = k.dev.CopyIn(kv.dst+off, out)
 			}
 			if err != nil {
-				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
+				return fmt.Errorf("token %d: %w", t, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
+	}
+	return nil
+}
+
+// eachSlot calls fn with each token and its slot, reading the slot mapping a chunk at a time.
+func (k *Kernels) eachSlot(w KVWrite, fn func(t int, slot int64) error) error {
+	const chunk = 512
+	buf := make([]byte, 8*min(w.NumTokens, chunk))
+	for done := 0; done < w.NumTokens; done += chunk {
+		c := min(w.NumTokens-done, chunk)
+		if err := k.dev.CopyOut(buf[:8*c], w.SlotMapping+vmm.Addr(8*done)); err != nil {
+			return fmt.Errorf("read slots %d to %d: %w", done, done+c-1, err)
+		}
+		for i := range c {
+			if err := fn(done+i, int64(binary.LittleEndian.Uint64(buf[8*i:]))); err != nil {
+				return err
 			}
 		}
 	}
