@@ -587,3 +587,51 @@ func TestWriteSlotPastAddressSpace(t *testing.T) {
 		}
 	}
 }
+
+// A sequence longer than its table row, or a table entry that is not a block where a sequence
+// attends, is refused before any output is written: the Go implementation wrote the outputs of
+// the sequences before it, and read a block id whose offset wrapped (2^24 blocks of 2^40 bytes)
+// as block 0. The CUDA kernel reads lengths and tables only when it runs (see the report on
+// paged_attention_decode), so these are the Go implementation's checks.
+func TestAttentionBadTableLeavesOut(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, k.Close()); require.NoError(t, dev.Close()) })
+	const dim, blockTokens, maxBlocks = 16, 4, 2
+	const blockBytes = blockTokens * 2 * dim
+	r := rand.New(rand.NewPCG(6, 6))
+	for _, c := range []struct {
+		name   string
+		stride uint64
+		lens   [2]uint32
+		second [maxBlocks]int32
+		says   string
+		is     error
+	}{
+		{"too long", 4 * blockBytes, [2]uint32{4, 9}, [maxBlocks]int32{2, 3}, "sequence 1", vmm.ErrOutOfRange},
+		{"negative block", 4 * blockBytes, [2]uint32{4, 6}, [maxBlocks]int32{2, -1}, "sequence 1: table block 1 is -1", vmm.ErrInvalidArgument},
+		{"block past the address space", 1 << 40, [2]uint32{4, 3}, [maxBlocks]int32{1 << 24, 3}, "sequence 1: table block 0 is 16777216", vmm.ErrInvalidArgument},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			table := binary.LittleEndian.AppendUint32(nil, 0)
+			table = binary.LittleEndian.AppendUint32(table, 1)
+			for _, b := range c.second {
+				table = binary.LittleEndian.AppendUint32(table, uint32(b))
+			}
+			lens := binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, c.lens[0]), c.lens[1])
+			out := pattern(7, 2*4*dim)
+			addrs := stage(t, dev, halfs(r, 4*4*blockBytes/2, 1), halfs(r, 2*dim, 1), table, lens, out)
+			a := kernels.Attention{Out: addrs[4], Q: addrs[1], KBase: addrs[0], VBase: addrs[0] + blockBytes,
+				BlockTables: addrs[2], SeqLens: addrs[3], NumSeqs: 2, MaxBlocks: maxBlocks, NumHeads: 1, KVHeads: 1, HeadDim: dim,
+				BlockTokens: blockTokens, BlockStride: c.stride, Scale: 0.25}
+			err := k.PagedAttention(0, a)
+			require.ErrorIs(t, err, c.is)
+			assert.Contains(t, err.Error(), c.says)
+			got := make([]byte, len(out))
+			require.NoError(t, dev.CopyOut(got, a.Out))
+			require.Equal(t, out, got, "the output changed")
+		})
+	}
+}

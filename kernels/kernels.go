@@ -821,7 +821,10 @@ func (a Attention) span(n int64) (ns, lo int64) {
 }
 
 // PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
-// NumHeads at most MaxGridY.
+// NumHeads at most MaxGridY. The CUDA kernel reads the lengths and tables only when it runs and
+// does not check them. The Go implementation checks them before it writes any output: a length
+// past MaxBlocks*BlockTokens is ErrOutOfRange, and an attended block id that is negative or whose
+// block would lie past the end of the address space is ErrInvalidArgument.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 	if err := k.usable(); err != nil {
 		return err
@@ -880,19 +883,18 @@ func (k *Kernels) attentionGo(a Attention) error {
 		}
 		return a.Format.decode(b[i])
 	}
+	if err := a.checkTables(read32); err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
 	group := a.NumHeads / a.KVHeads
 	rowBytes := int64(esize * a.HeadDim)
 	bt := int64(a.BlockTokens)
-	maxLen := int64(a.MaxBlocks) * bt
 	for s := range a.NumSeqs {
 		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
 		if err != nil {
 			return fmt.Errorf("kernels: attention: %w", err)
 		}
 		n := int64(max(n32, 0))
-		if n > maxLen {
-			return fmt.Errorf("kernels: attention: sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
-		}
 		ns, lo := a.span(n)
 		count := ns + n - lo
 		rowOf := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
@@ -951,6 +953,41 @@ func (k *Kernels) attentionGo(a Attention) error {
 			}
 			if err := k.dev.CopyIn(a.Out+vmm.Addr(int64(s*a.NumHeads+h)*int64(4*r.vDim)), out); err != nil {
 				return fmt.Errorf("kernels: attention: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// checkTables reads every sequence's length and the table entries of the blocks it attends,
+// before the Go implementation writes any output. It reports a length past the sequence's table
+// row, and an entry that is negative or whose block would lie past the end of the address space.
+func (a Attention) checkTables(read32 func(vmm.Addr) (int32, error)) error {
+	top := uint64(max(a.KBase, a.VBase))
+	blocks := int64(min(math.MaxInt64, math.MaxUint64-top) / a.BlockStride)
+	bt := int64(a.BlockTokens)
+	maxLen := int64(a.MaxBlocks) * bt
+	for s := range a.NumSeqs {
+		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
+		if err != nil {
+			return err
+		}
+		n := int64(max(n32, 0))
+		if n > maxLen {
+			return fmt.Errorf("sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
+		}
+		ns, lo := a.span(n)
+		row := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
+		for _, span := range [2][2]int64{{0, ns}, {lo, n}} { // the sinks, then the tail
+			for b := span[0] / bt; b*bt < span[1]; b++ {
+				id, err := read32(row + vmm.Addr(4*b))
+				if err != nil {
+					return err
+				}
+				if id < 0 || int64(id) >= blocks {
+					return invalid("sequence %d: table block %d is %d: blocks are 0 to %d for blocks of %d bytes at %#x",
+						s, b, id, blocks-1, a.BlockStride, top)
+				}
 			}
 		}
 	}
