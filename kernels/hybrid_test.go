@@ -471,6 +471,7 @@ func TestAttentionInvalid(t *testing.T) {
 			with(mla, func(a *kernels.Attention) { a.Format, a.KScale = kernels.FP8E5M2, 2 }),
 			with(fp8, func(a *kernels.Attention) { a.KScale, a.VScale, a.KScaleAt, a.VScaleAt = 0, 0, 0x70000, 0x70004 }),
 			with(mla, func(a *kernels.Attention) { a.Format, a.KScaleAt = kernels.FP8E5M2, 0x70000 }),
+			with(fp8, func(a *kernels.Attention) { a.BlockStride = 16 * 2 * 64 }), // fp8 rows are half as long
 		} {
 			require.NoError(t, k.PagedAttention(0, ok), "%+v", ok)
 		}
@@ -500,6 +501,8 @@ func TestAttentionInvalid(t *testing.T) {
 			{with(base, func(a *kernels.Attention) { a.KBase++ }), "K base 0x30001"},
 			{with(base, func(a *kernels.Attention) { a.HeadDim = 2048 }), "head dim 2048"},
 			{with(base, func(a *kernels.Attention) { a.NumHeads = 7 }), "7 heads"},
+			{with(base, func(a *kernels.Attention) { a.BlockStride = 2048 }), "block stride 2048: it holds 16 tokens of 2 fp16 rows of 64 elements"},
+			{with(mla, func(a *kernels.Attention) { a.BlockStride = 16 * 1024 }), "block stride 16384: it holds 16 tokens of 1 fp16 rows of 576 elements"},
 		} {
 			err := k.PagedAttention(0, c.a)
 			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%+v", c.a)

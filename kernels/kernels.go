@@ -706,7 +706,7 @@ func quantize(out, in []byte, f Format, scale float32) {
 // NumHeads, HeadDim] and Out fp32 [NumSeqs, NumHeads, HeadDim] ([NumSeqs, NumHeads, LatentDim]
 // with MLA). K and V are in the arena layout of one layer (KBase, VBase, BlockStride,
 // BlockTokens): a token's row of KV head g starts (token*KVHeads + g)*HeadDim elements into its
-// block. All addresses are device addresses the caller owns, aligned to their elements (K and V
+// block, and BlockStride holds the rows of BlockTokens tokens. All addresses are device addresses the caller owns, aligned to their elements (K and V
 // bases and BlockStride to the Format's element, BlockTables and SeqLens to 4 bytes).
 //
 // The fields after Scale select masks, fp8 and MLA; their zero value is full attention over fp16
@@ -773,6 +773,9 @@ func (a Attention) validate() error {
 	if a.Out == 0 || a.Q == 0 || a.KBase == 0 || (a.VBase == 0) != mla || a.BlockTables == 0 || a.SeqLens == 0 {
 		return invalid("out %#x, Q %#x, K base %#x, V base %#x, block tables %#x, seq lens %#x: 0 where an address is needed",
 			uint64(a.Out), uint64(a.Q), uint64(a.KBase), uint64(a.VBase), uint64(a.BlockTables), uint64(a.SeqLens))
+	}
+	if uint64(a.BlockTokens)*uint64(a.KVHeads*a.HeadDim*esize) > a.BlockStride { // at most 2^31 * 2^16 * 2^11
+		return invalid("block stride %d: it holds %d tokens of %d %s rows of %d elements", a.BlockStride, a.BlockTokens, a.KVHeads, a.Format, a.HeadDim)
 	}
 	e := vmm.Addr(esize)
 	if a.Out%4 != 0 || a.Q%2 != 0 || a.KBase%e != 0 || a.VBase%e != 0 || a.BlockStride%uint64(e) != 0 || (a.BlockTables|a.SeqLens)%4 != 0 {
