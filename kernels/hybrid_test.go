@@ -638,3 +638,45 @@ func TestAttentionBadTableLeavesOut(t *testing.T) {
 		})
 	}
 }
+
+// A token whose score is -Inf (a K row holding an infinity) has weight 0, also when it is the
+// first attended token: the kernel takes the maximum over its tile of tokens before it weighs
+// them, and the Go implementation, which weighed the first token against a maximum of -Inf, got
+// exp(-Inf - -Inf), NaN, for the whole output.
+func TestAttentionNegInfScore(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const dim, L, blockTokens = 8, 3, 4
+		const stride = 2 * blockTokens * 2 * dim
+		h := func(b []byte, f float32) []byte {
+			return binary.LittleEndian.AppendUint16(b, kernels.HalfFromFloat32(f))
+		}
+		var key, value, q []byte
+		for p := range L {
+			for d := range dim {
+				x := float32(d+p) / 8
+				if p == 0 && d == 0 {
+					x = float32(math.Inf(-1))
+				}
+				key, value = h(key, x), h(value, float32(p+1))
+			}
+		}
+		for range dim {
+			q = h(q, 1)
+		}
+		addrs := stage(t, dev, make([]byte, stride), key, value, slotBytes([]int64{0, 1, 2}), q,
+			binary.LittleEndian.AppendUint32(nil, 0), binary.LittleEndian.AppendUint32(nil, L), make([]byte, 4*dim))
+		require.NoError(t, k.WriteKV(0, addrs[0], addrs[0]+blockTokens*2*dim, addrs[1], addrs[2], addrs[3], L, 2*dim, blockTokens, stride))
+		require.NoError(t, k.PagedAttention(0, kernels.Attention{Out: addrs[7], Q: addrs[4], KBase: addrs[0], VBase: addrs[0] + blockTokens*2*dim,
+			BlockTables: addrs[5], SeqLens: addrs[6], NumSeqs: 1, MaxBlocks: 1, NumHeads: 1, KVHeads: 1, HeadDim: dim, BlockTokens: blockTokens,
+			BlockStride: stride, Scale: 1}))
+		require.NoError(t, k.Synchronize(0))
+		out := make([]byte, 4*dim)
+		require.NoError(t, dev.CopyOut(out, addrs[7]))
+		// Tokens 1 and 2 score sum(d+p)/8 over d: 28/8+p; token 0 weighs nothing.
+		e1, e2 := math.Exp(28.0/8+1), math.Exp(28.0/8+2)
+		want := (2*e1 + 3*e2) / (e1 + e2)
+		for d := range dim {
+			require.InDelta(t, want, math.Float32frombits(binary.LittleEndian.Uint32(out[4*d:])), 1e-5, "dim %d", d)
+		}
+	})
+}

@@ -938,7 +938,10 @@ func (k *Kernels) attentionGo(a Attention) error {
 					sum *= c
 					m = score
 				}
-				p := float32(math.Exp(float64(score - m)))
+				p := float32(0) // a score of -Inf weighs nothing, also while the maximum is -Inf
+				if !math.IsInf(float64(score), -1) {
+					p = float32(math.Exp(float64(score - m)))
+				}
 				sum += p
 				if err := k.dev.CopyOut(vrow, r.vBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
