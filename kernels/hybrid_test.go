@@ -3,6 +3,7 @@ package kernels_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -470,6 +471,7 @@ func TestAttentionInvalid(t *testing.T) {
 			with(mla, func(a *kernels.Attention) { a.Format, a.KScale = kernels.FP8E5M2, 2 }),
 			with(fp8, func(a *kernels.Attention) { a.KScale, a.VScale, a.KScaleAt, a.VScaleAt = 0, 0, 0x70000, 0x70004 }),
 			with(mla, func(a *kernels.Attention) { a.Format, a.KScaleAt = kernels.FP8E5M2, 0x70000 }),
+			with(fp8, func(a *kernels.Attention) { a.BlockStride = 16 * 2 * 64 }), // fp8 rows are half as long
 		} {
 			require.NoError(t, k.PagedAttention(0, ok), "%+v", ok)
 		}
@@ -499,6 +501,8 @@ func TestAttentionInvalid(t *testing.T) {
 			{with(base, func(a *kernels.Attention) { a.KBase++ }), "K base 0x30001"},
 			{with(base, func(a *kernels.Attention) { a.HeadDim = 2048 }), "head dim 2048"},
 			{with(base, func(a *kernels.Attention) { a.NumHeads = 7 }), "7 heads"},
+			{with(base, func(a *kernels.Attention) { a.BlockStride = 2048 }), "block stride 2048: it holds 16 tokens of 2 fp16 rows of 64 elements"},
+			{with(mla, func(a *kernels.Attention) { a.BlockStride = 16 * 1024 }), "block stride 16384: it holds 16 tokens of 1 fp16 rows of 576 elements"},
 		} {
 			err := k.PagedAttention(0, c.a)
 			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%+v", c.a)
@@ -553,6 +557,126 @@ func TestWriteInvalid(t *testing.T) {
 			err := k.Write(0, c.w)
 			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%+v", c.w)
 			assert.Contains(t, err.Error(), c.says)
+		}
+	})
+}
+
+// A slot whose block lies past the end of the address space is refused before any row is
+// written: 2^52 blocks of 4 KiB wrap to block 0, where the Go implementation wrote the row. The
+// CUDA kernel reads the slots only when it runs (see the report on write_kv), so this is the Go
+// implementation's check.
+func TestWriteSlotPastAddressSpace(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, k.Close()); require.NoError(t, dev.Close()) })
+	const rowBytes, blockTokens, stride = 256, 4, 4 << 10
+	for _, f := range []kernels.Format{kernels.FP16, kernels.FP8E5M2} {
+		for _, bad := range []int64{1 << 54, math.MaxInt64} {
+			slots := []int64{1, bad}
+			addrs := stage(t, dev, make([]byte, 4*stride), pattern(1, 2*rowBytes), pattern(2, 2*rowBytes), slotBytes(slots))
+			w := kernels.KVWrite{KBase: addrs[0], VBase: addrs[0] + stride/2, Key: addrs[1], Value: addrs[2], SlotMapping: addrs[3],
+				NumTokens: len(slots), RowBytes: rowBytes, BlockTokens: blockTokens, BlockStride: stride, Format: f}
+			if f != kernels.FP16 {
+				w.KScale, w.VScale = 1, 1
+			}
+			err := k.Write(0, w)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%s slot %d", f, bad)
+			assert.Contains(t, err.Error(), fmt.Sprintf("token 1: slot %d", bad))
+			got := make([]byte, 4*stride)
+			require.NoError(t, dev.CopyOut(got, addrs[0]))
+			require.Equal(t, make([]byte, 4*stride), got, "%s slot %d: the cache changed", f, bad)
+		}
+	}
+}
+
+// A sequence longer than its table row, or a table entry that is not a block where a sequence
+// attends, is refused before any output is written: the Go implementation wrote the outputs of
+// the sequences before it, and read a block id whose offset wrapped (2^24 blocks of 2^40 bytes)
+// as block 0. The CUDA kernel reads lengths and tables only when it runs (see the report on
+// paged_attention_decode), so these are the Go implementation's checks.
+func TestAttentionBadTableLeavesOut(t *testing.T) {
+	dev, err := vmm.NewHostDevice(vmm.HostOptions{})
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, k.Close()); require.NoError(t, dev.Close()) })
+	const dim, blockTokens, maxBlocks = 16, 4, 2
+	const blockBytes = blockTokens * 2 * dim
+	r := rand.New(rand.NewPCG(6, 6))
+	for _, c := range []struct {
+		name   string
+		stride uint64
+		lens   [2]uint32
+		second [maxBlocks]int32
+		says   string
+		is     error
+	}{
+		{"too long", 4 * blockBytes, [2]uint32{4, 9}, [maxBlocks]int32{2, 3}, "sequence 1", vmm.ErrOutOfRange},
+		{"negative block", 4 * blockBytes, [2]uint32{4, 6}, [maxBlocks]int32{2, -1}, "sequence 1: table block 1 is -1", vmm.ErrInvalidArgument},
+		{"block past the address space", 1 << 40, [2]uint32{4, 3}, [maxBlocks]int32{1 << 24, 3}, "sequence 1: table block 0 is 16777216", vmm.ErrInvalidArgument},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			table := binary.LittleEndian.AppendUint32(nil, 0)
+			table = binary.LittleEndian.AppendUint32(table, 1)
+			for _, b := range c.second {
+				table = binary.LittleEndian.AppendUint32(table, uint32(b))
+			}
+			lens := binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, c.lens[0]), c.lens[1])
+			out := pattern(7, 2*4*dim)
+			addrs := stage(t, dev, halfs(r, 4*4*blockBytes/2, 1), halfs(r, 2*dim, 1), table, lens, out)
+			a := kernels.Attention{Out: addrs[4], Q: addrs[1], KBase: addrs[0], VBase: addrs[0] + blockBytes,
+				BlockTables: addrs[2], SeqLens: addrs[3], NumSeqs: 2, MaxBlocks: maxBlocks, NumHeads: 1, KVHeads: 1, HeadDim: dim,
+				BlockTokens: blockTokens, BlockStride: c.stride, Scale: 0.25}
+			err := k.PagedAttention(0, a)
+			require.ErrorIs(t, err, c.is)
+			assert.Contains(t, err.Error(), c.says)
+			got := make([]byte, len(out))
+			require.NoError(t, dev.CopyOut(got, a.Out))
+			require.Equal(t, out, got, "the output changed")
+		})
+	}
+}
+
+// A token whose score is -Inf (a K row holding an infinity) has weight 0, also when it is the
+// first attended token: the kernel takes the maximum over its tile of tokens before it weighs
+// them, and the Go implementation, which weighed the first token against a maximum of -Inf, got
+// exp(-Inf - -Inf), NaN, for the whole output.
+func TestAttentionNegInfScore(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const dim, L, blockTokens = 8, 3, 4
+		const stride = 2 * blockTokens * 2 * dim
+		h := func(b []byte, f float32) []byte {
+			return binary.LittleEndian.AppendUint16(b, kernels.HalfFromFloat32(f))
+		}
+		var key, value, q []byte
+		for p := range L {
+			for d := range dim {
+				x := float32(d+p) / 8
+				if p == 0 && d == 0 {
+					x = float32(math.Inf(-1))
+				}
+				key, value = h(key, x), h(value, float32(p+1))
+			}
+		}
+		for range dim {
+			q = h(q, 1)
+		}
+		addrs := stage(t, dev, make([]byte, stride), key, value, slotBytes([]int64{0, 1, 2}), q,
+			binary.LittleEndian.AppendUint32(nil, 0), binary.LittleEndian.AppendUint32(nil, L), make([]byte, 4*dim))
+		require.NoError(t, k.WriteKV(0, addrs[0], addrs[0]+blockTokens*2*dim, addrs[1], addrs[2], addrs[3], L, 2*dim, blockTokens, stride))
+		require.NoError(t, k.PagedAttention(0, kernels.Attention{Out: addrs[7], Q: addrs[4], KBase: addrs[0], VBase: addrs[0] + blockTokens*2*dim,
+			BlockTables: addrs[5], SeqLens: addrs[6], NumSeqs: 1, MaxBlocks: 1, NumHeads: 1, KVHeads: 1, HeadDim: dim, BlockTokens: blockTokens,
+			BlockStride: stride, Scale: 1}))
+		require.NoError(t, k.Synchronize(0))
+		out := make([]byte, 4*dim)
+		require.NoError(t, dev.CopyOut(out, addrs[7]))
+		// Tokens 1 and 2 score sum(d+p)/8 over d: 28/8+p; token 0 weighs nothing.
+		e1, e2 := math.Exp(28.0/8+1), math.Exp(28.0/8+2)
+		want := (2*e1 + 3*e2) / (e1 + e2)
+		for d := range dim {
+			require.InDelta(t, want, math.Float32frombits(binary.LittleEndian.Uint32(out[4*d:])), 1e-5, "dim %d", d)
 		}
 	})
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
@@ -32,8 +33,9 @@ const (
 
 // Kernels launches the operations on one device. Create it with For; Close it when done.
 type Kernels struct {
-	dev vmm.Device
-	mod *module // nil: the Go implementation
+	dev    vmm.Device
+	mod    *module // nil: the Go implementation
+	closed atomic.Bool
 
 	mu      sync.Mutex // guards the pair scratch
 	scratch *vmm.Pool
@@ -172,11 +174,27 @@ func LoadTime(dev *vmm.CUDADevice, img Image) error {
 // errNotMade is what every call on a nil Kernels, or one not made by For, returns.
 var errNotMade = fmt.Errorf("kernels: %w: nil kernels, or not made by For", vmm.ErrInvalidArgument)
 
+// usable returns errNotMade for a nil Kernels or one not made by For, and ErrClosed for a closed
+// one: it has given its module up, and must not fall back to the Go implementation.
+func (k *Kernels) usable() error {
+	if k == nil || k.dev == nil {
+		return errNotMade
+	}
+	if k.closed.Load() {
+		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
+	}
+	return nil
+}
+
 // Close releases the scratch buffer and the module reference; the last Kernels of a context
-// unloads the module. Closing twice is a no-op.
+// unloads the module. Every other call on a closed Kernels is ErrClosed; closing twice is a
+// no-op.
 func (k *Kernels) Close() error {
 	if k == nil || k.dev == nil {
 		return errNotMade
+	}
+	if k.closed.Swap(true) {
+		return nil
 	}
 	var errs []error
 	k.mu.Lock()
@@ -217,19 +235,20 @@ func (k *Kernels) ScratchBytes() uint64 {
 }
 
 // Mark is a point in a stream's work: the work queued on the stream before it. The Go
-// implementation runs synchronously, so its marks are reached when made. Close a Mark when done.
+// implementation runs synchronously, so its marks are reached when made. Close a Mark when done;
+// it stays usable after its Kernels is closed, as long as the device is open.
 type Mark struct {
-	k  *Kernels
-	ev cuda.Event
+	ctx *cuda.Context // the event's, which outlives the Kernels and its module
+	ev  cuda.Event
 }
 
 // Mark records a point in s's work (a CUDA event on s).
 func (k *Kernels) Mark(s Stream) (*Mark, error) {
-	if k == nil || k.dev == nil {
-		return nil, errNotMade
+	if err := k.usable(); err != nil {
+		return nil, err
 	}
 	if k.mod == nil {
-		return &Mark{k: k}, nil
+		return &Mark{}, nil
 	}
 	ev, err := k.mod.ctx.EventCreate(cuda.EventDisableTiming)
 	if err != nil {
@@ -239,7 +258,7 @@ func (k *Kernels) Mark(s Stream) (*Mark, error) {
 		k.mod.ctx.EventDestroy(ev)
 		return nil, fmt.Errorf("kernels: mark: %w", err)
 	}
-	return &Mark{k: k, ev: ev}, nil
+	return &Mark{ctx: k.mod.ctx, ev: ev}, nil
 }
 
 // Wait blocks until the work before the mark is done.
@@ -247,7 +266,7 @@ func (mk *Mark) Wait() error {
 	if mk == nil || mk.ev == 0 {
 		return nil
 	}
-	return mk.k.mod.ctx.EventSynchronize(mk.ev)
+	return mk.ctx.EventSynchronize(mk.ev)
 }
 
 // Done reports, without blocking, whether the work before the mark is done.
@@ -255,7 +274,7 @@ func (mk *Mark) Done() (bool, error) {
 	if mk == nil || mk.ev == 0 {
 		return true, nil
 	}
-	return mk.k.mod.ctx.EventQuery(mk.ev)
+	return mk.ctx.EventQuery(mk.ev)
 }
 
 // Close releases the mark's event; it does not wait for it.
@@ -263,15 +282,15 @@ func (mk *Mark) Close() error {
 	if mk == nil || mk.ev == 0 {
 		return nil
 	}
-	err := mk.k.mod.ctx.EventDestroy(mk.ev)
+	err := mk.ctx.EventDestroy(mk.ev)
 	mk.ev = 0
 	return err
 }
 
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if k.mod == nil {
 		return nil
@@ -288,15 +307,23 @@ func i64(v int64) unsafe.Pointer { return unsafe.Pointer(&v) }
 func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 
 // CopyBlocks copies blocks of blockStride bytes within the arena at base: pairs holds
-// (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. Destinations must be distinct
-// and not be sources of other pairs. On CUDA it stages the pairs in device memory and launches
-// once per up to 128k pairs on s, returning once queued.
+// (src, dst) block ids as vLLM's [N,2] block_mapping, flattened. base is aligned to 16 bytes (an
+// arena's is: it is page aligned). Destinations must be distinct and not be sources of other
+// pairs. Every id is checked before anything is copied: a negative one, or one whose block would
+// lie past the end of the address space, is ErrInvalidArgument. On CUDA it stages the pairs in
+// device memory and launches once per up to 128k pairs on s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := checkStride(len(pairs)%2 == 0, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
+	}
+	if err := checkBase(base); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	if err := checkPairs(pairs, 0, base, blockStride); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
 	}
 	if k.mod == nil {
 		for i := 0; i < len(pairs); i += 2 {
@@ -374,11 +401,13 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 }
 
 // CopyBlocksDevice is CopyBlocks with the n pairs already in device memory at pairs (int64
-// [n,2]): nothing is staged, so it can be captured in a CUDA graph. The Go implementation reads
-// the pairs through the device, a chunk at a time. n may be at most MaxGridX.
+// [n,2], aligned to 8 bytes): nothing is staged, so it can be captured in a CUDA graph. The Go
+// implementation reads the pairs through the device, a chunk at a time, and checks their ids as
+// CopyBlocks does before it copies any; the CUDA kernel reads them only when it runs and does not
+// check them. n may be at most MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if n < 0 || n > MaxGridX {
 		return fmt.Errorf("kernels: copy blocks: %w", &vmm.RangeError{Offset: 0, Size: uint64(n), Limit: MaxGridX + 1})
@@ -386,26 +415,17 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 	if err := checkStride(true, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %w", err)
 	}
+	if err := checkBase(base); err != nil {
+		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	if n > 0 && (pairs == 0 || pairs%8 != 0) { // the kernel reads them as int64
+		return fmt.Errorf("kernels: copy blocks: %w", invalid("pairs %#x: 0 or not aligned to 8", uint64(pairs)))
+	}
 	if n == 0 {
 		return nil
 	}
 	if k.mod == nil {
-		const chunk = 4096
-		host := make([]byte, 16*min(n, chunk))
-		p := make([]int64, 2*min(n, chunk))
-		for done := 0; done < n; done += chunk {
-			c := min(n-done, chunk)
-			if err := k.dev.CopyOut(host[:16*c], pairs+vmm.Addr(16*done)); err != nil {
-				return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
-			}
-			for i := range 2 * c {
-				p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
-			}
-			if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
-				return err
-			}
-		}
-		return nil
+		return k.copyPairsGo(s, base, pairs, n, blockStride)
 	}
 	const threads = 256
 	vecs := blockStride / 16
@@ -414,6 +434,33 @@ func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockS
 		[]unsafe.Pointer{ptr(base), ptr(pairs), i64(int64(blockStride))})
 	if err != nil {
 		return fmt.Errorf("kernels: copy blocks: %w", err)
+	}
+	return nil
+}
+
+// copyPairsGo is the Go implementation of CopyBlocksDevice. It reads the pairs a chunk at a time
+// twice: it checks them all before it copies any.
+func (k *Kernels) copyPairsGo(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
+	const chunk = 4096
+	host := make([]byte, 16*min(n, chunk))
+	p := make([]int64, 2*min(n, chunk))
+	for _, check := range []bool{true, false} {
+		for done := 0; done < n; done += chunk {
+			c := min(n-done, chunk)
+			if err := k.dev.CopyOut(host[:16*c], pairs+vmm.Addr(16*done)); err != nil {
+				return fmt.Errorf("kernels: copy blocks: read pairs: %w", err)
+			}
+			for i := range 2 * c {
+				p[i] = int64(binary.LittleEndian.Uint64(host[8*i:]))
+			}
+			if check {
+				if err := checkPairs(p[:2*c], done, base, blockStride); err != nil {
+					return fmt.Errorf("kernels: copy blocks: %w", err)
+				}
+			} else if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -536,10 +583,12 @@ func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
 }
 
 // Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
-// write_kv_fp8, returning once queued.
+// write_kv_fp8, returning once queued; the kernel reads the slots only when it runs and does not
+// check them. The Go implementation checks every slot before it writes a row: one whose block
+// would lie past the end of the address space is ErrInvalidArgument.
 func (k *Kernels) Write(s Stream, w KVWrite) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := w.validate(); err != nil {
 		return fmt.Errorf("kernels: write kv: %w", err)
@@ -580,16 +629,24 @@ func (k *Kernels) writeGo(w KVWrite) error {
 			return fmt.Errorf("kernels: write kv: %w", err)
 		}
 	}
-	var slot8 [8]byte
-	for t := range w.NumTokens {
-		if err := k.dev.CopyOut(slot8[:], w.SlotMapping+vmm.Addr(8*t)); err != nil {
-			return fmt.Errorf("kernels: write kv: read slot %d: %w", t, err)
+	// Every slot is checked before a row is written: the slots are read twice.
+	blocks := min(math.MaxInt64, math.MaxUint64-uint64(max(w.KBase, w.VBase))) / w.BlockStride
+	bt := int64(w.BlockTokens)
+	err := k.eachSlot(w, func(t int, slot int64) error {
+		if slot >= 0 && uint64(slot/bt) >= blocks {
+			return invalid("token %d: slot %d in block %d: blocks are 0 to %d for blocks of %d bytes at %#x",
+				t, slot, slot/bt, blocks-1, w.BlockStride, uint64(max(w.KBase, w.VBase)))
 		}
-		slot := int64(binary.LittleEndian.Uint64(slot8[:]))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
+	}
+	err = k.eachSlot(w, func(t int, slot int64) error {
 		if slot < 0 {
-			continue
+			return nil
 		}
-		off := vmm.Addr(uint64(slot/int64(w.BlockTokens))*w.BlockStride + uint64(slot%int64(w.BlockTokens))*row)
+		off := vmm.Addr(uint64(slot/bt)*w.BlockStride + uint64(slot%bt)*row)
 		for _, kv := range [2]struct {
 			dst, src vmm.Addr
 			scale    float32
@@ -606,7 +663,29 @@ func (k *Kernels) writeGo(w KVWrite) error {
 				err = k.dev.CopyIn(kv.dst+off, out)
 			}
 			if err != nil {
-				return fmt.Errorf("kernels: write kv: token %d: %w", t, err)
+				return fmt.Errorf("token %d: %w", t, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("kernels: write kv: %w", err)
+	}
+	return nil
+}
+
+// eachSlot calls fn with each token and its slot, reading the slot mapping a chunk at a time.
+func (k *Kernels) eachSlot(w KVWrite, fn func(t int, slot int64) error) error {
+	const chunk = 512
+	buf := make([]byte, 8*min(w.NumTokens, chunk))
+	for done := 0; done < w.NumTokens; done += chunk {
+		c := min(w.NumTokens-done, chunk)
+		if err := k.dev.CopyOut(buf[:8*c], w.SlotMapping+vmm.Addr(8*done)); err != nil {
+			return fmt.Errorf("read slots %d to %d: %w", done, done+c-1, err)
+		}
+		for i := range c {
+			if err := fn(done+i, int64(binary.LittleEndian.Uint64(buf[8*i:]))); err != nil {
+				return err
 			}
 		}
 	}
@@ -627,7 +706,7 @@ func quantize(out, in []byte, f Format, scale float32) {
 // NumHeads, HeadDim] and Out fp32 [NumSeqs, NumHeads, HeadDim] ([NumSeqs, NumHeads, LatentDim]
 // with MLA). K and V are in the arena layout of one layer (KBase, VBase, BlockStride,
 // BlockTokens): a token's row of KV head g starts (token*KVHeads + g)*HeadDim elements into its
-// block. All addresses are device addresses the caller owns, aligned to their elements (K and V
+// block, and BlockStride holds the rows of BlockTokens tokens. All addresses are device addresses the caller owns, aligned to their elements (K and V
 // bases and BlockStride to the Format's element, BlockTables and SeqLens to 4 bytes).
 //
 // The fields after Scale select masks, fp8 and MLA; their zero value is full attention over fp16
@@ -695,6 +774,9 @@ func (a Attention) validate() error {
 		return invalid("out %#x, Q %#x, K base %#x, V base %#x, block tables %#x, seq lens %#x: 0 where an address is needed",
 			uint64(a.Out), uint64(a.Q), uint64(a.KBase), uint64(a.VBase), uint64(a.BlockTables), uint64(a.SeqLens))
 	}
+	if uint64(a.BlockTokens)*uint64(a.KVHeads*a.HeadDim*esize) > a.BlockStride { // at most 2^31 * 2^16 * 2^11
+		return invalid("block stride %d: it holds %d tokens of %d %s rows of %d elements", a.BlockStride, a.BlockTokens, a.KVHeads, a.Format, a.HeadDim)
+	}
 	e := vmm.Addr(esize)
 	if a.Out%4 != 0 || a.Q%2 != 0 || a.KBase%e != 0 || a.VBase%e != 0 || a.BlockStride%uint64(e) != 0 || (a.BlockTables|a.SeqLens)%4 != 0 {
 		return invalid("out %#x, block tables %#x, seq lens %#x (aligned to 4), Q %#x (to 2), K base %#x, V base %#x, block stride %d (to %d): misaligned",
@@ -742,10 +824,13 @@ func (a Attention) span(n int64) (ns, lo int64) {
 }
 
 // PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
-// NumHeads at most MaxGridY.
+// NumHeads at most MaxGridY. The CUDA kernel reads the lengths and tables only when it runs and
+// does not check them. The Go implementation checks them before it writes any output: a length
+// past MaxBlocks*BlockTokens is ErrOutOfRange, and an attended block id that is negative or whose
+// block would lie past the end of the address space is ErrInvalidArgument.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
-	if k == nil || k.dev == nil {
-		return errNotMade
+	if err := k.usable(); err != nil {
+		return err
 	}
 	if err := a.validate(); err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
@@ -801,19 +886,18 @@ func (k *Kernels) attentionGo(a Attention) error {
 		}
 		return a.Format.decode(b[i])
 	}
+	if err := a.checkTables(read32); err != nil {
+		return fmt.Errorf("kernels: attention: %w", err)
+	}
 	group := a.NumHeads / a.KVHeads
 	rowBytes := int64(esize * a.HeadDim)
 	bt := int64(a.BlockTokens)
-	maxLen := int64(a.MaxBlocks) * bt
 	for s := range a.NumSeqs {
 		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
 		if err != nil {
 			return fmt.Errorf("kernels: attention: %w", err)
 		}
 		n := int64(max(n32, 0))
-		if n > maxLen {
-			return fmt.Errorf("kernels: attention: sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
-		}
 		ns, lo := a.span(n)
 		count := ns + n - lo
 		rowOf := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
@@ -854,7 +938,10 @@ func (k *Kernels) attentionGo(a Attention) error {
 					sum *= c
 					m = score
 				}
-				p := float32(math.Exp(float64(score - m)))
+				p := float32(0) // a score of -Inf weighs nothing, also while the maximum is -Inf
+				if !math.IsInf(float64(score), -1) {
+					p = float32(math.Exp(float64(score - m)))
+				}
 				sum += p
 				if err := k.dev.CopyOut(vrow, r.vBase+off); err != nil {
 					return fmt.Errorf("kernels: attention: %w", err)
@@ -878,6 +965,41 @@ func (k *Kernels) attentionGo(a Attention) error {
 	return nil
 }
 
+// checkTables reads every sequence's length and the table entries of the blocks it attends,
+// before the Go implementation writes any output. It reports a length past the sequence's table
+// row, and an entry that is negative or whose block would lie past the end of the address space.
+func (a Attention) checkTables(read32 func(vmm.Addr) (int32, error)) error {
+	top := uint64(max(a.KBase, a.VBase))
+	blocks := int64(min(math.MaxInt64, math.MaxUint64-top) / a.BlockStride)
+	bt := int64(a.BlockTokens)
+	maxLen := int64(a.MaxBlocks) * bt
+	for s := range a.NumSeqs {
+		n32, err := read32(a.SeqLens + vmm.Addr(4*s))
+		if err != nil {
+			return err
+		}
+		n := int64(max(n32, 0))
+		if n > maxLen {
+			return fmt.Errorf("sequence %d: %w", s, &vmm.RangeError{Size: uint64(n), Limit: uint64(maxLen) + 1})
+		}
+		ns, lo := a.span(n)
+		row := a.BlockTables + vmm.Addr(4*int64(s)*int64(a.MaxBlocks))
+		for _, span := range [2][2]int64{{0, ns}, {lo, n}} { // the sinks, then the tail
+			for b := span[0] / bt; b*bt < span[1]; b++ {
+				id, err := read32(row + vmm.Addr(4*b))
+				if err != nil {
+					return err
+				}
+				if id < 0 || int64(id) >= blocks {
+					return invalid("sequence %d: table block %d is %d: blocks are 0 to %d for blocks of %d bytes at %#x",
+						s, b, id, blocks-1, a.BlockStride, top)
+				}
+			}
+		}
+	}
+	return nil
+}
+
 // Launch limits: a grid's x dimension holds at most 2^31-1 blocks and its y dimension 65535;
 // MaxRowBytes bounds one token's row in WriteKV, MaxBlockStride a block in CopyBlocks (a grid
 // of 65535 chunks of 32 KiB).
@@ -887,6 +1009,28 @@ const (
 	MaxRowBytes    = 1 << 20
 	MaxBlockStride = MaxGridY * 256 * 8 * 16
 )
+
+// checkBase reports an arena base copy_blocks cannot copy at: 0, or not aligned to its 16-byte
+// loads and stores. On the GPU a misaligned launch faults, and the fault ruins the context.
+func checkBase(base vmm.Addr) error {
+	if base == 0 || base%16 != 0 {
+		return invalid("base %#x: 0 or not aligned to 16", uint64(base))
+	}
+	return nil
+}
+
+// checkPairs reports a block id of pairs (pair first onwards) that is negative, or whose block
+// does not lie within the address space above base: copy_blocks would compute its address with
+// an int64 product that overflows, and copy at the wrapped address.
+func checkPairs(pairs []int64, first int, base vmm.Addr, blockStride uint64) error {
+	blocks := min(math.MaxInt64, math.MaxUint64-uint64(base)) / blockStride
+	for i, id := range pairs {
+		if uint64(id) >= blocks {
+			return invalid("pair %d: block %d: ids are 0 to %d for blocks of %d bytes at %#x", first+i/2, id, blocks-1, blockStride, uint64(base))
+		}
+	}
+	return nil
+}
 
 // checkStride reports a block stride CopyBlocks cannot copy (zero, not a multiple of 16, over
 // MaxBlockStride), or pairs that are not pairs.

@@ -243,3 +243,112 @@ func TestModuleLoadedOncePerContext(t *testing.T) {
 		require.NoError(t, kernels.LoadTime(dev, img), "%s loads", img)
 	}
 }
+
+// The copy kernel loads and stores 16 bytes at a time from base and reads the pairs as int64: a
+// base not aligned to 16 (or 0) and pairs not aligned to 8 are refused before anything is copied,
+// on the host as on the GPU, where the launch would fault with a misaligned address.
+func TestCopyBlocksMisaligned(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		base := devtest.Mapped(t, dev, 8*stride)
+		for b := range 8 {
+			require.NoError(t, dev.CopyIn(base+vmm.Addr(b*stride), pattern(uint64(b), stride)))
+		}
+		pairs := stage(t, dev, slotBytes([]int64{0, 1}), slotBytes([]int64{0, 1}))
+		for _, c := range []struct {
+			err  error
+			says string
+		}{
+			{k.CopyBlocks(0, base+8, []int64{0, 1}, stride), "base 0x"},
+			{k.CopyBlocks(0, 0, []int64{0, 1}, stride), "base 0x0"},
+			{k.CopyBlocksDevice(0, base+8, pairs[0], 1, stride), "base 0x"},
+			{k.CopyBlocksDevice(0, base, pairs[1]+4, 1, stride), "pairs 0x"},
+			{k.CopyBlocksDevice(0, base, 0, 1, stride), "pairs 0x0"},
+		} {
+			require.ErrorIs(t, c.err, vmm.ErrInvalidArgument)
+			assert.Contains(t, c.err.Error(), c.says)
+		}
+		got := make([]byte, 8*stride)
+		require.NoError(t, dev.CopyOut(got, base))
+		for b := range 8 {
+			require.Equal(t, pattern(uint64(b), stride), got[b*stride:(b+1)*stride], "block %d", b)
+		}
+	})
+}
+
+// A block id that is negative, or whose block lies past the end of the address space (its
+// offset wrapped to a block in the arena before), is refused before any pair is copied: on the
+// GPU the kernel would copy at the wrapped address.
+func TestCopyBlocksBadID(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		const pairs = 4097 // the Go implementation of CopyBlocksDevice reads 4096 pairs at a time
+		base := devtest.Mapped(t, dev, 2*pairs*stride)
+		want := pattern(1, 2*pairs*stride)
+		require.NoError(t, dev.CopyIn(base, want))
+		inDevice := make([]int64, 0, 2*pairs)
+		for i := range pairs - 1 {
+			inDevice = append(inDevice, int64(i), int64(pairs+i))
+		}
+		for _, c := range []struct {
+			bad  [2]int64
+			says string
+		}{
+			{[2]int64{-1, 2}, "block -1"},
+			{[2]int64{3, math.MinInt64}, "block -9223372036854775808"},
+			{[2]int64{1 << 52, 2}, "block 4503599627370496"}, // 2^52 * 4 KiB wraps to 0: block 0
+			{[2]int64{3, math.MaxInt64}, "block 9223372036854775807"},
+		} {
+			err := k.CopyBlocks(0, base, []int64{0, 1, c.bad[0], c.bad[1]}, stride)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%v", c.bad)
+			assert.Contains(t, err.Error(), c.says)
+			if k.Image() == kernels.ImageGo { // the kernel cannot see pairs in device memory before it runs
+				pairsAt := stage(t, dev, slotBytes(append(inDevice, c.bad[0], c.bad[1])))[0]
+				err = k.CopyBlocksDevice(0, base, pairsAt, pairs, stride)
+				require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%v", c.bad)
+				assert.Contains(t, err.Error(), c.says)
+			}
+			got := make([]byte, len(want))
+			require.NoError(t, dev.CopyOut(got, base))
+			require.True(t, bytes.Equal(want, got), "%v: the arena changed", c.bad)
+		}
+	})
+}
+
+// A closed Kernels refuses every operation with ErrClosed. On a GPU it has given its module up:
+// it must not fall back to the Go implementation, which copies synchronously on the null stream
+// and ignores the caller's stream order.
+func TestClosedKernels(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		const stride = 4 << 10
+		base := devtest.Mapped(t, dev, 2*stride)
+		require.NoError(t, dev.CopyIn(base, pattern(1, 2*stride)))
+		require.NoError(t, k.Close())
+		require.ErrorIs(t, k.CopyBlocks(0, base, []int64{0, 1}, stride), vmm.ErrClosed)
+		require.ErrorIs(t, k.CopyBlocksDevice(0, base, base, 1, stride), vmm.ErrClosed)
+		require.ErrorIs(t, k.WriteKV(0, base, 0, base+stride, 0, base+stride, 1, 16, 1, 16), vmm.ErrClosed)
+		require.ErrorIs(t, k.PagedAttention(0, kernels.Attention{Out: base, Q: base, KBase: base, VBase: base, BlockTables: base, SeqLens: base,
+			NumSeqs: 1, MaxBlocks: 1, NumHeads: 1, KVHeads: 1, HeadDim: 8, BlockTokens: 1, BlockStride: 16}), vmm.ErrClosed)
+		require.ErrorIs(t, k.Synchronize(0), vmm.ErrClosed)
+		_, err := k.Mark(0)
+		require.ErrorIs(t, err, vmm.ErrClosed)
+		got := make([]byte, 2*stride)
+		require.NoError(t, dev.CopyOut(got, base))
+		require.Equal(t, pattern(1, 2*stride), got)
+		require.NoError(t, k.Close(), "closing twice is a no-op")
+	})
+}
+
+// A Mark made before its Kernels is closed can still be waited for, queried and closed.
+func TestMarkOutlivesKernels(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		mk, err := k.Mark(0)
+		require.NoError(t, err)
+		require.NoError(t, k.Close())
+		require.NoError(t, mk.Wait())
+		done, err := mk.Done()
+		require.NoError(t, err)
+		assert.True(t, done)
+		require.NoError(t, mk.Close())
+	})
+}
