@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/go-zeromq/zmq4"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vmihailenco/msgpack/v5"
 
@@ -210,4 +211,17 @@ func requireCutOff(t *testing.T, conn net.Conn, what string) {
 	_, err := io.Copy(io.Discard, conn) // what the publisher sent before, then the end
 	var ne net.Error
 	require.False(t, errors.As(err, &ne) && ne.Timeout(), "the publisher kept the connection of %s: %v", what, err)
+}
+
+// requireServing checks that p, which has sent batch 0 of feed f, still serves after what a
+// test did to it: replay answers with batch 0, and a new subscriber gets batch 1.
+func requireServing(t *testing.T, f *prefix.Feed, p *Publisher) {
+	t.Helper()
+	seqs, _ := replay(t, p, 0)
+	assert.Equal(t, []uint64{0}, seqs)
+	s := subscribe(t, p, "kv@")
+	f.Publish(stored(1))
+	require.NoError(t, p.Flush())
+	seq, _ := s.recv(t, "kv@pod-1@llama")
+	assert.Equal(t, uint64(1), seq)
 }

@@ -136,14 +136,7 @@ func TestReplayBadInput(t *testing.T) {
 		}
 	}
 
-	// Still serving: replay answers, and a subscriber gets the stream.
-	seqs, _ := replay(t, p, 0)
-	assert.Equal(t, []uint64{0}, seqs)
-	s := subscribe(t, p, "kv@")
-	f.Publish(stored(1))
-	require.NoError(t, p.Flush())
-	seq, _ := s.recv(t, "kv@pod-1@llama")
-	assert.Equal(t, uint64(1), seq)
+	requireServing(t, f, p)
 }
 
 // Bad configurations are *ConfigErrors from Start, which leaves the subscription the caller's;
@@ -441,13 +434,7 @@ func TestPeerSocketType(t *testing.T) {
 		requireCutOff(t, conn, fmt.Sprintf("a peer of the %s socket with properties %q", c.socket, c.props))
 		conn.Close()
 	}
-	seqs, _ := replay(t, p, 0)
-	assert.Equal(t, []uint64{0}, seqs)
-	s := subscribe(t, p, "kv@")
-	f.Publish(stored(1))
-	require.NoError(t, p.Flush())
-	seq, _ := s.recv(t, "kv@pod-1@llama")
-	assert.Equal(t, uint64(1), seq)
+	requireServing(t, f, p)
 }
 
 // A subscriber that sends the PUB socket a message that is not a subscription is cut off, a
