@@ -10,7 +10,8 @@
 // The ledger path defaults to $PAGEDKV_LEDGER, else /dev/shm/pagedkv. pagedkvctl never creates
 // a ledger: the serving processes do. -timeout bounds the wait for each member asked to give
 // back memory or drop its cache; a member that does not answer in time (a stopped process) is
-// skipped. drop-cache without MEMBER asks every member; an empty MEMBER is a usage error.
+// skipped. drop-cache without MEMBER asks every member; an empty MEMBER is a usage error. The
+// exit status is 0 on success, 2 for a usage error and 1 for any other failure.
 package main
 
 import (
@@ -36,8 +37,17 @@ func main() {
 	go func() { <-stop; close(done) }()
 	if err := run(os.Args[1:], os.Stdout, done); err != nil {
 		fmt.Fprintln(os.Stderr, "pagedkvctl:", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// exitCode is the exit status of a run that failed with err: 2 for a command line that cannot
+// be carried out as written (errUsage, as the flag package's commands use), 1 for anything else.
+func exitCode(err error) int {
+	if errors.Is(err, errUsage) {
+		return 2
+	}
+	return 1
 }
 
 // DefaultLedger is the ledger path used without -ledger and $PAGEDKV_LEDGER.

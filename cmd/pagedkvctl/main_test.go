@@ -214,7 +214,9 @@ func TestBadInput(t *testing.T) {
 		{"top", "-x"}, {"top", "5"}, {"top", "-n", "1", "extra"}, {"list", "llama"}, {"drop-cache", "a", "b"}, {"drop-cache", ""}, {"-nosuchflag", "list"}, {"-timeout", "0s", "list"}} {
 		err := run(append([]string{"-ledger", path}, args...), &out, nil)
 		require.ErrorIs(t, err, errUsage, "%v", args)
+		require.Equal(t, 2, exitCode(err), "%v: a usage error exits 2", args)
 	}
+	require.Equal(t, 1, exitCode(err), "a missing ledger exits 1")
 	l, err := ledger.Open(path, ledger.Options{Limit: 1 << 30})
 	require.NoError(t, err)
 	defer l.Close()
