@@ -430,6 +430,15 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 	m.pending.Append(&ev)
 }
 
+// emitCleared queues an AllBlocksCleared event for medium, with the group: a Hybrid's group
+// may drop its cache alone (its DropCache, a ledger's drop request).
+func (m *Manager) emitCleared(medium string) {
+	var ev prefix.Event
+	ev.Kind, ev.Medium = prefix.AllBlocksCleared, medium
+	m.group.removed(&ev)
+	m.pending.Append(&ev)
+}
+
 // publish delivers the events of the operation that just succeeded, in order, under the lock
 // (so that events of concurrent operations keep the order of their effects). Up to holdEvents
 // stay in m.pending, committed, and the subscribers are signalled (Feed.Hold): a subscriber's
@@ -654,7 +663,7 @@ func (m *Manager) DropCache() (int, error) {
 			}
 			m.counters.hostEvictions += uint64(h)
 			if m.feed.Active() {
-				m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})
+				m.emitCleared(prefix.MediumCPU)
 			}
 			m.publish()
 		}
@@ -683,7 +692,7 @@ func (m *Manager) dropCacheLocked() int {
 		a.Uncache(b)
 	}
 	if m.publishes() && len(idle)+len(held) > 0 {
-		m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
+		m.emitCleared(prefix.MediumGPU)
 	}
 	m.publish()
 	return len(idle)
