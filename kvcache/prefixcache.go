@@ -641,9 +641,10 @@ func (m *Manager) dropExcess(keep int) {
 }
 
 // DropCache empties the prefix cache: idle cached blocks are freed and held ones forget their
-// keys (their sequences keep them), and the host prefix cache is emptied. Subscribers get
-// AllBlocksCleared (Medium "GPU", and "CPU" for the host cache). It returns the device blocks
-// freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
+// keys (their sequences keep them), and the host prefix cache is emptied, but for blocks the
+// tiers are still reading. Subscribers get AllBlocksCleared (Medium "GPU", and "CPU" for the
+// host cache; a BlockRemoved "CPU" of each dropped key when some stay). It returns the device
+// blocks freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
 // goroutine).
 func (m *Manager) DropCache() (int, error) {
 	if !m.made() {
@@ -657,12 +658,18 @@ func (m *Manager) DropCache() (int, error) {
 	n := m.dropCacheLocked()
 	if m.host != nil {
 		m.settleCopies()
-		if h := m.host.dropCache(); h > 0 {
+		// Blocks the tier goroutine still reads stay cached: then each dropped key is named.
+		var removed func(prefix.Key)
+		held := m.host.cache.Len() > m.host.cache.IdleLen()
+		if held {
+			removed = func(k prefix.Key) { m.emitRemovedOn(k, prefix.MediumCPU) }
+		}
+		if h := m.host.dropCache(removed); h > 0 {
 			if m.tiers != nil {
 				m.tiers.fromTier = nil
 			}
 			m.counters.hostEvictions += uint64(h)
-			if m.feed.Active() {
+			if !held && m.feed.Active() {
 				m.emitCleared(prefix.MediumCPU)
 			}
 			m.publish()
