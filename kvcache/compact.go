@@ -71,6 +71,7 @@ func (m *Manager) compactLocked(opts CompactOptions, keepFree int) (CompactResul
 	pairs := m.planCompaction(opts.MaxBytes)
 	if len(pairs) > 0 {
 		if err := m.back.copyBlocks(opts.Stream, pairs); err != nil {
+			m.publish() // the evictions before the plan stand: a later rollback must not drop them
 			return res, fmt.Errorf("compact: %w", err)
 		}
 		moved := make(map[sequence.Block]sequence.Block, len(pairs)/2)

@@ -201,11 +201,15 @@ func (h *hostTier) touch(e *keyindex.Entry[hostSlot]) {
 	h.cache.Release(e)
 }
 
-// dropCache frees every host block the cache holds and returns their keys' count.
-func (h *hostTier) dropCache() int {
+// dropCache frees every idle host block the cache holds, calling removed (when not nil) with
+// each key, and returns their count. Entries held for the tiers' writes stay.
+func (h *hostTier) dropCache(removed func(prefix.Key)) int {
 	n := 0
 	for e := h.cache.Oldest(); e != nil; e = h.cache.Oldest() {
 		r := h.cache.Remove(e)
+		if removed != nil {
+			removed(r.Key)
+		}
 		h.free = append(h.free, hostSlot(r.Block))
 		h.cache.Recycle(r)
 		n++

@@ -52,7 +52,7 @@ func (g *eventGroup) stored(ev *prefix.Event) {
 	}
 }
 
-// removed marks ev (a BlockRemoved) with the group's index.
+// removed marks ev (a BlockRemoved or AllBlocksCleared) with the group's index.
 func (g *eventGroup) removed(ev *prefix.Event) {
 	if g.set {
 		ev.HasGroup, ev.Group = true, g.idx

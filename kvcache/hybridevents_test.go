@@ -135,3 +135,50 @@ func TestHybridSubscribeAfterClose(t *testing.T) {
 	require.ErrorIs(t, err, kvcache.ErrClosed)
 	assert.Nil(t, sub)
 }
+
+// A group's cache dropped alone (its DropCache, as a ledger's drop request calls it) is an
+// AllBlocksCleared of that group: a subscriber that clears what the event names keeps the
+// other groups' blocks, and holds exactly what each group caches.
+func TestHybridGroupClearNamesItsGroup(t *testing.T) {
+	g := smallHybrid(false)
+	h := newHybrid(t, hostDevice(t, 64<<10), g)
+	sub, err := h.Subscribe(1 << 12)
+	require.NoError(t, err)
+	ids := make([]prefix.Token, 200)
+	for i := range ids {
+		ids[i] = prefix.Token(i + 1)
+	}
+	_, err = h.AppendTokenIDs(1, ids, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	n, err := h.Group(1).DropCache()
+	require.NoError(t, err)
+	require.Zero(t, n, "the window's blocks are held: they forget their keys")
+
+	views := make([]map[prefix.Key]bool, h.Groups())
+	for i := range views {
+		views[i] = map[prefix.Key]bool{}
+	}
+	for _, ev := range sub.Read(nil) {
+		require.True(t, ev.HasGroup, "%v without its group", ev.Kind)
+		switch ev.Kind {
+		case prefix.BlockStored:
+			for _, k := range ev.Keys {
+				views[ev.Group][k] = true
+			}
+		case prefix.BlockRemoved:
+			for _, k := range ev.Keys {
+				delete(views[ev.Group], k)
+			}
+		case prefix.AllBlocksCleared:
+			clear(views[ev.Group])
+		}
+	}
+	for i := range views {
+		want := map[prefix.Key]bool{}
+		for _, k := range h.Group(i).CachedKeys(nil) {
+			want[k] = true
+		}
+		assert.Equal(t, want, views[i], "group %d", i)
+	}
+	assert.NotEmpty(t, views[0], "the full group keeps its blocks")
+}

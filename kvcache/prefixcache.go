@@ -430,6 +430,15 @@ func (m *Manager) emitRemovedOn(k prefix.Key, medium string) {
 	m.pending.Append(&ev)
 }
 
+// emitCleared queues an AllBlocksCleared event for medium, with the group: a Hybrid's group
+// may drop its cache alone (its DropCache, a ledger's drop request).
+func (m *Manager) emitCleared(medium string) {
+	var ev prefix.Event
+	ev.Kind, ev.Medium = prefix.AllBlocksCleared, medium
+	m.group.removed(&ev)
+	m.pending.Append(&ev)
+}
+
 // publish delivers the events of the operation that just succeeded, in order, under the lock
 // (so that events of concurrent operations keep the order of their effects). Up to holdEvents
 // stay in m.pending, committed, and the subscribers are signalled (Feed.Hold): a subscriber's
@@ -632,9 +641,10 @@ func (m *Manager) dropExcess(keep int) {
 }
 
 // DropCache empties the prefix cache: idle cached blocks are freed and held ones forget their
-// keys (their sequences keep them), and the host prefix cache is emptied. Subscribers get
-// AllBlocksCleared (Medium "GPU", and "CPU" for the host cache). It returns the device blocks
-// freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
+// keys (their sequences keep them), and the host prefix cache is emptied, but for blocks the
+// tiers are still reading. Subscribers get AllBlocksCleared (Medium "GPU", and "CPU" for the
+// host cache; a BlockRemoved "CPU" of each dropped key when some stay). It returns the device
+// blocks freed. Free pages beyond the watermark then go back as usual (Settle, or the reserve
 // goroutine).
 func (m *Manager) DropCache() (int, error) {
 	if !m.made() {
@@ -648,13 +658,19 @@ func (m *Manager) DropCache() (int, error) {
 	n := m.dropCacheLocked()
 	if m.host != nil {
 		m.settleCopies()
-		if h := m.host.dropCache(); h > 0 {
+		// Blocks the tier goroutine still reads stay cached: then each dropped key is named.
+		var removed func(prefix.Key)
+		held := m.host.cache.Len() > m.host.cache.IdleLen()
+		if held {
+			removed = func(k prefix.Key) { m.emitRemovedOn(k, prefix.MediumCPU) }
+		}
+		if h := m.host.dropCache(removed); h > 0 {
 			if m.tiers != nil {
 				m.tiers.fromTier = nil
 			}
 			m.counters.hostEvictions += uint64(h)
-			if m.feed.Active() {
-				m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumCPU})
+			if !held && m.feed.Active() {
+				m.emitCleared(prefix.MediumCPU)
 			}
 			m.publish()
 		}
@@ -683,7 +699,7 @@ func (m *Manager) dropCacheLocked() int {
 		a.Uncache(b)
 	}
 	if m.publishes() && len(idle)+len(held) > 0 {
-		m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: prefix.MediumGPU})
+		m.emitCleared(prefix.MediumGPU)
 	}
 	m.publish()
 	return len(idle)

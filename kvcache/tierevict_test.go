@@ -2,6 +2,8 @@ package kvcache_test
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -11,6 +13,7 @@ import (
 	"github.com/pagedkv/pagedkv/prefix"
 	"github.com/pagedkv/pagedkv/tier"
 	"github.com/pagedkv/pagedkv/tier/disk"
+	"github.com/pagedkv/pagedkv/vmm"
 )
 
 // A block the disk tier evicts goes out as BlockRemoved with the tier's medium, after the
@@ -173,4 +176,70 @@ func TestTierEvictionRunIsOneEvent(t *testing.T) {
 			assert.Equal(t, [][]prefix.Key{want}, removed)
 		})
 	}
+}
+
+// gatedDevice holds the first CopyOut after arm until release: a tier goroutine reading a
+// host block for its write then waits, its host cache entries held.
+type gatedDevice struct {
+	vmm.Device
+	armed            atomic.Bool
+	entered, release chan struct{}
+}
+
+func (d *gatedDevice) CopyOut(dst []byte, src vmm.Addr) error {
+	if d.armed.CompareAndSwap(true, false) {
+		close(d.entered)
+		<-d.release
+	}
+	return d.Device.CopyOut(dst, src)
+}
+
+func (d *gatedDevice) CreateHost(size uint64) (vmm.Handle, error) {
+	return d.Device.(vmm.HostAllocator).CreateHost(size)
+}
+
+// DropCache while the tier goroutine still reads written-back blocks: the host cache keeps
+// those it cannot free yet, and the events say so, so that a subscriber's view of the host
+// cache is what it holds.
+func TestDropCacheDuringTierWrite(t *testing.T) {
+	dev := &gatedDevice{Device: hostDevice(t, 64<<10), entered: make(chan struct{}), release: make(chan struct{})}
+	m := newManager(t, dev, tierConfig(nil))
+	sub, err := m.Subscribe(1 << 10)
+	require.NoError(t, err)
+	_, err = m.AppendTokenIDs(1, []prefix.Token{1, 2, 3, 4, 5, 6, 7, 8}, nil)
+	require.NoError(t, err)
+	require.NoError(t, m.FreeSequence(1)) // two blocks written back and written to the tier
+	require.NoError(t, m.SyncTiers(context.Background()))
+	_, err = m.AppendTokenIDs(2, []prefix.Token{9, 10, 11, 12, 13, 14, 15, 16}, nil)
+	require.NoError(t, err)
+	release := sync.OnceFunc(func() { close(dev.release) })
+	t.Cleanup(release) // before the manager's Close, which waits for the tier goroutine
+	dev.armed.Store(true)
+	require.NoError(t, m.FreeSequence(2)) // two more written back, held until the tier reads them
+	<-dev.entered                         // the tier goroutine reads the first of them
+	_, err = m.DropCache()
+	require.NoError(t, err)
+	release()
+	require.NoError(t, m.SyncTiers(context.Background()))
+
+	host := map[prefix.Key]bool{}
+	for _, ev := range sub.Read(nil) {
+		if ev.Medium != prefix.MediumCPU {
+			continue
+		}
+		switch ev.Kind {
+		case prefix.BlockStored:
+			for _, k := range ev.Keys {
+				host[k] = true
+			}
+		case prefix.BlockRemoved:
+			for _, k := range ev.Keys {
+				require.True(t, host[k], "removed but not held")
+				delete(host, k)
+			}
+		case prefix.AllBlocksCleared:
+			clear(host)
+		}
+	}
+	assert.Len(t, host, m.Stats().Prefix.HostCachedBlocks, "the view holds what the host cache holds")
 }

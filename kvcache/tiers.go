@@ -367,7 +367,7 @@ func (m *Manager) emitTierRemoved(i int, evicted []tier.Eviction, lost uint64) {
 		m.emitRemovedOn(e.Key, t.tiers[i].Medium)
 	}
 	if lost > 0 && m.feed.Active() {
-		m.pending.Append(&prefix.Event{Kind: prefix.AllBlocksCleared, Medium: t.tiers[i].Medium})
+		m.emitCleared(t.tiers[i].Medium)
 	}
 }
 

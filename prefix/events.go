@@ -19,7 +19,7 @@ const (
 	BlockStored EventKind = iota + 1
 	// BlockRemoved: blocks left the cache (evicted, or overwritten after a truncation).
 	BlockRemoved
-	// AllBlocksCleared: the whole cache was dropped.
+	// AllBlocksCleared: the whole cache on Medium (of Group, when HasGroup) was dropped.
 	AllBlocksCleared
 	// EventsLost: the subscriber fell behind by more than its queue, and Lost events were
 	// dropped; it should rebuild its view from the manager's cached keys.
@@ -65,7 +65,7 @@ type Event struct {
 	// several groups (hybrid attention) keep one block table per group. GroupKind names the
 	// group's attention ("full_attention", "sliding_window", as vLLM's kv_cache_spec_kind) and
 	// SlidingWindow is its window in tokens; "" and 0 when unknown. BlockStored carries all
-	// three, BlockRemoved the group alone.
+	// three, BlockRemoved and AllBlocksCleared the group alone.
 	Group         int
 	HasGroup      bool
 	GroupKind     string
