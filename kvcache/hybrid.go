@@ -1042,15 +1042,14 @@ func (h *Hybrid) Verify() error {
 	return errors.Join(errs...)
 }
 
-// Close releases every group's memory. A second Close returns ErrClosed.
+// Close releases every group's memory and the fp8 scales, also when a group reports an error
+// (a driver failure, a swap never closed). A second Close returns ErrClosed.
 func (h *Hybrid) Close() error {
 	if !h.made() {
 		return fmt.Errorf("kvcache: close: %w", errHybridNotMade)
 	}
-	if err := h.pool.Close(); err != nil {
-		return err // closed already: the scales went with the first Close
-	}
+	err := h.pool.Close() // closed already: ErrClosed, and the scales went with the first Close
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.scales.close()
+	return errors.Join(err, h.scales.close())
 }
