@@ -174,7 +174,11 @@ func (g Geometry) Validate() error {
 	if len(g.Groups) == 0 {
 		return &ConfigError{Field: "Geometry.Groups", Value: 0, Reason: "a geometry needs at least one layer group"}
 	}
-	owner := make(map[int]int, g.Layers)
+	listed := 0
+	for _, grp := range g.Groups {
+		listed += len(grp.Layers)
+	}
+	owner := make(map[int]int, min(listed, g.Layers)) // not g.Layers: a map for 2^31 layers is tens of GiB
 	for i, grp := range g.Groups {
 		bad := func(field string, v any, reason string, args ...any) error {
 			return &GroupError{Group: i, Name: grp.Name, Field: field, Value: v, Reason: fmt.Sprintf(reason, args...)}
