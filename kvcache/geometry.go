@@ -245,6 +245,10 @@ func (grp LayerGroup) validate(bad func(field string, v any, reason string, args
 		if grp.Window != 0 || grp.KVHeads != 0 || grp.KHeadDim != 0 || grp.VHeadDim != 0 {
 			return bad("Window/KVHeads/KHeadDim/VHeadDim", fmt.Sprint(grp.Window, "/", grp.KVHeads, "/", grp.KHeadDim, "/", grp.VHeadDim), "a recurrent group has a state, no window and no K/V")
 		}
+		if grp.DType.FP8() || len(grp.KScales) > 0 || len(grp.VScales) > 0 {
+			// The Hybrid would map scales for it, and Scales would name K/V it does not have.
+			return bad("DType/KScales/VScales", fmt.Sprint(grp.DType, "/", len(grp.KScales), "/", len(grp.VScales)), "a recurrent state is no fp8 K/V and has no scales")
+		}
 		return nil
 	}
 	if grp.StateBytes != 0 {

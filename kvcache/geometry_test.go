@@ -114,6 +114,13 @@ func TestGeometryBadInput(t *testing.T) {
 		{"recurrent with heads", func(g *kvcache.Geometry) {
 			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024, KVHeads: 8}
 		}, 0, "Window/KVHeads/KHeadDim/VHeadDim"},
+		{"fp8 recurrent state", func(g *kvcache.Geometry) {
+			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024, DType: kvcache.FP8E5M2}
+		}, 0, "DType/KScales/VScales"},
+		{"scales on a recurrent state", func(g *kvcache.Geometry) {
+			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024,
+				DType: kvcache.FP8E4M3, KScales: []float32{float32(math.NaN())}}
+		}, 0, "DType/KScales/VScales"},
 	}
 	for _, c := range cases {
 		g := base()
