@@ -112,8 +112,9 @@ type HybridConfig struct {
 // n tokens, chained in blocks of Checkpoints tokens in the sequence's namespace. The copy is
 // held by no sequence and evicted as any idle cached block (PrefixCacheBytes, otherwise-free
 // memory). A mark off a multiple, or one that skips past a multiple, makes no checkpoint there:
-// a later hit is shorter, never wrong. No memory for a checkpoint skips it (counted in
-// PrefixStats.Checkpoints); a driver failure is an error and leaves every group as it was.
+// a later hit is shorter, never wrong. No memory for a checkpoint skips it, and so does a mark
+// while the Hybrid sleeps (counted in PrefixStats.Checkpoints); a driver failure is an error
+// and leaves every group as it was.
 // StartSequence then hits up to the latest cached checkpoint that every other group also
 // serves, and the recurrent group's sequence starts with a fresh state holding a copy of that
 // checkpoint, which stays cached. A start that cannot take or copy that state fails, and every
