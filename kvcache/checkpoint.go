@@ -24,8 +24,9 @@ import (
 type CheckpointStats struct {
 	// Made are the checkpoints MarkWritten copied and cached.
 	Made uint64
-	// Skipped are the checkpoints MarkWritten did not make for want of memory. A mark off a
-	// multiple of CheckpointTokens, or one whose key is cached already, is not counted.
+	// Skipped are the checkpoints MarkWritten did not make for want of memory, or while the
+	// manager slept. A mark off a multiple of CheckpointTokens, or one whose key is cached
+	// already, is not counted.
 	Skipped uint64
 	// Resumed are the starts that resumed from a checkpoint (their tokens are in HitTokens).
 	Resumed uint64
@@ -77,6 +78,10 @@ func (m *Manager) prepareMark(s *sequence.Sequence, n int) (markTx, error) {
 	}
 	m.extendKeys(s, n/ct)
 	if n == 0 || n%ct != 0 || m.arena.Index().Get(s.Keys[n/ct-1]) != nil {
+		return tx, nil
+	}
+	if m.asleep { // asleep, the arena keeps no cache and maps nothing (Sleep)
+		tx.skipped = true
 		return tx, nil
 	}
 	err := m.takeBlocks(1, -1)

@@ -174,7 +174,11 @@ func (g Geometry) Validate() error {
 	if len(g.Groups) == 0 {
 		return &ConfigError{Field: "Geometry.Groups", Value: 0, Reason: "a geometry needs at least one layer group"}
 	}
-	owner := make(map[int]int, g.Layers)
+	listed := 0
+	for _, grp := range g.Groups {
+		listed += len(grp.Layers)
+	}
+	owner := make(map[int]int, min(listed, g.Layers)) // not g.Layers: a map for 2^31 layers is tens of GiB
 	for i, grp := range g.Groups {
 		bad := func(field string, v any, reason string, args ...any) error {
 			return &GroupError{Group: i, Name: grp.Name, Field: field, Value: v, Reason: fmt.Sprintf(reason, args...)}
@@ -240,6 +244,10 @@ func (grp LayerGroup) validate(bad func(field string, v any, reason string, args
 		}
 		if grp.Window != 0 || grp.KVHeads != 0 || grp.KHeadDim != 0 || grp.VHeadDim != 0 {
 			return bad("Window/KVHeads/KHeadDim/VHeadDim", fmt.Sprint(grp.Window, "/", grp.KVHeads, "/", grp.KHeadDim, "/", grp.VHeadDim), "a recurrent group has a state, no window and no K/V")
+		}
+		if grp.DType.FP8() || len(grp.KScales) > 0 || len(grp.VScales) > 0 {
+			// The Hybrid would map scales for it, and Scales would name K/V it does not have.
+			return bad("DType/KScales/VScales", fmt.Sprint(grp.DType, "/", len(grp.KScales), "/", len(grp.VScales)), "a recurrent state is no fp8 K/V and has no scales")
 		}
 		return nil
 	}

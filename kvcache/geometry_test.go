@@ -3,6 +3,7 @@ package kvcache_test
 import (
 	"fmt"
 	"math"
+	"runtime"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -113,6 +114,13 @@ func TestGeometryBadInput(t *testing.T) {
 		{"recurrent with heads", func(g *kvcache.Geometry) {
 			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024, KVHeads: 8}
 		}, 0, "Window/KVHeads/KHeadDim/VHeadDim"},
+		{"fp8 recurrent state", func(g *kvcache.Geometry) {
+			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024, DType: kvcache.FP8E5M2}
+		}, 0, "DType/KScales/VScales"},
+		{"scales on a recurrent state", func(g *kvcache.Geometry) {
+			g.Groups[0] = kvcache.LayerGroup{Name: "ssm", Layers: g.Groups[0].Layers, Kind: kvcache.RecurrentState, StateBytes: 1024,
+				DType: kvcache.FP8E4M3, KScales: []float32{float32(math.NaN())}}
+		}, 0, "DType/KScales/VScales"},
 	}
 	for _, c := range cases {
 		g := base()
@@ -130,5 +138,24 @@ func TestGeometryBadInput(t *testing.T) {
 		require.Equal(t, c.group, ge.Group, "%s: %v", c.name, err)
 		require.Equal(t, c.field, ge.Field, "%s: %v", c.name, err)
 		require.Contains(t, err.Error(), fmt.Sprintf("layer group %d (%q)", c.group, g.Groups[c.group].Name), c.name)
+	}
+}
+
+// A layer count in range but far beyond the layers the groups list is refused at the first
+// missing layer, with memory for the listed layers only: a map sized by the count took tens of
+// GiB for math.MaxInt32 layers (2 GiB already for 2^26).
+func TestGeometryHugeLayerCount(t *testing.T) {
+	for _, layers := range []int{1 << 26, math.MaxInt32} {
+		g := kvcache.Geometry{Model: "huge", Layers: layers, Groups: []kvcache.LayerGroup{
+			{Name: "full", Layers: []int{0}, KVHeads: 1, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16}}}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		err := g.Validate()
+		runtime.ReadMemStats(&after)
+		var ce *kvcache.ConfigError
+		require.ErrorAs(t, err, &ce, "%d layers", layers)
+		require.Equal(t, "Geometry.Groups", ce.Field)
+		require.Contains(t, err.Error(), fmt.Sprintf("layer 1 of %d is in no group", layers))
+		require.Less(t, after.TotalAlloc-before.TotalAlloc, uint64(1<<20), "bytes allocated to validate %d layers", layers)
 	}
 }

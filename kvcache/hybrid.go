@@ -112,8 +112,9 @@ type HybridConfig struct {
 // n tokens, chained in blocks of Checkpoints tokens in the sequence's namespace. The copy is
 // held by no sequence and evicted as any idle cached block (PrefixCacheBytes, otherwise-free
 // memory). A mark off a multiple, or one that skips past a multiple, makes no checkpoint there:
-// a later hit is shorter, never wrong. No memory for a checkpoint skips it (counted in
-// PrefixStats.Checkpoints); a driver failure is an error and leaves every group as it was.
+// a later hit is shorter, never wrong. No memory for a checkpoint skips it, and so does a mark
+// while the Hybrid sleeps (counted in PrefixStats.Checkpoints); a driver failure is an error
+// and leaves every group as it was.
 // StartSequence then hits up to the latest cached checkpoint that every other group also
 // serves, and the recurrent group's sequence starts with a fresh state holding a copy of that
 // checkpoint, which stays cached. A start that cannot take or copy that state fails, and every
@@ -1042,15 +1043,14 @@ func (h *Hybrid) Verify() error {
 	return errors.Join(errs...)
 }
 
-// Close releases every group's memory. A second Close returns ErrClosed.
+// Close releases every group's memory and the fp8 scales, also when a group reports an error
+// (a driver failure, a swap never closed). A second Close returns ErrClosed.
 func (h *Hybrid) Close() error {
 	if !h.made() {
 		return fmt.Errorf("kvcache: close: %w", errHybridNotMade)
 	}
-	if err := h.pool.Close(); err != nil {
-		return err // closed already: the scales went with the first Close
-	}
+	err := h.pool.Close() // closed already: ErrClosed, and the scales went with the first Close
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.scales.close()
+	return errors.Join(err, h.scales.close())
 }

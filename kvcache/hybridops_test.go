@@ -117,6 +117,41 @@ func TestHybridSleep(t *testing.T) {
 	require.NoError(t, h.Verify())
 }
 
+// A mark on a sleeping Hybrid records the mark but makes no checkpoint: the recurrent group,
+// its one page full of live states, maps no page for one, and counts it skipped. After Wake the
+// same mark makes it.
+func TestHybridMarkAsleepMakesNoCheckpoint(t *testing.T) {
+	g := smallHybrid(true)
+	g.Groups[4].Checkpoints = 32
+	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: g, Limit: 64 << 20, Capacity: 16 << 20,
+		NoBackground: true, PrefixCacheBytes: 8 << 20})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, h.Close()) })
+	p := promptOf(64, 1)
+	_, err = h.StartSequence(1, kvcache.Prompt{Tokens: p})
+	require.NoError(t, err)
+	_, err = h.AppendTokenIDs(1, p, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	for seq := kvcache.SeqID(10); seq < 25; seq++ { // 16 live states: the recurrent group's page is full
+		_, err = h.AppendTokens(seq, 1, make([][]int64, h.Groups()))
+		require.NoError(t, err)
+	}
+	res, err := h.Sleep()
+	require.NoError(t, err)
+
+	require.NoError(t, h.MarkWritten(1, 32))
+	st := h.Stats()
+	require.Equal(t, res.MappedBytes, st.MappedBytes, "a sleeping Hybrid maps nothing")
+	require.Equal(t, kvcache.CheckpointStats{Skipped: 1}, st.Groups[4].Prefix.Checkpoints)
+	require.Zero(t, st.Groups[4].Prefix.CachedBlocks)
+	require.NoError(t, h.Verify())
+
+	require.NoError(t, h.Wake())
+	require.NoError(t, h.MarkWritten(1, 32))
+	require.EqualValues(t, 1, h.Stats().Groups[4].Prefix.Checkpoints.Made)
+	require.NoError(t, h.Verify())
+}
+
 // A group whose compaction fails while the Hybrid goes to sleep sleeps all the same with its
 // blocks where they were; the other groups sleep and compact; the error names the group. After
 // Wake every group's data reads back.

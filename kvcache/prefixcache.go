@@ -286,8 +286,8 @@ func (m *Manager) keyable(s *sequence.Sequence) int {
 // In a recurrent-state arena with checkpoints (Config.CheckpointTokens) the call also says that
 // the sequence's state is the state after exactly n tokens: at a positive multiple of
 // CheckpointTokens, a keyed sequence's state is copied into a checkpoint (checkpoint.go) unless
-// one with its key is cached. With no memory for it the checkpoint is skipped and counted
-// (CheckpointStats.Skipped); a driver failure is an error.
+// one with its key is cached. With no memory for it, or while the manager sleeps, the
+// checkpoint is skipped and counted (CheckpointStats.Skipped); a driver failure is an error.
 //
 // An n outside [0, Len] is a *CountError, a swapped sequence ErrSwapped; either leaves
 // everything as it was. It allocates nothing unless a subscriber listens for events.

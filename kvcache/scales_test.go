@@ -116,3 +116,23 @@ func TestHybridScalesFaults(t *testing.T) {
 		}
 	}
 }
+
+// A Close that reports an error from a group (here a swap never closed, ErrNotClosed) still
+// unmaps the scales: Scales is then ErrClosed, and the leak check of hostDevice finds no mapping
+// left. A second Close is ErrClosed.
+func TestHybridCloseFreesScalesAfterAGroupError(t *testing.T) {
+	dev := hostDevice(t, 4<<10)
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: fp8Hybrid(), Limit: 256 << 20, Capacity: 64 << 20, NoBackground: true, HostTokens: 64})
+	require.NoError(t, err)
+	_, err = h.AppendTokens(1, 20, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	sw, err := h.SwapOut([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.NoError(t, sw.Wait())
+
+	require.ErrorIs(t, h.Close(), kvcache.ErrNotClosed, "the swap was never closed")
+	_, err = h.Scales(1, 0)
+	require.ErrorIs(t, err, kvcache.ErrClosed, "the scales went with the groups")
+	require.ErrorIs(t, h.Close(), kvcache.ErrClosed)
+	require.NoError(t, sw.Close())
+}
