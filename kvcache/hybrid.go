@@ -384,7 +384,9 @@ func (h *Hybrid) Groups() int {
 }
 
 // Group returns group i's manager (nil outside [0, Groups())): read its tables, layout and
-// statistics; change sequences through the Hybrid.
+// statistics; change sequences through the Hybrid. The manager refuses the calls that change
+// sequences (AddSequence, the appends, StartSequence, FreeSequence, Fork, Truncate, MarkWritten,
+// SwapOut, SwapIn) with ErrInvalidArgument.
 func (h *Hybrid) Group(i int) *Manager {
 	if !h.made() || i < 0 || i >= len(h.groups) {
 		return nil

@@ -349,3 +349,41 @@ func TestHybridWindowHit(t *testing.T) {
 	require.NotEqual(t, int32(kvcache.NullBlock), b[7])
 	require.NoError(t, h.Verify())
 }
+
+// A Hybrid's group refuses, through its own Manager, every call that would change its sequences
+// (the Hybrid keeps one record of each sequence across all groups, which such a call would leave
+// pointing at a freed or changed sequence), and nothing changes; reads go on, and the Hybrid
+// changes them.
+func TestHybridGroupRefusesSequenceChanges(t *testing.T) {
+	h := newHybrid(t, hostDevice(t, 64<<10), smallHybrid(true))
+	dst := make([][]int64, h.Groups())
+	_, err := h.AppendTokenIDs(1, promptOf(40, 1), dst)
+	require.NoError(t, err)
+	before := hybridShape(t, h)
+	for g := range h.Groups() {
+		m := h.Group(g)
+		calls := map[string]error{}
+		calls["add"] = m.AddSequence(2)
+		_, calls["append"] = m.AppendTokens(1, 1, nil)
+		_, calls["append ids"] = m.AppendTokenIDs(1, promptOf(1, 9), nil)
+		_, calls["start"] = m.StartSequence(2, kvcache.Prompt{Tokens: promptOf(40, 1)})
+		calls["free"] = m.FreeSequence(1)
+		calls["fork"] = m.Fork(1, 2)
+		calls["truncate"] = m.Truncate(1, 16)
+		calls["mark"] = m.MarkWritten(1, 16)
+		_, calls["swap out"] = m.SwapOut([]kvcache.SeqID{1}, 0)
+		_, calls["swap in"] = m.SwapIn([]kvcache.SeqID{1}, 0)
+		for name, err := range calls {
+			require.ErrorIs(t, err, kvcache.ErrInvalidArgument, "group %d: %s", g, name)
+		}
+		n, err := m.Len(1)
+		require.NoError(t, err)
+		require.Equal(t, 40, n, "group %d reads on", g)
+	}
+	require.Equal(t, before, hybridShape(t, h))
+	require.NoError(t, h.Verify())
+	_, err = h.AppendTokenIDs(1, promptOf(1, 9), dst)
+	require.NoError(t, err)
+	require.NoError(t, h.FreeSequence(1))
+	require.NoError(t, h.Verify())
+}

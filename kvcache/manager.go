@@ -208,6 +208,14 @@ var errNotMade = fmt.Errorf("%w: nil manager, or one not made by New", ErrInvali
 // notMade is the error of a sequence call on a nil or zero Manager.
 func notMade(op string, seq SeqID) error { return &SequenceError{Op: op, Seq: seq, Err: errNotMade} }
 
+// errGroupOfHybrid is the cause of a call that would change sequences of a Hybrid's layer
+// group through the group's Manager (Hybrid.Group): the Hybrid keeps one record of each sequence
+// across all its groups, so sequences change through it.
+var errGroupOfHybrid = fmt.Errorf("%w: a layer group of a Hybrid: change its sequences through the Hybrid", ErrInvalidArgument)
+
+// ofHybrid reports whether m is a layer group of a Hybrid.
+func (m *Manager) ofHybrid() bool { return m.group.set }
+
 // notMadeCall is the error of a whole-manager call on a nil or zero Manager.
 func notMadeCall(op string) error { return fmt.Errorf("kvcache: %s: %w", op, errNotMade) }
 
@@ -289,6 +297,9 @@ func (m *Manager) AddSequence(seq SeqID) error {
 	if !m.made() {
 		return notMade("add", seq)
 	}
+	if m.ofHybrid() {
+		return &SequenceError{Op: "add", Seq: seq, Err: errGroupOfHybrid}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("add", seq); err != nil {
@@ -319,6 +330,9 @@ func (m *Manager) AddSequence(seq SeqID) error {
 func (m *Manager) AppendTokens(seq SeqID, n int, dst []int64) ([]int64, error) {
 	if !m.made() {
 		return dst, notMade("append", seq)
+	}
+	if m.ofHybrid() {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: errGroupOfHybrid}
 	}
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
@@ -652,6 +666,9 @@ func (m *Manager) FreeSequence(seq SeqID) error {
 	if !m.made() {
 		return notMade("free", seq)
 	}
+	if m.ofHybrid() {
+		return &SequenceError{Op: "free", Seq: seq, Err: errGroupOfHybrid}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := m.usable("free", seq); err != nil {
@@ -690,6 +707,9 @@ func (m *Manager) free(s *sequence.Sequence) {
 func (m *Manager) Fork(src, dst SeqID) error {
 	if !m.made() {
 		return notMade("fork", src)
+	}
+	if m.ofHybrid() {
+		return &SequenceError{Op: "fork", Seq: dst, Err: errGroupOfHybrid}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -746,6 +766,9 @@ func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 func (m *Manager) Truncate(seq SeqID, n int) error {
 	if !m.made() {
 		return notMade("truncate", seq)
+	}
+	if m.ofHybrid() {
+		return &SequenceError{Op: "truncate", Seq: seq, Err: errGroupOfHybrid}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

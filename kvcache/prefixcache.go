@@ -81,6 +81,9 @@ func (m *Manager) StartSequence(seq SeqID, p Prompt) (int, error) {
 	if !m.made() {
 		return 0, notMade("start", seq)
 	}
+	if m.ofHybrid() {
+		return 0, &SequenceError{Op: "start", Seq: seq, Err: errGroupOfHybrid}
+	}
 	bt := m.keyTokens()
 	if len(p.Tokens) > MaxSequenceTokens {
 		return 0, &SequenceError{Op: "start", Seq: seq, Err: &CountError{What: "prompt tokens", N: len(p.Tokens), Max: MaxSequenceTokens}}
@@ -195,6 +198,9 @@ func (m *Manager) AppendTokenIDs(seq SeqID, ids []TokenID, dst []int64) ([]int64
 	if !m.made() {
 		return dst, notMade("append", seq)
 	}
+	if m.ofHybrid() {
+		return dst, &SequenceError{Op: "append", Seq: seq, Err: errGroupOfHybrid}
+	}
 	n := len(ids)
 	m.mu.Lock()
 	s, ok := m.seqs.Get(seq)
@@ -294,6 +300,9 @@ func (m *Manager) keyable(s *sequence.Sequence) int {
 func (m *Manager) MarkWritten(seq SeqID, n int) error {
 	if !m.made() {
 		return notMade("mark written", seq)
+	}
+	if m.ofHybrid() {
+		return &SequenceError{Op: "mark written", Seq: seq, Err: errGroupOfHybrid}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -220,6 +220,9 @@ func (m *Manager) SwapOut(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap out")
 	}
+	if m.ofHybrid() {
+		return nil, fmt.Errorf("kvcache: swap out: %w", errGroupOfHybrid)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.swapOne(true, seqs, s)
@@ -443,6 +446,9 @@ func (m *Manager) moveSwappedHolders() {
 func (m *Manager) SwapIn(seqs []SeqID, s kernels.Stream) (*Swap, error) {
 	if !m.made() {
 		return nil, notMadeCall("swap in")
+	}
+	if m.ofHybrid() {
+		return nil, fmt.Errorf("kvcache: swap in: %w", errGroupOfHybrid)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
