@@ -225,6 +225,11 @@ func (c Config) validateReach() error {
 	switch {
 	case c.Window < 0 || c.Chunk < 0 || c.Sinks < 0:
 		return &ConfigError{Field: "Window/Sinks/Chunk", Value: fmt.Sprint(c.Window, "/", c.Sinks, "/", c.Chunk), Reason: "must not be negative"}
+	case c.Window > MaxSequenceTokens || c.Chunk > MaxSequenceTokens || c.Sinks > MaxSequenceTokens:
+		// a sequence never holds more, and the length at which a block falls out of reach
+		// (nextDrop) must not wrap
+		return &ConfigError{Field: "Window/Sinks/Chunk", Value: fmt.Sprint(c.Window, "/", c.Sinks, "/", c.Chunk),
+			Reason: fmt.Sprintf("must be at most MaxSequenceTokens (%d)", MaxSequenceTokens)}
 	case c.Window > 0 && c.Chunk > 0:
 		return &ConfigError{Field: "Chunk", Value: c.Chunk, Reason: "a layer group has a sliding window or chunks, not both"}
 	case c.Sinks > 0 && c.Window == 0:

@@ -261,6 +261,8 @@ func (grp LayerGroup) validate(bad func(field string, v any, reason string, args
 		return bad("Window", grp.Window, "a %s group needs a window in [1, %d]", grp.Kind, MaxSequenceTokens)
 	case grp.Sinks < 0 || grp.Sinks > 0 && grp.Kind != SlidingWindow:
 		return bad("Sinks", grp.Sinks, "sink tokens are a sliding window's, and not negative")
+	case grp.Sinks > MaxSequenceTokens:
+		return bad("Sinks", grp.Sinks, "must be at most %d", MaxSequenceTokens)
 	}
 	if grp.KVHeads <= 0 || grp.KVHeads > 1<<16 {
 		return bad("KVHeads", grp.KVHeads, "must lie in [1, 65536]")

@@ -91,6 +91,7 @@ func TestGeometryBadInput(t *testing.T) {
 		{"window on full attention", func(g *kvcache.Geometry) { g.Groups[1].Window = 4 }, 1, "Window"},
 		{"sinks on chunked", func(g *kvcache.Geometry) { g.Groups[0].Kind, g.Groups[0].Sinks = kvcache.ChunkedAttention, 4 }, 0, "Sinks"},
 		{"negative sinks", func(g *kvcache.Geometry) { g.Groups[0].Sinks = -1 }, 0, "Sinks"},
+		{"sinks past any sequence", func(g *kvcache.Geometry) { g.Groups[0].Sinks = math.MaxInt }, 0, "Sinks"},
 		{"MLA with V dims", func(g *kvcache.Geometry) {
 			g.Groups[1].KVHeads, g.Groups[1].KHeadDim, g.Groups[1].RopeDim = 1, 576, 64
 		}, 1, "RopeDim"},

@@ -2,6 +2,7 @@ package kvcache_test
 
 import (
 	"encoding/binary"
+	"math"
 	"slices"
 	"testing"
 
@@ -184,6 +185,16 @@ func TestWindowConfigRefused(t *testing.T) {
 	bad = tinyConfig()
 	bad.Sinks = 4
 	require.ErrorIs(t, bad.Validate(), kvcache.ErrInvalidArgument)
+	// Past any sequence: the length at which a block falls out of reach would wrap.
+	for _, c := range []kvcache.Config{windowConfig(math.MaxInt, 0), windowConfig(8, math.MaxInt), tinyConfig()} {
+		if c.Window == 0 {
+			c.Chunk = math.MaxInt
+		}
+		var ce *kvcache.ConfigError
+		require.ErrorAs(t, c.Validate(), &ce, "window %d, sinks %d, chunk %d", c.Window, c.Sinks, c.Chunk)
+		require.Equal(t, "Window/Sinks/Chunk", ce.Field)
+	}
+	require.NoError(t, windowConfig(kvcache.MaxSequenceTokens, 0).Validate())
 }
 
 // An append drops what its first token no longer reads before it takes its own blocks, so a
