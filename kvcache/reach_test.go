@@ -257,3 +257,28 @@ func TestEarlyDropUndone(t *testing.T) {
 	require.Equal(t, append(slices.Repeat([]bool{true}, 8), make([]bool, 18)...), nulls(t, m, 1))
 	require.NoError(t, m.Verify())
 }
+
+// A sleeping manager keeps no reserve: pages a free empties while it sleeps go back at the next
+// Settle, down to what its live sequences need, whatever its HighWatermark.
+func TestAsleepFreeReturnsPages(t *testing.T) {
+	cfg := tinyConfig() // 4 blocks of 4 tokens a page
+	cfg.HighWatermark, cfg.ReservePages = 8, 2
+	m := newManager(t, hostDevice(t, 32<<10), cfg)
+	for s := range 4 {
+		_, err := m.AppendTokens(kvcache.SeqID(s), 16, nil) // a page each
+		require.NoError(t, err)
+	}
+	_, err := m.Sleep()
+	require.NoError(t, err)
+	require.Equal(t, 4, m.Stats().MappedPages)
+	for s := range 3 {
+		require.NoError(t, m.FreeSequence(kvcache.SeqID(s)))
+	}
+	require.NoError(t, m.Settle())
+	require.Equal(t, 1, m.Stats().MappedPages, "the one live sequence's page")
+	require.NoError(t, m.Verify())
+	require.NoError(t, m.Wake())
+	_, err = m.AppendTokens(5, 16, nil)
+	require.NoError(t, err)
+	require.NoError(t, m.Verify())
+}

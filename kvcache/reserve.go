@@ -155,7 +155,10 @@ func (m *Manager) takeExcess(t time.Time, all bool) []arena.Page {
 		return pages
 	}
 	keep := m.cfg.HighWatermark
-	if m.holdFor > 0 && !all {
+	switch {
+	case m.asleep: // a sleeping manager keeps no reserve: what a free empties goes back
+		keep = 0
+	case m.holdFor > 0 && !all:
 		keep = m.held(t)
 	}
 	m.dropOverBound(keep)
