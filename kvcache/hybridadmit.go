@@ -114,11 +114,12 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 		// A take uses free blocks and the idle ones beyond the cache's bound, then maps pages
 		// while the budget lets it, and only then evicts the cache within the bound (takeBlocks).
 		excess := max(0, av.IdleBlocks-m.idleAllowed())
-		pages := ceilDiv(want-av.FreeBlocks-excess, m.bpp)
-		part := &h.admits[i]
-		part.least, part.page = ceilDiv(least-av.FreeBlocks-av.IdleBlocks, m.bpp), m.cfg.PageSize
+		pages := sequence.BlocksFor(want-av.FreeBlocks-excess, m.bpp)
+		leastPages := sequence.BlocksFor(least-av.FreeBlocks-av.IdleBlocks, m.bpp)
 		own := m.ownMappable()
-		ad.Fits = ad.Fits && part.least <= own
+		ad.Fits = ad.Fits && leastPages <= own
+		part := &h.admits[i]
+		part.least = mulSat(uint64(leastPages), m.cfg.PageSize)
 		ad.NeedBytes = addSat(ad.NeedBytes, mulSat(uint64(pages), m.cfg.PageSize))
 		part.may = mulSat(uint64(min(pages, own)), m.cfg.PageSize)
 		adverse = addSat(adverse, part.may)
@@ -138,17 +139,15 @@ func (h *Hybrid) Admit(p Prompt, chunk int, dst []Admission) (HybridAdmission, e
 		if ad.HeadroomBytes > others {
 			room = ad.HeadroomBytes - others
 		}
-		ad.Fits = ad.Fits && mulSat(uint64(part.least), part.page) <= room
+		ad.Fits = ad.Fits && part.least <= room
 	}
 	return ad, nil
 }
 
-// admitPart is one group's share of an admission (Hybrid.Admit's scratch): the pages it cannot
-// do without (least, of page bytes each), and the bytes it may map if the budget lets it.
+// admitPart is one group's share of an admission (Hybrid.Admit's scratch): the bytes of the
+// pages it cannot do without, and the bytes it may map if the budget lets it.
 type admitPart struct {
-	least int
-	page  uint64
-	may   uint64
+	least, may uint64
 }
 
 // admitNeed returns the most blocks a sequence started on prompt p (total tokens) holds at once
@@ -239,14 +238,6 @@ func (m *Manager) checkpointsMade(hit, total, chunk int) int {
 		made += b2i(t%k == 0)
 	}
 	return made + b2i(total%k == 0)
-}
-
-// ceilDiv returns ceil(a/b) for b > 0, and 0 for a <= 0.
-func ceilDiv(a, b int) int {
-	if a <= 0 {
-		return 0
-	}
-	return (a + b - 1) / b
 }
 
 // mulSat and addSat multiply and add, saturating at math.MaxUint64.
