@@ -53,6 +53,18 @@ func apiLedger() (*ledger.Ledger, *ledger.Member, *holder, func() error) {
 	return l, m, h, func() error { l.Close(); return os.RemoveAll(dir) }
 }
 
+// apiCut makes the object of apiLedger that pick chooses, with the ledger's file cut short by
+// "another process": every call that reads the file fails, and none changes it.
+func apiCut(pick func(*ledger.Ledger, *ledger.Member) any) apitest.Maker {
+	return func() apitest.Object {
+		l, m, _, closeAll := apiLedger()
+		if err := os.Truncate(l.Path(), 0); err != nil {
+			panic(err)
+		}
+		return apitest.Object{V: reflect.ValueOf(pick(l, m)), State: apiState(l), Probe: func() { l.Snapshot() }, Close: closeAll}
+	}
+}
+
 func apiValues(t reflect.Type) []apitest.Maker {
 	val := func(x any) apitest.Maker {
 		return func() apitest.Object { return apitest.Object{V: reflect.ValueOf(x)} }
@@ -68,7 +80,7 @@ func apiValues(t reflect.Type) []apitest.Maker {
 			l.Close()
 			return apitest.Object{V: reflect.ValueOf(l), Close: closeAll}
 		}
-		return []apitest.Maker{open, closed, val(&ledger.Ledger{})}
+		return []apitest.Maker{open, closed, apiCut(func(l *ledger.Ledger, _ *ledger.Member) any { return l }), val(&ledger.Ledger{})}
 	case reflect.TypeFor[*ledger.Member]():
 		joined := func() apitest.Object {
 			l, m, _, closeAll := apiLedger()
@@ -79,7 +91,9 @@ func apiValues(t reflect.Type) []apitest.Maker {
 			m.Leave()
 			return apitest.Object{V: reflect.ValueOf(m), Close: closeAll}
 		}
-		return []apitest.Maker{joined, left, val(&ledger.Member{})}
+		return []apitest.Maker{joined, left, apiCut(func(_ *ledger.Ledger, m *ledger.Member) any { return m }), val(&ledger.Member{})}
+	case reflect.TypeFor[*ledger.FaultError]():
+		return []apitest.Maker{val(&ledger.FaultError{Op: "acquire", Path: "/dev/shm/l", Size: 0, Want: 8192})}
 	case reflect.TypeFor[ledger.Holder]():
 		return []apitest.Maker{func() apitest.Object {
 			var h ledger.Holder = &holder{}
@@ -115,7 +129,7 @@ func TestAPIProperty(t *testing.T) {
 	s := &apitest.Suite{
 		Dir:      src,
 		Funcs:    []any{ledger.Open},
-		Types:    []any{(*ledger.Ledger)(nil), (*ledger.Member)(nil), ledger.Usage{}},
+		Types:    []any{(*ledger.Ledger)(nil), (*ledger.Member)(nil), ledger.Usage{}, (*ledger.FaultError)(nil)},
 		Values:   apiValues,
 		MaxCalls: 400,
 	}

@@ -29,12 +29,12 @@ type Snapshot struct {
 }
 
 // Snapshot reaps members whose process died and returns the limit and every member.
-func (l *Ledger) Snapshot() (Snapshot, error) {
-	err := l.enter("snapshot")
+func (l *Ledger) Snapshot() (_ Snapshot, err error) {
+	g, err := l.enter("snapshot")
 	if err != nil {
 		return Snapshot{}, err
 	}
-	defer l.exit()
+	defer l.exit(g, &err)
 	if err := l.lock(); err != nil {
 		return Snapshot{}, err
 	}
@@ -78,20 +78,18 @@ type LimitReport struct {
 // hold asks them, largest first, for their free and cached pages, then asks those that allow
 // it to compact, waiting for each (at most the request timeout for one in another process).
 // A limit of 0 is ErrInvalidArgument and changes nothing.
-func (l *Ledger) SetLimit(limit uint64) (LimitReport, error) {
-	err := l.enter("set limit")
+func (l *Ledger) SetLimit(limit uint64) (_ LimitReport, err error) {
+	g, err := l.enter("set limit")
 	if err != nil {
 		return LimitReport{}, err
 	}
-	defer l.exit()
+	defer l.exit(g, &err)
 	if limit == 0 {
 		return LimitReport{}, fmt.Errorf("ledger: set limit: %w: zero", ErrInvalidArgument)
 	}
-	if err := l.lock(); err != nil {
+	if err := l.storeLimit(limit); err != nil {
 		return LimitReport{}, err
 	}
-	atomic.StoreUint64(l.u64(hLimit), limit)
-	l.unlock()
 	if l.sumMapped() > limit {
 		others, err := l.others(-1)
 		if err != nil {
@@ -114,17 +112,28 @@ func (l *Ledger) SetLimit(limit uint64) (LimitReport, error) {
 	return r, nil
 }
 
+// storeLimit writes the limit under the ledger lock.
+func (l *Ledger) storeLimit(limit uint64) error {
+	if err := l.lock(); err != nil {
+		return err
+	}
+	defer l.unlock() // also when the store faults
+	atomic.StoreUint64(l.u64(hLimit), limit)
+	return nil
+}
+
 // DropCache asks the member called name ("" for every member) to empty its prefix cache, and
 // returns how many were asked. An unknown name is ErrNotFound.
-func (l *Ledger) DropCache(name string) (int, error) {
+func (l *Ledger) DropCache(name string) (_ int, err error) {
 	s, err := l.Snapshot()
 	if err != nil {
 		return 0, err
 	}
-	if err := l.enter("drop cache"); err != nil {
+	g, err := l.enter("drop cache")
+	if err != nil {
 		return 0, err
 	}
-	defer l.exit()
+	defer l.exit(g, &err)
 	n := 0
 	for _, mi := range s.Members {
 		if name == "" || mi.Name == name {
@@ -141,12 +150,12 @@ func (l *Ledger) DropCache(name string) (int, error) {
 // Check reaps members whose process died, then verifies the ledger's invariants under its lock:
 // slots are free or live, a free slot holds no bytes, live names are valid and unique. Tests
 // call it after concurrent use.
-func (l *Ledger) Check() error {
-	err := l.enter("check")
+func (l *Ledger) Check() (err error) {
+	g, err := l.enter("check")
 	if err != nil {
 		return err
 	}
-	defer l.exit()
+	defer l.exit(g, &err)
 	if err := l.lock(); err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"math"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -44,4 +45,23 @@ func TestCorruptCountsSaturate(t *testing.T) {
 	r, err := l.SetLimit(1 << 20)
 	require.NoError(t, err)
 	require.Equal(t, LimitReport{Limit: 1 << 20, Used: math.MaxUint64, Shortfall: math.MaxUint64 - 1<<20}, r)
+}
+
+// The member's goroutines meet a file cut short as errors and end, rather than fault: the
+// usage publisher at its next publish, the responder at its next request.
+func TestGoroutinesSurviveCutFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	l, err := Open(path, Options{Limit: 1 << 20})
+	require.NoError(t, err)
+	m, err := l.Join("a", nopHolder{}, JoinOptions{})
+	require.NoError(t, err)
+	require.NoError(t, os.Truncate(path, 0))
+
+	g := protect("publish usage")
+	var fe *FaultError
+	require.ErrorAs(t, m.publish(g), &fe)
+	_, err = m.serveNext(g, 0) // its first load faults
+	require.ErrorAs(t, err, &fe)
+	unprotect(g)
+	require.NoError(t, l.Close())
 }

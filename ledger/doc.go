@@ -35,6 +35,15 @@
 // with what it could give at once, so two processes short of memory at the same moment never
 // wait on each other for long.
 //
+// # A file cut short
+//
+// Any process that may write the file may also truncate it, and reading the mapping past the
+// file's new end raises SIGBUS, which would kill the process. Every call and both member
+// goroutines read the mapping under debug.SetPanicOnFault and recover such a fault: the call
+// fails with a *FaultError (ErrDamaged) naming the file's size, and the goroutines end. The
+// handle stays damaged. Close it, and open the file again once it is whole (an empty file is
+// made a new ledger by an Open with a limit).
+//
 // # Concurrency and ownership
 //
 // A *Ledger is safe for concurrent use; it owns the file mapping and descriptors until Close.

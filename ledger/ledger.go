@@ -128,7 +128,7 @@ func Open(path string, opts Options) (*Ledger, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("ledger: open %s: lock: %w", path, osError(err))
 	}
-	err = l.initLocked(opts)
+	err = l.initGuarded(opts)
 	ofdLock(fd, lockLedger, unix.F_UNLCK, false)
 	if err != nil {
 		if l.mem != nil {
@@ -142,6 +142,15 @@ func Open(path string, opts Options) (*Ledger, error) {
 
 // errNoLimit is Open's error for a ledger it would have to make without a limit.
 var errNoLimit = fmt.Errorf("%w: a new ledger needs a positive limit", ErrInvalidArgument)
+
+// initGuarded is initLocked that fails, instead of faulting, when another process cuts the
+// file short meanwhile.
+func (l *Ledger) initGuarded(opts Options) (err error) {
+	g := protect("open")
+	defer unprotect(g)
+	defer l.catch(g, &err)
+	return l.initLocked(opts)
+}
 
 // initLocked sizes, maps and (for a new file) formats the ledger; the ledger lock is held.
 func (l *Ledger) initLocked(opts Options) error {
@@ -203,20 +212,33 @@ func (l *Ledger) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&l.mem[o
 func (l *Ledger) s64(slot, off int) *uint64 { return l.u64(headerSize + slot*slotSize + off) }
 func (l *Ledger) s32(slot, off int) *uint32 { return l.u32(headerSize + slot*slotSize + off) }
 
-// enter makes sure l is open and keeps its mapping in place until exit.
-func (l *Ledger) enter(op string) error {
+// enter makes sure l is open and keeps its mapping in place until exit. Until then a fault
+// on the mapping (the file cut short by another process) is recovered, not fatal.
+func (l *Ledger) enter(op string) (guard, error) {
 	if l == nil || l.mem == nil {
-		return fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
+		return guard{}, fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
 	}
 	l.closeMu.RLock()
 	if l.closed.Load() {
 		l.closeMu.RUnlock()
-		return fmt.Errorf("ledger: %s: %w", op, ErrClosed)
+		return guard{}, fmt.Errorf("ledger: %s: %w", op, ErrClosed)
 	}
-	return nil
+	return protect(op), nil
 }
 
-func (l *Ledger) exit() { l.closeMu.RUnlock() }
+// exit ends what enter began. A fault on the mapping since becomes a *FaultError in *errp
+// (dropped when errp is nil). It must be the deferred call itself, for recover to see the
+// panic.
+func (l *Ledger) exit(g guard, errp *error) {
+	defer l.closeMu.RUnlock()
+	unprotect(g)
+	if r := recover(); r != nil {
+		err := l.caught(g, r)
+		if errp != nil {
+			*errp = err
+		}
+	}
+}
 
 // lock takes the ledger lock: the handle's mutex, then the file lock. It fails only when the
 // kernel runs out of lock records (ENOLCK).
@@ -236,32 +258,32 @@ func (l *Ledger) unlock() {
 
 // Limit returns the limit in bytes (0 for a closed or nil ledger).
 func (l *Ledger) Limit() uint64 {
-	err := l.enter("limit")
+	g, err := l.enter("limit")
 	if err != nil {
 		return 0
 	}
-	defer l.exit()
+	defer l.exit(g, nil)
 	return atomic.LoadUint64(l.u64(hLimit))
 }
 
 // DeviceBytes returns the GPU memory recorded in the ledger (0 when unknown).
 func (l *Ledger) DeviceBytes() uint64 {
-	err := l.enter("device bytes")
+	g, err := l.enter("device bytes")
 	if err != nil {
 		return 0
 	}
-	defer l.exit()
+	defer l.exit(g, nil)
 	return atomic.LoadUint64(l.u64(hDevice))
 }
 
 // Used returns the bytes all members hold, dead ones not yet reaped included. It reads without
 // the lock, so under concurrent acquisitions it is a moment's estimate; Members is exact.
 func (l *Ledger) Used() uint64 {
-	err := l.enter("used")
+	g, err := l.enter("used")
 	if err != nil {
 		return 0
 	}
-	defer l.exit()
+	defer l.exit(g, nil)
 	return l.sumMapped()
 }
 

@@ -108,18 +108,18 @@ const usageEvery = 500 * time.Millisecond
 // Join adds a member under name, unique among live members of the ledger over all processes
 // (ErrExists otherwise). A name is 1 to MaxName bytes of valid UTF-8 with no control character
 // (a *NameError otherwise). h is asked for memory when others need it.
-func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) {
+func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (_ *Member, err error) {
 	if err := names.Check("member", name); err != nil {
 		return nil, fmt.Errorf("ledger: join: %w", err)
 	}
 	if h == nil {
 		return nil, fmt.Errorf("ledger: join %q: %w: nil holder", name, ErrInvalidArgument)
 	}
-	err := l.enter("join " + name)
+	g, err := l.enter("join " + name)
 	if err != nil {
 		return nil, err
 	}
-	defer l.exit()
+	defer l.exit(g, &err)
 	if err := l.lock(); err != nil {
 		return nil, err
 	}
@@ -159,8 +159,11 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 			unix.Close(fd) // a member of this slot is still leaving: try the next
 			continue
 		}
+		if err := l.fill(g, i, name, m.flags); err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
 		m.slot, m.live = i, fd
-		l.fillSlot(i, name, m.flags)
 		l.local[i] = m
 		l.responders.Add(2)
 		go m.publishLoop()
@@ -168,6 +171,14 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (*Member, error) 
 		return m, nil
 	}
 	return nil, fmt.Errorf("ledger: join %q: %w: all %d member slots are taken", name, errdefs.ErrTooLarge, MaxMembers)
+}
+
+// fill is fillSlot that fails, instead of faulting, when the file was cut short. g is the
+// caller's protection.
+func (l *Ledger) fill(g guard, i int, name string, flags uint32) (err error) {
+	defer l.catch(g, &err)
+	l.fillSlot(i, name, flags)
+	return nil
 }
 
 // fillSlot writes a new member into free slot i, its state last (the ledger lock is held).
@@ -194,35 +205,44 @@ func (m *Member) Name() string {
 }
 
 // enter is Ledger.enter for a member that has not left; exit undoes it.
-func (m *Member) enter(op string) error {
+func (m *Member) enter(op string) (guard, error) {
 	if m == nil || m.l == nil {
-		return fmt.Errorf("ledger: %s: %w: nil member, or one not made by Join", op, ErrInvalidArgument)
+		return guard{}, fmt.Errorf("ledger: %s: %w: nil member, or one not made by Join", op, ErrInvalidArgument)
 	}
 	m.mu.RLock()
 	if m.left.Load() {
 		m.mu.RUnlock()
-		return fmt.Errorf("ledger: %s: member %q left: %w", op, m.name, ErrClosed)
+		return guard{}, fmt.Errorf("ledger: %s: member %q left: %w", op, m.name, ErrClosed)
 	}
-	if err := m.l.enter(op); err != nil {
+	g, err := m.l.enter(op)
+	if err != nil {
 		m.mu.RUnlock()
-		return err
+		return guard{}, err
 	}
-	return nil
+	return g, nil
 }
 
-func (m *Member) exit() {
-	m.l.exit()
-	m.mu.RUnlock()
+// exit is Ledger.exit for a member. It must be the deferred call itself.
+func (m *Member) exit(g guard, errp *error) {
+	defer m.mu.RUnlock()
+	defer m.l.closeMu.RUnlock()
+	unprotect(g)
+	if r := recover(); r != nil {
+		err := m.l.caught(g, r)
+		if errp != nil {
+			*errp = err
+		}
+	}
 }
 
 // TryAcquire takes n bytes if the limit has room for them now, asking nothing of anyone. It
 // fails with a *CapacityError (ErrOutOfMemory) naming the bytes asked for and free.
-func (m *Member) TryAcquire(n uint64) error {
-	err := m.enter("acquire")
+func (m *Member) TryAcquire(n uint64) (err error) {
+	g, err := m.enter("acquire")
 	if err != nil {
 		return err
 	}
-	defer m.exit()
+	defer m.exit(g, &err)
 	return m.tryAcquire(n)
 }
 
@@ -245,12 +265,12 @@ func (m *Member) tryAcquire(n uint64) error {
 // that allow it to compact. The caller may hold its own locks: members are asked not to wait
 // for theirs. It fails with a *CapacityError when they cannot make room, at once when n is
 // more than the limit.
-func (m *Member) Acquire(n uint64, compact bool) error {
-	err := m.enter("acquire")
+func (m *Member) Acquire(n uint64, compact bool) (err error) {
+	g, err := m.enter("acquire")
 	if err != nil {
 		return err
 	}
-	defer m.exit()
+	defer m.exit(g, &err)
 	if err = m.tryAcquire(n); err == nil || !errors.Is(err, ErrOutOfMemory) {
 		return err
 	}
@@ -310,11 +330,11 @@ func (l *Ledger) others(skip int) ([]int, error) {
 
 // Release returns n bytes (at most what the member holds). Safe after Leave (a no-op then).
 func (m *Member) Release(n uint64) {
-	err := m.enter("release")
+	g, err := m.enter("release")
 	if err != nil {
 		return
 	}
-	defer m.exit()
+	defer m.exit(g, nil)
 	w := m.l.s64(m.slot, sMapped)
 	for {
 		cur := atomic.LoadUint64(w)
@@ -326,22 +346,22 @@ func (m *Member) Release(n uint64) {
 
 // Used returns the bytes the member holds.
 func (m *Member) Used() uint64 {
-	err := m.enter("used")
+	g, err := m.enter("used")
 	if err != nil {
 		return 0
 	}
-	defer m.exit()
+	defer m.exit(g, nil)
 	return atomic.LoadUint64(m.l.s64(m.slot, sMapped))
 }
 
 // Headroom returns the bytes the member could acquire now without asking anyone (an estimate
 // read without the lock).
 func (m *Member) Headroom() uint64 {
-	err := m.enter("headroom")
+	g, err := m.enter("headroom")
 	if err != nil {
 		return 0
 	}
-	defer m.exit()
+	defer m.exit(g, nil)
 	used, limit := m.l.sumMapped(), atomic.LoadUint64(m.l.u64(hLimit))
 	if used >= limit {
 		return 0
@@ -359,37 +379,39 @@ func (m *Member) Leave() {
 	}
 	m.leaveOnce.Do(func() {
 		l := m.l
-		err := l.enter("leave")
+		g, err := l.enter("leave")
 		if err != nil {
 			return // the ledger closed: Close left every member first
 		}
-		defer l.exit()
+		defer l.exit(g, nil) // a fault on the mapping below still ends the member
 		m.mu.Lock()
 		m.left.Store(true)
 		m.mu.Unlock()
 		close(m.stop)
-		atomic.AddUint32(l.s32(m.slot, sReqSeq), 1) // the responder sees left and ends
-		wake(l.s32(m.slot, sReqSeq))
-		if err := l.lock(); err == nil {
-			l.clearSlot(m.slot)
-			l.local[m.slot] = nil
-			l.unlock()
-		} else { // no lock records left: the slot is reaped as a dead member's once ours closes
+		defer unix.Close(m.live) // drops the liveness lock, last
+		defer func() {
 			l.mu.Lock()
 			l.local[m.slot] = nil
 			l.mu.Unlock()
+		}()
+		atomic.AddUint32(l.s32(m.slot, sReqSeq), 1) // the responder sees left and ends
+		wake(l.s32(m.slot, sReqSeq))
+		if l.lock() == nil { // else no lock records left: the slot is reaped as a dead member's once ours closes
+			defer l.unlock()
+			l.clearSlot(m.slot)
 		}
-		unix.Close(m.live) // drops the liveness lock
 	})
 }
 
-// publish writes the holder's usage into the slot, unless the member left meanwhile.
-func (m *Member) publish() {
+// publish writes the holder's usage into the slot, unless the member left meanwhile. It fails
+// only when the mapping faults (see FaultError); g is the goroutine's protection.
+func (m *Member) publish(g guard) (err error) {
 	u := m.h.Usage()
 	m.mu.RLock()
 	defer m.mu.RUnlock()
+	defer m.l.catch(g, &err)
 	if m.left.Load() {
-		return
+		return nil
 	}
 	l, i := m.l, m.slot
 	for w, v := range [...]uint64{
@@ -399,6 +421,7 @@ func (m *Member) publish() {
 	} {
 		atomic.StoreUint64(l.s64(i, sUsage+8*w), v)
 	}
+	return nil
 }
 
 // respond serves the member's mailbox from request served+1 on, until the member leaves. It
@@ -406,40 +429,65 @@ func (m *Member) publish() {
 // own goroutines may be waiting for another process that is waiting for this answer.
 func (m *Member) respond(served uint32) {
 	defer m.l.responders.Done()
-	l, i := m.l, m.slot
-	reqSeq, ackSeq := l.s32(i, sReqSeq), l.s32(i, sAckSeq)
+	g := protect("serve requests")
+	defer unprotect(g)
 	for !m.left.Load() {
-		seq := atomic.LoadUint32(reqSeq)
-		if seq == served {
-			wait(reqSeq, seq, time.Second)
-			continue
+		seq, err := m.serveNext(g, served)
+		if err != nil {
+			return // the file was cut short: no request can reach this member any more
 		}
-		kind := atomic.LoadUint32(l.s32(i, sReqKind))
-		need := atomic.LoadUint64(l.s64(i, sReqNeed))
-		got := m.serve(kind, need)
-		m.mu.RLock()
-		if !m.left.Load() { // else the slot may be another member's by now
-			atomic.StoreUint64(l.s64(i, sAckGot), got)
-			atomic.StoreUint32(ackSeq, seq)
-			wake(ackSeq)
-		}
-		m.mu.RUnlock()
 		served = seq
-		select {
-		case m.kick <- struct{}{}: // what it gave back shows in its usage soon
-		default:
-		}
 	}
 }
 
+// serveNext waits up to a second for a request after served, serves it and returns its
+// number (served when none came). It fails only when the mapping faults.
+func (m *Member) serveNext(g guard, served uint32) (_ uint32, err error) {
+	defer m.l.catch(g, &err)
+	l, i := m.l, m.slot
+	reqSeq := l.s32(i, sReqSeq)
+	seq := atomic.LoadUint32(reqSeq)
+	if seq == served {
+		wait(reqSeq, seq, time.Second)
+		return served, nil
+	}
+	kind := atomic.LoadUint32(l.s32(i, sReqKind))
+	need := atomic.LoadUint64(l.s64(i, sReqNeed))
+	got := m.serve(kind, need)
+	m.answer(seq, got)
+	select {
+	case m.kick <- struct{}{}: // what it gave back shows in its usage soon
+	default:
+	}
+	return seq, nil
+}
+
+// answer acknowledges request seq with got bytes, unless the member left meanwhile (the slot
+// may be another member's by now).
+func (m *Member) answer(seq uint32, got uint64) {
+	m.mu.RLock()
+	defer m.mu.RUnlock() // also when the stores fault
+	if m.left.Load() {
+		return
+	}
+	l, i := m.l, m.slot
+	atomic.StoreUint64(l.s64(i, sAckGot), got)
+	atomic.StoreUint32(l.s32(i, sAckSeq), seq)
+	wake(l.s32(i, sAckSeq))
+}
+
 // publishLoop publishes the holder's usage every usageEvery, and soon after each request it
-// served, until the member leaves.
+// served, until the member leaves or the file is cut short.
 func (m *Member) publishLoop() {
 	defer m.l.responders.Done()
+	g := protect("publish usage")
+	defer unprotect(g)
 	t := time.NewTicker(usageEvery)
 	defer t.Stop()
 	for {
-		m.publish()
+		if m.publish(g) != nil {
+			return
+		}
 		select {
 		case <-m.stop:
 			return

@@ -62,6 +62,10 @@ var (
 	ErrDenied = errors.New("access denied")
 )
 
+// ErrDamaged reports a shared file (the ledger's) changed under its mapping by another
+// process: cut short, so that reading it faults.
+var ErrDamaged = errors.New("file damaged")
+
 // CountError reports a count (of tokens, pairs, rows, ...) that is negative or larger than
 // allowed; it matches ErrInvalidArgument. Public packages re-export it as a type alias.
 type CountError struct {

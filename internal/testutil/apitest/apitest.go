@@ -37,7 +37,7 @@ var Sentinels = []error{
 	errdefs.ErrWrongDevice, errdefs.ErrDriver, errdefs.ErrUnknownSequence, errdefs.ErrSequenceExists,
 	errdefs.ErrExists, errdefs.ErrNotFound, errdefs.ErrAsleep, errdefs.ErrTooLarge, errdefs.ErrInjected,
 	errdefs.ErrSwapped, errdefs.ErrNeedsTokenIDs, errdefs.ErrNotClosed,
-	errdefs.ErrUnavailable, errdefs.ErrCorrupt, errdefs.ErrMismatch, errdefs.ErrDenied,
+	errdefs.ErrUnavailable, errdefs.ErrCorrupt, errdefs.ErrMismatch, errdefs.ErrDenied, errdefs.ErrDamaged,
 }
 
 // Typed reports whether err matches one of Sentinels.
