@@ -22,7 +22,8 @@ func benchMemory(_ vmm.Device, _ int) ([]Table, error) {
 			"The minimum is every group's live tokens rounded to its blocks; the goal is at most 1.05x the minimum plus one page a group (the reserve after compaction). " +
 			"256-sequence rows pack the 16-sequence run's blocks 16 times (compaction packs to ceil(blocks / blocks per page) pages: the file descriptors of 256 x 128k sequences' pages exceed the process limit). " +
 			"Uniform: today's one-group Config (every layer full attention, K and V of the widest head, bf16); n/a where a recurrent layer cannot be described. " +
-			"vLLM: its hybrid allocator's grouping, padding layers and unified page (attention blocks raised to hold a recurrent state). Ollama: windows of max(W, 4,096) tokens, MLA's V stored beside K.",
+			"vLLM: its hybrid allocator's grouping, padding layers and unified page (attention blocks raised to hold a recurrent state). " +
+			"Ollama: its Go engine's caches: gpt-oss's windows 4,096 tokens, Gemma 3's its window (each plus one 512-token batch), Llama 4's chunked layers every token, MLA's V stored beside K, Qwen3-Next's state in fp32 with 32 checkpoints.",
 		Columns: []string{"model", "tokens", "seqs", "pagedkv", "minimum", "pagedkv / min", "goal", "uniform / pagedkv", "vLLM / pagedkv", "ollama / pagedkv"},
 	}
 	gib := func(b uint64) string { return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30)) }

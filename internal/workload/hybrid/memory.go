@@ -8,14 +8,23 @@
 //   - Uniform: today's one-group Config: every layer full attention, K and V of the model's
 //     widest head, 2-byte elements; a recurrent layer cannot be described (ok is false).
 //   - VLLM: vLLM's hybrid allocator: layers grouped by type into groups of the smallest type's
-//     layer count (the last group of a type padded with empty layers), every group's blocks from
-//     one pool of one page size, attention block sizes raised until an attention page holds a
-//     recurrent state; windows keep the blocks the window reaches.
-//   - Ollama: its last Go cache: a window or chunk keeps max(W, 4,096) tokens, MLA stores V (the
-//     latent without its rope part) beside K, no block rounding.
+//     layer count, or of the largest when it is under 1.25x the smallest (the last group of a
+//     type padded with empty layers), every group's blocks from one pool of one page size,
+//     attention block sizes raised until an attention page holds a recurrent state; windows keep
+//     the blocks the window reaches. This is vLLM with its hybrid manager on, which for chunked
+//     attention (Llama 4) needs VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE on: its
+//     default since vLLM PR #29627 (off before, when the chunked layers kept every token).
+//   - Ollama: its Go engine's caches, sized for S sequences of num_ctx = T: full attention T
+//     tokens; a window its memory (max(W, 4,096) where the model asks for more than the window,
+//     as gpt-oss does; W otherwise, as Gemma 3's plain window cache) per sequence plus one batch
+//     (512 tokens) for the cache; a chunked cache (Llama 4) every token, the chunk only masks;
+//     MLA stores V (the latent without its rope part) beside K; a recurrent state (Qwen3-Next) in
+//     fp32 with 32 checkpoint copies a sequence reserved beside it; no block rounding.
 package hybrid
 
 import (
+	"strings"
+
 	"github.com/pagedkv/pagedkv/kvcache"
 )
 
@@ -86,36 +95,75 @@ func Uniform(geom kvcache.Geometry, tokens, seqs int) (bytes uint64, ok bool) {
 	return uint64(ceilDiv(tokens, 16)*16) * perToken * uint64(seqs), true
 }
 
-// Ollama returns what ollama's last Go cache kept: windows and chunks of max(W, 4,096) tokens,
-// MLA with V beside K, full attention every token, a recurrent state per sequence, no blocks.
+// Ollama's sizes (ollama's kvcache/causal.go Causal.Init, model/models/*/model.go, and
+// model/models/qwen3next/cache.go and checkpoints.go).
+const (
+	// ollamaBatch is the batch a window cache holds beside its sequences' memory (num_batch).
+	ollamaBatch = 512
+	// ollamaRecurrentCopies are a recurrent state and its checkpoints (checkpointCountDefault,
+	// 32), all reserved for every sequence slot, each in fp32.
+	ollamaRecurrentCopies = 1 + 32
+)
+
+// ollamaWindowMemory returns the tokens a sequence's window cache keeps in ollama: the memory
+// size the model passes to NewSWAMemCache (gpt-oss: 4,096), or the window for NewSWACache
+// (Gemma 3).
+func ollamaWindowMemory(model string, window int) int {
+	if strings.HasPrefix(strings.ToLower(model), "gpt-oss") {
+		return max(window, 4096)
+	}
+	return window
+}
+
+// Ollama returns what ollama's Go engine maps for S sequences of num_ctx = T (see the package
+// doc): full attention and chunked groups every token, a window its memory per sequence and
+// one batch, MLA with V beside K, a recurrent state in fp32 with its checkpoints, no blocks.
 func Ollama(geom kvcache.Geometry, tokens, seqs int) uint64 {
 	var sum uint64
 	for _, g := range geom.Groups {
 		layers := uint64(len(g.Layers))
-		switch {
-		case g.Kind == kvcache.RecurrentState:
-			sum += layers * g.StateBytes
+		switch g.Kind {
+		case kvcache.RecurrentState:
+			// The state is counted in bf16 by the preset; ollama keeps it in fp32.
+			sum += layers * ollamaRecurrentCopies * 2 * g.StateBytes * uint64(seqs)
 			continue
-		case g.Kind != kvcache.FullAttention:
-			sum += layers * uint64(min(tokens, max(g.Window, 4096))) * g.TokenBytes()
+		case kvcache.SlidingWindow:
+			cells := uint64(seqs) * uint64(tokens) // memory past num_ctx: the whole context
+			if mem := ollamaWindowMemory(geom.Model, g.Window); mem <= tokens {
+				cells = uint64(seqs)*uint64(mem) + ollamaBatch
+			}
+			sum += layers * cells * g.TokenBytes()
 			continue
 		}
 		perToken := g.TokenBytes()
 		if g.RopeDim > 0 { // V, the latent without its rope part, stored beside K
 			perToken += uint64(g.KHeadDim-g.RopeDim) * uint64(g.DType.Size())
 		}
-		sum += layers * uint64(tokens) * perToken
+		sum += layers * uint64(tokens) * uint64(seqs) * perToken
 	}
-	return sum * uint64(seqs)
+	return sum
+}
+
+// VLLMGroupSize returns the layers of each of vLLM's KV cache groups (kv_cache_utils.py,
+// _get_kv_cache_groups_uniform_page_size): the smallest type's layer count, or the largest
+// type's when that is under 1.25x the smallest (fewer padding layers, e.g. 12 + 13 layers).
+func VLLMGroupSize(geom kvcache.Geometry) int {
+	least, most := geom.Layers, 0
+	for _, g := range geom.Groups {
+		least, most = min(least, len(g.Layers)), max(most, len(g.Layers))
+	}
+	if float64(most) < 1.25*float64(least) {
+		return most
+	}
+	return least
 }
 
 // VLLM returns what vLLM's hybrid allocator maps (see the package doc), and the attention block
 // size it settles on.
 func VLLM(geom kvcache.Geometry, tokens, seqs int) (bytes uint64, blockTokens int) {
-	groupSize := geom.Layers
+	groupSize := VLLMGroupSize(geom)
 	var state uint64
 	for _, g := range geom.Groups {
-		groupSize = min(groupSize, len(g.Layers))
 		if g.Kind == kvcache.RecurrentState {
 			state = max(state, g.StateBytes)
 		}

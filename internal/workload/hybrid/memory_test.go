@@ -68,3 +68,36 @@ func TestGroupBlocks(t *testing.T) {
 	require.Equal(t, 1, hybrid.GroupBlocks(c, 65), "a new chunk begins")
 	require.Equal(t, 0, hybrid.GroupBlocks(c, 0))
 }
+
+// Ollama's caches as its Go engine sizes them: gpt-oss's windows keep 4,096 tokens (and one
+// batch), Gemma 3's plain window cache its 1,024, Llama 4's chunked cache every token, and
+// Qwen3-Next's recurrent state is fp32 with 32 checkpoints reserved beside it.
+func TestOllama(t *testing.T) {
+	oss := geometry(t, "gpt-oss-120b")
+	require.EqualValues(t, 18*8192*2048+18*(4096+512)*2048, hybrid.Ollama(oss, 8192, 1))
+	require.EqualValues(t, 36*2048*2048, hybrid.Ollama(oss, 2048, 1), "a window memory past num_ctx keeps the context")
+
+	gemma := geometry(t, "gemma-3-27b")
+	require.EqualValues(t, 16*10*131072*8192+52*(16*1024+512)*8192, hybrid.Ollama(gemma, 128<<10, 16))
+
+	scout := geometry(t, "llama-4-scout")
+	u, _ := hybrid.Uniform(scout, 128<<10, 1)
+	require.Equal(t, u, hybrid.Ollama(scout, 128<<10, 1), "the chunked cache masks, it keeps every token")
+
+	qwen := geometry(t, "qwen3-next-80b-a3b")
+	require.EqualValues(t, 12*8192*2048+36*33*2*(32*128*128*2+3*8192*2), hybrid.Ollama(qwen, 8192, 1))
+}
+
+// vLLM's group size is the smallest type's layer count unless the largest is within 1.25x.
+func TestVLLMGroupSize(t *testing.T) {
+	require.Equal(t, 10, hybrid.VLLMGroupSize(geometry(t, "gemma-3-27b")))
+	require.Equal(t, 12, hybrid.VLLMGroupSize(geometry(t, "llama-4-scout")))
+	require.Equal(t, 18, hybrid.VLLMGroupSize(geometry(t, "gpt-oss-120b")))
+	g := kvcache.Geometry{Layers: 25, Groups: []kvcache.LayerGroup{
+		{Layers: make([]int, 12), Kind: kvcache.SlidingWindow, Window: 128, KVHeads: 8, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+		{Layers: make([]int, 13), Kind: kvcache.FullAttention, KVHeads: 8, KHeadDim: 64, VHeadDim: 64, DType: kvcache.BF16, BlockTokens: 16},
+	}}
+	require.Equal(t, 13, hybrid.VLLMGroupSize(g), "12 window + 13 full layers: two groups of 13, one padding layer")
+	v, _ := hybrid.VLLM(g, 1024, 1)
+	require.EqualValues(t, (8+64)*13*16*2048, v)
+}
