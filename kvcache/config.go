@@ -305,6 +305,21 @@ func (c Config) validateArena() error {
 	if ks := c.KeyScheme; !ks.VLLM && (ks.Seed != "" || len(ks.LoRANames) > 0) {
 		return &ConfigError{Field: "KeyScheme", Value: ks.Seed, Reason: "a seed or LoRA names mean nothing without VLLM"}
 	}
+	return checkLoRANames("KeyScheme.LoRANames", c.KeyScheme.LoRANames)
+}
+
+// checkLoRANames refuses what a map of adapter ids to vLLM's lora_name cannot mean: a name
+// for adapter 0, the base model, which has none; and an empty name, which vLLM hashes as a
+// LoRA's ([""] in the extra keys) but a key without a name would merge with the base model's.
+func checkLoRANames(field string, names map[uint64]string) error {
+	for id, name := range names {
+		switch {
+		case id == 0:
+			return &ConfigError{Field: field, Value: name, Reason: "adapter 0 is the base model and has no LoRA name"}
+		case name == "":
+			return &ConfigError{Field: field, Value: id, Reason: "an adapter's LoRA name must not be empty (its blocks would share the base model's keys)"}
+		}
+	}
 	return nil
 }
 

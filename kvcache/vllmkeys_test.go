@@ -91,3 +91,21 @@ func deref(s *string) string {
 	}
 	return *s
 }
+
+// A LoRA name map that cannot mean what vLLM means is refused: a name for adapter 0 (the base
+// model has none), and an empty name, which vLLM hashes as a LoRA's ([""] in the extra keys)
+// while a key without a name would be the base model's, so the adapter's K/V would be served
+// for base-model prompts.
+func TestKeySchemeLoRANamesChecked(t *testing.T) {
+	for name, names := range map[string]map[uint64]string{
+		"adapter 0":  {0: "base"},
+		"empty name": {3: "sql-lora", 4: ""},
+	} {
+		cfg := kvcache.Config{Layers: 1, KVHeads: 1, HeadDim: 64, ElemSize: 2, BlockTokens: 4,
+			KeyScheme: prefix.Scheme{VLLM: true, Seed: "0", LoRANames: names}}
+		var ce *kvcache.ConfigError
+		require.ErrorAs(t, cfg.Validate(), &ce, name)
+		require.Equal(t, "KeyScheme.LoRANames", ce.Field, name)
+		require.ErrorIs(t, cfg.Validate(), kvcache.ErrInvalidArgument, name)
+	}
+}

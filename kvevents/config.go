@@ -160,6 +160,14 @@ func (c Config) Validate() error {
 	if c.Encoding > Arrays {
 		return &ConfigError{Field: "Encoding", Value: c.Encoding, Reason: "unknown"}
 	}
+	for id, name := range c.LoRANames { // as kvcache's KeyScheme.LoRANames
+		switch {
+		case id == 0:
+			return &ConfigError{Field: "LoRANames", Value: name, Reason: "adapter 0 is the base model: its blocks go out with lora_name null"}
+		case name == "":
+			return &ConfigError{Field: "LoRANames", Value: id, Reason: "an adapter's LoRA name must not be empty (vLLM would key its blocks apart from the base model's)"}
+		}
+	}
 	if _, _, err := endpoint("Endpoint", c.Endpoint, c.DataParallelRank, false); err != nil {
 		return err
 	}

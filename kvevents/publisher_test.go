@@ -171,6 +171,8 @@ func TestStartBadConfig(t *testing.T) {
 		"negative interval":      edit(func(c *Config) { c.Interval = -1 }),
 		"unknown batching":       edit(func(c *Config) { c.Batching = 9 }),
 		"unknown encoding":       edit(func(c *Config) { c.Encoding = 9 }),
+		"a name for adapter 0":   edit(func(c *Config) { c.LoRANames = map[uint64]string{0: "base"} }),
+		"an empty LoRA name":     edit(func(c *Config) { c.LoRANames = map[uint64]string{1: "sql", 3: ""} }),
 	} {
 		_, err := Start(sub, cfg)
 		var ce *ConfigError

@@ -10,7 +10,9 @@ import "strconv"
 //
 // The namespace maps to vLLM's extra keys: Namespace.Adapter to the LoRA name LoRANames gives
 // it (an adapter missing from the map is named by its decimal id; adapter 0 is the base model
-// and has no name), Namespace.Salt to the cache salt of the sequence's first block.
+// and has no name), Namespace.Salt to the cache salt of the sequence's first block. A name must
+// not be empty: vLLM hashes an empty lora_name as a LoRA's, and a key without a name is the base
+// model's (kvcache refuses such a map).
 type Scheme struct {
 	VLLM      bool
 	Seed      string            // vLLM's PYTHONHASHSEED of the fleet: the NONE_HASH seed
