@@ -49,14 +49,16 @@ extern "C" __global__ void copy_blocks(char *base, const int64_t *mapping, int64
 // slot = block*block_tokens + offset, as vLLM's reshape_and_cache does. key and value are
 // [num_tokens, token_bytes] contiguous; k_base and v_base are the layer's K and V bases
 // (kvcache.Manager.LayerBase). A null v_base writes K only (MLA's latent rows); value is then
-// not read. A negative slot (padding) is skipped. One CTA per token; token_bytes is a multiple
-// of 16, and the bases and block_stride are 16-byte aligned.
+// not read. A negative slot (padding) is skipped, and so is a slot at or past max_slot (the
+// arena's blocks times block_tokens: a runtime's bad slot never writes outside the arena). One
+// CTA per token; token_bytes is a multiple of 16, and the bases and block_stride are 16-byte
+// aligned.
 extern "C" __global__ void write_kv(char *k_base, char *v_base, const char *key, const char *value,
                                     const int64_t *slot_mapping, int64_t token_bytes,
-                                    int32_t block_tokens, int64_t block_stride) {
+                                    int32_t block_tokens, int64_t block_stride, int64_t max_slot) {
     const int64_t t = blockIdx.x;
     const int64_t slot = slot_mapping[t];
-    if (slot < 0) {
+    if (slot < 0 || slot >= max_slot) {
         return;
     }
     const int64_t block = slot / block_tokens;
@@ -110,17 +112,17 @@ __device__ __forceinline__ void store_fp8_row(char *dst, const char *src, int64_
 // the cache, so the bases and block_stride are 8-byte aligned. format is 1 (e4m3fn) or 2 (e5m2).
 // A null v_base writes K only. A non-null k_scale_at (v_scale_at) is where the scale is in
 // device memory, read when the kernel runs (vLLM passes k_scale and v_scale as tensors); it
-// replaces k_scale (v_scale). One CTA per token.
+// replaces k_scale (v_scale). Slots are skipped as in write_kv. One CTA per token.
 extern "C" __global__ void write_kv_fp8(char *k_base, char *v_base, const char *key, const char *value,
                                         const int64_t *slot_mapping, int64_t in_bytes,
                                         int32_t block_tokens, int64_t block_stride, int32_t format,
                                         float k_scale, float v_scale, const float *k_scale_at,
-                                        const float *v_scale_at) {
+                                        const float *v_scale_at, int64_t max_slot) {
     if (k_scale_at != nullptr) k_scale = *k_scale_at;
     if (v_scale_at != nullptr) v_scale = *v_scale_at;
     const int64_t t = blockIdx.x;
     const int64_t slot = slot_mapping[t];
-    if (slot < 0) {
+    if (slot < 0 || slot >= max_slot) {
         return;
     }
     const __nv_fp8_interpretation_t kind = format == 1 ? __NV_E4M3 : __NV_E5M2;
@@ -166,6 +168,11 @@ __device__ __forceinline__ const char *kv_row(const char *base, const int32_t *t
 // v_dim elements per row (the first v_dim of its head_dim), so MLA's absorbed form is v_base ==
 // k_base, kv_heads 1, v_dim the latent dim; out is [num_seqs, num_heads, v_dim].
 //
+// Bad tables: a sequence whose length is past its table row (max_blocks *
+// block_tokens), or one of whose attended table entries is negative or at or past num_blocks
+// (the arena's blocks), reads nothing through its table: its outputs are NaN (the Go
+// implementation refuses such a launch instead; a kernel has no error to return).
+//
 // Grid: (num_seqs, num_heads); blockDim.x >= head_dim, a power of two up to 1024 (the launch
 // bound keeps a 1024-thread CTA within the register file); dynamic shared memory
 // (head_dim + 2*blockDim.x) floats. It streams over the attended tokens a CTA-width at a time
@@ -176,7 +183,8 @@ extern "C" __global__ void __launch_bounds__(1024) paged_attention_decode(
     const int32_t *block_tables, const int32_t *seq_lens, int32_t max_blocks,
     int32_t num_heads, int32_t kv_heads, int32_t head_dim, int32_t block_tokens,
     int64_t block_stride, float scale, int32_t v_dim, int32_t window, int32_t sinks,
-    int32_t chunk, int32_t format, float v_scale, const float *k_scale_at, const float *v_scale_at) {
+    int32_t chunk, int32_t format, float v_scale, const float *k_scale_at, const float *v_scale_at,
+    int64_t num_blocks) {
     if (k_scale_at != nullptr) scale *= *k_scale_at;
     if (v_scale_at != nullptr) v_scale = *v_scale_at;
     extern __shared__ float sh[];
@@ -193,6 +201,24 @@ extern "C" __global__ void __launch_bounds__(1024) paged_attention_decode(
     const int ns = sinks < lo ? sinks : lo;
     const int n = len > 0 ? ns + len - lo : 0;
     const int32_t *table = block_tables + (int64_t)seq * max_blocks;
+    // The attended entries are those of blocks [0, ceil(ns/bt)) and [lo/bt, ceil(len/bt)).
+    bool bad = (int64_t)len > (int64_t)max_blocks * block_tokens; // a negative length is empty
+    if (!bad) {
+        const int64_t sink_end = ((int64_t)ns + block_tokens - 1) / block_tokens;
+        const int64_t tail_lo = lo / block_tokens, tail_end = ((int64_t)len + block_tokens - 1) / block_tokens;
+        const int64_t count = sink_end + (len > 0 ? tail_end - tail_lo : 0);
+        for (int64_t i = tid; i < count; i += blockDim.x) {
+            const int64_t b = i < sink_end ? i : tail_lo + i - sink_end;
+            const int64_t id = table[b];
+            bad = bad || id < 0 || id >= num_blocks;
+        }
+    }
+    if (__syncthreads_or(bad)) {
+        for (int d = tid; d < v_dim; d += blockDim.x) {
+            out[((int64_t)seq * num_heads + head) * v_dim + d] = __int_as_float(0x7fc00000); // NaN
+        }
+        return;
+    }
     for (int d = tid; d < head_dim; d += blockDim.x) {
         qs[d] = __half2float(q[((int64_t)seq * num_heads + head) * head_dim + d]);
     }

@@ -468,7 +468,8 @@ func (k *Kernels) copyPairsGo(s Stream, base, pairs vmm.Addr, n int, blockStride
 // WriteKV stores numTokens tokens' fp16 K and V of one layer: it is Write of the KVWrite with
 // these fields (Format FP16). key and value hold numTokens rows of tokenBytes, slotMapping
 // numTokens int64 slots (negative: skip); kBase and vBase are the layer's K and V bases
-// (kvcache.Manager.LayerBase). value and vBase both 0 write K only.
+// (kvcache.Manager.LayerBase). value and vBase both 0 write K only. It sets no KVWrite.Blocks:
+// Write with Blocks keeps a bad slot inside the arena.
 func (k *Kernels) WriteKV(s Stream, kBase, vBase, key, value, slotMapping vmm.Addr, numTokens int, tokenBytes uint64, blockTokens int, blockStride uint64) error {
 	return k.Write(s, KVWrite{KBase: kBase, VBase: vBase, Key: key, Value: value, SlotMapping: slotMapping,
 		NumTokens: numTokens, RowBytes: tokenBytes, BlockTokens: blockTokens, BlockStride: blockStride})
@@ -508,6 +509,26 @@ type KVWrite struct {
 	// vLLM's kernels take k_scale and v_scale as device tensors, and kvcache.Hybrid.Scales keeps
 	// an fp8 group's per-layer scales at such addresses.
 	KScaleAt, VScaleAt vmm.Addr
+	// Blocks, when not 0, is the arena's size in blocks (kvcache.Layout.Blocks): a slot in block
+	// Blocks or later is bad. The kernel skips it, as a negative slot (a kernel has no error to
+	// return); the Go implementation refuses the write before writing any row. 0 bounds the
+	// blocks by the address space alone.
+	Blocks int
+}
+
+// blockLimit returns the blocks the write may reach: Blocks, or those below the end of the
+// address space from the higher base.
+func (w KVWrite) blockLimit() int64 {
+	return limitBlocks(w.Blocks, max(w.KBase, w.VBase), w.BlockStride)
+}
+
+// limitBlocks returns blocks, when not 0, or else how many blocks of stride bytes fit between
+// top and the end of the address space (at most MaxInt64).
+func limitBlocks(blocks int, top vmm.Addr, stride uint64) int64 {
+	if blocks > 0 {
+		return int64(blocks)
+	}
+	return int64(min(math.MaxInt64, math.MaxUint64-uint64(top)) / stride)
 }
 
 // kOnly reports a write of K alone.
@@ -524,6 +545,9 @@ func invalid(format string, args ...any) error {
 }
 
 func (w KVWrite) validate() error {
+	if w.Blocks < 0 || w.Blocks > math.MaxInt32 {
+		return invalid("%d blocks: 0 (unbounded) to %d", w.Blocks, math.MaxInt32)
+	}
 	if w.NumTokens < 0 || w.NumTokens > MaxGridX || w.RowBytes == 0 || w.RowBytes%16 != 0 || w.RowBytes > MaxRowBytes ||
 		w.BlockTokens <= 0 || w.BlockTokens > math.MaxInt32 {
 		return invalid("%d tokens (at most %d) of %d bytes (a multiple of 16, at most %d), %d tokens per block",
@@ -583,9 +607,9 @@ func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
 }
 
 // Write stores the rows w describes on s. On CUDA it is one launch of write_kv (fp16) or
-// write_kv_fp8, returning once queued; the kernel reads the slots only when it runs and does not
-// check them. The Go implementation checks every slot before it writes a row: one whose block
-// would lie past the end of the address space is ErrInvalidArgument.
+// write_kv_fp8, returning once queued; the kernel reads the slots only when it runs and skips a
+// bad one (in block Blocks or later, or past the end of the address space). The Go
+// implementation checks every slot before it writes a row: a bad one is ErrInvalidArgument.
 func (k *Kernels) Write(s Stream, w KVWrite) error {
 	if err := k.usable(); err != nil {
 		return err
@@ -607,6 +631,11 @@ func (k *Kernels) Write(s Stream, w KVWrite) error {
 		fn = k.mod.writeKVFP8
 		args = append(args, i32(int(w.Format)), f32(w.KScale), f32(w.VScale), ptr(w.KScaleAt), ptr(w.VScaleAt))
 	}
+	maxSlot := int64(math.MaxInt64) // the first slot the kernel skips
+	if b := w.blockLimit(); b <= math.MaxInt64/int64(w.BlockTokens) {
+		maxSlot = b * int64(w.BlockTokens)
+	}
+	args = append(args, i64(maxSlot))
 	err := k.mod.ctx.LaunchKernel(fn, [3]uint32{uint32(w.NumTokens), 1, 1}, [3]uint32{threads, 1, 1}, 0, cuda.Stream(s), args)
 	if err != nil {
 		return fmt.Errorf("kernels: write kv: %w", err)
@@ -630,12 +659,11 @@ func (k *Kernels) writeGo(w KVWrite) error {
 		}
 	}
 	// Every slot is checked before a row is written: the slots are read twice.
-	blocks := min(math.MaxInt64, math.MaxUint64-uint64(max(w.KBase, w.VBase))) / w.BlockStride
+	blocks := w.blockLimit()
 	bt := int64(w.BlockTokens)
 	err := k.eachSlot(w, func(t int, slot int64) error {
-		if slot >= 0 && uint64(slot/bt) >= blocks {
-			return invalid("token %d: slot %d in block %d: blocks are 0 to %d for blocks of %d bytes at %#x",
-				t, slot, slot/bt, blocks-1, w.BlockStride, uint64(max(w.KBase, w.VBase)))
+		if slot >= 0 && slot/bt >= blocks {
+			return invalid("token %d: slot %d in block %d: blocks are 0 to %d", t, slot, slot/bt, blocks-1)
 		}
 		return nil
 	})
@@ -739,6 +767,9 @@ type Attention struct {
 	// the rows' first LatentDim elements, to which the caller applies W_UV. In fp8, KScale
 	// dequantises the whole row.
 	LatentDim int
+	// Blocks, when not 0, is the arena's size in blocks (kvcache.Layout.Blocks): an attended
+	// table entry of Blocks or more is bad. 0 bounds the blocks by the address space alone.
+	Blocks int
 }
 
 func (a Attention) validate() error {
@@ -748,6 +779,9 @@ func (a Attention) validate() error {
 		a.BlockStride == 0 || a.BlockStride > math.MaxInt64 {
 		return invalid("%d sequences (at most %d) of %d table blocks, %d heads (at most %d) over %d KV heads, head dim %d (at most 1024), %d tokens per block, block stride %d",
 			a.NumSeqs, MaxGridX, a.MaxBlocks, a.NumHeads, MaxGridY, a.KVHeads, a.HeadDim, a.BlockTokens, a.BlockStride)
+	}
+	if a.Blocks < 0 || a.Blocks > math.MaxInt32 {
+		return invalid("%d blocks: 0 (unbounded) to %d", a.Blocks, math.MaxInt32)
 	}
 	if a.Window < 0 || a.Sinks < 0 || a.Chunk < 0 || max(a.Window, a.Sinks, a.Chunk) > math.MaxInt32 {
 		return invalid("window %d, sinks %d, chunk %d: each 0 to %d", a.Window, a.Sinks, a.Chunk, math.MaxInt32)
@@ -824,10 +858,12 @@ func (a Attention) span(n int64) (ns, lo int64) {
 }
 
 // PagedAttention runs the reference decode attention on s. NumSeqs may be at most MaxGridX and
-// NumHeads at most MaxGridY. The CUDA kernel reads the lengths and tables only when it runs and
-// does not check them. The Go implementation checks them before it writes any output: a length
-// past MaxBlocks*BlockTokens is ErrOutOfRange, and an attended block id that is negative or whose
-// block would lie past the end of the address space is ErrInvalidArgument.
+// NumHeads at most MaxGridY. A sequence's table is bad when its length is past MaxBlocks*
+// BlockTokens, or when an attended block id is negative, Blocks or more, or past the end of the
+// address space. The CUDA kernel reads the lengths and tables only when it runs, and gives a
+// sequence with a bad table NaN outputs, reading nothing through it. The Go implementation
+// checks every table before it writes any output: a length past the row is ErrOutOfRange, a bad
+// block id ErrInvalidArgument.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 	if err := k.usable(); err != nil {
 		return err
@@ -851,7 +887,8 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 		[]unsafe.Pointer{ptr(a.Out), ptr(a.Q), ptr(a.KBase), ptr(r.vBase), ptr(a.BlockTables), ptr(a.SeqLens),
 			i32(a.MaxBlocks), i32(a.NumHeads), i32(a.KVHeads), i32(a.HeadDim), i32(a.BlockTokens),
 			i64(int64(a.BlockStride)), f32(r.scale), i32(r.vDim), i32(a.Window), i32(a.Sinks), i32(a.Chunk),
-			i32(int(a.Format)), f32(r.vScale), ptr(r.kAt), ptr(r.vAt)})
+			i32(int(a.Format)), f32(r.vScale), ptr(r.kAt), ptr(r.vAt),
+			i64(limitBlocks(a.Blocks, max(a.KBase, a.VBase), a.BlockStride))})
 	if err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
 	}
@@ -969,8 +1006,7 @@ func (k *Kernels) attentionGo(a Attention) error {
 // before the Go implementation writes any output. It reports a length past the sequence's table
 // row, and an entry that is negative or whose block would lie past the end of the address space.
 func (a Attention) checkTables(read32 func(vmm.Addr) (int32, error)) error {
-	top := uint64(max(a.KBase, a.VBase))
-	blocks := int64(min(math.MaxInt64, math.MaxUint64-top) / a.BlockStride)
+	blocks := limitBlocks(a.Blocks, max(a.KBase, a.VBase), a.BlockStride)
 	bt := int64(a.BlockTokens)
 	maxLen := int64(a.MaxBlocks) * bt
 	for s := range a.NumSeqs {
@@ -991,8 +1027,7 @@ func (a Attention) checkTables(read32 func(vmm.Addr) (int32, error)) error {
 					return err
 				}
 				if id < 0 || int64(id) >= blocks {
-					return invalid("sequence %d: table block %d is %d: blocks are 0 to %d for blocks of %d bytes at %#x",
-						s, b, id, blocks-1, a.BlockStride, top)
+					return invalid("sequence %d: table block %d is %d: blocks are 0 to %d", s, b, id, blocks-1)
 				}
 			}
 		}

@@ -121,7 +121,7 @@ func checkAttention(t *testing.T, dev vmm.Device, k *kernels.Kernels, m *kvcache
 		Out: outAddr, Q: qAddr, KBase: m.LayerBase(layer, 0), VBase: m.LayerBase(layer, 1),
 		BlockTables: tables.BlockTables, SeqLens: tables.SeqLens, NumSeqs: len(ids), MaxBlocks: maxBlocks,
 		NumHeads: numHeads, KVHeads: c.KVHeads, HeadDim: c.HeadDim, BlockTokens: c.BlockTokens,
-		BlockStride: c.BlockStride(), Scale: scale,
+		BlockStride: c.BlockStride(), Scale: scale, Blocks: m.Layout().Blocks,
 	}))
 	require.NoError(t, k.Synchronize(0))
 	out := make([]byte, 4*qElems)

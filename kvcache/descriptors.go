@@ -15,6 +15,10 @@ type Layout struct {
 	TokenBytes  uint64   // one token's K (or V) in one layer
 	Layers      int
 	BlockTokens int
+	// Blocks is the arena's size in blocks: every block id of the manager is below it. Pass it
+	// as kernels.KVWrite.Blocks and kernels.Attention.Blocks, so that a bad slot or table entry
+	// never reaches memory outside the arena.
+	Blocks int
 }
 
 // Addr returns the address of layer l's K (kv=0) or V (kv=1) of block b. Its arithmetic is
@@ -33,6 +37,7 @@ func (m *Manager) Layout() Layout {
 	return Layout{
 		Base: m.base, BlockStride: g.BlockStride(), BlockBytes: g.BlockBytes(),
 		TokenBytes: g.TokenBytes(), Layers: g.Layers, BlockTokens: g.BlockTokens,
+		Blocks: m.arena.Pages() * m.bpp,
 	}
 }
 

@@ -119,7 +119,7 @@ func writeAndAttend(t *testing.T, dev vmm.Device, k *kernels.Kernels, h *kvcache
 		require.NoError(t, dev.CopyIn(stage+vmm.Addr(2*chunk*row), sb[:8*cnt]))
 		require.NoError(t, k.Write(0, kernels.KVWrite{KBase: m.LayerBase(0, 0), VBase: m.LayerBase(0, 1), Key: stage,
 			Value: stage + vmm.Addr(chunk*row), SlotMapping: stage + vmm.Addr(2*chunk*row), NumTokens: int(cnt), RowBytes: row,
-			BlockTokens: c.BlockTokens, BlockStride: c.BlockStride()}))
+			BlockTokens: c.BlockTokens, BlockStride: c.BlockStride(), Blocks: m.Layout().Blocks}))
 	}
 	require.NoError(t, k.Synchronize(0))
 
@@ -146,7 +146,7 @@ func writeAndAttend(t *testing.T, dev vmm.Device, k *kernels.Kernels, h *kvcache
 	require.NoError(t, k.PagedAttention(0, kernels.Attention{Out: io + vmm.Addr(2*len(q)), Q: io, KBase: m.LayerBase(0, 0),
 		VBase: m.LayerBase(0, 1), BlockTables: tables, SeqLens: tables + vmm.Addr(4*len(blocks)), NumSeqs: 1, MaxBlocks: len(blocks),
 		NumHeads: heads, KVHeads: heads, HeadDim: dim, BlockTokens: c.BlockTokens, BlockStride: c.BlockStride(),
-		Scale: float32(scale), Window: c.Window, Chunk: c.Chunk}))
+		Scale: float32(scale), Window: c.Window, Chunk: c.Chunk, Blocks: m.Layout().Blocks}))
 	require.NoError(t, k.Synchronize(0))
 	out := make([]byte, 4*heads*dim)
 	require.NoError(t, dev.CopyOut(out, io+vmm.Addr(2*len(q))))

@@ -633,8 +633,9 @@ func (c *chat) writeGroup(g group, slots []int64) error {
 	}
 	cfg := g.m.Config()
 	for l := range cfg.Layers {
-		if err := c.k.WriteKV(0, g.m.LayerBase(l, 0), g.m.LayerBase(l, 1), c.keys, c.vals, g.slotBuf, len(slots),
-			cfg.TokenBytes(), cfg.BlockTokens, cfg.BlockStride()); err != nil {
+		if err := c.k.Write(0, kernels.KVWrite{KBase: g.m.LayerBase(l, 0), VBase: g.m.LayerBase(l, 1), Key: c.keys,
+			Value: c.vals, SlotMapping: g.slotBuf, NumTokens: len(slots), RowBytes: cfg.TokenBytes(),
+			BlockTokens: cfg.BlockTokens, BlockStride: cfg.BlockStride(), Blocks: g.m.Layout().Blocks}); err != nil {
 			return err
 		}
 	}
@@ -660,7 +661,7 @@ func (c *chat) attend(l layer, q []byte) (byte, error) {
 		Out: c.out, Q: c.q, KBase: g.m.LayerBase(l.index, 0), VBase: g.m.LayerBase(l.index, 1),
 		BlockTables: g.tables.BlockTables, SeqLens: g.tables.SeqLens, NumSeqs: 1, MaxBlocks: g.vt.MaxBlocks,
 		NumHeads: 1, KVHeads: 1, HeadDim: headDim, BlockTokens: cfg.BlockTokens, BlockStride: cfg.BlockStride(), Scale: scale,
-		Window: g.window, Sinks: g.sinks,
+		Window: g.window, Sinks: g.sinks, Blocks: g.m.Layout().Blocks,
 	}); err != nil {
 		return 0, err
 	}
