@@ -330,15 +330,21 @@ func (s *Subscription) signal() {
 }
 
 // Ready returns a channel that receives when events (or a loss) are waiting to be read. It is
-// closed when the subscription is.
+// closed when the subscription is. A nil Subscription, or one Subscribe did not make, returns a
+// closed channel: it will never have events.
 func (s *Subscription) Ready() <-chan struct{} {
-	if s == nil {
-		c := make(chan struct{})
-		close(c)
-		return c
+	if s == nil || s.ready == nil { // a nil channel would block its reader forever
+		return closedReady
 	}
 	return s.ready
 }
+
+// closedReady is the Ready of a Subscription that Subscribe did not make.
+var closedReady = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // Read appends the waiting events to dst, oldest first (an EventsLost first if events were
 // dropped), and returns it. Their keys and token ids are in arrays of their own. It never

@@ -276,6 +276,24 @@ func TestHoldTellsAfterPullIntoQueue(t *testing.T) {
 	assert.Equal(t, Key{3}, got[0].Keys[0])
 }
 
+// A Subscription that Subscribe did not make (the zero value) is refused as a nil one is: its
+// Ready is closed, so that a reader ranging over it ends instead of waiting forever, and Read,
+// Take and Close report it.
+func TestZeroSubscription(t *testing.T) {
+	for name, s := range map[string]*Subscription{"nil": nil, "zero": {}} {
+		ready := s.Ready()
+		select {
+		case _, ok := <-ready:
+			require.False(t, ok, "%s: Ready receives only by being closed", name)
+		default:
+			t.Fatalf("%s: Ready is neither closed nor signalled: a reader waits forever", name)
+		}
+		assert.Empty(t, s.Read(nil), name)
+		assert.Empty(t, s.Take(nil), name)
+		require.ErrorIs(t, s.Close(), errdefs.ErrInvalidArgument, name)
+	}
+}
+
 // signalled reports whether ready (a subscription's Ready) holds a signal, taking it, without
 // waiting.
 func signalled(ready <-chan struct{}) bool {

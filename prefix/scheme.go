@@ -26,8 +26,11 @@ type Keyer struct {
 	none   Key
 	sha    Hasher
 	vllm   VLLMHasher
-	named  map[uint64]string // adapters missing from LoRANames, named once
+	named  map[uint64]string // adapters missing from LoRANames, named once; at most maxNamed
 }
+
+// maxNamed bounds the adapters a Keyer keeps the names of (Keyer.named).
+const maxNamed = 1024
 
 // NewKeyer returns a Keyer for scheme s. The Keyer keeps s's LoRANames map: do not change it
 // afterwards.
@@ -79,6 +82,9 @@ func (k *Keyer) extra(ns Namespace) VLLMExtra {
 			if name, ok = k.named[ns.Adapter]; !ok {
 				if k.named == nil {
 					k.named = make(map[uint64]string)
+				}
+				if len(k.named) >= maxNamed { // the ids come from callers: keep a bounded few
+					clear(k.named)
 				}
 				name = strconv.FormatUint(ns.Adapter, 10)
 				k.named[ns.Adapter] = name

@@ -1,9 +1,11 @@
 package prefix
 
 import (
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // A Keyer computes pagedkv's chain under the zero Scheme and vLLM's under a VLLM one, the
@@ -33,4 +35,22 @@ func TestKeyerSchemes(t *testing.T) {
 		x.Next(ns, 1, Key{}, tokens[:8])
 		k.Next(Namespace{Adapter: 9, Salt: "s"}, 0, Key{}, tokens[:8])
 	}), "a warm Keyer allocates nothing")
+}
+
+// A Keyer names the adapters missing from LoRANames once each, and keeps a bounded number of
+// those names: a manager's Keyer lives as long as the manager, and the adapter ids come from
+// its callers' prompts, so one name kept per id ever seen would grow without end.
+func TestKeyerNamesBounded(t *testing.T) {
+	k := NewKeyer(Scheme{VLLM: true, Seed: "0"})
+	tokens := []Token{1, 2, 3, 4}
+	none := VLLMNoneHash("0")
+	for a := uint64(1); a <= 4*maxNamed; a++ {
+		ns := Namespace{Adapter: a}
+		want := VLLMKeys(nil, none, VLLMExtra{LoRAName: strconv.FormatUint(a, 10)}, 4, tokens)
+		require.Equal(t, want, k.Keys(nil, ns, 4, tokens), "adapter %d", a)
+		require.LessOrEqual(t, len(k.named), maxNamed, "adapter %d", a)
+	}
+	k.Next(Namespace{Adapter: 7}, 0, Key{}, tokens)
+	assert.Zero(t, testing.AllocsPerRun(50, func() { k.Next(Namespace{Adapter: 7}, 0, Key{}, tokens) }),
+		"an adapter named since the last clearing allocates nothing")
 }
