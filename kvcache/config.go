@@ -23,7 +23,7 @@ import (
 //
 //	Addr(l, kv, b) = base + b*BlockStride() + l*LayerStride() + kv*BlockBytes()
 //	LayerStride()  = BlockBytes() + VBlockBytes()
-//	BlockStride()  = Layers * LayerStride()
+//	BlockStride()  = Layers * LayerStride() + BlockPadding
 //
 // So each layer sees the usual per-layer [num_blocks, block_size, num_kv_heads, head_dim] view,
 // with a per-layer base LayerBase(l, kv) and a block stride of BlockStride() common to every

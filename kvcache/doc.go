@@ -25,6 +25,8 @@
 // MaxSequenceTokens, MaxPages, MaxBlockStride) are checked where numbers enter.
 //
 // Concurrency: Manager is safe for concurrent use. Its hot path (an append inside the last
-// block) takes one lock and allocates nothing. Device work the manager does itself is
-// synchronous on the device's default stream.
+// block) takes one lock and allocates nothing. A copy on write after a Fork runs on the
+// device's default stream and is done when the call returns. The host prefix cache's copies
+// (Config.HostPrefixCache) are queued on the legacy default stream, stream 0, and not waited
+// for.
 package kvcache

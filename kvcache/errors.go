@@ -8,7 +8,8 @@ import (
 	"github.com/pagedkv/pagedkv/sequence"
 )
 
-// Sentinel errors; the same values as in package vmm. Match them with errors.Is.
+// Sentinel errors; the same values as in every pagedkv package that names them (vmm's, among
+// others). Match them with errors.Is.
 var (
 	ErrUnknownSequence = errdefs.ErrUnknownSequence
 	ErrSequenceExists  = errdefs.ErrSequenceExists

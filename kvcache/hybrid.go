@@ -95,7 +95,7 @@ type HybridConfig struct {
 //
 // Group(i) returns group i's Manager, for what is read per group: its block table (ExportVLLM,
 // ExportFlashInfer, DeviceTables), Layout, Shards, Blocks, Slots, Stats. Change sequences through
-// the Hybrid, not through a group, or the groups disagree. Window and chunk groups drop blocks
+// the Hybrid: a group's Manager refuses the calls that change sequences (see Group). Window and chunk groups drop blocks
 // that fall out of reach (NullBlock in their tables); a recurrent group holds one state block per
 // sequence (its table's one entry is the state's index), copied on the first append after a
 // fork.

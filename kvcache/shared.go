@@ -16,9 +16,10 @@ import (
 type SharedConfig struct {
 	// Limit is the physical bytes all models together may map.
 	Limit uint64
-	// CompactOnPressure lets a model that needs memory, once the other models' free reserves are
-	// taken, compact another model to free whole pages (a copy of that model's scattered blocks:
-	// milliseconds on a GPU). Without it only free pages are taken.
+	// CompactOnPressure lets a model that needs memory, once the other models' free pages and
+	// cache-only pages are taken, compact another model to free whole pages (a copy of that
+	// model's scattered blocks: milliseconds on a GPU). Without it only free pages and pages
+	// holding nothing but idle cached blocks are taken.
 	CompactOnPressure bool
 	// Split divides every model's cache among the pool's devices (NewSharedMulti); Limit is then
 	// per device.
@@ -34,10 +35,10 @@ type SharedConfig struct {
 
 // SharedPool puts several models' managers, one per model, on one device under one physical
 // limit. Each model has its own arena (its own virtual reservation, so no model's blocks ever
-// alias another's); the pages they map draw on one vmm.Budget. When a model needs a page and the
-// budget is spent, free pages in other models' reserves are reclaimed first, then (with
-// CompactOnPressure) other models are compacted, and only then does the append fail with
-// ErrOutOfMemory. The limit can change at run time. Safe for concurrent use; the SharedPool owns
+// alias another's); the pages they map draw on one vmm.Budget, or on SharedConfig.Ledger. When a
+// model needs a page and the budget is spent, the other models' free pages are reclaimed first,
+// then their pages holding only idle cached blocks, then (with CompactOnPressure) other models
+// are compacted, and only then does the append fail with ErrOutOfMemory. The limit can change at run time. Safe for concurrent use; the SharedPool owns
 // the managers it registers and the Device is borrowed.
 type SharedPool struct {
 	devs    []vmm.Device
@@ -212,8 +213,9 @@ type LimitReport struct {
 
 // SetLimit changes the shared limit (on several devices, each device's; with a Ledger, the
 // ledger's, for every process at once). Lowering it below what the models hold shrinks them:
-// free pages are returned first, then the models are compacted, as far as their live data
-// allows (through a ledger, only the models of pools with CompactOnPressure are compacted). The report gives the most any device uses. A limit that is
+// free pages and pages holding only idle cached blocks are returned first, then the models are
+// compacted, as far as their live data allows. Through a ledger, only the models of pools with
+// CompactOnPressure are compacted. The report gives the most any device uses. A limit that is
 // not positive is ErrInvalidArgument and changes nothing.
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if err := s.check("set limit"); err != nil {
@@ -320,9 +322,10 @@ func (s *SharedPool) Close() error {
 	return errors.Join(errs...)
 }
 
-// Reclaim implements vmm.Reclaimer for the shared budget: it unmaps free pages (from the top)
-// until need bytes are returned, and with compact first compacts the live blocks so that whole
-// pages come free. With wait false it returns 0 at once if the manager is busy. A sleeping or
+// Reclaim implements vmm.Reclaimer for the shared budget: it unmaps free pages from the top,
+// then evicts and unmaps the pages that hold only idle cached blocks, oldest first, until need
+// bytes are returned. With compact, when those were not enough, it then compacts the live
+// blocks and returns the pages that come free. With wait false it returns 0 at once if the manager is busy. A sleeping or
 // standalone manager may be asked too.
 func (m *Manager) Reclaim(need uint64, compact, wait bool) uint64 {
 	freed, _ := m.reclaim(need, compact, wait)
