@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/pagedkv/pagedkv/kvcache"
 	"github.com/pagedkv/pagedkv/tier"
@@ -45,7 +46,7 @@ func ExampleNewHybrid_tiers() {
 			}
 		}()
 		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: geom, Capacity: 1 << 30, NoBackground: true,
-			HostCacheTokens: 4096,
+			HostCacheTokens: 4096, TierTimeout: time.Minute, // a disk read a busy machine delays still counts here
 			Tiers: func(i int, g kvcache.LayerGroup, fp tier.Fingerprint, blockBytes int) ([]kvcache.Tier, error) {
 				s, err := disk.Open(fmt.Sprintf("%s/%s", root, g.Name), disk.Options{Fingerprint: fp, BlockBytes: blockBytes, LimitBytes: 64 << 20})
 				if err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/pagedkv/pagedkv/internal/checked"
 	"github.com/pagedkv/pagedkv/ledger"
@@ -84,6 +85,9 @@ type HybridConfig struct {
 	// serves less than it holds. On one device only (NewHybridMulti over several refuses
 	// Tiers).
 	Tiers func(group int, g LayerGroup, fp tier.Fingerprint, blockBytes int) ([]Tier, error)
+	// TierTimeout bounds each call to a group's tiers, as Config.TierTimeout (0:
+	// DefaultTierTimeout).
+	TierTimeout time.Duration
 }
 
 // Hybrid is the cache of a model whose layers do not all store the same thing: a set of layer
@@ -268,6 +272,8 @@ func checkHost(cfg HybridConfig) error {
 		return &ConfigError{Field: "HostSequences", Value: cfg.HostSequences, Reason: "must not be negative, and is 0 without HostTokens"}
 	case cfg.HostCacheTokens < 0:
 		return &ConfigError{Field: "HostCacheTokens", Value: cfg.HostCacheTokens, Reason: "must not be negative"}
+	case cfg.TierTimeout < 0:
+		return &ConfigError{Field: "TierTimeout", Value: cfg.TierTimeout, Reason: "must not be negative"}
 	case cfg.Tiers != nil && cfg.HostCacheTokens == 0:
 		return &ConfigError{Field: "Tiers", Reason: "need a host prefix cache (HostCacheTokens), through which blocks move"}
 	case recurrent && cfg.HostTokens > 0 && cfg.HostSequences == 0:

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -81,7 +82,8 @@ func FuzzHybrid(f *testing.F) {
 			tiers = newGroupStores().tiers
 		}
 		h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: g, Limit: limit, Capacity: 16 << 20, NoBackground: true,
-			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0, HostCacheTokens: hostCache, Tiers: tiers})
+			PrefixCacheBytes: 256 << 10, WaitForWrites: len(ops)%3 == 0, HostCacheTokens: hostCache, Tiers: tiers,
+			TierTimeout: time.Minute})
 		require.NoError(t, err)
 		defer func() { require.NoError(t, h.Close()) }()
 		d := &hybridData{dev: dev, h: h, val: map[kvcache.SeqID][]uint64{}}

@@ -32,7 +32,7 @@ func groupTiers(i int, g LayerGroup, cfg HybridConfig, gc Config) (Config, error
 	if err != nil {
 		return gc, fmt.Errorf("tiers: %w", err)
 	}
-	gc.Tiers = tiers
+	gc.Tiers, gc.TierTimeout = tiers, cfg.TierTimeout
 	return gc, gc.Validate()
 }
 

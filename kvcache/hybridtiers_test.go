@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -36,7 +37,7 @@ func (g *groupStores) tiers(i int, _ kvcache.LayerGroup, fp tier.Fingerprint, bl
 
 func tieredHybrid(t *testing.T, dev vmm.Device, name string, tiers func(int, kvcache.LayerGroup, tier.Fingerprint, int) ([]kvcache.Tier, error)) *kvcache.Hybrid {
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Name: name, Limit: 256 << 20, Capacity: 64 << 20,
-		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers})
+		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers, TierTimeout: time.Minute})
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, h.Close()) })
 	return h
@@ -137,7 +138,7 @@ func TestHybridTiersWarmRestart(t *testing.T) {
 
 	dev := hostDevice(t, 64<<10)
 	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
-		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk})
+		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk, TierTimeout: time.Minute})
 	require.NoError(t, err)
 	d := writeFreed(t, dev, h, p)
 	require.NoError(t, h.SyncTiers(context.Background()))
@@ -146,7 +147,7 @@ func TestHybridTiersWarmRestart(t *testing.T) {
 
 	dev2 := hostDevice(t, 64<<10)
 	h2, err := kvcache.NewHybrid(dev2, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20, Capacity: 64 << 20,
-		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk})
+		NoBackground: true, HostCacheTokens: 4096, Tiers: onDisk, TierTimeout: time.Minute})
 	require.NoError(t, err)
 	defer closeAll()
 	defer func() { require.NoError(t, h2.Close()) }()
@@ -254,7 +255,7 @@ func TestHybridTiersGroupsOfOneShapeApart(t *testing.T) {
 		return []kvcache.Tier{{Store: newMemStore(fp), Medium: "CLUSTER"}}, nil
 	}
 	h, err := kvcache.NewHybrid(hostDevice(t, 64<<10), kvcache.HybridConfig{Geometry: g, Limit: 256 << 20, Capacity: 64 << 20,
-		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers})
+		NoBackground: true, HostCacheTokens: 4096, Tiers: tiers, TierTimeout: time.Minute})
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, h.Close()) })
 	require.Equal(t, h.Group(0).Config().Fingerprint(), h.Group(1).Config().Fingerprint(), "one layout")

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -27,7 +28,7 @@ func TestTierEvictionsAreRemovedEvents(t *testing.T) {
 		LimitBytes: uint64(4 * record), SegmentBytes: uint64(record)}) // four blocks, a segment each
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, store.Close()) })
-	cfg.Tiers = []kvcache.Tier{{Store: store, Medium: "DISK"}}
+	cfg.Tiers, cfg.TierTimeout = []kvcache.Tier{{Store: store, Medium: "DISK"}}, time.Minute
 	m := newManager(t, hostDevice(t, 64<<10), cfg)
 	events, err := m.Subscribe(1 << 10)
 	require.NoError(t, err)

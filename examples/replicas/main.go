@@ -180,7 +180,8 @@ func (r *replica) stop() {
 // config is the replicas' model: one layer, one KV head of 64, 16-token blocks.
 func config() kvcache.Config {
 	return kvcache.Config{Layers: 1, KVHeads: 1, HeadDim: 64, ElemSize: 2, BlockTokens: 16,
-		PageSize: 64 << 10, Capacity: 256 * (64 << 10), HostBlocks: 512, HostPrefixCache: true}
+		PageSize: 64 << 10, Capacity: 256 * (64 << 10), HostBlocks: 512, HostPrefixCache: true,
+		TierTimeout: time.Second} // Redis on this machine: a call late by a second is a busy machine, not a lost server
 }
 
 // serve is a replica: a manager on the host backend with a cluster tier on Redis at addr
