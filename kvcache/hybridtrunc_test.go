@@ -53,3 +53,31 @@ func TestTruncatePastLengthNamesWhatMayGo(t *testing.T) {
 	require.Equal(t, -1, ce.N)
 	require.NoError(t, m.Verify())
 }
+
+// Swapped on a closed Hybrid, or a closed manager, is ErrClosed, as Len is: not the state of a
+// sequence Close dropped.
+func TestSwappedAfterClose(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	h, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(true), Limit: 256 << 20, Capacity: 64 << 20,
+		NoBackground: true, HostTokens: 256, HostSequences: 2})
+	require.NoError(t, err)
+	_, err = h.AppendTokens(1, 10, make([][]int64, h.Groups()))
+	require.NoError(t, err)
+	sw, err := h.SwapOut([]kvcache.SeqID{1}, 0)
+	require.NoError(t, err)
+	require.NoError(t, sw.Wait())
+	require.NoError(t, sw.Close())
+	require.NoError(t, h.Close())
+	_, err = h.Swapped(1)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	_, err = h.Len(1)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+
+	m, err := kvcache.New(dev, swapConfig())
+	require.NoError(t, err)
+	_, err = m.AppendTokens(1, 10, nil)
+	require.NoError(t, err)
+	require.NoError(t, m.Close())
+	_, err = m.Swapped(1)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+}
