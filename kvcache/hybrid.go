@@ -937,13 +937,19 @@ func (h *Hybrid) Fork(src, dst SeqID) error {
 
 // Truncate drops the last n tokens of the sequence in every group. A truncation back into
 // what a window or chunk group dropped is refused (a *GroupOpError wrapping a *CountError whose
-// Max is the most that may go).
+// Max is the most that may go in every group, naming the group that lets the fewest go).
 func (h *Hybrid) Truncate(seq SeqID, n int) error {
 	if !h.made() {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: errHybridNotMade}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	// The tightest group answers first: another group's refusal would name a Max that the
+	// tightest refuses too.
+	first := h.tightestTruncate(seq)
+	if _, err := h.groups[first].checkTruncate(seq, n); err != nil {
+		return h.groupErr(first, err)
+	}
 	for i, m := range h.groups {
 		if _, err := m.checkTruncate(seq, n); err != nil {
 			return h.groupErr(i, err)
@@ -954,6 +960,22 @@ func (h *Hybrid) Truncate(seq SeqID, n int) error {
 		m.truncate(s, n)
 	}
 	return nil
+}
+
+// tightestTruncate returns the group that lets the fewest of seq's tokens be truncated (its
+// window or chunk dropped the most); 0 when none bounds it. The lock is held.
+func (h *Hybrid) tightestTruncate(seq SeqID) int {
+	best, room := 0, -1
+	for i, m := range h.groups {
+		s, ok := m.seqs.Get(seq)
+		if !ok || s.Swapped {
+			return 0
+		}
+		if r := s.Tokens - m.minLength(s); room < 0 || r < room {
+			best, room = i, r
+		}
+	}
+	return best
 }
 
 // Len returns the sequence's token count.

@@ -792,10 +792,11 @@ func (m *Manager) checkTruncate(seq SeqID, n int) (*sequence.Sequence, error) {
 	if s.Swapped {
 		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: ErrSwapped}
 	}
-	if n < 0 || n > s.Tokens {
+	keep := m.minLength(s)
+	if n < 0 || n > s.Tokens && keep == 0 {
 		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{What: "tokens", N: n, Max: s.Tokens}}
 	}
-	if keep := m.minLength(s); s.Tokens-n < keep {
+	if s.Tokens-n < keep { // n > s.Tokens too: Max is the most that may go, not s.Tokens
 		return nil, &SequenceError{Op: "truncate", Seq: seq, Err: &CountError{
 			What: fmt.Sprintf("tokens (the blocks before token %d are freed: out of reach)", s.Dropped*m.cfg.BlockTokens), N: n, Max: s.Tokens - keep}}
 	}

@@ -558,6 +558,9 @@ func (m *Manager) Swapped(seq SeqID) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.usable("swapped", seq); err != nil { // as Len: a closed manager holds no sequence
+		return false, err
+	}
 	s, err := m.lookup("swapped", seq)
 	if err != nil {
 		return false, err
