@@ -106,7 +106,8 @@ type Config struct {
 	// the low 64 bits of the digest as an integer (Hash64).
 	RawHashes bool
 	// LoRANames gives the lora_name sent with an adapter's blocks (vLLM keys blocks by it); an
-	// adapter without a name goes out with lora_name null. Start copies the map.
+	// adapter without a name goes out with lora_name null. A name is not empty, and adapter 0
+	// (the base model) has none. Start copies the map.
 	LoRANames map[uint64]string
 	// HWM bounds the batches the PUB socket queues for its subscribers (0: DefaultHWM); beyond
 	// it batches are dropped, and a subscriber that sees a gap in the sequence numbers fetches

@@ -110,7 +110,7 @@ func TestWireFormat(t *testing.T) {
 			t.Run(enc.String()+map[bool]string{false: "/hash64", true: "/raw"}[raw], func(t *testing.T) {
 				cfg := loopback()
 				cfg.DataParallelRank, cfg.Encoding, cfg.RawHashes = 3, enc, raw
-				cfg.LoRANames = map[uint64]string{7: "sql-lora", 0: "never sent"}
+				cfg.LoRANames = map[uint64]string{7: "sql-lora"} // a name for adapter 0 is refused (TestStartBadConfig)
 				f, p := start(t, 8, cfg)
 				assert.True(t, strings.HasPrefix(p.Addr(), "tcp://127.0.0.1:"), p.Addr())
 				s := subscribe(t, p, "kv@")

@@ -25,6 +25,7 @@ type FaultError struct {
 	Size, Want int64
 }
 
+// Error names the call, the file and its sizes.
 func (e *FaultError) Error() string {
 	if e == nil {
 		return "<nil>"
