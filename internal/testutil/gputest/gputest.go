@@ -19,6 +19,13 @@ const RequireEnv = "PAGEDKV_REQUIRE_GPU"
 // Required reports whether the environment demands the GPU path.
 func Required() bool { return os.Getenv(RequireEnv) == "1" }
 
+// SanitizerEnv is set to 1 by scripts/gpu-run when the tests run under compute-sanitizer.
+const SanitizerEnv = "PAGEDKV_SANITIZER"
+
+// Sanitized reports a run under compute-sanitizer, which takes device memory of its own: a
+// test that compares the manager's mapped bytes with the device's free memory cannot hold then.
+func Sanitized() bool { return os.Getenv(SanitizerEnv) == "1" }
+
 // Require returns the ordinal of the first CUDA device, or skips (fails under
 // PAGEDKV_REQUIRE_GPU=1) when none can be used.
 func Require(tb testing.TB) int {
