@@ -189,6 +189,8 @@ func TestPrefixBadInput(t *testing.T) {
 	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
 	_, err = m.Subscribe(0)
 	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	_, err = m.Subscribe(prefix.MaxQueue + 1)
+	require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
 	require.Equal(t, before, shape(m.Stats()))
 	_, err = m.Len(2)
 	require.ErrorIs(t, err, kvcache.ErrUnknownSequence, "a refused start leaves no sequence")

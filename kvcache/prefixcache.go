@@ -747,8 +747,8 @@ func (m *Manager) Subscribe(queue int) (*prefix.Subscription, error) {
 // checkQueue refuses a subscription queue shorter than one event (prefix.Feed.Subscribe's
 // rule), before a Subscribe changes anything.
 func checkQueue(queue int) error {
-	if queue < 1 {
-		return &CountError{What: "queue length", N: queue, Max: 1 << 30}
+	if queue < 1 || queue > prefix.MaxQueue {
+		return &CountError{What: "queue length", N: queue, Min: 1, Max: prefix.MaxQueue}
 	}
 	return nil
 }

@@ -401,8 +401,8 @@ type SleepResult struct {
 
 // Sleep returns every page the manager does not need for its live data: it drops the prefix
 // cache, compacts the live blocks into the fewest pages and unmaps every free page, and with no
-// live sequences that is everything. Until Wake, appends and swaps in fail with ErrAsleep and
-// no reserve is kept; frees, forks, truncates, swaps out and exports still work. Static memory
+// live sequences that is everything. Until Wake, appends, starts, admissions and swaps in fail
+// with ErrAsleep and no reserve is kept; frees, forks, truncates, swaps out and exports still work. Static memory
 // is never returned.
 func (m *Manager) Sleep() (SleepResult, error) {
 	if !m.made() {

@@ -143,13 +143,17 @@ func (f *Feed) Active() bool {
 	return subs != nil && len(*subs) > 0
 }
 
-// Subscribe adds a subscription whose queue holds up to queue events (at least 1).
+// MaxQueue is the longest queue a subscription may have, in events.
+const MaxQueue = 1 << 30
+
+// Subscribe adds a subscription whose queue holds up to queue events, 1 to MaxQueue (a
+// *CountError otherwise).
 func (f *Feed) Subscribe(queue int) (*Subscription, error) {
 	if f == nil {
 		return nil, fmt.Errorf("prefix: subscribe: %w: nil feed", errdefs.ErrInvalidArgument)
 	}
-	if queue < 1 {
-		return nil, fmt.Errorf("prefix: subscribe: %w", &errdefs.CountError{What: "queue length", N: queue, Max: 1 << 30})
+	if queue < 1 || queue > MaxQueue {
+		return nil, fmt.Errorf("prefix: subscribe: %w", &errdefs.CountError{What: "queue length", N: queue, Min: 1, Max: MaxQueue})
 	}
 	s := &Subscription{f: f, max: queue, ready: make(chan struct{}, 1)}
 	f.mu.Lock()

@@ -64,6 +64,10 @@ func TestFeed(t *testing.T) {
 	f.Publish(Event{Kind: BlockStored}) // nobody listens: nothing happens
 	_, err := f.Subscribe(0)
 	require.ErrorIs(t, err, errdefs.ErrInvalidArgument)
+	require.EqualError(t, err, "prefix: subscribe: invalid argument: queue length 0 is below 1")
+	_, err = f.Subscribe(MaxQueue + 1)
+	require.EqualError(t, err, "prefix: subscribe: invalid argument: queue length 1073741825 exceeds 1073741824")
+	assert.False(t, f.Active(), "a refused subscription adds none")
 	s, err := f.Subscribe(3)
 	require.NoError(t, err)
 	assert.True(t, f.Active())

@@ -71,6 +71,7 @@ var ErrDamaged = errors.New("file damaged")
 type CountError struct {
 	What   string // what was counted; "" reads as "count"
 	N, Max int
+	Min    int // the least allowed, when above 0 (a queue of at least one event, say)
 }
 
 // Error describes the failure with its numbers.
@@ -81,6 +82,9 @@ func (e *CountError) Error() string {
 	what := e.What
 	if what == "" {
 		what = "count"
+	}
+	if e.Min > 0 && e.N < e.Min {
+		return fmt.Sprintf("invalid argument: %s %d is below %d", what, e.N, e.Min)
 	}
 	if e.N < 0 {
 		return fmt.Sprintf("invalid argument: %s %d is negative", what, e.N)
