@@ -26,6 +26,12 @@
 // is validated before anything is read or launched; an invalid one is ErrInvalidArgument with
 // the numbers, and the device is not touched.
 //
+// What lies in device memory (slots, table entries, lengths) a kernel reads only when it runs.
+// Given the arena's size (KVWrite.Blocks, Attention.Blocks: kvcache.Layout.Blocks), a bad slot
+// or table entry never reaches memory outside the arena: write_kv skips the slot, and the
+// attention gives the sequence NaN outputs. The Go implementation refuses such a call before it
+// writes anything. CopyBlocksDevice's pairs are not checked on the device.
+//
 // Streams: launches go on the caller's Stream (a CUstream; 0 is the legacy default stream) and
 // return once queued; Synchronize waits. The Go implementation is synchronous and ignores
 // streams. Concurrency: a Kernels may be shared, but CopyBlocks stages its pairs in a scratch
