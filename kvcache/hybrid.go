@@ -909,7 +909,8 @@ func (h *Hybrid) FreeSequence(seq SeqID) error {
 }
 
 // Fork creates dst as a copy of src in every group (sharing blocks; a recurrent state is copied
-// by the first append to either).
+// by the first append to either). Write a sequence's recurrent state only after an append of
+// that sequence: until then a forked state is both sequences'.
 func (h *Hybrid) Fork(src, dst SeqID) error {
 	if !h.made() {
 		return &SequenceError{Op: "fork", Seq: src, Err: errHybridNotMade}
@@ -937,7 +938,10 @@ func (h *Hybrid) Fork(src, dst SeqID) error {
 
 // Truncate drops the last n tokens of the sequence in every group. A truncation back into
 // what a window or chunk group dropped is refused (a *GroupOpError wrapping a *CountError whose
-// Max is the most that may go in every group, naming the group that lets the fewest go).
+// Max is the most that may go in every group, naming the group that lets the fewest go). A
+// recurrent group's state stays as it is, the state after the longer sequence: a state cannot be
+// rolled back, so the runtime recomputes it (from a checkpoint, or from the start) before the
+// next append.
 func (h *Hybrid) Truncate(seq SeqID, n int) error {
 	if !h.made() {
 		return &SequenceError{Op: "truncate", Seq: seq, Err: errHybridNotMade}
