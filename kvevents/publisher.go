@@ -223,7 +223,9 @@ func (p *Publisher) Flush() error {
 
 // Close sends the events still waiting, closes the sockets (batches the PUB socket still
 // queues are dropped, as vLLM's publisher drops them) and the subscription, and waits for the
-// publisher's goroutines. A second Close returns ErrClosed.
+// publisher's goroutines. A second Close returns ErrClosed. One goroutine outlives it: the PUB
+// socket's writer in go-zeromq (v0.17.0, the newest), whose Close never stops it. It holds a
+// few kilobytes and no descriptor, once per Start.
 func (p *Publisher) Close() error {
 	if !p.made() {
 		return fmt.Errorf("kvevents: close: %w: publisher not started", errdefs.ErrInvalidArgument)
