@@ -389,7 +389,7 @@ func (m *Member) Leave() {
 	}
 	m.leaveOnce.Do(func() {
 		l := m.l
-		g, err := l.enter("leave")
+		g, err := l.enterAs("leave", true) // a damaged handle's members leave too
 		if err != nil {
 			return // the ledger closed: Close left every member first
 		}
@@ -441,7 +441,7 @@ func (m *Member) respond(served uint32) {
 	defer m.l.responders.Done()
 	g := protect("serve requests")
 	defer unprotect(g)
-	for !m.left.Load() {
+	for !m.left.Load() && !m.l.damaged.Load() { // a damaged handle's slot may not be ours
 		seq, err := m.serveNext(g, served)
 		if err != nil {
 			return // the file was cut short: no request can reach this member any more
@@ -495,7 +495,7 @@ func (m *Member) publishLoop() {
 	t := time.NewTicker(usageEvery)
 	defer t.Stop()
 	for {
-		if m.publish(g) != nil {
+		if m.l.damaged.Load() || m.publish(g) != nil {
 			return
 		}
 		select {
