@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -64,4 +65,29 @@ func TestGoroutinesSurviveCutFile(t *testing.T) {
 	require.ErrorAs(t, err, &fe)
 	unprotect(g)
 	require.NoError(t, l.Close())
+}
+
+// A file cut short right after Join filled its slot fails the Join, or lets it succeed, but
+// never leaves a member half registered: Close must not wait for a responder never started.
+func TestJoinCutAfterFill(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	l, err := Open(path, Options{Limit: 1 << 20})
+	require.NoError(t, err)
+	joinFilled = func() { require.NoError(t, os.Truncate(path, 0)) }
+	defer func() { joinFilled = nil }()
+	m, _ := l.Join("a", nopHolder{}, JoinOptions{})
+	joinFilled = nil
+	closed := make(chan error, 1)
+	go func() {
+		if m != nil {
+			m.Leave()
+		}
+		closed <- l.Close()
+	}()
+	select {
+	case err := <-closed:
+		require.NoError(t, err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close hangs: a responder of the failed Join was counted but never started")
+	}
 }

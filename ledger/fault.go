@@ -18,8 +18,11 @@ var ErrDamaged = errdefs.ErrDamaged
 // truncated the file (with ftruncate or `: > file`, say), so the pages past its new end raise
 // SIGBUS. The ledger recovers the fault instead of letting it kill the process. The call
 // that met it leaves the ledger as the fault found it: counts in the lost pages are gone for
-// every process. Close the handle and open the file again once it is whole. Size is the file's
-// size when the fault was caught (-1 when it could not be read); Want is a ledger's size.
+// every process. The handle stays damaged: every later call through it fails with a
+// *FaultError too, even once the file is whole again (its members' slots are not theirs in a
+// ledger made anew), and its members' goroutines end; Leave and Close still release
+// everything. Close the handle and open the file again once it is whole. Size is the file's
+// size when the call failed (-1 when it could not be read); Want is a ledger's size.
 type FaultError struct {
 	Op, Path   string
 	Size, Want int64
@@ -50,8 +53,8 @@ func protect(op string) guard { return guard{op: op, old: debug.SetPanicOnFault(
 
 func unprotect(g guard) { debug.SetPanicOnFault(g.old) }
 
-// caught returns the *FaultError of r, a value recovered under protect, and panics again with
-// r unless it is a fault at an address of l's mapping.
+// caught returns the *FaultError of r, a value recovered under protect, and marks l damaged;
+// it panics again with r unless r is a fault at an address of l's mapping.
 func (l *Ledger) caught(g guard, r any) error {
 	f, ok := r.(interface{ Addr() uintptr })
 	if !ok || len(l.mem) == 0 {
@@ -61,7 +64,13 @@ func (l *Ledger) caught(g guard, r any) error {
 	if a := f.Addr(); a < base || a-base >= uintptr(len(l.mem)) {
 		panic(r)
 	}
-	e := &FaultError{Op: g.op, Path: l.path, Size: -1, Want: fileSize}
+	l.damaged.Store(true)
+	return l.faultError(g.op)
+}
+
+// faultError returns the *FaultError of call op, with the file's size now.
+func (l *Ledger) faultError(op string) *FaultError {
+	e := &FaultError{Op: op, Path: l.path, Size: -1, Want: fileSize}
 	var st unix.Stat_t
 	if unix.Fstat(l.fd, &st) == nil {
 		e.Size = st.Size

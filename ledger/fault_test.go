@@ -77,3 +77,33 @@ func TestFileCutShort(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, l.Close())
 }
+
+// A handle that met a file cut short stays damaged when another process makes the file a
+// ledger again: its member's slot is free in the new ledger, so the bytes it took would be
+// counted by no one.
+func TestDamagedAfterRemade(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l")
+	l := open(t, path, 16*unit)
+	a, _ := join(t, l, "a")
+	require.NoError(t, os.Truncate(path, 0))
+	require.ErrorIs(t, a.TryAcquire(unit), ledger.ErrDamaged)
+
+	other, err := ledger.Open(path, ledger.Options{Limit: 16 * unit}) // an empty file: a new ledger
+	require.NoError(t, err)
+	require.ErrorIs(t, a.TryAcquire(unit), ledger.ErrDamaged)
+	require.ErrorIs(t, a.Acquire(unit, false), ledger.ErrDamaged)
+	_, err = l.Join("b", &holder{}, ledger.JoinOptions{})
+	require.ErrorIs(t, err, ledger.ErrDamaged)
+	_, err = l.Snapshot()
+	require.ErrorIs(t, err, ledger.ErrDamaged)
+	require.Zero(t, a.Used())
+	require.NoError(t, other.Check())
+	require.Zero(t, other.Used())
+
+	a.Leave()
+	require.NoError(t, l.Close())
+	c, err := other.Join("a", &holder{}, ledger.JoinOptions{}) // the name is free again
+	require.NoError(t, err)
+	c.Leave()
+	require.NoError(t, other.Close())
+}

@@ -95,6 +95,7 @@ type Ledger struct {
 	closing    bool                // guarded by mu: Close has begun, Join lets no one in
 	responders sync.WaitGroup      // the members' responder goroutines: Close waits for them
 	closed     atomic.Bool
+	damaged    atomic.Bool  // a fault on the mapping was caught: calls fail with a *FaultError
 	closeMu    sync.RWMutex // held for reading while the mapping is in use; Close takes it for writing
 }
 
@@ -212,9 +213,13 @@ func (l *Ledger) u32(off int) *uint32 { return (*uint32)(unsafe.Pointer(&l.mem[o
 func (l *Ledger) s64(slot, off int) *uint64 { return l.u64(headerSize + slot*slotSize + off) }
 func (l *Ledger) s32(slot, off int) *uint32 { return l.u32(headerSize + slot*slotSize + off) }
 
-// enter makes sure l is open and keeps its mapping in place until exit. Until then a fault
-// on the mapping (the file cut short by another process) is recovered, not fatal.
-func (l *Ledger) enter(op string) (guard, error) {
+// enter makes sure l is open and not damaged, and keeps its mapping in place until exit.
+// Until then a fault on the mapping (the file cut short by another process) is recovered, not
+// fatal.
+func (l *Ledger) enter(op string) (guard, error) { return l.enterAs(op, false) }
+
+// enterAs is enter that, with damagedOK, lets a damaged handle in (for Leave).
+func (l *Ledger) enterAs(op string, damagedOK bool) (guard, error) {
 	if l == nil || l.mem == nil {
 		return guard{}, fmt.Errorf("ledger: %s: %w: nil ledger, or one not made by Open", op, ErrInvalidArgument)
 	}
@@ -222,6 +227,10 @@ func (l *Ledger) enter(op string) (guard, error) {
 	if l.closed.Load() {
 		l.closeMu.RUnlock()
 		return guard{}, fmt.Errorf("ledger: %s: %w", op, ErrClosed)
+	}
+	if !damagedOK && l.damaged.Load() {
+		l.closeMu.RUnlock()
+		return guard{}, l.faultError(op)
 	}
 	return protect(op), nil
 }

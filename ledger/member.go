@@ -159,26 +159,36 @@ func (l *Ledger) Join(name string, h Holder, opts JoinOptions) (_ *Member, err e
 			unix.Close(fd) // a member of this slot is still leaving: try the next
 			continue
 		}
-		if err := l.fill(g, i, name, m.flags); err != nil {
+		served, err := l.fill(g, i, name, m.flags)
+		if err != nil {
 			unix.Close(fd)
 			return nil, err
 		}
+		if joinFilled != nil {
+			joinFilled()
+		}
+		// From here on nothing reads the mapping: a fault now would leave the member half
+		// registered, a responder counted that never starts.
 		m.slot, m.live = i, fd
 		l.local[i] = m
 		l.responders.Add(2)
 		go m.publishLoop()
-		go m.respond(atomic.LoadUint32(l.s32(i, sReqSeq))) // requests from here on are ours
+		go m.respond(served) // requests from here on are ours
 		return m, nil
 	}
 	return nil, fmt.Errorf("ledger: join %q: %w: all %d member slots are taken", name, errdefs.ErrTooLarge, MaxMembers)
 }
 
-// fill is fillSlot that fails, instead of faulting, when the file was cut short. g is the
+// joinFilled, when not nil, is called by Join right after it filled the slot (a test hook).
+var joinFilled func()
+
+// fill is fillSlot that fails, instead of faulting, when the file was cut short. It returns
+// the slot's last request number: the requests after it are the new member's. g is the
 // caller's protection.
-func (l *Ledger) fill(g guard, i int, name string, flags uint32) (err error) {
+func (l *Ledger) fill(g guard, i int, name string, flags uint32) (_ uint32, err error) {
 	defer l.catch(g, &err)
 	l.fillSlot(i, name, flags)
-	return nil
+	return atomic.LoadUint32(l.s32(i, sReqSeq)), nil
 }
 
 // fillSlot writes a new member into free slot i, its state last (the ledger lock is held).
@@ -379,7 +389,7 @@ func (m *Member) Leave() {
 	}
 	m.leaveOnce.Do(func() {
 		l := m.l
-		g, err := l.enter("leave")
+		g, err := l.enterAs("leave", true) // a damaged handle's members leave too
 		if err != nil {
 			return // the ledger closed: Close left every member first
 		}
@@ -431,7 +441,7 @@ func (m *Member) respond(served uint32) {
 	defer m.l.responders.Done()
 	g := protect("serve requests")
 	defer unprotect(g)
-	for !m.left.Load() {
+	for !m.left.Load() && !m.l.damaged.Load() { // a damaged handle's slot may not be ours
 		seq, err := m.serveNext(g, served)
 		if err != nil {
 			return // the file was cut short: no request can reach this member any more
@@ -485,7 +495,7 @@ func (m *Member) publishLoop() {
 	t := time.NewTicker(usageEvery)
 	defer t.Stop()
 	for {
-		if m.publish(g) != nil {
+		if m.l.damaged.Load() || m.publish(g) != nil {
 			return
 		}
 		select {
