@@ -100,10 +100,20 @@ func TestDamagedAfterRemade(t *testing.T) {
 	require.NoError(t, other.Check())
 	require.Zero(t, other.Used())
 
-	a.Leave()
-	require.NoError(t, l.Close())
-	c, err := other.Join("a", &holder{}, ledger.JoinOptions{}) // the name is free again
+	c, err := other.Join("c", &holder{}, ledger.JoinOptions{}) // not in a's slot, whose liveness lock a holds
 	require.NoError(t, err)
+	require.NoError(t, c.TryAcquire(unit))
+	a.Leave() // clears only its own slot, free in the new ledger
+	require.NoError(t, l.Close())
+	s, err := other.Snapshot()
+	require.NoError(t, err)
+	require.Len(t, s.Members, 1)
+	require.Equal(t, "c", s.Members[0].Name)
+	require.Equal(t, uint64(unit), s.Members[0].Mapped)
+	require.NoError(t, other.Check())
+	d, err := other.Join("a", &holder{}, ledger.JoinOptions{}) // the name is free again
+	require.NoError(t, err)
+	d.Leave()
 	c.Leave()
 	require.NoError(t, other.Close())
 }
