@@ -216,7 +216,8 @@ type LimitReport struct {
 // free pages and pages holding only idle cached blocks are returned first, then the models are
 // compacted, as far as their live data allows. Through a ledger, only the models of pools with
 // CompactOnPressure are compacted. The report gives the most any device uses. A limit that is
-// not positive is ErrInvalidArgument and changes nothing.
+// not positive is ErrInvalidArgument and changes nothing, as does a ledger that refuses the
+// change (closed or damaged: its error is returned).
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if err := s.check("set limit"); err != nil {
 		return LimitReport{}, err
@@ -232,7 +233,11 @@ func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	}
 	used := uint64(0)
 	for _, b := range s.budgets {
-		used = max(used, b.SetLimit(uint64(limit)))
+		u, err := b.setLimit(uint64(limit))
+		if err != nil { // only a ledger fails, and a pool with a ledger has one budget
+			return LimitReport{}, fmt.Errorf("kvcache: set limit: %w", err)
+		}
+		used = max(used, u)
 	}
 	r := LimitReport{Limit: uint64(limit), Used: used}
 	if used > uint64(limit) {

@@ -482,3 +482,23 @@ func TestSharedRefusalCountsTheBudget(t *testing.T) {
 	require.Equal(t, av.Blocks, be.Free)
 	require.Less(t, be.Free, be.Blocks, "%v", be)
 }
+
+// A limit the pool's ledger refuses to set (here, a ledger closed under the pool) is an error
+// that names the cause, not a report of a limit that was never set.
+func TestSharedSetLimitLedgerFails(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	l, err := ledger.Open(filepath.Join(t.TempDir(), "ledger"), ledger.Options{Limit: 8 << 20})
+	require.NoError(t, err)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 16, nil)
+	require.NoError(t, err)
+	require.NoError(t, l.Close())
+	rep, err := sp.SetLimit(4 << 20)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	require.Zero(t, rep)
+	require.True(t, strings.HasPrefix(err.Error(), "kvcache: set limit: "), err.Error())
+}
