@@ -177,21 +177,27 @@ func (s *SharedPool) Model(name string) (*Manager, error) {
 
 // Unregister closes the model's manager, which returns all its memory to the device and the
 // budget. Closing a registered manager directly returns its memory too; Unregister then only
-// forgets the name.
+// forgets the name. When the device fails to take memory back, the model stays registered, its
+// pages still counted, and a later Unregister tries again.
 func (s *SharedPool) Unregister(name string) error {
 	if err := s.check("unregister " + name); err != nil {
 		return err
 	}
 	s.mu.Lock()
 	m, ok := s.models[name]
-	if ok {
-		delete(s.models, name)
-	}
 	s.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrNotFound)
 	}
-	return closeModel(m)
+	if err := closeModel(m); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if s.models[name] == m {
+		delete(s.models, name)
+	}
+	s.mu.Unlock()
+	return nil
 }
 
 // closeModel closes a registered manager; one the caller closed already is fine.
@@ -306,7 +312,9 @@ func (s *SharedPool) check(op string) error {
 	return nil
 }
 
-// Close unregisters every model; a second Close returns ErrClosed.
+// Close unregisters every model; a second Close returns ErrClosed. A model whose memory the
+// device did not take back (the error says so) keeps it counted until its Manager's Close
+// succeeds.
 func (s *SharedPool) Close() error {
 	if err := s.check("close"); err != nil {
 		return err

@@ -502,3 +502,39 @@ func TestSharedSetLimitLedgerFails(t *testing.T) {
 	require.Zero(t, rep)
 	require.True(t, strings.HasPrefix(err.Error(), "kvcache: set limit: "), err.Error())
 }
+
+// A model whose Close fails to unmap a page keeps counting that page against the limit (the
+// memory is still mapped), so another model cannot pass the limit; the model stays registered,
+// and a later Unregister (or Close) tries again and returns everything.
+func TestCloseUnmapFails(t *testing.T) {
+	const page = 2 << 20
+	fd := vmm.InjectFaults(hostDevice(t, page))
+	sp, err := kvcache.NewShared(fd, kvcache.SharedConfig{Limit: 4 * page})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	b, err := sp.Register("b", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 2*64*16, nil) // two pages
+	require.NoError(t, err)
+
+	require.NoError(t, fd.FailNth(vmm.OpUnmap, 2, nil))
+	err = sp.Unregister("a")
+	require.ErrorIs(t, err, vmm.ErrInjected)
+	fd.Clear()
+	assert.EqualValues(t, page, sp.Stats().Used, "the page still mapped still counts")
+	_, err = sp.Model("a")
+	require.NoError(t, err, "a model that could not give its memory back stays registered")
+	_, err = b.AppendTokens(1, 4*64*16, nil)
+	require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "four more pages would pass the limit")
+	_, err = b.AppendTokens(1, 3*64*16, nil)
+	require.NoError(t, err)
+	require.NoError(t, b.Verify())
+
+	require.NoError(t, sp.Unregister("a"), "the second try returns the rest")
+	assert.EqualValues(t, 3*page, sp.Stats().Used)
+	require.ErrorIs(t, a.Close(), kvcache.ErrClosed)
+	_, err = sp.Model("a")
+	require.ErrorIs(t, err, kvcache.ErrNotFound)
+}
