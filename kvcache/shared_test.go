@@ -538,3 +538,24 @@ func TestCloseUnmapFails(t *testing.T) {
 	_, err = sp.Model("a")
 	require.ErrorIs(t, err, kvcache.ErrNotFound)
 }
+
+// A model closed directly, not unregistered, stays listed until Unregister, and its figures say
+// what the budget says: it maps nothing any more.
+func TestSharedStatsOfClosedModel(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 64*16, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.Close())
+	st := sp.Stats()
+	require.Len(t, st.Models, 1)
+	assert.Zero(t, st.Used)
+	assert.Zero(t, st.Models[0].MappedBytes, "the closed model's pages went back to the budget")
+	assert.Zero(t, st.Models[0].MappedPages)
+	assert.Zero(t, st.Models[0].FullPages)
+	assert.Zero(t, st.Models[0].PageOverhead)
+}
