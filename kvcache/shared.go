@@ -185,7 +185,11 @@ func (s *SharedPool) Unregister(name string) error {
 	}
 	s.mu.Lock()
 	m, ok := s.models[name]
+	closed := s.closed
 	s.mu.Unlock()
+	if closed {
+		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrClosed)
+	}
 	if !ok {
 		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrNotFound)
 	}

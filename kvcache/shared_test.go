@@ -252,6 +252,11 @@ func TestSharedPoolBadInput(t *testing.T) {
 	require.NoError(t, sp.Close())
 	_, err = sp.Register("d", sharedConfig())
 	require.ErrorIs(t, err, kvcache.ErrClosed)
+	_, err = sp.Model("a")
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	require.ErrorIs(t, sp.Unregister("a"), kvcache.ErrClosed)
+	_, err = sp.SetLimit(4 << 20)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
 }
 
 // A model name breaking the naming rule (empty, 64 bytes, 5,000 NULs, invalid UTF-8, a control
