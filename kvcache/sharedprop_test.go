@@ -183,6 +183,8 @@ func (x *sharedTrace) step() string {
 			require.ErrorIs(t, err, vmm.ErrInjected)
 		} else {
 			require.Zero(t, after.FreePages, "a sleeping model keeps no free page")
+			require.Zero(t, after.Prefix.CachedBlocks, "nor any cache")
+			require.Equal(t, (after.LiveBlocks+after.BlocksPerPage-1)/after.BlocksPerPage, after.MappedPages, "nor a page its live blocks do without")
 		}
 		return "sleep " + x.names[i]
 	case op < 15:
@@ -200,6 +202,16 @@ func (x *sharedTrace) step() string {
 		require.NoError(t, err)
 		require.Equal(t, x.used(), rep.Used)
 		x.limit = rep.Limit
+		if rep.Shortfall > 0 && x.armed == "" { // every model gave back all but its packed blocks
+			for j, o := range x.models {
+				if o == nil {
+					continue
+				}
+				st := o.Stats()
+				packed := (st.LiveBlocks + st.Prefix.IdleBlocks + st.BlocksPerPage - 1) / st.BlocksPerPage
+				require.Equal(t, packed, st.MappedPages, "model %s keeps %d pages over a limit short by %d bytes: %+v", x.names[j], st.MappedPages, rep.Shortfall, st)
+			}
+		}
 		return fmt.Sprintf("limit %d pages", pages)
 	case op < 18:
 		if _, err := m.Compact(kvcache.CompactOptions{}); err != nil {
