@@ -47,7 +47,8 @@ type backing interface {
 	// check reports every way the backing disagrees with the arena, which has exactly the pages
 	// in mapped mapped and inflight pages in flight.
 	check(mapped []arena.Page, inflight int) []string
-	// close returns every page, and every other resource, to the devices.
+	// close returns every page, and every other resource, to the devices. After it failed it
+	// may be called again, and tries what it could not return.
 	close() error
 }
 

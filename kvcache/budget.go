@@ -22,9 +22,9 @@ type account interface {
 type budget interface {
 	// join opens m's account under name; m is asked to give memory back through Reclaim.
 	join(name string, m *Manager) (account, error)
-	// SetLimit changes the limit, shrinking the members as far as their live data allows, and
-	// returns the bytes they hold after.
-	SetLimit(limit uint64) (used uint64)
+	// setLimit changes the limit, shrinking the members as far as their live data allows, and
+	// returns the bytes they hold after; an error means the limit did not change.
+	setLimit(limit uint64) (used uint64, err error)
 	Limit() uint64
 	Used() uint64
 }
@@ -33,6 +33,8 @@ type budget interface {
 type procBudget struct{ *vmm.Budget }
 
 func (b procBudget) join(name string, m *Manager) (account, error) { return b.Join(name, m) }
+
+func (b procBudget) setLimit(limit uint64) (uint64, error) { return b.SetLimit(limit), nil }
 
 // ledgerBudget is a budget shared with other processes through a ledger file.
 type ledgerBudget struct {
@@ -44,11 +46,13 @@ func (b ledgerBudget) join(name string, m *Manager) (account, error) {
 	return b.l.Join(name, ledgerHolder{m}, ledger.JoinOptions{AllowCompact: b.allowCompact})
 }
 
-func (b ledgerBudget) SetLimit(limit uint64) uint64 {
-	if r, err := b.l.SetLimit(limit); err == nil {
-		return r.Used
+// setLimit passes on the ledger's error (a closed or damaged ledger): the limit is then not set.
+func (b ledgerBudget) setLimit(limit uint64) (uint64, error) {
+	r, err := b.l.SetLimit(limit)
+	if err != nil {
+		return 0, err
 	}
-	return b.l.Used()
+	return r.Used, nil
 }
 
 func (b ledgerBudget) Limit() uint64 { return b.l.Limit() }

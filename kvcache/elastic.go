@@ -22,6 +22,7 @@ type elastic struct {
 	kern          *kernels.Kernels // loaded by the first copyBlocks
 	layers, heads [2]int
 	hostPages     int // pages of pinned host memory after the arena's: the host tier
+	closed        bool
 }
 
 // newElastic reserves the arena of cfg (defaults filled) on dev, and maps its host tier
@@ -180,14 +181,39 @@ func (e *elastic) check(mapped []arena.Page, inflight int) []string {
 	return bad
 }
 
+// close returns everything; it may be called again after it failed. A pool that could not
+// unmap every page stays open around them, and the budget keeps counting them: they are still
+// mapped, and another model mapping their bytes would pass the limit. The next close tries them
+// again, and only a pool closed whole leaves the budget.
 func (e *elastic) close() error {
+	if e.closed {
+		return nil
+	}
 	var errs []error
 	if e.kern != nil {
 		errs = append(errs, e.kern.Close())
+		e.kern = nil
 	}
-	errs = append(errs, e.pool.Close())
+	if err := e.pool.Close(); err != nil {
+		if e.member != nil {
+			if held, used := e.mappedBytes(), e.member.Used(); used > held {
+				e.member.Release(used - held)
+			}
+		}
+		return errors.Join(append(errs, err)...)
+	}
+	e.closed = true
 	if e.member != nil {
 		e.member.Leave()
 	}
 	return errors.Join(errs...)
+}
+
+// mappedBytes returns the bytes of the arena's pages the pool has mapped, the host tier left out.
+func (e *elastic) mappedBytes() uint64 {
+	pages := e.pool.Stats().MappedPages
+	if e.hostPages > 0 && e.pool.IsMapped(e.cfg.Capacity, uint64(e.hostPages)*e.cfg.PageSize) {
+		pages -= e.hostPages
+	}
+	return uint64(pages) * e.cfg.PageSize
 }

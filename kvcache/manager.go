@@ -68,9 +68,10 @@ type Manager struct {
 	toReturn  int           // pages the last period found spare throughout, not yet unmapped
 	holdTimer *time.Timer   // kicks the reserve goroutine when a period ends
 
-	name   string // in a SharedPool
-	shared bool   // a SharedPool's member: its budget may reclaim from other models
-	asleep bool
+	name     string // in a SharedPool
+	shared   bool   // a SharedPool's member: its budget may reclaim from other models
+	asleep   bool
+	backOpen bool // closed, but the backing failed to return everything: Close tries again
 
 	maxBlocks int // blocks the arena can ever hold: its pages, or fewer under MemoryLimit
 	idleCap   int // idle cached blocks the bound keeps: Config.PrefixCacheBytes in blocks
@@ -903,7 +904,9 @@ func (m *Manager) Slots(seq SeqID, from, to int, dst []int64) ([]int64, error) {
 }
 
 // Close stops the reserve goroutine, drops every sequence and returns all memory to the device.
-// A second Close returns ErrClosed. Swaps the runtime never closed make it return ErrNotClosed,
+// The manager is closed even when a driver call fails: the error names it, the memory not
+// returned stays counted (in a shared budget too), and the next Close tries it again. Once all
+// is returned, a second Close returns ErrClosed. Swaps the runtime never closed make it return ErrNotClosed,
 // with their count, after it has closed all the same.
 func (m *Manager) Close() error {
 	if !m.made() {
@@ -911,7 +914,11 @@ func (m *Manager) Close() error {
 	}
 	m.mu.Lock()
 	if m.closed {
+		retry := m.backOpen
 		m.mu.Unlock()
+		if retry {
+			return m.closeBacking()
+		}
 		return fmt.Errorf("kvcache: close: %w", ErrClosed)
 	}
 	m.closed = true
@@ -931,10 +938,28 @@ func (m *Manager) Close() error {
 	m.feed.Close()
 	m.settleCopies()
 	if err := m.back.close(); err != nil {
+		m.backOpen = true
 		return fmt.Errorf("kvcache: close: %w", err)
 	}
 	if n := m.openSwaps.Load(); n > 0 {
 		return fmt.Errorf("kvcache: close: %d swaps were never closed (their events stay allocated): %w", n, ErrNotClosed)
 	}
+	return nil
+}
+
+// closeBacking is a later Close of a manager whose backing failed to return everything: it
+// tries again.
+func (m *Manager) closeBacking() error {
+	m.growMu.Lock()
+	defer m.growMu.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.backOpen {
+		return fmt.Errorf("kvcache: close: %w", ErrClosed)
+	}
+	if err := m.back.close(); err != nil {
+		return fmt.Errorf("kvcache: close: %w", err)
+	}
+	m.backOpen = false
 	return nil
 }

@@ -700,6 +700,9 @@ func (m *Manager) dropCacheLocked() int {
 		}
 		return true
 	})
+	if len(idle) > 0 {
+		m.settleCopies() // a write-back may still read them, and Sleep unmaps their pages next
+	}
 	for _, b := range idle {
 		a.Index().Recycle(a.Evict(b))
 		m.counters.evictions++

@@ -177,21 +177,31 @@ func (s *SharedPool) Model(name string) (*Manager, error) {
 
 // Unregister closes the model's manager, which returns all its memory to the device and the
 // budget. Closing a registered manager directly returns its memory too; Unregister then only
-// forgets the name.
+// forgets the name. When the device fails to take memory back, the model stays registered, its
+// pages still counted, and a later Unregister tries again.
 func (s *SharedPool) Unregister(name string) error {
 	if err := s.check("unregister " + name); err != nil {
 		return err
 	}
 	s.mu.Lock()
 	m, ok := s.models[name]
-	if ok {
-		delete(s.models, name)
-	}
+	closed := s.closed
 	s.mu.Unlock()
+	if closed {
+		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrClosed)
+	}
 	if !ok {
 		return fmt.Errorf("kvcache: unregister %q: %w", name, ErrNotFound)
 	}
-	return closeModel(m)
+	if err := closeModel(m); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	if s.models[name] == m {
+		delete(s.models, name)
+	}
+	s.mu.Unlock()
+	return nil
 }
 
 // closeModel closes a registered manager; one the caller closed already is fine.
@@ -216,7 +226,8 @@ type LimitReport struct {
 // free pages and pages holding only idle cached blocks are returned first, then the models are
 // compacted, as far as their live data allows. Through a ledger, only the models of pools with
 // CompactOnPressure are compacted. The report gives the most any device uses. A limit that is
-// not positive is ErrInvalidArgument and changes nothing.
+// not positive is ErrInvalidArgument and changes nothing, as does a ledger that refuses the
+// change (closed or damaged: its error is returned).
 func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	if err := s.check("set limit"); err != nil {
 		return LimitReport{}, err
@@ -232,7 +243,11 @@ func (s *SharedPool) SetLimit(limit int64) (LimitReport, error) {
 	}
 	used := uint64(0)
 	for _, b := range s.budgets {
-		used = max(used, b.SetLimit(uint64(limit)))
+		u, err := b.setLimit(uint64(limit))
+		if err != nil { // only a ledger fails, and a pool with a ledger has one budget
+			return LimitReport{}, fmt.Errorf("kvcache: set limit: %w", err)
+		}
+		used = max(used, u)
 	}
 	r := LimitReport{Limit: uint64(limit), Used: used}
 	if used > uint64(limit) {
@@ -301,7 +316,9 @@ func (s *SharedPool) check(op string) error {
 	return nil
 }
 
-// Close unregisters every model; a second Close returns ErrClosed.
+// Close unregisters every model; a second Close returns ErrClosed. A model whose memory the
+// device did not take back (the error says so) keeps it counted until its Manager's Close
+// succeeds.
 func (s *SharedPool) Close() error {
 	if err := s.check("close"); err != nil {
 		return err

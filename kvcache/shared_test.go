@@ -252,6 +252,11 @@ func TestSharedPoolBadInput(t *testing.T) {
 	require.NoError(t, sp.Close())
 	_, err = sp.Register("d", sharedConfig())
 	require.ErrorIs(t, err, kvcache.ErrClosed)
+	_, err = sp.Model("a")
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	require.ErrorIs(t, sp.Unregister("a"), kvcache.ErrClosed)
+	_, err = sp.SetLimit(4 << 20)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
 }
 
 // A model name breaking the naming rule (empty, 64 bytes, 5,000 NULs, invalid UTF-8, a control
@@ -481,4 +486,81 @@ func TestSharedRefusalCountsTheBudget(t *testing.T) {
 	require.Zero(t, av.MappableBlocks, "the budget has no room for another page")
 	require.Equal(t, av.Blocks, be.Free)
 	require.Less(t, be.Free, be.Blocks, "%v", be)
+}
+
+// A limit the pool's ledger refuses to set (here, a ledger closed under the pool) is an error
+// that names the cause, not a report of a limit that was never set.
+func TestSharedSetLimitLedgerFails(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	l, err := ledger.Open(filepath.Join(t.TempDir(), "ledger"), ledger.Options{Limit: 8 << 20})
+	require.NoError(t, err)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Ledger: l})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 16, nil)
+	require.NoError(t, err)
+	require.NoError(t, l.Close())
+	rep, err := sp.SetLimit(4 << 20)
+	require.ErrorIs(t, err, kvcache.ErrClosed)
+	require.Zero(t, rep)
+	require.True(t, strings.HasPrefix(err.Error(), "kvcache: set limit: "), err.Error())
+}
+
+// A model whose Close fails to unmap a page keeps counting that page against the limit (the
+// memory is still mapped), so another model cannot pass the limit; the model stays registered,
+// and a later Unregister (or Close) tries again and returns everything.
+func TestCloseUnmapFails(t *testing.T) {
+	const page = 2 << 20
+	fd := vmm.InjectFaults(hostDevice(t, page))
+	sp, err := kvcache.NewShared(fd, kvcache.SharedConfig{Limit: 4 * page})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	b, err := sp.Register("b", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 2*64*16, nil) // two pages
+	require.NoError(t, err)
+
+	require.NoError(t, fd.FailNth(vmm.OpUnmap, 2, nil))
+	err = sp.Unregister("a")
+	require.ErrorIs(t, err, vmm.ErrInjected)
+	fd.Clear()
+	assert.EqualValues(t, page, sp.Stats().Used, "the page still mapped still counts")
+	_, err = sp.Model("a")
+	require.NoError(t, err, "a model that could not give its memory back stays registered")
+	_, err = b.AppendTokens(1, 4*64*16, nil)
+	require.ErrorIs(t, err, kvcache.ErrOutOfMemory, "four more pages would pass the limit")
+	_, err = b.AppendTokens(1, 3*64*16, nil)
+	require.NoError(t, err)
+	require.NoError(t, b.Verify())
+
+	require.NoError(t, sp.Unregister("a"), "the second try returns the rest")
+	assert.EqualValues(t, 3*page, sp.Stats().Used)
+	require.ErrorIs(t, a.Close(), kvcache.ErrClosed)
+	_, err = sp.Model("a")
+	require.ErrorIs(t, err, kvcache.ErrNotFound)
+}
+
+// A model closed directly, not unregistered, stays listed until Unregister, and its figures say
+// what the budget says: it maps nothing any more.
+func TestSharedStatsOfClosedModel(t *testing.T) {
+	dev := hostDevice(t, 2<<20)
+	sp, err := kvcache.NewShared(dev, kvcache.SharedConfig{Limit: 8 << 20})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, sp.Close()) }()
+	a, err := sp.Register("a", sharedConfig())
+	require.NoError(t, err)
+	_, err = a.AppendTokens(1, 64*16, nil)
+	require.NoError(t, err)
+	require.NoError(t, a.Close())
+	st := sp.Stats()
+	require.Len(t, st.Models, 1)
+	assert.Zero(t, st.Used)
+	assert.Zero(t, st.Models[0].MappedBytes, "the closed model's pages went back to the budget")
+	assert.Zero(t, st.Models[0].MappedPages)
+	assert.Zero(t, st.Models[0].FullPages)
+	assert.Zero(t, st.Models[0].PageOverhead)
 }

@@ -139,8 +139,10 @@ func (s *static) check(mapped []arena.Page, _ int) []string {
 }
 
 func (s *static) close() error {
-	if s.kern != nil {
-		return s.kern.Close()
+	if s.kern == nil {
+		return nil
 	}
-	return nil
+	err := s.kern.Close()
+	s.kern = nil
+	return err
 }

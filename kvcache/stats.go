@@ -62,7 +62,8 @@ type Warnings struct {
 	OpenSwaps int64
 }
 
-// Stats returns a snapshot (the zero Stats for a nil manager).
+// Stats returns a snapshot (the zero Stats for a nil manager). A closed manager maps nothing: its
+// page figures are 0 once Close has returned every page (see Close).
 func (m *Manager) Stats() Stats {
 	if !m.made() {
 		return Stats{}
@@ -88,6 +89,9 @@ func (m *Manager) Stats() Stats {
 		ReserveErr:     m.growErr,
 		Warnings: Warnings{ImplicitSequences: m.counters.implicit, UnkeyedAppends: m.counters.unkeyed,
 			RepeatedPrompts: m.counters.repeated, OpenSwaps: m.openSwaps.Load()},
+	}
+	if m.closed && !m.backOpen { // Close returned every page: the arena still records where blocks were
+		s.MappedPages, s.FreePages, s.PartialPages, s.MappedBytes = 0, 0, 0, 0
 	}
 	s.FullPages = s.MappedPages - s.FreePages - s.PartialPages
 	a := m.arena
@@ -118,7 +122,7 @@ func (m *Manager) Stats() Stats {
 	})
 	s.HostBlocks, s.HostFreeBlocks, s.HostSwappedBlocks = m.host.blocks(), m.host.freeBlocks(), m.host.swappedBlocks()
 	s.SwapOuts, s.SwapIns = m.counters.swapOuts, m.counters.swapIns
-	if used := s.LiveBlocks + a.Idle(); used > 0 {
+	if used := s.LiveBlocks + a.Idle(); used > 0 && s.MappedPages > 0 {
 		s.PageOverhead = float64(s.MappedPages) / float64((used+m.bpp-1)/m.bpp)
 	}
 	return s
