@@ -224,7 +224,8 @@ func (k *Kernels) Close() error {
 			errs = append(errs, k.mod.ctx.ModuleUnload(k.mod.mod), k.mod.ctx.Release())
 		}
 		modMu.Unlock()
-		k.mod = nil
+		// k.mod stays: a call that passed usable before Close still reads it, and must not
+		// take a nil module for the Go implementation.
 	}
 	return errors.Join(errs...)
 }
@@ -346,6 +347,9 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	if k.closed.Load() { // Close gave the scratch up while the pairs were checked
+		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
+	}
 	for len(pairs) > 0 {
 		n := min(len(pairs)/2, 1<<17)
 		scratch, err := k.pairScratch(n)
