@@ -46,9 +46,11 @@ type Kernels struct {
 	readOn Stream
 }
 
-// module is a loaded CUDA module, shared by the Kernels of one context.
+// module is a loaded CUDA module, shared by the Kernels of one context. It holds a reference
+// of its own to the primary context (ctx), released after the unload, so that the device's
+// Close cannot destroy the context under it; key is the device's Context it is found by.
 type module struct {
-	ctx                                        *cuda.Context
+	ctx, key                                   *cuda.Context
 	mod                                        cuda.Module
 	image                                      Image
 	refs                                       int
@@ -96,7 +98,7 @@ func acquire(ctx *cuda.Context) (*module, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.refs = 1
+	m.key, m.refs = ctx, 1
 	modules[ctx] = m
 	return m, nil
 }
@@ -118,13 +120,20 @@ func imageFor(ordinal int) Image {
 
 // load loads the image for the context's GPU, falling back to PTX when the driver refuses the
 // cubin.
-func load(ctx *cuda.Context) (*module, error) {
+func load(dev *cuda.Context) (*module, error) {
+	ctx, err := cuda.RetainPrimaryContext(dev.Ordinal())
+	if err != nil {
+		return nil, fmt.Errorf("kernels: %w", err)
+	}
 	img := imageFor(ctx.Ordinal())
 	m, err := loadImage(ctx, img)
 	if err != nil && img != ImagePTX && errors.Is(err, errNoBinary) {
 		m, err = loadImage(ctx, ImagePTX)
 	}
-	return m, err
+	if err != nil {
+		return nil, errors.Join(err, ctx.Release())
+	}
+	return m, nil
 }
 
 var errNoBinary = errors.New("no binary for this GPU")
@@ -211,11 +220,12 @@ func (k *Kernels) Close() error {
 		modMu.Lock()
 		k.mod.refs--
 		if k.mod.refs == 0 {
-			delete(modules, k.mod.ctx)
-			errs = append(errs, k.mod.ctx.ModuleUnload(k.mod.mod))
+			delete(modules, k.mod.key)
+			errs = append(errs, k.mod.ctx.ModuleUnload(k.mod.mod), k.mod.ctx.Release())
 		}
 		modMu.Unlock()
-		k.mod = nil
+		// k.mod stays: a call that passed usable before Close still reads it, and must not
+		// take a nil module for the Go implementation.
 	}
 	return errors.Join(errs...)
 }
@@ -337,6 +347,9 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	if k.closed.Load() { // Close gave the scratch up while the pairs were checked
+		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
+	}
 	for len(pairs) > 0 {
 		n := min(len(pairs)/2, 1<<17)
 		scratch, err := k.pairScratch(n)

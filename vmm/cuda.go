@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/pagedkv/pagedkv/internal/cuda"
 )
@@ -14,6 +15,9 @@ type CUDADevice struct {
 	ctx  *cuda.Context
 	info DeviceInfo
 	l    *ledger
+	// inUse is held shared by a data call for the length of its driver call, which runs outside
+	// the ledger's lock, and exclusively by Close: the context is never released under a call.
+	inUse sync.RWMutex
 }
 
 // NewCUDADevice opens the GPU with the given ordinal. It fails with ErrNoDriver when no driver
@@ -204,46 +208,57 @@ func (d *CUDADevice) Unmap(a Addr, size uint64) error {
 
 // MemInfo is cuMemGetInfo: free and total memory of the whole GPU, all processes included.
 func (d *CUDADevice) MemInfo() (free, total uint64, err error) {
-	if err := d.open(); err != nil {
+	if err := d.enter(); err != nil {
 		return 0, 0, fmt.Errorf("mem info: %w", err)
 	}
+	defer d.inUse.RUnlock()
 	return d.ctx.MemGetInfo()
 }
 
 // Memset is cuMemsetD8.
 func (d *CUDADevice) Memset(dst Addr, v byte, n uint64) error {
-	if err := d.open(); err != nil {
+	if err := d.enter(); err != nil {
 		return fmt.Errorf("memset: %w", err)
 	}
+	defer d.inUse.RUnlock()
 	return d.ctx.MemsetD8(cuda.DevicePtr(dst), v, n)
 }
 
 // CopyIn is cuMemcpyHtoD.
 func (d *CUDADevice) CopyIn(dst Addr, src []byte) error {
-	if err := d.open(); err != nil {
+	if err := d.enter(); err != nil {
 		return fmt.Errorf("copy in: %w", err)
 	}
+	defer d.inUse.RUnlock()
 	return d.ctx.MemcpyHtoD(cuda.DevicePtr(dst), src)
 }
 
 // CopyOut is cuMemcpyDtoH.
 func (d *CUDADevice) CopyOut(dst []byte, src Addr) error {
-	if err := d.open(); err != nil {
+	if err := d.enter(); err != nil {
 		return fmt.Errorf("copy out: %w", err)
 	}
+	defer d.inUse.RUnlock()
 	return d.ctx.MemcpyDtoH(dst, cuda.DevicePtr(src))
 }
 
 // Copy is cuMemcpyDtoD.
 func (d *CUDADevice) Copy(dst, src Addr, n uint64) error {
-	if err := d.open(); err != nil {
+	if err := d.enter(); err != nil {
 		return fmt.Errorf("copy: %w", err)
 	}
+	defer d.inUse.RUnlock()
 	return d.ctx.MemcpyDtoD(cuda.DevicePtr(dst), cuda.DevicePtr(src), n)
 }
 
-// Close releases the primary context; it fails while reservations, handles or mappings live.
+// Close releases the primary context; it fails while reservations, handles or mappings live. It
+// waits for data calls already in the driver, and every call after it is ErrClosed.
 func (d *CUDADevice) Close() error {
+	if d == nil || d.l == nil {
+		return d.lock() // reports it, locking nothing
+	}
+	d.inUse.Lock()
+	defer d.inUse.Unlock()
 	if err := d.lock(); err != nil {
 		return err
 	}
@@ -264,12 +279,19 @@ func (d *CUDADevice) lock() error {
 	return nil
 }
 
-// open reports a nil, zero or closed device. The data calls check it without holding the
-// ledger's lock through the copy, so copies run alongside mapping calls.
-func (d *CUDADevice) open() error {
-	if err := d.lock(); err != nil {
-		return err
+// enter reports a nil, zero or closed device; otherwise it holds the device open (inUse shared)
+// until the caller's d.inUse.RUnlock. The data calls do not hold the ledger's lock through the
+// copy, so copies run alongside mapping calls.
+func (d *CUDADevice) enter() error {
+	if d == nil || d.l == nil {
+		return d.lock() // reports it, locking nothing
 	}
-	defer d.l.mu.Unlock()
-	return d.l.usable()
+	d.inUse.RLock()
+	d.l.mu.Lock()
+	err := d.l.usable()
+	d.l.mu.Unlock()
+	if err != nil {
+		d.inUse.RUnlock()
+	}
+	return err
 }

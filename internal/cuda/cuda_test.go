@@ -81,3 +81,14 @@ func TestMissingLibraryIsNoDriver(t *testing.T) {
 	err := load()
 	require.ErrorIs(t, err, errdefs.ErrNoDriver)
 }
+
+// A library that loads but lacks the driver's symbols (an old or a wrong libcuda) is
+// ErrNoDriver, not a panic, and leaves no half-resolved table behind.
+func TestLibraryWithoutSymbolsIsNoDriver(t *testing.T) {
+	before := procs
+	t.Setenv(LibraryEnv, "libc.so.6")
+	err := load()
+	require.ErrorIs(t, err, errdefs.ErrNoDriver)
+	assert.Contains(t, err.Error(), "lacks")
+	assert.Equal(t, before, procs)
+}

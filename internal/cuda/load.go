@@ -24,6 +24,9 @@ var (
 // process; later calls return the first result. A machine with no driver (or no GPU) gets an
 // error matching errdefs.ErrNoDriver.
 func Load() error {
+	if active.Load() != nil {
+		return nil
+	}
 	loadOnce.Do(func() { loadErr = load() })
 	return loadErr
 }
@@ -40,7 +43,10 @@ func load() error {
 	if err != nil {
 		return fmt.Errorf("%w: dlopen %s: %v", errdefs.ErrNoDriver, path, err)
 	}
-	for _, s := range symbolTable() {
+	// Resolve into a table of our own and install it only once cuInit succeeded, so that a
+	// failed load leaves no half-resolved table behind.
+	var t procTable
+	for _, s := range symbolTable(&t) {
 		for _, name := range s.names {
 			if fn, err := purego.Dlsym(lib, name); err == nil && fn != 0 {
 				*s.dst = fn
@@ -51,10 +57,11 @@ func load() error {
 			return fmt.Errorf("%w: %s lacks %v (driver too old?)", errdefs.ErrNoDriver, path, s.names)
 		}
 	}
-	r, _, _ := purego.SyscallN(procs.cuInit, 0)
+	r, _, _ := purego.SyscallN(t.cuInit, 0)
 	if err := check("cuInit", r); err != nil {
 		return fmt.Errorf("%w: %w", errdefs.ErrNoDriver, err)
 	}
+	procs = t
 	return nil
 }
 

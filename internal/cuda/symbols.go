@@ -3,7 +3,10 @@ package cuda
 // procs holds the resolved entry points. Each field is named after the plain cuda.h name; the
 // table below says which versioned symbol it is loaded from (cuda.h #defines the plain names to
 // these versions, so dlsym must ask for the version).
-var procs struct {
+var procs procTable
+
+// procTable is the set of driver entry points, one field per symbol.
+type procTable struct {
 	cuInit, cuDriverGetVersion                                            uintptr
 	cuDeviceGet, cuDeviceGetCount, cuDeviceGetAttribute, cuDeviceGetName  uintptr
 	cuDeviceTotalMem                                                      uintptr
@@ -31,8 +34,8 @@ type symbol struct {
 	names []string
 }
 
-func symbolTable() []symbol {
-	p := &procs
+// symbolTable lists the symbols to resolve into p.
+func symbolTable(p *procTable) []symbol {
 	return []symbol{
 		{&p.cuInit, []string{"cuInit"}},
 		{&p.cuDriverGetVersion, []string{"cuDriverGetVersion"}},
