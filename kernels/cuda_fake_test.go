@@ -64,3 +64,43 @@ func TestFakeCUDACopyBlocksRacingClose(t *testing.T) {
 	require.NoError(t, dev.Close())
 	assert.Empty(t, f.Misuse())
 }
+
+// Close waits for a launch under way: it must not unload the module while Write is in the
+// driver with one of its functions.
+func TestFakeCUDACloseWaitsForLaunch(t *testing.T) {
+	entered, unblock := make(chan struct{}), make(chan struct{})
+	f := &cuda.Fake{}
+	t.Cleanup(cuda.InstallFake(f))
+	dev, err := vmm.NewCUDADevice(0)
+	require.NoError(t, err)
+	k, err := kernels.For(dev)
+	require.NoError(t, err)
+	f.Hook = func(name string) cuda.Result {
+		if name == "cuLaunchKernel" {
+			close(entered)
+			<-unblock
+		}
+		return cuda.Success
+	}
+	wrote := make(chan error)
+	go func() {
+		wrote <- k.Write(0, kernels.KVWrite{KBase: 1 << 40, Key: 1 << 41, SlotMapping: 1 << 42, NumTokens: 1,
+			RowBytes: 16, BlockTokens: 1, BlockStride: 16})
+	}()
+	<-entered
+	closed := make(chan error)
+	go func() { closed <- k.Close() }()
+	select {
+	case err := <-closed: // a fault of the code under test: the rest must not wait for it again
+		t.Errorf("Close returned (%v) while Write was launching", err)
+		go func() { closed <- err }()
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(unblock)
+	require.NoError(t, <-wrote)
+	require.NoError(t, <-closed)
+	require.ErrorIs(t, k.Write(0, kernels.KVWrite{}), vmm.ErrClosed)
+	require.NoError(t, dev.Close())
+	assert.Empty(t, f.Misuse())
+	assert.Equal(t, 0, f.Live("module"))
+}

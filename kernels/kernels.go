@@ -36,6 +36,9 @@ type Kernels struct {
 	dev    vmm.Device
 	mod    *module // nil: the Go implementation
 	closed atomic.Bool
+	// life is held for reading by every call from its check to its return (a launch queued),
+	// and for writing by Close: Close never unloads the module or frees the scratch under one.
+	life sync.RWMutex
 
 	mu      sync.Mutex // guards the pair scratch
 	scratch *vmm.Pool
@@ -185,15 +188,22 @@ var errNotMade = fmt.Errorf("kernels: %w: nil kernels, or not made by For", vmm.
 
 // usable returns errNotMade for a nil Kernels or one not made by For, and ErrClosed for a closed
 // one: it has given its module up, and must not fall back to the Go implementation.
-func (k *Kernels) usable() error {
+// enter checks that k is open and keeps it so until exit. Calls made under it use the
+// unexported implementations, never an entering method: a read lock taken twice waits for a
+// Close that waits for the first.
+func (k *Kernels) enter() error {
 	if k == nil || k.dev == nil {
 		return errNotMade
 	}
+	k.life.RLock()
 	if k.closed.Load() {
+		k.life.RUnlock()
 		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
 	}
 	return nil
 }
+
+func (k *Kernels) exit() { k.life.RUnlock() }
 
 // Close releases the scratch buffer and the module reference; the last Kernels of a context
 // unloads the module. Every other call on a closed Kernels is ErrClosed; closing twice is a
@@ -205,6 +215,8 @@ func (k *Kernels) Close() error {
 	if k.closed.Swap(true) {
 		return nil
 	}
+	k.life.Lock() // the calls under way end first
+	defer k.life.Unlock()
 	var errs []error
 	k.mu.Lock()
 	if k.read != 0 { // the last launch may still read the scratch
@@ -254,9 +266,10 @@ type Mark struct {
 
 // Mark records a point in s's work (a CUDA event on s).
 func (k *Kernels) Mark(s Stream) (*Mark, error) {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return nil, err
 	}
+	defer k.exit()
 	if k.mod == nil {
 		return &Mark{}, nil
 	}
@@ -299,9 +312,10 @@ func (mk *Mark) Close() error {
 
 // Synchronize waits for the work queued on s.
 func (k *Kernels) Synchronize(s Stream) error {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return err
 	}
+	defer k.exit()
 	if k.mod == nil {
 		return nil
 	}
@@ -323,9 +337,15 @@ func f32(v float32) unsafe.Pointer { return unsafe.Pointer(&v) }
 // lie past the end of the address space, is ErrInvalidArgument. On CUDA it stages the pairs in
 // device memory and launches once per up to 128k pairs on s, returning once queued.
 func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return err
 	}
+	defer k.exit()
+	return k.copyBlocks(s, base, pairs, blockStride)
+}
+
+// copyBlocks is CopyBlocks under enter.
+func (k *Kernels) copyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride uint64) error {
 	if err := checkStride(len(pairs)%2 == 0, blockStride); err != nil {
 		return fmt.Errorf("kernels: copy blocks: %d pair values: %w", len(pairs), err)
 	}
@@ -363,7 +383,7 @@ func (k *Kernels) CopyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 		if err := k.mod.ctx.MemcpyHtoDAsync(cuda.DevicePtr(scratch), b, cuda.Stream(s)); err != nil {
 			return fmt.Errorf("kernels: copy blocks: stage pairs: %w", err)
 		}
-		if err := k.CopyBlocksDevice(s, base, scratch, n, blockStride); err != nil {
+		if err := k.copyBlocksDevice(s, base, scratch, n, blockStride); err != nil {
 			return err
 		}
 		if err := k.mod.ctx.EventRecord(k.read, cuda.Stream(s)); err != nil {
@@ -419,9 +439,15 @@ func (k *Kernels) pairScratch(n int) (vmm.Addr, error) {
 // CopyBlocks does before it copies any; the CUDA kernel reads them only when it runs and does not
 // check them. n may be at most MaxGridX.
 func (k *Kernels) CopyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return err
 	}
+	defer k.exit()
+	return k.copyBlocksDevice(s, base, pairs, n, blockStride)
+}
+
+// copyBlocksDevice is CopyBlocksDevice under enter.
+func (k *Kernels) copyBlocksDevice(s Stream, base, pairs vmm.Addr, n int, blockStride uint64) error {
 	if n < 0 || n > MaxGridX {
 		return fmt.Errorf("kernels: copy blocks: %w", &vmm.RangeError{Offset: 0, Size: uint64(n), Limit: MaxGridX + 1})
 	}
@@ -470,7 +496,7 @@ func (k *Kernels) copyPairsGo(s Stream, base, pairs vmm.Addr, n int, blockStride
 				if err := checkPairs(p[:2*c], done, base, blockStride); err != nil {
 					return fmt.Errorf("kernels: copy blocks: %w", err)
 				}
-			} else if err := k.CopyBlocks(s, base, p[:2*c], blockStride); err != nil {
+			} else if err := k.copyBlocks(s, base, p[:2*c], blockStride); err != nil {
 				return err
 			}
 		}
@@ -624,9 +650,10 @@ func (k *Kernels) scaleAt(x float32, at vmm.Addr) (float32, error) {
 // bad one (in block Blocks or later, or past the end of the address space). The Go
 // implementation checks every slot before it writes a row: a bad one is ErrInvalidArgument.
 func (k *Kernels) Write(s Stream, w KVWrite) error {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return err
 	}
+	defer k.exit()
 	if err := w.validate(); err != nil {
 		return fmt.Errorf("kernels: write kv: %w", err)
 	}
@@ -878,9 +905,10 @@ func (a Attention) span(n int64) (ns, lo int64) {
 // checks every table before it writes any output: a length past the row is ErrOutOfRange, a bad
 // block id ErrInvalidArgument.
 func (k *Kernels) PagedAttention(s Stream, a Attention) error {
-	if err := k.usable(); err != nil {
+	if err := k.enter(); err != nil {
 		return err
 	}
+	defer k.exit()
 	if err := a.validate(); err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
 	}
