@@ -75,7 +75,7 @@ func (d *CUDADevice) Reserve(size uint64) (Addr, error) {
 	if err := d.l.checkSize(size); err != nil {
 		return 0, fmt.Errorf("reserve: %w", err)
 	}
-	p, err := d.ctx.MemAddressReserve(size, 0)
+	p, err := d.ctx.MemAddressReserve(size, d.info.Granularity) // Map takes granule-aligned addresses only
 	if err != nil {
 		return 0, fmt.Errorf("reserve %d bytes: %w", size, err)
 	}
