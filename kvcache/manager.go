@@ -428,7 +428,11 @@ func (m *Manager) checkCounts(s *sequence.Sequence, seq SeqID, n int) error {
 // tokens without ids: its later blocks cannot be keyed.
 func (m *Manager) afterCounts(s *sequence.Sequence, n int) {
 	if s != nil && s.Keyed && n > 0 {
+		root, adapter, salt := s.Root, s.Adapter, s.Salt
 		s.ResetPrefix()
+		// The namespace stays: cut back to empty, s is keyed again in it (afterIDs), never in
+		// another, whose prompts would hit K/V computed for this one's adapter.
+		s.Root, s.Adapter, s.Salt = root, adapter, salt
 		m.counters.unkeyed++
 	}
 }
@@ -749,8 +753,9 @@ func (m *Manager) fork(s *sequence.Sequence, dst SeqID) error {
 	s.FastRoom = 0 // its tail is shared now: whichever appends first copies it
 	d.Tokens, d.Written, d.Dropped = s.Tokens, s.Written, s.Dropped
 	d.Blocks = append(d.Blocks, s.Blocks...)
+	d.Root, d.Adapter, d.Salt = s.Root, s.Adapter, s.Salt // kept unkeyed too: see afterCounts
 	if s.Keyed {
-		d.Keyed, d.Root, d.Adapter, d.Salt = true, s.Root, s.Adapter, s.Salt
+		d.Keyed = true
 		d.IDs = append(d.IDs, s.IDs...)
 		d.Keys = append(d.Keys, s.Keys...)
 	}

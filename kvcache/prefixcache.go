@@ -187,9 +187,10 @@ func (m *Manager) lookupPrefix(s *sequence.Sequence, p Prompt, maxBlocks int) {
 
 // AppendTokenIDs is AppendTokens for tokens whose ids are known: it appends len(ids) tokens and
 // their slots to dst, and as the sequence's blocks fill they become cached under their keys
-// (a block whose key is cached already, in another block, stays uncached). A new sequence is
-// created keyed in the zero Namespace; use StartSequence for prompts. A sequence that took
-// tokens without ids (AppendTokens) is not keyed, and this appends like AppendTokens.
+// (a block whose key is cached already, in another block, stays uncached). A new sequence, or
+// an empty one AddSequence made, is keyed in the zero Namespace; use StartSequence for prompts.
+// A sequence that holds tokens it took without ids (AppendTokens) is not keyed, and this
+// appends like AppendTokens; cut back to empty, it is keyed again in its own namespace.
 //
 // The decode step (one id, no new block) takes the same fast path as AppendTokens; filling a
 // block hashes it (SHA-256 of its ids). Nothing allocates in steady state unless a
@@ -238,12 +239,17 @@ func (m *Manager) fastIDs(s *sequence.Sequence, ids []TokenID, chain *sequence.S
 	}
 }
 
-// afterIDs records the ids of a committed append: a sequence it created is keyed in the zero
-// namespace, and a keyed one caches the blocks the ids filled.
+// afterIDs records the ids of a committed append: a sequence that was empty before it (one it
+// created, or AddSequence, as Strict asks) is keyed, and a keyed one caches the blocks the ids
+// filled. An empty sequence is keyed in the namespace it keeps from before (see afterCounts),
+// else in the zero namespace.
 func (m *Manager) afterIDs(tx *appendTx, ids []TokenID, chain *sequence.Sequence) {
 	s := tx.s
-	if tx.created {
-		s.Keyed, s.Root = true, m.rootZero()
+	if !s.Keyed && s.Tokens == len(ids) { // every token's id is known
+		s.Keyed = true
+		if s.Root == (prefix.Key{}) {
+			s.Root = m.rootZero()
+		}
 	}
 	if s.Keyed {
 		s.IDs = append(s.IDs, ids...)

@@ -126,6 +126,12 @@ func (r *refModel) append(id kvcache.SeqID, vals []uint64, ids []prefix.Token, r
 		s = &refSeq{keyed: ids != nil, root: root}
 		r.seqs[id] = s
 	}
+	if ids != nil && !s.keyed && len(s.tokens) == 0 { // an empty sequence is keyed by its first ids
+		s.keyed = true
+		if s.root == (prefix.Key{}) { // else the namespace it had before it took tokens without ids
+			s.root = root
+		}
+	}
 	n := len(vals) + len(ids)
 	if n > 0 && len(s.tokens)%r.bt != 0 && r.refs[s.blocks[len(s.blocks)-1]] > 1 {
 		old := s.blocks[len(s.blocks)-1]
@@ -847,7 +853,7 @@ func (h *harness) step(op, a, b byte, x arg) {
 		h.checkAppend(err, seq, len(ids))
 		h.removals()
 		if err == nil {
-			if exists && !rs.keyed { // a sequence that took tokens without ids stays unkeyed
+			if exists && !rs.keyed && len(rs.tokens) > 0 { // a sequence holding tokens without ids stays unkeyed
 				vals := h.fresh(len(ids))
 				h.write(h.slots, vals)
 				h.ref.append(seq, vals, nil, prefix.Key{})

@@ -252,3 +252,46 @@ func TestStrictAndWarnings(t *testing.T) {
 		})
 	}
 }
+
+// A sequence created empty (AddSequence, the way Strict asks for) whose tokens come with ids
+// is cached like one AppendTokenIDs creates, in the zero namespace. One that took tokens
+// without ids and was cut back to empty is keyed again from its own namespace, never from
+// another: its K/V were computed for that namespace's adapter.
+func TestAddedSequenceIsKeyed(t *testing.T) {
+	dev := hostDevice(t, 4096)
+	p := promptOf(13, 1) // 3 whole blocks of 4, and one token
+	for _, strict := range []bool{false, true} {
+		t.Run(fmt.Sprint("strict=", strict), func(t *testing.T) {
+			cfg := tinyConfig()
+			cfg.Strict = strict
+			m := newManager(t, dev, cfg)
+			require.NoError(t, m.AddSequence(1))
+			_, err := m.AppendTokenIDs(1, p, nil)
+			require.NoError(t, err)
+			require.Equal(t, 3, m.Stats().Prefix.CachedBlocks, "the 3 full blocks are cached")
+			hit, err := m.StartSequence(2, kvcache.Prompt{Tokens: p})
+			require.NoError(t, err)
+			require.Equal(t, 12, hit)
+			require.NoError(t, m.Verify())
+			if strict {
+				return
+			}
+			ns := prefix.Namespace{Adapter: 7, Salt: "tenant"}
+			q := promptOf(9, 2)
+			_, err = m.StartSequence(3, kvcache.Prompt{Tokens: q, Namespace: ns})
+			require.NoError(t, err)
+			_, err = m.AppendTokens(3, 4, nil) // no ids: the sequence stops being cached
+			require.NoError(t, err)
+			require.NoError(t, m.Truncate(3, 4))
+			_, err = m.AppendTokenIDs(3, q, nil)
+			require.NoError(t, err)
+			hit, err = m.StartSequence(4, kvcache.Prompt{Tokens: q})
+			require.NoError(t, err)
+			require.Zero(t, hit, "the adapter's blocks are no hit in the zero namespace")
+			hit, err = m.StartSequence(5, kvcache.Prompt{Tokens: q, Namespace: ns})
+			require.NoError(t, err)
+			require.Equal(t, 8, hit, "they are in their own")
+			require.NoError(t, m.Verify())
+		})
+	}
+}
