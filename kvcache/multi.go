@@ -218,9 +218,26 @@ func (mb *multi) undo(what string, errs []error, back func(e *elastic) error) er
 	var all []error
 	for i, err := range errs {
 		if err != nil {
-			all = append(all, fmt.Errorf("%s on device %d (%s): %w", what, i, mb.parts[i].dev.Info().Name, err))
+			all = append(all, mb.onDevice(what, i, err))
 		} else if uerr := back(mb.parts[i]); uerr != nil {
 			all = append(all, fmt.Errorf("undo %s on device %d: %w", what, i, uerr))
+		}
+	}
+	return errors.Join(all...)
+}
+
+// onDevice names device i in its error err of the call what.
+func (mb *multi) onDevice(what string, i int, err error) error {
+	return fmt.Errorf("%s on device %d (%s): %w", what, i, mb.parts[i].dev.Info().Name, err)
+}
+
+// joined returns the errors of the call what, by device, each naming its device (nil when
+// every device succeeded).
+func (mb *multi) joined(what string, errs []error) error {
+	var all []error
+	for i, err := range errs {
+		if err != nil {
+			all = append(all, mb.onDevice(what, i, err))
 		}
 	}
 	return errors.Join(all...)
@@ -252,7 +269,7 @@ func (mb *multi) unmapPage(p arena.Page) error {
 func (mb *multi) returnsMemory() bool { return true }
 
 func (mb *multi) copyBlock(dst, src sequence.Block) error {
-	return errors.Join(mb.each(func(_ int, e *elastic) error { return e.copyBlock(dst, src) })...)
+	return mb.joined("copy", mb.each(func(_ int, e *elastic) error { return e.copyBlock(dst, src) }))
 }
 
 // copyBlocks launches on every device, then waits for each, so the copies run at once. If any
@@ -265,7 +282,7 @@ func (mb *multi) copyBlocks(s kernels.Stream, pairs []int64) error {
 			errs[i] = e.kern.Synchronize(s)
 		}
 	}
-	return errors.Join(errs...)
+	return mb.joined("copy", errs)
 }
 
 func (mb *multi) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, error) {
@@ -275,7 +292,7 @@ func (mb *multi) copyAsync(s kernels.Stream, pairs []int64) ([]*kernels.Mark, er
 		mk, err := e.copyAsync(s, pairs)
 		marks, errs = append(marks, mk...), append(errs, err)
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err := mb.joined("copy", errs); err != nil {
 		for _, mk := range marks { // the caller frees the blocks once the queued copies are done
 			_ = mk.Wait()
 			mk.Close()
@@ -328,9 +345,5 @@ func (mb *multi) check(mapped []arena.Page, inflight int) []string {
 }
 
 func (mb *multi) close() error {
-	var errs []error
-	for _, e := range mb.parts {
-		errs = append(errs, e.close())
-	}
-	return errors.Join(errs...)
+	return mb.joined("close", mb.each(func(_ int, e *elastic) error { return e.close() }))
 }
