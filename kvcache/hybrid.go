@@ -1078,13 +1078,44 @@ func (h *Hybrid) Verify() error {
 }
 
 // Close releases every group's memory and the fp8 scales, also when a group reports an error
-// (a driver failure, a swap never closed). A second Close returns ErrClosed.
+// (a driver failure, a swap never closed). When a device did not take memory back (the error
+// says which), a later Close tries again; a Close after one that returned everything returns
+// ErrClosed.
 func (h *Hybrid) Close() error {
 	if !h.made() {
 		return fmt.Errorf("kvcache: close: %w", errHybridNotMade)
 	}
-	err := h.pool.Close() // closed already: ErrClosed, and the scales went with the first Close
+	err := h.pool.Close()
+	if errors.Is(err, ErrClosed) {
+		return h.closeAgain()
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return errors.Join(err, h.scales.close())
+}
+
+// closeAgain is a later Close: it tries again what an earlier one could not return, the
+// groups' memory and the scales, or returns ErrClosed when nothing is left.
+func (h *Hybrid) closeAgain() error {
+	if !h.leftOpen() {
+		return fmt.Errorf("kvcache: close: %w", ErrClosed)
+	}
+	var errs []error
+	for _, m := range h.groups { // each takes h.mu, its lock
+		errs = append(errs, closeModel(m))
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return errors.Join(append(errs, h.scales.close())...)
+}
+
+// leftOpen reports whether a Close left memory on a device: a group's or the scales'.
+func (h *Hybrid) leftOpen() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	open := h.scales.open()
+	for _, m := range h.groups {
+		open = open || m.backOpen
+	}
+	return open
 }

@@ -445,3 +445,48 @@ func TestHybridMultiFaults(t *testing.T) {
 		}
 	}
 }
+
+// fp8Geometry is tpGeometry with its full-attention group in fp8: its scales live on every
+// device.
+func fp8Geometry() kvcache.Geometry {
+	g := tpGeometry()
+	g.Groups[0].DType = kvcache.FP8E4M3
+	g.Groups[0].KScales = []float32{0.5, 0.5}
+	g.Groups[0].VScales = []float32{0.25, 0.25}
+	return g
+}
+
+// A Close failing on device k (an unmap, a release, a reservation's free, in a group or in the
+// fp8 scales) names the device, and a second Close returns everything on every device; only
+// then is Close ErrClosed.
+func TestHybridMultiCloseFails(t *testing.T) {
+	for k := range 2 {
+		for _, op := range []vmm.Op{vmm.OpUnmap, vmm.OpRelease, vmm.OpFreeReservation} {
+			for call := 1; ; call++ {
+				devs, faults := faultyHostDevices(t, 2)
+				free0 := freeOf(t, devs)
+				h, err := kvcache.NewHybridMulti(devs, hybridMultiConfig(fp8Geometry()), kvcache.Split{TensorParallel: 2})
+				require.NoError(t, err)
+				_, err = h.AppendTokens(1, 100, make([][]int64, h.Groups()))
+				require.NoError(t, err)
+				require.NoError(t, faults[k].FailNth(op, call, nil))
+				base := faults[k].Calls(op)
+				err = h.Close()
+				hit := faults[k].Calls(op)-base >= call
+				faults[k].Clear()
+				if err != nil {
+					require.ErrorIs(t, err, vmm.ErrInjected)
+					require.Contains(t, err.Error(), fmt.Sprintf("device %d", k))
+					require.NoError(t, h.Close(), "device %d %s call %d: a second Close returns the rest", k, op, call)
+				}
+				require.ErrorIs(t, h.Close(), kvcache.ErrClosed)
+				_, err = h.Scales(0, 0)
+				require.ErrorIs(t, err, kvcache.ErrClosed)
+				require.Equal(t, free0, freeOf(t, devs), "device %d %s call %d: every device's memory back", k, op, call)
+				if !hit {
+					break
+				}
+			}
+		}
+	}
+}

@@ -226,8 +226,11 @@ func (mb *multi) undo(what string, errs []error, back func(e *elastic) error) er
 	return errors.Join(all...)
 }
 
-// onDevice names device i in its error err of the call what.
+// onDevice names device i in its error err of the call what (none where err names it).
 func (mb *multi) onDevice(what string, i int, err error) error {
+	if what == "" {
+		return fmt.Errorf("device %d (%s): %w", i, mb.parts[i].dev.Info().Name, err)
+	}
 	return fmt.Errorf("%s on device %d (%s): %w", what, i, mb.parts[i].dev.Info().Name, err)
 }
 
@@ -345,5 +348,5 @@ func (mb *multi) check(mapped []arena.Page, inflight int) []string {
 }
 
 func (mb *multi) close() error {
-	return mb.joined("close", mb.each(func(_ int, e *elastic) error { return e.close() }))
+	return mb.joined("", mb.each(func(_ int, e *elastic) error { return e.close() }))
 }

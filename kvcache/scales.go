@@ -23,8 +23,9 @@ type ScaleAddrs struct {
 // the budget, as blocktable.DeviceTables are: a granule per device. Written once, at NewHybrid;
 // read-only afterwards, so it needs no lock.
 type scaleTable struct {
-	pools []*vmm.Pool    // one per device
-	addrs [][]ScaleAddrs // [device][group]; zero for a group that is not fp8
+	pools  []*vmm.Pool    // one per device; after close, those the device did not take back
+	addrs  [][]ScaleAddrs // [device][group]; zero for a group that is not fp8
+	closed bool           // close was called: the addresses are no longer valid
 }
 
 // newScaleTable maps and fills the scales of g's fp8 groups on every device; it returns nil
@@ -93,18 +94,28 @@ func (t *scaleTable) fail(err error) error {
 	return err
 }
 
-// close unmaps the scales on every device.
+// close unmaps the scales on every device. A pool the device did not take back stays, so that
+// a later close tries it again.
 func (t *scaleTable) close() error {
 	if t == nil {
 		return nil
 	}
+	t.closed = true
 	var errs []error
-	for _, p := range t.pools {
-		errs = append(errs, p.Close())
+	left := t.pools[:0]
+	for d, p := range t.pools {
+		if err := p.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("fp8 scales on device %d: %w", d, err))
+			left = append(left, p)
+		}
 	}
-	t.pools = nil
+	clear(t.pools[len(left):])
+	t.pools = left
 	return errors.Join(errs...)
 }
+
+// open reports whether close left memory on a device.
+func (t *scaleTable) open() bool { return t != nil && len(t.pools) > 0 }
 
 // float32Bytes returns the little-endian bytes of v, as the device reads fp32.
 func float32Bytes(v []float32) []byte {
@@ -139,7 +150,7 @@ func (h *Hybrid) Scales(group, dev int) (ScaleAddrs, error) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.scales == nil || h.scales.pools == nil {
+	if h.scales == nil || h.scales.closed {
 		return ScaleAddrs{}, fmt.Errorf("kvcache: scales: %w", ErrClosed)
 	}
 	return h.scales.addrs[dev][group], nil
