@@ -111,9 +111,48 @@ func TestMultiFaultProbe(t *testing.T) {
 			return err
 		}, true},
 	}
-	for _, split := range []kvcache.Split{{TensorParallel: 2}, {TensorParallel: 2, PipelineParallel: 2}} {
+	for _, split := range []kvcache.Split{{TensorParallel: 2}, {TensorParallel: 2, PipelineParallel: 2}, {TensorParallel: 4, PipelineParallel: 2}, {}} {
 		for _, c := range cases {
 			runMultiFaults(t, cfg, split, c)
+		}
+	}
+}
+
+// Close failing on device k of n (an unmap, a release, the reservation's free) says which
+// device, and a second Close returns everything on every device.
+func TestMultiCloseFails(t *testing.T) {
+	cfg := multiConfig()
+	cfg.HostBlocks = 16
+	for _, split := range []kvcache.Split{{TensorParallel: 2}, {TensorParallel: 2, PipelineParallel: 2}, {TensorParallel: 8}} {
+		n := max(split.TensorParallel, 1) * max(split.PipelineParallel, 1)
+		for k := range n {
+			for _, op := range []vmm.Op{vmm.OpUnmap, vmm.OpRelease, vmm.OpFreeReservation} {
+				for call := 1; ; call++ {
+					devs, faults := faultyHostDevices(t, n)
+					free0 := freeOf(t, devs)
+					m, err := kvcache.NewMulti(devs, cfg, split)
+					require.NoError(t, err)
+					for s := range 3 {
+						_, err := m.AppendTokens(kvcache.SeqID(s), 4*4, nil)
+						require.NoError(t, err)
+					}
+					require.NoError(t, faults[k].FailNth(op, call, nil))
+					base := faults[k].Calls(op)
+					err = m.Close()
+					hit := faults[k].Calls(op)-base >= call
+					faults[k].Clear()
+					if err != nil {
+						require.ErrorIs(t, err, vmm.ErrInjected)
+						require.Contains(t, err.Error(), fmt.Sprintf("device %d", k), "%s call %d", op, call)
+						require.NoError(t, m.Close(), "a second Close returns the rest")
+					}
+					require.ErrorIs(t, m.Close(), kvcache.ErrClosed)
+					require.Equal(t, free0, freeOf(t, devs), "%d devices, device %d, %s call %d: every device's memory back", n, k, op, call)
+					if !hit {
+						break
+					}
+				}
+			}
 		}
 	}
 }
