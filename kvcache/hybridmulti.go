@@ -48,6 +48,9 @@ func NewHybridMulti(devs []vmm.Device, cfg HybridConfig, split Split) (*Hybrid, 
 	if err := checkSplit(g, split); err != nil {
 		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
 	}
+	if err := checkHost(cfg); err != nil {
+		return nil, fmt.Errorf("kvcache: hybrid: %w", err)
+	}
 	if len(devs) == 1 {
 		return NewHybrid(devs[0], cfg)
 	}

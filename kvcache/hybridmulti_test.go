@@ -357,20 +357,31 @@ func TestHybridMultiRefusals(t *testing.T) {
 		group int // the group named, or -1 for a *ConfigError
 		field string
 		value any
+		cfg   func(c *kvcache.HybridConfig) // NewHybrid's refusals of a host tier, too
 	}{
-		{"3 KV heads among 2 ranks", devs[:2], odd, kvcache.Split{TensorParallel: 2}, 0, "KVHeads", 3},
-		{"a state not divisible by 2x16", devs[:2], oddState, kvcache.Split{TensorParallel: 2}, 3, "StateBytes", uint64(4112)},
-		{"1 MLA layer over 2 stages", devs[:2], tpGeometry(), kvcache.Split{PipelineParallel: 2}, 2, "Layers", 1},
-		{"a group's layers in one stage", devs[:2], blocked, kvcache.Split{PipelineParallel: 2}, 0, "Layers", 1},
-		{"7 layers over 2 stages", devs[:2], three, kvcache.Split{PipelineParallel: 2}, -1, "Geometry.Layers", 7},
-		{"3 devices for 2 ranks", devs[:3], tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 3},
-		{"no devices", nil, tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 0},
-		{"a nil device", []vmm.Device{devs[0], nil}, tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 1},
-		{"a repeated device", []vmm.Device{devs[0], devs[1], devs[0], devs[2]}, altGeometry(), kvcache.Split{TensorParallel: 2, PipelineParallel: 2}, -1, "devices", 2},
-		{"a negative split", devs[:2], tpGeometry(), kvcache.Split{TensorParallel: -2}, -1, "Split", kvcache.Split{TensorParallel: -2}},
+		{"3 KV heads among 2 ranks", devs[:2], odd, kvcache.Split{TensorParallel: 2}, 0, "KVHeads", 3, nil},
+		{"a state not divisible by 2x16", devs[:2], oddState, kvcache.Split{TensorParallel: 2}, 3, "StateBytes", uint64(4112), nil},
+		{"1 MLA layer over 2 stages", devs[:2], tpGeometry(), kvcache.Split{PipelineParallel: 2}, 2, "Layers", 1, nil},
+		{"a group's layers in one stage", devs[:2], blocked, kvcache.Split{PipelineParallel: 2}, 0, "Layers", 1, nil},
+		{"7 layers over 2 stages", devs[:2], three, kvcache.Split{PipelineParallel: 2}, -1, "Geometry.Layers", 7, nil},
+		{"3 devices for 2 ranks", devs[:3], tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 3, nil},
+		{"no devices", nil, tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 0, nil},
+		{"a nil device", []vmm.Device{devs[0], nil}, tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "devices", 1, nil},
+		{"a repeated device", []vmm.Device{devs[0], devs[1], devs[0], devs[2]}, altGeometry(), kvcache.Split{TensorParallel: 2, PipelineParallel: 2}, -1, "devices", 2, nil},
+		{"a negative split", devs[:2], tpGeometry(), kvcache.Split{TensorParallel: -2}, -1, "Split", kvcache.Split{TensorParallel: -2}, nil},
+		{"a host tier without states", devs[:2], tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "HostSequences", 0,
+			func(c *kvcache.HybridConfig) { c.HostTokens = 512 }},
+		{"negative host tokens", devs[:2], tpGeometry(), kvcache.Split{TensorParallel: 2}, -1, "HostTokens", -1,
+			func(c *kvcache.HybridConfig) { c.HostTokens = -1 }},
+		{"a negative host cache", devs[:2], altGeometry(), kvcache.Split{TensorParallel: 2}, -1, "HostCacheTokens", -64,
+			func(c *kvcache.HybridConfig) { c.HostCacheTokens = -64 }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			h, err := kvcache.NewHybridMulti(c.devs, hybridMultiConfig(c.geom), c.split)
+			cfg := hybridMultiConfig(c.geom)
+			if c.cfg != nil {
+				c.cfg(&cfg)
+			}
+			h, err := kvcache.NewHybridMulti(c.devs, cfg, c.split)
 			require.Nil(t, h)
 			require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
 			if c.group >= 0 {
