@@ -169,7 +169,10 @@ func parseLimit(s string, device uint64) (uint64, error) {
 		if device == 0 {
 			return 0, fmt.Errorf("limit %q: the ledger does not know the device's memory (ledger.Options.DeviceBytes); give bytes", s)
 		}
-		v := min(uint64(p/100*float64(device)), device) // float rounding may overshoot by one ulp
+		v := device // float rounding may overshoot, to 2^64 itself near the top, where uint64() is undefined
+		if f := p / 100 * float64(device); f < float64(device) {
+			v = min(uint64(f), device)
+		}
 		if v == 0 {
 			return 0, fmt.Errorf("limit %q: %v%% of %d bytes is no byte", s, p, device)
 		}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -232,6 +233,13 @@ func TestBadInput(t *testing.T) {
 func TestParseLimit(t *testing.T) {
 	for in, want := range map[string]uint64{"1073741824": 1 << 30, "512K": 512 << 10, "512m": 512 << 20, "40G": 40 << 30, "1T": 1 << 40, "25%": 1 << 30, "100%": 4 << 30} {
 		got, err := parseLimit(in, 4<<30)
+		require.NoError(t, err, in)
+		require.Equal(t, want, got, in)
+	}
+	// Near 2^64 the device's size rounds up to 2^64 as a float, whose conversion back to uint64 is
+	// undefined (2^63 on amd64): a share of it must still come out right.
+	for in, want := range map[string]uint64{"100%": math.MaxUint64, "50%": 1 << 63} {
+		got, err := parseLimit(in, math.MaxUint64)
 		require.NoError(t, err, in)
 		require.Equal(t, want, got, in)
 	}
