@@ -3,6 +3,7 @@ package kernels_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -85,5 +86,27 @@ func TestBlocksBoundWrites(t *testing.T) {
 		require.NoError(t, dev.CopyOut(free, a.Out))
 		require.True(t, bytes.Equal(free[:4*dim], res[:4*dim]), "sequence 0 as without the bound")
 		require.False(t, math.IsNaN(float64(math.Float32frombits(binary.LittleEndian.Uint32(free[4*dim:])))))
+	})
+}
+
+// A Blocks bound of -1, MinInt or MaxInt is ErrInvalidArgument before anything is read, on
+// either call, with the number in the text; a closed Kernels is ErrClosed whatever the bound.
+func TestBlocksBoundRefused(t *testing.T) {
+	backends(t, func(t *testing.T, dev vmm.Device, k *kernels.Kernels) {
+		for _, b := range []int{-1, math.MinInt, math.MaxInt} {
+			w := kernels.KVWrite{KBase: 1 << 40, Key: 1 << 41, SlotMapping: 1 << 42, NumTokens: 1, RowBytes: 16,
+				BlockTokens: 1, BlockStride: 16, Blocks: b}
+			err := k.Write(0, w)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%d", b)
+			require.Contains(t, err.Error(), fmt.Sprintf("%d blocks", b))
+			a := kernels.Attention{Out: 1 << 40, Q: 1 << 40, KBase: 1 << 40, VBase: 1 << 41, BlockTables: 1 << 40, SeqLens: 1 << 40,
+				NumSeqs: 1, MaxBlocks: 1, NumHeads: 1, KVHeads: 1, HeadDim: 8, BlockTokens: 1, BlockStride: 16, Blocks: b}
+			err = k.PagedAttention(0, a)
+			require.ErrorIs(t, err, vmm.ErrInvalidArgument, "%d", b)
+			require.Contains(t, err.Error(), fmt.Sprintf("%d blocks", b))
+		}
+		require.NoError(t, k.Close())
+		require.ErrorIs(t, k.Write(0, kernels.KVWrite{Blocks: -1}), vmm.ErrClosed)
+		require.ErrorIs(t, k.PagedAttention(0, kernels.Attention{Blocks: math.MaxInt}), vmm.ErrClosed)
 	})
 }

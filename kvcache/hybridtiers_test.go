@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 
@@ -585,4 +586,21 @@ func TestHybridTiersWindowsOnlyFindAPrefix(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A negative TierTimeout (-1 or MinInt64) is a *ConfigError naming the field, found before any
+// group's tiers are asked for.
+func TestHybridTierTimeoutRefused(t *testing.T) {
+	dev := hostDevice(t, 64<<10)
+	asked := 0
+	tiers := func(int, kvcache.LayerGroup, tier.Fingerprint, int) ([]kvcache.Tier, error) { asked++; return nil, nil }
+	for _, d := range []time.Duration{-1, math.MinInt64} {
+		_, err := kvcache.NewHybrid(dev, kvcache.HybridConfig{Geometry: smallHybrid(false), Limit: 256 << 20,
+			Capacity: 64 << 20, NoBackground: true, HostCacheTokens: 4096, Tiers: tiers, TierTimeout: d})
+		var ce *kvcache.ConfigError
+		require.ErrorAs(t, err, &ce, "%v", d)
+		require.Equal(t, "TierTimeout", ce.Field)
+		require.ErrorIs(t, err, kvcache.ErrInvalidArgument)
+	}
+	require.Zero(t, asked)
 }
