@@ -53,9 +53,10 @@ func protect(op string) guard { return guard{op: op, old: debug.SetPanicOnFault(
 
 func unprotect(g guard) { debug.SetPanicOnFault(g.old) }
 
-// caught returns the *FaultError of r, a value recovered under protect, and marks l damaged;
-// it panics again with r unless r is a fault at an address of l's mapping.
-func (l *Ledger) caught(g guard, r any) error {
+// caught stores the *FaultError of r, a value recovered under protect, in *errp (unless errp is
+// nil) and marks l damaged; it panics again with r unless r is a fault at an address of l's
+// mapping.
+func (l *Ledger) caught(g guard, r any, errp *error) {
 	f, ok := r.(interface{ Addr() uintptr })
 	if !ok || len(l.mem) == 0 {
 		panic(r)
@@ -65,7 +66,9 @@ func (l *Ledger) caught(g guard, r any) error {
 		panic(r)
 	}
 	l.damaged.Store(true)
-	return l.faultError(g.op)
+	if errp != nil {
+		*errp = l.faultError(g.op)
+	}
 }
 
 // faultError returns the *FaultError of call op, with the file's size now.
@@ -82,6 +85,6 @@ func (l *Ledger) faultError(op string) *FaultError {
 // deferred call itself, for recover to see the panic. The goroutine stays protected.
 func (l *Ledger) catch(g guard, errp *error) {
 	if r := recover(); r != nil {
-		*errp = l.caught(g, r)
+		l.caught(g, r, errp)
 	}
 }

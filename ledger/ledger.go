@@ -242,10 +242,7 @@ func (l *Ledger) exit(g guard, errp *error) {
 	defer l.closeMu.RUnlock()
 	unprotect(g)
 	if r := recover(); r != nil {
-		err := l.caught(g, r)
-		if errp != nil {
-			*errp = err
-		}
+		l.caught(g, r, errp)
 	}
 }
 

@@ -238,10 +238,7 @@ func (m *Member) exit(g guard, errp *error) {
 	defer m.l.closeMu.RUnlock()
 	unprotect(g)
 	if r := recover(); r != nil {
-		err := m.l.caught(g, r)
-		if errp != nil {
-			*errp = err
-		}
+		m.l.caught(g, r, errp)
 	}
 }
 
