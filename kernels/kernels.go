@@ -367,9 +367,6 @@ func (k *Kernels) copyBlocks(s Stream, base vmm.Addr, pairs []int64, blockStride
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.closed.Load() { // Close gave the scratch up while the pairs were checked
-		return fmt.Errorf("kernels: %w", vmm.ErrClosed)
-	}
 	for len(pairs) > 0 {
 		n := min(len(pairs)/2, 1<<17)
 		scratch, err := k.pairScratch(n)
@@ -812,6 +809,12 @@ type Attention struct {
 	Blocks int
 }
 
+// blockLimit returns the blocks the attention may read: Blocks, or those below the end of the
+// address space from the higher base (see KVWrite.blockLimit).
+func (a Attention) blockLimit() int64 {
+	return limitBlocks(a.Blocks, max(a.KBase, a.VBase), a.BlockStride)
+}
+
 func (a Attention) validate() error {
 	if a.NumSeqs < 0 || a.NumSeqs > MaxGridX || a.MaxBlocks <= 0 || a.MaxBlocks > math.MaxInt32 ||
 		a.NumHeads <= 0 || a.NumHeads > MaxGridY || a.KVHeads <= 0 || a.NumHeads%a.KVHeads != 0 ||
@@ -929,7 +932,7 @@ func (k *Kernels) PagedAttention(s Stream, a Attention) error {
 			i32(a.MaxBlocks), i32(a.NumHeads), i32(a.KVHeads), i32(a.HeadDim), i32(a.BlockTokens),
 			i64(int64(a.BlockStride)), f32(r.scale), i32(r.vDim), i32(a.Window), i32(a.Sinks), i32(a.Chunk),
 			i32(int(a.Format)), f32(r.vScale), ptr(r.kAt), ptr(r.vAt),
-			i64(limitBlocks(a.Blocks, max(a.KBase, a.VBase), a.BlockStride))})
+			i64(a.blockLimit())})
 	if err != nil {
 		return fmt.Errorf("kernels: attention: %w", err)
 	}
@@ -1047,7 +1050,7 @@ func (k *Kernels) attentionGo(a Attention) error {
 // before the Go implementation writes any output. It reports a length past the sequence's table
 // row, and an entry that is negative or whose block would lie past the end of the address space.
 func (a Attention) checkTables(read32 func(vmm.Addr) (int32, error)) error {
-	blocks := limitBlocks(a.Blocks, max(a.KBase, a.VBase), a.BlockStride)
+	blocks := a.blockLimit()
 	bt := int64(a.BlockTokens)
 	maxLen := int64(a.MaxBlocks) * bt
 	for s := range a.NumSeqs {
